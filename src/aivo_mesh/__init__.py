@@ -1,0 +1,48 @@
+"""aivo-mesh: the Aivo platform's gRPC service mesh.
+
+The public API is what this module exports; everything else may move. MeshClient, MeshConfig
+and MeshServer are imported lazily so that `meshctl config ...` and the renderers never load grpc.
+"""
+
+from typing import TYPE_CHECKING, Any
+
+from aivo_mesh.errors import (
+    CallError,
+    CircuitOpen,
+    ConfigError,
+    DeadlineExceeded,
+    MeshError,
+    Overloaded,
+    PkiError,
+    RetriesExhausted,
+)
+
+if TYPE_CHECKING:
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.server import MeshServer
+
+__all__ = [
+    "CallError",
+    "CircuitOpen",
+    "ConfigError",
+    "DeadlineExceeded",
+    "MeshClient",
+    "MeshConfig",
+    "MeshError",
+    "MeshServer",
+    "Overloaded",
+    "PkiError",
+    "RetriesExhausted",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("MeshClient", "MeshConfig"):
+        from aivo_mesh import client
+
+        return getattr(client, name)
+    if name == "MeshServer":
+        from aivo_mesh.server import MeshServer
+
+        return MeshServer
+    raise AttributeError(f"module 'aivo_mesh' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+import sys
+
+from aivo_mesh.cli import main
+
+sys.exit(main())

@@ -1,0 +1,170 @@
+"""`meshctl serve`, `meshctl demo` and `meshctl status`: the mesh running on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from aivo_mesh.cli._root import cli
+from aivo_mesh.config.loader import load_mesh
+from aivo_mesh.errors import MeshError
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
+
+HEALTHY_WITHIN = 15.0  # seconds: the demo's promise on 2 cores
+
+
+@cli.command()
+@click.argument("service")
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
+              help="mesh.yaml (default: ./mesh.yaml or $AIVO_MESH_CONFIG)")
+@click.option("--certs", "certs_dir", type=click.Path(file_okay=False), default="certs", show_default=True,
+              help="certificate directory (meshctl certs layout)")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None,
+              help="where the service keeps its data (default: .state/data/SERVICE)")
+@click.option("--port", type=int, default=None, help="override the mesh port from mesh.yaml")
+@click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging only")
+@click.option("--grace", type=float, default=5.0, show_default=True, help="drain time on shutdown (s)")
+def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
+          insecure: bool, grace: float) -> None:
+    """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
+    from aivo_mesh.runtime.serve import serve_service
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    mesh = load_mesh(config)
+    if service not in mesh.service_names:
+        raise click.BadParameter(f"unknown service {service!r}; mesh.yaml defines "
+                                 f"{', '.join(mesh.service_names)}", param_hint="SERVICE")
+    data = Path(data_dir) if data_dir else Path(".state/data") / service
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
+                              port=port, grace=grace))
+
+
+@cli.command()
+@click.option("--duration", type=float, default=10.0, show_default=True, help="seconds of traffic")
+@click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=str(Path(".state/demo")),
+              show_default=True, help="certificates, data, logs and pids of this run")
+@click.option("--free-ports/--mesh-ports", default=False, show_default=True,
+              help="use free loopback ports instead of those in mesh.yaml")
+@click.option("--workers", type=int, default=4, show_default=True, help="concurrent demo flows")
+def demo(duration: float, config: str | None, state_dir: str, free_ports: bool, workers: int) -> None:
+    """Bring up the four services over mTLS, drive the main flow, print a table, shut down."""
+    code = asyncio.run(_demo(duration, config, StateDir(state_dir), free_ports, workers))
+    if code:
+        sys.exit(code)
+
+
+async def _demo(duration: float, config: str | None, state: StateDir, free_ports: bool,
+                workers: int) -> int:
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.runtime.driver import drive
+    from aivo_mesh.runtime.health import wait_serving
+    from aivo_mesh.runtime.local import prepare, start_services
+    from aivo_mesh.runtime.supervisor import Supervisor
+
+    console = Console()
+    mesh = prepare(state, config, free_ports)
+    sup = Supervisor(state)
+    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh))
+    started = time.monotonic()
+    try:
+        with console.status("starting services...") as status:
+            await start_services(sup, mesh)
+            status.update("waiting for SERVING over grpc.health.v1 ...")
+            health = await wait_serving(client, mesh.service_names, timeout=HEALTHY_WITHIN)
+        ready_in = time.monotonic() - started
+        if any(v != "SERVING" for v in health.values()) or sup.exited():
+            for name, st in health.items():
+                console.print(f"  {name}: {st}")
+            for m in sup.exited():
+                console.print(f"[red]{m.name} exited with {m.process.returncode if m.process else '?'}; "
+                              f"log: {m.log}[/red]")
+            raise MeshError(f"services not healthy within {HEALTHY_WITHIN:.0f}s: "
+                            f"{ {k: v for k, v in health.items() if v != 'SERVING'} }")
+        console.print(f"[green]all {len(health)} services SERVING over mTLS in {ready_in:.1f}s[/green]")
+        with console.status(f"driving the demo flow for {duration:.0f}s ({workers} workers)..."):
+            stats = await drive(client, duration, workers=workers)
+        table = Table(title=f"aivo-mesh demo: {stats.flows} flows in {duration:.0f}s")
+        for col in ("service", "endpoint", "identity", "calls", "errors", "p50", "p99"):
+            table.add_column(col, justify="right" if col in ("calls", "errors", "p50", "p99") else "left")
+        for name in mesh.service_names:
+            svc = mesh.service(name)
+            s = stats.per_service.get(name)
+            p50 = s.percentile(50) if s else None
+            p99 = s.percentile(99) if s else None
+            table.add_row(name, f"{svc.host}:{svc.port}", mesh.spiffe_id(name), str(s.calls if s else 0),
+                          str(s.errors if s else 0), _ms(p50), _ms(p99))
+        console.print(table)
+        if stats.total_errors:
+            codes = {n: s.error_codes for n, s in stats.per_service.items() if s.errors}
+            console.print(f"[yellow]errors: {codes}[/yellow]")
+        return 0 if stats.flows > 0 and stats.total_errors == 0 else 1
+    finally:
+        await client.close()
+        with console.status("stopping services..."):
+            await sup.stop_all()
+        console.print("all processes stopped")
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
+              help=f"runtime state (default: {DEFAULT_STATE_DIR}, else .state/demo)")
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(state_dir: str | None, as_json: bool) -> None:
+    """Report the mesh processes running from a state dir and their health."""
+    state = StateDir(state_dir) if state_dir else _find_state()
+    rows = asyncio.run(_status(state))
+    if as_json:
+        click.echo(json.dumps({"state_dir": str(state.root), "processes": rows}, indent=2))
+        return
+    table = Table(title=f"aivo-mesh status ({state.root})")
+    for col in ("name", "role", "pid", "address", "process", "health"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"])
+    Console().print(table if rows else f"nothing running from {state.root}")
+
+
+def _find_state() -> StateDir:
+    for candidate in (DEFAULT_STATE_DIR, Path(".state/demo")):
+        if (candidate / "processes.json").exists():
+            return StateDir(candidate)
+    return StateDir(DEFAULT_STATE_DIR)
+
+
+async def _status(state: StateDir) -> list[dict[str, Any]]:
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.runtime.health import check
+
+    records = state.read_processes()
+    if not records:
+        return []
+    mesh = load_mesh(state.mesh_file)
+    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh))
+    try:
+        rows = []
+        for r in records:
+            alive = pid_alive(r.pid)
+            health = "-"
+            if alive and r.role == "service" and r.name in mesh.service_names:
+                health = await check(client, r.name)
+            rows.append({"name": r.name, "role": r.role, "pid": r.pid, "address": r.address,
+                         "process": "running" if alive else "exited", "health": health})
+        return rows
+    finally:
+        await client.close()

@@ -1,0 +1,67 @@
+"""MeshConfig: what a MeshClient needs, in the platform's documented shape."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aivo_mesh.config.loader import load_mesh
+from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.errors import ConfigError
+from aivo_mesh.pki import CertLayout
+
+
+@dataclass
+class MeshConfig:
+    """Settings of one mesh client.
+
+    `service_name` is who we are (our certificate's identity); `mesh` (or `mesh_file`) supplies
+    the routes, deadlines and endpoints of the services we call. `request_timeout` is the deadline
+    for services mesh.yaml does not describe; routes in mesh.yaml carry their own.
+    """
+
+    service_name: str
+    ca_cert_path: str | Path
+    client_cert_path: str | Path
+    client_key_path: str | Path
+    connection_timeout: float = 5.0
+    request_timeout: float = 30.0
+    max_retries: int = 3
+    mesh: MeshSpec | None = None
+    mesh_file: str | Path | None = None
+    # Explicit endpoints per service ("host:port"), overriding mesh.yaml (tests, ad-hoc tools).
+    endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.connection_timeout <= 0 or self.request_timeout <= 0:
+            raise ConfigError.single("MeshConfig", "connection_timeout/request_timeout",
+                                     "expected a positive number of seconds")
+        if self.max_retries < 0:
+            raise ConfigError.single("MeshConfig", "max_retries", "expected a non-negative integer")
+
+    def mesh_spec(self) -> MeshSpec:
+        if self.mesh is None:
+            self.mesh = load_mesh(self.mesh_file)
+        return self.mesh
+
+    @classmethod
+    def for_identity(cls, name: str, certs: CertLayout, mesh: MeshSpec | None = None,
+                     **kwargs: object) -> MeshConfig:
+        """Config for a service (or `mesh-client`) whose certificates live in a standard layout."""
+        cert, key = certs.identity_paths(name)
+        return cls(service_name=name, ca_cert_path=certs.ca_cert, client_cert_path=cert,
+                   client_key_path=key, mesh=mesh, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: object) -> MeshConfig:
+        """From the variables the services are deployed with (SERVICE_NAME, CA_CERT_PATH, ...)."""
+        env = os.environ if environ is None else environ
+        missing = [k for k in ("SERVICE_NAME", "CA_CERT_PATH", "CLIENT_CERT_PATH", "CLIENT_KEY_PATH")
+                   if not env.get(k)]
+        if missing:
+            raise ConfigError.single("environment", missing[0], "required variable is not set")
+        return cls(service_name=env["SERVICE_NAME"], ca_cert_path=env["CA_CERT_PATH"],
+                   client_cert_path=env["CLIENT_CERT_PATH"], client_key_path=env["CLIENT_KEY_PATH"],
+                   **kwargs)  # type: ignore[arg-type]

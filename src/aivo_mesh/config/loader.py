@@ -1,0 +1,223 @@
+"""Reading mesh.yaml: YAML -> MeshSpec, with every error located by file, YAML path and line."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from aivo_mesh.config.model import MeshSpec, _PathError
+from aivo_mesh.errors import ConfigError, ConfigIssue
+
+DEFAULT_MESH_FILE = "mesh.yaml"
+MESH_FILE_ENV = "AIVO_MESH_CONFIG"
+
+Loc = tuple[str | int, ...]
+
+
+def yaml_path(loc: Loc) -> str:
+    """('services', 1, 'routes', 0, 'timeout') -> 'services[1].routes[0].timeout'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
+# More YAML paths than this (after expanding aliases) is not a mesh file but an alias bomb.
+MAX_NODES = 200_000
+_STR_TAG = "tag:yaml.org,2002:str"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class _Index:
+    """One walk over the composed document: the 1-based line of every YAML path, plus the problems
+    PyYAML lets through (duplicate keys, keys that are not strings, recursive aliases)."""
+
+    def __init__(self, root: yaml.Node) -> None:
+        self.lines: dict[Loc, int] = {}
+        self.issues: list[ConfigIssue] = []
+        self._active: set[int] = set()  # ids of the nodes on the current path (cycle detection)
+        self._walk(root, ())
+
+    def _issue(self, loc: Loc, message: str, node: yaml.Node) -> None:
+        self.issues.append(ConfigIssue(yaml_path(loc), message, node.start_mark.line + 1))
+
+    def _walk(self, node: yaml.Node, loc: Loc) -> None:
+        if len(self.lines) > MAX_NODES:
+            raise ConfigError.single("", yaml_path(loc), f"document too large (more than {MAX_NODES} "
+                                     "values after expanding aliases)", node.start_mark.line + 1)
+        self.lines.setdefault(loc, node.start_mark.line + 1)
+        if id(node) in self._active:
+            self._issue(loc, "recursive YAML alias: an anchor cannot contain itself", node)
+            return
+        self._active.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                seen: set[str] = set()
+                for key, value in node.value:
+                    if not isinstance(key, yaml.ScalarNode):
+                        self._issue(loc, "mapping keys must be plain strings", key)
+                        continue
+                    k = key.value
+                    if key.tag == _MERGE_TAG:
+                        self._walk(value, loc)
+                        continue
+                    if key.tag != _STR_TAG:
+                        kind = key.tag.rsplit(":", 1)[-1]
+                        self._issue((*loc, k), f"key {k!r} is read as a YAML {kind}, not a string "
+                                    "(quote it)", key)
+                    elif k in seen:
+                        self._issue((*loc, k), "duplicate key (YAML would silently keep the last one)", key)
+                    seen.add(k)
+                    self.lines[(*loc, k)] = key.start_mark.line + 1
+                    self._walk(value, (*loc, k))
+                    self.lines[(*loc, k)] = key.start_mark.line + 1
+            elif isinstance(node, yaml.SequenceNode):
+                for i, item in enumerate(node.value):
+                    self._walk(item, (*loc, i))
+        finally:
+            self._active.discard(id(node))
+
+
+def _line_index(node: yaml.Node) -> dict[Loc, int]:
+    """Map every YAML path in the document to its 1-based line."""
+    return _Index(node).lines
+
+
+def _nearest_line(lines: dict[Loc, int], loc: Loc) -> int | None:
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """repr() of a value quoted in a message, cut so a huge input cannot flood the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _describe(err: dict[str, Any]) -> tuple[Loc, str]:
+    """Turn one pydantic error into (location, message saying what was expected)."""
+    loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+    # Aliased fields report their alias; discriminated unions add the type name as a loc part.
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, _PathError):
+        return cause.loc, str(cause)
+    kind = err["type"]
+    msg = err["msg"]
+    if kind == "extra_forbidden":
+        return loc, "unknown key (check the spelling; see `meshctl config show` for the known keys)"
+    if kind == "missing":
+        return loc, "required key is missing"
+    if kind == "too_short":
+        n = ctx.get("min_length")
+        return loc, f"expected at least {n} item{'' if n == 1 else 's'}, got {ctx.get('actual_length')}"
+    if kind == "literal_error":
+        return loc, f"expected one of {ctx.get('expected')}, got {_short(err.get('input'))}"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        msg = f"{msg.rstrip('.').lower()}; got {_short(err.get('input'))}"
+    elif msg.startswith("Input should"):  # range and length checks: say what was written, too
+        msg = f"input should{msg[len('Input should'):].rstrip('.')}; got {_short(err.get('input'))}"
+    return loc, msg
+
+
+_YAML_TYPES: dict[type, str] = {list: "list", str: "string", int: "integer", float: "number",
+                                bool: "boolean"}
+
+
+# libyaml when PyYAML was built with it (20x faster; same marks and errors), else pure Python.
+_SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _compose(text: str) -> tuple[yaml.Node | None, Any]:
+    """Parse once: the node tree (for lines) and the data built from that same tree."""
+    loader = _SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
+    """Parse and validate mesh.yaml text. Raises ConfigError and nothing else."""
+    try:
+        node, data = _compose(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        raise ConfigError.single(file, "", f"not valid YAML: {exc.problem or exc}", line) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, e.g. NUL
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        reason = str(exc).splitlines()[0]
+        raise ConfigError.single(file, "", f"not valid YAML: {reason}", line) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError.single(file, "", f"not valid YAML: {exc}") from None
+    except (ValueError, TypeError, RecursionError) as exc:  # e.g. unhashable keys, deep nesting
+        raise ConfigError.single(file, "", f"not valid YAML: {exc}") from None
+    if data is None:
+        raise ConfigError.single(file, "", "the file is empty: expected a mapping with at least `services`")
+    if not isinstance(data, dict):
+        raise ConfigError.single(file, "", f"expected a mapping at the top level, got a YAML "
+                                 f"{_YAML_TYPES.get(type(data), type(data).__name__)}", 1)
+    if node is None:  # pragma: no cover - data is not None, so there was a document
+        raise ConfigError.single(file, "", "the file is empty: expected a mapping with at least `services`")
+    try:
+        index = _Index(node)
+    except ConfigError as exc:  # raised before the file name was known
+        raise ConfigError(file, exc.issues) from None
+    except RecursionError:
+        raise ConfigError.single(file, "", "not valid YAML: nested too deeply") from None
+    if index.issues:
+        raise ConfigError(file, index.issues)
+    lines = index.lines
+    try:
+        return MeshSpec.model_validate(data)
+    except ValidationError as exc:
+        issues = []
+        for err in exc.errors(include_url=False):
+            loc, msg = _describe(dict(err))
+            issues.append(ConfigIssue(yaml_path(loc), msg, _nearest_line(lines, loc)))
+        raise ConfigError(file, issues) from None
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise ConfigError.single(file, "", str(exc)) from None
+
+
+def find_mesh_file(path: str | os.PathLike[str] | None = None) -> Path:
+    """The explicit path, else $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repo's mesh.yaml."""
+    if path is not None:
+        return Path(path)
+    env = os.environ.get(MESH_FILE_ENV)
+    if env:
+        return Path(env)
+    here = Path(DEFAULT_MESH_FILE)
+    if here.exists():
+        return here
+    for parent in Path(__file__).resolve().parents:
+        candidate = parent / DEFAULT_MESH_FILE
+        if candidate.exists():
+            return candidate
+    return here
+
+
+def load_mesh(path: str | os.PathLike[str] | None = None) -> MeshSpec:
+    """Load mesh.yaml from disk. Raises ConfigError (never OSError or a parser exception)."""
+    p = find_mesh_file(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError.single(str(p), "", "file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError.single(str(p), "", f"cannot read: {exc}") from None
+    return parse_mesh(text, str(p))

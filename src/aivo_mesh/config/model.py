@@ -1,0 +1,439 @@
+"""The mesh model: what mesh.yaml says, typed and checked.
+
+The model is frozen and knows nothing about grpc, files or processes. Policy layers, renderers
+and the runtime each read the slice they need through the helpers at the bottom
+(`effective_route`, `ports_for`), so defaults are resolved in exactly one place.
+
+Durations are written as `5s`, `100ms`, `1m` or a bare number of seconds and held as float seconds.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+
+# The status codes a policy may name. Names, not numbers, so mesh.yaml reads like gRPC docs.
+GRPC_STATUS_NAMES: tuple[str, ...] = (
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+)
+StatusName = Literal[
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
+    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+]
+
+_DURATION = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+MAX_DURATION = 365 * 24 * 3600.0
+
+
+def parse_duration(value: Any) -> float:
+    """`"100ms"` -> 0.1; `"5s"`/`5`/`5.0` -> 5.0; `"1m"` -> 60.0."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration such as 5s, 100ms or 1m")
+    try:
+        if isinstance(value, int | float):
+            seconds = float(value)
+        elif isinstance(value, str) and (m := _DURATION.match(value)):
+            seconds = float(m.group(1)) * _UNIT[m.group(2)]
+        else:
+            raise ValueError("expected a duration such as 5s, 100ms or 1m")
+    except OverflowError:  # an integer too large for a float: pydantic would not catch it
+        raise ValueError("expected a finite duration such as 5s, 100ms or 1m") from None
+    if not math.isfinite(seconds):
+        raise ValueError("expected a finite duration such as 5s, 100ms or 1m")
+    if seconds < 0:
+        raise ValueError(f"expected a non-negative duration, got {value!r}")
+    if seconds > MAX_DURATION:  # beyond any deadline grpc or Envoy can represent usefully
+        raise ValueError(f"expected a duration of at most {MAX_DURATION / 3600:.0f}h, got {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Inverse of parse_duration, choosing the shortest exact unit (used by `config show`)."""
+    if not math.isfinite(seconds * 1000):
+        return f"{seconds}s"
+    ms = round(seconds * 1000)
+    if abs(seconds * 1000 - ms) > 1e-6:  # finer than a millisecond: do not round it away
+        return f"{seconds * 1000:.6f}".rstrip("0").rstrip(".") + "ms"
+    if ms % 1000 == 0:
+        return f"{ms // 1000}s"
+    return f"{ms}ms"
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Percent = Annotated[float, Field(ge=0, le=100)]
+
+SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
+# A gRPC method pattern: "/pkg.Service/Method", "/pkg.Service/" (prefix) or "pkg.Service" (whole service).
+METHOD_PATTERN = re.compile(r"^/?[A-Za-z_][\w.]*(/(\w+)?)?$")
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors: a typo in mesh.yaml must never be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class BackoffSpec(_Strict):
+    base: PositiveDuration = 0.1
+    max: PositiveDuration = 1.0
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BackoffSpec:
+        # Only when both are written here: a lone `base` or `max` overrides one key of the level
+        # above, so the pair is checked on the effective values in MeshSpec._references.
+        if {"base", "max"} <= self.model_fields_set and self.max < self.base:
+            raise ValueError(f"max ({self.max}s) must be >= base ({self.base}s)")
+        return self
+
+
+class RetrySpec(_Strict):
+    """Retries of one call. `retry_on` names gRPC status codes; INTERNAL only for idempotent routes."""
+
+    max_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    backoff: BackoffSpec = BackoffSpec()
+    retry_on: tuple[StatusName, ...] = ("UNAVAILABLE",)
+    per_try_timeout: PositiveDuration | None = None
+
+
+class RetryBudgetSpec(_Strict):
+    """Envoy's retry budget: retries may be at most `percent` of active requests, but
+    `min_retry_concurrency` concurrent retries are always allowed. `window` is the span over
+    which recent requests are counted by the proxyless plane."""
+
+    percent: Percent = 25.0
+    min_retry_concurrency: Annotated[int, Field(ge=0)] = 3
+    window: PositiveDuration = 10.0
+
+
+class CircuitBreakerSpec(_Strict):
+    """CLOSED -> OPEN after `consecutive_failures` (or a failure rate over a window) ->
+    HALF_OPEN after `recovery_time` -> CLOSED after `half_open_max_calls` successful probes."""
+
+    mode: Literal["consecutive", "failure_rate"] = "consecutive"
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    recovery_time: PositiveDuration = 60.0
+    half_open_max_calls: Annotated[int, Field(ge=1)] = 1
+    failure_rate_threshold: Percent = 50.0
+    window_size: Annotated[int, Field(ge=1)] = 100
+    minimum_calls: Annotated[int, Field(ge=1)] = 20
+    failure_codes: tuple[StatusName, ...] = (
+        "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS",
+    )
+
+
+class LimitsSpec(_Strict):
+    """Concurrency thresholds per target (Envoy `circuit_breakers.thresholds`)."""
+
+    max_connections: Annotated[int, Field(ge=1)] = 1000
+    max_pending_requests: Annotated[int, Field(ge=0)] = 100
+    max_requests: Annotated[int, Field(ge=1)] = 1000
+    max_retries: Annotated[int, Field(ge=0)] = 10
+
+
+class OutlierDetectionSpec(_Strict):
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    interval: PositiveDuration = 10.0
+    base_ejection_time: PositiveDuration = 60.0
+    max_ejection_time: PositiveDuration = 60.0
+    max_ejection_percent: Percent = 50.0
+
+
+class HealthCheckSpec(_Strict):
+    interval: PositiveDuration = 30.0
+    timeout: PositiveDuration = 5.0
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    healthy_threshold: Annotated[int, Field(ge=1)] = 1
+
+
+class KeepaliveSpec(_Strict):
+    """HTTP/2 keepalive of the platform's design (grpc channel args of the same names)."""
+
+    time_ms: Annotated[int, Field(ge=1000)] = 30000
+    timeout_ms: Annotated[int, Field(ge=100)] = 5000
+    permit_without_calls: bool = True
+    max_pings_without_data: Annotated[int, Field(ge=0)] = 0
+
+
+class Http2Spec(_Strict):
+    max_concurrent_streams: Annotated[int, Field(ge=1, le=2147483647)] = 1000
+    initial_stream_window_size: Annotated[int, Field(ge=65535, le=2147483647)] = 1048576
+    initial_connection_window_size: Annotated[int, Field(ge=65535, le=2147483647)] = 4194304
+    per_connection_buffer_limit_bytes: Annotated[int, Field(ge=1024)] = 1048576
+
+
+class FaultSpec(_Strict):
+    """Fault injection on the inbound side (Envoy fault filter); off unless percentages are set."""
+
+    abort_status: StatusName | None = None
+    abort_percent: Percent = 0.0
+    delay: Duration | None = None
+    delay_percent: Percent = 0.0
+
+
+class PolicySpec(_Strict):
+    """The policy knobs that may be set mesh-wide (`defaults`) and overridden per service."""
+
+    timeout: PositiveDuration | None = None
+    retry: RetrySpec | None = None
+    retry_budget: RetryBudgetSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limits: LimitsSpec | None = None
+    outlier_detection: OutlierDetectionSpec | None = None
+    health_check: HealthCheckSpec | None = None
+
+
+class RouteSpec(_Strict):
+    """A gRPC method (`/pkg.Svc/Method`) or a service prefix (`/pkg.Svc/`) with its own policy."""
+
+    match: str
+    timeout: PositiveDuration | None = None
+    retry: RetrySpec | None = None
+    idempotent: bool = False
+    streaming: bool = False
+
+    @field_validator("match")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        if not METHOD_PATTERN.match(v):
+            raise ValueError("expected a gRPC method such as /aivo.auth.v1.AuthService/Authenticate "
+                             "or a service prefix such as /aivo.auth.v1.AuthService/")
+        return v if v.startswith("/") else "/" + v
+
+
+class AllowRule(_Strict):
+    """Callers (`from`: service names, `mesh-client`, or full spiffe:// IDs) and the methods they may call
+    (`methods`: patterns as in routes; empty means every method of the service)."""
+
+    from_: Annotated[tuple[str, ...], Field(alias="from", min_length=1)]
+    methods: tuple[str, ...] = ()
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for m in v:
+            if not METHOD_PATTERN.match(m):
+                raise ValueError(f"{m!r} is not a gRPC method or service prefix")
+        return tuple(m if m.startswith("/") else "/" + m for m in v)
+
+
+class SidecarPorts(_Strict):
+    """Where this service's Envoy listens on one machine. Kubernetes/Compose renderings use the
+    conventional per-pod ports instead (50051 / 15001 / 9901)."""
+
+    inbound_port: Port | None = None
+    outbound_port: Port | None = None
+    admin_port: Port | None = None
+
+
+class ServiceSpec(_Strict):
+    name: str
+    version: str = "1.0.0"
+    grpc_service: str = Field(description="Fully-qualified gRPC service, e.g. aivo.auth.v1.AuthService")
+    port: Port = Field(description="Mesh gRPC port (mTLS) where callers reach the service")
+    local_port: Port = Field(description="Port of the application behind its sidecar")
+    admin_port: Port | None = None
+    host: str = "127.0.0.1"
+    endpoints: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()
+    metadata: dict[str, str] = Field(default_factory=dict)
+    timeout: PositiveDuration | None = None
+    retry: RetrySpec | None = None
+    retry_budget: RetryBudgetSpec | None = None
+    circuit_breaker: CircuitBreakerSpec | None = None
+    limits: LimitsSpec | None = None
+    outlier_detection: OutlierDetectionSpec | None = None
+    health_check: HealthCheckSpec | None = None
+    fault: FaultSpec | None = None
+    routes: tuple[RouteSpec, ...] = ()
+    allow: tuple[AllowRule, ...] = ()
+    sidecar: SidecarPorts = SidecarPorts()
+    canary: dict[str, Annotated[int, Field(ge=0, le=100)]] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not SERVICE_NAME.match(v):
+            raise ValueError("expected a DNS label: lower-case letters, digits and '-', e.g. auth-svc")
+        return v
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for e in v:
+            host, sep, port = e.rpartition(":")
+            if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+                raise ValueError(f"endpoint {e!r}: expected host:port, e.g. 127.0.0.1:50051")
+        return v
+
+    @field_validator("grpc_service")
+    @classmethod
+    def _grpc_service(cls, v: str) -> str:
+        if not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+$", v):
+            raise ValueError("expected a fully-qualified gRPC service such as aivo.auth.v1.AuthService")
+        return v
+
+
+class TracingSpec(_Strict):
+    enabled: bool = False
+    otlp_endpoint: str = "http://127.0.0.1:4317"
+    sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+
+
+class MetricsSpec(_Strict):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+
+
+class StatsdSpec(_Strict):
+    enabled: bool = False
+    address: str = "127.0.0.1:8125"
+    prefix: str = "aivo_mesh"
+
+
+class ObservabilitySpec(_Strict):
+    tracing: TracingSpec = TracingSpec()
+    metrics: MetricsSpec = MetricsSpec()
+    statsd: StatsdSpec = StatsdSpec()
+    jaeger_ui: str | None = None
+
+
+class MeshInfo(_Strict):
+    name: str = "aivo"
+    trust_domain: str = "aivo.local"
+    namespace: str = "default"
+    # Identities that are not services: health checkers, test tools and operators use mesh-client.
+    clients: tuple[str, ...] = ("mesh-client",)
+
+    @field_validator("trust_domain")
+    @classmethod
+    def _td(cls, v: str) -> str:
+        if not re.match(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", v):
+            raise ValueError("expected a trust domain such as aivo.local (lower-case, no scheme or path)")
+        return v
+
+
+# Mesh-wide defaults when mesh.yaml says nothing (the platform's design).
+BUILTIN_DEFAULTS = PolicySpec(
+    timeout=5.0,
+    retry=RetrySpec(),
+    retry_budget=RetryBudgetSpec(),
+    circuit_breaker=CircuitBreakerSpec(),
+    limits=LimitsSpec(),
+    outlier_detection=OutlierDetectionSpec(),
+    health_check=HealthCheckSpec(),
+)
+
+
+class MeshSpec(_Strict):
+    """The whole of mesh.yaml."""
+
+    version: Literal[1] = 1
+    mesh: MeshInfo = MeshInfo()
+    defaults: PolicySpec = PolicySpec()
+    keepalive: KeepaliveSpec = KeepaliveSpec()
+    http2: Http2Spec = Http2Spec()
+    linkerd_model: Literal["serviceprofile", "annotations"] = "serviceprofile"
+    services: Annotated[tuple[ServiceSpec, ...], Field(min_length=1)]
+    observability: ObservabilitySpec = ObservabilitySpec()
+
+    @model_validator(mode="after")
+    def _references(self) -> MeshSpec:
+        # Cross-references are checked here so every consumer may assume them.
+        names = [s.name for s in self.services]
+        seen: set[str] = set()
+        for i, n in enumerate(names):
+            if n in seen:
+                raise _PathError(("services", i, "name"), f"duplicate service name {n!r}")
+            seen.add(n)
+        known = set(names) | set(self.mesh.clients)
+        used_ports: dict[int, str] = {}
+        for i, svc in enumerate(self.services):
+            for r, rule in enumerate(svc.allow):
+                for c, caller in enumerate(rule.from_):
+                    if caller.startswith("spiffe://") or caller == "*":
+                        continue
+                    if caller not in known:
+                        raise _PathError(
+                            ("services", i, "allow", r, "from", c),
+                            f"unknown caller {caller!r}: expected one of {sorted(known)}, "
+                            "'*' or a spiffe:// ID",
+                        )
+            for j, route in enumerate(svc.routes):
+                if not route.match.startswith(f"/{svc.grpc_service}/"):
+                    raise _PathError(
+                        ("services", i, "routes", j, "match"),
+                        f"route {route.match!r} is not a method of {svc.grpc_service}",
+                    )
+            for field, port in (("port", svc.port), ("local_port", svc.local_port),
+                                ("admin_port", svc.admin_port),
+                                ("sidecar.inbound_port", svc.sidecar.inbound_port),
+                                ("sidecar.outbound_port", svc.sidecar.outbound_port),
+                                ("sidecar.admin_port", svc.sidecar.admin_port)):
+                if port is None:
+                    continue
+                if port in used_ports:
+                    path: tuple[str | int, ...] = ("services", i, *field.split("."))
+                    raise _PathError(path, f"port {port} is already used by {used_ports[port]}")
+                used_ports[port] = f"services[{i}].{field}"
+            if svc.canary and sum(svc.canary.values()) != 100:
+                raise _PathError(("services", i, "canary"), "canary weights must add up to 100")
+        self._check_backoff()
+        return self
+
+    def _check_backoff(self) -> None:
+        """Back-off `max` >= `base` on the effective values (defaults <- service <- route), reported
+        at the innermost `backoff` that set either key."""
+        base, max_, where = 0.1, 1.0, ("defaults", "retry", "backoff")
+
+        State = tuple[float, float, tuple[str | int, ...]]
+
+        def layer(retry: RetrySpec | None, loc: tuple[str | int, ...], state: State) -> State:
+            b, m, w = state
+            if retry is None or "backoff" not in retry.model_fields_set:
+                return state
+            fields = retry.backoff.model_fields_set
+            if "base" in fields:
+                b = retry.backoff.base
+            if "max" in fields:
+                m = retry.backoff.max
+            if fields & {"base", "max"}:
+                w = (*loc, "retry", "backoff")
+            if m < b:
+                raise _PathError(w, f"max ({m}s) must be >= base ({b}s)"
+                                    " (a key left out keeps the value of the level above)")
+            return b, m, w
+
+        mesh_level = layer(self.defaults.retry, ("defaults",), (base, max_, where))
+        for i, svc in enumerate(self.services):
+            svc_level = layer(svc.retry, ("services", i), mesh_level)
+            for j, route in enumerate(svc.routes):
+                layer(route.retry, ("services", i, "routes", j), svc_level)
+
+    def service(self, name: str) -> ServiceSpec:
+        for s in self.services:
+            if s.name == name:
+                return s
+        raise KeyError(f"unknown service {name!r}: mesh.yaml defines {[s.name for s in self.services]}")
+
+    @property
+    def service_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.services)
+
+    def spiffe_id(self, name: str) -> str:
+        return f"spiffe://{self.mesh.trust_domain}/ns/{self.mesh.namespace}/sa/{name}"
+
+
+class _PathError(ValueError):
+    """A model-level error that knows where in the document it belongs (see loader)."""
+
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
+        self.loc = loc
+        super().__init__(message)

@@ -1,0 +1,80 @@
+"""The exception tree of aivo-mesh, grouped by what the caller can do about it.
+
+    MeshError
+    ├── ConfigError(file, yaml_path, expected)   meshctl exits 2, no traceback
+    ├── PkiError(file, reason)                   raised before any server binds
+    └── CallError(service, method)               a mesh call failed; cause chained
+        ├── DeadlineExceeded
+        ├── CircuitOpen
+        ├── Overloaded                           concurrency limit or retry budget
+        └── RetriesExhausted
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class MeshError(Exception):
+    """Base of every error aivo-mesh raises on purpose."""
+
+
+@dataclass(frozen=True)
+class ConfigIssue:
+    """One problem in a configuration source, located as precisely as we can."""
+
+    yaml_path: str
+    message: str
+    line: int | None = None
+
+    def render(self, file: str) -> str:
+        where = f"{file}:{self.line}" if self.line is not None else file
+        path = self.yaml_path or "<root>"
+        return f"{where}: {path}: {self.message}"
+
+
+class ConfigError(MeshError):
+    """mesh.yaml (or the environment) does not describe a valid mesh."""
+
+    def __init__(self, file: str, issues: list[ConfigIssue]) -> None:
+        self.file = file
+        self.issues = issues
+        super().__init__("\n".join(i.render(file) for i in issues))
+
+    @classmethod
+    def single(cls, file: str, yaml_path: str, message: str, line: int | None = None) -> ConfigError:
+        return cls(file, [ConfigIssue(yaml_path, message, line)])
+
+
+class PkiError(MeshError):
+    """A certificate or key file is missing, malformed, weak or inconsistent."""
+
+    def __init__(self, file: str, reason: str) -> None:
+        self.file = file
+        self.reason = reason
+        super().__init__(f"{file}: {reason}")
+
+
+class CallError(MeshError):
+    """A call through the mesh failed locally (before or instead of reaching the server)."""
+
+    def __init__(self, service: str, method: str, message: str) -> None:
+        self.service = service
+        self.method = method
+        super().__init__(f"{service} {method}: {message}")
+
+
+class DeadlineExceeded(CallError):
+    """The call's overall deadline passed (including retries and back-off)."""
+
+
+class CircuitOpen(CallError):
+    """The target's circuit breaker is OPEN: the call failed fast without touching the network."""
+
+
+class Overloaded(CallError):
+    """A concurrency limit or the retry budget refused the call."""
+
+
+class RetriesExhausted(CallError):
+    """Every allowed attempt failed with a retryable status."""

@@ -1,0 +1,85 @@
+"""The two contracts of the policy core: a Handler answers a Call; a Layer wraps a Handler.
+
+Nothing here imports grpc. Status codes are names ("OK", "UNAVAILABLE", ...) so the core can be
+tested with plain async functions, and time comes from an injected Clock so a 60 s breaker
+recovery is tested in microseconds. `client/` adapts grpc.aio to these types.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+class Clock(Protocol):
+    """Monotonic seconds. `time.monotonic` in production, a FakeClock in tests."""
+
+    def __call__(self) -> float: ...
+
+
+monotonic: Clock = time.monotonic
+
+
+@dataclass(slots=True)
+class Call:
+    """One logical call as the policy layers see it (attempts share it)."""
+
+    service: str
+    method: str
+    request: Any
+    # Absolute deadline on the injected clock, or None for "no deadline".
+    deadline: float | None = None
+    # Timeout the caller asked for (seconds), before any layer narrowed it.
+    timeout: float | None = None
+    attempt: int = 1
+    metadata: tuple[tuple[str, str], ...] = ()
+    # Whether a response message has been received (no retry after that: the call is committed).
+    committed: bool = False
+    # Opaque to the core: what the terminal handler needs to send an attempt (the adapter's business).
+    transport: Any = None
+
+    def remaining(self, now: float) -> float | None:
+        return None if self.deadline is None else self.deadline - now
+
+
+@dataclass(slots=True, frozen=True)
+class Reply:
+    """The final outcome of one attempt: a status name, and the value or the error behind it.
+
+    `error` is whatever the transport raised (kept so the adapter can re-raise it unchanged);
+    `trailers` are the response trailing metadata (for grpc-retry-pushback-ms).
+    """
+
+    code: str
+    value: Any = None
+    error: BaseException | None = None
+    details: str = ""
+    trailers: tuple[tuple[str, str], ...] = ()
+    # True when the reply was made locally by a layer (breaker, limit, budget, deadline),
+    # so it never looks like a server error in metrics or outlier detection.
+    local: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.code == "OK"
+
+
+Handler = Callable[[Call], Awaitable[Reply]]
+
+
+class Layer(Protocol):
+    """Wraps a handler in one policy. `name` is what tests and docs use to pin the stack order."""
+
+    name: str
+
+    def wrap(self, inner: Handler) -> Handler: ...
+
+
+def build_stack(layers: Sequence[Layer], terminal: Handler) -> Handler:
+    """Compose layers around `terminal`. layers[0] is outermost: it sees the call first."""
+    handler = terminal
+    for layer in reversed(layers):
+        handler = layer.wrap(handler)
+    return handler

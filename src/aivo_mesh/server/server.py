@@ -1,0 +1,131 @@
+"""MeshServer: a grpc.aio server that only speaks mTLS 1.3 to mesh identities.
+
+    server = MeshServer.for_service(mesh, "auth-svc", certs=CertLayout(Path("certs")))
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(MyAuth(), server.grpc_server)
+    await server.start()            # binds, then reports SERVING over grpc.health.v1
+    await server.stop(grace=5.0)    # NOT_SERVING, stop accepting, drain in-flight calls
+
+Certificates are loaded and checked before the port is bound; a bad file raises PkiError naming it.
+Plaintext exists only when asked for explicitly (`insecure=True`, `meshctl serve --insecure`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.errors import MeshError
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.server.authz import Authorizer
+from aivo_mesh.server.credentials import ReloadingServerCredentials
+from aivo_mesh.server.interceptors import MeshServerInterceptor
+
+log = logging.getLogger(__name__)
+
+# Clients reconnect (and so re-handshake with rotated certificates) at least this often.
+MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
+MAX_CONNECTION_AGE_GRACE_MS = 30 * 1000
+
+
+class MeshServer:
+    def __init__(
+        self,
+        mesh: MeshSpec,
+        service: str,
+        *,
+        cert: Path | None = None,
+        key: Path | None = None,
+        ca: Path | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        insecure: bool = False,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        options: Sequence[tuple[str, object]] = (),
+    ) -> None:
+        spec = mesh.service(service)
+        self.mesh = mesh
+        self.service = service
+        self.host = host if host is not None else spec.host
+        self.port = spec.port if port is None else port
+        self.insecure = insecure
+        self.credentials: ReloadingServerCredentials | None = None
+        if not insecure:
+            if cert is None or key is None or ca is None:
+                raise MeshError(f"{service}: mTLS needs cert, key and ca paths (or insecure=True)")
+            self.credentials = ReloadingServerCredentials(cert, key, ca)
+        self.authorizer = Authorizer(mesh, service)
+        guard = MeshServerInterceptor(None if insecure else self.authorizer, require_tls=not insecure)
+        self.grpc_server = grpc.aio.server(
+            interceptors=[guard, *interceptors],
+            options=[
+                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
+                ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.so_reuseport", 0),
+                *options,
+            ],
+        )
+        self.health = HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
+        self.bound_port: int | None = None
+        self._started = False
+
+    @classmethod
+    def for_service(
+        cls, mesh: MeshSpec, service: str, certs: CertLayout, **kwargs: object
+    ) -> MeshServer:
+        cert, key = certs.identity_paths(service)
+        return cls(mesh, service, cert=cert, key=key, ca=certs.ca_cert, **kwargs)  # type: ignore[arg-type]
+
+    def add_service_name(self, full_name: str) -> None:
+        """Declare a gRPC service hosted here (for health status and reflection)."""
+        self._service_names.append(full_name)
+
+    async def start(self) -> int:
+        address = f"{self.host}:{self.port}"
+        if self.credentials is not None:
+            bound = self.grpc_server.add_secure_port(address, self.credentials.credentials())
+        else:
+            log.warning("%s: serving PLAINTEXT on %s (--insecure); never do this outside local debugging",
+                        self.service, address)
+            bound = self.grpc_server.add_insecure_port(address)
+        if bound == 0:
+            raise MeshError(f"{self.service}: cannot bind {address} (port in use?)")
+        self.bound_port = bound
+        reflection.enable_server_reflection(
+            [*self._service_names, reflection.SERVICE_NAME], self.grpc_server)
+        await self.grpc_server.start()
+        self._started = True
+        for name in ["", *self._service_names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("%s serving on %s:%d (%s)", self.service, self.host, bound,
+                 "plaintext" if self.insecure else "mTLS")
+        return bound
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, stop accepting, let in-flight calls finish within `grace` seconds."""
+        if not self._started:
+            return
+        self._started = False
+        await self.health.enter_graceful_shutdown()
+        await self.grpc_server.stop(grace)
+
+    async def wait_for_termination(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+    async def __aenter__(self) -> MeshServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.shield(self.stop())

@@ -1,0 +1,696 @@
+"""mesh.yaml: effective values, every error located (path, message, line), the CLI, the environment."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aivo_mesh.config import (
+    EnvSettings,
+    MeshSpec,
+    apply_env,
+    find_mesh_file,
+    format_duration,
+    load_mesh,
+    parse_duration,
+    parse_mesh,
+    route_policy,
+    service_policy,
+)
+from aivo_mesh.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH_FILE = ROOT / "mesh.yaml"
+MESH_TEXT = MESH_FILE.read_text(encoding="utf-8")
+MESH_DATA: dict[str, Any] = yaml.safe_load(MESH_TEXT)
+DESIGN_B = ROOT / "examples" / "mesh.design-b.yaml"
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+AUTH, LEARNER, EVENTS, ANALYTICS = "auth-svc", "learner-svc", "event-collector-svc", "analytics-svc"
+VALIDATE_TOKEN = "/aivo.auth.v1.AuthService/ValidateToken"
+
+
+@pytest.fixture(scope="module")
+def mesh() -> MeshSpec:
+    return load_mesh(MESH_FILE)
+
+
+# --------------------------------------------------------------------------- the shipped files
+
+
+@pytest.mark.parametrize("path", [MESH_FILE, *EXAMPLES], ids=lambda p: p.name)
+def test_shipped_files_validate(path: Path) -> None:
+    m = load_mesh(path)
+    assert len(m.services) == 4
+    assert m.mesh.trust_domain == "aivo.local"
+
+
+def test_design_b_example_exists() -> None:
+    assert DESIGN_B in EXAMPLES
+
+
+def test_effective_values_of_mesh_yaml(mesh: MeshSpec) -> None:
+    timeouts = {name: service_policy(mesh, name).timeout for name in mesh.service_names}
+    assert timeouts == {AUTH: 5.0, LEARNER: 10.0, EVENTS: 2.0, ANALYTICS: 20.0}
+    retries = {name: service_policy(mesh, name).retry.max_retries for name in mesh.service_names}
+    assert retries == {AUTH: 3, LEARNER: 3, EVENTS: 3, ANALYTICS: 2}
+
+    for name in mesh.service_names:
+        p = service_policy(mesh, name)
+        cb = p.circuit_breaker
+        assert (cb.mode, cb.consecutive_failures, cb.recovery_time, cb.half_open_max_calls) == (
+            "consecutive", 5, 60.0, 1)
+        lim = p.limits
+        assert (lim.max_connections, lim.max_pending_requests, lim.max_requests, lim.max_retries) == (
+            1000, 100, 1000, 10)
+        assert (p.retry.backoff.base, p.retry.backoff.max) == (0.1, 1.0)
+        assert (p.retry_budget.percent, p.retry_budget.min_retry_concurrency) == (25.0, 3)
+        assert p.health_check.interval == 30.0
+        assert p.health_check.timeout == 5.0
+        assert p.outlier_detection.base_ejection_time == 60.0
+    # 3 retries x (up to) 1 s back-off: the platform design's "0.1 / 1 / 3".
+    assert service_policy(mesh, AUTH).retry.retry_on == ("UNAVAILABLE",)
+
+
+def test_route_override(mesh: MeshSpec) -> None:
+    rp = route_policy(mesh, AUTH, VALIDATE_TOKEN)
+    assert rp.match == VALIDATE_TOKEN
+    assert rp.timeout == 1.0
+    assert rp.idempotent
+    assert rp.retry.retry_on == ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
+    # Keys the route does not write come from the service / defaults.
+    assert rp.retry.max_retries == 3
+    assert (rp.retry.backoff.base, rp.retry.backoff.max) == (0.1, 1.0)
+
+    other = route_policy(mesh, AUTH, "/aivo.auth.v1.AuthService/Authenticate")
+    assert other.match is None
+    assert other.timeout == 5.0
+    assert other.retry.retry_on == ("UNAVAILABLE",)
+
+    stream = route_policy(mesh, EVENTS, "/aivo.events.v1.EventCollectorService/CollectStream")
+    assert (stream.timeout, stream.streaming) == (30.0, True)
+    # A route without its own timeout inherits the service's.
+    assert route_policy(mesh, LEARNER, "/aivo.learner.v1.LearnerService/GetProfile").timeout == 10.0
+
+
+def test_partial_override_keeps_other_keys(mesh: MeshSpec) -> None:
+    analytics = service_policy(mesh, ANALYTICS).retry
+    assert analytics.max_retries == 2
+    assert (analytics.backoff.base, analytics.backoff.max) == (0.1, 1.0)
+    assert analytics.retry_on == ("UNAVAILABLE",)
+
+
+def test_partial_backoff_override_layers_over_defaults() -> None:
+    text = _edit("backoff: {base: 100ms, max: 1s}", "backoff: {base: 100ms, max: 5s}")
+    text = _edit("retry: {max_retries: 2}", "retry: {backoff: {base: 2s}}", text)
+    m = parse_mesh(text)
+    b = service_policy(m, ANALYTICS).retry.backoff
+    # `base: 2s` alone is valid: the effective max is the defaults' 5s, not the built-in 1s.
+    assert (b.base, b.max) == (2.0, 5.0)
+    assert service_policy(m, ANALYTICS).retry.max_retries == 3
+
+
+def test_effective_values_of_design_b() -> None:
+    m = load_mesh(DESIGN_B)
+    expected = {AUTH: (5.0, 2), EVENTS: (10.0, 3), ANALYTICS: (20.0, 2), LEARNER: (15.0, 3)}
+    got = {n: (service_policy(m, n).timeout, service_policy(m, n).retry.max_retries) for n in m.service_names}
+    assert got == expected
+    for name in m.service_names:
+        p = service_policy(m, name)
+        lim = p.limits
+        assert (lim.max_connections, lim.max_pending_requests, lim.max_requests, lim.max_retries) == (
+            100, 200, 500, 5)
+        assert p.retry_budget.percent == 20.0
+        assert p.retry_budget.min_retry_concurrency == 3
+        cb = p.circuit_breaker
+        assert (cb.consecutive_failures, cb.recovery_time, cb.half_open_max_calls) == (5, 60.0, 1)
+        assert (p.retry.backoff.base, p.retry.backoff.max) == (0.1, 1.0)
+    assert route_policy(m, AUTH, VALIDATE_TOKEN).timeout == 1.0
+    # Apart from the table, design B is mesh.yaml.
+    a = load_mesh(MESH_FILE)
+    assert [s.model_dump(exclude={"timeout", "retry"}) for s in m.services] == [
+        s.model_dump(exclude={"timeout", "retry"}) for s in a.services]
+    assert (m.mesh, m.keepalive, m.observability) == (a.mesh, a.keepalive, a.observability)
+
+
+@pytest.mark.parametrize(("text", "seconds"), [
+    ("5s", 5.0), ("100ms", 0.1), ("1m", 60.0), ("1h", 3600.0), (5, 5.0), (2.5, 2.5), ("1.5s", 1.5),
+    ("0", 0.0),
+])
+def test_parse_duration(text: str | float, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(5.0, "5s"), (0.1, "100ms"), (60.0, "60s"), (1.5, "1500ms"),
+                                               (0.0005, "0.5ms"), (0.0, "0s")])
+def test_format_duration(seconds: float, text: str) -> None:
+    assert format_duration(seconds) == text
+
+
+@given(st.floats(min_value=0, max_value=1e6, allow_nan=False))
+@settings(max_examples=100, deadline=None)
+def test_format_duration_round_trips(seconds: float) -> None:
+    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-6)
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def _edit(old: str, new: str, text: str = MESH_TEXT) -> str:
+    assert text.count(old) == 1, f"{old!r} must occur exactly once"
+    return text.replace(old, new)
+
+
+def _data_edit(change: Callable[[dict[str, Any]], object]) -> str:
+    data = copy.deepcopy(MESH_DATA)
+    change(data)
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def _line_of(text: str, needle: str) -> int:
+    assert text.count(needle) >= 1, needle
+    return text[: text.index(needle)].count("\n") + 1
+
+
+def _case(id: str, text: str, path: str, fragment: str, line_at: str | None = None) -> Any:
+    """`line_at`: a snippet of `text` on the line the error must report (None: line not checked)."""
+    line = _line_of(text, line_at) if line_at is not None else None
+    return pytest.param(text, path, fragment, line, id=id)
+
+
+def _delete_services(d: dict[str, Any]) -> None:
+    d["services"] = []
+
+
+BAD_INPUTS = [
+    _case("unknown top-level key", _edit("keepalive:\n", "keepalve:\n"),
+          "keepalve", "unknown key", "keepalve:"),
+    _case("unknown nested key",
+          _edit("timeout: 1s\n        idempotent: true", "timeout: 1s\n        idempotnt: true"),
+          "services[0].routes[0].idempotnt", "unknown key", "idempotnt"),
+    _case("unknown key in defaults", _edit("    max_pending_requests: 100", "    max_pending: 100"),
+          "defaults.limits.max_pending", "unknown key", "max_pending:"),
+    _case("bad duration",
+          _edit("{team: learning}\n    timeout: 10s", "{team: learning}\n    timeout: 10 seconds"),
+          "services[1].timeout", "expected a duration such as 5s, 100ms or 1m", "10 seconds"),
+    _case("negative duration", _edit("recovery_time: 60s", "recovery_time: -60s"),
+          "defaults.circuit_breaker.recovery_time", "non-negative duration", "-60s"),
+    _case("zero timeout", _edit("  timeout: 5s\n  retry:", "  timeout: 0s\n  retry:"),
+          "defaults.timeout", "greater than 0", "timeout: 0s"),
+    _case("infinite duration", _edit("    timeout: 20s\n", "    timeout: .inf\n"),
+          "services[3].timeout", "finite duration", ".inf"),
+    _case("duration over a year", _edit("    timeout: 20s\n", "    timeout: 9000h\n"),
+          "services[3].timeout", "at most 8760h", "9000h"),
+    _case("huge integer duration", _edit("    timeout: 20s\n", "    timeout: " + "9" * 400 + "\n"),
+          "services[3].timeout", "finite duration", "9999"),
+    _case("missing required key", _edit("    port: 50051\n", ""),
+          "services[0].port", "required key is missing", "- name: auth-svc"),
+    _case("port out of range", _edit("    port: 50051\n", "    port: 70000\n"),
+          "services[0].port", "less than or equal to 65535; got 70000", "70000"),
+    _case("duplicate service name", _edit("  - name: learner-svc", "  - name: auth-svc"),
+          "services[1].name", "duplicate service name 'auth-svc'", "- name: auth-svc\n    version: 1.0.0\n"
+          "    grpc_service: aivo.learner"),
+    _case("duplicate port", _edit("    port: 50052\n", "    port: 50051\n"),
+          "services[1].port", "port 50051 is already used by services[0].port",
+          "    port: 50051\n    local_port: 8082"),
+    _case("duplicate sidecar port", _edit("inbound_port: 50062", "inbound_port: 50061"),
+          "services[1].sidecar.inbound_port", "already used by services[0].sidecar.inbound_port",
+          "inbound_port: 50061, outbound_port: 15002"),
+    _case("bad service name", _edit("  - name: auth-svc", "  - name: Auth_Svc"),
+          "services[0].name", "DNS label", "Auth_Svc"),
+    _case("unknown caller in allow",
+          _edit("from: [learner-svc, analytics-svc]", "from: [learner-svc, analytcs-svc]"),
+          "services[0].allow[1].from[1]", "unknown caller 'analytcs-svc'", "analytcs-svc"),
+    _case("empty allow from", _edit("      - from: [mesh-client, analytics-svc]", "      - from: []"),
+          "services[1].allow[0].from", "at least 1 item", "from: []"),
+    _case("route not of the service",
+          _edit("match: /aivo.learner.v1.LearnerService/GetProfile",
+                "match: /aivo.auth.v1.AuthService/GetProfile"),
+          "services[1].routes[0].match", "is not a method of aivo.learner.v1.LearnerService",
+          "/aivo.auth.v1.AuthService/GetProfile"),
+    _case("bad method pattern",
+          _edit("match: /aivo.learner.v1.LearnerService/GetProfile", "match: not a method"),
+          "services[1].routes[0].match", "expected a gRPC method", "not a method"),
+    _case("bad status code in retry_on", _edit("retry_on: [UNAVAILABLE]", "retry_on: [UNAVAILBLE]"),
+          "defaults.retry.retry_on[0]", "expected one of 'OK'", "UNAVAILBLE"),
+    _case("backoff max < base", _edit("backoff: {base: 100ms, max: 1s}", "backoff: {base: 2s, max: 1s}"),
+          "defaults.retry.backoff", "must be >= base", "base: 2s"),
+    _case("partial backoff below inherited max",
+          _edit("retry: {max_retries: 2}", "retry: {backoff: {base: 2s}}"),
+          "services[3].retry.backoff", "max (1.0s) must be >= base (2.0s)", "base: 2s"),
+    _case("max_retries above 10", _edit("    max_retries: 3\n", "    max_retries: 11\n"),
+          "defaults.retry.max_retries", "less than or equal to 10", "max_retries: 11"),
+    _case("canary not summing to 100", _edit("retry: {max_retries: 2}", "canary: {v1: 90, v2: 20}"),
+          "services[3].canary", "add up to 100", "canary"),
+    _case("wrong type: string for int", _edit("max_connections: 1000", "max_connections: lots"),
+          "defaults.limits.max_connections", "valid integer", "lots"),
+    _case("wrong type: list for mapping", _edit("retry: {max_retries: 2}", "retry: [2]"),
+          "services[3].retry", "valid dictionary", "retry: [2]"),
+    _case("wrong type: mapping for bool", _edit("permit_without_calls: true", "permit_without_calls: {a: 1}"),
+          "keepalive.permit_without_calls", "valid boolean", "permit_without_calls"),
+    _case("bad literal", _edit("mode: consecutive", "mode: sometimes"),
+          "defaults.circuit_breaker.mode", "expected one of 'consecutive' or 'failure_rate'", "sometimes"),
+    _case("unsupported version", _edit("version: 1\n", "version: 2\n"),
+          "version", "expected one of 1", "version: 2"),
+    _case("bad trust domain", _edit("trust_domain: aivo.local", "trust_domain: spiffe://aivo.local"),
+          "mesh.trust_domain", "expected a trust domain", "spiffe://"),
+    _case("bad endpoint", _edit("    retry: {max_retries: 2}\n", "    endpoints: ['10.0.0.1']\n"),
+          "services[3].endpoints", "expected host:port", "endpoints"),
+    _case("duplicate key", _edit("    timeout: 20s\n", "    timeout: 20s\n    timeout: 3s\n"),
+          "services[3].timeout", "duplicate key", "timeout: 3s"),
+    _case("non-string key", _edit("    retry: {max_retries: 2}\n", "    retry: {max_retries: 2}\n    1: x\n"),
+          "services[3].1", "read as a YAML int", "1: x"),
+    _case("recursive alias", "services: &s [*s]\n", "services[0]", "recursive YAML alias", "services"),
+    _case("no services", _data_edit(_delete_services), "services", "expected at least 1 item"),
+    _case("top level not a mapping", "- services\n- mesh\n",
+          "", "expected a mapping at the top level, got a YAML list", "- services"),
+    _case("top level a scalar", "just text\n", "", "got a YAML string"),
+    _case("invalid YAML", _edit("  namespace: default\n", "  namespace: default\n   bad: [indent\n"),
+          "", "not valid YAML", "bad: [indent"),
+    _case("invalid YAML: tab", _edit("  namespace: default\n", "\tnamespace: default\n"),
+          "", "not valid YAML", "\tnamespace"),
+    _case("control character", _edit("  namespace: default\n", "  namespace: def\x00ault\n"),
+          "", "not valid YAML", "def\x00ault"),
+    _case("empty file", "", "", "the file is empty"),
+    _case("only a comment", "# nothing here\n", "", "the file is empty"),
+]
+
+
+@pytest.mark.parametrize(("text", "path", "fragment", "line"), BAD_INPUTS)
+def test_bad_input_is_located(text: str, path: str, fragment: str, line: int | None) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_mesh(text, "mesh.yaml")
+    err = info.value
+    assert err.file == "mesh.yaml"
+    matching = [i for i in err.issues if i.yaml_path == path and fragment in i.message]
+    assert matching, f"no issue at {path!r} containing {fragment!r} in:\n{err}"
+    if line is not None:
+        assert matching[0].line == line, str(err)
+        shown = f"mesh.yaml:{line}: {path or '<root>'}: "
+        assert shown in str(err)
+
+
+def test_bad_input_table_is_large_enough() -> None:
+    assert len(BAD_INPUTS) >= 15
+
+
+def test_every_issue_is_reported_not_only_the_first() -> None:
+    text = _edit("max_connections: 1000", "max_connections: lots")
+    text = _edit("recovery_time: 60s", "recovery_time: soon", text)
+    with pytest.raises(ConfigError) as info:
+        parse_mesh(text)
+    assert {i.yaml_path for i in info.value.issues} == {
+        "defaults.limits.max_connections", "defaults.circuit_breaker.recovery_time"}
+
+
+def test_huge_input_is_abbreviated_in_the_message() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_mesh(_edit("max_connections: 1000", "max_connections: " + "x" * 10_000))
+    assert len(str(info.value)) < 300
+
+
+def test_load_mesh_errors(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_mesh(tmp_path / "missing.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError) as info:
+        load_mesh(binary)
+    assert info.value.file == str(binary)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_mesh(tmp_path)  # a directory
+
+
+def test_find_mesh_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    assert find_mesh_file("x.yaml") == Path("x.yaml")
+    monkeypatch.setenv("AIVO_MESH_CONFIG", str(tmp_path / "env.yaml"))
+    assert find_mesh_file(None) == tmp_path / "env.yaml"
+    monkeypatch.delenv("AIVO_MESH_CONFIG")
+    monkeypatch.chdir(ROOT)
+    assert find_mesh_file(None) == Path("mesh.yaml")
+
+
+# --------------------------------------------------------------------------- fuzzing
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+MESH_PATHS = _paths(MESH_DATA)[1:]
+_text = st.text(st.characters(codec="utf-8"), max_size=20)
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.just(10**400), st.floats(), _text,
+    st.sampled_from(["5s", "-1s", "100ms", "1m", "UNAVAILABLE", "auth-svc", "", "0", "65536"]),
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(_text, inner, max_size=3)),
+    max_leaves=6,
+)
+_SWAP: dict[type, Callable[[Any], Any]] = {
+    str: lambda v: [v], int: str, float: lambda v: {"value": v}, bool: str, list: lambda v: {"items": v},
+    dict: lambda v: list(v.values()), type(None): lambda v: 0,
+}
+
+
+def _get(data: Any, path: tuple[Any, ...]) -> Any:
+    for p in path:
+        data = data[p]
+    return data
+
+
+def _expect_config_error_or_mesh(text: str) -> None:
+    error: ConfigError | None = None
+    try:
+        result = parse_mesh(text, "fuzz.yaml")
+    except ConfigError as exc:
+        error = exc
+    if error is not None:
+        assert error.issues
+        assert all(i.message for i in error.issues)
+        assert str(error).startswith("fuzz.yaml")
+    else:
+        assert isinstance(result, MeshSpec)
+        from aivo_mesh.cli.config_cmd import effective_mesh
+
+        json.dumps(effective_mesh(result))  # a valid mesh resolves and prints (every duration formats)
+
+
+@given(path=st.sampled_from(MESH_PATHS), op=st.sampled_from(["delete", "replace", "insert", "swap"]),
+       value=_values, key=_text)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+def test_fuzz_data_mutations(path: tuple[Any, ...], op: str, value: Any, key: str) -> None:
+    data = copy.deepcopy(MESH_DATA)
+    parent, last = _get(data, path[:-1]), path[-1]
+    if op == "delete":
+        del parent[last]
+    elif op == "replace":
+        parent[last] = value
+    elif op == "swap":
+        parent[last] = _SWAP[type(parent[last])](parent[last])
+    else:
+        target = parent[last]
+        if isinstance(target, dict):
+            target[key or "x"] = value
+        elif isinstance(target, list):
+            target.append(value)
+        else:
+            parent[last] = {key: value}
+    _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
+_EDGE_SCALARS = [10**400, -(10**400), float("inf"), float("-inf"), float("nan"), -1, 0, 0.0001, 1e308, True,
+                 None, "", "-1s", "1e400s", "9" * 400 + "h", "5 s", "5sec", "1.5.2s", [], {}]
+_LEAVES = [p for p in MESH_PATHS if not isinstance(_get(MESH_DATA, p), dict | list)]
+_DURATION_LEAVES = [p for p in _LEAVES
+                    if isinstance(v := _get(MESH_DATA, p), str) and v[0].isdigit() and v[-1] == "s"]
+
+
+def test_duration_leaves_found() -> None:
+    assert len(_DURATION_LEAVES) >= 15
+
+
+@given(path=st.sampled_from(_DURATION_LEAVES + _LEAVES), value=st.sampled_from(_EDGE_SCALARS))
+@settings(max_examples=200, deadline=None)
+def test_fuzz_edge_values_at_leaves(path: tuple[Any, ...], value: Any) -> None:
+    data = copy.deepcopy(MESH_DATA)
+    _get(data, path[:-1])[path[-1]] = value
+    _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
+@given(offset=st.integers(0, len(MESH_TEXT)), junk=_text)
+@settings(max_examples=200, deadline=None)
+def test_fuzz_text_truncation_and_insertion(offset: int, junk: str) -> None:
+    _expect_config_error_or_mesh(MESH_TEXT[:offset])
+    _expect_config_error_or_mesh(MESH_TEXT[:offset] + junk + MESH_TEXT[offset:])
+
+
+@given(st.binary(max_size=200))
+@settings(max_examples=200, deadline=None)
+def test_fuzz_random_bytes(raw: bytes) -> None:
+    _expect_config_error_or_mesh(raw.decode("utf-8", errors="replace"))
+    _expect_config_error_or_mesh(raw.decode("latin-1"))
+
+
+def test_alias_bomb_is_refused_quickly() -> None:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]
+    with pytest.raises(ConfigError, match="too large"):
+        parse_mesh("\n".join(lines) + "\nservices: []\n")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def bad_file(tmp_path: Path) -> Path:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(_edit("recovery_time: 60s", "recovery_time: soon"), encoding="utf-8")
+    return bad
+
+
+def _main(argv: list[str]) -> int:
+    from aivo_mesh.cli import main  # imported here: the CLI package pulls in every command group
+
+    return main(argv)
+
+
+def test_cli_validate_ok(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "validate", str(MESH_FILE)]) == 0
+    out = capsys.readouterr().out
+    assert out.strip() == f"{MESH_FILE}: OK — 4 services, trust domain aivo.local"
+
+
+def test_cli_validate_default_file(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("AIVO_MESH_CONFIG", raising=False)
+    monkeypatch.chdir(ROOT)
+    assert _main(["config", "validate"]) == 0
+    assert capsys.readouterr().out.startswith("mesh.yaml: OK — 4 services")
+
+
+def test_cli_validate_bad(bad_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "validate", str(bad_file)]) == 2
+    err = capsys.readouterr().err
+    line = _line_of(bad_file.read_text(), "recovery_time: soon")
+    assert f"{bad_file}:{line}: defaults.circuit_breaker.recovery_time: expected a duration" in err
+    assert "Traceback" not in err
+
+
+def test_cli_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "validate", str(tmp_path / "nope.yaml")]) == 2
+    assert "file not found" in capsys.readouterr().err
+
+
+def test_console_script_exits_2_without_traceback(bad_file: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "aivo_mesh", "config", "validate", str(bad_file)],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "defaults.circuit_breaker.recovery_time" in proc.stderr
+    assert str(bad_file) in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_show_yaml(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "show", str(MESH_FILE)]) == 0
+    out = capsys.readouterr().out
+    assert "recovery_time: 60s" in out
+    assert "base: 100ms" in out
+    data = yaml.safe_load(out)
+    services = {s["name"]: s for s in data["services"]}
+    assert services[ANALYTICS]["retry"]["max_retries"] == 2
+    assert services[ANALYTICS]["retry"]["backoff"] == {"base": "100ms", "max": "1s"}
+    assert services[LEARNER]["timeout"] == "10s"
+    assert services[LEARNER]["limits"]["max_connections"] == 1000
+    assert services[AUTH]["routes"][0]["timeout"] == "1s"
+    assert data["defaults"]["health_check"]["interval"] == "30s"
+    assert data["http2"]["max_concurrent_streams"] == 1000  # a section mesh.yaml leaves out
+
+
+def test_cli_show_output_is_a_valid_equivalent_mesh(
+    capsys: pytest.CaptureFixture[str], mesh: MeshSpec
+) -> None:
+    assert _main(["config", "show", str(MESH_FILE)]) == 0
+    first = capsys.readouterr().out
+    assert _main(["config", "show", str(MESH_FILE)]) == 0
+    assert capsys.readouterr().out == first  # deterministic
+    again = parse_mesh(first, "shown.yaml")
+    for name in mesh.service_names:
+        a, b = service_policy(mesh, name), service_policy(again, name)
+        assert (a.timeout, a.retry, a.retry_budget, a.limits, a.circuit_breaker, a.health_check) == (
+            b.timeout, b.retry, b.retry_budget, b.limits, b.circuit_breaker, b.health_check)
+        for r in mesh.service(name).routes:
+            assert route_policy(mesh, name, r.match) == route_policy(again, name, r.match)
+
+
+def test_cli_show_json_and_service(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "show", str(DESIGN_B), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [s["timeout"] for s in data["services"]] == ["5s", "15s", "10s", "20s"]
+    assert data["defaults"]["retry_budget"]["percent"] == 20.0
+
+    assert _main(["config", "show", str(MESH_FILE), "--service", EVENTS, "--format", "json"]) == 0
+    svc = json.loads(capsys.readouterr().out)
+    assert svc["name"] == EVENTS
+    assert svc["timeout"] == "2s"
+    assert [r["timeout"] for r in svc["routes"]] == ["2s", "30s", "10s"]
+    assert svc["allow"][0]["from"] == ["mesh-client", "learner-svc"]
+
+
+def test_cli_show_unknown_service(capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "show", str(MESH_FILE), "--service", "nope"]) == 2
+    assert "auth-svc" in capsys.readouterr().err
+
+
+def test_cli_show_bad_file(bad_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _main(["config", "show", str(bad_file)]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- environment
+
+FULL_ENV = {
+    "SERVICE_NAME": LEARNER,
+    "SERVICE_VERSION": "2.3.1",
+    "GRPC_PORT": "50152",
+    "LOCAL_SERVICE_PORT": "8182",
+    "CA_CERT_PATH": "/certs/ca.crt",
+    "CLIENT_CERT_PATH": "/certs/learner.crt",
+    "CLIENT_KEY_PATH": "/certs/learner.key",
+    "JAEGER_HOST": "jaeger",
+    "METRICS_HOST": "0.0.0.0",
+}
+
+
+def test_env_settings_full() -> None:
+    env = EnvSettings.from_environ(FULL_ENV)
+    assert env == EnvSettings(
+        service_name=LEARNER, service_version="2.3.1", grpc_port=50152, local_service_port=8182,
+        ca_cert_path=Path("/certs/ca.crt"), client_cert_path=Path("/certs/learner.crt"),
+        client_key_path=Path("/certs/learner.key"), jaeger_host="jaeger", metrics_host="0.0.0.0",
+    )
+    assert env.otlp_endpoint == "http://jaeger:4317"
+    with pytest.raises(AttributeError):
+        env.grpc_port = 1  # type: ignore[misc]  # frozen
+
+
+def test_env_settings_empty_and_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert EnvSettings.from_environ({}) == EnvSettings()
+    assert EnvSettings.from_environ({"UNRELATED": "x"}).is_empty
+    for var in FULL_ENV:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GRPC_PORT", "50051")
+    assert EnvSettings.from_environ().grpc_port == 50051
+
+
+@pytest.mark.parametrize(("value", "endpoint"), [
+    ("jaeger", "http://jaeger:4317"),
+    ("jaeger:14317", "http://jaeger:14317"),
+    ("10.0.0.7", "http://10.0.0.7:4317"),
+    ("http://jaeger.observability.svc:4317/", "http://jaeger.observability.svc:4317"),
+    ("[::1]:4317", "http://[::1]:4317"),
+])
+def test_jaeger_host_to_otlp(value: str, endpoint: str) -> None:
+    assert EnvSettings.from_environ({"JAEGER_HOST": value}).otlp_endpoint == endpoint
+
+
+@pytest.mark.parametrize(("env", "var", "fragment"), [
+    ({"GRPC_PORT": "abc"}, "GRPC_PORT", "expected an integer port 1-65535, got 'abc'"),
+    ({"GRPC_PORT": "0"}, "GRPC_PORT", "expected an integer port 1-65535, got '0'"),
+    ({"GRPC_PORT": "65536"}, "GRPC_PORT", "expected an integer port 1-65535"),
+    ({"GRPC_PORT": "-1"}, "GRPC_PORT", "expected an integer port 1-65535"),
+    ({"LOCAL_SERVICE_PORT": "80.5"}, "LOCAL_SERVICE_PORT", "expected an integer port 1-65535"),
+    ({"SERVICE_NAME": ""}, "SERVICE_NAME", "expected a non-empty value"),
+    ({"SERVICE_NAME": "   "}, "SERVICE_NAME", "expected a non-empty value"),
+    ({"SERVICE_NAME": "Auth_Svc"}, "SERVICE_NAME", "expected a service name"),
+    ({"SERVICE_VERSION": "1 2"}, "SERVICE_VERSION", "without spaces"),
+    ({"CA_CERT_PATH": ""}, "CA_CERT_PATH", "expected a non-empty value"),
+    ({"JAEGER_HOST": "jaeger:notaport"}, "JAEGER_HOST", "expected a host name or host:port"),
+    ({"JAEGER_HOST": "jaeger:99999"}, "JAEGER_HOST", "expected a host name or host:port"),
+    ({"JAEGER_HOST": "a b"}, "JAEGER_HOST", "expected a host name"),
+    ({"METRICS_HOST": "prom:9090"}, "METRICS_HOST", "expected a host name"),
+    ({"METRICS_HOST": ""}, "METRICS_HOST", "expected a non-empty value"),
+])
+def test_env_settings_invalid(env: dict[str, str], var: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        EnvSettings.from_environ(env)
+    err = info.value
+    assert err.file == "environment"
+    assert [i.yaml_path for i in err.issues] == [var]
+    assert fragment in err.issues[0].message
+    assert str(err).startswith(f"environment: {var}: ")
+
+
+def test_env_settings_reports_every_problem() -> None:
+    with pytest.raises(ConfigError) as info:
+        EnvSettings.from_environ({"GRPC_PORT": "abc", "LOCAL_SERVICE_PORT": "", "SERVICE_NAME": LEARNER})
+    assert [i.yaml_path for i in info.value.issues] == ["GRPC_PORT", "LOCAL_SERVICE_PORT"]
+
+
+def test_apply_env_overrides(mesh: MeshSpec) -> None:
+    out = apply_env(mesh, EnvSettings.from_environ(FULL_ENV))
+    learner = out.service(LEARNER)
+    assert (learner.version, learner.port, learner.local_port) == ("2.3.1", 50152, 8182)
+    assert out.observability.tracing.otlp_endpoint == "http://jaeger:4317"
+    assert out.observability.tracing.enabled
+    assert out.observability.metrics.host == "0.0.0.0"
+    # Nothing else changes, and the layering of policy is untouched.
+    assert out.service(AUTH) == mesh.service(AUTH)
+    assert learner.routes == mesh.service(LEARNER).routes
+    assert service_policy(out, LEARNER).timeout == 10.0
+    assert service_policy(out, ANALYTICS).retry == service_policy(mesh, ANALYTICS).retry
+    assert route_policy(out, AUTH, VALIDATE_TOKEN) == route_policy(mesh, AUTH, VALIDATE_TOKEN)
+    # The input is not modified.
+    assert mesh.service(LEARNER).port == 50052
+    assert not mesh.observability.tracing.enabled
+
+
+def test_apply_env_partial_and_empty(mesh: MeshSpec) -> None:
+    assert apply_env(mesh, EnvSettings()) == mesh
+    out = apply_env(mesh, EnvSettings.from_environ({"SERVICE_NAME": AUTH, "GRPC_PORT": "6000"}))
+    auth = out.service(AUTH)
+    assert (auth.port, auth.local_port, auth.version) == (6000, 8081, "1.0.0")
+    # Keeping a service's own port is not a conflict.
+    assert apply_env(mesh, EnvSettings(service_name=AUTH, grpc_port=50051)).service(AUTH).port == 50051
+    only_metrics = apply_env(mesh, EnvSettings(metrics_host="10.1.2.3"))
+    assert only_metrics.observability.metrics.host == "10.1.2.3"
+    assert only_metrics.services == mesh.services
+
+
+@pytest.mark.parametrize(("env", "var", "fragment"), [
+    (EnvSettings(service_name="billing-svc"), "SERVICE_NAME",
+     "unknown service 'billing-svc': mesh.yaml defines auth-svc, learner-svc, event-collector-svc, "
+     "analytics-svc"),
+    (EnvSettings(grpc_port=6000), "SERVICE_NAME", "required when GRPC_PORT is set"),
+    (EnvSettings(service_name=AUTH, grpc_port=50052), "GRPC_PORT",
+     "port 50052 is already used by learner-svc"),
+    (EnvSettings(service_name=AUTH, local_service_port=9901), "LOCAL_SERVICE_PORT",
+     "already used by auth-svc (services[0].sidecar.admin_port)"),
+    (EnvSettings(service_name=AUTH, grpc_port=7000, local_service_port=7000), "LOCAL_SERVICE_PORT",
+     "port 7000 is already used by auth-svc (GRPC_PORT)"),
+    (EnvSettings(jaeger_host="not a host"), "JAEGER_HOST", "expected a host name"),
+])
+def test_apply_env_errors(mesh: MeshSpec, env: EnvSettings, var: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        apply_env(mesh, env)
+    assert info.value.file == "environment"
+    assert any(i.yaml_path == var and fragment in i.message for i in info.value.issues), str(info.value)

@@ -1,0 +1,273 @@
+"""MeshServer + MeshClient over real mTLS on 127.0.0.1: who gets in, who is refused, and why."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import ssl
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import h2.config
+import h2.connection
+import h2.events
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aivo_mesh import MeshClient, MeshConfig, MeshServer, PkiError
+from aivo_mesh.config import MeshSpec, parse_mesh
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.pki.issue import init_ca, issue_leaf
+from aivo_mesh.server import current_caller
+from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    """A test double of the auth service: reports the caller and can be slow on demand."""
+
+    async def Authenticate(self, request, context):  # noqa: N802
+        return auth_pb2.AuthenticateResponse(token="t", subject=current_caller.get() or "")
+
+    async def ValidateToken(self, request, context):  # noqa: N802
+        if request.token.startswith("sleep:"):
+            await asyncio.sleep(float(request.token.split(":")[1]))
+        remaining = context.time_remaining()
+        return auth_pb2.ValidateTokenResponse(valid=True, reason=f"{remaining:.3f}" if remaining else "none")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def auth_mesh(mesh: MeshSpec) -> MeshSpec:
+    """mesh.yaml with auth-svc on a free port and a short ValidateToken route timeout."""
+    port = _free_port()
+    text = (ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}")
+    text = text.replace("timeout: 1s\n        idempotent: true", "timeout: 300ms\n        idempotent: true")
+    return parse_mesh(text, "mesh.yaml")
+
+
+@pytest.fixture
+async def auth_server(auth_mesh: MeshSpec, mesh_certs: CertLayout) -> AsyncIterator[MeshServer]:
+    server = MeshServer.for_service(auth_mesh, "auth-svc", mesh_certs)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(EchoAuth(), server.grpc_server)
+    server.add_service_name("aivo.auth.v1.AuthService")
+    await server.start()
+    yield server
+    await server.stop(0.5)
+
+
+def _client(mesh: MeshSpec, certs: CertLayout, name: str) -> MeshClient:
+    return MeshClient(MeshConfig.for_identity(name, certs, mesh))
+
+
+async def test_allowed_identity_reaches_the_service(auth_server, auth_mesh, mesh_certs):
+    async with _client(auth_mesh, mesh_certs, "mesh-client") as client:
+        async with client.get_channel("auth-svc") as channel:
+            reply = await auth_pb2_grpc.AuthServiceStub(channel).Authenticate(
+                auth_pb2.AuthenticateRequest(learner_id="l1", password="x" * 8))
+    assert reply.subject == "spiffe://aivo.local/ns/default/sa/mesh-client"
+
+
+async def test_disallowed_identity_gets_permission_denied_naming_the_caller(auth_server, auth_mesh, mesh_certs):
+    # event-collector-svc is not in auth-svc's allow-list at all.
+    async with _client(auth_mesh, mesh_certs, "event-collector-svc") as client:
+        channel = await client.get_channel("auth-svc")
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await auth_pb2_grpc.AuthServiceStub(channel).ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "spiffe://aivo.local/ns/default/sa/event-collector-svc" in exc.value.details()
+
+
+async def test_allow_list_is_per_method(auth_server, auth_mesh, mesh_certs):
+    # learner-svc may ValidateToken but not Authenticate.
+    async with _client(auth_mesh, mesh_certs, "learner-svc") as client:
+        stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+        assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))).valid
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_health_answers_every_mesh_identity_check_and_watch(auth_server, auth_mesh, mesh_certs):
+    # event-collector-svc may call no auth method, but health is open to every mesh identity.
+    async with _client(auth_mesh, mesh_certs, "event-collector-svc") as client:
+        stub = health_pb2_grpc.HealthStub(await client.get_channel("auth-svc"))
+        for name in ("", "aivo.auth.v1.AuthService"):
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=name))
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="aivo.auth.v1.AuthService"))
+        first = await watch.read()
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        await auth_server.health.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.NOT_SERVING)
+        second = await asyncio.wait_for(watch.read(), 5)
+        assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        watch.cancel()
+
+
+async def test_client_without_certificate_is_refused(auth_server, mesh_certs):
+    creds = grpc.ssl_channel_credentials(root_certificates=mesh_certs.ca_cert.read_bytes())
+    async with grpc.aio.secure_channel(f"127.0.0.1:{auth_server.bound_port}", creds,
+                                       options=[("grpc.default_authority", "auth-svc")]) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_plaintext_client_is_refused(auth_server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{auth_server.bound_port}") as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_certificate_from_a_foreign_ca_is_refused(auth_server, auth_mesh, tmp_path, mesh_certs):
+    foreign = CertLayout(tmp_path / "foreign")
+    init_ca(foreign, auth_mesh.mesh.trust_domain)  # same trust domain, different CA: still refused
+    issue_leaf(foreign, "mesh-client", auth_mesh)
+    cert, key = foreign.identity_paths("mesh-client")
+    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    async with grpc.aio.secure_channel(f"127.0.0.1:{auth_server.bound_port}", creds,
+                                       options=[("grpc.default_authority", "auth-svc")]) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_client_verifies_the_server_under_the_target_service_name(auth_server, auth_mesh, mesh_certs):
+    # Point "learner-svc" at auth-svc's port: auth-svc's certificate does not name learner-svc.
+    config = MeshConfig.for_identity("mesh-client", mesh_certs, auth_mesh,
+                                     endpoints={"learner-svc": [f"127.0.0.1:{auth_server.bound_port}"]})
+    async with MeshClient(config) as client:
+        stub = health_pb2_grpc.HealthStub(await client.get_channel("learner-svc"))
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_route_deadline_applies_when_the_caller_gives_none(auth_server, auth_mesh, mesh_certs):
+    async with _client(auth_mesh, mesh_certs, "learner-svc") as client:
+        stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+        # The server sees the route's 300 ms deadline.
+        seen = float((await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))).reason)
+        assert 0 < seen <= 0.3
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="sleep:3"))
+        assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - start < 2.0
+        # A caller's smaller timeout wins over the route's.
+        seen = float((await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"), timeout=0.1)).reason)
+        assert 0 < seen <= 0.1
+
+
+async def test_channels_are_pooled(auth_server, auth_mesh, mesh_certs):
+    async with _client(auth_mesh, mesh_certs, "mesh-client") as client:
+        a = await client.get_channel("auth-svc")
+        async with client.get_channel("auth-svc") as b:
+            assert a is b
+
+
+def _h2_grpc_check_over_tls12(port: int, certs: CertLayout) -> dict[str, str]:
+    """A gRPC Health/Check over HTTP/2 on a TLS 1.2 connection (grpcio cannot limit its own TLS)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(certs.ca_cert)
+    cert, key = certs.identity_paths("mesh-client")
+    ctx.load_cert_chain(cert, key)
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+            ctx.wrap_socket(raw, server_hostname="auth-svc") as tls:
+        assert tls.version() == "TLSv1.2"
+        conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+        conn.initiate_connection()
+        sid = conn.get_next_available_stream_id()
+        conn.send_headers(sid, [(":method", "POST"), (":scheme", "https"), (":authority", "auth-svc"),
+                                (":path", "/grpc.health.v1.Health/Check"), ("content-type", "application/grpc"),
+                                ("te", "trailers")])
+        conn.send_data(sid, b"\x00\x00\x00\x00\x00", end_stream=True)
+        tls.sendall(conn.data_to_send())
+        headers: dict[str, str] = {}
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            data = tls.recv(65535)
+            if not data:
+                break
+            for ev in conn.receive_data(data):
+                if isinstance(ev, h2.events.ResponseReceived | h2.events.TrailersReceived):
+                    headers.update({k.decode() if isinstance(k, bytes) else k:
+                                    v.decode() if isinstance(v, bytes) else v for k, v in ev.headers})
+                if isinstance(ev, h2.events.StreamEnded):
+                    return headers
+            tls.sendall(conn.data_to_send())
+        return headers
+
+
+async def test_tls12_connection_is_rejected_by_the_server(auth_server, mesh_certs):
+    headers = await asyncio.to_thread(_h2_grpc_check_over_tls12, auth_server.bound_port, mesh_certs)
+    assert headers.get("grpc-status") == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
+    assert "TLSv1.3" in headers.get("grpc-message", "")
+
+
+@pytest.mark.parametrize("damage", ["garbage_cert", "garbage_key", "key_mismatch", "key_mode_0644", "missing"])
+def test_bad_certificate_files_fail_before_bind_naming_the_file(damage, auth_mesh, mesh_certs, tmp_path):
+    cert, key = mesh_certs.identity_paths("auth-svc")
+    c, k = tmp_path / "auth.crt", tmp_path / "auth-key.pem"
+    shutil.copy(cert, c)
+    shutil.copy(key, k)
+    os.chmod(k, 0o600)
+    bad = {"garbage_cert": c, "garbage_key": k, "key_mismatch": k, "key_mode_0644": k, "missing": c}[damage]
+    if damage == "garbage_cert":
+        c.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    elif damage == "garbage_key":
+        k.write_text("hello")
+    elif damage == "key_mismatch":
+        other = mesh_certs.identity_paths("learner-svc")[1]
+        k.write_bytes(other.read_bytes())
+    elif damage == "key_mode_0644":
+        os.chmod(k, 0o644)
+    elif damage == "missing":
+        c.unlink()
+    with pytest.raises(PkiError) as exc:
+        MeshServer(auth_mesh, "auth-svc", cert=c, key=k, ca=mesh_certs.ca_cert)
+    assert str(bad) in str(exc.value)
+
+
+async def test_rotated_certificates_apply_to_new_connections_without_restart(auth_mesh, tmp_path):
+    certs = CertLayout(tmp_path / "certs")
+    init_ca(certs, auth_mesh.mesh.trust_domain)
+    for n in ("auth-svc", "mesh-client"):
+        issue_leaf(certs, n, auth_mesh)
+    server = MeshServer.for_service(auth_mesh, "auth-svc", certs)
+    await server.start()
+    try:
+        first = server.credentials.identity.serial
+        issue_leaf(certs, "auth-svc", auth_mesh)  # a new key and serial, same files
+        async with _client(auth_mesh, certs, "mesh-client") as client:
+            stub = health_pb2_grpc.HealthStub(await client.get_channel("auth-svc"))
+            await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert server.credentials.reloads == 1
+        assert server.credentials.identity.serial != first
+    finally:
+        await server.stop(0.5)
+
+
+def test_documented_import_path_works_from_the_repo_root():
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", "from infra.mesh.python.mesh_client import MeshClient, MeshConfig; "
+         "import aivo_mesh; assert MeshClient is aivo_mesh.MeshClient; print(MeshConfig.__name__)"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "MeshConfig"

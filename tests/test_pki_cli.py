@@ -1,0 +1,174 @@
+"""`meshctl certs ...` exit codes and output; infra/mesh/scripts/generate-certs.sh (both argument forms)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from aivo_mesh.cli import main
+from aivo_mesh.pki import CertLayout
+
+ROOT = Path(__file__).resolve().parents[1]
+MESH_FILE = ROOT / "mesh.yaml"
+SCRIPT = ROOT / "infra/mesh/scripts/generate-certs.sh"
+IDENTITIES = ["auth-svc", "learner-svc", "event-collector-svc", "analytics-svc", "mesh-client"]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def certs(mesh_certs: CertLayout, tmp_path: Path) -> CertLayout:
+    shutil.copytree(mesh_certs.root, tmp_path / "certs")
+    return CertLayout(tmp_path / "certs")
+
+
+def test_init_issue_verify_inspect_rotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = str(tmp_path / "certs")
+    cfg = ("--config", str(MESH_FILE))
+    code, out, _ = _run(capsys, "certs", "init", "--output-dir", out_dir, *cfg)
+    assert code == 0
+    assert "aivo.local" in out
+    code, out, _ = _run(capsys, "certs", "issue", "--all", "--output-dir", out_dir, "--valid-days", "30",
+                        *cfg)
+    assert code == 0
+    for name in IDENTITIES:
+        assert name in out
+    code, out, _ = _run(capsys, "certs", "verify", "--output-dir", out_dir, *cfg)
+    assert code == 0, out
+    assert "all 7 certificates OK" in out
+    layout = CertLayout(Path(out_dir))
+    leaf = x509.load_pem_x509_certificates(layout.identity_paths("auth-svc")[0].read_bytes())[0]
+    assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 30
+
+    code, out, _ = _run(capsys, "certs", "verify", "--output-dir", out_dir, "--json", *cfg)
+    data = json.loads(out)
+    assert code == 0
+    assert data["ok"] is True
+    assert [c["name"] for c in data["certificates"]] == ["ca", "root", *IDENTITIES]
+    assert all(len(c["spki_pin"]) == 44 and len(c["cert_sha256"]) == 64 for c in data["certificates"])
+
+    code, out, _ = _run(capsys, "certs", "inspect", "--output-dir", out_dir)
+    assert code == 0
+    assert "URI:spiffe://aivo.local/ns/default/sa/auth-svc" in out
+    assert "IP:127.0.0.1" in out
+
+    code, out, _ = _run(capsys, "certs", "rotate", "--output-dir", out_dir, "auth-svc", *cfg)
+    assert code == 0
+    assert "rotated 1 certificate" in out
+    rotated = x509.load_pem_x509_certificates(layout.identity_paths("auth-svc")[0].read_bytes())[0]
+    assert rotated.serial_number != leaf.serial_number
+    code, out, _ = _run(capsys, "certs", "rotate", "--output-dir", out_dir, "--renew-before-days", "5", *cfg)
+    assert code == 0
+    assert "nothing to rotate" in out
+
+
+def test_verify_exits_1_on_any_problem(certs: CertLayout, capsys: pytest.CaptureFixture[str]) -> None:
+    certs.identity_paths("learner-svc")[1].chmod(0o644)
+    cfg = ("--config", str(MESH_FILE))
+    code, out, err = _run(capsys, "certs", "verify", "--output-dir", str(certs.root), *cfg)
+    assert code == 1
+    assert "group/others" in out
+    assert "1 of 7 certificates" in err
+    assert "learner-svc" in err
+    code, out, _ = _run(capsys, "certs", "verify", "--output-dir", str(certs.root), *cfg, "--json")
+    assert code == 1
+    assert json.loads(out)["ok"] is False
+
+
+def test_init_refuses_to_overwrite_without_force(
+    certs: CertLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = certs.ca_cert.read_bytes()
+    args = ("certs", "init", "--output-dir", str(certs.root), "--trust-domain", "aivo.local")
+    code, _, err = _run(capsys, *args)
+    assert code == 2
+    assert "--force" in err
+    assert str(certs.ca_dir) in err
+    assert certs.ca_cert.read_bytes() == before
+    code, out, _ = _run(capsys, *args, "--force")
+    assert code == 0
+    assert "re-issue" in out
+    assert certs.ca_cert.read_bytes() != before
+
+
+@pytest.mark.parametrize(("argv", "phrase"), [
+    (["payments-svc"], "unknown service 'payments-svc'"),
+    (["auth-svc", "--valid-days", "0"], "--valid-days"),
+    (["auth-svc", "--valid-days", "-1"], "--valid-days"),
+    (["auth-svc", "--key-type", "rsa-1024"], "RSA keys shorter than 2048 bits are refused"),
+    (["auth-svc", "--valid-days", "100000"], "after the issuing CA expires"),
+    ([], "--all"),
+    (["auth-svc", "--all"], "--all"),
+])
+def test_issue_refusals_exit_2(certs: CertLayout, capsys: pytest.CaptureFixture[str], argv: list[str],
+                               phrase: str) -> None:
+    before = certs.identity_paths("auth-svc")[0].read_bytes()
+    code, out, err = _run(capsys, "certs", "issue", *argv, "--output-dir", str(certs.root),
+                          "--config", str(MESH_FILE))
+    assert code == 2
+    assert phrase in out + err
+    assert certs.identity_paths("auth-svc")[0].read_bytes() == before
+
+
+def test_issue_without_ca_says_to_run_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = _run(capsys, "certs", "issue", "--all", "--output-dir", str(tmp_path / "none"),
+                        "--config", str(MESH_FILE))
+    assert code == 2
+    assert "certs init" in err
+
+
+# --- generate-certs.sh --------------------------------------------------------------------------------
+
+
+def _meshctl_env() -> dict[str, str]:
+    exe = ROOT / ".venv/bin/meshctl"
+    meshctl = str(exe) if exe.exists() else f"{sys.executable} -m aivo_mesh"
+    return {**os.environ, "MESHCTL": meshctl, "AIVO_MESH_CONFIG": str(MESH_FILE)}
+
+
+def _script(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["bash", str(SCRIPT), *args], env=_meshctl_env(), capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+def _days(layout: CertLayout, name: str) -> int:
+    leaf = x509.load_pem_x509_certificates(layout.identity_paths(name)[0].read_bytes())[0]
+    return (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days
+
+
+@pytest.mark.slow  # starts several meshctl processes (~4 s)
+@pytest.mark.skipif(shutil.which("bash") is None, reason="bash is not installed")
+def test_generate_certs_sh_both_argument_forms(tmp_path: Path) -> None:
+    assert os.access(SCRIPT, os.X_OK), "generate-certs.sh must be executable"
+    out_dir = tmp_path / "certs"
+    # Flag form: creates the CA, issues every leaf, verifies.
+    res = _script("--output-dir", str(out_dir), "--valid-days", "30")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "all 7 certificates OK" in res.stdout
+    layout = CertLayout(out_dir)
+    ca_before = layout.ca_cert.read_bytes()
+    assert {n: _days(layout, n) for n in IDENTITIES} == dict.fromkeys(IDENTITIES, 30)
+    assert stat.S_IMODE(layout.identity_paths("auth-svc")[1].stat().st_mode) == 0o600
+
+    # Positional form on the same directory: the CA is kept, leaves are re-issued for 20 days.
+    res = _script(str(out_dir), "20")
+    assert res.returncode == 0, res.stderr + res.stdout
+    assert "reusing it" in res.stdout
+    assert layout.ca_cert.read_bytes() == ca_before
+    assert _days(layout, "mesh-client") == 20
+
+    # Bad input fails fast with exit 2.
+    assert _script(str(out_dir), "zero").returncode == 2
+    assert _script("--bogus").returncode == 2
