@@ -23,6 +23,12 @@ from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
 HEALTHY_WITHIN = 15.0  # seconds: the demo's promise on 2 cores
 
 
+def _console() -> Console:
+    """Rich console; when output is not a terminal (CI, pipes) keep tables wide enough to read."""
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
 @cli.command()
 @click.argument("service")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
@@ -73,7 +79,7 @@ async def _demo(duration: float, config: str | None, state: StateDir, free_ports
     from aivo_mesh.runtime.local import prepare, start_services
     from aivo_mesh.runtime.supervisor import Supervisor
 
-    console = Console()
+    console = _console()
     mesh = prepare(state, config, free_ports)
     sup = Supervisor(state)
     client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh))
@@ -137,7 +143,7 @@ def status(state_dir: str | None, as_json: bool) -> None:
         table.add_column(col)
     for r in rows:
         table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"])
-    Console().print(table if rows else f"nothing running from {state.root}")
+    _console().print(table if rows else f"nothing running from {state.root}")
 
 
 def _find_state() -> StateDir:
