@@ -31,10 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
     """A test double of the auth service: reports the caller and can be slow on demand."""
 
-    async def Authenticate(self, request, context):  # noqa: N802
+    async def Authenticate(self, request, context):
         return auth_pb2.AuthenticateResponse(token="t", subject=current_caller.get() or "")
 
-    async def ValidateToken(self, request, context):  # noqa: N802
+    async def ValidateToken(self, request, context):
         if request.token.startswith("sleep:"):
             await asyncio.sleep(float(request.token.split(":")[1]))
         remaining = context.time_remaining()
@@ -71,10 +71,9 @@ def _client(mesh: MeshSpec, certs: CertLayout, name: str) -> MeshClient:
 
 
 async def test_allowed_identity_reaches_the_service(auth_server, auth_mesh, mesh_certs):
-    async with _client(auth_mesh, mesh_certs, "mesh-client") as client:
-        async with client.get_channel("auth-svc") as channel:
-            reply = await auth_pb2_grpc.AuthServiceStub(channel).Authenticate(
-                auth_pb2.AuthenticateRequest(learner_id="l1", password="x" * 8))
+    async with _client(auth_mesh, mesh_certs, "mesh-client") as client, client.get_channel("auth-svc") as channel:
+        reply = await auth_pb2_grpc.AuthServiceStub(channel).Authenticate(
+            auth_pb2.AuthenticateRequest(learner_id="l1", password="x" * 8))
     assert reply.subject == "spiffe://aivo.local/ns/default/sa/mesh-client"
 
 

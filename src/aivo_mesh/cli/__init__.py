@@ -14,9 +14,9 @@ from aivo_mesh.cli._root import cli
 from aivo_mesh.errors import ConfigError, MeshError, PkiError
 
 # Importing a command module registers its commands on `cli`.
-from aivo_mesh.cli import certs as _certs  # noqa: F401,E402  isort: skip
-from aivo_mesh.cli import config_cmd as _config  # noqa: F401,E402  isort: skip
-from aivo_mesh.cli import serve as _serve  # noqa: F401,E402  isort: skip
+from aivo_mesh.cli import certs as _certs  # noqa: F401  isort: skip
+from aivo_mesh.cli import config_cmd as _config  # noqa: F401  isort: skip
+from aivo_mesh.cli import serve as _serve  # noqa: F401  isort: skip
 
 EXIT_USAGE = 2  # bad input (config, flags, certificates): the user must change something
 

@@ -87,10 +87,12 @@ class UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[m
 def as_rpc_error(reply: Reply) -> BaseException:
     """The error the caller sees: the server's own AioRpcError, or one made for a local decision."""
     if reply.error is not None:
-        return reply.error
+        err: BaseException = reply.error
+        return err
     code = getattr(grpc.StatusCode, reply.code, grpc.StatusCode.UNKNOWN)
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(*reply.trailers),
-                                reply.details or None)
+    made: BaseException = grpc.aio.AioRpcError(
+        code, grpc.aio.Metadata(), grpc.aio.Metadata(*reply.trailers), reply.details or None)
+    return made
 
 
 class _StreamTimeout:

@@ -23,7 +23,7 @@ async def check(client: MeshClient, service: str, timeout: float = 1.0) -> str:
     except grpc.aio.AioRpcError as err:
         return "UNREACHABLE" if err.code() in (grpc.StatusCode.UNAVAILABLE,
                                                grpc.StatusCode.DEADLINE_EXCEEDED) else err.code().name
-    return STATUS_NAMES.get(resp.status, str(resp.status))
+    return str(STATUS_NAMES.get(resp.status, resp.status))
 
 
 async def wait_serving(client: MeshClient, services: Sequence[str], timeout: float,

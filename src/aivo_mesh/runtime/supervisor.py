@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -27,7 +28,7 @@ class Managed:
     log: Path | None = None
 
     def record(self) -> ProcessRecord:
-        assert self.process is not None  # noqa: S101 - only records started processes
+        assert self.process is not None
         return ProcessRecord(self.name, self.process.pid, self.role, self.address, self.admin,
                              self.started_at, str(self.log))
 
@@ -81,10 +82,8 @@ def _signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
 
 
 def stop_recorded(records: Sequence[ProcessRecord], grace: float = 5.0) -> list[str]:

@@ -101,7 +101,7 @@ class MeshServer:
             bound = self.grpc_server.add_insecure_port(address)
         if bound == 0:
             raise MeshError(f"{self.service}: cannot bind {address} (port in use?)")
-        self.bound_port = bound
+        self.bound_port = int(bound)
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self.grpc_server)
         await self.grpc_server.start()
@@ -110,7 +110,7 @@ class MeshServer:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("%s serving on %s:%d (%s)", self.service, self.host, bound,
                  "plaintext" if self.insecure else "mTLS")
-        return bound
+        return int(bound)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Report NOT_SERVING, stop accepting, let in-flight calls finish within `grace` seconds."""
