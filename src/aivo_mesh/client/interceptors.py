@@ -24,8 +24,9 @@ def method_name(details: ClientCallDetails) -> str:
     return m.decode() if isinstance(m, bytes) else str(m)
 
 
-def _with_header(metadata: grpc.aio.Metadata | None, key: str, value: str) -> grpc.aio.Metadata:
-    md = grpc.aio.Metadata(*(metadata or ()))
+def _with_header(metadata: grpc.aio.Metadata | None, key: str, value: str,
+                 extra: tuple[tuple[str, str], ...] = ()) -> grpc.aio.Metadata:
+    md = grpc.aio.Metadata(*(metadata or ()), *extra)
     md.add(key, value)
     return md
 
@@ -57,7 +58,7 @@ async def unary_terminal(call: Call) -> Reply:
     continuation, details = call.transport
     timeout = attempt_timeout(call, monotonic(), None)
     attempt_details = ClientCallDetails(
-        details.method, timeout, _with_header(details.metadata, ATTEMPT_HEADER, str(call.attempt)),
+        details.method, timeout, _with_header(details.metadata, ATTEMPT_HEADER, str(call.attempt), call.metadata),
         details.credentials, details.wait_for_ready)
     rpc = await continuation(attempt_details, call.request)
     try:

@@ -37,6 +37,8 @@ class Call:
     metadata: tuple[tuple[str, str], ...] = ()
     # Whether a response message has been received (no retry after that: the call is committed).
     committed: bool = False
+    # The endpoint ("host:port") the balancer picked for the current attempt.
+    endpoint: str | None = None
     # Opaque to the core: what the terminal handler needs to send an attempt (the adapter's business).
     transport: Any = None
 

@@ -1,19 +1,22 @@
-"""Server adapter: one grpc.aio ServerInterceptor that guards every handler of every arity.
+"""Server adapter: one grpc.aio ServerInterceptor that guards and observes every handler.
 
 grpc.aio server interceptors get no ServicerContext, so we wrap the RpcMethodHandler's behaviour
 (the only place `auth_context()` is reachable) for the four arities. Per call it:
 1. rejects any TLS version but 1.3 (grpcio has no knob to refuse 1.2 at the handshake);
 2. takes the caller identity from the client certificate and checks the allow-list;
 3. publishes the caller and the inbound deadline in context variables, so a handler that calls
-   another service passes on its remaining deadline (see policy.deadline.inbound_deadline).
+   another service passes on its remaining deadline (see policy.deadline.inbound_deadline);
+4. tells each ServerCallObserver (metrics, tracing, logs) when the call starts and how it ended.
+Observers see denied calls too: a PERMISSION_DENIED is an outcome operators must be able to count.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import grpc
 
@@ -26,6 +29,27 @@ current_caller: ContextVar[str | None] = ContextVar("aivo_mesh_current_caller", 
 REQUIRED_TLS = "TLSv1.3"
 
 
+@dataclass(slots=True)
+class ServerCall:
+    """What observers learn about one inbound call."""
+
+    service: str
+    method: str
+    caller: str | None
+    metadata: tuple[tuple[str, str], ...]
+    started: float
+    attempt: int = 1
+
+
+class ServerCallObserver(Protocol):
+    """Telemetry hook. `start` runs in the handler's task (so it may set context variables, e.g. the
+    current span) and returns a token handed back to `finish` with the final status name."""
+
+    def start(self, call: ServerCall) -> object: ...
+
+    def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None: ...
+
+
 class Denied(Exception):
     def __init__(self, code: grpc.StatusCode, details: str) -> None:
         self.code = code
@@ -33,18 +57,44 @@ class Denied(Exception):
         super().__init__(details)
 
 
-class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, authorizer: Authorizer | None, *, require_tls: bool = True) -> None:
-        self._authz = authorizer
-        self._require_tls = require_tls
+def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
+    md = context.invocation_metadata() or ()
+    return tuple((k, v) for k, v in md if isinstance(v, str))
 
-    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> None:
+
+def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
+    code = context.code()
+    if code is not None:
+        return str(code.name) if isinstance(code, grpc.StatusCode) else _code_name(code)
+    if error is None:
+        return "OK"
+    if isinstance(error, BaseException) and error.__class__.__name__ == "CancelledError":
+        return "CANCELLED"
+    return "UNKNOWN"
+
+
+def _code_name(code: object) -> str:
+    for sc in grpc.StatusCode:
+        if sc.value[0] == code:
+            return str(sc.name)
+    return "UNKNOWN"
+
+
+class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, authorizer: Authorizer | None, *, service: str = "", require_tls: bool = True,
+                 observers: Sequence[ServerCallObserver] = ()) -> None:
+        self._authz = authorizer
+        self._service = service or (authorizer.service if authorizer else "")
+        self._require_tls = require_tls
+        self.observers: list[ServerCallObserver] = list(observers)
+
+    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
         """Raise Denied unless this caller may call `method`; set the context variables."""
         remaining = context.time_remaining()
         inbound_deadline.set(None if remaining is None else monotonic() + remaining)
         if not self._require_tls:
             current_caller.set(None)
-            return
+            return None
         auth = context.auth_context()
         version = tls_version(auth)
         if version != REQUIRED_TLS:
@@ -53,12 +103,13 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         identity = peer_identity(auth)
         current_caller.set(identity)
         if self._authz is None:
-            return
+            return identity
         if identity is None:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED, "no client certificate")
         if not self._authz.allows(identity, method):
             raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                          f"{identity} is not allowed to call {method} on {self._authz.service}")
+        return identity
 
     async def intercept_service(
         self,
@@ -71,61 +122,92 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if isinstance(method, bytes):
             method = method.decode()
-        return _wrap(handler, method, self._admit)
+        return _wrap(handler, _Guard(self, method))
 
 
-def _wrap(
-    handler: grpc.RpcMethodHandler,
-    method: str,
-    admit: Callable[[str, grpc.aio.ServicerContext], None],
-) -> grpc.RpcMethodHandler:
-    async def guard(context: grpc.aio.ServicerContext) -> None:
+class _Guard:
+    """Per-method glue between a wrapped behaviour and the interceptor's checks and observers."""
+
+    __slots__ = ("interceptor", "method")
+
+    def __init__(self, interceptor: MeshServerInterceptor, method: str) -> None:
+        self.interceptor = interceptor
+        self.method = method
+
+    async def enter(self, context: grpc.aio.ServicerContext) -> tuple[ServerCall, list[object]] | None:
+        icp = self.interceptor
+        denied: Denied | None = None
+        caller: str | None = None
         try:
-            admit(method, context)
+            caller = icp._admit(self.method, context)
         except Denied as d:
-            await context.abort(d.code, d.details)
+            denied = d
+        if not icp.observers:
+            if denied is not None:
+                await context.abort(denied.code, denied.details)
+            return None
+        md = _metadata(context)
+        attempt = next((int(v) for k, v in md if k == "x-mesh-attempt" and v.isdigit()), 1)
+        call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt)
+        tokens = [o.start(call) for o in icp.observers]
+        if denied is not None:
+            self.exit((call, tokens), context, None, denied.code.name)
+            await context.abort(denied.code, denied.details)
+        return call, tokens
 
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await guard(context)
-            return await inner_uu(request, context)
-
-        return grpc.unary_unary_rpc_method_handler(
-            unary_unary, handler.request_deserializer, handler.response_serializer)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
-            await guard(context)
-            return await inner_su(request_iterator, context)
-
-        return grpc.stream_unary_rpc_method_handler(
-            stream_unary, handler.request_deserializer, handler.response_serializer)
-    if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(
-            _streaming(handler.unary_stream, guard), handler.request_deserializer,
-            handler.response_serializer)
-    return grpc.stream_stream_rpc_method_handler(
-        _streaming(handler.stream_stream, guard), handler.request_deserializer,
-        handler.response_serializer)
+    def exit(self, state: tuple[ServerCall, list[object]] | None, context: grpc.aio.ServicerContext,
+             error: BaseException | None, code: str | None = None) -> None:
+        if state is None:
+            return
+        call, tokens = state
+        final = code or _final_code(context, error)
+        for o, t in zip(self.interceptor.observers, tokens, strict=True):
+            o.finish(t, call, final, error)
 
 
-def _streaming(
-    inner: Callable[..., Any], guard: Callable[[grpc.aio.ServicerContext], Awaitable[None]]
-) -> Callable[..., Any]:
+def _wrap(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandler:
+    if handler.unary_unary or handler.stream_unary:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            state = await guard.enter(context)
+            try:
+                result = await inner(request, context)
+            except BaseException as exc:
+                guard.exit(state, context, exc)
+                raise
+            guard.exit(state, context, None)
+            return result
+
+        make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
+                else grpc.stream_unary_rpc_method_handler)
+        return make(unary_response, handler.request_deserializer, handler.response_serializer)
+
+    inner_s = handler.unary_stream or handler.stream_stream
+    make_s = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
+              else grpc.stream_stream_rpc_method_handler)
     # A streaming behaviour is either an async generator or a coroutine that uses context.write().
-    if inspect.isasyncgenfunction(inner):
+    if inspect.isasyncgenfunction(inner_s):
         async def gen(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-            await guard(context)
-            async for item in inner(request, context):
-                yield item
+            state = await guard.enter(context)
+            try:
+                async for item in inner_s(request, context):
+                    yield item
+            except BaseException as exc:
+                guard.exit(state, context, exc)
+                raise
+            guard.exit(state, context, None)
 
-        return gen
+        return make_s(gen, handler.request_deserializer, handler.response_serializer)
 
     async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await guard(context)
-        return await inner(request, context)
+        state = await guard.enter(context)
+        try:
+            result = await inner_s(request, context)
+        except BaseException as exc:
+            guard.exit(state, context, exc)
+            raise
+        guard.exit(state, context, None)
+        return result
 
-    return coro
+    return make_s(coro, handler.request_deserializer, handler.response_serializer)

@@ -26,7 +26,7 @@ from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.server.authz import Authorizer
 from aivo_mesh.server.credentials import ReloadingServerCredentials
-from aivo_mesh.server.interceptors import MeshServerInterceptor
+from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCallObserver
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class MeshServer:
         port: int | None = None,
         insecure: bool = False,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        observers: Sequence[ServerCallObserver] = (),
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
         spec = mesh.service(service)
@@ -62,9 +63,10 @@ class MeshServer:
                 raise MeshError(f"{service}: mTLS needs cert, key and ca paths (or insecure=True)")
             self.credentials = ReloadingServerCredentials(cert, key, ca)
         self.authorizer = Authorizer(mesh, service)
-        guard = MeshServerInterceptor(None if insecure else self.authorizer, require_tls=not insecure)
+        self.guard = MeshServerInterceptor(None if insecure else self.authorizer, service=service,
+                                           require_tls=not insecure, observers=observers)
         self.grpc_server = grpc.aio.server(
-            interceptors=[guard, *interceptors],
+            interceptors=[self.guard, *interceptors],
             options=[
                 ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
                 ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
