@@ -694,3 +694,14 @@ def test_apply_env_errors(mesh: MeshSpec, env: EnvSettings, var: str, fragment: 
         apply_env(mesh, env)
     assert info.value.file == "environment"
     assert any(i.yaml_path == var and fragment in i.message for i in info.value.issues), str(info.value)
+
+
+def test_docs_example_is_valid() -> None:
+    doc = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
+    example = doc.split("## A short example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    m = parse_mesh(example, "docs/config.md")
+    assert service_policy(m, ANALYTICS).retry.max_retries == 2
+    assert (service_policy(m, ANALYTICS).retry.backoff.base, service_policy(m, ANALYTICS).retry.backoff.max) == (
+        0.1, 1.0)
+    rp = route_policy(m, AUTH, VALIDATE_TOKEN)
+    assert (rp.timeout, rp.retry.max_retries, rp.retry.retry_on) == (1.0, 3, ("UNAVAILABLE", "INTERNAL"))

@@ -26,7 +26,7 @@ def config() -> None:
     """Check mesh.yaml and show the effective configuration."""
 
 
-@config.command("validate")
+@config.command("validate", short_help="Check mesh.yaml; exit 2 listing every problem.")
 @click.argument("file", required=False)
 def validate(file: str | None) -> None:
     """Check FILE (default: $AIVO_MESH_CONFIG or ./mesh.yaml); exit 2 listing every problem."""
@@ -36,7 +36,7 @@ def validate(file: str | None) -> None:
     click.echo(f"{path}: OK — {n} service{'' if n == 1 else 's'}, trust domain {mesh.mesh.trust_domain}")
 
 
-@config.command("show")
+@config.command("show", short_help="Print the effective configuration, every default filled in.")
 @click.argument("file", required=False)
 @click.option("--service", "service", metavar="NAME", help="Only this service's effective configuration.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)

@@ -1,0 +1,102 @@
+"""One bare mTLS channel per endpoint of a target service, swappable without failing calls.
+
+Python has no custom resolver/LB API (grpc#11685), so the mesh keeps its own channel per endpoint
+and its own picker (policy.balancer). Channels here carry no interceptors: the policy stack runs
+once per call in the target's front channel and sends each attempt on the endpoint it picked.
+
+Swaps (discovery removed an endpoint, our certificate rotated) never close a channel under an
+in-flight call: retired channels are closed after `drain_seconds`, by which time the calls that
+were using them have finished or hit their own deadlines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import grpc
+
+DEFAULT_DRAIN_SECONDS = 30.0
+
+
+class EndpointPool:
+    def __init__(
+        self,
+        authority: str,
+        credentials: grpc.ChannelCredentials,
+        options: Sequence[tuple[str, object]],
+        drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+    ) -> None:
+        self.authority = authority
+        self._credentials = credentials
+        self._options = list(options)
+        self._drain = drain_seconds
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._callables: dict[tuple[str, str, str], Any] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.generation = 0
+
+    def channel(self, endpoint: str) -> grpc.aio.Channel:
+        ch = self._channels.get(endpoint)
+        if ch is None:
+            ch = self._channels[endpoint] = grpc.aio.secure_channel(
+                endpoint, self._credentials, options=self._options)
+        return ch
+
+    def multicallable(self, endpoint: str, kind: str, path: str,
+                      serialize: Callable[[Any], bytes], deserialize: Callable[[bytes], Any]) -> Any:
+        """`channel.unary_unary(path, ...)` etc., cached: building one per call would cost more than
+        the policy stack itself."""
+        key = (endpoint, kind, path)
+        mc = self._callables.get(key)
+        if mc is None:
+            factory = getattr(self.channel(endpoint), kind)
+            mc = self._callables[key] = factory(path, request_serializer=serialize,
+                                                response_deserializer=deserialize)
+        return mc
+
+    def retain(self, endpoints: Iterable[str]) -> None:
+        """Keep only these endpoints' channels; retire the others after the drain delay."""
+        keep = set(endpoints)
+        gone = [e for e in self._channels if e not in keep]
+        for e in gone:
+            self._retire(self._channels.pop(e))
+        if gone:
+            self._callables = {k: v for k, v in self._callables.items() if k[0] in keep}
+
+    def rebuild(self, credentials: grpc.ChannelCredentials) -> None:
+        """New credentials (rotated client certificate): new channels for new calls, old ones drain."""
+        self._credentials = credentials
+        old, self._channels, self._callables = self._channels, {}, {}
+        self.generation += 1
+        for ch in old.values():
+            self._retire(ch)
+
+    def _retire(self, ch: grpc.aio.Channel) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop: nothing can be in flight either; the channel is garbage-collected
+        task = loop.create_task(_close_later(ch, self._drain))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    async def close(self) -> None:
+        channels, self._channels, self._callables = list(self._channels.values()), {}, {}
+        for t in list(self._retiring):
+            t.cancel()
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+
+    def states(self) -> dict[str, str]:
+        """Connectivity state per endpoint (for /clusters), without triggering a connection."""
+        return {e: ch.get_state(try_to_connect=False).name for e, ch in self._channels.items()}
+
+
+async def _close_later(ch: grpc.aio.Channel, delay: float) -> None:
+    try:
+        await asyncio.sleep(delay)
+    finally:
+        with contextlib.suppress(Exception):
+            await ch.close(grace=None)

@@ -1,0 +1,69 @@
+"""What travels on a method: request/response classes from the protobuf descriptor pool.
+
+The client's policy stack picks an endpoint per attempt and sends the attempt on that endpoint's
+own channel, so it needs the method's (de)serializers, which grpc.aio does not hand to interceptors.
+Every generated protobuf module registers its services in the default pool; we look them up once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from google.protobuf import descriptor_pool, message_factory
+
+from aivo_mesh.errors import MeshError
+
+
+class UnknownMethod(MeshError):
+    """The method is not in any loaded protobuf service."""
+
+
+@dataclass(frozen=True, slots=True)
+class MethodInfo:
+    path: str  # "/pkg.Service/Method"
+    service: str  # "pkg.Service"
+    name: str
+    request_type: type[Any]
+    response_type: type[Any]
+    client_streaming: bool
+    server_streaming: bool
+
+    @property
+    def serialize(self) -> Callable[[Any], bytes]:
+        return _serialize
+
+    @property
+    def deserialize(self) -> Callable[[bytes], Any]:
+        return self.response_type.FromString  # type: ignore[no-any-return]
+
+
+def _serialize(message: Any) -> bytes:
+    return message.SerializeToString()  # type: ignore[no-any-return]
+
+
+def method_path(grpc_service: str, method: str) -> str:
+    """"Authenticate" or "/aivo.auth.v1.AuthService/Authenticate" -> the full path."""
+    if method.startswith("/"):
+        return method
+    return f"/{grpc_service}/{method}"
+
+
+@lru_cache(maxsize=1024)
+def lookup(path: str) -> MethodInfo:
+    service, _, name = path.lstrip("/").partition("/")
+    try:
+        desc = descriptor_pool.Default().FindServiceByName(service).FindMethodByName(name)
+    except KeyError:
+        desc = None
+    if desc is None:
+        raise UnknownMethod(f"{path}: no loaded protobuf service defines this method "
+                            "(import the generated *_pb2 module first)")
+    return MethodInfo(
+        path=path, service=service, name=name,
+        request_type=message_factory.GetMessageClass(desc.input_type),
+        response_type=message_factory.GetMessageClass(desc.output_type),
+        client_streaming=desc.client_streaming, server_streaming=desc.server_streaming,
+    )
