@@ -41,6 +41,9 @@ class Call:
     endpoint: str | None = None
     # Opaque to the core: what the terminal handler needs to send an attempt (the adapter's business).
     transport: Any = None
+    # The route's per-attempt timeout (set by the retry layer). The adapter gives an attempt
+    # `deadline.attempt_timeout(call, now, call.per_try_timeout)`: min(remaining, per-try).
+    per_try_timeout: float | None = None
 
     def remaining(self, now: float) -> float | None:
         return None if self.deadline is None else self.deadline - now

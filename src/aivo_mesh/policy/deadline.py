@@ -7,11 +7,13 @@ a third bound. Layers below (retry, back-off) read `call.deadline` and never out
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
 from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.events import PolicyListener
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,9 +23,13 @@ class DeadlineParams:
 
 
 def effective_timeout(caller: float | None, route: float | None, inherited: float | None) -> float | None:
-    """The smallest of the given bounds (None = unbounded)."""
-    bounds = [b for b in (caller, route, inherited) if b is not None]
-    return min(bounds) if bounds else None
+    """The smallest of the given bounds (None = unbounded). On every call's path: no allocation."""
+    best = caller
+    if route is not None and (best is None or route < best):
+        best = route
+    if inherited is not None and (best is None or inherited < best):
+        best = inherited
+    return best
 
 
 def attempt_timeout(call: Call, now: float, per_try: float | None) -> float | None:
@@ -35,7 +41,11 @@ def attempt_timeout(call: Call, now: float, per_try: float | None) -> float | No
 
 
 class DeadlineLayer:
-    """Sets `call.deadline` once; fails fast with DEADLINE_EXCEEDED when nothing remains."""
+    """Sets `call.deadline` once; fails fast with DEADLINE_EXCEEDED when nothing remains.
+
+    Being outermost, it is also where a logical call begins and ends: given a `listener`, it
+    reports `call_started` and `call_finished` (code, seconds on the clock, attempts, local).
+    """
 
     name = "deadline"
 
@@ -44,24 +54,64 @@ class DeadlineLayer:
         params_for: Callable[[Call], DeadlineParams],
         inherited: Callable[[], float | None] | None = None,
         clock: Clock = monotonic,
+        listener: PolicyListener | None = None,
     ) -> None:
         self._params_for = params_for
         self._inherited = inherited or (lambda: inherited_timeout(clock))
+        self._from_inbound = inherited is None  # the default: read `inbound_deadline` inline (hot path)
         self._clock = clock
+        self._listener = listener
 
     def wrap(self, inner: Handler) -> Handler:
-        params_for, inherited, clock = self._params_for, self._inherited, self._clock
+        params_for, inherited, clock, listener = self._params_for, self._inherited, self._clock, self._listener
+        from_inbound, inbound = self._from_inbound, inbound_deadline
 
         async def handle(call: Call) -> Reply:
             now = clock()
-            timeout = effective_timeout(call.timeout, params_for(call).route_timeout, inherited())
+            if from_inbound:
+                d = inbound.get()
+                left = None if d is None else d - now
+            else:
+                left = inherited()
+            timeout = effective_timeout(call.timeout, params_for(call).route_timeout, left)
             if timeout is not None:
                 if timeout <= 0:
-                    return Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
+                    return _PASSED
                 call.deadline = now + timeout
             return await inner(call)
 
-        return handle
+        if listener is None:
+            return handle
+
+        async def observed(call: Call) -> Reply:  # `handle` inlined: one frame less per call
+            listener.call_started(call.service, call.method)
+            start = clock()
+            if from_inbound:
+                d = inbound.get()
+                left = None if d is None else d - start
+            else:
+                left = inherited()
+            timeout = effective_timeout(call.timeout, params_for(call).route_timeout, left)
+            try:
+                if timeout is None:
+                    reply = await inner(call)
+                elif timeout <= 0:
+                    reply = _PASSED
+                else:
+                    call.deadline = start + timeout
+                    reply = await inner(call)
+            except BaseException as e:
+                code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else "UNKNOWN"
+                listener.call_finished(call.service, call.method, code, clock() - start, call.attempt, True)
+                raise
+            listener.call_finished(call.service, call.method, reply.code, clock() - start, call.attempt,
+                                   reply.local)
+            return reply
+
+        return observed
+
+
+_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
 
 
 # The absolute deadline (on `monotonic`) of the inbound request being served in this task, set by the

@@ -7,6 +7,10 @@ Methods are called synchronously from the call path: keep them O(1) and never ra
 
 from __future__ import annotations
 
+import logging
+
+_log = logging.getLogger(__name__)
+
 
 class PolicyListener:
     def call_started(self, service: str, method: str) -> None: ...
@@ -31,28 +35,94 @@ class PolicyListener:
     def endpoint_restored(self, service: str, endpoint: str) -> None: ...
 
 
+def _failed(listener: PolicyListener, event: str) -> None:
+    # Telemetry must never fail a call; log once per failure with the culprit's name.
+    _log.exception("policy listener %s failed on %s", type(listener).__name__, event)
+
+
 class Listeners(PolicyListener):
-    """Fan-out to several listeners; a failing listener never breaks a call."""
+    """Fan-out to several listeners; a failing listener is logged and never breaks a call.
+
+    One explicit method per event (no __getattribute__ magic): mypy checks the signatures and
+    each event costs one loop, not a closure per attribute lookup.
+    """
 
     def __init__(self, *listeners: PolicyListener) -> None:
-        self.listeners = list(listeners)
+        self.listeners: list[PolicyListener] = list(listeners)
 
     def add(self, listener: PolicyListener) -> None:
         self.listeners.append(listener)
 
-    def __getattribute__(self, name: str):  # type: ignore[no-untyped-def]
-        if name.startswith("_") or name in ("listeners", "add"):
-            return object.__getattribute__(self, name)
-        targets = object.__getattribute__(self, "listeners")
+    def call_started(self, service: str, method: str) -> None:
+        for t in self.listeners:
+            try:
+                t.call_started(service, method)
+            except Exception:
+                _failed(t, "call_started")
 
-        def fan_out(*args: object) -> None:
-            for t in targets:
-                try:
-                    getattr(t, name)(*args)
-                except Exception:  # noqa: BLE001 - telemetry must not fail a call
-                    pass
+    def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
+                      local: bool) -> None:
+        for t in self.listeners:
+            try:
+                t.call_finished(service, method, code, seconds, attempts, local)
+            except Exception:
+                _failed(t, "call_finished")
 
-        return fan_out
+    def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:
+        for t in self.listeners:
+            try:
+                t.retry(service, method, attempt, code, delay)
+            except Exception:
+                _failed(t, "retry")
+
+    def retry_budget_exhausted(self, service: str, method: str) -> None:
+        for t in self.listeners:
+            try:
+                t.retry_budget_exhausted(service, method)
+            except Exception:
+                _failed(t, "retry_budget_exhausted")
+
+    def breaker_state(self, service: str, old: str, new: str) -> None:
+        for t in self.listeners:
+            try:
+                t.breaker_state(service, old, new)
+            except Exception:
+                _failed(t, "breaker_state")
+
+    def breaker_failure(self, service: str, code: str) -> None:
+        for t in self.listeners:
+            try:
+                t.breaker_failure(service, code)
+            except Exception:
+                _failed(t, "breaker_failure")
+
+    def breaker_rejected(self, service: str, method: str) -> None:
+        for t in self.listeners:
+            try:
+                t.breaker_rejected(service, method)
+            except Exception:
+                _failed(t, "breaker_rejected")
+
+    def limit_rejected(self, service: str, method: str, limit: str) -> None:
+        for t in self.listeners:
+            try:
+                t.limit_rejected(service, method, limit)
+            except Exception:
+                _failed(t, "limit_rejected")
+
+    def endpoint_ejected(self, service: str, endpoint: str, seconds: float) -> None:
+        for t in self.listeners:
+            try:
+                t.endpoint_ejected(service, endpoint, seconds)
+            except Exception:
+                _failed(t, "endpoint_ejected")
+
+    def endpoint_restored(self, service: str, endpoint: str) -> None:
+        for t in self.listeners:
+            try:
+                t.endpoint_restored(service, endpoint)
+            except Exception:
+                _failed(t, "endpoint_restored")
 
 
 NOOP = PolicyListener()

@@ -1,20 +1,167 @@
-"""The order of the client-side policy layers, stated once.
+"""The order of the client-side policy layers, stated once (outermost first, each sees the call first):
 
-    deadline        sets the overall deadline every other layer honours
-    (issue 3 adds: limit, breaker, retry + budget, outlier/picker between deadline and terminal)
-    terminal        one attempt on the wire (client/ adapts grpc.aio here)
+    deadline   sets the one deadline of the logical call. Outermost, because every layer below
+               (waiting for a slot, backing off, each attempt) must live within it; also where the
+               call is reported started and finished.
+    limit      one concurrency slot per logical call, held across all its retries. Outside retry,
+               so a call retrying 3 times still holds 1 slot (inside, retries would queue behind
+               fresh calls and a storm could fill the queue with its own retries); its waiting time
+               counts against the deadline set above. Its rejection is local, never retried.
+    retry      (+ budget) decides and sleeps; every attempt goes down through breaker and balancer.
+               The budget is deposited once per logical call here.
+    breaker    sees every attempt, so retries cannot hide a failing upstream from it; its local
+               rejection reaches retry as `local=True` and is never retried.
+    balancer   picks an endpoint per attempt (a retry may land elsewhere) and feeds outlier
+               detection with that attempt's outcome.
+    terminal   one attempt on the wire (client/ adapts grpc.aio here).
 
-Outermost first: the deadline must exist before anything waits or retries.
+`TargetPolicy` holds the stateful parts shared by all methods of one target service (budget,
+breaker, limit, balancer) and builds one cached stack per method from that method's RoutePolicy:
+the client makes one TargetPolicy per service and asks it for `stack_for(method)`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from random import Random
+from typing import Any
 
-from aivo_mesh.policy.core import Handler, Layer, build_stack
+from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy, service_policy
+from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+from aivo_mesh.policy.breaker import BreakerLayer, BreakerParams, CircuitBreaker
+from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
+from aivo_mesh.policy.classify import Classifier
+from aivo_mesh.policy.core import Call, Clock, Handler, Layer, build_stack, monotonic
+from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams
+from aivo_mesh.policy.events import NOOP, PolicyListener
+from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
+from aivo_mesh.policy.outlier import OutlierRule
+from aivo_mesh.policy.retry import RetryLayer, RetryParams, Sleeper
 
-__all__ = ["Handler", "Layer", "build_stack", "layer_names"]
+__all__ = ["Handler", "Layer", "MethodParams", "TargetPolicy", "build_stack", "client_layers", "layer_names"]
+
+CLIENT_ORDER: tuple[str, ...] = ("deadline", "limit", "retry", "breaker", "balancer")
 
 
 def layer_names(layers: Sequence[Layer]) -> list[str]:
     return [layer.name for layer in layers]
+
+
+@dataclass(frozen=True, slots=True)
+class MethodParams:
+    """The per-route slice every layer of one method needs, built once per method."""
+
+    deadline: DeadlineParams
+    retry: RetryParams
+    classifier: Classifier
+
+    @classmethod
+    def from_policy(cls, service: ServicePolicy, route: RoutePolicy,
+                    client_max_retries: int | None = None) -> MethodParams:
+        retry = RetryParams.from_spec(route.retry, idempotent=route.idempotent,
+                                      client_max_retries=client_max_retries,
+                                      failure_codes=service.circuit_breaker.failure_codes)
+        if route.streaming:  # a stream commits on its first message: the core does not retry it
+            retry = RetryParams(max_retries=0, backoff=retry.backoff, classifier=retry.classifier,
+                                per_try_timeout=retry.per_try_timeout)
+        return cls(deadline=DeadlineParams(route_timeout=route.timeout, per_try_timeout=route.retry.per_try_timeout),
+                   retry=retry, classifier=retry.classifier)
+
+
+def client_layers(
+    params: MethodParams, *, limit: ConcurrencyLimit, budget: RetryBudget | None, breaker: CircuitBreaker,
+    balancer: Balancer, clock: Clock = monotonic, rng: Random | None = None, sleep: Sleeper = asyncio.sleep,
+    listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None,
+) -> list[Layer]:
+    """The layers of one method of one target service, in the order stated in this module's docstring."""
+    deadline = params.deadline
+
+    def deadline_for(_: Call) -> DeadlineParams:
+        return deadline
+
+    return [
+        DeadlineLayer(deadline_for, inherited, clock, listener=None if listener is NOOP else listener),
+        LimitLayer(limit, clock=clock, listener=listener),
+        RetryLayer(params.retry, budget=budget, rng=rng, sleep=sleep, clock=clock, listener=listener),
+        BreakerLayer(breaker, params.classifier, listener),
+        BalancerLayer(balancer, params.classifier),
+    ]
+
+
+class TargetPolicy:
+    """The client-side policy of one target service: shared state + one cached stack per method.
+
+        target = TargetPolicy.from_mesh(mesh, "auth-svc", terminal, max_retries=config.max_retries)
+        handler = target.stack_for("/aivo.auth.v1.AuthService/ValidateToken")
+        reply = await handler(Call("auth-svc", method, request, timeout=...))
+    """
+
+    def __init__(self, policy: ServicePolicy, route_for: Callable[[str], RoutePolicy], terminal: Handler, *,
+                 endpoints: Sequence[str] | None = None, max_retries: int | None = None,
+                 clock: Clock = monotonic, rng: Random | None = None, sleep: Sleeper = asyncio.sleep,
+                 listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None) -> None:
+        spec = policy.service
+        self.service = spec.name
+        self.policy = policy
+        self.route_for = route_for
+        self.terminal = terminal
+        self.max_retries = max_retries
+        self.clock = clock
+        self.rng = rng if rng is not None else Random()
+        self.sleep = sleep
+        self.listener = listener
+        self.inherited = inherited
+        # The shared, stateful parts: one per target service.
+        self.budget = RetryBudget(RetryBudgetParams.from_spec(policy.retry_budget, policy.limits), clock)
+        self.breaker = CircuitBreaker(self.service, BreakerParams.from_spec(policy.circuit_breaker), clock=clock,
+                                      listener=listener)
+        self.limit = ConcurrencyLimit(self.service, LimitParams.from_spec(policy.limits))
+        addresses = list(endpoints) if endpoints is not None else (
+            list(spec.endpoints) or [f"{spec.host}:{spec.port}"])
+        self.balancer = Balancer(self.service, addresses, rule=OutlierRule.from_spec(policy.outlier_detection),
+                                 clock=clock, listener=listener)
+        self._params: dict[str, MethodParams] = {}
+        self._stacks: dict[str, Handler] = {}
+
+    @classmethod
+    def from_mesh(cls, mesh: MeshSpec, service: str, terminal: Handler, **kwargs: Any) -> TargetPolicy:
+        """From mesh.yaml: the service's effective policy and its routes (config/resolve.py)."""
+        return cls(service_policy(mesh, service), partial(route_policy, mesh, service), terminal, **kwargs)
+
+    def params_for(self, method: str) -> MethodParams:
+        p = self._params.get(method)
+        if p is None:
+            p = self._params[method] = MethodParams.from_policy(self.policy, self.route_for(method),
+                                                                self.max_retries)
+        return p
+
+    def layers(self, method: str) -> list[Layer]:
+        return client_layers(self.params_for(method), limit=self.limit, budget=self.budget, breaker=self.breaker,
+                             balancer=self.balancer, clock=self.clock, rng=self.rng, sleep=self.sleep,
+                             listener=self.listener, inherited=self.inherited)
+
+    def stack_for(self, method: str) -> Handler:
+        """The handler for `method` (built on first use, then cached)."""
+        h = self._stacks.get(method)
+        if h is None:
+            h = self._stacks[method] = build_stack(self.layers(method), self.terminal)
+        return h
+
+    def set_endpoints(self, endpoints: Sequence[str]) -> None:
+        """Discovery changed the endpoint list (state of remaining endpoints is kept)."""
+        self.balancer.update(endpoints)
+
+    def snapshot(self) -> dict[str, object]:
+        """For the admin endpoints: breaker state, budget, limit and endpoints of this target."""
+        return {
+            "service": self.service,
+            "breaker": self.breaker.state,
+            "retry_budget": {"balance": self.budget.balance, "in_flight": self.budget.in_flight,
+                             "requests": self.budget.requests, "retries": self.budget.retries},
+            "limit": {"active": self.limit.active, "pending": self.limit.pending},
+            "endpoints": self.balancer.snapshot(),
+        }

@@ -1,0 +1,185 @@
+"""Throughput of the proxyless plane vs raw grpc.aio over mTLS, measured in the same run.
+
+    .venv/bin/python benchmarks/bench_client.py [--reps 3] [--warmup 2] [--window 10] [--concurrency 32]
+
+Method (shared/notes/baselines.md): one unary method with a ~100-byte payload, one server process,
+one client process holding N coroutines each with one call in flight; every repetition runs every
+case in turn; a case's figure is the median over repetitions of its ratio to the raw case of the
+same repetition. Cases:
+    raw       grpc.aio secure_channel + stub, mTLS (the baseline)
+    mesh      MeshClient.get_channel + stub: full policy stack, tracing off
+    traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
+Prints a table and writes JSON next to this file (benchmarks/results/client.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from aivo_mesh.client import MeshClient, MeshConfig
+from aivo_mesh.config import load_mesh
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.pki.issue import init_ca, issue_leaf
+from aivo_mesh.runtime.local import free_port
+from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVER = """
+import asyncio, sys
+from pathlib import Path
+from aivo_mesh.config import load_mesh
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.server import MeshServer
+from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
+
+class Echo(auth_pb2_grpc.AuthServiceServicer):
+    async def ValidateToken(self, request, context):
+        return auth_pb2.ValidateTokenResponse(valid=True, subject=request.token)
+
+async def main():
+    mesh = load_mesh(sys.argv[1])
+    server = MeshServer.for_service(mesh, "auth-svc", CertLayout(Path(sys.argv[2])), port=int(sys.argv[3]))
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(Echo(), server.grpc_server)
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup: float,
+                   window: float) -> dict[str, float]:
+    start = time.monotonic()
+    t0, t1 = start + warmup, start + warmup + window
+    latencies: list[float] = []
+    errors = 0
+
+    async def worker() -> None:
+        nonlocal errors
+        while True:
+            s = time.monotonic()
+            if s >= t1:
+                return
+            try:
+                await call()
+            except grpc.aio.AioRpcError:
+                errors += 1
+            e = time.monotonic()
+            if s >= t0 and e <= t1:
+                latencies.append(e - s)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    latencies.sort()
+    n = len(latencies)
+    return {"rps": n / window, "p50_ms": latencies[n // 2] * 1000 if n else 0.0,
+            "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else 0.0, "errors": errors}
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="aivo-bench-"))
+    mesh = load_mesh(ROOT / "mesh.yaml")
+    certs = CertLayout(tmp / "certs")
+    init_ca(certs, mesh.mesh.trust_domain)
+    for name in ("auth-svc", "learner-svc"):
+        issue_leaf(certs, name, mesh)
+    port = free_port()
+    mesh_file = tmp / "mesh.yaml"
+    mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}"))
+    mesh = load_mesh(mesh_file)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(mesh_file), str(certs.root), str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    server.stdout.readline()  # "ready": the server has bound and reports SERVING
+    payload = "x" * 100
+    req = auth_pb2.ValidateTokenRequest(token=payload)
+    cert, key = certs.identity_paths("learner-svc")
+    raw_creds = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    raw_channel = grpc.aio.secure_channel(f"127.0.0.1:{port}", raw_creds,
+                                          options=[("grpc.default_authority", "auth-svc")])
+    raw_stub = auth_pb2_grpc.AuthServiceStub(raw_channel)
+    mesh_client = MeshClient(MeshConfig.for_identity("learner-svc", certs, mesh))
+    mesh_stub = auth_pb2_grpc.AuthServiceStub(await mesh_client.get_channel("auth-svc"))
+    traced_stub = None
+    receiver = None
+    if args.tracing:
+        from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver
+
+        receiver = OtlpReceiver()
+        rport = await receiver.start()
+        traced_mesh = mesh.model_copy(update={"observability": mesh.observability.model_copy(update={
+            "tracing": mesh.observability.tracing.model_copy(update={
+                "enabled": True, "otlp_endpoint": f"http://127.0.0.1:{rport}", "sample_ratio": 1.0})})})
+        traced_client = MeshClient(MeshConfig.for_identity("learner-svc", certs, traced_mesh))
+        traced_stub = auth_pb2_grpc.AuthServiceStub(await traced_client.get_channel("auth-svc"))
+    cases: dict[str, Callable[[], Awaitable[Any]]] = {
+        "raw": lambda: raw_stub.ValidateToken(req, timeout=5),
+        "mesh": lambda: mesh_stub.ValidateToken(req, timeout=5),
+    }
+    if traced_stub is not None:
+        cases["traced"] = lambda: traced_stub.ValidateToken(req, timeout=5)
+    results: dict[str, list[dict[str, float]]] = {c: [] for c in cases}
+    try:
+        for _ in range(3):  # connect and warm every path before measuring
+            for c in cases.values():
+                await c()
+        for rep in range(args.reps):
+            for name, call in cases.items():
+                r = await run_case(call, args.concurrency, args.warmup, args.window)
+                results[name].append(r)
+                print(f"rep {rep + 1} {name:7s} {r['rps']:8.0f} rps  p50 {r['p50_ms']:6.2f} ms  "
+                      f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']:.0f}", flush=True)
+    finally:
+        await raw_channel.close()
+        await mesh_client.close()
+        if receiver is not None:
+            await receiver.stop()
+        server.terminate()
+        server.wait(10)
+    summary: dict[str, Any] = {"concurrency": args.concurrency, "window_s": args.window, "reps": args.reps,
+                               "cases": {}}
+    for name, reps in results.items():
+        ratios = [r["rps"] / b["rps"] for r, b in zip(reps, results["raw"], strict=True)]
+        summary["cases"][name] = {
+            "rps_median": statistics.median(r["rps"] for r in reps),
+            "p50_ms_median": statistics.median(r["p50_ms"] for r in reps),
+            "p99_ms_median": statistics.median(r["p99_ms"] for r in reps),
+            "rps_ratio_vs_raw": statistics.median(ratios),
+            "errors": sum(r["errors"] for r in reps),
+        }
+    return summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--window", type=float, default=10.0)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--no-tracing", dest="tracing", action="store_false")
+    args = ap.parse_args()
+    summary = asyncio.run(bench(args))
+    print()
+    print(f"{'case':8s} {'rps':>8s} {'ratio':>7s} {'p50 ms':>8s} {'p99 ms':>8s}")
+    for name, c in summary["cases"].items():
+        print(f"{name:8s} {c['rps_median']:8.0f} {c['rps_ratio_vs_raw']:7.3f} {c['p50_ms_median']:8.2f} "
+              f"{c['p99_ms_median']:8.2f}")
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "client.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

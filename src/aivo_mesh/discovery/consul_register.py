@@ -1,0 +1,229 @@
+"""Consul self-registration: a service instance announces itself to its local Consul agent.
+
+    reg = ConsulRegistration("127.0.0.1:8500", token=...)
+    sid = await reg.register(mesh, "auth-svc", address="10.0.0.5", port=50051)
+    ...
+    await reg.deregister(sid)
+
+`agent_service_definition` is the pure half (mesh.yaml -> the JSON body of
+`PUT /v1/agent/service/register`, exact Consul field names, no I/O); the Consul renderer reuses it
+for agent config files. `ConsulRegistration` only sends it.
+
+The definition (C:agent/service, C:agent/check; notes §5):
+
+    {"ID": "auth-svc-10.0.0.5-50051", "Name": "auth-svc", "Tags": ["auth", "tier-1"],
+     "Address": "10.0.0.5", "Port": 50051, "Meta": {"version": "1.0.0", "team": "identity"},
+     "Check": {"Name": "auth-svc gRPC health", "GRPC": "10.0.0.5:50051/aivo.auth.v1.AuthService",
+               "GRPCUseTLS": true, "TLSServerName": "auth-svc", "TLSSkipVerify": false,
+               "Interval": "30s", "Timeout": "5s", "DeregisterCriticalServiceAfter": "1m"}}
+
+- ID `<service>-<host>-<port>`: unique per agent and stable across restarts, so re-registering after
+  a restart replaces the old entry instead of adding a twin (characters other than letters, digits,
+  `.` and `_` in the host become `-`, so IPv6 literals give URL-safe IDs).
+- The check is grpc.health.v1 for the service's fully-qualified gRPC name (MeshServer reports
+  SERVING for it), over TLS verified against `TLSServerName` = the service name (a DNS SAN of every
+  mesh leaf). `TLSSkipVerify` stays false. Interval and timeout come from the service's effective
+  `health_check` (30 s / 5 s by default). MeshServer requires client certificates, so the agent
+  must be configured with a certificate the mesh CA trusts (Consul uses its agent TLS settings for
+  gRPC checks); in `--insecure` local mode pass `use_tls=False`.
+- `DeregisterCriticalServiceAfter` (default 1m, Consul's reaper runs every 30 s, so less is not
+  honoured) removes an instance whose process died without deregistering.
+- Meta is `{"version": <service version>, **metadata}` and is validated against Consul's limits
+  (keys `[A-Za-z0-9_-]`, at most 128 chars, not starting with `consul-`; values at most 512 chars;
+  at most 64 pairs), so a bad key fails here rather than as an HTTP 400 at startup.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+import consul
+from consul.callback import CB
+
+from aivo_mesh.config.model import MeshSpec, ServiceSpec, format_duration, parse_duration
+from aivo_mesh.config.resolve import service_policy
+from aivo_mesh.discovery._util import in_daemon_thread
+from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
+from aivo_mesh.discovery.snapshot import Endpoint
+
+REGISTER_PATH = "/v1/agent/service/register"
+DEREGISTER_PATH = "/v1/agent/service/deregister/"
+MIN_DEREGISTER_AFTER = 60.0
+
+_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_ID_UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
+
+
+def service_id(service: str, host: str, port: int) -> str:
+    """`<service>-<host>-<port>`; runs of characters other than letters, digits, `.` and `_` in the
+    host become one `-` (`fe80::1` -> `fe80-1`), so the ID is safe in the deregister URL."""
+    host = host.strip("[]")
+    return f"{service}-{_ID_UNSAFE.sub('-', host)}-{port}"
+
+
+def go_duration(seconds: float) -> str:
+    """Seconds as a Go duration string in the largest whole unit: 3600 -> `1h`, 60 -> `1m`,
+    30 -> `30s`, 0.25 -> `250ms` (what Consul's JSON decoder parses)."""
+    for unit, size in (("h", 3600), ("m", 60)):
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds // size)}{unit}"
+    return format_duration(seconds)
+
+
+def _duration(value: float | str, what: str) -> str:
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return go_duration(seconds)
+
+
+def _meta(spec: ServiceSpec) -> dict[str, str]:
+    meta = {"version": spec.version, **spec.metadata}
+    if len(meta) > 64:
+        raise ValueError(f"{spec.name}: Consul allows at most 64 Meta pairs, got {len(meta)}")
+    for k, v in meta.items():
+        if not _META_KEY.match(k) or k.startswith("consul-"):
+            raise ValueError(f"{spec.name}: metadata key {k!r} is not a valid Consul Meta key "
+                             "(letters, digits, '_' and '-', at most 128, not starting with 'consul-')")
+        if len(v) > 512:
+            raise ValueError(f"{spec.name}: metadata {k!r} is longer than Consul's 512 characters")
+    return meta
+
+
+def agent_service_definition(
+    mesh: MeshSpec,
+    service: str | ServiceSpec,
+    address: str,
+    port: int,
+    *,
+    tls_server_name: str | None = None,
+    check_interval: float | str | None = None,
+    check_timeout: float | str | None = None,
+    deregister_critical_after: float | str = "1m",
+    use_tls: bool = True,
+) -> dict[str, Any]:
+    """The body of `PUT /v1/agent/service/register` for one instance of `service` (pure, no I/O).
+
+    `address`/`port` are where the agent and other instances reach this one (the mesh port, mTLS).
+    Intervals default to the service's effective `health_check`; durations are seconds or strings
+    such as `30s`/`100ms`/`1m` and are emitted in Consul (Go) duration syntax.
+    """
+    spec = service if isinstance(service, ServiceSpec) else mesh.service(service)
+    health = service_policy(mesh, spec.name).health_check
+    endpoint = Endpoint(address, port)  # validates; gives the bracketed host:port for IPv6
+    deregister = parse_duration(deregister_critical_after)
+    if deregister < MIN_DEREGISTER_AFTER:
+        raise ValueError(f"deregister_critical_after must be at least 1m (Consul's reaper runs every 30s), "
+                         f"got {deregister_critical_after!r}")
+    check: dict[str, Any] = {
+        "Name": f"{spec.name} gRPC health",
+        "GRPC": f"{endpoint.address}/{spec.grpc_service}",
+        "GRPCUseTLS": use_tls,
+    }
+    if use_tls:
+        check["TLSServerName"] = tls_server_name or spec.name
+        check["TLSSkipVerify"] = False
+    check["Interval"] = _duration(health.interval if check_interval is None else check_interval, "check_interval")
+    check["Timeout"] = _duration(health.timeout if check_timeout is None else check_timeout, "check_timeout")
+    check["DeregisterCriticalServiceAfter"] = go_duration(deregister)
+    return {
+        "ID": service_id(spec.name, endpoint.host, port),
+        "Name": spec.name,
+        "Tags": list(spec.tags),
+        "Address": endpoint.host,
+        "Port": port,
+        "Meta": _meta(spec),
+        "Check": check,
+    }
+
+
+class ConsulRegistration:
+    """Register and deregister this process's service instances with the local Consul agent.
+
+    Requests go through py-consul's HTTP client (so `token`, TLS `verify` and the agent address are
+    handled the same way as by `ConsulDiscovery`), but the body is `agent_service_definition`
+    verbatim: py-consul's `agent.service.register` would rename the keys and drop `TLSServerName`.
+    """
+
+    def __init__(
+        self,
+        address: str = DEFAULT_ADDRESS,
+        scheme: str = "http",
+        token: str | None = None,
+        *,
+        verify: bool | str = True,
+        timeout: float = 10.0,
+        client_factory: Callable[[], Any] | None = None,
+    ) -> None:
+        self.host, self.port, self.scheme = parse_address(address, scheme)
+        self.token = token
+        self.verify = verify
+        self.timeout = timeout
+        self._client_factory = client_factory or self._default_client
+        self.registered: list[str] = []
+
+    def _default_client(self) -> Any:
+        return consul.Consul(host=self.host, port=self.port, scheme=self.scheme, token=self.token,
+                             verify=self.verify, connections_timeout=self.timeout)
+
+    async def register(
+        self,
+        mesh: MeshSpec,
+        service: str | ServiceSpec,
+        *,
+        address: str,
+        port: int,
+        tls_server_name: str | None = None,
+        check_interval: float | str | None = None,
+        check_timeout: float | str | None = None,
+        deregister_critical_after: float | str = "1m",
+        use_tls: bool = True,
+        replace_existing_checks: bool = True,
+    ) -> str:
+        """Register one instance; returns its service ID. Raises ConsulError if the agent refuses."""
+        definition = agent_service_definition(
+            mesh, service, address, port, tls_server_name=tls_server_name, check_interval=check_interval,
+            check_timeout=check_timeout, deregister_critical_after=deregister_critical_after, use_tls=use_tls)
+        params = [("replace-existing-checks", "true")] if replace_existing_checks else []
+        ok = await self._call("register", definition["ID"], self._put, REGISTER_PATH, params,
+                              json.dumps(definition))
+        if not ok:
+            raise ConsulError(f"Consul agent {self.scheme}://{self.host}:{self.port}: register "
+                              f"{definition['ID']} failed: the agent answered 404 (no agent API here?)")
+        if definition["ID"] not in self.registered:
+            self.registered.append(definition["ID"])
+        return str(definition["ID"])
+
+    async def deregister(self, service_id: str) -> bool:
+        """Remove an instance (and its checks). False if the agent did not know the ID."""
+        found = await self._call("deregister", service_id, self._put, DEREGISTER_PATH + service_id, [], "")
+        if service_id in self.registered:
+            self.registered.remove(service_id)
+        return bool(found)
+
+    async def deregister_all(self) -> None:
+        """Deregister every instance this object registered (shutdown)."""
+        for sid in list(self.registered):
+            await self.deregister(sid)
+
+    async def agent_services(self) -> dict[str, Any]:
+        """`GET /v1/agent/services`: what the local agent has registered, by ID."""
+        client = self._client_factory()
+        result = await self._call("list services", "", client.agent.services)
+        return dict(result or {})
+
+    # -- internals -------------------------------------------------------------------------------
+    def _put(self, path: str, params: list[tuple[str, str]], body: str) -> bool:
+        client = self._client_factory()
+        headers = client.prepare_headers(self.token)
+        return bool(client.http.put(CB.boolean(), path, params=params, headers=headers, data=body))
+
+    async def _call(self, what: str, sid: str, fn: Callable[..., Any], *args: object) -> Any:
+        try:
+            return await in_daemon_thread(fn, *args)
+        except CONSUL_ERRORS as e:
+            where = f"{self.scheme}://{self.host}:{self.port}"
+            raise ConsulError(f"Consul agent {where}: {what} {sid} failed: {type(e).__name__}: {e}") from e

@@ -1,0 +1,155 @@
+"""Balancer: round robin over the endpoints of one target that are fit to serve.
+
+Why here and not in grpc: grpc's own round_robin knows nothing of our outlier detection or health
+checks, and picking per attempt in the core lets a retry land on another endpoint.
+
+Eligible = not ejected by outlier detection (outlier.py) and not marked unhealthy by health checks
+(`set_health`). If no endpoint is eligible the balancer picks among all of them: panic mode, as
+Envoy does below its panic threshold (ours is 0 %: only when none is eligible), because sending to
+a maybe-bad endpoint beats failing every call locally.
+
+Discovery replaces the endpoint list at runtime (`update`); endpoints that stay keep their state
+(failures, ejection, health), so a DNS refresh does not forgive a bad replica. The pick is O(1)
+while every endpoint is eligible, O(n) otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, FAILURE, IGNORED, SUCCESS, Classifier, Outcome
+from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.events import NOOP, PolicyListener
+from aivo_mesh.policy.outlier import DEFAULT_RULE, EndpointState, OutlierDetector, OutlierRule
+
+
+class Balancer:
+    """The endpoints of one target service, their health and ejections, and the round-robin cursor."""
+
+    __slots__ = ("_by_address", "_clock", "_endpoints", "_rr", "_unhealthy", "detector", "service")
+
+    def __init__(self, service: str, endpoints: Iterable[str] = (), *, rule: OutlierRule | None = DEFAULT_RULE,
+                 clock: Clock = monotonic, listener: PolicyListener = NOOP) -> None:
+        self.service = service
+        self.detector = OutlierDetector(service, rule, clock=clock, listener=listener)
+        self._clock = clock
+        self._endpoints: list[EndpointState] = []
+        self._by_address: dict[str, EndpointState] = {}
+        self._rr = 0
+        self._unhealthy = 0
+        self.update(endpoints)
+
+    # -- picking ------------------------------------------------------------------------------
+    def pick(self) -> EndpointState | None:
+        """The next eligible endpoint (round robin), any endpoint in panic mode, None if there are none."""
+        eps = self._endpoints
+        n = len(eps)
+        if self.detector.ejected == 0 and self._unhealthy == 0:
+            if n == 0:
+                return None
+            i = self._rr
+            self._rr = i + 1 if i + 1 < n else 0
+            return eps[i]
+        return self._pick_slow(eps, n)
+
+    def _pick_slow(self, eps: list[EndpointState], n: int) -> EndpointState | None:
+        if self.detector.ejected:
+            self.detector.sweep(eps, self._clock())
+        start = self._rr
+        for k in range(n):
+            j = start + k
+            if j >= n:
+                j -= n
+            ep = eps[j]
+            if ep.healthy and ep.ejected_until is None:
+                self._rr = j + 1 if j + 1 < n else 0
+                return ep
+        if n == 0:
+            return None
+        self._rr = start + 1 if start + 1 < n else 0  # panic: nothing eligible, use every endpoint
+        return eps[start]
+
+    # -- outcomes -----------------------------------------------------------------------------
+    def record(self, ep: EndpointState, outcome: Outcome) -> None:
+        if outcome is SUCCESS:
+            ep.consecutive_failures = 0
+        elif outcome is not IGNORED:
+            self.detector.on_failure(ep, self._endpoints)
+
+    # -- discovery and health checks ----------------------------------------------------------
+    def update(self, addresses: Iterable[str]) -> None:
+        """Replace the endpoint list; endpoints that remain keep their state."""
+        old = self._by_address
+        by_address: dict[str, EndpointState] = {}
+        for address in addresses:
+            if address not in by_address:
+                ep = old.get(address)
+                by_address[address] = ep if ep is not None else EndpointState(address)
+        for address, ep in old.items():
+            if address not in by_address:
+                ep.removed = True
+        endpoints = list(by_address.values())
+        self._by_address = by_address
+        self._endpoints = endpoints
+        self._rr = self._rr % len(endpoints) if endpoints else 0
+        self._unhealthy = sum(1 for ep in endpoints if not ep.healthy)
+        self.detector.recount(endpoints)
+
+    def set_health(self, endpoint: str, healthy: bool) -> bool:
+        """Mark an endpoint healthy or not (health checks); False if it is unknown."""
+        ep = self._by_address.get(endpoint)
+        if ep is None:
+            return False
+        if ep.healthy != healthy:
+            ep.healthy = healthy
+            self._unhealthy += -1 if healthy else 1
+        return True
+
+    # -- introspection ------------------------------------------------------------------------
+    @property
+    def endpoints(self) -> list[str]:
+        return [ep.address for ep in self._endpoints]
+
+    def state(self, endpoint: str) -> EndpointState | None:
+        return self._by_address.get(endpoint)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """One dict per endpoint (endpoint, healthy, ejected, ejected_until, consecutive_failures,
+        times_ejected), for the admin /clusters endpoint."""
+        eps = self._endpoints
+        if self.detector.ejected:
+            self.detector.sweep(eps, self._clock())
+        return [ep.as_dict() for ep in eps]
+
+
+class BalancerLayer:
+    """Per attempt: pick an endpoint into `call.endpoint`, call, report the outcome for outlier detection."""
+
+    name = "balancer"
+
+    def __init__(self, balancer: Balancer, classifier: Classifier = DEFAULT_CLASSIFIER) -> None:
+        self.balancer = balancer
+        self.classifier = classifier
+
+    def wrap(self, inner: Handler) -> Handler:
+        balancer, classify = self.balancer, self.classifier.classify
+        no_endpoints = Reply("UNAVAILABLE", details=f"no endpoints for {balancer.service}", local=True)
+
+        async def handle(call: Call) -> Reply:
+            ep = balancer.pick()
+            if ep is None:
+                return no_endpoints
+            call.endpoint = ep.address
+            try:
+                reply = await inner(call)
+            except Exception:  # an unmapped transport error counts; cancellation does not
+                balancer.record(ep, FAILURE)
+                raise
+            outcome = classify(reply)
+            if outcome is SUCCESS:
+                ep.consecutive_failures = 0
+            elif outcome is not IGNORED:
+                balancer.record(ep, outcome)
+            return reply
+
+        return handle

@@ -1,0 +1,301 @@
+"""Prometheus metrics of one mesh process: one `MeshMetrics` per process, on its own registry.
+
+    metrics = MeshMetrics()
+    client_listener = MetricsListener(metrics)        # a PolicyListener for MeshClient's stack
+    server = MeshServer(..., observers=[ServerMetricsObserver(metrics)])
+    metrics.set_certificate_expiry("auth-svc", identity)
+    body = metrics.render()                           # text exposition 0.0.4, no `_created` series
+
+Families (names are the platform's documented ones; see docs/telemetry.md):
+
+    grpc_requests_total{side,service,method,status}        counter
+    grpc_request_duration_seconds{side,service,method}     histogram, OTel buckets .005 .. 10 s
+    grpc_retries_total{service,method}                     counter (client)
+    retry_budget_exhausted_total{service}                  counter (client)
+    grpc_local_rejections_total{service,reason}            counter (client)
+    circuit_breaker_state{service}                         gauge: 0 closed, 1 half_open, 2 open
+    circuit_breaker_failures_total{service}                counter
+    outlier_ejections_total{service}                       counter
+    outlier_ejected_endpoints{service}                     gauge
+    mtls_certificate_expiry_seconds{service}               gauge, seconds left (negative once expired)
+
+`side` is "client" (service = the target) or "server" (service = this process's own service).
+`status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
+(`CIRCUIT_OPEN`, `LOCAL_RESOURCE_EXHAUSTED`, `LOCAL_DEADLINE_EXCEEDED`, ...) so it never looks like a
+server error. Labels come from the proto path only, never from peer addresses; a method that is not
+a well-formed `/pkg.Service/Method` path is counted as `method="unknown"` to bound cardinality.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextvars import ContextVar
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+
+from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.events import PolicyListener
+from aivo_mesh.server.interceptors import ServerCall
+
+__all__ = [
+    "BREAKER_STATES",
+    "DURATION_BUCKETS",
+    "LIMIT_REASONS",
+    "MeshMetrics",
+    "MetricsListener",
+    "ServerMetricsObserver",
+    "local_status",
+    "method_label",
+]
+
+# OpenTelemetry's advisory buckets for rpc.{client,server}.call.duration (seconds).
+DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
+                                       7.5, 10.0)
+
+# Breaker state names (policy/breaker) -> circuit_breaker_state values. Not an Enum metric: that
+# would add a label per state and change the family's label set.
+BREAKER_STATES: dict[str, int] = {"closed": 0, "half_open": 1, "open": 2}
+
+# Reasons of grpc_local_rejections_total for limit_rejected(limit=...); anything else is "other".
+LIMIT_REASONS = frozenset({"max_requests", "max_pending_requests", "max_connections", "max_retries"})
+
+# Status label values of calls answered locally by a layer, per rejection event.
+CIRCUIT_OPEN = "CIRCUIT_OPEN"
+LOCAL_RESOURCE_EXHAUSTED = "LOCAL_RESOURCE_EXHAUSTED"
+
+SIDES = ("client", "server")
+
+_METHOD_RE = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*$")
+_STATUS_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
+_SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def method_label(method: str | bytes) -> str:
+    """The method label: the full gRPC path `/pkg.Service/Method`, or "unknown" for anything else."""
+    m = method.decode("utf-8", "replace") if isinstance(method, bytes) else method
+    if m and not m.startswith("/"):
+        m = "/" + m
+    return m if _METHOD_RE.match(m) else "unknown"
+
+
+def service_label(service: str) -> str:
+    return service if _SERVICE_RE.match(service) else "unknown"
+
+
+def status_label(code: str) -> str:
+    return code if _STATUS_RE.match(code) else "UNKNOWN"
+
+
+# The last local rejection reported in this task's context: (service, method, status). A layer
+# reports breaker_rejected / limit_rejected in the same task just before the call finishes, so
+# call_finished(local=True) can tell CIRCUIT_OPEN from another local UNAVAILABLE. Every listener
+# notes and reads it (fan-out order does not matter); call_started clears it.
+_local_rejection: ContextVar[tuple[str, str, str] | None] = ContextVar("aivo_mesh_local_rejection",
+                                                                       default=None)
+
+
+def note_call_started() -> None:
+    if _local_rejection.get() is not None:
+        _local_rejection.set(None)
+
+
+def note_local_rejection(service: str, method: str, status: str) -> None:
+    _local_rejection.set((service, method, status))
+
+
+def local_status(service: str, method: str, code: str, local: bool) -> str:
+    """The status label of a finished call: the code name, or for a locally made reply the value
+    of the rejection reported for this call (`CIRCUIT_OPEN`, `LOCAL_RESOURCE_EXHAUSTED`), else
+    `LOCAL_<code>` (a client-side deadline is `LOCAL_DEADLINE_EXCEEDED`)."""
+    code = status_label(code)
+    if not local:
+        return code
+    noted = _local_rejection.get()
+    if noted is not None and noted[0] == service and noted[1] == method:
+        return noted[2]
+    if code.startswith("LOCAL_") or code == CIRCUIT_OPEN:
+        return code
+    return "LOCAL_" + code
+
+
+class _Expiring(Protocol):
+    def seconds_left(self) -> float: ...
+
+
+class MeshMetrics:
+    """Every metric family of one process. Pass a registry to share one; by default a fresh
+    `CollectorRegistry` (never the global one, so two instances in one test process never clash)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "grpc_requests", "gRPC calls finished, by side (client/server), service, method and final status name. "
+            "Calls answered locally by a policy layer have their own status (CIRCUIT_OPEN, LOCAL_*).",
+            ["side", "service", "method", "status"], registry=r)
+        self.duration = Histogram(
+            "grpc_request_duration_seconds", "Duration of gRPC calls in seconds, all attempts included "
+            "(client) or in the handler (server).",
+            ["side", "service", "method"], buckets=DURATION_BUCKETS, registry=r)
+        self.retries = Counter(
+            "grpc_retries", "Retry attempts sent by the client policy stack, by target service and method.",
+            ["service", "method"], registry=r)
+        self.budget_exhausted = Counter(
+            "retry_budget_exhausted", "Retries not sent because the target's retry budget was exhausted.",
+            ["service"], registry=r)
+        self.local_rejections = Counter(
+            "grpc_local_rejections", "Calls or retries refused locally, before reaching the network, by reason "
+            "(circuit_open, max_requests, max_pending_requests, retry_budget, ...).",
+            ["service", "reason"], registry=r)
+        self.breaker_state = Gauge(
+            "circuit_breaker_state", "Circuit breaker state per target service: 0=closed, 1=half_open, 2=open.",
+            ["service"], registry=r)
+        self.breaker_failures = Counter(
+            "circuit_breaker_failures", "Failures counted by the circuit breaker of a target service.",
+            ["service"], registry=r)
+        self.ejections = Counter(
+            "outlier_ejections", "Endpoints ejected by outlier detection, per target service.",
+            ["service"], registry=r)
+        self.ejected = Gauge(
+            "outlier_ejected_endpoints", "Endpoints currently ejected by outlier detection, per target service.",
+            ["service"], registry=r)
+        self.cert_expiry = Gauge(
+            "mtls_certificate_expiry_seconds", "Seconds until the certificate's notAfter; negative once expired.",
+            ["service"], registry=r)
+        self._ejected: dict[str, set[str]] = {}
+
+    # -- recording -------------------------------------------------------------------------------
+
+    def declare_target(self, service: str) -> None:
+        """Publish a target's breaker (closed) and ejection gauges before its first event."""
+        s = service_label(service)
+        self.breaker_state.labels(s).set(0)
+        self.ejected.labels(s).set(len(self._ejected.get(s, ())))
+
+    def observe_call(self, side: str, service: str, method: str, status: str, seconds: float) -> None:
+        """One finished call. `status` is already the label value (see `local_status`)."""
+        if side not in SIDES:
+            raise ValueError(f"side must be 'client' or 'server', not {side!r}")
+        s, m = service_label(service), method_label(method)
+        self.requests.labels(side, s, m, status_label(status)).inc()
+        self.duration.labels(side, s, m).observe(max(0.0, seconds))
+
+    def observe_retry(self, service: str, method: str) -> None:
+        self.retries.labels(service_label(service), method_label(method)).inc()
+
+    def observe_budget_exhausted(self, service: str) -> None:
+        s = service_label(service)
+        self.budget_exhausted.labels(s).inc()
+        self.local_rejections.labels(s, "retry_budget").inc()
+
+    def observe_local_rejection(self, service: str, reason: str) -> None:
+        self.local_rejections.labels(service_label(service), reason).inc()
+
+    def set_breaker_state(self, service: str, state: str) -> None:
+        value = BREAKER_STATES.get(state.lower().replace("-", "_"))
+        if value is not None:
+            self.breaker_state.labels(service_label(service)).set(value)
+
+    def observe_breaker_failure(self, service: str) -> None:
+        self.breaker_failures.labels(service_label(service)).inc()
+
+    def endpoint_ejected(self, service: str, endpoint: str) -> None:
+        s = service_label(service)
+        self.ejections.labels(s).inc()
+        ejected = self._ejected.setdefault(s, set())
+        ejected.add(endpoint)  # the endpoint only sizes the gauge; it is never a label
+        self.ejected.labels(s).set(len(ejected))
+
+    def endpoint_restored(self, service: str, endpoint: str) -> None:
+        s = service_label(service)
+        ejected = self._ejected.setdefault(s, set())
+        ejected.discard(endpoint)
+        self.ejected.labels(s).set(len(ejected))
+
+    def set_certificate_expiry(self, service: str, identity: _Expiring | float) -> None:
+        """Export the seconds left on `service`'s certificate. Given an object with `seconds_left()`
+        (a `pki.Identity`) the value is computed at every scrape; call again after a rotation."""
+        child = self.cert_expiry.labels(service_label(service))
+        if isinstance(identity, int | float):
+            seconds = float(identity)
+            child.set_function(lambda: seconds)  # replaces any earlier function (a plain set() would not)
+        else:
+            child.set_function(identity.seconds_left)
+
+    # -- reading ---------------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Metric]:
+        """The registry's families without the `_created` samples prometheus_client adds."""
+        for family in self.registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
+
+    def render(self) -> bytes:
+        """Prometheus text exposition format 0.0.4."""
+        return generate_latest(self)
+
+    def samples(self) -> list[tuple[str, dict[str, str], float]]:
+        """Flat (name, labels, value): counters, gauges, and each histogram's `_count` and `_sum`."""
+        out: list[tuple[str, dict[str, str], float]] = []
+        for family in self.collect():
+            for s in family.samples:
+                if family.type == "histogram" and s.name.endswith("_bucket"):
+                    continue
+                out.append((s.name, dict(s.labels), float(s.value)))
+        return out
+
+
+class MetricsListener(PolicyListener):
+    """Feeds MeshMetrics from the client policy stack (side="client", service = the target)."""
+
+    def __init__(self, metrics: MeshMetrics) -> None:
+        self.metrics = metrics
+
+    def call_started(self, service: str, method: str) -> None:
+        note_call_started()
+
+    def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
+                      local: bool) -> None:
+        self.metrics.observe_call("client", service, method, local_status(service, method, code, local), seconds)
+
+    def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:
+        self.metrics.observe_retry(service, method)
+
+    def retry_budget_exhausted(self, service: str, method: str) -> None:
+        self.metrics.observe_budget_exhausted(service)
+
+    def breaker_state(self, service: str, old: str, new: str) -> None:
+        self.metrics.set_breaker_state(service, new)
+
+    def breaker_failure(self, service: str, code: str) -> None:
+        self.metrics.observe_breaker_failure(service)
+
+    def breaker_rejected(self, service: str, method: str) -> None:
+        note_local_rejection(service, method, CIRCUIT_OPEN)
+        self.metrics.observe_local_rejection(service, "circuit_open")
+
+    def limit_rejected(self, service: str, method: str, limit: str) -> None:
+        note_local_rejection(service, method, LOCAL_RESOURCE_EXHAUSTED)
+        self.metrics.observe_local_rejection(service, limit if limit in LIMIT_REASONS else "other")
+
+    def endpoint_ejected(self, service: str, endpoint: str, seconds: float) -> None:
+        self.metrics.endpoint_ejected(service, endpoint)
+
+    def endpoint_restored(self, service: str, endpoint: str) -> None:
+        self.metrics.endpoint_restored(service, endpoint)
+
+
+class ServerMetricsObserver:
+    """A ServerCallObserver: side="server", service = this server's own service."""
+
+    def __init__(self, metrics: MeshMetrics) -> None:
+        self.metrics = metrics
+
+    def start(self, call: ServerCall) -> object:
+        return None
+
+    def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None:
+        self.metrics.observe_call("server", call.service, call.method, code, monotonic() - call.started)

@@ -1,0 +1,304 @@
+"""Prometheus metrics: family names, label sets and HELP text, the policy listener, the server observer
+(also behind a real grpc.aio server), and `promtool check metrics` on the rendered exposition."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from aivo_mesh.policy.core import monotonic
+from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
+from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
+from aivo_mesh.telemetry.metrics import (
+    DURATION_BUCKETS,
+    MeshMetrics,
+    MetricsListener,
+    ServerMetricsObserver,
+    local_status,
+    method_label,
+)
+
+LOGIN = "/aivo.auth.v1.AuthService/Authenticate"
+VALIDATE = "/aivo.auth.v1.AuthService/ValidateToken"
+
+EXPECTED = {
+    # family name as exposed: (type, label names)
+    "grpc_requests": ("counter", {"side", "service", "method", "status"}),
+    "grpc_request_duration_seconds": ("histogram", {"side", "service", "method"}),
+    "grpc_retries": ("counter", {"service", "method"}),
+    "retry_budget_exhausted": ("counter", {"service"}),
+    "grpc_local_rejections": ("counter", {"service", "reason"}),
+    "circuit_breaker_state": ("gauge", {"service"}),
+    "circuit_breaker_failures": ("counter", {"service"}),
+    "outlier_ejections": ("counter", {"service"}),
+    "outlier_ejected_endpoints": ("gauge", {"service"}),
+    "mtls_certificate_expiry_seconds": ("gauge", {"service"}),
+}
+
+
+@dataclass
+class FakeIdentity:
+    left: float
+
+    def seconds_left(self) -> float:
+        return self.left
+
+
+def value(metrics: MeshMetrics, name: str, **labels: str) -> float | None:
+    return metrics.registry.get_sample_value(name, labels)
+
+
+def exercise_every_family(metrics: MeshMetrics) -> None:
+    listener = MetricsListener(metrics)
+    listener.call_started("auth-svc", LOGIN)
+    listener.call_finished("auth-svc", LOGIN, "OK", 0.012, 1, False)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.3, 3, False)
+    listener.retry("auth-svc", LOGIN, 2, "UNAVAILABLE", 0.05)
+    listener.retry_budget_exhausted("auth-svc", LOGIN)
+    listener.breaker_failure("auth-svc", "UNAVAILABLE")
+    listener.breaker_state("auth-svc", "closed", "open")
+    listener.breaker_rejected("auth-svc", LOGIN)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0001, 1, True)
+    listener.limit_rejected("auth-svc", VALIDATE, "max_requests")
+    listener.endpoint_ejected("auth-svc", "10.1.2.3:50061", 30.0)
+    metrics.set_certificate_expiry("learner-svc", FakeIdentity(86_400.5))
+    ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, "spiffe://x/api", (),
+                                                           monotonic() - 0.02), "OK", None)
+
+
+def test_families_names_types_labels_and_help() -> None:
+    metrics = MeshMetrics()
+    exercise_every_family(metrics)
+    families = {f.name: f for f in text_string_to_metric_families(metrics.render().decode())}
+    assert set(families) == set(EXPECTED)
+    for name, (kind, labels) in EXPECTED.items():
+        fam = families[name]
+        assert fam.type == kind, name
+        assert fam.documentation, f"{name} has no HELP"
+        sample_labels = {k for s in fam.samples for k in s.labels if k != "le"}
+        assert sample_labels == labels, name
+    assert "0=closed, 1=half_open, 2=open" in families["circuit_breaker_state"].documentation
+    help_cert = families["mtls_certificate_expiry_seconds"].documentation
+    assert "notAfter" in help_cert
+    assert "negative once expired" in help_cert
+
+
+def test_exposition_uses_documented_names_and_buckets() -> None:
+    metrics = MeshMetrics()
+    exercise_every_family(metrics)
+    text = metrics.render().decode()
+    for line in ("# TYPE grpc_requests_total counter", "# TYPE grpc_request_duration_seconds histogram",
+                 "# TYPE circuit_breaker_state gauge", "# TYPE circuit_breaker_failures_total counter",
+                 "# TYPE mtls_certificate_expiry_seconds gauge", "# TYPE grpc_retries_total counter",
+                 "# TYPE retry_budget_exhausted_total counter", "# TYPE grpc_local_rejections_total counter",
+                 "# TYPE outlier_ejections_total counter", "# TYPE outlier_ejected_endpoints gauge"):
+        assert line in text
+    assert "_created" not in text
+    assert DURATION_BUCKETS[0] == 0.005
+    assert DURATION_BUCKETS[-1] == 10.0
+    assert 'le="0.005"' in text
+    assert 'le="10.0"' in text
+    assert 'le="+Inf"' in text
+    # labels come from the proto path only: the ejected endpoint's address is nowhere
+    assert "10.1.2.3" not in text
+
+
+def test_client_calls_status_names_and_local_rejections() -> None:
+    metrics = MeshMetrics()
+    exercise_every_family(metrics)
+    base = {"side": "client", "service": "auth-svc", "method": LOGIN}
+    assert value(metrics, "grpc_requests_total", **base, status="OK") == 1
+    assert value(metrics, "grpc_requests_total", **base, status="UNAVAILABLE") == 1
+    # the breaker's local UNAVAILABLE is not a server error
+    assert value(metrics, "grpc_requests_total", **base, status="CIRCUIT_OPEN") == 1
+    assert value(metrics, "grpc_request_duration_seconds_count", **base) == 3
+    assert value(metrics, "grpc_retries_total", service="auth-svc", method=LOGIN) == 1
+    assert value(metrics, "retry_budget_exhausted_total", service="auth-svc") == 1
+    for reason in ("retry_budget", "circuit_open", "max_requests"):
+        assert value(metrics, "grpc_local_rejections_total", service="auth-svc", reason=reason) == 1
+    assert value(metrics, "circuit_breaker_state", service="auth-svc") == 2
+    assert value(metrics, "circuit_breaker_failures_total", service="auth-svc") == 1
+
+
+def test_local_status_values() -> None:
+    assert local_status("a", LOGIN, "UNAVAILABLE", False) == "UNAVAILABLE"
+    assert local_status("a", LOGIN, "DEADLINE_EXCEEDED", True) == "LOCAL_DEADLINE_EXCEEDED"
+    assert local_status("a", LOGIN, "not a code", False) == "UNKNOWN"
+    metrics = MeshMetrics()
+    listener = MetricsListener(metrics)
+    listener.call_started("a", LOGIN)
+    listener.limit_rejected("a", LOGIN, "max_pending_requests")
+    listener.call_finished("a", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, True)
+    assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
+                 status="LOCAL_RESOURCE_EXHAUSTED") == 1
+    assert value(metrics, "grpc_local_rejections_total", service="a", reason="max_pending_requests") == 1
+    # a new call forgets the previous call's rejection
+    listener.call_started("a", LOGIN)
+    listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
+    assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
+                 status="LOCAL_DEADLINE_EXCEEDED") == 1
+    listener.limit_rejected("a", LOGIN, "something else")
+    assert value(metrics, "grpc_local_rejections_total", service="a", reason="other") == 1
+
+
+async def test_local_rejection_does_not_leak_across_tasks() -> None:
+    metrics = MeshMetrics()
+    listener = MetricsListener(metrics)
+
+    async def rejected() -> None:
+        listener.call_started("a", LOGIN)
+        listener.breaker_rejected("a", LOGIN)
+        await asyncio.sleep(0)
+        listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.0, 1, True)
+
+    async def timed_out() -> None:
+        listener.call_started("a", LOGIN)
+        await asyncio.sleep(0)
+        listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
+
+    await asyncio.gather(rejected(), timed_out())
+    labels = {"side": "client", "service": "a", "method": LOGIN}
+    assert value(metrics, "grpc_requests_total", **labels, status="CIRCUIT_OPEN") == 1
+    assert value(metrics, "grpc_requests_total", **labels, status="LOCAL_DEADLINE_EXCEEDED") == 1
+
+
+def test_breaker_gauge_values_and_ejections() -> None:
+    metrics = MeshMetrics()
+    listener = MetricsListener(metrics)
+    metrics.declare_target("learner-svc")
+    assert value(metrics, "circuit_breaker_state", service="learner-svc") == 0
+    assert value(metrics, "outlier_ejected_endpoints", service="learner-svc") == 0
+    for new, expected in (("open", 2), ("half_open", 1), ("closed", 0), ("OPEN", 2), ("bogus", 2)):
+        listener.breaker_state("learner-svc", "x", new)
+        assert value(metrics, "circuit_breaker_state", service="learner-svc") == expected
+    listener.endpoint_ejected("learner-svc", "10.0.0.1:1", 30.0)
+    listener.endpoint_ejected("learner-svc", "10.0.0.1:1", 60.0)  # re-ejected: counted, not doubled
+    listener.endpoint_ejected("learner-svc", "10.0.0.2:1", 30.0)
+    assert value(metrics, "outlier_ejections_total", service="learner-svc") == 3
+    assert value(metrics, "outlier_ejected_endpoints", service="learner-svc") == 2
+    listener.endpoint_restored("learner-svc", "10.0.0.1:1")
+    listener.endpoint_restored("learner-svc", "10.0.0.9:1")  # unknown: harmless
+    assert value(metrics, "outlier_ejected_endpoints", service="learner-svc") == 1
+
+
+def test_certificate_expiry_is_computed_at_scrape_time() -> None:
+    metrics = MeshMetrics()
+    ident = FakeIdentity(100.0)
+    metrics.set_certificate_expiry("auth-svc", ident)
+    assert value(metrics, "mtls_certificate_expiry_seconds", service="auth-svc") == 100.0
+    ident.left = -5.0  # expired: negative, as HELP says
+    assert value(metrics, "mtls_certificate_expiry_seconds", service="auth-svc") == -5.0
+    metrics.set_certificate_expiry("auth-svc", 42)  # a plain number works too
+    assert value(metrics, "mtls_certificate_expiry_seconds", service="auth-svc") == 42.0
+
+
+def test_labels_are_bounded() -> None:
+    assert method_label(LOGIN) == LOGIN
+    assert method_label(b"/aivo.auth.v1.AuthService/Authenticate") == LOGIN
+    assert method_label("aivo.auth.v1.AuthService/Authenticate") == LOGIN
+    for bad in ("", "/", "10.0.0.1:443", "/a/b/c", "/pkg.Svc/Method?x=1", "/pkg.Svc/Me thod"):
+        assert method_label(bad) == "unknown", bad
+    metrics = MeshMetrics()
+    metrics.observe_call("client", "10.0.0.1:443", "http://10.0.0.1/x", "OK", 0.1)
+    text = metrics.render().decode()
+    assert "10.0.0.1" not in text
+    assert 'service="unknown"' in text
+    assert 'method="unknown"' in text
+    with pytest.raises(ValueError, match="side"):
+        metrics.observe_call("proxy", "a", LOGIN, "OK", 0.1)
+
+
+def test_own_registry_per_instance() -> None:
+    a, b = MeshMetrics(), MeshMetrics()
+    a.observe_call("server", "auth-svc", LOGIN, "OK", 0.1)
+    assert value(a, "grpc_requests_total", side="server", service="auth-svc", method=LOGIN, status="OK") == 1
+    assert value(b, "grpc_requests_total", side="server", service="auth-svc", method=LOGIN, status="OK") is None
+
+
+def test_listener_behind_fan_out() -> None:
+    # policy.events.Listeners calls each listener in turn: every one must see the rejection
+    metrics = MeshMetrics()
+    fan = [MetricsListener(MeshMetrics()), MetricsListener(metrics)]
+    for listener in fan:
+        listener.call_started("a", LOGIN)
+    for listener in fan:
+        listener.breaker_rejected("a", LOGIN)
+    for listener in fan:
+        listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.001, 1, True)
+    assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
+                 status="CIRCUIT_OPEN") == 1
+
+
+def test_samples_flatten_counters_gauges_and_histogram_totals() -> None:
+    metrics = MeshMetrics()
+    exercise_every_family(metrics)
+    names = {name for name, _, _ in metrics.samples()}
+    assert "grpc_requests_total" in names
+    assert "circuit_breaker_state" in names
+    assert "grpc_request_duration_seconds_count" in names
+    assert "grpc_request_duration_seconds_sum" in names
+    assert not any(n.endswith("_bucket") or n.endswith("_created") for n in names)
+
+
+class Auth(auth_pb2_grpc.AuthServiceServicer):
+    async def ValidateToken(self, request: auth_pb2.ValidateTokenRequest,
+                            context: grpc.aio.ServicerContext) -> auth_pb2.ValidateTokenResponse:
+        if request.token != "good":
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
+        return auth_pb2.ValidateTokenResponse(valid=True, subject="Ada")
+
+
+async def test_server_observer_behind_a_real_grpc_server() -> None:
+    metrics = MeshMetrics()
+    guard = MeshServerInterceptor(None, service="auth-svc", require_tls=False,
+                                  observers=[ServerMetricsObserver(metrics)])
+    server = grpc.aio.server(interceptors=[guard])
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(Auth(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="good"))).valid
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="bad"))
+    finally:
+        await server.stop(None)
+    base = {"side": "server", "service": "auth-svc", "method": VALIDATE}
+    assert value(metrics, "grpc_requests_total", **base, status="OK") == 1
+    assert value(metrics, "grpc_requests_total", **base, status="UNAUTHENTICATED") == 1
+    assert value(metrics, "grpc_request_duration_seconds_count", **base) == 2
+    assert "127.0.0.1" not in metrics.render().decode()
+
+
+PROMTOOL = shutil.which("promtool")
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)")
+def test_promtool_check_metrics_accepts_every_family() -> None:
+    assert PROMTOOL is not None
+    metrics = MeshMetrics()
+    exercise_every_family(metrics)
+    metrics.declare_target("learner-svc")
+    body = metrics.render()
+    for name in EXPECTED:
+        assert f"# TYPE {name}".encode() in body
+    done = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=30,
+                          check=False)
+    assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
+    assert not done.stdout.strip(), "promtool lint warnings"
+    assert not done.stderr.strip(), "promtool lint warnings"
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)")
+def test_promtool_really_checks() -> None:
+    assert PROMTOOL is not None
+    bad = b"# HELP x_total A counter.\n# TYPE x_total counter\nx_total{a=\"1\" 1\n"
+    done = subprocess.run([PROMTOOL, "check", "metrics"], input=bad, capture_output=True, timeout=30, check=False)
+    assert done.returncode != 0
