@@ -15,6 +15,8 @@ from typing import Any
 
 import dns.rcode
 import pytest
+from fakes.consul_agent import FakeConsulAgent, RequestRecord
+from fakes.dns_server import FakeDnsServer
 
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.discovery import (
@@ -40,8 +42,6 @@ from aivo_mesh.discovery import (
 )
 from aivo_mesh.discovery._util import TokenBucket, backoff_delay
 from aivo_mesh.discovery.consul_register import go_duration
-from fakes.consul_agent import FakeConsulAgent, RequestRecord
-from fakes.dns_server import FakeDnsServer
 
 BOUND = 3.0  # upper bound of every condition wait; the happy path takes milliseconds
 
@@ -110,7 +110,9 @@ def test_endpoint_is_frozen_and_hashable_with_read_only_metadata() -> None:
 def test_snapshot_version_is_a_hash_of_canonical_content() -> None:
     a, b = Endpoint("10.0.0.5", 1, metadata={"x": "1"}), Endpoint("10.0.0.6", 1)
     s1, s2 = Snapshot.of([a, b]), Snapshot.of([b, a, a])
-    assert s1 == s2 and s1.version == s2.version and len(s1) == 2
+    assert s1 == s2
+    assert s1.version == s2.version
+    assert len(s1) == 2
     assert s1.endpoints == (a, b)
     assert Snapshot.of([a]).version != s1.version
     assert Snapshot.of([Endpoint("10.0.0.5", 1), b]).version != s1.version  # metadata counts
@@ -165,7 +167,8 @@ async def test_newer_than_waits_for_a_real_change() -> None:
     assert not waiter.done()
     store.publish("auth", [Endpoint("a", 1), Endpoint("b", 1)])
     newer = await asyncio.wait_for(waiter, BOUND)
-    assert newer.version != current.version and newer is store.get("auth")
+    assert newer.version != current.version
+    assert newer is store.get("auth")
 
 
 async def test_newer_than_times_out_and_waits_for_a_first_snapshot() -> None:
@@ -207,10 +210,12 @@ def test_backoff_grows_exponentially_with_equal_jitter_and_a_cap() -> None:
 def test_token_bucket_allows_a_burst_then_paces() -> None:
     now = [0.0]
     bucket = TokenBucket(rate=2.0, burst=2, clock=lambda: now[0])
-    assert bucket.take() == 0.0 and bucket.take() == 0.0
+    assert bucket.take() == 0.0
+    assert bucket.take() == 0.0
     assert bucket.take() == pytest.approx(0.5)
     now[0] = 10.0  # long idle: refills only up to the burst
-    assert bucket.take() == 0.0 and bucket.take() == 0.0
+    assert bucket.take() == 0.0
+    assert bucket.take() == 0.0
     assert bucket.take() > 0
     with pytest.raises(ValueError, match="rate"):
         TokenBucket(rate=0)
@@ -244,8 +249,10 @@ async def test_static_endpoints_from_mesh_yaml(small_mesh: MeshSpec) -> None:
     async with discovery:
         await discovery.wait_ready(timeout=BOUND)
     auth, learner = discovery.snapshot("auth-svc"), discovery.snapshot("learner-svc")
-    assert auth is not None and auth.addresses == ("auth.test:50051",)
-    assert learner is not None and learner.addresses == ("10.0.0.1:50052", "[fd00::2]:50052")
+    assert auth is not None
+    assert auth.addresses == ("auth.test:50051",)
+    assert learner is not None
+    assert learner.addresses == ("10.0.0.1:50052", "[fd00::2]:50052")
     assert not discovery.running  # static sources publish once and finish
 
 
@@ -282,7 +289,8 @@ def test_dns_target_parsing() -> None:
     assert DnsTarget.parse("auth.test", 7) == DnsTarget("auth.test", 7, False)
     assert DnsTarget.parse("[fd00::1]:9") == DnsTarget("fd00::1", 9, False)
     assert DnsTarget.parse("_grpc._tcp.auth.test") == DnsTarget("_grpc._tcp.auth.test", None, True)
-    assert DnsTarget.parse("10.0.0.1:1").literal and not DnsTarget.parse("a.test:1").literal
+    assert DnsTarget.parse("10.0.0.1:1").literal
+    assert not DnsTarget.parse("a.test:1").literal
     with pytest.raises(ValueError, match="host:port"):
         DnsTarget.parse("auth.test")
 
@@ -296,7 +304,8 @@ async def test_dns_a_and_aaaa(dns_server: FakeDnsServer) -> None:
     # Only A records: the missing AAAA (NODATA) is not an error.
     dns_server.delete("auth.test.", "AAAA")
     endpoints, ttl = await _dns(dns_server, "auth.test", default_port=9).resolve()
-    assert sorted(e.address for e in endpoints) == ["10.0.0.5:9", "10.0.0.6:9"] and ttl == 42
+    assert sorted(e.address for e in endpoints) == ["10.0.0.5:9", "10.0.0.6:9"]
+    assert ttl == 42
 
 
 async def test_dns_srv_uses_glue_lowest_priority_and_weights(dns_server: FakeDnsServer) -> None:
@@ -367,7 +376,8 @@ async def test_dns_errors_keep_the_last_good_snapshot(dns_server: FakeDnsServer)
         dns_server.delete("auth.test.")
         n = len(dns_server.queries)
         assert await asyncio.to_thread(dns_server.wait_for_queries, n + 2, BOUND)
-        assert store.get("auth-svc") is good and published == [good.version]
+        assert store.get("auth-svc") is good
+        assert published == [good.version]
         # Recovery: the next good answer is published.
         dns_server.set("auth.test.", "A", ["10.0.0.8"], ttl=0)
         recovered = await store.newer_than("auth-svc", good.version, timeout=BOUND)
@@ -380,7 +390,8 @@ async def test_dns_ip_literal_needs_no_lookup(dns_server: FakeDnsServer) -> None
     store = SnapshotStore()
     await asyncio.wait_for(_dns(dns_server, "[::1]:50051").watch("svc", store), BOUND)  # returns
     snap = store.get("svc")
-    assert snap is not None and snap.addresses == ("[::1]:50051",)
+    assert snap is not None
+    assert snap.addresses == ("[::1]:50051",)
     assert dns_server.queries == []
 
 
@@ -426,10 +437,12 @@ async def test_discovery_restarts_a_crashing_source() -> None:
     await discovery.start()
     try:
         await discovery.wait_ready(timeout=BOUND)
-        assert Flaky.calls == 2 and discovery.running
+        assert Flaky.calls == 2
+        assert discovery.running
     finally:
         await discovery.stop()
-    assert not discovery.running and discovery.snapshot("auth") is not None  # the store keeps the last
+    assert not discovery.running
+    assert discovery.snapshot("auth") is not None
 
 
 # ==================================================================================================
@@ -462,15 +475,18 @@ def test_agent_service_definition_options_and_validation(small_mesh: MeshSpec) -
     d = agent_service_definition(small_mesh, small_mesh.service("learner-svc"), "fd00::2", 50052,
                                  check_interval="500ms", check_timeout=0.25, deregister_critical_after="90m",
                                  tls_server_name="learner.mesh.local")
-    assert d["ID"] == "learner-svc-fd00-2-50052" and d["Address"] == "fd00::2"
+    assert d["ID"] == "learner-svc-fd00-2-50052"
+    assert d["Address"] == "fd00::2"
     assert d["Check"]["GRPC"] == "[fd00::2]:50052/aivo.learner.v1.LearnerService"
     assert d["Check"]["TLSServerName"] == "learner.mesh.local"
     assert (d["Check"]["Interval"], d["Check"]["Timeout"]) == ("500ms", "250ms")
     assert d["Check"]["DeregisterCriticalServiceAfter"] == "90m"
-    assert d["Meta"] == {"version": "1.0.0"} and d["Tags"] == []
+    assert d["Meta"] == {"version": "1.0.0"}
+    assert d["Tags"] == []
     plain = agent_service_definition(small_mesh, "auth-svc", "127.0.0.1", 50051, use_tls=False)
     assert plain["Check"]["GRPCUseTLS"] is False
-    assert "TLSServerName" not in plain["Check"] and "TLSSkipVerify" not in plain["Check"]
+    assert "TLSServerName" not in plain["Check"]
+    assert "TLSSkipVerify" not in plain["Check"]
 
     with pytest.raises(ValueError, match="at least 1m"):
         agent_service_definition(small_mesh, "auth-svc", "10.0.0.5", 50051, deregister_critical_after="30s")
@@ -523,7 +539,7 @@ def _consul(agent: FakeConsulAgent, **kwargs: Any) -> ConsulDiscovery:
 @pytest.fixture
 async def watching(consul_agent: FakeConsulAgent) -> AsyncIterator[tuple[SnapshotStore, list[asyncio.Task[None]]]]:
     """A store and a list the test appends watch tasks to; the tasks are cancelled afterwards."""
-    store, tasks = SnapshotStore(), []
+    store, tasks = SnapshotStore(), list[asyncio.Task[None]]()
     yield store, tasks
     for t in tasks:
         t.cancel()
@@ -554,7 +570,8 @@ async def test_register_and_deregister_send_the_exact_definition(
     assert consul_agent.registrations[sid] == agent_service_definition(small_mesh, "auth-svc", "10.0.0.5", 50051)
     assert consul_agent.register_params[sid] == {"replace-existing-checks": ["true"]}
     listed = await reg.agent_services()
-    assert listed[sid]["Service"] == "auth-svc" and listed[sid]["Port"] == 50051
+    assert listed[sid]["Service"] == "auth-svc"
+    assert listed[sid]["Port"] == 50051
     assert reg.registered == [sid]
 
     assert await reg.deregister(sid) is True
@@ -567,7 +584,7 @@ async def test_register_and_deregister_send_the_exact_definition(
 async def test_registration_errors_raise_consul_error(consul_agent: FakeConsulAgent, small_mesh: MeshSpec) -> None:
     reg = ConsulRegistration(consul_agent.address)
     consul_agent.fail_next(1, status=500, path_prefix="/v1/agent/service/register")
-    with pytest.raises(ConsulError, match="register auth-svc-10.0.0.5-50051 failed"):
+    with pytest.raises(ConsulError, match=r"register auth-svc-10\.0\.0\.5-50051 failed"):
         await reg.register(small_mesh, "auth-svc", address="10.0.0.5", port=50051)
     closed = FakeConsulAgent().start()
     address = closed.address
@@ -618,7 +635,8 @@ async def test_watch_picks_up_newly_passing_and_removed_instances(
 
     # After the first read every query was a blocking one: index + wait, never an index below 1.
     health = _health_requests(consul_agent, "auth-svc")
-    assert health[0].param("index") is None and health[0].param("passing") == "1"
+    assert health[0].param("index") is None
+    assert health[0].param("passing") == "1"
     assert all(r.param("wait") == "1s" and int(r.param("index") or 0) >= 1 for r in health[1:])
 
 
@@ -725,4 +743,5 @@ async def test_build_discovery_consul_mode(consul_agent: FakeConsulAgent, small_
         assert before is not None
         await reg.deregister_all()
         after = await discovery.store.newer_than("auth-svc", before.version, timeout=BOUND)
-    assert after.endpoints == () and discovery.snapshot("auth-svc") is after
+    assert after.endpoints == ()
+    assert discovery.snapshot("auth-svc") is after

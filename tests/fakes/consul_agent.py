@@ -364,7 +364,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         fake = self.fake
         path, query = _split_path(self.path)
-        token = self.headers.get("X-Consul-Token") or (query.get("token") or [None])[0]
+        token: str | None = self.headers.get("X-Consul-Token") or next(iter(query.get("token", [])), None)
         record = RequestRecord(method, path, query, token)
         with fake._cond:  # logged on arrival (status 0 while held), so tests can see a parked query
             fake.requests.append(record)
@@ -387,7 +387,7 @@ class _Handler(BaseHTTPRequestHandler):
                 return failure.status, failure.body, None
         if fake.acl_token is not None and token != fake.acl_token:
             return 403, "Permission denied", None
-        dc = (query.get("dc") or [None])[0]
+        dc = next(iter(query.get("dc", [])), None)
         if dc is not None and dc != fake.datacenter:
             return 500, "No path to datacenter", None
         try:

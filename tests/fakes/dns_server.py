@@ -40,7 +40,7 @@ class FakeDnsServer:
     def __init__(self, host: str = "127.0.0.1", glue: bool = True) -> None:
         self.host = host
         self.glue = glue
-        self.rcode: int | None = None
+        self.rcode: dns.rcode.Rcode | None = None
         self.drop = False
         self.queries: list[tuple[str, str]] = []
         self._records: dict[tuple[str, str], tuple[int, list[str]]] = {}

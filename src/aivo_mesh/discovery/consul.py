@@ -52,7 +52,7 @@ class ConsulError(MeshError):
 # What a failed Consul call may raise: py-consul's exceptions (4xx/5xx/bad JSON/missing index),
 # requests' (connection refused, timeout), and our own parsing errors.
 CONSUL_ERRORS: tuple[type[BaseException], ...] = (
-    consul.ConsulException, requests.RequestException, ConsulError, ValueError, KeyError, TypeError, OSError,
+    consul.ConsulException, requests.RequestException, ConsulError, ValueError, OSError,
 )
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aivo_mesh.config.model import GRPC_STATUS_NAMES, CircuitBreakerSpec
 from aivo_mesh.policy.core import Reply
@@ -64,7 +64,7 @@ class Classifier:
     """
 
     table: Mapping[str, Outcome]
-    _unknown: Outcome = FAILURE
+    _unknown: Outcome = field(init=False, repr=False, default=FAILURE)  # the outcome of "UNKNOWN"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_unknown", self.table.get("UNKNOWN", FAILURE))

@@ -1,0 +1,294 @@
+"""breaker.py: CLOSED -> OPEN -> HALF_OPEN -> CLOSED on a fake clock; operator states; the layer."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from aivo_mesh.config.model import CircuitBreakerSpec
+from aivo_mesh.policy.breaker import (
+    CLOSED,
+    DISABLED,
+    FORCED_OPEN,
+    HALF_OPEN,
+    OPEN,
+    REJECTED,
+    STATE_GAUGE,
+    BreakerLayer,
+    BreakerParams,
+    CircuitBreaker,
+)
+from aivo_mesh.policy.classify import FAILURE, SUCCESS
+from aivo_mesh.policy.core import Call, Handler, Reply
+from aivo_mesh.policy.testing import FakeClock, RecordingListener
+
+SVC = "auth-svc"
+
+
+class Upstream:
+    def __init__(self, code: str = "UNAVAILABLE") -> None:
+        self.code = code
+        self.calls = 0
+        self.gate: asyncio.Event | None = None  # when set, calls wait for it
+
+    async def __call__(self, call: Call) -> Reply:
+        self.calls += 1
+        if self.gate is not None:
+            await self.gate.wait()
+        return Reply(self.code)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def listener() -> RecordingListener:
+    return RecordingListener()
+
+
+def make(clock: FakeClock, listener: RecordingListener, up: Upstream,
+         **params: object) -> tuple[CircuitBreaker, Handler]:
+    breaker = CircuitBreaker(SVC, BreakerParams(**params), clock=clock, listener=listener)  # type: ignore[arg-type]
+    return breaker, BreakerLayer(breaker, listener=listener).wrap(up)
+
+
+def c() -> Call:
+    return Call(SVC, "/aivo.auth.v1.AuthService/ValidateToken", None)
+
+
+async def test_opens_after_exactly_five_consecutive_failures(clock: FakeClock, listener: RecordingListener) -> None:
+    up = Upstream()
+    breaker, handler = make(clock, listener, up)
+    for _ in range(4):
+        assert not (await handler(c())).local
+    assert breaker.state == CLOSED
+    up.code = "OK"
+    await handler(c())  # a success resets the count
+    up.code = "UNAVAILABLE"
+    for _ in range(4):
+        await handler(c())
+    assert breaker.state == CLOSED
+    await handler(c())
+    assert breaker.state == OPEN
+    assert listener.named("breaker_state") == [(SVC, CLOSED, OPEN)]
+    assert len(listener.named("breaker_failure")) == 9
+
+
+async def test_open_fails_fast_without_calling_inner(clock: FakeClock, listener: RecordingListener) -> None:
+    up = Upstream()
+    breaker, handler = make(clock, listener, up)
+    for _ in range(5):
+        await handler(c())
+    calls = up.calls
+    reply = await handler(c())
+    assert up.calls == calls
+    assert reply.code == "UNAVAILABLE"
+    assert reply.local
+    assert "Circuit breaker OPEN" in reply.details
+    assert SVC in reply.details
+    assert listener.named("breaker_rejected") == [(SVC, "/aivo.auth.v1.AuthService/ValidateToken")]
+
+
+async def test_half_open_after_recovery_time_one_probe_then_closed(
+    clock: FakeClock, listener: RecordingListener
+) -> None:
+    up = Upstream()
+    breaker, handler = make(clock, listener, up)
+    for _ in range(5):
+        await handler(c())
+    clock.advance(59.9)
+    assert (await handler(c())).local
+    assert breaker.state == OPEN
+    clock.advance(0.1)
+    up.code, up.gate = "OK", asyncio.Event()
+    probe = asyncio.create_task(handler(c()))
+    await asyncio.sleep(0)
+    assert breaker.state == HALF_OPEN
+    calls = up.calls
+    second = await handler(c())  # only one probe at a time
+    assert second.local
+    assert "Circuit breaker OPEN" in second.details
+    assert up.calls == calls
+    up.gate.set()
+    assert (await probe).ok
+    assert breaker.state == CLOSED
+    assert [s[1:] for s in listener.named("breaker_state")] == [(CLOSED, OPEN), (OPEN, HALF_OPEN),
+                                                                (HALF_OPEN, CLOSED)]
+    assert (await handler(c())).ok
+
+
+async def test_probe_failure_reopens_for_another_recovery_time(clock: FakeClock, listener: RecordingListener) -> None:
+    up = Upstream()
+    breaker, handler = make(clock, listener, up)
+    for _ in range(5):
+        await handler(c())
+    clock.advance(60)
+    assert not (await handler(c())).local  # the probe went out and failed
+    assert breaker.state == OPEN
+    clock.advance(59.9)
+    assert (await handler(c())).local
+    clock.advance(0.1)
+    assert breaker.state == HALF_OPEN
+
+
+async def test_half_open_needs_all_probes_to_succeed(clock: FakeClock, listener: RecordingListener) -> None:
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=1, half_open_max_calls=3), clock=clock)
+    breaker.record(breaker.admit(), FAILURE)
+    clock.advance(60)
+    tickets = [breaker.admit() for _ in range(4)]
+    assert tickets[3] == REJECTED
+    for t in tickets[:2]:
+        breaker.record(t, SUCCESS)
+    assert breaker.state == HALF_OPEN
+    breaker.record(tickets[2], SUCCESS)
+    assert breaker.state == CLOSED
+
+
+async def test_cancellation_never_counts_and_frees_the_probe_slot(
+    clock: FakeClock, listener: RecordingListener
+) -> None:
+    up = Upstream()
+    up.gate = asyncio.Event()
+    breaker, handler = make(clock, listener, up)
+    for _ in range(7):
+        task = asyncio.create_task(handler(c()))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert breaker.state == CLOSED
+    assert listener.named("breaker_failure") == []
+    up.gate = None
+    for _ in range(5):
+        await handler(c())
+    clock.advance(60)
+    up.gate = asyncio.Event()
+    probe = asyncio.create_task(handler(c()))
+    await asyncio.sleep(0)
+    assert breaker.state == HALF_OPEN
+    probe.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await probe
+    assert breaker.state == HALF_OPEN
+    up.gate, up.code = None, "OK"
+    assert (await handler(c())).ok  # the slot was freed: a new probe went out
+    assert breaker.state == CLOSED
+
+
+async def test_ignored_outcomes_neither_count_nor_reset(clock: FakeClock, listener: RecordingListener) -> None:
+    up = Upstream()
+    breaker, handler = make(clock, listener, up)
+    for _ in range(4):
+        await handler(c())
+    up.code = "CANCELLED"
+    await handler(c())
+    assert breaker.state == CLOSED
+    up.code = "UNAVAILABLE"
+    await handler(c())
+    assert breaker.state == OPEN
+
+
+async def test_business_errors_are_successes_for_the_breaker(clock: FakeClock, listener: RecordingListener) -> None:
+    up = Upstream("NOT_FOUND")
+    breaker, handler = make(clock, listener, up)
+    for _ in range(20):
+        await handler(c())
+    assert breaker.state == CLOSED
+
+
+async def test_exceptions_from_the_terminal_count_as_failures(clock: FakeClock) -> None:
+    async def broken(call: Call) -> Reply:
+        raise RuntimeError("transport bug")
+
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=2), clock=clock)
+    handler = BreakerLayer(breaker).wrap(broken)
+    for _ in range(2):
+        with pytest.raises(RuntimeError):
+            await handler(c())
+    assert breaker.state == OPEN
+
+
+def test_failure_rate_mode(clock: FakeClock) -> None:
+    def breaker() -> CircuitBreaker:
+        return CircuitBreaker(SVC, BreakerParams(mode="failure_rate", failure_rate_threshold=50, window_size=10,
+                                                 minimum_calls=6, consecutive_failures=2), clock=clock)
+
+    def outcomes(b: CircuitBreaker, pattern: str) -> None:
+        for ch in pattern:
+            b.record(b.admit(), FAILURE if ch == "F" else SUCCESS)
+
+    b = breaker()
+    outcomes(b, "FFFFF")  # 100 %, but fewer than minimum_calls (and consecutive_failures is not used)
+    assert b.state == CLOSED
+    outcomes(b, "F")
+    assert b.state == OPEN
+
+    b = breaker()
+    outcomes(b, "SSSSSSSSSS" "FFFF")  # the window is the last 10 calls: 4 failures = 40 %
+    assert b.state == CLOSED
+    outcomes(b, "F")  # 5 of the last 10 = 50 %
+    assert b.state == OPEN
+
+
+def test_failure_rate_minimum_clamped_to_the_window(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(SVC, BreakerParams(mode="failure_rate", window_size=4, minimum_calls=100), clock=clock)
+    for _ in range(4):
+        breaker.record(breaker.admit(), FAILURE)
+    assert breaker.state == OPEN
+
+
+def test_stale_outcomes_are_dropped(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=1), clock=clock)
+    slow = breaker.admit()  # admitted while CLOSED
+    breaker.record(breaker.admit(), FAILURE)
+    clock.advance(60)
+    probe = breaker.admit()
+    assert breaker.state == HALF_OPEN
+    breaker.record(slow, SUCCESS)  # must not count as the probe's success
+    assert breaker.state == HALF_OPEN
+    breaker.record(probe, SUCCESS)
+    assert breaker.state == CLOSED
+
+
+async def test_operator_states_and_reset(clock: FakeClock, listener: RecordingListener) -> None:
+    up = Upstream()
+    breaker, handler = make(clock, listener, up)
+    breaker.force_open()
+    assert breaker.state == FORCED_OPEN
+    reply = await handler(c())
+    assert "Circuit breaker OPEN" in reply.details
+    assert up.calls == 0
+    clock.advance(3600)
+    assert breaker.state == FORCED_OPEN  # no recovery from an operator's decision
+    breaker.disable()
+    for _ in range(10):
+        assert not (await handler(c())).local
+    assert breaker.state == DISABLED
+    breaker.reset()
+    assert breaker.state == CLOSED
+    for _ in range(5):
+        await handler(c())
+    assert breaker.state == OPEN
+    breaker.reset()
+    assert breaker.state == CLOSED
+    assert not (await handler(c())).local
+
+
+def test_gauge_values(clock: FakeClock) -> None:
+    assert (STATE_GAUGE[CLOSED], STATE_GAUGE[HALF_OPEN], STATE_GAUGE[OPEN]) == (0, 1, 2)
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=1), clock=clock)
+    assert breaker.gauge == 0
+    breaker.record(breaker.admit(), FAILURE)
+    assert breaker.gauge == 2
+    clock.advance(60)
+    assert breaker.gauge == 1
+
+
+def test_params_from_spec() -> None:
+    p = BreakerParams.from_spec(CircuitBreakerSpec(consecutive_failures=3, recovery_time=10, half_open_max_calls=2))
+    assert (p.consecutive_failures, p.recovery_time, p.half_open_max_calls) == (3, 10, 2)
+    with pytest.raises(ValueError, match="recovery_time"):
+        BreakerParams(recovery_time=0)

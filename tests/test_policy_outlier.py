@@ -1,0 +1,208 @@
+"""outlier.py + balancer.py: per-endpoint ejection, round robin over eligible endpoints, panic mode."""
+
+from __future__ import annotations
+
+import pytest
+
+from aivo_mesh.config.model import OutlierDetectionSpec
+from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+from aivo_mesh.policy.classify import FAILURE, IGNORED, SUCCESS
+from aivo_mesh.policy.core import Call, Reply
+from aivo_mesh.policy.outlier import EndpointState, OutlierRule
+from aivo_mesh.policy.testing import FakeClock, RecordingListener
+
+SVC = "learner-svc"
+A, B, C, D = "10.0.0.1:1", "10.0.0.2:1", "10.0.0.3:1", "10.0.0.4:1"
+
+
+def balancer(clock: FakeClock, endpoints: list[str], listener: RecordingListener | None = None,
+             **rule: float) -> Balancer:
+    return Balancer(SVC, endpoints, rule=OutlierRule(**rule), clock=clock,  # type: ignore[arg-type]
+                    listener=listener or RecordingListener())
+
+
+def picks(b: Balancer, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        ep = b.pick()
+        assert ep is not None
+        out.append(ep.address)
+    return out
+
+
+def fail(b: Balancer, address: str, times: int = 5) -> None:
+    ep = b.state(address)
+    assert ep is not None
+    for _ in range(times):
+        b.record(ep, FAILURE)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def test_round_robin(clock: FakeClock) -> None:
+    assert picks(balancer(clock, [A, B, C]), 6) == [A, B, C, A, B, C]
+
+
+def test_ejected_endpoint_gets_no_picks_while_its_peer_serves(clock: FakeClock) -> None:
+    listener = RecordingListener()
+    b = balancer(clock, [A, B], listener)
+    fail(b, A, 4)
+    assert picks(b, 2) == [A, B]
+    fail(b, A, 1)
+    assert listener.named("endpoint_ejected") == [(SVC, A, 60.0)]
+    assert picks(b, 10) == [B] * 10
+
+
+def test_success_resets_consecutive_failures_and_ignored_does_not_count(clock: FakeClock) -> None:
+    b = balancer(clock, [A, B])
+    ep = b.state(A)
+    assert ep is not None
+    fail(b, A, 4)
+    b.record(ep, SUCCESS)
+    fail(b, A, 4)
+    for _ in range(10):
+        b.record(ep, IGNORED)
+    assert ep.consecutive_failures == 4
+    assert not ep.ejected
+
+
+@pytest.mark.parametrize(
+    ("endpoints", "percent", "max_ejected"),
+    [([A, B], 50.0, 1), ([A, B], 10.0, 0), ([A, B, C, D], 50.0, 2), ([A, B, C], 100.0, 3), ([A, B, C], 34.0, 1)],
+)
+def test_max_ejection_percent(clock: FakeClock, endpoints: list[str], percent: float, max_ejected: int) -> None:
+    b = balancer(clock, endpoints, max_ejection_percent=percent)
+    assert b.detector.rule is not None
+    assert b.detector.rule.max_ejected(len(endpoints)) == max_ejected
+    for address in endpoints:
+        fail(b, address)
+    assert sum(1 for s in b.snapshot() if s["ejected"]) == max_ejected
+
+
+def test_uneject_after_the_ejection_time(clock: FakeClock) -> None:
+    listener = RecordingListener()
+    b = balancer(clock, [A, B], listener, base_ejection_time=30.0, max_ejection_time=300.0)
+    fail(b, A)
+    clock.advance(29.9)
+    assert A not in picks(b, 4)
+    clock.advance(0.1)
+    assert sorted(picks(b, 2)) == [A, B]
+    assert listener.named("endpoint_restored") == [(SVC, A)]
+
+
+def test_ejection_time_grows_and_is_capped_and_forgiven(clock: FakeClock) -> None:
+    listener = RecordingListener()
+    b = balancer(clock, [A, B, C], listener, base_ejection_time=10.0, max_ejection_time=25.0, interval=10.0)
+    for _ in range(3):
+        fail(b, A)
+        ep = b.state(A)
+        assert ep is not None and ep.ejected_until is not None
+        clock.advance(ep.ejected_until - clock())
+        b.pick()
+    assert [e[2] for e in listener.named("endpoint_ejected")] == [10.0, 20.0, 25.0]
+    ep = b.state(A)
+    assert ep is not None and ep.times_ejected == 3
+    clock.advance(25.0)  # two intervals back in rotation forgive two ejections
+    fail(b, A)
+    assert listener.named("endpoint_ejected")[-1][2] == 20.0
+
+
+def test_rule_from_spec_and_validation() -> None:
+    rule = OutlierRule.from_spec(OutlierDetectionSpec(base_ejection_time=30, max_ejection_time=10))
+    assert rule.ejection_time(1) == 30.0  # the cap is never below the base (Envoy)
+    assert rule.ejection_time(5) == 30.0
+    with pytest.raises(ValueError, match="max_ejection_percent"):
+        OutlierRule(max_ejection_percent=150)
+
+
+def test_health_checks_and_panic_mode(clock: FakeClock) -> None:
+    b = balancer(clock, [A, B, C])
+    assert b.set_health(B, False)
+    assert not b.set_health("unknown:1", False)
+    assert picks(b, 4) == [A, C, A, C]
+    b.set_health(A, False)
+    b.set_health(C, False)
+    assert sorted(set(picks(b, 6))) == [A, B, C]  # nothing eligible: all endpoints (panic)
+    b.set_health(B, True)
+    assert picks(b, 3) == [B, B, B]
+
+
+def test_update_keeps_the_state_of_remaining_endpoints(clock: FakeClock) -> None:
+    b = balancer(clock, [A, B, C], max_ejection_percent=50.0)
+    fail(b, A)
+    b.set_health(C, False)
+    ep_b = b.state(B)
+    assert ep_b is not None
+    fail(b, B, 2)
+    b.update([A, B, D, D])
+    assert b.endpoints == [A, B, D]
+    a, b_state = b.state(A), b.state(B)
+    assert a is not None and a.ejected
+    assert b_state is ep_b and b_state.consecutive_failures == 2
+    assert b.state(C) is None
+    assert set(picks(b, 4)) == {B, D}
+    b.update([A, B, C])  # C returns as a new endpoint, healthy
+    c = b.state(C)
+    assert c is not None and c.healthy
+
+
+def test_outcomes_for_a_removed_endpoint_are_ignored(clock: FakeClock) -> None:
+    b = balancer(clock, [A, B])
+    ep = b.pick()
+    assert ep is not None and ep.address == A
+    b.update([B])
+    for _ in range(10):
+        b.record(ep, FAILURE)
+    assert not ep.ejected
+    assert b.detector.ejected == 0
+
+
+def test_snapshot(clock: FakeClock) -> None:
+    b = balancer(clock, [A, B])
+    fail(b, A)
+    snap = b.snapshot()
+    assert snap[0] == {"endpoint": A, "healthy": True, "ejected": True, "ejected_until": clock() + 60.0,
+                       "consecutive_failures": 0, "times_ejected": 1}
+    assert set(snap[1]) == {"endpoint", "healthy", "ejected", "ejected_until", "consecutive_failures",
+                            "times_ejected"}
+
+
+def test_no_endpoints(clock: FakeClock) -> None:
+    assert balancer(clock, []).pick() is None
+
+
+async def test_layer_picks_per_attempt_and_feeds_outlier_detection(clock: FakeClock) -> None:
+    b = balancer(clock, [A, B])
+    seen: list[str | None] = []
+
+    async def upstream(call: Call) -> Reply:
+        seen.append(call.endpoint)
+        return Reply("UNAVAILABLE" if call.endpoint == A else "OK")
+
+    handler = BalancerLayer(b).wrap(upstream)
+    for _ in range(10):
+        await handler(Call(SVC, "/m", None))
+    assert seen == [A, B] * 5
+    a = b.state(A)
+    assert a is not None and a.ejected
+    for _ in range(4):
+        await handler(Call(SVC, "/m", None))
+    assert seen[10:] == [B] * 4
+
+
+async def test_layer_without_endpoints_replies_locally(clock: FakeClock) -> None:
+    async def upstream(call: Call) -> Reply:
+        raise AssertionError("not called")
+
+    reply = await BalancerLayer(balancer(clock, [])).wrap(upstream)(Call(SVC, "/m", None))
+    assert (reply.code, reply.local) == ("UNAVAILABLE", True)
+
+
+def test_endpoint_state_dict() -> None:
+    ep = EndpointState(A)
+    assert ep.eligible
+    ep.healthy = False
+    assert not ep.eligible
