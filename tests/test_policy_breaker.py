@@ -79,7 +79,7 @@ async def test_opens_after_exactly_five_consecutive_failures(clock: FakeClock, l
 
 async def test_open_fails_fast_without_calling_inner(clock: FakeClock, listener: RecordingListener) -> None:
     up = Upstream()
-    breaker, handler = make(clock, listener, up)
+    _breaker, handler = make(clock, listener, up)
     for _ in range(5):
         await handler(c())
     calls = up.calls
@@ -104,7 +104,7 @@ async def test_half_open_after_recovery_time_one_probe_then_closed(
     assert breaker.state == OPEN
     clock.advance(0.1)
     up.code, up.gate = "OK", asyncio.Event()
-    probe = asyncio.create_task(handler(c()))
+    probe = asyncio.ensure_future(handler(c()))
     await asyncio.sleep(0)
     assert breaker.state == HALF_OPEN
     calls = up.calls
@@ -154,7 +154,7 @@ async def test_cancellation_never_counts_and_frees_the_probe_slot(
     up.gate = asyncio.Event()
     breaker, handler = make(clock, listener, up)
     for _ in range(7):
-        task = asyncio.create_task(handler(c()))
+        task = asyncio.ensure_future(handler(c()))
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -166,7 +166,7 @@ async def test_cancellation_never_counts_and_frees_the_probe_slot(
         await handler(c())
     clock.advance(60)
     up.gate = asyncio.Event()
-    probe = asyncio.create_task(handler(c()))
+    probe = asyncio.ensure_future(handler(c()))
     await asyncio.sleep(0)
     assert breaker.state == HALF_OPEN
     probe.cancel()

@@ -46,7 +46,7 @@ async def settle() -> None:
 
 async def test_max_requests_pending_queue_and_overflow() -> None:
     limit, handler, up, listener, _ = setup(max_requests=2, max_pending=1)
-    tasks = [asyncio.create_task(handler(Call(SVC, METHOD, name))) for name in ("a", "b", "c")]
+    tasks = [asyncio.ensure_future(handler(Call(SVC, METHOD, name))) for name in ("a", "b", "c")]
     await settle()
     assert up.started == ["a", "b"]
     assert (limit.active, limit.pending) == (2, 1)
@@ -65,7 +65,7 @@ async def test_max_requests_pending_queue_and_overflow() -> None:
 
 async def test_waiters_are_served_in_fifo_order_and_newcomers_queue_behind() -> None:
     limit, handler, up, _, _ = setup(max_requests=1, max_pending=3)
-    tasks = [asyncio.create_task(handler(Call(SVC, METHOD, name))) for name in ("a", "b", "c", "d")]
+    tasks = [asyncio.ensure_future(handler(Call(SVC, METHOD, name))) for name in ("a", "b", "c", "d")]
     await settle()
     for name in ("a", "b", "c", "d"):
         up.release(name)
@@ -76,8 +76,8 @@ async def test_waiters_are_served_in_fifo_order_and_newcomers_queue_behind() -> 
 
 
 async def test_no_queue_rejects_at_once() -> None:
-    limit, handler, up, _, _ = setup(max_requests=1, max_pending=0)
-    first = asyncio.create_task(handler(Call(SVC, METHOD, "a")))
+    _limit, handler, up, _, _ = setup(max_requests=1, max_pending=0)
+    first = asyncio.ensure_future(handler(Call(SVC, METHOD, "a")))
     await settle()
     reply = await handler(Call(SVC, METHOD, "b"))
     assert reply.code == "RESOURCE_EXHAUSTED"
@@ -87,7 +87,7 @@ async def test_no_queue_rejects_at_once() -> None:
 
 async def test_waiting_respects_the_deadline() -> None:
     limit, handler, up, listener, clock = setup(max_requests=1, max_pending=5)
-    first = asyncio.create_task(handler(Call(SVC, METHOD, "a")))
+    first = asyncio.ensure_future(handler(Call(SVC, METHOD, "a")))
     await settle()
     passed = await handler(Call(SVC, METHOD, "late", deadline=clock() - 1.0))
     assert (passed.code, passed.local) == ("DEADLINE_EXCEEDED", True)
@@ -104,8 +104,8 @@ async def test_waiting_respects_the_deadline() -> None:
 
 async def test_cancelled_waiter_leaves_the_queue_and_cancelled_holder_frees_its_slot() -> None:
     limit, handler, up, _, _ = setup(max_requests=1, max_pending=2)
-    holder = asyncio.create_task(handler(Call(SVC, METHOD, "a")))
-    waiter = asyncio.create_task(handler(Call(SVC, METHOD, "b")))
+    holder = asyncio.ensure_future(handler(Call(SVC, METHOD, "a")))
+    waiter = asyncio.ensure_future(handler(Call(SVC, METHOD, "b")))
     await settle()
     assert limit.pending == 1
     waiter.cancel()

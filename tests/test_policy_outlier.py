@@ -99,12 +99,14 @@ def test_ejection_time_grows_and_is_capped_and_forgiven(clock: FakeClock) -> Non
     for _ in range(3):
         fail(b, A)
         ep = b.state(A)
-        assert ep is not None and ep.ejected_until is not None
+        assert ep is not None
+        assert ep.ejected_until is not None
         clock.advance(ep.ejected_until - clock())
         b.pick()
     assert [e[2] for e in listener.named("endpoint_ejected")] == [10.0, 20.0, 25.0]
     ep = b.state(A)
-    assert ep is not None and ep.times_ejected == 3
+    assert ep is not None
+    assert ep.times_ejected == 3
     clock.advance(25.0)  # two intervals back in rotation forgive two ejections
     fail(b, A)
     assert listener.named("endpoint_ejected")[-1][2] == 20.0
@@ -140,19 +142,23 @@ def test_update_keeps_the_state_of_remaining_endpoints(clock: FakeClock) -> None
     b.update([A, B, D, D])
     assert b.endpoints == [A, B, D]
     a, b_state = b.state(A), b.state(B)
-    assert a is not None and a.ejected
-    assert b_state is ep_b and b_state.consecutive_failures == 2
+    assert a is not None
+    assert a.ejected
+    assert b_state is ep_b
+    assert b_state.consecutive_failures == 2
     assert b.state(C) is None
     assert set(picks(b, 4)) == {B, D}
     b.update([A, B, C])  # C returns as a new endpoint, healthy
     c = b.state(C)
-    assert c is not None and c.healthy
+    assert c is not None
+    assert c.healthy
 
 
 def test_outcomes_for_a_removed_endpoint_are_ignored(clock: FakeClock) -> None:
     b = balancer(clock, [A, B])
     ep = b.pick()
-    assert ep is not None and ep.address == A
+    assert ep is not None
+    assert ep.address == A
     b.update([B])
     for _ in range(10):
         b.record(ep, FAILURE)
@@ -187,7 +193,8 @@ async def test_layer_picks_per_attempt_and_feeds_outlier_detection(clock: FakeCl
         await handler(Call(SVC, "/m", None))
     assert seen == [A, B] * 5
     a = b.state(A)
-    assert a is not None and a.ejected
+    assert a is not None
+    assert a.ejected
     for _ in range(4):
         await handler(Call(SVC, "/m", None))
     assert seen[10:] == [B] * 4

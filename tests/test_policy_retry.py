@@ -218,7 +218,7 @@ async def test_cancellation_during_backoff_stops_at_once(clock: FakeClock) -> No
         await never.wait()
 
     handler = RetryLayer(params(), budget=budget, rng=Random(0), sleep=blocking_sleep, clock=clock).wrap(up)
-    task = asyncio.create_task(handler(call(clock)))
+    task = asyncio.ensure_future(handler(call(clock)))
     await sleeping.wait()
     assert budget.in_flight == 1
     task.cancel()
@@ -240,7 +240,7 @@ async def test_cancellation_during_an_attempt_propagates(clock: FakeClock, sleep
         await asyncio.Event().wait()
         raise AssertionError("unreachable")
 
-    task = asyncio.create_task(layer(params(), clock, sleep).wrap(hanging)(call(clock)))
+    task = asyncio.ensure_future(layer(params(), clock, sleep).wrap(hanging)(call(clock)))
     await in_attempt.wait()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):

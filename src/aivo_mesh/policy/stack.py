@@ -17,7 +17,9 @@
 
 `TargetPolicy` holds the stateful parts shared by all methods of one target service (budget,
 breaker, limit, balancer) and builds one cached stack per method from that method's RoutePolicy:
-the client makes one TargetPolicy per service and asks it for `stack_for(method)`.
+the client makes one TargetPolicy per service and asks it for `stack_for(method)`. Layers that
+must see the whole logical call from outside (telemetry's ClientTracingLayer) are passed as
+`outer` and sit before `deadline`.
 """
 
 from __future__ import annotations
@@ -103,7 +105,8 @@ class TargetPolicy:
     def __init__(self, policy: ServicePolicy, route_for: Callable[[str], RoutePolicy], terminal: Handler, *,
                  endpoints: Sequence[str] | None = None, max_retries: int | None = None,
                  clock: Clock = monotonic, rng: Random | None = None, sleep: Sleeper = asyncio.sleep,
-                 listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None) -> None:
+                 listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None,
+                 outer: Sequence[Layer] = ()) -> None:
         spec = policy.service
         self.service = spec.name
         self.policy = policy
@@ -115,6 +118,7 @@ class TargetPolicy:
         self.sleep = sleep
         self.listener = listener
         self.inherited = inherited
+        self.outer = tuple(outer)
         # The shared, stateful parts: one per target service.
         self.budget = RetryBudget(RetryBudgetParams.from_spec(policy.retry_budget, policy.limits), clock)
         self.breaker = CircuitBreaker(self.service, BreakerParams.from_spec(policy.circuit_breaker), clock=clock,
@@ -140,9 +144,11 @@ class TargetPolicy:
         return p
 
     def layers(self, method: str) -> list[Layer]:
-        return client_layers(self.params_for(method), limit=self.limit, budget=self.budget, breaker=self.breaker,
-                             balancer=self.balancer, clock=self.clock, rng=self.rng, sleep=self.sleep,
-                             listener=self.listener, inherited=self.inherited)
+        """`outer` layers, then the client layers in their stated order."""
+        return [*self.outer, *client_layers(
+            self.params_for(method), limit=self.limit, budget=self.budget, breaker=self.breaker,
+            balancer=self.balancer, clock=self.clock, rng=self.rng, sleep=self.sleep, listener=self.listener,
+            inherited=self.inherited)]
 
     def stack_for(self, method: str) -> Handler:
         """The handler for `method` (built on first use, then cached)."""
