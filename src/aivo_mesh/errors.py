@@ -58,7 +58,8 @@ class PkiError(MeshError):
 class CallError(MeshError):
     """A call through the mesh failed locally (before or instead of reaching the server)."""
 
-    def __init__(self, service: str, method: str, message: str) -> None:
+    # Defaults let grpc.aio.AioRpcError's cooperative super().__init__() pass through (client/errors.py).
+    def __init__(self, service: str = "", method: str = "", message: str = "") -> None:
         self.service = service
         self.method = method
         super().__init__(f"{service} {method}: {message}")

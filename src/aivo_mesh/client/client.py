@@ -1,17 +1,26 @@
-"""MeshClient: mTLS channels to mesh services, pooled, with the policy stack on every call.
+"""MeshClient: mTLS channels to mesh services, with the policy stack on every call.
 
     config = MeshConfig(service_name="learner-svc", ca_cert_path=..., client_cert_path=...,
                         client_key_path=...)
     mesh_client = MeshClient(config)
     async with mesh_client.get_channel("auth-svc") as channel:     # or: await mesh_client.get_channel(...)
-        reply = await AuthServiceStub(channel).ValidateToken(req)   # route deadline applied
+        reply = await AuthServiceStub(channel).ValidateToken(req)   # deadline, retries, breaker, balancing
+    reply = await mesh_client.call_with_retry(service_name="auth-svc", method_name="ValidateToken",
+                                              request=req, timeout=2.0)
     await mesh_client.close()
+
+Per target service the client keeps one `Target` (policy state + one channel per endpoint); see
+client/target.py. Our own certificate files are watched: when they change (`meshctl certs rotate`)
+new calls go out on channels with the new identity while in-flight calls finish on the old ones.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Generator
+import contextlib
+import logging
+import random
+from collections.abc import Generator, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -19,13 +28,20 @@ import grpc
 
 from aivo_mesh.client.channel import channel_credentials, channel_options
 from aivo_mesh.client.config import MeshConfig
-from aivo_mesh.client.interceptors import StackBinder, adapters, unary_terminal
-from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import route_policy
+from aivo_mesh.client.endpoints import DEFAULT_DRAIN_SECONDS, EndpointPool
+from aivo_mesh.client.errors import error_for
+from aivo_mesh.client.interceptors import Transport, method_info
+from aivo_mesh.client.methods import method_path
+from aivo_mesh.client.target import Target, route_lookup
+from aivo_mesh.config.model import MeshSpec, ServiceSpec
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, service_policy
+from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, load_identity
-from aivo_mesh.policy.core import Call, Handler, build_stack
-from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams
+from aivo_mesh.policy.core import Call, Clock, Layer, monotonic
+from aivo_mesh.policy.events import Listeners, PolicyListener
+
+log = logging.getLogger(__name__)
 
 
 class UnknownService(MeshError):
@@ -43,10 +59,10 @@ class ChannelHandle:
         self._service = service
 
     def __await__(self) -> Generator[Any, None, grpc.aio.Channel]:
-        return self._client._channel(self._service).__await__()
+        return self._client.channel(self._service).__await__()
 
     async def __aenter__(self) -> grpc.aio.Channel:
-        return await self._client._channel(self._service)
+        return await self._client.channel(self._service)
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
@@ -54,38 +70,97 @@ class ChannelHandle:
 
 
 class MeshClient:
-    def __init__(self, config: MeshConfig) -> None:
+    def __init__(
+        self,
+        config: MeshConfig,
+        *,
+        listeners: Sequence[PolicyListener] = (),
+        outer_layers: Sequence[Layer] = (),
+        discovery: SnapshotStore | None = None,
+        health_checks: bool = True,
+        reload_interval: float | None = 5.0,
+        drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+        clock: Clock = monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         self.config = config
         self.mesh: MeshSpec = config.mesh_spec()
         # Load and check our own identity now: a bad key or cert fails here, naming the file.
         self.identity: Identity = load_identity(
             config.client_cert_path, config.client_key_path, config.ca_cert_path)
         self._credentials = channel_credentials(self.identity)
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._lock = asyncio.Lock()
+        self.listener = Listeners(*listeners)
+        self._outer = tuple(outer_layers)
+        self._discovery = discovery
+        self._health_checks = health_checks
+        self._reload_interval = reload_interval
+        self._drain = drain_seconds
+        self._clock = clock
+        self._rng = rng
+        self._targets: dict[str, Target] = {}
         self._closed = False
+        self._watcher: asyncio.Task[None] | None = None
+        self.reloads = 0
 
     # -- public API ---------------------------------------------------------------------------
     def get_channel(self, service: str) -> ChannelHandle:
         return ChannelHandle(self, service)
 
     async def channel(self, service: str) -> grpc.aio.Channel:
-        """The pooled channel to `service` (what demo services use to call their peers)."""
-        return await self._channel(service)
+        """The pooled front channel to `service` (also what demo services use to call peers)."""
+        return self.target(service).front
+
+    async def call_with_retry(self, service_name: str, method_name: str, request: Any,
+                              timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()) -> Any:
+        """One unary call through the full policy stack, by service and method name.
+
+        `method_name` is `Authenticate` or `/aivo.auth.v1.AuthService/Authenticate`. Failures raise
+        grpc.aio.AioRpcError: the server's own, or a LocalRpcError subclass (CircuitOpenError,
+        OverloadedError, DeadlineExceededError) for what the client decided itself.
+        """
+        target = self.target(service_name)
+        path = method_path(target.grpc_service, method_name)
+        info = method_info(path)
+        if info is None:
+            raise MeshError(f"{path}: unknown method (is its generated *_pb2 module imported?)")
+        call = Call(target.service, path, request, timeout=timeout,
+                    transport=Transport(info, tuple(metadata)))
+        reply = await target.policy.stack_for(path)(call)
+        if reply.ok:
+            return reply.value
+        raise error_for(target.service, path, reply)
 
     async def wait_ready(self, service: str, timeout: float | None = None) -> None:
-        """Wait until the channel to `service` is connected (bounded by connection_timeout)."""
-        channel = await self._channel(service)
+        """Wait until some endpoint of `service` is connected (bounded by connection_timeout)."""
+        target = self.target(service)
+        bound = timeout or self.config.connection_timeout
+        endpoints = target.policy.balancer.endpoints
+        waits = [asyncio.ensure_future(target.pool.channel(e).channel_ready()) for e in endpoints]
         try:
-            await asyncio.wait_for(channel.channel_ready(), timeout or self.config.connection_timeout)
-        except TimeoutError:
-            raise MeshError(f"{service}: not connected within "
-                            f"{timeout or self.config.connection_timeout:.1f}s") from None
+            done, _ = await asyncio.wait(waits, timeout=bound, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not done:
+            raise MeshError(f"{service}: no endpoint connected within {bound:.1f}s")
+
+    def bare_channel(self, service: str, endpoint: str | None = None) -> grpc.aio.Channel:
+        """A channel straight to one endpoint, outside the policy stack: for probes (health checks,
+        test tools) that must neither trip nor be refused by the breaker."""
+        target = self.target(service)
+        return target.pool.channel(endpoint or target.policy.balancer.endpoints[0])
+
+    def targets(self) -> dict[str, Target]:
+        return dict(self._targets)
 
     async def close(self) -> None:
         self._closed = True
-        channels, self._channels = list(self._channels.values()), {}
-        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
+        targets, self._targets = list(self._targets.values()), {}
+        await asyncio.gather(*(t.close() for t in targets), return_exceptions=True)
 
     async def __aenter__(self) -> MeshClient:
         return self
@@ -93,55 +168,84 @@ class MeshClient:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    # -- internals ----------------------------------------------------------------------------
+    # -- targets ------------------------------------------------------------------------------
     def endpoints(self, service: str) -> list[str]:
         if service in self.config.endpoints:
             return list(self.config.endpoints[service])
+        spec = self._spec(service)
+        return list(spec.endpoints) or [f"{spec.host}:{spec.port}"]
+
+    def _spec(self, service: str) -> ServiceSpec:
         try:
-            spec = self.mesh.service(service)
+            return self.mesh.service(service)
         except KeyError:
             raise UnknownService(f"unknown service {service!r}: mesh.yaml defines "
                                  f"{list(self.mesh.service_names)}") from None
-        return list(spec.endpoints) or [f"{spec.host}:{spec.port}"]
 
-    def _timeout_for(self, service: str) -> Any:
-        known = service in self.mesh.service_names
-
-        def timeout(method: str) -> float | None:
-            if not known:
-                return self.config.request_timeout
-            return route_policy(self.mesh, service, method).timeout
-
-        return timeout
-
-    def _stack_for(self, service: str) -> Any:
-        timeout_for = self._timeout_for(service)
-
-        def stack(method: str) -> Handler:
-            params = DeadlineParams(route_timeout=timeout_for(method))
-
-            def params_for(_: Call) -> DeadlineParams:
-                return params
-
-            return build_stack([DeadlineLayer(params_for)], unary_terminal)
-
-        return stack
-
-    async def _channel(self, service: str) -> grpc.aio.Channel:
+    def target(self, service: str) -> Target:
         if self._closed:
             raise MeshError("MeshClient is closed")
-        ch = self._channels.get(service)
-        if ch is not None:
-            return ch
-        async with self._lock:
-            ch = self._channels.get(service)
-            if ch is None:
-                ch = self._channels[service] = self._new_channel(service)
-        return ch
+        t = self._targets.get(service)
+        if t is None:
+            t = self._targets[service] = self._new_target(service)
+            try:
+                t.start(self._discovery, self._health_checks)
+                self._ensure_watcher()
+            except RuntimeError:  # no running loop yet: background work starts with the first call
+                pass
+        return t
 
-    def _new_channel(self, service: str) -> grpc.aio.Channel:
-        target = self.endpoints(service)[0]
-        binder = StackBinder(service, self._stack_for(service), self._timeout_for(service))
-        return grpc.aio.secure_channel(
-            target, self._credentials, options=channel_options(self.mesh.keepalive, service),
-            interceptors=adapters(binder))
+    def _new_target(self, service: str) -> Target:
+        spec = self._spec(service)
+        policy: ServicePolicy = service_policy(self.mesh, service)
+        routes = route_lookup(self.mesh, service)
+        if service in self.config.endpoints and service not in self.mesh.service_names:
+            routes = self._default_routes(service)
+        options = channel_options(self.mesh.keepalive, spec.name)
+        pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=self._drain)
+        endpoints = self.endpoints(service)
+        if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
+            endpoints = list(snap.addresses)
+        return Target(policy, routes, pool, endpoints=endpoints, max_retries=self.config.max_retries,
+                      clock=self._clock, listener=self.listener, outer=self._outer, options=options,
+                      credentials=self._credentials, rng=self._rng)
+
+    def _default_routes(self, service: str) -> Any:
+        timeout = self.config.request_timeout
+
+        def route(method: str) -> RoutePolicy:
+            p = service_policy(self.mesh, service)
+            return RoutePolicy(service, method, None, timeout, p.retry, idempotent=False, streaming=False)
+
+        return route
+
+    # -- certificate hot reload ---------------------------------------------------------------
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None and self._reload_interval:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_identity(),
+                                                                   name="mesh-client-cert-watch")
+
+    async def _watch_identity(self) -> None:
+        assert self._reload_interval is not None  # noqa: S101
+        while True:
+            await asyncio.sleep(self._reload_interval)
+            self.check_identity()
+
+    def check_identity(self) -> bool:
+        """Reload our certificate if its files changed; True when new channels were built.
+        A half-written or bad rotation is skipped (logged) and the old identity stays in use."""
+        paths = (self.config.client_cert_path, self.config.client_key_path, self.config.ca_cert_path)
+        try:
+            if Identity.signature_of(*paths) == self.identity.mtime_signature():
+                return False
+            identity = load_identity(*paths)
+        except (MeshError, OSError) as exc:
+            log.warning("client certificate reload skipped: %s", exc)
+            return False
+        self.identity = identity
+        self._credentials = channel_credentials(identity)
+        for t in self._targets.values():
+            t.pool.rebuild(self._credentials)
+        self.reloads += 1
+        log.info("client certificate reloaded", extra={"serial": f"{identity.serial:x}"})
+        return True

@@ -1,20 +1,32 @@
-"""grpc.aio adapter: binds the policy stack to client interceptors, one class per call arity.
+"""grpc.aio adapter: the policy stack behind ordinary stubs, one interceptor class per call arity.
 
 grpc.aio sorts interceptors by an isinstance chain, so a class implementing two arities only
-intercepts the first (grpc#31442): four small classes share one `StackBinder`. Outcomes are
-decided on each attempt's final status (we await the call), never on the call object.
+intercepts the first (grpc#31442): four small classes share one `Target`. Outcomes are decided on
+each attempt's final status (the terminal awaits the call), never on the call object.
+
+The interceptor does not call its continuation: the stack picks an endpoint per attempt and the
+terminal sends the attempt on that endpoint's own channel (client/endpoints.py), with the method's
+(de)serializers from the protobuf descriptor pool (client/methods.py). Methods that are not
+protobuf fall back to the continuation, i.e. the front channel's single endpoint.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc.aio import ClientCallDetails
 
-from aivo_mesh.policy.core import Call, Handler, Reply, monotonic
-from aivo_mesh.policy.deadline import attempt_timeout, effective_timeout, inherited_timeout
+from aivo_mesh.client.errors import error_for
+from aivo_mesh.client.methods import MethodInfo, UnknownMethod, lookup
+from aivo_mesh.policy.core import Call, Reply
+from aivo_mesh.policy.deadline import attempt_timeout
+
+if TYPE_CHECKING:
+    from aivo_mesh.client.target import Target
 
 ATTEMPT_HEADER = "x-mesh-attempt"
 
@@ -24,111 +36,126 @@ def method_name(details: ClientCallDetails) -> str:
     return m.decode() if isinstance(m, bytes) else str(m)
 
 
-def _with_header(metadata: grpc.aio.Metadata | None, key: str, value: str,
-                 extra: tuple[tuple[str, str], ...] = ()) -> grpc.aio.Metadata:
-    md = grpc.aio.Metadata(*(metadata or ()), *extra)
-    md.add(key, value)
-    return md
+def _pairs(metadata: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(metadata) if metadata else ()
 
 
-class StackBinder:
-    """Owns the per-method policy stacks of one target service and runs calls through them."""
+@dataclass(slots=True)
+class Transport:
+    """What the terminal needs beyond the Call: the caller's metadata and how to reach the wire."""
 
-    def __init__(self, service: str, stack_for: Callable[[str], Handler],
-                 timeout_for: Callable[[str], float | None]) -> None:
-        self.service = service
-        self._stack_for = stack_for
-        self._timeout_for = timeout_for
-        self._stacks: dict[str, Handler] = {}
-
-    def stack(self, method: str) -> Handler:
-        h = self._stacks.get(method)
-        if h is None:
-            h = self._stacks[method] = self._stack_for(method)
-        return h
-
-    def stream_timeout(self, details: ClientCallDetails) -> float | None:
-        """Streams are not retried here; they get the overall deadline only."""
-        return effective_timeout(details.timeout, self._timeout_for(method_name(details)),
-                                 inherited_timeout())
+    info: MethodInfo | None
+    metadata: tuple[tuple[str, Any], ...]
+    wait_for_ready: bool | None = None
+    continuation: Callable[..., Any] | None = None
+    details: ClientCallDetails | None = None
 
 
-async def unary_terminal(call: Call) -> Reply:
-    """One attempt on the wire. `call.transport` is (continuation, details) from the interceptor."""
-    continuation, details = call.transport
-    timeout = attempt_timeout(call, monotonic(), None)
-    attempt_details = ClientCallDetails(
-        details.method, timeout, _with_header(details.metadata, ATTEMPT_HEADER, str(call.attempt), call.metadata),
-        details.credentials, details.wait_for_ready)
-    rpc = await continuation(attempt_details, call.request)
+def method_info(path: str) -> MethodInfo | None:
     try:
-        value = await rpc
-    except grpc.aio.AioRpcError as err:
-        return Reply(err.code().name, error=err, details=err.details() or "",
-                     trailers=tuple(err.trailing_metadata() or ()))
-    return Reply("OK", value=value)
+        return lookup(path)
+    except UnknownMethod:
+        return None
+
+
+def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
+    """One attempt on the wire, on the endpoint the balancer picked."""
+    pool, clock = target.pool, target.clock
+
+    async def terminal(call: Call) -> Reply:
+        t: Transport = call.transport
+        timeout = attempt_timeout(call, clock(), call.per_try_timeout)
+        if timeout is not None and timeout <= 0:
+            return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt", local=True)
+        metadata = (*t.metadata, *call.metadata, (ATTEMPT_HEADER, str(call.attempt)))
+        try:
+            if t.info is not None and call.endpoint is not None:
+                mc = pool.multicallable(call.endpoint, "unary_unary", t.info.path, t.info.serialize,
+                                        t.info.deserialize)
+                value = await mc(call.request, timeout=timeout, metadata=metadata,
+                                 wait_for_ready=t.wait_for_ready)
+            else:
+                assert t.continuation is not None and t.details is not None  # noqa: S101
+                d = t.details
+                rpc = await t.continuation(ClientCallDetails(d.method, timeout, grpc.aio.Metadata(*metadata),
+                                                             d.credentials, d.wait_for_ready), call.request)
+                value = await rpc
+        except grpc.aio.AioRpcError as err:
+            return Reply(err.code().name, error=err, details=err.details() or "",
+                         trailers=tuple(err.trailing_metadata() or ()))
+        return Reply("OK", value=value)
+
+    return terminal
 
 
 class UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
-    def __init__(self, binder: StackBinder) -> None:
-        self._binder = binder
+    def __init__(self, target: Target) -> None:
+        self._target = target
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        method = method_name(client_call_details)
-        call = Call(self._binder.service, method, request, timeout=client_call_details.timeout,
-                    transport=(continuation, client_call_details))
-        reply = await self._binder.stack(method)(call)
+        path = method_name(client_call_details)
+        transport = Transport(method_info(path), _pairs(client_call_details.metadata),
+                              client_call_details.wait_for_ready, continuation, client_call_details)
+        call = Call(self._target.service, path, request, timeout=client_call_details.timeout,
+                    transport=transport)
+        reply = await self._target.policy.stack_for(path)(call)
         if reply.ok:
             return reply.value
-        raise as_rpc_error(reply)
+        raise error_for(self._target.service, path, reply)
 
 
-def as_rpc_error(reply: Reply) -> BaseException:
-    """The error the caller sees: the server's own AioRpcError, or one made for a local decision."""
-    if reply.error is not None:
-        err: BaseException = reply.error
-        return err
-    code = getattr(grpc.StatusCode, reply.code, grpc.StatusCode.UNKNOWN)
-    made: BaseException = grpc.aio.AioRpcError(
-        code, grpc.aio.Metadata(), grpc.aio.Metadata(*reply.trailers), reply.details or None)
-    return made
+class _StreamAdapter:
+    """Streams get the deadline, the breaker, the concurrency limit and the balancer, not retries:
+    grpc.aio cannot swap the call object under a caller that is already reading it."""
+
+    kind = ""
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+
+    async def _start(self, continuation: Callable[..., Any], details: ClientCallDetails, request: Any) -> Any:
+        path = method_name(details)
+        info = method_info(path)
+        if info is None:
+            return await continuation(details, request)
+        return await self._target.start_stream(self.kind, info, details, request)
 
 
-class _StreamTimeout:
-    def __init__(self, binder: StackBinder) -> None:
-        self._binder = binder
+class UnaryStreamAdapter(_StreamAdapter, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    kind = "unary_stream"
 
-    def details(self, d: ClientCallDetails) -> ClientCallDetails:
-        return ClientCallDetails(d.method, self._binder.stream_timeout(d),
-                                 _with_header(d.metadata, ATTEMPT_HEADER, "1"), d.credentials,
-                                 d.wait_for_ready)
+    async def intercept_unary_stream(self, continuation: Callable[..., Any], client_call_details: ClientCallDetails,
+                                     request: Any) -> Any:
+        return await self._start(continuation, client_call_details, request)
 
 
-class UnaryStreamAdapter(_StreamTimeout, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self.details(client_call_details), request)
+class StreamUnaryAdapter(_StreamAdapter, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
+    kind = "stream_unary"
+
+    async def intercept_stream_unary(self, continuation: Callable[..., Any], client_call_details: ClientCallDetails,
+                                     request_iterator: Any) -> Any:
+        return await self._start(continuation, client_call_details, request_iterator)
 
 
-class StreamUnaryAdapter(_StreamTimeout, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_unary(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        return await continuation(self.details(client_call_details), request_iterator)
+class StreamStreamAdapter(_StreamAdapter, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
+    kind = "stream_stream"
+
+    async def intercept_stream_stream(self, continuation: Callable[..., Any], client_call_details: ClientCallDetails,
+                                      request_iterator: Any) -> Any:
+        return await self._start(continuation, client_call_details, request_iterator)
 
 
-class StreamStreamAdapter(_StreamTimeout, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[misc]
-    async def intercept_stream_stream(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails,
-        request_iterator: Any,
-    ) -> Any:
-        return await continuation(self.details(client_call_details), request_iterator)
+def adapters(target: Target) -> list[grpc.aio.ClientInterceptor]:
+    return [UnaryUnaryAdapter(target), UnaryStreamAdapter(target), StreamUnaryAdapter(target),
+            StreamStreamAdapter(target)]
 
 
-def adapters(binder: StackBinder) -> list[grpc.aio.ClientInterceptor]:
-    return [UnaryUnaryAdapter(binder), UnaryStreamAdapter(binder), StreamUnaryAdapter(binder),
-            StreamStreamAdapter(binder)]
+async def final_code(rpc: Any) -> str:
+    """The final status name of a finished (or failed) streaming call."""
+    try:
+        code = await rpc.code()
+    except asyncio.CancelledError:
+        return "CANCELLED"
+    return str(code.name)

@@ -15,8 +15,9 @@ STATUS_NAMES = {v: k for k, v in health_pb2.HealthCheckResponse.ServingStatus.it
 
 
 async def check(client: MeshClient, service: str, timeout: float = 1.0) -> str:
-    """The service's overall health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE."""
-    channel = await client.get_channel(service)
+    """The service's overall health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE.
+    Probes go around the policy stack: a service still starting must not open its breaker."""
+    channel = client.bare_channel(service)
     try:
         resp = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout)

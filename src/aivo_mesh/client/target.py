@@ -1,0 +1,190 @@
+"""One target service as a MeshClient sees it: policy state, endpoint channels, the front channel.
+
+    TargetPolicy   breaker, retry budget, concurrency limit, balancer (policy/, no grpc)
+    EndpointPool   one mTLS channel per endpoint (client/endpoints.py)
+    front channel  what `get_channel` hands out: it carries the interceptors and never connects
+                   itself (unless a non-protobuf method falls back to it)
+Background tasks (started on first use, stopped by `close`): active gRPC health checks of each
+endpoint, and, when a discovery store is given, applying its endpoint snapshots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc.aio import ClientCallDetails
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from aivo_mesh.client.endpoints import EndpointPool
+from aivo_mesh.client.errors import error_for
+from aivo_mesh.client.interceptors import ATTEMPT_HEADER, _pairs, adapters, final_code, make_unary_terminal
+from aivo_mesh.client.methods import MethodInfo
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
+from aivo_mesh.discovery.snapshot import SnapshotStore
+from aivo_mesh.policy.breaker import REJECTED
+from aivo_mesh.policy.classify import Classifier
+from aivo_mesh.policy.core import Clock, Layer
+from aivo_mesh.policy.deadline import effective_timeout, inherited_timeout
+from aivo_mesh.policy.events import PolicyListener
+from aivo_mesh.policy.stack import TargetPolicy
+
+log = logging.getLogger(__name__)
+
+
+class Target:
+    def __init__(
+        self,
+        policy: ServicePolicy,
+        routes: Any,
+        pool: EndpointPool,
+        *,
+        endpoints: Sequence[str],
+        max_retries: int | None,
+        clock: Clock,
+        listener: PolicyListener,
+        outer: Sequence[Layer],
+        options: Sequence[tuple[str, object]],
+        credentials: grpc.ChannelCredentials,
+        **policy_kwargs: Any,
+    ) -> None:
+        self.service = policy.service.name
+        self.grpc_service = policy.service.grpc_service
+        self.clock = clock
+        self.pool = pool
+        self.listener = listener
+        self._routes = routes
+        self.policy = TargetPolicy(policy, routes, make_unary_terminal(self), endpoints=endpoints,
+                                   max_retries=max_retries, clock=clock, listener=listener, outer=outer,
+                                   **policy_kwargs)
+        self.front = grpc.aio.secure_channel(endpoints[0] if endpoints else "127.0.0.1:1", credentials,
+                                             options=list(options), interceptors=adapters(self))
+        self.health_interval = policy.health_check.interval
+        self.health_timeout = policy.health_check.timeout
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stream_classifiers: dict[str, Classifier] = {}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def start(self, store: SnapshotStore | None, health_checks: bool) -> None:
+        loop = asyncio.get_running_loop()
+        if store is not None:
+            self._tasks.append(loop.create_task(self._follow(store), name=f"discovery:{self.service}"))
+        if health_checks:
+            self._tasks.append(loop.create_task(self._health_loop(), name=f"health:{self.service}"))
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        await self.front.close()
+        await self.pool.close()
+
+    def set_endpoints(self, endpoints: Sequence[str]) -> None:
+        """Discovery changed the endpoints: new calls use the new set, in-flight calls finish."""
+        self.policy.set_endpoints(endpoints)
+        self.pool.retain(endpoints)
+
+    async def _follow(self, store: SnapshotStore) -> None:
+        version: str | None = None
+        while True:
+            snap = await store.newer_than(self.service, version)
+            version = snap.version
+            self.set_endpoints(list(snap.addresses))
+
+    async def _health_loop(self) -> None:
+        """Active gRPC health checks per endpoint; failing endpoints are skipped by the balancer."""
+        while True:
+            await asyncio.gather(*(self._check(ep) for ep in self.policy.balancer.endpoints))
+            await asyncio.sleep(self.health_interval)
+
+    async def _check(self, endpoint: str) -> None:
+        stub = health_pb2_grpc.HealthStub(self.pool.channel(endpoint))
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=self.grpc_service),
+                                    timeout=self.health_timeout)
+            healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.aio.AioRpcError:
+            healthy = False
+        if self.policy.balancer.set_health(endpoint, healthy):
+            log.info("%s endpoint %s is now %s", self.service, endpoint, "healthy" if healthy else "unhealthy")
+
+    # -- streams ----------------------------------------------------------------------------------
+    def _route(self, path: str) -> RoutePolicy:
+        r: RoutePolicy = self._routes(path)
+        return r
+
+    async def start_stream(self, kind: str, info: MethodInfo, details: ClientCallDetails, request: Any) -> Any:
+        """Open a streaming call on a picked endpoint, under the breaker and the concurrency limit.
+        The outcome (final status) is recorded when the stream ends."""
+        path = info.path
+        policy = self.policy
+        route = self._route(path)
+        classifier = self._stream_classifiers.get(path)
+        if classifier is None:
+            classifier = self._stream_classifiers[path] = Classifier.for_route(
+                route.retry.retry_on, idempotent=route.idempotent,
+                failure_codes=policy.policy.circuit_breaker.failure_codes)
+        started = self.clock()
+        self.listener.call_started(self.service, path)
+        ticket = policy.breaker.admit()
+        if ticket == REJECTED:
+            reply = policy.breaker.rejection()
+            self.listener.call_finished(self.service, path, reply.code, 0.0, 0, True)
+            raise error_for(self.service, path, reply)
+        if not policy.limit.try_acquire():
+            policy.breaker.release(ticket)
+            from aivo_mesh.policy.core import Reply
+
+            reply = Reply("RESOURCE_EXHAUSTED", details=f"{self.service}: max_requests reached", local=True)
+            self.listener.limit_rejected(self.service, path, "max_requests")
+            self.listener.call_finished(self.service, path, reply.code, 0.0, 0, True)
+            raise error_for(self.service, path, reply)
+        ep = policy.balancer.pick()
+        if ep is None:
+            policy.limit.release()
+            policy.breaker.release(ticket)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
+                                       f"no endpoints for {self.service}")
+        # Streams default to the route timeout only when mesh.yaml gives one for them.
+        timeout = effective_timeout(details.timeout, route.timeout, inherited_timeout(self.clock))
+        metadata = (*_pairs(details.metadata), (ATTEMPT_HEADER, "1"))
+        mc = self.pool.multicallable(ep.address, kind, path, info.serialize, info.deserialize)
+        rpc = mc(request, timeout=timeout, metadata=metadata, wait_for_ready=details.wait_for_ready)
+
+        def done(_: Any) -> None:
+            asyncio.get_running_loop().create_task(finish())
+
+        async def finish() -> None:
+            code = await final_code(rpc)
+            policy.limit.release()
+            outcome = classifier.of(code)
+            policy.breaker.record(ticket, outcome, code)
+            policy.balancer.record(ep, outcome)
+            self.listener.call_finished(self.service, path, code, self.clock() - started, 1, False)
+
+        rpc.add_done_callback(done)
+        return rpc
+
+    # -- introspection for the admin endpoint ----------------------------------------------------
+    def cluster(self) -> dict[str, Any]:
+        snap = self.policy.snapshot()
+        states = self.pool.states()
+        for ep in snap["endpoints"]:  # type: ignore[attr-defined]
+            ep["connectivity"] = states.get(ep["endpoint"], "IDLE")
+        snap["observed_at"] = time.time()
+        return snap
+
+
+def route_lookup(mesh: Any, service: str) -> Any:
+    def lookup(method: str) -> RoutePolicy:
+        return route_policy(mesh, service, method)
+
+    return lookup
