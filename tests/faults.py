@@ -63,15 +63,15 @@ class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollect
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", self.plan.pushback_ms),))
             await context.abort(self.plan.status, f"injected {self.plan.status.name} by {self.name}")
 
-    async def Authenticate(self, request, context):  # noqa: N802
+    async def Authenticate(self, request, context):
         await self._maybe_fail(context)
         return auth_pb2.AuthenticateResponse(token="t", subject=self.name)
 
-    async def ValidateToken(self, request, context):  # noqa: N802
+    async def ValidateToken(self, request, context):
         await self._maybe_fail(context)
         return auth_pb2.ValidateTokenResponse(valid=True, subject=self.name)
 
-    async def ListEvents(self, request, context):  # noqa: N802
+    async def ListEvents(self, request, context):
         self.plan.attempts_seen.append(_attempt(context))
         self.plan.calls += 1
         yield events_pb2.Event(event_id="e1", learner_id=self.name)

@@ -226,7 +226,7 @@ class MeshClient:
                                                                    name="mesh-client-cert-watch")
 
     async def _watch_identity(self) -> None:
-        assert self._reload_interval is not None  # noqa: S101
+        assert self._reload_interval is not None
         while True:
             await asyncio.sleep(self._reload_interval)
             self.check_identity()

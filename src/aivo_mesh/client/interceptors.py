@@ -75,7 +75,7 @@ def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
                 value = await mc(call.request, timeout=timeout, metadata=metadata,
                                  wait_for_ready=t.wait_for_ready)
             else:
-                assert t.continuation is not None and t.details is not None  # noqa: S101
+                assert t.continuation is not None and t.details is not None
                 d = t.details
                 rpc = await t.continuation(ClientCallDetails(d.method, timeout, grpc.aio.Metadata(*metadata),
                                                              d.credentials, d.wait_for_ready), call.request)

@@ -52,11 +52,13 @@ class Identity:
     cert_path: Path
     key_path: Path
     ca_path: Path
+    # (mtime_ns, size, inode) of the three files, taken just before they were read.
+    loaded_signature: tuple[FileSignature, ...] = field(default=(), repr=False, compare=False)
 
     def mtime_signature(self) -> tuple[FileSignature, ...]:
-        """(mtime_ns, size, inode) of the cert, key and CA files NOW: compare with a previous value
-        to notice a rotation cheaply (an atomic replace always changes the inode)."""
-        return file_signature(self.cert_path, self.key_path, self.ca_path)
+        """The files' signature as they were when this identity was loaded: compare it with
+        `signature_of(paths)` to notice a rotation cheaply (an atomic replace changes the inode)."""
+        return self.loaded_signature
 
     @staticmethod
     def signature_of(
@@ -141,6 +143,8 @@ def load_identity(
     cert_p, key_p, ca_p = Path(cert_path), Path(key_path), Path(ca_path)
     cert_f, key_f, ca_f = str(cert_p), str(key_p), str(ca_p)
     now = now or now_utc()
+    # Before reading: a rotation racing with this load then shows up as a change next time.
+    signature = file_signature(cert_p, key_p, ca_p)
 
     chain_pem = store.read_bytes(cert_p, "certificate")
     key_data = store.read_bytes(key_p, "private key")
@@ -188,4 +192,5 @@ def load_identity(
         cert_path=cert_p,
         key_path=key_p,
         ca_path=ca_p,
+        loaded_signature=signature,
     )

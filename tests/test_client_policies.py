@@ -1,0 +1,342 @@
+"""Client policies against fault-injecting servers over real mTLS on 127.0.0.1.
+
+The unit tests in test_policy_*.py pin the rules with a fake clock; these show the same rules hold
+end to end through grpc.aio: stubs from `get_channel` and `call_with_retry` alike.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from faults import FaultPlan, FaultyAuth, TcpProxy
+
+from aivo_mesh import CircuitOpen, MeshClient, MeshConfig, MeshServer
+from aivo_mesh.config import MeshSpec, parse_mesh
+from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.policy.events import PolicyListener
+from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TEST_POLICY = """
+  retry: {max_retries: 3, backoff: {base: 10ms, max: 50ms}, retry_on: [UNAVAILABLE]}
+  circuit_breaker: {consecutive_failures: 5, recovery_time: 400ms, half_open_max_calls: 1}
+  outlier_detection: {consecutive_failures: 5, base_ejection_time: 60s, max_ejection_time: 60s,
+                      max_ejection_percent: 50}
+  health_check: {interval: 60s, timeout: 1s}
+"""
+
+
+def _mesh(timeout: str = "2s") -> MeshSpec:
+    """mesh.yaml with short back-off and breaker recovery so the real clock can be used."""
+    text = (ROOT / "mesh.yaml").read_text()
+    head, _, rest = text.partition("defaults:\n")
+    _, _, tail = rest.partition("\nkeepalive:")
+    text = f"{head}defaults:\n  timeout: {timeout}{TEST_POLICY}\nkeepalive:{tail}"
+    return parse_mesh(text, "mesh.yaml")
+
+
+async def _serve(mesh: MeshSpec, certs: CertLayout, plan: FaultPlan, name: str,
+                 service: str = "auth-svc") -> MeshServer:
+    server = MeshServer.for_service(mesh, service, certs, port=0)
+    faulty = FaultyAuth(plan, name)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(faulty, server.grpc_server)
+    events_pb2_grpc.add_EventCollectorServiceServicer_to_server(faulty, server.grpc_server)
+    server.add_service_name("aivo.auth.v1.AuthService")
+    await server.start()
+    return server
+
+
+class Recorder(PolicyListener):
+    def __init__(self) -> None:
+        self.retries: list[tuple[int, str]] = []
+        self.breaker: list[tuple[str, str]] = []
+        self.budget_exhausted = 0
+
+    def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:
+        self.retries.append((attempt, code))
+
+    def breaker_state(self, service: str, old: str, new: str) -> None:
+        self.breaker.append((old, new))
+
+    def retry_budget_exhausted(self, service: str, method: str) -> None:
+        self.budget_exhausted += 1
+
+
+ClientFactory = Callable[..., MeshClient]
+
+
+@pytest.fixture
+async def make_client(mesh_certs: CertLayout) -> AsyncIterator[ClientFactory]:
+    clients: list[MeshClient] = []
+
+    def make(mesh: MeshSpec, endpoints: list[str], identity: str = "mesh-client", **kwargs: object) -> MeshClient:
+        config = MeshConfig.for_identity(identity, mesh_certs, mesh, endpoints={"auth-svc": endpoints})
+        c = MeshClient(config, health_checks=False, **kwargs)  # type: ignore[arg-type]
+        clients.append(c)
+        return c
+
+    yield make
+    for c in clients:
+        await c.close()
+
+
+@pytest.fixture
+async def servers(mesh_certs: CertLayout) -> AsyncIterator[Callable[..., object]]:
+    started: list[MeshServer] = []
+
+    async def start(plan: FaultPlan, name: str = "a", mesh: MeshSpec | None = None,
+                    service: str = "auth-svc") -> MeshServer:
+        s = await _serve(mesh or _mesh(), mesh_certs, plan, name, service)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        await s.stop(0.2)
+
+
+def _req() -> auth_pb2.ValidateTokenRequest:
+    return auth_pb2.ValidateTokenRequest(token="tok")
+
+
+async def test_transient_failures_are_retried_to_success_with_attempt_numbers(servers, make_client):
+    plan = FaultPlan(fail_first=2)
+    s = await servers(plan)
+    rec = Recorder()
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"], listeners=[rec])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    reply = await stub.ValidateToken(_req())
+    assert reply.valid
+    assert plan.attempts_seen == [1, 2, 3]  # the server saw x-mesh-attempt on every try
+    assert [a for a, _ in rec.retries] == [2, 3]
+
+
+async def test_call_with_retry_documented_api(servers, make_client):
+    plan = FaultPlan(fail_first=1)
+    s = await servers(plan)
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    reply = await client.call_with_retry(service_name="auth-svc", method_name="ValidateToken",
+                                         request=_req(), timeout=2.0)
+    assert reply.valid and plan.calls == 2
+
+
+async def test_non_retryable_codes_are_not_retried(servers, make_client):
+    plan = FaultPlan(fail_first=10, status=grpc.StatusCode.INVALID_ARGUMENT)
+    s = await servers(plan)
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ValidateToken(_req())
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert plan.calls == 1
+
+
+async def test_internal_is_retried_only_on_idempotent_routes(servers, make_client):
+    # mesh.yaml marks ValidateToken idempotent with INTERNAL in retry_on; Authenticate is not idempotent.
+    plan = FaultPlan(fail_first=1, status=grpc.StatusCode.INTERNAL)
+    s = await servers(plan)
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    assert (await stub.ValidateToken(_req())).valid
+    assert plan.calls == 2
+    plan.calls, plan.fail_first = 0, 1
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8))
+    assert exc.value.code() == grpc.StatusCode.INTERNAL and plan.calls == 1
+
+
+async def test_breaker_opens_after_exactly_five_failures_fails_fast_then_recovers(servers, make_client):
+    plan = FaultPlan(fail_first=1000, status=grpc.StatusCode.UNAVAILABLE)
+    s = await servers(plan)
+    rec = Recorder()
+    mesh = _mesh()
+    client = make_client(mesh, [f"127.0.0.1:{s.bound_port}"], listeners=[rec])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    auth = auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8)
+    # Authenticate is retried on UNAVAILABLE (3 retries): attempts 1-4 fail, then the 5th attempt
+    # (the second call's first) opens the breaker; later attempts never reach the server.
+    for _ in range(2):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Authenticate(auth)
+    assert plan.calls == 5
+    assert rec.breaker == [("closed", "open")]
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.Authenticate(auth)
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "Circuit breaker OPEN" in exc.value.details()
+    assert isinstance(exc.value, CircuitOpen)
+    assert plan.calls == 5  # failed fast: the network was not touched
+    # After the recovery time one probe goes out; it succeeds and the breaker closes.
+    plan.fail_first = 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        try:
+            await stub.Authenticate(auth)
+            break
+        except CircuitOpen:
+            await asyncio.sleep(0.05)
+    assert rec.breaker[-2:] == [("open", "half_open"), ("half_open", "closed")]
+
+
+async def test_failure_storm_stays_within_the_retry_budget(servers, make_client):
+    plan = FaultPlan(fail_first=10**9)
+    s = await servers(plan)
+    rec = Recorder()
+    text = _mesh().model_dump(mode="json", by_alias=True)
+    # No breaker in the way: this measures the budget alone.
+    text["defaults"]["circuit_breaker"]["consecutive_failures"] = 10**6
+    text["defaults"]["retry"]["backoff"] = {"base": 0.001, "max": 0.002}
+    mesh = MeshSpec.model_validate(text)
+    client = make_client(mesh, [f"127.0.0.1:{s.bound_port}"], listeners=[rec])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    requests = 200
+
+    async def one() -> None:
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8))
+
+    for _ in range(requests // 20):
+        await asyncio.gather(*(one() for _ in range(20)))
+    ratio = plan.calls / requests
+    # Without a budget 3 retries would mean 4 attempts per request.
+    assert ratio <= 1.25 + 3 / requests * 20, ratio
+    assert rec.budget_exhausted > 0
+
+
+async def test_no_call_outlives_its_deadline_including_backoff(servers, make_client):
+    plan = FaultPlan(fail_first=10**6, delay=0.05)
+    s = await servers(plan)
+    text = _mesh().model_dump(mode="json", by_alias=True)
+    text["defaults"]["retry"] = {"max_retries": 10, "backoff": {"base": 0.2, "max": 0.5}, "retry_on": ["UNAVAILABLE"]}
+    text["defaults"]["circuit_breaker"]["consecutive_failures"] = 1000
+    client = make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    for timeout in (0.3, 0.6):
+        start = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8), timeout=timeout)
+        assert time.monotonic() - start < timeout + 0.1
+
+
+async def test_cancellation_stops_retries_at_once(servers, make_client):
+    plan = FaultPlan(fail_first=10**6)
+    s = await servers(plan)
+    text = _mesh().model_dump(mode="json", by_alias=True)
+    text["defaults"]["retry"] = {"max_retries": 10, "backoff": {"base": 0.3, "max": 0.3}, "retry_on": ["UNAVAILABLE"]}
+    client = make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    task = asyncio.ensure_future(client.call_with_retry("auth-svc", "Authenticate",
+                                                        auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8)))
+    while plan.calls < 1:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    calls = plan.calls
+    await asyncio.sleep(0.7)  # longer than two back-offs: no further attempt may appear
+    assert plan.calls == calls == 1
+    del stub
+
+
+async def test_ejected_endpoint_gets_no_traffic_while_its_peer_serves(servers, make_client):
+    bad = FaultPlan(fail_first=10**6, status=grpc.StatusCode.UNAVAILABLE)
+    good = FaultPlan()
+    sb, sg = await servers(bad, "bad"), await servers(good, "good")
+    client = make_client(_mesh(), [f"127.0.0.1:{sb.bound_port}", f"127.0.0.1:{sg.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    for _ in range(20):  # retries route around the bad endpoint; each call ends OK
+        assert (await stub.ValidateToken(_req())).subject == "good"
+    assert bad.calls == 5  # ejected after exactly 5 consecutive failures, then no more traffic
+    bad_calls = bad.calls
+    for _ in range(20):
+        assert (await stub.ValidateToken(_req())).subject == "good"
+    assert bad.calls == bad_calls
+    cluster = client.targets()["auth-svc"].cluster()
+    ejected = {e["endpoint"]: e["ejected"] for e in cluster["endpoints"]}
+    assert ejected == {f"127.0.0.1:{sb.bound_port}": True, f"127.0.0.1:{sg.bound_port}": False}
+
+
+async def test_dropped_connections_are_retried(servers, make_client, mesh_certs):
+    plan = FaultPlan(delay=0.3)
+    s = await servers(plan)
+    proxy = TcpProxy(s.bound_port)
+    await proxy.start()
+    try:
+        client = make_client(_mesh(), [f"127.0.0.1:{proxy.port}"])
+        stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+        assert (await stub.ValidateToken(_req())).valid
+        first = asyncio.ensure_future(stub.ValidateToken(_req()))
+        while len(plan.attempts_seen) < 2:  # the server is inside the call (before its delay)
+            await asyncio.sleep(0.01)
+        proxy.drop_all()  # the connection dies under an in-flight call: UNAVAILABLE, retried
+        assert (await first).valid
+        assert len(plan.attempts_seen) >= 3 and plan.attempts_seen[-1] == 2
+    finally:
+        await proxy.stop()
+
+
+async def test_streams_are_not_retried_after_a_message(servers, make_client):
+    plan = FaultPlan(stream_then_fail=True)
+    s = await servers(plan, service="event-collector-svc")
+    # analytics-svc may call ListEvents; the fault server serves it too: point event-collector-svc at it
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"], identity="analytics-svc")
+    client.config.endpoints = {**client.config.endpoints, "event-collector-svc": [f"127.0.0.1:{s.bound_port}"]}
+    stub = events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc"))
+    got = []
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        async for ev in stub.ListEvents(events_pb2.ListEventsRequest()):
+            got.append(ev.event_id)
+    assert got == ["e1"], exc.value
+    assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert plan.calls == 1
+
+
+async def test_discovery_changes_move_traffic_without_failing_calls(servers, make_client):
+    a, b = FaultPlan(delay=0.02), FaultPlan()
+    sa, sb = await servers(a, "a"), await servers(b, "b")
+    store = SnapshotStore()
+    store.publish("auth-svc", [Endpoint("127.0.0.1", sa.bound_port)])
+    client = make_client(_mesh(), [f"127.0.0.1:{sa.bound_port}"], discovery=store)
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    assert (await stub.ValidateToken(_req())).subject == "a"
+    inflight = [asyncio.ensure_future(stub.ValidateToken(_req())) for _ in range(5)]
+    store.publish("auth-svc", [Endpoint("127.0.0.1", sb.bound_port)])
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if (await stub.ValidateToken(_req())).subject == "b":
+            break
+        await asyncio.sleep(0.01)
+    assert all(r.valid for r in await asyncio.gather(*inflight))  # none failed by the swap
+    for _ in range(10):
+        assert (await stub.ValidateToken(_req())).subject == "b"
+
+
+async def test_client_rebuilds_channels_when_its_certificate_rotates(servers, make_client, tmp_path, mesh_certs):
+    import shutil
+
+    from aivo_mesh.pki.issue import rotate
+
+    certs = CertLayout(tmp_path / "certs")
+    shutil.copytree(mesh_certs.root, certs.root)
+    plan = FaultPlan(delay=0.2)
+    s = await servers(plan)
+    config = MeshConfig.for_identity("learner-svc", certs, _mesh(), endpoints={"auth-svc": [f"127.0.0.1:{s.bound_port}"]})
+    async with MeshClient(config, health_checks=False, reload_interval=None) as client:
+        stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+        first_serial = client.identity.serial
+        inflight = asyncio.ensure_future(stub.ValidateToken(_req()))
+        while plan.calls < 1:
+            await asyncio.sleep(0.01)
+        rotate(certs, _mesh(), ["learner-svc"])
+        assert client.check_identity()
+        assert client.identity.serial != first_serial
+        assert (await inflight).valid  # the in-flight call finished on the old channel
+        assert (await stub.ValidateToken(_req())).valid
+        assert client.reloads == 1
