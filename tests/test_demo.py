@@ -75,3 +75,37 @@ def test_status_reports_running_services(tmp_path):
     assert not any(pid_alive(p) for p in pids)
     empty = meshctl("status", "--json", "--state-dir", str(state.root))
     assert json.loads(empty.stdout)["processes"] == []
+
+
+def test_status_shows_breakers_and_upstream_health_from_admin_endpoints(tmp_path):
+    import asyncio
+
+    from aivo_mesh.runtime.local import prepare, start_services
+    from aivo_mesh.runtime.supervisor import Supervisor
+
+    state = StateDir(tmp_path / "state")
+
+    async def scenario() -> dict[str, object]:
+        from aivo_mesh.client import MeshClient, MeshConfig
+        from aivo_mesh.runtime.driver import drive
+        from aivo_mesh.runtime.health import wait_serving
+
+        mesh = prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
+        sup = Supervisor(state)
+        try:
+            await start_services(sup, mesh)
+            async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
+                assert set((await wait_serving(client, mesh.service_names, timeout=30)).values()) == {"SERVING"}
+                stats = await drive(client, 0.5, workers=1)  # learner -> auth, analytics -> events
+                assert stats.total_errors == 0
+            out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))
+            assert out.returncode == 0, out.stderr
+            return json.loads(out.stdout)
+        finally:
+            await sup.stop_all()
+
+    report = asyncio.run(scenario())
+    rows = {r["name"]: r for r in report["processes"]}
+    assert rows["learner-svc"]["breakers"] == {"auth-svc": "closed"}
+    assert rows["learner-svc"]["upstreams"] == {"auth-svc": "1/1 healthy"}
+    assert rows["analytics-svc"]["breakers"] == {"event-collector-svc": "closed"}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import sys
 import time
 from pathlib import Path
@@ -38,14 +37,18 @@ def _console() -> Console:
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
               help="where the service keeps its data (default: .state/data/SERVICE)")
 @click.option("--port", type=int, default=None, help="override the mesh port from mesh.yaml")
+@click.option("--admin-port", type=int, default=None, help="admin endpoint port (default: mesh.yaml admin_port)")
+@click.option("--consul", default=None, metavar="HOST:PORT", help="register in this Consul agent while serving")
 @click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging only")
 @click.option("--grace", type=float, default=5.0, show_default=True, help="drain time on shutdown (s)")
+@click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
-          insecure: bool, grace: float) -> None:
+          admin_port: int | None, consul: str | None, insecure: bool, grace: float, log_format: str) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.telemetry.logs import configure_logging
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging("INFO", json=log_format == "json")
     mesh = load_mesh(config)
     if service not in mesh.service_names:
         raise click.BadParameter(f"unknown service {service!r}; mesh.yaml defines "
@@ -53,7 +56,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
-                              port=port, grace=grace))
+                              port=port, admin_port=admin_port, consul=consul, grace=grace))
 
 
 @cli.command()
@@ -139,10 +142,12 @@ def status(state_dir: str | None, as_json: bool) -> None:
         click.echo(json.dumps({"state_dir": str(state.root), "processes": rows}, indent=2))
         return
     table = Table(title=f"aivo-mesh status ({state.root})")
-    for col in ("name", "role", "pid", "address", "process", "health"):
+    for col in ("name", "role", "pid", "address", "process", "health", "breakers", "upstreams"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"])
+        table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
+                      ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
+                      ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
     _console().print(table if rows else f"nothing running from {state.root}")
 
 
@@ -161,16 +166,43 @@ async def _status(state: StateDir) -> list[dict[str, Any]]:
     if not records:
         return []
     mesh = load_mesh(state.mesh_file)
-    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh))
+    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh), health_checks=False,
+                        reload_interval=None)
     try:
         rows = []
         for r in records:
             alive = pid_alive(r.pid)
             health = "-"
+            breakers: dict[str, Any] = {}
+            upstreams: dict[str, Any] = {}
             if alive and r.role == "service" and r.name in mesh.service_names:
                 health = await check(client, r.name)
-            rows.append({"name": r.name, "role": r.role, "pid": r.pid, "address": r.address,
-                         "process": "running" if alive else "exited", "health": health})
+            if alive and r.admin:
+                breakers, upstreams = await asyncio.to_thread(_admin_view, r.admin)
+            rows.append({"name": r.name, "role": r.role, "pid": r.pid, "address": r.address, "admin": r.admin,
+                         "process": "running" if alive else "exited", "health": health,
+                         "breakers": breakers, "upstreams": upstreams})
         return rows
     finally:
         await client.close()
+
+
+def _admin_view(admin: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Breaker states and per-upstream endpoint health from a process's admin endpoint."""
+    import urllib.request
+
+    def get(path: str) -> Any:
+        with urllib.request.urlopen(f"http://{admin}{path}", timeout=2) as resp:  # noqa: S310 - loopback admin
+            return json.loads(resp.read())
+
+    try:
+        breakers = {name: b.get("state") for name, b in get("/circuit_breakers")["circuit_breakers"].items()}
+        clusters = get("/clusters")
+    except (OSError, ValueError):
+        return {}, {}
+    upstreams = {}
+    for c in clusters["clusters"]:
+        eps = c.get("endpoints", [])
+        healthy = sum(1 for e in eps if e.get("healthy") and not e.get("ejected"))
+        upstreams[c.get("service", "?")] = f"{healthy}/{len(eps)} healthy"
+    return breakers, upstreams

@@ -78,5 +78,6 @@ async def start_services(sup: Supervisor, mesh: MeshSpec, services: Sequence[str
                             str(state.certs.root), "--data-dir", str(state.data_dir(name)))
         if insecure:
             argv.append("--insecure")
-        await sup.start(Managed(name=name, role="service", argv=argv,
-                                address=f"{svc.host}:{svc.port}"))
+        admin = f"{mesh.observability.metrics.host}:{svc.admin_port}" if svc.admin_port else None
+        await sup.start(Managed(name=name, role="service", argv=argv, address=f"{svc.host}:{svc.port}",
+                                admin=admin))

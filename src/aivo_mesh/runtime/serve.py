@@ -1,8 +1,16 @@
-"""One demo service in its own process: MeshServer + the service's servicer + a MeshClient for peers."""
+"""One demo service in its own process, assembled from mesh.yaml:
+
+    MeshServer   mTLS 1.3, authorization, health, reflection, telemetry observers
+    MeshClient   the service's own identity, for calls to its peers (full policy stack)
+    the app      the service's servicer (services/)
+    admin        /stats /clusters /circuit_breakers /metrics /ready on 127.0.0.1:<admin_port>
+    Consul       self-registration with a TLS gRPC health check, when an agent address is given
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -10,10 +18,13 @@ from pathlib import Path
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.runtime.admin_source import MeshAdminSource
 from aivo_mesh.server import MeshServer
 from aivo_mesh.services import APPS
 from aivo_mesh.services.base import ServiceContext
 from aivo_mesh.services.protos import SERVICE_DESCRIPTORS
+from aivo_mesh.telemetry.admin import AdminServer
+from aivo_mesh.telemetry.process import ProcessTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -26,30 +37,57 @@ async def serve_service(
     *,
     insecure: bool = False,
     port: int | None = None,
+    admin_port: int | None = None,
+    consul: str | None = None,
     grace: float = 5.0,
     stop: asyncio.Event | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`."""
     if name not in APPS:
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
+    spec = mesh.service(name)
+    telemetry = ProcessTelemetry.for_service(mesh, name)
+    if telemetry.tracing is not None:
+        telemetry.tracing.install_global()  # application spans via opentelemetry.trace.get_tracer
+    common = {"port": port, "observers": telemetry.observers()}
     if insecure:
-        server = MeshServer(mesh, name, insecure=True, port=port)
+        server = MeshServer(mesh, name, insecure=True, **common)  # type: ignore[arg-type]
     else:
-        server = MeshServer.for_service(mesh, name, certs, port=port)
-    client = MeshClient(MeshConfig.for_identity(name, certs, mesh))
+        server = MeshServer.for_service(
+            mesh, name, certs, on_identity=lambda ident: telemetry.metrics.set_certificate_expiry(name, ident),
+            **common)
+    client = MeshClient(MeshConfig.for_identity(name, certs, mesh), listeners=telemetry.listeners(),
+                        outer_layers=telemetry.client_layers())
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
     server.add_service_name(SERVICE_DESCRIPTORS[name])
+    admin = AdminServer(MeshAdminSource(client, server), telemetry.metrics, host=mesh.observability.metrics.host,
+                        port=admin_port if admin_port is not None else (spec.admin_port or 0))
+    registration = None
+    service_id = None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await server.start()
+        bound = await server.start()
+        await admin.start()
+        log.info("%s admin endpoint on %s", name, admin.url)
+        if consul:
+            from aivo_mesh.discovery.consul_register import ConsulRegistration
+
+            registration = ConsulRegistration(consul)
+            service_id = await registration.register(mesh, name, address=server.host, port=bound,
+                                                     use_tls=not insecure)
         await stop.wait()
         log.info("%s: draining (grace %.1fs)", name, grace)
     finally:
+        if registration is not None and service_id is not None:
+            with contextlib.suppress(Exception):
+                await registration.deregister(service_id)
         await server.stop(grace)
+        await admin.stop()
         await app.close()
         await client.close()
+        await telemetry.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -161,7 +161,9 @@ class _Guard:
             return
         call, tokens = state
         final = code or _final_code(context, error)
-        for o, t in zip(self.interceptor.observers, tokens, strict=True):
+        # Reverse order, like a stack: the tracing observer (first) ends its span last, so the
+        # others still see it as current (trace ids in log lines).
+        for o, t in zip(reversed(self.interceptor.observers), reversed(tokens), strict=True):
             o.finish(t, call, final, error)
 
 

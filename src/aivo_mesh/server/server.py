@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
-from aivo_mesh.pki import CertLayout
+from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.server.authz import Authorizer
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCallObserver
@@ -49,6 +49,7 @@ class MeshServer:
         insecure: bool = False,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         observers: Sequence[ServerCallObserver] = (),
+        on_identity: Callable[[Identity], None] | None = None,
         options: Sequence[tuple[str, object]] = (),
     ) -> None:
         spec = mesh.service(service)
@@ -61,7 +62,9 @@ class MeshServer:
         if not insecure:
             if cert is None or key is None or ca is None:
                 raise MeshError(f"{service}: mTLS needs cert, key and ca paths (or insecure=True)")
-            self.credentials = ReloadingServerCredentials(cert, key, ca)
+            self.credentials = ReloadingServerCredentials(cert, key, ca, on_reload=on_identity)
+            if on_identity is not None:
+                on_identity(self.credentials.identity)
         self.authorizer = Authorizer(mesh, service)
         self.guard = MeshServerInterceptor(None if insecure else self.authorizer, service=service,
                                            require_tls=not insecure, observers=observers)
@@ -81,6 +84,7 @@ class MeshServer:
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         self.bound_port: int | None = None
         self._started = False
+        self._status = health_pb2.HealthCheckResponse.NOT_SERVING
 
     @classmethod
     def for_service(
@@ -110,6 +114,7 @@ class MeshServer:
         self._started = True
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._status = health_pb2.HealthCheckResponse.SERVING
         log.info("%s serving on %s:%d (%s)", self.service, self.host, bound,
                  "plaintext" if self.insecure else "mTLS")
         return int(bound)
@@ -119,8 +124,13 @@ class MeshServer:
         if not self._started:
             return
         self._started = False
+        self._status = health_pb2.HealthCheckResponse.NOT_SERVING
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+
+    def health_status(self) -> int:
+        """The overall health this server reports (grpc.health.v1 ServingStatus value)."""
+        return int(self._status)
 
     async def wait_for_termination(self) -> None:
         await self.grpc_server.wait_for_termination()
