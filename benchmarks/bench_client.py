@@ -118,7 +118,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver
 
         receiver = OtlpReceiver()
-        rport = await receiver.start()
+        await receiver.start()
+        rport = receiver.port
         traced_mesh = mesh.model_copy(update={"observability": mesh.observability.model_copy(update={
             "tracing": mesh.observability.tracing.model_copy(update={
                 "enabled": True, "otlp_endpoint": f"http://127.0.0.1:{rport}", "sample_ratio": 1.0})})})

@@ -19,19 +19,32 @@ from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports (all sockets held open until every port is chosen)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def with_free_ports(mesh: MeshSpec) -> MeshSpec:
-    """A copy of the mesh whose every service port is a free loopback port."""
+    """A copy of the mesh whose every service port is a distinct free loopback port."""
+    ports = iter(free_ports(6 * len(mesh.services)))
     services = []
     for svc in mesh.services:
         sidecar = svc.sidecar.model_copy(update={
-            "inbound_port": free_port(), "outbound_port": free_port(), "admin_port": free_port()})
+            "inbound_port": next(ports), "outbound_port": next(ports), "admin_port": next(ports)})
         services.append(svc.model_copy(update={
-            "port": free_port(), "local_port": free_port(), "admin_port": free_port(),
+            "port": next(ports), "local_port": next(ports), "admin_port": next(ports),
             "sidecar": sidecar, "endpoints": ()}))
     return mesh.model_copy(update={"services": tuple(services)})
 
