@@ -39,11 +39,14 @@ def _console() -> Console:
 @click.option("--port", type=int, default=None, help="override the mesh port from mesh.yaml")
 @click.option("--admin-port", type=int, default=None, help="admin endpoint port (default: mesh.yaml admin_port)")
 @click.option("--consul", default=None, metavar="HOST:PORT", help="register in this Consul agent while serving")
-@click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging only")
+@click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging, or behind a sidecar")
+@click.option("--sidecar-outbound", default=None, metavar="HOST:PORT",
+              help="sidecar plane: call peers through this local Envoy outbound listener")
 @click.option("--grace", type=float, default=5.0, show_default=True, help="drain time on shutdown (s)")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
-          admin_port: int | None, consul: str | None, insecure: bool, grace: float, log_format: str) -> None:
+          admin_port: int | None, consul: str | None, insecure: bool, sidecar_outbound: str | None, grace: float,
+          log_format: str) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.runtime.serve import serve_service
     from aivo_mesh.telemetry.logs import configure_logging
@@ -56,7 +59,8 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
-                              port=port, admin_port=admin_port, consul=consul, grace=grace))
+                              port=port, admin_port=admin_port, consul=consul, grace=grace,
+                              sidecar_outbound=sidecar_outbound))
 
 
 @cli.command()
@@ -134,21 +138,42 @@ def _ms(seconds: float | None) -> str:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help=f"runtime state (default: {DEFAULT_STATE_DIR}, else .state/demo)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def status(state_dir: str | None, as_json: bool) -> None:
-    """Report the mesh processes running from a state dir and their health."""
+@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between rate samples")
+def status(state_dir: str | None, as_json: bool, interval: float) -> None:
+    """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir."""
+    from aivo_mesh.runtime.mesh import RuntimeInfo
+    from aivo_mesh.runtime.status import gather, status_rows_json
+
     state = StateDir(state_dir) if state_dir else _find_state()
-    rows = asyncio.run(_status(state))
-    if as_json:
-        click.echo(json.dumps({"state_dir": str(state.root), "processes": rows}, indent=2))
+    info = RuntimeInfo.read(state)
+    if info is None:  # a `meshctl demo` run (no supervisor): list its processes
+        rows = asyncio.run(_status(state))
+        if as_json:
+            click.echo(json.dumps({"state_dir": str(state.root), "processes": rows}, indent=2))
+            return
+        table = Table(title=f"aivo-mesh status ({state.root})")
+        for col in ("name", "role", "pid", "address", "process", "health", "breakers", "upstreams"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
+                          ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
+                          ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
+        _console().print(table if rows else f"nothing running from {state.root}")
         return
-    table = Table(title=f"aivo-mesh status ({state.root})")
-    for col in ("name", "role", "pid", "address", "process", "health", "breakers", "upstreams"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
-                      ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
-                      ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
-    _console().print(table if rows else f"nothing running from {state.root}")
+    services = asyncio.run(gather(state, interval))
+    if as_json:
+        click.echo(status_rows_json(services, state, info.plane))
+        return
+    table = Table(title=f"aivo-mesh status: {info.plane} plane ({state.root})")
+    for col in ("service", "process", "health", "sidecar", "upstreams", "breakers", "rps", "p99"):
+        table.add_column(col, justify="right" if col in ("rps", "p99") else "left")
+    for r in services:
+        table.add_row(r.service, r.process + (f" ({r.restarts} restarts)" if r.restarts else ""), r.health,
+                      r.sidecar, "\n".join(f"{k}: {v}" for k, v in r.upstreams.items()) or "-",
+                      ", ".join(f"{k}={v}" for k, v in r.breakers.items()) or "-",
+                      "-" if r.rps is None else f"{r.rps:.1f}",
+                      "-" if r.p99_ms is None else f"{r.p99_ms:.0f} ms")
+    _console().print(table)
 
 
 def _find_state() -> StateDir:

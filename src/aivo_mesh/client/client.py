@@ -88,11 +88,12 @@ class MeshClient:
         # Load and check our own identity now: a bad key or cert fails here, naming the file.
         self.identity: Identity = load_identity(
             config.client_cert_path, config.client_key_path, config.ca_cert_path)
-        self._credentials = channel_credentials(self.identity)
+        self.sidecar = config.sidecar_outbound is not None
+        self._credentials = None if self.sidecar else channel_credentials(self.identity)
         self.listener = Listeners(*listeners)
         self._outer = tuple(outer_layers)
         self._discovery = discovery
-        self._health_checks = health_checks
+        self._health_checks = health_checks and not self.sidecar
         self._reload_interval = reload_interval
         self._drain = drain_seconds
         self._clock = clock
@@ -170,6 +171,9 @@ class MeshClient:
 
     # -- targets ------------------------------------------------------------------------------
     def endpoints(self, service: str) -> list[str]:
+        if self.config.sidecar_outbound is not None:
+            self._spec(service)  # still only mesh services
+            return [self.config.sidecar_outbound]
         if service in self.config.endpoints:
             return list(self.config.endpoints[service])
         spec = self._spec(service)
@@ -206,7 +210,8 @@ class MeshClient:
         endpoints = self.endpoints(service)
         if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
             endpoints = list(snap.addresses)
-        return Target(policy, routes, pool, endpoints=endpoints, max_retries=self.config.max_retries,
+        max_retries = 0 if self.sidecar else self.config.max_retries
+        return Target(policy, routes, pool, endpoints=endpoints, max_retries=max_retries,
                       clock=self._clock, listener=self.listener, outer=self._outer, options=options,
                       credentials=self._credentials, rng=self._rng)
 
@@ -243,6 +248,8 @@ class MeshClient:
             log.warning("client certificate reload skipped: %s", exc)
             return False
         self.identity = identity
+        if self.sidecar:
+            return True  # the sidecar holds the mesh identity on the wire; nothing to rebuild
         self._credentials = channel_credentials(identity)
         for t in self._targets.values():
             t.pool.rebuild(self._credentials)

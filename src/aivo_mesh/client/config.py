@@ -33,6 +33,10 @@ class MeshConfig:
     mesh_file: str | Path | None = None
     # Explicit endpoints per service ("host:port"), overriding mesh.yaml (tests, ad-hoc tools).
     endpoints: Mapping[str, Sequence[str]] = field(default_factory=dict)
+    # Sidecar plane: every call goes in plaintext to the local Envoy's outbound listener, which
+    # does mTLS, retries and outlier ejection. The client keeps deadlines and its breaker but sends
+    # no retries of its own, so attempts are never multiplied across the two layers.
+    sidecar_outbound: str | None = None
 
     def __post_init__(self) -> None:
         if self.connection_timeout <= 0 or self.request_timeout <= 0:

@@ -25,7 +25,7 @@ class EndpointPool:
     def __init__(
         self,
         authority: str,
-        credentials: grpc.ChannelCredentials,
+        credentials: grpc.ChannelCredentials | None,
         options: Sequence[tuple[str, object]],
         drain_seconds: float = DEFAULT_DRAIN_SECONDS,
     ) -> None:
@@ -41,8 +41,7 @@ class EndpointPool:
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = grpc.aio.secure_channel(
-                endpoint, self._credentials, options=self._options)
+            ch = self._channels[endpoint] = open_channel(endpoint, self._credentials, self._options)
         return ch
 
     def multicallable(self, endpoint: str, kind: str, path: str,
@@ -66,7 +65,7 @@ class EndpointPool:
         if gone:
             self._callables = {k: v for k, v in self._callables.items() if k[0] in keep}
 
-    def rebuild(self, credentials: grpc.ChannelCredentials) -> None:
+    def rebuild(self, credentials: grpc.ChannelCredentials | None) -> None:
         """New credentials (rotated client certificate): new channels for new calls, old ones drain."""
         self._credentials = credentials
         old, self._channels, self._callables = self._channels, {}, {}
@@ -92,6 +91,15 @@ class EndpointPool:
     def states(self) -> dict[str, str]:
         """Connectivity state per endpoint (for /clusters), without triggering a connection."""
         return {e: ch.get_state(try_to_connect=False).name for e, ch in self._channels.items()}
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None,
+                 options: Sequence[tuple[str, object]], interceptors: Sequence[Any] = ()) -> grpc.aio.Channel:
+    """mTLS channel; plaintext only for the sidecar plane's loopback hop to the local Envoy."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=list(options), interceptors=list(interceptors) or None)
+    return grpc.aio.secure_channel(target, credentials, options=list(options),
+                                   interceptors=list(interceptors) or None)
 
 
 async def _close_later(ch: grpc.aio.Channel, delay: float) -> None:

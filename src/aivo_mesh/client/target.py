@@ -21,7 +21,7 @@ import grpc
 from grpc.aio import ClientCallDetails
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from aivo_mesh.client.endpoints import EndpointPool
+from aivo_mesh.client.endpoints import EndpointPool, open_channel
 from aivo_mesh.client.errors import error_for
 from aivo_mesh.client.interceptors import ATTEMPT_HEADER, _pairs, adapters, final_code, make_unary_terminal
 from aivo_mesh.client.methods import MethodInfo
@@ -50,7 +50,7 @@ class Target:
         listener: PolicyListener,
         outer: Sequence[Layer],
         options: Sequence[tuple[str, object]],
-        credentials: grpc.ChannelCredentials,
+        credentials: grpc.ChannelCredentials | None,
         **policy_kwargs: Any,
     ) -> None:
         self.service = policy.service.name
@@ -62,8 +62,8 @@ class Target:
         self.policy = TargetPolicy(policy, routes, make_unary_terminal(self), endpoints=endpoints,
                                    max_retries=max_retries, clock=clock, listener=listener, outer=outer,
                                    **policy_kwargs)
-        self.front = grpc.aio.secure_channel(endpoints[0] if endpoints else "127.0.0.1:1", credentials,
-                                             options=list(options), interceptors=adapters(self))
+        self.front = open_channel(endpoints[0] if endpoints else "127.0.0.1:1", credentials, options,
+                                  adapters(self))
         self.health_interval = policy.health_check.interval
         self.health_timeout = policy.health_check.timeout
         self._tasks: list[asyncio.Task[None]] = []

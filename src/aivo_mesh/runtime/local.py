@@ -7,7 +7,7 @@ Used by `meshctl demo` (and, with sidecars, by `meshctl up`). Ports come from me
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import yaml
 
@@ -69,12 +69,15 @@ def ensure_certs(state: StateDir, mesh: MeshSpec) -> list[str]:
     return issued
 
 
-def prepare(state: StateDir, config: str | None, free_ports: bool) -> MeshSpec:
+def prepare(state: StateDir, config: str | None, free_ports: bool,
+            transform: Callable[[MeshSpec], MeshSpec] | None = None) -> MeshSpec:
     """Load mesh.yaml, pick ports, write the effective mesh into the state dir, issue certificates."""
     state.ensure()
     mesh = load_mesh(config)
     if free_ports:
         mesh = with_free_ports(mesh)
+    if transform is not None:
+        mesh = transform(mesh)
     state.mesh_file.write_text(dump_mesh(mesh))
     # Round-trip check: the children read this file, so it must mean what we hold.
     mesh = load_mesh(state.mesh_file)

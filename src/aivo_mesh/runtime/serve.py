@@ -41,6 +41,7 @@ async def serve_service(
     consul: str | None = None,
     grace: float = 5.0,
     stop: asyncio.Event | None = None,
+    sidecar_outbound: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`."""
     if name not in APPS:
@@ -56,7 +57,8 @@ async def serve_service(
         server = MeshServer.for_service(
             mesh, name, certs, on_identity=lambda ident: telemetry.metrics.set_certificate_expiry(name, ident),
             **common)
-    client = MeshClient(MeshConfig.for_identity(name, certs, mesh), listeners=telemetry.listeners(),
+    client = MeshClient(MeshConfig.for_identity(name, certs, mesh, sidecar_outbound=sidecar_outbound),
+                        listeners=telemetry.listeners(),
                         outer_layers=telemetry.client_layers())
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
     server.add_service_name(SERVICE_DESCRIPTORS[name])

@@ -192,7 +192,8 @@ class OtlpReceiver:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, capacity: int = 10000,
                  forward_to: str | None = None, *, forward_timeout: float = 5.0,
-                 forward_queue: int = 1000) -> None:
+                 forward_queue: int = 1000,
+                 sink: Callable[[list[SpanRecord]], None] | None = None) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
         self.host = host
@@ -200,6 +201,8 @@ class OtlpReceiver:
         self.capacity = capacity
         self.forward_to = forward_to
         self.forward_timeout = forward_timeout
+        # Called with each Export's decoded spans (e.g. to persist them for `meshctl traces`).
+        self.sink = sink
         self._spans: deque[SpanRecord] = deque(maxlen=capacity)
         self._cond = asyncio.Condition()
         self._server: Any = None
@@ -309,6 +312,8 @@ class OtlpReceiver:
         self._spans.extend(spans)
         self.requests += 1
         self.received += len(spans)
+        if self.sink is not None:
+            self.sink(spans)
         return spans
 
     async def notify(self) -> None:
@@ -339,13 +344,7 @@ class OtlpReceiver:
 
     def traces(self, last: int = 20) -> list[Trace]:
         """The `last` most recent traces (by start time of their earliest span), newest first."""
-        groups: dict[str, list[SpanRecord]] = {}
-        for s in self._spans:
-            groups.setdefault(s.trace_id, []).append(s)
-        traces = [Trace(tid, tuple(sorted(spans, key=lambda s: (s.start_ns, s.end_ns))))
-                  for tid, spans in groups.items()]
-        traces.sort(key=lambda t: t.start_ns, reverse=True)
-        return traces[:max(0, last)]
+        return group_traces(self._spans, last)
 
     def trace(self, trace_id: str) -> Trace | None:
         spans = sorted((s for s in self._spans if s.trace_id == trace_id.lower()),
@@ -361,6 +360,17 @@ class OtlpReceiver:
 
 
 # -- rendering -------------------------------------------------------------------------------------
+
+def group_traces(spans: Iterable[SpanRecord], last: int = 20) -> list[Trace]:
+    """Group spans by trace id; the `last` most recent traces (by earliest start), newest first."""
+    groups: dict[str, list[SpanRecord]] = {}
+    for s in spans:
+        groups.setdefault(s.trace_id, []).append(s)
+    traces = [Trace(tid, tuple(sorted(group, key=lambda s: (s.start_ns, s.end_ns))))
+              for tid, group in groups.items()]
+    traces.sort(key=lambda t: t.start_ns, reverse=True)
+    return traces[:max(0, last)]
+
 
 def format_duration(ns: int) -> str:
     if ns < 1_000_000:

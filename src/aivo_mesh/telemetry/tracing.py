@@ -287,10 +287,16 @@ class ServerTracingObserver:
     task) ends the span with the final status and restores the previous context.
     """
 
+    # Probes are not traced (as in Envoy and Linkerd): a 30 s health check per caller would bury
+    # the application's traces.
+    UNTRACED_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
     def __init__(self, tracing: Tracing) -> None:
         self.tracing = tracing
 
     def start(self, call: ServerCall) -> object:
+        if call.method.startswith(self.UNTRACED_PREFIXES):
+            return None
         # Only the remote parent counts: whatever context the server's task inherited is ignored.
         parent = self.tracing.propagator.extract(call.metadata, context=otel_context.Context(), getter=_GETTER)
         attributes = _rpc_attributes(call.method)

@@ -1,0 +1,192 @@
+"""`meshctl up`, `down`, `traces` (and the hidden `collector` / `_supervise` process entry points)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from aivo_mesh.cli._root import cli
+from aivo_mesh.errors import MeshError
+from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
+
+HEALTHY_WITHIN = {"sidecar": 20.0, "proxyless": 15.0}
+
+
+def _console() -> Console:
+    c = Console()
+    return c if c.is_terminal else Console(width=160)
+
+
+@cli.command()
+@click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True)
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
+@click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
+@click.option("--free-ports/--mesh-ports", default=False, show_default=True,
+              help="free loopback ports instead of mesh.yaml's (tests, a second mesh)")
+@click.option("--otlp-port", type=int, default=None, help="trace collector port (default 4317, or free)")
+@click.option("--timeout", type=float, default=None, help="seconds to wait for all-healthy")
+def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_port: int | None,
+       timeout: float | None) -> None:
+    """Start the mesh on this machine and return once every service is healthy."""
+    from aivo_mesh.runtime.local import free_port, prepare
+    from aivo_mesh.runtime.mesh import running_supervisor, with_tracing
+
+    state = StateDir(state_dir)
+    if running_supervisor(state):
+        raise MeshError(f"a mesh is already running from {state.root} (meshctl down --state-dir {state.root})")
+    console = _console()
+    started = time.monotonic()
+    port = otlp_port or (free_port() if free_ports else 4317)
+    mesh = prepare(state, config, free_ports, transform=lambda m: with_tracing(m, port))
+    log = state.log_file("supervisor")
+    with log.open("ab") as out:
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
+             "--otlp-port", str(port)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+    limit = timeout or HEALTHY_WITHIN[plane]
+    with console.status(f"starting the {plane} mesh ({len(mesh.service_names)} services)...") as status:
+        ok, report = asyncio.run(_wait_healthy(state, mesh, proc, limit, status.update))
+    elapsed = time.monotonic() - started
+    if not ok:
+        console.print(f"[red]not healthy within {limit:.0f}s:[/red]")
+        for name, st in report.items():
+            console.print(f"  {name}: {st}")
+        console.print(f"logs: {state.root / 'logs'}")
+        _down(state, console)
+        raise click.exceptions.Exit(1)
+    console.print(f"[green]{plane} mesh up: {len(report)} services healthy in {elapsed:.1f}s[/green] "
+                  f"(state {state.root}; `meshctl status`, `meshctl traces`, `meshctl down`)")
+
+
+async def _wait_healthy(state: StateDir, mesh: object, proc: subprocess.Popen[bytes], limit: float,
+                        progress: object) -> tuple[bool, dict[str, str]]:
+    """Poll (bounded) until the supervisor wrote runtime.json and every service is SERVING through its
+    front door (and, for sidecars, every Envoy reports LIVE)."""
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.config.loader import load_mesh
+    from aivo_mesh.runtime.health import check
+    from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
+
+    deadline = time.monotonic() + limit
+    report: dict[str, str] = {}
+    info = None
+    while info is None:
+        info = RuntimeInfo.read(state)
+        if proc.poll() is not None:
+            return False, {"supervisor": f"exited with {proc.returncode}"}
+        if time.monotonic() > deadline:
+            return False, {"supervisor": "did not start"}
+        if info is None:
+            await asyncio.sleep(0.05)
+    view = mesh_for_clients(load_mesh(state.mesh_file), info)
+    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view), health_checks=False,
+                        reload_interval=None)
+    try:
+        while True:
+            for name, ep in info.services.items():
+                if report.get(name) == "SERVING":
+                    continue
+                if ep.sidecar_admin and not await asyncio.to_thread(_envoy_live, ep.sidecar_admin):
+                    report[name] = "sidecar not ready"
+                    continue
+                report[name] = await check(client, name, timeout=1.0)
+            healthy = sum(v == "SERVING" for v in report.values())
+            progress(f"{healthy}/{len(info.services)} services SERVING ...")  # type: ignore[operator]
+            if healthy == len(info.services):
+                return True, report
+            if proc.poll() is not None or time.monotonic() > deadline:
+                return False, report
+            await asyncio.sleep(0.1)
+    finally:
+        await client.close()
+
+
+def _envoy_live(admin: str) -> bool:
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:  # noqa: S310 - loopback admin
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
+def down(state_dir: str) -> None:
+    """Stop everything `meshctl up` started from this state dir, by pid."""
+    _down(StateDir(state_dir), _console())
+
+
+def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
+    from aivo_mesh.runtime.mesh import running_supervisor, supervisor_pid_file
+    from aivo_mesh.runtime.supervisor import stop_recorded
+
+    pid = running_supervisor(state)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    # Whatever the supervisor could not stop (it was killed, or crashed) goes by its recorded pid.
+    leftovers = stop_recorded(state.read_processes(), grace=5.0)
+    state.clear_processes()
+    for f in (supervisor_pid_file(state), state.root / "runtime.json"):
+        f.unlink(missing_ok=True)
+    stopped = "supervisor" if pid else "nothing was running"
+    console.print(f"mesh down ({stopped}{'; also stopped ' + ', '.join(leftovers) if leftovers else ''})")
+
+
+@cli.command()
+@click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
+@click.option("--last", type=int, default=5, show_default=True, help="how many recent traces")
+@click.option("--width", type=int, default=40, show_default=True, help="width of the timing bars")
+def traces(state_dir: str, last: int, width: int) -> None:
+    """Recent traces of the local mesh as text waterfalls (app and Envoy spans)."""
+    from aivo_mesh.runtime.collector import SpanLog
+    from aivo_mesh.telemetry.otlp_receiver import render_waterfall
+
+    state = StateDir(state_dir)
+    found = SpanLog(state.root / "traces.jsonl").traces(last)
+    if not found:
+        click.echo(f"no traces yet in {state.root / 'traces.jsonl'}")
+        return
+    for t in found:
+        click.echo(render_waterfall(t, width=width))
+        click.echo()
+
+
+@cli.command(hidden=True)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=4317, show_default=True)
+@click.option("--out", type=click.Path(dir_okay=False), required=True)
+@click.option("--forward-to", default=None, help="also forward every Export to this OTLP endpoint (Jaeger)")
+def collector(host: str, port: int, out: str, forward_to: str | None) -> None:
+    """Run the local OTLP trace collector (started by `meshctl up`)."""
+    from aivo_mesh.runtime.collector import run_collector
+
+    asyncio.run(run_collector(host, port, Path(out), forward_to))
+
+
+@cli.command(name="_supervise", hidden=True)
+@click.option("--state-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), required=True)
+@click.option("--otlp-port", type=int, required=True)
+def supervise_cmd(state_dir: str, plane: str, otlp_port: int) -> None:
+    from aivo_mesh.runtime.mesh import supervise
+    from aivo_mesh.telemetry.logs import configure_logging
+
+    configure_logging("INFO", json=True)
+    asyncio.run(supervise(StateDir(state_dir), plane, otlp_port))  # type: ignore[arg-type]

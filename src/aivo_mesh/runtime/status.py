@@ -1,0 +1,177 @@
+"""`meshctl status`: one row per service, gathered from health checks and admin endpoints.
+
+    health     grpc.health.v1 through the service's front door (Envoy inbound or MeshServer)
+    sidecar    Envoy /ready (sidecar plane)
+    upstreams  healthy/total endpoints per upstream, from Envoy /clusters (sidecar) or the
+               aivo-mesh admin /clusters (proxyless), with ejected endpoints named
+    breakers   the app's circuit breakers per upstream (aivo-mesh admin /circuit_breakers)
+    rps, p99   server-side requests per second over the sampling interval and p99 latency (since
+               start) from the app's /metrics
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints
+from aivo_mesh.runtime.state import StateDir, pid_alive
+
+
+@dataclass
+class ServiceStatus:
+    service: str
+    process: str = "-"
+    health: str = "-"
+    sidecar: str = "-"
+    upstreams: dict[str, str] = field(default_factory=dict)
+    breakers: dict[str, str] = field(default_factory=dict)
+    rps: float | None = None
+    p99_ms: float | None = None
+    restarts: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _get(url: str, timeout: float = 2.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback admin endpoints
+        return str(resp.read().decode())
+
+
+def envoy_upstreams(admin: str) -> dict[str, str]:
+    """Per cluster: healthy/total hosts, naming hosts that are ejected or failing health checks."""
+    hosts: dict[str, dict[str, str]] = {}
+    for line in _get(f"http://{admin}/clusters").splitlines():
+        parts = line.split("::")
+        if len(parts) == 4 and parts[2] == "health_flags":
+            hosts.setdefault(parts[0], {})[parts[1]] = parts[3]
+    out = {}
+    for cluster, flags in sorted(hosts.items()):
+        if cluster in ("local_app", "otlp_collector", "admin", "envoy_admin") or cluster.startswith("local"):
+            continue
+        bad = {h: f for h, f in flags.items() if f != "healthy"}
+        summary = f"{len(flags) - len(bad)}/{len(flags)} healthy"
+        if bad:
+            summary += " (" + ", ".join(f"{h} {f}" for h, f in sorted(bad.items())) + ")"
+        out[cluster] = summary
+    return out
+
+
+def mesh_upstreams(admin: str) -> tuple[dict[str, str], dict[str, str]]:
+    breakers = {n: str(b.get("state")) for n, b in
+                json.loads(_get(f"http://{admin}/circuit_breakers"))["circuit_breakers"].items()}
+    upstreams = {}
+    for c in json.loads(_get(f"http://{admin}/clusters"))["clusters"]:
+        eps = c.get("endpoints", [])
+        ok = [e for e in eps if e.get("healthy") and not e.get("ejected")]
+        summary = f"{len(ok)}/{len(eps)} healthy"
+        ejected = [str(e["endpoint"]) for e in eps if e.get("ejected")]
+        if ejected:
+            summary += f" (ejected: {', '.join(ejected)})"
+        upstreams[str(c.get("service"))] = summary
+    return breakers, upstreams
+
+
+_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+|NaN|\+Inf)')
+
+
+def server_series(metrics_text: str) -> tuple[float, list[tuple[float, float]]]:
+    """(server-side request total, cumulative latency buckets [(le, count)])."""
+    total = 0.0
+    buckets: dict[float, float] = {}
+    for line in metrics_text.splitlines():
+        m = _SAMPLE.match(line)
+        if not m or 'side="server"' not in m.group(2):
+            continue
+        name, labels, value = m.group(1), m.group(2), float(m.group(3))
+        if name == "grpc_requests_total":
+            total += value
+        elif name == "grpc_request_duration_seconds_bucket":
+            le = re.search(r'le="([^"]+)"', labels)
+            if le:
+                bound = float("inf") if le.group(1) == "+Inf" else float(le.group(1))
+                buckets[bound] = buckets.get(bound, 0.0) + value
+    return total, sorted(buckets.items())
+
+
+def p99_ms(buckets: list[tuple[float, float]]) -> float | None:
+    """Upper bound of the bucket holding the 99th percentile (Prometheus-style, no interpolation)."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    target = 0.99 * buckets[-1][1]
+    for le, count in buckets:
+        if count >= target:
+            return None if le == float("inf") else le * 1000
+    return None
+
+
+async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.config.loader import load_mesh
+    from aivo_mesh.runtime.health import check
+    from aivo_mesh.runtime.mesh import mesh_for_clients
+
+    info = RuntimeInfo.read(state)
+    if info is None:
+        return []
+    view = mesh_for_clients(load_mesh(state.mesh_file), info)
+    records = {r.name: r for r in state.read_processes()}
+    try:
+        restarts: dict[str, int] = json.loads((state.root / "restarts.json").read_text())
+    except (FileNotFoundError, ValueError):
+        restarts = {}
+    rows = {name: ServiceStatus(service=name) for name in info.services}
+    firsts: dict[str, float] = {}
+    async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view), health_checks=False,
+                          reload_interval=None) as client:
+        for name, ep in info.services.items():
+            row = rows[name]
+            rec = records.get(name)
+            row.process = "running" if rec and pid_alive(rec.pid) else "down"
+            row.restarts = restarts.get(name, 0) + restarts.get(f"{name}-envoy", 0)
+            row.health = await check(client, name, timeout=1.0)
+            await asyncio.to_thread(_admin_views, row, ep)
+            if ep.admin:
+                try:
+                    firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
+                except OSError:
+                    pass
+    if firsts:
+        await asyncio.sleep(interval)
+    for name, first in firsts.items():
+        ep = info.services[name]
+        try:
+            total, buckets = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))
+        except OSError:
+            continue
+        rows[name].rps = round((total - first) / interval, 1)
+        rows[name].p99_ms = p99_ms(buckets)
+    return list(rows.values())
+
+
+def _admin_views(row: ServiceStatus, ep: ServiceEndpoints) -> None:
+    if ep.sidecar_admin:
+        try:
+            row.sidecar = _get(f"http://{ep.sidecar_admin}/ready").strip() or "?"
+            row.upstreams = envoy_upstreams(ep.sidecar_admin)
+        except OSError:
+            row.sidecar = "unreachable"
+    if ep.admin:
+        try:
+            breakers, upstreams = mesh_upstreams(ep.admin)
+        except (OSError, ValueError, KeyError):
+            return
+        row.breakers = breakers
+        if not ep.sidecar_admin:
+            row.upstreams = upstreams
+
+
+def status_rows_json(rows: list[ServiceStatus], state: StateDir, plane: str) -> str:
+    return json.dumps({"state_dir": str(state.root), "plane": plane, "observed_at": time.time(),
+                       "services": [r.as_dict() for r in rows]}, indent=2)
