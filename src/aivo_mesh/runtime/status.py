@@ -142,8 +142,9 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
                     firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
                 except OSError:
                     pass
-    if firsts:
-        await asyncio.sleep(interval)
+    if not firsts or interval <= 0:  # no rate without two samples
+        return list(rows.values())
+    await asyncio.sleep(interval)
     for name, first in firsts.items():
         ep = info.services[name]
         try:

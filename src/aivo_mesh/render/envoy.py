@@ -1,0 +1,829 @@
+"""Envoy sidecar bootstraps (Envoy v3 API, checked on 1.40) from mesh.yaml.
+
+Pure functions, no I/O, deterministic: the same mesh gives the same dicts, key order included.
+`render(mesh)` is the registry entry (`meshctl render envoy`): the pod profile of every service, i.e.
+what Docker Compose / Kubernetes ship, under ``infra/mesh/envoy/<svc>/``. `bootstrap` and `sds_files`
+render one service for any `EnvoyProfile` (tests and the one-machine demo use the local profile).
+
+One sidecar per service::
+
+    caller app --h2c--> 127.0.0.1:<outbound>  [outbound_grpc]  --mTLS h2--> peer's inbound
+    peer Envoy --mTLS--> <inbound>           [inbound_grpc]   --h2c-->     127.0.0.1:<local_port> (app)
+    admin on 127.0.0.1:<admin>; pod profile only: 0.0.0.0:15090 serves GET /stats/prometheus (Istio's
+    layout) so Prometheus in another container can scrape without the admin API leaving loopback.
+
+How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources):
+
+- **Deadlines.** A unary route carries ``max_stream_duration{max_stream_duration: T,
+  grpc_timeout_header_max: T}`` and *no* ``timeout``: Envoy then honours a shorter client
+  ``grpc-timeout`` and caps it (and calls without one) at T, answering DEADLINE_EXCEEDED. Both fields
+  together would be a trap: once ``max_stream_duration`` is present the router never reads
+  ``route.timeout`` (notes §3, envoy#15530), so the linter rejects the pair. T covers every try and
+  back-off, like mesh.yaml's `timeout`. Streaming routes get ``timeout: 0s`` plus
+  ``idle_timeout: T``: never cut by a unary deadline (the caller's own deadline still applies end to
+  end); a stream silent for its whole mesh.yaml deadline is reaped.
+- **Retries.** ``retry_on`` lists only Envoy's gRPC tokens for the statuses the proxyless plane
+  would retry (`policy.classify.retryable_codes`: CANCELLED never; anything but UNAVAILABLE only on
+  idempotent routes), plus ``connect-failure,refused-stream`` (never processed) and ``reset`` on
+  idempotent routes only. Statuses Envoy cannot express (UNKNOWN, ABORTED, ...) are left out and
+  `envoy_lint.lint_mesh` warns. Streams retry only ``connect-failure,refused-stream``. Envoy maps
+  grpc-status only from trailers-only responses (notes §3): the app's own client still owns the rest.
+- **Limits vs breaker.** ``circuit_breakers`` are the concurrency caps (`limits`) plus the
+  ``retry_budget``; ``max_retries`` is not emitted because a budget overrides it. The failure-count
+  breaker is ``outlier_detection`` (per host, from mesh.yaml `outlier_detection`, as the proxyless
+  OutlierRule): consecutive_5xx = consecutive_gateway_failure = `consecutive_failures`, both
+  enforced at 100 %, success-rate ejection off, and ``successful_active_health_check_uneject_host:
+  false`` so the 30 s gRPC health check cannot end a 60 s ejection early.
+- **Identity.** Certificates arrive through file-based SDS (`sds_files`), so ``meshctl certs
+  rotate`` (an atomic ``os.replace`` in ``<certs>/services/`` and ``<certs>/ca/``) is picked up
+  without a restart: each secret's ``watched_directory`` is the directory those renames happen in.
+  Upstream: SNI = peer name, peer SPIFFE URI SAN must match exactly. Inbound: client certificates
+  required and limited to the trust domain; an RBAC filter mirrors `server.authz.Authorizer`
+  (health/reflection open to every mesh identity, the allow-list for the rest, 403 ->
+  PERMISSION_DENIED). TLS 1.3 minimum *and* maximum everywhere, ALPN h2.
+- **Outbound peers** are the services whose allow-list names this service (by name, SPIFFE ID or
+  ``*``): routing to a service that would refuse every call only hides the mistake. Any other path
+  gets Envoy's 404 (gRPC UNIMPLEMENTED).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import posixpath
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, NamedTuple
+
+from aivo_mesh.config.model import GRPC_STATUS_NAMES, FaultSpec, MeshSpec, RouteSpec, ServiceSpec
+from aivo_mesh.config.resolve import RoutePolicy, route_policy, service_policy
+from aivo_mesh.errors import ConfigError
+from aivo_mesh.policy.classify import retryable_codes
+from aivo_mesh.render import Document
+
+__all__ = [
+    "GRPC_RETRY_TOKENS",
+    "POD_ADMIN_PORT",
+    "POD_INBOUND_PORT",
+    "POD_OUTBOUND_PORT",
+    "STATS_PORT",
+    "VALID_RETRY_ON",
+    "EnvoyPorts",
+    "EnvoyProfile",
+    "RetryOn",
+    "bootstrap",
+    "callable_peers",
+    "local_ports",
+    "peer_address",
+    "relocate",
+    "render",
+    "retry_on_tokens",
+    "sds_files",
+    "sidecar_ports",
+]
+
+Kind = Literal["pod", "local"]
+Config = dict[str, Any]
+
+# --- conventions ------------------------------------------------------------------------------------
+POD_INBOUND_PORT = 50051  # every pod: the sidecar owns the mesh port; the app sits on local_port
+POD_OUTBOUND_PORT = 15001
+POD_ADMIN_PORT = 9901
+STATS_PORT = 15090  # pod profile: GET /stats/prometheus only, on 0.0.0.0 (admin stays on loopback)
+POD_CERT_DIR = "/etc/envoy/certs"
+POD_SDS_DIR = "/etc/envoy/sds"
+POD_OTLP = ("jaeger", 4317)  # Jaeger >= 1.35 takes OTLP/gRPC on 4317
+
+SDS_CERT = "svc_cert"  # secret names and files as in shared/reference/envoy
+SDS_CA = "mesh_ca"
+TLS_CERT_FILE = "tls_cert.yaml"
+MESH_CA_FILE = "mesh_ca.yaml"
+
+INBOUND_LISTENER = "inbound_grpc"
+OUTBOUND_LISTENER = "outbound_grpc"
+STATS_LISTENER = "prometheus_stats"
+# Cluster names with an underscore can never clash with a service name (a DNS label).
+LOCAL_APP_CLUSTER = "local_app"
+ADMIN_CLUSTER = "envoy_admin"
+OTLP_CLUSTER = "otlp_collector"
+
+CONNECT_TIMEOUT = "1s"
+# TCP keepalive (no mesh.yaml key: the h2 PING keepalive of mesh.yaml is the primary liveness check).
+TCP_KEEPALIVE_TIME = 60
+TCP_KEEPALIVE_INTERVAL = 10
+TCP_KEEPALIVE_PROBES = 3
+OTLP_TIMEOUT = "0.25s"
+
+# Methods every authenticated mesh identity may call (mirrors aivo_mesh.server.authz.OPEN_PREFIXES;
+# a test keeps the two equal without importing grpc here).
+OPEN_PREFIXES: tuple[str, ...] = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+# The complete set of Envoy's gRPC retry_on tokens (retry_state_impl.cc parseRetryGrpcOn).
+GRPC_RETRY_TOKENS: dict[str, str] = {
+    "UNAVAILABLE": "unavailable",
+    "RESOURCE_EXHAUSTED": "resource-exhausted",
+    "DEADLINE_EXCEEDED": "deadline-exceeded",
+    "INTERNAL": "internal",
+    "CANCELLED": "cancelled",
+}
+HTTP_RETRY_TOKENS: frozenset[str] = frozenset({
+    "5xx", "gateway-error", "reset", "reset-before-request", "connect-failure", "envoy-ratelimited",
+    "retriable-4xx", "refused-stream", "retriable-status-codes", "retriable-headers",
+    "http3-post-connect-failure",
+})
+VALID_RETRY_ON: frozenset[str] = HTTP_RETRY_TOKENS | frozenset(GRPC_RETRY_TOKENS.values())
+ALWAYS_SAFE_TOKENS: tuple[str, ...] = ("connect-failure", "refused-stream")  # request never processed
+
+_TYPE = "type.googleapis.com/"
+_TLS_PARAMS = {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"}
+
+
+# --- profile and ports ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EnvoyProfile:
+    """Where a sidecar runs: one pod/container per service (`pod`) or every sidecar on one machine
+    (`local`). `cert_dir` holds the mesh PKI layout (``ca/ca.crt``, ``services/<svc>.crt``,
+    ``services/<svc>-key.pem``) as Envoy sees it; `sds_dir` holds `sds_files`' output. `otlp` is the
+    OTLP/gRPC collector for spans (None: no tracing); `statsd` a StatsD sink (None: none)."""
+
+    kind: Kind
+    cert_dir: str
+    sds_dir: str
+    otlp: tuple[str, int] | None = None
+    statsd: tuple[str, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("pod", "local"):
+            raise ValueError(f"kind must be 'pod' or 'local', got {self.kind!r}")
+        for name in ("cert_dir", "sds_dir"):
+            value = getattr(self, name)
+            # Envoy resolves relative paths against its working directory: never what was meant.
+            if not posixpath.isabs(value):
+                raise ValueError(f"{name} must be an absolute path, got {value!r}")
+            object.__setattr__(self, name, value.rstrip("/") or "/")
+
+    @classmethod
+    def pod(cls, mesh: MeshSpec | None = None) -> EnvoyProfile:
+        """The container layout: certs in /etc/envoy/certs, SDS files in /etc/envoy/sds; spans to
+        jaeger:4317 when mesh.yaml enables tracing; StatsD to mesh.yaml's address when enabled."""
+        otlp = statsd = None
+        if mesh is not None:
+            if mesh.observability.tracing.enabled:
+                otlp = POD_OTLP
+            if mesh.observability.statsd.enabled:
+                statsd = _host_port(mesh.observability.statsd.address, "observability.statsd.address")
+        return cls("pod", POD_CERT_DIR, POD_SDS_DIR, otlp, statsd)
+
+    @classmethod
+    def local(cls, cert_dir: str, sds_dir: str, otlp: tuple[str, int] | None = None,
+              statsd: tuple[str, int] | None = None) -> EnvoyProfile:
+        """Every sidecar on one machine: loopback addresses, ports from mesh.yaml's `sidecar` blocks."""
+        return cls("local", str(cert_dir), str(sds_dir), otlp, statsd)
+
+
+class EnvoyPorts(NamedTuple):
+    inbound: int
+    outbound: int
+    admin: int
+
+
+POD_PORTS = EnvoyPorts(POD_INBOUND_PORT, POD_OUTBOUND_PORT, POD_ADMIN_PORT)
+
+
+def _mesh_ports(mesh: MeshSpec) -> set[int]:
+    ports: set[int] = set()
+    for s in mesh.services:
+        for p in (s.port, s.local_port, s.admin_port, s.sidecar.inbound_port, s.sidecar.outbound_port,
+                  s.sidecar.admin_port):
+            if p is not None:
+                ports.add(p)
+    return ports
+
+
+def local_ports(mesh: MeshSpec) -> dict[str, EnvoyPorts]:
+    """Local-profile ports of every service, in mesh.yaml order.
+
+    A port written in the service's `sidecar` block is used as is. A gap takes, per kind, the
+    conventional port (50051 / 15001 / 9901) for the first service that needs one and the next free
+    number after the last one taken for the following ones, skipping every port mesh.yaml names and
+    every port already handed out. Deterministic: no socket is probed.
+    """
+    used = _mesh_ports(mesh)
+    cursor = list(POD_PORTS)
+    result: dict[str, EnvoyPorts] = {}
+    for svc in mesh.services:
+        chosen: list[int] = []
+        for i, explicit in enumerate((svc.sidecar.inbound_port, svc.sidecar.outbound_port,
+                                      svc.sidecar.admin_port)):
+            if explicit is not None:
+                chosen.append(explicit)
+                continue
+            port = cursor[i]
+            while port in used:
+                port += 1
+            if port > 65535:
+                raise ConfigError.single("mesh.yaml", f"services[{svc.name}].sidecar",
+                                         "no free port left for the sidecar; set the sidecar ports")
+            used.add(port)
+            cursor[i] = port + 1
+            chosen.append(port)
+        result[svc.name] = EnvoyPorts(*chosen)
+    return result
+
+
+def sidecar_ports(mesh: MeshSpec, service: str, kind: Kind) -> EnvoyPorts:
+    """(inbound, outbound, admin) of `service`'s sidecar: the per-pod convention or `local_ports`."""
+    mesh.service(service)  # KeyError for an unknown service
+    if kind == "pod":
+        return POD_PORTS
+    return local_ports(mesh)[service]
+
+
+def peer_address(mesh: MeshSpec, peer: str, kind: Kind) -> tuple[str, int]:
+    """Where `peer`'s sidecar accepts mesh traffic: ``<peer>:50051`` (its pod / compose service
+    name, resolved by DNS) or ``127.0.0.1:<its inbound port>`` on one machine."""
+    if kind == "pod":
+        mesh.service(peer)
+        return peer, POD_INBOUND_PORT
+    return "127.0.0.1", sidecar_ports(mesh, peer, "local").inbound
+
+
+def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
+    """Services (mesh.yaml order) whose allow-list lets `service` call at least one method."""
+    me = {service, mesh.spiffe_id(service), "*"}
+    return tuple(
+        s.name for s in mesh.services
+        if s.name != service and any(me & set(rule.from_) for rule in s.allow)
+    )
+
+
+def _host_port(value: str, where: str) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError.single("mesh.yaml", where, f"expected host:port, got {value!r}")
+    return host.strip("[]"), int(port)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+# --- small builders ---------------------------------------------------------------------------------
+def _dur(seconds: float) -> str:
+    """Seconds as an Envoy (protobuf JSON) duration: 5.0 -> "5s", 0.1 -> "0.1s"."""
+    if seconds == int(seconds):
+        return f"{int(seconds)}s"
+    return f"{seconds:.9f}".rstrip("0") + "s"
+
+
+def _ms(ms: int) -> str:
+    return _dur(ms / 1000)
+
+
+def _percent(value: float) -> dict[str, Any]:
+    """A FractionalPercent: exact for whole percents, else per million."""
+    if value == int(value):
+        return {"numerator": int(value), "denominator": "HUNDRED"}
+    return {"numerator": round(value * 10_000), "denominator": "MILLION"}
+
+
+def _socket(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _load_assignment(name: str, host: str, port: int) -> dict[str, Any]:
+    return {"cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}]}
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": _TYPE + type_name, **fields}
+
+
+def _h2_options(mesh: MeshSpec, *, keepalive: bool) -> dict[str, Any]:
+    h2 = mesh.http2
+    opts: dict[str, Any] = {
+        "max_concurrent_streams": h2.max_concurrent_streams,
+        "initial_stream_window_size": h2.initial_stream_window_size,
+        "initial_connection_window_size": h2.initial_connection_window_size,
+    }
+    if keepalive:  # h2 PING, as the proxyless channels do (mesh.yaml `keepalive`)
+        opts["connection_keepalive"] = {"interval": _ms(mesh.keepalive.time_ms),
+                                        "timeout": _ms(mesh.keepalive.timeout_ms)}
+    return opts
+
+
+def _upstream_h2(mesh: MeshSpec, *, keepalive: bool) -> dict[str, Any]:
+    name = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+    return {name: _typed(name, explicit_http_config={"http2_protocol_options": _h2_options(mesh,
+                                                                                         keepalive=keepalive)})}
+
+
+def _sds_ref(name: str, file: str, profile: EnvoyProfile) -> dict[str, Any]:
+    # The watch on the SDS file's directory also catches a Kubernetes ConfigMap's `..data` swap.
+    return {"name": name, "sds_config": {
+        "resource_api_version": "V3",
+        "path_config_source": {"path": posixpath.join(profile.sds_dir, file),
+                               "watched_directory": {"path": profile.sds_dir}},
+    }}
+
+
+def _common_tls(profile: EnvoyProfile, san: dict[str, str]) -> dict[str, Any]:
+    return {
+        "alpn_protocols": ["h2"],
+        "tls_params": dict(_TLS_PARAMS),
+        "tls_certificate_sds_secret_configs": [_sds_ref(SDS_CERT, TLS_CERT_FILE, profile)],
+        "combined_validation_context": {
+            "default_validation_context": {"match_typed_subject_alt_names": [{"san_type": "URI", "matcher": san}]},
+            "validation_context_sds_secret_config": _sds_ref(SDS_CA, MESH_CA_FILE, profile),
+        },
+    }
+
+
+def _keepalive_socket_options() -> list[dict[str, Any]]:
+    # Linux: SOL_SOCKET=1/SO_KEEPALIVE=9; IPPROTO_TCP=6/TCP_KEEPIDLE=4, TCP_KEEPINTVL=5, TCP_KEEPCNT=6.
+    return [
+        {"description": "SO_KEEPALIVE", "level": 1, "name": 9, "int_value": 1, "state": "STATE_PREBIND"},
+        {"description": "TCP_KEEPIDLE", "level": 6, "name": 4, "int_value": TCP_KEEPALIVE_TIME,
+         "state": "STATE_PREBIND"},
+        {"description": "TCP_KEEPINTVL", "level": 6, "name": 5, "int_value": TCP_KEEPALIVE_INTERVAL,
+         "state": "STATE_PREBIND"},
+        {"description": "TCP_KEEPCNT", "level": 6, "name": 6, "int_value": TCP_KEEPALIVE_PROBES,
+         "state": "STATE_PREBIND"},
+    ]
+
+
+def _router() -> dict[str, Any]:
+    return {"name": "envoy.filters.http.router",
+            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+
+
+def _grpc_stats(*, upstream: bool) -> dict[str, Any]:
+    cfg = _typed("envoy.extensions.filters.http.grpc_stats.v3.FilterConfig",
+                 emit_filter_state=True, stats_for_all_methods=True)
+    if upstream:
+        cfg["enable_upstream_stats"] = True
+    return {"name": "envoy.filters.http.grpc_stats", "typed_config": cfg}
+
+
+def _tracing(mesh: MeshSpec, service: str) -> dict[str, Any]:
+    return {
+        "random_sampling": {"value": round(mesh.observability.tracing.sample_ratio * 100, 6)},
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": OTLP_CLUSTER}, "timeout": OTLP_TIMEOUT},
+                # Distinct from the app's own spans (service.name = <svc>) in Jaeger's service list.
+                service_name=f"{service}-sidecar",
+            ),
+        },
+    }
+
+
+def _hcm(mesh: MeshSpec, profile: EnvoyProfile, service: str, stat_prefix: str,
+         route_config: dict[str, Any], http_filters: list[dict[str, Any]], *, inbound: bool) -> dict[str, Any]:
+    cfg = _typed(
+        "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        stat_prefix=stat_prefix,
+        codec_type="HTTP2",
+        http2_protocol_options=_h2_options(mesh, keepalive=False),
+    )
+    if inbound:
+        # RBAC matches paths: normalise them first so `/grpc.health.v1.Health/../x` cannot pass as health.
+        cfg["normalize_path"] = True
+        cfg["merge_slashes"] = True
+    if profile.otlp is not None:
+        cfg["tracing"] = _tracing(mesh, service)
+    cfg["route_config"] = route_config
+    cfg["http_filters"] = http_filters
+    return {"name": "envoy.filters.network.http_connection_manager", "typed_config": cfg}
+
+
+# --- retries and timeouts ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RetryOn:
+    """A route's Envoy retry_on tokens, and the mesh.yaml statuses left out with the reason."""
+
+    tokens: tuple[str, ...]
+    skipped: tuple[tuple[str, str], ...]
+
+    @property
+    def value(self) -> str:
+        return ",".join(self.tokens)
+
+
+def retry_on_tokens(retry_on: Iterable[str], *, idempotent: bool, streaming: bool = False) -> RetryOn:
+    """Envoy retry_on for a route whose mesh.yaml `retry_on` is `retry_on`.
+
+    Status tokens follow the proxyless plane (`retryable_codes`), in a fixed order; then
+    ``reset`` (idempotent unary routes only: the server may have done the work) and the always-safe
+    ``connect-failure,refused-stream``. A stream commits on its first message, so it gets only the
+    always-safe tokens.
+    """
+    wanted = tuple(dict.fromkeys(retry_on))
+    skipped: list[tuple[str, str]] = []
+    if streaming:
+        skipped += [(c, "streaming route: only never-processed failures are retried") for c in wanted]
+        return RetryOn(ALWAYS_SAFE_TOKENS, tuple(skipped))
+    allowed = retryable_codes(wanted, idempotent=idempotent)
+    for code in wanted:
+        if code not in allowed:
+            why = ("never retried (the caller gave up)" if code == "CANCELLED" else
+                   "not a failure" if code == "OK" else
+                   "retried only on idempotent routes")
+            skipped.append((code, why))
+        elif code not in GRPC_RETRY_TOKENS:
+            skipped.append((code, "Envoy has no retry_on token for it (gRPC tokens: "
+                                  + ", ".join(GRPC_RETRY_TOKENS.values()) + ")"))
+    tokens = [tok for code, tok in GRPC_RETRY_TOKENS.items() if code in allowed]
+    if idempotent:
+        tokens.append("reset")
+    tokens += ALWAYS_SAFE_TOKENS
+    return RetryOn(tuple(tokens), tuple(skipped))
+
+
+def _retry_policy(rp: RoutePolicy) -> dict[str, Any] | None:
+    retry = rp.retry
+    if retry.max_retries == 0:
+        return None
+    on = retry_on_tokens(retry.retry_on, idempotent=rp.idempotent, streaming=rp.streaming)
+    policy: dict[str, Any] = {"retry_on": on.value, "num_retries": retry.max_retries}
+    if not rp.streaming and retry.per_try_timeout is not None and retry.per_try_timeout < rp.timeout:
+        policy["per_try_timeout"] = _dur(retry.per_try_timeout)  # Envoy ignores one >= the route's
+    policy["retry_back_off"] = {"base_interval": _dur(retry.backoff.base),
+                                "max_interval": _dur(max(retry.backoff.max, retry.backoff.base))}
+    policy["retry_host_predicate"] = [{
+        "name": "envoy.retry_host_predicates.previous_hosts",
+        "typed_config": _typed("envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"),
+    }]
+    policy["host_selection_retry_max_attempts"] = 3
+    return policy
+
+
+def _deadline(timeout: float, *, streaming: bool) -> dict[str, Any]:
+    """RouteAction deadline fields (see the module docstring: never `timeout` beside
+    `max_stream_duration`)."""
+    if streaming:
+        return {"timeout": "0s", "idle_timeout": _dur(timeout)}
+    return {"max_stream_duration": {"max_stream_duration": _dur(timeout),
+                                    "grpc_timeout_header_max": _dur(timeout)}}
+
+
+def _match(pattern: str) -> dict[str, Any]:
+    key = "prefix" if pattern.endswith("/") else "path"
+    return {key: pattern, "grpc": {}}
+
+
+def _route_name(service: str, pattern: str) -> str:
+    method = pattern.rstrip("/").rsplit("/", 1)[-1] if not pattern.endswith("/") else "*"
+    return f"{service}/{method}"
+
+
+def _ordered_routes(routes: Iterable[RouteSpec]) -> list[RouteSpec]:
+    """Exact methods first (mesh.yaml order), then prefixes, longest first: Envoy takes the first match."""
+    rs = list(routes)
+    exact = [r for r in rs if not r.match.endswith("/")]
+    prefix = sorted((r for r in rs if r.match.endswith("/")), key=lambda r: -len(r.match))
+    return exact + prefix
+
+
+# --- listeners --------------------------------------------------------------------------------------
+def _rbac(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+    """ALLOW policies mirroring server.authz.Authorizer; anything else is denied with 403."""
+    trust_prefix = f"spiffe://{mesh.mesh.trust_domain}/"
+    policies: dict[str, Any] = {
+        "mesh-open": {  # health and reflection: every authenticated identity of the trust domain
+            "permissions": [{"url_path": {"path": {"prefix": p}}} for p in OPEN_PREFIXES],
+            "principals": [{"authenticated": {"principal_name": {"prefix": trust_prefix}}}],
+        },
+    }
+    for i, rule in enumerate(svc.allow):
+        principals: list[dict[str, Any]] = []
+        for caller in rule.from_:
+            if caller == "*":
+                matcher = {"prefix": trust_prefix}
+            else:
+                matcher = {"exact": caller if caller.startswith("spiffe://") else mesh.spiffe_id(caller)}
+            principal = {"authenticated": {"principal_name": matcher}}
+            if principal not in principals:
+                principals.append(principal)
+        permissions: list[dict[str, Any]] = [
+            {"url_path": {"path": {"prefix" if m.endswith("/") else "exact": m}}} for m in rule.methods
+        ] or [{"any": True}]
+        policies[f"allow-{i}"] = {"permissions": permissions, "principals": principals}
+    return {"name": "envoy.filters.http.rbac",
+            "typed_config": _typed("envoy.extensions.filters.http.rbac.v3.RBAC",
+                                   rules={"action": "ALLOW", "policies": policies})}
+
+
+def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
+    cfg: dict[str, Any] = {}
+    if fault.abort_status not in (None, "OK") and fault.abort_percent > 0:
+        cfg["abort"] = {"grpc_status": GRPC_STATUS_NAMES.index(fault.abort_status or "OK"),
+                        "percentage": _percent(fault.abort_percent)}
+    if fault.delay and fault.delay_percent > 0:
+        cfg["delay"] = {"fixed_delay": _dur(fault.delay), "percentage": _percent(fault.delay_percent)}
+    if not cfg:
+        return None
+    # Only the service's own methods: health checks and reflection are never faulted.
+    cfg["headers"] = [{"name": ":path", "string_match": {"prefix": f"/{svc.grpc_service}/"}}]
+    return {"name": "envoy.filters.http.fault",
+            "typed_config": _typed("envoy.extensions.filters.http.fault.v3.HTTPFault", **cfg)}
+
+
+def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
+    sp = service_policy(mesh, svc.name)
+    unary = [sp.timeout] + [route_policy(mesh, svc.name, r.match).timeout for r in svc.routes if not r.streaming]
+    backstop = max(unary)  # the callers' sidecars hold each method's own deadline
+    routes: list[dict[str, Any]] = []
+    streaming_prefix = any(r.streaming and r.match.endswith("/") for r in svc.routes)
+    for r in _ordered_routes(svc.routes):
+        if not (r.streaming or (streaming_prefix and not r.match.endswith("/"))):
+            continue  # the catch-all below serves it
+        rp = route_policy(mesh, svc.name, r.match)
+        routes.append({"name": _route_name(svc.name, r.match), "match": _match(r.match),
+                       "route": {"cluster": LOCAL_APP_CLUSTER,
+                                 **_deadline(rp.timeout if rp.streaming else backstop, streaming=rp.streaming)}})
+    routes.append({"name": f"{svc.name}/default", "match": {"prefix": "/", "grpc": {}},
+                   "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}})
+    filters = [_rbac(mesh, svc), _grpc_stats(upstream=False)]
+    if svc.fault is not None and (fault := _fault(svc, svc.fault)) is not None:
+        filters.append(fault)
+    filters.append(_router())
+    route_config = {"name": "inbound", "virtual_hosts": [
+        {"name": "local_app", "domains": ["*"], "routes": routes}]}
+    tls = _typed("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                 require_client_certificate=True,
+                 common_tls_context=_common_tls(profile, {"prefix": f"spiffe://{mesh.mesh.trust_domain}/"}))
+    return {
+        "name": INBOUND_LISTENER,
+        "address": _socket("0.0.0.0" if profile.kind == "pod" else "127.0.0.1", port),
+        "traffic_direction": "INBOUND",
+        "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
+        "socket_options": _keepalive_socket_options(),
+        "filter_chains": [{
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
+            "filters": [_hcm(mesh, profile, svc.name, INBOUND_LISTENER, route_config, filters, inbound=True)],
+        }],
+    }
+
+
+def _outbound_routes(mesh: MeshSpec, peer: ServiceSpec) -> list[dict[str, Any]]:
+    prefix = f"/{peer.grpc_service}/"
+    patterns = [r.match for r in _ordered_routes(peer.routes) if r.match != prefix] + [prefix]
+    routes = []
+    for pattern in patterns:
+        rp = route_policy(mesh, peer.name, pattern)
+        action: dict[str, Any] = {"cluster": peer.name, "host_rewrite_literal": peer.name,
+                                  **_deadline(rp.timeout, streaming=rp.streaming)}
+        if (retry := _retry_policy(rp)) is not None:
+            action["retry_policy"] = retry
+        routes.append({"name": _route_name(peer.name, pattern), "match": _match(pattern), "route": action})
+    return routes
+
+
+def _outbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
+    routes = [r for peer in callable_peers(mesh, svc.name) for r in _outbound_routes(mesh, mesh.service(peer))]
+    route_config = {"name": "outbound", "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": routes}]}
+    return {
+        "name": OUTBOUND_LISTENER,
+        "address": _socket("127.0.0.1", port),  # the app's plaintext leg never leaves loopback
+        "traffic_direction": "OUTBOUND",
+        "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
+        "filter_chains": [{"filters": [_hcm(mesh, profile, svc.name, OUTBOUND_LISTENER, route_config,
+                                            [_grpc_stats(upstream=True), _router()], inbound=False)]}],
+    }
+
+
+def _stats_listener() -> dict[str, Any]:
+    """GET /stats/prometheus -> the admin cluster; every other path or method gets a 404."""
+    route_config = {"name": STATS_LISTENER, "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": [{
+        "name": "prometheus",
+        "match": {"path": "/stats/prometheus", "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+        "route": {"cluster": ADMIN_CLUSTER, "timeout": "5s"},
+    }]}]}
+    hcm = _typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                 stat_prefix=STATS_LISTENER, codec_type="AUTO", route_config=route_config,
+                 http_filters=[_router()])
+    return {"name": STATS_LISTENER, "address": _socket("0.0.0.0", STATS_PORT),
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                                            "typed_config": hcm}]}]}
+
+
+# --- clusters ---------------------------------------------------------------------------------------
+def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> dict[str, Any]:
+    sp = service_policy(mesh, peer.name)
+    host, port = peer_address(mesh, peer.name, profile.kind)
+    od, hc, lim, budget = sp.outlier_detection, sp.health_check, sp.limits, sp.retry_budget
+    cluster: dict[str, Any] = {"name": peer.name}
+    if _is_ip(host):
+        cluster["type"] = "STATIC"
+    else:
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    cluster.update({
+        "connect_timeout": CONNECT_TIMEOUT,
+        "lb_policy": "ROUND_ROBIN",
+        "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
+        "typed_extension_protocol_options": _upstream_h2(mesh, keepalive=True),
+        "upstream_connection_options": {"tcp_keepalive": {
+            "keepalive_time": TCP_KEEPALIVE_TIME, "keepalive_interval": TCP_KEEPALIVE_INTERVAL,
+            "keepalive_probes": TCP_KEEPALIVE_PROBES}},
+        "circuit_breakers": {"thresholds": [{  # concurrency caps + retry budget; no max_retries (overridden)
+            "priority": "DEFAULT",
+            "max_connections": lim.max_connections,
+            "max_pending_requests": lim.max_pending_requests,
+            "max_requests": lim.max_requests,
+            "retry_budget": {"budget_percent": {"value": float(budget.percent)},
+                             "min_retry_concurrency": budget.min_retry_concurrency},
+            "track_remaining": True,
+        }]},
+        "outlier_detection": {  # the failure-count breaker, per host
+            "consecutive_5xx": od.consecutive_failures,
+            "enforcing_consecutive_5xx": 100,
+            "consecutive_gateway_failure": od.consecutive_failures,
+            "enforcing_consecutive_gateway_failure": 100,  # Envoy's default 0 counts but never ejects
+            "enforcing_success_rate": 0,  # not part of the platform's design
+            "interval": _dur(od.interval),
+            "base_ejection_time": _dur(od.base_ejection_time),
+            "max_ejection_time": _dur(max(od.max_ejection_time, od.base_ejection_time)),
+            "max_ejection_percent": math.floor(od.max_ejection_percent),
+            "successful_active_health_check_uneject_host": False,
+        },
+        "health_checks": [{  # over the cluster's TLS transport socket (SNI, client cert) like any request
+            "timeout": _dur(hc.timeout),
+            "interval": _dur(hc.interval),
+            "unhealthy_threshold": hc.unhealthy_threshold,
+            "healthy_threshold": hc.healthy_threshold,
+            "no_traffic_interval": _dur(hc.interval),
+            "grpc_health_check": {"service_name": peer.grpc_service, "authority": peer.name},
+        }],
+        "load_assignment": _load_assignment(peer.name, host, port),
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            sni=peer.name,
+            common_tls_context=_common_tls(profile, {"exact": mesh.spiffe_id(peer.name)}),
+        )},
+    })
+    return cluster
+
+
+def _local_app_cluster(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+    lim = service_policy(mesh, svc.name).limits
+    return {
+        "name": LOCAL_APP_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": CONNECT_TIMEOUT,
+        "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
+        # No h2 PING: the app is on loopback, and grpc servers answer frequent pings with GOAWAY.
+        "typed_extension_protocol_options": _upstream_h2(mesh, keepalive=False),
+        "circuit_breakers": {"thresholds": [{  # the same caps callers are given, instead of Envoy's 1024s
+            "priority": "DEFAULT",
+            "max_connections": lim.max_connections,
+            "max_pending_requests": lim.max_pending_requests,
+            "max_requests": lim.max_requests,
+            "track_remaining": True,
+        }]},
+        "load_assignment": _load_assignment(LOCAL_APP_CLUSTER, "127.0.0.1", svc.local_port),
+    }
+
+
+def _plain_cluster(name: str, host: str, port: int, *, h2: bool, mesh: MeshSpec) -> dict[str, Any]:
+    cluster: dict[str, Any] = {"name": name}
+    if _is_ip(host):
+        cluster["type"] = "STATIC"
+    else:
+        cluster["type"] = "STRICT_DNS"
+        cluster["dns_lookup_family"] = "V4_PREFERRED"
+    cluster["connect_timeout"] = CONNECT_TIMEOUT
+    if h2:
+        cluster["typed_extension_protocol_options"] = _upstream_h2(mesh, keepalive=False)
+    cluster["load_assignment"] = _load_assignment(name, host, port)
+    return cluster
+
+
+# --- the bootstrap and its SDS files ----------------------------------------------------------------
+def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
+    """The Envoy bootstrap of `service`'s sidecar (a dict to dump as YAML or JSON)."""
+    svc = mesh.service(service)
+    ports = sidecar_ports(mesh, service, profile.kind)
+    if profile.kind == "pod":
+        taken = {*POD_PORTS, STATS_PORT}
+        if svc.local_port in taken:
+            i = mesh.service_names.index(service)
+            raise ConfigError.single("mesh.yaml", f"services[{i}].local_port",
+                                     f"port {svc.local_port} is a sidecar port in the pod "
+                                     f"({', '.join(map(str, sorted(taken)))}); pick another local_port")
+    listeners = [_inbound_listener(mesh, svc, profile, ports.inbound),
+                 _outbound_listener(mesh, svc, profile, ports.outbound)]
+    clusters = [_local_app_cluster(mesh, svc)]
+    clusters += [_peer_cluster(mesh, mesh.service(p), profile) for p in callable_peers(mesh, service)]
+    if profile.kind == "pod":
+        listeners.append(_stats_listener())
+        clusters.append(_plain_cluster(ADMIN_CLUSTER, "127.0.0.1", ports.admin, h2=False, mesh=mesh))
+    if profile.otlp is not None:
+        clusters.append(_plain_cluster(OTLP_CLUSTER, *profile.otlp, h2=True, mesh=mesh))
+    config: Config = {
+        "node": {"id": f"{service}-sidecar", "cluster": service},
+        "admin": {"address": _socket("127.0.0.1", ports.admin)},  # loopback only: the admin API mutates
+        "static_resources": {"listeners": listeners, "clusters": clusters},
+    }
+    if profile.statsd is not None:
+        host, port = profile.statsd
+        config["stats_sinks"] = [{"name": "envoy.stat_sinks.statsd", "typed_config": _typed(
+            "envoy.config.metrics.v3.StatsdSink", address=_socket(host, port),
+            prefix=mesh.observability.statsd.prefix)}]
+    return config
+
+
+def sds_files(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> dict[str, Config]:
+    """The SDS files `bootstrap` loads from `profile.sds_dir`, keyed by file name.
+
+    ``watched_directory`` is the directory where rotation renames files: ``meshctl certs rotate``
+    ``os.replace``s ``services/<svc>.crt`` and ``services/<svc>-key.pem`` (so the certificate's
+    watch is ``<cert_dir>/services``) and a CA rollover replaces ``ca/ca.crt`` (``<cert_dir>/ca``).
+    Envoy re-reads every file of the secret on each move into that directory and keeps the old
+    credentials if the pair does not match yet (``sds.<name>.key_rotation_failed``).
+    """
+    mesh.service(service)
+    services_dir = posixpath.join(profile.cert_dir, "services")
+    ca_dir = posixpath.join(profile.cert_dir, "ca")
+    secret = "envoy.extensions.transport_sockets.tls.v3.Secret"
+    return {
+        TLS_CERT_FILE: {"resources": [_typed(secret, name=SDS_CERT, tls_certificate={
+            "certificate_chain": {"filename": posixpath.join(services_dir, f"{service}.crt")},
+            "private_key": {"filename": posixpath.join(services_dir, f"{service}-key.pem")},
+            "watched_directory": {"path": services_dir},
+        })]},
+        MESH_CA_FILE: {"resources": [_typed(secret, name=SDS_CA, validation_context={
+            "trusted_ca": {"filename": posixpath.join(ca_dir, "ca.crt")},
+            "watched_directory": {"path": ca_dir},
+        })]},
+    }
+
+
+def relocate(doc: Any, mapping: Mapping[str, str]) -> Any:
+    """A copy of `doc` with every string starting with a key of `mapping` re-rooted at its value
+    (longest key first): ``relocate(cfg, {"/etc/envoy": str(tmp)})`` to run a pod file locally."""
+    keys = sorted(mapping, key=len, reverse=True)
+    if isinstance(doc, str):
+        for k in keys:
+            if doc == k or doc.startswith(k.rstrip("/") + "/"):
+                return mapping[k].rstrip("/") + doc[len(k.rstrip("/")):]
+        return doc
+    if isinstance(doc, Mapping):
+        return {key: relocate(value, mapping) for key, value in doc.items()}
+    if isinstance(doc, list | tuple):
+        return [relocate(v, mapping) for v in doc]
+    return doc
+
+
+def _readme(mesh: MeshSpec) -> str:
+    local = local_ports(mesh)
+    rows = "\n".join(
+        f"| `{s.name}` | {s.local_port} | {', '.join(callable_peers(mesh, s.name)) or '—'} | "
+        f"{local[s.name].inbound} / {local[s.name].outbound} / {local[s.name].admin} |"
+        for s in mesh.services
+    )
+    return f"""# Envoy sidecars (generated)
+
+Generated by `meshctl render envoy` from mesh.yaml; do not edit by hand (`meshctl render envoy --check`
+fails on drift). Mapping and choices: docs/envoy.md.
+
+Each `<svc>/` holds the **pod profile** (one container/pod per service):
+
+- `envoy.yaml`: the bootstrap. Inbound mTLS listener on `0.0.0.0:{POD_INBOUND_PORT}` -> the app on
+  `127.0.0.1:<local_port>` (plaintext h2); outbound listener on `127.0.0.1:{POD_OUTBOUND_PORT}` (the app
+  dials it in plaintext h2) -> peers at `<peer>:{POD_INBOUND_PORT}` over mTLS; admin on
+  `127.0.0.1:{POD_ADMIN_PORT}`; `GET /stats/prometheus` on `0.0.0.0:{STATS_PORT}` for Prometheus.
+- `sds/{TLS_CERT_FILE}`, `sds/{MESH_CA_FILE}`: file-based SDS, mounted at `{POD_SDS_DIR}`. They name
+  `{POD_CERT_DIR}/services/<svc>.crt`, `.../services/<svc>-key.pem` and `{POD_CERT_DIR}/ca/ca.crt`: mount the
+  certs directory's `services/` and `ca/` *directories* (not single files) so `meshctl certs rotate`
+  reaches Envoy without a restart.
+
+| service | app (local_port) | outbound peers | one-machine ports (inbound / outbound / admin) |
+|---|---|---|---|
+{rows}
+
+Lint: `meshctl lint` (checks what `envoy --mode validate` accepts but is wrong).
+"""
+
+
+def render(mesh: MeshSpec) -> dict[str, Document]:
+    """Registry entry: the pod profile of every service, plus a README."""
+    profile = EnvoyProfile.pod(mesh)
+    out: dict[str, Document] = {"README.md": _readme(mesh)}
+    for name in mesh.service_names:
+        out[f"{name}/envoy.yaml"] = bootstrap(mesh, name, profile)
+        for file, doc in sds_files(mesh, name, profile).items():
+            out[f"{name}/sds/{file}"] = doc
+    return out

@@ -1,0 +1,540 @@
+"""mesh.yaml -> Linkerd 2.19 + Kubernetes resources: one multi-document `<svc>.yaml` per service.
+
+What each service gets (apiVersions per notes/linkerd-consul.md §1, the storage versions of the CRDs):
+
+    ServiceAccount            <svc>                 its Linkerd identity
+                                                    <svc>.<ns>.serviceaccount.identity.linkerd.cluster.local
+    Service                   <svc>                 port 50051 "grpc" -> the container's mesh port
+    Deployment                <svc>                 linkerd.io/inject: enabled, grpc probes, certs Secret
+    Server                    <svc>-grpc            policy.linkerd.io/v1beta3, proxyProtocol gRPC, deny
+    GRPCRoute (inbound)       <svc>-...             one per method pattern of the allow list + health
+    MeshTLSAuthentication     <svc>-allow-<i>       the callers of allow rule i
+    AuthorizationPolicy       <svc>-...             (route, rule) pairs: who may call which method
+    ServiceProfile            <svc>.<ns>.svc.cluster.local   linkerd_model: serviceprofile
+      or Service annotations + outbound GRPCRoutes                   linkerd_model: annotations
+    TrafficSplit / weighted backendRefs              only for services with `canary` weights
+
+Retries and timeouts go either into a ServiceProfile or into `retry.linkerd.io/*` /
+`timeout.linkerd.io/*` annotations, never both for one service: a ServiceProfile makes Linkerd
+ignore the annotations, outbound GRPCRoutes and failure accrual altogether (notes §2). For the same
+reason canary weights become a TrafficSplit (linkerd-smi turns it into ServiceProfile dstOverrides)
+in the ServiceProfile model, and weighted GRPCRoute backendRefs in the annotation model.
+
+Authorization mirrors MeshServer's Authorizer (server/authz.py): a method is allowed for a caller
+when some allow rule lists the caller (or `*`) and a pattern covering the method (no patterns = all
+methods). Linkerd matches a request to ONE route (Gateway API precedence: an exact method beats a
+whole-service match), so there is one inbound GRPCRoute per distinct pattern, and every rule that
+covers a route's pattern gets its own AuthorizationPolicy on that route. Health and reflection stay
+open to every meshed identity, as in MeshServer; kubelet's grpc probes (unmeshed) may call health.
+
+Pure and deterministic: no I/O; the same mesh gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import yaml
+from google.protobuf import descriptor_pool
+
+from aivo_mesh.config.model import MeshSpec, RetrySpec, ServiceSpec, format_duration
+from aivo_mesh.config.resolve import route_policy, service_policy
+from aivo_mesh.policy.classify import retryable_codes
+from aivo_mesh.render import Document
+
+# Importing the generated modules registers the platform's services in the default descriptor pool,
+# so ServiceProfiles can list every method of a known service.
+from aivo_mesh.services import protos as _protos  # noqa: F401  isort: skip
+
+POD_GRPC_PORT = 50051  # the Service port every mesh service is reached on in a cluster
+IMAGE = "aivo-mesh:latest"
+CERTS_DIR = "/etc/aivo-mesh/certs"
+CONFIG_DIR = "/etc/aivo-mesh/config"
+DATA_DIR = "/var/lib/aivo-mesh"
+CONFIG_MAP = "aivo-mesh-config"
+JAEGER_HOST = "jaeger"
+# Kubelet's gRPC probes are not meshed: health is open to these networks (narrow to the node CIDRs).
+PROBE_NETWORKS = ("0.0.0.0/0", "::/0")
+
+# Server.spec.proxyProtocol values Linkerd accepts; the CRD schema only says `string` (notes §1).
+PROXY_PROTOCOLS = frozenset({"unknown", "HTTP/1", "HTTP/2", "gRPC", "opaque", "TLS"})
+# gRPC statuses `retry.linkerd.io/grpc` understands (notes §2); anything else fails to parse.
+LINKERD_GRPC_RETRY = {"CANCELLED": "cancelled", "DEADLINE_EXCEEDED": "deadline-exceeded",
+                      "INTERNAL": "internal", "RESOURCE_EXHAUSTED": "resource-exhausted",
+                      "UNAVAILABLE": "unavailable"}
+OPEN_SERVICES = {  # open to every meshed identity, as server/authz.py OPEN_PREFIXES
+    "health": ("grpc.health.v1.Health",),
+    "reflection": ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"),
+}
+
+SPLIT_API = "split.smi-spec.io/v1alpha2"
+GATEWAY_API = "gateway.networking.k8s.io/v1"
+POLICY_GROUP = "policy.linkerd.io"
+GATEWAY_GROUP = "gateway.networking.k8s.io"
+
+
+# -- helpers ---------------------------------------------------------------------------------------
+
+def fqdn(mesh: MeshSpec, service: str) -> str:
+    return f"{service}.{mesh.mesh.namespace}.svc.cluster.local"
+
+
+def linkerd_identity(sa: str, namespace: str) -> str:
+    return f"{sa}.{namespace}.serviceaccount.identity.linkerd.cluster.local"
+
+
+def caller_identity(mesh: MeshSpec, caller: str) -> str:
+    """An allow-list caller as a Linkerd mesh identity. Service and client names are ServiceAccounts
+    of the mesh namespace; a SPIFFE ID of this trust domain (`spiffe://td/ns/N/sa/S`) becomes the
+    identity of ServiceAccount S in namespace N; `*` stays `*` (any meshed client); other SPIFFE IDs
+    are passed through (Linkerd matches SPIFFE identities of mesh-expansion workloads verbatim)."""
+    if caller == "*":
+        return "*"
+    m = re.fullmatch(rf"spiffe://{re.escape(mesh.mesh.trust_domain)}/ns/([^/]+)/sa/([^/]+)", caller)
+    if m:
+        return linkerd_identity(m.group(2), m.group(1))
+    if caller.startswith("spiffe://"):
+        return caller
+    return linkerd_identity(caller, mesh.mesh.namespace)
+
+
+def path_regex(pattern: str) -> str:
+    """`/pkg.Svc/Method` -> `/pkg\\.Svc/Method`; a prefix `/pkg.Svc/` matches any one method."""
+    service, _, method = pattern.strip("/").partition("/")
+    svc = re.escape(service)
+    return f"/{svc}/{re.escape(method)}" if method else f"/{svc}/[^/]+"
+
+
+def grpc_methods(grpc_service: str) -> tuple[str, ...]:
+    """Full method paths of a service known to the descriptor pool, in proto order; () if unknown."""
+    try:
+        desc = descriptor_pool.Default().FindServiceByName(grpc_service)
+    except KeyError:
+        return ()
+    return tuple(f"/{grpc_service}/{m.name}" for m in desc.methods)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def _meta(mesh: MeshSpec, name: str, labels: dict[str, str] | None = None,
+          annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": mesh.mesh.namespace}
+    if labels:
+        meta["labels"] = dict(labels)
+    if annotations:
+        meta["annotations"] = dict(annotations)
+    return meta
+
+
+def _labels(mesh: MeshSpec, svc: ServiceSpec, version: str | None = None) -> dict[str, str]:
+    labels = {"app": svc.name, "app.kubernetes.io/name": svc.name, "app.kubernetes.io/part-of": mesh.mesh.name}
+    if version is not None:
+        labels["version"] = version
+    return labels
+
+
+def _go_duration(seconds: float) -> str:
+    return format_duration(seconds)
+
+
+def _linkerd_retry_statuses(retry: RetrySpec, idempotent: bool) -> list[str]:
+    codes = retryable_codes(retry.retry_on, idempotent=idempotent)
+    return [LINKERD_GRPC_RETRY[c] for c in sorted(codes) if c in LINKERD_GRPC_RETRY]
+
+
+# -- Kubernetes workload ---------------------------------------------------------------------------
+
+def service_account(mesh: MeshSpec, name: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ServiceAccount",
+            "metadata": _meta(mesh, name, {"app.kubernetes.io/part-of": mesh.mesh.name})}
+
+
+def k8s_service(mesh: MeshSpec, svc: ServiceSpec, *, name: str | None = None, version: str | None = None,
+                annotations: dict[str, str] | None = None) -> dict[str, Any]:
+    selector = {"app": svc.name}
+    if version is not None:
+        selector["version"] = version
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": _meta(mesh, name or svc.name, _labels(mesh, svc, version), annotations),
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "grpc", "port": POD_GRPC_PORT, "targetPort": "grpc", "protocol": "TCP",
+                       "appProtocol": "kubernetes.io/h2c"}],
+        },
+    }
+
+
+def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) -> dict[str, Any]:
+    """The service's pods. The app serves plaintext gRPC on its mesh port inside the pod; the Linkerd
+    proxy terminates mTLS and enforces the Server's policy. The mesh certificates are still mounted
+    (read-only, from Secret `<svc>-mesh-certs`, in the `meshctl certs` layout) for the app's own
+    MeshClient identity and for the deployment variables (CA_CERT_PATH, ...)."""
+    name = svc.name if version is None else f"{svc.name}-{version}"
+    version_label = version or svc.version
+    labels = _labels(mesh, svc, version_label)
+    admin = svc.admin_port
+    health = service_policy(mesh, svc.name).health_check
+    cert_rel, key_rel = f"services/{svc.name}.crt", f"services/{svc.name}-key.pem"
+    env = [
+        {"name": "SERVICE_NAME", "value": svc.name},
+        {"name": "SERVICE_VERSION", "value": version_label},
+        {"name": "GRPC_PORT", "value": str(svc.port)},
+        {"name": "LOCAL_SERVICE_PORT", "value": str(svc.local_port)},
+        {"name": "CA_CERT_PATH", "value": f"{CERTS_DIR}/ca/ca.crt"},
+        {"name": "CLIENT_CERT_PATH", "value": f"{CERTS_DIR}/{cert_rel}"},
+        {"name": "CLIENT_KEY_PATH", "value": f"{CERTS_DIR}/{key_rel}"},
+        {"name": "JAEGER_HOST", "value": JAEGER_HOST},
+        # Where the admin/metrics endpoint binds; a non-loopback host also needs the process to allow
+        # remote admin access (the endpoint can reset breakers).
+        {"name": "METRICS_HOST", "value": "0.0.0.0"},
+    ]
+    args = ["serve", svc.name, "--insecure", "--config", f"{CONFIG_DIR}/mesh.yaml", "--certs", CERTS_DIR,
+            "--data-dir", DATA_DIR]
+    if admin is not None:
+        args += ["--admin-port", str(admin)]
+    ports: list[dict[str, Any]] = [{"name": "grpc", "containerPort": svc.port, "protocol": "TCP"}]
+    if admin is not None:
+        ports.append({"name": "admin", "containerPort": admin, "protocol": "TCP"})
+    probe_period = max(1, round(min(health.interval, 10.0)))
+    probe_timeout = max(1, round(health.timeout))
+    container = {
+        "name": svc.name,
+        "image": IMAGE,
+        "imagePullPolicy": "IfNotPresent",
+        "command": ["meshctl"],
+        "args": args,
+        "ports": ports,
+        "env": env,
+        "readinessProbe": {"grpc": {"port": svc.port, "service": svc.grpc_service},
+                           "periodSeconds": probe_period, "timeoutSeconds": probe_timeout, "failureThreshold": 3},
+        "livenessProbe": {"grpc": {"port": svc.port}, "initialDelaySeconds": 10, "periodSeconds": 20,
+                          "timeoutSeconds": probe_timeout, "failureThreshold": 3},
+        "resources": {"requests": {"cpu": "100m", "memory": "128Mi"},
+                      "limits": {"cpu": "1", "memory": "512Mi"}},
+        # Root inside the pod so the 0400 key of the Secret volume is readable: kubelet's fsGroup
+        # would make it group-readable (0440), which the PKI loader refuses. No capabilities, no
+        # privilege escalation, read-only root filesystem.
+        "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [
+            {"name": "mesh-certs", "mountPath": CERTS_DIR, "readOnly": True},
+            {"name": "mesh-config", "mountPath": CONFIG_DIR, "readOnly": True},
+            {"name": "data", "mountPath": DATA_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": _meta(mesh, name, labels),
+        "spec": {
+            "replicas": 1,
+            # The selector is immutable: only canary Deployments (one per version) select on version.
+            "selector": {"matchLabels": {"app": svc.name} if version is None else {"app": svc.name,
+                                                                                   "version": version}},
+            "template": {
+                "metadata": {"labels": labels, "annotations": {"linkerd.io/inject": "enabled"}},
+                "spec": {
+                    "serviceAccountName": svc.name,
+                    "terminationGracePeriodSeconds": 30,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "mesh-certs", "secret": {
+                            "secretName": f"{svc.name}-mesh-certs", "defaultMode": 0o400,
+                            "items": [{"key": "ca.crt", "path": "ca/ca.crt"},
+                                      {"key": "tls.crt", "path": cert_rel},
+                                      {"key": "tls.key", "path": key_rel}]}},
+                        {"name": "mesh-config", "configMap": {"name": CONFIG_MAP}},
+                        {"name": "data", "emptyDir": {}},
+                        {"name": "tmp", "emptyDir": {"medium": "Memory"}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def cluster_mesh(mesh: MeshSpec) -> MeshSpec:
+    """The mesh as the pods see it: every service binds all interfaces of its pod and is reached
+    through its Kubernetes Service on port 50051. Ports stay those of mesh.yaml (unique mesh-wide)."""
+    services = tuple(s.model_copy(update={"host": "0.0.0.0", "endpoints": (f"{fqdn(mesh, s.name)}:{POD_GRPC_PORT}",)})
+                     for s in mesh.services)
+    return mesh.model_copy(update={"services": services})
+
+
+def config_map(mesh: MeshSpec) -> dict[str, Any]:
+    data = cluster_mesh(mesh).model_dump(mode="json", by_alias=True, exclude_unset=True)
+    for svc in data["services"]:  # model_copy marks the updated keys as set; say so explicitly anyway
+        svc["host"], svc["endpoints"] = "0.0.0.0", [f"{fqdn(mesh, svc['name'])}:{POD_GRPC_PORT}"]
+    text = "# mesh.yaml as seen inside the cluster (rendered by meshctl render linkerd)\n" + yaml.safe_dump(
+        data, sort_keys=False, width=120)
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _meta(mesh, CONFIG_MAP, {"app.kubernetes.io/part-of": mesh.mesh.name}),
+            "data": {"mesh.yaml": text}}
+
+
+# -- retries and timeouts: ServiceProfile model ------------------------------------------------------
+
+def _profile_route(name: str, regex: str, timeout: float, retryable: bool) -> dict[str, Any]:
+    route: dict[str, Any] = {"name": name, "condition": {"method": "POST", "pathRegex": regex},
+                             "timeout": _go_duration(timeout)}
+    if retryable:
+        route["isRetryable"] = True
+    return route
+
+
+def service_profile(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+    """Routes in first-match order: every known method (its effective route policy), then the
+    explicit prefix routes (longest first), then a catch-all for the rest of the service."""
+    sp = service_policy(mesh, svc.name)
+    routes: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    methods = list(grpc_methods(svc.grpc_service))
+    methods += [r.match for r in svc.routes if not r.match.endswith("/") and r.match not in methods]
+    for method in methods:
+        rp = route_policy(mesh, svc.name, method)
+        retryable = rp.idempotent and not rp.streaming
+        routes.append(_profile_route(method, path_regex(method), rp.timeout, retryable))
+        seen.add(method)
+    for r in sorted((r for r in svc.routes if r.match.endswith("/")), key=lambda r: -len(r.match)):
+        if r.match in seen:
+            continue
+        rp = route_policy(mesh, svc.name, r.match + "_")  # any method under the prefix
+        routes.append(_profile_route(r.match, path_regex(r.match), rp.timeout, rp.idempotent and not rp.streaming))
+        seen.add(r.match)
+    catch_all = f"/{svc.grpc_service}/"
+    if catch_all not in seen:
+        routes.append(_profile_route(catch_all, path_regex(catch_all), sp.timeout, False))
+    budget = sp.retry_budget
+    return {
+        "apiVersion": "linkerd.io/v1alpha2", "kind": "ServiceProfile",
+        "metadata": _meta(mesh, fqdn(mesh, svc.name)),
+        "spec": {
+            "routes": routes,
+            "retryBudget": {"retryRatio": round(budget.percent / 100.0, 4),
+                            "minRetriesPerSecond": budget.min_retry_concurrency,
+                            "ttl": _go_duration(budget.window)},
+        },
+    }
+
+
+def traffic_split(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+    return {
+        "apiVersion": SPLIT_API, "kind": "TrafficSplit",
+        "metadata": _meta(mesh, f"{svc.name}-canary"),
+        "spec": {"service": svc.name,
+                 "backends": [{"service": f"{svc.name}-{v}", "weight": w} for v, w in sorted(svc.canary.items())]},
+    }
+
+
+# -- retries and timeouts: annotation model ----------------------------------------------------------
+
+def service_annotations(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, str]:
+    """`retry.linkerd.io/*`, `timeout.linkerd.io/*` and failure accrual on the Service (notes §2-3)."""
+    sp = service_policy(mesh, svc.name)
+    ann: dict[str, str] = {"timeout.linkerd.io/request": _go_duration(sp.timeout)}
+    ann.update(_retry_annotations(sp.retry, idempotent=False))
+    cb = sp.circuit_breaker
+    if cb.mode == "consecutive":  # the success-rate mode is alpha in Linkerd edge: not rendered
+        penalty = _go_duration(cb.recovery_time)
+        ann.update({
+            "balancer.linkerd.io/failure-accrual": "consecutive",
+            "balancer.linkerd.io/failure-accrual-consecutive-max-failures": str(cb.consecutive_failures),
+            "balancer.linkerd.io/failure-accrual-consecutive-min-penalty": penalty,
+            "balancer.linkerd.io/failure-accrual-consecutive-max-penalty": penalty,
+        })
+    return ann
+
+
+def _retry_annotations(retry: RetrySpec, *, idempotent: bool, streaming: bool = False) -> dict[str, str]:
+    statuses = [] if streaming else _linkerd_retry_statuses(retry, idempotent)
+    if not statuses or retry.max_retries == 0:
+        return {"retry.linkerd.io/limit": "0"}
+    ann = {"retry.linkerd.io/grpc": ",".join(statuses), "retry.linkerd.io/limit": str(retry.max_retries)}
+    if retry.per_try_timeout is not None:
+        ann["retry.linkerd.io/timeout"] = _go_duration(retry.per_try_timeout)
+    return ann
+
+
+def _backends(svc: ServiceSpec) -> list[dict[str, Any]]:
+    if svc.canary:
+        return [{"name": f"{svc.name}-{v}", "port": POD_GRPC_PORT, "weight": w} for v, w in sorted(svc.canary.items())]
+    return [{"name": svc.name, "port": POD_GRPC_PORT}]
+
+
+def _method_match(pattern: str) -> dict[str, Any]:
+    service, _, method = pattern.strip("/").partition("/")
+    match: dict[str, Any] = {"type": "Exact", "service": service}
+    if method:
+        match["method"] = method
+    return {"method": match}
+
+
+def outbound_routes(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
+    """One outbound GRPCRoute per explicit route (its own annotations) plus one for the whole
+    service (the service timeout), all on the Service; the exact-method matches win over it."""
+    parent = [{"group": "core", "kind": "Service", "name": svc.name, "port": POD_GRPC_PORT}]
+    out = []
+    for r in svc.routes:
+        rp = route_policy(mesh, svc.name, r.match if not r.match.endswith("/") else r.match + "_")
+        ann = {"timeout.linkerd.io/request": _go_duration(rp.timeout),
+               **_retry_annotations(rp.retry, idempotent=rp.idempotent, streaming=rp.streaming)}
+        out.append({
+            "apiVersion": GATEWAY_API, "kind": "GRPCRoute",
+            "metadata": _meta(mesh, f"{svc.name}-route-{_slug(r.match.strip('/').rpartition('/')[2] or 'all')}",
+                              annotations=ann),
+            "spec": {"parentRefs": parent, "rules": [{"matches": [_method_match(r.match)], "backendRefs": _backends(svc)}]},
+        })
+    out.append({
+        "apiVersion": GATEWAY_API, "kind": "GRPCRoute",
+        "metadata": _meta(mesh, f"{svc.name}-route-default"),
+        "spec": {"parentRefs": parent,
+                 "rules": [{"matches": [_method_match(f"/{svc.grpc_service}/")], "backendRefs": _backends(svc)}]},
+    })
+    names = [r["metadata"]["name"] for r in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"{svc.name}: two routes map to the same GRPCRoute name: {names}")
+    return out
+
+
+# -- authorization ---------------------------------------------------------------------------------
+
+def server(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+    protocol = "gRPC"
+    if protocol not in PROXY_PROTOCOLS:  # the schema cannot catch a misspelling (notes §1)
+        raise ValueError(f"proxyProtocol {protocol!r} is not one of {sorted(PROXY_PROTOCOLS)}")
+    return {
+        "apiVersion": "policy.linkerd.io/v1beta3", "kind": "Server",
+        "metadata": _meta(mesh, f"{svc.name}-grpc", {"app": svc.name}),
+        "spec": {"podSelector": {"matchLabels": {"app": svc.name}}, "port": "grpc", "proxyProtocol": protocol,
+                 "accessPolicy": "deny"},
+    }
+
+
+def _covers(rule_methods: tuple[str, ...], pattern: str) -> bool:
+    """Does an allow rule with these method patterns allow every method matched by `pattern`?"""
+    if not rule_methods:
+        return True
+    for m in rule_methods:
+        if m == pattern or (m.endswith("/") and pattern.startswith(m)):
+            return True
+    return False
+
+
+def _route_patterns(svc: ServiceSpec) -> list[str]:
+    """Distinct method patterns the allow list needs routes for; a rule without methods needs the
+    whole service. Patterns without a method and without a trailing `/` match nothing (as in the
+    Authorizer) and get no route."""
+    patterns: list[str] = []
+    for rule in svc.allow:
+        for p in rule.methods or (f"/{svc.grpc_service}/",):
+            if (p.endswith("/") or p.count("/") == 2) and p not in patterns:
+                patterns.append(p)
+    return patterns
+
+
+def _inbound_route_name(svc: ServiceSpec, pattern: str) -> str:
+    service, _, method = pattern.strip("/").partition("/")
+    if service == svc.grpc_service:
+        return f"{svc.name}-{_slug(method)}" if method else f"{svc.name}-all-methods"
+    return f"{svc.name}-{_slug(pattern)}"
+
+
+def _authn_ref(kind: str, name: str) -> dict[str, str]:
+    return {"group": POLICY_GROUP, "kind": kind, "name": name}
+
+
+def _authz(mesh: MeshSpec, name: str, target_kind: str, target: str, refs: list[dict[str, str]]) -> dict[str, Any]:
+    group = POLICY_GROUP if target_kind == "Server" else GATEWAY_GROUP
+    return {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "AuthorizationPolicy",
+            "metadata": _meta(mesh, name),
+            "spec": {"targetRef": {"group": group, "kind": target_kind, "name": target},
+                     "requiredAuthenticationRefs": refs}}
+
+
+def _inbound_route(mesh: MeshSpec, svc: ServiceSpec, name: str, patterns: list[str]) -> dict[str, Any]:
+    return {"apiVersion": GATEWAY_API, "kind": "GRPCRoute",
+            "metadata": _meta(mesh, name),
+            "spec": {"parentRefs": [{"group": POLICY_GROUP, "kind": "Server", "name": f"{svc.name}-grpc"}],
+                     "rules": [{"matches": [_method_match(p) for p in patterns]}]}}
+
+
+def authorization(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
+    docs: list[dict[str, Any]] = []
+    mesh_authn = f"{svc.name}-meshed"
+    docs.append({"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "MeshTLSAuthentication",
+                 "metadata": _meta(mesh, mesh_authn), "spec": {"identities": ["*"]}})
+    docs.append({"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "NetworkAuthentication",
+                 "metadata": _meta(mesh, f"{svc.name}-probes"),
+                 "spec": {"networks": [{"cidr": c} for c in PROBE_NETWORKS]}})
+    # health: meshed callers and kubelet probes; reflection: meshed callers (MeshServer's OPEN_PREFIXES)
+    health = f"{svc.name}-health"
+    docs.append(_inbound_route(mesh, svc, health, [f"/{s}/" for s in OPEN_SERVICES["health"]]))
+    docs.append(_authz(mesh, f"{health}-meshed", "GRPCRoute", health, [_authn_ref("MeshTLSAuthentication", mesh_authn)]))
+    docs.append(_authz(mesh, f"{health}-probes", "GRPCRoute", health,
+                       [_authn_ref("NetworkAuthentication", f"{svc.name}-probes")]))
+    reflection = f"{svc.name}-reflection"
+    docs.append(_inbound_route(mesh, svc, reflection, [f"/{s}/" for s in OPEN_SERVICES["reflection"]]))
+    docs.append(_authz(mesh, f"{reflection}-meshed", "GRPCRoute", reflection,
+                       [_authn_ref("MeshTLSAuthentication", mesh_authn)]))
+    for i, rule in enumerate(svc.allow):
+        identities = sorted({caller_identity(mesh, c) for c in rule.from_})
+        docs.append({"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "MeshTLSAuthentication",
+                     "metadata": _meta(mesh, f"{svc.name}-allow-{i}"),
+                     "spec": {"identities": ["*"] if "*" in identities else identities}})
+    names: set[str] = set()
+    for pattern in _route_patterns(svc):
+        route = _inbound_route_name(svc, pattern)
+        if route in names:
+            raise ValueError(f"{svc.name}: method patterns collide on the GRPCRoute name {route!r}")
+        names.add(route)
+        docs.append(_inbound_route(mesh, svc, route, [pattern]))
+        for i, rule in enumerate(svc.allow):
+            if _covers(rule.methods, pattern):
+                docs.append(_authz(mesh, f"{route}-allow-{i}", "GRPCRoute", route,
+                                   [_authn_ref("MeshTLSAuthentication", f"{svc.name}-allow-{i}")]))
+    return docs
+
+
+# -- per service -----------------------------------------------------------------------------------
+
+def service_documents(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
+    profile_model = mesh.linkerd_model == "serviceprofile"
+    docs: list[dict[str, Any]] = [service_account(mesh, svc.name)]
+    annotations = None if profile_model else service_annotations(mesh, svc)
+    docs.append(k8s_service(mesh, svc, annotations=annotations))
+    if svc.canary:
+        for version in sorted(svc.canary):
+            docs.append(k8s_service(mesh, svc, name=f"{svc.name}-{version}", version=version,
+                                    annotations=annotations))
+            docs.append(deployment(mesh, svc, version=version))
+    else:
+        docs.append(deployment(mesh, svc))
+    docs.append(server(mesh, svc))
+    docs.extend(authorization(mesh, svc))
+    if profile_model:
+        docs.append(service_profile(mesh, svc))
+        if svc.canary:
+            docs.append(traffic_split(mesh, svc))
+    else:
+        docs.extend(outbound_routes(mesh, svc))
+    return docs
+
+
+def render(mesh: MeshSpec) -> dict[str, Document]:
+    files: dict[str, Document] = {}
+    resources: list[str] = ["mesh-config.yaml", "mesh-clients.yaml"]
+    files["mesh-config.yaml"] = [config_map(mesh)]
+    files["mesh-clients.yaml"] = [service_account(mesh, c) for c in mesh.mesh.clients]
+    for svc in mesh.services:
+        files[f"{svc.name}.yaml"] = service_documents(mesh, svc)
+        resources.append(f"{svc.name}.yaml")
+    files["kustomization.yaml"] = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": mesh.mesh.namespace,
+        "resources": resources,
+    }
+    return files
