@@ -4,6 +4,7 @@ decides exactly like MeshServer's Authorizer."""
 
 from __future__ import annotations
 
+import copy
 import functools
 from pathlib import Path
 from typing import Any, Literal
@@ -42,12 +43,17 @@ def variant(*, model: str = "serviceprofile", canary: dict[str, int] | None = No
     return MeshSpec.model_validate(data)
 
 
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_PARSED: dict[str, dict[str, list[dict[str, Any]]]] = {}
+
+
 def documents(mesh: MeshSpec) -> dict[str, list[dict[str, Any]]]:
-    """Rendered files parsed back from their text (what kubectl would read)."""
-    out = {}
-    for path, text in render_target("linkerd", mesh).items():
-        out[path] = [d for d in yaml.safe_load_all(text) if d is not None]
-    return out
+    """Rendered files parsed back from their text (what kubectl would read); a fresh copy each call."""
+    key = mesh.model_dump_json()
+    if key not in _PARSED:
+        _PARSED[key] = {path: [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
+                        for path, text in render_target("linkerd", mesh).items()}
+    return copy.deepcopy(_PARSED[key])
 
 
 def all_docs(mesh: MeshSpec) -> list[dict[str, Any]]:
@@ -79,7 +85,8 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
         pytest.skip(f"Linkerd CRD schemas not found at {SCHEMAS} (the shared schemas directory next to the repo)")
     out: dict[tuple[str, str], dict[str, Any]] = {}
     for path in sorted(SCHEMAS.glob("*.yaml")):
-        crd = next(d for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "CustomResourceDefinition")
+        crd = next(d for d in yaml.load_all(path.read_text(), Loader=_LOADER)
+                   if d and d.get("kind") == "CustomResourceDefinition")
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             if v.get("served"):  # smi-sdk-go's TrafficSplit does not serve v1alpha2: linkerd-smi's does
@@ -88,9 +95,14 @@ def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
 
 
 def validator_for(doc: dict[str, Any]) -> Any:
+    return _validator(doc["apiVersion"], doc["kind"])
+
+
+@functools.cache
+def _validator(api_version: str, kind: str) -> Any:
     jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is needed to validate against the CRDs")
-    schema = crd_schemas().get((doc["apiVersion"], doc["kind"]))
-    assert schema is not None, f"no served CRD version for {doc['apiVersion']} {doc['kind']}"
+    schema = crd_schemas().get((api_version, kind))
+    assert schema is not None, f"no served CRD version for {api_version} {kind}"
     return jsonschema.Draft7Validator(schema)
 
 
@@ -244,21 +256,21 @@ def test_service_profiles_carry_route_timeouts_retryability_and_the_budget():
     for svc in mesh.services:
         profile = ServiceProfile.model_validate(by_kind(files[f"{svc.name}.yaml"], "ServiceProfile")[0])
         assert profile.metadata.name == f"{svc.name}.default.svc.cluster.local"
-        routes = {r.name: r for r in profile.routes}
+        routes = {r.name: r for r in profile.spec.routes}
         for r in svc.routes:  # every explicit route is there, with its own timeout
             rp = route_policy(mesh, svc.name, r.match)
             assert routes[r.match].timeout == format_duration(rp.timeout)
             assert routes[r.match].is_retryable == (r.idempotent and not r.streaming)
         catch_all = routes[f"/{svc.grpc_service}/"]
         assert catch_all.condition.path_regex == "/" + svc.grpc_service.replace(".", r"\.") + "/[^/]+"
-        assert profile.routes[-1] is catch_all  # first match wins: the catch-all comes last
-        assert [r.is_retryable for r in profile.routes].count(True) == sum(
+        assert profile.spec.routes[-1] is catch_all  # first match wins: the catch-all comes last
+        assert [r.is_retryable for r in profile.spec.routes].count(True) == sum(
             1 for r in svc.routes if r.idempotent and not r.streaming)
         assert profile.spec.retry_budget.retry_ratio == 0.25
         assert profile.spec.retry_budget.min_retries_per_second == 3
         assert profile.spec.retry_budget.ttl == "10s"
     auth = {r.name: r for r in ServiceProfile.model_validate(
-        by_kind(files["auth-svc.yaml"], "ServiceProfile")[0]).routes}
+        by_kind(files["auth-svc.yaml"], "ServiceProfile")[0]).spec.routes}
     validate = auth["/aivo.auth.v1.AuthService/ValidateToken"]
     assert validate.condition.path_regex == r"/aivo\.auth\.v1\.AuthService/ValidateToken"
     assert (validate.timeout, validate.is_retryable) == ("1s", True)
@@ -272,7 +284,8 @@ def test_workloads_servers_and_services_apply_as_typed():
     for svc in mesh.services:
         docs = files[f"{svc.name}.yaml"]
         server = Server.model_validate(by_kind(docs, "Server")[0])
-        assert server.spec.proxy_protocol == "gRPC" and server.spec.port == "grpc"
+        assert server.spec.proxy_protocol == "gRPC"
+        assert server.spec.port == "grpc"
         assert server.spec.pod_selector == {"matchLabels": {"app": svc.name}}
         service = K8sService.model_validate(next(d for d in by_kind(docs, "Service")))
         port = ServicePort.model_validate(service.spec["ports"][0])
@@ -284,17 +297,20 @@ def test_workloads_servers_and_services_apply_as_typed():
         env = {e.name: e.value for e in c.env}
         assert set(env) >= {"SERVICE_NAME", "SERVICE_VERSION", "GRPC_PORT", "LOCAL_SERVICE_PORT", "CA_CERT_PATH",
                             "CLIENT_CERT_PATH", "CLIENT_KEY_PATH", "JAEGER_HOST", "METRICS_HOST"}
-        assert env["SERVICE_NAME"] == svc.name and env["GRPC_PORT"] == str(svc.port)
+        assert env["SERVICE_NAME"] == svc.name
+        assert env["GRPC_PORT"] == str(svc.port)
         assert {p["name"]: p["containerPort"] for p in c.ports}["grpc"] == svc.port
         mounts = {m.name: m for m in c.volume_mounts}
         assert mounts["mesh-certs"].read_only
         for var in ("CA_CERT_PATH", "CLIENT_CERT_PATH", "CLIENT_KEY_PATH"):
             assert env[var].startswith(mounts["mesh-certs"].mount_path + "/")
         secret = next(v for v in dep.spec.template.spec.volumes if v["name"] == "mesh-certs")["secret"]
-        assert secret["secretName"] == f"{svc.name}-mesh-certs" and secret["defaultMode"] == 0o400
+        assert secret["secretName"] == f"{svc.name}-mesh-certs"
+        assert secret["defaultMode"] == 0o400
         assert c.readiness_probe.grpc == {"port": svc.port, "service": svc.grpc_service}
         assert c.liveness_probe.grpc["port"] == svc.port
-        assert c.resources["requests"] and c.resources["limits"]
+        assert c.resources["requests"]
+        assert c.resources["limits"]
         sa = by_kind(docs, "ServiceAccount")[0]
         assert sa["metadata"]["name"] == svc.name
 
@@ -310,14 +326,15 @@ def test_kustomization_lists_every_file_and_the_cluster_mesh_loads():
         assert svc.host == "0.0.0.0"
         assert svc.endpoints == (f"{svc.name}.default.svc.cluster.local:50051",)
         orig = mesh.service(svc.name)
-        assert (svc.port, svc.admin_port, svc.routes, svc.allow) == (orig.port, orig.admin_port, orig.routes, orig.allow)
+        assert (svc.port, svc.admin_port) == (orig.port, orig.admin_port)
+        assert (svc.routes, svc.allow) == (orig.routes, orig.allow)
         for r in orig.routes:  # the effective policy is unchanged by the round trip
             assert route_policy(inside, svc.name, r.match) == route_policy(mesh, svc.name, r.match)
     assert {d["metadata"]["name"] for d in files["mesh-clients.yaml"]} == set(mesh.mesh.clients)
 
 
 def test_rendering_is_deterministic():
-    assert render_target("linkerd", base_mesh()) == render_target("linkerd", variant())
+    assert render_target("linkerd", base_mesh()) == render_target("linkerd", load_mesh(ROOT / "mesh.yaml"))
     assert all("&id" not in text for text in render_target("linkerd", variant(model="annotations")).values())
 
 
@@ -337,17 +354,22 @@ def _outbound(doc: dict[str, Any]) -> bool:
 @pytest.mark.parametrize("canary", [None, {"v1": 90, "v2": 10}])
 def test_a_service_gets_a_service_profile_or_annotations_never_both(model, canary):
     mesh = variant(model=model, canary=canary)
+    files = documents(mesh)
     for svc in mesh.services:
-        docs = documents(mesh)[f"{svc.name}.yaml"]
+        docs = files[f"{svc.name}.yaml"]
         profiles = by_kind(docs, "ServiceProfile")
         annotated = [d for d in docs if any(k.startswith(ANNOTATION_PREFIXES) for k in _annotation_keys(d))]
         outbound = [d for d in docs if _outbound(d)]
         splits = by_kind(docs, "TrafficSplit")
         if model == "serviceprofile":
-            assert len(profiles) == 1 and not annotated and not outbound
+            assert len(profiles) == 1
+            assert not annotated
+            assert not outbound
         else:
-            assert not profiles and not splits  # linkerd-smi would turn a TrafficSplit into a ServiceProfile
-            assert annotated and outbound
+            assert not profiles
+            assert not splits
+            assert annotated
+            assert outbound
         assert not (profiles and (annotated or outbound)), svc.name
 
 
@@ -357,11 +379,12 @@ def test_annotation_model_maps_retries_timeouts_and_failure_accrual():
     service = next(d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "auth-svc")
     ann = service["metadata"]["annotations"]
     assert ann["timeout.linkerd.io/request"] == "5s"
-    assert ann["retry.linkerd.io/grpc"] == "unavailable" and ann["retry.linkerd.io/limit"] == "3"
+    assert ann["retry.linkerd.io/grpc"] == "unavailable"
+    assert ann["retry.linkerd.io/limit"] == "3"
     assert ann["balancer.linkerd.io/failure-accrual"] == "consecutive"
     assert ann["balancer.linkerd.io/failure-accrual-consecutive-max-failures"] == "5"
-    assert ann["balancer.linkerd.io/failure-accrual-consecutive-min-penalty"] == "1m"
-    assert ann["balancer.linkerd.io/failure-accrual-consecutive-max-penalty"] == "1m"
+    assert ann["balancer.linkerd.io/failure-accrual-consecutive-min-penalty"] == "60s"
+    assert ann["balancer.linkerd.io/failure-accrual-consecutive-max-penalty"] == "60s"
     routes = {d["metadata"]["name"]: d for d in docs if _outbound(d)}
     validate = routes["auth-svc-route-validatetoken"]
     assert validate["metadata"]["annotations"]["timeout.linkerd.io/request"] == "1s"
@@ -373,7 +396,8 @@ def test_annotation_model_maps_retries_timeouts_and_failure_accrual():
     assert default == {"type": "Exact", "service": "aivo.auth.v1.AuthService"}
     events = {d["metadata"]["name"]: d for d in documents(mesh)["event-collector-svc.yaml"] if _outbound(d)}
     stream = events["event-collector-svc-route-collectstream"]["metadata"]["annotations"]
-    assert stream["retry.linkerd.io/limit"] == "0" and stream["timeout.linkerd.io/request"] == "30s"
+    assert stream["retry.linkerd.io/limit"] == "0"
+    assert stream["timeout.linkerd.io/request"] == "30s"
     allowed = {"cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"}
     for d in all_docs(mesh):
         value = d["metadata"].get("annotations", {}).get("retry.linkerd.io/grpc")
@@ -426,9 +450,11 @@ def linkerd_allows(docs: list[dict[str, Any]], identity: str, method: str) -> bo
     if chosen is None:
         return False  # no route: Linkerd refuses the request
     authns = {d["metadata"]["name"]: d for d in by_kind(docs, "MeshTLSAuthentication")}
+    targets = {("GRPCRoute", chosen["metadata"]["name"])} | {("Server", s["metadata"]["name"])
+                                                             for s in by_kind(docs, "Server")}
     for pol in by_kind(docs, "AuthorizationPolicy"):
         target = pol["spec"]["targetRef"]
-        if (target["kind"], target["name"]) not in {("GRPCRoute", chosen["metadata"]["name"]), ("Server", "x")}:
+        if (target["kind"], target["name"]) not in targets:
             continue
         refs = pol["spec"]["requiredAuthenticationRefs"]
         if all(r["kind"] == "MeshTLSAuthentication" and (

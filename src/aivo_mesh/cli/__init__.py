@@ -18,6 +18,8 @@ from aivo_mesh.cli import certs as _certs  # noqa: F401  isort: skip
 from aivo_mesh.cli import config_cmd as _config  # noqa: F401  isort: skip
 from aivo_mesh.cli import serve as _serve  # noqa: F401  isort: skip
 from aivo_mesh.cli import render as _render  # noqa: F401  isort: skip
+from aivo_mesh.cli import consul_cmd as _consul  # noqa: F401  isort: skip
+from aivo_mesh.cli import lint as _lint  # noqa: F401  isort: skip
 from aivo_mesh.cli import up as _up  # noqa: F401  isort: skip
 
 EXIT_USAGE = 2  # bad input (config, flags, certificates): the user must change something

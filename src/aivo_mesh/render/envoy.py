@@ -106,6 +106,7 @@ STATS_LISTENER = "prometheus_stats"
 LOCAL_APP_CLUSTER = "local_app"
 ADMIN_CLUSTER = "envoy_admin"
 OTLP_CLUSTER = "otlp_collector"
+STATSD_CLUSTER = "statsd_sink"
 
 CONNECT_TIMEOUT = "1s"
 # TCP keepalive (no mesh.yaml key: the h2 PING keepalive of mesh.yaml is the primary liveness check).
@@ -739,9 +740,14 @@ def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
     }
     if profile.statsd is not None:
         host, port = profile.statsd
+        # StatsdSink.address must be an IP literal (UDP); a host name goes through a DNS cluster (TCP).
+        if _is_ip(host):
+            target: dict[str, Any] = {"address": _socket(host, port)}
+        else:
+            clusters.append(_plain_cluster(STATSD_CLUSTER, host, port, h2=False, mesh=mesh))
+            target = {"tcp_cluster_name": STATSD_CLUSTER}
         config["stats_sinks"] = [{"name": "envoy.stat_sinks.statsd", "typed_config": _typed(
-            "envoy.config.metrics.v3.StatsdSink", address=_socket(host, port),
-            prefix=mesh.observability.statsd.prefix)}]
+            "envoy.config.metrics.v3.StatsdSink", **target, prefix=mesh.observability.statsd.prefix)}]
     return config
 
 

@@ -377,7 +377,7 @@ def outbound_routes(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
     """One outbound GRPCRoute per explicit route (its own annotations) plus one for the whole
     service (the service timeout), all on the Service; the exact-method matches win over it."""
     parent = [{"group": "core", "kind": "Service", "name": svc.name, "port": POD_GRPC_PORT}]
-    out = []
+    out: list[dict[str, Any]] = []
     for r in svc.routes:
         rp = route_policy(mesh, svc.name, r.match if not r.match.endswith("/") else r.match + "_")
         ann = {"timeout.linkerd.io/request": _go_duration(rp.timeout),
@@ -386,7 +386,8 @@ def outbound_routes(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
             "apiVersion": GATEWAY_API, "kind": "GRPCRoute",
             "metadata": _meta(mesh, f"{svc.name}-route-{_slug(r.match.strip('/').rpartition('/')[2] or 'all')}",
                               annotations=ann),
-            "spec": {"parentRefs": parent, "rules": [{"matches": [_method_match(r.match)], "backendRefs": _backends(svc)}]},
+            "spec": {"parentRefs": parent,
+                     "rules": [{"matches": [_method_match(r.match)], "backendRefs": _backends(svc)}]},
         })
     out.append({
         "apiVersion": GATEWAY_API, "kind": "GRPCRoute",
@@ -418,10 +419,7 @@ def _covers(rule_methods: tuple[str, ...], pattern: str) -> bool:
     """Does an allow rule with these method patterns allow every method matched by `pattern`?"""
     if not rule_methods:
         return True
-    for m in rule_methods:
-        if m == pattern or (m.endswith("/") and pattern.startswith(m)):
-            return True
-    return False
+    return any(m == pattern or (m.endswith("/") and pattern.startswith(m)) for m in rule_methods)
 
 
 def _route_patterns(svc: ServiceSpec) -> list[str]:
@@ -473,7 +471,8 @@ def authorization(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
     # health: meshed callers and kubelet probes; reflection: meshed callers (MeshServer's OPEN_PREFIXES)
     health = f"{svc.name}-health"
     docs.append(_inbound_route(mesh, svc, health, [f"/{s}/" for s in OPEN_SERVICES["health"]]))
-    docs.append(_authz(mesh, f"{health}-meshed", "GRPCRoute", health, [_authn_ref("MeshTLSAuthentication", mesh_authn)]))
+    docs.append(_authz(mesh, f"{health}-meshed", "GRPCRoute", health,
+                       [_authn_ref("MeshTLSAuthentication", mesh_authn)]))
     docs.append(_authz(mesh, f"{health}-probes", "GRPCRoute", health,
                        [_authn_ref("NetworkAuthentication", f"{svc.name}-probes")]))
     reflection = f"{svc.name}-reflection"

@@ -1,0 +1,376 @@
+"""Lint Envoy bootstraps for what `envoy --mode validate` accepts but is wrong (notes/envoy.md §3, §9, §10).
+
+`lint_bootstrap(config, file=..., check_files=...)` returns `LintIssue`s; `error`s are configurations
+that silently do something else than they say (a dead timeout, a detector that never ejects, a
+handshake that cannot succeed, a secret that never arrives), `warning`s are redundant or risky
+settings. Checks:
+
+- ``retry_on`` (route and virtual-host retry policies): every token must be one Envoy knows; an
+  unknown token (``unknown``, ``bogus``, a typo) is ignored without a word.
+- A route with ``max_stream_duration`` *and* ``timeout``: the timeout is never read (envoy#15530).
+- ``per_try_timeout`` >= the route's deadline (``timeout``, default 15 s, or
+  ``max_stream_duration.max_stream_duration``): the try timeout never fires.
+- ``circuit_breakers.thresholds[]`` with ``retry_budget`` *and* ``max_retries``: the budget wins.
+- ``outlier_detection`` beside active ``health_checks`` without
+  ``successful_active_health_check_uneject_host: false``: a passing check ends every ejection early.
+- ``consecutive_gateway_failure`` set with ``enforcing_consecutive_gateway_failure`` missing or 0
+  (Envoy's default 0 counts and never ejects); ``consecutive_5xx`` with
+  ``enforcing_consecutive_5xx: 0`` (error) or left to the default 100 (warning: say it).
+- Every TLS context: ``tls_maximum_protocol_version`` unset or below TLSv1_3 (an upstream context with
+  minimum 1.3 and the client default maximum 1.2 fails every handshake, notes §10), minimum below
+  TLSv1_3 (the mesh is TLS 1.3 only), a downstream context without ``require_client_certificate``
+  or ALPN h2 (grpcio refuses a listener without ALPN), an upstream context that verifies nothing,
+  SDS ``watched_directory`` that does not contain the files it should watch.
+- ``admin`` bound to anything but loopback (the admin API mutates state and is unauthenticated).
+- With ``check_files``: the SDS files named by ``path_config_source``, the secret each reference
+  names (a missing one keeps the listener/cluster warming forever), every certificate, key and CA
+  file inside them and inline, and the watched directories must exist.
+
+Unary timeouts on streaming routes cannot be told apart from a bootstrap and are not checked.
+`lint_mesh(mesh)` warns about mesh.yaml retry policies the Envoy sidecars cannot express.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.resolve import route_policy
+from aivo_mesh.render.envoy import VALID_RETRY_ON, retry_on_tokens
+
+__all__ = ["LintIssue", "Severity", "lint_bootstrap", "lint_mesh", "load_config"]
+
+Severity = Literal["error", "warning"]
+DEFAULT_ROUTE_TIMEOUT = 15.0  # RouteAction.timeout when unset
+_TLS_ORDER = {"TLS_AUTO": 0, "TLSv1_0": 1, "TLSv1_1": 2, "TLSv1_2": 3, "TLSv1_3": 4}
+
+
+@dataclass(frozen=True)
+class LintIssue:
+    """One finding: `path` is where in the document (``static_resources.clusters[auth-svc]...``)."""
+
+    path: str
+    severity: Severity
+    message: str
+
+    def format(self, file: str) -> str:
+        return f"{file}: {self.path or '<root>'}: {self.severity}: {self.message}"
+
+
+def load_config(path: str | os.PathLike[str]) -> Any:
+    """Read a bootstrap (YAML or JSON; JSON is YAML). Raises OSError or yaml.YAMLError."""
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+
+
+# --- walking ----------------------------------------------------------------------------------------
+def _key(index: int, item: Any) -> str:
+    if isinstance(item, Mapping) and isinstance(item.get("name"), str):
+        return f"[{item['name']}]"
+    return f"[{index}]"
+
+
+def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """Every mapping in the document with its path, depth first, in document order."""
+    if isinstance(node, Mapping):
+        yield path, node
+        for k, v in node.items():
+            yield from _walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _walk(v, f"{path}{_key(i, v)}")
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)s\s*$")
+
+
+def _seconds(value: Any) -> float | None:
+    """A protobuf Duration as written in YAML/JSON ("1.5s" or {seconds, nanos}); None if unreadable."""
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1))
+    if isinstance(value, Mapping):
+        try:
+            return float(value.get("seconds", 0)) + float(value.get("nanos", 0)) / 1e9
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _type_of(node: Mapping[str, Any]) -> str:
+    t = node.get("@type")
+    return t.rsplit(".", 1)[-1] if isinstance(t, str) else ""
+
+
+# --- checks -----------------------------------------------------------------------------------------
+def _check_retry_policy(path: str, policy: Mapping[str, Any], out: list[LintIssue]) -> None:
+    retry_on = policy.get("retry_on")
+    if retry_on is None:
+        return
+    if not isinstance(retry_on, str):
+        out.append(LintIssue(f"{path}.retry_on", "error", "retry_on must be a comma-separated string"))
+        return
+    for token in (t.strip() for t in retry_on.split(",")):
+        if token not in VALID_RETRY_ON:
+            hint = " (gRPC has no `unknown` token, envoy#27740)" if token == "unknown" else ""
+            out.append(LintIssue(f"{path}.retry_on", "error",
+                                 f"unknown retry_on token {token!r}{hint}: Envoy ignores it silently; valid: "
+                                 + ", ".join(sorted(VALID_RETRY_ON))))
+
+
+def _check_route_action(path: str, action: Mapping[str, Any], out: list[LintIssue]) -> None:
+    msd = action.get("max_stream_duration")
+    if msd is not None and "timeout" in action:
+        out.append(LintIssue(f"{path}.timeout", "error",
+                             "route has max_stream_duration, so this timeout is never applied (envoy#15530); "
+                             "put the deadline in max_stream_duration.max_stream_duration and drop timeout"))
+    if msd is not None:
+        deadline = _seconds(msd.get("max_stream_duration")) if isinstance(msd, Mapping) else None
+        if deadline is None and isinstance(msd, Mapping) and "grpc_timeout_header_max" not in msd:
+            out.append(LintIssue(f"{path}.max_stream_duration", "warning",
+                                 "max_stream_duration disables route.timeout but sets no deadline of its own"))
+    else:
+        raw = action.get("timeout")
+        deadline = DEFAULT_ROUTE_TIMEOUT if raw is None else _seconds(raw)
+    policy = action.get("retry_policy")
+    if isinstance(policy, Mapping) and deadline:  # 0 = no deadline: any per-try timeout is smaller
+        per_try = _seconds(policy.get("per_try_timeout"))
+        if per_try is not None and per_try >= deadline:
+            out.append(LintIssue(f"{path}.retry_policy.per_try_timeout", "error",
+                                 f"per_try_timeout {per_try:g}s >= the route's deadline {deadline:g}s: "
+                                 "it never fires (and leaves no time for a retry)"))
+
+
+def _check_cluster(path: str, cluster: Mapping[str, Any], out: list[LintIssue]) -> None:
+    cb = cluster.get("circuit_breakers")
+    thresholds = cb.get("thresholds", []) if isinstance(cb, Mapping) else []
+    for i, t in enumerate(thresholds if isinstance(thresholds, list) else []):
+        if isinstance(t, Mapping) and "retry_budget" in t and "max_retries" in t:
+            out.append(LintIssue(f"{path}.circuit_breakers.thresholds[{i}].max_retries", "warning",
+                                 "ignored: retry_budget overrides max_retries (the retry limit becomes "
+                                 "min_retry_concurrency or the budget); keep one of the two"))
+    od = cluster.get("outlier_detection")
+    if not isinstance(od, Mapping):
+        return
+    odp = f"{path}.outlier_detection"
+    if cluster.get("health_checks") and od.get("successful_active_health_check_uneject_host") is not False:
+        out.append(LintIssue(odp, "error",
+                             "active health checks with outlier detection need "
+                             "successful_active_health_check_uneject_host: false, else a passing check "
+                             "returns an ejected host early"))
+    if "consecutive_gateway_failure" in od and not od.get("enforcing_consecutive_gateway_failure"):
+        out.append(LintIssue(f"{odp}.enforcing_consecutive_gateway_failure", "error",
+                             "missing or 0 (Envoy's default is 0): consecutive_gateway_failure counts but "
+                             "never ejects; set it to 100"))
+    if "consecutive_5xx" in od:
+        if "enforcing_consecutive_5xx" not in od:
+            out.append(LintIssue(f"{odp}.enforcing_consecutive_5xx", "warning",
+                                 "not set: relies on Envoy's default 100; state it"))
+        elif not od.get("enforcing_consecutive_5xx"):
+            out.append(LintIssue(f"{odp}.enforcing_consecutive_5xx", "error",
+                                 "0: consecutive_5xx counts but never ejects"))
+
+
+def _version(params: Mapping[str, Any], key: str) -> int | None:
+    v = params.get(key)
+    return None if v is None else _TLS_ORDER.get(str(v), -1)
+
+
+def _check_tls(path: str, ctx: Mapping[str, Any], kind: str, out: list[LintIssue]) -> None:
+    common = ctx.get("common_tls_context")
+    common = common if isinstance(common, Mapping) else {}
+    params = common.get("tls_params")
+    params = params if isinstance(params, Mapping) else {}
+    pp = f"{path}.common_tls_context.tls_params"
+    upstream = kind == "UpstreamTlsContext"
+    lo, hi = _version(params, "tls_minimum_protocol_version"), _version(params, "tls_maximum_protocol_version")
+    if hi is None or hi == 0:
+        if upstream:
+            out.append(LintIssue(f"{pp}.tls_maximum_protocol_version", "error",
+                                 "not set: a client's default maximum is TLSv1_2, so with a TLS 1.3 peer every "
+                                 "handshake fails (NO_SUPPORTED_VERSIONS_ENABLED); set TLSv1_3"))
+        else:
+            out.append(LintIssue(f"{pp}.tls_maximum_protocol_version", "warning",
+                                 "not set: state TLSv1_3 explicitly"))
+    elif hi < _TLS_ORDER["TLSv1_3"]:
+        out.append(LintIssue(f"{pp}.tls_maximum_protocol_version", "error",
+                             f"{params.get('tls_maximum_protocol_version')}: the mesh is TLS 1.3 only"))
+    if lo is None or lo < _TLS_ORDER["TLSv1_3"]:
+        out.append(LintIssue(f"{pp}.tls_minimum_protocol_version", "warning",
+                             f"{params.get('tls_minimum_protocol_version', 'not set (TLSv1_2)')}: "
+                             "the mesh is TLS 1.3 only"))
+    if lo is not None and hi not in (None, 0) and lo > hi:
+        out.append(LintIssue(pp, "error", "minimum protocol version above the maximum: no handshake can succeed"))
+    if upstream:
+        if not any(k in common for k in ("validation_context", "combined_validation_context",
+                                         "validation_context_sds_secret_config")):
+            out.append(LintIssue(f"{path}.common_tls_context", "error",
+                                 "no validation context: the server certificate is not verified"))
+    else:
+        if ctx.get("require_client_certificate") is not True:
+            out.append(LintIssue(f"{path}.require_client_certificate", "error",
+                                 "not true: clients without a certificate are accepted (mTLS is optional)"))
+        if "h2" not in (common.get("alpn_protocols") or []):
+            out.append(LintIssue(f"{path}.common_tls_context.alpn_protocols", "error",
+                                 "no h2: grpc clients refuse the connection (missing selected ALPN property)"))
+
+
+def _check_admin(config: Mapping[str, Any], out: list[LintIssue]) -> None:
+    admin = config.get("admin")
+    sa = admin.get("address", {}).get("socket_address") if isinstance(admin, Mapping) else None
+    if not isinstance(sa, Mapping):
+        return
+    host = str(sa.get("address", ""))
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        out.append(LintIssue("admin.address.socket_address.address", "error",
+                             f"{host!r} is not loopback: the admin API is unauthenticated and mutates state "
+                             "(expose /stats/prometheus through a listener instead)"))
+
+
+def _under(path: str, directory: str) -> bool:
+    d = directory.rstrip("/") + "/"
+    return path.startswith(d)
+
+
+def _check_watched(path: str, secret: Mapping[str, Any], out: list[LintIssue], where: str) -> None:
+    """A secret's watched_directory must contain its files, else rotation never triggers a reload."""
+    for key in ("tls_certificate", "validation_context"):
+        body = secret.get(key)
+        if not isinstance(body, Mapping):
+            continue
+        wd = body.get("watched_directory")
+        wdir = wd.get("path") if isinstance(wd, Mapping) else None
+        if not isinstance(wdir, str):
+            continue
+        for fpath, node in _walk(body, f"{path}.{key}"):
+            fn = node.get("filename")
+            if isinstance(fn, str) and not _under(fn, wdir):
+                out.append(LintIssue(fpath, "warning",
+                                     f"{fn} is outside watched_directory {wdir}{where}: replacing it does not "
+                                     "reload the secret"))
+
+
+def _missing(path: str, what: str, fn: str, out: list[LintIssue], *, directory: bool = False) -> None:
+    p = Path(fn)
+    ok = p.is_dir() if directory else p.is_file()
+    if not ok:
+        out.append(LintIssue(path, "error", f"{what} {fn} does not exist"))
+
+
+def _check_files(config: Mapping[str, Any], file: str, out: list[LintIssue]) -> None:
+    seen: set[tuple[str, str]] = set()
+    for path, node in _walk(config):
+        # SDS references: {name, sds_config: {path_config_source: {path, watched_directory}}}
+        sds = node.get("sds_config")
+        if isinstance(sds, Mapping):
+            pcs = sds.get("path_config_source")
+            sds_path = pcs.get("path") if isinstance(pcs, Mapping) else sds.get("path")
+            if not isinstance(sds_path, str):
+                continue
+            key = (sds_path, str(node.get("name")))
+            if key in seen:  # the same secret is usually named by the listener and every cluster
+                continue
+            seen.add(key)
+            _check_sds_file(f"{path}.sds_config", str(node.get("name", "")), sds_path, file, out)
+            wd = pcs.get("watched_directory") if isinstance(pcs, Mapping) else None
+            if isinstance(wd, Mapping) and isinstance(wd.get("path"), str):
+                _missing(f"{path}.sds_config.path_config_source.watched_directory", "watched directory",
+                         wd["path"], out, directory=True)
+        # Inline certificates: any DataSource `filename` inside a TLS context.
+        if _type_of(node) in ("UpstreamTlsContext", "DownstreamTlsContext"):
+            for fpath, inner in _walk(node, path):
+                fn = inner.get("filename")
+                if isinstance(fn, str):
+                    _missing(f"{fpath}.filename", "file", fn, out)
+
+
+def _check_sds_file(ref: str, name: str, sds_path: str, file: str, out: list[LintIssue]) -> None:
+    """One SDS file and the secret `name` in it. Issues inside it are located as `<sds file>:<path>`."""
+    try:
+        doc = load_config(sds_path)
+    except FileNotFoundError:
+        out.append(LintIssue(ref, "error", f"SDS file {sds_path} does not exist"))
+        return
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        out.append(LintIssue(ref, "error", f"SDS file {sds_path} cannot be read: {exc}"))
+        return
+    resources = doc.get("resources") if isinstance(doc, Mapping) else None
+    secrets = [r for r in resources if isinstance(r, Mapping)] if isinstance(resources, list) else []
+    for i, secret in enumerate(secrets):
+        if secret.get("name") != name:
+            continue
+        inner = f"{sds_path}:resources{_key(i, secret)}"
+        _check_watched(inner, secret, out, f" (secret {name!r} used by {file})")
+        for fpath, node in _walk(secret, inner):
+            fn = node.get("filename")
+            if isinstance(fn, str):
+                _missing(f"{fpath}.filename", "file", fn, out)
+            wd = node.get("watched_directory")
+            if isinstance(wd, Mapping) and isinstance(wd.get("path"), str):
+                _missing(f"{fpath}.watched_directory", "watched directory", wd["path"], out, directory=True)
+        return
+    names = ", ".join(str(s.get("name")) for s in secrets) or "none"
+    out.append(LintIssue(ref, "error", f"secret {name!r} is not in {sds_path} (it holds: {names}): Envoy waits "
+                                       "for it forever and the listener/cluster never warms"))
+
+
+def lint_bootstrap(config: Mapping[str, Any], *, file: str = "<config>", check_files: bool = False) -> list[LintIssue]:
+    """Issues of one bootstrap, in document order. `file` names the bootstrap in messages about the
+    files it references; `check_files` also checks that every SDS file, secret, certificate, key and
+    watched directory it names exists (relative paths are taken from the current directory, as Envoy
+    does)."""
+    out: list[LintIssue] = []
+    if not isinstance(config, Mapping):
+        return [LintIssue("", "error", "not a mapping: expected an Envoy bootstrap")]
+    _check_admin(config, out)
+    clusters = config.get("static_resources", {}).get("clusters", []) if isinstance(
+        config.get("static_resources"), Mapping) else []
+    for i, cluster in enumerate(clusters if isinstance(clusters, list) else []):
+        if isinstance(cluster, Mapping):
+            _check_cluster(f"static_resources.clusters{_key(i, cluster)}", cluster, out)
+    for path, node in _walk(config):
+        kind = _type_of(node)
+        if kind in ("UpstreamTlsContext", "DownstreamTlsContext"):
+            _check_tls(path, node, kind, out)
+        if "match" in node and isinstance(node.get("route"), Mapping):
+            _check_route_action(f"{path}.route", node["route"], out)
+        if isinstance(node.get("retry_policy"), Mapping):
+            _check_retry_policy(f"{path}.retry_policy", node["retry_policy"], out)
+        if "tls_certificate" in node or "validation_context" in node:  # a secret (inline or static)
+            _check_watched(path, node, out, "")
+    if check_files:
+        _check_files(config, file, out)
+    return out
+
+
+def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
+    """mesh.yaml retry policies the sidecars cannot express (warnings; paths as in mesh.yaml)."""
+    out: list[LintIssue] = []
+    for i, svc in enumerate(mesh.services):
+        where = [(f"services[{i}]", f"/{svc.grpc_service}/")]
+        where += [(f"services[{i}].routes[{j}]", r.match) for j, r in enumerate(svc.routes)]
+        for path, pattern in where:
+            rp = route_policy(mesh, svc.name, pattern)
+            if rp.retry.max_retries == 0:
+                continue
+            on = retry_on_tokens(rp.retry.retry_on, idempotent=rp.idempotent, streaming=rp.streaming)
+            for code, why in on.skipped:
+                if why.startswith("Envoy has no"):
+                    out.append(LintIssue(f"{path}.retry.retry_on", "warning",
+                                         f"{code}: not retried by the Envoy sidecars ({why})"))
+            per_try = rp.retry.per_try_timeout
+            if per_try is not None and not rp.streaming and per_try >= rp.timeout:
+                out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
+                                     f"{per_try:g}s >= the route timeout {rp.timeout:g}s: left out of the "
+                                     "sidecar config (it could never fire)"))
+    return out
