@@ -30,7 +30,8 @@ def test_every_service_runs_as_an_app_plus_envoy_pod_with_the_platform_services(
         app, envoy = services[svc.name], services[f"{svc.name}-envoy"]
         assert app["image"] == "aivo-mesh:latest"
         assert app["build"] == {"context": "../..", "dockerfile": "infra/mesh/Dockerfile"}
-        assert app["command"][:5] == ["serve", svc.name, "--insecure", "--port", str(svc.local_port)]
+        assert app["command"][:7] == ["serve", svc.name, "--insecure", "--port", str(svc.local_port),
+                                      "--sidecar-outbound", "127.0.0.1:15001"]
         assert app["networks"] == ["mesh-network"]
         assert "healthcheck" in app
         # the sidecar shares the app's network namespace: the app's 127.0.0.1 is the sidecar's
@@ -43,9 +44,10 @@ def test_every_service_runs_as_an_app_plus_envoy_pod_with_the_platform_services(
         assert mounts["/etc/envoy/sds"] == f"./envoy/{svc.name}/sds:/etc/envoy/sds:ro"
         assert mounts["/etc/envoy/certs"] == "../../certs:/etc/envoy/certs:ro"
         assert envoy["image"].startswith("envoyproxy/envoy:v1.40")
-        # host ports: mesh port -> Envoy inbound 50051; sidecar admin 990x; aivo-mesh admin 910x
+        # host ports: mesh port -> Envoy inbound 50051; sidecar admin port 990x -> the sidecar's stats
+        # listener (its admin API stays on the pod's loopback); aivo-mesh admin 910x
         assert f"{svc.port}:50051" in app["ports"]
-        assert f"127.0.0.1:{svc.sidecar.admin_port}:9901" in app["ports"]
+        assert f"127.0.0.1:{svc.sidecar.admin_port}:15090" in app["ports"]
         assert f"127.0.0.1:{svc.admin_port}:{svc.admin_port}" in app["ports"]
         env = app["environment"]
         assert env["SERVICE_NAME"] == svc.name

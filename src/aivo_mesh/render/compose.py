@@ -14,10 +14,15 @@ Sharing the namespace is what makes the app's 127.0.0.1 the sidecar's. Then cons
 service definitions from ./consul), jaeger (all-in-one, OTLP on 4317, UI on 16686), prometheus
 (./prometheus) and grafana (./grafana), all on the network `mesh-network`.
 
-Published ports (host side): each pod's mTLS port as the service's mesh port from mesh.yaml
-(auth-svc 50051, learner-svc 50052, ...), its Envoy admin as the sidecar admin port from mesh.yaml
-(9901, 9902, ...) and its aivo-mesh admin endpoint (9101, ...). Admin ports are published on
-127.0.0.1 only: they are unauthenticated.
+The app calls its peers through the sidecar (`--sidecar-outbound 127.0.0.1:15001`, plaintext h2 on
+the pod's loopback); the sidecar dials `<peer>:50051` over mTLS.
+
+Published ports (host side, per pod): the mTLS port as the service's mesh port from mesh.yaml
+(auth-svc 50051, learner-svc 50052, ...); the sidecar admin port from mesh.yaml (9901, 9902, ...)
+-> the sidecar's read-only `GET /stats/prometheus` listener (15090), because Envoy's admin API stays
+on the pod's loopback (reach it with `docker compose exec <svc> python -c ...`, the pods share a
+network namespace); and the aivo-mesh admin endpoint (9101, ...). Admin and stats ports are
+published on 127.0.0.1 only.
 
 Pure and deterministic: no I/O. Paths are relative to infra/mesh/, where the file lives.
 """
@@ -39,6 +44,7 @@ NETWORK = "mesh-network"
 CERTS = "../../certs"  # the repository's certs/ (meshctl certs init/issue --output-dir certs)
 APP_CERTS = "/etc/aivo-mesh/certs"
 POD_INBOUND = 50051
+POD_OUTBOUND = 15001
 POD_ENVOY_ADMIN = 9901
 POD_ENVOY_STATS = 15090
 
@@ -94,11 +100,14 @@ def _app_healthcheck(svc: ServiceSpec) -> dict[str, Any]:
 
 
 def app_service(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
-    command = ["serve", svc.name, "--insecure", "--port", str(svc.local_port), "--certs", APP_CERTS,
+    command = ["serve", svc.name, "--insecure", "--port", str(svc.local_port),
+               "--sidecar-outbound", f"127.0.0.1:{POD_OUTBOUND}", "--certs", APP_CERTS,
                "--data-dir", "/var/lib/aivo-mesh"]
     ports = [f"{svc.port}:{POD_INBOUND}"]
     if svc.sidecar.admin_port is not None:
-        ports.append(f"127.0.0.1:{svc.sidecar.admin_port}:{POD_ENVOY_ADMIN}")
+        # The Envoy admin API stays on the pod's loopback (unauthenticated, mutating endpoints); the
+        # per-service admin port publishes the sidecar's read-only Prometheus listener instead.
+        ports.append(f"127.0.0.1:{svc.sidecar.admin_port}:{POD_ENVOY_STATS}")
     if svc.admin_port is not None:
         command += ["--admin-port", str(svc.admin_port)]
         ports.append(f"127.0.0.1:{svc.admin_port}:{svc.admin_port}")

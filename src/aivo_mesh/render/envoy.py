@@ -278,6 +278,9 @@ def _is_ip(host: str) -> bool:
 
 
 # --- small builders ---------------------------------------------------------------------------------
+UNHEALTHY_RECHECK = 2.0  # seconds between health checks of a host marked unhealthy
+
+
 def _dur(seconds: float) -> str:
     """Seconds as an Envoy (protobuf JSON) duration: 5.0 -> "5s", 0.1 -> "0.1s"."""
     if seconds == int(seconds):
@@ -666,6 +669,9 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
             "unhealthy_threshold": hc.unhealthy_threshold,
             "healthy_threshold": hc.healthy_threshold,
             "no_traffic_interval": _dur(hc.interval),
+            # A host that failed (e.g. a peer still starting) is re-checked sooner than a healthy one,
+            # so it rejoins within seconds instead of one full interval later.
+            "unhealthy_interval": _dur(min(hc.interval, UNHEALTHY_RECHECK)),
             "grpc_health_check": {"service_name": peer.grpc_service, "authority": peer.name},
         }],
         "load_assignment": _load_assignment(peer.name, host, port),

