@@ -415,7 +415,8 @@ def test_peer_cluster_policy(mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> 
             assert od["max_ejection_percent"] == 50
             assert od["successful_active_health_check_uneject_host"] is False
             (hc,) = c["health_checks"]
-            assert hc["interval"] == hc["no_traffic_interval"] == "30s"
+            assert hc["interval"] == hc["no_traffic_healthy_interval"] == "30s"
+            assert hc["no_traffic_interval"] == hc["unhealthy_interval"] == "2s"  # new or failing hosts
             assert hc["timeout"] == "5s"
             assert hc["grpc_health_check"] == {"service_name": mesh.service(peer).grpc_service, "authority": peer}
             h2 = c["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]

@@ -28,7 +28,7 @@ from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
 from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files, sidecar_ports
 from aivo_mesh.runtime.collector import SpanLog
-from aivo_mesh.runtime.local import with_free_ports
+from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
@@ -223,8 +223,12 @@ def _host_flags(admin: int, cluster: str) -> dict[str, str]:
 async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves(mesh, mesh_certs, tmp_path):
     m = with_free_ports(mesh)
     # A second auth-svc instance: same identity, its own app port, inbound and admin ports.
-    ports = with_free_ports(mesh).service("auth-svc")
-    spec_b = m.service("auth-svc").model_copy(update={"local_port": ports.local_port, "sidecar": ports.sidecar})
+    used = {p for svc in m.services for p in (svc.port, svc.local_port, svc.admin_port, svc.sidecar.inbound_port,
+                                              svc.sidecar.outbound_port, svc.sidecar.admin_port)}
+    spare = [p for p in free_ports(20) if p not in used][:4]
+    spec_b = m.service("auth-svc").model_copy(update={"local_port": spare[0], "sidecar": m.service(
+        "auth-svc").sidecar.model_copy(update={"inbound_port": spare[1], "outbound_port": spare[2],
+                                               "admin_port": spare[3]})})
     m_b = m.model_copy(update={"services": tuple(spec_b if s.name == "auth-svc" else s for s in m.services)})
     hits = {"good": 0, "bad": 0}
     good = await _auth_app(m.service("auth-svc").local_port, False, hits, "good")
@@ -255,7 +259,10 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
             if len(flags) == 2 and set(flags.values()) == {"healthy"}:
                 break
             await asyncio.sleep(0.2)
-        assert set(flags.values()) == {"healthy"}, flags
+        assert set(flags.values()) == {"healthy"}, (flags, [
+            line for line in (await asyncio.to_thread(_get, f"http://127.0.0.1:{learner.admin}/stats")).splitlines()
+            if "auth-svc.health_check" in line or "auth-svc.upstream_cx_connect_fail" in line
+            or "ssl.connection_error" in line])
         async with grpc.aio.insecure_channel(f"127.0.0.1:{learner.outbound}") as ch:
             vt = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
                                 response_deserializer=lambda b: b)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -136,8 +137,8 @@ def test_sidecar_plane_started_by_meshctl_up(tmp_path):
     state = tmp_path / "state"
     meshctl = [sys.executable, "-m", "aivo_mesh"]
     up = subprocess.run([*meshctl, "up", "--plane", "sidecar", "--free-ports", "--config", str(ROOT / "mesh.yaml"),
-                         "--state-dir", str(state)], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                        check=False)
+                         "--state-dir", str(state), "--timeout", "60"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=120, check=False)
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         out = test_mesh("--services", "auth-svc,event-collector-svc", "--state-dir", str(state), "--json")
@@ -150,3 +151,78 @@ def test_sidecar_plane_started_by_meshctl_up(tmp_path):
     finally:
         subprocess.run([*meshctl, "down", "--state-dir", str(state)], cwd=ROOT, capture_output=True, timeout=60,
                        check=False)
+
+
+# -- deploy-mesh.py ----------------------------------------------------------------------------------
+
+DEPLOY = ROOT / "infra" / "mesh" / "scripts" / "deploy-mesh.py"
+
+
+def deploy(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(DEPLOY), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=240, check=False)
+
+
+def test_deploy_dry_run_without_docker_plans_the_local_runtime_and_says_what_it_skips(tmp_path):
+    out = deploy("--components", "envoy,consul,jaeger,prometheus", "--state-dir", str(tmp_path / "s"),
+                 "--docker", "no", "--dry-run")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "render      checked" in out.stdout  # `meshctl render all --check`, nothing written
+    assert "aivo_mesh up --plane" in out.stdout
+    assert not (tmp_path / "s" / "runtime.json").exists()
+    if shutil.which("consul") is None:
+        assert "consul      skipped    no consul binary and no Docker engine" in out.stdout
+    assert "jaeger      skipped" in out.stdout
+    assert "skipped:" in out.stdout
+
+
+def test_deploy_dry_run_with_docker_plans_compose_up(tmp_path):
+    out = deploy("--components", "envoy,prometheus", "--docker", "yes", "--dry-run", "--skip-render")
+    if shutil.which("docker-compose") is None and shutil.which("docker") is None:
+        assert out.returncode == 1
+        return
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.strip().startswith("compose"))
+    assert "up -d --build" in line
+    for svc in ("auth-svc", "auth-svc-envoy", "analytics-svc-envoy", "prometheus"):
+        assert f" {svc}" in line
+    assert " consul" not in line
+    assert " jaeger" not in line
+
+
+def test_deploy_rejects_unknown_components():
+    out = deploy("--components", "envoy,istio", "--dry-run")
+    assert out.returncode == 2
+    assert "unknown component(s) istio" in out.stderr
+
+
+@pytest.mark.skipif(not _envoy_available() or shutil.which("prometheus") is None,
+                    reason="needs the envoy binary and the prometheus binary")
+def test_deploy_without_docker_runs_sidecars_and_prometheus_then_down(tmp_path):
+    state = tmp_path / "state"
+    from aivo_mesh.runtime.local import free_port
+
+    port = free_port()
+    try:
+        out = deploy("--components", "envoy,prometheus,jaeger", "--state-dir", str(state), "--docker", "no",
+                     "--free-ports", "--skip-render", "--prometheus-port", str(port))
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "services    started    meshctl up --plane sidecar" in out.stdout
+        assert "prometheus  started" in out.stdout
+        config = (state / "prometheus" / "prometheus.yml").read_text()
+        runtime = json.loads((state / "runtime.json").read_text())
+        for ep in runtime["services"].values():
+            assert ep["admin"] in config
+            assert ep["sidecar_admin"] in config
+        check = test_mesh("--state-dir", str(state), "--services", "auth-svc", "--json")
+        assert check.returncode == 0, check.stdout + check.stderr
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=5) as resp:
+            groups = json.loads(resp.read())["data"]["groups"]
+        assert sum(len(g["rules"]) for g in groups) > 5  # the rendered alert rules are loaded
+    finally:
+        stopped = deploy("--down", "--state-dir", str(state))
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    assert "prometheus  stopped" in stopped.stdout
+    assert not (state / "deploy.json").exists()

@@ -668,10 +668,12 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
             "interval": _dur(hc.interval),
             "unhealthy_threshold": hc.unhealthy_threshold,
             "healthy_threshold": hc.healthy_threshold,
-            "no_traffic_interval": _dur(hc.interval),
-            # A host that failed (e.g. a peer still starting) is re-checked sooner than a healthy one,
-            # so it rejoins within seconds instead of one full interval later.
+            # A host that is new or failing (e.g. a peer still starting) is re-checked every couple of
+            # seconds, with or without traffic, so it joins within seconds instead of one interval
+            # later; healthy hosts are checked at the mesh.yaml interval.
             "unhealthy_interval": _dur(min(hc.interval, UNHEALTHY_RECHECK)),
+            "no_traffic_interval": _dur(min(hc.interval, UNHEALTHY_RECHECK)),
+            "no_traffic_healthy_interval": _dur(hc.interval),
             "grpc_health_check": {"service_name": peer.grpc_service, "authority": peer.name},
         }],
         "load_assignment": _load_assignment(peer.name, host, port),
