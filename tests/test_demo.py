@@ -20,12 +20,14 @@ def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
                           text=True, timeout=timeout, check=False)
 
 
-def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path):
+@pytest.mark.parametrize("plane", ["sidecar", "proxyless"])
+def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path, plane):
     state = tmp_path / "state"
-    out = meshctl("demo", "--duration", "3", "--free-ports", "--state-dir", str(state))
+    out = meshctl("demo", "--duration", "3", "--free-ports", "--state-dir", str(state), "--plane", plane)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
-    assert "all 4 services SERVING over mTLS" in out.stdout
+    assert f"all 4 services SERVING over mTLS ({plane} plane)" in out.stdout
+    assert "a learner -> auth trace" in out.stdout
     for svc in ("auth-svc", "learner-svc", "event-collector-svc", "analytics-svc"):
         row = next(line for line in out.stdout.splitlines() if line.startswith(f"│ {svc} "))
         cells = [c.strip() for c in row.strip("│").split("│")]
@@ -35,11 +37,13 @@ def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path)
     assert "all processes stopped" in out.stdout
     # No orphans: the registry is gone and every pid the run logged is dead.
     assert not (state / "processes.json").exists()
-    logs = sorted((state / "logs").glob("*.log"))
-    assert len(logs) == 4
+    services = ("auth-svc", "learner-svc", "event-collector-svc", "analytics-svc")
+    logs = {p.stem for p in (state / "logs").glob("*.log")}
+    sidecars = {f"{s}-envoy" for s in services} if plane == "sidecar" else set()
+    assert logs == {*services, "collector", *sidecars}
     # Each service drained and stopped on SIGTERM (graceful shutdown logged).
-    for log in logs:
-        assert "draining" in log.read_text(), log.name
+    for svc in services:
+        assert "draining" in (state / "logs" / f"{svc}.log").read_text(), svc
 
 
 def test_status_reports_running_services(tmp_path):

@@ -65,37 +65,48 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
 
 @cli.command()
 @click.option("--duration", type=float, default=10.0, show_default=True, help="seconds of traffic")
+@click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True,
+              help="Envoy sidecars (needs the envoy extra) or MeshClient/MeshServer alone")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
 @click.option("--state-dir", type=click.Path(file_okay=False), default=str(Path(".state/demo")),
               show_default=True, help="certificates, data, logs and pids of this run")
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="use free loopback ports instead of those in mesh.yaml")
 @click.option("--workers", type=int, default=4, show_default=True, help="concurrent demo flows")
-def demo(duration: float, config: str | None, state_dir: str, free_ports: bool, workers: int) -> None:
-    """Bring up the four services over mTLS, drive the main flow, print a table, shut down."""
-    code = asyncio.run(_demo(duration, config, StateDir(state_dir), free_ports, workers))
+def demo(duration: float, plane: str, config: str | None, state_dir: str, free_ports: bool, workers: int) -> None:
+    """Bring up the whole mesh on loopback, drive the main flow, print a table, shut down."""
+    code = asyncio.run(_demo(duration, plane, config, StateDir(state_dir), free_ports, workers))
     if code:
         sys.exit(code)
 
 
-async def _demo(duration: float, config: str | None, state: StateDir, free_ports: bool,
+async def _demo(duration: float, plane: str, config: str | None, state: StateDir, free_ports: bool,
                 workers: int) -> int:
     from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.runtime.collector import SpanLog
     from aivo_mesh.runtime.driver import drive
     from aivo_mesh.runtime.health import wait_serving
-    from aivo_mesh.runtime.local import prepare, start_services
+    from aivo_mesh.runtime.local import free_port, prepare
+    from aivo_mesh.runtime.mesh import mesh_for_clients, plan, with_tracing
     from aivo_mesh.runtime.supervisor import Supervisor
+    from aivo_mesh.telemetry.otlp_receiver import render_waterfall
 
     console = _console()
-    mesh = prepare(state, config, free_ports)
-    sup = Supervisor(state)
-    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh))
     started = time.monotonic()
+    otlp = free_port()
+    mesh = prepare(state, config, free_ports, transform=lambda m: with_tracing(m, otlp))
+    (state.root / "traces.jsonl").unlink(missing_ok=True)
+    procs, info = plan(state, mesh, plane, otlp)  # type: ignore[arg-type]
+    view = mesh_for_clients(mesh, info)
+    sup = Supervisor(state)
+    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view))
+    limit = HEALTHY_WITHIN + (5 if plane == "sidecar" else 0)
     try:
-        with console.status("starting services...") as status:
-            await start_services(sup, mesh)
+        with console.status(f"starting the {plane} mesh...") as status:
+            for m in procs:
+                await sup.start(m)
             status.update("waiting for SERVING over grpc.health.v1 ...")
-            health = await wait_serving(client, mesh.service_names, timeout=HEALTHY_WITHIN)
+            health = await wait_serving(client, mesh.service_names, timeout=limit)
         ready_in = time.monotonic() - started
         if any(v != "SERVING" for v in health.values()) or sup.exited():
             for name, st in health.items():
@@ -103,29 +114,38 @@ async def _demo(duration: float, config: str | None, state: StateDir, free_ports
             for m in sup.exited():
                 console.print(f"[red]{m.name} exited with {m.process.returncode if m.process else '?'}; "
                               f"log: {m.log}[/red]")
-            raise MeshError(f"services not healthy within {HEALTHY_WITHIN:.0f}s: "
+            raise MeshError(f"services not healthy within {limit:.0f}s: "
                             f"{ {k: v for k, v in health.items() if v != 'SERVING'} }")
-        console.print(f"[green]all {len(health)} services SERVING over mTLS in {ready_in:.1f}s[/green]")
+        console.print(f"[green]all {len(health)} services SERVING over mTLS ({plane} plane) in "
+                      f"{ready_in:.1f}s[/green]")
         with console.status(f"driving the demo flow for {duration:.0f}s ({workers} workers)..."):
             stats = await drive(client, duration, workers=workers)
-        table = Table(title=f"aivo-mesh demo: {stats.flows} flows in {duration:.0f}s")
+        table = Table(title=f"aivo-mesh demo ({plane} plane): {stats.flows} flows in {duration:.0f}s")
         for col in ("service", "endpoint", "identity", "calls", "errors", "p50", "p99"):
             table.add_column(col, justify="right" if col in ("calls", "errors", "p50", "p99") else "left")
         for name in mesh.service_names:
-            svc = mesh.service(name)
             s = stats.per_service.get(name)
             p50 = s.percentile(50) if s else None
             p99 = s.percentile(99) if s else None
-            table.add_row(name, f"{svc.host}:{svc.port}", mesh.spiffe_id(name), str(s.calls if s else 0),
+            table.add_row(name, info.services[name].address, mesh.spiffe_id(name), str(s.calls if s else 0),
                           str(s.errors if s else 0), _ms(p50), _ms(p99))
         console.print(table)
         if stats.total_errors:
             codes = {n: s.error_codes for n, s in stats.per_service.items() if s.errors}
             console.print(f"[yellow]errors: {codes}[/yellow]")
+        sample = None
+        spans, give_up = SpanLog(state.root / "traces.jsonl"), time.monotonic() + 3  # exporters batch
+        while sample is None and time.monotonic() < give_up:
+            sample = next((t for t in spans.traces(200)
+                           if any(sp.name.endswith("/GetProfile") for sp in t.spans) and len(t.spans) > 2), None)
+            await asyncio.sleep(0.2)
+        if sample is not None:
+            console.print("a learner -> auth trace (meshctl traces shows more):")
+            console.print(render_waterfall(sample, width=30), markup=False, highlight=False)
         return 0 if stats.flows > 0 and stats.total_errors == 0 else 1
     finally:
         await client.close()
-        with console.status("stopping services..."):
+        with console.status("stopping..."):
             await sup.stop_all()
         console.print("all processes stopped")
 
@@ -147,18 +167,18 @@ def status(state_dir: str | None, as_json: bool, interval: float) -> None:
     state = StateDir(state_dir) if state_dir else _find_state()
     info = RuntimeInfo.read(state)
     if info is None:  # a `meshctl demo` run (no supervisor): list its processes
-        rows = asyncio.run(_status(state))
+        procs = asyncio.run(_status(state))
         if as_json:
-            click.echo(json.dumps({"state_dir": str(state.root), "processes": rows}, indent=2))
+            click.echo(json.dumps({"state_dir": str(state.root), "processes": procs}, indent=2))
             return
-        table = Table(title=f"aivo-mesh status ({state.root})")
+        ptable = Table(title=f"aivo-mesh status ({state.root})")
         for col in ("name", "role", "pid", "address", "process", "health", "breakers", "upstreams"):
-            table.add_column(col)
-        for r in rows:
-            table.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
-                          ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
-                          ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
-        _console().print(table if rows else f"nothing running from {state.root}")
+            ptable.add_column(col)
+        for r in procs:
+            ptable.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
+                           ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
+                           ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
+        _console().print(ptable if procs else f"nothing running from {state.root}")
         return
     services = asyncio.run(gather(state, interval))
     if as_json:
@@ -167,12 +187,12 @@ def status(state_dir: str | None, as_json: bool, interval: float) -> None:
     table = Table(title=f"aivo-mesh status: {info.plane} plane ({state.root})")
     for col in ("service", "process", "health", "sidecar", "upstreams", "breakers", "rps", "p99"):
         table.add_column(col, justify="right" if col in ("rps", "p99") else "left")
-    for r in services:
-        table.add_row(r.service, r.process + (f" ({r.restarts} restarts)" if r.restarts else ""), r.health,
-                      r.sidecar, "\n".join(f"{k}: {v}" for k, v in r.upstreams.items()) or "-",
-                      ", ".join(f"{k}={v}" for k, v in r.breakers.items()) or "-",
-                      "-" if r.rps is None else f"{r.rps:.1f}",
-                      "-" if r.p99_ms is None else f"{r.p99_ms:.0f} ms")
+    for sv in services:
+        table.add_row(sv.service, sv.process + (f" ({sv.restarts} restarts)" if sv.restarts else ""), sv.health,
+                      sv.sidecar, "\n".join(f"{k}: {v}" for k, v in sv.upstreams.items()) or "-",
+                      ", ".join(f"{k}={v}" for k, v in sv.breakers.items()) or "-",
+                      "-" if sv.rps is None else f"{sv.rps:.1f}",
+                      "-" if sv.p99_ms is None else f"{sv.p99_ms:.0f} ms")
     _console().print(table)
 
 

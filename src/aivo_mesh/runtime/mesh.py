@@ -33,6 +33,8 @@ from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 Plane = Literal["sidecar", "proxyless"]
 log = logging.getLogger(__name__)
 
+# Local runs export spans within half a second (the SDK's default batch delay is 5 s).
+LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0  # seconds up before the back-off resets
@@ -125,14 +127,14 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int) -> 
         data = ["--data-dir", str(state.data_dir(name))]
         if plane == "proxyless":
             procs.append(Managed(name=name, role="service", address=f"{svc.host}:{svc.port}", admin=admin,
-                                 argv=meshctl_argv("serve", name, *common, *data)))
+                                 argv=meshctl_argv("serve", name, *common, *data), env=dict(LOCAL_ENV)))
             info.services[name] = ServiceEndpoints(address=f"{svc.host}:{svc.port}", admin=admin)
             continue
         inbound, outbound, envoy_admin = sidecar_ports(mesh, name, "local")
         procs.append(Managed(name=name, role="service", address=f"127.0.0.1:{svc.local_port}", admin=admin,
                              argv=meshctl_argv("serve", name, *common, *data, "--insecure", "--port",
                                                str(svc.local_port), "--sidecar-outbound",
-                                               f"127.0.0.1:{outbound}")))
+                                               f"127.0.0.1:{outbound}"), env=dict(LOCAL_ENV)))
         procs.append(Managed(name=f"{name}-envoy", role="sidecar", address=f"127.0.0.1:{inbound}",
                              admin=f"127.0.0.1:{envoy_admin}",
                              argv=[envoy, "-c", str(bootstraps[name]), "--concurrency", "1", "--log-level", "warn",
