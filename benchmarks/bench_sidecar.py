@@ -1,0 +1,231 @@
+"""What the Envoy sidecar plane costs, measured against baselines in the same run.
+
+    .venv/bin/python benchmarks/bench_sidecar.py [--reps 3] [--warmup 2] [--window 8]
+
+Cases (unary echo of a 100-byte payload; one client process, one server process, Envoys with
+--concurrency 1; shared/notes/baselines.md describes the method):
+    direct     client --mTLS--> grpc.aio server                                  (baseline for latency)
+    minimal    client --> Envoy --mTLS--> Envoy --> server, a minimal hand-written two-hop config
+    rendered   client --> learner sidecar --mTLS--> auth sidecar --> server, bootstraps rendered
+               from mesh.yaml (RBAC, grpc_stats, retries, budgets, outlier detection, health checks)
+Reported: p50 at concurrency 1 (added latency = rendered - direct) and requests per second at
+concurrency 32 (ratio rendered / minimal). Writes benchmarks/results/sidecar.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+
+from aivo_mesh.config import load_mesh
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.pki.issue import init_ca, issue_leaf
+from aivo_mesh.render import serialize
+from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files, sidecar_ports
+from aivo_mesh.runtime.local import with_free_ports
+from aivo_mesh.runtime.mesh import envoy_binary
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_client import run_case  # noqa: E402
+
+METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
+SERVER = """
+import asyncio, sys
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+async def echo(request, context):
+    return request
+
+async def main():
+    port, ca, cert, key = int(sys.argv[1]), *sys.argv[2:5]
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "aivo.auth.v1.AuthService", {"ValidateToken": grpc.unary_unary_rpc_method_handler(echo)}),))
+    checker = health.aio.HealthServicer()
+    await checker.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    creds = grpc.ssl_server_credentials([(open(key, "rb").read(), open(cert, "rb").read())],
+                                        root_certificates=open(ca, "rb").read(), require_client_auth=True)
+    server.add_secure_port(f"127.0.0.1:{port + 1}", creds)
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+
+
+def minimal_two_hop(certs: CertLayout, outbound: int, inbound: int, app: int, admin: int, side: str) -> dict[str, Any]:
+    """The smallest config that does the same job: plaintext h2 in, mTLS 1.3 between, h2 out."""
+    h2 = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    cert, key = certs.identity_paths("auth-svc" if side == "in" else "learner-svc")
+    tls_ctx = {"tls_certificates": [{"certificate_chain": {"filename": str(cert)},
+                                     "private_key": {"filename": str(key)}}],
+               "validation_context": {"trusted_ca": {"filename": str(certs.ca_cert)}},
+               "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+               "alpn_protocols": ["h2"]}
+    hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": side, "codec_type": "HTTP2",
+        "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"}, "route": {"cluster": "next", "timeout": "5s"}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}]}}
+    listener: dict[str, Any] = {"name": side, "address": {"socket_address": {
+        "address": "127.0.0.1", "port_value": inbound if side == "in" else outbound}},
+        "filter_chains": [{"filters": [hcm]}]}
+    cluster: dict[str, Any] = {"name": "next", "type": "STATIC", "connect_timeout": "1s",
+                               "typed_extension_protocol_options": h2,
+                               "load_assignment": {"cluster_name": "next", "endpoints": [{"lb_endpoints": [
+                                   {"endpoint": {"address": {"socket_address": {
+                                       "address": "127.0.0.1", "port_value": app if side == "in" else inbound}}}}]}]}}
+    if side == "in":
+        listener["filter_chains"][0]["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "require_client_certificate": True, "common_tls_context": tls_ctx}}
+    else:
+        cluster["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": "auth-svc", "common_tls_context": tls_ctx}}
+    return {"admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+            "static_resources": {"listeners": [listener], "clusters": [cluster]}}
+
+
+def wait_live(admin: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:  # noqa: S310
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"envoy admin {admin} not ready")
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    tmp = Path(tempfile.mkdtemp(prefix="aivo-bench-sidecar-"))
+    mesh = with_free_ports(load_mesh(ROOT / "mesh.yaml"))
+    certs = CertLayout(tmp / "certs")
+    init_ca(certs, mesh.mesh.trust_domain)
+    for name in ("auth-svc", "learner-svc", "mesh-client"):
+        issue_leaf(certs, name, mesh)
+    app = mesh.service("auth-svc").local_port  # plaintext app port; +1 would collide, so ask the OS
+    from aivo_mesh.runtime.local import free_ports
+
+    app, spare_in, spare_out, spare_a1, spare_a2 = free_ports(5)
+    mesh = mesh.model_copy(update={"services": tuple(
+        s.model_copy(update={"local_port": app}) if s.name == "auth-svc" else s for s in mesh.services)})
+    cert, key = certs.identity_paths("auth-svc")
+    procs = [subprocess.Popen([sys.executable, "-c", SERVER, str(app), str(certs.ca_cert), str(cert), str(key)],
+                              stdout=subprocess.PIPE, text=True)]
+    assert procs[0].stdout is not None
+    procs[0].stdout.readline()
+    envoy = envoy_binary()
+    configs = []
+    for svc in ("auth-svc", "learner-svc"):  # rendered, tracing off
+        d = tmp / "rendered" / svc
+        (d / "sds").mkdir(parents=True)
+        profile = EnvoyProfile.local(str(certs.root), str(d / "sds"))
+        for rel, doc in sds_files(mesh, svc, profile).items():
+            (d / "sds" / rel).write_text(serialize(rel, doc))
+        (d / "envoy.yaml").write_text(serialize("envoy.yaml", bootstrap(mesh, svc, profile)))
+        configs.append((d / "envoy.yaml", sidecar_ports(mesh, svc, "local").admin))
+    for side, admin in (("in", spare_a1), ("out", spare_a2)):
+        path = tmp / f"minimal-{side}.yaml"
+        path.write_text(yaml.safe_dump(minimal_two_hop(certs, spare_out, spare_in, app, admin, side)))
+        configs.append((path, admin))
+    for path, admin in configs:
+        out = subprocess.run([envoy, "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                             check=False)
+        assert out.returncode == 0, out.stderr[-2000:]
+        procs.append(subprocess.Popen([envoy, "-c", str(path), "--concurrency", "1", "--log-level", "warn",
+                                       "--disable-hot-restart"], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+    for _, admin in configs:
+        wait_live(admin)
+    client_cert, client_key = certs.identity_paths("learner-svc")
+    creds = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(), client_key.read_bytes(),
+                                         client_cert.read_bytes())
+    channels = {
+        "direct": grpc.aio.secure_channel(f"127.0.0.1:{app + 1}", creds,
+                                          options=[("grpc.default_authority", "auth-svc")]),
+        "minimal": grpc.aio.insecure_channel(f"127.0.0.1:{spare_out}"),
+        "rendered": grpc.aio.insecure_channel(f"127.0.0.1:{sidecar_ports(mesh, 'learner-svc', 'local').outbound}"),
+    }
+    payload = b"x" * 100
+    calls = {name: ch.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+             for name, ch in channels.items()}
+    results: dict[str, dict[int, list[dict[str, float]]]] = {n: {1: [], 32: []} for n in calls}
+    try:
+        deadline = time.monotonic() + 20  # the rendered sidecar waits for its first health check
+        for name, call in calls.items():
+            while True:
+                try:
+                    await call(payload, timeout=2)
+                    break
+                except grpc.aio.AioRpcError:
+                    if time.monotonic() > deadline:
+                        raise
+                    await asyncio.sleep(0.2)
+        for rep in range(args.reps):
+            for conc in (1, 32):
+                for name, call in calls.items():
+                    r = await run_case(lambda c=call: c(payload, timeout=5), conc, args.warmup, args.window)
+                    results[name][conc].append(r)
+                    print(f"rep {rep + 1} c={conc:2d} {name:8s} {r['rps']:7.0f} rps  p50 {r['p50_ms']:6.3f} ms  "
+                          f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']:.0f}", flush=True)
+    finally:
+        for ch in channels.values():
+            await ch.close()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+    added = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["rendered"][1], results["direct"][1], strict=True)]
+    added_min = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["minimal"][1], results["direct"][1], strict=True)]
+    ratio = [r["rps"] / m["rps"] for r, m in zip(results["rendered"][32], results["minimal"][32], strict=True)]
+    return {
+        "reps": args.reps, "window_s": args.window,
+        "p50_ms_c1": {n: statistics.median(x["p50_ms"] for x in v[1]) for n, v in results.items()},
+        "rps_c32": {n: statistics.median(x["rps"] for x in v[32]) for n, v in results.items()},
+        "added_p50_ms_rendered_vs_direct": statistics.median(added),
+        "added_p50_ms_minimal_vs_direct": statistics.median(added_min),
+        "rps_ratio_rendered_vs_minimal_c32": statistics.median(ratio),
+        "errors": sum(x["errors"] for v in results.values() for c in v.values() for x in c),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--window", type=float, default=8.0)
+    args = ap.parse_args()
+    summary = asyncio.run(bench(args))
+    print(json.dumps(summary, indent=2))
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / "sidecar.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
