@@ -676,13 +676,20 @@ def test_apply_env_partial_and_empty(mesh: MeshSpec) -> None:
     assert only_metrics.services == mesh.services
 
 
+def test_apply_env_ignores_other_services_ports() -> None:
+    """A deployed service has its own network namespace: every pod may listen on 50051."""
+    from aivo_mesh.config import load_mesh
+
+    mesh = load_mesh(MESH_FILE)
+    applied = apply_env(mesh, EnvSettings(service_name="learner-svc", grpc_port=50051))
+    assert applied.service("learner-svc").port == 50051 == applied.service("auth-svc").port
+
+
 @pytest.mark.parametrize(("env", "var", "fragment"), [
     (EnvSettings(service_name="billing-svc"), "SERVICE_NAME",
      "unknown service 'billing-svc': mesh.yaml defines auth-svc, learner-svc, event-collector-svc, "
      "analytics-svc"),
     (EnvSettings(grpc_port=6000), "SERVICE_NAME", "required when GRPC_PORT is set"),
-    (EnvSettings(service_name=AUTH, grpc_port=50052), "GRPC_PORT",
-     "port 50052 is already used by learner-svc"),
     (EnvSettings(service_name=AUTH, local_service_port=9901), "LOCAL_SERVICE_PORT",
      "already used by auth-svc (services[0].sidecar.admin_port)"),
     (EnvSettings(service_name=AUTH, grpc_port=7000, local_service_port=7000), "LOCAL_SERVICE_PORT",

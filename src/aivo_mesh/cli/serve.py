@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -48,19 +49,33 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
           admin_port: int | None, consul: str | None, insecure: bool, sidecar_outbound: str | None, grace: float,
           log_format: str) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
+    from aivo_mesh.config.env import EnvSettings, apply_env
     from aivo_mesh.runtime.serve import serve_service
     from aivo_mesh.telemetry.logs import configure_logging
 
     configure_logging("INFO", json=log_format == "json")
-    mesh = load_mesh(config)
+    # The variables the platform deploys services with (SERVICE_NAME, GRPC_PORT, CA_CERT_PATH, ...).
+    env = EnvSettings.from_environ()
+    if env.service_name is not None and env.service_name != service:
+        raise click.BadParameter(f"SERVICE_NAME={env.service_name} but asked to serve {service}",
+                                 param_hint="SERVICE")
+    if env.service_name is None and any(v is not None for v in (env.grpc_port, env.local_service_port,
+                                                                 env.service_version)):
+        env = dataclasses.replace(env, service_name=service)
+    mesh = apply_env(load_mesh(config), env)
     if service not in mesh.service_names:
         raise click.BadParameter(f"unknown service {service!r}; mesh.yaml defines "
                                  f"{', '.join(mesh.service_names)}", param_hint="SERVICE")
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    paths = None
+    if env.client_cert_path or env.client_key_path or env.ca_cert_path:
+        layout = CertLayout(Path(certs_dir))
+        cert, key = layout.identity_paths(service)
+        paths = (env.client_cert_path or cert, env.client_key_path or key, env.ca_cert_path or layout.ca_cert)
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
-                              sidecar_outbound=sidecar_outbound))
+                              sidecar_outbound=sidecar_outbound, cert_paths=paths))
 
 
 @cli.command()

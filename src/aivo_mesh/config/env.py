@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from aivo_mesh.config.loader import _describe, yaml_path
-from aivo_mesh.config.model import SERVICE_NAME, MeshSpec
+from aivo_mesh.config.model import POD_SCOPE, SERVICE_NAME, MeshSpec
 from aivo_mesh.errors import ConfigError, ConfigIssue
 
 ENV_FILE = "environment"
@@ -142,6 +142,7 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
     The result is validated again (e.g. a GRPC_PORT already used by another service is an error).
     """
     mesh_update: dict[str, object] = {}
+    scope: str | None = None
     service_vars = {
         "SERVICE_VERSION": ("version", env.service_version),
         "GRPC_PORT": ("port", env.grpc_port),
@@ -164,6 +165,7 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
         svc = mesh.services[index]
         svc_update = {key: value for key, value in service_vars.values() if value is not None}
         _check_ports(mesh, index, env)
+        scope = env.service_name
         services = list(mesh.services)
         services[index] = svc.model_copy(update=svc_update)
         mesh_update["services"] = tuple(services)
@@ -184,7 +186,8 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
     # model_copy does not validate: check the result as a whole, keeping which keys were written
     # (exclude_unset) so that partial overrides still layer over the defaults.
     try:
-        return MeshSpec.model_validate(updated.model_dump(by_alias=True, exclude_unset=True))
+        return MeshSpec.model_validate(updated.model_dump(by_alias=True, exclude_unset=True),
+                                       context={POD_SCOPE: scope} if scope else None)
     except ValidationError as exc:
         issues = []
         for err in exc.errors(include_url=False):
@@ -200,11 +203,14 @@ def _env_var_for(loc: tuple[str | int, ...]) -> str:
 
 
 def _check_ports(mesh: MeshSpec, index: int, env: EnvSettings) -> None:
-    """GRPC_PORT / LOCAL_SERVICE_PORT must not take a port another key of the mesh already uses."""
+    """GRPC_PORT / LOCAL_SERVICE_PORT must not take a port another key of this service already uses.
+    Other services' ports do not matter: a deployed service has its own network namespace."""
     svc = mesh.services[index]
     new = {"port": env.grpc_port, "local_port": env.local_service_port}
     used: dict[int, str] = {}
     for i, s in enumerate(mesh.services):
+        if i != index:
+            continue
         for field, port in (("port", s.port), ("local_port", s.local_port), ("admin_port", s.admin_port),
                             ("sidecar.inbound_port", s.sidecar.inbound_port),
                             ("sidecar.outbound_port", s.sidecar.outbound_port),

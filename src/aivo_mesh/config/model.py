@@ -13,7 +13,15 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # The status codes a policy may name. Names, not numbers, so mesh.yaml reads like gRPC docs.
 GRPC_STATUS_NAMES: tuple[str, ...] = (
@@ -70,6 +78,9 @@ Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
 Port = Annotated[int, Field(ge=1, le=65535)]
 Percent = Annotated[float, Field(ge=0, le=100)]
+
+# Validation context key: the name of the one service this process is (ports of others not checked).
+POD_SCOPE = "pod_scope"
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 # A gRPC method pattern: "/pkg.Service/Method", "/pkg.Service/" (prefix) or "pkg.Service" (whole service).
@@ -345,8 +356,11 @@ class MeshSpec(_Strict):
     observability: ObservabilitySpec = ObservabilitySpec()
 
     @model_validator(mode="after")
-    def _references(self) -> MeshSpec:
+    def _references(self, info: ValidationInfo) -> MeshSpec:
         # Cross-references are checked here so every consumer may assume them.
+        # Ports must be distinct across services when they share one machine (local runs); a process
+        # deployed in its own network namespace (POD_SCOPE context, see config/env.py) only checks its own.
+        scope = (info.context or {}).get(POD_SCOPE)
         names = [s.name for s in self.services]
         seen: set[str] = set()
         for i, n in enumerate(names):
@@ -377,7 +391,7 @@ class MeshSpec(_Strict):
                                 ("sidecar.inbound_port", svc.sidecar.inbound_port),
                                 ("sidecar.outbound_port", svc.sidecar.outbound_port),
                                 ("sidecar.admin_port", svc.sidecar.admin_port)):
-                if port is None:
+                if port is None or (scope is not None and svc.name != scope):
                     continue
                 if port in used_ports:
                     path: tuple[str | int, ...] = ("services", i, *field.split("."))

@@ -23,7 +23,7 @@ from aivo_mesh.server import MeshServer
 from aivo_mesh.services import APPS
 from aivo_mesh.services.base import ServiceContext
 from aivo_mesh.services.protos import SERVICE_DESCRIPTORS
-from aivo_mesh.telemetry.admin import AdminServer
+from aivo_mesh.telemetry.admin import AdminServer, is_loopback
 from aivo_mesh.telemetry.process import ProcessTelemetry
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ async def serve_service(
     grace: float = 5.0,
     stop: asyncio.Event | None = None,
     sidecar_outbound: str | None = None,
+    cert_paths: tuple[Path, Path, Path] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`."""
     if name not in APPS:
@@ -51,19 +52,26 @@ async def serve_service(
     if telemetry.tracing is not None:
         telemetry.tracing.install_global()  # application spans via opentelemetry.trace.get_tracer
     common = {"port": port, "observers": telemetry.observers()}
+    cert, key = certs.identity_paths(name)
+    cert, key, ca = cert_paths or (cert, key, certs.ca_cert)
     if insecure:
         server = MeshServer(mesh, name, insecure=True, **common)  # type: ignore[arg-type]
     else:
-        server = MeshServer.for_service(
-            mesh, name, certs, on_identity=lambda ident: telemetry.metrics.set_certificate_expiry(name, ident),
-            **common)
-    client = MeshClient(MeshConfig.for_identity(name, certs, mesh, sidecar_outbound=sidecar_outbound),
-                        listeners=telemetry.listeners(),
+        server = MeshServer(mesh, name, cert=cert, key=key, ca=ca,
+                            on_identity=lambda ident: telemetry.metrics.set_certificate_expiry(name, ident),
+                            **common)  # type: ignore[arg-type]
+    config = MeshConfig(service_name=name, ca_cert_path=ca, client_cert_path=cert, client_key_path=key, mesh=mesh,
+                        sidecar_outbound=sidecar_outbound)
+    client = MeshClient(config, listeners=telemetry.listeners(),
                         outer_layers=telemetry.client_layers())
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
     server.add_service_name(SERVICE_DESCRIPTORS[name])
-    admin = AdminServer(MeshAdminSource(client, server), telemetry.metrics, host=mesh.observability.metrics.host,
-                        port=admin_port if admin_port is not None else (spec.admin_port or 0))
+    # The admin endpoint binds loopback unless mesh.yaml or METRICS_HOST names another address (e.g.
+    # 0.0.0.0 in a pod, so Prometheus can scrape it): an explicit setting is the operator's consent.
+    host = mesh.observability.metrics.host
+    admin = AdminServer(MeshAdminSource(client, server), telemetry.metrics, host=host,
+                        port=admin_port if admin_port is not None else (spec.admin_port or 0),
+                        allow_remote=not is_loopback(host))
     registration = None
     service_id = None
     stop = stop or asyncio.Event()
