@@ -7,6 +7,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STATE  ?= .state/demo
 DURATION ?= 10
+PLANE  ?= sidecar
 
 .PHONY: demo test lint fmt protos render clean help
 
@@ -27,7 +28,7 @@ $(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
 	@touch $@ $(VENV)/.stamp-run
 
 demo: $(VENV)/.stamp-run
-	$(BIN)/meshctl demo --duration $(DURATION) --state-dir $(STATE)
+	$(BIN)/meshctl demo --plane $(PLANE) --duration $(DURATION) --state-dir $(STATE)
 
 test: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest -q
@@ -44,3 +45,6 @@ protos: $(VENV)/.stamp-dev
 
 clean:
 	rm -rf $(VENV) .state .pytest_cache .mypy_cache .ruff_cache
+
+render: $(VENV)/.stamp-run
+	$(BIN)/meshctl render all

@@ -39,7 +39,7 @@ from aivo_mesh.runtime.mesh import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import run_case  # noqa: E402
+from bench_client import run_case
 
 METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
 SERVER = """
@@ -82,7 +82,8 @@ def minimal_two_hop(certs: CertLayout, outbound: int, inbound: int, app: int, ad
                "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
                "alpn_protocols": ["h2"]}
     hcm = {"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
+                 "HttpConnectionManager",
         "stat_prefix": side, "codec_type": "HTTP2",
         "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [
             {"match": {"prefix": "/"}, "route": {"cluster": "next", "timeout": "5s"}}]}]},
@@ -112,7 +113,7 @@ def wait_live(admin: int, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:  # noqa: S310
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
                 if r.status == 200:
                     return
         except OSError:
@@ -153,7 +154,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         path = tmp / f"minimal-{side}.yaml"
         path.write_text(yaml.safe_dump(minimal_two_hop(certs, spare_out, spare_in, app, admin, side)))
         configs.append((path, admin))
-    for path, admin in configs:
+    for path, _ in configs:
         out = subprocess.run([envoy, "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
                              check=False)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -177,7 +178,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, dict[int, list[dict[str, float]]]] = {n: {1: [], 32: []} for n in calls}
     try:
         deadline = time.monotonic() + 20  # the rendered sidecar waits for its first health check
-        for name, call in calls.items():
+        for call in calls.values():
             while True:
                 try:
                     await call(payload, timeout=2)

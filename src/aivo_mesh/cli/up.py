@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
 
 from aivo_mesh.cli._root import cli
 from aivo_mesh.errors import MeshError
@@ -49,7 +48,7 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
     mesh = prepare(state, config, free_ports, transform=lambda m: with_tracing(m, port))
     log = state.log_file("supervisor")
     with log.open("ab") as out:
-        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        proc = subprocess.Popen(
             [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
              "--otlp-port", str(port)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
@@ -115,7 +114,7 @@ def _envoy_live(admin: str) -> bool:
     import urllib.request
 
     try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:  # noqa: S310 - loopback admin
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:
             return bool(r.status == 200)
     except OSError:
         return False

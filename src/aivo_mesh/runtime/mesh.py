@@ -182,7 +182,7 @@ class MeshSupervisor(Supervisor):
     async def _keep(self, m: Managed) -> None:
         delay = RESTART_BASE
         while True:
-            assert m.process is not None  # noqa: S101
+            assert m.process is not None
             started = time.monotonic()
             code = await m.process.wait()
             if self._stopping:

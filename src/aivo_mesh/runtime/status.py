@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import time
@@ -40,7 +41,7 @@ class ServiceStatus:
 
 
 def _get(url: str, timeout: float = 2.0) -> str:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback admin endpoints
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
         return str(resp.read().decode())
 
 
@@ -138,10 +139,8 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
             row.health = await check(client, name, timeout=1.0)
             await asyncio.to_thread(_admin_views, row, ep)
             if ep.admin:
-                try:
+                with contextlib.suppress(OSError):
                     firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
-                except OSError:
-                    pass
     if not firsts or interval <= 0:  # no rate without two samples
         return list(rows.values())
     await asyncio.sleep(interval)
