@@ -45,7 +45,7 @@ def _attempt(context: grpc.aio.ServicerContext) -> int:
     for k, v in context.invocation_metadata() or ():
         if k == "x-mesh-attempt":
             return int(v)
-    return 0
+    return 1  # the header is sent on retries only
 
 
 class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollectorServiceServicer):  # type: ignore[misc]

@@ -67,7 +67,12 @@ def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
         timeout = attempt_timeout(call, clock(), call.per_try_timeout)
         if timeout is not None and timeout <= 0:
             return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt", local=True)
-        metadata = (*t.metadata, *call.metadata, (ATTEMPT_HEADER, str(call.attempt)))
+        # The attempt header goes out on retries only: its absence means attempt 1, and metadata on
+        # every call costs about 4 % of throughput (parsed on both sides).
+        metadata: tuple[tuple[str, Any], ...] | None = (*t.metadata, *call.metadata)
+        if call.attempt > 1:
+            metadata = (*metadata, (ATTEMPT_HEADER, str(call.attempt)))  # type: ignore[misc]
+        metadata = metadata or None
         try:
             if t.info is not None and call.endpoint is not None:
                 mc = pool.multicallable(call.endpoint, "unary_unary", t.info.path, t.info.serialize,
@@ -77,7 +82,7 @@ def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
             else:
                 assert t.continuation is not None and t.details is not None
                 d = t.details
-                rpc = await t.continuation(ClientCallDetails(d.method, timeout, grpc.aio.Metadata(*metadata),
+                rpc = await t.continuation(ClientCallDetails(d.method, timeout, grpc.aio.Metadata(*(metadata or ())),
                                                              d.credentials, d.wait_for_ready), call.request)
                 value = await rpc
         except grpc.aio.AioRpcError as err:

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aivo_mesh.client.endpoints import EndpointPool, open_channel
 from aivo_mesh.client.errors import error_for
-from aivo_mesh.client.interceptors import ATTEMPT_HEADER, _pairs, adapters, final_code, make_unary_terminal
+from aivo_mesh.client.interceptors import _pairs, adapters, final_code, make_unary_terminal
 from aivo_mesh.client.methods import MethodInfo
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
@@ -155,7 +155,7 @@ class Target:
                                        f"no endpoints for {self.service}")
         # Streams default to the route timeout only when mesh.yaml gives one for them.
         timeout = effective_timeout(details.timeout, route.timeout, inherited_timeout(self.clock))
-        metadata = (*_pairs(details.metadata), (ATTEMPT_HEADER, "1"))
+        metadata = _pairs(details.metadata) or None  # streams are never retried: always attempt 1
         mc = self.pool.multicallable(ep.address, kind, path, info.serialize, info.deserialize)
         rpc = mc(request, timeout=timeout, metadata=metadata, wait_for_ready=details.wait_for_ready)
 
