@@ -39,7 +39,7 @@ from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, load_identity
 from aivo_mesh.policy.core import Call, Clock, Layer, monotonic
-from aivo_mesh.policy.events import Listeners, PolicyListener
+from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,8 @@ class MeshClient:
             config.client_cert_path, config.client_key_path, config.ca_cert_path)
         self.sidecar = config.sidecar_outbound is not None
         self._credentials = None if self.sidecar else channel_credentials(self.identity)
-        self.listener = Listeners(*listeners)
+        # No listeners: the NOOP one lets the stack skip its reporting entirely (hot path).
+        self.listener: PolicyListener = Listeners(*listeners) if listeners else NOOP
         self._outer = tuple(outer_layers)
         self._discovery = discovery
         self._health_checks = health_checks and not self.sidecar

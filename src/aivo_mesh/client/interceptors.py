@@ -96,16 +96,24 @@ def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
 class UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     def __init__(self, target: Target) -> None:
         self._target = target
+        # Per method (as grpc hands it over, often bytes): its path, message types and policy stack.
+        self._methods: dict[Any, tuple[str, MethodInfo | None, Callable[[Call], Any]]] = {}
+
+    def _method(self, raw: Any) -> tuple[str, MethodInfo | None, Callable[[Call], Any]]:
+        m = self._methods.get(raw)
+        if m is None:
+            path = raw.decode() if isinstance(raw, bytes) else str(raw)
+            m = self._methods[raw] = (path, method_info(path), self._target.policy.stack_for(path))
+        return m
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        path = method_name(client_call_details)
-        transport = Transport(method_info(path), _pairs(client_call_details.metadata),
-                              client_call_details.wait_for_ready, continuation, client_call_details)
-        call = Call(self._target.service, path, request, timeout=client_call_details.timeout,
-                    transport=transport)
-        reply = await self._target.policy.stack_for(path)(call)
+        path, info, stack = self._method(client_call_details.method)
+        transport = Transport(info, _pairs(client_call_details.metadata), client_call_details.wait_for_ready,
+                              continuation, client_call_details)
+        reply = await stack(Call(self._target.service, path, request, timeout=client_call_details.timeout,
+                                 transport=transport))
         if reply.ok:
             return reply.value
         raise error_for(self._target.service, path, reply)
