@@ -341,3 +341,22 @@ async def test_client_rebuilds_channels_when_its_certificate_rotates(servers, ma
         assert (await inflight).valid  # the in-flight call finished on the old channel
         assert (await stub.ValidateToken(_req())).valid
         assert client.reloads == 1
+
+
+async def test_plaintext_peers_mode_dials_peers_in_plaintext_and_leaves_retries_to_the_proxy(mesh_certs):
+    # Linkerd's plane: the pod's proxy adds mTLS and retries, so the app must neither encrypt nor retry.
+    plan = FaultPlan(fail_first=1)
+    server = MeshServer(_mesh(), "auth-svc", insecure=True, port=0)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(FaultyAuth(plan, "plain"), server.grpc_server)
+    await server.start()
+    try:
+        config = MeshConfig.for_identity("mesh-client", mesh_certs, _mesh(), plaintext_peers=True,
+                                         endpoints={"auth-svc": [f"127.0.0.1:{server.bound_port}"]})
+        async with MeshClient(config, health_checks=False) as client:
+            stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.ValidateToken(_req())
+            assert exc.value.code() == grpc.StatusCode.UNAVAILABLE and plan.calls == 1  # not retried
+            assert (await stub.ValidateToken(_req())).subject == "plain"
+    finally:
+        await server.stop(0.2)

@@ -43,11 +43,13 @@ def _console() -> Console:
 @click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging, or behind a sidecar")
 @click.option("--sidecar-outbound", default=None, metavar="HOST:PORT",
               help="sidecar plane: call peers through this local Envoy outbound listener")
+@click.option("--plaintext-peers", is_flag=True,
+              help="transparent-proxy plane (Linkerd): call peers in plaintext, the pod's proxy adds mTLS")
 @click.option("--grace", type=float, default=5.0, show_default=True, help="drain time on shutdown (s)")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
-          admin_port: int | None, consul: str | None, insecure: bool, sidecar_outbound: str | None, grace: float,
-          log_format: str) -> None:
+          admin_port: int | None, consul: str | None, insecure: bool, sidecar_outbound: str | None,
+          plaintext_peers: bool, grace: float, log_format: str) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.config.env import EnvSettings, apply_env
     from aivo_mesh.runtime.serve import serve_service
@@ -75,7 +77,8 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         paths = (env.client_cert_path or cert, env.client_key_path or key, env.ca_cert_path or layout.ca_cert)
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
-                              sidecar_outbound=sidecar_outbound, cert_paths=paths))
+                              sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
+                              cert_paths=paths))
 
 
 @cli.command()

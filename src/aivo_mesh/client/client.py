@@ -88,7 +88,8 @@ class MeshClient:
         # Load and check our own identity now: a bad key or cert fails here, naming the file.
         self.identity: Identity = load_identity(
             config.client_cert_path, config.client_key_path, config.ca_cert_path)
-        self.sidecar = config.sidecar_outbound is not None
+        # A proxy next to us does mTLS (and retries): Envoy's outbound listener, or Linkerd's proxy.
+        self.sidecar = config.sidecar_outbound is not None or config.plaintext_peers
         self._credentials = None if self.sidecar else channel_credentials(self.identity)
         # No listeners: the NOOP one lets the stack skip its reporting entirely (hot path).
         self.listener: PolicyListener = Listeners(*listeners) if listeners else NOOP

@@ -37,6 +37,9 @@ class MeshConfig:
     # does mTLS, retries and outlier ejection. The client keeps deadlines and its breaker but sends
     # no retries of its own, so attempts are never multiplied across the two layers.
     sidecar_outbound: str | None = None
+    # Transparent-proxy plane (Linkerd): peers are dialled at their own addresses in plaintext h2 and
+    # the pod's proxy adds mTLS and retries on the way out; the client keeps deadlines and its breaker.
+    plaintext_peers: bool = False
 
     def __post_init__(self) -> None:
         if self.connection_timeout <= 0 or self.request_timeout <= 0:

@@ -192,8 +192,9 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
         # remote admin access (the endpoint can reset breakers).
         {"name": "METRICS_HOST", "value": "0.0.0.0"},
     ]
-    args = ["serve", svc.name, "--insecure", "--config", f"{CONFIG_DIR}/mesh.yaml", "--certs", CERTS_DIR,
-            "--data-dir", DATA_DIR]
+    # The app speaks plaintext gRPC both ways so the Linkerd proxy can see it; the proxy adds mTLS.
+    args = ["serve", svc.name, "--insecure", "--plaintext-peers", "--config", f"{CONFIG_DIR}/mesh.yaml",
+            "--certs", CERTS_DIR, "--data-dir", DATA_DIR]
     if admin is not None:
         args += ["--admin-port", str(admin)]
     ports: list[dict[str, Any]] = [{"name": "grpc", "containerPort": svc.port, "protocol": "TCP"}]

@@ -43,6 +43,7 @@ async def serve_service(
     stop: asyncio.Event | None = None,
     sidecar_outbound: str | None = None,
     cert_paths: tuple[Path, Path, Path] | None = None,
+    plaintext_peers: bool = False,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`."""
     if name not in APPS:
@@ -61,7 +62,7 @@ async def serve_service(
                             on_identity=lambda ident: telemetry.metrics.set_certificate_expiry(name, ident),
                             **common)  # type: ignore[arg-type]
     config = MeshConfig(service_name=name, ca_cert_path=ca, client_cert_path=cert, client_key_path=key, mesh=mesh,
-                        sidecar_outbound=sidecar_outbound)
+                        sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers)
     client = MeshClient(config, listeners=telemetry.listeners(),
                         outer_layers=telemetry.client_layers())
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
