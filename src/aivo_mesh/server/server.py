@@ -102,8 +102,8 @@ class MeshServer:
         if self.credentials is not None:
             bound = self.grpc_server.add_secure_port(address, self.credentials.credentials())
         else:
-            log.warning("%s: serving PLAINTEXT on %s (--insecure); never do this outside local debugging",
-                        self.service, address)
+            log.warning("%s: serving PLAINTEXT on %s (--insecure): only for local debugging, or behind a "
+                        "sidecar proxy that does mTLS (Envoy, Linkerd)", self.service, address)
             bound = self.grpc_server.add_insecure_port(address)
         if bound == 0:
             raise MeshError(f"{self.service}: cannot bind {address} (port in use?)")
