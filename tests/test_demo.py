@@ -23,7 +23,8 @@ def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
 @pytest.mark.parametrize("plane", ["sidecar", "proxyless"])
 def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path, plane):
     state = tmp_path / "state"
-    out = meshctl("demo", "--duration", "3", "--free-ports", "--state-dir", str(state), "--plane", plane)
+    out = meshctl("demo", "--duration", "3", "--free-ports", "--state-dir", str(state), "--plane", plane,
+                  "--timeout", "90")  # generous: tests assert behaviour, not timings
     assert out.returncode == 0, out.stdout + out.stderr
     assert "Traceback" not in out.stderr
     assert f"all 4 services SERVING over mTLS ({plane} plane)" in out.stdout
@@ -63,7 +64,7 @@ def test_status_reports_running_services(tmp_path):
         try:
             await start_services(sup, mesh)
             async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-                health = await wait_serving(client, mesh.service_names, timeout=30)
+                health = await wait_serving(client, mesh.service_names, timeout=90)
             assert set(health.values()) == {"SERVING"}, health
             out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))
             assert out.returncode == 0, out.stderr
@@ -99,7 +100,7 @@ def test_status_shows_breakers_and_upstream_health_from_admin_endpoints(tmp_path
         try:
             await start_services(sup, mesh)
             async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-                assert set((await wait_serving(client, mesh.service_names, timeout=30)).values()) == {"SERVING"}
+                assert set((await wait_serving(client, mesh.service_names, timeout=90)).values()) == {"SERVING"}
                 stats = await drive(client, 0.5, workers=1)  # learner -> auth, analytics -> events
                 assert stats.total_errors == 0
             out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))

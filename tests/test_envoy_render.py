@@ -170,7 +170,7 @@ def _http(port: int, path: str, method: str = "GET") -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
-def _wait_live(port: int, proc: Any, timeout: float = 8.0) -> None:
+def _wait_live(port: int, proc: Any, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.returncode is not None or (isinstance(proc, subprocess.Popen) and proc.poll() is not None):

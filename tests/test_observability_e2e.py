@@ -48,7 +48,7 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
     try:
         await start_services(sup, mesh, ["auth-svc", "learner-svc"])
         async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-            assert set((await wait_serving(client, ["auth-svc", "learner-svc"], 30)).values()) == {"SERVING"}
+            assert set((await wait_serving(client, ["auth-svc", "learner-svc"], 90)).values()) == {"SERVING"}
             auth = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
             token = (await auth.Authenticate(auth_pb2.AuthenticateRequest(learner_id="ada", password="x" * 8))).token
             learner = learner_pb2_grpc.LearnerServiceStub(await client.get_channel("learner-svc"))
@@ -62,7 +62,7 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
             return any(("learner-svc", "/aivo.learner.v1.LearnerService/GetProfile") in v
                        and ("auth-svc", "/aivo.auth.v1.AuthService/ValidateToken") in v for v in by_trace.values())
 
-        await receiver.wait_for(one_trace_across_both, timeout=20)
+        await receiver.wait_for(one_trace_across_both, timeout=60)
         spans = receiver.spans()
         validate = next(s for s in spans if s.service == "auth-svc"
                         and s.name == "/aivo.auth.v1.AuthService/ValidateToken")

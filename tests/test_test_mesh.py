@@ -49,7 +49,7 @@ def test_all_checks_pass_then_a_stopped_service_fails_clearly(tmp_path):
         try:
             await start_services(sup, mesh)
             async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-                health = await wait_serving(client, mesh.service_names, timeout=30)
+                health = await wait_serving(client, mesh.service_names, timeout=90)
             assert set(health.values()) == {"SERVING"}, health
             green = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root),
                                             "--json")

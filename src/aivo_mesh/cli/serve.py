@@ -91,15 +91,18 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="use free loopback ports instead of those in mesh.yaml")
 @click.option("--workers", type=int, default=4, show_default=True, help="concurrent demo flows")
-def demo(duration: float, plane: str, config: str | None, state_dir: str, free_ports: bool, workers: int) -> None:
+@click.option("--timeout", type=float, default=None,
+              help=f"seconds to wait for all-healthy (default {HEALTHY_WITHIN:.0f}, +5 for sidecars)")
+def demo(duration: float, plane: str, config: str | None, state_dir: str, free_ports: bool, workers: int,
+         timeout: float | None) -> None:
     """Bring up the whole mesh on loopback, drive the main flow, print a table, shut down."""
-    code = asyncio.run(_demo(duration, plane, config, StateDir(state_dir), free_ports, workers))
+    code = asyncio.run(_demo(duration, plane, config, StateDir(state_dir), free_ports, workers, timeout))
     if code:
         sys.exit(code)
 
 
 async def _demo(duration: float, plane: str, config: str | None, state: StateDir, free_ports: bool,
-                workers: int) -> int:
+                workers: int, timeout: float | None = None) -> int:
     from aivo_mesh.client import MeshClient, MeshConfig
     from aivo_mesh.runtime.collector import SpanLog
     from aivo_mesh.runtime.driver import drive
@@ -118,7 +121,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     view = mesh_for_clients(mesh, info)
     sup = Supervisor(state)
     client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view))
-    limit = HEALTHY_WITHIN + (5 if plane == "sidecar" else 0)
+    limit = timeout or HEALTHY_WITHIN + (5 if plane == "sidecar" else 0)
     try:
         with console.status(f"starting the {plane} mesh...") as status:
             for m in procs:
