@@ -15,7 +15,7 @@ from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.pki import init_ca, issue_leaf
 from aivo_mesh.runtime.state import StateDir
-from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
+from aivo_mesh.runtime.supervisor import Supervisor
 
 
 def free_port() -> int:
@@ -85,15 +85,12 @@ def prepare(state: StateDir, config: str | None, free_ports: bool,
     return mesh
 
 
-async def start_services(sup: Supervisor, mesh: MeshSpec, services: Sequence[str] | None = None,
-                         insecure: bool = False) -> None:
-    state = sup.state
-    for name in services or mesh.service_names:
-        svc = mesh.service(name)
-        argv = meshctl_argv("serve", name, "--config", str(state.mesh_file), "--certs",
-                            str(state.certs.root), "--data-dir", str(state.data_dir(name)))
-        if insecure:
-            argv.append("--insecure")
-        admin = f"{mesh.observability.metrics.host}:{svc.admin_port}" if svc.admin_port else None
-        await sup.start(Managed(name=name, role="service", argv=argv, address=f"{svc.host}:{svc.port}",
-                                admin=admin))
+async def start_services(sup: Supervisor, mesh: MeshSpec, services: Sequence[str] | None = None) -> None:
+    """Start the proxyless services (without a collector) of the plan `meshctl up` would run."""
+    from aivo_mesh.runtime.mesh import plan
+
+    wanted = set(services or mesh.service_names)
+    procs, _ = plan(sup.state, mesh, "proxyless", collector_port=None)
+    for m in procs:
+        if m.name in wanted:
+            await sup.start(m)

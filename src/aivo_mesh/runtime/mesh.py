@@ -89,7 +89,7 @@ def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
     return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"tracing": tracing})})
 
 
-def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int) -> dict[str, Path]:
+def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | None) -> dict[str, Path]:
     """Local-profile bootstraps and SDS files under <state>/envoy/<svc>/; returns bootstrap paths."""
     from aivo_mesh.render import serialize
     from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
@@ -99,7 +99,7 @@ def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int) ->
         d = state.root / "envoy" / name
         (d / "sds").mkdir(parents=True, exist_ok=True)
         profile = EnvoyProfile.local(cert_dir=str(state.certs.root.resolve()), sds_dir=str((d / "sds").resolve()),
-                                     otlp=("127.0.0.1", collector_port))
+                                     otlp=("127.0.0.1", collector_port) if collector_port else None)
         for rel, doc in sds_files(mesh, name, profile).items():
             (d / "sds" / rel).write_text(serialize(rel, doc))
         path = d / "envoy.yaml"
@@ -108,13 +108,17 @@ def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int) ->
     return out
 
 
-def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int) -> tuple[list[Managed], RuntimeInfo]:
-    """Every process of the local mesh, in start order, and where each service can be reached."""
+def plan(state: StateDir, mesh: MeshSpec, plane: Plane,
+         collector_port: int | None) -> tuple[list[Managed], RuntimeInfo]:
+    """Every process of the local mesh, in start order, and where each service can be reached.
+    Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says)."""
     host = mesh.observability.metrics.host
-    procs = [Managed(name="collector", role="collector", address=f"127.0.0.1:{collector_port}",
-                     argv=meshctl_argv("collector", "--port", str(collector_port), "--out",
-                                       str(state.root / "traces.jsonl")))]
-    info = RuntimeInfo(plane=plane, collector=f"127.0.0.1:{collector_port}")
+    procs: list[Managed] = []
+    if collector_port is not None:
+        procs.append(Managed(name="collector", role="collector", address=f"127.0.0.1:{collector_port}",
+                             argv=meshctl_argv("collector", "--port", str(collector_port), "--out",
+                                               str(state.root / "traces.jsonl"))))
+    info = RuntimeInfo(plane=plane, collector=f"127.0.0.1:{collector_port}" if collector_port else "")
     common = ["--config", str(state.mesh_file), "--certs", str(state.certs.root)]
     if plane == "sidecar":
         from aivo_mesh.render.envoy import sidecar_ports
