@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -227,6 +228,7 @@ def _find_state() -> StateDir:
 async def _status(state: StateDir) -> list[dict[str, Any]]:
     from aivo_mesh.client import MeshClient, MeshConfig
     from aivo_mesh.runtime.health import check
+    from aivo_mesh.runtime.status import mesh_upstreams
 
     records = state.read_processes()
     if not records:
@@ -244,31 +246,11 @@ async def _status(state: StateDir) -> list[dict[str, Any]]:
             if alive and r.role == "service" and r.name in mesh.service_names:
                 health = await check(client, r.name)
             if alive and r.admin:
-                breakers, upstreams = await asyncio.to_thread(_admin_view, r.admin)
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    breakers, upstreams = await asyncio.to_thread(mesh_upstreams, r.admin)
             rows.append({"name": r.name, "role": r.role, "pid": r.pid, "address": r.address, "admin": r.admin,
                          "process": "running" if alive else "exited", "health": health,
                          "breakers": breakers, "upstreams": upstreams})
         return rows
     finally:
         await client.close()
-
-
-def _admin_view(admin: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Breaker states and per-upstream endpoint health from a process's admin endpoint."""
-    import urllib.request
-
-    def get(path: str) -> Any:
-        with urllib.request.urlopen(f"http://{admin}{path}", timeout=2) as resp:
-            return json.loads(resp.read())
-
-    try:
-        breakers = {name: b.get("state") for name, b in get("/circuit_breakers")["circuit_breakers"].items()}
-        clusters = get("/clusters")
-    except (OSError, ValueError):
-        return {}, {}
-    upstreams = {}
-    for c in clusters["clusters"]:
-        eps = c.get("endpoints", [])
-        healthy = sum(1 for e in eps if e.get("healthy") and not e.get("ejected"))
-        upstreams[c.get("service", "?")] = f"{healthy}/{len(eps)} healthy"
-    return breakers, upstreams

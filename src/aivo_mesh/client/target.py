@@ -29,7 +29,7 @@ from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.policy.breaker import REJECTED
 from aivo_mesh.policy.classify import Classifier
-from aivo_mesh.policy.core import Clock, Layer
+from aivo_mesh.policy.core import Clock, Layer, Reply
 from aivo_mesh.policy.deadline import effective_timeout, inherited_timeout
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.policy.stack import TargetPolicy
@@ -141,8 +141,6 @@ class Target:
             raise error_for(self.service, path, reply)
         if not policy.limit.try_acquire():
             policy.breaker.release(ticket)
-            from aivo_mesh.policy.core import Reply
-
             reply = Reply("RESOURCE_EXHAUSTED", details=f"{self.service}: max_requests reached", local=True)
             self.listener.limit_rejected(self.service, path, "max_requests")
             self.listener.call_finished(self.service, path, reply.code, 0.0, 0, True)
