@@ -52,8 +52,10 @@ class EndpointPool:
         mc = self._callables.get(key)
         if mc is None:
             factory = getattr(self.channel(endpoint), kind)
+            # `_registered_method`, as generated stubs pass it: the channel resolves the method once
+            # instead of on every call.
             mc = self._callables[key] = factory(path, request_serializer=serialize,
-                                                response_deserializer=deserialize)
+                                                response_deserializer=deserialize, _registered_method=True)
         return mc
 
     def retain(self, endpoints: Iterable[str]) -> None:
