@@ -56,6 +56,7 @@ def _good(sds_dir: str = "/etc/envoy/sds") -> dict[str, Any]:
                 "name": "up",
                 "circuit_breakers": {"thresholds": [{"max_requests": 10, "retry_budget": {
                     "budget_percent": {"value": 25.0}, "min_retry_concurrency": 3}}]},
+                "common_lb_config": {"update_merge_window": "0s"},
                 "outlier_detection": {"consecutive_5xx": 5, "enforcing_consecutive_5xx": 100,
                                       "consecutive_gateway_failure": 5,
                                       "enforcing_consecutive_gateway_failure": 100,
@@ -203,6 +204,25 @@ def test_gateway_failure_detector_must_enforce(value: int | None) -> None:
     else:
         od["enforcing_consecutive_gateway_failure"] = value
     assert _only(lint_bootstrap(cfg)).path.endswith("enforcing_consecutive_gateway_failure")
+
+
+@pytest.mark.parametrize("window", [None, "1s", {"seconds": 2}])
+def test_ejection_is_not_held_back_by_the_update_merge_window(window: Any) -> None:
+    cfg = _good()
+    lb = _cluster(cfg)["common_lb_config"]
+    if window is None:
+        del _cluster(cfg)["common_lb_config"]  # Envoy's default window: 1 s
+    else:
+        lb["update_merge_window"] = window
+    issue = _only(lint_bootstrap(cfg), "warning")
+    assert issue.path == "static_resources.clusters[up].common_lb_config.update_merge_window"
+    assert "set 0s" in issue.message
+    lb["update_merge_window"] = {"seconds": 0}
+    _cluster(cfg)["common_lb_config"] = lb
+    assert lint_bootstrap(cfg) == []
+    del _cluster(cfg)["outlier_detection"]  # nothing to eject: the window does not matter
+    del _cluster(cfg)["common_lb_config"]
+    assert lint_bootstrap(cfg) == []
 
 
 def test_5xx_detector_enforcing() -> None:
@@ -397,5 +417,6 @@ def test_reference_bootstrap_has_only_the_known_warnings() -> None:
     issues = lint_bootstrap(yaml.safe_load(REFERENCE.read_text()), file=str(REFERENCE))
     assert [(i.severity, i.path) for i in issues] == [
         ("warning", "static_resources.clusters[auth].circuit_breakers.thresholds[0].max_retries"),
+        ("warning", "static_resources.clusters[auth].common_lb_config.update_merge_window"),
         ("warning", "static_resources.clusters[auth].outlier_detection.enforcing_consecutive_5xx"),
     ]

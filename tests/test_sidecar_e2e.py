@@ -191,10 +191,6 @@ def _write_bootstrap(mesh: MeshSpec, service: str, certs: CertLayout, d: Path,
     if extra_auth_endpoint is not None:
         cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "auth-svc")
         lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
-        # KNOWN GAP (open in issue 4): with the rendered active health checks on this cluster, Envoy 1.40
-        # keeps sending some first attempts to a host it has flagged failed_outlier_check, and calls can
-        # fail. Without them ejection behaves as documented, which is what this test pins down.
-        cluster.pop("health_checks")
         lb.append({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
                                                                 "port_value": extra_auth_endpoint}}}})
     path = d / "envoy.yaml"
@@ -248,13 +244,19 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
              sidecar_ports(m, "learner-svc", "local")),
         ]
         assert ENVOY is not None
-        for path, _ in configs:
+        # The learner's sidecar starts first, so its first health checks of both auth hosts fail and
+        # pass a couple of seconds later: the ejection below then follows a health transition closely,
+        # the case Envoy's default update_merge_window (1 s) used to delay (the host kept serving).
+        configs = [configs[2], configs[0], configs[1]]
+        for i, (path, p) in enumerate(configs):
             procs.append(await asyncio.create_subprocess_exec(
                 ENVOY, "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            if i == 0:
+                await asyncio.to_thread(_wait_live, p.admin)
         for _, p in configs:
             await asyncio.to_thread(_wait_live, p.admin)
-        learner = configs[2][1]
+        learner = configs[0][1]
         bad_addr = f"127.0.0.1:{sidecar_ports(m_b, 'auth-svc', 'local').inbound}"
         # Both hosts pass their (Envoy active) health checks first: the bad app is healthy, just failing calls.
         deadline = time.monotonic() + 60
@@ -263,6 +265,8 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
             if len(flags) == 2 and set(flags.values()) == {"healthy"}:
                 break
             await asyncio.sleep(0.2)
+        assert "cluster.auth-svc.health_check.network_failure: 0" not in await asyncio.to_thread(
+            _get, f"http://127.0.0.1:{learner.admin}/stats")  # the first checks did fail
         assert set(flags.values()) == {"healthy"}, (flags, [
             line for line in (await asyncio.to_thread(_get, f"http://127.0.0.1:{learner.admin}/stats")).splitlines()
             if "auth-svc.health_check" in line or "auth-svc.upstream_cx_connect_fail" in line

@@ -33,7 +33,10 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   breaker is ``outlier_detection`` (per host, from mesh.yaml `outlier_detection`, as the proxyless
   OutlierRule): consecutive_5xx = consecutive_gateway_failure = `consecutive_failures`, both
   enforced at 100 %, success-rate ejection off, and ``successful_active_health_check_uneject_host:
-  false`` so the 30 s gRPC health check cannot end a 60 s ejection early.
+  false`` so the 30 s gRPC health check cannot end a 60 s ejection early, and
+  ``common_lb_config.update_merge_window: 0s`` so an ejection reaches the load balancer at once
+  (Envoy otherwise holds a health-only update for up to 1 s after the previous one, e.g. a peer's
+  first passing health check, and the ejected host keeps getting first attempts meanwhile).
 - **Identity.** Certificates arrive through file-based SDS (`sds_files`), so ``meshctl certs
   rotate`` (an atomic ``os.replace`` in ``<certs>/services/`` and ``<certs>/ca/``) is picked up
   without a restart: each secret's ``watched_directory`` is the directory those renames happen in.
@@ -637,6 +640,10 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
     cluster.update({
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "ROUND_ROBIN",
+        # Envoy merges health-only host updates that come within 1 s (the default window) of the
+        # previous one, so an ejection soon after a health-check transition would reach the load
+        # balancer only when the window closes, and the ejected host keeps getting first attempts.
+        "common_lb_config": {"update_merge_window": "0s"},
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
         "typed_extension_protocol_options": _upstream_h2(mesh, keepalive=True),
         "upstream_connection_options": {"tcp_keepalive": {

@@ -13,6 +13,9 @@ settings. Checks:
 - ``circuit_breakers.thresholds[]`` with ``retry_budget`` *and* ``max_retries``: the budget wins.
 - ``outlier_detection`` beside active ``health_checks`` without
   ``successful_active_health_check_uneject_host: false``: a passing check ends every ejection early.
+- ``outlier_detection`` without ``common_lb_config.update_merge_window: 0s`` (warning): an ejection that
+  lands within the window (default 1 s) of the previous host update, e.g. a health-check transition,
+  reaches the load balancer only when the window closes, and the ejected host keeps serving meanwhile.
 - ``consecutive_gateway_failure`` set with ``enforcing_consecutive_gateway_failure`` missing or 0
   (Envoy's default 0 counts and never ejects); ``consecutive_5xx`` with
   ``enforcing_consecutive_5xx: 0`` (error) or left to the default 100 (warning: say it).
@@ -164,6 +167,13 @@ def _check_cluster(path: str, cluster: Mapping[str, Any], out: list[LintIssue]) 
                              "active health checks with outlier detection need "
                              "successful_active_health_check_uneject_host: false, else a passing check "
                              "returns an ejected host early"))
+    lb = cluster.get("common_lb_config")
+    merge = lb.get("update_merge_window") if isinstance(lb, Mapping) else None
+    if merge is None or _seconds(merge):
+        out.append(LintIssue(f"{path}.common_lb_config.update_merge_window", "warning",
+                             f"{'unset (Envoy defaults to 1s)' if merge is None else merge}: an ejection within "
+                             "this window of the previous host update (e.g. a health-check transition) reaches "
+                             "the load balancer only when the window closes; set 0s"))
     if "consecutive_gateway_failure" in od and not od.get("enforcing_consecutive_gateway_failure"):
         out.append(LintIssue(f"{odp}.enforcing_consecutive_gateway_failure", "error",
                              "missing or 0 (Envoy's default is 0): consecutive_gateway_failure counts but "
