@@ -1,6 +1,6 @@
 """What the Envoy sidecar plane costs, measured against baselines in the same run.
 
-    .venv/bin/python benchmarks/bench_sidecar.py [--reps 3] [--warmup 2] [--window 8]
+    .venv/bin/python benchmarks/bench_sidecar.py [--reps 15] [--warmup 0.5] [--window 2] [--window-c1 1.5]
 
 Cases (unary echo of a 100-byte payload; one client process, one server process, Envoys with
 --concurrency 1; shared/notes/baselines.md describes the method):
@@ -8,8 +8,11 @@ Cases (unary echo of a 100-byte payload; one client process, one server process,
     minimal    client --> Envoy --mTLS--> Envoy --> server, a minimal hand-written two-hop config
     rendered   client --> learner sidecar --mTLS--> auth sidecar --> server, bootstraps rendered
                from mesh.yaml (RBAC, grpc_stats, retries, budgets, outlier detection, health checks)
-Reported: p50 at concurrency 1 (added latency = rendered - direct) and requests per second at
-concurrency 32 (ratio rendered / minimal). Writes benchmarks/results/sidecar.json.
+Many short rounds (as bench_client.py): each round runs every case at c=1 then at c=32, starting from
+another case each round, so drifting load on the shared cores hits every case alike. Reported, as the
+median over rounds of the same round's figures: added p50 at concurrency 1 (rendered - direct, and
+minimal - direct for scale) and the requests-per-second ratio rendered / minimal at concurrency 32,
+with interquartile ranges. Writes benchmarks/results/sidecar.json.
 """
 
 from __future__ import annotations
@@ -187,13 +190,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                     if time.monotonic() > deadline:
                         raise
                     await asyncio.sleep(0.2)
+        names = list(calls)
         for rep in range(args.reps):
-            for conc in (1, 32):
-                for name, call in calls.items():
-                    r = await run_case(lambda c=call: c(payload, timeout=5), conc, args.warmup, args.window)
+            k = rep % len(names)
+            order = names[k:] + names[:k]  # every round starts from another case
+            for conc, window in ((1, args.window_c1), (32, args.window)):
+                for name in order:
+                    r = await run_case(lambda c=calls[name]: c(payload, timeout=5), conc, args.warmup, window)
                     results[name][conc].append(r)
-                    print(f"rep {rep + 1} c={conc:2d} {name:8s} {r['rps']:7.0f} rps  p50 {r['p50_ms']:6.3f} ms  "
-                          f"p99 {r['p99_ms']:6.2f} ms  errors {r['errors']:.0f}", flush=True)
+            print(f"round {rep + 1:2d}  c=1 p50 " + "  ".join(
+                f"{n} {results[n][1][-1]['p50_ms']:.3f}" for n in names) + " ms   c=32 " + "  ".join(
+                f"{n} {results[n][32][-1]['rps']:5.0f}" for n in names) + " rps", flush=True)
     finally:
         for ch in channels.values():
             await ch.close()
@@ -205,7 +212,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     added_min = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["minimal"][1], results["direct"][1], strict=True)]
     ratio = [r["rps"] / m["rps"] for r, m in zip(results["rendered"][32], results["minimal"][32], strict=True)]
     return {
-        "reps": args.reps, "window_s": args.window,
+        "rounds": args.reps, "window_s": {"c1": args.window_c1, "c32": args.window},
+        "added_p50_ms_rendered_vs_direct_quartiles": _quartiles(added),
+        "rps_ratio_rendered_vs_minimal_c32_quartiles": _quartiles(ratio),
         "p50_ms_c1": {n: statistics.median(x["p50_ms"] for x in v[1]) for n, v in results.items()},
         "rps_c32": {n: statistics.median(x["rps"] for x in v[32]) for n, v in results.items()},
         "added_p50_ms_rendered_vs_direct": statistics.median(added),
@@ -215,11 +224,17 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _quartiles(xs: list[float]) -> list[float]:
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return [q[0], q[2]]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--warmup", type=float, default=2.0)
-    ap.add_argument("--window", type=float, default=8.0)
+    ap.add_argument("--reps", type=int, default=15, help="rounds; each runs every case at c=1 and c=32")
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--window", type=float, default=2.0, help="seconds per case at c=32")
+    ap.add_argument("--window-c1", type=float, default=1.5, help="seconds per case at c=1")
     args = ap.parse_args()
     summary = asyncio.run(bench(args))
     print(json.dumps(summary, indent=2))
