@@ -12,6 +12,7 @@ interquartile range of those ratios is reported too). Cases:
     noop      as raw, plus one no-op UnaryUnaryClientInterceptor: the floor grpc.aio's interceptor
               machinery (a Task per call) sets for any interceptor-based stack
     mesh      MeshClient.get_channel + stub: full policy stack, tracing off
+    cwr       MeshClient.call_with_retry: the same stack, called without a grpc.aio interceptor
     traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
 Prints a table and writes JSON next to this file (benchmarks/results/client.json).
 """
@@ -143,6 +144,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "raw": lambda: raw_stub.ValidateToken(req, timeout=5),
         "noop": lambda: noop_stub.ValidateToken(req, timeout=5),
         "mesh": lambda: mesh_stub.ValidateToken(req, timeout=5),
+        "cwr": lambda: mesh_client.call_with_retry(service_name="auth-svc", method_name="ValidateToken",
+                                                   request=req, timeout=5),
     }
     if traced_stub is not None:
         cases["traced"] = lambda: traced_stub.ValidateToken(req, timeout=5)
