@@ -71,6 +71,12 @@ class NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mis
         return await continuation(client_call_details, request)
 
 
+def quartiles(xs: list[float]) -> list[float]:
+    """First and third quartile (the interquartile range) of per-round figures."""
+    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return [q[0], q[2]]
+
+
 async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup: float,
                    window: float) -> dict[str, float]:
     start = time.monotonic()
@@ -176,10 +182,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                                "cases": {}}
     for name, reps in results.items():
         ratios = [r["rps"] / b["rps"] for r, b in zip(reps, results["raw"], strict=True)]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
         summary["cases"][name] = {
             "rps_median": statistics.median(r["rps"] for r in reps),
-            "rps_ratio_quartiles": [q[0], q[2]],
+            "rps_ratio_quartiles": quartiles(ratios),
             "p50_ms_median": statistics.median(r["p50_ms"] for r in reps),
             "p99_ms_median": statistics.median(r["p99_ms"] for r in reps),
             "rps_ratio_vs_raw": statistics.median(ratios),

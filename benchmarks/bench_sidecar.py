@@ -42,7 +42,7 @@ from aivo_mesh.runtime.mesh import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import run_case
+from bench_client import quartiles, run_case
 
 METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
 SERVER = """
@@ -213,8 +213,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     ratio = [r["rps"] / m["rps"] for r, m in zip(results["rendered"][32], results["minimal"][32], strict=True)]
     return {
         "rounds": args.reps, "window_s": {"c1": args.window_c1, "c32": args.window},
-        "added_p50_ms_rendered_vs_direct_quartiles": _quartiles(added),
-        "rps_ratio_rendered_vs_minimal_c32_quartiles": _quartiles(ratio),
+        "added_p50_ms_rendered_vs_direct_quartiles": quartiles(added),
+        "rps_ratio_rendered_vs_minimal_c32_quartiles": quartiles(ratio),
         "p50_ms_c1": {n: statistics.median(x["p50_ms"] for x in v[1]) for n, v in results.items()},
         "rps_c32": {n: statistics.median(x["rps"] for x in v[32]) for n, v in results.items()},
         "added_p50_ms_rendered_vs_direct": statistics.median(added),
@@ -222,11 +222,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "rps_ratio_rendered_vs_minimal_c32": statistics.median(ratio),
         "errors": sum(x["errors"] for v in results.values() for c in v.values() for x in c),
     }
-
-
-def _quartiles(xs: list[float]) -> list[float]:
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return [q[0], q[2]]
 
 
 def main() -> None:
