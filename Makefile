@@ -36,6 +36,7 @@ test: $(VENV)/.stamp-dev
 lint: $(VENV)/.stamp-dev
 	$(BIN)/ruff check src tests tools infra benchmarks
 	$(BIN)/mypy
+	$(BIN)/mypy benchmarks
 
 fmt: $(VENV)/.stamp-dev
 	$(BIN)/ruff check --fix src tests tools infra benchmarks

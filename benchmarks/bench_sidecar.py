@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +140,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     mesh = mesh.model_copy(update={"services": tuple(
         s.model_copy(update={"local_port": app}) if s.name == "auth-svc" else s for s in mesh.services)})
     cert, key = certs.identity_paths("auth-svc")
-    procs = [subprocess.Popen([sys.executable, "-c", SERVER, str(app), str(certs.ca_cert), str(cert), str(key)],
-                              stdout=subprocess.PIPE, text=True)]
+    server_argv = [sys.executable, "-c", SERVER, str(app), str(certs.ca_cert), str(cert), str(key)]
+    procs: list[subprocess.Popen[Any]] = [subprocess.Popen(server_argv, stdout=subprocess.PIPE, text=True)]
     assert procs[0].stdout is not None
     procs[0].stdout.readline()
     envoy = envoy_binary()
@@ -196,7 +197,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             order = names[k:] + names[:k]  # every round starts from another case
             for conc, window in ((1, args.window_c1), (32, args.window)):
                 for name in order:
-                    r = await run_case(lambda c=calls[name]: c(payload, timeout=5), conc, args.warmup, window)
+                    r = await run_case(partial(calls[name], payload, timeout=5), conc, args.warmup, window)
                     results[name][conc].append(r)
             print(f"round {rep + 1:2d}  c=1 p50 " + "  ".join(
                 f"{n} {results[n][1][-1]['p50_ms']:.3f}" for n in names) + " ms   c=32 " + "  ".join(
