@@ -209,19 +209,17 @@ def test_gateway_failure_detector_must_enforce(value: int | None) -> None:
 @pytest.mark.parametrize("window", [None, "1s", {"seconds": 2}])
 def test_ejection_is_not_held_back_by_the_update_merge_window(window: Any) -> None:
     cfg = _good()
-    lb = _cluster(cfg)["common_lb_config"]
+    cluster = _cluster(cfg)
     if window is None:
-        del _cluster(cfg)["common_lb_config"]  # Envoy's default window: 1 s
+        del cluster["common_lb_config"]  # Envoy's default window: 1 s
     else:
-        lb["update_merge_window"] = window
+        cluster["common_lb_config"]["update_merge_window"] = window
     issue = _only(lint_bootstrap(cfg), "warning")
     assert issue.path == "static_resources.clusters[up].common_lb_config.update_merge_window"
     assert "set 0s" in issue.message
-    lb["update_merge_window"] = {"seconds": 0}
-    _cluster(cfg)["common_lb_config"] = lb
+    cluster["common_lb_config"] = {"update_merge_window": {"seconds": 0}}
     assert lint_bootstrap(cfg) == []
-    del _cluster(cfg)["outlier_detection"]  # nothing to eject: the window does not matter
-    del _cluster(cfg)["common_lb_config"]
+    del cluster["outlier_detection"], cluster["common_lb_config"]  # nothing to eject: the window does not matter
     assert lint_bootstrap(cfg) == []
 
 

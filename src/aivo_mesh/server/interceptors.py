@@ -167,23 +167,28 @@ class _Guard:
             o.finish(t, call, final, error)
 
 
+def _guarded(inner: Callable[..., Any], guard: _Guard) -> Callable[..., Any]:
+    """A behaviour that returns once (unary response, or a stream written with context.write())."""
+
+    async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        state = await guard.enter(context)
+        try:
+            result = await inner(request, context)
+        except BaseException as exc:
+            guard.exit(state, context, exc)
+            raise
+        guard.exit(state, context, None)
+        return result
+
+    return behaviour
+
+
 def _wrap(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandler:
     if handler.unary_unary or handler.stream_unary:
-        inner = handler.unary_unary or handler.stream_unary
-
-        async def unary_response(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            state = await guard.enter(context)
-            try:
-                result = await inner(request, context)
-            except BaseException as exc:
-                guard.exit(state, context, exc)
-                raise
-            guard.exit(state, context, None)
-            return result
-
         make = (grpc.unary_unary_rpc_method_handler if handler.unary_unary
                 else grpc.stream_unary_rpc_method_handler)
-        return make(unary_response, handler.request_deserializer, handler.response_serializer)
+        return make(_guarded(handler.unary_unary or handler.stream_unary, guard), handler.request_deserializer,
+                    handler.response_serializer)
 
     inner_s = handler.unary_stream or handler.stream_stream
     make_s = (grpc.unary_stream_rpc_method_handler if handler.unary_stream
@@ -202,14 +207,4 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: _Guard) -> grpc.RpcMethodHandle
 
         return make_s(gen, handler.request_deserializer, handler.response_serializer)
 
-    async def coro(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        state = await guard.enter(context)
-        try:
-            result = await inner_s(request, context)
-        except BaseException as exc:
-            guard.exit(state, context, exc)
-            raise
-        guard.exit(state, context, None)
-        return result
-
-    return make_s(coro, handler.request_deserializer, handler.response_serializer)
+    return make_s(_guarded(inner_s, guard), handler.request_deserializer, handler.response_serializer)
