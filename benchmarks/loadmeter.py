@@ -1,0 +1,71 @@
+"""CPU accounting for one benchmark window: our processes' CPU and everybody else's.
+
+shared/notes/baselines.md measures "CPU µs/request per process from /proc/<pid>/stat (utime + stime,
+all threads) over the window" and reruns "windows with > 0.25 cores of foreign load". This is that
+meter. Foreign load is what the machine spent on anything but the processes under test: other
+processes in this VM, plus steal (time the hypervisor gave our vCPUs to other tenants), which on a
+shared 2-core guest is what swings a 2 s window by ±10 %.
+
+    meter = LoadMeter({"client": os.getpid(), "server": server.pid})
+    meter.start()
+    ...                                   # the measured window
+    window = meter.stop()                 # Window(seconds, cpu={"client": s, ...}, foreign_cores=...)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _machine() -> tuple[int, int]:
+    """(busy ticks of every CPU excluding steal, steal ticks) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return user + nice + system + irq + softirq, steal
+
+
+def process_ticks(pid: int) -> int:
+    """utime + stime of every thread of `pid`, in clock ticks (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0
+    return int(rest[11]) + int(rest[12])
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    seconds: float
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per named process
+    foreign_cores: float = 0.0  # average cores busy with anything else, steal included
+    steal_cores: float = 0.0
+
+    def cpu_us_per(self, requests: int) -> dict[str, float]:
+        return {k: 1e6 * v / requests for k, v in self.cpu.items()} if requests else {}
+
+
+class LoadMeter:
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = dict(pids)
+        self._t0 = 0.0
+        self._busy0 = self._steal0 = 0
+        self._proc0: dict[str, int] = {}
+
+    def start(self) -> None:
+        self._proc0 = {k: process_ticks(p) for k, p in self.pids.items()}
+        self._busy0, self._steal0 = _machine()
+        self._t0 = time.monotonic()
+
+    def stop(self) -> Window:
+        seconds = time.monotonic() - self._t0
+        busy, steal = _machine()
+        ours = {k: (process_ticks(p) - self._proc0[k]) / TICK for k, p in self.pids.items()}
+        busy_s, steal_s = (busy - self._busy0) / TICK, (steal - self._steal0) / TICK
+        foreign = max(0.0, busy_s - sum(ours.values())) + steal_s
+        return Window(seconds, ours, foreign / seconds if seconds else 0.0, steal_s / seconds if seconds else 0.0)
