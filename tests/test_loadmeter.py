@@ -1,0 +1,50 @@
+"""The benchmarks' CPU meter (benchmarks/loadmeter.py) charges a process the CPU it used."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from loadmeter import TICK, LoadMeter, process_ticks
+
+pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
+
+# Burns CPU until killed, or until it has used 30 s of it.
+BURN = "import time\nwhile time.process_time() < 30: pass\n"
+
+
+def wait_for_ticks(pid: int, ticks: int, bound: float = 20.0) -> None:
+    deadline = time.monotonic() + bound
+    while process_ticks(pid) < ticks:
+        assert time.monotonic() < deadline, f"process {pid} used < {ticks} ticks in {bound} s"
+        time.sleep(0.01)
+
+
+def test_a_burning_process_is_charged_its_cpu_within_the_window() -> None:
+    child = subprocess.Popen([sys.executable, "-c", BURN])
+    try:
+        wait_for_ticks(child.pid, 1)
+        meter = LoadMeter({"burner": child.pid})
+        meter.start()
+        wait_for_ticks(child.pid, process_ticks(child.pid) + int(0.3 * TICK))
+        window = meter.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert window.cpu["burner"] >= 0.3
+    # One thread cannot use more CPU than wall time (plus one tick of rounding at each end).
+    assert window.cpu["burner"] <= window.seconds + 2 / TICK
+    assert window.foreign_cores >= 0 and window.steal_cores >= 0
+    assert window.cpu_us_per(1000)["burner"] == pytest.approx(1e3 * window.cpu["burner"])
+    assert window.cpu_us_per(0) == {}
+
+
+def test_an_exited_process_reads_zero_ticks() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert process_ticks(child.pid) == 0
