@@ -14,6 +14,8 @@ interquartile range of those ratios is reported too). Cases:
     mesh      MeshClient.get_channel + stub: full policy stack, tracing off
     cwr       MeshClient.call_with_retry: the same stack, called without a grpc.aio interceptor
     traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
+Every window is metered (benchmarks/loadmeter.py): CPU us per request of the client and the server
+process, and foreign load; a round whose windows saw more than --max-foreign cores of it is rerun.
 Prints a table and writes JSON next to this file (benchmarks/results/client.json).
 """
 

@@ -12,7 +12,9 @@ Many short rounds (as bench_client.py): each round runs every case at c=1 then a
 another case each round, so drifting load on the shared cores hits every case alike. Reported, as the
 median over rounds of the same round's figures: added p50 at concurrency 1 (rendered - direct, and
 minimal - direct for scale) and the requests-per-second ratio rendered / minimal at concurrency 32,
-with interquartile ranges. Writes benchmarks/results/sidecar.json.
+with interquartile ranges, and the CPU us per request of every process on each path
+(benchmarks/loadmeter.py; a round whose windows saw more than --max-foreign cores of foreign load is
+rerun). Writes benchmarks/results/sidecar.json.
 """
 
 from __future__ import annotations
@@ -229,6 +231,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     added = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["rendered"][1], results["direct"][1], strict=True)]
     added_min = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["minimal"][1], results["direct"][1], strict=True)]
     ratio = [r["rps"] / m["rps"] for r, m in zip(results["rendered"][32], results["minimal"][32], strict=True)]
+
     def cpu(case: str, conc: int) -> dict[str, float]:
         """Median CPU us per request of the processes on `case`'s path (the other Envoys idle)."""
         on_path = ["client", "server", *([f"{case}-out", f"{case}-in"] if case != "direct" else [])]
