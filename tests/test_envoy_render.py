@@ -334,6 +334,19 @@ def test_rbac_matches_the_proxyless_authorizer(mesh: MeshSpec, pod: dict[str, di
     assert _rbac_allows(auth, mesh.spiffe_id("event-collector-svc"), "/grpc.health.v1.Health/Check")
 
 
+def test_per_method_grpc_stats_are_taken_at_the_inbound_sidecar_unless_outbound_is_asked_for(
+        mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> None:
+    for cfg in pod.values():
+        assert [f["name"] for f in _hcm(_listener(cfg, "outbound_grpc"))["http_filters"]] == [
+            "envoy.filters.http.router"]
+    metrics = mesh.observability.metrics.model_copy(update={"envoy_outbound_grpc_stats": True})
+    both = mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"metrics": metrics})})
+    outbound = _hcm(_listener(bootstrap(both, "learner-svc", EnvoyProfile.pod(both)), "outbound_grpc"))
+    assert [f["name"] for f in outbound["http_filters"]] == [
+        "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
+    assert outbound["http_filters"][0]["typed_config"]["enable_upstream_stats"] is True
+
+
 def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None:
     for cfg in pod.values():
         inbound = _hcm(_listener(cfg, "inbound_grpc"))

@@ -601,13 +601,17 @@ def _outbound_routes(mesh: MeshSpec, peer: ServiceSpec) -> list[dict[str, Any]]:
 def _outbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
     routes = [r for peer in callable_peers(mesh, svc.name) for r in _outbound_routes(mesh, mesh.service(peer))]
     route_config = {"name": "outbound", "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": routes}]}
+    # Per-method stats are taken once per call, at the server's inbound sidecar, unless asked for here too.
+    filters = [_router()]
+    if mesh.observability.metrics.envoy_outbound_grpc_stats:
+        filters.insert(0, _grpc_stats(upstream=True))
     return {
         "name": OUTBOUND_LISTENER,
         "address": _socket("127.0.0.1", port),  # the app's plaintext leg never leaves loopback
         "traffic_direction": "OUTBOUND",
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
-        "filter_chains": [{"filters": [_hcm(mesh, profile, svc.name, OUTBOUND_LISTENER, route_config,
-                                            [_grpc_stats(upstream=True), _router()], inbound=False)]}],
+        "filter_chains": [{"filters": [_hcm(mesh, profile, svc.name, OUTBOUND_LISTENER, route_config, filters,
+                                            inbound=False)]}],
     }
 
 
