@@ -44,7 +44,7 @@ from aivo_mesh.runtime.local import free_port
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
-from loadmeter import LoadMeter, Window
+from loadmeter import LoadMeter, Window, quiet_rounds
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVER = """
@@ -178,28 +178,24 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         cases["traced"] = lambda: traced_stub.ValidateToken(req, timeout=5)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
     meter = LoadMeter({"client": os.getpid(), "server": server.pid})
-    rerun = 0
     try:
         for _ in range(3):  # connect and warm every path before measuring
             for c in cases.values():
                 await c()
         names = list(cases)
-        rep = 0
-        while rep < args.reps:
-            k = (rep + rerun) % len(names)
+
+        async def one_round(order: list[str]) -> tuple[dict[str, dict[str, Any]], float, str]:
             rnd = {name: await run_case(cases[name], args.concurrency, args.warmup, args.window, meter)
-                   for name in names[k:] + names[:k]}
-            foreign = max(r["foreign_cores"] for r in rnd.values())
+                   for name in order}
             base = rnd["raw"]["rps"]
             line = "  ".join(f"{n} {rnd[n]['rps']:5.0f} rps ({rnd[n]['rps'] / base:.3f})" for n in names)
-            if foreign > args.max_foreign and rerun < args.max_reruns:
-                rerun += 1  # the baselines' rule: a window with foreign load is measured again
-                print(f"rerun     {line}  foreign {foreign:.2f} cores", flush=True)
-                continue
-            rep += 1
+            return rnd, max(r["foreign_cores"] for r in rnd.values()), line
+
+        rounds, rerun = await quiet_rounds(args.reps, names, one_round, max_foreign=args.max_foreign,
+                                           max_reruns=args.max_reruns)
+        for rnd in rounds:
             for n in names:
                 results[n].append(rnd[n])
-            print(f"round {rep:2d}  {line}  foreign {foreign:.2f} cores", flush=True)
     finally:
         await raw_channel.close()
         await noop_channel.close()

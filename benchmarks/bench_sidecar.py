@@ -47,7 +47,7 @@ from aivo_mesh.runtime.mesh import envoy_binary
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_client import quartiles, run_case
-from loadmeter import LoadMeter
+from loadmeter import LoadMeter, quiet_rounds
 
 METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
 SERVER = """
@@ -200,27 +200,23 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                         raise
                     await asyncio.sleep(0.2)
         names = list(calls)
-        rep = rerun = 0
-        while rep < args.reps:
-            k = (rep + rerun) % len(names)
-            order = names[k:] + names[:k]  # every round starts from another case
+
+        async def one_round(order: list[str]) -> tuple[dict[str, dict[int, dict[str, Any]]], float, str]:
             rnd: dict[str, dict[int, dict[str, Any]]] = {n: {} for n in names}
             for conc, window in ((1, args.window_c1), (32, args.window)):
                 for name in order:
                     rnd[name][conc] = await run_case(partial(calls[name], payload, timeout=5), conc, args.warmup,
                                                      window, meter)
-            foreign = max(r["foreign_cores"] for c in rnd.values() for r in c.values())
             line = ("c=1 p50 " + "  ".join(f"{n} {rnd[n][1]['p50_ms']:.3f}" for n in names) + " ms   c=32 "
-                    + "  ".join(f"{n} {rnd[n][32]['rps']:5.0f}" for n in names) + f" rps  foreign {foreign:.2f}")
-            if foreign > args.max_foreign and rerun < args.max_reruns:
-                rerun += 1  # the baselines' rule: a window with foreign load is measured again
-                print(f"rerun     {line}", flush=True)
-                continue
-            rep += 1
+                    + "  ".join(f"{n} {rnd[n][32]['rps']:5.0f}" for n in names) + " rps")
+            return rnd, max(r["foreign_cores"] for c in rnd.values() for r in c.values()), line
+
+        rounds, rerun = await quiet_rounds(args.reps, names, one_round, max_foreign=args.max_foreign,
+                                           max_reruns=args.max_reruns)
+        for rnd in rounds:
             for n in names:
                 for conc in (1, 32):
                     results[n][conc].append(rnd[n][conc])
-            print(f"round {rep:2d}  {line}", flush=True)
     finally:
         for ch in channels.values():
             await ch.close()

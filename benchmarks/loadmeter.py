@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
+
+R = TypeVar("R")
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -73,3 +77,27 @@ class LoadMeter:
         busy_s, steal_s = (busy - self._busy0) / TICK, (steal - self._steal0) / TICK
         foreign = max(0.0, busy_s - sum(ours.values())) + steal_s
         return Window(seconds, ours, foreign / seconds if seconds else 0.0, steal_s / seconds if seconds else 0.0)
+
+
+async def quiet_rounds(reps: int, names: Sequence[str],
+                       run_round: Callable[[list[str]], Awaitable[tuple[R, float, str]]], *,
+                       max_foreign: float, max_reruns: int) -> tuple[list[R], int]:
+    """`reps` rounds of every case, each starting from another case so drifting load hits all alike.
+
+    `run_round(order)` measures the cases in that order and returns the round's result, the most
+    foreign load (cores) any of its windows saw, and a line to print. A round over `max_foreign` is
+    measured again, the baselines' rule, until `max_reruns` reruns are spent. Returns the kept rounds
+    and the number of reruns.
+    """
+    kept: list[R] = []
+    rerun = 0
+    while len(kept) < reps:
+        k = (len(kept) + rerun) % len(names)
+        result, foreign, line = await run_round([*names[k:], *names[:k]])
+        if foreign > max_foreign and rerun < max_reruns:
+            rerun += 1
+            print(f"rerun     {line}  foreign {foreign:.2f} cores", flush=True)
+            continue
+        kept.append(result)
+        print(f"round {len(kept):2d}  {line}  foreign {foreign:.2f} cores", flush=True)
+    return kept, rerun

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from loadmeter import TICK, LoadMeter, process_ticks
+from loadmeter import TICK, LoadMeter, process_ticks, quiet_rounds
 
 pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
 
@@ -48,3 +49,18 @@ def test_an_exited_process_reads_zero_ticks() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert process_ticks(child.pid) == 0
+
+
+def test_quiet_rounds_rerun_a_loaded_round_and_rotate_the_starting_case() -> None:
+    foreign = iter([0.0, 0.9, 0.1, 0.9, 0.9])  # loaded attempts 2, 4 and 5; two reruns allowed
+    orders: list[list[str]] = []
+
+    async def one_round(order: list[str]) -> tuple[str, float, str]:
+        orders.append(order)
+        return order[0], next(foreign), ""
+
+    kept, rerun = asyncio.run(quiet_rounds(3, ["a", "b", "c"], one_round, max_foreign=0.25, max_reruns=2))
+    assert rerun == 2
+    # Every attempt, rerun or not, starts from the next case.
+    assert orders == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"], ["b", "c", "a"]]
+    assert kept == ["a", "c", "b"]  # the last round is kept despite its load: the reruns were spent
