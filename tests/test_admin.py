@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import until
 
 from aivo_mesh.errors import MeshError
 from aivo_mesh.telemetry.admin import PROMETHEUS_CONTENT_TYPE, AdminServer, is_loopback
@@ -274,7 +275,7 @@ async def test_connection_limit(source: FakeSource, metrics: MeshMetrics) -> Non
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
         writer.write(b"GET /ready HTTP/1.1\r\n")  # holds the only slot
         await writer.drain()
-        await asyncio.sleep(0.05)
+        await until(lambda: server.open_connections == 1, what="one open connection")
         assert (await get(server.port, "/ready")).status == 503
         writer.write(b"\r\n")
         assert (await asyncio.wait_for(reader.read(), 2.0)).startswith(b"HTTP/1.1 200 ")
@@ -304,7 +305,8 @@ async def test_stop_closes_idle_connections_and_port(source: FakeSource, metrics
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /")
     await writer.drain()
-    await asyncio.sleep(0.02)
+    # the server holds it, idle mid-request
+    await until(lambda: server.open_connections == 1, what="one open connection")
     await asyncio.wait_for(server.stop(), 2.0)
     assert await asyncio.wait_for(reader.read(), 2.0) == b""
     writer.close()

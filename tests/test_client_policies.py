@@ -14,6 +14,7 @@ from pathlib import Path
 import grpc
 import pytest
 from faults import FaultPlan, FaultyAuth, TcpProxy
+from waiting import until
 
 from aivo_mesh import CircuitOpen, MeshClient, MeshConfig, MeshServer
 from aivo_mesh.config import MeshSpec, parse_mesh
@@ -234,8 +235,7 @@ async def test_cancellation_stops_retries_at_once(servers, make_client):
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
     task = asyncio.ensure_future(client.call_with_retry("auth-svc", "Authenticate",
                                                         auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8)))
-    while plan.calls < 1:
-        await asyncio.sleep(0.01)
+    await until(lambda: plan.calls >= 1, what="the first attempt reached the server")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -273,8 +273,8 @@ async def test_dropped_connections_are_retried(servers, make_client, mesh_certs)
         stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
         assert (await stub.ValidateToken(_req())).valid
         first = asyncio.ensure_future(stub.ValidateToken(_req()))
-        while len(plan.attempts_seen) < 2:  # the server is inside the call (before its delay)
-            await asyncio.sleep(0.01)
+        # the server is inside the call (before its delay)
+        await until(lambda: len(plan.attempts_seen) >= 2, what="the second call reached the server")
         proxy.drop_all()  # the connection dies under an in-flight call: UNAVAILABLE, retried
         assert (await first).valid
         assert len(plan.attempts_seen) >= 3 and plan.attempts_seen[-1] == 2
@@ -333,8 +333,7 @@ async def test_client_rebuilds_channels_when_its_certificate_rotates(servers, ma
         stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
         first_serial = client.identity.serial
         inflight = asyncio.ensure_future(stub.ValidateToken(_req()))
-        while plan.calls < 1:
-            await asyncio.sleep(0.01)
+        await until(lambda: plan.calls >= 1, what="the call reached the server")
         rotate(certs, _mesh(), ["learner-svc"])
         assert client.check_identity()
         assert client.identity.serial != first_serial

@@ -258,6 +258,11 @@ class AdminServer:
         }
 
     @property
+    def open_connections(self) -> int:
+        """Connections being served right now (what `max_connections` bounds)."""
+        return len(self._tasks)
+
+    @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
