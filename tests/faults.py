@@ -29,6 +29,7 @@ class FaultPlan:
     seed: int = 7
     calls: int = 0
     attempts_seen: list[int] = field(default_factory=list)
+    metadata_seen: list[dict[str, str]] = field(default_factory=list)  # each unary call's invocation metadata
     failures: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +56,7 @@ class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollect
 
     async def _maybe_fail(self, context: grpc.aio.ServicerContext) -> None:
         self.plan.attempts_seen.append(_attempt(context))
+        self.plan.metadata_seen.append({k: v for k, v in context.invocation_metadata() or ()})
         if self.plan.delay:
             await asyncio.sleep(self.plan.delay)
         if self.plan.should_fail():
@@ -62,6 +64,9 @@ class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollect
             if self.plan.pushback_ms is not None:
                 context.set_trailing_metadata((("grpc-retry-pushback-ms", self.plan.pushback_ms),))
             await context.abort(self.plan.status, f"injected {self.plan.status.name} by {self.name}")
+        # Which server and attempt answered, readable by the caller from the call's metadata.
+        await context.send_initial_metadata((("x-served-by", self.name),))
+        context.set_trailing_metadata((("x-answered-attempt", str(self.plan.attempts_seen[-1])),))
 
     async def Authenticate(self, request, context):
         await self._maybe_fail(context)

@@ -359,3 +359,31 @@ async def test_plaintext_peers_mode_dials_peers_in_plaintext_and_leaves_retries_
             assert (await stub.ValidateToken(_req())).subject == "plain"
     finally:
         await server.stop(0.2)
+
+
+async def test_stub_path_sends_per_call_credentials_and_exposes_the_answering_attempts_metadata(
+        servers, make_client):
+    plan = FaultPlan(fail_first=1)  # the first attempt fails: metadata must come from the retry
+    s = await servers(plan, "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    call = stub.ValidateToken(_req(), credentials=grpc.access_token_call_credentials("abc"))
+    assert (await call).valid
+    assert [m.get("authorization") for m in plan.metadata_seen] == ["Bearer abc", "Bearer abc"]
+    assert ("x-served-by", "a") in tuple(await call.initial_metadata())
+    assert ("x-answered-attempt", "2") in tuple(await call.trailing_metadata())
+    assert await call.code() == grpc.StatusCode.OK
+
+
+async def test_calls_grpc_refuses_to_send_do_not_open_the_breaker(servers, make_client):
+    s = await servers(FaultPlan(), "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    for _ in range(8):  # more than the 5 consecutive failures that would open it
+        # A caller bug (an invalid header name): grpc refuses to send it and raises its own error.
+        with pytest.raises(Exception, match="execute_batch") as exc:
+            await stub.ValidateToken(_req(), metadata=(("Bad Key", "x"),))
+        assert not isinstance(exc.value, CircuitOpen)
+    assert client.target("auth-svc").policy.breaker.state == "closed"
+    assert client.target("auth-svc").policy.balancer.snapshot()[0]["consecutive_failures"] == 0
+    assert (await stub.ValidateToken(_req())).valid

@@ -19,7 +19,7 @@ from aivo_mesh.policy.breaker import (
     BreakerParams,
     CircuitBreaker,
 )
-from aivo_mesh.policy.classify import FAILURE, SUCCESS
+from aivo_mesh.policy.classify import FAILURE, SUCCESS, TRANSIENT
 from aivo_mesh.policy.core import Call, Handler, Reply
 from aivo_mesh.policy.testing import FakeClock, RecordingListener
 
@@ -199,16 +199,34 @@ async def test_business_errors_are_successes_for_the_breaker(clock: FakeClock, l
     assert breaker.state == CLOSED
 
 
-async def test_exceptions_from_the_terminal_count_as_failures(clock: FakeClock) -> None:
-    async def broken(call: Call) -> Reply:
-        raise RuntimeError("transport bug")
+async def test_exceptions_escaping_the_stack_count_nothing_and_free_the_probe(clock: FakeClock) -> None:
+    # The terminal maps every answer and transport failure to a Reply; an exception is the caller's
+    # (a request or metadata grpc refused to send): it must not open the breaker for every caller.
+    up = Upstream()
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=2, recovery_time=60.0), clock=clock)
+    raising = True
 
-    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=2), clock=clock)
-    handler = BreakerLayer(breaker).wrap(broken)
-    for _ in range(2):
+    async def inner(call: Call) -> Reply:
+        if raising:
+            raise RuntimeError("caller bug")
+        return await up(call)
+
+    handler = BreakerLayer(breaker).wrap(inner)
+    for _ in range(5):
         with pytest.raises(RuntimeError):
             await handler(c())
+    assert breaker.state == CLOSED
+    raising = False
+    for _ in range(2):
+        await handler(c())
     assert breaker.state == OPEN
+    clock.advance(60)
+    raising = True
+    with pytest.raises(RuntimeError):
+        await handler(c())  # the one probe slot is taken, then freed by the exception
+    raising, up.code = False, "OK"
+    assert not (await handler(c())).local  # so the next call is admitted as the probe
+    assert breaker.state == CLOSED
 
 
 def test_failure_rate_mode(clock: FakeClock) -> None:
@@ -292,3 +310,13 @@ def test_params_from_spec() -> None:
     assert (p.consecutive_failures, p.recovery_time, p.half_open_max_calls) == (3, 10, 2)
     with pytest.raises(ValueError, match="recovery_time"):
         BreakerParams(recovery_time=0)
+
+
+def test_a_transient_outcome_resets_the_count_like_a_success(clock: FakeClock) -> None:
+    # RESOURCE_EXHAUSTED retried on an idempotent route is load shedding, not a sick upstream.
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=5), clock=clock)
+    for outcome in [FAILURE] * 4 + [TRANSIENT] + [FAILURE] * 4:
+        breaker.record(breaker.admit(), outcome, "UNAVAILABLE")
+    assert breaker.state == CLOSED
+    breaker.record(breaker.admit(), FAILURE, "UNAVAILABLE")
+    assert breaker.state == OPEN

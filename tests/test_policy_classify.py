@@ -8,9 +8,11 @@ from aivo_mesh.config.model import GRPC_STATUS_NAMES
 from aivo_mesh.policy.classify import (
     DEFAULT_FAILURE_CODES,
     FAILURE,
+    HEALTHY,
     IGNORED,
     RETRYABLE,
     SUCCESS,
+    TRANSIENT,
     Classifier,
     retryable_codes,
 )
@@ -44,11 +46,19 @@ def test_non_not_processed_codes_only_retryable_when_idempotent(idempotent: bool
     assert c.of("INTERNAL") is (RETRYABLE if idempotent else FAILURE)
 
 
-def test_retryable_codes_count_as_failures_even_outside_failure_codes() -> None:
-    c = Classifier.for_route(("UNAVAILABLE", "RESOURCE_EXHAUSTED"), idempotent=True, failure_codes=("INTERNAL",))
-    assert c.of("RESOURCE_EXHAUSTED") is RETRYABLE
-    assert c.of("INTERNAL") is FAILURE
-    assert c.of("UNKNOWN") is SUCCESS  # not a failure code here
+def test_failures_are_the_failure_codes_alone_whatever_a_route_retries() -> None:
+    # One breaker serves every method of a service: what counts against it cannot depend on the method.
+    idem = Classifier.for_route(("UNAVAILABLE", "RESOURCE_EXHAUSTED"), idempotent=True,
+                                failure_codes=("INTERNAL", "UNAVAILABLE"))
+    plain = Classifier.for_route(("UNAVAILABLE", "RESOURCE_EXHAUSTED"), idempotent=False,
+                                 failure_codes=("INTERNAL", "UNAVAILABLE"))
+    assert idem.of("RESOURCE_EXHAUSTED") is TRANSIENT  # retried here, but not a failure
+    assert "RESOURCE_EXHAUSTED" in idem.retryable
+    assert plain.of("RESOURCE_EXHAUSTED") is SUCCESS  # neither retried nor a failure
+    assert {idem.of("RESOURCE_EXHAUSTED"), plain.of("RESOURCE_EXHAUSTED")} <= HEALTHY
+    assert idem.of("UNAVAILABLE") is plain.of("UNAVAILABLE") is RETRYABLE
+    assert idem.of("INTERNAL") is plain.of("INTERNAL") is FAILURE
+    assert idem.of("UNKNOWN") is SUCCESS  # not a failure code here
     assert "RESOURCE_EXHAUSTED" not in DEFAULT_FAILURE_CODES
 
 

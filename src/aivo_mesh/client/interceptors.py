@@ -42,13 +42,18 @@ def _pairs(metadata: Any) -> tuple[tuple[str, Any], ...]:
 
 @dataclass(slots=True)
 class Transport:
-    """What the terminal needs beyond the Call: the caller's metadata and how to reach the wire."""
+    """What the terminal needs beyond the Call: the caller's metadata, per-call credentials and how to
+    reach the wire; and, once an attempt has succeeded, that attempt's call object."""
 
     info: MethodInfo | None
     metadata: tuple[tuple[str, Any], ...]
     wait_for_ready: bool | None = None
     continuation: Callable[..., Any] | None = None
     details: ClientCallDetails | None = None
+    credentials: grpc.CallCredentials | None = None
+    # The successful attempt's grpc.aio call: the stub path hands it to grpc.aio so the caller can
+    # read its initial and trailing metadata, as on a plain channel.
+    answered: Any = None
 
 
 def method_info(path: str) -> MethodInfo | None:
@@ -77,17 +82,18 @@ def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
             if t.info is not None and call.endpoint is not None:
                 mc = pool.multicallable(call.endpoint, "unary_unary", t.info.path, t.info.serialize,
                                         t.info.deserialize)
-                value = await mc(call.request, timeout=timeout, metadata=metadata,
-                                 wait_for_ready=t.wait_for_ready)
+                rpc = mc(call.request, timeout=timeout, metadata=metadata, credentials=t.credentials,
+                         wait_for_ready=t.wait_for_ready)
             else:
                 assert t.continuation is not None and t.details is not None
                 d = t.details
                 rpc = await t.continuation(ClientCallDetails(d.method, timeout, grpc.aio.Metadata(*(metadata or ())),
                                                              d.credentials, d.wait_for_ready), call.request)
-                value = await rpc
+            value = await rpc
         except grpc.aio.AioRpcError as err:
             return Reply(err.code().name, error=err, details=err.details() or "",
                          trailers=tuple(err.trailing_metadata() or ()))
+        t.answered = rpc
         return Reply("OK", value=value)
 
     return terminal
@@ -111,11 +117,13 @@ class UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[m
     ) -> Any:
         path, info, stack = self._method(client_call_details.method)
         transport = Transport(info, _pairs(client_call_details.metadata), client_call_details.wait_for_ready,
-                              continuation, client_call_details)
+                              continuation, client_call_details, client_call_details.credentials)
         reply = await stack(Call(self._target.service, path, request, timeout=client_call_details.timeout,
                                  transport=transport))
         if reply.ok:
-            return reply.value
+            # The finished call, not just its value: grpc.aio then serves the caller's
+            # `initial_metadata()`/`trailing_metadata()`/`code()` from the attempt that answered.
+            return transport.answered if transport.answered is not None else reply.value
         raise error_for(self._target.service, path, reply)
 
 

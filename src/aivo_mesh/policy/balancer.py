@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, FAILURE, IGNORED, SUCCESS, Classifier, Outcome
+from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, TRANSIENT, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 from aivo_mesh.policy.outlier import DEFAULT_RULE, EndpointState, OutlierDetector, OutlierRule
@@ -71,7 +71,7 @@ class Balancer:
 
     # -- outcomes -----------------------------------------------------------------------------
     def record(self, ep: EndpointState, outcome: Outcome) -> None:
-        if outcome is SUCCESS:
+        if outcome in HEALTHY:
             ep.consecutive_failures = 0
         elif outcome is not IGNORED:
             self.detector.on_failure(ep, self._endpoints)
@@ -140,13 +140,10 @@ class BalancerLayer:
             if ep is None:
                 return no_endpoints
             call.endpoint = ep.address
-            try:
-                reply = await inner(call)
-            except Exception:  # an unmapped transport error counts; cancellation does not
-                balancer.record(ep, FAILURE)
-                raise
+            # An exception escaping `inner` is the caller's (see BreakerLayer): the endpoint is not charged.
+            reply = await inner(call)
             outcome = classify(reply)
-            if outcome is SUCCESS:
+            if outcome is SUCCESS or outcome is TRANSIENT:
                 ep.consecutive_failures = 0
             elif outcome is not IGNORED:
                 balancer.record(ep, outcome)

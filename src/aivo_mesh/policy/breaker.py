@@ -12,12 +12,13 @@ it the same way. Per-(service, method) breakers are possible by keying `CircuitB
     FORCED_OPEN, DISABLED: operator states (reject all / admit all, count nothing); reset() -> CLOSED.
 
 Trip rules: `consecutive` = `consecutive_failures` FAILURE/RETRYABLE outcomes in a row (any
-SUCCESS resets the count); `failure_rate` = failures >= `failure_rate_threshold` % of the last
-`window_size` calls (a count-based ring), once at least `minimum_calls` are in it (clamped to
-window_size). IGNORED outcomes (the caller's CANCELLED, local replies) and cancelled calls never
-count. HALF_OPEN admits at most `half_open_max_calls` probes at once; slots are released when the
-probe ends, also by cancellation. Outcomes of calls admitted before the last state change are
-dropped (a slow call admitted while CLOSED must not close a breaker that opened since).
+SUCCESS or TRANSIENT resets the count); `failure_rate` = failures >= `failure_rate_threshold` % of
+the last `window_size` calls (a count-based ring), once at least `minimum_calls` are in it (clamped
+to window_size). IGNORED outcomes (the caller's CANCELLED, local replies), cancelled calls and
+exceptions escaping the stack (the caller's: a request grpc refused to send) never count.
+HALF_OPEN admits at most `half_open_max_calls` probes at once; slots are released when the probe
+ends, also by cancellation. Outcomes of calls admitted before the last state change are dropped (a
+slow call admitted while CLOSED must not close a breaker that opened since).
 
 State names are "closed", "open", "half_open", "forced_open", "disabled" in code, listener events
 and messages. Numeric gauge (STATE_GAUGE): 0 closed, 1 half_open, 2 open, 3 forced_open, 4 disabled.
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 from aivo_mesh.config.model import CircuitBreakerSpec
-from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, FAILURE, IGNORED, SUCCESS, Classifier, Outcome
+from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
@@ -43,8 +44,6 @@ DISABLED = "disabled"
 STATE_GAUGE: dict[str, int] = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2, FORCED_OPEN: 3, DISABLED: 4}
 
 REJECTED = -1  # the ticket `admit` returns when the call must not go out
-# An exception escaping the terminal (not a Reply) is a transport failure nobody mapped: it counts.
-_ERROR_OUTCOME: Outcome = FAILURE
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,7 +247,7 @@ class CircuitBreaker:
         state = self._state
         if outcome is SUCCESS and state is CLOSED_STATE:  # the common case, one call less
             self._rule.on_success()
-        elif outcome is SUCCESS:
+        elif outcome in HEALTHY:
             state.on_success(self)
         elif outcome is IGNORED:
             state.on_ignored(self)
@@ -321,10 +320,10 @@ class BreakerLayer:
                 return breaker.rejection()
             try:
                 reply = await inner(call)
-            except Exception:
-                breaker.record(ticket, _ERROR_OUTCOME, "UNKNOWN")
-                raise
-            except BaseException:  # cancellation: frees the probe slot, counts nothing
+            except BaseException:
+                # The terminal maps every answer and transport failure to a Reply, so what escapes is
+                # the caller's own (cancellation, a request or metadata grpc refused to send) or a
+                # bug: it says nothing about the upstream. Free the probe slot, count nothing.
                 breaker.release(ticket)
                 raise
             breaker.record(ticket, classify(reply), reply.code)

@@ -8,7 +8,12 @@ retries that never trip anything.
     SUCCESS    the upstream answered: OK, or a business error (NOT_FOUND, INVALID_ARGUMENT, ...).
                Resets consecutive-failure counters; never retried. SUCCESS means "the upstream is
                healthy", not "the call returned OK".
-    RETRYABLE  the upstream failed and this route may retry the code; counts as a failure.
+    RETRYABLE  the upstream failed (a failure code) and this route may retry the code; counts as a
+               failure.
+    TRANSIENT  a code this route may retry that is not a failure code (RESOURCE_EXHAUSTED, unless
+               failure_codes lists it: the upstream shedding load is not a sick upstream): retried,
+               and a success for the breaker and outlier detection, as Envoy's consecutive_5xx
+               ignores the 429 it maps to. So both planes count the same failures.
     FAILURE    the upstream failed (a code in CircuitBreakerSpec.failure_codes); counts for the
                breaker and outlier detection; not retried.
     IGNORED    says nothing about the upstream: the caller's own CANCELLED, and every local reply
@@ -17,8 +22,8 @@ retries that never trip anything.
 Retryable codes are the route's `retry_on`, filtered by gRFC A6's advice: only UNAVAILABLE means
 "not processed", so it is always allowed when listed. Any other code (INTERNAL, an attempt's
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, ...) may follow side effects on the server and is
-retried only on routes marked idempotent. A retryable code counts as a failure even when
-failure_codes leaves it out: retries and ejection then agree on it.
+retried only on routes marked idempotent. Whether a code is a failure is failure_codes' call alone,
+the same for every method of a service (its breaker is shared by them all).
 """
 
 from __future__ import annotations
@@ -34,14 +39,19 @@ from aivo_mesh.policy.core import Reply
 class Outcome(enum.Enum):
     SUCCESS = "success"
     RETRYABLE = "retryable"
+    TRANSIENT = "transient"
     FAILURE = "failure"
     IGNORED = "ignored"
 
 
 SUCCESS = Outcome.SUCCESS
 RETRYABLE = Outcome.RETRYABLE
+TRANSIENT = Outcome.TRANSIENT
 FAILURE = Outcome.FAILURE
 IGNORED = Outcome.IGNORED
+# What the retry layer may retry; what health (breaker, outlier detection) counts as a success.
+RETRIED: frozenset[Outcome] = frozenset({RETRYABLE, TRANSIENT})
+HEALTHY: frozenset[Outcome] = frozenset({SUCCESS, TRANSIENT})
 
 # Codes that say the server did not process the call (gRFC A6): safe to retry on any route.
 NOT_PROCESSED: frozenset[str] = frozenset({"UNAVAILABLE"})
@@ -81,7 +91,7 @@ class Classifier:
             elif code in ALWAYS_IGNORED:
                 table[code] = IGNORED
             elif code in retryable:
-                table[code] = RETRYABLE
+                table[code] = RETRYABLE if code in failures else TRANSIENT
             elif code in failures:
                 table[code] = FAILURE
             else:
@@ -106,7 +116,7 @@ class Classifier:
 
     @property
     def retryable(self) -> frozenset[str]:
-        return frozenset(c for c, o in self.table.items() if o is RETRYABLE)
+        return frozenset(c for c, o in self.table.items() if o in RETRIED)
 
 
 # The classifier of a route with the built-in retry policy (retry UNAVAILABLE only).

@@ -8,7 +8,7 @@ per-endpoint counters and the ejections.
 
 Rule (OutlierRule, from OutlierDetectionSpec):
   - `consecutive_failures` FAILURE/RETRYABLE outcomes in a row on an endpoint eject it
-    (a SUCCESS resets the count; IGNORED outcomes never count);
+    (a SUCCESS or TRANSIENT resets the count; IGNORED outcomes never count);
   - for `base_ejection_time * times_ejected`, capped by max(max_ejection_time, base_ejection_time)
     (Envoy); `times_ejected` decays by one per `interval` the endpoint spends back in rotation, so a
     repeat offender stays out longer and a recovered one is forgiven;

@@ -29,7 +29,7 @@ from random import Random
 from aivo_mesh.config.model import RetrySpec
 from aivo_mesh.policy.backoff import STOP, Backoff, DecorrelatedJitter, FullJitter, parse_pushback
 from aivo_mesh.policy.budget import RetryBudget
-from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, DEFAULT_FAILURE_CODES, RETRYABLE, Classifier
+from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, DEFAULT_FAILURE_CODES, RETRIED, Classifier
 from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
@@ -121,7 +121,7 @@ def next_step(state: RetryState, params: RetryParams, call: Call, now: float,
     reply = state.reply
     if reply.local:
         return GiveUp(LOCAL, reply)
-    if params.classifier.classify(reply) is not RETRYABLE:
+    if params.classifier.classify(reply) not in RETRIED:
         return GiveUp(NOT_RETRYABLE, reply)
     if call.committed:
         return GiveUp(COMMITTED, reply)
