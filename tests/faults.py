@@ -78,6 +78,7 @@ class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollect
 
     async def ListEvents(self, request, context):
         self.plan.attempts_seen.append(_attempt(context))
+        self.plan.metadata_seen.append({k: v for k, v in context.invocation_metadata() or ()})
         self.plan.calls += 1
         yield events_pb2.Event(event_id="e1", learner_id=self.name)
         if self.plan.stream_then_fail:

@@ -10,18 +10,25 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from faults import FaultPlan, FaultyAuth, TcpProxy
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from waiting import until
 
 from aivo_mesh import CircuitOpen, MeshClient, MeshConfig, MeshServer
 from aivo_mesh.config import MeshSpec, parse_mesh
+from aivo_mesh.config.model import TracingSpec
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
+from aivo_mesh.errors import DeadlineExceeded
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc
+from aivo_mesh.telemetry.tracing import ClientTracingLayer, Tracing
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -387,3 +394,49 @@ async def test_calls_grpc_refuses_to_send_do_not_open_the_breaker(servers, make_
     assert client.target("auth-svc").policy.breaker.state == "closed"
     assert client.target("auth-svc").policy.balancer.snapshot()[0]["consecutive_failures"] == 0
     assert (await stub.ValidateToken(_req())).valid
+
+
+async def _events_client(servers, make_client, plan: FaultPlan, **kwargs: object) -> tuple[MeshClient, Any]:
+    s = await servers(plan, service="event-collector-svc")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"], identity="analytics-svc", **kwargs)
+    client.config.endpoints = {**client.config.endpoints, "event-collector-svc": [f"127.0.0.1:{s.bound_port}"]}
+    return client, events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc"))
+
+
+async def test_streams_get_a_client_span_and_carry_its_traceparent(servers, make_client):
+    exporter = InMemorySpanExporter()
+    tracing = Tracing.from_spec(TracingSpec(enabled=True, sample_ratio=1.0), "analytics-svc", "1",
+                                exporter=exporter, batch=False, shutdown_on_exit=False)
+    assert tracing is not None
+    plan = FaultPlan()
+    _, stub = await _events_client(servers, make_client, plan, outer_layers=[ClientTracingLayer(tracing)])
+    try:
+        got = [ev.event_id async for ev in stub.ListEvents(events_pb2.ListEventsRequest())]
+        assert got == ["e1", "e2"]
+        await until(lambda: len(exporter.get_finished_spans()) == 1, what="the stream's span ended")
+        (span,) = exporter.get_finished_spans()
+        assert span.name == "/aivo.events.v1.EventCollectorService/ListEvents"
+        assert span.kind is SpanKind.CLIENT
+        assert dict(span.attributes or {})["rpc.grpc.status_code"] == 0
+        ctx = span.get_span_context()
+        _, trace_id, span_id, _ = plan.metadata_seen[-1]["traceparent"].split("-")
+        assert (trace_id, span_id) == (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
+    finally:
+        tracing.shutdown()
+
+
+async def test_a_stream_past_its_inherited_deadline_fails_locally_and_charges_nobody(servers, make_client):
+    plan = FaultPlan()
+    client, stub = await _events_client(servers, make_client, plan)
+
+    async def while_serving_a_call_whose_deadline_passed() -> None:
+        inbound_deadline.set(time.monotonic() - 0.5)
+        async for _ in stub.ListEvents(events_pb2.ListEventsRequest()):
+            pass
+
+    for _ in range(6):  # more than the 5 consecutive failures that would open the breaker
+        with pytest.raises(DeadlineExceeded):
+            await asyncio.create_task(while_serving_a_call_whose_deadline_passed())
+    assert plan.calls == 0  # nothing went out
+    assert client.target("event-collector-svc").policy.breaker.state == "closed"
+    assert [ev.event_id async for ev in stub.ListEvents(events_pb2.ListEventsRequest())] == ["e1", "e2"]

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
@@ -29,12 +29,14 @@ from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.policy.breaker import REJECTED
 from aivo_mesh.policy.classify import Classifier
-from aivo_mesh.policy.core import Clock, Layer, Reply
+from aivo_mesh.policy.core import Call, Clock, Layer, Reply
 from aivo_mesh.policy.deadline import effective_timeout, inherited_timeout
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.policy.stack import TargetPolicy
 
 log = logging.getLogger(__name__)
+
+StreamObserver = Callable[[Call], Callable[[str, str, bool], None] | None]
 
 
 class Target:
@@ -68,6 +70,10 @@ class Target:
         self.health_timeout = policy.health_check.timeout
         self._tasks: list[asyncio.Task[None]] = []
         self._stream_classifiers: dict[str, Classifier] = {}
+        # Outer layers that also observe streams (telemetry's tracing): `stream_started(call)` returns
+        # the function that ends the observation with (code, details, local), or None.
+        self._stream_observers: list[StreamObserver] = [
+            o for layer in outer if (o := getattr(layer, "stream_started", None)) is not None]
 
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, store: SnapshotStore | None, health_checks: bool) -> None:
@@ -122,8 +128,9 @@ class Target:
         return r
 
     async def start_stream(self, kind: str, info: MethodInfo, details: ClientCallDetails, request: Any) -> Any:
-        """Open a streaming call on a picked endpoint, under the breaker and the concurrency limit.
-        The outcome (final status) is recorded when the stream ends."""
+        """Open a streaming call on a picked endpoint, under the deadline, the breaker and the
+        concurrency limit. Outer layers that observe streams (tracing) see it start and end; the
+        outcome (final status) is recorded when the stream ends."""
         path = info.path
         policy = self.policy
         route = self._route(path)
@@ -134,28 +141,45 @@ class Target:
                 failure_codes=policy.policy.circuit_breaker.failure_codes)
         started = self.clock()
         self.listener.call_started(self.service, path)
+        call = Call(self.service, path, request, timeout=details.timeout)
+        finishers = [f for observe in self._stream_observers if (f := observe(call)) is not None]
+
+        def reject(reply: Reply) -> BaseException:
+            for f in finishers:
+                f(reply.code, reply.details, True)
+            self.listener.call_finished(self.service, path, reply.code, self.clock() - started, 1, True)
+            return error_for(self.service, path, reply)
+
+        # Streams default to the route timeout only when mesh.yaml gives one for them.
+        timeout = effective_timeout(details.timeout, route.timeout, inherited_timeout(self.clock))
+        if timeout is not None and timeout <= 0:  # e.g. the inbound call's deadline has passed
+            raise reject(_DEADLINE_PASSED)
         ticket = policy.breaker.admit()
         if ticket == REJECTED:
-            reply = policy.breaker.rejection()
-            self.listener.call_finished(self.service, path, reply.code, 0.0, 0, True)
-            raise error_for(self.service, path, reply)
+            self.listener.breaker_rejected(self.service, path)
+            raise reject(policy.breaker.rejection())
         if not policy.limit.try_acquire():
             policy.breaker.release(ticket)
-            reply = Reply("RESOURCE_EXHAUSTED", details=f"{self.service}: max_requests reached", local=True)
             self.listener.limit_rejected(self.service, path, "max_requests")
-            self.listener.call_finished(self.service, path, reply.code, 0.0, 0, True)
-            raise error_for(self.service, path, reply)
+            raise reject(Reply("RESOURCE_EXHAUSTED", details=f"{self.service}: max_requests reached", local=True))
         ep = policy.balancer.pick()
         if ep is None:
             policy.limit.release()
             policy.breaker.release(ticket)
-            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(),
-                                       f"no endpoints for {self.service}")
-        # Streams default to the route timeout only when mesh.yaml gives one for them.
-        timeout = effective_timeout(details.timeout, route.timeout, inherited_timeout(self.clock))
-        metadata = _pairs(details.metadata) or None  # streams are never retried: always attempt 1
+            raise reject(Reply("UNAVAILABLE", details=f"no endpoints for {self.service}", local=True))
+        # Streams are never retried: always attempt 1, no x-mesh-attempt header.
+        metadata = (*_pairs(details.metadata), *call.metadata) or None
         mc = self.pool.multicallable(ep.address, kind, path, info.serialize, info.deserialize)
-        rpc = mc(request, timeout=timeout, metadata=metadata, wait_for_ready=details.wait_for_ready)
+        try:
+            rpc = mc(request, timeout=timeout, metadata=metadata, credentials=details.credentials,
+                     wait_for_ready=details.wait_for_ready)
+        except BaseException:  # grpc refused to start it (the caller's error): nothing to count
+            policy.limit.release()
+            policy.breaker.release(ticket)
+            for f in finishers:
+                f("UNKNOWN", "the call could not be started", True)
+            self.listener.call_finished(self.service, path, "UNKNOWN", self.clock() - started, 1, True)
+            raise
 
         def done(_: Any) -> None:
             asyncio.get_running_loop().create_task(finish())
@@ -167,6 +191,10 @@ class Target:
             policy.breaker.record(ticket, outcome, code)
             policy.balancer.record(ep, outcome)
             self.listener.call_finished(self.service, path, code, self.clock() - started, 1, False)
+            if finishers:
+                text = "" if code in ("OK", "CANCELLED") else await _details(rpc)
+                for f in finishers:
+                    f(code, text, False)
 
         rpc.add_done_callback(done)
         return rpc
@@ -179,6 +207,16 @@ class Target:
             ep["connectivity"] = states.get(ep["endpoint"], "IDLE")
         snap["observed_at"] = time.time()
         return snap
+
+
+_DEADLINE_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
+
+
+async def _details(rpc: Any) -> str:
+    try:
+        return str(await rpc.details() or "")
+    except asyncio.CancelledError:
+        return ""
 
 
 def route_lookup(mesh: Any, service: str) -> Any:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
@@ -230,20 +230,35 @@ class ClientTracingLayer:
     def __init__(self, tracing: Tracing) -> None:
         self.tracing = tracing
 
+    def _start(self, call: Call) -> tuple[trace.Span, otel_context.Context]:
+        """The CLIENT span of `call`, a child of the current context; its W3C headers go into
+        `call.metadata`."""
+        attributes = _rpc_attributes(call.method)
+        attributes["peer.service"] = call.service
+        span = self.tracing.tracer.start_span(call.method, kind=SpanKind.CLIENT, attributes=attributes)
+        ctx = trace.set_span_in_context(span)
+        carrier: dict[str, str] = {}
+        self.tracing.propagator.inject(carrier, context=ctx)
+        if carrier:
+            kept = tuple((k, v) for k, v in call.metadata if k.lower() not in _PROPAGATION_KEYS)
+            call.metadata = kept + tuple(carrier.items())
+        return span, ctx
+
+    def stream_started(self, call: Call) -> Callable[[str, str, bool], None]:
+        """Streaming calls (which do not run through the stack): the same CLIENT span, started as the
+        stream opens and ended by the returned function with its final status."""
+        span, _ = self._start(call)
+
+        def finish(code: str, details: str, local: bool) -> None:
+            _finish_client(span, call, code, details, local)
+
+        return finish
+
     def wrap(self, inner: Handler) -> Handler:
-        tracer = self.tracing.tracer
-        propagator = self.tracing.propagator
+        start = self._start
 
         async def handle(call: Call) -> Reply:
-            attributes = _rpc_attributes(call.method)
-            attributes["peer.service"] = call.service
-            span = tracer.start_span(call.method, kind=SpanKind.CLIENT, attributes=attributes)
-            ctx = trace.set_span_in_context(span)
-            carrier: dict[str, str] = {}
-            propagator.inject(carrier, context=ctx)
-            if carrier:
-                kept = tuple((k, v) for k, v in call.metadata if k.lower() not in _PROPAGATION_KEYS)
-                call.metadata = kept + tuple(carrier.items())
+            span, ctx = start(call)
             token = otel_context.attach(ctx)
             try:
                 reply = await inner(call)
