@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from faults import FaultPlan, FaultyAuth, TcpProxy
+from grpc_health.v1 import health_pb2
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 from waiting import until
@@ -41,12 +42,13 @@ TEST_POLICY = """
 """
 
 
-def _mesh(timeout: str = "2s") -> MeshSpec:
+def _mesh(timeout: str = "2s", health_check: str = "{interval: 60s, timeout: 1s}") -> MeshSpec:
     """mesh.yaml with short back-off and breaker recovery so the real clock can be used."""
     text = (ROOT / "mesh.yaml").read_text()
     head, _, rest = text.partition("defaults:\n")
     _, _, tail = rest.partition("\nkeepalive:")
-    text = f"{head}defaults:\n  timeout: {timeout}{TEST_POLICY}\nkeepalive:{tail}"
+    policy = TEST_POLICY.replace("{interval: 60s, timeout: 1s}", health_check)
+    text = f"{head}defaults:\n  timeout: {timeout}{policy}\nkeepalive:{tail}"
     return parse_mesh(text, "mesh.yaml")
 
 
@@ -440,3 +442,29 @@ async def test_a_stream_past_its_inherited_deadline_fails_locally_and_charges_no
     assert plan.calls == 0  # nothing went out
     assert client.target("event-collector-svc").policy.breaker.state == "closed"
     assert [ev.event_id async for ev in stub.ListEvents(events_pb2.ListEventsRequest())] == ["e1", "e2"]
+
+
+async def test_endpoints_failing_health_checks_are_skipped_after_the_threshold(servers, mesh_certs):
+    mesh = _mesh(health_check="{interval: 20ms, timeout: 1s, unhealthy_threshold: 3, healthy_threshold: 2}")
+    a, b = FaultPlan(), FaultPlan()
+    sa, sb = await servers(a, "a", mesh), await servers(b, "b", mesh)
+    config = MeshConfig.for_identity("mesh-client", mesh_certs, mesh, endpoints={
+        "auth-svc": [f"127.0.0.1:{sa.bound_port}", f"127.0.0.1:{sb.bound_port}"]})
+    async with MeshClient(config, health_checks=True, reload_interval=None) as client:
+        stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+        assert {(await stub.ValidateToken(_req())).subject for _ in range(4)} == {"a", "b"}
+        balancer = client.target("auth-svc").policy.balancer
+        b_state = balancer.state(f"127.0.0.1:{sb.bound_port}")
+        assert b_state is not None
+        await sb.health.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.NOT_SERVING)
+        await until(lambda: b_state.check_streak <= -1, what="a failed check of b")
+        assert b_state.healthy  # one failed check is not enough: unhealthy_threshold is 3
+        await until(lambda: not b_state.healthy, what="b marked unhealthy")
+        assert b_state.check_streak <= -3
+        calls_b = b.calls
+        assert {(await stub.ValidateToken(_req())).subject for _ in range(6)} == {"a"}
+        assert b.calls == calls_b  # b got no traffic while unhealthy
+        await sb.health.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.SERVING)
+        await until(lambda: b_state.healthy, what="b healthy again")
+        assert b_state.check_streak >= 2  # healthy_threshold
+        assert {(await stub.ValidateToken(_req())).subject for _ in range(4)} == {"a", "b"}

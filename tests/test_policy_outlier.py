@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aivo_mesh.config.model import OutlierDetectionSpec
-from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+from aivo_mesh.policy.balancer import Balancer, BalancerLayer, HealthRule
 from aivo_mesh.policy.classify import FAILURE, IGNORED, SUCCESS
 from aivo_mesh.policy.core import Call, Reply
 from aivo_mesh.policy.outlier import EndpointState, OutlierRule
@@ -213,3 +213,19 @@ def test_endpoint_state_dict() -> None:
     assert ep.eligible
     ep.healthy = False
     assert not ep.eligible
+
+
+def test_health_checks_count_against_envoys_thresholds(clock: FakeClock) -> None:
+    b = Balancer(SVC, [A, B], health=HealthRule(unhealthy_threshold=3, healthy_threshold=2), clock=clock)
+    ep = b.state(B)
+    assert ep is not None
+    assert not b.report_check(B, False) and not b.report_check(B, False)
+    assert not b.report_check(B, True)  # a pass breaks the streak of failures
+    assert [b.report_check(B, False) for _ in range(3)] == [False, False, True]  # the change is reported once
+    assert not ep.healthy and {b.pick().address for _ in range(4)} == {A}  # type: ignore[union-attr]
+    assert not b.report_check(B, False)
+    assert [b.report_check(B, True) for _ in range(3)] == [False, True, False]
+    assert ep.healthy
+    assert not b.report_check("unknown:1", False)
+    with pytest.raises(ValueError, match="thresholds"):
+        HealthRule(unhealthy_threshold=0)

@@ -119,7 +119,7 @@ class Target:
             healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             healthy = False
-        if self.policy.balancer.set_health(endpoint, healthy):
+        if self.policy.balancer.report_check(endpoint, healthy):
             log.info("%s endpoint %s is now %s", self.service, endpoint, "healthy" if healthy else "unhealthy")
 
     # -- streams ----------------------------------------------------------------------------------

@@ -4,9 +4,10 @@ Why here and not in grpc: grpc's own round_robin knows nothing of our outlier de
 checks, and picking per attempt in the core lets a retry land on another endpoint.
 
 Eligible = not ejected by outlier detection (outlier.py) and not marked unhealthy by health checks
-(`set_health`). If no endpoint is eligible the balancer picks among all of them: panic mode, as
-Envoy does below its panic threshold (ours is 0 %: only when none is eligible), because sending to
-a maybe-bad endpoint beats failing every call locally.
+(`report_check`, counted with Envoy's thresholds: HealthRule). If no endpoint is eligible the
+balancer picks among all of them (panic mode, only when none is eligible), because sending to a
+maybe-bad endpoint beats failing every call locally; failing fast is the circuit breaker's job,
+which a target whose every endpoint keeps failing has opened by then.
 
 Discovery replaces the endpoint list at runtime (`update`); endpoints that stay keep their state
 (failures, ejection, health), so a DNS refresh does not forgive a bad replica. The pick is O(1)
@@ -16,21 +17,43 @@ while every endpoint is eligible, O(n) otherwise.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
+from aivo_mesh.config.model import HealthCheckSpec
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, TRANSIENT, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 from aivo_mesh.policy.outlier import DEFAULT_RULE, EndpointState, OutlierDetector, OutlierRule
 
 
+@dataclass(frozen=True, slots=True)
+class HealthRule:
+    """Active health checks as Envoy counts them: an endpoint turns unhealthy after
+    `unhealthy_threshold` failed checks in a row and healthy again after `healthy_threshold` passed
+    ones (mesh.yaml `health_check`, the same numbers the Envoy sidecars are rendered with)."""
+
+    unhealthy_threshold: int = 3
+    healthy_threshold: int = 1
+
+    def __post_init__(self) -> None:
+        if self.unhealthy_threshold < 1 or self.healthy_threshold < 1:
+            raise ValueError(f"health check thresholds must be >= 1, got {self}")
+
+    @classmethod
+    def from_spec(cls, spec: HealthCheckSpec) -> HealthRule:
+        return cls(spec.unhealthy_threshold, spec.healthy_threshold)
+
+
 class Balancer:
     """The endpoints of one target service, their health and ejections, and the round-robin cursor."""
 
-    __slots__ = ("_by_address", "_clock", "_endpoints", "_rr", "_unhealthy", "detector", "service")
+    __slots__ = ("_by_address", "_clock", "_endpoints", "_rr", "_unhealthy", "detector", "health", "service")
 
     def __init__(self, service: str, endpoints: Iterable[str] = (), *, rule: OutlierRule | None = DEFAULT_RULE,
-                 clock: Clock = monotonic, listener: PolicyListener = NOOP) -> None:
+                 health: HealthRule = HealthRule(), clock: Clock = monotonic,
+                 listener: PolicyListener = NOOP) -> None:
         self.service = service
+        self.health = health
         self.detector = OutlierDetector(service, rule, clock=clock, listener=listener)
         self._clock = clock
         self._endpoints: list[EndpointState] = []
@@ -95,8 +118,24 @@ class Balancer:
         self._unhealthy = sum(1 for ep in endpoints if not ep.healthy)
         self.detector.recount(endpoints)
 
+    def report_check(self, endpoint: str, passed: bool) -> bool:
+        """One active health check's result, counted against the HealthRule's thresholds.
+        True when it changed the endpoint's health."""
+        ep = self._by_address.get(endpoint)
+        if ep is None:
+            return False
+        if passed:
+            ep.check_streak = ep.check_streak + 1 if ep.check_streak > 0 else 1
+            turn = not ep.healthy and ep.check_streak >= self.health.healthy_threshold
+        else:
+            ep.check_streak = ep.check_streak - 1 if ep.check_streak < 0 else -1
+            turn = ep.healthy and -ep.check_streak >= self.health.unhealthy_threshold
+        if turn:
+            self.set_health(endpoint, passed)
+        return turn
+
     def set_health(self, endpoint: str, healthy: bool) -> bool:
-        """Mark an endpoint healthy or not (health checks); False if it is unknown."""
+        """Mark an endpoint healthy or not at once (operators, tests); False if it is unknown."""
         ep = self._by_address.get(endpoint)
         if ep is None:
             return False

@@ -80,12 +80,13 @@ DEFAULT_RULE = OutlierRule()
 class EndpointState:
     """What the balancer and outlier detection know about one endpoint ("host:port")."""
 
-    __slots__ = ("address", "consecutive_failures", "ejected_until", "healthy", "removed", "restored_at",
-                 "times_ejected")
+    __slots__ = ("address", "check_streak", "consecutive_failures", "ejected_until", "healthy", "removed",
+                 "restored_at", "times_ejected")
 
     def __init__(self, address: str) -> None:
         self.address = address
         self.healthy = True  # set by health checks
+        self.check_streak = 0  # health checks in a row: > 0 passed, < 0 failed
         self.consecutive_failures = 0
         self.ejected_until: float | None = None
         self.times_ejected = 0

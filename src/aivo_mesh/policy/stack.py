@@ -33,7 +33,7 @@ from typing import Any
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy, service_policy
-from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+from aivo_mesh.policy.balancer import Balancer, BalancerLayer, HealthRule
 from aivo_mesh.policy.breaker import BreakerLayer, BreakerParams, CircuitBreaker
 from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.classify import Classifier
@@ -127,7 +127,7 @@ class TargetPolicy:
         addresses = list(endpoints) if endpoints is not None else (
             list(spec.endpoints) or [f"{spec.host}:{spec.port}"])
         self.balancer = Balancer(self.service, addresses, rule=OutlierRule.from_spec(policy.outlier_detection),
-                                 clock=clock, listener=listener)
+                                 health=HealthRule.from_spec(policy.health_check), clock=clock, listener=listener)
         self._params: dict[str, MethodParams] = {}
         self._stacks: dict[str, Handler] = {}
 
