@@ -468,3 +468,37 @@ async def test_endpoints_failing_health_checks_are_skipped_after_the_threshold(s
         await until(lambda: b_state.healthy, what="b healthy again")
         assert b_state.check_streak >= 2  # healthy_threshold
         assert {(await stub.ValidateToken(_req())).subject for _ in range(4)} == {"a", "b"}
+
+
+async def test_a_server_calling_another_service_passes_on_its_remaining_deadline(mesh_certs):
+    """mesh-client -> learner-svc (timeout 0.25 s) -> auth-svc: auth-svc sees what remains of the 0.25 s,
+    not its own route's 1 s (MeshServer sets `inbound_deadline`; the client's deadline layer reads it)."""
+    mesh = _mesh()
+
+    class Echo(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+        async def ValidateToken(self, request, context):
+            return auth_pb2.ValidateTokenResponse(valid=True, reason=repr(context.time_remaining()))
+
+    class Relay(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+        def __init__(self, client: MeshClient) -> None:
+            self.client = client
+
+        async def ValidateToken(self, request, context):
+            stub = auth_pb2_grpc.AuthServiceStub(await self.client.get_channel("auth-svc"))
+            return await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))  # no timeout given
+
+    back = MeshServer.for_service(mesh, "auth-svc", mesh_certs, port=0)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(Echo(), back.grpc_server)
+    async with back:
+        relay_client = MeshClient(MeshConfig.for_identity("learner-svc", mesh_certs, mesh, endpoints={
+            "auth-svc": [f"127.0.0.1:{back.bound_port}"]}), health_checks=False)
+        front = MeshServer.for_service(mesh, "learner-svc", mesh_certs, port=0)
+        auth_pb2_grpc.add_AuthServiceServicer_to_server(Relay(relay_client), front.grpc_server)
+        async with relay_client, front:
+            caller = MeshClient(MeshConfig.for_identity("mesh-client", mesh_certs, mesh, endpoints={
+                "learner-svc": [f"127.0.0.1:{front.bound_port}"]}), health_checks=False)
+            async with caller:
+                stub = auth_pb2_grpc.AuthServiceStub(await caller.get_channel("learner-svc"))
+                reply = await stub.ValidateToken(auth_pb2.ValidateTokenRequest(), timeout=0.25)
+    remaining = float(reply.reason)
+    assert 0 < remaining <= 0.25  # without propagation: about 1 s, the auth route's own timeout
