@@ -143,6 +143,13 @@ def test_local_status_values() -> None:
     listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
     assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
                  status="LOCAL_DEADLINE_EXCEEDED") == 1
+    # a call that waited for a slot and ran out of time is counted by the limit, labelled by its reply
+    listener.call_started("a", LOGIN)
+    listener.limit_rejected("a", LOGIN, "max_requests")
+    listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
+    assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
+                 status="LOCAL_DEADLINE_EXCEEDED") == 2
+    assert value(metrics, "grpc_local_rejections_total", service="a", reason="max_requests") == 1
     listener.limit_rejected("a", LOGIN, "something else")
     assert value(metrics, "grpc_local_rejections_total", service="a", reason="other") == 1
 

@@ -65,6 +65,7 @@ LIMIT_REASONS = frozenset({"max_requests", "max_pending_requests", "max_connecti
 # Status label values of calls answered locally by a layer, per rejection event.
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
 LOCAL_RESOURCE_EXHAUSTED = "LOCAL_RESOURCE_EXHAUSTED"
+_NOTED_CODE = {CIRCUIT_OPEN: "UNAVAILABLE", LOCAL_RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED"}
 
 SIDES = ("client", "server")
 
@@ -114,7 +115,9 @@ def local_status(service: str, method: str, code: str, local: bool) -> str:
     if not local:
         return code
     noted = _local_rejection.get()
-    if noted is not None and noted[0] == service and noted[1] == method:
+    # The note names the reply only if the codes agree: a call that waited for a concurrency slot
+    # and then ran out of time was noted by the limit, but its reply is DEADLINE_EXCEEDED.
+    if noted is not None and noted[0] == service and noted[1] == method and _NOTED_CODE[noted[2]] == code:
         return noted[2]
     if code.startswith("LOCAL_") or code == CIRCUIT_OPEN:
         return code
