@@ -502,3 +502,30 @@ async def test_a_server_calling_another_service_passes_on_its_remaining_deadline
                 reply = await stub.ValidateToken(auth_pb2.ValidateTokenRequest(), timeout=0.25)
     remaining = float(reply.reason)
     assert 0 < remaining <= 0.25  # without propagation: about 1 s, the auth route's own timeout
+
+
+def test_a_target_first_touched_outside_the_event_loop_starts_its_background_work_later(mesh_certs):
+    # e.g. stubs built at import time: discovery and health checks must still start on first use.
+    store = SnapshotStore()
+    store.publish("auth-svc", [Endpoint("127.0.0.1", 1111)])
+    loop = asyncio.new_event_loop()  # set but not running, as at import time before asyncio.run
+    asyncio.set_event_loop(loop)
+    client = MeshClient(MeshConfig.for_identity("mesh-client", mesh_certs, _mesh()), discovery=store,
+                        health_checks=False, reload_interval=None)
+    target = client.target("auth-svc")
+    assert not target.started
+
+    async def first_use() -> list[str]:
+        await client.get_channel("auth-svc")
+        assert target.started
+        store.publish("auth-svc", [Endpoint("127.0.0.1", 2222)])
+        await until(lambda: target.policy.balancer.endpoints == ["127.0.0.1:2222"], what="discovery applied")
+        endpoints = target.policy.balancer.endpoints
+        await client.close()
+        return endpoints
+
+    try:
+        assert loop.run_until_complete(first_use()) == ["127.0.0.1:2222"]
+    finally:
+        loop.close()
+        asyncio.set_event_loop(None)

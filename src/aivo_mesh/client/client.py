@@ -194,11 +194,13 @@ class MeshClient:
         t = self._targets.get(service)
         if t is None:
             t = self._targets[service] = self._new_target(service)
+        if not t.started:
             try:
-                t.start(self._discovery, self._health_checks)
-                self._ensure_watcher()
-            except RuntimeError:  # no running loop yet: background work starts with the first call
-                pass
+                asyncio.get_running_loop()
+            except RuntimeError:  # no running loop yet: background work starts on first use inside one
+                return t
+            t.start(self._discovery, self._health_checks)
+            self._ensure_watcher()
         return t
 
     def _new_target(self, service: str) -> Target:

@@ -69,6 +69,7 @@ class Target:
         self.health_interval = policy.health_check.interval
         self.health_timeout = policy.health_check.timeout
         self._tasks: list[asyncio.Task[None]] = []
+        self.started = False  # background tasks running (they need the event loop)
         self._stream_classifiers: dict[str, Classifier] = {}
         # Outer layers that also observe streams (telemetry's tracing): `stream_started(call)` returns
         # the function that ends the observation with (code, details, local), or None.
@@ -78,6 +79,7 @@ class Target:
     # -- lifecycle ------------------------------------------------------------------------------
     def start(self, store: SnapshotStore | None, health_checks: bool) -> None:
         loop = asyncio.get_running_loop()
+        self.started = True
         if store is not None:
             self._tasks.append(loop.create_task(self._follow(store), name=f"discovery:{self.service}"))
         if health_checks:
