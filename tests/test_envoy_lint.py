@@ -56,7 +56,7 @@ def _good(sds_dir: str = "/etc/envoy/sds") -> dict[str, Any]:
                 "name": "up",
                 "circuit_breakers": {"thresholds": [{"max_requests": 10, "retry_budget": {
                     "budget_percent": {"value": 25.0}, "min_retry_concurrency": 3}}]},
-                "common_lb_config": {"update_merge_window": "0s"},
+                "common_lb_config": {"update_merge_window": "0s", "healthy_panic_threshold": {"value": 0}},
                 "outlier_detection": {"consecutive_5xx": 5, "enforcing_consecutive_5xx": 100,
                                       "consecutive_gateway_failure": 5,
                                       "enforcing_consecutive_gateway_failure": 100,
@@ -211,15 +211,57 @@ def test_ejection_is_not_held_back_by_the_update_merge_window(window: Any) -> No
     cfg = _good()
     cluster = _cluster(cfg)
     if window is None:
-        del cluster["common_lb_config"]  # Envoy's default window: 1 s
+        del cluster["common_lb_config"]["update_merge_window"]  # Envoy's default window: 1 s
     else:
         cluster["common_lb_config"]["update_merge_window"] = window
     issue = _only(lint_bootstrap(cfg), "warning")
     assert issue.path == "static_resources.clusters[up].common_lb_config.update_merge_window"
     assert "set 0s" in issue.message
-    cluster["common_lb_config"] = {"update_merge_window": {"seconds": 0}}
+    cluster["common_lb_config"]["update_merge_window"] = {"seconds": 0}
     assert lint_bootstrap(cfg) == []
     del cluster["outlier_detection"], cluster["common_lb_config"]  # nothing to eject: the window does not matter
+    assert lint_bootstrap(cfg) == []
+
+
+def _endpoints(n: int) -> dict[str, Any]:
+    return {"cluster_name": "up", "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 7000 + i}}}}
+        for i in range(n)]}]}
+
+
+@pytest.mark.parametrize(("hosts", "percent", "bad"), [
+    (1, 50, True), (1, None, True), (1, 100, False), (2, 50, False), (2, 49, True), (11, None, False),
+    (3, {"value": 30}, True),
+])
+def test_outlier_detection_that_can_never_eject(hosts: int, percent: Any, bad: bool) -> None:
+    cfg = _good()
+    cluster = _cluster(cfg)
+    cluster["load_assignment"] = _endpoints(hosts)
+    if percent is not None:  # None: Envoy's default 10 %
+        cluster["outlier_detection"]["max_ejection_percent"] = percent
+    issues = lint_bootstrap(cfg)
+    if not bad:
+        assert issues == []
+        return
+    issue = _only(issues)
+    assert issue.path == "static_resources.clusters[up].outlier_detection.max_ejection_percent"
+    assert "never ejects" in issue.message and "always_eject_one_host" in issue.message
+    cluster["outlier_detection"]["always_eject_one_host"] = True
+    assert lint_bootstrap(cfg) == []
+    cluster["outlier_detection"]["always_eject_one_host"] = False
+    cluster["type"] = "STRICT_DNS"  # the name may resolve to more hosts than listed: only a warning
+    assert _only(lint_bootstrap(cfg), "warning").path.endswith("max_ejection_percent")
+
+
+def test_panic_threshold_left_at_the_default_with_outlier_detection() -> None:
+    cfg = _good()
+    cluster = _cluster(cfg)
+    del cluster["common_lb_config"]["healthy_panic_threshold"]
+    issue = _only(lint_bootstrap(cfg), "warning")
+    assert issue.path == "static_resources.clusters[up].common_lb_config.healthy_panic_threshold"
+    cluster["common_lb_config"]["healthy_panic_threshold"] = {"value": 30}  # a decision, not the default
+    assert lint_bootstrap(cfg) == []
+    del cluster["outlier_detection"], cluster["common_lb_config"]  # nothing ejects: panic mode is Envoy's business
     assert lint_bootstrap(cfg) == []
 
 
@@ -416,5 +458,7 @@ def test_reference_bootstrap_has_only_the_known_warnings() -> None:
     assert [(i.severity, i.path) for i in issues] == [
         ("warning", "static_resources.clusters[auth].circuit_breakers.thresholds[0].max_retries"),
         ("warning", "static_resources.clusters[auth].common_lb_config.update_merge_window"),
+        ("warning", "static_resources.clusters[auth].outlier_detection.max_ejection_percent"),
+        ("warning", "static_resources.clusters[auth].common_lb_config.healthy_panic_threshold"),
         ("warning", "static_resources.clusters[auth].outlier_detection.enforcing_consecutive_5xx"),
     ]

@@ -20,6 +20,7 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from waiting import until
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec, load_mesh
@@ -299,4 +300,59 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
         for p in procs:
             await p.wait()
         await good.stop(0)
+        await bad.stop(0)
+
+
+@needs_envoy
+async def test_one_endpoint_peer_is_ejected_after_five_failures_and_calls_fail_fast(mesh, mesh_certs, tmp_path):
+    # Every rendered peer cluster has exactly one host: the breaker must hold there too.
+    m = with_free_ports(mesh)
+    hits = {"bad": 0}
+    bad = await _auth_app(m.service("auth-svc").local_port, True, hits, "bad")
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        # auth's sidecar first, so the learner sidecar's first health check of it passes.
+        configs = [(_write_bootstrap(m, s, mesh_certs, tmp_path / s), sidecar_ports(m, s, "local"))
+                   for s in ("auth-svc", "learner-svc")]
+        assert ENVOY is not None
+        for path, p in configs:
+            procs.append(await asyncio.create_subprocess_exec(
+                ENVOY, "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            await asyncio.to_thread(_wait_live, p.admin)
+        learner = configs[1][1]
+        auth_addr = f"127.0.0.1:{configs[0][1].inbound}"
+        await until(lambda: _host_flags(learner.admin, "auth-svc").get(auth_addr) == "healthy", 30,
+                    "the learner sidecar sees auth-svc healthy")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{learner.outbound}") as ch:
+            vt = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+            details = []
+            for _ in range(10):  # Envoy retries each up to 3 times: the 5th failed attempt ejects the host
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await vt(b"x", timeout=5)
+                assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+                details.append(exc.value.details() or "")
+            # Outcomes reach Envoy's main thread asynchronously: allow one attempt in flight past the 5th.
+            assert 5 <= hits["bad"] <= 6, (hits, details)
+            flags = await asyncio.to_thread(_host_flags, learner.admin, "auth-svc")
+            assert "failed_outlier_check" in flags[auth_addr], flags
+            stats = await asyncio.to_thread(_get, f"http://127.0.0.1:{learner.admin}/stats")
+            assert "cluster.auth-svc.outlier_detection.ejections_enforced_total: 1" in stats
+            assert "cluster.auth-svc.outlier_detection.ejections_overflow: 0" in stats
+            assert "no healthy upstream" in details[-1], details
+            before = hits["bad"]
+            started = time.monotonic()
+            for _ in range(20):  # fail fast: Envoy answers itself, the app sees nothing
+                with pytest.raises(grpc.aio.AioRpcError) as exc:
+                    await vt(b"x", timeout=5)
+                assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "no healthy upstream" in (exc.value.details() or "")
+            assert hits["bad"] == before
+            assert time.monotonic() - started < 2.0  # no retry back-off either: nothing to retry on
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            await p.wait()
         await bad.stop(0)

@@ -110,6 +110,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     from aivo_mesh.runtime.health import wait_serving
     from aivo_mesh.runtime.local import free_port, prepare
     from aivo_mesh.runtime.mesh import mesh_for_clients, plan, with_tracing
+    from aivo_mesh.runtime.status import peers_healthy
     from aivo_mesh.runtime.supervisor import Supervisor
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall
 
@@ -129,6 +130,14 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
                 await sup.start(m)
             status.update("waiting for SERVING over grpc.health.v1 ...")
             health = await wait_serving(client, mesh.service_names, timeout=limit)
+            if plane == "sidecar":  # panic routing is off: traffic waits until each sidecar sees its peers healthy
+                status.update("waiting for the sidecars' health checks of their peers ...")
+                admins = [ep.sidecar_admin for ep in info.services.values() if ep.sidecar_admin]
+                settle = time.monotonic() + max(0.0, limit - (time.monotonic() - started))
+                while not all(await asyncio.gather(*(asyncio.to_thread(peers_healthy, a) for a in admins))):
+                    if time.monotonic() > settle:
+                        raise MeshError(f"sidecars did not see their peers healthy within {limit:.0f}s")
+                    await asyncio.sleep(0.1)
         ready_in = time.monotonic() - started
         if any(v != "SERVING" for v in health.values()) or sup.exited():
             for name, st in health.items():

@@ -70,11 +70,12 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
 async def _wait_healthy(state: StateDir, mesh: object, proc: subprocess.Popen[bytes], limit: float,
                         progress: object) -> tuple[bool, dict[str, str]]:
     """Poll (bounded) until the supervisor wrote runtime.json and every service is SERVING through its
-    front door (and, for sidecars, every Envoy reports LIVE)."""
+    front door (and, for sidecars, every Envoy reports LIVE and sees all its peers healthy)."""
     from aivo_mesh.client import MeshClient, MeshConfig
     from aivo_mesh.config.loader import load_mesh
     from aivo_mesh.runtime.health import check
     from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
+    from aivo_mesh.runtime.status import peers_healthy
 
     deadline = time.monotonic() + limit
     report: dict[str, str] = {}
@@ -97,6 +98,10 @@ async def _wait_healthy(state: StateDir, mesh: object, proc: subprocess.Popen[by
                     continue
                 if ep.sidecar_admin and not await asyncio.to_thread(_envoy_live, ep.sidecar_admin):
                     report[name] = "sidecar not ready"
+                    continue
+                # No panic routing: a peer not yet seen healthy by this sidecar fails every call to it.
+                if ep.sidecar_admin and not await asyncio.to_thread(peers_healthy, ep.sidecar_admin):
+                    report[name] = "sidecar waiting for its peers' health checks"
                     continue
                 report[name] = await check(client, name, timeout=1.0)
             healthy = sum(v == "SERVING" for v in report.values())

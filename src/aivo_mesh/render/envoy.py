@@ -37,6 +37,9 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   ``common_lb_config.update_merge_window: 0s`` so an ejection reaches the load balancer at once
   (Envoy otherwise holds a health-only update for up to 1 s after the previous one, e.g. a peer's
   first passing health check, and the ejected host keeps getting first attempts meanwhile).
+  Every rendered peer cluster has one host, so ``always_eject_one_host: true`` (``max_ejection_percent``
+  50 alone never ejects 1 of 1) and ``healthy_panic_threshold: 0`` (the default 50 % panic mode
+  would route to the ejected host anyway): 5 failures -> fail fast for 60 s, as the proxyless breaker.
 - **Identity.** Certificates arrive through file-based SDS (`sds_files`), so ``meshctl certs
   rotate`` (an atomic ``os.replace`` in ``<certs>/services/`` and ``<certs>/ca/``) is picked up
   without a restart: each secret's ``watched_directory`` is the directory those renames happen in.
@@ -644,10 +647,16 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
     cluster.update({
         "connect_timeout": CONNECT_TIMEOUT,
         "lb_policy": "ROUND_ROBIN",
-        # Envoy merges health-only host updates that come within 1 s (the default window) of the
-        # previous one, so an ejection soon after a health-check transition would reach the load
-        # balancer only when the window closes, and the ejected host keeps getting first attempts.
-        "common_lb_config": {"update_merge_window": "0s"},
+        "common_lb_config": {
+            # Envoy merges health-only host updates that come within 1 s (the default window) of the
+            # previous one, so an ejection soon after a health-check transition would reach the load
+            # balancer only when the window closes, and the ejected host keeps getting first attempts.
+            "update_merge_window": "0s",
+            # No panic routing: at the default 50 % a peer with one host (every rendered peer) that is
+            # ejected or failing health checks keeps getting traffic, so the breaker never holds. With 0
+            # such calls fail fast with UNAVAILABLE "no healthy upstream" (as Istio with outlier detection).
+            "healthy_panic_threshold": {"value": 0},
+        },
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
         "typed_extension_protocol_options": _upstream_h2(mesh, keepalive=True),
         "upstream_connection_options": {"tcp_keepalive": {
@@ -672,6 +681,8 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
             "base_ejection_time": _dur(od.base_ejection_time),
             "max_ejection_time": _dur(max(od.max_ejection_time, od.base_ejection_time)),
             "max_ejection_percent": math.floor(od.max_ejection_percent),
+            # Else a percent below 100/hosts ejects nothing: 50 % of a one-host peer is ejections_overflow.
+            "always_eject_one_host": True,
             "successful_active_health_check_uneject_host": False,
         },
         "health_checks": [{  # over the cluster's TLS transport socket (SNI, client cert) like any request

@@ -16,6 +16,10 @@ settings. Checks:
 - ``outlier_detection`` without ``common_lb_config.update_merge_window: 0s`` (warning): an ejection that
   lands within the window (default 1 s) of the previous host update, e.g. a health-check transition,
   reaches the load balancer only when the window closes, and the ejected host keeps serving meanwhile.
+- ``outlier_detection`` that can never eject: ``max_ejection_percent`` (default 10) below one host's
+  share (100 / listed hosts) without ``always_eject_one_host`` (a warning for STRICT_DNS, whose name may
+  resolve to more hosts); ``common_lb_config.healthy_panic_threshold`` unset (warning: at the default
+  50 % Envoy routes to ejected hosts once half are out, i.e. always with one host).
 - ``consecutive_gateway_failure`` set with ``enforcing_consecutive_gateway_failure`` missing or 0
   (Envoy's default 0 counts and never ejects); ``consecutive_5xx`` with
   ``enforcing_consecutive_5xx: 0`` (error) or left to the default 100 (warning: say it).
@@ -36,6 +40,7 @@ Unary timeouts on streaming routes cannot be told apart from a bootstrap and are
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -53,6 +58,7 @@ __all__ = ["LintIssue", "Severity", "lint_bootstrap", "lint_mesh", "load_config"
 
 Severity = Literal["error", "warning"]
 DEFAULT_ROUTE_TIMEOUT = 15.0  # RouteAction.timeout when unset
+DEFAULT_MAX_EJECTION_PERCENT = 10.0  # OutlierDetection.max_ejection_percent when unset
 _TLS_ORDER = {"TLS_AUTO": 0, "TLSv1_0": 1, "TLSv1_1": 2, "TLSv1_2": 3, "TLSv1_3": 4}
 
 
@@ -174,6 +180,13 @@ def _check_cluster(path: str, cluster: Mapping[str, Any], out: list[LintIssue]) 
                              f"{'unset (Envoy defaults to 1s)' if merge is None else merge}: an ejection within "
                              "this window of the previous host update (e.g. a health-check transition) reaches "
                              "the load balancer only when the window closes; set 0s"))
+    _check_can_eject(path, cluster, od, out)
+    panic = lb.get("healthy_panic_threshold") if isinstance(lb, Mapping) else None
+    if panic is None:
+        out.append(LintIssue(f"{path}.common_lb_config.healthy_panic_threshold", "warning",
+                             "unset (Envoy defaults to 50%): once half the hosts are ejected or unhealthy, "
+                             "Envoy routes to all of them, ejected ones included, so the breaker does not "
+                             "hold (with one host: never); set {value: 0} to fail fast instead"))
     if "consecutive_gateway_failure" in od and not od.get("enforcing_consecutive_gateway_failure"):
         out.append(LintIssue(f"{odp}.enforcing_consecutive_gateway_failure", "error",
                              "missing or 0 (Envoy's default is 0): consecutive_gateway_failure counts but "
@@ -185,6 +198,37 @@ def _check_cluster(path: str, cluster: Mapping[str, Any], out: list[LintIssue]) 
         elif not od.get("enforcing_consecutive_5xx"):
             out.append(LintIssue(f"{odp}.enforcing_consecutive_5xx", "error",
                                  "0: consecutive_5xx counts but never ejects"))
+
+
+def _hosts(cluster: Mapping[str, Any]) -> int | None:
+    """Endpoints listed in the cluster's load_assignment (None: none listed, e.g. EDS)."""
+    la = cluster.get("load_assignment")
+    groups = la.get("endpoints") if isinstance(la, Mapping) else None
+    if not isinstance(groups, list):
+        return None
+    n = sum(len(g.get("lb_endpoints") or []) for g in groups if isinstance(g, Mapping))
+    return n or None
+
+
+def _check_can_eject(path: str, cluster: Mapping[str, Any], od: Mapping[str, Any], out: list[LintIssue]) -> None:
+    """Envoy ejects a host only while (ejected + 1) / hosts <= max_ejection_percent, unless
+    always_eject_one_host lets the first one go anyway (outlier_detection_impl.cc ejectHost)."""
+    hosts = _hosts(cluster)
+    if hosts is None or od.get("always_eject_one_host") is True:
+        return
+    raw = od.get("max_ejection_percent", DEFAULT_MAX_EJECTION_PERCENT)
+    try:
+        percent = float(raw["value"] if isinstance(raw, Mapping) else raw)
+    except (KeyError, TypeError, ValueError):
+        return
+    if 100.0 / hosts <= percent:
+        return
+    dns = cluster.get("type") == "STRICT_DNS"  # a name may resolve to more addresses, i.e. more hosts
+    out.append(LintIssue(
+        f"{path}.outlier_detection.max_ejection_percent", "warning" if dns else "error",
+        f"{percent:g}% of {hosts} host{'s' if hosts != 1 else ''}{' (as listed)' if dns else ''} is less than "
+        "one host, so outlier detection never ejects (ejections_overflow); set always_eject_one_host: true "
+        f"or max_ejection_percent >= {math.ceil(100 / hosts)}"))
 
 
 def _version(params: Mapping[str, Any], key: str) -> int | None:

@@ -45,23 +45,36 @@ def _get(url: str, timeout: float = 2.0) -> str:
         return str(resp.read().decode())
 
 
-def envoy_upstreams(admin: str) -> dict[str, str]:
-    """Per cluster: healthy/total hosts, naming hosts that are ejected or failing health checks."""
+def envoy_hosts(admin: str) -> dict[str, dict[str, str]]:
+    """Per peer cluster of a sidecar: each host's health flags ("healthy", "/failed_outlier_check", ...)."""
     hosts: dict[str, dict[str, str]] = {}
     for line in _get(f"http://{admin}/clusters").splitlines():
         parts = line.split("::")
         if len(parts) == 4 and parts[2] == "health_flags":
             hosts.setdefault(parts[0], {})[parts[1]] = parts[3]
+    return {c: flags for c, flags in sorted(hosts.items())
+            if not (c in ("local_app", "otlp_collector", "admin", "envoy_admin") or c.startswith("local"))}
+
+
+def envoy_upstreams(admin: str) -> dict[str, str]:
+    """Per cluster: healthy/total hosts, naming hosts that are ejected or failing health checks."""
     out = {}
-    for cluster, flags in sorted(hosts.items()):
-        if cluster in ("local_app", "otlp_collector", "admin", "envoy_admin") or cluster.startswith("local"):
-            continue
+    for cluster, flags in envoy_hosts(admin).items():
         bad = {h: f for h, f in flags.items() if f != "healthy"}
         summary = f"{len(flags) - len(bad)}/{len(flags)} healthy"
         if bad:
             summary += " (" + ", ".join(f"{h} {f}" for h, f in sorted(bad.items())) + ")"
         out[cluster] = summary
     return out
+
+
+def peers_healthy(admin: str) -> bool:
+    """Every host of every peer cluster of this sidecar is healthy. Panic routing is off (docs/envoy.md),
+    so until a peer's only host passes its first health check, calls to it fail fast: readiness waits."""
+    try:
+        return all(f == "healthy" for flags in envoy_hosts(admin).values() for f in flags.values())
+    except OSError:
+        return False
 
 
 def mesh_upstreams(admin: str) -> tuple[dict[str, str], dict[str, str]]:
