@@ -270,3 +270,17 @@ def test_documented_import_path_works_from_the_repo_root():
         cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "MeshConfig"
+
+
+def test_a_process_refuses_another_identitys_certificate(mesh: MeshSpec, mesh_certs: CertLayout) -> None:
+    # learner-svc's files pass every TLS check; serving auth-svc with them would be authorized as learner-svc.
+    cert, key = mesh_certs.identity_paths("learner-svc")
+    with pytest.raises(PkiError, match=r"learner-svc.*expected spiffe://aivo\.local/ns/default/sa/auth-svc") as exc:
+        MeshServer(mesh, "auth-svc", cert=cert, key=key, ca=mesh_certs.ca_cert, port=0)
+    assert str(cert) in str(exc.value)
+    swapped = MeshConfig(service_name="auth-svc", ca_cert_path=mesh_certs.ca_cert, client_cert_path=cert,
+                         client_key_path=key, mesh=mesh)
+    with pytest.raises(PkiError, match=r"expected spiffe://aivo\.local/ns/default/sa/auth-svc"):
+        MeshClient(swapped)
+    assert MeshClient(MeshConfig.for_identity("learner-svc", mesh_certs, mesh)).identity.spiffe_id == \
+        mesh.spiffe_id("learner-svc")

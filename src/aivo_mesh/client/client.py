@@ -85,9 +85,14 @@ class MeshClient:
     ) -> None:
         self.config = config
         self.mesh: MeshSpec = config.mesh_spec()
-        # Load and check our own identity now: a bad key or cert fails here, naming the file.
+        # Load and check our own identity now: a bad key or cert, or another identity's, fails here,
+        # naming the file.
+        name = config.service_name
+        known = name in self.mesh.service_names or name in self.mesh.mesh.clients
+        self._expect_spiffe_id = self.mesh.spiffe_id(name) if known else None
         self.identity: Identity = load_identity(
-            config.client_cert_path, config.client_key_path, config.ca_cert_path)
+            config.client_cert_path, config.client_key_path, config.ca_cert_path,
+            expect_spiffe_id=self._expect_spiffe_id)
         # A proxy next to us does mTLS (and retries): Envoy's outbound listener, or Linkerd's proxy.
         self.sidecar = config.sidecar_outbound is not None or config.plaintext_peers
         self._credentials = None if self.sidecar else channel_credentials(self.identity)
@@ -247,7 +252,7 @@ class MeshClient:
         try:
             if Identity.signature_of(*paths) == self.identity.mtime_signature():
                 return False
-            identity = load_identity(*paths)
+            identity = load_identity(*paths, expect_spiffe_id=self._expect_spiffe_id)
         except (MeshError, OSError) as exc:
             log.warning("client certificate reload skipped: %s", exc)
             return False

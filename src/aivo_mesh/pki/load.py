@@ -133,12 +133,15 @@ def load_identity(
     ca_path: str | os.PathLike[str],
     *,
     now: datetime | None = None,
+    expect_spiffe_id: str | None = None,
 ) -> Identity:
     """Read and validate an identity; PkiError(file, reason) names the file at fault.
 
     Checked: files exist and parse (empty, garbage, truncated PEM); key not accessible by group/others;
     no RSA < 2048 / SHA-1 anywhere; leaf is not a CA and has at most one URI SAN; leaf inside its validity
-    window; key matches the leaf; leaf (+ the intermediates in its file) chains to the CA bundle.
+    window; key matches the leaf; leaf (+ the intermediates in its file) chains to the CA bundle; and,
+    given `expect_spiffe_id`, that the leaf is that identity (auth-svc started with learner-svc's
+    certificate passes every TLS check and is then authorized as learner-svc).
     """
     cert_p, key_p, ca_p = Path(cert_path), Path(key_path), Path(ca_path)
     cert_f, key_f, ca_f = str(cert_p), str(key_p), str(ca_p)
@@ -180,6 +183,9 @@ def load_identity(
 
     dns, _ips, uris, _other = san_names(leaf)
     spiffe = uris[0] if uris and uris[0].startswith("spiffe://") else None
+    if expect_spiffe_id is not None and spiffe != expect_spiffe_id:
+        raise PkiError(cert_f, f"the certificate is {spiffe or 'without a SPIFFE ID'}, expected "
+                               f"{expect_spiffe_id} (another identity's files?)")
     return Identity(
         cert_chain_pem=chain_pem,
         key_pem=key_data,

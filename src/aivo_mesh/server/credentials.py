@@ -26,10 +26,12 @@ class ReloadingServerCredentials:
         key: Path,
         ca: Path,
         on_reload: Callable[[Identity], None] | None = None,
+        expect_spiffe_id: str | None = None,
     ) -> None:
         self._paths = (Path(cert), Path(key), Path(ca))
+        self._expect = expect_spiffe_id
         # Load eagerly: a bad file must fail before the server binds, naming the file.
-        self.identity = load_identity(*self._paths)
+        self.identity = load_identity(*self._paths, expect_spiffe_id=expect_spiffe_id)
         self._signature = self.identity.mtime_signature()
         self._on_reload = on_reload
         self.reloads = 0
@@ -47,7 +49,7 @@ class ReloadingServerCredentials:
             signature = Identity.signature_of(*self._paths)
             if signature == self._signature:
                 return None
-            ident = load_identity(*self._paths)
+            ident = load_identity(*self._paths, expect_spiffe_id=self._expect)
         except (PkiError, OSError) as exc:
             # Half-written rotation or a bad file: keep serving the last good identity.
             log.warning("certificate reload skipped: %s", exc)

@@ -62,7 +62,8 @@ class MeshServer:
         if not insecure:
             if cert is None or key is None or ca is None:
                 raise MeshError(f"{service}: mTLS needs cert, key and ca paths (or insecure=True)")
-            self.credentials = ReloadingServerCredentials(cert, key, ca, on_reload=on_identity)
+            self.credentials = ReloadingServerCredentials(cert, key, ca, on_reload=on_identity,
+                                                          expect_spiffe_id=mesh.spiffe_id(service))
             if on_identity is not None:
                 on_identity(self.credentials.identity)
         self.authorizer = Authorizer(mesh, service)
