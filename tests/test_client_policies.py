@@ -23,6 +23,7 @@ from waiting import until
 from aivo_mesh import CircuitOpen, MeshClient, MeshConfig, MeshServer
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.config.model import TracingSpec
+from aivo_mesh.config.resolve import longest_timeout
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
 from aivo_mesh.errors import DeadlineExceeded
 from aivo_mesh.pki import CertLayout
@@ -529,3 +530,16 @@ def test_a_target_first_touched_outside_the_event_loop_starts_its_background_wor
     finally:
         loop.close()
         asyncio.set_event_loop(None)
+
+
+async def test_retired_channels_outlive_the_longest_call_they_may_carry(mesh_certs):
+    mesh = _mesh()
+    longest = longest_timeout(mesh, "event-collector-svc")
+    assert longest == 30.0  # CollectStream's route timeout
+    async with MeshClient(MeshConfig.for_identity("analytics-svc", mesh_certs, mesh), health_checks=False,
+                          reload_interval=None) as client:
+        assert client.target("event-collector-svc").pool.drain_seconds > longest
+        assert client.target("auth-svc").pool.drain_seconds == 30.0  # the floor
+    async with MeshClient(MeshConfig.for_identity("analytics-svc", mesh_certs, mesh), health_checks=False,
+                          reload_interval=None, drain_seconds=0.5) as explicit:
+        assert explicit.target("event-collector-svc").pool.drain_seconds == 0.5

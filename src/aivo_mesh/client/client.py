@@ -34,7 +34,7 @@ from aivo_mesh.client.interceptors import Transport, method_info
 from aivo_mesh.client.methods import method_path
 from aivo_mesh.client.target import Target, route_lookup
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, service_policy
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, service_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, load_identity
@@ -79,7 +79,7 @@ class MeshClient:
         discovery: SnapshotStore | None = None,
         health_checks: bool = True,
         reload_interval: float | None = 5.0,
-        drain_seconds: float = DEFAULT_DRAIN_SECONDS,
+        drain_seconds: float | None = None,
         clock: Clock = monotonic,
         rng: random.Random | None = None,
     ) -> None:
@@ -215,7 +215,14 @@ class MeshClient:
         if service in self.config.endpoints and service not in self.mesh.service_names:
             routes = self._default_routes(service)
         options = channel_options(self.mesh.keepalive, spec.name)
-        pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=self._drain)
+        # Retired channels (discovery, rotation) close once the longest call they may carry is over
+        # (unless told otherwise), so a 30 s stream is not cut by a 30 s drain.
+        drain = self._drain
+        if drain is None:
+            drain = DEFAULT_DRAIN_SECONDS
+            if service in self.mesh.service_names:
+                drain = max(drain, longest_timeout(self.mesh, service) + 1.0)
+        pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=drain)
         endpoints = self.endpoints(service)
         if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
             endpoints = list(snap.addresses)

@@ -32,7 +32,7 @@ class EndpointPool:
         self.authority = authority
         self._credentials = credentials
         self._options = list(options)
-        self._drain = drain_seconds
+        self.drain_seconds = drain_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._callables: dict[tuple[str, str, str], Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
@@ -80,7 +80,7 @@ class EndpointPool:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop: nothing can be in flight either; the channel is garbage-collected
-        task = loop.create_task(_close_later(ch, self._drain))
+        task = loop.create_task(_close_later(ch, self.drain_seconds))
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 

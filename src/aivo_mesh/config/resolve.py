@@ -99,6 +99,12 @@ def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
     )
 
 
+def longest_timeout(mesh: MeshSpec, service: str) -> float:
+    """The longest any call to `service` may take: its own timeout or its longest route's."""
+    sp = service_policy(mesh, service)
+    return max([sp.timeout, *(r.timeout for r in sp.service.routes if r.timeout)])
+
+
 def match_route(routes: tuple[RouteSpec, ...], method: str) -> RouteSpec | None:
     """Most specific route wins: an exact method beats a service prefix; longer prefix beats shorter."""
     best: RouteSpec | None = None
