@@ -8,13 +8,17 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
+from aivo_mesh.config import MeshSpec, load_mesh
+from aivo_mesh.runtime.mesh import RuntimeInfo, forward_target, mesh_for_clients, plan, with_tracing
 from aivo_mesh.runtime.state import StateDir, pid_alive
+from aivo_mesh.runtime.supervisor import Managed, Supervisor
+from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,9 +54,40 @@ def drive_one_flow(state: StateDir) -> None:
     asyncio.run(run())
 
 
+class ThreadedReceiver:
+    """An OtlpReceiver on its own event loop thread: a stand-in Jaeger while meshctl runs in a subprocess."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.receiver = OtlpReceiver()
+
+    def __enter__(self) -> ThreadedReceiver:
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self.receiver.start(), self.loop).result(10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        asyncio.run_coroutine_threadsafe(self.receiver.stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def span_names(self) -> set[str]:
+        return {s.name for s in list(self.receiver.spans())}
+
+
 def test_up_proxyless_status_restart_traces_down(tmp_path):
     state = StateDir(tmp_path / "mesh")
-    out = meshctl("up", "--plane", "proxyless", "--state-dir", str(state.root), "--free-ports", "--timeout", "90")
+    jaeger = ThreadedReceiver().__enter__()
+    # mesh.yaml sends spans to "Jaeger": `up` keeps its own collector and has it forward there.
+    config = tmp_path / "mesh.yaml"
+    text = (ROOT / "mesh.yaml").read_text()
+    assert "enabled: false\n    otlp_endpoint: http://127.0.0.1:4317" in text
+    config.write_text(text.replace("enabled: false\n    otlp_endpoint: http://127.0.0.1:4317",
+                                   f"enabled: true\n    otlp_endpoint: {jaeger.receiver.endpoint}"))
+    out = meshctl("up", "--plane", "proxyless", "--state-dir", str(state.root), "--free-ports", "--timeout", "90",
+                  "--config", str(config))
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         assert "4 services healthy" in out.stdout
@@ -78,9 +113,12 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
         # Traces of the flow are in the collector's log: learner's span has auth's as a descendant.
         assert wait_until(lambda: "/aivo.auth.v1.AuthService/ValidateToken" in
                           meshctl("traces", "--state-dir", str(state.root), "--last", "20").stdout, 60, 0.3)
+        # ... and the collector forwarded them to the configured endpoint.
+        assert wait_until(lambda: "/aivo.auth.v1.AuthService/ValidateToken" in jaeger.span_names(), 30, 0.1)
     finally:
         pids = [r.pid for r in state.read_processes()]
         down = meshctl("down", "--state-dir", str(state.root))
+        jaeger.__exit__()
     assert down.returncode == 0, down.stderr
     assert "mesh down (supervisor)" in down.stdout
     assert not any(pid_alive(p) for p in pids)
@@ -91,3 +129,43 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
 def test_down_with_nothing_running_is_harmless(tmp_path):
     out = meshctl("down", "--state-dir", str(tmp_path / "none"))
     assert out.returncode == 0 and "nothing was running" in out.stdout
+
+
+def _traced(endpoint: str, enabled: bool = True) -> MeshSpec:
+    mesh = load_mesh(ROOT / "mesh.yaml")
+    tracing = mesh.observability.tracing.model_copy(update={"enabled": enabled, "otlp_endpoint": endpoint})
+    return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"tracing": tracing})})
+
+
+def test_collector_forwards_to_the_configured_endpoint_unless_it_is_itself(tmp_path):
+    assert forward_target(_traced("http://jaeger:4317"), 4317) == "http://jaeger:4317"
+    assert forward_target(_traced("http://jaeger:4317", enabled=False), 4317) is None  # tracing off: nowhere
+    assert forward_target(_traced("http://127.0.0.1:4317"), 4317) is None  # that is the collector itself
+    assert forward_target(_traced("http://localhost:4317"), 4317) is None
+    assert forward_target(_traced("http://127.0.0.1:4317"), 5555) == "http://127.0.0.1:4317"
+    # JAEGER_HOST wins over mesh.yaml and enables tracing, as `apply_env` does for `meshctl serve`.
+    assert forward_target(_traced("http://x:4317", enabled=False), 4317, "jaeger") == "http://jaeger:4317"
+    assert forward_target(_traced("http://x:4317"), 4317, "http://tempo:4400") == "http://tempo:4400"
+    # The collector gets the target; the services lose JAEGER_HOST (they export to the collector).
+    mesh = with_tracing(_traced("http://jaeger:4317"), 5555)
+    procs, _ = plan(StateDir(tmp_path), mesh, "proxyless", 5555, "http://jaeger:4317")
+    collector = next(m for m in procs if m.role == "collector")
+    assert collector.argv[-2:] == ["--forward-to", "http://jaeger:4317"]
+    assert all("JAEGER_HOST" in m.unset for m in procs if m.role == "service")
+
+
+def test_supervisor_children_do_not_inherit_unset_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("JAEGER_HOST", "jaeger")
+    check = [sys.executable, "-c", "import os, sys; sys.exit(3 if 'JAEGER_HOST' in os.environ else 0)"]
+
+    async def run(unset: tuple[str, ...]) -> int | None:
+        sup = Supervisor(StateDir(tmp_path))
+        m = Managed(name="child", role="service", argv=check, address="-", unset=unset)
+        await sup.start(m)
+        assert m.process is not None
+        code = await asyncio.wait_for(m.process.wait(), 30)
+        await sup.stop_all()
+        return code
+
+    assert asyncio.run(run(())) == 3
+    assert asyncio.run(run(("JAEGER_HOST",))) == 0

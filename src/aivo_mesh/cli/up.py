@@ -36,8 +36,9 @@ def _console() -> Console:
 def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_port: int | None,
        timeout: float | None) -> None:
     """Start the mesh on this machine and return once every service is healthy."""
+    from aivo_mesh.config.model import MeshSpec
     from aivo_mesh.runtime.local import free_port, prepare
-    from aivo_mesh.runtime.mesh import running_supervisor, with_tracing
+    from aivo_mesh.runtime.mesh import forward_target, running_supervisor, with_tracing
 
     state = StateDir(state_dir)
     if running_supervisor(state):
@@ -45,13 +46,24 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
     console = _console()
     started = time.monotonic()
     port = otlp_port or (free_port() if free_ports else 4317)
-    mesh = prepare(state, config, free_ports, transform=lambda m: with_tracing(m, port))
+    forward: list[str] = []
+
+    def local_tracing(m: MeshSpec) -> MeshSpec:
+        # Every process exports to the local collector; the endpoint configured before that gets the spans
+        # from the collector (JAEGER_HOST wins, as it does for `meshctl serve`).
+        if target := forward_target(m, port, os.environ.get("JAEGER_HOST")):
+            forward[:] = ["--forward-to", target]
+        return with_tracing(m, port)
+
+    mesh = prepare(state, config, free_ports, transform=local_tracing)
     log = state.log_file("supervisor")
     with log.open("ab") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
-             "--otlp-port", str(port)], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+             "--otlp-port", str(port), *forward], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
+    if forward:
+        console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {forward[1]}")
     limit = timeout or HEALTHY_WITHIN[plane]
     with console.status(f"starting the {plane} mesh ({len(mesh.service_names)} services)...") as status:
         ok, report = asyncio.run(_wait_healthy(state, mesh, proc, limit, status.update))
@@ -188,9 +200,10 @@ def collector(host: str, port: int, out: str, forward_to: str | None) -> None:
 @click.option("--state-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), required=True)
 @click.option("--otlp-port", type=int, required=True)
-def supervise_cmd(state_dir: str, plane: str, otlp_port: int) -> None:
+@click.option("--forward-to", default=None, help="the collector forwards every span to this OTLP endpoint")
+def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | None) -> None:
     from aivo_mesh.runtime.mesh import supervise
     from aivo_mesh.telemetry.logs import configure_logging
 
     configure_logging("INFO", json=True)
-    asyncio.run(supervise(StateDir(state_dir), plane, otlp_port))  # type: ignore[arg-type]
+    asyncio.run(supervise(StateDir(state_dir), plane, otlp_port, forward_to))  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime.state import StateDir, pid_alive
@@ -35,6 +37,8 @@ log = logging.getLogger(__name__)
 
 # Local runs export spans within half a second (the SDK's default batch delay is 5 s).
 LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
+# `serve` would export straight to JAEGER_HOST, past the local collector (which forwards there itself).
+LOCAL_UNSET = ("JAEGER_HOST",)
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0  # seconds up before the back-off resets
@@ -82,8 +86,28 @@ def envoy_binary() -> str:
     return found
 
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0"})
+
+
+def forward_target(mesh: MeshSpec, collector_port: int, jaeger_host: str | None = None) -> str | None:
+    """Where the local collector forwards spans: the OTLP endpoint mesh.yaml enables tracing to, or
+    JAEGER_HOST's (`jaeger_host`, which wins as in `apply_env`), unless it is the collector itself."""
+    tracing = mesh.observability.tracing
+    if jaeger_host is not None:
+        endpoint: str | None = EnvSettings.from_environ({"JAEGER_HOST": jaeger_host}).otlp_endpoint
+    else:
+        endpoint = tracing.otlp_endpoint if tracing.enabled else None
+    if not endpoint:
+        return None
+    host, _, port = re.sub(r"^[a-z]+://", "", endpoint.lower()).rstrip("/").rpartition(":")
+    if host in LOOPBACK_NAMES and port == str(collector_port):
+        return None  # the collector would forward to itself
+    return endpoint
+
+
 def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
-    """Point every process's tracing at the local collector."""
+    """Point every process's tracing at the local collector (`forward_target` keeps the configured
+    endpoint, read before this)."""
     tracing = mesh.observability.tracing.model_copy(
         update={"enabled": True, "otlp_endpoint": f"http://127.0.0.1:{collector_port}"})
     return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"tracing": tracing})})
@@ -108,16 +132,18 @@ def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | N
     return out
 
 
-def plan(state: StateDir, mesh: MeshSpec, plane: Plane,
-         collector_port: int | None) -> tuple[list[Managed], RuntimeInfo]:
+def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | None,
+         forward_to: str | None = None) -> tuple[list[Managed], RuntimeInfo]:
     """Every process of the local mesh, in start order, and where each service can be reached.
-    Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says)."""
+    Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says);
+    with `forward_to` the collector also sends every span on to that OTLP endpoint (Jaeger)."""
     host = mesh.observability.metrics.host
     procs: list[Managed] = []
     if collector_port is not None:
+        forward = ["--forward-to", forward_to] if forward_to else []
         procs.append(Managed(name="collector", role="collector", address=f"127.0.0.1:{collector_port}",
                              argv=meshctl_argv("collector", "--port", str(collector_port), "--out",
-                                               str(state.root / "traces.jsonl"))))
+                                               str(state.root / "traces.jsonl"), *forward)))
     info = RuntimeInfo(plane=plane, collector=f"127.0.0.1:{collector_port}" if collector_port else "")
     common = ["--config", str(state.mesh_file), "--certs", str(state.certs.root)]
     if plane == "sidecar":
@@ -131,14 +157,16 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane,
         data = ["--data-dir", str(state.data_dir(name))]
         if plane == "proxyless":
             procs.append(Managed(name=name, role="service", address=f"{svc.host}:{svc.port}", admin=admin,
-                                 argv=meshctl_argv("serve", name, *common, *data), env=dict(LOCAL_ENV)))
+                                 argv=meshctl_argv("serve", name, *common, *data), env=dict(LOCAL_ENV),
+                                 unset=LOCAL_UNSET))
             info.services[name] = ServiceEndpoints(address=f"{svc.host}:{svc.port}", admin=admin)
             continue
         inbound, outbound, envoy_admin = sidecar_ports(mesh, name, "local")
         procs.append(Managed(name=name, role="service", address=f"127.0.0.1:{svc.local_port}", admin=admin,
                              argv=meshctl_argv("serve", name, *common, *data, "--insecure", "--port",
                                                str(svc.local_port), "--sidecar-outbound",
-                                               f"127.0.0.1:{outbound}"), env=dict(LOCAL_ENV)))
+                                               f"127.0.0.1:{outbound}"), env=dict(LOCAL_ENV),
+                             unset=LOCAL_UNSET))
         procs.append(Managed(name=f"{name}-envoy", role="sidecar", address=f"127.0.0.1:{inbound}",
                              admin=f"127.0.0.1:{envoy_admin}",
                              argv=[envoy, "-c", str(bootstraps[name]), "--concurrency", "1", "--log-level", "warn",
@@ -210,12 +238,12 @@ def supervisor_pid_file(state: StateDir) -> Path:
     return state.root / "supervisor.pid"
 
 
-async def supervise(state: StateDir, plane: Plane, collector_port: int) -> None:
+async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_to: str | None = None) -> None:
     """The body of the detached supervisor process."""
     from aivo_mesh.config.loader import load_mesh
 
     mesh = load_mesh(state.mesh_file)
-    procs, info = plan(state, mesh, plane, collector_port)
+    procs, info = plan(state, mesh, plane, collector_port, forward_to)
     info.write(state)
     supervisor_pid_file(state).write_text(f"{os.getpid()}\n")
     try:

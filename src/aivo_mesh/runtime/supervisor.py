@@ -23,6 +23,7 @@ class Managed:
     address: str
     admin: str | None = None
     env: dict[str, str] = field(default_factory=dict)
+    unset: tuple[str, ...] = ()  # variables of our own environment the child must not inherit
     process: asyncio.subprocess.Process | None = None
     started_at: float = 0.0
     log: Path | None = None
@@ -45,7 +46,7 @@ class Supervisor:
 
     async def start(self, m: Managed) -> None:
         m.log = self.state.log_file(m.name)
-        env = {**os.environ, **m.env, "PYTHONUNBUFFERED": "1"}
+        env = {**{k: v for k, v in os.environ.items() if k not in m.unset}, **m.env, "PYTHONUNBUFFERED": "1"}
         with m.log.open("ab") as log:
             # A new session: Ctrl-C in the terminal reaches us, and we stop children in order.
             m.process = await asyncio.create_subprocess_exec(
