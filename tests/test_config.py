@@ -241,6 +241,20 @@ BAD_INPUTS = [
     _case("bad method pattern",
           _edit("match: /aivo.learner.v1.LearnerService/GetProfile", "match: not a method"),
           "services[1].routes[0].match", "expected a gRPC method", "not a method"),
+    _case("allow method without its service",
+          _edit("methods: [/aivo.events.v1.EventCollectorService/ListEvents]", "methods: [ListEvents]"),
+          "services[2].allow[1].methods[0]",
+          "'ListEvents' is not a method of aivo.events.v1.EventCollectorService "
+          "(its methods: Collect, CollectStream, ListEvents)", "methods: [ListEvents]"),
+    _case("allow method of another service",
+          _edit("methods: [/aivo.events.v1.EventCollectorService/ListEvents]",
+                "methods: [/aivo.learner.v1.LearnerService/ListEvents]"),
+          "services[2].allow[1].methods[0]",
+          "'/aivo.learner.v1.LearnerService/ListEvents' is not a method of aivo.events.v1.EventCollectorService",
+          "LearnerService/ListEvents"),
+    _case("bad allow method pattern",
+          _edit("methods: [/aivo.events.v1.EventCollectorService/ListEvents]", "methods: ['a b']"),
+          "services[2].allow[1].methods[0]", "expected a gRPC method", "methods: ['a b']"),
     _case("bad status code in retry_on", _edit("retry_on: [UNAVAILABLE]", "retry_on: [UNAVAILBLE]"),
           "defaults.retry.retry_on[0]", "expected one of 'OK'", "UNAVAILBLE"),
     _case("backoff max < base", _edit("backoff: {base: 100ms, max: 1s}", "backoff: {base: 2s, max: 1s}"),
@@ -298,6 +312,33 @@ def test_bad_input_is_located(text: str, path: str, fragment: str, line: int | N
         assert matching[0].line == line, str(err)
         shown = f"mesh.yaml:{line}: {path or '<root>'}: "
         assert shown in str(err)
+
+
+_VALIDATE_RULE = "from: [learner-svc, analytics-svc]\n        methods: [/aivo.auth.v1.AuthService/ValidateToken]"
+
+
+@pytest.mark.parametrize("written", ["aivo.auth.v1.AuthService", "/aivo.auth.v1.AuthService",
+                                     "/aivo.auth.v1.AuthService/"])
+def test_whole_service_allow_rule_is_the_service_prefix(written: str) -> None:
+    """docs/config.md: `pkg.Service` means the prefix `/pkg.Service/`, so the rule allows every method."""
+    from aivo_mesh.server.authz import Authorizer
+
+    m = parse_mesh(_edit(_VALIDATE_RULE, f"from: [learner-svc, analytics-svc]\n        methods: [{written}]"))
+    assert m.service(AUTH).allow[1].methods == ("/aivo.auth.v1.AuthService/",)
+    authz = Authorizer(m, AUTH)
+    learner = m.spiffe_id(LEARNER)
+    assert authz.allows(learner, "/aivo.auth.v1.AuthService/Authenticate")
+    assert authz.allows(learner, VALIDATE_TOKEN)
+    assert not authz.allows(learner, "/aivo.auth.v1.AuthServiceX/Authenticate")  # not the same service
+    assert not authz.allows(m.spiffe_id(EVENTS), VALIDATE_TOKEN)  # a caller no rule names
+
+
+def test_whole_service_route_is_the_service_prefix() -> None:
+    m = parse_mesh(_edit("match: /aivo.learner.v1.LearnerService/GetProfile",
+                         "match: aivo.learner.v1.LearnerService"))
+    assert m.service(LEARNER).routes[0].match == "/aivo.learner.v1.LearnerService/"
+    rp = route_policy(m, LEARNER, "/aivo.learner.v1.LearnerService/UpdateProfile")
+    assert (rp.match, rp.idempotent) == ("/aivo.learner.v1.LearnerService/", True)
 
 
 def test_bad_input_table_is_large_enough() -> None:

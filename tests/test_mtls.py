@@ -97,6 +97,26 @@ async def test_allow_list_is_per_method(auth_server, auth_mesh, mesh_certs):
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_whole_service_allow_rule_admits_every_method(mesh_certs):
+    """`methods: [pkg.Service]` (docs/config.md) is the prefix `/pkg.Service/`: learner-svc, allowed only
+    ValidateToken by mesh.yaml, may call Authenticate under it."""
+    rule = "from: [learner-svc, analytics-svc]\n        methods: [{}]"
+    text = (ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {_free_port()}")
+    assert rule.format("/aivo.auth.v1.AuthService/ValidateToken") in text
+    text = text.replace(rule.format("/aivo.auth.v1.AuthService/ValidateToken"), rule.format("aivo.auth.v1.AuthService"))
+    whole = parse_mesh(text, "mesh.yaml")
+    server = MeshServer.for_service(whole, "auth-svc", mesh_certs)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(EchoAuth(), server.grpc_server)
+    await server.start()
+    try:
+        async with _client(whole, mesh_certs, "learner-svc") as client:
+            stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+            reply = await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8))
+    finally:
+        await server.stop(0.5)
+    assert reply.subject == whole.spiffe_id("learner-svc")
+
+
 async def test_health_answers_every_mesh_identity_check_and_watch(auth_server, auth_mesh, mesh_certs):
     # event-collector-svc may call no auth method, but health is open to every mesh identity.
     async with _client(auth_mesh, mesh_certs, "event-collector-svc") as client:

@@ -14,6 +14,7 @@ import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -85,6 +86,54 @@ POD_SCOPE = "pod_scope"
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
 # A gRPC method pattern: "/pkg.Service/Method", "/pkg.Service/" (prefix) or "pkg.Service" (whole service).
 METHOD_PATTERN = re.compile(r"^/?[A-Za-z_][\w.]*(/(\w+)?)?$")
+
+
+def _method_pattern(value: str) -> str:
+    """One spelling per pattern, the one the Authorizer, route matching and Envoy compare against:
+    `pkg.Svc`, `/pkg.Svc` and `/pkg.Svc/` are the prefix `/pkg.Svc/`; `pkg.Svc/M` is `/pkg.Svc/M`."""
+    if not METHOD_PATTERN.match(value):
+        raise ValueError(f"expected a gRPC method such as /aivo.auth.v1.AuthService/Authenticate or a "
+                         f"service prefix such as /aivo.auth.v1.AuthService/, got {value!r}")
+    path = value if value.startswith("/") else "/" + value
+    return path if "/" in path[1:] else path + "/"
+
+
+MethodPattern = Annotated[str, AfterValidator(_method_pattern)]
+
+
+def known_methods(grpc_service: str) -> tuple[str, ...]:
+    """Method names of `grpc_service` in the protos aivo-mesh ships (or any loaded before); () for a
+    service defined elsewhere. Only words error messages: mesh.yaml may name services we have no proto of."""
+    import importlib
+    import pkgutil
+
+    from google.protobuf import descriptor_pool
+
+    import aivo_mesh.gen
+
+    for mod in pkgutil.walk_packages(aivo_mesh.gen.__path__, "aivo_mesh.gen."):
+        if mod.name.endswith("_pb2"):  # not *_pb2_grpc: the config layer never loads grpc
+            importlib.import_module(mod.name)
+    try:
+        desc = descriptor_pool.Default().FindServiceByName(grpc_service)
+    except KeyError:
+        return ()
+    return tuple(m.name for m in desc.methods)
+
+
+def _not_a_method_of(grpc_service: str, pattern: str) -> str | None:
+    """Why `pattern` (normalised) covers no method of `grpc_service`, or None when it is one of its
+    methods or its prefix. Checked for routes and allow rules alike: an allow rule naming another
+    service's method denies every call it was meant to allow."""
+    prefix = f"/{grpc_service}/"
+    if pattern.startswith(prefix):
+        return None
+    methods = known_methods(grpc_service)
+    listed = f" (its methods: {', '.join(methods)})" if methods else ""
+    bare = pattern.strip("/")
+    shown = bare if "/" not in bare and "." not in bare else pattern  # `ListEvents`, as it was written
+    return (f"{shown!r} is not a method of {grpc_service}{listed}: expected {prefix}<Method>, "
+            f"or {prefix} for every method")
 
 
 class _Strict(BaseModel):
@@ -204,19 +253,11 @@ class PolicySpec(_Strict):
 class RouteSpec(_Strict):
     """A gRPC method (`/pkg.Svc/Method`) or a service prefix (`/pkg.Svc/`) with its own policy."""
 
-    match: str
+    match: MethodPattern
     timeout: PositiveDuration | None = None
     retry: RetrySpec | None = None
     idempotent: bool = False
     streaming: bool = False
-
-    @field_validator("match")
-    @classmethod
-    def _method(cls, v: str) -> str:
-        if not METHOD_PATTERN.match(v):
-            raise ValueError("expected a gRPC method such as /aivo.auth.v1.AuthService/Authenticate "
-                             "or a service prefix such as /aivo.auth.v1.AuthService/")
-        return v if v.startswith("/") else "/" + v
 
 
 class AllowRule(_Strict):
@@ -224,15 +265,7 @@ class AllowRule(_Strict):
     (`methods`: patterns as in routes; empty means every method of the service)."""
 
     from_: Annotated[tuple[str, ...], Field(alias="from", min_length=1)]
-    methods: tuple[str, ...] = ()
-
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for m in v:
-            if not METHOD_PATTERN.match(m):
-                raise ValueError(f"{m!r} is not a gRPC method or service prefix")
-        return tuple(m if m.startswith("/") else "/" + m for m in v)
+    methods: tuple[MethodPattern, ...] = ()
 
 
 class SidecarPorts(_Strict):
@@ -385,12 +418,12 @@ class MeshSpec(_Strict):
                             f"unknown caller {caller!r}: expected one of {sorted(known)}, "
                             "'*' or a spiffe:// ID",
                         )
+                for m, pattern in enumerate(rule.methods):
+                    if (why := _not_a_method_of(svc.grpc_service, pattern)) is not None:
+                        raise _PathError(("services", i, "allow", r, "methods", m), why)
             for j, route in enumerate(svc.routes):
-                if not route.match.startswith(f"/{svc.grpc_service}/"):
-                    raise _PathError(
-                        ("services", i, "routes", j, "match"),
-                        f"route {route.match!r} is not a method of {svc.grpc_service}",
-                    )
+                if (why := _not_a_method_of(svc.grpc_service, route.match)) is not None:
+                    raise _PathError(("services", i, "routes", j, "match"), why)
             for field, port in (("port", svc.port), ("local_port", svc.local_port),
                                 ("admin_port", svc.admin_port),
                                 ("sidecar.inbound_port", svc.sidecar.inbound_port),
