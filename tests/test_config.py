@@ -354,6 +354,22 @@ def test_every_issue_is_reported_not_only_the_first() -> None:
         "defaults.limits.max_connections", "defaults.circuit_breaker.recovery_time"}
 
 
+def test_every_cross_reference_problem_is_reported_together() -> None:
+    text = _edit("from: [learner-svc, analytics-svc]", "from: [learner-svc, analytcs-svc]")
+    text = _edit("    port: 50052\n", "    port: 50051\n", text)
+    text = _edit("    port: 50053\n", "    port: 50051\n", text)
+    text = _edit("match: /aivo.learner.v1.LearnerService/GetProfile", "match: /aivo.auth.v1.AuthService/X", text)
+    text = _edit("retry: {max_retries: 2}", "retry: {backoff: {base: 2s}}", text)
+    with pytest.raises(ConfigError) as info:
+        parse_mesh(text)
+    assert [i.yaml_path for i in info.value.issues] == [
+        "services[0].allow[1].from[1]", "services[1].routes[0].match", "services[1].port", "services[2].port",
+        "services[3].retry.backoff"]
+    # Both name the first user of the port, and each issue has its own line.
+    assert all("already used by services[0].port" in i.message for i in info.value.issues[2:4])
+    assert len({i.line for i in info.value.issues}) == 5
+
+
 def test_huge_input_is_abbreviated_in_the_message() -> None:
     with pytest.raises(ConfigError) as info:
         parse_mesh(_edit("max_connections: 1000", "max_connections: " + "x" * 10_000))

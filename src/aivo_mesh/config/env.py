@@ -191,8 +191,8 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
     except ValidationError as exc:
         issues = []
         for err in exc.errors(include_url=False):
-            loc, msg = _describe(dict(err))
-            issues.append(ConfigIssue(_env_var_for(loc), f"{msg} (in {yaml_path(loc)} after applying it)"))
+            for loc, msg in _describe(dict(err)):
+                issues.append(ConfigIssue(_env_var_for(loc), f"{msg} (in {yaml_path(loc)} after applying it)"))
         raise ConfigError(ENV_FILE, issues) from None
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from aivo_mesh.config.model import MeshSpec, _PathError
+from aivo_mesh.config.model import MeshSpec, _PathError, _PathErrors
 from aivo_mesh.errors import ConfigError, ConfigIssue
 
 DEFAULT_MESH_FILE = "mesh.yaml"
@@ -103,14 +103,22 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _describe(err: dict[str, Any]) -> tuple[Loc, str]:
-    """Turn one pydantic error into (location, message saying what was expected)."""
+def _describe(err: dict[str, Any]) -> list[tuple[Loc, str]]:
+    """Turn one pydantic error into (location, message saying what was expected) pairs: one, or one per
+    cross-reference problem the model found (they are raised together)."""
+    ctx = err.get("ctx") or {}
+    cause = ctx.get("error")
+    if isinstance(cause, _PathErrors):
+        return [(e.loc, str(e)) for e in cause.errors]
+    if isinstance(cause, _PathError):
+        return [(cause.loc, str(cause))]
+    return [_describe_one(err)]
+
+
+def _describe_one(err: dict[str, Any]) -> tuple[Loc, str]:
     loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # Aliased fields report their alias; discriminated unions add the type name as a loc part.
     ctx = err.get("ctx") or {}
-    cause = ctx.get("error")
-    if isinstance(cause, _PathError):
-        return cause.loc, str(cause)
     kind = err["type"]
     msg = err["msg"]
     if kind == "extra_forbidden":
@@ -187,8 +195,8 @@ def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
     except ValidationError as exc:
         issues = []
         for err in exc.errors(include_url=False):
-            loc, msg = _describe(dict(err))
-            issues.append(ConfigIssue(yaml_path(loc), msg, _nearest_line(lines, loc)))
+            for loc, msg in _describe(dict(err)):
+                issues.append(ConfigIssue(yaml_path(loc), msg, _nearest_line(lines, loc)))
         raise ConfigError(file, issues) from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise ConfigError.single(file, "", str(exc)) from None

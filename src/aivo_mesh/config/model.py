@@ -395,15 +395,17 @@ class MeshSpec(_Strict):
 
     @model_validator(mode="after")
     def _references(self, info: ValidationInfo) -> MeshSpec:
-        # Cross-references are checked here so every consumer may assume them.
+        # Cross-references are checked here so every consumer may assume them. Every problem is
+        # collected and reported together (docs/config.md#errors), not only the first.
         # Ports must be distinct across services when they share one machine (local runs); a process
         # deployed in its own network namespace (POD_SCOPE context, see config/env.py) only checks its own.
         scope = (info.context or {}).get(POD_SCOPE)
+        problems: list[_PathError] = []
         names = [s.name for s in self.services]
         seen: set[str] = set()
         for i, n in enumerate(names):
             if n in seen:
-                raise _PathError(("services", i, "name"), f"duplicate service name {n!r}")
+                problems.append(_PathError(("services", i, "name"), f"duplicate service name {n!r}"))
             seen.add(n)
         known = set(names) | set(self.mesh.clients)
         used_ports: dict[int, str] = {}
@@ -413,17 +415,17 @@ class MeshSpec(_Strict):
                     if caller.startswith("spiffe://") or caller == "*":
                         continue
                     if caller not in known:
-                        raise _PathError(
+                        problems.append(_PathError(
                             ("services", i, "allow", r, "from", c),
                             f"unknown caller {caller!r}: expected one of {sorted(known)}, "
                             "'*' or a spiffe:// ID",
-                        )
+                        ))
                 for m, pattern in enumerate(rule.methods):
                     if (why := _not_a_method_of(svc.grpc_service, pattern)) is not None:
-                        raise _PathError(("services", i, "allow", r, "methods", m), why)
+                        problems.append(_PathError(("services", i, "allow", r, "methods", m), why))
             for j, route in enumerate(svc.routes):
                 if (why := _not_a_method_of(svc.grpc_service, route.match)) is not None:
-                    raise _PathError(("services", i, "routes", j, "match"), why)
+                    problems.append(_PathError(("services", i, "routes", j, "match"), why))
             for field, port in (("port", svc.port), ("local_port", svc.local_port),
                                 ("admin_port", svc.admin_port),
                                 ("sidecar.inbound_port", svc.sidecar.inbound_port),
@@ -433,17 +435,21 @@ class MeshSpec(_Strict):
                     continue
                 if port in used_ports:
                     path: tuple[str | int, ...] = ("services", i, *field.split("."))
-                    raise _PathError(path, f"port {port} is already used by {used_ports[port]}")
+                    problems.append(_PathError(path, f"port {port} is already used by {used_ports[port]}"))
+                    continue
                 used_ports[port] = f"services[{i}].{field}"
             if svc.canary and sum(svc.canary.values()) != 100:
-                raise _PathError(("services", i, "canary"), "canary weights must add up to 100")
-        self._check_backoff()
+                problems.append(_PathError(("services", i, "canary"), "canary weights must add up to 100"))
+        problems += self._check_backoff()
+        if problems:
+            raise _PathErrors(problems)
         return self
 
-    def _check_backoff(self) -> None:
+    def _check_backoff(self) -> list[_PathError]:
         """Back-off `max` >= `base` on the effective values (defaults <- service <- route), reported
         at the innermost `backoff` that set either key."""
         base, max_, where = 0.1, 1.0, ("defaults", "retry", "backoff")
+        problems: list[_PathError] = []
 
         State = tuple[float, float, tuple[str | int, ...]]
 
@@ -459,8 +465,8 @@ class MeshSpec(_Strict):
             if fields & {"base", "max"}:
                 w = (*loc, "retry", "backoff")
             if m < b:
-                raise _PathError(w, f"max ({m}s) must be >= base ({b}s)"
-                                    " (a key left out keeps the value of the level above)")
+                problems.append(_PathError(w, f"max ({m}s) must be >= base ({b}s)"
+                                              " (a key left out keeps the value of the level above)"))
             return b, m, w
 
         mesh_level = layer(self.defaults.retry, ("defaults",), (base, max_, where))
@@ -468,6 +474,7 @@ class MeshSpec(_Strict):
             svc_level = layer(svc.retry, ("services", i), mesh_level)
             for j, route in enumerate(svc.routes):
                 layer(route.retry, ("services", i, "routes", j), svc_level)
+        return problems
 
     def service(self, name: str) -> ServiceSpec:
         for s in self.services:
@@ -489,3 +496,11 @@ class _PathError(ValueError):
     def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
         self.loc = loc
         super().__init__(message)
+
+
+class _PathErrors(ValueError):
+    """Every cross-reference problem of a document, raised together (the loader reports each)."""
+
+    def __init__(self, errors: list[_PathError]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(str(e) for e in errors))
