@@ -423,9 +423,15 @@ class MeshSpec(_Strict):
                 for m, pattern in enumerate(rule.methods):
                     if (why := _not_a_method_of(svc.grpc_service, pattern)) is not None:
                         problems.append(_PathError(("services", i, "allow", r, "methods", m), why))
+            first_route: dict[str, int] = {}
             for j, route in enumerate(svc.routes):
                 if (why := _not_a_method_of(svc.grpc_service, route.match)) is not None:
                     problems.append(_PathError(("services", i, "routes", j, "match"), why))
+                # route_policy takes the first of equal matches: a second one would never apply.
+                if (k := first_route.setdefault(route.match, j)) != j:
+                    problems.append(_PathError(("services", i, "routes", j, "match"),
+                                               f"duplicate route {route.match!r}: services[{i}].routes[{k}] "
+                                               "already matches it (merge the two)"))
             for field, port in (("port", svc.port), ("local_port", svc.local_port),
                                 ("admin_port", svc.admin_port),
                                 ("sidecar.inbound_port", svc.sidecar.inbound_port),
