@@ -27,6 +27,7 @@ from aivo_mesh.config import (
     route_policy,
     service_policy,
 )
+from aivo_mesh.config.resolve import merge, per_try_not_applied
 from aivo_mesh.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +80,8 @@ def test_effective_values_of_mesh_yaml(mesh: MeshSpec) -> None:
         assert p.health_check.timeout == 5.0
         assert p.outlier_detection.base_ejection_time == 60.0
     # 3 retries x (up to) 1 s back-off: the platform design's "0.1 / 1 / 3".
-    assert service_policy(mesh, AUTH).retry.retry_on == ("UNAVAILABLE",)
+    assert service_policy(mesh, AUTH).retry.retry_on == ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    assert service_policy(mesh, AUTH).retry.per_try_timeout == 1.0
 
 
 def test_route_override(mesh: MeshSpec) -> None:
@@ -87,7 +89,8 @@ def test_route_override(mesh: MeshSpec) -> None:
     assert rp.match == VALIDATE_TOKEN
     assert rp.timeout == 1.0
     assert rp.idempotent
-    assert rp.retry.retry_on == ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL")
+    assert rp.retry.retry_on == ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "INTERNAL", "DEADLINE_EXCEEDED")
+    assert rp.retry.per_try_timeout == 0.5
     # Keys the route does not write come from the service / defaults.
     assert rp.retry.max_retries == 3
     assert (rp.retry.backoff.base, rp.retry.backoff.max) == (0.1, 1.0)
@@ -95,10 +98,12 @@ def test_route_override(mesh: MeshSpec) -> None:
     other = route_policy(mesh, AUTH, "/aivo.auth.v1.AuthService/Authenticate")
     assert other.match is None
     assert other.timeout == 5.0
-    assert other.retry.retry_on == ("UNAVAILABLE",)
+    assert other.retry.retry_on == ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+    assert other.retry.per_try_timeout is None  # not idempotent: the defaults' per-try timeout does not apply
 
     stream = route_policy(mesh, EVENTS, "/aivo.events.v1.EventCollectorService/CollectStream")
     assert (stream.timeout, stream.streaming) == (30.0, True)
+    assert stream.retry.per_try_timeout is None  # it would cut the stream
     # A route without its own timeout inherits the service's.
     assert route_policy(mesh, LEARNER, "/aivo.learner.v1.LearnerService/GetProfile").timeout == 10.0
 
@@ -107,7 +112,27 @@ def test_partial_override_keeps_other_keys(mesh: MeshSpec) -> None:
     analytics = service_policy(mesh, ANALYTICS).retry
     assert analytics.max_retries == 2
     assert (analytics.backoff.base, analytics.backoff.max) == (0.1, 1.0)
-    assert analytics.retry_on == ("UNAVAILABLE",)
+    assert analytics.retry_on == ("UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+@pytest.mark.parametrize(("route", "applies"), [
+    ("{match: /aivo.learner.v1.LearnerService/GetProfile, idempotent: true}", True),
+    ("{match: /aivo.learner.v1.LearnerService/GetProfile}", False),  # not idempotent
+    ("{match: /aivo.learner.v1.LearnerService/GetProfile, idempotent: true, streaming: true}", False),
+    ("{match: /aivo.learner.v1.LearnerService/GetProfile, idempotent: true, retry: {max_retries: 0}}", False),
+    ("{match: /aivo.learner.v1.LearnerService/GetProfile, idempotent: true, retry: {retry_on: [UNAVAILABLE]}}",
+     False),  # the proxyless plane would not retry the attempt it cuts
+])
+def test_per_try_timeout_applies_only_where_both_planes_retry_the_attempt_it_cuts(route: str,
+                                                                                   applies: bool) -> None:
+    text = _edit("      - match: /aivo.learner.v1.LearnerService/GetProfile\n        idempotent: true",
+                 f"      - {route}")
+    m = parse_mesh(text)
+    rp = route_policy(m, LEARNER, "/aivo.learner.v1.LearnerService/GetProfile")
+    assert rp.retry.per_try_timeout == (1.0 if applies else None)
+    written = merge(service_policy(m, LEARNER).retry, m.service(LEARNER).routes[0].retry)
+    assert written.per_try_timeout == 1.0  # the defaults' value reaches the route, and the rule decides
+    assert (per_try_not_applied(written, idempotent=rp.idempotent, streaming=rp.streaming) is None) == applies
 
 
 def test_partial_backoff_override_layers_over_defaults() -> None:
@@ -268,7 +293,8 @@ BAD_INPUTS = [
     _case("bad allow method pattern",
           _edit("methods: [/aivo.events.v1.EventCollectorService/ListEvents]", "methods: ['a b']"),
           "services[2].allow[1].methods[0]", "expected a gRPC method", "methods: ['a b']"),
-    _case("bad status code in retry_on", _edit("retry_on: [UNAVAILABLE]", "retry_on: [UNAVAILBLE]"),
+    _case("bad status code in retry_on", _edit("retry_on: [UNAVAILABLE, DEADLINE_EXCEEDED]",
+                                               "retry_on: [UNAVAILBLE, DEADLINE_EXCEEDED]"),
           "defaults.retry.retry_on[0]", "expected one of 'OK'", "UNAVAILBLE"),
     _case("backoff max < base", _edit("backoff: {base: 100ms, max: 1s}", "backoff: {base: 2s, max: 1s}"),
           "defaults.retry.backoff", "must be >= base", "base: 2s"),
@@ -280,11 +306,30 @@ BAD_INPUTS = [
     _case("canary not summing to 100", _edit("retry: {max_retries: 2}", "canary: {v1: 90, v2: 20}"),
           "services[3].canary", "add up to 100", "canary"),
     _case("wrong type: string for int", _edit("max_connections: 1000", "max_connections: lots"),
-          "defaults.limits.max_connections", "valid integer", "lots"),
+          "defaults.limits.max_connections", "expected an integer, got 'lots'", "lots"),
+    _case("wrong type: bool for port", _edit("    port: 50051\n", "    port: true\n"),
+          "services[0].port", "expected an integer, got true", "port: true"),
+    _case("wrong type: quoted port", _edit("    port: 50051\n", "    port: \"50051\"\n"),
+          "services[0].port", "expected an integer, got '50051' (it is quoted: remove the quotes)", "\"50051\""),
+    _case("wrong type: fractional port", _edit("    port: 50051\n", "    port: 50051.0\n"),
+          "services[0].port", "expected an integer, got 50051.0", "50051.0"),
+    _case("wrong type: bool for max_retries", _edit("    max_retries: 3\n", "    max_retries: true\n"),
+          "defaults.retry.max_retries", "expected an integer, got true", "max_retries: true"),
+    _case("wrong type: string for bool",
+          _edit("timeout: 1s\n        idempotent: true", "timeout: 1s\n        idempotent: \"yes\""),
+          "services[0].routes[0].idempotent", "expected true or false, got 'yes'", "idempotent: \"yes\""),
+    _case("wrong type: quoted bool", _edit("permit_without_calls: true", "permit_without_calls: \"off\""),
+          "keepalive.permit_without_calls", "expected true or false, got 'off'", "permit_without_calls"),
+    _case("wrong type: int for bool", _edit("enabled: false\n    otlp", "enabled: 1\n    otlp"),
+          "observability.tracing.enabled", "expected true or false, got 1", "enabled: 1"),
+    _case("wrong type: bool for percent", _edit("    percent: 25\n", "    percent: true\n"),
+          "defaults.retry_budget.percent", "expected a number, got true", "percent: true"),
+    _case("wrong type: quoted number", _edit("sample_ratio: 1.0", "sample_ratio: '0.5'"),
+          "observability.tracing.sample_ratio", "expected a number, got '0.5' (it is quoted", "sample_ratio"),
     _case("wrong type: list for mapping", _edit("retry: {max_retries: 2}", "retry: [2]"),
           "services[3].retry", "valid dictionary", "retry: [2]"),
     _case("wrong type: mapping for bool", _edit("permit_without_calls: true", "permit_without_calls: {a: 1}"),
-          "keepalive.permit_without_calls", "valid boolean", "permit_without_calls"),
+          "keepalive.permit_without_calls", "expected true or false, got {'a': 1}", "permit_without_calls"),
     _case("bad literal", _edit("mode: consecutive", "mode: sometimes"),
           "defaults.circuit_breaker.mode", "expected one of 'consecutive' or 'failure_rate'", "sometimes"),
     _case("unsupported version", _edit("version: 1\n", "version: 2\n"),

@@ -156,7 +156,7 @@ def test_max_stream_duration_alone_is_fine_and_bounds_per_try() -> None:
 
 
 @pytest.mark.parametrize(("timeout", "per_try", "bad"), [
-    ("5s", "5s", True), ("2s", "2.5s", True), (None, "15s", True), (None, "14.9s", False), ("0s", "30s", False),
+    ("5s", "5s", True), ("2s", "2.5s", True), (None, "15s", True), (None, "14.9s", False),
     ({"seconds": 1, "nanos": 500000000}, "1.5s", True),
 ])
 def test_per_try_timeout_not_below_route_timeout(timeout: Any, per_try: str, bad: bool) -> None:
@@ -172,6 +172,19 @@ def test_per_try_timeout_not_below_route_timeout(timeout: Any, per_try: str, bad
         assert "never fires" in _only(issues).message
     else:
         assert issues == []
+
+
+@pytest.mark.parametrize("per_try", ["30s", "0.5s"])
+def test_per_try_timeout_on_a_route_without_deadline_would_cut_streams(per_try: str) -> None:
+    cfg = _good()
+    route = _route(cfg)
+    route.update({"timeout": "0s", "idle_timeout": "30s"})  # how a streaming route is rendered
+    route["retry_policy"]["per_try_timeout"] = per_try
+    issue = _only(lint_bootstrap(cfg))
+    assert issue.path.endswith("route.retry_policy.per_try_timeout")
+    assert "streams included" in issue.message
+    del route["retry_policy"]["per_try_timeout"]
+    assert lint_bootstrap(cfg) == []
 
 
 def test_retry_budget_with_max_retries() -> None:
@@ -405,6 +418,35 @@ services:
         ("services[0].retry.per_try_timeout", "warning"),
     }
     assert any("UNKNOWN" in i.message for i in issues)
+
+
+def test_lint_mesh_per_try_timeouts_that_are_not_applied_or_do_nothing() -> None:
+    m = parse_mesh("""
+defaults:
+  retry: {per_try_timeout: 500ms, retry_on: [UNAVAILABLE, DEADLINE_EXCEEDED]}
+services:
+  - name: a-svc
+    grpc_service: a.A
+    port: 7001
+    local_port: 7101
+    timeout: 2s
+    routes:
+      - {match: /a.A/Get, idempotent: true}
+      - {match: /a.A/Watch, streaming: true, retry: {per_try_timeout: 1s}}
+      - {match: /a.A/Put, retry: {per_try_timeout: 1s}}
+      - {match: /a.A/List, idempotent: true, retry: {retry_on: [UNAVAILABLE]}}
+      - {match: /a.A/Slow, idempotent: true, timeout: 300ms}
+""", "t.yaml")
+    issues = {i.path: i for i in lint_mesh(m)}
+    assert set(issues) == {"services[0].routes[1].retry.per_try_timeout",  # written on a stream
+                           "services[0].routes[2].retry.per_try_timeout",  # written on a non-idempotent route
+                           "services[0].routes[3].retry.per_try_timeout",  # inherited, DEADLINE_EXCEEDED missing
+                           "services[0].routes[4].retry.per_try_timeout"}  # 500ms >= 300ms: does nothing
+    assert {i.severity for i in issues.values()} == {"warning"}
+    assert "would cut the stream" in issues["services[0].routes[1].retry.per_try_timeout"].message
+    assert "(inherited)" in issues["services[0].routes[3].retry.per_try_timeout"].message
+    assert "does nothing" in issues["services[0].routes[4].retry.per_try_timeout"].message
+    # services[0] (the catch-all, not idempotent) inherits the defaults' value silently: that is the rule.
 
 
 def test_lint_mesh_repo_is_clean(mesh: MeshSpec) -> None:

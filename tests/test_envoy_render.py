@@ -401,8 +401,14 @@ def test_outbound_timeouts_and_retries(pod: dict[str, dict[str, Any]]) -> None:
         assert {"connect-failure", "refused-stream"} <= set(tokens)
         assert action["retry_policy"]["retry_back_off"] == {"base_interval": "0.1s", "max_interval": "1s"}
     assert routes["auth-svc/ValidateToken"]["route"]["retry_policy"]["retry_on"] == (
-        "unavailable,resource-exhausted,internal,reset,connect-failure,refused-stream")
+        "unavailable,resource-exhausted,deadline-exceeded,internal,reset,connect-failure,refused-stream")
     assert routes["auth-svc/*"]["route"]["retry_policy"]["retry_on"] == "unavailable,connect-failure,refused-stream"
+    # Per-try timeouts only on idempotent unary routes (config.resolve.per_try_not_applied), never on streams.
+    per_try = {n: r["route"]["retry_policy"].get("per_try_timeout") for n, r in routes.items()}
+    assert per_try == {"auth-svc/ValidateToken": "0.5s", "auth-svc/*": None, "learner-svc/GetProfile": "1s",
+                       "learner-svc/*": None, "event-collector-svc/Collect": "1s",
+                       "event-collector-svc/CollectStream": None, "event-collector-svc/ListEvents": None,
+                       "event-collector-svc/*": None}
     assert routes["event-collector-svc/CollectStream"]["route"]["retry_policy"]["retry_on"] == (
         "connect-failure,refused-stream")
     assert routes["learner-svc/GetProfile"]["route"]["retry_policy"]["num_retries"] == 3
@@ -720,7 +726,8 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
                                                        tmp_path: Path) -> None:
     """learner-svc's app -> its sidecar (plaintext) -> auth-svc's sidecar (mTLS 1.3) -> a grpc.aio app:
     the allow-list lets learner call ValidateToken only (else PERMISSION_DENIED), the route's 1 s
-    deadline is enforced by Envoy, and an UNAVAILABLE answer is retried by Envoy."""
+    deadline is enforced by Envoy, an UNAVAILABLE answer is retried by Envoy, and so is an attempt cut by
+    the route's 0.5 s per-try timeout."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     assert ENVOY is not None
@@ -729,7 +736,7 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
 
     async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         calls["n"] += 1
-        if request == b"slow":
+        if request == b"slow" or (request == b"hang-once" and calls["n"] == 1):
             await asyncio.sleep(3)
         if request == b"flaky" and calls["n"] == 1:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
@@ -778,6 +785,10 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
             calls["n"] = 0
             assert await vt(b"flaky", timeout=5) == b"ok"
             assert calls["n"] == 2  # the sidecar retried the UNAVAILABLE answer
+            calls["n"] = 0
+            start = time.monotonic()
+            assert await vt(b"hang-once", timeout=5) == b"ok"  # within the route's 1 s:
+            assert calls["n"] == 2 and time.monotonic() - start < 0.95  # the 0.5 s per-try timeout cut the hang
     finally:
         for proc in procs:
             proc.terminate()

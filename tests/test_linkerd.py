@@ -381,6 +381,7 @@ def test_annotation_model_maps_retries_timeouts_and_failure_accrual():
     assert ann["timeout.linkerd.io/request"] == "5s"
     assert ann["retry.linkerd.io/grpc"] == "unavailable"
     assert ann["retry.linkerd.io/limit"] == "3"
+    assert "retry.linkerd.io/timeout" not in ann  # the defaults' per-try timeout: idempotent routes only
     assert ann["balancer.linkerd.io/failure-accrual"] == "consecutive"
     assert ann["balancer.linkerd.io/failure-accrual-consecutive-max-failures"] == "5"
     assert ann["balancer.linkerd.io/failure-accrual-consecutive-min-penalty"] == "60s"
@@ -389,7 +390,9 @@ def test_annotation_model_maps_retries_timeouts_and_failure_accrual():
     validate = routes["auth-svc-route-validatetoken"]
     assert validate["metadata"]["annotations"]["timeout.linkerd.io/request"] == "1s"
     # idempotent: INTERNAL and RESOURCE_EXHAUSTED may be retried, with the names Linkerd parses
-    assert validate["metadata"]["annotations"]["retry.linkerd.io/grpc"] == "internal,resource-exhausted,unavailable"
+    assert validate["metadata"]["annotations"]["retry.linkerd.io/grpc"] == (
+        "deadline-exceeded,internal,resource-exhausted,unavailable")
+    assert validate["metadata"]["annotations"]["retry.linkerd.io/timeout"] == "500ms"
     match = validate["spec"]["rules"][0]["matches"][0]["method"]
     assert match == {"type": "Exact", "service": "aivo.auth.v1.AuthService", "method": "ValidateToken"}
     default = routes["auth-svc-route-default"]["spec"]["rules"][0]["matches"][0]["method"]

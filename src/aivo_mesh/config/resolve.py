@@ -2,7 +2,8 @@
 
 This is the one place where layering happens. A key written in an override replaces only that key;
 keys left out keep the value from the level above (so `retry: {max_retries: 2}` on a service keeps
-the mesh-wide back-off).
+the mesh-wide back-off). A route's `retry.per_try_timeout` applies only where an attempt it cuts is
+retried by both planes (`per_try_not_applied`): never on streams.
 """
 
 from __future__ import annotations
@@ -117,17 +118,50 @@ def match_route(routes: tuple[RouteSpec, ...], method: str) -> RouteSpec | None:
     return best
 
 
+def per_try_not_applied(retry: RetrySpec, *, idempotent: bool, streaming: bool) -> str | None:
+    """Why `retry.per_try_timeout` does not apply to such a route (None: it applies, or there is none).
+
+    A per-try timeout cuts an attempt so that another one can be made; both planes must agree on when
+    that happens. Envoy retries an attempt it cut whenever the route has a retry policy with `reset`
+    (idempotent routes only) and answers UNAVAILABLE "upstream request timeout" otherwise (a status
+    callers take as "not processed", though the server may have done the work); the proxyless core
+    (`policy.deadline.attempt_timeout`) retries the DEADLINE_EXCEEDED it gets when the route may retry
+    that status. So it applies exactly where both retry it: unary, idempotent, retries left,
+    DEADLINE_EXCEEDED in retry_on. On a stream it would cut the stream itself.
+    """
+    if retry.per_try_timeout is None:
+        return None
+    if streaming:
+        return "streaming route: a per-try timeout would cut the stream"
+    if not idempotent:
+        return "not an idempotent route: the attempt it cuts is not retried (Envoy would answer UNAVAILABLE)"
+    if retry.max_retries == 0:
+        return "max_retries is 0: there is no other attempt to make"
+    if "DEADLINE_EXCEEDED" not in retry.retry_on:
+        return ("DEADLINE_EXCEEDED is not in retry_on: the proxyless plane would not retry the attempt it "
+                "cuts (Envoy would); list it")
+    return None
+
+
+def route_retry(retry: RetrySpec, *, idempotent: bool, streaming: bool) -> RetrySpec:
+    """`retry` as it applies to one route: without a per-try timeout where `per_try_not_applied`."""
+    if per_try_not_applied(retry, idempotent=idempotent, streaming=streaming) is None:
+        return retry
+    return retry.model_copy(update={"per_try_timeout": None})
+
+
 def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
     sp = service_policy(mesh, service)
     route = match_route(sp.service.routes, method)
     if route is None:
-        return RoutePolicy(service, method, None, sp.timeout, sp.retry, idempotent=False, streaming=False)
+        return RoutePolicy(service, method, None, sp.timeout, route_retry(sp.retry, idempotent=False, streaming=False),
+                           idempotent=False, streaming=False)
     return RoutePolicy(
         service=service,
         method=method,
         match=route.match,
         timeout=route.timeout or sp.timeout,
-        retry=merge(sp.retry, route.retry),
+        retry=route_retry(merge(sp.retry, route.retry), idempotent=route.idempotent, streaming=route.streaming),
         idempotent=route.idempotent,
         streaming=route.streaming,
     )

@@ -9,7 +9,8 @@ settings. Checks:
   unknown token (``unknown``, ``bogus``, a typo) is ignored without a word.
 - A route with ``max_stream_duration`` *and* ``timeout``: the timeout is never read (envoy#15530).
 - ``per_try_timeout`` >= the route's deadline (``timeout``, default 15 s, or
-  ``max_stream_duration.max_stream_duration``): the try timeout never fires.
+  ``max_stream_duration.max_stream_duration``): the try timeout never fires. ``per_try_timeout`` on a
+  route with ``timeout: 0s`` (how streams are rendered): it would cut the stream.
 - ``circuit_breakers.thresholds[]`` with ``retry_budget`` *and* ``max_retries``: the budget wins.
 - ``outlier_detection`` beside active ``health_checks`` without
   ``successful_active_health_check_uneject_host: false``: a passing check ends every ejection early.
@@ -34,7 +35,9 @@ settings. Checks:
   file inside them and inline, and the watched directories must exist.
 
 Unary timeouts on streaming routes cannot be told apart from a bootstrap and are not checked.
-`lint_mesh(mesh)` warns about mesh.yaml retry policies the Envoy sidecars cannot express.
+`lint_mesh(mesh)` warns about mesh.yaml retry policies the Envoy sidecars cannot express, and per-try
+timeouts that do nothing (>= the route timeout) or are not applied (`config.resolve.per_try_not_applied`:
+streams, non-idempotent routes, no retries, DEADLINE_EXCEEDED not retried).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ from typing import Any, Literal
 import yaml
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import route_policy
+from aivo_mesh.config.resolve import merge, per_try_not_applied, route_policy, service_policy
 from aivo_mesh.render.envoy import VALID_RETRY_ON, retry_on_tokens
 
 __all__ = ["LintIssue", "Severity", "lint_bootstrap", "lint_mesh", "load_config"]
@@ -148,12 +151,15 @@ def _check_route_action(path: str, action: Mapping[str, Any], out: list[LintIssu
         raw = action.get("timeout")
         deadline = DEFAULT_ROUTE_TIMEOUT if raw is None else _seconds(raw)
     policy = action.get("retry_policy")
-    if isinstance(policy, Mapping) and deadline:  # 0 = no deadline: any per-try timeout is smaller
-        per_try = _seconds(policy.get("per_try_timeout"))
-        if per_try is not None and per_try >= deadline:
-            out.append(LintIssue(f"{path}.retry_policy.per_try_timeout", "error",
-                                 f"per_try_timeout {per_try:g}s >= the route's deadline {deadline:g}s: "
-                                 "it never fires (and leaves no time for a retry)"))
+    per_try = _seconds(policy.get("per_try_timeout")) if isinstance(policy, Mapping) else None
+    if per_try is not None and msd is None and deadline == 0:  # `timeout: 0s`: the shape of a streaming route
+        out.append(LintIssue(f"{path}.retry_policy.per_try_timeout", "error",
+                             f"per_try_timeout {per_try:g}s on a route without a deadline (timeout: 0s, a "
+                             "stream): Envoy cuts every response still running after it, streams included"))
+    elif per_try is not None and deadline and per_try >= deadline:
+        out.append(LintIssue(f"{path}.retry_policy.per_try_timeout", "error",
+                             f"per_try_timeout {per_try:g}s >= the route's deadline {deadline:g}s: "
+                             "it never fires (and leaves no time for a retry)"))
 
 
 def _check_cluster(path: str, cluster: Mapping[str, Any], out: list[LintIssue]) -> None:
@@ -408,13 +414,24 @@ def lint_bootstrap(config: Mapping[str, Any], *, file: str = "<config>", check_f
 
 
 def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
-    """mesh.yaml retry policies the sidecars cannot express (warnings; paths as in mesh.yaml)."""
+    """mesh.yaml retry policies the sidecars cannot express or that do nothing (warnings; paths as in
+    mesh.yaml). A per-try timeout is left out where `per_try_not_applied` says so: warned when it was
+    written for that very route (or the service's catch-all), or when the route is an idempotent unary
+    one with retries whose retry_on lacks DEADLINE_EXCEEDED (probably meant to apply)."""
     out: list[LintIssue] = []
     for i, svc in enumerate(mesh.services):
-        where = [(f"services[{i}]", f"/{svc.grpc_service}/")]
-        where += [(f"services[{i}].routes[{j}]", r.match) for j, r in enumerate(svc.routes)]
-        for path, pattern in where:
+        sp = service_policy(mesh, svc.name)
+        where = [(f"services[{i}]", f"/{svc.grpc_service}/", svc.retry)]
+        where += [(f"services[{i}].routes[{j}]", r.match, r.retry) for j, r in enumerate(svc.routes)]
+        for path, pattern, own in where:
             rp = route_policy(mesh, svc.name, pattern)
+            written = own is not None and "per_try_timeout" in own.model_fields_set
+            unfiltered = merge(sp.retry, own) if path != f"services[{i}]" else sp.retry
+            why = per_try_not_applied(unfiltered, idempotent=rp.idempotent, streaming=rp.streaming)
+            if why and (written or why.startswith("DEADLINE_EXCEEDED")):
+                out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
+                                     f"{unfiltered.per_try_timeout:g}s{'' if written else ' (inherited)'} is "
+                                     f"not applied on either plane: {why}"))
             if rp.retry.max_retries == 0:
                 continue
             on = retry_on_tokens(rp.retry.retry_on, idempotent=rp.idempotent, streaming=rp.streaming)
@@ -422,9 +439,9 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
                 if why.startswith("Envoy has no"):
                     out.append(LintIssue(f"{path}.retry.retry_on", "warning",
                                          f"{code}: not retried by the Envoy sidecars ({why})"))
-            per_try = rp.retry.per_try_timeout
-            if per_try is not None and not rp.streaming and per_try >= rp.timeout:
+            per_try = rp.retry.per_try_timeout  # None where not applied (above)
+            if per_try is not None and per_try >= rp.timeout:
                 out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
-                                     f"{per_try:g}s >= the route timeout {rp.timeout:g}s: left out of the "
-                                     "sidecar config (it could never fire)"))
+                                     f"{per_try:g}s >= the route timeout {rp.timeout:g}s: it does nothing (left "
+                                     "out of the sidecar config; the proxyless attempt gets the whole deadline)"))
     return out

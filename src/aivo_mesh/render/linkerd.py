@@ -39,7 +39,7 @@ import yaml
 from google.protobuf import descriptor_pool
 
 from aivo_mesh.config.model import MeshSpec, RetrySpec, ServiceSpec, format_duration
-from aivo_mesh.config.resolve import route_policy, service_policy
+from aivo_mesh.config.resolve import route_policy, route_retry, service_policy
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
 
@@ -337,7 +337,7 @@ def service_annotations(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, str]:
     """`retry.linkerd.io/*`, `timeout.linkerd.io/*` and failure accrual on the Service (notes §2-3)."""
     sp = service_policy(mesh, svc.name)
     ann: dict[str, str] = {"timeout.linkerd.io/request": _go_duration(sp.timeout)}
-    ann.update(_retry_annotations(sp.retry, idempotent=False))
+    ann.update(_retry_annotations(route_retry(sp.retry, idempotent=False, streaming=False), idempotent=False))
     cb = sp.circuit_breaker
     if cb.mode == "consecutive":  # the success-rate mode is alpha in Linkerd edge: not rendered
         penalty = _go_duration(cb.recovery_time)
