@@ -138,10 +138,32 @@ def test_virtual_host_retry_policy_is_checked_too() -> None:
 
 def test_max_stream_duration_beside_timeout() -> None:
     cfg = _good()
-    _route(cfg)["max_stream_duration"] = {"grpc_timeout_header_max": "5s"}
+    _route(cfg)["max_stream_duration"] = {"max_stream_duration": "5s", "grpc_timeout_header_max": "5s"}
     issue = _only(lint_bootstrap(cfg))
     assert issue.path.endswith("route.timeout")
     assert "never applied" in issue.message
+
+
+# The auditor's cases (/tmp/audit4/lint1.yaml): each leaves a unary route without any deadline.
+@pytest.mark.parametrize(("msd", "says"), [
+    ({"max_stream_duration": "0s"}, "no call has a deadline"),
+    ({"grpc_timeout_header_max": "0s"}, "taken however long"),
+    ({"grpc_timeout_header_max": "5s"}, "capped at 5s but a call without one has no deadline"),
+    ({"max_stream_duration": {"seconds": 0}, "grpc_timeout_header_max": "5s"}, "capped at 5s"),
+])
+def test_max_stream_duration_without_a_deadline_of_its_own(msd: dict[str, Any], says: str) -> None:
+    cfg = _good()
+    route = _route(cfg)
+    del route["timeout"], route["retry_policy"]["per_try_timeout"]
+    route["max_stream_duration"] = msd
+    issue = _only(lint_bootstrap(cfg))
+    assert issue.path.endswith("route.max_stream_duration.max_stream_duration")
+    assert says in issue.message
+    route["idle_timeout"] = "30s"  # a stream: bounded by silence instead, and may honour grpc-timeout as sent
+    assert lint_bootstrap(cfg) == []
+    del route["idle_timeout"]
+    msd["max_stream_duration"] = "2s"
+    assert lint_bootstrap(cfg) == []
 
 
 def test_max_stream_duration_alone_is_fine_and_bounds_per_try() -> None:

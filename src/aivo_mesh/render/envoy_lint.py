@@ -8,6 +8,9 @@ settings. Checks:
 - ``retry_on`` (route and virtual-host retry policies): every token must be one Envoy knows; an
   unknown token (``unknown``, ``bogus``, a typo) is ignored without a word.
 - A route with ``max_stream_duration`` *and* ``timeout``: the timeout is never read (envoy#15530).
+- A route with ``max_stream_duration`` whose own ``max_stream_duration`` is missing or 0s (e.g. only
+  ``grpc_timeout_header_max``): route.timeout is off and calls without grpc-timeout have no deadline.
+  Routes with an ``idle_timeout`` (streams) are exempt.
 - ``per_try_timeout`` >= the route's deadline (``timeout``, default 15 s, or
   ``max_stream_duration.max_stream_duration``): the try timeout never fires. ``per_try_timeout`` on a
   route with ``timeout: 0s`` (how streams are rendered): it would cut the stream.
@@ -34,7 +37,8 @@ settings. Checks:
   names (a missing one keeps the listener/cluster warming forever), every certificate, key and CA
   file inside them and inline, and the watched directories must exist.
 
-Unary timeouts on streaming routes cannot be told apart from a bootstrap and are not checked.
+A route is taken for a stream when it has an ``idle_timeout`` or ``timeout: 0s`` (how streams are
+rendered); unary timeouts on streams shaped otherwise cannot be told apart and are not checked.
 `lint_mesh(mesh)` warns about mesh.yaml retry policies the Envoy sidecars cannot express, and per-try
 timeouts that do nothing (>= the route timeout) or are not applied (`config.resolve.per_try_not_applied`:
 streams, non-idempotent routes, no retries, DEADLINE_EXCEEDED not retried).
@@ -144,9 +148,20 @@ def _check_route_action(path: str, action: Mapping[str, Any], out: list[LintIssu
                              "put the deadline in max_stream_duration.max_stream_duration and drop timeout"))
     if msd is not None:
         deadline = _seconds(msd.get("max_stream_duration")) if isinstance(msd, Mapping) else None
-        if deadline is None and isinstance(msd, Mapping) and "grpc_timeout_header_max" not in msd:
-            out.append(LintIssue(f"{path}.max_stream_duration", "warning",
-                                 "max_stream_duration disables route.timeout but sets no deadline of its own"))
+        # An idle_timeout marks a stream: bounded by silence, not duration (how streams are rendered).
+        if isinstance(msd, Mapping) and not deadline and "idle_timeout" not in action:
+            cap = _seconds(msd.get("grpc_timeout_header_max"))
+            if "grpc_timeout_header_max" not in msd:  # then Envoy does not read grpc-timeout either
+                honoured = "no call has a deadline in Envoy"
+            elif cap:
+                honoured = f"a client's grpc-timeout is capped at {cap:g}s but a call without one has no deadline"
+            else:  # 0: the header as sent, uncapped
+                honoured = "a client's grpc-timeout is taken however long, and a call without one has no deadline"
+            state = "missing" if msd.get("max_stream_duration") is None else f"{msd['max_stream_duration']}"
+            out.append(LintIssue(f"{path}.max_stream_duration.max_stream_duration", "error",
+                                 f"{state}: max_stream_duration disables route.timeout (envoy#15530), so {honoured}; "
+                                 "set max_stream_duration.max_stream_duration to the route's deadline (for a "
+                                 "stream, give the route an idle_timeout)"))
     else:
         raw = action.get("timeout")
         deadline = DEFAULT_ROUTE_TIMEOUT if raw is None else _seconds(raw)
