@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,22 @@ def _describe(err: dict[str, Any]) -> list[tuple[Loc, str]]:
     return [_describe_one(err)]
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# Strict type error -> (what was expected, does a string say it in quotes, e.g. "50051").
+_STRICT_EXPECTED: dict[str, tuple[str, Callable[[str], bool]]] = {
+    "int_type": ("an integer", lambda t: t.strip().lstrip("+-").isdigit()),
+    "bool_type": ("true or false", lambda t: t.strip().lower() in ("true", "false")),
+    "float_type": ("a number", _is_number),
+}
+
+
 def _describe_one(err: dict[str, Any]) -> tuple[Loc, str]:
     loc: Loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
     # Aliased fields report their alias; discriminated unions add the type name as a loc part.
@@ -130,6 +147,12 @@ def _describe_one(err: dict[str, Any]) -> tuple[Loc, str]:
         return loc, f"expected at least {n} item{'' if n == 1 else 's'}, got {ctx.get('actual_length')}"
     if kind == "literal_error":
         return loc, f"expected one of {ctx.get('expected')}, got {_short(err.get('input'))}"
+    if kind in _STRICT_EXPECTED:  # the model's strict scalars (StrictInt, StrictBool, StrictNumber)
+        expected, reads_as = _STRICT_EXPECTED[kind]
+        got = err.get("input")
+        quoted = " (it is quoted: remove the quotes)" if isinstance(got, str) and reads_as(got) else ""
+        shown = str(got).lower() if isinstance(got, bool) else _short(got)  # as YAML writes it: true
+        return loc, f"expected {expected}, got {shown}{quoted}"
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, "):]
     if kind.endswith("_type") or kind.endswith("_parsing"):

@@ -19,6 +19,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    Strict,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -75,10 +76,17 @@ def format_duration(seconds: float) -> str:
     return f"{ms}ms"
 
 
+# YAML already types scalars, so `port: true`, `port: "50051"` or `idempotent: "yes"` are mistakes to
+# report, not values to coerce (lax pydantic reads them as 1, 50051 and True). Strict per field, not
+# model-wide: strict models would refuse the YAML lists that tuple fields are fed.
+StrictInt = Annotated[int, Strict()]
+StrictBool = Annotated[bool, Strict()]
+StrictNumber = Annotated[float, Strict()]  # an int is still a number; a bool or a string is not
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
 PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
-Port = Annotated[int, Field(ge=1, le=65535)]
-Percent = Annotated[float, Field(ge=0, le=100)]
+Port = Annotated[StrictInt, Field(ge=1, le=65535)]
+Percent = Annotated[StrictNumber, Field(ge=0, le=100)]
 
 # Validation context key: the name of the one service this process is (ports of others not checked).
 POD_SCOPE = "pod_scope"
@@ -157,7 +165,7 @@ class BackoffSpec(_Strict):
 class RetrySpec(_Strict):
     """Retries of one call. `retry_on` names gRPC status codes; INTERNAL only for idempotent routes."""
 
-    max_retries: Annotated[int, Field(ge=0, le=10)] = 3
+    max_retries: Annotated[StrictInt, Field(ge=0, le=10)] = 3
     backoff: BackoffSpec = BackoffSpec()
     retry_on: tuple[StatusName, ...] = ("UNAVAILABLE",)
     per_try_timeout: PositiveDuration | None = None
@@ -169,7 +177,7 @@ class RetryBudgetSpec(_Strict):
     which recent requests are counted by the proxyless plane."""
 
     percent: Percent = 25.0
-    min_retry_concurrency: Annotated[int, Field(ge=0)] = 3
+    min_retry_concurrency: Annotated[StrictInt, Field(ge=0)] = 3
     window: PositiveDuration = 10.0
 
 
@@ -178,12 +186,12 @@ class CircuitBreakerSpec(_Strict):
     HALF_OPEN after `recovery_time` -> CLOSED after `half_open_max_calls` successful probes."""
 
     mode: Literal["consecutive", "failure_rate"] = "consecutive"
-    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    consecutive_failures: Annotated[StrictInt, Field(ge=1)] = 5
     recovery_time: PositiveDuration = 60.0
-    half_open_max_calls: Annotated[int, Field(ge=1)] = 1
+    half_open_max_calls: Annotated[StrictInt, Field(ge=1)] = 1
     failure_rate_threshold: Percent = 50.0
-    window_size: Annotated[int, Field(ge=1)] = 100
-    minimum_calls: Annotated[int, Field(ge=1)] = 20
+    window_size: Annotated[StrictInt, Field(ge=1)] = 100
+    minimum_calls: Annotated[StrictInt, Field(ge=1)] = 20
     failure_codes: tuple[StatusName, ...] = (
         "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS",
     )
@@ -192,14 +200,14 @@ class CircuitBreakerSpec(_Strict):
 class LimitsSpec(_Strict):
     """Concurrency thresholds per target (Envoy `circuit_breakers.thresholds`)."""
 
-    max_connections: Annotated[int, Field(ge=1)] = 1000
-    max_pending_requests: Annotated[int, Field(ge=0)] = 100
-    max_requests: Annotated[int, Field(ge=1)] = 1000
-    max_retries: Annotated[int, Field(ge=0)] = 10
+    max_connections: Annotated[StrictInt, Field(ge=1)] = 1000
+    max_pending_requests: Annotated[StrictInt, Field(ge=0)] = 100
+    max_requests: Annotated[StrictInt, Field(ge=1)] = 1000
+    max_retries: Annotated[StrictInt, Field(ge=0)] = 10
 
 
 class OutlierDetectionSpec(_Strict):
-    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    consecutive_failures: Annotated[StrictInt, Field(ge=1)] = 5
     interval: PositiveDuration = 10.0
     base_ejection_time: PositiveDuration = 60.0
     max_ejection_time: PositiveDuration = 60.0
@@ -209,24 +217,24 @@ class OutlierDetectionSpec(_Strict):
 class HealthCheckSpec(_Strict):
     interval: PositiveDuration = 30.0
     timeout: PositiveDuration = 5.0
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
-    healthy_threshold: Annotated[int, Field(ge=1)] = 1
+    unhealthy_threshold: Annotated[StrictInt, Field(ge=1)] = 3
+    healthy_threshold: Annotated[StrictInt, Field(ge=1)] = 1
 
 
 class KeepaliveSpec(_Strict):
     """HTTP/2 keepalive of the platform's design (grpc channel args of the same names)."""
 
-    time_ms: Annotated[int, Field(ge=1000)] = 30000
-    timeout_ms: Annotated[int, Field(ge=100)] = 5000
-    permit_without_calls: bool = True
-    max_pings_without_data: Annotated[int, Field(ge=0)] = 0
+    time_ms: Annotated[StrictInt, Field(ge=1000)] = 30000
+    timeout_ms: Annotated[StrictInt, Field(ge=100)] = 5000
+    permit_without_calls: StrictBool = True
+    max_pings_without_data: Annotated[StrictInt, Field(ge=0)] = 0
 
 
 class Http2Spec(_Strict):
-    max_concurrent_streams: Annotated[int, Field(ge=1, le=2147483647)] = 1000
-    initial_stream_window_size: Annotated[int, Field(ge=65535, le=2147483647)] = 1048576
-    initial_connection_window_size: Annotated[int, Field(ge=65535, le=2147483647)] = 4194304
-    per_connection_buffer_limit_bytes: Annotated[int, Field(ge=1024)] = 1048576
+    max_concurrent_streams: Annotated[StrictInt, Field(ge=1, le=2147483647)] = 1000
+    initial_stream_window_size: Annotated[StrictInt, Field(ge=65535, le=2147483647)] = 1048576
+    initial_connection_window_size: Annotated[StrictInt, Field(ge=65535, le=2147483647)] = 4194304
+    per_connection_buffer_limit_bytes: Annotated[StrictInt, Field(ge=1024)] = 1048576
 
 
 class FaultSpec(_Strict):
@@ -256,8 +264,8 @@ class RouteSpec(_Strict):
     match: MethodPattern
     timeout: PositiveDuration | None = None
     retry: RetrySpec | None = None
-    idempotent: bool = False
-    streaming: bool = False
+    idempotent: StrictBool = False
+    streaming: StrictBool = False
 
 
 class AllowRule(_Strict):
@@ -299,7 +307,7 @@ class ServiceSpec(_Strict):
     routes: tuple[RouteSpec, ...] = ()
     allow: tuple[AllowRule, ...] = ()
     sidecar: SidecarPorts = SidecarPorts()
-    canary: dict[str, Annotated[int, Field(ge=0, le=100)]] = Field(default_factory=dict)
+    canary: dict[str, Annotated[StrictInt, Field(ge=0, le=100)]] = Field(default_factory=dict)
 
     @field_validator("name")
     @classmethod
@@ -326,23 +334,23 @@ class ServiceSpec(_Strict):
 
 
 class TracingSpec(_Strict):
-    enabled: bool = False
+    enabled: StrictBool = False
     otlp_endpoint: str = "http://127.0.0.1:4317"
-    sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    sample_ratio: Annotated[StrictNumber, Field(ge=0.0, le=1.0)] = 1.0
 
 
 class MetricsSpec(_Strict):
-    enabled: bool = True
+    enabled: StrictBool = True
     host: str = "127.0.0.1"
     # Per-method gRPC stats (Envoy's grpc_stats filter) on each sidecar's outbound listener too. Off by
     # default: every call is already counted per method by its server's inbound sidecar, the outbound
     # cluster stats carry the caller's view (gRPC status, retries, timeouts, ejections), and the filter
     # costs about 20 us of Envoy CPU per request on the 2-core development VM (docs/benchmarks.md).
-    envoy_outbound_grpc_stats: bool = False
+    envoy_outbound_grpc_stats: StrictBool = False
 
 
 class StatsdSpec(_Strict):
-    enabled: bool = False
+    enabled: StrictBool = False
     address: str = "127.0.0.1:8125"
     prefix: str = "aivo_mesh"
 
