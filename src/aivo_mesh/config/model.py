@@ -144,6 +144,12 @@ def _not_a_method_of(grpc_service: str, pattern: str) -> str | None:
             f"or {prefix} for every method")
 
 
+def _is_host_port(value: str) -> bool:
+    """`host:port` or `[v6]:port`, the port 1-65535 (service endpoints, the StatsD address)."""
+    host, sep, port = value.strip().rpartition(":")
+    return bool(sep and host and port.isascii() and port.isdigit() and 1 <= int(port) <= 65535)
+
+
 class _Strict(BaseModel):
     # Unknown keys are errors: a typo in mesh.yaml must never be silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
@@ -320,8 +326,7 @@ class ServiceSpec(_Strict):
     @classmethod
     def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
         for e in v:
-            host, sep, port = e.rpartition(":")
-            if not sep or not host or not (port.isascii() and port.isdigit()) or not 1 <= int(port) <= 65535:
+            if not _is_host_port(e):
                 raise ValueError(f"endpoint {e!r}: expected host:port, e.g. 127.0.0.1:50051")
         return v
 
@@ -353,6 +358,14 @@ class StatsdSpec(_Strict):
     enabled: StrictBool = False
     address: str = "127.0.0.1:8125"
     prefix: str = "aivo_mesh"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        # Checked here, not only when a process starts sending: `config validate` is where to hear it.
+        if not _is_host_port(v):
+            raise ValueError(f"expected host:port such as 127.0.0.1:8125, got {v!r}")
+        return v
 
 
 class ObservabilitySpec(_Strict):
