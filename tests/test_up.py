@@ -86,6 +86,9 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
     assert "enabled: false\n    otlp_endpoint: http://127.0.0.1:4317" in text
     config.write_text(text.replace("enabled: false\n    otlp_endpoint: http://127.0.0.1:4317",
                                    f"enabled: true\n    otlp_endpoint: {jaeger.receiver.endpoint}"))
+    # A previous run's restart counts (left by an older `down`) must not carry over.
+    state.root.mkdir(parents=True)
+    (state.root / "restarts.json").write_text('{"auth-svc": 7, "learner-svc": 2}\n')
     out = meshctl("up", "--plane", "proxyless", "--state-dir", str(state.root), "--free-ports", "--timeout", "90",
                   "--config", str(config))
     try:
@@ -97,6 +100,7 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
         rows = {r["service"]: r for r in status["services"]}
         assert status["plane"] == "proxyless"
         assert {r["health"] for r in rows.values()} == {"SERVING"}
+        assert {r["restarts"] for r in rows.values()} == {0}
         assert rows["learner-svc"]["breakers"] == {"auth-svc": "closed"}
         assert rows["learner-svc"]["upstreams"] == {"auth-svc": "1/1 healthy"}
 
@@ -105,7 +109,8 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
         os.kill(victim.pid, signal.SIGKILL)
         assert wait_until(lambda: any(r.name == "auth-svc" and r.pid != victim.pid and pid_alive(r.pid)
                                       for r in state.read_processes()), 60)
-        assert json.loads((state.root / "restarts.json").read_text())["auth-svc"] == 1
+        assert wait_until(lambda: (state.root / "restarts.json").exists(), 10)
+        assert json.loads((state.root / "restarts.json").read_text()) == {"auth-svc": 1}
         assert wait_until(lambda: json.loads(meshctl("status", "--json", "--state-dir", str(state.root),
                                                      "--interval", "0").stdout)["services"][0]["health"]
                           == "SERVING", 60, interval=0.2)
@@ -124,6 +129,7 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
     assert not any(pid_alive(p) for p in pids)
     assert not (state.root / "processes.json").exists()
     assert not (state.root / "supervisor.pid").exists()
+    assert not (state.root / "restarts.json").exists()
 
 
 def test_down_with_nothing_running_is_harmless(tmp_path):

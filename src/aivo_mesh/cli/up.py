@@ -145,7 +145,7 @@ def down(state_dir: str) -> None:
 
 
 def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
-    from aivo_mesh.runtime.mesh import running_supervisor, supervisor_pid_file
+    from aivo_mesh.runtime.mesh import restarts_file, running_supervisor, supervisor_pid_file
     from aivo_mesh.runtime.supervisor import stop_recorded
 
     pid = running_supervisor(state)
@@ -159,8 +159,8 @@ def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
     # Whatever the supervisor could not stop (it was killed, or crashed) goes by its recorded pid.
     leftovers = stop_recorded(state.read_processes(), grace=5.0)
     state.clear_processes()
-    for f in (supervisor_pid_file(state), state.root / "runtime.json"):
-        f.unlink(missing_ok=True)
+    for f in (supervisor_pid_file(state), state.root / "runtime.json", restarts_file(state)):
+        f.unlink(missing_ok=True)  # also when the supervisor could not clean up after itself
     stopped = "supervisor" if pid else "nothing was running"
     console.print(f"mesh down ({stopped}{'; also stopped ' + ', '.join(leftovers) if leftovers else ''})")
 

@@ -231,11 +231,19 @@ class MeshSupervisor(Supervisor):
             self._write_restarts()
 
     def _write_restarts(self) -> None:
-        (self.state.root / "restarts.json").write_text(json.dumps(self.restarts) + "\n")
+        path = restarts_file(self.state)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.restarts) + "\n")
+        os.replace(tmp, path)  # `meshctl status` may read it at any time
 
 
 def supervisor_pid_file(state: StateDir) -> Path:
     return state.root / "supervisor.pid"
+
+
+def restarts_file(state: StateDir) -> Path:
+    """Restarts per process of the running supervisor (`meshctl status`); none before the first."""
+    return state.root / "restarts.json"
 
 
 async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_to: str | None = None) -> None:
@@ -244,12 +252,13 @@ async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_
 
     mesh = load_mesh(state.mesh_file)
     procs, info = plan(state, mesh, plane, collector_port, forward_to)
+    restarts_file(state).unlink(missing_ok=True)  # counts are per run: a previous run's are not ours
     info.write(state)
     supervisor_pid_file(state).write_text(f"{os.getpid()}\n")
     try:
         await MeshSupervisor(state, procs).run()
     finally:
-        for f in (supervisor_pid_file(state), state.root / "runtime.json"):
+        for f in (supervisor_pid_file(state), state.root / "runtime.json", restarts_file(state)):
             f.unlink(missing_ok=True)
 
 

@@ -20,7 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints
+from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints, restarts_file
 from aivo_mesh.runtime.state import StateDir, pid_alive
 
 
@@ -137,7 +137,7 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
     view = mesh_for_clients(load_mesh(state.mesh_file), info)
     records = {r.name: r for r in state.read_processes()}
     try:
-        restarts: dict[str, int] = json.loads((state.root / "restarts.json").read_text())
+        restarts: dict[str, int] = json.loads(restarts_file(state).read_text())
     except (FileNotFoundError, ValueError):
         restarts = {}
     rows = {name: ServiceStatus(service=name) for name in info.services}
