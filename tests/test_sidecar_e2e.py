@@ -27,11 +27,12 @@ from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
-from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files, sidecar_ports
+from aivo_mesh.render.envoy import HELPER_CLUSTERS, EnvoyProfile, bootstrap, callable_peers, sds_files, sidecar_ports
 from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
+from aivo_mesh.runtime.status import peer_hosts
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -159,6 +160,21 @@ def test_status_reports_sidecars_and_upstreams(sidecar_mesh):
     assert {r["sidecar"] for r in rows.values()} == {"LIVE"}
     assert {r["health"] for r in rows.values()} == {"SERVING"}
     assert set(rows["learner-svc"]["upstreams"]) == {"auth-svc", "event-collector-svc"}
+
+
+def test_status_keeps_every_peer_and_drops_exactly_the_renderers_helper_clusters(mesh, tmp_path):
+    # Every cluster the renderer can emit: pod profile (envoy_admin), tracing, StatsD by host name.
+    statsd = mesh.observability.statsd.model_copy(update={"enabled": True, "address": "statsd.internal:8125"})
+    m = mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"statsd": statsd})})
+    profile = EnvoyProfile("pod", "/etc/envoy/certs", "/etc/envoy/sds", otlp=("jaeger", 4317),
+                           statsd=("statsd.internal", 8125))
+    names = {c["name"] for c in bootstrap(m, "analytics-svc", profile)["static_resources"]["clusters"]}
+    peers = set(callable_peers(m, "analytics-svc"))
+    assert names - peers == HELPER_CLUSTERS  # the constant names every non-peer cluster, no more
+    # Peers whose names start like a helper's (status used to drop anything starting with "local").
+    names |= {"localizer-svc", "local-events-svc"}
+    text = "\n".join(f"{n}::127.0.0.1:{7000 + i}::health_flags::healthy" for i, n in enumerate(sorted(names)))
+    assert set(peer_hosts(text)) == peers | {"localizer-svc", "local-events-svc"}
 
 
 # -- outlier ejection across two endpoints -------------------------------------------------------

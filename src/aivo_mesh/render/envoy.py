@@ -69,6 +69,7 @@ from aivo_mesh.render import Document
 
 __all__ = [
     "GRPC_RETRY_TOKENS",
+    "HELPER_CLUSTERS",
     "POD_ADMIN_PORT",
     "POD_INBOUND_PORT",
     "POD_OUTBOUND_PORT",
@@ -113,6 +114,8 @@ LOCAL_APP_CLUSTER = "local_app"
 ADMIN_CLUSTER = "envoy_admin"
 OTLP_CLUSTER = "otlp_collector"
 STATSD_CLUSTER = "statsd_sink"
+# Every cluster that is not a peer service (`meshctl status` leaves these out of a sidecar's upstreams).
+HELPER_CLUSTERS: frozenset[str] = frozenset({LOCAL_APP_CLUSTER, ADMIN_CLUSTER, OTLP_CLUSTER, STATSD_CLUSTER})
 
 CONNECT_TIMEOUT = "1s"
 # TCP keepalive (no mesh.yaml key: the h2 PING keepalive of mesh.yaml is the primary liveness check).

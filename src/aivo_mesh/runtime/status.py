@@ -20,6 +20,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from aivo_mesh.render.envoy import HELPER_CLUSTERS
 from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints, restarts_file
 from aivo_mesh.runtime.state import StateDir, pid_alive
 
@@ -45,15 +46,21 @@ def _get(url: str, timeout: float = 2.0) -> str:
         return str(resp.read().decode())
 
 
-def envoy_hosts(admin: str) -> dict[str, dict[str, str]]:
-    """Per peer cluster of a sidecar: each host's health flags ("healthy", "/failed_outlier_check", ...)."""
+def peer_hosts(clusters_text: str) -> dict[str, dict[str, str]]:
+    """Per peer cluster in Envoy's `/clusters` text: each host's health flags ("healthy",
+    "/failed_outlier_check", ...). The renderer's helper clusters are left out by name, so a peer
+    called e.g. `localizer-svc` is kept."""
     hosts: dict[str, dict[str, str]] = {}
-    for line in _get(f"http://{admin}/clusters").splitlines():
+    for line in clusters_text.splitlines():
         parts = line.split("::")
-        if len(parts) == 4 and parts[2] == "health_flags":
+        if len(parts) == 4 and parts[2] == "health_flags" and parts[0] not in HELPER_CLUSTERS:
             hosts.setdefault(parts[0], {})[parts[1]] = parts[3]
-    return {c: flags for c, flags in sorted(hosts.items())
-            if not (c in ("local_app", "otlp_collector", "admin", "envoy_admin") or c.startswith("local"))}
+    return dict(sorted(hosts.items()))
+
+
+def envoy_hosts(admin: str) -> dict[str, dict[str, str]]:
+    """`peer_hosts` of the sidecar whose admin endpoint is `admin`."""
+    return peer_hosts(_get(f"http://{admin}/clusters"))
 
 
 def envoy_upstreams(admin: str) -> dict[str, str]:
