@@ -162,6 +162,35 @@ def test_status_reports_sidecars_and_upstreams(sidecar_mesh):
     assert set(rows["learner-svc"]["upstreams"]) == {"auth-svc", "event-collector-svc"}
 
 
+async def test_a_killed_sidecar_is_restarted_and_reported(sidecar_mesh):
+    import json
+    import os
+    import signal
+
+    from aivo_mesh.runtime.state import pid_alive
+
+    state, _, _ = sidecar_mesh
+    victim = next(r for r in state.read_processes() if r.name == "auth-svc-envoy")
+    os.kill(victim.pid, signal.SIGKILL)
+
+    def restarted() -> bool:
+        return any(r.name == "auth-svc-envoy" and r.pid != victim.pid and pid_alive(r.pid)
+                   for r in state.read_processes())
+
+    await until(restarted, 20, "the supervisor restarted auth-svc's Envoy")
+
+    def row() -> dict[str, Any]:
+        out = meshctl("status", "--json", "--state-dir", str(state.root), "--interval", "0")
+        assert out.returncode == 0, out.stderr
+        return {r["service"]: r for r in json.loads(out.stdout)["services"]}["auth-svc"]
+
+    deadline = time.monotonic() + 20
+    while (r := await asyncio.to_thread(row))["health"] != "SERVING" and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert (r["process"], r["sidecar"], r["health"], r["restarts"]) == ("running", "LIVE", "SERVING", 1), r
+    assert json.loads((state.root / "restarts.json").read_text()) == {"auth-svc-envoy": 1}
+
+
 def test_status_keeps_every_peer_and_drops_exactly_the_renderers_helper_clusters(mesh, tmp_path):
     # Every cluster the renderer can emit: pod profile (envoy_admin), tracing, StatsD by host name.
     statsd = mesh.observability.statsd.model_copy(update={"enabled": True, "address": "statsd.internal:8125"})
