@@ -3,6 +3,7 @@
     MeshError
     ├── ConfigError(file, yaml_path, expected)   meshctl exits 2, no traceback
     ├── PkiError(file, reason)                   raised before any server binds
+    ├── StartupError                             a port in use (or unusable files found by a preflight)
     └── CallError(service, method)               a mesh call failed; cause chained
         ├── DeadlineExceeded
         ├── CircuitOpen
@@ -53,6 +54,12 @@ class PkiError(MeshError):
         self.file = file
         self.reason = reason
         super().__init__(f"{file}: {reason}")
+
+
+class StartupError(MeshError):
+    """Something on this machine stops a process from starting: a port it must listen on is in use, or
+    (`meshctl up`'s preflight) certificate files are unusable. Like a ConfigError, the user must change
+    something: meshctl exits 2, and the message names the port or file."""
 
 
 class CallError(MeshError):

@@ -22,7 +22,7 @@ from typing import Any
 import click
 import consul
 
-from aivo_mesh.cli._root import cli
+from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
 from aivo_mesh.discovery.consul_register import ConsulRegistration
@@ -50,7 +50,7 @@ def consul_group() -> None:
 @_token_opt
 @click.option("--address", default=None, metavar="HOST",
               help="where the agent and callers reach the instance (default: the service's host in mesh.yaml)")
-@click.option("--port", type=click.IntRange(1, 65535), default=None,
+@click.option("--port", type=PORT, default=None,
               help="the instance's mTLS port (default: the service's port in mesh.yaml; one service only)")
 @click.option("--no-tls", is_flag=True, help="plain gRPC health check (an --insecure local service)")
 def register(services: tuple[str, ...], config: str | None, consul_addr: str | None, token: str | None,

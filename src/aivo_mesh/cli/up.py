@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 from rich.console import Console
 
-from aivo_mesh.cli._root import cli
+from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
 
@@ -31,7 +31,7 @@ def _console() -> Console:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="free loopback ports instead of mesh.yaml's (tests, a second mesh)")
-@click.option("--otlp-port", type=int, default=None, help="trace collector port (default 4317, or free)")
+@click.option("--otlp-port", type=PORT, default=None, help="trace collector port (default 4317, or free)")
 @click.option("--timeout", type=float, default=None, help="seconds to wait for all-healthy")
 def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_port: int | None,
        timeout: float | None) -> None:
@@ -186,7 +186,7 @@ def traces(state_dir: str, last: int, width: int) -> None:
 
 @cli.command(hidden=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=4317, show_default=True)
+@click.option("--port", type=PORT, default=4317, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @click.option("--forward-to", default=None, help="also forward every Export to this OTLP endpoint (Jaeger)")
 def collector(host: str, port: int, out: str, forward_to: str | None) -> None:
@@ -199,7 +199,7 @@ def collector(host: str, port: int, out: str, forward_to: str | None) -> None:
 @cli.command(name="_supervise", hidden=True)
 @click.option("--state-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), required=True)
-@click.option("--otlp-port", type=int, required=True)
+@click.option("--otlp-port", type=PORT, required=True)
 @click.option("--forward-to", default=None, help="the collector forwards every span to this OTLP endpoint")
 def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | None) -> None:
     from aivo_mesh.runtime.mesh import supervise

@@ -6,6 +6,7 @@ Used by `meshctl demo` (and, with sidecars, by `meshctl up`). Ports come from me
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections.abc import Callable, Sequence
 
@@ -34,6 +35,26 @@ def free_ports(n: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def listen_problem(host: str, port: int, what: str) -> str | None:
+    """Why a server could not listen on host:port now (a one-line message naming the port and `what`
+    uses it), or None if it could. Probed as the servers bind: SO_REUSEADDR, so a port whose old
+    connections linger in TIME_WAIT counts as free."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        return f"cannot listen on {host}:{port} ({what}): {host!r} does not resolve ({exc.strerror})"
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return f"port {port} in use: {what} cannot listen on {host}:{port} (another process has it)"
+            return f"cannot listen on {host}:{port} ({what}): {exc.strerror}"
+    return None
 
 
 def with_free_ports(mesh: MeshSpec) -> MeshSpec:

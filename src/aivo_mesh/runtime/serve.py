@@ -17,8 +17,10 @@ from pathlib import Path
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.errors import MeshError, StartupError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.admin_source import MeshAdminSource
+from aivo_mesh.runtime.local import listen_problem
 from aivo_mesh.server import MeshServer
 from aivo_mesh.services import APPS
 from aivo_mesh.services.base import ServiceContext
@@ -79,9 +81,22 @@ async def serve_service(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    listeners = ((server.host, server.port, f"{name} (gRPC)"), (admin.host, admin.port, f"{name} (admin endpoint)"))
     try:
-        bound = await server.start()
-        await admin.start()
+        for host_, port_, what in listeners:  # both before either binds: a port in use starts nothing
+            if port_ and (problem := listen_problem(host_, port_, what)):
+                raise StartupError(problem)
+        try:
+            bound = await server.start()
+        except (RuntimeError, MeshError) as exc:  # taken since the check; grpc says only "Failed to bind"
+            problem = listen_problem(server.host, server.port, listeners[0][2])
+            raise (StartupError(problem) if problem else exc) from None
+        try:
+            await admin.start()
+        except OSError as exc:
+            raise StartupError(listen_problem(admin.host, admin.port, listeners[1][2])
+                               or f"cannot listen on {admin.host}:{admin.port} ({listeners[1][2]}): "
+                                  f"{exc.strerror}") from None
         log.info("%s admin endpoint on %s", name, admin.url)
         if consul:
             from aivo_mesh.discovery.consul_register import ConsulRegistration

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import grpc
 
+from aivo_mesh.errors import PkiError
 from aivo_mesh.services.base import ServiceContext, abort, ensure_state_dir
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
@@ -54,8 +55,9 @@ KEY_ENV = "AIVO_AUTH_HMAC_KEY"
 CLOCK_SKEW_SECONDS = 60
 
 
-class AuthKeyError(ValueError):
-    """The HMAC key (file or environment) is unusable. The message never contains the key."""
+class AuthKeyError(PkiError):
+    """The HMAC key (file or environment) is unusable: `source` is the file or `$AIVO_AUTH_HMAC_KEY`.
+    A PkiError, so `meshctl serve` reports it in one line and exits 2. The message never contains the key."""
 
 
 def _b64e(data: bytes) -> str:
@@ -70,20 +72,24 @@ def _parse_hex_key(text: str, source: str) -> bytes:
     try:
         key = bytes.fromhex(text.strip())
     except ValueError:
-        raise AuthKeyError(f"{source}: not a hex-encoded key") from None
+        raise AuthKeyError(source, "not a hex-encoded key") from None
     if len(key) < KEY_BYTES:
-        raise AuthKeyError(f"{source}: key must be at least {KEY_BYTES} bytes, got {len(key)}")
+        raise AuthKeyError(source, f"key must be at least {KEY_BYTES} bytes, got {len(key)}")
     return key
 
 
 def _read_key_file(path: Path) -> bytes:
-    st = path.lstat()
-    if not stat.S_ISREG(st.st_mode):
-        raise AuthKeyError(f"{path}: not a regular file")
-    if st.st_mode & 0o077:
-        log.warning("%s was readable by group/others (mode %o); tightening to 0600", path, st.st_mode & 0o777)
-        path.chmod(0o600)
-    return _parse_hex_key(path.read_text(encoding="ascii", errors="replace"), str(path))
+    try:
+        st = path.lstat()
+        if not stat.S_ISREG(st.st_mode):
+            raise AuthKeyError(str(path), "not a regular file")
+        if st.st_mode & 0o077:
+            log.warning("%s was readable by group/others (mode %o); tightening to 0600", path, st.st_mode & 0o777)
+            path.chmod(0o600)
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:  # e.g. another user's 0600 file
+        raise AuthKeyError(str(path), f"cannot read: {exc.strerror}") from None
+    return _parse_hex_key(text, str(path))
 
 
 def load_or_create_key(state_dir: Path, environ: Mapping[str, str] | None = None) -> bytes:
@@ -137,7 +143,7 @@ class TokenSigner:
         clock: Callable[[], float] = time.time,
     ) -> None:
         if len(key) < KEY_BYTES:
-            raise AuthKeyError(f"key must be at least {KEY_BYTES} bytes")
+            raise AuthKeyError("TokenSigner", f"key must be at least {KEY_BYTES} bytes")
         self._key = key
         self.ttl_seconds = ttl_seconds
         self._clock = clock

@@ -1,0 +1,128 @@
+"""What stops a process from starting is one line naming the port or file, exit code 2, no traceback:
+`meshctl serve` with a port in use or an unusable HMAC key, and port options out of range."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from aivo_mesh.errors import PkiError
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.services.auth import KEY_ENV, KEY_FILE, AuthKeyError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A loopback port another process (this one) listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def serve(tmp_path: Path, certs: CertLayout, *args: str, env: dict[str, str] | None = None,
+          ) -> subprocess.CompletedProcess[str]:
+    """`meshctl serve auth-svc` on free ports unless `args` say otherwise; it must exit by itself."""
+    argv = [sys.executable, "-m", "aivo_mesh", "serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"),
+            "--certs", str(certs.root), "--log-format", "text", *args]
+    if "--port" not in args:
+        argv += ["--port", str(_free_port())]
+    if "--admin-port" not in args:
+        argv += ["--admin-port", str(_free_port())]
+    if "--data-dir" not in args:
+        argv += ["--data-dir", str(tmp_path / "data")]
+    environ = {k: v for k, v in os.environ.items() if k != KEY_ENV} | (env or {})
+    return subprocess.run(argv, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=60, check=False)
+
+
+def _error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
+    assert "Traceback" not in proc.stderr, proc.stderr
+    return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+
+
+def test_grpc_port_in_use(tmp_path: Path, mesh_certs: CertLayout, taken_port: int) -> None:
+    proc = serve(tmp_path, mesh_certs, "--port", str(taken_port))
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc) == [f"error: port {taken_port} in use: auth-svc (gRPC) cannot listen on "
+                                  f"127.0.0.1:{taken_port} (another process has it)"]
+
+
+def test_admin_port_in_use_starts_nothing(tmp_path: Path, mesh_certs: CertLayout, taken_port: int) -> None:
+    proc = serve(tmp_path, mesh_certs, "--admin-port", str(taken_port))
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc) == [f"error: port {taken_port} in use: auth-svc (admin endpoint) cannot listen on "
+                                  f"127.0.0.1:{taken_port} (another process has it)"]
+    assert "serving on" not in proc.stderr  # checked before the gRPC server bound
+
+
+@pytest.mark.parametrize(("key", "reason"), [
+    ("zz" * 32, "not a hex-encoded key"),
+    ("ab" * 16, "key must be at least 32 bytes, got 16"),
+])
+def test_bad_hmac_key_from_the_environment(tmp_path: Path, mesh_certs: CertLayout, key: str, reason: str) -> None:
+    proc = serve(tmp_path, mesh_certs, env={KEY_ENV: key})
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc) == [f"error: ${KEY_ENV}: {reason}"]
+    assert key not in proc.stderr + proc.stdout
+
+
+def test_bad_hmac_key_file(tmp_path: Path, mesh_certs: CertLayout) -> None:
+    data = tmp_path / "data"
+    data.mkdir(mode=0o700)
+    (data / KEY_FILE).write_text("not a key\n")
+    (data / KEY_FILE).chmod(0o600)
+    proc = serve(tmp_path, mesh_certs, "--data-dir", str(data))
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc) == [f"error: {data / KEY_FILE}: not a hex-encoded key"]
+
+
+def test_auth_key_error_is_a_pki_error_naming_its_source() -> None:
+    err = AuthKeyError("/x/auth-hmac.key", "not a hex-encoded key")
+    assert isinstance(err, PkiError)
+    assert (err.file, str(err)) == ("/x/auth-hmac.key", "/x/auth-hmac.key: not a hex-encoded key")
+
+
+@pytest.mark.parametrize("argv", [
+    ["serve", "auth-svc", "--port", "70000"],
+    ["serve", "auth-svc", "--admin-port", "0"],
+    ["up", "--otlp-port", "65536"],
+    ["consul", "register", "auth-svc", "--port", "70000"],
+])
+def test_port_options_are_1_to_65535(argv: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    from aivo_mesh.cli import main
+
+    # A config that does not exist: were the port accepted, the command would stop there, starting nothing.
+    assert main([*argv, "--config", str(tmp_path / "absent.yaml")]) == 2
+    assert "is not in the range 1<=x<=65535" in capsys.readouterr().err
+
+
+def test_every_port_option_takes_1_to_65535() -> None:
+    import click
+
+    from aivo_mesh.cli import cli
+    from aivo_mesh.cli._root import PORT
+
+    def options(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Parameter]]:
+        for param in cmd.params:
+            yield path, param
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from options(sub, f"{path} {name}")
+
+    ports = [(path, p) for path, p in options(cli, "meshctl") if (p.name or "").endswith("port")]
+    assert len(ports) >= 6  # serve --port/--admin-port, up --otlp-port, collector, _supervise, consul
+    assert [f"{path} --{p.name}" for path, p in ports if p.type is not PORT] == []
