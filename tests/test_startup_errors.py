@@ -1,5 +1,6 @@
 """What stops a process from starting is one line naming the port or file, exit code 2, no traceback:
-`meshctl serve` with a port in use or an unusable HMAC key, and port options out of range."""
+`meshctl serve` with a port in use or an unusable HMAC key, port options out of range, and `meshctl up`'s
+preflight (certificates and ports checked before anything starts)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from aivo_mesh.errors import PkiError
+from aivo_mesh.config import load_mesh
+from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.runtime.local import preflight, prepare
+from aivo_mesh.runtime.mesh import plan
+from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.services.auth import KEY_ENV, KEY_FILE, AuthKeyError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,3 +131,54 @@ def test_every_port_option_takes_1_to_65535() -> None:
     ports = [(path, p) for path, p in options(cli, "meshctl") if (p.name or "").endswith("port")]
     assert len(ports) >= 6  # serve --port/--admin-port, up --otlp-port, collector, _supervise, consul
     assert [f"{path} --{p.name}" for path, p in ports if p.type is not PORT] == []
+
+
+# --------------------------------------------------------------------------- meshctl up / demo preflight
+
+
+@pytest.fixture
+def prepared(tmp_path: Path) -> StateDir:
+    """A state dir as `meshctl up --free-ports` prepares it: effective mesh.yaml and certificates."""
+    state = StateDir(tmp_path / "state")
+    prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
+    return state
+
+
+def test_preflight_passes_a_prepared_mesh(prepared: StateDir) -> None:
+    mesh = load_mesh(prepared.mesh_file)
+    for plane in ("proxyless", "sidecar"):
+        preflight(prepared, mesh, *plan(prepared, mesh, plane, collector_port=_free_port()))
+
+
+def test_preflight_names_every_bad_key_and_port_in_use(prepared: StateDir) -> None:
+    mesh = load_mesh(prepared.mesh_file)
+    procs, info = plan(prepared, mesh, "proxyless", collector_port=_free_port())
+    learner_key = prepared.certs.identity_paths("learner-svc")[1]
+    client_key = prepared.certs.identity_paths("mesh-client")[1]
+    learner_key.chmod(0o644)
+    client_key.write_text("not a key")
+    events = mesh.service("event-collector-svc")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", events.port))
+        taken.listen()
+        with pytest.raises(StartupError) as info_:
+            preflight(prepared, mesh, procs, info)
+    lines = str(info_.value).splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0].startswith(f"{learner_key}: private key is accessible by group/others (mode 0644)")
+    assert lines[1].startswith(f"{client_key}: ")
+    assert lines[2] == (f"port {events.port} in use: event-collector-svc cannot listen on 127.0.0.1:{events.port} "
+                        "(another process has it)")
+
+
+def test_up_with_a_0644_key_exits_2_before_starting_anything(prepared: StateDir) -> None:
+    key = prepared.certs.identity_paths("auth-svc")[1]
+    key.chmod(0o644)
+    proc = subprocess.run([sys.executable, "-m", "aivo_mesh", "up", "--plane", "proxyless", "--free-ports",
+                           "--config", str(ROOT / "mesh.yaml"), "--state-dir", str(prepared.root)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 2, proc.stderr + proc.stdout
+    assert _error_lines(proc) == [f"error: {key}: private key is accessible by group/others (mode 0644); "
+                                  f"run: chmod 600 {key}"]
+    assert not prepared.log_file("supervisor").exists()  # the supervisor was never started
+    assert prepared.read_processes() == []

@@ -110,7 +110,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     from aivo_mesh.runtime.collector import SpanLog
     from aivo_mesh.runtime.driver import drive
     from aivo_mesh.runtime.health import wait_serving
-    from aivo_mesh.runtime.local import free_port, prepare
+    from aivo_mesh.runtime.local import free_port, preflight, prepare
     from aivo_mesh.runtime.mesh import forward_target, mesh_for_clients, plan, with_tracing
     from aivo_mesh.runtime.status import peers_healthy
     from aivo_mesh.runtime.supervisor import Supervisor
@@ -128,6 +128,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     mesh = prepare(state, config, free_ports, transform=local_tracing)
     (state.root / "traces.jsonl").unlink(missing_ok=True)
     procs, info = plan(state, mesh, plane, otlp, forward[0])  # type: ignore[arg-type]
+    preflight(state, mesh, procs, info)
     view = mesh_for_clients(mesh, info)
     sup = Supervisor(state)
     client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view))

@@ -37,8 +37,8 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
        timeout: float | None) -> None:
     """Start the mesh on this machine and return once every service is healthy."""
     from aivo_mesh.config.model import MeshSpec
-    from aivo_mesh.runtime.local import free_port, prepare
-    from aivo_mesh.runtime.mesh import forward_target, running_supervisor, with_tracing
+    from aivo_mesh.runtime.local import free_port, preflight, prepare
+    from aivo_mesh.runtime.mesh import forward_target, plan, running_supervisor, with_tracing
 
     state = StateDir(state_dir)
     if running_supervisor(state):
@@ -56,6 +56,8 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
         return with_tracing(m, port)
 
     mesh = prepare(state, config, free_ports, transform=local_tracing)
+    # The supervisor's own plan: the files its processes load and the ports they listen on.
+    preflight(state, mesh, *plan(state, mesh, plane, port))  # type: ignore[arg-type]  # plane: click.Choice
     log = state.log_file("supervisor")
     with log.open("ab") as out:
         proc = subprocess.Popen(

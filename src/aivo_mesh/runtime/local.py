@@ -9,14 +9,22 @@ from __future__ import annotations
 import errno
 import socket
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import yaml
 
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.pki import init_ca, issue_leaf
+from aivo_mesh.errors import PkiError, StartupError
+from aivo_mesh.pki import init_ca, issue_leaf, load_identity
 from aivo_mesh.runtime.state import StateDir
-from aivo_mesh.runtime.supervisor import Supervisor
+from aivo_mesh.runtime.supervisor import Managed, Supervisor
+
+if TYPE_CHECKING:
+    from aivo_mesh.runtime.mesh import RuntimeInfo
+
+# The identity `meshctl up` and `demo` call the services with (health checks, demo traffic).
+CLIENT_IDENTITY = "mesh-client"
 
 
 def free_port() -> int:
@@ -104,6 +112,29 @@ def prepare(state: StateDir, config: str | None, free_ports: bool,
     mesh = load_mesh(state.mesh_file)
     ensure_certs(state, mesh)
     return mesh
+
+
+def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: RuntimeInfo) -> None:
+    """What would make the planned processes fail after they start, found before any starts: each
+    identity's certificate, key and CA (load_identity, as the processes and their Envoys load them) and
+    each port the plan listens on. Raises StartupError with one line per problem, naming the file or port;
+    otherwise a 0644 key or a port in use showed up only as "not healthy within 20s" and a log line."""
+    problems: list[str] = []
+    certs = state.certs
+    for name in (*mesh.service_names, CLIENT_IDENTITY):
+        cert, key = certs.identity_paths(name)
+        try:
+            load_identity(cert, key, certs.ca_cert, expect_spiffe_id=mesh.spiffe_id(name))
+        except PkiError as exc:
+            problems.append(str(exc))
+    listens = [(m.address, m.name) for m in procs] + [(m.admin, f"{m.name} admin") for m in procs if m.admin]
+    listens += [(ep.outbound, f"{name}-envoy outbound") for name, ep in info.services.items() if ep.outbound]
+    for address, what in listens:
+        host, _, port = address.rpartition(":")
+        if problem := listen_problem(host.strip("[]"), int(port), what):
+            problems.append(problem)
+    if problems:
+        raise StartupError("\n".join(problems))
 
 
 async def start_services(sup: Supervisor, mesh: MeshSpec, services: Sequence[str] | None = None) -> None:
