@@ -1,0 +1,49 @@
+"""What the docs and --help texts tell a first-time user matches the code and the repository."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from aivo_mesh.config import EnvSettings, MeshSpec, apply_env, load_mesh
+from aivo_mesh.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "README.md"]
+
+
+def _flat(path: Path) -> str:
+    """The text with every run of whitespace as one space: quoted messages may wrap across lines."""
+    return " ".join(path.read_text(encoding="utf-8").split())
+
+
+@pytest.fixture(scope="module")
+def mesh() -> MeshSpec:
+    return load_mesh(ROOT / "mesh.yaml")
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_relative_links_exist(doc: Path) -> None:
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text(encoding="utf-8"))
+    assert [t for t in targets if not t.startswith("http") and not (doc.parent / t).exists()] == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_the_shared_notes_are_cited_as_outside_the_repository(doc: Path) -> None:
+    """The team's notes live in ../shared/notes/, not in this repository: `notes/envoy.md` sends a reader
+    looking for a file that is not there."""
+    refs = re.findall(r"(?<![\w./-])([\w./-]*notes/[\w.-]+\.md)", doc.read_text(encoding="utf-8"))
+    assert [r for r in refs if not r.startswith(("../shared/notes/", "shared/notes/")) and not (ROOT / r).exists()] \
+        == []
+
+
+def test_port_clash_example_of_the_environment_is_what_apply_env_says(mesh: MeshSpec) -> None:
+    doc = _flat(ROOT / "docs" / "config.md")
+    with pytest.raises(ConfigError) as info:
+        apply_env(mesh, EnvSettings.from_environ({"SERVICE_NAME": "auth-svc", "GRPC_PORT": "9901"}))
+    assert f"`{info.value}`" in doc
+    # Another service's port is not a clash (each deployed service has its own network namespace).
+    assert apply_env(mesh, EnvSettings(service_name="auth-svc", grpc_port=50052)).service("auth-svc").port == 50052
+    assert "(`GRPC_PORT=50052` for auth-svc is accepted)" in doc
