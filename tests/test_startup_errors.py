@@ -4,6 +4,8 @@ preflight (certificates and ports checked before anything starts)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -182,3 +184,24 @@ def test_up_with_a_0644_key_exits_2_before_starting_anything(prepared: StateDir)
                                   f"run: chmod 600 {key}"]
     assert not prepared.log_file("supervisor").exists()  # the supervisor was never started
     assert prepared.read_processes() == []
+
+
+async def test_an_admin_endpoint_beyond_loopback_is_a_warning(
+        tmp_path: Path, mesh_certs: CertLayout, caplog: pytest.LogCaptureFixture) -> None:
+    """METRICS_HOST (or observability.metrics.host) not loopback opens the unauthenticated admin endpoint to
+    the network: allowed, as the rendered Compose and Linkerd files need it, but never silently."""
+    from aivo_mesh.config import EnvSettings, apply_env
+    from aivo_mesh.runtime.serve import serve_service
+
+    mesh = apply_env(load_mesh(ROOT / "mesh.yaml"), EnvSettings(metrics_host="0.0.0.0"))
+    stop = asyncio.Event()
+    stop.set()  # start, then stop at once
+    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data", port=_free_port(),
+                        admin_port=_free_port(), stop=stop, grace=0)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("admin endpoint listens on 0.0.0.0" in w and "unauthenticated" in w for w in warnings), warnings
+
+    caplog.clear()
+    await serve_service(load_mesh(ROOT / "mesh.yaml"), "analytics-svc", mesh_certs, tmp_path / "data",
+                        port=_free_port(), admin_port=_free_port(), stop=stop, grace=0)
+    assert not [r for r in caplog.records if "admin endpoint listens on" in r.getMessage()]

@@ -70,8 +70,13 @@ async def serve_service(
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
     server.add_service_name(SERVICE_DESCRIPTORS[name])
     # The admin endpoint binds loopback unless mesh.yaml or METRICS_HOST names another address (e.g.
-    # 0.0.0.0 in a pod, so Prometheus can scrape it): an explicit setting is the operator's consent.
+    # 0.0.0.0 in a pod, so Prometheus can scrape it): an explicit setting is the operator's consent,
+    # said out loud since the endpoint is unauthenticated.
     host = mesh.observability.metrics.host
+    if not is_loopback(host):
+        log.warning("%s: the admin endpoint listens on %s (observability.metrics.host or METRICS_HOST), beyond "
+                    "loopback: it is unauthenticated and can reset circuit breakers; keep it off untrusted "
+                    "networks", name, host)
     admin = AdminServer(MeshAdminSource(client, server), telemetry.metrics, host=host,
                         port=admin_port if admin_port is not None else (spec.admin_port or 0),
                         allow_remote=not is_loopback(host))
