@@ -47,3 +47,15 @@ def test_port_clash_example_of_the_environment_is_what_apply_env_says(mesh: Mesh
     # Another service's port is not a clash (each deployed service has its own network namespace).
     assert apply_env(mesh, EnvSettings(service_name="auth-svc", grpc_port=50052)).service("auth-svc").port == 50052
     assert "(`GRPC_PORT=50052` for auth-svc is accepted)" in doc
+
+
+def test_config_validate_help_and_behaviour_fall_back_to_the_repositorys_mesh_yaml(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from aivo_mesh.cli import main
+
+    monkeypatch.delenv("AIVO_MESH_CONFIG", raising=False)
+    monkeypatch.chdir(tmp_path)  # no ./mesh.yaml here
+    assert main(["config", "validate", "--help"]) == 0
+    assert "else the repository's mesh.yaml" in " ".join(capsys.readouterr().out.split())
+    assert main(["config", "validate"]) == 0
+    assert capsys.readouterr().out.startswith(f"{ROOT / 'mesh.yaml'}: OK")

@@ -29,7 +29,8 @@ def config() -> None:
 @config.command("validate", short_help="Check mesh.yaml; exit 2 listing every problem.")
 @click.argument("file", required=False)
 def validate(file: str | None) -> None:
-    """Check FILE (default: $AIVO_MESH_CONFIG or ./mesh.yaml); exit 2 listing every problem."""
+    """Check FILE (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repository's mesh.yaml); exit 2
+    listing every problem."""
     path = find_mesh_file(file)
     mesh = load_mesh(path)  # ConfigError -> `error: FILE:LINE: PATH: message`, exit 2 (see cli.main)
     n = len(mesh.services)
@@ -41,8 +42,9 @@ def validate(file: str | None) -> None:
 @click.option("--service", "service", metavar="NAME", help="Only this service's effective configuration.")
 @click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
 def show(file: str | None, service: str | None, fmt: str) -> None:
-    """Print the effective configuration of FILE: every default filled in, the mesh-wide policy
-    layered under each service (defaults <- service) and each route (<- route)."""
+    """Print the effective configuration of FILE (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the
+    repository's mesh.yaml): every default filled in, the mesh-wide policy layered under each service
+    (defaults <- service) and each route (<- route)."""
     path = find_mesh_file(file)
     mesh = load_mesh(path)
     data: dict[str, Any]

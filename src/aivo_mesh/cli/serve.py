@@ -35,7 +35,7 @@ def _console() -> Console:
 @cli.command()
 @click.argument("service")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
-              help="mesh.yaml (default: ./mesh.yaml or $AIVO_MESH_CONFIG)")
+              help="mesh.yaml (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repository's)")
 @click.option("--certs", "certs_dir", type=click.Path(file_okay=False), default="certs", show_default=True,
               help="certificate directory (meshctl certs layout)")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None,
