@@ -205,3 +205,24 @@ async def test_an_admin_endpoint_beyond_loopback_is_a_warning(
     await serve_service(load_mesh(ROOT / "mesh.yaml"), "analytics-svc", mesh_certs, tmp_path / "data",
                         port=_free_port(), admin_port=_free_port(), stop=stop, grace=0)
     assert not [r for r in caplog.records if "admin endpoint listens on" in r.getMessage()]
+
+
+@pytest.mark.parametrize(("argv", "fragment"), [
+    (["traces", "--last", "-1"], "-1 is not in the range x>=1"),
+    (["traces", "--width", "0"], "0 is not in the range x>=1"),
+    (["serve", "auth-svc", "--grace", "-1"], "-1.0 is not in the range x>=0"),
+    (["demo", "--duration", "-1"], "-1.0 is not in the range x>=0"),
+    (["demo", "--workers", "0"], "0 is not in the range x>=1"),
+    (["demo", "--timeout", "0"], "0.0 is not in the range x>0"),
+    (["up", "--timeout", "-5"], "-5.0 is not in the range x>0"),
+    (["status", "--interval", "0"], "0.0 is not in the range x>0"),
+])
+def test_counts_and_durations_out_of_range_are_usage_errors(
+        argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aivo_mesh.cli import main
+
+    # --state-dir / --config that do not exist: were the value accepted, the command would stop there.
+    extra = ["--config", str(tmp_path / "absent.yaml")] if argv[0] in ("serve", "demo", "up") else \
+        ["--state-dir", str(tmp_path / "absent")]
+    assert main([*argv, *extra]) == 2
+    assert fragment in capsys.readouterr().err

@@ -48,7 +48,8 @@ def _console() -> Console:
               help="sidecar plane: call peers through this local Envoy outbound listener")
 @click.option("--plaintext-peers", is_flag=True,
               help="transparent-proxy plane (Linkerd): call peers in plaintext, the pod's proxy adds mTLS")
-@click.option("--grace", type=float, default=5.0, show_default=True, help="drain time on shutdown (s)")
+@click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="drain time on shutdown (s)")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
           admin_port: int | None, consul: str | None, insecure: bool, sidecar_outbound: str | None,
@@ -85,7 +86,8 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
 
 
 @cli.command()
-@click.option("--duration", type=float, default=10.0, show_default=True, help="seconds of traffic")
+@click.option("--duration", type=click.FloatRange(min=0), default=10.0, show_default=True,
+              help="seconds of traffic")
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True,
               help="Envoy sidecars (needs the envoy extra) or MeshClient/MeshServer alone")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
@@ -93,8 +95,8 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
               show_default=True, help="certificates, data, logs and pids of this run")
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="use free loopback ports instead of those in mesh.yaml")
-@click.option("--workers", type=int, default=4, show_default=True, help="concurrent demo flows")
-@click.option("--timeout", type=float, default=None,
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="concurrent demo flows")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"seconds to wait for all-healthy (default {HEALTHY_WITHIN:.0f}, +5 for sidecars)")
 def demo(duration: float, plane: str, config: str | None, state_dir: str, free_ports: bool, workers: int,
          timeout: float | None) -> None:
@@ -198,7 +200,8 @@ def _ms(seconds: float | None) -> str:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help=f"runtime state (default: {DEFAULT_STATE_DIR}, else .state/demo)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--interval", type=float, default=1.0, show_default=True, help="seconds between rate samples")
+@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="seconds between rate samples")
 def status(state_dir: str | None, as_json: bool, interval: float) -> None:
     """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir."""
     from aivo_mesh.runtime.mesh import RuntimeInfo

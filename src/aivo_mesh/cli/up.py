@@ -32,7 +32,8 @@ def _console() -> Console:
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="free loopback ports instead of mesh.yaml's (tests, a second mesh)")
 @click.option("--otlp-port", type=PORT, default=None, help="trace collector port (default 4317, or free)")
-@click.option("--timeout", type=float, default=None, help="seconds to wait for all-healthy")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="seconds to wait for all-healthy")
 def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_port: int | None,
        timeout: float | None) -> None:
     """Start the mesh on this machine and return once every service is healthy."""
@@ -169,8 +170,9 @@ def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
 
 @cli.command()
 @click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
-@click.option("--last", type=int, default=5, show_default=True, help="how many recent traces")
-@click.option("--width", type=int, default=40, show_default=True, help="width of the timing bars")
+@click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="how many recent traces")
+@click.option("--width", type=click.IntRange(min=1), default=40, show_default=True,
+              help="width of the timing bars")
 def traces(state_dir: str, last: int, width: int) -> None:
     """Recent traces of the local mesh as text waterfalls (app and Envoy spans)."""
     from aivo_mesh.runtime.collector import SpanLog
