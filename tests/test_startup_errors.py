@@ -226,3 +226,31 @@ def test_counts_and_durations_out_of_range_are_usage_errors(
         ["--state-dir", str(tmp_path / "absent")]
     assert main([*argv, *extra]) == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [
+    ["consul", "services", "--consul", "http://ops:s3cret@127.0.0.1:1"],
+    ["consul", "register", "--config", str(ROOT / "mesh.yaml"), "--consul", "ops:s3cret@127.0.0.1:1"],
+    # A config that does not exist: were the address accepted, serve would stop there.
+    ["serve", "auth-svc", "--config", "absent.yaml", "--consul", "https://ops:s3cret@consul.internal:8501"],
+])
+def test_consul_credentials_in_the_address_are_refused_and_never_echoed(
+        argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from aivo_mesh.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err
+    assert "***@" in err
+    assert "--token or $CONSUL_HTTP_TOKEN" in err
+
+
+def test_consul_address_from_the_environment_is_redacted_too(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from aivo_mesh.cli import main
+
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "http://ops:s3cret@127.0.0.1:1")
+    assert main(["consul", "services"]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err
+    assert "http://***@127.0.0.1:1" in err

@@ -28,8 +28,22 @@ from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulErr
 from aivo_mesh.discovery.consul_register import ConsulRegistration
 
 
+def _checked(address: str, hint: str) -> str:
+    try:
+        parse_address(address)
+    except ValueError as exc:  # a usage error (exit 2), not a traceback; the message hides credentials
+        raise click.BadParameter(str(exc), param_hint=hint) from None
+    return address
+
+
+def consul_address(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """click callback for a `--consul HOST:PORT` option (also `meshctl serve --consul`)."""
+    return None if value is None else _checked(value, "'--consul'")
+
+
 def _agent(consul_addr: str | None) -> str:
-    return consul_addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS
+    return _checked(consul_addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS,
+                    "'--consul' / $CONSUL_HTTP_ADDR")
 
 
 _consul_opt = click.option("--consul", "consul_addr", metavar="HOST:PORT", default=None,

@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aivo_mesh.cli._root import PORT, cli
+from aivo_mesh.cli.consul_cmd import consul_address
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
@@ -42,7 +43,8 @@ def _console() -> Console:
               help="where the service keeps its data (default: .state/data/SERVICE)")
 @click.option("--port", type=PORT, default=None, help="override the mesh port from mesh.yaml")
 @click.option("--admin-port", type=PORT, default=None, help="admin endpoint port (default: mesh.yaml admin_port)")
-@click.option("--consul", default=None, metavar="HOST:PORT", help="register in this Consul agent while serving")
+@click.option("--consul", default=None, metavar="HOST:PORT", callback=consul_address,
+              help="register in this Consul agent while serving")
 @click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging, or behind a sidecar")
 @click.option("--sidecar-outbound", default=None, metavar="HOST:PORT",
               help="sidecar plane: call peers through this local Envoy outbound listener")

@@ -57,10 +57,14 @@ CONSUL_ERRORS: tuple[type[BaseException], ...] = (
 
 
 def parse_address(address: str, scheme: str = "http") -> tuple[str, int, str]:
-    """`host:port`, `[v6]:port` or `scheme://host:port` -> (host as py-consul needs it, port, scheme)."""
+    """`host:port`, `[v6]:port` or `scheme://host:port` -> (host as py-consul needs it, port, scheme).
+    ValueError for anything else; its message never repeats credentials written into the address."""
     if "://" in address:
         scheme, _, address = address.partition("://")
         address = address.rstrip("/")
+    if "@" in address:  # user:password@host: Consul takes an ACL token, and the password must not be echoed
+        raise ValueError(f"Consul address {scheme}://***@{address.rpartition('@')[2]}: credentials in the "
+                         "address are not used; give the ACL token with --token or $CONSUL_HTTP_TOKEN")
     ep = Endpoint.parse(address, default_port=8500)
     host = f"[{ep.host}]" if ":" in ep.host else ep.host
     if scheme not in ("http", "https"):
