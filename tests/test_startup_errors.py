@@ -215,7 +215,7 @@ async def test_an_admin_endpoint_beyond_loopback_is_a_warning(
     (["demo", "--workers", "0"], "0 is not in the range x>=1"),
     (["demo", "--timeout", "0"], "0.0 is not in the range x>0"),
     (["up", "--timeout", "-5"], "-5.0 is not in the range x>0"),
-    (["status", "--interval", "0"], "0.0 is not in the range x>0"),
+    (["status", "--interval", "-1"], "-1.0 is not in the range x>=0"),  # 0 is allowed: no rate sampling
 ])
 def test_counts_and_durations_out_of_range_are_usage_errors(
         argv: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

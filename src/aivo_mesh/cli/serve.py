@@ -202,8 +202,8 @@ def _ms(seconds: float | None) -> str:
 @click.option("--state-dir", type=click.Path(file_okay=False), default=None,
               help=f"runtime state (default: {DEFAULT_STATE_DIR}, else .state/demo)")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-@click.option("--interval", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="seconds between rate samples")
+@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="seconds between rate samples (0: no rates)")
 def status(state_dir: str | None, as_json: bool, interval: float) -> None:
     """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir."""
     from aivo_mesh.runtime.mesh import RuntimeInfo
