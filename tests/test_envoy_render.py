@@ -27,8 +27,9 @@ import yaml
 from cryptography import x509
 
 from aivo_mesh.cli import main
-from aivo_mesh.config import MeshSpec, parse_mesh
+from aivo_mesh.config import MeshSpec, load_mesh, parse_mesh
 from aivo_mesh.config.model import SidecarPorts
+from aivo_mesh.errors import ConfigError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import rotate
 from aivo_mesh.render import TARGETS, render_target, serialize
@@ -796,3 +797,15 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
             await proc.wait()
         await server.stop(0)
     assert [p.returncode for p in procs] == [0, 0]
+
+
+def test_render_errors_name_the_mesh_file_and_line(tmp_path: Path) -> None:
+    text = (ROOT / "mesh.yaml").read_text()
+    assert text.count("local_port: 8081") == 1
+    path = tmp_path / "podclash.yaml"
+    path.write_text(text.replace("local_port: 8081", "local_port: 15090"))
+    line = 1 + path.read_text().splitlines().index("    local_port: 15090")
+    clash = load_mesh(path)
+    with pytest.raises(ConfigError) as exc:
+        bootstrap(clash, clash.services[0].name, EnvoyProfile.pod(clash))
+    assert str(exc.value).startswith(f"{path}:{line}: services[0].local_port: port 15090 is a sidecar port")

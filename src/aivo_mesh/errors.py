@@ -20,6 +20,17 @@ class MeshError(Exception):
     """Base of every error aivo-mesh raises on purpose."""
 
 
+def yaml_path(loc: tuple[str | int, ...]) -> str:
+    """('services', 1, 'routes', 0, 'timeout') -> 'services[1].routes[0].timeout'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out
+
+
 @dataclass(frozen=True)
 class ConfigIssue:
     """One problem in a configuration source, located as precisely as we can."""

@@ -1,8 +1,9 @@
 """mesh.yaml: the model, its loader and the effective-policy resolver."""
 
-from aivo_mesh.config.loader import DEFAULT_MESH_FILE, find_mesh_file, load_mesh, parse_mesh, yaml_path
+from aivo_mesh.config.loader import DEFAULT_MESH_FILE, find_mesh_file, load_mesh, parse_mesh
 from aivo_mesh.config.model import MeshSpec, RouteSpec, ServiceSpec, format_duration, parse_duration
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, merge, route_policy, service_policy
+from aivo_mesh.errors import yaml_path
 
 __all__ = [
     "DEFAULT_MESH_FILE",

@@ -16,9 +16,9 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from aivo_mesh.config.loader import _describe, yaml_path
+from aivo_mesh.config.loader import _describe
 from aivo_mesh.config.model import POD_SCOPE, SERVICE_NAME, MeshSpec
-from aivo_mesh.errors import ConfigError, ConfigIssue
+from aivo_mesh.errors import ConfigError, ConfigIssue, yaml_path
 
 ENV_FILE = "environment"
 OTLP_GRPC_PORT = 4317

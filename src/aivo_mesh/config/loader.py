@@ -11,23 +11,12 @@ import yaml
 from pydantic import ValidationError
 
 from aivo_mesh.config.model import MeshSpec, _PathError, _PathErrors
-from aivo_mesh.errors import ConfigError, ConfigIssue
+from aivo_mesh.errors import ConfigError, ConfigIssue, yaml_path
 
 DEFAULT_MESH_FILE = "mesh.yaml"
 MESH_FILE_ENV = "AIVO_MESH_CONFIG"
 
 Loc = tuple[str | int, ...]
-
-
-def yaml_path(loc: Loc) -> str:
-    """('services', 1, 'routes', 0, 'timeout') -> 'services[1].routes[0].timeout'."""
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out
 
 
 # More YAML paths than this (after expanding aliases) is not a mesh file but an alias bomb.
@@ -214,7 +203,7 @@ def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
         raise ConfigError(file, index.issues)
     lines = index.lines
     try:
-        return MeshSpec.model_validate(data)
+        spec = MeshSpec.model_validate(data)
     except ValidationError as exc:
         issues = []
         for err in exc.errors(include_url=False):
@@ -223,6 +212,8 @@ def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
         raise ConfigError(file, issues) from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise ConfigError.single(file, "", str(exc)) from None
+    spec._source, spec._lines = file, lines
+    return spec
 
 
 def find_mesh_file(path: str | os.PathLike[str] | None = None) -> Path:

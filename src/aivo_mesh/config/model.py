@@ -19,11 +19,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     Strict,
     ValidationInfo,
     field_validator,
     model_validator,
 )
+
+from aivo_mesh.errors import ConfigError, yaml_path
 
 # The status codes a policy may name. Names, not numbers, so mesh.yaml reads like gRPC docs.
 GRPC_STATUS_NAMES: tuple[str, ...] = (
@@ -413,6 +416,20 @@ class MeshSpec(_Strict):
     linkerd_model: Literal["serviceprofile", "annotations"] = "serviceprofile"
     services: Annotated[tuple[ServiceSpec, ...], Field(min_length=1)]
     observability: ObservabilitySpec = ObservabilitySpec()
+    # Where this mesh was read from and the line of each YAML path (set by config.loader), so that
+    # checks made later (renderers) name the right file and line, as the loader's own errors do.
+    _source: str = PrivateAttr(default="mesh.yaml")
+    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+
+    @property
+    def source(self) -> str:
+        return self._source
+
+    def error(self, loc: tuple[str | int, ...], message: str) -> ConfigError:
+        """A ConfigError about `loc` (e.g. ("services", 0, "local_port")) in this mesh's file, with
+        the line of the nearest YAML node."""
+        line = next((self._lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in self._lines), None)
+        return ConfigError.single(self._source, yaml_path(loc), message, line)
 
     @model_validator(mode="after")
     def _references(self, info: ValidationInfo) -> MeshSpec:

@@ -63,7 +63,6 @@ from typing import Any, Literal, NamedTuple
 
 from aivo_mesh.config.model import GRPC_STATUS_NAMES, FaultSpec, MeshSpec, RouteSpec, ServiceSpec
 from aivo_mesh.config.resolve import RoutePolicy, route_policy, service_policy
-from aivo_mesh.errors import ConfigError
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
 
@@ -185,7 +184,7 @@ class EnvoyProfile:
             if mesh.observability.tracing.enabled:
                 otlp = POD_OTLP
             if mesh.observability.statsd.enabled:
-                statsd = _host_port(mesh.observability.statsd.address, "observability.statsd.address")
+                statsd = _host_port(mesh, mesh.observability.statsd.address, ("observability", "statsd", "address"))
         return cls("pod", POD_CERT_DIR, POD_SDS_DIR, otlp, statsd)
 
     @classmethod
@@ -225,7 +224,7 @@ def local_ports(mesh: MeshSpec) -> dict[str, EnvoyPorts]:
     used = _mesh_ports(mesh)
     cursor = list(POD_PORTS)
     result: dict[str, EnvoyPorts] = {}
-    for svc in mesh.services:
+    for n, svc in enumerate(mesh.services):
         chosen: list[int] = []
         for i, explicit in enumerate((svc.sidecar.inbound_port, svc.sidecar.outbound_port,
                                       svc.sidecar.admin_port)):
@@ -236,8 +235,7 @@ def local_ports(mesh: MeshSpec) -> dict[str, EnvoyPorts]:
             while port in used:
                 port += 1
             if port > 65535:
-                raise ConfigError.single("mesh.yaml", f"services[{svc.name}].sidecar",
-                                         "no free port left for the sidecar; set the sidecar ports")
+                raise mesh.error(("services", n, "sidecar"), "no free port left for the sidecar; set the sidecar ports")
             used.add(port)
             cursor[i] = port + 1
             chosen.append(port)
@@ -271,10 +269,10 @@ def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
     )
 
 
-def _host_port(value: str, where: str) -> tuple[str, int]:
+def _host_port(mesh: MeshSpec, value: str, where: tuple[str | int, ...]) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise ConfigError.single("mesh.yaml", where, f"expected host:port, got {value!r}")
+        raise mesh.error(where, f"expected host:port, got {value!r}")
     return host.strip("[]"), int(port)
 
 
@@ -754,9 +752,9 @@ def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
         taken = {*POD_PORTS, STATS_PORT}
         if svc.local_port in taken:
             i = mesh.service_names.index(service)
-            raise ConfigError.single("mesh.yaml", f"services[{i}].local_port",
-                                     f"port {svc.local_port} is a sidecar port in the pod "
-                                     f"({', '.join(map(str, sorted(taken)))}); pick another local_port")
+            raise mesh.error(("services", i, "local_port"),
+                             f"port {svc.local_port} is a sidecar port in the pod "
+                             f"({', '.join(map(str, sorted(taken)))}); pick another local_port")
     listeners = [_inbound_listener(mesh, svc, profile, ports.inbound),
                  _outbound_listener(mesh, svc, profile, ports.outbound)]
     clusters = [_local_app_cluster(mesh, svc)]
