@@ -36,9 +36,8 @@ import re
 from typing import Any
 
 import yaml
-from google.protobuf import descriptor_pool
 
-from aivo_mesh.config.model import MeshSpec, RetrySpec, ServiceSpec, format_duration
+from aivo_mesh.config.model import MeshSpec, RetrySpec, ServiceSpec, format_duration, known_methods
 from aivo_mesh.config.resolve import route_policy, route_retry, service_policy
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
@@ -107,12 +106,8 @@ def path_regex(pattern: str) -> str:
 
 
 def grpc_methods(grpc_service: str) -> tuple[str, ...]:
-    """Full method paths of a service known to the descriptor pool, in proto order; () if unknown."""
-    try:
-        desc = descriptor_pool.Default().FindServiceByName(grpc_service)
-    except KeyError:
-        return ()
-    return tuple(f"/{grpc_service}/{m.name}" for m in desc.methods)
+    """Full method paths of a service in the protos aivo-mesh ships, in proto order; () if unknown."""
+    return tuple(f"/{grpc_service}/{m}" for m in known_methods(grpc_service))
 
 
 def _slug(text: str) -> str:
