@@ -32,7 +32,7 @@ from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
-from aivo_mesh.runtime.status import peer_hosts
+from aivo_mesh.runtime.status import peer_breakers, peer_hosts
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -204,6 +204,19 @@ def test_status_keeps_every_peer_and_drops_exactly_the_renderers_helper_clusters
     names |= {"localizer-svc", "local-events-svc"}
     text = "\n".join(f"{n}::127.0.0.1:{7000 + i}::health_flags::healthy" for i, n in enumerate(sorted(names)))
     assert set(peer_hosts(text)) == peers | {"localizer-svc", "local-events-svc"}
+
+
+def test_status_reads_the_sidecars_circuit_breaker_gauges_per_peer() -> None:
+    # As Envoy 1.40's /stats?filter=circuit_breakers\.default\. prints them (one gauge per threshold).
+    def gauges(cluster: str, **values: int) -> list[str]:
+        return [f"cluster.{cluster}.circuit_breakers.default.{g}: {values.get(g, 0)}"
+                for g in ("cx_open", "cx_pool_open", "rq_open", "rq_pending_open", "rq_retry_open",
+                          "remaining_rq", "remaining_retries")]
+
+    text = "\n".join([*gauges("auth-svc"), *gauges("event-collector-svc", rq_open=1, rq_retry_open=1),
+                      *gauges("local_app", rq_open=1), *gauges("otlp_collector")])
+    assert peer_breakers(text) == {"auth-svc": "closed",
+                                   "event-collector-svc": "open (max_requests, max_retries)"}
 
 
 # -- outlier ejection across two endpoints -------------------------------------------------------

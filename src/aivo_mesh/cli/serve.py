@@ -235,10 +235,21 @@ def status(state_dir: str | None, as_json: bool, interval: float) -> None:
     for sv in services:
         table.add_row(sv.service, sv.process + (f" ({sv.restarts} restarts)" if sv.restarts else ""), sv.health,
                       sv.sidecar, "\n".join(f"{k}: {v}" for k, v in sv.upstreams.items()) or "-",
-                      ", ".join(f"{k}={v}" for k, v in sv.breakers.items()) or "-",
+                      _breakers_cell(sv.breakers, sv.envoy_breakers),
                       "-" if sv.rps is None else f"{sv.rps:.1f}",
                       "-" if sv.p99_ms is None else f"{sv.p99_ms:.0f} ms")
     _console().print(table)
+
+
+def _breakers_cell(app: dict[str, str], envoy: dict[str, str]) -> str:
+    """One line per peer: the app's breaker and, on the sidecar plane, its sidecar's thresholds."""
+    lines = []
+    for peer in sorted(app.keys() | envoy.keys()):
+        parts = [f"app {app[peer]}"] if peer in app else []
+        if peer in envoy:
+            parts.append(f"envoy {envoy[peer]}")
+        lines.append(f"{peer}: {', '.join(parts)}")
+    return "\n".join(lines) or "-"
 
 
 def _find_state() -> StateDir:

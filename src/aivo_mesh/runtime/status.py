@@ -5,6 +5,8 @@
     upstreams  healthy/total endpoints per upstream, from Envoy /clusters (sidecar) or the
                aivo-mesh admin /clusters (proxyless), with ejected endpoints named
     breakers   the app's circuit breakers per upstream (aivo-mesh admin /circuit_breakers)
+    envoy_breakers  (sidecar plane) the sidecar's circuit_breakers thresholds per peer cluster: "open
+               (max_requests, ...)" while Envoy is refusing calls over a threshold, else "closed"
     rps, p99   server-side requests per second over the sampling interval and p99 latency (since
                start) from the app's /metrics
 """
@@ -33,6 +35,7 @@ class ServiceStatus:
     sidecar: str = "-"
     upstreams: dict[str, str] = field(default_factory=dict)
     breakers: dict[str, str] = field(default_factory=dict)
+    envoy_breakers: dict[str, str] = field(default_factory=dict)
     rps: float | None = None
     p99_ms: float | None = None
     restarts: int = 0
@@ -73,6 +76,31 @@ def envoy_upstreams(admin: str) -> dict[str, str]:
             summary += " (" + ", ".join(f"{h} {f}" for h, f in sorted(bad.items())) + ")"
         out[cluster] = summary
     return out
+
+
+# Envoy's gauges of a cluster's circuit_breakers thresholds: 1 while that threshold is reached and
+# Envoy answers the overflow locally (`upstream_rq_pending_overflow`, 503 "overflow").
+_BREAKER_GAUGES = {"rq_open": "max_requests", "rq_pending_open": "max_pending_requests",
+                   "rq_retry_open": "max_retries", "cx_open": "max_connections"}
+_BREAKER_STAT = re.compile(r"^cluster\.(.+)\.circuit_breakers\.default\.(\w+): (\d+)$")
+
+
+def peer_breakers(stats_text: str) -> dict[str, str]:
+    """Per peer cluster in Envoy's `/stats` text: "closed", or "open (<thresholds reached>)"."""
+    reached: dict[str, list[str]] = {}
+    for line in stats_text.splitlines():
+        m = _BREAKER_STAT.match(line.strip())
+        if not m or m.group(1) in HELPER_CLUSTERS or m.group(2) not in _BREAKER_GAUGES:
+            continue
+        names = reached.setdefault(m.group(1), [])
+        if m.group(3) != "0":
+            names.append(_BREAKER_GAUGES[m.group(2)])
+    return {c: f"open ({', '.join(sorted(n))})" if n else "closed" for c, n in sorted(reached.items())}
+
+
+def envoy_breakers(admin: str) -> dict[str, str]:
+    """`peer_breakers` of the sidecar whose admin endpoint is `admin`."""
+    return peer_breakers(_get(f"http://{admin}/stats?filter=circuit_breakers%5C.default%5C."))
 
 
 def peers_healthy(admin: str) -> bool:
@@ -180,6 +208,7 @@ def _admin_views(row: ServiceStatus, ep: ServiceEndpoints) -> None:
         try:
             row.sidecar = _get(f"http://{ep.sidecar_admin}/ready").strip() or "?"
             row.upstreams = envoy_upstreams(ep.sidecar_admin)
+            row.envoy_breakers = envoy_breakers(ep.sidecar_admin)
         except OSError:
             row.sidecar = "unreachable"
     if ep.admin:
