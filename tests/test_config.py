@@ -307,6 +307,8 @@ BAD_INPUTS = [
           "services[3].canary", "add up to 100", "canary"),
     _case("wrong type: string for int", _edit("max_connections: 1000", "max_connections: lots"),
           "defaults.limits.max_connections", "expected an integer, got 'lots'", "lots"),
+    _case("wrong type: bool for version", _edit("version: 1\n", "version: true\n"),
+          "version", "expected 1, got true", "version: true"),
     _case("wrong type: bool for port", _edit("    port: 50051\n", "    port: true\n"),
           "services[0].port", "expected an integer, got true", "port: true"),
     _case("wrong type: quoted port", _edit("    port: 50051\n", "    port: \"50051\"\n"),

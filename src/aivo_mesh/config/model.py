@@ -431,6 +431,13 @@ class MeshSpec(_Strict):
         line = next((self._lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in self._lines), None)
         return ConfigError.single(self._source, yaml_path(loc), message, line)
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v: object) -> object:
+        if isinstance(v, bool):  # YAML `true` would pass as 1
+            raise ValueError(f"expected 1, got {str(v).lower()}")
+        return v
+
     @model_validator(mode="after")
     def _references(self, info: ValidationInfo) -> MeshSpec:
         # Cross-references are checked here so every consumer may assume them. Every problem is
