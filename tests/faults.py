@@ -24,6 +24,7 @@ class FaultPlan:
     fail_fraction: float = 0.0  # then this fraction fails
     status: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
     delay: float = 0.0
+    slow_calls: int | None = None  # only the first n unary calls are delayed (None: every call)
     pushback_ms: str | None = None  # sent as grpc-retry-pushback-ms on failures
     stream_then_fail: bool = False
     seed: int = 7
@@ -57,7 +58,7 @@ class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollect
     async def _maybe_fail(self, context: grpc.aio.ServicerContext) -> None:
         self.plan.attempts_seen.append(_attempt(context))
         self.plan.metadata_seen.append({k: v for k, v in context.invocation_metadata() or ()})
-        if self.plan.delay:
+        if self.plan.delay and (self.plan.slow_calls is None or len(self.plan.attempts_seen) <= self.plan.slow_calls):
             await asyncio.sleep(self.plan.delay)
         if self.plan.should_fail():
             self.plan.failures += 1

@@ -543,3 +543,16 @@ async def test_retired_channels_outlive_the_longest_call_they_may_carry(mesh_cer
     async with MeshClient(MeshConfig.for_identity("analytics-svc", mesh_certs, mesh), health_checks=False,
                           reload_interval=None, drain_seconds=0.5) as explicit:
         assert explicit.target("event-collector-svc").pool.drain_seconds == 0.5
+
+
+async def test_an_attempt_cut_by_the_per_try_timeout_is_retried_within_the_route_deadline(servers, make_client):
+    # mesh.yaml: ValidateToken is idempotent, 1 s route timeout, per_try_timeout 500 ms, DEADLINE_EXCEEDED retried.
+    plan = FaultPlan(delay=3.0, slow_calls=1)  # the first attempt hangs
+    s = await servers(plan)
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    started = time.monotonic()
+    assert (await stub.ValidateToken(_req())).valid
+    elapsed = time.monotonic() - started
+    assert plan.attempts_seen == [1, 2]
+    assert 0.5 <= elapsed < 1.0  # cut at the per-try timeout, answered before the route's deadline
