@@ -221,6 +221,20 @@ def test_status_reads_the_sidecars_circuit_breaker_gauges_per_peer() -> None:
 
 # -- outlier ejection across two endpoints -------------------------------------------------------
 
+async def _start_envoy(config: Path) -> asyncio.subprocess.Process:
+    assert ENVOY is not None
+    return await asyncio.create_subprocess_exec(
+        ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+
+
+async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        await p.wait()
+
+
 async def _auth_app(port: int, fail: bool, hits: dict[str, int], name: str) -> grpc.aio.Server:
     async def validate(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         hits[name] += 1
@@ -305,11 +319,8 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
             (_write_bootstrap(m_b, "auth-svc", mesh_certs, tmp_path / "auth-b"),
              sidecar_ports(m_b, "auth-svc", "local")),
         ]
-        assert ENVOY is not None
         for i, (path, p) in enumerate(configs):
-            procs.append(await asyncio.create_subprocess_exec(
-                ENVOY, "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            procs.append(await _start_envoy(path))
             if i == 0:
                 await asyncio.to_thread(_wait_live, p.admin)
         for _, p in configs:
@@ -353,10 +364,7 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
                 assert await vt(b"x", timeout=5) == b"good"
             assert hits["bad"] == before  # no traffic reaches the ejected endpoint
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            await p.wait()
+        await _stop(procs)
         await good.stop(0)
         await bad.stop(0)
 
@@ -372,11 +380,8 @@ async def test_one_endpoint_peer_is_ejected_after_five_failures_and_calls_fail_f
         # auth's sidecar first, so the learner sidecar's first health check of it passes.
         configs = [(_write_bootstrap(m, s, mesh_certs, tmp_path / s), sidecar_ports(m, s, "local"))
                    for s in ("auth-svc", "learner-svc")]
-        assert ENVOY is not None
         for path, p in configs:
-            procs.append(await asyncio.create_subprocess_exec(
-                ENVOY, "-c", str(path), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            procs.append(await _start_envoy(path))
             await asyncio.to_thread(_wait_live, p.admin)
         learner = configs[1][1]
         auth_addr = f"127.0.0.1:{configs[0][1].inbound}"
@@ -409,8 +414,5 @@ async def test_one_endpoint_peer_is_ejected_after_five_failures_and_calls_fail_f
             assert hits["bad"] == before
             assert time.monotonic() - started < 2.0  # no retry back-off either: nothing to retry on
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            await p.wait()
+        await _stop(procs)
         await bad.stop(0)

@@ -31,6 +31,14 @@ def yaml_path(loc: tuple[str | int, ...]) -> str:
     return out
 
 
+def nearest_line(lines: dict[tuple[str | int, ...], int], loc: tuple[str | int, ...]) -> int | None:
+    """The line of `loc`, else of its nearest ancestor in the document (`lines`: YAML path -> line)."""
+    for n in range(len(loc), -1, -1):
+        if loc[:n] in lines:
+            return lines[loc[:n]]
+    return None
+
+
 @dataclass(frozen=True)
 class ConfigIssue:
     """One problem in a configuration source, located as precisely as we can."""

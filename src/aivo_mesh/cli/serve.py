@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,6 @@ from rich.table import Table
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli.consul_cmd import consul_address
 from aivo_mesh.config.loader import load_mesh
-from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
@@ -115,7 +113,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     from aivo_mesh.runtime.driver import drive
     from aivo_mesh.runtime.health import wait_serving
     from aivo_mesh.runtime.local import free_port, preflight, prepare
-    from aivo_mesh.runtime.mesh import forward_target, mesh_for_clients, plan, with_tracing
+    from aivo_mesh.runtime.mesh import LocalTracing, mesh_for_clients, plan
     from aivo_mesh.runtime.status import peers_healthy
     from aivo_mesh.runtime.supervisor import Supervisor
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall
@@ -123,15 +121,10 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     console = _console()
     started = time.monotonic()
     otlp = free_port()
-    forward: list[str | None] = [None]
-
-    def local_tracing(m: MeshSpec) -> MeshSpec:  # as `meshctl up`: the collector forwards to Jaeger
-        forward[0] = forward_target(m, otlp, os.environ.get("JAEGER_HOST"))
-        return with_tracing(m, otlp)
-
-    mesh = prepare(state, config, free_ports, transform=local_tracing)
+    tracing = LocalTracing(otlp)  # as `meshctl up`: the collector forwards to Jaeger
+    mesh = prepare(state, config, free_ports, transform=tracing)
     (state.root / "traces.jsonl").unlink(missing_ok=True)
-    procs, info = plan(state, mesh, plane, otlp, forward[0])  # type: ignore[arg-type]
+    procs, info = plan(state, mesh, plane, otlp, tracing.forward_to)  # type: ignore[arg-type]
     preflight(state, mesh, procs, info)
     view = mesh_for_clients(mesh, info)
     sup = Supervisor(state)

@@ -37,9 +37,8 @@ def _console() -> Console:
 def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_port: int | None,
        timeout: float | None) -> None:
     """Start the mesh on this machine and return once every service is healthy."""
-    from aivo_mesh.config.model import MeshSpec
     from aivo_mesh.runtime.local import free_port, preflight, prepare
-    from aivo_mesh.runtime.mesh import forward_target, plan, running_supervisor, with_tracing
+    from aivo_mesh.runtime.mesh import LocalTracing, plan, running_supervisor
 
     state = StateDir(state_dir)
     if running_supervisor(state):
@@ -47,16 +46,9 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
     console = _console()
     started = time.monotonic()
     port = otlp_port or (free_port() if free_ports else 4317)
-    forward: list[str] = []
-
-    def local_tracing(m: MeshSpec) -> MeshSpec:
-        # Every process exports to the local collector; the endpoint configured before that gets the spans
-        # from the collector (JAEGER_HOST wins, as it does for `meshctl serve`).
-        if target := forward_target(m, port, os.environ.get("JAEGER_HOST")):
-            forward[:] = ["--forward-to", target]
-        return with_tracing(m, port)
-
-    mesh = prepare(state, config, free_ports, transform=local_tracing)
+    tracing = LocalTracing(port)
+    mesh = prepare(state, config, free_ports, transform=tracing)
+    forward = ["--forward-to", tracing.forward_to] if tracing.forward_to else []
     # The supervisor's own plan: the files its processes load and the ports they listen on.
     preflight(state, mesh, *plan(state, mesh, plane, port))  # type: ignore[arg-type]  # plane: click.Choice
     log = state.log_file("supervisor")
@@ -65,8 +57,8 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
             [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
              "--otlp-port", str(port), *forward], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True)
-    if forward:
-        console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {forward[1]}")
+    if tracing.forward_to:
+        console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {tracing.forward_to}")
     limit = timeout or HEALTHY_WITHIN[plane]
     with console.status(f"starting the {plane} mesh ({len(mesh.service_names)} services)...") as status:
         ok, report = asyncio.run(_wait_healthy(state, mesh, proc, limit, status.update))

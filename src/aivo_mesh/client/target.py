@@ -146,10 +146,13 @@ class Target:
         call = Call(self.service, path, request, timeout=details.timeout)
         finishers = [f for observe in self._stream_observers if (f := observe(call)) is not None]
 
-        def reject(reply: Reply) -> BaseException:
+        def end_locally(code: str, details: str) -> None:  # the stream never reached a server
             for f in finishers:
-                f(reply.code, reply.details, True)
-            self.listener.call_finished(self.service, path, reply.code, self.clock() - started, 1, True)
+                f(code, details, True)
+            self.listener.call_finished(self.service, path, code, self.clock() - started, 1, True)
+
+        def reject(reply: Reply) -> BaseException:
+            end_locally(reply.code, reply.details)
             return error_for(self.service, path, reply)
 
         # Streams default to the route timeout only when mesh.yaml gives one for them.
@@ -178,9 +181,7 @@ class Target:
         except BaseException:  # grpc refused to start it (the caller's error): nothing to count
             policy.limit.release()
             policy.breaker.release(ticket)
-            for f in finishers:
-                f("UNKNOWN", "the call could not be started", True)
-            self.listener.call_finished(self.service, path, "UNKNOWN", self.clock() - started, 1, True)
+            end_locally("UNKNOWN", "the call could not be started")
             raise
 
         def done(_: Any) -> None:

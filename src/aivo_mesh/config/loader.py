@@ -11,7 +11,7 @@ import yaml
 from pydantic import ValidationError
 
 from aivo_mesh.config.model import MeshSpec, _PathError, _PathErrors
-from aivo_mesh.errors import ConfigError, ConfigIssue, yaml_path
+from aivo_mesh.errors import ConfigError, ConfigIssue, nearest_line, yaml_path
 
 DEFAULT_MESH_FILE = "mesh.yaml"
 MESH_FILE_ENV = "AIVO_MESH_CONFIG"
@@ -78,13 +78,6 @@ class _Index:
 def _line_index(node: yaml.Node) -> dict[Loc, int]:
     """Map every YAML path in the document to its 1-based line."""
     return _Index(node).lines
-
-
-def _nearest_line(lines: dict[Loc, int], loc: Loc) -> int | None:
-    for n in range(len(loc), -1, -1):
-        if loc[:n] in lines:
-            return lines[loc[:n]]
-    return None
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -208,7 +201,7 @@ def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
         issues = []
         for err in exc.errors(include_url=False):
             for loc, msg in _describe(dict(err)):
-                issues.append(ConfigIssue(yaml_path(loc), msg, _nearest_line(lines, loc)))
+                issues.append(ConfigIssue(yaml_path(loc), msg, nearest_line(lines, loc)))
         raise ConfigError(file, issues) from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise ConfigError.single(file, "", str(exc)) from None

@@ -9,6 +9,7 @@ Durations are written as `5s`, `100ms`, `1m` or a bare number of seconds and hel
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Annotated, Any, Literal
@@ -26,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from aivo_mesh.errors import ConfigError, yaml_path
+from aivo_mesh.errors import ConfigError, nearest_line, yaml_path
 
 # The status codes a policy may name. Names, not numbers, so mesh.yaml reads like gRPC docs.
 GRPC_STATUS_NAMES: tuple[str, ...] = (
@@ -112,19 +113,26 @@ def _method_pattern(value: str) -> str:
 MethodPattern = Annotated[str, AfterValidator(_method_pattern)]
 
 
-def known_methods(grpc_service: str) -> tuple[str, ...]:
-    """Method names of `grpc_service` in the protos aivo-mesh ships (or any loaded before); () for a
-    service defined elsewhere. Only words error messages: mesh.yaml may name services we have no proto of."""
+@functools.cache
+def _load_shipped_protos() -> None:
+    """Import every *_pb2 module aivo-mesh ships (once), so the descriptor pool knows their services."""
     import importlib
     import pkgutil
-
-    from google.protobuf import descriptor_pool
 
     import aivo_mesh.gen
 
     for mod in pkgutil.walk_packages(aivo_mesh.gen.__path__, "aivo_mesh.gen."):
         if mod.name.endswith("_pb2"):  # not *_pb2_grpc: the config layer never loads grpc
             importlib.import_module(mod.name)
+
+
+def known_methods(grpc_service: str) -> tuple[str, ...]:
+    """Method names of `grpc_service` in the protos aivo-mesh ships (or any loaded before); () for a
+    service defined elsewhere. mesh.yaml may name services we have no proto of: only error messages and
+    renderings that list methods use this."""
+    from google.protobuf import descriptor_pool
+
+    _load_shipped_protos()
     try:
         desc = descriptor_pool.Default().FindServiceByName(grpc_service)
     except KeyError:
@@ -421,15 +429,10 @@ class MeshSpec(_Strict):
     _source: str = PrivateAttr(default="mesh.yaml")
     _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
 
-    @property
-    def source(self) -> str:
-        return self._source
-
     def error(self, loc: tuple[str | int, ...], message: str) -> ConfigError:
         """A ConfigError about `loc` (e.g. ("services", 0, "local_port")) in this mesh's file, with
         the line of the nearest YAML node."""
-        line = next((self._lines[loc[:n]] for n in range(len(loc), -1, -1) if loc[:n] in self._lines), None)
-        return ConfigError.single(self._source, yaml_path(loc), message, line)
+        return ConfigError.single(self._source, yaml_path(loc), message, nearest_line(self._lines, loc))
 
     @field_validator("version", mode="before")
     @classmethod

@@ -184,7 +184,7 @@ class EnvoyProfile:
             if mesh.observability.tracing.enabled:
                 otlp = POD_OTLP
             if mesh.observability.statsd.enabled:
-                statsd = _host_port(mesh, mesh.observability.statsd.address, ("observability", "statsd", "address"))
+                statsd = _host_port(mesh.observability.statsd.address)
         return cls("pod", POD_CERT_DIR, POD_SDS_DIR, otlp, statsd)
 
     @classmethod
@@ -269,10 +269,9 @@ def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
     )
 
 
-def _host_port(mesh: MeshSpec, value: str, where: tuple[str | int, ...]) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise mesh.error(where, f"expected host:port, got {value!r}")
+def _host_port(value: str) -> tuple[str, int]:
+    """`host:port` or `[v6]:port`, as the model has validated it (StatsdSpec.address)."""
+    host, _, port = value.strip().rpartition(":")
     return host.strip("[]"), int(port)
 
 

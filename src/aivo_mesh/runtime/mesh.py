@@ -105,6 +105,20 @@ def forward_target(mesh: MeshSpec, collector_port: int, jaeger_host: str | None 
     return endpoint
 
 
+class LocalTracing:
+    """`prepare`'s transform for a local run (`up`, `demo`): every process exports to the local
+    collector, and the endpoint configured before that (JAEGER_HOST wins, as for `meshctl serve`) is
+    kept as `forward_to`, where the collector sends the spans on."""
+
+    def __init__(self, collector_port: int) -> None:
+        self.collector_port = collector_port
+        self.forward_to: str | None = None
+
+    def __call__(self, mesh: MeshSpec) -> MeshSpec:
+        self.forward_to = forward_target(mesh, self.collector_port, os.environ.get("JAEGER_HOST"))
+        return with_tracing(mesh, self.collector_port)
+
+
 def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
     """Point every process's tracing at the local collector (`forward_target` keeps the configured
     endpoint, read before this)."""

@@ -248,11 +248,7 @@ class ClientTracingLayer:
         """Streaming calls (which do not run through the stack): the same CLIENT span, started as the
         stream opens and ended by the returned function with its final status."""
         span, _ = self._start(call)
-
-        def finish(code: str, details: str, local: bool) -> None:
-            _finish_client(span, call, code, details, local)
-
-        return finish
+        return functools.partial(_finish_client, span, call)
 
     def wrap(self, inner: Handler) -> Handler:
         start = self._start
