@@ -143,12 +143,17 @@ def known_methods(grpc_service: str) -> tuple[str, ...]:
 def _not_a_method_of(grpc_service: str, pattern: str) -> str | None:
     """Why `pattern` (normalised) covers no method of `grpc_service`, or None when it is one of its
     methods or its prefix. Checked for routes and allow rules alike: an allow rule naming another
-    service's method denies every call it was meant to allow."""
+    service's method, or a misspelt one, denies every call it was meant to allow."""
     prefix = f"/{grpc_service}/"
-    if pattern.startswith(prefix):
-        return None
     methods = known_methods(grpc_service)
     listed = f" (its methods: {', '.join(methods)})" if methods else ""
+    if pattern.startswith(prefix):
+        name = pattern[len(prefix):]
+        # A misspelt method of a service whose proto we ship would never match a call: its route
+        # policy or allow rule would silently not apply. Services without a shipped proto pass.
+        if name and methods and name not in methods:
+            return f"{name!r} is not a method of {grpc_service}{listed}: a route or rule for it never applies"
+        return None
     bare = pattern.strip("/")
     shown = bare if "/" not in bare and "." not in bare else pattern  # `ListEvents`, as it was written
     return (f"{shown!r} is not a method of {grpc_service}{listed}: expected {prefix}<Method>, "
