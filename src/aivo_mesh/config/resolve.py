@@ -118,7 +118,20 @@ def match_route(routes: tuple[RouteSpec, ...], method: str) -> RouteSpec | None:
     return best
 
 
-def per_try_not_applied(retry: RetrySpec, *, idempotent: bool, streaming: bool) -> str | None:
+@dataclass(frozen=True)
+class PerTryNotApplied:
+    """Why a route's per-try timeout is left out on both planes (`str()` is the reason)."""
+
+    why: str
+    # The one reason that is probably a mistake: the route retries, but not the DEADLINE_EXCEEDED the
+    # timeout produces. `meshctl lint` warns about it even where the timeout is only inherited.
+    likely_mistake: bool = False
+
+    def __str__(self) -> str:
+        return self.why
+
+
+def per_try_not_applied(retry: RetrySpec, *, idempotent: bool, streaming: bool) -> PerTryNotApplied | None:
     """Why `retry.per_try_timeout` does not apply to such a route (None: it applies, or there is none).
 
     A per-try timeout cuts an attempt so that another one can be made; both planes must agree on when
@@ -132,14 +145,15 @@ def per_try_not_applied(retry: RetrySpec, *, idempotent: bool, streaming: bool) 
     if retry.per_try_timeout is None:
         return None
     if streaming:
-        return "streaming route: a per-try timeout would cut the stream"
+        return PerTryNotApplied("streaming route: a per-try timeout would cut the stream")
     if not idempotent:
-        return "not an idempotent route: the attempt it cuts is not retried (Envoy would answer UNAVAILABLE)"
+        return PerTryNotApplied("not an idempotent route: the attempt it cuts is not retried "
+                                "(Envoy would answer UNAVAILABLE)")
     if retry.max_retries == 0:
-        return "max_retries is 0: there is no other attempt to make"
+        return PerTryNotApplied("max_retries is 0: there is no other attempt to make")
     if "DEADLINE_EXCEEDED" not in retry.retry_on:
-        return ("DEADLINE_EXCEEDED is not in retry_on: the proxyless plane would not retry the attempt it "
-                "cuts (Envoy would); list it")
+        return PerTryNotApplied("DEADLINE_EXCEEDED is not in retry_on: the proxyless plane would not retry "
+                                "the attempt it cuts (Envoy would); list it", likely_mistake=True)
     return None
 
 

@@ -443,17 +443,17 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
             written = own is not None and "per_try_timeout" in own.model_fields_set
             unfiltered = merge(sp.retry, own) if path != f"services[{i}]" else sp.retry
             why = per_try_not_applied(unfiltered, idempotent=rp.idempotent, streaming=rp.streaming)
-            if why and (written or why.startswith("DEADLINE_EXCEEDED")):
+            if why and (written or why.likely_mistake):
                 out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
                                      f"{unfiltered.per_try_timeout:g}s{'' if written else ' (inherited)'} is "
                                      f"not applied on either plane: {why}"))
             if rp.retry.max_retries == 0:
                 continue
             on = retry_on_tokens(rp.retry.retry_on, idempotent=rp.idempotent, streaming=rp.streaming)
-            for code, why in on.skipped:
-                if why.startswith("Envoy has no"):
-                    out.append(LintIssue(f"{path}.retry.retry_on", "warning",
-                                         f"{code}: not retried by the Envoy sidecars ({why})"))
+            reasons = dict(on.skipped)
+            for code in on.no_envoy_token:
+                out.append(LintIssue(f"{path}.retry.retry_on", "warning",
+                                     f"{code}: not retried by the Envoy sidecars ({reasons[code]})"))
             per_try = rp.retry.per_try_timeout  # None where not applied (above)
             if per_try is not None and per_try >= rp.timeout:
                 out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
