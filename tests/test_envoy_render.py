@@ -25,6 +25,7 @@ import grpc
 import pytest
 import yaml
 from cryptography import x509
+from waiting import until
 
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh, parse_mesh
@@ -51,6 +52,7 @@ from aivo_mesh.render.envoy import (
     sds_files,
     sidecar_ports,
 )
+from aivo_mesh.runtime.status import envoy_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"
@@ -766,6 +768,16 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
         for s, proc in zip(("auth-svc", "learner-svc"), procs, strict=True):
             await asyncio.to_thread(_wait_live, sidecar_ports(m, s, "local").admin, proc)
+        # LIVE is not enough: learner's sidecar may have health-checked auth's before that one listened,
+        # and with panic routing off (docs/envoy.md) it fails calls fast until the next check (2 s).
+        learner_admin = f"127.0.0.1:{sidecar_ports(m, 'learner-svc', 'local').admin}"
+        def auth_healthy() -> bool:
+            with contextlib.suppress(OSError):
+                hosts = envoy_hosts(learner_admin).get("auth-svc", {})
+                return bool(hosts) and all(f == "healthy" for f in hosts.values())
+            return False
+
+        await until(auth_healthy, 15, "learner's sidecar sees auth-svc healthy")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{sidecar_ports(m, 'learner-svc', 'local').outbound}") as ch:
             def ident(b: bytes) -> bytes:
                 return b
