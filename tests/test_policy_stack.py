@@ -16,7 +16,7 @@ from aivo_mesh.policy.stack import TargetPolicy
 from aivo_mesh.policy.testing import FakeClock, FakeSleep, RecordingListener
 
 SVC = "auth-svc"
-GRPC = "aivo.auth.v1.AuthService"
+GRPC = "demo.auth.v1.AuthService"  # no shipped proto: the policy core does not care which methods exist
 VALIDATE, LOGIN, WATCH = f"/{GRPC}/ValidateToken", f"/{GRPC}/Login", f"/{GRPC}/Watch"
 A, B = "10.0.0.1:50051", "10.0.0.2:50051"
 
