@@ -567,7 +567,9 @@ def test_optional_features(tmp_path: Path) -> None:
     # back's inbound: the streaming prefix must not swallow the unary method.
     back_in = {r["name"]: r["route"] for r in _routes(_listener(bootstrap(m, "back", EnvoyProfile.pod(m)),
                                                                    "inbound_grpc"))}
-    assert list(back_in) == ["back/Get", "back/*", "back/default"]
+    # Tracing is on here: probes get untraced routes of their own before the catch-all.
+    assert list(back_in) == ["back/Get", "back/*", *(f"back/untraced{p.rstrip('/')}" for p in OPEN_PREFIXES),
+                             "back/default"]
     assert "max_stream_duration" in back_in["back/Get"]
     assert back_in["back/*"]["timeout"] == "0s"
     if ENVOY is not None:  # the same features pass the real Envoy
@@ -631,6 +633,26 @@ def test_shape_matches_the_reference(pod: dict[str, dict[str, Any]], mesh: MeshS
         assert [r["name"] for r in ref_sds["resources"]] == [r["name"] for r in our_sds["resources"]]
         assert _key_paths(ref_sds) <= _key_paths(our_sds)
     assert ref["admin"]["address"] == ours["admin"]["address"]
+
+
+def test_inbound_probes_are_not_traced_when_tracing_is_on(mesh: MeshSpec, tmp_path: Path) -> None:
+    """Every peer's sidecar health-checks this one: with tracing on, health and reflection routes
+    come before the catch-all with all sampling at 0 (the app side skips them too); without tracing
+    there is nothing to turn off and the routes are not rendered."""
+    def inbound_routes(profile: EnvoyProfile) -> list[dict[str, Any]]:
+        listener = next(x for x in bootstrap(mesh, "auth-svc", profile)["static_resources"]["listeners"]
+                        if x["name"] == "inbound_grpc")
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        return list(hcm["route_config"]["virtual_hosts"][0]["routes"])
+
+    traced = inbound_routes(EnvoyProfile.local("/c", str(tmp_path), otlp=("127.0.0.1", 4317)))
+    untraced = [r for r in traced if "tracing" in r]
+    assert [r["match"]["prefix"] for r in untraced] == list(OPEN_PREFIXES)
+    assert all(r["tracing"][k] == {"numerator": 0} for r in untraced
+               for k in ("client_sampling", "random_sampling", "overall_sampling"))
+    assert all(r["route"]["cluster"] == "local_app" for r in untraced)
+    assert traced.index(untraced[-1]) < traced.index(next(r for r in traced if r["name"] == "auth-svc/default"))
+    assert not [r for r in inbound_routes(EnvoyProfile.local("/c", str(tmp_path))) if "tracing" in r]
 
 
 # --- the real Envoy ---------------------------------------------------------------------------------

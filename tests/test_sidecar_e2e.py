@@ -138,6 +138,12 @@ async def test_learner_to_auth_through_two_sidecars_is_one_trace_with_app_and_en
         chain.append(s.service)
     # auth app <- auth sidecar <- learner sidecar (egress) <- learner app (client, server) <- learner sidecar
     assert chain[:3] == ["auth-svc-sidecar", "learner-svc-sidecar", "learner-svc"], chain
+    # The sidecars health-checked each other from the start (before this call, so in the same or an
+    # earlier export): none of those checks made a trace.
+    envoy_paths = {str(sp.attributes.get("grpc.path")) for t in spans.traces(10_000) for sp in t.spans
+                   if sp.service.endswith("-sidecar")}
+    assert "/aivo.auth.v1.AuthService/ValidateToken" in envoy_paths
+    assert not {p for p in envoy_paths if p.startswith("/grpc.health.v1.Health/")}, envoy_paths
 
 
 async def test_sidecar_prometheus_stats_expose_cluster_retry_and_outlier_series(sidecar_mesh):

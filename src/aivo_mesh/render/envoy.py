@@ -567,6 +567,13 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
         routes.append({"name": _route_name(svc.name, r.match), "match": _match(r.match),
                        "route": {"cluster": LOCAL_APP_CLUSTER,
                                  **_deadline(rp.timeout if rp.streaming else backstop, streaming=rp.streaming)}})
+    if profile.otlp is not None:
+        # Probes are not traced, as on the app side (telemetry.tracing): every peer's sidecar health-
+        # checks this one, and a trace per check would bury the calls in `meshctl traces` and Jaeger.
+        untraced = {k: {"numerator": 0} for k in ("client_sampling", "random_sampling", "overall_sampling")}
+        routes += [{"name": f"{svc.name}/untraced{p.rstrip('/')}", "match": {"prefix": p, "grpc": {}},
+                    "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)},
+                    "tracing": untraced} for p in OPEN_PREFIXES]
     routes.append({"name": f"{svc.name}/default", "match": {"prefix": "/", "grpc": {}},
                    "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}})
     filters = [_rbac(mesh, svc), _grpc_stats(upstream=False)]

@@ -298,8 +298,8 @@ class ServerTracingObserver:
     task) ends the span with the final status and restores the previous context.
     """
 
-    # Probes are not traced (as in Envoy and Linkerd): a 30 s health check per caller would bury
-    # the application's traces.
+    # Probes are not traced (nor by the rendered sidecars, render/envoy.py): a 30 s health check per
+    # caller would bury the application's traces.
     UNTRACED_PREFIXES: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
     def __init__(self, tracing: Tracing) -> None:
