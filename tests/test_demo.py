@@ -29,6 +29,10 @@ def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path,
     assert "Traceback" not in out.stderr
     assert f"all 4 services SERVING over mTLS ({plane} plane)" in out.stdout
     assert "a learner -> auth trace" in out.stdout
+    header = out.stdout.split("a learner -> auth trace", 1)[1].splitlines()[1]
+    if plane == "sidecar":  # the demo waits for the sidecars' batched spans: the trace shows all four
+        assert {"learner-svc-sidecar", "auth-svc-sidecar", "learner-svc", "auth-svc"} <= set(
+            header.split("  ")[-1].split(", ")), header
     for svc in ("auth-svc", "learner-svc", "event-collector-svc", "analytics-svc"):
         row = next(line for line in out.stdout.splitlines() if line.startswith(f"│ {svc} "))
         cells = [c.strip() for c in row.strip("│").split("│")]

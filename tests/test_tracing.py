@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -434,6 +435,44 @@ def test_render_waterfall_layout() -> None:
     assert lines[5].startswith("orphan ")
     assert "|.........#|" in lines[5]
     assert len({line.index("|") for line in lines[1:]}) == 1  # bars are aligned
+
+
+def test_render_waterfall_names_envoy_spans_by_their_grpc_method() -> None:
+    """Envoy names its spans `ingress`/`egress` only; the waterfall adds the `grpc.path` tag."""
+    def rec(span_id: str, parent: str, name: str, attributes: dict[str, str]) -> SpanRecord:
+        return SpanRecord("cd" * 16, span_id, parent, name, "SERVER", "auth-svc-sidecar", 0, 1000, "UNSET",
+                          attributes=attributes)
+
+    t = Trace("cd" * 16, (rec("01", "", "egress", {"grpc.path": "/aivo.auth.v1.AuthService/ValidateToken"}),
+                          rec("02", "01", "ingress", {}),
+                          rec("03", "02", "/aivo.auth.v1.AuthService/ValidateToken", {"grpc.path": "/x/Y"})))
+    lines = render_waterfall(t, ascii_only=True).splitlines()
+    assert lines[1].startswith("egress /aivo.auth.v1.AuthService/ValidateToken ")
+    assert lines[2].startswith("  ingress ")  # no tag: the name as Envoy sent it
+    assert lines[3].startswith("    /aivo.auth.v1.AuthService/ValidateToken ")  # an app span keeps its name
+
+
+async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_path: Path) -> None:
+    """Envoy exports in 5 s batches: the demo prefers a learner -> auth trace that has both sidecars'
+    spans, and shows an app-only one when none arrives in time."""
+    from aivo_mesh.cli.serve import _sample_trace
+    from aivo_mesh.runtime.collector import SpanLog
+
+    def flow(tid: str, t0: int, *services: str) -> list[SpanRecord]:
+        names = ["/aivo.learner.v1.LearnerService/GetProfile", "/aivo.auth.v1.AuthService/ValidateToken",
+                 "/aivo.auth.v1.AuthService/ValidateToken", "egress", "ingress"]
+        return [SpanRecord(tid * 16, f"{i:016x}", "", names[i], "SERVER", svc, t0 + i, t0 + i + 1, "UNSET")
+                for i, svc in enumerate(services)]
+
+    log = SpanLog(tmp_path / "traces.jsonl")
+    log.append(flow("ab", 0, "learner-svc", "learner-svc", "auth-svc"))
+    app_only = await _sample_trace(log, sidecars=True, wait=0.2)
+    assert app_only is not None and app_only.trace_id == "ab" * 16  # the fallback, after the wait
+    log.append(flow("cd", 10, "learner-svc", "learner-svc", "auth-svc", "learner-svc-sidecar", "auth-svc-sidecar"))
+    log.append(flow("ef", 20, "learner-svc", "learner-svc", "auth-svc"))  # newer, but without the sidecars
+    complete = await _sample_trace(log, sidecars=True, wait=0.2)
+    assert complete is not None and complete.trace_id == "cd" * 16
+    assert (await _sample_trace(log, sidecars=False, wait=0.2)) is not None
 
 
 # -- (c) forwarding --------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -21,6 +21,10 @@ from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
+
+if TYPE_CHECKING:
+    from aivo_mesh.runtime.collector import SpanLog
+    from aivo_mesh.telemetry.otlp_receiver import Trace
 
 HEALTHY_WITHIN = 15.0  # seconds: the demo's promise on 2 cores
 
@@ -170,12 +174,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
         if stats.total_errors:
             codes = {n: s.error_codes for n, s in stats.per_service.items() if s.errors}
             console.print(f"[yellow]errors: {codes}[/yellow]")
-        sample = None
-        spans, give_up = SpanLog(state.root / "traces.jsonl"), time.monotonic() + 3  # exporters batch
-        while sample is None and time.monotonic() < give_up:
-            sample = next((t for t in spans.traces(200)
-                           if any(sp.name.endswith("/GetProfile") for sp in t.spans) and len(t.spans) > 2), None)
-            await asyncio.sleep(0.2)
+        sample = await _sample_trace(SpanLog(state.root / "traces.jsonl"), sidecars=plane == "sidecar")
         if sample is not None:
             console.print("a learner -> auth trace (meshctl traces shows more):")
             console.print(render_waterfall(sample, width=30), markup=False, highlight=False)
@@ -185,6 +184,29 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
         with console.status("stopping..."):
             await sup.stop_all()
         console.print("all processes stopped")
+
+
+async def _sample_trace(spans: SpanLog, *, sidecars: bool, wait: float | None = None) -> Trace | None:
+    """A learner -> auth trace to show: on the sidecar plane one that has both sidecars' spans too.
+
+    Exporters batch (Envoy flushes every 5 s), so the newest traces may still lack spans: wait a
+    bounded while for a complete one, else show the best found."""
+    def has_flow(t: Trace) -> bool:
+        return any(sp.name.endswith("/GetProfile") for sp in t.spans) and len(t.spans) > 2
+
+    def complete(t: Trace) -> bool:
+        return has_flow(t) and (not sidecars or {"learner-svc-sidecar", "auth-svc-sidecar"} <= set(t.services))
+
+    give_up = time.monotonic() + (wait if wait is not None else 7 if sidecars else 3)
+    fallback = None
+    while True:
+        traces = spans.traces(200)
+        if (found := next((t for t in traces if complete(t)), None)) is not None:
+            return found
+        fallback = fallback or next((t for t in traces if has_flow(t)), None)
+        if time.monotonic() >= give_up:
+            return fallback
+        await asyncio.sleep(0.2)
 
 
 def _ms(seconds: float | None) -> str:

@@ -69,6 +69,13 @@ class SpanRecord:
     def duration_ns(self) -> int:
         return max(0, self.end_ns - self.start_ns)
 
+    @property
+    def display_name(self) -> str:
+        """The name to show. Envoy names every span of a listener by direction only (`ingress`,
+        `egress`); the gRPC method it tags the span with (`grpc.path`) is what a reader needs."""
+        path = self.attributes.get("grpc.path") if self.name in ("ingress", "egress") else None
+        return f"{self.name} {path}" if isinstance(path, str) and path else self.name
+
 
 @dataclass(frozen=True, slots=True)
 class Trace:
@@ -426,7 +433,7 @@ def render_waterfall(trace: Trace, *, width: int = 40, max_name: int = 60, ascii
         return header
 
     def label(depth: int, s: SpanRecord) -> str:
-        text = "  " * depth + s.name
+        text = "  " * depth + s.display_name
         return text if len(text) <= max_name else text[: max_name - 1] + "…"
 
     labels = [label(d, s) for d, s in rows]
