@@ -453,8 +453,8 @@ def test_render_waterfall_names_envoy_spans_by_their_grpc_method() -> None:
 
 
 async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_path: Path) -> None:
-    """Envoy exports in 5 s batches: the demo prefers a learner -> auth trace that has both sidecars'
-    spans, and shows an app-only one when none arrives in time."""
+    """Exporters batch: the demo prefers a learner -> auth trace with both apps' spans and both
+    sidecars', and shows the fullest one found when none is complete in time."""
     from aivo_mesh.cli.serve import _sample_trace
     from aivo_mesh.runtime.collector import SpanLog
 
@@ -470,9 +470,12 @@ async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_p
     assert app_only is not None and app_only.trace_id == "ab" * 16  # the fallback, after the wait
     log.append(flow("cd", 10, "learner-svc", "learner-svc", "auth-svc", "learner-svc-sidecar", "auth-svc-sidecar"))
     log.append(flow("ef", 20, "learner-svc", "learner-svc", "auth-svc"))  # newer, but without the sidecars
+    # Newer still, with both sidecars but not yet auth's own span: incomplete too.
+    log.append(flow("12", 30, "learner-svc", "learner-svc", "learner-svc-sidecar", "auth-svc-sidecar"))
     complete = await _sample_trace(log, sidecars=True, wait=0.2)
     assert complete is not None and complete.trace_id == "cd" * 16
-    assert (await _sample_trace(log, sidecars=False, wait=0.2)) is not None
+    proxyless = await _sample_trace(log, sidecars=False, wait=0.2)
+    assert proxyless is not None and proxyless.trace_id == "ef" * 16  # the newest with both apps
 
 
 # -- (c) forwarding --------------------------------------------------------------------------------

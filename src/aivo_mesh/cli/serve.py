@@ -187,25 +187,22 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
 
 
 async def _sample_trace(spans: SpanLog, *, sidecars: bool, wait: float | None = None) -> Trace | None:
-    """A learner -> auth trace to show: on the sidecar plane one that has both sidecars' spans too.
+    """A learner -> auth trace to show, with the spans of both apps and, on the sidecar plane, of both
+    sidecars. Every process exports in batches (Envoy and the apps' batch processors every 5 s), so
+    the newest traces may still lack spans: wait a bounded while for a complete one (two export
+    periods at most), else show the fullest found."""
+    want = {"learner-svc", "auth-svc"} | ({"learner-svc-sidecar", "auth-svc-sidecar"} if sidecars else set())
 
-    Exporters batch (Envoy flushes every 5 s), so the newest traces may still lack spans: wait a
-    bounded while for a complete one, else show the best found."""
     def has_flow(t: Trace) -> bool:
         return any(sp.name.endswith("/GetProfile") for sp in t.spans) and len(t.spans) > 2
 
-    def complete(t: Trace) -> bool:
-        return has_flow(t) and (not sidecars or {"learner-svc-sidecar", "auth-svc-sidecar"} <= set(t.services))
-
-    give_up = time.monotonic() + (wait if wait is not None else 7 if sidecars else 3)
-    fallback = None
+    give_up = time.monotonic() + (wait if wait is not None else 11)
     while True:
-        traces = spans.traces(200)
-        if (found := next((t for t in traces if complete(t)), None)) is not None:
+        flows = [t for t in spans.traces(200) if has_flow(t)]
+        if (found := next((t for t in flows if want <= set(t.services)), None)) is not None:
             return found
-        fallback = fallback or next((t for t in traces if has_flow(t)), None)
         if time.monotonic() >= give_up:
-            return fallback
+            return max(flows, key=lambda t: len(want & set(t.services)), default=None)
         await asyncio.sleep(0.2)
 
 
