@@ -444,12 +444,14 @@ def test_render_waterfall_names_envoy_spans_by_their_grpc_method() -> None:
                           attributes=attributes)
 
     t = Trace("cd" * 16, (rec("01", "", "egress", {"grpc.path": "/aivo.auth.v1.AuthService/ValidateToken"}),
-                          rec("02", "01", "ingress", {}),
-                          rec("03", "02", "/aivo.auth.v1.AuthService/ValidateToken", {"grpc.path": "/x/Y"})))
+                          rec("02", "01", "egress auth-svc", {"grpc.path": "/p.S/M"}),
+                          rec("04", "02", "ingress", {}),
+                          rec("03", "04", "/aivo.auth.v1.AuthService/ValidateToken", {"grpc.path": "/x/Y"})))
     lines = render_waterfall(t, ascii_only=True).splitlines()
     assert lines[1].startswith("egress /aivo.auth.v1.AuthService/ValidateToken ")
-    assert lines[2].startswith("  ingress ")  # no tag: the name as Envoy sent it
-    assert lines[3].startswith("    /aivo.auth.v1.AuthService/ValidateToken ")  # an app span keeps its name
+    assert lines[2].startswith("  egress auth-svc /p.S/M ")
+    assert lines[3].startswith("    ingress ")  # no tag: the name as Envoy sent it
+    assert lines[4].startswith("      /aivo.auth.v1.AuthService/ValidateToken ")  # an app span keeps its name
 
 
 async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_path: Path) -> None:

@@ -71,9 +71,9 @@ class SpanRecord:
 
     @property
     def display_name(self) -> str:
-        """The name to show. Envoy names every span of a listener by direction only (`ingress`,
-        `egress`); the gRPC method it tags the span with (`grpc.path`) is what a reader needs."""
-        path = self.attributes.get("grpc.path") if self.name in ("ingress", "egress") else None
+        """The name to show. Envoy names its spans by direction (`ingress`, `egress <host>`); the gRPC
+        method it tags them with (`grpc.path`) is what a reader needs."""
+        path = self.attributes.get("grpc.path") if self.name.split(" ", 1)[0] in ("ingress", "egress") else None
         return f"{self.name} {path}" if isinstance(path, str) and path else self.name
 
 
