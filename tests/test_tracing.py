@@ -454,6 +454,20 @@ def test_render_waterfall_names_envoy_spans_by_their_grpc_method() -> None:
     assert lines[4].startswith("      /aivo.auth.v1.AuthService/ValidateToken ")  # an app span keeps its name
 
 
+def test_render_waterfall_marks_envoy_spans_of_failed_grpc_calls() -> None:
+    """Envoy leaves a gRPC failure's span status UNSET (the HTTP status is 200); its grpc.status_code
+    tag tells, and the waterfall shows it as an error like an app span's."""
+    def rec(span_id: str, code: str) -> SpanRecord:
+        return SpanRecord("ef" * 16, span_id, "", "ingress", "SERVER", "auth-svc-sidecar", 0, 1000, "UNSET",
+                          attributes={"grpc.status_code": code, "grpc.path": "/p.S/M"})
+
+    denied = render_waterfall(Trace("ef" * 16, (rec("01", "7"),))).splitlines()
+    assert denied[0].endswith("1 error")
+    assert denied[1].endswith("ERROR PERMISSION_DENIED")
+    ok = render_waterfall(Trace("ef" * 16, (rec("01", "0"),))).splitlines()
+    assert "error" not in ok[0].lower() and "ERROR" not in ok[1]
+
+
 async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_path: Path) -> None:
     """Exporters batch: the demo prefers a learner -> auth trace with both apps' spans and both
     sidecars', and shows the fullest one found when none is complete in time."""

@@ -36,6 +36,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 
+from aivo_mesh.config.model import GRPC_STATUS_NAMES
 from aivo_mesh.errors import MeshError
 
 __all__ = ["OtlpReceiver", "SpanRecord", "Trace", "render_waterfall"]
@@ -68,6 +69,21 @@ class SpanRecord:
     @property
     def duration_ns(self) -> int:
         return max(0, self.end_ns - self.start_ns)
+
+    @property
+    def failed(self) -> bool:
+        """An error span, or an Envoy span of a call that ended with a gRPC status other than OK:
+        Envoy leaves a gRPC failure's span status UNSET (HTTP 200) and tags `grpc.status_code`."""
+        return self.status == "ERROR" or self.envoy_grpc_status not in (None, "OK")
+
+    @property
+    def envoy_grpc_status(self) -> str | None:
+        """The status name of Envoy's `grpc.status_code` tag, if the span has one."""
+        code = self.attributes.get("grpc.status_code")
+        if not (isinstance(code, str) and code.isdigit()):
+            return None
+        n = int(code)
+        return GRPC_STATUS_NAMES[n] if n < len(GRPC_STATUS_NAMES) else code
 
     @property
     def display_name(self) -> str:
@@ -109,7 +125,7 @@ class Trace:
 
     @property
     def errors(self) -> int:
-        return sum(1 for s in self.spans if s.status == "ERROR")
+        return sum(1 for s in self.spans if s.failed)
 
     def span(self, span_id: str) -> SpanRecord | None:
         return next((s for s in self.spans if s.span_id == span_id), None)
@@ -451,5 +467,7 @@ def render_waterfall(trace: Trace, *, width: int = 40, max_name: int = 60, ascii
                 f"{format_duration(s.duration_ns)}")
         if s.status == "ERROR":
             line += "  ERROR" + (f" {s.status_message}" if s.status_message else "")
+        elif s.failed:
+            line += f"  ERROR {s.envoy_grpc_status}"
         lines.append(line.rstrip())
     return "\n".join(lines)
