@@ -468,6 +468,37 @@ def test_render_waterfall_marks_envoy_spans_of_failed_grpc_calls() -> None:
     assert "error" not in ok[0].lower() and "ERROR" not in ok[1]
 
 
+def test_meshctl_traces_filters_by_service_errors_and_trace_id(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from aivo_mesh.cli import main
+    from aivo_mesh.runtime.collector import SpanLog
+
+    def span(tid: str, t0: int, service: str, status: str = "UNSET", **attributes: str) -> SpanRecord:
+        return SpanRecord(tid * 16, tid * 8, "", "/p.S/M", "SERVER", service, t0, t0 + 10, status,
+                          attributes=dict(attributes))
+
+    SpanLog(tmp_path / "traces.jsonl").append([
+        span("a1", 0, "learner-svc"),
+        span("b2", 100, "auth-svc-sidecar", **{"grpc.status_code": "7"}),  # Envoy: failed, status UNSET
+        span("c3", 200, "auth-svc", status="ERROR"),
+        span("d4", 300, "event-collector-svc"),
+    ])
+
+    def shown(*args: str) -> list[str]:
+        assert main(["traces", "--state-dir", str(tmp_path), *args]) == 0
+        return [line.split()[1][:2] for line in capsys.readouterr().out.splitlines() if line.startswith("trace ")]
+
+    assert shown() == ["d4", "c3", "b2", "a1"]  # newest first
+    assert shown("--last", "2") == ["d4", "c3"]
+    assert shown("--service", "auth-svc") == ["c3", "b2"]  # the app and its sidecar
+    assert shown("--errors") == ["c3", "b2"]
+    assert shown("--errors", "--service", "auth-svc", "--last", "1") == ["c3"]
+    assert shown("--trace-id", "A1A1") == ["a1"]
+    assert shown("--service", "analytics-svc") == []
+    assert main(["traces", "--state-dir", str(tmp_path), "--service", "analytics-svc"]) == 0
+    assert "no matching traces" in capsys.readouterr().out
+
+
 async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_path: Path) -> None:
     """Exporters batch: the demo prefers a learner -> auth trace with both apps' spans and both
     sidecars', and shows the fullest one found when none is complete in time."""

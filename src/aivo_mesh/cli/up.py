@@ -165,15 +165,23 @@ def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
 @click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="how many recent traces")
 @click.option("--width", type=click.IntRange(min=1), default=40, show_default=True,
               help="width of the timing bars")
-def traces(state_dir: str, last: int, width: int) -> None:
+@click.option("--service", default=None, help="only traces through this service (its app or its sidecar)")
+@click.option("--errors", is_flag=True, help="only traces with a failed span")
+@click.option("--trace-id", default=None, help="only the trace whose id starts with this")
+def traces(state_dir: str, last: int, width: int, service: str | None, errors: bool, trace_id: str | None) -> None:
     """Recent traces of the local mesh as text waterfalls (app and Envoy spans)."""
     from aivo_mesh.runtime.collector import SpanLog
-    from aivo_mesh.telemetry.otlp_receiver import render_waterfall
+    from aivo_mesh.telemetry.otlp_receiver import render_waterfall, select_traces
 
     state = StateDir(state_dir)
-    found = SpanLog(state.root / "traces.jsonl").traces(last)
+    log = SpanLog(state.root / "traces.jsonl")
+    filtered = service is not None or errors or trace_id is not None
+    # The log keeps recent spans only (it is size-capped), so filtering all of it is cheap.
+    found = select_traces(log.traces(10**9) if filtered else log.traces(last), service=service, errors=errors,
+                          trace_id=trace_id)[:last]
     if not found:
-        click.echo(f"no traces yet in {state.root / 'traces.jsonl'}")
+        what = "matching traces" if filtered else "traces yet"
+        click.echo(f"no {what} in {state.root / 'traces.jsonl'}")
         return
     for t in found:
         click.echo(render_waterfall(t, width=width))

@@ -395,6 +395,17 @@ def group_traces(spans: Iterable[SpanRecord], last: int = 20) -> list[Trace]:
     return traces[:max(0, last)]
 
 
+def select_traces(traces: Iterable[Trace], *, service: str | None = None, errors: bool = False,
+                  trace_id: str | None = None) -> list[Trace]:
+    """The traces that pass every filter given, in the order given: with a span of `service` (its
+    app or its sidecar, `<service>-sidecar`), with a failed span, or whose id starts with `trace_id`."""
+    names = {service, f"{service}-sidecar"} if service else set()
+    prefix = trace_id.lower() if trace_id else ""
+    return [t for t in traces
+            if (not names or names & set(t.services)) and (not errors or t.errors)
+            and t.trace_id.startswith(prefix)]
+
+
 def format_duration(ns: int) -> str:
     if ns < 1_000_000:
         return f"{ns / 1000:.0f}µs"
