@@ -13,6 +13,7 @@ import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import dns.exception
 import dns.rcode
 import pytest
 from fakes.consul_agent import FakeConsulAgent, RequestRecord
@@ -330,6 +331,29 @@ async def test_dns_srv_uses_glue_lowest_priority_and_weights(dns_server: FakeDns
     endpoints2, _ = await source.resolve()
     assert set(endpoints2) == set(endpoints)
     assert ("a1.test.", "A") in dns_server.queries[queries_with_glue:]
+
+
+async def test_dns_a_answer_survives_a_dropped_aaaa_query(dns_server: FakeDnsServer) -> None:
+    """A resolver or middlebox that drops AAAA queries makes that query time out: the A answer must
+    still be used. Only when no query type gives an address is the lookup a failure."""
+    dns_server.set("auth.test.", "A", ["10.0.0.5"])
+    dns_server.drop_types = {"AAAA"}
+    endpoints, _ = await _dns(dns_server, "auth.test:50051", timeout=0.3).resolve()
+    assert [e.address for e in endpoints] == ["10.0.0.5:50051"]
+    dns_server.drop_types = {"A", "AAAA"}
+    with pytest.raises(dns.exception.Timeout):
+        await _dns(dns_server, "auth.test:50051", timeout=0.3).resolve()
+
+
+async def test_dns_srv_falls_back_to_the_next_priority_when_no_target_resolves(dns_server: FakeDnsServer) -> None:
+    """RFC 2782: a higher priority is the fallback for when the lower one's targets are unreachable."""
+    dns_server.set_srv("_grpc._tcp.auth.test.", [(10, 1, 50051, "gone.test."), (20, 1, 50071, "backup.test.")])
+    dns_server.set("backup.test.", "A", ["10.9.0.1"])
+    endpoints, _ = await _dns(dns_server, "_grpc._tcp.auth.test").resolve()
+    assert [e.address for e in endpoints] == ["10.9.0.1:50071"]
+    dns_server.set("gone.test.", "A", ["10.1.0.1"])  # the preferred target is back
+    endpoints, _ = await _dns(dns_server, "_grpc._tcp.auth.test").resolve()
+    assert [e.address for e in endpoints] == ["10.1.0.1:50051"]
 
 
 async def test_dns_srv_target_dot_means_unavailable(dns_server: FakeDnsServer) -> None:

@@ -12,6 +12,7 @@ Answers: the records for (name, type) if any (NOERROR); NOERROR with an empty an
 records of other types (NODATA); NXDOMAIN otherwise. SRV answers carry the A/AAAA records of their
 targets in the additional section when `glue` is on (as Consul's DNS interface does).
 Knobs: `rcode` (answer everything with e.g. SERVFAIL), `drop` (answer nothing: client timeouts),
+`drop_types` (answer nothing for those query types only, e.g. {"AAAA"}: a middlebox that eats AAAA),
 `queries` (log of (name, type)) and `wait_for_queries(n, timeout)` (condition wait, no polling).
 """
 
@@ -42,6 +43,7 @@ class FakeDnsServer:
         self.glue = glue
         self.rcode: dns.rcode.Rcode | None = None
         self.drop = False
+        self.drop_types: set[str] = set()
         self.queries: list[tuple[str, str]] = []
         self._records: dict[tuple[str, str], tuple[int, list[str]]] = {}
         self._cond = threading.Condition()
@@ -125,7 +127,7 @@ class FakeDnsServer:
             for q in query.question:
                 self.queries.append((q.name.to_text().lower(), dns.rdatatype.to_text(q.rdtype)))
             self._cond.notify_all()
-            if self.drop:
+            if self.drop or any(dns.rdatatype.to_text(q.rdtype) in self.drop_types for q in query.question):
                 return None
             if self.rcode is not None:
                 response.set_rcode(self.rcode)

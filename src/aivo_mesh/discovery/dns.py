@@ -6,9 +6,10 @@
 
 A target whose first label starts with `_` is an SRV name; anything else is an address lookup.
 SRV answers carry the port and weight of each instance; targets are taken from the answer's
-additional section when present (Consul's DNS sends them) and looked up otherwise. Only the records
-of the lowest priority are used (RFC 2782: higher priorities are fallbacks); a weight of 0 counts
-as 1, because the balancer's weights are shares and 0 would mean "never".
+additional section when present (Consul's DNS sends them) and looked up otherwise. The lowest
+priority with a target that resolves is used (RFC 2782: higher priorities are fallbacks). Weights
+are kept on the endpoints (0 counts as 1, since 0 would mean "never"); MeshClient's balancer is
+round robin and does not use them (docs/discovery.md).
 
 Timing: the next resolution is due after the answer's TTL, clamped to [min_ttl, max_ttl] so a TTL
 of 0 cannot turn into a busy loop and a TTL of a day cannot hide a move for a day.
@@ -154,14 +155,26 @@ class DnsSource:
             return None
 
     async def _addresses(self, name: str) -> tuple[list[str], float]:
-        answers = await asyncio.gather(*(self._query(name, t) for t in self.record_types))
+        """A and AAAA of `name`. One type failing (a resolver or middlebox that drops AAAA queries
+        times out) does not discard the other's answer; only when no type gave an address is the
+        failure raised."""
+        answers = await asyncio.gather(*(self._query(name, t) for t in self.record_types), return_exceptions=True)
         addresses: list[str] = []
         ttl = float("inf")
+        failures: list[BaseException] = []
         for answer in answers:
+            if isinstance(answer, BaseException):
+                failures.append(answer)
+                continue
             if answer is None or answer.rrset is None:
                 continue
             ttl = min(ttl, float(answer.rrset.ttl))
             addresses.extend(rd.address for rd in answer.rrset)
+        if failures and not addresses:
+            raise failures[0]
+        if failures:
+            log.warning("%s: %d of %d DNS queries failed (%s); using the %d addresses the others gave",
+                        name, len(failures), len(answers), failures[0], len(addresses))
         return addresses, ttl
 
     async def _resolve_srv(self) -> tuple[tuple[Endpoint, ...], float]:
@@ -172,9 +185,6 @@ class DnsSource:
         records = [rd for rd in answer.rrset if rd.target != dns.name.root]  # "." = not offered here
         if not records:
             raise DnsEmpty(f"{self.target.name}: every SRV record says the service is unavailable (\".\")")
-        lowest = min(rd.priority for rd in records)
-        records = [rd for rd in records if rd.priority == lowest]
-
         # Glue from the additional section: target name -> (addresses, ttl).
         glue: dict[dns.name.Name, tuple[list[str], float]] = {}
         wanted = {dns.rdatatype.from_text(t) for t in self.record_types}
@@ -182,19 +192,29 @@ class DnsSource:
             if rrset.rdtype in wanted:
                 addrs, t = glue.get(rrset.name, ([], float("inf")))
                 glue[rrset.name] = ([*addrs, *(rd.address for rd in rrset)], min(t, float(rrset.ttl)))
-        missing = sorted({rd.target for rd in records if rd.target not in glue})
-        looked_up = await asyncio.gather(*(self._addresses(n.to_text()) for n in missing))
-        glue.update(zip(missing, looked_up, strict=True))
 
-        endpoints: list[Endpoint] = []
-        for rd in records:
-            addrs, t = glue[rd.target]
-            ttl = min(ttl, t) if addrs else ttl
-            meta = {"srv_target": rd.target.to_text(), "srv_priority": str(rd.priority)}
-            endpoints.extend(Endpoint(a, rd.port, weight=max(1, rd.weight), metadata=meta) for a in addrs)
-        if not endpoints:
-            raise DnsEmpty(f"{self.target.name}: no address for any SRV target")
-        return tuple(endpoints), ttl
+        # RFC 2782: the lowest priority that has a reachable target wins; the next one is the
+        # fallback when none of its targets resolves (targets are looked up only when needed).
+        for priority in sorted({rd.priority for rd in records}):
+            group = [rd for rd in records if rd.priority == priority]
+            missing = sorted({rd.target for rd in group if rd.target not in glue})
+            looked_up = await asyncio.gather(*(self._addresses(n.to_text()) for n in missing),
+                                             return_exceptions=True)
+            for target, found in zip(missing, looked_up, strict=True):
+                if isinstance(found, BaseException):
+                    log.warning("%s: SRV target %s did not resolve: %s", self.target.name, target, found)
+                    found = ([], float("inf"))
+                glue[target] = found
+            endpoints: list[Endpoint] = []
+            group_ttl = ttl
+            for rd in group:
+                addrs, t = glue[rd.target]
+                group_ttl = min(group_ttl, t) if addrs else group_ttl
+                meta = {"srv_target": rd.target.to_text(), "srv_priority": str(rd.priority)}
+                endpoints.extend(Endpoint(a, rd.port, weight=max(1, rd.weight), metadata=meta) for a in addrs)
+            if endpoints:
+                return tuple(endpoints), group_ttl
+        raise DnsEmpty(f"{self.target.name}: no address for any SRV target")
 
     # -- the watch ---------------------------------------------------------------------------------
     async def watch(self, service: str, store: SnapshotStore) -> None:

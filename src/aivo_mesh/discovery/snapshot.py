@@ -41,7 +41,8 @@ def _empty_metadata() -> Mapping[str, str]:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    """One address of a service. `weight` is relative (balancer share); `healthy` is what the source
+    """One address of a service. `weight` is relative, as the source reports it (MeshClient's balancer
+    is round robin and does not use it); `healthy` is what the source
     knows (Consul with `passing` filtering and DNS only ever report healthy endpoints).
 
     `host` is a name or an IP literal without brackets (`::1`, not `[::1]`); `address` gives the
