@@ -556,3 +556,21 @@ async def test_an_attempt_cut_by_the_per_try_timeout_is_retried_within_the_route
     elapsed = time.monotonic() - started
     assert plan.attempts_seen == [1, 2]
     assert 0.5 <= elapsed < 1.0  # cut at the per-try timeout, answered before the route's deadline
+
+
+async def test_no_endpoints_is_a_clear_error_and_health_checks_leave_removed_endpoints_closed(make_client):
+    """Discovery may say "none" (every Consul instance critical): wait_ready and bare_channel say so
+    instead of crashing. A health check round that began before an endpoint was removed does not
+    reopen the removed endpoint's channel."""
+    from aivo_mesh.errors import MeshError
+
+    client = make_client(_mesh(), ["127.0.0.1:1", "127.0.0.1:2"])
+    target = client.target("auth-svc")
+    target.set_endpoints(["127.0.0.1:2"])  # discovery dropped :1
+    await target._check("127.0.0.1:1")  # the round had listed it before the change
+    assert "127.0.0.1:1" not in target.pool.states()
+    target.set_endpoints([])
+    with pytest.raises(MeshError, match="no endpoints"):
+        await client.wait_ready("auth-svc", timeout=0.5)
+    with pytest.raises(MeshError, match="no endpoints"):
+        client.bare_channel("auth-svc")

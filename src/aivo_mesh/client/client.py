@@ -143,6 +143,8 @@ class MeshClient:
         target = self.target(service)
         bound = timeout or self.config.connection_timeout
         endpoints = target.policy.balancer.endpoints
+        if not endpoints:  # discovery may legitimately say "none" (every Consul instance critical)
+            raise MeshError(f"{service}: no endpoints (discovery lists none)")
         waits = [asyncio.ensure_future(target.pool.channel(e).channel_ready()) for e in endpoints]
         try:
             done, _ = await asyncio.wait(waits, timeout=bound, return_when=asyncio.FIRST_COMPLETED)
@@ -156,7 +158,11 @@ class MeshClient:
         """A channel straight to one endpoint, outside the policy stack: for probes (health checks,
         test tools) that must neither trip nor be refused by the breaker."""
         target = self.target(service)
-        return target.pool.channel(endpoint or target.policy.balancer.endpoints[0])
+        if endpoint is None:
+            if not target.policy.balancer.endpoints:
+                raise MeshError(f"{service}: no endpoints (discovery lists none)")
+            endpoint = target.policy.balancer.endpoints[0]
+        return target.pool.channel(endpoint)
 
     def targets(self) -> dict[str, Target]:
         return dict(self._targets)

@@ -114,6 +114,8 @@ class Target:
             await asyncio.sleep(self.health_interval)
 
     async def _check(self, endpoint: str) -> None:
+        if self.policy.balancer.state(endpoint) is None:
+            return  # discovery removed it since the round began: do not reopen its channel
         stub = health_pb2_grpc.HealthStub(self.pool.channel(endpoint))
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=self.grpc_service),
