@@ -304,3 +304,36 @@ def test_a_process_refuses_another_identitys_certificate(mesh: MeshSpec, mesh_ce
         MeshClient(swapped)
     assert MeshClient(MeshConfig.for_identity("learner-svc", mesh_certs, mesh)).identity.spiffe_id == \
         mesh.spiffe_id("learner-svc")
+
+
+def test_a_bad_rotation_is_parsed_once_not_on_every_handshake(mesh_certs, tmp_path, caplog):
+    """grpc asks the server credentials for a new config on every handshake. While the files on disk
+    are bad (here: auth's certificate with learner's key), the last good identity keeps serving and
+    the bad files are read and logged once, not per connection; once they change, they load."""
+    from aivo_mesh.server.credentials import ReloadingServerCredentials
+
+    cert, key = tmp_path / "auth.crt", tmp_path / "auth-key.pem"
+    good_cert, good_key = mesh_certs.service_paths("auth-svc")
+    shutil.copy(good_cert, cert)
+    shutil.copy(good_key, key)
+    creds = ReloadingServerCredentials(cert, key, mesh_certs.ca_cert)
+    assert creds._fetch() is None  # unchanged files: nothing to do
+
+    def replace_key(pem: bytes, mode: int = 0o600) -> None:
+        new = tmp_path / "new-key.pem"
+        new.write_bytes(pem)
+        new.chmod(mode)
+        os.replace(new, key)  # atomic, as `certs rotate` writes
+
+    replace_key(mesh_certs.service_paths("learner-svc")[1].read_bytes())  # not auth's key
+    with caplog.at_level("WARNING", logger="aivo_mesh.server.credentials"):
+        assert [creds._fetch() for _ in range(5)] == [None] * 5
+        skipped = [r.getMessage() for r in caplog.records if "reload skipped" in r.getMessage()]
+        assert len(skipped) == 1 and "does not match" in skipped[0], skipped
+        assert creds.reloads == 0
+
+        replace_key(good_key.read_bytes(), 0o644)  # the right key, but readable by others: refused
+        assert creds._fetch() is None and creds.reloads == 0
+        key.chmod(0o600)  # the fix the message asks for changes no mtime, size or inode: still noticed
+        assert creds._fetch() is not None
+        assert creds.reloads == 1

@@ -31,7 +31,9 @@ from aivo_mesh.pki.crypto import (
     weak_signature_reason,
 )
 
-FileSignature = tuple[int, int, int]  # (mtime_ns, size, inode); (-1, -1, -1) when missing
+# (mtime_ns, size, inode, mode); all -1 when missing. The mode counts: a key refused for its
+# permissions is fixed with `chmod 600`, which changes neither mtime, size nor inode.
+FileSignature = tuple[int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Identity:
     cert_path: Path
     key_path: Path
     ca_path: Path
-    # (mtime_ns, size, inode) of the three files, taken just before they were read.
+    # `file_signature` of the three files, taken just before they were read.
     loaded_signature: tuple[FileSignature, ...] = field(default=(), repr=False, compare=False)
 
     def mtime_signature(self) -> tuple[FileSignature, ...]:
@@ -78,9 +80,9 @@ def file_signature(*paths: Path) -> tuple[FileSignature, ...]:
         try:
             st = os.stat(p)
         except OSError:
-            out.append((-1, -1, -1))
+            out.append((-1, -1, -1, -1))
         else:
-            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino, st.st_mode))
     return tuple(out)
 
 

@@ -15,6 +15,7 @@ import grpc
 
 from aivo_mesh.errors import PkiError
 from aivo_mesh.pki import Identity, load_identity
+from aivo_mesh.pki.load import FileSignature
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class ReloadingServerCredentials:
         # Load eagerly: a bad file must fail before the server binds, naming the file.
         self.identity = load_identity(*self._paths, expect_spiffe_id=expect_spiffe_id)
         self._signature = self.identity.mtime_signature()
+        self._rejected: tuple[FileSignature, ...] | None = None  # files that failed to load, as they were
         self._on_reload = on_reload
         self.reloads = 0
 
@@ -45,13 +47,16 @@ class ReloadingServerCredentials:
             self._config(self.identity), self._fetch, require_client_authentication=True)
 
     def _fetch(self) -> grpc.ServerCertificateConfiguration | None:
+        signature = None
         try:
             signature = Identity.signature_of(*self._paths)
-            if signature == self._signature:
+            if signature == self._signature or signature == self._rejected:
                 return None
             ident = load_identity(*self._paths, expect_spiffe_id=self._expect)
         except (PkiError, OSError) as exc:
-            # Half-written rotation or a bad file: keep serving the last good identity.
+            # Half-written rotation or a bad file: keep serving the last good identity. grpc asks on
+            # every handshake: the same bad files are not parsed (nor logged) again until they change.
+            self._rejected = signature
             log.warning("certificate reload skipped: %s", exc)
             return None
         except Exception:  # never raise into grpc's handshake path
