@@ -33,8 +33,8 @@ class FakeSource:
 
     def clusters(self) -> list[dict[str, Any]]:
         return [{"service": "auth-svc", "endpoints": [
-            {"address": "127.0.0.1:50061", "healthy": True, "ejected": False, "ejected_for_seconds": 0.0},
-            {"address": "127.0.0.1:50071", "healthy": True, "ejected": True, "ejected_for_seconds": 29.5}]}]
+            {"endpoint": "127.0.0.1:50061", "healthy": True, "ejected": False, "ejected_until": None},
+            {"endpoint": "127.0.0.1:50071", "healthy": True, "ejected": True, "ejected_until": 1029.5}]}]
 
     def circuit_breakers(self) -> dict[str, dict[str, Any]]:
         return self.breakers
@@ -50,7 +50,7 @@ class FakeSource:
         return self.is_ready
 
     def identity(self) -> dict[str, Any]:
-        return {"service": "auth-svc", "spiffe_id": "spiffe://aivo.local/ns/default/sa/auth-svc",
+        return {"spiffe_id": "spiffe://aivo.local/ns/default/sa/auth-svc",
                 "dns_names": ["auth-svc"], "not_after": "2030-01-01T00:00:00+00:00", "seconds_left": 1e8,
                 "key_pem": SECRET, "private_key": SECRET}
 

@@ -89,6 +89,10 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
         assert check.returncode == 0, check.stdout + check.stderr
         clusters = json.loads(await asyncio.to_thread(_get, f"{learner_admin}/clusters"))["clusters"]
         assert [c["service"] for c in clusters] == ["auth-svc"]
+        # The real shape (meshctl status and docs/proxyless.md read these keys), not the test fake's.
+        (ep,) = clusters[0]["endpoints"]
+        assert {"endpoint", "healthy", "ejected", "ejected_until", "consecutive_failures", "connectivity"} <= set(ep)
+        assert ep["healthy"] is True and ep["ejected"] is False and ep["connectivity"] == "READY", ep
     finally:
         await sup.stop_all()
         await receiver.stop()

@@ -18,7 +18,8 @@
 Only stdlib asyncio: one request per connection (`Connection: close`), Content-Length bodies only.
 It binds loopback unless `allow_remote=True`: it is unauthenticated and can reset breakers.
 Garbage gets a 400, a client slower than `request_timeout` a 408, and past `max_connections` a 503.
-Responses never echo the request (path, query, headers); data from the source passes through
+Responses never echo the request's query or headers, and echo a path segment only once validated
+(the service name of a reset that names no target: 404); data from the source passes through
 `logs.redact`, so a key that looks like a credential is masked.
 """
 
@@ -79,9 +80,10 @@ class AdminSource(Protocol):
     (str, int, float, bool, None, lists, dicts) and never key material."""
 
     def clusters(self) -> list[dict[str, Any]]:
-        """One entry per target service, e.g.
-        {"service": "auth-svc", "endpoints": [{"address": "127.0.0.1:50061", "healthy": true,
-         "ejected": false, "ejected_for_seconds": 0.0}]}."""
+        """One entry per target service, as `Target.cluster()` makes it, e.g.
+        {"service": "auth-svc", "endpoints": [{"endpoint": "127.0.0.1:50061", "healthy": true,
+         "ejected": false, "ejected_until": null, "consecutive_failures": 0, "times_ejected": 0,
+         "connectivity": "READY"}], ...}."""
         ...
 
     def circuit_breakers(self) -> dict[str, dict[str, Any]]:
@@ -97,7 +99,7 @@ class AdminSource(Protocol):
         ...
 
     def identity(self) -> dict[str, Any]:
-        """{"service", "spiffe_id", "dns_names", "not_after" (ISO 8601), "seconds_left", "serial"}."""
+        """{"spiffe_id", "dns_names", "not_after" (ISO 8601), "seconds_left", "serial", "spki_pin"}."""
         ...
 
 
