@@ -11,10 +11,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import dns.exception
 import dns.rcode
+import grpc
 import pytest
 from fakes.consul_agent import FakeConsulAgent, RequestRecord
 from fakes.dns_server import FakeDnsServer
@@ -45,6 +47,7 @@ from aivo_mesh.discovery._util import TokenBucket, backoff_delay
 from aivo_mesh.discovery.consul_register import go_duration
 
 BOUND = 3.0  # upper bound of every condition wait; the happy path takes milliseconds
+MESH_FILE = Path(__file__).resolve().parents[1] / "mesh.yaml"
 
 MESH_YAML = """
 version: 1
@@ -769,3 +772,56 @@ async def test_build_discovery_consul_mode(consul_agent: FakeConsulAgent, small_
         after = await discovery.store.newer_than("auth-svc", before.version, timeout=BOUND)
     assert after.endpoints == ()
     assert discovery.snapshot("auth-svc") is after
+
+
+async def test_a_served_service_finds_its_peer_through_consul(consul_agent: FakeConsulAgent, mesh_certs: Any,
+                                                              tmp_path: Any) -> None:
+    """`meshctl serve --discovery consul`, in process: auth-svc registers itself in the (fake) agent;
+    learner-svc reaches it at the registered port once its check passes, though mesh.yaml names a port
+    where nothing listens. Before the check passes, the passing-only watch gives learner nothing."""
+    from waiting import until
+
+    from aivo_mesh import MeshClient, MeshConfig
+    from aivo_mesh.config import load_mesh
+    from aivo_mesh.runtime.local import free_ports, with_free_ports
+    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
+
+    mesh = with_free_ports(load_mesh(MESH_FILE))
+    (auth_port,) = free_ports(1)  # where auth really serves; mesh.yaml's auth port stays dead
+    stops = {"auth-svc": asyncio.Event(), "learner-svc": asyncio.Event()}
+    tasks = [asyncio.create_task(serve_service(mesh, "auth-svc", mesh_certs, tmp_path / "auth", port=auth_port,
+                                               consul=consul_agent.address, stop=stops["auth-svc"], grace=0))]
+    try:
+        await until(lambda: bool(consul_agent.registrations), 10, "auth-svc registered in Consul")
+        tasks.append(asyncio.create_task(serve_service(
+            mesh, "learner-svc", mesh_certs, tmp_path / "learner", stop=stops["learner-svc"], grace=0,
+            discovery="consul", consul_discovery=consul_agent.address)))
+        config = MeshConfig.for_identity("mesh-client", mesh_certs, mesh,
+                                         endpoints={"auth-svc": [f"127.0.0.1:{auth_port}"]})
+        async with MeshClient(config, health_checks=False) as client:
+            await client.wait_ready("learner-svc", timeout=10)
+            token = (await auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc")).Authenticate(
+                auth_pb2.AuthenticateRequest(learner_id="ada", password="x" * 8), timeout=5)).token
+            # A bare channel: the learner's answers while auth is unreachable must not open this test
+            # client's own breaker for learner-svc.
+            learner = learner_pb2_grpc.LearnerServiceStub(client.bare_channel("learner-svc"))
+            bearer = (("authorization", f"Bearer {token}"),)
+            with pytest.raises(grpc.aio.AioRpcError) as early:  # auth's check is critical: not reachable
+                await learner.GetProfile(learner_pb2.GetProfileRequest(learner_id="ada"), metadata=bearer,
+                                         timeout=5)
+            assert early.value.code() == grpc.StatusCode.UNAVAILABLE
+            consul_agent.set_check_status(next(iter(consul_agent.registrations)), "passing")
+            profile = None
+            deadline = asyncio.get_running_loop().time() + 15  # the watch sees it within a blocking query
+            while profile is None and asyncio.get_running_loop().time() < deadline:
+                try:
+                    profile = await learner.GetProfile(learner_pb2.GetProfileRequest(learner_id="ada"),
+                                                       metadata=bearer, timeout=5)
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+            assert profile is not None and profile.learner_id == "ada"
+    finally:
+        for stop in stops.values():
+            stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

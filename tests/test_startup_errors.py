@@ -254,3 +254,18 @@ def test_consul_address_from_the_environment_is_redacted_too(
     err = capsys.readouterr().err
     assert "s3cret" not in err
     assert "http://***@127.0.0.1:1" in err
+
+
+@pytest.mark.parametrize(("options", "fragment"), [
+    (["--dns-server", "dns.internal"], "expected IP, IP:PORT or [IPv6]:PORT"),
+    (["--dns-server", "10.0.0.2:99999"], "expected IP, IP:PORT or [IPv6]:PORT"),
+    (["--dns-template", "{service}.internal:{port}"], "fields are {name} {host} {port} {namespace}"),
+])
+def test_bad_dns_discovery_options_are_usage_errors_before_anything_starts(
+        options: list[str], fragment: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aivo_mesh.cli import main
+
+    argv = ["serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"), "--data-dir", str(tmp_path / "data"),
+            "--certs", str(tmp_path / "absent-certs"), "--discovery", "dns", *options]
+    assert main(argv) == 2
+    assert fragment in capsys.readouterr().err

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import ipaddress
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
 
 if TYPE_CHECKING:
+    from aivo_mesh.discovery.facade import DnsOptions
     from aivo_mesh.runtime.collector import SpanLog
     from aivo_mesh.telemetry.otlp_receiver import Trace
 
@@ -46,7 +49,15 @@ def _console() -> Console:
 @click.option("--port", type=PORT, default=None, help="override the mesh port from mesh.yaml")
 @click.option("--admin-port", type=PORT, default=None, help="admin endpoint port (default: mesh.yaml admin_port)")
 @click.option("--consul", default=None, metavar="HOST:PORT", callback=consul_address,
-              help="register in this Consul agent while serving")
+              help="register in this Consul agent while serving (and discover peers there with --discovery consul)")
+@click.option("--discovery", type=click.Choice(["static", "dns", "consul"]), default="static", show_default=True,
+              envvar="AIVO_DISCOVERY", show_envvar=True,
+              help="where the client finds its peers: mesh.yaml, DNS (A/AAAA or SRV) or Consul (passing only)")
+@click.option("--dns-template", default="{host}:{port}", show_default=True, metavar="TEMPLATE",
+              help="--discovery dns: each peer's DNS name, from {name} {host} {port} {namespace}; "
+                   "a first label starting with _ is an SRV name (_grpc._tcp.{name}.example.internal)")
+@click.option("--dns-server", default=None, metavar="IP[:PORT]",
+              help="--discovery dns: ask this server (default: the system resolver)")
 @click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging, or behind a sidecar")
 @click.option("--sidecar-outbound", default=None, metavar="HOST:PORT",
               help="sidecar plane: call peers through this local Envoy outbound listener")
@@ -56,8 +67,8 @@ def _console() -> Console:
               help="drain time on shutdown (s)")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
-          admin_port: int | None, consul: str | None, insecure: bool, sidecar_outbound: str | None,
-          plaintext_peers: bool, grace: float, log_format: str) -> None:
+          admin_port: int | None, consul: str | None, discovery: str, dns_template: str, dns_server: str | None,
+          insecure: bool, sidecar_outbound: str | None, plaintext_peers: bool, grace: float, log_format: str) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.config.env import EnvSettings, apply_env
     from aivo_mesh.runtime.serve import serve_service
@@ -86,7 +97,36 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
                               sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
-                              cert_paths=paths))
+                              cert_paths=paths, discovery=discovery,
+                              consul_discovery=consul or os.environ.get("CONSUL_HTTP_ADDR"),
+                              dns=_dns_options(dns_template, dns_server) if discovery == "dns" else None))
+
+
+def _dns_options(template: str, server: str | None) -> DnsOptions:
+    from aivo_mesh.discovery.facade import DnsOptions
+
+    try:  # a template naming an unknown field fails here, before anything starts
+        template.format(name="x", host="x", port=1, namespace="x")
+    except (KeyError, IndexError, ValueError) as exc:
+        raise click.BadParameter(f"{template!r}: {exc!r}; fields are {{name}} {{host}} {{port}} {{namespace}}",
+                                 param_hint="'--dns-template'") from None
+    if server is None:
+        return DnsOptions(template=template)
+    if server.startswith("["):  # [v6]:port
+        host, _, rest = server[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest
+    elif server.count(":") == 1:
+        host, _, port = server.partition(":")
+    else:  # v4, or a bare v6
+        host, port = server, ""
+    try:
+        ipaddress.ip_address(host)
+        if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+            raise ValueError(port)
+    except ValueError:
+        raise click.BadParameter(f"{server!r}: expected IP, IP:PORT or [IPv6]:PORT (a resolver is "
+                                 "asked by address)", param_hint="'--dns-server'") from None
+    return DnsOptions(template=template, nameservers=(host,), port=int(port) if port else 53)
 
 
 @cli.command()

@@ -5,6 +5,7 @@
     the app      the service's servicer (services/)
     admin        /stats /clusters /circuit_breakers /metrics /ready on 127.0.0.1:<admin_port>
     Consul       self-registration with a TLS gRPC health check, when an agent address is given
+    discovery    where the client finds its peers: mesh.yaml (static, the default), DNS or Consul
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config.model import MeshSpec
@@ -27,6 +29,9 @@ from aivo_mesh.services.base import ServiceContext
 from aivo_mesh.services.protos import SERVICE_DESCRIPTORS
 from aivo_mesh.telemetry.admin import AdminServer, is_loopback
 from aivo_mesh.telemetry.process import ProcessTelemetry
+
+if TYPE_CHECKING:
+    from aivo_mesh.discovery.facade import DnsOptions
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +51,17 @@ async def serve_service(
     sidecar_outbound: str | None = None,
     cert_paths: tuple[Path, Path, Path] | None = None,
     plaintext_peers: bool = False,
+    discovery: str = "static",
+    consul_discovery: str | None = None,
+    dns: DnsOptions | None = None,
+    discovery_timeout: float = 5.0,
 ) -> None:
-    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`."""
+    """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`.
+
+    `discovery` is where the client finds its peers: "static" (mesh.yaml), "dns" (`dns` options) or
+    "consul" (the agent at `consul_discovery`, passing instances only). The server starts once every
+    peer has a first snapshot, or after `discovery_timeout` (then, until a peer's snapshot arrives, its
+    mesh.yaml endpoints are used); later snapshots apply without failing in-flight calls."""
     if name not in APPS:
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
     spec = mesh.service(name)
@@ -65,8 +79,16 @@ async def serve_service(
                             **common)  # type: ignore[arg-type]
     config = MeshConfig(service_name=name, ca_cert_path=ca, client_cert_path=cert, client_key_path=key, mesh=mesh,
                         sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers)
-    client = MeshClient(config, listeners=telemetry.listeners(),
-                        outer_layers=telemetry.client_layers())
+    watch = None
+    if discovery != "static":  # imported here: dnspython and the Consul client only when used
+        from aivo_mesh.discovery.consul import DEFAULT_ADDRESS, ConsulDiscovery
+        from aivo_mesh.discovery.facade import DiscoveryNotReady, build_discovery
+
+        consul_source = ConsulDiscovery(consul_discovery or DEFAULT_ADDRESS) if discovery == "consul" else None
+        watch = build_discovery(mesh, discovery, services=[s for s in mesh.service_names if s != name], dns=dns,
+                                consul=consul_source)
+    client = MeshClient(config, listeners=telemetry.listeners(), outer_layers=telemetry.client_layers(),
+                        discovery=watch.store if watch is not None else None)
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
     server.add_service_name(SERVICE_DESCRIPTORS[name])
     # The admin endpoint binds loopback unless mesh.yaml or METRICS_HOST names another address (e.g.
@@ -91,6 +113,15 @@ async def serve_service(
         for host_, port_, what in listeners:  # both before either binds: a port in use starts nothing
             if port_ and (problem := listen_problem(host_, port_, what)):
                 raise StartupError(problem)
+        if watch is not None:
+            # As Envoy warms a cluster before its listeners serve: wait (bounded) for each peer's first
+            # snapshot, so early calls do not go to mesh.yaml's endpoints and trip the breaker there.
+            await watch.start()
+            log.info("%s finds its peers by %s discovery: %r", name, discovery, watch)
+            try:
+                await watch.wait_ready(timeout=discovery_timeout)
+            except DiscoveryNotReady as exc:
+                log.warning("%s: %s; until they arrive, calls to those peers use mesh.yaml's endpoints", name, exc)
         try:
             bound = await server.start()
         except (RuntimeError, MeshError) as exc:  # taken since the check; grpc says only "Failed to bind"
@@ -112,6 +143,8 @@ async def serve_service(
         await stop.wait()
         log.info("%s: draining (grace %.1fs)", name, grace)
     finally:
+        if watch is not None:
+            await watch.stop()
         if registration is not None and service_id is not None:
             with contextlib.suppress(Exception):
                 await registration.deregister(service_id)
