@@ -825,3 +825,30 @@ async def test_a_served_service_finds_its_peer_through_consul(consul_agent: Fake
         for stop in stops.values():
             stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def test_a_served_service_keeps_trying_to_register_while_the_agent_fails(
+        consul_agent: FakeConsulAgent, mesh_certs: Any, tmp_path: Any) -> None:
+    """An agent that answers errors for a while (restarting) does not keep the service from starting:
+    it serves at once and registers once the agent answers; it deregisters on stop."""
+    from waiting import until
+
+    from aivo_mesh import MeshClient, MeshConfig
+    from aivo_mesh.config import load_mesh
+    from aivo_mesh.runtime.local import with_free_ports
+    from aivo_mesh.runtime.serve import serve_service
+
+    mesh = with_free_ports(load_mesh(MESH_FILE))
+    consul_agent.fail_next(2, 500, path_prefix="/v1/agent/service/register")
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_service(mesh, "auth-svc", mesh_certs, tmp_path / "auth", stop=stop, grace=0,
+                                             consul=consul_agent.address))
+    try:
+        async with MeshClient(MeshConfig.for_identity("mesh-client", mesh_certs, mesh), health_checks=False) as c:
+            await c.wait_ready("auth-svc", timeout=10)  # serving while the agent still fails
+        await until(lambda: bool(consul_agent.registrations), 10, "registered after the agent recovered")
+        (sid,) = consul_agent.registrations
+    finally:
+        stop.set()
+        await asyncio.gather(task, return_exceptions=True)
+    assert sid not in consul_agent.registrations  # deregistered on stop

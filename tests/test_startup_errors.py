@@ -246,7 +246,7 @@ def test_consul_credentials_in_the_address_are_refused_and_never_echoed(
 
 
 def test_consul_address_from_the_environment_is_redacted_too(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     from aivo_mesh.cli import main
 
     monkeypatch.setenv("CONSUL_HTTP_ADDR", "http://ops:s3cret@127.0.0.1:1")
@@ -254,6 +254,11 @@ def test_consul_address_from_the_environment_is_redacted_too(
     err = capsys.readouterr().err
     assert "s3cret" not in err
     assert "http://***@127.0.0.1:1" in err
+    # `serve --discovery consul` watches the same agent: refused the same way, before anything starts.
+    assert main(["serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"), "--data-dir", str(tmp_path / "data"),
+                 "--discovery", "consul"]) == 2
+    err = capsys.readouterr().err
+    assert "s3cret" not in err and "http://***@127.0.0.1:1" in err
 
 
 @pytest.mark.parametrize(("options", "fragment"), [

@@ -41,7 +41,9 @@ def consul_address(_ctx: click.Context, _param: click.Parameter, value: str | No
     return None if value is None else _checked(value, "'--consul'")
 
 
-def _agent(consul_addr: str | None) -> str:
+def agent_address(consul_addr: str | None) -> str:
+    """The agent to talk to: `--consul`, else $CONSUL_HTTP_ADDR, else the local default; checked (a
+    usage error that hides credentials)."""
     return _checked(consul_addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS,
                     "'--consul' / $CONSUL_HTTP_ADDR")
 
@@ -78,7 +80,7 @@ def register(services: tuple[str, ...], config: str | None, consul_addr: str | N
                                  f"{', '.join(mesh.service_names)}", param_hint="SERVICES")
     if port is not None and len(names) > 1:
         raise click.UsageError("--port applies to one service; name it (services listen on different ports)")
-    reg = ConsulRegistration(_agent(consul_addr), token=token)
+    reg = ConsulRegistration(agent_address(consul_addr), token=token)
 
     async def run() -> list[tuple[str, str, int, str]]:
         done = []
@@ -102,7 +104,7 @@ def deregister(services: tuple[str, ...], consul_addr: str | None, token: str | 
     """Deregister every instance of SERVICES held by the agent (and/or the given --id)."""
     if not services and not ids:
         raise click.UsageError("name at least one SERVICE or --id")
-    reg = ConsulRegistration(_agent(consul_addr), token=token)
+    reg = ConsulRegistration(agent_address(consul_addr), token=token)
 
     async def run() -> tuple[list[str], list[str], list[str]]:
         targets = list(ids)
@@ -148,7 +150,7 @@ def catalog_services(address: str, token: str | None = None) -> dict[str, list[s
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def services_cmd(consul_addr: str | None, token: str | None, as_json: bool) -> None:
     """List the services in the Consul catalog with their tags."""
-    services: dict[str, Any] = catalog_services(_agent(consul_addr), token)
+    services: dict[str, Any] = catalog_services(agent_address(consul_addr), token)
     if as_json:
         click.echo(json.dumps(services, indent=2))
         return

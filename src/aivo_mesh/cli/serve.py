@@ -7,7 +7,6 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from aivo_mesh.cli._root import PORT, cli
-from aivo_mesh.cli.consul_cmd import consul_address
+from aivo_mesh.cli.consul_cmd import agent_address, consul_address
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
@@ -98,7 +97,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
                               sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
                               cert_paths=paths, discovery=discovery,
-                              consul_discovery=consul or os.environ.get("CONSUL_HTTP_ADDR"),
+                              consul_discovery=agent_address(consul) if discovery == "consul" else None,
                               dns=_dns_options(dns_template, dns_server) if discovery == "dns" else None))
 
 
