@@ -181,7 +181,8 @@ def test_breaker_gauge_values_and_ejections() -> None:
     metrics.declare_target("learner-svc")
     assert value(metrics, "circuit_breaker_state", service="learner-svc") == 0
     assert value(metrics, "outlier_ejected_endpoints", service="learner-svc") == 0
-    for new, expected in (("open", 2), ("half_open", 1), ("closed", 0), ("OPEN", 2), ("bogus", 2)):
+    for new, expected in (("open", 2), ("half_open", 1), ("closed", 0), ("OPEN", 2), ("bogus", 2),
+                          ("forced_open", 3), ("disabled", 4), ("closed", 0)):
         listener.breaker_state("learner-svc", "x", new)
         assert value(metrics, "circuit_breaker_state", service="learner-svc") == expected
     listener.endpoint_ejected("learner-svc", "10.0.0.1:1", 30.0)
@@ -192,6 +193,18 @@ def test_breaker_gauge_values_and_ejections() -> None:
     listener.endpoint_restored("learner-svc", "10.0.0.1:1")
     listener.endpoint_restored("learner-svc", "10.0.0.9:1")  # unknown: harmless
     assert value(metrics, "outlier_ejected_endpoints", service="learner-svc") == 1
+
+
+def test_breaker_gauge_follows_a_forced_open_breaker() -> None:
+    """An operator's force_open rejects every call: the gauge must say so (it kept its old value)."""
+    from aivo_mesh.policy.breaker import BreakerParams, CircuitBreaker
+
+    metrics = MeshMetrics()
+    breaker = CircuitBreaker("auth-svc", BreakerParams(), listener=MetricsListener(metrics))
+    breaker.force_open()
+    assert value(metrics, "circuit_breaker_state", service="auth-svc") == 3
+    breaker.disable()
+    assert value(metrics, "circuit_breaker_state", service="auth-svc") == 4
 
 
 def test_certificate_expiry_is_computed_at_scrape_time() -> None:

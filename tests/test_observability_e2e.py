@@ -81,6 +81,9 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
         assert 'grpc_requests_total{method="/aivo.learner.v1.LearnerService/GetProfile",service="learner-svc",' \
                'side="server",status="OK"}' in text.replace(", ", ",")
         assert 'side="client"' in text and "mtls_certificate_expiry_seconds" in text
+        # Every peer learner may call has its breaker gauge from the start (closed), though its calls
+        # to auth all succeeded and so never changed the state: dashboards see 0, not a missing series.
+        assert 'circuit_breaker_state{service="auth-svc"} 0.0' in text
         promtool = shutil.which("promtool")
         if promtool is None:
             pytest.skip("promtool not installed (Debian package `prometheus`); .ci/run installs it")

@@ -179,3 +179,12 @@ def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
         idempotent=route.idempotent,
         streaming=route.streaming,
     )
+
+
+def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
+    """Services (mesh.yaml order) whose allow-list lets `service` call at least one method."""
+    me = {service, mesh.spiffe_id(service), "*"}
+    return tuple(
+        s.name for s in mesh.services
+        if s.name != service and any(me & set(rule.from_) for rule in s.allow)
+    )

@@ -62,7 +62,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
 from aivo_mesh.config.model import GRPC_STATUS_NAMES, FaultSpec, MeshSpec, RouteSpec, ServiceSpec
-from aivo_mesh.config.resolve import RoutePolicy, route_policy, service_policy
+from aivo_mesh.config.resolve import RoutePolicy, callable_peers, route_policy, service_policy
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
 
@@ -258,15 +258,6 @@ def peer_address(mesh: MeshSpec, peer: str, kind: Kind) -> tuple[str, int]:
         mesh.service(peer)
         return peer, POD_INBOUND_PORT
     return "127.0.0.1", sidecar_ports(mesh, peer, "local").inbound
-
-
-def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
-    """Services (mesh.yaml order) whose allow-list lets `service` call at least one method."""
-    me = {service, mesh.spiffe_id(service), "*"}
-    return tuple(
-        s.name for s in mesh.services
-        if s.name != service and any(me & set(rule.from_) for rule in s.allow)
-    )
 
 
 def _host_port(value: str) -> tuple[str, int]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.resolve import callable_peers
 from aivo_mesh.errors import MeshError, StartupError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.admin_source import MeshAdminSource
@@ -67,6 +68,8 @@ async def serve_service(
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
     spec = mesh.service(name)
     telemetry = ProcessTelemetry.for_service(mesh, name)
+    for peer in callable_peers(mesh, name):  # breaker and ejection gauges exist before the first call
+        telemetry.metrics.declare_target(peer)
     if telemetry.tracing is not None:
         telemetry.tracing.install_global()  # application spans via opentelemetry.trace.get_tracer
     common = {"port": port, "observers": telemetry.observers()}

@@ -13,7 +13,8 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
     grpc_retries_total{service,method}                     counter (client)
     retry_budget_exhausted_total{service}                  counter (client)
     grpc_local_rejections_total{service,reason}            counter (client)
-    circuit_breaker_state{service}                         gauge: 0 closed, 1 half_open, 2 open
+    circuit_breaker_state{service}                         gauge: 0 closed, 1 half_open, 2 open,
+                                                           3 forced_open, 4 disabled
     circuit_breaker_failures_total{service}                counter
     outlier_ejections_total{service}                       counter
     outlier_ejected_endpoints{service}                     gauge
@@ -36,6 +37,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from aivo_mesh.policy.breaker import STATE_GAUGE
 from aivo_mesh.policy.core import monotonic
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.server.interceptors import ServerCall
@@ -55,9 +57,10 @@ __all__ = [
 DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
                                        7.5, 10.0)
 
-# Breaker state names (policy/breaker) -> circuit_breaker_state values. Not an Enum metric: that
-# would add a label per state and change the family's label set.
-BREAKER_STATES: dict[str, int] = {"closed": 0, "half_open": 1, "open": 2}
+# Breaker state names -> circuit_breaker_state values: the breaker's own table, all five states (a
+# state missing here left the gauge at its old value). Not an Enum metric: that would add a label per
+# state and change the family's label set.
+BREAKER_STATES: dict[str, int] = STATE_GAUGE
 
 # Reasons of grpc_local_rejections_total for limit_rejected(limit=...); anything else is "other".
 LIMIT_REASONS = frozenset({"max_requests", "max_pending_requests", "max_connections", "max_retries"})
@@ -154,7 +157,8 @@ class MeshMetrics:
             "(circuit_open, max_requests, max_pending_requests, retry_budget, ...).",
             ["service", "reason"], registry=r)
         self.breaker_state = Gauge(
-            "circuit_breaker_state", "Circuit breaker state per target service: 0=closed, 1=half_open, 2=open.",
+            "circuit_breaker_state",
+            "Circuit breaker state per target service: 0=closed, 1=half_open, 2=open, 3=forced_open, 4=disabled.",
             ["service"], registry=r)
         self.breaker_failures = Counter(
             "circuit_breaker_failures", "Failures counted by the circuit breaker of a target service.",
