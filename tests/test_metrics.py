@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import until
 
 from aivo_mesh.policy.core import monotonic
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
@@ -267,8 +268,14 @@ def test_samples_flatten_counters_gauges_and_histogram_totals() -> None:
 
 
 class Auth(auth_pb2_grpc.AuthServiceServicer):
+    def __init__(self) -> None:
+        self.slow_calls = 0
+
     async def ValidateToken(self, request: auth_pb2.ValidateTokenRequest,
                             context: grpc.aio.ServicerContext) -> auth_pb2.ValidateTokenResponse:
+        if request.token == "slow":
+            self.slow_calls += 1
+            await asyncio.sleep(5)  # cut by the caller's deadline, or by the caller cancelling
         if request.token != "good":
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, "bad token")
         return auth_pb2.ValidateTokenResponse(valid=True, subject="Ada")
@@ -279,7 +286,8 @@ async def test_server_observer_behind_a_real_grpc_server() -> None:
     guard = MeshServerInterceptor(None, service="auth-svc", require_tls=False,
                                   observers=[ServerMetricsObserver(metrics)])
     server = grpc.aio.server(interceptors=[guard])
-    auth_pb2_grpc.add_AuthServiceServicer_to_server(Auth(), server)
+    auth = Auth()
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(auth, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:
@@ -288,12 +296,23 @@ async def test_server_observer_behind_a_real_grpc_server() -> None:
             assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="good"))).valid
             with pytest.raises(grpc.aio.AioRpcError):
                 await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="bad"))
+            with pytest.raises(grpc.aio.AioRpcError) as late:
+                await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="slow"), timeout=0.2)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            call = stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="slow"), timeout=30)
+            await until(lambda: auth.slow_calls == 2, 5, "the second slow call reached the handler")
+            call.cancel()
+            base = {"side": "server", "service": "auth-svc", "method": VALIDATE}
+            # The server saw both as its handler being cancelled; the deadline is told apart.
+            await until(lambda: value(metrics, "grpc_request_duration_seconds_count", **base) == 4, 5,
+                        "both cut calls recorded")
     finally:
         await server.stop(None)
-    base = {"side": "server", "service": "auth-svc", "method": VALIDATE}
     assert value(metrics, "grpc_requests_total", **base, status="OK") == 1
     assert value(metrics, "grpc_requests_total", **base, status="UNAUTHENTICATED") == 1
-    assert value(metrics, "grpc_request_duration_seconds_count", **base) == 2
+    assert value(metrics, "grpc_requests_total", **base, status="DEADLINE_EXCEEDED") == 1
+    assert value(metrics, "grpc_requests_total", **base, status="CANCELLED") == 1
+    assert value(metrics, "grpc_request_duration_seconds_count", **base) == 4
     assert "127.0.0.1" not in metrics.render().decode()
 
 

@@ -69,7 +69,10 @@ def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) 
     if error is None:
         return "OK"
     if isinstance(error, BaseException) and error.__class__.__name__ == "CancelledError":
-        return "CANCELLED"
+        # grpc cancels the handler both when the caller cancels and when the deadline passes; the
+        # caller sees DEADLINE_EXCEEDED in the second case, and so must metrics and logs.
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
     return "UNKNOWN"
 
 
