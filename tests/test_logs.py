@@ -129,13 +129,14 @@ def test_client_rpc_line(captured: tuple[logging.Logger, io.StringIO]) -> None:
     listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.5, 3, False)
     ok, rejected, failed = lines(stream)
     assert ok == ok | {"event": "rpc", "side": "client", "service": "auth-svc", "method": LOGIN, "status": "OK",
-                       "duration_ms": 12.346, "attempts": 1, "trace_id": "", "span_id": "", "local": False,
+                       "duration_ms": 12.346, "attempt": 1, "attempts": 1, "trace_id": "", "span_id": "",
+                       "local": False,
                        "level": "INFO"}
     assert rejected["status"] == "CIRCUIT_OPEN"
     assert rejected["local"] is True
     assert rejected["level"] == "WARNING"
     assert failed["status"] == "UNAVAILABLE"
-    assert failed["attempts"] == 3
+    assert failed["attempt"] == failed["attempts"] == 3  # `attempt`, the field server lines and the platform use
     assert ok["msg"] == f"client auth-svc {LOGIN} OK 12.346ms"
 
 

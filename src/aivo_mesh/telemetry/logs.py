@@ -213,7 +213,9 @@ class RpcLogListener(PolicyListener):
         self.logger.log(level, _rpc_message("client", service, method, status, duration_ms), extra={
             "event": "rpc", "trace_id": trace_id, "span_id": span_id, "side": "client", "service": service,
             "method": method, "status": status, "local": local, "duration_ms": duration_ms,
-            "attempts": attempts})
+            # `attempt` as on server lines (the platform's field: the attempt that ended the call, i.e.
+            # how many were made); `attempts` kept for queries written against it.
+            "attempt": attempts, "attempts": attempts})
 
     def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:
         self.logger.debug("retry %s %s attempt %d after %s", service, method, attempt, code, extra={
