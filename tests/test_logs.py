@@ -98,6 +98,9 @@ def test_redact_helpers() -> None:
     assert "BEGIN PRIVATE KEY" in scrub_text("BEGIN PRIVATE KEY is a header")  # only real blocks go
     assert "MIIEvQ" not in scrub_text(f"loaded {PEM} ok")
     assert "MIIEvQ" not in scrub_text("-----BEGIN EC PRIVATE KEY-----\nMIIEvQ truncated")
+    jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZGEifQ.c2lnbmF0dXJlLWJ5dGVz"
+    assert scrub_text(f"token {jwt} refused") == f"token {REDACTED} refused"  # a bare JWT, no Bearer
+    assert redact_metadata([("x-jwt-assertion", jwt)]) == {"x-jwt-assertion": REDACTED}
 
 
 def test_formatter_never_writes_secrets(captured: tuple[logging.Logger, io.StringIO]) -> None:

@@ -254,12 +254,15 @@ async def test_server_observer_root_and_exception(mem: tuple[Tracing, InMemorySp
     call = ServerCall("auth-svc", VALIDATE, None, (), 0.0)
     with tracing.span("unrelated"):  # whatever context the server task inherited is not the parent
         state = observer.start(call)
-        observer.finish(state, call, "UNKNOWN", ValueError("bad input"))
+        observer.finish(state, call, "UNKNOWN", ValueError("bad token eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhZGEifQ"))
     server, _ = exporter.get_finished_spans()
     assert server.parent is None
     assert "aivo.caller" not in (server.attributes or {})
-    assert server.status.description == "UNKNOWN: bad input"
-    assert [e.name for e in server.events] == ["exception"]
+    # The class only, as in the logs: the message (here quoting a token) never leaves the process.
+    assert server.status.description == "UNKNOWN: ValueError"
+    assert [(e.name, dict(e.attributes or {})) for e in server.events] == [
+        ("exception", {"exception.type": "ValueError"})]
+    assert "eyJ" not in str(server.to_json())
 
 
 def test_install_global(mem: tuple[Tracing, InMemorySpanExporter], monkeypatch: pytest.MonkeyPatch) -> None:

@@ -66,10 +66,12 @@ SENSITIVE_KEYS = frozenset({
 })
 # Substrings that make any key sensitive.
 SENSITIVE_PARTS = ("token", "secret", "password", "passwd", "authorization", "cookie", "api-key", "apikey",
-                   "private", "credential", "session", "signature")
+                   "private", "credential", "session", "signature", "jwt", "assertion")
 
 _BEARER_RE = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{4,}")
 _PEM_KEY_RE = re.compile(r"-----BEGIN ([A-Z ]*)PRIVATE KEY-----.*?(-----END \1PRIVATE KEY-----|$)", re.DOTALL)
+# A bare JWT (header.payload[.signature], base64url; the header always starts {" = eyJ).
+_JWT_RE = re.compile(r"\beyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}(?:\.[A-Za-z0-9_-]*)?")
 
 
 def is_sensitive_key(key: str) -> bool:
@@ -82,8 +84,9 @@ def is_sensitive_key(key: str) -> bool:
 
 
 def scrub_text(text: str) -> str:
-    """Remove bearer/basic credentials and PEM private keys from free text."""
+    """Remove bearer/basic credentials, bare JWTs and PEM private keys from free text."""
     text = _BEARER_RE.sub(lambda m: f"{m.group(1)} {REDACTED}", text)
+    text = _JWT_RE.sub(REDACTED, text)
     return _PEM_KEY_RE.sub(f"{REDACTED} PRIVATE KEY", text)
 
 

@@ -327,7 +327,9 @@ class ServerTracingObserver:
             if span.is_recording():
                 failure = _failure(error)
                 if failure is not None and code != "OK":
-                    span.record_exception(failure)
+                    # The exception's class only, as in the logs (telemetry/logs.py): its message and
+                    # traceback may quote a token or a request, and spans leave the process (Jaeger).
+                    span.add_event("exception", {"exception.type": _error_text(failure)})
                 _set_outcome(span, code, _error_text(failure))
             span.end()
         finally:
@@ -343,7 +345,5 @@ def _failure(error: BaseException | None) -> BaseException | None:
 
 
 def _error_text(error: BaseException | None) -> str:
-    if error is None:
-        return ""
-    text = str(error)
-    return text if text else type(error).__name__
+    """The exception's class name, never its message (see `finish`)."""
+    return "" if error is None else type(error).__name__
