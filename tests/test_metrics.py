@@ -306,6 +306,11 @@ async def test_server_observer_behind_a_real_grpc_server() -> None:
             # The server saw both as its handler being cancelled; the deadline is told apart.
             await until(lambda: value(metrics, "grpc_request_duration_seconds_count", **base) == 4, 5,
                         "both cut calls recorded")
+            # A method the server does not have: UNIMPLEMENTED as grpc answers, and seen under one label.
+            for path in ("/aivo.auth.v1.AuthService/Nope", "/scan/../etc/passwd"):
+                with pytest.raises(grpc.aio.AioRpcError) as missing:
+                    await channel.unary_unary(path)(b"", timeout=5)
+                assert missing.value.code() == grpc.StatusCode.UNIMPLEMENTED
     finally:
         await server.stop(None)
     assert value(metrics, "grpc_requests_total", **base, status="OK") == 1
@@ -313,6 +318,9 @@ async def test_server_observer_behind_a_real_grpc_server() -> None:
     assert value(metrics, "grpc_requests_total", **base, status="DEADLINE_EXCEEDED") == 1
     assert value(metrics, "grpc_requests_total", **base, status="CANCELLED") == 1
     assert value(metrics, "grpc_request_duration_seconds_count", **base) == 4
+    assert value(metrics, "grpc_requests_total", side="server", service="auth-svc", method="unknown",
+                 status="UNIMPLEMENTED") == 2
+    assert "Nope" not in metrics.render().decode() and "passwd" not in metrics.render().decode()
     assert "127.0.0.1" not in metrics.render().decode()
 
 
@@ -341,3 +349,31 @@ def test_promtool_really_checks() -> None:
     bad = b"# HELP x_total A counter.\n# TYPE x_total counter\nx_total{a=\"1\" 1\n"
     done = subprocess.run([PROMTOOL, "check", "metrics"], input=bad, capture_output=True, timeout=30, check=False)
     assert done.returncode != 0
+
+
+async def test_a_failing_server_observer_never_fails_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    """Telemetry is best effort on the server side too: an observer that raises is logged, the call
+    and the other observers go on."""
+    class Broken:
+        def start(self, call: ServerCall) -> object:
+            raise RuntimeError("observer bug")
+
+        def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None:
+            raise RuntimeError("observer bug")
+
+    metrics = MeshMetrics()
+    guard = MeshServerInterceptor(None, service="auth-svc", require_tls=False,
+                                  observers=[Broken(), ServerMetricsObserver(metrics)])
+    server = grpc.aio.server(interceptors=[guard])
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(Auth(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = auth_pb2_grpc.AuthServiceStub(channel)
+            assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="good"), timeout=5)).valid
+    finally:
+        await server.stop(None)
+    assert value(metrics, "grpc_requests_total", side="server", service="auth-svc", method=VALIDATE,
+                 status="OK") == 1
+    assert len([r for r in caplog.records if "server observer" in r.getMessage()]) == 2

@@ -13,6 +13,7 @@ Observers see denied calls too: a PERMISSION_DENIED is an outcome operators must
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -23,6 +24,12 @@ import grpc
 from aivo_mesh.policy.core import monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
+
+log = logging.getLogger(__name__)
+
+# The method label of calls to a method this server does not have: one value, whatever the path
+# (a caller's typo or a scan must not create a series per path).
+UNKNOWN_METHOD = "unknown"
 
 current_caller: ContextVar[str | None] = ContextVar("aivo_mesh_current_caller", default=None)
 
@@ -121,7 +128,9 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if handler is None:
-            return None
+            # grpc answers UNIMPLEMENTED itself, but then no observer would see the call: a scan or a
+            # caller's typo would leave no metric, log line or span.
+            return _unimplemented(self) if self.observers else None
         method = handler_call_details.method
         if isinstance(method, bytes):
             method = method.decode()
@@ -152,7 +161,7 @@ class _Guard:
         md = _metadata(context)
         attempt = next((int(v) for k, v in md if k == "x-mesh-attempt" and v.isdigit()), 1)
         call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt)
-        tokens = [o.start(call) for o in icp.observers]
+        tokens = _start_all(icp.observers, call)
         if denied is not None:
             self.exit((call, tokens), context, None, denied.code.name)
             await context.abort(denied.code, denied.details)
@@ -163,11 +172,44 @@ class _Guard:
         if state is None:
             return
         call, tokens = state
-        final = code or _final_code(context, error)
-        # Reverse order, like a stack: the tracing observer (first) ends its span last, so the
-        # others still see it as current (trace ids in log lines).
-        for o, t in zip(reversed(self.interceptor.observers), reversed(tokens), strict=True):
-            o.finish(t, call, final, error)
+        _finish_all(self.interceptor.observers, tokens, call, code or _final_code(context, error), error)
+
+
+def _start_all(observers: Sequence[ServerCallObserver], call: ServerCall) -> list[object]:
+    """Every observer's `start`; one that raises is logged and skipped, never failing the call (as
+    the client side's `policy.events.Listeners`)."""
+    tokens: list[object] = []
+    for o in observers:
+        try:
+            tokens.append(o.start(call))
+        except Exception:
+            log.exception("server observer %r failed to start %s", o, call.method)
+            tokens.append(None)
+    return tokens
+
+
+def _finish_all(observers: Sequence[ServerCallObserver], tokens: Sequence[object], call: ServerCall, code: str,
+                error: BaseException | None) -> None:
+    # Reverse order, like a stack: the tracing observer (first) ends its span last, so the others
+    # still see it as current (trace ids in log lines).
+    for o, t in zip(reversed(observers), reversed(tokens), strict=True):
+        try:
+            o.finish(t, call, code, error)
+        except Exception:
+            log.exception("server observer %r failed to finish %s", o, call.method)
+
+
+def _unimplemented(icp: MeshServerInterceptor) -> grpc.RpcMethodHandler:
+    """The handler for a method this server does not have: UNIMPLEMENTED, as grpc answers, and seen
+    by the observers under the one method label `unknown`. Streams of raw bytes fit any call shape."""
+
+    async def behaviour(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        caller = peer_identity(context.auth_context()) if icp._require_tls else None
+        call = ServerCall(icp._service, UNKNOWN_METHOD, caller, _metadata(context), monotonic(), 1)
+        _finish_all(icp.observers, _start_all(icp.observers, call), call, "UNIMPLEMENTED", None)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
+
+    return grpc.stream_stream_rpc_method_handler(behaviour)
 
 
 def _guarded(inner: Callable[..., Any], guard: _Guard) -> Callable[..., Any]:
