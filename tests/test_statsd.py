@@ -153,15 +153,24 @@ def test_unreachable_port_never_raises() -> None:
         assert c.sent + c.dropped == 5
 
 
-def test_unresolvable_address_disables_output(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unresolvable_address_drops_output_until_it_resolves(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail(*args: object, **kwargs: object) -> None:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
+    real = socket.getaddrinfo
     monkeypatch.setattr(socket, "getaddrinfo", fail)
     c = StatsdClient("statsd.invalid:8125")
     StatsdListener(c).breaker_failure("a", "UNAVAILABLE")
     assert c.dropped == 1
     assert c.sent == 0
+    # The name resolves later (a StatsD container that started after the service): once the retry
+    # interval has passed, output starts without a restart.
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, port, **kw: real("127.0.0.1", port, **kw))
+    StatsdListener(c).breaker_failure("a", "UNAVAILABLE")
+    assert (c.sent, c.dropped) == (0, 2)  # not before the interval: no lookup per metric
+    c._retry_at = 0.0  # the interval has passed
+    StatsdListener(c).breaker_failure("a", "UNAVAILABLE")
+    assert (c.sent, c.dropped) == (1, 2)
     c.close()
 
 

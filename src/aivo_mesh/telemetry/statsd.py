@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import re
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 
 # Stay under a typical path MTU (1500 - IP/UDP headers) so datagrams are not fragmented.
 MAX_PACKET = 1432
+# Seconds between lookups of a StatsD address that did not resolve.
+RESOLVE_RETRY = 30.0
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -88,16 +91,27 @@ class StatsdClient:
         self.prefix = ".".join(segment(p) for p in prefix.split(".") if p)
         self.sent = 0
         self.dropped = 0
+        self._host, self._port = host, port
         self._addr: Any = None
         self._sock: socket.socket | None = None
+        self._retry_at = 0.0
+        self._closed = False
+        self._resolve()
+
+    def _resolve(self) -> None:
+        """Look the address up; on failure drop metrics and try again after RESOLVE_RETRY seconds (a
+        StatsD host in Compose may start after the service, and its name resolves only then)."""
+        self._retry_at = time.monotonic() + RESOLVE_RETRY
         try:
-            family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+            family, _, _, _, sockaddr = socket.getaddrinfo(self._host, self._port, type=socket.SOCK_DGRAM)[0]
         except OSError as exc:
-            log.warning("statsd address %s does not resolve (%s); StatsD output disabled", address, exc)
+            log.warning("statsd address %s does not resolve (%s); metrics are dropped, retrying in %.0fs",
+                        self.address, exc, RESOLVE_RETRY)
             return
         self._addr = sockaddr
         self._sock = socket.socket(family, socket.SOCK_DGRAM)
         self._sock.setblocking(False)
+        log.info("statsd output to %s", self.address)
 
     @classmethod
     def from_spec(cls, spec: StatsdSpec) -> StatsdClient | None:
@@ -119,6 +133,8 @@ class StatsdClient:
             self._send(packet)
 
     def _send(self, packet: bytes) -> None:
+        if self._sock is None and not self._closed and time.monotonic() >= self._retry_at:
+            self._resolve()
         if self._sock is None:
             self.dropped += 1
             return
@@ -139,6 +155,7 @@ class StatsdClient:
         return f"{self.name(*parts)}:{max(0.0, value):g}|g"
 
     def close(self) -> None:
+        self._closed = True
         if self._sock is not None:
             self._sock.close()
             self._sock = None
