@@ -30,7 +30,7 @@ from aivo_mesh.pki import CertLayout
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc
-from aivo_mesh.telemetry.tracing import ClientTracingLayer, Tracing
+from aivo_mesh.telemetry.tracing import ClientTracingLayer, Tracing, current_trace_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -412,18 +412,31 @@ async def test_streams_get_a_client_span_and_carry_its_traceparent(servers, make
                                 exporter=exporter, batch=False, shutdown_on_exit=False)
     assert tracing is not None
     plan = FaultPlan()
-    _, stub = await _events_client(servers, make_client, plan, outer_layers=[ClientTracingLayer(tracing)])
+
+    class OutcomeIds(PolicyListener):  # what the log line of the outcome is stamped with
+        seen: list[tuple[str, str]] = []
+
+        def call_finished(self, *args: object) -> None:
+            self.seen.append(current_trace_ids())
+
+    _, stub = await _events_client(servers, make_client, plan, outer_layers=[ClientTracingLayer(tracing)],
+                                   listeners=[OutcomeIds()])
     try:
-        got = [ev.event_id async for ev in stub.ListEvents(events_pb2.ListEventsRequest())]
+        with tracing.span("caller") as caller:  # the caller's own span must not stay current
+            got = [ev.event_id async for ev in stub.ListEvents(events_pb2.ListEventsRequest())]
+            assert current_trace_ids()[1] == format(caller.get_span_context().span_id, "016x")
         assert got == ["e1", "e2"]
-        await until(lambda: len(exporter.get_finished_spans()) == 1, what="the stream's span ended")
-        (span,) = exporter.get_finished_spans()
+        await until(lambda: len(exporter.get_finished_spans()) == 2, what="the stream's span ended")
+        span = next(s for s in exporter.get_finished_spans() if s.name != "caller")
         assert span.name == "/aivo.events.v1.EventCollectorService/ListEvents"
         assert span.kind is SpanKind.CLIENT
         assert dict(span.attributes or {})["rpc.grpc.status_code"] == 0
         ctx = span.get_span_context()
+        ids = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
         _, trace_id, span_id, _ = plan.metadata_seen[-1]["traceparent"].split("-")
-        assert (trace_id, span_id) == (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
+        assert (trace_id, span_id) == ids
+        await until(lambda: bool(OutcomeIds.seen), what="the stream's outcome was reported")
+        assert OutcomeIds.seen == [ids]  # the outcome's log line carries the stream's span, not the caller's
     finally:
         tracing.shutdown()
 

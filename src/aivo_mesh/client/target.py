@@ -134,7 +134,8 @@ class Target:
     async def start_stream(self, kind: str, info: MethodInfo, details: ClientCallDetails, request: Any) -> Any:
         """Open a streaming call on a picked endpoint, under the deadline, the breaker and the
         concurrency limit. Outer layers that observe streams (tracing) see it start and end; the
-        outcome (final status) is recorded when the stream ends."""
+        outcome (final status) is recorded when the stream ends. Runs in grpc.aio's interceptor task
+        (a context of its own): stream observers may set context variables here."""
         path = info.path
         policy = self.policy
         route = self._route(path)

@@ -51,6 +51,7 @@ from opentelemetry.util.types import AttributeValue
 
 from aivo_mesh.config.model import TracingSpec
 from aivo_mesh.policy.core import Call, Handler, Reply
+from aivo_mesh.telemetry.logs import current_trace_ids  # re-exported: one definition, in logs
 
 if TYPE_CHECKING:  # the server adapter imports grpc; this module must not
     from aivo_mesh.server.interceptors import ServerCall
@@ -90,17 +91,6 @@ def split_method(method: str) -> tuple[str, str]:
     """'/pkg.Service/Method' -> ('pkg.Service', 'Method'); anything else -> ('', method)."""
     service, sep, name = method.lstrip("/").rpartition("/")
     return (service, name) if sep else ("", method)
-
-
-def current_trace_ids() -> tuple[str, str]:
-    """(trace_id, span_id) of the current span as lowercase hex, or ('', '') without a valid span.
-
-    Used by the log formatter to stamp records; cheap enough to call per record.
-    """
-    ctx = trace.get_current_span().get_span_context()
-    if not ctx.is_valid:
-        return "", ""
-    return format(ctx.trace_id, "032x"), format(ctx.span_id, "016x")
 
 
 class _MetadataGetter(Getter[Sequence[tuple[str, str]]]):
@@ -246,8 +236,14 @@ class ClientTracingLayer:
 
     def stream_started(self, call: Call) -> Callable[[str, str, bool], None]:
         """Streaming calls (which do not run through the stack): the same CLIENT span, started as the
-        stream opens and ended by the returned function with its final status."""
-        span, _ = self._start(call)
+        stream opens and ended by the returned function with its final status.
+
+        The span is made current in the context this runs in: grpc.aio's interceptor task, a copy of
+        the caller's context that nothing else uses. The stream's done callback, registered after
+        this, runs in that context too, so the outcome's log line carries this span's ids (not the
+        caller's). No detach: the context ends with the call."""
+        span, ctx = self._start(call)
+        otel_context.attach(ctx)
         return functools.partial(_finish_client, span, call)
 
     def wrap(self, inner: Handler) -> Handler:
