@@ -30,7 +30,7 @@ from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.policy.breaker import REJECTED
 from aivo_mesh.policy.classify import Classifier
 from aivo_mesh.policy.core import Call, Clock, Layer, Reply
-from aivo_mesh.policy.deadline import effective_timeout, inherited_timeout
+from aivo_mesh.policy.deadline import DEADLINE_PASSED, effective_timeout, inherited_timeout
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.policy.stack import TargetPolicy
 
@@ -161,7 +161,7 @@ class Target:
         # Streams default to the route timeout only when mesh.yaml gives one for them.
         timeout = effective_timeout(details.timeout, route.timeout, inherited_timeout(self.clock))
         if timeout is not None and timeout <= 0:  # e.g. the inbound call's deadline has passed
-            raise reject(_DEADLINE_PASSED)
+            raise reject(DEADLINE_PASSED)
         ticket = policy.breaker.admit()
         if ticket == REJECTED:
             self.listener.breaker_rejected(self.service, path)
@@ -213,9 +213,6 @@ class Target:
             ep["connectivity"] = states.get(ep["endpoint"], "IDLE")
         snap["observed_at"] = time.time()
         return snap
-
-
-_DEADLINE_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
 
 
 async def _details(rpc: Any) -> str:

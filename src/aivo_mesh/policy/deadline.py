@@ -76,7 +76,7 @@ class DeadlineLayer:
             timeout = effective_timeout(call.timeout, params_for(call).route_timeout, left)
             if timeout is not None:
                 if timeout <= 0:
-                    return _PASSED
+                    return DEADLINE_PASSED
                 call.deadline = now + timeout
             return await inner(call)
 
@@ -96,7 +96,7 @@ class DeadlineLayer:
                 if timeout is None:
                     reply = await inner(call)
                 elif timeout <= 0:
-                    reply = _PASSED
+                    reply = DEADLINE_PASSED
                 else:
                     call.deadline = start + timeout
                     reply = await inner(call)
@@ -111,7 +111,7 @@ class DeadlineLayer:
         return observed
 
 
-_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
+DEADLINE_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
 
 
 # The absolute deadline (on `monotonic`) of the inbound request being served in this task, set by the

@@ -49,7 +49,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
 
-from aivo_mesh.config.model import TracingSpec
+from aivo_mesh.config.model import GRPC_STATUS_NAMES, TracingSpec
 from aivo_mesh.policy.core import Call, Handler, Reply
 from aivo_mesh.telemetry.logs import current_trace_ids  # re-exported: one definition, in logs
 
@@ -67,13 +67,9 @@ __all__ = [
 
 INSTRUMENTATION_NAME = "aivo_mesh"
 
-#: gRPC status name -> numeric code (the value of `rpc.grpc.status_code`), without importing grpc.
-GRPC_STATUS_CODES: dict[str, int] = {
-    "OK": 0, "CANCELLED": 1, "UNKNOWN": 2, "INVALID_ARGUMENT": 3, "DEADLINE_EXCEEDED": 4,
-    "NOT_FOUND": 5, "ALREADY_EXISTS": 6, "PERMISSION_DENIED": 7, "RESOURCE_EXHAUSTED": 8,
-    "FAILED_PRECONDITION": 9, "ABORTED": 10, "OUT_OF_RANGE": 11, "UNIMPLEMENTED": 12,
-    "INTERNAL": 13, "UNAVAILABLE": 14, "DATA_LOSS": 15, "UNAUTHENTICATED": 16,
-}
+#: gRPC status name -> numeric code (the value of `rpc.grpc.status_code`), without importing grpc:
+#: the position in mesh.yaml's table of names, which is in code order.
+GRPC_STATUS_CODES: dict[str, int] = {name: code for code, name in enumerate(GRPC_STATUS_NAMES)}
 _UNKNOWN_CODE = GRPC_STATUS_CODES["UNKNOWN"]
 
 # The header names our propagator may write; stale copies are dropped from call.metadata before
