@@ -68,7 +68,8 @@ async def serve_service(
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
     spec = mesh.service(name)
     telemetry = ProcessTelemetry.for_service(mesh, name)
-    for peer in callable_peers(mesh, name):  # breaker and ejection gauges exist before the first call
+    peers = callable_peers(mesh, name)  # the services mesh.yaml lets this one call
+    for peer in peers:  # breaker and ejection gauges exist before the first call
         telemetry.metrics.declare_target(peer)
     if telemetry.tracing is not None:
         telemetry.tracing.install_global()  # application spans via opentelemetry.trace.get_tracer
@@ -89,8 +90,7 @@ async def serve_service(
         from aivo_mesh.discovery.facade import DiscoveryNotReady, build_discovery
 
         consul_source = ConsulDiscovery(consul_discovery or DEFAULT_ADDRESS) if discovery == "consul" else None
-        watch = build_discovery(mesh, discovery, services=[s for s in mesh.service_names if s != name], dns=dns,
-                                consul=consul_source)
+        watch = build_discovery(mesh, discovery, services=peers, dns=dns, consul=consul_source)
     client = MeshClient(config, listeners=telemetry.listeners(), outer_layers=telemetry.client_layers(),
                         discovery=watch.store if watch is not None else None)
     app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=data_dir, peers=client))
