@@ -852,3 +852,38 @@ async def test_a_served_service_keeps_trying_to_register_while_the_agent_fails(
         stop.set()
         await asyncio.gather(task, return_exceptions=True)
     assert sid not in consul_agent.registrations  # deregistered on stop
+
+
+async def test_a_register_applied_but_unanswered_at_stop_is_still_deregistered(consul_agent: FakeConsulAgent) -> None:
+    """Stop arriving while a register is on the wire (the agent applied it, its answer is on the way)
+    must not leave the instance behind: close() lets the answer arrive, then deregisters."""
+    from waiting import until
+
+    from aivo_mesh.config import load_mesh
+    from aivo_mesh.discovery.consul_register import BackgroundRegistration, ConsulRegistration
+
+    release = consul_agent.hold_answers("/v1/agent/service/register")
+    reg = BackgroundRegistration(ConsulRegistration(consul_agent.address), load_mesh(MESH_FILE), "auth-svc",
+                                 address="127.0.0.1", port=50051, settle=10)
+    reg.start()
+    try:
+        await until(lambda: reg.service_id in consul_agent.registrations, 10, "register applied by the agent")
+        assert not reg.registered  # its answer is held
+        closing = asyncio.create_task(reg.close())
+        await asyncio.sleep(0)  # let close() reach its wait on the attempt before the answer arrives
+        release.set()
+        await asyncio.wait_for(closing, 10)
+    finally:
+        release.set()
+    assert reg.service_id not in consul_agent.registrations
+    assert consul_agent.requests_to(f"/v1/agent/service/deregister/{reg.service_id}", "PUT")
+
+
+async def test_closing_a_registration_that_never_reached_the_agent_sends_nothing(consul_agent: FakeConsulAgent) -> None:
+    from aivo_mesh.config import load_mesh
+    from aivo_mesh.discovery.consul_register import BackgroundRegistration, ConsulRegistration
+
+    reg = BackgroundRegistration(ConsulRegistration(consul_agent.address), load_mesh(MESH_FILE), "auth-svc",
+                                 address="127.0.0.1", port=50051)
+    await reg.close()  # never started
+    assert consul_agent.requests == []

@@ -27,8 +27,9 @@ Behaviour copied from the docs:
 
 Test knobs: `set_check_status(service_id, status)`, `add_instance(...)` (an instance registered on
 another node), `reset_index(n)` (move the index backwards), `fail_next(count, status)` (inject
-errors), `registrations` (raw JSON bodies as received), `requests` (a log) and
-`wait_until(predicate, timeout)` (a condition-variable wait, no polling).
+errors), `hold_answers(path_prefix)` (apply a request, hold its answer), `registrations` (raw
+JSON bodies as received), `requests` (a log) and `wait_until(predicate, timeout)` (a
+condition-variable wait, no polling).
 """
 
 from __future__ import annotations
@@ -127,6 +128,7 @@ class FakeConsulAgent:
         self._service_index: dict[str, int] = {}
         self._index = 1
         self._failures: list[_Failure] = []
+        self._holds: list[tuple[str, threading.Event]] = []
         self._cond = threading.Condition()
         self._closing = False
         self._server: ThreadingHTTPServer | None = None
@@ -222,6 +224,14 @@ class FakeConsulAgent:
         """The next `count` requests under `path_prefix` answer `status` with `body`."""
         with self._cond:
             self._failures.extend(_Failure(status, body, path_prefix) for _ in range(count))
+
+    def hold_answers(self, path_prefix: str) -> threading.Event:
+        """Requests under `path_prefix` take effect at once, but their answers wait until the returned
+        event is set (a reply slow to arrive, or lost in flight, after the agent applied it)."""
+        release = threading.Event()
+        with self._cond:
+            self._holds.append((path_prefix, release))
+        return release
 
     def clear_failures(self) -> None:
         with self._cond:
@@ -375,6 +385,9 @@ class _Handler(BaseHTTPRequestHandler):
         with fake._cond:
             record.status = status
             fake._cond.notify_all()
+            holds = [release for prefix, release in fake._holds if path.startswith(prefix)]
+        for release in holds:
+            release.wait(30)
         self._send(status, body, index)
 
     def _route(self, method: str, path: str, query: dict[str, list[str]], token: str | None,

@@ -35,7 +35,10 @@ The definition (C:agent/service, C:agent/check; notes §5):
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any
@@ -48,6 +51,8 @@ from aivo_mesh.config.resolve import service_policy
 from aivo_mesh.discovery._util import in_daemon_thread
 from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
 from aivo_mesh.discovery.snapshot import Endpoint
+
+log = logging.getLogger(__name__)
 
 REGISTER_PATH = "/v1/agent/service/register"
 DEREGISTER_PATH = "/v1/agent/service/deregister/"
@@ -227,3 +232,71 @@ class ConsulRegistration:
         except CONSUL_ERRORS as e:
             where = f"{self.scheme}://{self.host}:{self.port}"
             raise ConsulError(f"Consul agent {where}: {what} {sid} failed: {type(e).__name__}: {e}") from e
+
+
+class BackgroundRegistration:
+    """Keep one instance registered from a background task; deregister it on `close()`.
+
+    `start()` returns at once: an agent that is away for a moment (restarting, not up yet) must not
+    keep the service from serving, so registration retries with back-off (0.5 s doubling to 30 s).
+    Consul routes to the instance once it is registered and its health check passes.
+
+    `close()` removes the instance whenever an attempt was *sent*, not only when one was answered:
+    the agent may have applied a register whose answer had not arrived yet (the request runs in a
+    thread that cancelling the task cannot stop). So it first waits, at most `settle` seconds, for an
+    attempt on the wire, then deregisters the ID (deterministic, `service_id`); an agent answering
+    "unknown ID" is fine. If the attempt is still unanswered after `settle`, a register landing
+    after the deregister leaves an entry whose check fails; Consul reaps it after
+    `DeregisterCriticalServiceAfter` (1m).
+    """
+
+    def __init__(self, registration: ConsulRegistration, mesh: MeshSpec, service: str, *, address: str,
+                 port: int, use_tls: bool = True, settle: float = 2.0) -> None:
+        self.registration = registration
+        self.service = service
+        self.service_id = service_id(service, address, port)
+        self._mesh, self._address, self._port, self._use_tls = mesh, address, port, use_tls
+        self._settle = settle
+        self._task: asyncio.Task[None] | None = None
+        self._attempt: asyncio.Future[str] | None = None
+        self.registered = False
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=f"consul-register-{self.service}")
+
+    async def _run(self) -> None:
+        delay = 0.5
+        while True:
+            self._attempt = asyncio.ensure_future(self.registration.register(
+                self._mesh, self.service, address=self._address, port=self._port, use_tls=self._use_tls))
+            try:
+                sid = await self._attempt
+            except ConsulError as exc:
+                log.warning("%s: Consul registration failed (%s); retrying in %.1fs", self.service, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            self.registered = True
+            log.info("%s registered in Consul as %s", self.service, sid)
+            return
+
+    async def close(self) -> None:
+        """Stop retrying and deregister (if any attempt was sent). Never raises: this runs on shutdown."""
+        task, attempt = self._task, self._attempt
+        if task is None:
+            return
+        self._task = None
+        if attempt is not None and not attempt.done():
+            await asyncio.wait([attempt], timeout=self._settle)  # not cancelled: let the answer arrive
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if attempt is None:
+            return
+        try:
+            await self.registration.deregister(self.service_id)
+        except ConsulError as exc:
+            log.warning("%s: Consul deregistration of %s failed (%s); Consul removes it once its check has "
+                        "been critical for DeregisterCriticalServiceAfter", self.service, self.service_id, exc)
+        self.registered = False

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -32,7 +31,7 @@ from aivo_mesh.telemetry.admin import AdminServer, is_loopback
 from aivo_mesh.telemetry.process import ProcessTelemetry
 
 if TYPE_CHECKING:
-    from aivo_mesh.discovery.consul_register import ConsulRegistration
+    from aivo_mesh.discovery.consul_register import BackgroundRegistration
     from aivo_mesh.discovery.facade import DnsOptions
 
 log = logging.getLogger(__name__)
@@ -106,9 +105,7 @@ async def serve_service(
     admin = AdminServer(MeshAdminSource(client, server), telemetry.metrics, host=host,
                         port=admin_port if admin_port is not None else (spec.admin_port or 0),
                         allow_remote=not is_loopback(host))
-    registration = None
-    registering: asyncio.Task[str] | None = None
-    service_id = None
+    registration: BackgroundRegistration | None = None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -140,22 +137,18 @@ async def serve_service(
                                   f"{exc.strerror}") from None
         log.info("%s admin endpoint on %s", name, admin.url)
         if consul:
-            from aivo_mesh.discovery.consul_register import ConsulRegistration
+            from aivo_mesh.discovery.consul_register import BackgroundRegistration, ConsulRegistration
 
-            registration = ConsulRegistration(consul)
-            registering = asyncio.create_task(_register(registration, mesh, name, server.host, bound, not insecure))
+            registration = BackgroundRegistration(ConsulRegistration(consul), mesh, name, address=server.host,
+                                                  port=bound, use_tls=not insecure)
+            registration.start()
         await stop.wait()
         log.info("%s: draining (grace %.1fs)", name, grace)
     finally:
         if watch is not None:
             await watch.stop()
-        if registering is not None:
-            if registering.done() and not registering.cancelled() and registering.exception() is None:
-                service_id = registering.result()
-            registering.cancel()
-        if registration is not None and service_id is not None:
-            with contextlib.suppress(Exception):
-                await registration.deregister(service_id)
+        if registration is not None:
+            await registration.close()
         await server.stop(grace)
         await admin.stop()
         await app.close()
@@ -164,22 +157,3 @@ async def serve_service(
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
 
-
-async def _register(registration: ConsulRegistration, mesh: MeshSpec, name: str, host: str, port: int,
-                    use_tls: bool) -> str:
-    """Register in Consul, retrying with back-off (0.5 s doubling to 30 s): an agent that is away for
-    a moment (restarting, not up yet) must not keep the service from serving. Consul routes to the
-    instance once it is registered and its health check passes."""
-    from aivo_mesh.discovery.consul import ConsulError
-
-    delay = 0.5
-    while True:
-        try:
-            service_id = await registration.register(mesh, name, address=host, port=port, use_tls=use_tls)
-        except ConsulError as exc:
-            log.warning("%s: Consul registration failed (%s); retrying in %.1fs", name, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-            continue
-        log.info("%s registered in Consul as %s", name, service_id)
-        return service_id
