@@ -11,7 +11,10 @@ interquartile range of those ratios is reported too). Cases:
     raw       grpc.aio secure_channel + stub, mTLS (the baseline)
     noop      as raw, plus one no-op UnaryUnaryClientInterceptor: the floor grpc.aio's interceptor
               machinery (a Task per call) sets for any interceptor-based stack
-    mesh      MeshClient.get_channel + stub: full policy stack, tracing off
+    mesh      MeshClient.get_channel + stub: full policy stack, tracing off (MeshChannel: the stack
+              entered directly, no grpc.aio interceptor Task)
+    icpt      the same stack behind grpc.aio's interceptor machinery (the target's front channel,
+              what get_channel returned before 2026-12-03)
     cwr       MeshClient.call_with_retry: the same stack, called without a grpc.aio interceptor
     traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
 Every window is metered (benchmarks/loadmeter.py): CPU us per request of the client and the server
@@ -90,18 +93,19 @@ async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup:
     start = time.monotonic()
     t0, t1 = start + warmup, start + warmup + window
     latencies: list[float] = []
-    errors = 0
+    errors: dict[str, int] = {}
 
     async def worker() -> None:
-        nonlocal errors
         while True:
             s = time.monotonic()
             if s >= t1:
                 return
             try:
                 await call()
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as err:  # counted apart: a failed call is not throughput
+                if s >= t0:
+                    errors[err.code().name] = errors.get(err.code().name, 0) + 1
+                continue
             e = time.monotonic()
             if s >= t0 and e <= t1:
                 latencies.append(e - s)
@@ -118,7 +122,8 @@ async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup:
     latencies.sort()
     n = len(latencies)
     out: dict[str, Any] = {"rps": n / window, "p50_ms": latencies[n // 2] * 1000 if n else 0.0,
-                           "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else 0.0, "errors": errors}
+                           "p99_ms": latencies[min(n - 1, int(n * 0.99))] * 1000 if n else 0.0,
+                           "errors": sum(errors.values()), "error_codes": errors}
     if w is not None:
         out["cpu_us"] = w.cpu_us_per(n)
         out["foreign_cores"] = w.foreign_cores
@@ -154,6 +159,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     noop_stub = auth_pb2_grpc.AuthServiceStub(noop_channel)
     mesh_client = MeshClient(MeshConfig.for_identity("learner-svc", certs, mesh))
     mesh_stub = auth_pb2_grpc.AuthServiceStub(await mesh_client.get_channel("auth-svc"))
+    icpt_stub = auth_pb2_grpc.AuthServiceStub(mesh_client.target("auth-svc").front)
     traced_stub = None
     receiver = None
     if args.tracing:
@@ -171,6 +177,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "raw": lambda: raw_stub.ValidateToken(req, timeout=5),
         "noop": lambda: noop_stub.ValidateToken(req, timeout=5),
         "mesh": lambda: mesh_stub.ValidateToken(req, timeout=5),
+        "icpt": lambda: icpt_stub.ValidateToken(req, timeout=5),
         "cwr": lambda: mesh_client.call_with_retry(service_name="auth-svc", method_name="ValidateToken",
                                                    request=req, timeout=5),
     }
@@ -189,6 +196,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                    for name in order}
             base = rnd["raw"]["rps"]
             line = "  ".join(f"{n} {rnd[n]['rps']:5.0f} rps ({rnd[n]['rps'] / base:.3f})" for n in names)
+            if failed := {n: rnd[n]["error_codes"] for n in names if rnd[n]["errors"]}:
+                line += f"  ERRORS {failed}"
             return rnd, max(r["foreign_cores"] for r in rnd.values()), line
 
         rounds, rerun = await quiet_rounds(args.reps, names, one_round, max_foreign=args.max_foreign,
@@ -241,13 +250,13 @@ def main() -> None:
     print()
     print(f"{summary['rounds_rerun']} rounds rerun for foreign load > {args.max_foreign} cores")
     print(f"{'case':8s} {'rps':>8s} {'ratio':>7s} {'ratio IQR':>13s} {'cpu ratio':>9s} {'client us':>9s} "
-          f"{'server us':>9s} {'p50 ms':>8s} {'p99 ms':>8s}")
+          f"{'server us':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
     for name, c in summary["cases"].items():
         lo, hi = c["rps_ratio_quartiles"]
         cpu = c["cpu_us_per_request"]
         print(f"{name:8s} {c['rps_median']:8.0f} {c['rps_ratio_vs_raw']:7.3f} {lo:6.3f}-{hi:6.3f} "
               f"{c['cpu_ratio_vs_raw']:9.3f} {cpu['client']:9.0f} {cpu['server']:9.0f} "
-              f"{c['p50_ms_median']:8.2f} {c['p99_ms_median']:8.2f}")
+              f"{c['p50_ms_median']:8.2f} {c['p99_ms_median']:8.2f} {c['errors']:7d}")
     out = Path(__file__).parent / "results"
     out.mkdir(exist_ok=True)
     (out / "client.json").write_text(json.dumps(summary, indent=2) + "\n")

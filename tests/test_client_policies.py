@@ -587,3 +587,136 @@ async def test_no_endpoints_is_a_clear_error_and_health_checks_leave_removed_end
         await client.wait_ready("auth-svc", timeout=0.5)
     with pytest.raises(MeshError, match="no endpoints"):
         client.bare_channel("auth-svc")
+
+
+# -- the stub path's channel and call objects (client/mesh_channel.py) ---------------------------------
+async def test_the_stub_channel_and_its_calls_are_grpc_aio_ones_and_report_the_final_status(servers, make_client):
+    s = await servers(FaultPlan(), "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    channel = await client.get_channel("auth-svc")
+    assert isinstance(channel, grpc.aio.Channel)
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    call = stub.ValidateToken(_req(), timeout=5)
+    assert isinstance(call, grpc.aio.UnaryUnaryCall)
+    remaining = call.time_remaining()
+    assert remaining is not None and 0 < remaining <= 5
+    assert not call.done()
+    assert (await call).valid
+    assert call.done() and not call.cancelled()
+    assert (await call).valid  # awaiting again gives the same response, as in grpc.aio
+    assert await call.code() == grpc.StatusCode.OK
+    assert await call.details() == ""
+    seen: list[object] = []
+    call.add_done_callback(seen.append)  # already done: called at once
+    assert seen == [call]
+
+
+async def test_a_failed_stub_call_reports_the_servers_status_on_the_call(servers, make_client):
+    s = await servers(FaultPlan(fail_first=1, status=grpc.StatusCode.PERMISSION_DENIED), "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    call = stub.ValidateToken(_req())
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await call.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await call.details() == err.value.details()
+    assert call.done() and not call.cancelled()
+    with pytest.raises(grpc.aio.AioRpcError):
+        await call.wait_for_connection()
+
+
+async def test_a_stub_call_made_but_not_awaited_starts_at_once_and_fires_its_callbacks(servers, make_client):
+    plan = FaultPlan()
+    s = await servers(plan, "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    done = asyncio.Event()
+    call = stub.ValidateToken(_req())
+    call.add_done_callback(lambda c: done.set())
+    await until(lambda: plan.calls == 1, what="the call reached the server without being awaited")
+    await asyncio.wait_for(done.wait(), 5)
+    assert ("x-served-by", "a") in tuple(await call.initial_metadata())
+    assert (await call).valid
+
+
+async def test_cancelling_an_awaited_stub_call_stops_its_retries_and_leaves_the_caller_uncancelled(
+        servers, make_client):
+    plan = FaultPlan(fail_first=10**6)
+    s = await servers(plan)
+    text = _mesh().model_dump(mode="json", by_alias=True)
+    text["defaults"]["retry"] = {"max_retries": 10, "backoff": {"base": 0.3, "max": 0.3}, "retry_on": ["UNAVAILABLE"]}
+    client = make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    calls: list[Any] = []
+
+    async def caller() -> int:
+        call = stub.ValidateToken(_req())
+        calls.append(call)
+        try:
+            await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            return task.cancelling()  # 0: the call was cancelled, not this task
+        return -1
+
+    task = asyncio.ensure_future(caller())
+    await until(lambda: plan.calls >= 1, what="the first attempt reached the server")
+    assert calls[0].cancel()
+    assert await task == 0
+    assert calls[0].cancelled() and calls[0].done()
+    assert await calls[0].code() == grpc.StatusCode.CANCELLED
+    assert not calls[0].cancel()  # already over
+    # A call cancelled before anyone awaited it, and one cancelled while it runs on its own.
+    early = stub.ValidateToken(_req())
+    assert early.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await early
+    detached = stub.ValidateToken(_req())
+    await until(lambda: plan.calls >= 2, what="the detached call's first attempt")
+    detached.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await detached
+    calls_seen = plan.calls
+    await asyncio.sleep(0.7)  # longer than two back-offs: no further attempt may appear
+    assert plan.calls == calls_seen == 2
+
+
+async def test_a_timed_out_wait_for_cancels_the_stub_call(servers, make_client):
+    plan = FaultPlan(delay=2.0)
+    s = await servers(plan)
+    client = make_client(_mesh(timeout="10s"), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    call = stub.ValidateToken(_req())
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(call, 0.2)
+    assert call.cancelled()
+    assert plan.attempts_seen == [1]  # reached the server once, not retried
+
+
+async def test_a_locally_refused_call_still_yields_to_the_event_loop(servers, make_client):
+    """A caller retrying in a tight loop against an open breaker must not starve the loop (and the
+    probe that would close the breaker): like any failed RPC, a refused one yields once."""
+    s = await servers(FaultPlan())
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    client.target("auth-svc").policy.breaker.force_open()
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(ticker())
+    try:
+        for _ in range(10):
+            with pytest.raises(CircuitOpen):
+                await stub.ValidateToken(_req())
+            with pytest.raises(CircuitOpen):
+                await client.call_with_retry("auth-svc", "ValidateToken", _req())
+    finally:
+        other.cancel()
+    assert ticks >= 10  # the other task ran while the refused calls were made

@@ -29,8 +29,7 @@ import grpc
 from aivo_mesh.client.channel import channel_credentials, channel_options
 from aivo_mesh.client.config import MeshConfig
 from aivo_mesh.client.endpoints import DEFAULT_DRAIN_SECONDS, EndpointPool
-from aivo_mesh.client.errors import error_for
-from aivo_mesh.client.interceptors import Transport, method_info
+from aivo_mesh.client.interceptors import method_info
 from aivo_mesh.client.methods import method_path
 from aivo_mesh.client.target import Target, route_lookup
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
@@ -38,7 +37,7 @@ from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, load_identity
-from aivo_mesh.policy.core import Call, Clock, Layer, monotonic
+from aivo_mesh.policy.core import Clock, Layer, monotonic
 from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
 
 log = logging.getLogger(__name__)
@@ -116,7 +115,7 @@ class MeshClient:
 
     async def channel(self, service: str) -> grpc.aio.Channel:
         """The pooled front channel to `service` (also what demo services use to call peers)."""
-        return self.target(service).front
+        return self.target(service).channel
 
     async def call_with_retry(self, service_name: str, method_name: str, request: Any,
                               timeout: float | None = None, metadata: Sequence[tuple[str, str]] = ()) -> Any:
@@ -131,12 +130,8 @@ class MeshClient:
         info = method_info(path)
         if info is None:
             raise MeshError(f"{path}: unknown method (is its generated *_pb2 module imported?)")
-        call = Call(target.service, path, request, timeout=timeout,
-                    transport=Transport(info, tuple(metadata)))
-        reply = await target.policy.stack_for(path)(call)
-        if reply.ok:
-            return reply.value
-        raise error_for(target.service, path, reply)
+        value, _ = await target.unary.invoke(path, request, timeout, metadata, None, None)
+        return value
 
     async def wait_ready(self, service: str, timeout: float | None = None) -> None:
         """Wait until some endpoint of `service` is connected (bounded by connection_timeout)."""

@@ -51,6 +51,7 @@ class Transport:
     continuation: Callable[..., Any] | None = None
     details: ClientCallDetails | None = None
     credentials: grpc.CallCredentials | None = None
+    compression: grpc.Compression | None = None
     # The successful attempt's grpc.aio call: the stub path hands it to grpc.aio so the caller can
     # read its initial and trailing metadata, as on a plain channel.
     answered: Any = None
@@ -83,7 +84,7 @@ def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
                 mc = pool.multicallable(call.endpoint, "unary_unary", t.info.path, t.info.serialize,
                                         t.info.deserialize)
                 rpc = mc(call.request, timeout=timeout, metadata=metadata, credentials=t.credentials,
-                         wait_for_ready=t.wait_for_ready)
+                         wait_for_ready=t.wait_for_ready, compression=t.compression)
             else:
                 assert t.continuation is not None and t.details is not None
                 d = t.details
@@ -115,15 +116,30 @@ class UnaryUnaryAdapter(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[m
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        path, info, stack = self._method(client_call_details.method)
-        transport = Transport(info, _pairs(client_call_details.metadata), client_call_details.wait_for_ready,
-                              continuation, client_call_details, client_call_details.credentials)
-        reply = await stack(Call(self._target.service, path, request, timeout=client_call_details.timeout,
-                                 transport=transport))
+        d = client_call_details
+        value, answered = await self.invoke(d.method, request, d.timeout, d.metadata, d.credentials,
+                                            d.wait_for_ready, None, continuation, d)
+        # The finished call, not just its value: grpc.aio then serves the caller's
+        # `initial_metadata()`/`trailing_metadata()`/`code()` from the attempt that answered.
+        return answered if answered is not None else value
+
+    async def invoke(self, method: Any, request: Any, timeout: float | None, metadata: Any,
+                     credentials: grpc.CallCredentials | None, wait_for_ready: bool | None,
+                     compression: grpc.Compression | None = None, continuation: Callable[..., Any] | None = None,
+                     details: ClientCallDetails | None = None) -> tuple[Any, Any]:
+        """One unary call through the stack: (response, the attempt's call object that answered).
+        Raises the call's error. `continuation`/`details` are grpc.aio's, for methods that are not
+        protobuf (sent on the front channel's single endpoint); MeshChannel dispatches here directly."""
+        path, info, stack = self._method(method)
+        transport = Transport(info, _pairs(metadata), wait_for_ready, continuation, details, credentials, compression)
+        reply = await stack(Call(self._target.service, path, request, timeout=timeout, transport=transport))
         if reply.ok:
-            # The finished call, not just its value: grpc.aio then serves the caller's
-            # `initial_metadata()`/`trailing_metadata()`/`code()` from the attempt that answered.
-            return transport.answered if transport.answered is not None else reply.value
+            return reply.value, transport.answered
+        if reply.local:
+            # Refused without touching the network (breaker open, limits, no endpoints): yield to the
+            # loop once, as a failed RPC always does, so a caller retrying in a loop cannot starve it
+            # (and with it the probe that would close the breaker).
+            await asyncio.sleep(0)
         raise error_for(self._target.service, path, reply)
 
 
@@ -168,9 +184,8 @@ class StreamStreamAdapter(_StreamAdapter, grpc.aio.StreamStreamClientInterceptor
         return await self._start(continuation, client_call_details, request_iterator)
 
 
-def adapters(target: Target) -> list[grpc.aio.ClientInterceptor]:
-    return [UnaryUnaryAdapter(target), UnaryStreamAdapter(target), StreamUnaryAdapter(target),
-            StreamStreamAdapter(target)]
+def stream_adapters(target: Target) -> list[grpc.aio.ClientInterceptor]:
+    return [UnaryStreamAdapter(target), StreamUnaryAdapter(target), StreamStreamAdapter(target)]
 
 
 async def final_code(rpc: Any) -> str:

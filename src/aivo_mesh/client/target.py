@@ -2,8 +2,10 @@
 
     TargetPolicy   breaker, retry budget, concurrency limit, balancer (policy/, no grpc)
     EndpointPool   one mTLS channel per endpoint (client/endpoints.py)
-    front channel  what `get_channel` hands out: it carries the interceptors and never connects
-                   itself (unless a non-protobuf method falls back to it)
+    channel        what `get_channel` hands out (client/mesh_channel.py): unary calls enter the stack
+                   directly; streams go on to the front channel
+    front channel  carries the interceptors and never connects itself (unless a non-protobuf
+                   method falls back to it)
 Background tasks (started on first use, stopped by `close`): active gRPC health checks of each
 endpoint, and, when a discovery store is given, applying its endpoint snapshots.
 """
@@ -23,7 +25,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from aivo_mesh.client.endpoints import EndpointPool, open_channel
 from aivo_mesh.client.errors import error_for
-from aivo_mesh.client.interceptors import _pairs, adapters, final_code, make_unary_terminal
+from aivo_mesh.client.interceptors import UnaryUnaryAdapter, _pairs, final_code, make_unary_terminal, stream_adapters
+from aivo_mesh.client.mesh_channel import MeshChannel
 from aivo_mesh.client.methods import MethodInfo
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
@@ -64,8 +67,10 @@ class Target:
         self.policy = TargetPolicy(policy, routes, make_unary_terminal(self), endpoints=endpoints,
                                    max_retries=max_retries, clock=clock, listener=listener, outer=outer,
                                    **policy_kwargs)
+        self.unary = UnaryUnaryAdapter(self)  # unary calls: the stub path (both channels) and call_with_retry
         self.front = open_channel(endpoints[0] if endpoints else "127.0.0.1:1", credentials, options,
-                                  adapters(self))
+                                  [self.unary, *stream_adapters(self)])
+        self.channel = MeshChannel(self.front, self.unary)
         self.health_interval = policy.health_check.interval
         self.health_timeout = policy.health_check.timeout
         self._tasks: list[asyncio.Task[None]] = []
