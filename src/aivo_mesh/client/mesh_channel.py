@@ -138,7 +138,9 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             self._invocation.close()
             self._finish(asyncio.CancelledError())
         elif self._state == _INLINE:
-            assert self._owner is not None
+            if self._owner is None:  # awaited outside any Task: nothing we can interrupt
+                self._cancel_requested = False
+                return False
             self._owner.cancel()
         else:
             assert self._task is not None
