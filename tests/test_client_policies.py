@@ -720,3 +720,69 @@ async def test_a_locally_refused_call_still_yields_to_the_event_loop(servers, ma
     finally:
         other.cancel()
     assert ticks >= 10  # the other task ran while the refused calls were made
+
+
+async def test_stub_call_edge_cases_match_grpc_aio(servers, make_client):
+    """A second cancel() is refused (the caller's task is cancelled once, and uncancelled once); a
+    detached call cancelled before its first step still finishes as CANCELLED; a failing done
+    callback is reported to the loop and changes neither the outcome nor the other callbacks."""
+    plan = FaultPlan(delay=5.0, slow_calls=1)
+    s = await servers(plan)
+    client = make_client(_mesh(timeout="10s"), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    calls: list[Any] = []
+
+    async def caller() -> int:
+        call = stub.ValidateToken(_req())
+        calls.append(call)
+        try:
+            await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            return task.cancelling()
+        return -1
+
+    task = asyncio.ensure_future(caller())
+    await until(lambda: len(plan.attempts_seen) >= 1, what="the slow call reached the server")
+    assert calls[0].cancel()
+    assert not calls[0].cancel()  # as grpc.aio: one cancel takes effect
+    assert await task == 0
+
+    detached = stub.ValidateToken(_req())
+    await asyncio.sleep(0)  # its Task now exists but has not run a step
+    assert detached.cancel()
+    assert await asyncio.wait_for(detached.code(), 5) == grpc.StatusCode.CANCELLED
+    assert detached.done() and detached.cancelled()
+
+    reported: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    try:
+        seen: list[object] = []
+        call = stub.ValidateToken(_req())
+        call.add_done_callback(lambda c: 1 / 0)
+        call.add_done_callback(seen.append)
+        assert (await call).valid  # the failing callback did not replace the response
+        assert seen == [call]
+        assert isinstance(reported[0]["exception"], ZeroDivisionError)
+    finally:
+        loop.set_exception_handler(previous)
+
+
+async def test_the_stub_channel_is_pooled_and_reports_its_endpoints_connectivity(servers, make_client):
+    s = await servers(FaultPlan())
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    channel = await client.get_channel("auth-svc")
+    stub = auth_pb2_grpc.AuthServiceStub(channel)
+    assert channel.get_state() == grpc.ChannelConnectivity.IDLE  # nothing dialled yet
+    changed = asyncio.ensure_future(channel.wait_for_state_change(grpc.ChannelConnectivity.IDLE))
+    await asyncio.wait_for(channel.channel_ready(), 10)
+    assert channel.get_state() == grpc.ChannelConnectivity.READY
+    await asyncio.wait_for(changed, 10)
+    async with channel:  # leaving the block must not close the shared channel
+        assert (await stub.ValidateToken(_req())).valid
+    await channel.close()
+    assert (await stub.ValidateToken(_req())).valid
+    assert channel.get_state() == grpc.ChannelConnectivity.READY

@@ -114,7 +114,7 @@ class MeshClient:
         return ChannelHandle(self, service)
 
     async def channel(self, service: str) -> grpc.aio.Channel:
-        """The pooled front channel to `service` (also what demo services use to call peers)."""
+        """The pooled MeshChannel to `service` (also what demo services use to call peers)."""
         return self.target(service).channel
 
     async def call_with_retry(self, service_name: str, method_name: str, request: Any,
@@ -135,19 +135,7 @@ class MeshClient:
 
     async def wait_ready(self, service: str, timeout: float | None = None) -> None:
         """Wait until some endpoint of `service` is connected (bounded by connection_timeout)."""
-        target = self.target(service)
-        bound = timeout or self.config.connection_timeout
-        endpoints = target.policy.balancer.endpoints
-        if not endpoints:  # discovery may legitimately say "none" (every Consul instance critical)
-            raise MeshError(f"{service}: no endpoints (discovery lists none)")
-        waits = [asyncio.ensure_future(target.pool.channel(e).channel_ready()) for e in endpoints]
-        try:
-            done, _ = await asyncio.wait(waits, timeout=bound, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        if not done:
-            raise MeshError(f"{service}: no endpoint connected within {bound:.1f}s")
+        await self.target(service).wait_ready(timeout or self.config.connection_timeout)
 
     def bare_channel(self, service: str, endpoint: str | None = None) -> grpc.aio.Channel:
         """A channel straight to one endpoint, outside the policy stack: for probes (health checks,

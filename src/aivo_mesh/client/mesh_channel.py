@@ -15,6 +15,10 @@ the call to the target's `UnaryUnaryAdapter.invoke` (the same code the intercept
 
 Everything else goes to the front channel and its interceptors: the three streaming arities, and
 unary methods that are not protobuf (they need grpc's continuation).
+
+One difference from grpc.aio: the stack runs in the context current where the call is *awaited*
+(for `await stub.M(req)`, where it is made). A call made inside a span and awaited after leaving it
+in the same step gets the outer span as its parent; grpc.aio would use the inner one.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from aivo_mesh.client.interceptors import method_info
 
 if TYPE_CHECKING:
     from aivo_mesh.client.interceptors import UnaryUnaryAdapter
+    from aivo_mesh.client.target import Target
 
 _NEW, _INLINE, _TASK, _DONE = range(4)
 _CANCELLED_DETAILS = "Locally cancelled by application!"  # grpc.aio's wording
@@ -42,21 +47,11 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     Metadata, code and details come from the attempt that answered (or from the call's error), so
     the caller sees what it would see on a plain channel. `cancel()` stops the stack at once, retries
     and backoff included; awaiting a cancelled call raises `asyncio.CancelledError`, as in grpc.aio.
+    `time_remaining()` reports the caller's `timeout=` only (the route's and an inherited deadline
+    apply inside the stack). `initial_metadata()` and `wait_for_connection()` return once the call
+    has finished, as for any intercepted grpc.aio call.
     """
 
-    __slots__ = (
-        "_answered",
-        "_callbacks",
-        "_cancel_requested",
-        "_deadline",
-        "_error",
-        "_invocation",
-        "_owner",
-        "_state",
-        "_task",
-        "_value",
-        "_waiter",
-    )
 
     def __init__(self, invocation: Coroutine[Any, Any, tuple[Any, Any]], timeout: float | None) -> None:
         self._invocation = invocation
@@ -78,7 +73,14 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         if self._state == _NEW:
             self._state = _TASK
             self._task = asyncio.get_running_loop().create_task(self._run())
-            self._task.add_done_callback(_retrieve)
+            self._task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._state != _DONE:  # cancelled before its first step: `_run` never ran
+            self._invocation.close()
+            self._finish(asyncio.CancelledError())
+        if not task.cancelled():
+            task.exception()  # the caller reads it from the call: no "never retrieved" warning
 
     async def _run(self) -> Any:
         try:
@@ -102,7 +104,16 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             self._waiter.set_result(None)
         callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
+            self._callback(cb)
+
+    def _callback(self, cb: Callable[[Any], None]) -> None:
+        """A failing callback is reported to the loop, as asyncio does for its own callbacks; it must
+        not replace the call's outcome or skip the other callbacks."""
+        try:
             cb(self)
+        except Exception as exc:
+            asyncio.get_running_loop().call_exception_handler(
+                {"message": f"exception in a done callback of {self!r}", "exception": exc})
 
     def __await__(self) -> Generator[Any, None, Any]:
         if self._state == _NEW:  # the usual `await stub.M(req)`: run in the awaiting task
@@ -131,7 +142,7 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 
     # -- grpc.aio.Call ---------------------------------------------------------------------------
     def cancel(self) -> bool:
-        if self._state == _DONE:
+        if self._state == _DONE or self._cancel_requested:  # a second cancel must not cancel the owner twice
             return False
         self._cancel_requested = True
         if self._state == _NEW:
@@ -159,7 +170,7 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._state == _DONE:
-            callback(self)
+            self._callback(callback)
         else:
             self._callbacks.append(callback)
 
@@ -212,13 +223,6 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         self._outcome()  # raises the call's error, as grpc.aio does
 
 
-def _retrieve(task: asyncio.Task[Any]) -> None:
-    """A detached call nobody awaits: its error is the caller's to read from the call, not a
-    "Task exception was never retrieved" warning."""
-    if not task.cancelled():
-        task.exception()
-
-
 class _UnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     __slots__ = ("_adapter", "_method")
 
@@ -234,12 +238,17 @@ class _UnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignor
 
 
 class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
-    """The channel `MeshClient.get_channel` returns (see the module docstring). Pooled: closing it
-    closes the front channel, which is what `MeshClient.close` does anyway."""
+    """The channel `MeshClient.get_channel` returns (see the module docstring).
 
-    def __init__(self, front: grpc.aio.Channel, unary: UnaryUnaryAdapter) -> None:
-        self._front = front
-        self._unary = unary
+    It is pooled and shared: `close()` and leaving `async with` leave it open (`MeshClient.close`
+    closes it). Connectivity is that of the target's endpoint channels, folded as grpc folds
+    subchannels: `channel_ready()` returns once any endpoint is READY.
+    """
+
+    def __init__(self, target: Target) -> None:
+        self._target = target
+        self._front = target.front
+        self._unary: UnaryUnaryAdapter = target.unary
 
     def unary_unary(self, method: str, request_serializer: Callable[..., Any] | None = None,
                     response_deserializer: Callable[..., Any] | None = None,
@@ -269,16 +278,17 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await self.close()
+        return None
 
     async def close(self, grace: float | None = None) -> None:
-        await self._front.close(grace)
+        """A no-op: the channel is pooled and shared by every stub of this target."""
+        return None
 
     def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
-        return self._front.get_state(try_to_connect)
+        return self._target.connectivity(try_to_connect)
 
     async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
-        await self._front.wait_for_state_change(last_observed_state)
+        await self._target.wait_for_connectivity_change(last_observed_state)
 
     async def channel_ready(self) -> None:
-        await self._front.channel_ready()
+        await self._target.wait_ready(None)

@@ -30,6 +30,7 @@ from aivo_mesh.client.mesh_channel import MeshChannel
 from aivo_mesh.client.methods import MethodInfo
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
+from aivo_mesh.errors import MeshError
 from aivo_mesh.policy.breaker import REJECTED
 from aivo_mesh.policy.classify import Classifier
 from aivo_mesh.policy.core import Call, Clock, Layer, Reply
@@ -70,7 +71,7 @@ class Target:
         self.unary = UnaryUnaryAdapter(self)  # unary calls: the stub path (both channels) and call_with_retry
         self.front = open_channel(endpoints[0] if endpoints else "127.0.0.1:1", credentials, options,
                                   [self.unary, *stream_adapters(self)])
-        self.channel = MeshChannel(self.front, self.unary)
+        self.channel = MeshChannel(self)
         self.health_interval = policy.health_check.interval
         self.health_timeout = policy.health_check.timeout
         self._tasks: list[asyncio.Task[None]] = []
@@ -130,6 +131,48 @@ class Target:
             healthy = False
         if self.policy.balancer.report_check(endpoint, healthy):
             log.info("%s endpoint %s is now %s", self.service, endpoint, "healthy" if healthy else "unhealthy")
+
+    # -- connectivity (MeshClient.wait_ready, MeshChannel) ----------------------------------------
+    async def wait_ready(self, timeout: float | None) -> None:
+        """Until some endpoint's channel is READY (idle ones are asked to connect). MeshError if
+        discovery lists no endpoint, or none connects within `timeout` (None: no bound)."""
+        endpoints = self.policy.balancer.endpoints
+        if not endpoints:  # discovery may legitimately say "none" (every Consul instance critical)
+            raise MeshError(f"{self.service}: no endpoints (discovery lists none)")
+        waits = [asyncio.ensure_future(self.pool.channel(e).channel_ready()) for e in endpoints]
+        try:
+            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+        if not done:
+            raise MeshError(f"{self.service}: no endpoint connected within {timeout:.1f}s")
+
+    def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        """The endpoints' channel states folded into one, as grpc folds a channel's subchannels:
+        READY if any is, else CONNECTING, else TRANSIENT_FAILURE, else IDLE."""
+        states = {self.pool.channel(e).get_state(try_to_connect) for e in self.policy.balancer.endpoints}
+        for state in (grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING,
+                      grpc.ChannelConnectivity.TRANSIENT_FAILURE):
+            if state in states:
+                return state
+        return grpc.ChannelConnectivity.IDLE
+
+    async def wait_for_connectivity_change(self, last: grpc.ChannelConnectivity) -> None:
+        """Until `connectivity()` differs from `last`: wakes on any endpoint's state change (or,
+        with no endpoints, on discovery's next change, checked every second)."""
+        while self.connectivity() == last:
+            endpoints = self.policy.balancer.endpoints
+            if not endpoints:
+                await asyncio.sleep(1.0)
+                continue
+            channels = [self.pool.channel(e) for e in endpoints]
+            waits = [asyncio.ensure_future(ch.wait_for_state_change(ch.get_state())) for ch in channels]
+            try:
+                await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()
 
     # -- streams ----------------------------------------------------------------------------------
     def _route(self, path: str) -> RoutePolicy:

@@ -96,7 +96,9 @@ def status_label(code: str) -> str:
 # The last local rejection reported in this task's context: (service, method, status). A layer
 # reports breaker_rejected / limit_rejected in the same task just before the call finishes, so
 # call_finished(local=True) can tell CIRCUIT_OPEN from another local UNAVAILABLE. Every listener
-# notes and reads it (fan-out order does not matter); call_started clears it.
+# notes and reads it (fan-out order does not matter); call_started clears it. Unary calls run in
+# the caller's own task, so the value stays set in the caller's context after a refused call:
+# harmless, since the next call_started clears it.
 _local_rejection: ContextVar[tuple[str, str, str] | None] = ContextVar("aivo_mesh_local_rejection",
                                                                        default=None)
 
