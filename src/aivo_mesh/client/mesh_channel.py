@@ -52,7 +52,6 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     has finished, as for any intercepted grpc.aio call.
     """
 
-
     def __init__(self, invocation: Coroutine[Any, Any, tuple[Any, Any]], timeout: float | None) -> None:
         self._invocation = invocation
         self._state = _NEW
