@@ -75,6 +75,15 @@ asyncio.run(main())
 """
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for the benchmark's child processes (server, Envoys): the kernel sends them
+    SIGTERM when this process dies, so an interrupted run leaves nothing behind (Linux only)."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(client_call_details, request)
@@ -143,6 +152,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}"))
     mesh = load_mesh(mesh_file)
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(mesh_file), str(certs.root), str(port)],
+                              preexec_fn=die_with_parent,
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     server.stdout.readline()  # "ready": the server has bound and reports SERVING

@@ -46,7 +46,7 @@ from aivo_mesh.runtime.mesh import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import quartiles, run_case
+from bench_client import die_with_parent, quartiles, run_case
 from loadmeter import LoadMeter, quiet_rounds
 
 METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
@@ -145,7 +145,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         s.model_copy(update={"local_port": app}) if s.name == "auth-svc" else s for s in mesh.services)})
     cert, key = certs.identity_paths("auth-svc")
     server_argv = [sys.executable, "-c", SERVER, str(app), str(certs.ca_cert), str(cert), str(key)]
-    procs: list[subprocess.Popen[Any]] = [subprocess.Popen(server_argv, stdout=subprocess.PIPE, text=True)]
+    procs: list[subprocess.Popen[Any]] = [
+        subprocess.Popen(server_argv, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)]
     assert procs[0].stdout is not None
     procs[0].stdout.readline()
     envoy = envoy_binary()
@@ -170,7 +171,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         assert out.returncode == 0, out.stderr[-2000:]
         procs.append(subprocess.Popen([envoy, "-c", str(path), "--concurrency", "1", "--log-level", "warn",
                                        "--disable-hot-restart"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL))
+                                      stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
         pids[label] = procs[-1].pid
     meter = LoadMeter(pids)
     for _, _, admin in configs:
