@@ -590,6 +590,25 @@ async def test_no_endpoints_is_a_clear_error_and_health_checks_leave_removed_end
 
 
 # -- the stub path's channel and call objects (client/mesh_channel.py) ---------------------------------
+def _awaiting_caller(stub: Any) -> tuple[asyncio.Future[int], list[Any]]:
+    """A task that makes one stub call and awaits it. Its result is the task's own `cancelling()`
+    count if the await raised CancelledError (0: the call was cancelled, not the task), else -1."""
+    calls: list[Any] = []
+
+    async def caller() -> int:
+        call = stub.ValidateToken(_req())
+        calls.append(call)
+        try:
+            await call
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            assert task is not None
+            return task.cancelling()
+        return -1
+
+    return asyncio.ensure_future(caller()), calls
+
+
 async def test_the_stub_channel_and_its_calls_are_grpc_aio_ones_and_report_the_final_status(servers, make_client):
     s = await servers(FaultPlan(), "a")
     client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
@@ -648,20 +667,7 @@ async def test_cancelling_an_awaited_stub_call_stops_its_retries_and_leaves_the_
     text["defaults"]["retry"] = {"max_retries": 10, "backoff": {"base": 0.3, "max": 0.3}, "retry_on": ["UNAVAILABLE"]}
     client = make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
-    calls: list[Any] = []
-
-    async def caller() -> int:
-        call = stub.ValidateToken(_req())
-        calls.append(call)
-        try:
-            await call
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            assert task is not None
-            return task.cancelling()  # 0: the call was cancelled, not this task
-        return -1
-
-    task = asyncio.ensure_future(caller())
+    task, calls = _awaiting_caller(stub)
     await until(lambda: plan.calls >= 1, what="the first attempt reached the server")
     assert calls[0].cancel()
     assert await task == 0
@@ -730,20 +736,7 @@ async def test_stub_call_edge_cases_match_grpc_aio(servers, make_client):
     s = await servers(plan)
     client = make_client(_mesh(timeout="10s"), [f"127.0.0.1:{s.bound_port}"])
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
-    calls: list[Any] = []
-
-    async def caller() -> int:
-        call = stub.ValidateToken(_req())
-        calls.append(call)
-        try:
-            await call
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            assert task is not None
-            return task.cancelling()
-        return -1
-
-    task = asyncio.ensure_future(caller())
+    task, calls = _awaiting_caller(stub)
     await until(lambda: len(plan.attempts_seen) >= 1, what="the slow call reached the server")
     assert calls[0].cancel()
     assert not calls[0].cancel()  # as grpc.aio: one cancel takes effect

@@ -177,20 +177,19 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         return None if self._deadline is None else max(self._deadline - time.monotonic(), 0.0)
 
     async def initial_metadata(self) -> Any:
-        await self._finished()
-        if isinstance(self._error, grpc.aio.AioRpcError):
-            return self._error.initial_metadata()
-        if self._error is not None:
-            return None
-        return await self._answered.initial_metadata() if self._answered is not None else grpc.aio.Metadata()
+        return await self._metadata("initial_metadata")
 
     async def trailing_metadata(self) -> Any:
+        return await self._metadata("trailing_metadata")
+
+    async def _metadata(self, which: str) -> Any:
+        """From the call's error, or the attempt that answered; None once cancelled."""
         await self._finished()
         if isinstance(self._error, grpc.aio.AioRpcError):
-            return self._error.trailing_metadata()
+            return getattr(self._error, which)()
         if self._error is not None:
             return None
-        return await self._answered.trailing_metadata() if self._answered is not None else grpc.aio.Metadata()
+        return await getattr(self._answered, which)() if self._answered is not None else grpc.aio.Metadata()
 
     async def code(self) -> grpc.StatusCode:
         await self._finished()

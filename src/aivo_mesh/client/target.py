@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -139,13 +139,7 @@ class Target:
         endpoints = self.policy.balancer.endpoints
         if not endpoints:  # discovery may legitimately say "none" (every Consul instance critical)
             raise MeshError(f"{self.service}: no endpoints (discovery lists none)")
-        waits = [asyncio.ensure_future(self.pool.channel(e).channel_ready()) for e in endpoints]
-        try:
-            done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for w in waits:
-                w.cancel()
-        if not done:
+        if not await _first_of([self.pool.channel(e).channel_ready() for e in endpoints], timeout):
             raise MeshError(f"{self.service}: no endpoint connected within {timeout:.1f}s")
 
     def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
@@ -167,12 +161,7 @@ class Target:
                 await asyncio.sleep(1.0)
                 continue
             channels = [self.pool.channel(e) for e in endpoints]
-            waits = [asyncio.ensure_future(ch.wait_for_state_change(ch.get_state())) for ch in channels]
-            try:
-                await asyncio.wait(waits, timeout=1.0, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await _first_of([ch.wait_for_state_change(ch.get_state()) for ch in channels], 1.0)
 
     # -- streams ----------------------------------------------------------------------------------
     def _route(self, path: str) -> RoutePolicy:
@@ -261,6 +250,17 @@ class Target:
             ep["connectivity"] = states.get(ep["endpoint"], "IDLE")
         snap["observed_at"] = time.time()
         return snap
+
+
+async def _first_of(aws: Sequence[Awaitable[Any]], timeout: float | None) -> bool:
+    """Wait until one of `aws` finishes (True) or `timeout` passes (False); cancel the rest."""
+    waits = [asyncio.ensure_future(a) for a in aws]
+    try:
+        done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
+    return bool(done)
 
 
 async def _details(rpc: Any) -> str:

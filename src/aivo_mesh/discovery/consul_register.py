@@ -282,7 +282,8 @@ class BackgroundRegistration:
             return
 
     async def close(self) -> None:
-        """Stop retrying and deregister (if any attempt was sent). Never raises: this runs on shutdown."""
+        """Stop retrying and deregister (if any attempt was sent). An agent's refusal is logged, not
+        raised: this runs on shutdown."""
         task, attempt = self._task, self._attempt
         if task is None:
             return
