@@ -344,6 +344,25 @@ def test_downstream_mtls_and_alpn_and_upstream_verification() -> None:
     assert "not verified" in _only(lint_bootstrap(cfg)).message
 
 
+@pytest.mark.parametrize(("stats", "bad"), [
+    ({"stats_for_all_methods": True}, True),
+    ({"stats_for_all_methods": False}, False),
+    ({"individual_method_stats_allowlist": {"services": [{"name": "a.B", "method_names": ["C"]}]}}, False),
+])
+def test_grpc_stats_for_every_method_name_grow_without_bound(stats: dict[str, Any], bad: bool) -> None:
+    cfg = _good()
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm["http_filters"] = [{"name": "envoy.filters.http.grpc_stats", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", **stats}}]
+    issues = lint_bootstrap(cfg)
+    if bad:
+        issue = _only(issues, "warning")
+        assert issue.path.endswith("http_filters[envoy.filters.http.grpc_stats].typed_config.stats_for_all_methods")
+        assert "individual_method_stats_allowlist" in issue.message
+    else:
+        assert issues == []
+
+
 @pytest.mark.parametrize(("address", "bad"), [("0.0.0.0", True), ("10.0.0.5", True), ("::", True),
                                               ("127.0.0.1", False), ("::1", False), ("localhost", False)])
 def test_admin_must_be_loopback(address: str, bad: bool) -> None:

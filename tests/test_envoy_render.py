@@ -36,6 +36,7 @@ from aivo_mesh.pki.issue import rotate
 from aivo_mesh.render import TARGETS, render_target, serialize
 from aivo_mesh.render.envoy import (
     GRPC_RETRY_TOKENS,
+    OPEN_METHODS,
     OPEN_PREFIXES,
     POD_CERT_DIR,
     POD_SDS_DIR,
@@ -51,6 +52,7 @@ from aivo_mesh.render.envoy import (
     retry_on_tokens,
     sds_files,
     sidecar_ports,
+    stats_methods,
 )
 from aivo_mesh.runtime.status import envoy_hosts
 
@@ -338,7 +340,7 @@ def test_rbac_matches_the_proxyless_authorizer(mesh: MeshSpec, pod: dict[str, di
 
 
 def test_per_method_grpc_stats_are_taken_at_the_inbound_sidecar_unless_outbound_is_asked_for(
-        mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> None:
+        mesh: MeshSpec, pod: dict[str, dict[str, Any]], mesh_certs: CertLayout, tmp_path: Path) -> None:
     for cfg in pod.values():
         assert [f["name"] for f in _hcm(_listener(cfg, "outbound_grpc"))["http_filters"]] == [
             "envoy.filters.http.router"]
@@ -348,6 +350,43 @@ def test_per_method_grpc_stats_are_taken_at_the_inbound_sidecar_unless_outbound_
     assert [f["name"] for f in outbound["http_filters"]] == [
         "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
     assert outbound["http_filters"][0]["typed_config"]["enable_upstream_stats"] is True
+    # The caller's sidecar counts per method the methods of the peers it may call.
+    listed = {s["name"] for s in outbound["http_filters"][0]["typed_config"][
+        "individual_method_stats_allowlist"]["services"]}
+    assert {both.service(p).grpc_service for p in callable_peers(both, "learner-svc")} <= listed
+    assert both.service("learner-svc").grpc_service not in listed
+    if ENVOY is not None:
+        res = _validate(_write_pod_relocated(both, "learner-svc", mesh_certs.root, tmp_path / "pod"))
+        assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_per_method_stats_cover_the_methods_mesh_yaml_knows_and_nothing_else(
+        mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> None:
+    inbound = _hcm(_listener(pod["auth-svc"], "inbound_grpc"))["http_filters"][1]["typed_config"]
+    assert inbound["individual_method_stats_allowlist"]["services"] == [
+        {"name": "aivo.auth.v1.AuthService", "method_names": ["Authenticate", "ValidateToken"]},
+        {"name": "grpc.health.v1.Health", "method_names": ["Check", "List", "Watch"]},
+        {"name": "grpc.reflection.v1alpha.ServerReflection", "method_names": ["ServerReflectionInfo"]},
+        {"name": "grpc.reflection.v1.ServerReflection", "method_names": ["ServerReflectionInfo"]}]
+    # A service aivo-mesh has no proto of: the methods its routes and allow rules name, and only those;
+    # with prefixes only, it has no per-method stats (all its calls in the one grpc.* bucket).
+    auth = mesh.service("auth-svc")
+    foreign = auth.model_copy(update={"grpc_service": "acme.billing.v1.Billing", "routes": (
+        auth.routes[0].model_copy(update={"match": "/acme.billing.v1.Billing/Charge"}),), "allow": (
+        auth.allow[0].model_copy(update={"methods": ("/acme.billing.v1.Billing/Refund", "/acme.billing.v1.Billing/")}),
+    )})
+    assert stats_methods([foreign])["acme.billing.v1.Billing"] == ["Charge", "Refund"]
+    prefixes_only = foreign.model_copy(update={"routes": (), "allow": (
+        auth.allow[0].model_copy(update={"methods": ("/acme.billing.v1.Billing/",)}),)})
+    assert "acme.billing.v1.Billing" not in stats_methods([prefixes_only])
+
+
+def test_open_methods_are_the_open_prefixes_methods() -> None:
+    from grpc_health.v1 import health_pb2
+
+    assert {f"/{name}/" for name in OPEN_METHODS} == set(OPEN_PREFIXES)
+    assert OPEN_METHODS["grpc.health.v1.Health"] == tuple(
+        m.name for m in health_pb2.DESCRIPTOR.services_by_name["Health"].methods)
 
 
 def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None:
@@ -356,8 +395,8 @@ def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None
         assert [f["name"] for f in inbound["http_filters"]] == [
             "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
         stats = inbound["http_filters"][1]["typed_config"]
-        assert stats["emit_filter_state"] is True
-        assert stats["stats_for_all_methods"] is True
+        # Bounded stats: only the methods mesh.yaml knows get their own; no filter state nobody reads.
+        assert "stats_for_all_methods" not in stats and "emit_filter_state" not in stats
         assert inbound["codec_type"] == "HTTP2"
         assert inbound["normalize_path"] is True
         assert inbound["http2_protocol_options"] == {"max_concurrent_streams": 1000,

@@ -156,6 +156,27 @@ async def test_sidecar_prometheus_stats_expose_cluster_retry_and_outlier_series(
         assert series in text, series
 
 
+async def test_sidecar_counts_known_methods_apart_and_buckets_names_it_does_not_know(sidecar_mesh):
+    """A caller allowed every method of a service may send any method name: those get no stats of their
+    own (bounded memory), only the methods mesh.yaml and the service's proto know do."""
+    state, info, _ = sidecar_mesh
+    cert, key = state.certs.identity_paths("mesh-client")
+    learner = info.services["learner-svc"]
+    async with _channel(learner.address, "learner-svc", state.certs.ca_cert.read_bytes(), key.read_bytes(),
+                        cert.read_bytes()) as ch:
+        codes = []
+        for method in ("GetProfile", "NoSuchMethodA", "NoSuchMethodB"):
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await ch.unary_unary(f"/aivo.learner.v1.LearnerService/{method}")(b"", timeout=5)
+            codes.append(exc.value.code())
+    assert codes == [grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNIMPLEMENTED]
+    text = await asyncio.to_thread(_get, f"http://{learner.sidecar_admin}/stats?filter=local_app%5C.grpc%5C.")
+    stats = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
+    assert int(stats["cluster.local_app.grpc.aivo.learner.v1.LearnerService.GetProfile.total"]) >= 1
+    assert int(stats["cluster.local_app.grpc.total"]) >= 2, stats
+    assert not [name for name in stats if "NoSuchMethod" in name], stats
+
+
 def test_status_reports_sidecars_and_upstreams(sidecar_mesh):
     import json
 

@@ -32,6 +32,9 @@ settings. Checks:
   TLSv1_3 (the mesh is TLS 1.3 only), a downstream context without ``require_client_certificate``
   or ALPN h2 (grpcio refuses a listener without ALPN), an upstream context that verifies nothing,
   SDS ``watched_directory`` that does not contain the files it should watch.
+- ``grpc_stats`` with ``stats_for_all_methods: true`` (warning): every method name a caller sends makes
+  stats of its own, without bound (Envoy's docs: safe only when every client is trusted); list the
+  methods in ``individual_method_stats_allowlist`` instead.
 - ``admin`` bound to anything but loopback (the admin API mutates state and is unauthenticated).
 - With ``check_files``: the SDS files named by ``path_config_source``, the secret each reference
   names (a missing one keeps the listener/cluster warming forever), every certificate, key and CA
@@ -296,6 +299,14 @@ def _check_tls(path: str, ctx: Mapping[str, Any], kind: str, out: list[LintIssue
                                  "no h2: grpc clients refuse the connection (missing selected ALPN property)"))
 
 
+def _check_grpc_stats(path: str, cfg: Mapping[str, Any], out: list[LintIssue]) -> None:
+    if cfg.get("stats_for_all_methods") is True:
+        out.append(LintIssue(f"{path}.stats_for_all_methods", "warning",
+                             "per-method stats for every method name a caller sends grow without bound "
+                             "(Envoy: safe only when every client is trusted); list the methods in "
+                             "individual_method_stats_allowlist instead"))
+
+
 def _check_admin(config: Mapping[str, Any], out: list[LintIssue]) -> None:
     admin = config.get("admin")
     sa = admin.get("address", {}).get("socket_address") if isinstance(admin, Mapping) else None
@@ -417,6 +428,8 @@ def lint_bootstrap(config: Mapping[str, Any], *, file: str = "<config>", check_f
         kind = _type_of(node)
         if kind in ("UpstreamTlsContext", "DownstreamTlsContext"):
             _check_tls(path, node, kind, out)
+        if node.get("@type") == "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig":
+            _check_grpc_stats(path, node, out)
         if "match" in node and isinstance(node.get("route"), Mapping):
             _check_route_action(f"{path}.route", node["route"], out)
         if isinstance(node.get("retry_policy"), Mapping):
