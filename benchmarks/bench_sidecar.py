@@ -31,17 +31,17 @@ import time
 import urllib.request
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import yaml
 
-from aivo_mesh.config import load_mesh
+from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
 from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files, sidecar_ports
-from aivo_mesh.runtime.local import with_free_ports
+from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,28 +130,33 @@ def wait_live(admin: int, timeout: float = 20) -> None:
     raise TimeoutError(f"envoy admin {admin} not ready")
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="aivo-bench-sidecar-"))
+class Paths(NamedTuple):
+    """Everything on the three paths, written and ready to start: the server's argv, and per Envoy
+    (`rendered-in`, `rendered-out`, `minimal-in`, `minimal-out`) its bootstrap and admin port."""
+
+    mesh: MeshSpec
+    certs: CertLayout
+    server_argv: list[str]
+    envoys: dict[str, tuple[Path, int]]
+    direct: int  # the server's mTLS port
+    minimal: int  # the minimal pair's outbound port
+    rendered: int  # the learner sidecar's outbound port
+
+
+def prepare(tmp: Path) -> Paths:
+    """Certificates, the echo server's argv, and both Envoy pairs' bootstraps (rendered: tracing off)."""
     mesh = with_free_ports(load_mesh(ROOT / "mesh.yaml"))
     certs = CertLayout(tmp / "certs")
     init_ca(certs, mesh.mesh.trust_domain)
     for name in ("auth-svc", "learner-svc", "mesh-client"):
         issue_leaf(certs, name, mesh)
-    app = mesh.service("auth-svc").local_port  # plaintext app port; +1 would collide, so ask the OS
-    from aivo_mesh.runtime.local import free_ports
-
+    # The plaintext app port comes from the OS (its +1 is the mTLS port, which could collide otherwise).
     app, spare_in, spare_out, spare_a1, spare_a2 = free_ports(5)
     mesh = mesh.model_copy(update={"services": tuple(
         s.model_copy(update={"local_port": app}) if s.name == "auth-svc" else s for s in mesh.services)})
     cert, key = certs.identity_paths("auth-svc")
-    server_argv = [sys.executable, "-c", SERVER, str(app), str(certs.ca_cert), str(cert), str(key)]
-    procs: list[subprocess.Popen[Any]] = [
-        subprocess.Popen(server_argv, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)]
-    assert procs[0].stdout is not None
-    procs[0].stdout.readline()
-    envoy = envoy_binary()
-    configs: list[tuple[str, Path, int]] = []
-    for svc in ("auth-svc", "learner-svc"):  # rendered, tracing off
+    envoys: dict[str, tuple[Path, int]] = {}
+    for svc in ("auth-svc", "learner-svc"):
         d = tmp / "rendered" / svc
         (d / "sds").mkdir(parents=True)
         profile = EnvoyProfile.local(str(certs.root), str(d / "sds"))
@@ -159,35 +164,60 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             (d / "sds" / rel).write_text(serialize(rel, doc))
         (d / "envoy.yaml").write_text(serialize("envoy.yaml", bootstrap(mesh, svc, profile)))
         side = "in" if svc == "auth-svc" else "out"
-        configs.append((f"rendered-{side}", d / "envoy.yaml", sidecar_ports(mesh, svc, "local").admin))
+        envoys[f"rendered-{side}"] = (d / "envoy.yaml", sidecar_ports(mesh, svc, "local").admin)
     for side, admin in (("in", spare_a1), ("out", spare_a2)):
         path = tmp / f"minimal-{side}.yaml"
         path.write_text(yaml.safe_dump(minimal_two_hop(certs, spare_out, spare_in, app, admin, side)))
-        configs.append((f"minimal-{side}", path, admin))
+        envoys[f"minimal-{side}"] = (path, admin)
+    return Paths(mesh, certs, [sys.executable, "-c", SERVER, str(app), str(certs.ca_cert), str(cert), str(key)],
+                 envoys, app + 1, spare_out, sidecar_ports(mesh, "learner-svc", "local").outbound)
+
+
+def start_server(argv: list[str]) -> subprocess.Popen[str]:
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent)
+    assert proc.stdout is not None
+    proc.stdout.readline()  # "ready"
+    return proc
+
+
+def start_envoy(envoy: str, path: Path, *, wrapper: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    """One Envoy as the sidecar plane runs it; it must pass `envoy --mode validate` first."""
+    out = subprocess.run([envoy, "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
+                         check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return subprocess.Popen([*wrapper, envoy, "-c", str(path), "--concurrency", "1", "--log-level", "warn",
+                             "--disable-hot-restart"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=die_with_parent)
+
+
+def client_credentials(certs: CertLayout) -> grpc.ChannelCredentials:
+    cert, key = certs.identity_paths("learner-svc")
+    return grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+
+
+def echo(channel: grpc.aio.Channel) -> Any:
+    return channel.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    paths = prepare(Path(tempfile.mkdtemp(prefix="aivo-bench-sidecar-")))
+    procs: list[subprocess.Popen[Any]] = [start_server(paths.server_argv)]
+    envoy = envoy_binary()
     pids = {"client": os.getpid(), "server": procs[0].pid}
-    for label, path, _ in configs:
-        out = subprocess.run([envoy, "--mode", "validate", "-c", str(path)], capture_output=True, text=True,
-                             check=False)
-        assert out.returncode == 0, out.stderr[-2000:]
-        procs.append(subprocess.Popen([envoy, "-c", str(path), "--concurrency", "1", "--log-level", "warn",
-                                       "--disable-hot-restart"], stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, preexec_fn=die_with_parent))
+    for label, (path, _) in paths.envoys.items():
+        procs.append(start_envoy(envoy, path))
         pids[label] = procs[-1].pid
     meter = LoadMeter(pids)
-    for _, _, admin in configs:
+    for _, admin in paths.envoys.values():
         wait_live(admin)
-    client_cert, client_key = certs.identity_paths("learner-svc")
-    creds = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(), client_key.read_bytes(),
-                                         client_cert.read_bytes())
     channels = {
-        "direct": grpc.aio.secure_channel(f"127.0.0.1:{app + 1}", creds,
+        "direct": grpc.aio.secure_channel(f"127.0.0.1:{paths.direct}", client_credentials(paths.certs),
                                           options=[("grpc.default_authority", "auth-svc")]),
-        "minimal": grpc.aio.insecure_channel(f"127.0.0.1:{spare_out}"),
-        "rendered": grpc.aio.insecure_channel(f"127.0.0.1:{sidecar_ports(mesh, 'learner-svc', 'local').outbound}"),
+        "minimal": grpc.aio.insecure_channel(f"127.0.0.1:{paths.minimal}"),
+        "rendered": grpc.aio.insecure_channel(f"127.0.0.1:{paths.rendered}"),
     }
     payload = b"x" * 100
-    calls = {name: ch.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
-             for name, ch in channels.items()}
+    calls = {name: echo(ch) for name, ch in channels.items()}
     results: dict[str, dict[int, list[dict[str, Any]]]] = {n: {1: [], 32: []} for n in calls}
     try:
         deadline = time.monotonic() + 20  # the rendered sidecar waits for its first health check
