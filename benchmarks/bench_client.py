@@ -89,6 +89,13 @@ class NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mis
         return await continuation(client_call_details, request)
 
 
+def write_results(name: str, summary: dict[str, Any]) -> None:
+    """benchmarks/results/<name>.json, the summary every benchmark script leaves behind."""
+    out = Path(__file__).parent / "results"
+    out.mkdir(exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
 def quartiles(xs: list[float]) -> list[float]:
     """First and third quartile (the interquartile range) of per-round figures."""
     q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
@@ -267,9 +274,7 @@ def main() -> None:
         print(f"{name:8s} {c['rps_median']:8.0f} {c['rps_ratio_vs_raw']:7.3f} {lo:6.3f}-{hi:6.3f} "
               f"{c['cpu_ratio_vs_raw']:9.3f} {cpu['client']:9.0f} {cpu['server']:9.0f} "
               f"{c['p50_ms_median']:8.2f} {c['p99_ms_median']:8.2f} {c['errors']:7d}")
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "client.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results("client", summary)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ from aivo_mesh.runtime.mesh import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import die_with_parent, quartiles, run_case
+from bench_client import die_with_parent, quartiles, run_case, write_results
 from loadmeter import LoadMeter, quiet_rounds
 
 METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
@@ -291,9 +291,7 @@ def main() -> None:
     args = ap.parse_args()
     summary = asyncio.run(bench(args))
     print(json.dumps(summary, indent=2))
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "sidecar.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results("sidecar", summary)
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from typing import Any
 import grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
+from bench_client import write_results
 from bench_sidecar import echo, prepare, start_envoy, start_server, wait_live
 
 from aivo_mesh.runtime.mesh import envoy_binary
@@ -128,9 +129,7 @@ def main() -> None:
             (per["rendered-out"] + per["rendered-in"]) / (per["minimal-out"] + per["minimal-in"]), 3),
     }
     print(json.dumps(summary, indent=2))
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "envoy_instructions.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_results("envoy_instructions", summary)
 
 
 if __name__ == "__main__":
