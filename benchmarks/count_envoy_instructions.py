@@ -31,7 +31,7 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_client import write_results
-from bench_sidecar import echo, prepare, start_envoy, start_server, wait_live
+from bench_sidecar import echo, first_answer, prepare, start_envoy, start_server, wait_live
 
 from aivo_mesh.runtime.mesh import envoy_binary
 
@@ -79,15 +79,7 @@ async def count(hop: str, calls: int, warmup: int) -> dict[str, Any]:
         port = paths.minimal if case == "minimal" else paths.rendered
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             call = echo(channel)
-            deadline = time.monotonic() + 300  # the rendered sidecar waits for its first health check
-            while True:
-                try:
-                    await call(b"x" * 100, timeout=30)
-                    break
-                except grpc.aio.AioRpcError:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.5)
+            await first_answer(call, time.monotonic() + 300, per_call=30)  # valgrind is slow to answer
             for _ in range(warmup):
                 await call(b"x" * 100, timeout=30)
             subprocess.run(["callgrind_control", "-z", str(watched)], check=True, capture_output=True)

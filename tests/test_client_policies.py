@@ -236,23 +236,33 @@ async def test_no_call_outlives_its_deadline_including_backoff(servers, make_cli
         assert time.monotonic() - start < timeout + 0.5  # the deadline holds; the margin is scheduling
 
 
-async def test_cancellation_stops_retries_at_once(servers, make_client):
+async def _always_unavailable(servers: Any, make_client: Any) -> tuple[FaultPlan, MeshClient]:
+    """A server failing every call with UNAVAILABLE, and a client retrying it 10 times, 0.3 s apart."""
     plan = FaultPlan(fail_first=10**6)
     s = await servers(plan)
     text = _mesh().model_dump(mode="json", by_alias=True)
     text["defaults"]["retry"] = {"max_retries": 10, "backoff": {"base": 0.3, "max": 0.3}, "retry_on": ["UNAVAILABLE"]}
-    client = make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
-    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    return plan, make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
+
+
+async def _no_further_attempts(plan: FaultPlan) -> int:
+    """The attempts that reached the server, once no more arrive for longer than two back-offs (a
+    wait for something not to happen has no condition to wait on)."""
+    seen = plan.calls
+    await asyncio.sleep(0.7)
+    assert plan.calls == seen, "an attempt after the call was cancelled"
+    return seen
+
+
+async def test_cancellation_stops_retries_at_once(servers, make_client):
+    plan, client = await _always_unavailable(servers, make_client)
     task = asyncio.ensure_future(client.call_with_retry("auth-svc", "Authenticate",
                                                         auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8)))
     await until(lambda: plan.calls >= 1, what="the first attempt reached the server")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    calls = plan.calls
-    await asyncio.sleep(0.7)  # longer than two back-offs: no further attempt may appear
-    assert plan.calls == calls == 1
-    del stub
+    assert await _no_further_attempts(plan) == 1
 
 
 async def test_ejected_endpoint_gets_no_traffic_while_its_peer_serves(servers, make_client):
@@ -661,11 +671,7 @@ async def test_a_stub_call_made_but_not_awaited_starts_at_once_and_fires_its_cal
 
 async def test_cancelling_an_awaited_stub_call_stops_its_retries_and_leaves_the_caller_uncancelled(
         servers, make_client):
-    plan = FaultPlan(fail_first=10**6)
-    s = await servers(plan)
-    text = _mesh().model_dump(mode="json", by_alias=True)
-    text["defaults"]["retry"] = {"max_retries": 10, "backoff": {"base": 0.3, "max": 0.3}, "retry_on": ["UNAVAILABLE"]}
-    client = make_client(MeshSpec.model_validate(text), [f"127.0.0.1:{s.bound_port}"])
+    plan, client = await _always_unavailable(servers, make_client)
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
     task, calls = _awaiting_caller(stub)
     await until(lambda: plan.calls >= 1, what="the first attempt reached the server")
@@ -684,9 +690,7 @@ async def test_cancelling_an_awaited_stub_call_stops_its_retries_and_leaves_the_
     detached.cancel()
     with pytest.raises(asyncio.CancelledError):
         await detached
-    calls_seen = plan.calls
-    await asyncio.sleep(0.7)  # longer than two back-offs: no further attempt may appear
-    assert plan.calls == calls_seen == 2
+    assert await _no_further_attempts(plan) == 2
 
 
 async def test_a_timed_out_wait_for_cancels_the_stub_call(servers, make_client):
