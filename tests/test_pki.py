@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from rogue_certs import mint, replace_identity
 
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.errors import PkiError
@@ -345,8 +346,11 @@ def _sign(
     ca: bool = False,
     not_before: datetime | None = None,
     not_after: datetime | None = None,
+    usages: bool = True,
 ) -> bytes:
-    """A leaf signed by the layout's issuing CA with cryptography, for shapes issue_leaf never makes."""
+    """A leaf signed by the layout's issuing CA with cryptography, for shapes issue_leaf never makes.
+    With `usages`, it has the KeyUsage and ExtendedKeyUsage of a proper leaf (each case then breaks one
+    rule only); without, neither."""
     issuer = load_issuer(layout)
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(UTC)
@@ -360,6 +364,13 @@ def _sign(
         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans or [x509.DNSName("auth-svc")]), critical=False)
     )
+    if usages:
+        builder = builder.add_extension(x509.KeyUsage(
+            digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, key_cert_sign=False, crl_sign=False, encipher_only=False, decipher_only=False),
+            critical=True)
+        builder = builder.add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
     cert = builder.sign(issuer.key, hashes.SHA256())
     cert_path, key_path = layout.identity_paths("auth-svc")
     key_path.write_bytes(key.private_bytes(
@@ -372,16 +383,9 @@ def _sign(
 
 def _openssl_leaf(layout: CertLayout, newkey: str, digest: str) -> None:
     """Replace auth-svc's cert+key by one made with the openssl CLI and signed by the mesh's issuing CA."""
-    cert_path, key_path = layout.identity_paths("auth-svc")
-    csr = key_path.with_suffix(".csr")
-    out = _openssl("req", "-new", "-newkey", newkey, "-nodes", "-keyout", str(key_path),
-                   "-subj", "/CN=auth-svc", "-out", str(csr))
-    assert out.returncode == 0, out.stderr
-    key_path.chmod(0o600)
-    out = _openssl("x509", "-req", "-in", str(csr), "-CA", str(layout.issuer_cert),
-                   "-CAkey", str(layout.ca_key), "-set_serial", "4242", "-days", "2", f"-{digest}",
-                   "-out", str(cert_path))
-    assert out.returncode == 0, out.stderr
+    cert, key = mint(layout, MESH, "auth-svc", layout.root.parent / "minted", key=newkey, digest=digest,
+                     serial=4242)
+    replace_identity(layout, "auth-svc", cert, key)
 
 
 def _breakers() -> dict[str, tuple[Callable[[CertLayout], None], str, str]]:
@@ -457,16 +461,12 @@ def test_load_identity_names_the_bad_file(certs: CertLayout, case: str) -> None:
 
 @needs_openssl
 @pytest.mark.parametrize(("newkey", "digest", "which", "phrase"), [
-    ("ec:{params}", "sha1", "cert", "SHA1"),
+    ("ec:P-256", "sha1", "cert", "SHA1"),
     ("rsa:1024", "sha256", "cert", "1024 bits is too weak"),
 ])
 def test_load_identity_refuses_weak_certs_made_by_openssl(
     certs: CertLayout, tmp_path: Path, newkey: str, digest: str, which: str, phrase: str
 ) -> None:
-    if newkey.startswith("ec:"):
-        params = tmp_path / "p256.pem"
-        assert _openssl("ecparam", "-name", "prime256v1", "-out", str(params)).returncode == 0
-        newkey = f"ec:{params}"
     _openssl_leaf(certs, newkey, digest)
     cert, key = certs.identity_paths("auth-svc")
     # The CA really signed it: only the weakness is wrong.
@@ -561,7 +561,7 @@ def test_verify_layout_reports_each_problem_on_its_certificate(certs: CertLayout
     certs.identity_paths("learner-svc")[1].chmod(0o644)
     shutil.copy2(certs.identity_paths("analytics-svc")[1], certs.identity_paths("event-collector-svc")[1])
     certs.identity_paths("mesh-client")[0].unlink()
-    _sign(certs, sans=[x509.DNSName("auth-svc"), x509.DNSName("127.0.0.1")])  # IP written as a DNS SAN
+    _sign(certs, sans=[x509.DNSName("auth-svc"), x509.DNSName("127.0.0.1")], usages=False)  # IP as a DNS SAN
     problems = {r.name: r.problems for r in verify_layout(certs, MESH)}
     assert problems["ca"] == problems["root"] == problems["analytics-svc"] == []
     assert any("group/others" in p for p in problems["learner-svc"])

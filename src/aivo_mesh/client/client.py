@@ -91,7 +91,7 @@ class MeshClient:
         self._expect_spiffe_id = self.mesh.spiffe_id(name) if known else None
         self.identity: Identity = load_identity(
             config.client_cert_path, config.client_key_path, config.ca_cert_path,
-            expect_spiffe_id=self._expect_spiffe_id)
+            expect_spiffe_id=self._expect_spiffe_id, roles=("client",))
         # A proxy next to us does mTLS (and retries): Envoy's outbound listener, or Linkerd's proxy.
         self.sidecar = config.sidecar_outbound is not None or config.plaintext_peers
         self._credentials = None if self.sidecar else channel_credentials(self.identity)
@@ -248,7 +248,7 @@ class MeshClient:
         try:
             if Identity.signature_of(*paths) == self.identity.mtime_signature():
                 return False
-            identity = load_identity(*paths, expect_spiffe_id=self._expect_spiffe_id)
+            identity = load_identity(*paths, expect_spiffe_id=self._expect_spiffe_id, roles=("client",))
         except (MeshError, OSError) as exc:
             log.warning("client certificate reload skipped: %s", exc)
             return False

@@ -406,6 +406,68 @@ class MeshInfo(_Strict):
         return v
 
 
+_HEX_SERIAL = re.compile(r"^(0x)?[0-9a-f]+$")
+
+
+def _serial(value: object) -> str:
+    """A certificate serial as `meshctl certs inspect` prints it: lower-case hex, no `0x`, no colons
+    (`3A:F4:..` and `0x3af4..` are accepted and normalised; a bare YAML integer is refused: it would be
+    read as decimal)."""
+    if not isinstance(value, str):
+        raise ValueError("expected the serial as a hex string in quotes, e.g. \"3af4c1...\" "
+                         "(as `meshctl certs inspect` prints it)")
+    v = value.strip().lower().replace(":", "")
+    if not _HEX_SERIAL.match(v) or len(v) > 42:  # RFC 5280: at most 20 octets
+        raise ValueError(f"expected a hex certificate serial of at most 20 bytes, got {value!r}")
+    v = v.removeprefix("0x").lstrip("0") or "0"
+    return v
+
+
+def _spki(value: object) -> str:
+    """An SPKI pin: base64 of the SHA-256 of the DER SubjectPublicKeyInfo (44 characters), as
+    `meshctl certs verify` and Envoy's `verify_certificate_spki` write it."""
+    import base64
+    import binascii
+
+    if not isinstance(value, str):
+        raise ValueError("expected a base64 SPKI pin (44 characters), as `meshctl certs verify` prints it")
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"expected a base64 SHA-256 SPKI pin (44 characters ending in '='), got {value!r}")
+    return value.strip()
+
+
+HexSerial = Annotated[str, BeforeValidator(_serial)]
+SpkiPin = Annotated[str, BeforeValidator(_spki)]
+
+
+class RevokedCert(_Strict):
+    """One certificate no peer may present any more: by serial (what a CRL lists), by SPKI pin (every
+    certificate of that key), or both. `note` says why, for the operator who reads the list later."""
+
+    serial: HexSerial | None = None
+    spki: SpkiPin | None = None
+    identity: str | None = None
+    note: str = ""
+
+    @model_validator(mode="after")
+    def _something(self) -> RevokedCert:
+        if self.serial is None and self.spki is None:
+            raise ValueError("expected `serial` or `spki` (or both)")
+        return self
+
+
+class CertificatesSpec(_Strict):
+    """What peers may present beyond the fixed policy (docs/certificates.md): revoked certificates, and
+    optional SPKI pins per identity (when an identity has pins, only those keys may present it)."""
+
+    revoked: tuple[RevokedCert, ...] = ()
+    pins: dict[str, tuple[SpkiPin, ...]] = Field(default_factory=dict)
+
+
 # Mesh-wide defaults when mesh.yaml says nothing (the platform's design).
 BUILTIN_DEFAULTS = PolicySpec(
     timeout=5.0,
@@ -429,6 +491,7 @@ class MeshSpec(_Strict):
     linkerd_model: Literal["serviceprofile", "annotations"] = "serviceprofile"
     services: Annotated[tuple[ServiceSpec, ...], Field(min_length=1)]
     observability: ObservabilitySpec = ObservabilitySpec()
+    certificates: CertificatesSpec = CertificatesSpec()
     # Where this mesh was read from and the line of each YAML path (set by config.loader), so that
     # checks made later (renderers) name the right file and line, as the loader's own errors do.
     _source: str = PrivateAttr(default="mesh.yaml")
@@ -499,6 +562,14 @@ class MeshSpec(_Strict):
                 used_ports[port] = f"services[{i}].{field}"
             if svc.canary and sum(svc.canary.values()) != 100:
                 problems.append(_PathError(("services", i, "canary"), "canary weights must add up to 100"))
+        for identity in self.certificates.pins:
+            if identity not in known:
+                problems.append(_PathError(("certificates", "pins", identity),
+                                           f"unknown identity {identity!r}: expected one of {sorted(known)}"))
+        for r, revoked in enumerate(self.certificates.revoked):
+            if revoked.identity is not None and revoked.identity not in known:
+                problems.append(_PathError(("certificates", "revoked", r, "identity"),
+                                           f"unknown identity {revoked.identity!r}: expected one of {sorted(known)}"))
         problems += self._check_backoff()
         if problems:
             raise _PathErrors(problems)

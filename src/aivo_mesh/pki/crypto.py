@@ -143,16 +143,17 @@ def key_matches_cert(key: PrivateKey, cert: x509.Certificate) -> bool:
 
 
 def weak_key_reason(public_key: object) -> str | None:
-    """Why a public key is too weak to use (RSA < 2048, DSA, unknown curve), or None."""
+    """Why a public key is outside the mesh's key policy, or None. Accepted: RSA >= 2048 bits, ECDSA on
+    P-256 or P-384, Ed25519 (from peers; our own keys are EC or RSA, which grpc's TLS can load)."""
     if isinstance(public_key, rsa.RSAPublicKey):
         if public_key.key_size < MIN_RSA_BITS:
             return f"RSA key of {public_key.key_size} bits is too weak (minimum {MIN_RSA_BITS})"
         return None
     if isinstance(public_key, ec.EllipticCurvePublicKey):
-        if public_key.curve.key_size < 256:
-            return f"EC key on {public_key.curve.name} is too weak (minimum P-256)"
+        if public_key.curve.name not in ("secp256r1", "secp384r1"):
+            return f"EC key on {public_key.curve.name}: only P-256 and P-384 are accepted"
         return None
-    if isinstance(public_key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+    if isinstance(public_key, ed25519.Ed25519PublicKey):
         return None
     return f"unsupported public key type {type(public_key).__name__}"
 

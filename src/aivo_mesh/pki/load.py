@@ -9,6 +9,7 @@ names the offending file.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,6 @@ from aivo_mesh.errors import PkiError
 from aivo_mesh.pki import store
 from aivo_mesh.pki.chain import chain_problem
 from aivo_mesh.pki.crypto import (
-    is_ca,
     key_matches_cert,
     now_utc,
     parse_certs,
@@ -30,6 +30,7 @@ from aivo_mesh.pki.crypto import (
     weak_key_reason,
     weak_signature_reason,
 )
+from aivo_mesh.pki.peer import Role, leaf_problems
 
 # (mtime_ns, size, inode, mode); all -1 when missing. The mode counts: a key refused for its
 # permissions is fixed with `chmod 600`, which changes neither mtime, size nor inode.
@@ -101,22 +102,12 @@ def identity_from_cert(pem: bytes) -> tuple[str | None, tuple[str, ...]]:
     return spiffe, tuple(dns)
 
 
-def _check_leaf(leaf: x509.Certificate, cert_file: str, now: datetime) -> None:
-    for reason in (weak_signature_reason(leaf), weak_key_reason(leaf.public_key())):
-        if reason:
-            raise PkiError(cert_file, reason)
-    if is_ca(leaf):
-        raise PkiError(
-            cert_file, f"leaf certificate {subject_str(leaf)} has CA:TRUE; a workload must not be a CA"
-        )
-    try:
-        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
-    except x509.ExtensionNotFound:
-        ku = None
-    if ku is not None and (ku.key_cert_sign or ku.crl_sign):
-        raise PkiError(
-            cert_file, "leaf certificate has keyCertSign/cRLSign key usage; a workload must not be a CA"
-        )
+def _check_leaf(leaf: x509.Certificate, cert_file: str, now: datetime, roles: Iterable[Role]) -> None:
+    # The peer policy's rules first: a certificate we would refuse from a peer is never served.
+    problems = leaf_problems(leaf, roles)
+    if problems:
+        rule, detail = problems[0]
+        raise PkiError(cert_file, f"{detail} ({rule}; subject {subject_str(leaf)})")
     _dns, _ips, uris, _other = san_names(leaf)
     if len(uris) > 1:
         raise PkiError(cert_file, f"more than one URI SAN ({', '.join(uris)}); an X.509-SVID has exactly one")
@@ -136,6 +127,7 @@ def load_identity(
     *,
     now: datetime | None = None,
     expect_spiffe_id: str | None = None,
+    roles: Iterable[Role] = (),
 ) -> Identity:
     """Read and validate an identity; PkiError(file, reason) names the file at fault.
 
@@ -143,7 +135,9 @@ def load_identity(
     no RSA < 2048 / SHA-1 anywhere; leaf is not a CA and has at most one URI SAN; leaf inside its validity
     window; key matches the leaf; leaf (+ the intermediates in its file) chains to the CA bundle; and,
     given `expect_spiffe_id`, that the leaf is that identity (auth-svc started with learner-svc's
-    certificate passes every TLS check and is then authorized as learner-svc).
+    certificate passes every TLS check and is then authorized as learner-svc). The leaf must also pass
+    the peer policy's own rules (pki/peer.py), with ExtendedKeyUsage fitting each of `roles` (a server
+    certificate without serverAuth would be refused by every client).
     """
     cert_p, key_p, ca_p = Path(cert_path), Path(key_path), Path(ca_path)
     cert_f, key_f, ca_f = str(cert_p), str(key_p), str(ca_p)
@@ -164,7 +158,7 @@ def load_identity(
     key = parse_private_key(key_data, key_f)
 
     leaf = chain[0]
-    _check_leaf(leaf, cert_f, now)
+    _check_leaf(leaf, cert_f, now, roles)
     reason = weak_key_reason(key.public_key())
     if reason:
         raise PkiError(key_f, reason)

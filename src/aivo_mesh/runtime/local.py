@@ -17,6 +17,7 @@ from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import init_ca, issue_leaf, load_identity
+from aivo_mesh.pki.peer import Role
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor
 
@@ -124,7 +125,9 @@ def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: R
     for name in (*mesh.service_names, CLIENT_IDENTITY):
         cert, key = certs.identity_paths(name)
         try:
-            load_identity(cert, key, certs.ca_cert, expect_spiffe_id=mesh.spiffe_id(name))
+            # A service serves and calls; the client identity only calls.
+            roles: tuple[Role, ...] = ("client",) if name == CLIENT_IDENTITY else ("server", "client")
+            load_identity(cert, key, certs.ca_cert, expect_spiffe_id=mesh.spiffe_id(name), roles=roles)
         except PkiError as exc:
             problems.append(str(exc))
     listens = [(m.address, m.name) for m in procs] + [(m.admin, f"{m.name} admin") for m in procs if m.admin]

@@ -16,8 +16,11 @@ import grpc
 from aivo_mesh.errors import PkiError
 from aivo_mesh.pki import Identity, load_identity
 from aivo_mesh.pki.load import FileSignature
+from aivo_mesh.pki.peer import Role
 
 log = logging.getLogger(__name__)
+
+SERVER_ROLE: tuple[Role, ...] = ("server",)  # the certificate this server presents must be fit to be one (serverAuth)
 
 
 class ReloadingServerCredentials:
@@ -32,7 +35,7 @@ class ReloadingServerCredentials:
         self._paths = (Path(cert), Path(key), Path(ca))
         self._expect = expect_spiffe_id
         # Load eagerly: a bad file must fail before the server binds, naming the file.
-        self.identity = load_identity(*self._paths, expect_spiffe_id=expect_spiffe_id)
+        self.identity = load_identity(*self._paths, expect_spiffe_id=expect_spiffe_id, roles=SERVER_ROLE)
         self._signature = self.identity.mtime_signature()
         self._rejected: tuple[FileSignature, ...] | None = None  # files that failed to load, as they were
         self._on_reload = on_reload
@@ -52,7 +55,7 @@ class ReloadingServerCredentials:
             signature = Identity.signature_of(*self._paths)
             if signature == self._signature or signature == self._rejected:
                 return None
-            ident = load_identity(*self._paths, expect_spiffe_id=self._expect)
+            ident = load_identity(*self._paths, expect_spiffe_id=self._expect, roles=SERVER_ROLE)
         except (PkiError, OSError) as exc:
             # Half-written rotation or a bad file: keep serving the last good identity. grpc asks on
             # every handshake: the same bad files are not parsed (nor logged) again until they change.
