@@ -40,6 +40,7 @@ EXPECTED = {
     "outlier_ejections": ("counter", {"service"}),
     "outlier_ejected_endpoints": ("gauge", {"service"}),
     "mtls_certificate_expiry_seconds": ("gauge", {"service"}),
+    "mesh_peer_certificate_refusals": ("counter", {"side", "service", "rule"}),
 }
 
 
@@ -71,6 +72,10 @@ def exercise_every_family(metrics: MeshMetrics) -> None:
     metrics.set_certificate_expiry("learner-svc", FakeIdentity(86_400.5))
     ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, "spiffe://x/api", (),
                                                            monotonic() - 0.02), "OK", None)
+    ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, None, (), monotonic(),
+                                                           refusal="weak_key"), "UNAUTHENTICATED", None)
+    listener.peer_refused("auth-svc", "10.1.2.3:50061", "revoked")
+    listener.peer_refused("auth-svc", "10.1.2.3:50061", "made-up rule")  # bounded: counted as "other"
 
 
 def test_families_names_types_labels_and_help() -> None:

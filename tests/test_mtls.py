@@ -7,6 +7,8 @@ import os
 import shutil
 import socket
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,6 +26,7 @@ from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.server import current_caller
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
+from aivo_mesh.tls import tls13_enforced
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -231,10 +234,45 @@ def _h2_grpc_check_over_tls12(port: int, certs: CertLayout) -> dict[str, str]:
         return headers
 
 
-async def test_tls12_connection_is_rejected_by_the_server(auth_server, mesh_certs):
-    headers = await asyncio.to_thread(_h2_grpc_check_over_tls12, auth_server.bound_port, mesh_certs)
-    assert headers.get("grpc-status") == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
-    assert "TLSv1.3" in headers.get("grpc-message", "")
+async def test_tls12_client_fails_the_handshake(auth_server, mesh_certs):
+    # aivo_mesh.tls leaves TLS 1.2 no cipher suite in grpc core: refused before any request is read.
+    assert tls13_enforced()
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(_h2_grpc_check_over_tls12, auth_server.bound_port, mesh_certs)
+
+
+_GRPC_FIRST = """
+import asyncio, grpc, sys                      # grpc first: aivo_mesh.tls comes too late for grpc core
+sys.path.insert(0, {tests!r})
+from aivo_mesh import MeshServer
+from aivo_mesh.config import load_mesh
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.tls import tls13_enforced
+from test_mtls import _h2_grpc_check_over_tls12
+
+async def main():
+    certs = CertLayout({certs!r})
+    server = MeshServer.for_service(load_mesh({mesh!r}), "auth-svc", certs, port=0)
+    await server.start()
+    headers = await asyncio.to_thread(_h2_grpc_check_over_tls12, server.bound_port, certs)
+    print(tls13_enforced(), headers.get("grpc-status"), headers.get("grpc-message"))
+    await server.stop(0)
+asyncio.run(main())
+"""
+
+
+def test_without_the_handshake_refusal_a_tls12_call_is_still_refused_and_warned(mesh_certs, tmp_path):
+    script = _GRPC_FIRST.format(tests=str(ROOT / "tests"), certs=str(mesh_certs.root), mesh=str(ROOT / "mesh.yaml"))
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_SSL_CIPHER_SUITES"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+                         check=False)
+    assert out.returncode == 0, out.stderr
+    enforced, status, message = out.stdout.split(" ", 2)
+    assert enforced == "False"
+    assert status == str(grpc.StatusCode.UNAUTHENTICATED.value[0])
+    assert "TLSv1.3" in message
+    assert "TLS 1.2 peers are not refused at the handshake" in out.stderr
+    assert "grpc was imported before aivo_mesh" in out.stderr
 
 
 @pytest.mark.parametrize("damage", ["garbage_cert", "garbage_key", "key_mismatch", "key_mode_0644", "missing"])

@@ -31,7 +31,6 @@ from aivo_mesh.errors import PkiError
 from aivo_mesh.pki import (
     CertLayout,
     cert_sha256,
-    identity_from_cert,
     init_ca,
     issue_all,
     issue_leaf,
@@ -328,15 +327,6 @@ def test_load_identity_returns_what_grpc_needs(mesh_certs: CertLayout) -> None:
     assert ident.mtime_signature() == type(ident).signature_of(cert, key, mesh_certs.ca_cert)
     assert 360 * 86400 < ident.seconds_left() <= 365 * 86400
     assert "PRIVATE" not in repr(ident)
-
-
-def test_identity_from_cert(mesh_certs: CertLayout) -> None:
-    pem = mesh_certs.identity_paths("mesh-client")[0].read_bytes()
-    spiffe, dns = identity_from_cert(pem)
-    assert spiffe == "spiffe://aivo.local/ns/default/sa/mesh-client"
-    assert dns[0] == "mesh-client"
-    with pytest.raises(PkiError):
-        identity_from_cert(b"not a certificate")
 
 
 def _sign(

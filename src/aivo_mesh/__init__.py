@@ -6,7 +6,12 @@ and MeshServer are imported lazily so that `meshctl config ...` and the renderer
 
 from typing import TYPE_CHECKING, Any
 
-from aivo_mesh.errors import (
+# Before anything imports grpc: grpc core reads its TLS settings once, at import (see aivo_mesh.tls).
+from aivo_mesh import tls as _tls
+
+_tls.configure()
+
+from aivo_mesh.errors import (  # noqa: E402
     CallError,
     CircuitOpen,
     ConfigError,

@@ -31,14 +31,16 @@ from aivo_mesh.client.config import MeshConfig
 from aivo_mesh.client.endpoints import DEFAULT_DRAIN_SECONDS, EndpointPool
 from aivo_mesh.client.interceptors import method_info
 from aivo_mesh.client.methods import method_path
+from aivo_mesh.client.server_check import ServerCheck
 from aivo_mesh.client.target import Target, route_lookup
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, service_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
-from aivo_mesh.pki import Identity, load_identity
+from aivo_mesh.pki import Identity, PeerPolicy, load_identity
 from aivo_mesh.policy.core import Clock, Layer, monotonic
 from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
+from aivo_mesh.tls import warn_if_not_enforced
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,10 @@ class MeshClient:
         # A proxy next to us does mTLS (and retries): Envoy's outbound listener, or Linkerd's proxy.
         self.sidecar = config.sidecar_outbound is not None or config.plaintext_peers
         self._credentials = None if self.sidecar else channel_credentials(self.identity)
+        # What servers' certificates must be (pki/peer.py); replaced whole by `set_peer_policy`.
+        self.peer_policy = PeerPolicy.from_mesh(self.mesh)
+        if not self.sidecar:
+            warn_if_not_enforced("MeshClient")
         # No listeners: the NOOP one lets the stack skip its reporting entirely (hot path).
         self.listener: PolicyListener = Listeners(*listeners) if listeners else NOOP
         self._outer = tuple(outer_layers)
@@ -146,6 +152,14 @@ class MeshClient:
                 raise MeshError(f"{service}: no endpoints (discovery lists none)")
             endpoint = target.policy.balancer.endpoints[0]
         return target.pool.channel(endpoint)
+
+    def set_peer_policy(self, policy: PeerPolicy) -> None:
+        """What servers' certificates must be from now on (a changed revocation list or pin set): every
+        connection is checked again before its next call."""
+        self.peer_policy = policy
+        for t in self._targets.values():
+            if t.server_check is not None:
+                t.server_check.set_policy(policy)
 
     def targets(self) -> dict[str, Target]:
         return dict(self._targets)
@@ -216,7 +230,11 @@ class MeshClient:
         if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
             endpoints = list(snap.addresses)
         max_retries = 0 if self.sidecar else self.config.max_retries
-        return Target(policy, routes, pool, endpoints=endpoints, max_retries=max_retries,
+        check = None
+        if self._credentials is not None:
+            expect = self.mesh.spiffe_id(service) if service in self.mesh.service_names else None
+            check = ServerCheck(service, expect, self.peer_policy, self.listener, pool.channel, pool.discard)
+        return Target(policy, routes, pool, server_check=check, endpoints=endpoints, max_retries=max_retries,
                       clock=self._clock, listener=self.listener, outer=self._outer, options=options,
                       credentials=self._credentials, rng=self._rng)
 

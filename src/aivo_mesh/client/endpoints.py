@@ -37,6 +37,8 @@ class EndpointPool:
         self._callables: dict[tuple[str, str, str], Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.generation = 0
+        # Told when an endpoint's channel goes away, so its next connection is vetted afresh.
+        self.on_forget: Callable[[str], None] = lambda endpoint: None
 
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
@@ -63,6 +65,7 @@ class EndpointPool:
         keep = set(endpoints)
         gone = [e for e in self._channels if e not in keep]
         for e in gone:
+            self.on_forget(e)
             self._retire(self._channels.pop(e))
         if gone:
             self._callables = {k: v for k, v in self._callables.items() if k[0] in keep}
@@ -72,8 +75,24 @@ class EndpointPool:
         self._credentials = credentials
         old, self._channels, self._callables = self._channels, {}, {}
         self.generation += 1
-        for ch in old.values():
+        for endpoint, ch in old.items():
+            self.on_forget(endpoint)
             self._retire(ch)
+
+    def discard(self, endpoint: str) -> None:
+        """Close an endpoint's channel now (its server was refused); the next call opens a new one."""
+        ch = self._channels.pop(endpoint, None)
+        self.on_forget(endpoint)
+        if ch is None:
+            return
+        self._callables = {k: v for k, v in self._callables.items() if k[0] != endpoint}
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        task = loop.create_task(_close_later(ch, 0.0))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
 
     def _retire(self, ch: grpc.aio.Channel) -> None:
         try:

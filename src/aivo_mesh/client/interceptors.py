@@ -22,6 +22,7 @@ from grpc.aio import ClientCallDetails
 
 from aivo_mesh.client.errors import error_for
 from aivo_mesh.client.methods import MethodInfo, UnknownMethod, lookup
+from aivo_mesh.client.server_check import refusal_details
 from aivo_mesh.policy.core import Call, Reply
 from aivo_mesh.policy.deadline import attempt_timeout
 
@@ -65,14 +66,22 @@ def method_info(path: str) -> MethodInfo | None:
 
 
 def make_unary_terminal(target: Target) -> Callable[[Call], Any]:
-    """One attempt on the wire, on the endpoint the balancer picked."""
-    pool, clock = target.pool, target.clock
+    """One attempt on the wire, on the endpoint the balancer picked (once its server is vetted)."""
+    pool, clock, check = target.pool, target.clock, target.server_check
 
     async def terminal(call: Call) -> Reply:
         t: Transport = call.transport
         timeout = attempt_timeout(call, clock(), call.per_try_timeout)
         if timeout is not None and timeout <= 0:
             return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt", local=True)
+        if check is not None and call.endpoint is not None and not check.vetted.get(call.endpoint):
+            # A new connection: its server certificate is checked before anything is sent on it.
+            refused = await check.vet(call.endpoint, timeout)
+            if refused is not None:
+                return Reply("UNAVAILABLE", details=refusal_details(target.service, call.endpoint, refused))
+            timeout = attempt_timeout(call, clock(), call.per_try_timeout)
+            if timeout is not None and timeout <= 0:
+                return Reply("DEADLINE_EXCEEDED", details="deadline exceeded while connecting", local=True)
         # The attempt header goes out on retries only: its absence means attempt 1, and metadata on
         # every call costs about 4 % of throughput (parsed on both sides).
         metadata: tuple[tuple[str, Any], ...] | None = (*t.metadata, *call.metadata)

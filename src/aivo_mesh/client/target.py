@@ -28,6 +28,7 @@ from aivo_mesh.client.errors import error_for
 from aivo_mesh.client.interceptors import UnaryUnaryAdapter, _pairs, final_code, make_unary_terminal, stream_adapters
 from aivo_mesh.client.mesh_channel import MeshChannel
 from aivo_mesh.client.methods import MethodInfo
+from aivo_mesh.client.server_check import ServerCheck, refusal_details
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
@@ -50,6 +51,7 @@ class Target:
         routes: Any,
         pool: EndpointPool,
         *,
+        server_check: ServerCheck | None = None,
         endpoints: Sequence[str],
         max_retries: int | None,
         clock: Clock,
@@ -64,6 +66,9 @@ class Target:
         self.clock = clock
         self.pool = pool
         self.listener = listener
+        self.server_check = server_check  # None: plaintext to a sidecar, which checks the peer itself
+        if server_check is not None:
+            pool.on_forget = server_check.forget
         self._routes = routes
         self.policy = TargetPolicy(policy, routes, make_unary_terminal(self), endpoints=endpoints,
                                    max_retries=max_retries, clock=clock, listener=listener, outer=outer,
@@ -98,6 +103,8 @@ class Target:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._tasks.clear()
+        if self.server_check is not None:
+            self.server_check.close()
         await self.front.close()
         await self.pool.close()
 
@@ -212,6 +219,12 @@ class Target:
             policy.limit.release()
             policy.breaker.release(ticket)
             raise reject(Reply("UNAVAILABLE", details=f"no endpoints for {self.service}", local=True))
+        if self.server_check is not None and not self.server_check.vetted.get(ep.address):
+            refused = await self.server_check.vet(ep.address, timeout)
+            if refused is not None:
+                policy.limit.release()
+                policy.breaker.release(ticket)
+                raise reject(Reply("UNAVAILABLE", details=refusal_details(self.service, ep.address, refused)))
         # Streams are never retried: always attempt 1, no x-mesh-attempt header.
         metadata = (*_pairs(details.metadata), *call.metadata) or None
         mc = self.pool.multicallable(ep.address, kind, path, info.serialize, info.deserialize)

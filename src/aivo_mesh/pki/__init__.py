@@ -3,7 +3,8 @@
     layout   CertLayout: where every file lives (see its docstring for the directory tree)
     issue    init_ca, issue_leaf, issue_all, rotate
     verify   verify_layout / inspect_layout -> CertReport per certificate
-    load     load_identity -> Identity (for grpc, before binding); identity_from_cert (peer identity)
+    load     load_identity -> Identity (for grpc, before binding)
+    peer     PeerPolicy: what a peer's certificate must be (both planes, both directions)
     store    atomic 0600/0644 writes
 
 Every function raises `aivo_mesh.errors.PkiError(file, reason)` for bad input; nothing here prints.
@@ -36,7 +37,8 @@ from aivo_mesh.pki.issue import (
     rotate,
 )
 from aivo_mesh.pki.layout import CertLayout
-from aivo_mesh.pki.load import Identity, file_signature, identity_from_cert, load_identity
+from aivo_mesh.pki.load import Identity, file_signature, load_identity
+from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.pki.verify import CertReport, inspect_layout, verify_identity, verify_layout
 
 __all__ = [
@@ -52,13 +54,15 @@ __all__ = [
     "IssuedCert",
     "Issuer",
     "KeyType",
+    "PeerPolicy",
+    "PeerRefused",
+    "Rule",
     "cert_sha256",
     "chain_problem",
     "check_identity",
     "dns_names_for",
     "expected_sans",
     "file_signature",
-    "identity_from_cert",
     "init_ca",
     "inspect_layout",
     "issue_all",

@@ -87,21 +87,6 @@ def file_signature(*paths: Path) -> tuple[FileSignature, ...]:
     return tuple(out)
 
 
-def identity_from_cert(pem: bytes) -> tuple[str | None, tuple[str, ...]]:
-    """(SPIFFE ID or None, DNS SANs) of the first certificate of a PEM (e.g. a peer's `x509_pem_cert`).
-
-    The SPIFFE ID is the URI SAN with scheme `spiffe://`. Raises PkiError for unparseable input or for a
-    certificate with more than one URI SAN (X509-SVID: validators MUST reject it), so an authorizer that
-    treats PkiError as "deny" can never be confused about which identity a peer has.
-    """
-    leaf = parse_certs(pem, "<peer certificate>")[0]
-    dns, _ips, uris, _other = san_names(leaf)
-    if len(uris) > 1:
-        raise PkiError("<peer certificate>", f"more than one URI SAN ({', '.join(uris)})")
-    spiffe = uris[0] if uris and uris[0].startswith("spiffe://") else None
-    return spiffe, tuple(dns)
-
-
 def _check_leaf(leaf: x509.Certificate, cert_file: str, now: datetime, roles: Iterable[Role]) -> None:
     # The peer policy's rules first: a certificate we would refuse from a peer is never served.
     problems = leaf_problems(leaf, roles)

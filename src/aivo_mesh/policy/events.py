@@ -34,6 +34,9 @@ class PolicyListener:
 
     def endpoint_restored(self, service: str, endpoint: str) -> None: ...
 
+    def peer_refused(self, service: str, endpoint: str, rule: str) -> None:
+        """The server at `endpoint` presented a certificate the peer policy refuses (pki.peer.Rule)."""
+
 
 def _failed(listener: PolicyListener, event: str) -> None:
     # Telemetry must never fail a call; log once per failure with the culprit's name.
@@ -123,6 +126,13 @@ class Listeners(PolicyListener):
                 t.endpoint_restored(service, endpoint)
             except Exception:
                 _failed(t, "endpoint_restored")
+
+    def peer_refused(self, service: str, endpoint: str, rule: str) -> None:
+        for t in self.listeners:
+            try:
+                t.peer_refused(service, endpoint, rule)
+            except Exception:
+                _failed(t, "peer_refused")
 
 
 NOOP = PolicyListener()

@@ -1,6 +1,7 @@
 """Who may call what: the mesh.yaml allow-list of one service, and peer identity from mTLS.
 
-Identity follows gRFC A41's principal order: the SPIFFE URI SAN, then the first DNS SAN.
+A caller's identity is the one SPIFFE ID of its client certificate, once the certificate has passed
+the mesh's peer policy (pki/peer.py); a certificate without one (DNS SANs only) has no identity here.
 Health checks and reflection are open to every authenticated mesh identity (Envoy, Consul and
 test-mesh.py probe with the `mesh-client` certificate).
 """
@@ -9,11 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.errors import PkiError
-from aivo_mesh.pki import identity_from_cert
+from aivo_mesh.pki.peer import PeerPolicy
 
 # Methods every authenticated mesh identity may call, whatever the allow-list says.
 OPEN_PREFIXES: tuple[str, ...] = (
@@ -40,6 +39,7 @@ class Authorizer:
 
     def __init__(self, mesh: MeshSpec, service: str) -> None:
         self.service = service
+        self.trust_domain = mesh.mesh.trust_domain
         self.trust_prefix = f"spiffe://{mesh.mesh.trust_domain}/"
         spec = mesh.service(service)
         self.rules = tuple(
@@ -76,23 +76,17 @@ class Authorizer:
         )
 
 
-@lru_cache(maxsize=1024)
-def _identity_of_pem(pem: bytes) -> str | None:
-    try:
-        spiffe, dns = identity_from_cert(pem)
-    except PkiError:
-        return None  # e.g. two URI SANs (SPIFFE forbids it): no identity, so no access
-    if spiffe:
-        return spiffe
-    return dns[0] if dns else None
+def peer_identity(auth_context: Mapping[str, list[bytes]], policy: PeerPolicy) -> str | None:
+    """The caller's SPIFFE ID from grpc's auth_context, or None without a client certificate.
 
-
-def peer_identity(auth_context: Mapping[str, list[bytes]]) -> str | None:
-    """The caller's identity from grpc's auth_context (None when there is no client certificate)."""
-    pems = auth_context.get("x509_pem_cert")
-    if not pems:
+    Raises PeerRefused when the certificate breaks the peer policy. grpc gives the leaf as
+    `x509_pem_cert` and the rest of the chain the caller sent as `x509_pem_cert_chain` (one PEM each):
+    both are checked, so a SHA-1 intermediate is refused too."""
+    leaf = auth_context.get("x509_pem_cert")
+    if not leaf:
         return None
-    return _identity_of_pem(pems[0])
+    rest = [pem for pem in auth_context.get("x509_pem_cert_chain", ()) if pem != leaf[0]]
+    return policy.check_pem(b"".join((leaf[0], *rest)), "client")
 
 
 def tls_version(auth_context: Mapping[str, list[bytes]]) -> str | None:

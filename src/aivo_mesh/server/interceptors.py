@@ -2,8 +2,9 @@
 
 grpc.aio server interceptors get no ServicerContext, so we wrap the RpcMethodHandler's behaviour
 (the only place `auth_context()` is reachable) for the four arities. Per call it:
-1. rejects any TLS version but 1.3 (grpcio has no knob to refuse 1.2 at the handshake);
-2. takes the caller identity from the client certificate and checks the allow-list;
+1. rejects any TLS version but 1.3 (belt and braces: aivo_mesh.tls already refuses 1.2 at the handshake);
+2. checks the client certificate against the mesh's peer policy (pki/peer.py), takes the caller's
+   identity from it and checks the allow-list;
 3. publishes the caller and the inbound deadline in context variables, so a handler that calls
    another service passes on its remaining deadline (see policy.deadline.inbound_deadline);
 4. tells each ServerCallObserver (metrics, tracing, logs) when the call starts and how it ended.
@@ -12,6 +13,7 @@ Observers see denied calls too: a PERMISSION_DENIED is an outcome operators must
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -21,6 +23,7 @@ from typing import Any, Protocol
 
 import grpc
 
+from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.policy.core import monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
@@ -46,6 +49,8 @@ class ServerCall:
     metadata: tuple[tuple[str, str], ...]
     started: float
     attempt: int = 1
+    # The peer-policy rule the caller's certificate broke (pki.peer.Rule), when it was refused for one.
+    refusal: str | None = None
 
 
 class ServerCallObserver(Protocol):
@@ -58,9 +63,10 @@ class ServerCallObserver(Protocol):
 
 
 class Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, refusal: str | None = None) -> None:
         self.code = code
         self.details = details
+        self.refusal = refusal
         super().__init__(details)
 
 
@@ -92,11 +98,24 @@ def _code_name(code: object) -> str:
 
 class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authorizer: Authorizer | None, *, service: str = "", require_tls: bool = True,
-                 observers: Sequence[ServerCallObserver] = ()) -> None:
+                 observers: Sequence[ServerCallObserver] = (), peer_policy: PeerPolicy | None = None) -> None:
         self._authz = authorizer
         self._service = service or (authorizer.service if authorizer else "")
         self._require_tls = require_tls
         self.observers: list[ServerCallObserver] = list(observers)
+        # Replaced whole when mesh.yaml's certificates block changes (MeshServer.set_peer_policy).
+        self.peer_policy = peer_policy or PeerPolicy(authorizer.trust_domain if authorizer else "")
+        self._reported: set[tuple[str, str]] = set()
+
+    def _refused(self, exc: PeerRefused, context: grpc.aio.ServicerContext) -> Denied:
+        # One log line per refused certificate and rule, not per call: a client retrying with a revoked
+        # certificate must not flood the log (the metric counts every call).
+        key = (exc.detail, context.peer())
+        if key not in self._reported and len(self._reported) < 1024:
+            self._reported.add(key)
+            log.warning("client certificate refused", extra={
+                "peer": context.peer(), "rule": str(exc.rule), "reason": exc.detail, "service": self._service})
+        return Denied(grpc.StatusCode.UNAUTHENTICATED, f"client certificate refused: {exc}", refusal=str(exc.rule))
 
     def _admit(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
         """Raise Denied unless this caller may call `method`; set the context variables."""
@@ -109,8 +128,12 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         version = tls_version(auth)
         if version != REQUIRED_TLS:
             raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                         f"mesh requires {REQUIRED_TLS}; connection negotiated {version or 'no TLS'}")
-        identity = peer_identity(auth)
+                         f"mesh requires {REQUIRED_TLS}; connection negotiated {version or 'no TLS'}",
+                         refusal=str(Rule.TLS_VERSION))
+        try:
+            identity = peer_identity(auth, self.peer_policy)
+        except PeerRefused as exc:
+            raise self._refused(exc, context) from None
         current_caller.set(identity)
         if self._authz is None:
             return identity
@@ -160,7 +183,8 @@ class _Guard:
             return None
         md = _metadata(context)
         attempt = next((int(v) for k, v in md if k == "x-mesh-attempt" and v.isdigit()), 1)
-        call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt)
+        call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt,
+                          denied.refusal if denied is not None else None)
         tokens = _start_all(icp.observers, call)
         if denied is not None:
             self.exit((call, tokens), context, None, denied.code.name)
@@ -204,7 +228,10 @@ def _unimplemented(icp: MeshServerInterceptor) -> grpc.RpcMethodHandler:
     by the observers under the one method label `unknown`. Streams of raw bytes fit any call shape."""
 
     async def behaviour(request_iterator: Any, context: grpc.aio.ServicerContext) -> None:
-        caller = peer_identity(context.auth_context()) if icp._require_tls else None
+        caller = None
+        if icp._require_tls:
+            with contextlib.suppress(PeerRefused):
+                caller = peer_identity(context.auth_context(), icp.peer_policy)
         call = ServerCall(icp._service, UNKNOWN_METHOD, caller, _metadata(context), monotonic(), 1)
         _finish_all(icp.observers, _start_all(icp.observers, call), call, "UNIMPLEMENTED", None)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")

@@ -6,6 +6,7 @@
     await server.stop(grace=5.0)    # NOT_SERVING, stop accepting, drain in-flight calls
 
 Certificates are loaded and checked before the port is bound; a bad file raises PkiError naming it.
+Callers' certificates are checked against the mesh's peer policy (pki/peer.py) before any handler runs.
 Plaintext exists only when asked for explicitly (`insecure=True`, `meshctl serve --insecure`).
 """
 
@@ -24,9 +25,11 @@ from grpc_reflection.v1alpha import reflection
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout, Identity
+from aivo_mesh.pki.peer import PeerPolicy
 from aivo_mesh.server.authz import Authorizer
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCallObserver
+from aivo_mesh.tls import warn_if_not_enforced
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ class MeshServer:
         self.insecure = insecure
         self.credentials: ReloadingServerCredentials | None = None
         if not insecure:
+            warn_if_not_enforced("MeshServer")
             if cert is None or key is None or ca is None:
                 raise MeshError(f"{service}: mTLS needs cert, key and ca paths (or insecure=True)")
             self.credentials = ReloadingServerCredentials(cert, key, ca, on_reload=on_identity,
@@ -68,7 +72,8 @@ class MeshServer:
                 on_identity(self.credentials.identity)
         self.authorizer = Authorizer(mesh, service)
         self.guard = MeshServerInterceptor(None if insecure else self.authorizer, service=service,
-                                           require_tls=not insecure, observers=observers)
+                                           require_tls=not insecure, observers=observers,
+                                           peer_policy=PeerPolicy.from_mesh(mesh))
         self.grpc_server = grpc.aio.server(
             interceptors=[self.guard, *interceptors],
             options=[
@@ -93,6 +98,11 @@ class MeshServer:
     ) -> MeshServer:
         cert, key = certs.identity_paths(service)
         return cls(mesh, service, cert=cert, key=key, ca=certs.ca_cert, **kwargs)  # type: ignore[arg-type]
+
+    def set_peer_policy(self, policy: PeerPolicy) -> None:
+        """What callers' certificates must be from the next call on (a changed revocation list or pin
+        set in mesh.yaml); calls in flight were admitted under the old one."""
+        self.guard.peer_policy = policy
 
     def add_service_name(self, full_name: str) -> None:
         """Declare a gRPC service hosted here (for health status and reflection)."""

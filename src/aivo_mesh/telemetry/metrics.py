@@ -19,6 +19,8 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
     outlier_ejections_total{service}                       counter
     outlier_ejected_endpoints{service}                     gauge
     mtls_certificate_expiry_seconds{service}               gauge, seconds left (negative once expired)
+    mesh_peer_certificate_refusals_total{side,service,rule} counter: peer certificates the mesh's peer
+                                                           policy refused (rule: pki.peer.Rule)
 
 `side` is "client" (service = the target) or "server" (service = this process's own service).
 `status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
@@ -37,6 +39,7 @@ from typing import Protocol
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from aivo_mesh.pki.peer import Rule
 from aivo_mesh.policy.breaker import STATE_GAUGE
 from aivo_mesh.policy.core import monotonic
 from aivo_mesh.policy.events import PolicyListener
@@ -71,6 +74,7 @@ LOCAL_RESOURCE_EXHAUSTED = "LOCAL_RESOURCE_EXHAUSTED"
 _NOTED_CODE = {CIRCUIT_OPEN: "UNAVAILABLE", LOCAL_RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED"}
 
 SIDES = ("client", "server")
+_RULES = frozenset(str(r) for r in Rule)  # a bounded label set, whatever a caller passes
 
 _METHOD_RE = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*$")
 _STATUS_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
@@ -174,6 +178,11 @@ class MeshMetrics:
         self.cert_expiry = Gauge(
             "mtls_certificate_expiry_seconds", "Seconds until the certificate's notAfter; negative once expired.",
             ["service"], registry=r)
+        self.peer_refusals = Counter(
+            "mesh_peer_certificate_refusals", "Peer certificates refused by the mesh's peer policy, by side "
+            "(server: a caller's certificate, per call; client: a server's, per connection), service and "
+            "rule (leaf_is_ca, weak_key, weak_signature, revoked, ...).",
+            ["side", "service", "rule"], registry=r)
         self._ejected: dict[str, set[str]] = {}
 
     # -- recording -------------------------------------------------------------------------------
@@ -223,6 +232,11 @@ class MeshMetrics:
         ejected = self._ejected.setdefault(s, set())
         ejected.discard(endpoint)
         self.ejected.labels(s).set(len(ejected))
+
+    def observe_peer_refusal(self, side: str, service: str, rule: str) -> None:
+        if side not in SIDES:
+            raise ValueError(f"side must be 'client' or 'server', not {side!r}")
+        self.peer_refusals.labels(side, service_label(service), rule if rule in _RULES else "other").inc()
 
     def set_certificate_expiry(self, service: str, identity: _Expiring | float) -> None:
         """Export the seconds left on `service`'s certificate. Given an object with `seconds_left()`
@@ -296,6 +310,9 @@ class MetricsListener(PolicyListener):
     def endpoint_restored(self, service: str, endpoint: str) -> None:
         self.metrics.endpoint_restored(service, endpoint)
 
+    def peer_refused(self, service: str, endpoint: str, rule: str) -> None:
+        self.metrics.observe_peer_refusal("client", service, rule)
+
 
 class ServerMetricsObserver:
     """A ServerCallObserver: side="server", service = this server's own service."""
@@ -308,3 +325,5 @@ class ServerMetricsObserver:
 
     def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None:
         self.metrics.observe_call("server", call.service, call.method, code, monotonic() - call.started)
+        if call.refusal is not None:
+            self.metrics.observe_peer_refusal("server", call.service, call.refusal)
