@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 
 from aivo_mesh.cli import main
+from aivo_mesh.config import load_mesh
 from aivo_mesh.pki import CertLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,3 +173,62 @@ def test_generate_certs_sh_both_argument_forms(tmp_path: Path) -> None:
     # Bad input fails fast with exit 2.
     assert _script(str(out_dir), "zero").returncode == 2
     assert _script("--bogus").returncode == 2
+
+
+# --- revocation -----------------------------------------------------------------------------------------
+
+
+def _leaf_of(layout: CertLayout, name: str) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(layout.identity_paths(name)[0].read_bytes())[0]
+
+
+def test_revoke_records_in_mesh_yaml_keeps_comments_and_signs_a_crl(
+        certs: CertLayout, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mesh_yaml = tmp_path / "mesh.yaml"
+    mesh_yaml.write_text((ROOT / "mesh.yaml").read_text())
+    before = mesh_yaml.read_text()
+    auth = _leaf_of(certs, "auth-svc")
+    code, out, err = _run(capsys, "certs", "revoke", "auth-svc", "DEAD:BEEF", "-o", str(certs.root),
+                          "-c", str(mesh_yaml), "--note", "key leaked")
+    assert code == 0, err
+    assert "re-issue it with `meshctl certs rotate auth-svc`" in out
+    text = mesh_yaml.read_text()
+    assert text.startswith(before)  # every comment and line of the original kept
+
+    revoked = load_mesh(mesh_yaml).certificates.revoked
+    assert [(r.serial, r.identity, r.note) for r in revoked] == [
+        (f"{auth.serial_number:x}", "auth-svc", "key leaked"), ("deadbeef", None, "key leaked")]
+    crl = x509.load_pem_x509_crl(certs.crl.read_bytes())
+    assert {c.serial_number for c in crl} == {auth.serial_number, 0xDEADBEEF}
+    if shutil.which("openssl"):
+        # openssl agrees: the CA signed it, and the revoked leaf now fails verification against it.
+        leaf = tmp_path / "leaf.pem"
+        leaf.write_bytes(certs.identity_paths("auth-svc")[0].read_bytes())
+        bundle = tmp_path / "bundle.pem"
+        bundle.write_bytes(certs.ca_cert.read_bytes() + certs.crl.read_bytes())
+        done = subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(bundle), str(leaf)],
+                              capture_output=True, text=True, check=False)
+        assert done.returncode != 0 and "revoked" in (done.stdout + done.stderr)
+    # A bad target: exit 2, nothing written.
+    code, _, err = _run(capsys, "certs", "revoke", "no-such-thing", "-o", str(certs.root), "-c", str(mesh_yaml))
+    assert code == 2 and "nor a hex certificate serial" in err
+    assert load_mesh(mesh_yaml).certificates.revoked == revoked
+
+
+def test_rotate_can_revoke_what_it_replaced(certs: CertLayout, tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    mesh_yaml = tmp_path / "mesh.yaml"
+    mesh_yaml.write_text((ROOT / "mesh.yaml").read_text())
+    serials = []
+    for _ in range(3):
+        serials.append(_leaf_of(certs, "learner-svc").serial_number)
+        code, _, err = _run(capsys, "certs", "rotate", "learner-svc", "--revoke-previous", "-o", str(certs.root),
+                            "-c", str(mesh_yaml))
+        assert code == 0, err
+
+    revoked = {int(r.serial, 16) for r in load_mesh(mesh_yaml).certificates.revoked if r.serial}
+    assert revoked == set(serials)
+    assert _leaf_of(certs, "learner-svc").serial_number not in revoked  # the current one stays good
+    assert {c.serial_number for c in x509.load_pem_x509_crl(certs.crl.read_bytes())} == set(serials)
+    code, out, _ = _run(capsys, "certs", "crl", "-o", str(certs.root), "-c", str(mesh_yaml))
+    assert code == 0 and "3 revoked serial(s)" in out

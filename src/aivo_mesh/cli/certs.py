@@ -1,4 +1,4 @@
-"""`meshctl certs init|issue|verify|inspect|rotate`: the mesh PKI from the command line.
+"""`meshctl certs init|issue|verify|inspect|rotate|revoke|crl`: the mesh PKI from the command line.
 
 The work is done by `aivo_mesh.pki`; this module parses flags and prints rich tables. Bad input
 (unknown service, existing CA without --force, weak key type, unreadable files) raises PkiError or
@@ -19,6 +19,7 @@ from rich.table import Table
 
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config import find_mesh_file, load_mesh
+from aivo_mesh.config.edit import add_revocations
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError, PkiError
 from aivo_mesh.pki import (
@@ -36,8 +37,10 @@ from aivo_mesh.pki import (
     known_identities,
     parse_key_type,
     rotate,
+    store,
     verify_layout,
 )
+from aivo_mesh.pki.revoke import Revocation, leaf_revocation, revocation_for, revoked_serials, write_crl
 
 DEFAULT_OUTPUT_DIR = "certs"
 
@@ -238,8 +241,11 @@ def inspect_cmd(output_dir: Path, as_json: bool) -> None:
               help="Only re-issue certificates expiring within this many days (or missing/invalid).")
 @_config
 @_key_type
+@click.option("--revoke-previous", is_flag=True,
+              help="Revoke each replaced certificate (mesh.yaml certificates.revoked and ca/crl.pem).")
 def rotate_cmd(services: tuple[str, ...], all_: bool, output_dir: Path, valid_days: int,
-               renew_before_days: int | None, config: str | None, key_type: str | None) -> None:
+               renew_before_days: int | None, config: str | None, key_type: str | None,
+               revoke_previous: bool) -> None:
     """Re-issue leaf certificates with NEW keys, in place and atomically; the CA is untouched."""
     if all_ and services:
         raise click.UsageError("name SERVICEs or pass --all (not both)")
@@ -247,9 +253,63 @@ def rotate_cmd(services: tuple[str, ...], all_: bool, output_dir: Path, valid_da
     layout = CertLayout(output_dir)
     _require_ca(layout)
     names = list(dict.fromkeys(services)) if services else None
+    previous: dict[str, Revocation] = {}
+    if revoke_previous:
+        for n in names or known_identities(mesh):
+            if layout.identity_paths(n)[0].exists():
+                previous[n] = leaf_revocation(layout, mesh, n, "rotated")
     rotated = rotate(layout, mesh, names, valid_days, renew_before_days, key_type=key_type)
     console = _console()
     if not rotated:
         console.print(f"nothing to rotate: every certificate is valid for more than {renew_before_days} days")
         return
     console.print(_issued_table(f"rotated {len(rotated)} certificate(s) in {layout.root}", rotated))
+    if revoke_previous:
+        gone = [previous[c.name] for c in rotated if c.name in previous]
+        path = _record_revocations(layout, config, gone)
+        console.print(f"revoked the {len(gone)} previous certificate(s) in {path} (and {layout.crl})")
+
+
+def _record_revocations(layout: CertLayout, config: str | None, entries: list[Revocation]) -> Path:
+    """Add `entries` to mesh.yaml's certificates.revoked (comments kept) and re-sign the CRL."""
+    path = find_mesh_file(config)
+    edited, mesh = add_revocations(path.read_text(), [e.as_yaml_fields() for e in entries], str(path))
+    store.write_atomic(path, edited.encode(), path.stat().st_mode & 0o777)
+    write_crl(layout, mesh)
+    return path
+
+
+@certs.command("revoke")
+@click.argument("targets", nargs=-1, required=True, metavar="SERVICE|SERIAL...")
+@_output_dir
+@_config
+@click.option("--note", default="", help="Why, kept beside the entry in mesh.yaml.")
+def revoke_cmd(targets: tuple[str, ...], output_dir: Path, config: str | None, note: str) -> None:
+    """Refuse a certificate everywhere: SERVICE's current one (serial and key) or a serial (hex).
+
+    Adds it to mesh.yaml's certificates.revoked (the proxyless plane reads it; running processes pick the
+    change up) and re-signs OUTPUT_DIR/ca/crl.pem, the CRL rendered Envoy configs reference."""
+    mesh = _mesh(config)
+    layout = CertLayout(output_dir)
+    _require_ca(layout)
+    entries = [revocation_for(layout, mesh, t, note) for t in dict.fromkeys(targets)]
+    path = _record_revocations(layout, config, entries)
+    console = _console()
+    for e in entries:
+        what = f"{e.identity}'s current certificate" if e.identity else "certificate"
+        console.print(f"revoked {what}: serial {e.serial}" + (f", key {e.spki}" if e.spki else ""))
+        if e.identity:
+            console.print(f"  every peer now refuses it: re-issue it with `meshctl certs rotate {e.identity}`")
+    console.print(f"recorded in {path}; CRL: {layout.crl}")
+
+
+@certs.command("crl")
+@_output_dir
+@_config
+def crl_cmd(output_dir: Path, config: str | None) -> None:
+    """Re-sign OUTPUT_DIR/ca/crl.pem from mesh.yaml's certificates.revoked (after editing it by hand)."""
+    mesh = _mesh(config)
+    layout = CertLayout(output_dir)
+    _require_ca(layout)
+    write_crl(layout, mesh)
+    _console().print(f"wrote {layout.crl}: {len(revoked_serials(mesh))} revoked serial(s)")

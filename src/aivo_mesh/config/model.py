@@ -409,7 +409,7 @@ class MeshInfo(_Strict):
 _HEX_SERIAL = re.compile(r"^(0x)?[0-9a-f]+$")
 
 
-def _serial(value: object) -> str:
+def normalize_serial(value: object) -> str:
     """A certificate serial as `meshctl certs inspect` prints it: lower-case hex, no `0x`, no colons
     (`3A:F4:..` and `0x3af4..` are accepted and normalised; a bare YAML integer is refused: it would be
     read as decimal)."""
@@ -440,7 +440,7 @@ def _spki(value: object) -> str:
     return value.strip()
 
 
-HexSerial = Annotated[str, BeforeValidator(_serial)]
+HexSerial = Annotated[str, BeforeValidator(normalize_serial)]
 SpkiPin = Annotated[str, BeforeValidator(_spki)]
 
 

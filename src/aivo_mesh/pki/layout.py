@@ -85,6 +85,11 @@ class CertLayout:
         """Root key; not needed for issuing leaves, so it may be kept offline."""
         return self.ca_dir / "root-key.pem"
 
+    @property
+    def crl(self) -> Path:
+        """`ca/crl.pem`: mesh.yaml's revoked serials, signed by the issuing CA (for Envoy; see pki/revoke.py)."""
+        return self.ca_dir / "crl.pem"
+
     def ca_files(self) -> tuple[Path, ...]:
         return (self.root_cert, self.root_key, self.issuer_cert, self.ca_key, self.ca_cert)
 
