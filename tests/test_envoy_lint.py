@@ -72,7 +72,7 @@ def _good(sds_dir: str = "/etc/envoy/sds") -> dict[str, Any]:
 
 def _route(cfg: dict[str, Any]) -> dict[str, Any]:
     listener = cfg["static_resources"]["listeners"][0]
-    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = listener["filter_chains"][0]["filters"][-1]["typed_config"]
     route: dict[str, Any] = hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]
     return route
 
@@ -130,7 +130,7 @@ def test_invalid_retry_on_token(token: str) -> None:
 
 def test_virtual_host_retry_policy_is_checked_too() -> None:
     cfg = _good()
-    vh = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"][
+    vh = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][-1]["typed_config"][
         "route_config"]["virtual_hosts"][0]
     vh["retry_policy"] = {"retry_on": "gateway-error,retriable-status-code"}
     assert "retriable-status-code" in _only(lint_bootstrap(cfg)).message
@@ -351,7 +351,7 @@ def test_downstream_mtls_and_alpn_and_upstream_verification() -> None:
 ])
 def test_grpc_stats_for_every_method_name_grow_without_bound(stats: dict[str, Any], bad: bool) -> None:
     cfg = _good()
-    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][-1]["typed_config"]
     hcm["http_filters"] = [{"name": "envoy.filters.http.grpc_stats", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.grpc_stats.v3.FilterConfig", **stats}}]
     issues = lint_bootstrap(cfg)

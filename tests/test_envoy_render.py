@@ -119,7 +119,7 @@ def _cluster(cfg: Mapping[str, Any], name: str) -> dict[str, Any]:
 
 
 def _hcm(listener: Mapping[str, Any]) -> dict[str, Any]:
-    cfg: dict[str, Any] = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    cfg: dict[str, Any] = listener["filter_chains"][0]["filters"][-1]["typed_config"]
     return cfg
 
 
@@ -681,7 +681,7 @@ def test_inbound_probes_are_not_traced_when_tracing_is_on(mesh: MeshSpec, tmp_pa
     def inbound_routes(profile: EnvoyProfile) -> list[dict[str, Any]]:
         listener = next(x for x in bootstrap(mesh, "auth-svc", profile)["static_resources"]["listeners"]
                         if x["name"] == "inbound_grpc")
-        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        hcm = listener["filter_chains"][0]["filters"][-1]["typed_config"]
         return list(hcm["route_config"]["virtual_hosts"][0]["routes"])
 
     traced = inbound_routes(EnvoyProfile.local("/c", str(tmp_path), otlp=("127.0.0.1", 4317)))

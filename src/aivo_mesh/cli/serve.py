@@ -18,7 +18,7 @@ from rich.table import Table
 
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
-from aivo_mesh.config.loader import load_mesh
+from aivo_mesh.config.loader import find_mesh_file, load_mesh
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
@@ -96,7 +96,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
                               sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
-                              cert_paths=paths, discovery=discovery,
+                              cert_paths=paths, discovery=discovery, mesh_file=find_mesh_file(config),
                               consul_discovery=agent_address(consul) if discovery == "consul" else None,
                               dns=_dns_options(dns_template, dns_server) if discovery == "dns" else None))
 

@@ -556,6 +556,23 @@ def _rbac(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
                                    rules={"action": "ALLOW", "policies": policies})}
 
 
+def _one_spiffe_id() -> dict[str, Any]:
+    """A network RBAC filter, evaluated once per connection: refuse a client certificate with more than
+    one URI SAN. An X.509-SVID has exactly one; the HTTP RBAC's `authenticated` principal matches if
+    *any* URI SAN does, so a certificate naming an allowed caller and another identity would pass it.
+    Envoy's `UriSanInput` gives the URI SANs joined by commas: a comma means a second one."""
+    def action(name: str, verdict: str) -> dict[str, Any]:
+        return {"name": name, "typed_config": _typed("envoy.config.rbac.v3.Action", name=name, action=verdict)}
+
+    uri_sans = {"name": "uri_san", "typed_config": _typed("envoy.extensions.matching.common_inputs.ssl.v3.UriSanInput")}
+    return {"name": "envoy.filters.network.rbac", "typed_config": _typed(
+        "envoy.extensions.filters.network.rbac.v3.RBAC", stat_prefix="inbound_svid.",
+        matcher={"matcher_list": {"matchers": [{
+            "predicate": {"single_predicate": {"input": uri_sans, "value_match": {"contains": ","}}},
+            "on_match": {"action": action("more-than-one-uri-san", "DENY")}}]},
+            "on_no_match": {"action": action("one-uri-san", "ALLOW")}})}
+
+
 def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
     cfg: dict[str, Any] = {}
     if fault.abort_status not in (None, "OK") and fault.abort_percent > 0:
@@ -610,7 +627,8 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
         "socket_options": _keepalive_socket_options(),
         "filter_chains": [{
             "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
-            "filters": [_hcm(mesh, profile, svc.name, INBOUND_LISTENER, route_config, filters, inbound=True)],
+            "filters": [_one_spiffe_id(),
+                        _hcm(mesh, profile, svc.name, INBOUND_LISTENER, route_config, filters, inbound=True)],
         }],
     }
 

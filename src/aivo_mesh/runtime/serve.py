@@ -20,9 +20,10 @@ from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import callable_peers
 from aivo_mesh.errors import MeshError, StartupError
-from aivo_mesh.pki import CertLayout
+from aivo_mesh.pki import CertLayout, PeerPolicy
 from aivo_mesh.runtime.admin_source import MeshAdminSource
 from aivo_mesh.runtime.local import listen_problem
+from aivo_mesh.runtime.mesh_watch import follow_certificates
 from aivo_mesh.server import MeshServer
 from aivo_mesh.services import APPS
 from aivo_mesh.services.base import ServiceContext
@@ -56,13 +57,15 @@ async def serve_service(
     consul_discovery: str | None = None,
     dns: DnsOptions | None = None,
     discovery_timeout: float = 5.0,
+    mesh_file: Path | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`.
 
     `discovery` is where the client finds its peers: "static" (mesh.yaml), "dns" (`dns` options) or
     "consul" (the agent at `consul_discovery`, passing instances only). The server starts once every
     peer has a first snapshot, or after `discovery_timeout` (then, until a peer's snapshot arrives, its
-    mesh.yaml endpoints are used); later snapshots apply without failing in-flight calls."""
+    mesh.yaml endpoints are used); later snapshots apply without failing in-flight calls. With `mesh_file`,
+    a change of its `certificates` block (a revocation) applies to both the server and the client live."""
     if name not in APPS:
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
     spec = mesh.service(name)
@@ -106,6 +109,7 @@ async def serve_service(
                         port=admin_port if admin_port is not None else (spec.admin_port or 0),
                         allow_remote=not is_loopback(host))
     registration: BackgroundRegistration | None = None
+    follower: asyncio.Task[None] | None = None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -142,9 +146,18 @@ async def serve_service(
             registration = BackgroundRegistration(ConsulRegistration(consul), mesh, name, address=server.host,
                                                   port=bound, use_tls=not insecure)
             registration.start()
+        if mesh_file is not None:
+            def apply(new: MeshSpec) -> None:
+                policy = PeerPolicy.from_mesh(new)
+                server.set_peer_policy(policy)
+                client.set_peer_policy(policy)
+
+            follower = asyncio.get_running_loop().create_task(follow_certificates(mesh_file, mesh, apply))
         await stop.wait()
         log.info("%s: draining (grace %.1fs)", name, grace)
     finally:
+        if follower is not None:
+            follower.cancel()
         if watch is not None:
             await watch.stop()
         if registration is not None:
