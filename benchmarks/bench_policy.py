@@ -8,7 +8,7 @@ the coroutines never suspend, so they are driven with `send(None)` to measure th
     decision path        deadline + breaker admit + budget deposit + pick endpoint (plain calls)
     decision + outcome   the same plus breaker.record and the endpoint's success bookkeeping
     full stack           TargetPolicy.stack_for(method) on a terminal returning OK at once:
-                         deadline -> limit -> retry -> breaker -> balancer, one Call allocated per call
+                         deadline -> limit -> breaker -> retry -> balancer, one Call allocated per call
 Prints ns/call and the ratio to the empty async call. No assertions (target: decision path <= 2 us).
 """
 

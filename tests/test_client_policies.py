@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 TEST_POLICY = """
   retry: {max_retries: 3, backoff: {base: 10ms, max: 50ms}, retry_on: [UNAVAILABLE]}
-  circuit_breaker: {consecutive_failures: 5, recovery_time: 400ms, half_open_max_calls: 1}
+  circuit_breaker: {consecutive_failures: 5, first_probe: 100ms, recovery_time: 400ms, half_open_max_calls: 1}
   outlier_detection: {consecutive_failures: 5, base_ejection_time: 60s, max_ejection_time: 60s,
                       max_ejection_percent: 50}
   health_check: {interval: 60s, timeout: 1s}
@@ -171,20 +171,22 @@ async def test_breaker_opens_after_exactly_five_failures_fails_fast_then_recover
     client = make_client(mesh, [f"127.0.0.1:{s.bound_port}"], listeners=[rec])
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
     auth = auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8)
-    # Authenticate is retried on UNAVAILABLE (3 retries): attempts 1-4 fail, then the 5th attempt
-    # (the second call's first) opens the breaker; later attempts never reach the server.
-    for _ in range(2):
-        with pytest.raises(grpc.aio.AioRpcError):
+    # Authenticate is retried on UNAVAILABLE (3 retries): each call makes 4 attempts and counts once
+    # for the breaker; the 5th failed call opens it, and later calls never reach the server.
+    for i in range(5):
+        assert rec.breaker == []
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.Authenticate(auth)
-    assert plan.calls == 5
+        assert not isinstance(exc.value, CircuitOpen), i
+    assert plan.calls == 20
     assert rec.breaker == [("closed", "open")]
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await stub.Authenticate(auth)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "Circuit breaker OPEN" in exc.value.details()
     assert isinstance(exc.value, CircuitOpen)
-    assert plan.calls == 5  # failed fast: the network was not touched
-    # After the recovery time one probe goes out; it succeeds and the breaker closes.
+    assert plan.calls == 20  # failed fast: the network was not touched
+    # After the probe wait (100 ms first_probe here) one probe goes out; it succeeds and the breaker closes.
     plan.fail_first = 0
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
@@ -194,6 +196,31 @@ async def test_breaker_opens_after_exactly_five_failures_fails_fast_then_recover
         except CircuitOpen:
             await asyncio.sleep(0.05)
     assert rec.breaker[-2:] == [("open", "half_open"), ("half_open", "closed")]
+
+
+async def test_per_try_timeouts_of_a_call_that_retries_to_success_do_not_open_the_breaker(servers, make_client):
+    # A stall: the server sits on the first 5 attempts past their per-try timeout. The first call's
+    # 4 attempts all time out (one failed call); the second call's first attempt times out too, and
+    # its retry succeeds. Counted per attempt, the 5th timeout opened the breaker and the retry was
+    # refused ("Circuit breaker OPEN"); counted per call, there was one failure and the breaker stays closed.
+    plan = FaultPlan(delay=0.6, slow_calls=5)
+    text = _mesh().model_dump(mode="json", by_alias=True)
+    auth = next(svc for svc in text["services"] if svc["name"] == "auth-svc")
+    route = auth["routes"][0]
+    assert route["match"] == "/aivo.auth.v1.AuthService/ValidateToken" and route["idempotent"]
+    route["timeout"], route["retry"]["per_try_timeout"] = 3.0, 0.2
+    mesh = MeshSpec.model_validate(text)
+    s = await servers(plan, mesh=mesh)
+    rec = Recorder()
+    client = make_client(mesh, [f"127.0.0.1:{s.bound_port}"], listeners=[rec])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ValidateToken(_req())
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert (await stub.ValidateToken(_req())).valid
+    assert plan.attempts_seen == [1, 2, 3, 4, 1, 2]
+    assert rec.breaker == []
+    assert client.target("auth-svc").policy.breaker.state == "closed"
 
 
 async def test_failure_storm_stays_within_the_retry_budget(servers, make_client):

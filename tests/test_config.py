@@ -69,8 +69,8 @@ def test_effective_values_of_mesh_yaml(mesh: MeshSpec) -> None:
     for name in mesh.service_names:
         p = service_policy(mesh, name)
         cb = p.circuit_breaker
-        assert (cb.mode, cb.consecutive_failures, cb.recovery_time, cb.half_open_max_calls) == (
-            "consecutive", 5, 60.0, 1)
+        assert (cb.mode, cb.consecutive_failures, cb.first_probe, cb.recovery_time, cb.half_open_max_calls) == (
+            "consecutive", 5, 1.0, 60.0, 1)
         lim = p.limits
         assert (lim.max_connections, lim.max_pending_requests, lim.max_requests, lim.max_retries) == (
             1000, 100, 1000, 10)
@@ -313,6 +313,10 @@ BAD_INPUTS = [
     _case("partial backoff below inherited max",
           _edit("retry: {max_retries: 2}", "retry: {backoff: {base: 2s}}"),
           "services[3].retry.backoff", "max (1.0s) must be >= base (2.0s)", "base: 2s"),
+    _case("first_probe above recovery_time", _edit("first_probe: 1s", "first_probe: 2m"),
+          "defaults.circuit_breaker", "first_probe (120.0s) must be <= recovery_time (60.0s)", "circuit_breaker:"),
+    _case("zero first_probe", _edit("first_probe: 1s", "first_probe: 0s"),
+          "defaults.circuit_breaker.first_probe", "greater than 0", "first_probe: 0s"),
     _case("max_retries above 10", _edit("    max_retries: 3\n", "    max_retries: 11\n"),
           "defaults.retry.max_retries", "less than or equal to 10", "max_retries: 11"),
     _case("canary not summing to 100", _edit("retry: {max_retries: 2}", "canary: {v1: 90, v2: 20}"),
@@ -415,6 +419,18 @@ def test_whole_service_route_is_the_service_prefix() -> None:
     assert m.service(LEARNER).routes[0].match == "/aivo.learner.v1.LearnerService/"
     rp = route_policy(m, LEARNER, "/aivo.learner.v1.LearnerService/UpdateProfile")
     assert (rp.match, rp.idempotent) == ("/aivo.learner.v1.LearnerService/", True)
+
+
+def test_a_lone_recovery_time_below_the_inherited_first_probe_is_valid() -> None:
+    # Only both keys written together the wrong way round are an error; here the breaker caps the
+    # first probe at recovery_time (policy/breaker.py).
+    from aivo_mesh.policy.breaker import BreakerParams
+
+    m = parse_mesh(_edit("retry: {max_retries: 2}", "circuit_breaker: {recovery_time: 400ms}"))
+    cb = service_policy(m, ANALYTICS).circuit_breaker
+    assert (cb.first_probe, cb.recovery_time) == (1.0, 0.4)
+    backoff = BreakerParams.from_spec(cb).probe_backoff
+    assert (backoff.base, backoff.cap) == (0.4, 0.4)
 
 
 def test_bad_input_table_is_large_enough() -> None:

@@ -384,7 +384,7 @@ def test_annotation_model_maps_retries_timeouts_and_failure_accrual():
     assert "retry.linkerd.io/timeout" not in ann  # the defaults' per-try timeout: idempotent routes only
     assert ann["balancer.linkerd.io/failure-accrual"] == "consecutive"
     assert ann["balancer.linkerd.io/failure-accrual-consecutive-max-failures"] == "5"
-    assert ann["balancer.linkerd.io/failure-accrual-consecutive-min-penalty"] == "60s"
+    assert ann["balancer.linkerd.io/failure-accrual-consecutive-min-penalty"] == "1s"  # first_probe
     assert ann["balancer.linkerd.io/failure-accrual-consecutive-max-penalty"] == "60s"
     routes = {d["metadata"]["name"]: d for d in docs if _outbound(d)}
     validate = routes["auth-svc-route-validatetoken"]

@@ -1,4 +1,4 @@
-"""backoff.py: full jitter bounds, decorrelated jitter, gRFC A6 pushback."""
+"""backoff.py: full jitter bounds, decorrelated and equal jitter, gRFC A6 pushback."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from random import Random
 import pytest
 
 from aivo_mesh.config.model import BackoffSpec
-from aivo_mesh.policy.backoff import STOP, DecorrelatedJitter, FullJitter, parse_pushback
+from aivo_mesh.policy.backoff import STOP, DecorrelatedJitter, EqualJitter, FullJitter, parse_pushback
 
 
 def test_full_jitter_ceiling_doubles_up_to_the_cap() -> None:
@@ -40,6 +40,20 @@ def test_decorrelated_jitter_bounds() -> None:
         d = b.delay(n, previous, rng)
         assert 0.1 <= d <= min(2.0, max(0.1, previous * 3))
         previous = d
+
+
+def test_equal_jitter_spans_half_to_full_ceiling() -> None:
+    # The breaker's probe wait: the ceiling doubles as full jitter's does, the wait never drops below half.
+    b, rng = EqualJitter(base=1.0, cap=60.0), Random(5)
+    assert [b.ceiling(n) for n in range(1, 9)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert b.ceiling(10_000) == 60.0
+    for n in (1, 3, 7, 50):
+        c = b.ceiling(n)
+        samples = [b.delay(n, 0.0, rng) for _ in range(2000)]
+        assert all(c / 2 <= s <= c for s in samples)
+        assert min(samples) < 0.52 * c and max(samples) > 0.98 * c
+    with pytest.raises(ValueError, match="cap must be >= base"):
+        EqualJitter(base=2.0, cap=1.0)
 
 
 def test_from_spec_and_validation() -> None:

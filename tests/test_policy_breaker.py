@@ -1,8 +1,10 @@
-"""breaker.py: CLOSED -> OPEN -> HALF_OPEN -> CLOSED on a fake clock; operator states; the layer."""
+"""breaker.py: CLOSED -> OPEN -> HALF_OPEN -> CLOSED on a fake clock; the probe back-off; operator
+states; the layer."""
 
 from __future__ import annotations
 
 import asyncio
+from random import Random
 
 import pytest
 
@@ -92,21 +94,24 @@ async def test_open_fails_fast_without_calling_inner(clock: FakeClock, listener:
     assert listener.named("breaker_rejected") == [(SVC, "/aivo.auth.v1.AuthService/ValidateToken")]
 
 
-async def test_half_open_after_recovery_time_one_probe_then_closed(
+async def test_half_open_after_the_first_probe_wait_one_probe_then_closed(
     clock: FakeClock, listener: RecordingListener
 ) -> None:
     up = Upstream()
     breaker, handler = make(clock, listener, up)
     for _ in range(5):
         await handler(c())
-    clock.advance(59.9)
+    wait = breaker.next_probe_in
+    assert wait is not None and 0.5 <= wait <= 1.0  # first_probe 1 s, equal jitter: [c/2, c]
+    clock.advance(wait - 0.001)
     assert (await handler(c())).local
     assert breaker.state == OPEN
-    clock.advance(0.1)
+    clock.advance(0.001)
     up.code, up.gate = "OK", asyncio.Event()
     probe = asyncio.ensure_future(handler(c()))
     await asyncio.sleep(0)
     assert breaker.state == HALF_OPEN
+    assert breaker.next_probe_in is None
     calls = up.calls
     second = await handler(c())  # only one probe at a time
     assert second.local
@@ -120,18 +125,49 @@ async def test_half_open_after_recovery_time_one_probe_then_closed(
     assert (await handler(c())).ok
 
 
-async def test_probe_failure_reopens_for_another_recovery_time(clock: FakeClock, listener: RecordingListener) -> None:
-    up = Upstream()
-    breaker, handler = make(clock, listener, up)
+def test_each_failed_probe_doubles_the_wait_up_to_recovery_time(clock: FakeClock) -> None:
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=1), clock=clock, rng=Random(3))
+    breaker.record(breaker.admit(), FAILURE)
+    waits = []
+    for n in range(1, 11):
+        wait = breaker.next_probe_in
+        assert wait is not None
+        ceiling = min(60.0, 2.0 ** (n - 1))
+        assert ceiling / 2 <= wait <= ceiling, (n, wait)
+        waits.append(wait)
+        clock.advance(wait)
+        breaker.record(breaker.admit(), FAILURE)  # the probe fails: OPEN again, for longer
+    assert max(waits) <= 60.0 < sum(waits[-3:])  # capped at recovery_time, and still probing
+    # A successful probe closes the breaker and resets the back-off: the next opening waits ~1 s.
+    clock.advance(breaker.next_probe_in or 0.0)
+    breaker.record(breaker.admit(), SUCCESS)
+    assert breaker.state == CLOSED
+    breaker.record(breaker.admit(), FAILURE)
+    assert 0.5 <= (breaker.next_probe_in or 0.0) <= 1.0
+
+
+def test_probe_waits_are_jittered(clock: FakeClock) -> None:
+    # Callers that opened together must not probe together.
+    waits = set()
+    for seed in range(20):
+        breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=1), clock=clock, rng=Random(seed))
+        breaker.record(breaker.admit(), FAILURE)
+        waits.add(round(breaker.next_probe_in or 0.0, 6))
+    assert len(waits) == 20
+    assert min(waits) >= 0.5 and max(waits) <= 1.0
+
+
+def test_first_probe_is_capped_by_recovery_time(clock: FakeClock) -> None:
+    # A lone short recovery_time under the default first_probe: every wait is within recovery_time.
+    breaker = CircuitBreaker(SVC, BreakerParams(consecutive_failures=1, recovery_time=0.4), clock=clock)
     for _ in range(5):
-        await handler(c())
-    clock.advance(60)
-    assert not (await handler(c())).local  # the probe went out and failed
-    assert breaker.state == OPEN
-    clock.advance(59.9)
-    assert (await handler(c())).local
-    clock.advance(0.1)
-    assert breaker.state == HALF_OPEN
+        breaker.record(breaker.admit(), FAILURE)
+        wait = breaker.next_probe_in or 0.0
+        assert 0.2 <= wait <= 0.4
+        clock.advance(wait)
+    # first_probe == recovery_time: every wait in [recovery_time / 2, recovery_time].
+    flat = BreakerParams(first_probe=60, recovery_time=60).probe_backoff
+    assert (flat.ceiling(1), flat.ceiling(9)) == (60.0, 60.0)
 
 
 async def test_half_open_needs_all_probes_to_succeed(clock: FakeClock, listener: RecordingListener) -> None:
@@ -306,10 +342,15 @@ def test_gauge_values(clock: FakeClock) -> None:
 
 
 def test_params_from_spec() -> None:
-    p = BreakerParams.from_spec(CircuitBreakerSpec(consecutive_failures=3, recovery_time=10, half_open_max_calls=2))
-    assert (p.consecutive_failures, p.recovery_time, p.half_open_max_calls) == (3, 10, 2)
+    p = BreakerParams.from_spec(CircuitBreakerSpec(consecutive_failures=3, recovery_time=10, half_open_max_calls=2,
+                                                   first_probe=0.25))
+    assert (p.consecutive_failures, p.recovery_time, p.half_open_max_calls, p.first_probe) == (3, 10, 2, 0.25)
+    assert (p.probe_backoff.base, p.probe_backoff.cap) == (0.25, 10)
+    assert BreakerParams.from_spec(CircuitBreakerSpec()).first_probe == 1.0
     with pytest.raises(ValueError, match="recovery_time"):
         BreakerParams(recovery_time=0)
+    with pytest.raises(ValueError, match="first_probe"):
+        BreakerParams(first_probe=0)
 
 
 def test_a_transient_outcome_resets_the_count_like_a_success(clock: FakeClock) -> None:

@@ -60,7 +60,7 @@ def target(clock: FakeClock, up: Upstream, listener: PolicyListener | None = Non
 def test_layer_order_is_pinned() -> None:
     clock = FakeClock()
     t = target(clock, Upstream(clock, {}))
-    assert layer_names(t.layers(VALIDATE)) == ["deadline", "limit", "retry", "breaker", "balancer"]
+    assert layer_names(t.layers(VALIDATE)) == ["deadline", "limit", "breaker", "retry", "balancer"]
     assert list(CLIENT_ORDER) == layer_names(t.layers(LOGIN))
 
 
@@ -125,7 +125,46 @@ async def test_breaker_rejection_is_local_and_never_retried() -> None:
     assert "Circuit breaker OPEN" in reply.details
     assert up.seen == []
     assert listener.named("retry") == []
-    assert t.budget.requests == 1
+    assert t.budget.requests == 0  # refused before retry: it never counted as a request
+
+
+async def test_the_breaker_counts_calls_not_attempts() -> None:
+    # Both endpoints down: each call makes 4 attempts (3 retries, within the budget's 3 concurrent
+    # retries), but only its final outcome counts. 16 failed attempts in 4 calls leave the breaker
+    # closed; the 5th failed call opens it; the 6th fails fast without an attempt.
+    clock = FakeClock()
+    up = Upstream(clock, {A: "UNAVAILABLE", B: "UNAVAILABLE"})
+    listener = RecordingListener()
+    t = TargetPolicy.from_mesh(mesh(outlier_detection={"consecutive_failures": 100}), SVC, up, clock=clock,
+                               rng=Random(0), sleep=FakeSleep(clock), listener=listener, inherited=lambda: None)
+    handler = t.stack_for(LOGIN)
+    for _ in range(4):
+        assert (await handler(Call(SVC, LOGIN, None))).code == "UNAVAILABLE"
+    assert len(up.seen) == 16
+    assert t.breaker.state == "closed"
+    assert len(listener.named("breaker_failure")) == 4
+    await handler(Call(SVC, LOGIN, None))
+    assert t.breaker.state == "open"
+    reply = await handler(Call(SVC, LOGIN, None))
+    assert reply.local and "Circuit breaker OPEN" in reply.details
+    assert len(up.seen) == 20
+
+
+async def test_a_call_retried_to_success_is_a_success_for_the_breaker() -> None:
+    # The first attempts of 10 calls in a row time out (a stalled endpoint's per-try timeouts) and
+    # every retry succeeds. Counted per attempt that was 10 failures; per call it is none.
+    clock = FakeClock()
+
+    async def first_attempt_times_out(call: Call) -> Reply:
+        return Reply("DEADLINE_EXCEEDED" if call.attempt == 1 else "OK")
+
+    t = TargetPolicy.from_mesh(mesh(retry={"max_retries": 3, "retry_on": ["DEADLINE_EXCEEDED"]},
+                                    outlier_detection={"consecutive_failures": 100}),
+                               SVC, first_attempt_times_out, clock=clock, rng=Random(0), sleep=FakeSleep(clock),
+                               inherited=lambda: None)
+    for _ in range(10):
+        assert (await t.stack_for(VALIDATE)(Call(SVC, VALIDATE, None))).ok
+    assert t.breaker.state == "closed"
 
 
 async def test_limit_slot_is_held_across_retries() -> None:

@@ -204,11 +204,13 @@ class RetryBudgetSpec(_Strict):
 
 
 class CircuitBreakerSpec(_Strict):
-    """CLOSED -> OPEN after `consecutive_failures` (or a failure rate over a window) ->
-    HALF_OPEN after `recovery_time` -> CLOSED after `half_open_max_calls` successful probes."""
+    """CLOSED -> OPEN after `consecutive_failures` failed calls (or a failure rate over a window) ->
+    HALF_OPEN after a wait -> CLOSED after `half_open_max_calls` successful probes. The wait starts
+    near `first_probe` and doubles with each failed probe, with jitter, up to `recovery_time`."""
 
     mode: Literal["consecutive", "failure_rate"] = "consecutive"
     consecutive_failures: Annotated[StrictInt, Field(ge=1)] = 5
+    first_probe: PositiveDuration = 1.0
     recovery_time: PositiveDuration = 60.0
     half_open_max_calls: Annotated[StrictInt, Field(ge=1)] = 1
     failure_rate_threshold: Percent = 50.0
@@ -217,6 +219,15 @@ class CircuitBreakerSpec(_Strict):
     failure_codes: tuple[StatusName, ...] = (
         "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS",
     )
+
+    @model_validator(mode="after")
+    def _probe_within_recovery(self) -> CircuitBreakerSpec:
+        # Only when both are written here: a lone `recovery_time` shorter than the inherited first
+        # probe is a valid wish (probe after recovery_time every time), so the breaker caps
+        # first_probe at recovery_time instead; writing both the wrong way round is a contradiction.
+        if {"first_probe", "recovery_time"} <= self.model_fields_set and self.first_probe > self.recovery_time:
+            raise ValueError(f"first_probe ({self.first_probe}s) must be <= recovery_time ({self.recovery_time}s)")
+        return self
 
 
 class LimitsSpec(_Strict):

@@ -5,7 +5,10 @@ waits without jitter bunch those retries into synchronized waves; full jitter
 `uniform(0, min(cap, base * 2**(n-1)))` spreads them over the whole interval and does the least
 total work under contention (gRFC A6, which grpcio implements, and the AWS architecture blog
 "Exponential Backoff and Jitter"). Decorrelated jitter `min(cap, uniform(base, previous * 3))` is
-offered for callers waiting on a resource that is down rather than contended.
+offered for callers waiting on a resource that is down rather than contended. Equal jitter
+`uniform(c / 2, c)` with the same ceiling c is for a wait that must not shrink towards zero: the
+circuit breaker's wait before its next probe (breaker.py), where an immediate probe would defeat
+the point of opening, yet many clients that opened together must not probe together.
 
 Back-offs are frozen values shared by thousands of concurrent calls: the retry number and the
 previous delay live in the call's retry state, and the RNG is passed in (seeded in tests).
@@ -34,6 +37,12 @@ class Backoff(Protocol):
         ...
 
 
+def _ceiling(base: float, cap: float, n: int) -> float:
+    """`min(cap, base * 2**(n-1))`: the exponential ceiling shared by full and equal jitter."""
+    exponent = min(max(n - 1, 0), _MAX_EXPONENT)
+    return min(cap, base * float(1 << exponent))
+
+
 def _check(base: float, cap: float) -> None:
     if not base > 0:
         raise ValueError(f"back-off base must be > 0 seconds, got {base!r}")
@@ -57,8 +66,7 @@ class FullJitter:
 
     def ceiling(self, retry: int) -> float:
         """The upper bound of the wait before retry `retry`."""
-        exponent = min(max(retry - 1, 0), _MAX_EXPONENT)
-        return min(self.cap, self.base * float(1 << exponent))
+        return _ceiling(self.base, self.cap, retry)
 
     def delay(self, retry: int, previous: float, rng: Random) -> float:
         return rng.uniform(0.0, self.ceiling(retry))
@@ -81,6 +89,25 @@ class DecorrelatedJitter:
     def delay(self, retry: int, previous: float, rng: Random) -> float:
         upper = max(self.base, previous * 3.0)
         return min(self.cap, rng.uniform(self.base, upper))
+
+
+@dataclass(frozen=True, slots=True)
+class EqualJitter:
+    """`uniform(c / 2, c)`, c = `min(cap, base * 2**(n-1))` (AWS equal jitter). Pick when the wait has
+    a floor: never below half the ceiling, never above `cap`."""
+
+    base: float = 1.0
+    cap: float = 60.0
+
+    def __post_init__(self) -> None:
+        _check(self.base, self.cap)
+
+    def ceiling(self, n: int) -> float:
+        return _ceiling(self.base, self.cap, n)
+
+    def delay(self, retry: int, previous: float, rng: Random) -> float:
+        c = self.ceiling(retry)
+        return rng.uniform(c / 2.0, c)
 
 
 class Pushback(enum.Enum):

@@ -5,11 +5,25 @@ dependency) is sick for all its methods, and Envoy (per cluster) and Linkerd (pe
 it the same way. Per-(service, method) breakers are possible by keying `CircuitBreaker`s by
 (service, method) in stack.py; the layer does not care.
 
-    CLOSED ──(trip rule)──> OPEN ──(recovery_time passed, checked on admit)──> HALF_OPEN
+Why it judges logical calls, not attempts: the layer sits above retry (stack.py), so it counts
+what the caller got after retries, and an attempt that failed but was retried to success counts
+for nothing. Counting attempts let a one-second stall open it for everyone: the per-try timeouts
+of calls that were still retrying, and that mostly went on to succeed, added up to 5 at once.
+A bad endpoint among good ones is outlier detection's job (outlier.py, per endpoint and per
+attempt, as Envoy's and Linkerd's); retries move to the other endpoints, so the service's calls
+keep succeeding and this breaker stays closed. A dead service fails every call after retries,
+so 5 failed calls open it and every later call fails fast, with no attempt on the network.
+
+    CLOSED ──(trip rule)──> OPEN ──(probe wait passed, checked on admit)──> HALF_OPEN
        ^                     ^                                                  │
        │                     └────────────── a probe fails ─────────────────────┤
        └──────────── half_open_max_calls probes succeed ────────────────────────┘
     FORCED_OPEN, DISABLED: operator states (reject all / admit all, count nothing); reset() -> CLOSED.
+
+Probe wait (Linkerd's failure accrual, Finagle's): the n-th opening in a row waits
+`uniform(c / 2, c)`, c = min(recovery_time, first_probe * 2**(n-1)) (backoff.EqualJitter): about a
+second after a stall, doubling with each failed probe up to `recovery_time` for a service that
+stays down. Closing resets n. Jitter keeps the callers that opened together from probing together.
 
 Trip rules: `consecutive` = `consecutive_failures` FAILURE/RETRYABLE outcomes in a row (any
 SUCCESS or TRANSIENT resets the count); `failure_rate` = failures >= `failure_rate_threshold` % of
@@ -29,9 +43,11 @@ Transitions are synchronous and O(1); nothing is awaited while the state is bein
 from __future__ import annotations
 
 from dataclasses import dataclass
+from random import Random
 from typing import ClassVar, Literal
 
 from aivo_mesh.config.model import CircuitBreakerSpec
+from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
@@ -52,6 +68,7 @@ class BreakerParams:
     consecutive_failures: int = 5
     recovery_time: float = 60.0
     half_open_max_calls: int = 1
+    first_probe: float = 1.0
     failure_rate_threshold: float = 50.0
     window_size: int = 100
     minimum_calls: int = 20
@@ -61,6 +78,8 @@ class BreakerParams:
             raise ValueError(f"consecutive_failures must be >= 1, got {self.consecutive_failures!r}")
         if not self.recovery_time > 0:
             raise ValueError(f"recovery_time must be > 0 seconds, got {self.recovery_time!r}")
+        if not self.first_probe > 0:
+            raise ValueError(f"first_probe must be > 0 seconds, got {self.first_probe!r}")
         if self.half_open_max_calls < 1:
             raise ValueError(f"half_open_max_calls must be >= 1, got {self.half_open_max_calls!r}")
         if not 0.0 <= self.failure_rate_threshold <= 100.0:
@@ -73,7 +92,12 @@ class BreakerParams:
         return cls(mode=spec.mode, consecutive_failures=spec.consecutive_failures,
                    recovery_time=spec.recovery_time, half_open_max_calls=spec.half_open_max_calls,
                    failure_rate_threshold=spec.failure_rate_threshold, window_size=spec.window_size,
-                   minimum_calls=spec.minimum_calls)
+                   minimum_calls=spec.minimum_calls, first_probe=spec.first_probe)
+
+    @property
+    def probe_backoff(self) -> EqualJitter:
+        """The wait before the next probe; a first_probe above recovery_time is capped there."""
+        return EqualJitter(base=min(self.first_probe, self.recovery_time), cap=self.recovery_time)
 
 
 # -- trip rules: when does CLOSED open? ------------------------------------------------------
@@ -165,7 +189,7 @@ class Open(BreakerState):
     name = OPEN
 
     def admit(self, b: CircuitBreaker) -> int:
-        if b._clock() - b._opened_at >= b.params.recovery_time:
+        if b._clock() >= b._probe_at:
             b._to(HALF_OPEN_STATE)
             return HALF_OPEN_STATE.admit(b)
         return REJECTED
@@ -213,21 +237,24 @@ FORCED_OPEN_STATE, DISABLED_STATE = ForcedOpen(), Disabled()
 class CircuitBreaker:
     """The breaker of one target service: `admit()` -> ticket, then `record(ticket, outcome)`."""
 
-    __slots__ = ("_clock", "_gen", "_listener", "_opened_at", "_probe_successes", "_probes", "_rejections",
-                 "_rule", "_state", "params", "service")
+    __slots__ = ("_backoff", "_clock", "_gen", "_listener", "_openings", "_probe_at", "_probe_successes", "_probes",
+                 "_rejections", "_rng", "_rule", "_state", "params", "service")
 
     def __init__(self, service: str, params: BreakerParams = BreakerParams(), *, clock: Clock = monotonic,
-                 listener: PolicyListener = NOOP) -> None:
+                 listener: PolicyListener = NOOP, rng: Random | None = None) -> None:
         self.service = service
         self.params = params
         self._clock = clock
         self._listener = listener
+        self._rng = rng if rng is not None else Random()
+        self._backoff = params.probe_backoff
         self._rule: TripRule = (
             FailureRate(params.failure_rate_threshold, params.window_size, params.minimum_calls)
             if params.mode == "failure_rate" else ConsecutiveFailures(params.consecutive_failures))
         self._state: BreakerState = CLOSED_STATE
         self._gen = 0
-        self._opened_at = 0.0
+        self._openings = 0  # OPEN entered this many times since the breaker was last CLOSED
+        self._probe_at = 0.0  # when OPEN: the clock time from which a probe is admitted
         self._probes = 0
         self._probe_successes = 0
         # Built once: a rejection allocates nothing.
@@ -266,14 +293,21 @@ class CircuitBreaker:
     # -- introspection and operator actions ---------------------------------------------------
     @property
     def state(self) -> str:
-        """The current state's name; OPEN turns HALF_OPEN here too once recovery_time has passed."""
-        if self._state is OPEN_STATE and self._clock() - self._opened_at >= self.params.recovery_time:
+        """The current state's name; OPEN turns HALF_OPEN here too once the probe wait has passed."""
+        if self._state is OPEN_STATE and self._clock() >= self._probe_at:
             self._to(HALF_OPEN_STATE)
         return self._state.name
 
     @property
     def gauge(self) -> int:
         return STATE_GAUGE[self.state]
+
+    @property
+    def next_probe_in(self) -> float | None:
+        """Seconds until OPEN admits a probe, or None when not OPEN (a due probe makes it HALF_OPEN)."""
+        if self.state != OPEN:
+            return None
+        return self._probe_at - self._clock()
 
     def reset(self) -> None:
         """-> CLOSED with clean counters (the admin endpoint's reset)."""
@@ -291,8 +325,10 @@ class CircuitBreaker:
         self._gen += 1
         if new is CLOSED_STATE:
             self._rule.reset()
+            self._openings = 0
         elif new is OPEN_STATE:
-            self._opened_at = self._clock()
+            self._openings += 1
+            self._probe_at = self._clock() + self._backoff.delay(self._openings, 0.0, self._rng)
         elif new is HALF_OPEN_STATE:
             self._probes = self._probe_successes = 0
         if old is not new:
@@ -300,7 +336,8 @@ class CircuitBreaker:
 
 
 class BreakerLayer:
-    """Fails fast with a local UNAVAILABLE while the breaker is open; reports every attempt's outcome."""
+    """Fails fast with a local UNAVAILABLE while the breaker is open; reports each call's final outcome
+    (it sits above retry: one admission and one outcome per logical call)."""
 
     name = "breaker"
 

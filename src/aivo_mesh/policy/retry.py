@@ -6,7 +6,7 @@ shell that acts on the answer; it is the only code in the policy core that sleep
 injected so a test's back-off costs no wall time.
 
 The rules, in the order they are checked:
-  - local replies (breaker/limit/budget rejections) are never retried: they did not reach the upstream;
+  - local replies (the balancer's "no endpoints") are never retried: they did not reach the upstream;
   - only RETRYABLE outcomes are retried (classify.py: the route's `retry_on`; codes other than
     UNAVAILABLE only on idempotent routes);
   - never once `call.committed` (a response message was received);

@@ -7,12 +7,17 @@
                so a call retrying 3 times still holds 1 slot (inside, retries would queue behind
                fresh calls and a storm could fill the queue with its own retries); its waiting time
                counts against the deadline set above. Its rejection is local, never retried.
-    retry      (+ budget) decides and sleeps; every attempt goes down through breaker and balancer.
+    breaker    one admission and one outcome per logical call, before any attempt: while OPEN a call
+               fails fast without reaching retry, budget or network. Outside retry, so it counts
+               what the caller got after retries: an attempt that failed and was retried to
+               success is no failure of the service (counting attempts let the per-try timeouts
+               of a one-second stall open it for everyone, for a minute). A call admitted
+               before it opened finishes its retries; the budget bounds them.
+    retry      (+ budget) decides and sleeps; every attempt goes down through the balancer.
                The budget is deposited once per logical call here.
-    breaker    sees every attempt, so retries cannot hide a failing upstream from it; its local
-               rejection reaches retry as `local=True` and is never retried.
     balancer   picks an endpoint per attempt (a retry may land elsewhere) and feeds outlier
-               detection with that attempt's outcome.
+               detection with that attempt's outcome: a bad endpoint is judged per attempt and
+               ejected, the service per call (breaker.py says how the two relate).
     terminal   one attempt on the wire (client/ adapts grpc.aio here).
 
 `TargetPolicy` holds the stateful parts shared by all methods of one target service (budget,
@@ -46,7 +51,7 @@ from aivo_mesh.policy.retry import RetryLayer, RetryParams, Sleeper
 
 __all__ = ["Handler", "Layer", "MethodParams", "TargetPolicy", "build_stack", "client_layers", "layer_names"]
 
-CLIENT_ORDER: tuple[str, ...] = ("deadline", "limit", "retry", "breaker", "balancer")
+CLIENT_ORDER: tuple[str, ...] = ("deadline", "limit", "breaker", "retry", "balancer")
 
 
 def layer_names(layers: Sequence[Layer]) -> list[str]:
@@ -88,8 +93,8 @@ def client_layers(
     return [
         DeadlineLayer(deadline_for, inherited, clock, listener=None if listener is NOOP else listener),
         LimitLayer(limit, clock=clock, listener=listener),
-        RetryLayer(params.retry, budget=budget, rng=rng, sleep=sleep, clock=clock, listener=listener),
         BreakerLayer(breaker, params.classifier, listener),
+        RetryLayer(params.retry, budget=budget, rng=rng, sleep=sleep, clock=clock, listener=listener),
         BalancerLayer(balancer, params.classifier),
     ]
 
@@ -122,7 +127,7 @@ class TargetPolicy:
         # The shared, stateful parts: one per target service.
         self.budget = RetryBudget(RetryBudgetParams.from_spec(policy.retry_budget, policy.limits), clock)
         self.breaker = CircuitBreaker(self.service, BreakerParams.from_spec(policy.circuit_breaker), clock=clock,
-                                      listener=listener)
+                                      listener=listener, rng=self.rng)
         self.limit = ConcurrencyLimit(self.service, LimitParams.from_spec(policy.limits))
         addresses = list(endpoints) if endpoints is not None else (
             list(spec.endpoints) or [f"{spec.host}:{spec.port}"])

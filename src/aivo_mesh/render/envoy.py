@@ -39,7 +39,8 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   first passing health check, and the ejected host keeps getting first attempts meanwhile).
   Every rendered peer cluster has one host, so ``always_eject_one_host: true`` (``max_ejection_percent``
   50 alone never ejects 1 of 1) and ``healthy_panic_threshold: 0`` (the default 50 % panic mode
-  would route to the ejected host anyway): 5 failures -> fail fast for 60 s, as the proxyless breaker.
+  would route to the ejected host anyway): 5 failures -> fail fast for the ejection time (flat 60 s
+  by default; the proxyless breaker's wait backs off from `first_probe` instead, docs/proxyless.md).
 - **Identity.** Certificates arrive through file-based SDS (`sds_files`), so ``meshctl certs
   rotate`` (an atomic ``os.replace`` in ``<certs>/services/`` and ``<certs>/ca/``) is picked up
   without a restart: each secret's ``watched_directory`` is the directory those renames happen in.

@@ -335,12 +335,14 @@ def service_annotations(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, str]:
     ann.update(_retry_annotations(route_retry(sp.retry, idempotent=False, streaming=False), idempotent=False))
     cb = sp.circuit_breaker
     if cb.mode == "consecutive":  # the success-rate mode is alpha in Linkerd edge: not rendered
-        penalty = _go_duration(cb.recovery_time)
+        # Linkerd's penalty backs off from min to max as the proxyless probe wait does (breaker.py);
+        # its jitter is Linkerd's own (the jitter-ratio annotation is not rendered).
         ann.update({
             "balancer.linkerd.io/failure-accrual": "consecutive",
             "balancer.linkerd.io/failure-accrual-consecutive-max-failures": str(cb.consecutive_failures),
-            "balancer.linkerd.io/failure-accrual-consecutive-min-penalty": penalty,
-            "balancer.linkerd.io/failure-accrual-consecutive-max-penalty": penalty,
+            "balancer.linkerd.io/failure-accrual-consecutive-min-penalty": _go_duration(
+                min(cb.first_probe, cb.recovery_time)),
+            "balancer.linkerd.io/failure-accrual-consecutive-max-penalty": _go_duration(cb.recovery_time),
         })
     return ann
 

@@ -24,7 +24,8 @@ class MeshAdminSource:
         out: dict[str, dict[str, Any]] = {}
         for name, t in sorted(self.client.targets().items()):
             b = t.policy.breaker
-            out[name] = {"state": b.state, "gauge": b.gauge, **t.policy.snapshot()["retry_budget"]}  # type: ignore[dict-item]
+            out[name] = {"state": b.state, "gauge": b.gauge, "next_probe_in": b.next_probe_in,
+                         **t.policy.snapshot()["retry_budget"]}  # type: ignore[dict-item]
         return out
 
     def reset_circuit_breaker(self, service: str) -> bool:
