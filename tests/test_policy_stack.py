@@ -269,6 +269,6 @@ def test_listeners_fan_out_and_survive_a_failing_listener(caplog: pytest.LogCapt
 
 def test_listeners_implement_every_event() -> None:
     events = [name for name in vars(PolicyListener) if not name.startswith("_")]
-    assert len(events) == 10
+    assert len(events) == 11
     for name in events:
         assert name in vars(Listeners), name
