@@ -58,7 +58,7 @@ from __future__ import annotations
 import ipaddress
 import math
 import posixpath
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -829,29 +829,58 @@ def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
     return config
 
 
+SECRET_TYPE = "envoy.extensions.transport_sockets.tls.v3.Secret"
+
+
+def tls_certificate_secret(cert_file: str, key_file: str, watched_dir: str) -> Config:
+    """The SDS file of a sidecar's own certificate (`svc_cert`)."""
+    return {"resources": [_typed(SECRET_TYPE, name=SDS_CERT, tls_certificate={
+        "certificate_chain": {"filename": cert_file},
+        "private_key": {"filename": key_file},
+        "watched_directory": {"path": watched_dir},
+    })]}
+
+
+def validation_secret(ca_file: str, watched_dir: str, *, crl_file: str | None = None,
+                      spki_pins: Sequence[str] = ()) -> Config:
+    """The SDS file of what a sidecar trusts (`mesh_ca`), merged into every listener's and cluster's
+    validation context (which adds the URI SAN match).
+
+    `crl_file`: mesh.yaml's revoked serials, signed by the issuing CA (pki/revoke.py); only the leaf is
+    looked up in it (the CA certificates have no CRL of their own). `spki_pins`: when given, the only
+    keys a peer may present: the keys of the certificates that passed the mesh's peer policy (the local
+    mesh publishes them, runtime/sidecar_certs.py), so Envoy refuses what its validator cannot check (key
+    size, signature hash, CA:TRUE leaves, second URI SANs, rotated-away keys)."""
+    context: dict[str, Any] = {"trusted_ca": {"filename": ca_file}}
+    if crl_file is not None:
+        context |= {"crl": {"filename": crl_file}, "only_verify_leaf_cert_crl": True}
+    if spki_pins:
+        context["verify_certificate_spki"] = sorted(spki_pins)
+    context["watched_directory"] = {"path": watched_dir}
+    return {"resources": [_typed(SECRET_TYPE, name=SDS_CA, validation_context=context)]}
+
+
 def sds_files(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> dict[str, Config]:
-    """The SDS files `bootstrap` loads from `profile.sds_dir`, keyed by file name.
+    """The SDS files `bootstrap` loads from `profile.sds_dir`, keyed by file name, reading the certs
+    directory as it is (Kubernetes and Compose mount it; the local mesh vets it first, see
+    runtime/sidecar_certs.py).
 
     ``watched_directory`` is the directory where rotation renames files: ``meshctl certs rotate``
     ``os.replace``s ``services/<svc>.crt`` and ``services/<svc>-key.pem`` (so the certificate's
     watch is ``<cert_dir>/services``) and a CA rollover replaces ``ca/ca.crt`` (``<cert_dir>/ca``).
     Envoy re-reads every file of the secret on each move into that directory and keeps the old
-    credentials if the pair does not match yet (``sds.<name>.key_rotation_failed``).
+    credentials if the pair does not match yet (``sds.<name>.key_rotation_failed``). With revoked
+    serials in mesh.yaml, the trust also reads ``ca/crl.pem`` (``meshctl certs revoke`` writes it).
     """
     mesh.service(service)
     services_dir = posixpath.join(profile.cert_dir, "services")
     ca_dir = posixpath.join(profile.cert_dir, "ca")
-    secret = "envoy.extensions.transport_sockets.tls.v3.Secret"
+    revoked = any(r.serial is not None for r in mesh.certificates.revoked)
     return {
-        TLS_CERT_FILE: {"resources": [_typed(secret, name=SDS_CERT, tls_certificate={
-            "certificate_chain": {"filename": posixpath.join(services_dir, f"{service}.crt")},
-            "private_key": {"filename": posixpath.join(services_dir, f"{service}-key.pem")},
-            "watched_directory": {"path": services_dir},
-        })]},
-        MESH_CA_FILE: {"resources": [_typed(secret, name=SDS_CA, validation_context={
-            "trusted_ca": {"filename": posixpath.join(ca_dir, "ca.crt")},
-            "watched_directory": {"path": ca_dir},
-        })]},
+        TLS_CERT_FILE: tls_certificate_secret(posixpath.join(services_dir, f"{service}.crt"),
+                                              posixpath.join(services_dir, f"{service}-key.pem"), services_dir),
+        MESH_CA_FILE: validation_secret(posixpath.join(ca_dir, "ca.crt"), ca_dir,
+                                        crl_file=posixpath.join(ca_dir, "crl.pem") if revoked else None),
     }
 
 

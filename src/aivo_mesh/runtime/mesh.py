@@ -24,13 +24,16 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.errors import MeshError
+from aivo_mesh.errors import MeshError, StartupError
 from aivo_mesh.runtime.state import StateDir, pid_alive
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
+
+if TYPE_CHECKING:
+    from aivo_mesh.runtime.sidecar_certs import SidecarCertificates
 
 Plane = Literal["sidecar", "proxyless"]
 log = logging.getLogger(__name__)
@@ -128,9 +131,11 @@ def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
 
 
 def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | None) -> dict[str, Path]:
-    """Local-profile bootstraps and SDS files under <state>/envoy/<svc>/; returns bootstrap paths."""
+    """Local-profile bootstraps under <state>/envoy/<svc>/, and their SDS files with the certificates the
+    peer policy vetted (runtime/sidecar_certs.py); returns bootstrap paths. Raises StartupError when a
+    service has no certificate its sidecar may present."""
     from aivo_mesh.render import serialize
-    from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
+    from aivo_mesh.render.envoy import EnvoyProfile, bootstrap
 
     out: dict[str, Path] = {}
     for name in mesh.service_names:
@@ -138,12 +143,21 @@ def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | N
         (d / "sds").mkdir(parents=True, exist_ok=True)
         profile = EnvoyProfile.local(cert_dir=str(state.certs.root.resolve()), sds_dir=str((d / "sds").resolve()),
                                      otlp=("127.0.0.1", collector_port) if collector_port else None)
-        for rel, doc in sds_files(mesh, name, profile).items():
-            (d / "sds" / rel).write_text(serialize(rel, doc))
         path = d / "envoy.yaml"
         path.write_text(serialize("envoy.yaml", bootstrap(mesh, name, profile)))
         out[name] = path
+    publisher = sidecar_certificates(state, mesh)
+    publisher.publish()
+    missing = [n for n in mesh.service_names if n not in publisher.current]
+    if missing:
+        raise StartupError("\n".join(f"{n}: {publisher.problems.get(n, 'no vetted certificate')}" for n in missing))
     return out
+
+
+def sidecar_certificates(state: StateDir, mesh: MeshSpec) -> SidecarCertificates:
+    from aivo_mesh.runtime.sidecar_certs import for_local_mesh
+
+    return for_local_mesh(state.certs, mesh, state.root / "envoy")
 
 
 def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | None,
@@ -202,11 +216,16 @@ def mesh_for_clients(mesh: MeshSpec, info: RuntimeInfo) -> MeshSpec:
 
 
 class MeshSupervisor(Supervisor):
-    """Keeps the planned processes running until SIGTERM; restarts crashes with back-off."""
+    """Keeps the planned processes running until SIGTERM; restarts crashes with back-off. On the sidecar
+    plane it also publishes vetted certificates to the Envoys as they rotate (runtime/sidecar_certs.py)
+    and applies mesh.yaml's certificates block (revocations) to them."""
 
-    def __init__(self, state: StateDir, procs: list[Managed]) -> None:
+    def __init__(self, state: StateDir, procs: list[Managed], publisher: SidecarCertificates | None = None,
+                 mesh: MeshSpec | None = None) -> None:
         super().__init__(state)
         self.planned = procs
+        self.publisher = publisher
+        self.mesh = mesh
         self.restarts: dict[str, int] = {}
         self._stopping = False
 
@@ -218,6 +237,18 @@ class MeshSupervisor(Supervisor):
         for m in self.planned:
             await self.start(m)
         watchers = {m.name: asyncio.ensure_future(self._keep(m)) for m in self.planned}
+        if self.publisher is not None and self.mesh is not None:
+            from aivo_mesh.runtime.mesh_watch import follow_certificates
+
+            publisher = self.publisher
+
+            def apply(new: MeshSpec) -> None:
+                publisher.set_mesh(new)
+                publisher.publish()
+
+            watchers["sidecar-certificates"] = asyncio.ensure_future(publisher.follow())
+            watchers["certificate-policy"] = asyncio.ensure_future(
+                follow_certificates(self.state.mesh_file, self.mesh, apply))
         await stop.wait()
         self._stopping = True
         for w in watchers.values():
@@ -270,7 +301,8 @@ async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_
     info.write(state)
     supervisor_pid_file(state).write_text(f"{os.getpid()}\n")
     try:
-        await MeshSupervisor(state, procs).run()
+        publisher = sidecar_certificates(state, mesh) if plane == "sidecar" else None
+        await MeshSupervisor(state, procs, publisher, mesh).run()
     finally:
         for f in (supervisor_pid_file(state), state.root / "runtime.json", restarts_file(state)):
             f.unlink(missing_ok=True)
