@@ -97,6 +97,8 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._service = service or (authorizer.service if authorizer else "")
         self._require_tls = require_tls
         self.observers: list[ServerCallObserver] = list(observers)
+        # Told of every refused call before it is aborted (MeshServer reports TLS-version refusals).
+        self.on_denied: Callable[[grpc.aio.ServicerContext, Denied], None] | None = None
 
     def _admit(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
         """Raise Denied unless this caller may call `method`; set the context variables."""
@@ -154,6 +156,11 @@ class _Guard:
             caller = icp._admit(self.method, context)
         except Denied as d:
             denied = d
+            if icp.on_denied is not None:
+                try:
+                    icp.on_denied(context, d)
+                except Exception:
+                    log.exception("on_denied hook failed for %s", self.method)
         if not icp.observers:
             if denied is not None:
                 await context.abort(denied.code, denied.details)
