@@ -41,6 +41,7 @@ EXPECTED = {
     "outlier_ejected_endpoints": ("gauge", {"service"}),
     "mtls_certificate_expiry_seconds": ("gauge", {"service"}),
     "mesh_peer_certificate_refusals": ("counter", {"side", "service", "rule"}),
+    "mtls_refused_connections": ("counter", {"service", "reason"}),
 }
 
 
@@ -70,6 +71,7 @@ def exercise_every_family(metrics: MeshMetrics) -> None:
     listener.limit_rejected("auth-svc", VALIDATE, "max_requests")
     listener.endpoint_ejected("auth-svc", "10.1.2.3:50061", 30.0)
     metrics.set_certificate_expiry("learner-svc", FakeIdentity(86_400.5))
+    metrics.observe_tls_refusal("learner-svc", "unknown_ca")
     ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, "spiffe://x/api", (),
                                                            monotonic() - 0.02), "OK", None)
     ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, None, (), monotonic(),

@@ -65,15 +65,16 @@ def _console() -> Console:
 @click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="drain time on shutdown (s)")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
+@click.option("--handshake-log/--no-handshake-log", default=True, show_default=True,
+              help="log refused TLS handshakes (reason, peer) and count them in mtls_refused_connections_total, "
+                   "from grpc core's stderr, relayed by a helper process")
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
           admin_port: int | None, consul: str | None, discovery: str, dns_template: str, dns_server: str | None,
-          insecure: bool, sidecar_outbound: str | None, plaintext_peers: bool, grace: float, log_format: str) -> None:
+          insecure: bool, sidecar_outbound: str | None, plaintext_peers: bool, grace: float, log_format: str,
+          handshake_log: bool) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.config.env import EnvSettings, apply_env
-    from aivo_mesh.runtime.serve import serve_service
-    from aivo_mesh.telemetry.logs import configure_logging
 
-    configure_logging("INFO", json=log_format == "json")
     # The variables the platform deploys services with (SERVICE_NAME, GRPC_PORT, CA_CERT_PATH, ...).
     env = EnvSettings.from_environ()
     if env.service_name is not None and env.service_name != service:
@@ -86,6 +87,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     if service not in mesh.service_names:
         raise click.BadParameter(f"unknown service {service!r}; mesh.yaml defines "
                                  f"{', '.join(mesh.service_names)}", param_hint="SERVICE")
+    dns = _dns_options(dns_template, dns_server) if discovery == "dns" else None
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     paths = None
@@ -93,12 +95,27 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         layout = CertLayout(Path(certs_dir))
         cert, key = layout.identity_paths(service)
         paths = (env.client_cert_path or cert, env.client_key_path or key, env.ca_cert_path or layout.ca_cert)
+
+    # Before grpc is imported (it reads GRPC_TRACE then): the capture turns on core's handshaker tracer.
+    from aivo_mesh.runtime.handshakes import capture_handshakes
+
+    capture = capture_handshakes() if handshake_log and not insecure else None
+
+    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.telemetry.logs import configure_logging
+
+    configure_logging("INFO", json=log_format == "json")
+    if capture is not None and capture.problem:
+        import logging
+
+        logging.getLogger("aivo_mesh.tls").warning("refused TLS handshakes are not captured: %s", capture.problem)
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
                               sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
                               cert_paths=paths, discovery=discovery, mesh_file=find_mesh_file(config),
+                              handshake_log=handshake_log,
                               consul_discovery=agent_address(consul) if discovery == "consul" else None,
-                              dns=_dns_options(dns_template, dns_server) if discovery == "dns" else None))
+                              dns=dns))
 
 
 def _dns_options(template: str, server: str | None) -> DnsOptions:

@@ -170,11 +170,16 @@ def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
 @click.option("--trace-id", default=None, help="only the trace whose id starts with this")
 def traces(state_dir: str, last: int, width: int, service: str | None, errors: bool, trace_id: str | None) -> None:
     """Recent traces of the local mesh as text waterfalls (app and Envoy spans)."""
-    from aivo_mesh.runtime.collector import SpanLog
+    from aivo_mesh.runtime.collector import SpanLog, read_stats, stats_line
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall, select_traces
 
     state = StateDir(state_dir)
     log = SpanLog(state.root / "traces.jsonl")
+    stats = read_stats(log.path)
+    if stats and (stats.get("truncated") or any((stats.get("dropped") or {}).values())):
+        # Said first: the traces below may lack spans.
+        click.echo(stats_line(stats))
+        click.echo()
     filtered = service is not None or errors or trace_id is not None
     # The log keeps recent spans only (it is size-capped), so filtering all of it is cheap.
     found = select_traces(log.traces(10**9) if filtered else log.traces(last), service=service, errors=errors,
@@ -188,16 +193,39 @@ def traces(state_dir: str, last: int, width: int, service: str | None, errors: b
         click.echo()
 
 
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def byte_size(ctx: click.Context | None, param: click.Parameter | None, value: str) -> int:
+    """A size in bytes: 1048576, 512KiB, 64MiB, 1GiB (K, M, G, KB, MB, GB are powers of 1024 too)."""
+    text = str(value).strip().lower().removesuffix("ib").removesuffix("b")
+    digits = text.rstrip("kmg")
+    unit = text[len(digits):]
+    if not digits.isdigit() or unit not in _SIZE_UNITS or int(digits) == 0:
+        raise click.BadParameter(f"{value!r}: expected a positive size such as 1048576, 512KiB or 64MiB")
+    return int(digits) * _SIZE_UNITS[unit]
+
+
 @cli.command(hidden=True)
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=PORT, default=4317, show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False), required=True)
 @click.option("--forward-to", default=None, help="also forward every Export to this OTLP endpoint (Jaeger)")
-def collector(host: str, port: int, out: str, forward_to: str | None) -> None:
+@click.option("--max-bytes", callback=byte_size, default="64MiB", metavar="SIZE", show_default=True,
+              help="memory for held spans (estimated); the oldest leave first")
+@click.option("--max-span-bytes", callback=byte_size, default="256KiB", metavar="SIZE", show_default=True,
+              help="a bigger span has its string values cut to 1024 characters, and is dropped if still bigger")
+@click.option("--forward-max-bytes", callback=byte_size, default="32MiB", metavar="SIZE", show_default=True,
+              help="Export requests waiting to be forwarded; beyond, a request is not forwarded")
+def collector(host: str, port: int, out: str, forward_to: str | None, max_bytes: int, max_span_bytes: int,
+              forward_max_bytes: int) -> None:
     """Run the local OTLP trace collector (started by `meshctl up`)."""
     from aivo_mesh.runtime.collector import run_collector
+    from aivo_mesh.telemetry.logs import configure_logging
 
-    asyncio.run(run_collector(host, port, Path(out), forward_to))
+    configure_logging("INFO", json=True)
+    asyncio.run(run_collector(host, port, Path(out), forward_to, max_bytes=max_bytes, max_span_bytes=max_span_bytes,
+                              forward_max_bytes=forward_max_bytes))
 
 
 @cli.command(name="_supervise", hidden=True)

@@ -22,6 +22,7 @@ from aivo_mesh.config.resolve import callable_peers
 from aivo_mesh.errors import MeshError, StartupError
 from aivo_mesh.pki import CertLayout, PeerPolicy
 from aivo_mesh.runtime.admin_source import MeshAdminSource
+from aivo_mesh.runtime.handshakes import RefusalLog
 from aivo_mesh.runtime.local import listen_problem
 from aivo_mesh.runtime.mesh_watch import follow_certificates
 from aivo_mesh.server import MeshServer
@@ -58,6 +59,7 @@ async def serve_service(
     dns: DnsOptions | None = None,
     discovery_timeout: float = 5.0,
     mesh_file: Path | None = None,
+    handshake_log: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`.
 
@@ -65,7 +67,10 @@ async def serve_service(
     "consul" (the agent at `consul_discovery`, passing instances only). The server starts once every
     peer has a first snapshot, or after `discovery_timeout` (then, until a peer's snapshot arrives, its
     mesh.yaml endpoints are used); later snapshots apply without failing in-flight calls. With `mesh_file`,
-    a change of its `certificates` block (a revocation) applies to both the server and the client live."""
+    a change of its `certificates` block (a revocation) applies to both the server and the client live.
+
+    With `handshake_log` the server logs and counts the TLS connections it refuses (see
+    runtime.handshakes: the refused handshakes need `capture_handshakes()` first, as `meshctl serve`)."""
     if name not in APPS:
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
     spec = mesh.service(name)
@@ -83,6 +88,7 @@ async def serve_service(
     else:
         server = MeshServer(mesh, name, cert=cert, key=key, ca=ca,
                             on_identity=lambda ident: telemetry.metrics.set_certificate_expiry(name, ident),
+                            on_refused=RefusalLog(name, telemetry.metrics) if handshake_log else None,
                             **common)  # type: ignore[arg-type]
     config = MeshConfig(service_name=name, ca_cert_path=ca, client_cert_path=cert, client_key_path=key, mesh=mesh,
                         sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers)

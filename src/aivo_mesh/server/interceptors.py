@@ -106,6 +106,8 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Replaced whole when mesh.yaml's certificates block changes (MeshServer.set_peer_policy).
         self.peer_policy = peer_policy or PeerPolicy(authorizer.trust_domain if authorizer else "")
         self._reported: set[tuple[str, str]] = set()
+        # Told of every refused call before it is aborted (MeshServer reports TLS-version refusals).
+        self.on_denied: Callable[[grpc.aio.ServicerContext, Denied], None] | None = None
 
     def _refused(self, exc: PeerRefused, context: grpc.aio.ServicerContext) -> Denied:
         # One log line per refused certificate and rule, not per call: a client retrying with a revoked
@@ -177,6 +179,11 @@ class _Guard:
             caller = icp._admit(self.method, context)
         except Denied as d:
             denied = d
+            if icp.on_denied is not None:
+                try:
+                    icp.on_denied(context, d)
+                except Exception:
+                    log.exception("on_denied hook failed for %s", self.method)
         if not icp.observers:
             if denied is not None:
                 await context.abort(denied.code, denied.details)

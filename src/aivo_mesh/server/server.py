@@ -8,6 +8,12 @@
 Certificates are loaded and checked before the port is bound; a bad file raises PkiError naming it.
 Callers' certificates are checked against the mesh's peer policy (pki/peer.py) before any handler runs.
 Plaintext exists only when asked for explicitly (`insecure=True`, `meshctl serve --insecure`).
+
+Refused connections (opt-in, what `meshctl serve` does): grpc closes a refused TLS handshake without
+telling Python. With `on_refused` (e.g. `runtime.handshakes.RefusalLog(service, metrics)`) the server
+reports each one, with its reason and peer: handshakes refused by grpc core when the process called
+`runtime.handshakes.capture_handshakes()` before importing grpc, and TLS 1.2 connections (refused per
+call, reported once per connection) in any case.
 """
 
 from __future__ import annotations
@@ -26,9 +32,10 @@ from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.pki.peer import PeerPolicy
-from aivo_mesh.server.authz import Authorizer
+from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, current_capture, peer_address
+from aivo_mesh.server.authz import Authorizer, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
-from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCallObserver
+from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor, ServerCallObserver
 from aivo_mesh.tls import warn_if_not_enforced
 
 log = logging.getLogger(__name__)
@@ -54,6 +61,7 @@ class MeshServer:
         observers: Sequence[ServerCallObserver] = (),
         on_identity: Callable[[Identity], None] | None = None,
         options: Sequence[tuple[str, object]] = (),
+        on_refused: RefusalListener | None = None,
     ) -> None:
         spec = mesh.service(service)
         self.mesh = mesh
@@ -74,6 +82,10 @@ class MeshServer:
         self.guard = MeshServerInterceptor(None if insecure else self.authorizer, service=service,
                                            require_tls=not insecure, observers=observers,
                                            peer_policy=PeerPolicy.from_mesh(mesh))
+        self.on_refused = None if insecure else on_refused
+        self._first_refusal = PeerOnce()
+        if self.on_refused is not None:
+            self.guard.on_denied = self._denied
         self.grpc_server = grpc.aio.server(
             interceptors=[self.guard, *interceptors],
             options=[
@@ -126,6 +138,8 @@ class MeshServer:
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._status = health_pb2.HealthCheckResponse.SERVING
+        if self.on_refused is not None and (capture := current_capture()) is not None:
+            capture.subscribe(self.on_refused, port=int(bound))
         log.info("%s serving on %s:%d (%s)", self.service, self.host, bound,
                  "plaintext" if self.insecure else "mTLS")
         return int(bound)
@@ -136,8 +150,22 @@ class MeshServer:
             return
         self._started = False
         self._status = health_pb2.HealthCheckResponse.NOT_SERVING
+        if self.on_refused is not None and (capture := current_capture()) is not None:
+            capture.unsubscribe(self.on_refused)
         await self.health.enter_graceful_shutdown()
         await self.grpc_server.stop(grace)
+
+    def _denied(self, context: grpc.aio.ServicerContext, denied: Denied) -> None:
+        """A call refused by the guard: a connection that negotiated TLS 1.2 is a refused connection
+        (grpcio cannot refuse it at the handshake), reported once per peer address."""
+        version = tls_version(context.auth_context())
+        if version == REQUIRED_TLS or self.on_refused is None:
+            return
+        peer = peer_address(context.peer() or "")
+        if self._first_refusal(peer):
+            port = self.bound_port or self.port
+            self.on_refused(Handshake("tls_version", "server", peer, f"{self.host}:{port}",
+                                      f"{denied.details}; every call on it is refused with UNAUTHENTICATED"))
 
     def health_status(self) -> int:
         """The overall health this server reports (grpc.health.v1 ServingStatus value)."""

@@ -21,6 +21,8 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
     mtls_certificate_expiry_seconds{service}               gauge, seconds left (negative once expired)
     mesh_peer_certificate_refusals_total{side,service,rule} counter: peer certificates the mesh's peer
                                                            policy refused (rule: pki.peer.Rule)
+    mtls_refused_connections_total{service,reason}         counter: TLS connections refused by this server
+                                                           (runtime.handshakes.REASONS)
 
 `side` is "client" (service = the target) or "server" (service = this process's own service).
 `status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
@@ -43,6 +45,7 @@ from aivo_mesh.pki.peer import Rule
 from aivo_mesh.policy.breaker import STATE_GAUGE
 from aivo_mesh.policy.core import monotonic
 from aivo_mesh.policy.events import PolicyListener
+from aivo_mesh.runtime.handshakes import REASONS as TLS_REFUSAL_REASONS
 from aivo_mesh.server.interceptors import ServerCall
 
 __all__ = [
@@ -183,6 +186,11 @@ class MeshMetrics:
             "(server: a caller's certificate, per call; client: a server's, per connection), service and "
             "rule (leaf_is_ca, weak_key, weak_signature, revoked, ...).",
             ["side", "service", "rule"], registry=r)
+        self.tls_refusals = Counter(
+            "mtls_refused_connections", "TLS connections this server refused, by reason (no_client_certificate, "
+            "unknown_ca, certificate_expired, certificate_verify_failed, tls_version, not_tls, "
+            "closed_during_handshake, handshake_error).",
+            ["service", "reason"], registry=r)
         self._ejected: dict[str, set[str]] = {}
 
     # -- recording -------------------------------------------------------------------------------
@@ -247,6 +255,16 @@ class MeshMetrics:
             child.set_function(lambda: seconds)  # replaces any earlier function (a plain set() would not)
         else:
             child.set_function(identity.seconds_left)
+
+    def declare_tls_refusals(self, service: str) -> None:
+        """Publish every refusal reason of `service` at 0, so rates exist before the first refusal."""
+        s = service_label(service)
+        for reason in TLS_REFUSAL_REASONS:
+            self.tls_refusals.labels(s, reason)
+
+    def observe_tls_refusal(self, service: str, reason: str) -> None:
+        self.tls_refusals.labels(service_label(service),
+                                 reason if reason in TLS_REFUSAL_REASONS else "handshake_error").inc()
 
     # -- reading ---------------------------------------------------------------------------------
 

@@ -8,9 +8,23 @@
             print(render_waterfall(t))
 
 It implements `opentelemetry.proto.collector.trace.v1.TraceService/Export` on a grpc.aio server and
-keeps the most recent `capacity` spans in a ring buffer as plain `SpanRecord`s. With `forward_to`,
-every Export request is also sent on to an upstream OTLP endpoint (a real Jaeger or collector) from a
-background task: a slow, down or failing upstream never fails, nor slows, the Export itself.
+keeps the most recent spans in a ring buffer as plain `SpanRecord`s. With `forward_to`, every Export
+request is also sent on to an upstream OTLP endpoint (a real Jaeger or collector) from a background
+task: a slow, down or failing upstream never fails, nor slows, the Export itself.
+
+Memory is bounded by bytes, not only by span count (400 one-megabyte spans once took a collector from
+95 to 481 MiB):
+
+* held spans: at most `max_bytes` (default 64 MiB) by the receiver's own estimate of each record
+  (`held_size`), and at most `capacity` spans; the oldest leave first (`dropped["buffer_full"]`);
+* one span: above `max_span_bytes` (default 256 KiB) its string values (attributes, status message)
+  are cut to MAX_VALUE_CHARS and its events to MAX_EVENTS (`truncated`); still above, it is not
+  held nor handed to the sink (`dropped["span_too_large"]`);
+* forwarding: requests waiting for the upstream hold at most `forward_max_bytes` (default 32 MiB)
+  and `forward_queue` requests; beyond, a request is not forwarded (`dropped["forward_queue_full"]`
+  counts its spans). Forwarded requests are sent as received, untruncated.
+
+`stats()` reports all of it; `meshctl collector` writes it next to its span log for `meshctl traces`.
 
 Security: the receiver speaks plaintext (like Jaeger's and the OTel Collector's default OTLP port) and
 therefore binds 127.0.0.1 by default; bind another address only on a trusted network.
@@ -20,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import deque
@@ -39,13 +54,19 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from aivo_mesh.config.model import GRPC_STATUS_NAMES
 from aivo_mesh.errors import MeshError
 
-__all__ = ["OtlpReceiver", "SpanRecord", "Trace", "render_waterfall"]
+__all__ = ["DROP_REASONS", "OtlpReceiver", "SpanRecord", "Trace", "held_size", "render_waterfall"]
 
 log = logging.getLogger(__name__)
 
 SERVICE = "opentelemetry.proto.collector.trace.v1.TraceService"
 EXPORT_METHOD = f"/{SERVICE}/Export"
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_SPAN_BYTES = 256 * 1024
+DEFAULT_FORWARD_MAX_BYTES = 32 * 1024 * 1024
+MAX_VALUE_CHARS = 1024  # a string value of a span over max_span_bytes is cut to this many characters
+MAX_EVENTS = 128
+DROP_REASONS = ("span_too_large", "buffer_full", "forward_queue_full")
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +213,58 @@ def decode(request: ExportTraceServiceRequest) -> list[SpanRecord]:
     return out
 
 
+# -- size accounting ------------------------------------------------------------------------------
+
+# What a record costs beyond its strings on CPython 3.11 (the dataclass, its dict, a dict entry, a str
+# header). Checked with tracemalloc: the estimate is 1.0 to 2.8 times the real size (the higher for
+# small spans), never below it.
+_RECORD_OVERHEAD = 500
+_ITEM_OVERHEAD = 60
+_STR_OVERHEAD = 49
+
+
+def _value_size(value: Any) -> int:
+    if isinstance(value, str):
+        return _STR_OVERHEAD + len(value.encode("utf-8", "surrogatepass")) if not value.isascii() else \
+            _STR_OVERHEAD + len(value)
+    if isinstance(value, bytes):
+        return _STR_OVERHEAD + len(value)
+    if isinstance(value, list):
+        return _ITEM_OVERHEAD + sum(_value_size(v) for v in value)
+    if isinstance(value, dict):
+        return _ITEM_OVERHEAD + sum(_value_size(k) + _value_size(v) for k, v in value.items())
+    return 32
+
+
+def held_size(span: SpanRecord) -> int:
+    """Bytes one held record costs, by estimate (strings, containers and fixed overheads)."""
+    return (_RECORD_OVERHEAD
+            + sum(_value_size(v) for v in (span.trace_id, span.span_id, span.parent_span_id, span.name, span.kind,
+                                           span.service, span.status, span.status_message, span.scope))
+            + sum(_ITEM_OVERHEAD + _value_size(k) + _value_size(v) for k, v in span.attributes.items())
+            + sum(_ITEM_OVERHEAD + _value_size(e) for e in span.events))
+
+
+def _cut(value: Any) -> Any:
+    if isinstance(value, str) and len(value) > MAX_VALUE_CHARS:
+        return f"{value[:MAX_VALUE_CHARS]}...[{len(value) - MAX_VALUE_CHARS} more characters cut by the collector]"
+    if isinstance(value, bytes) and len(value) > MAX_VALUE_CHARS:
+        return value[:MAX_VALUE_CHARS]
+    if isinstance(value, list):
+        return [_cut(v) for v in value[:MAX_EVENTS]]
+    if isinstance(value, dict):
+        return {_cut(k): _cut(v) for k, v in list(value.items())[:MAX_EVENTS]}
+    return value
+
+
+def truncate(span: SpanRecord) -> SpanRecord:
+    """`span` with every string value cut to MAX_VALUE_CHARS and at most MAX_EVENTS events."""
+    return dataclasses.replace(
+        span, name=_cut(span.name), status_message=_cut(span.status_message),
+        attributes={_cut(k): _cut(v) for k, v in span.attributes.items()},
+        events=tuple(_cut(e) for e in span.events[:MAX_EVENTS]))
+
+
 def _grpc_target(endpoint: str) -> tuple[str, bool]:
     """('host:port', secure) from 'http://h:p', 'https://h:p' or 'h:p' (plaintext)."""
     lowered = endpoint.lower()
@@ -216,9 +289,16 @@ class OtlpReceiver:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, capacity: int = 10000,
                  forward_to: str | None = None, *, forward_timeout: float = 5.0,
                  forward_queue: int = 1000,
-                 sink: Callable[[list[SpanRecord]], None] | None = None) -> None:
+                 sink: Callable[[list[SpanRecord]], None] | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, max_span_bytes: int = DEFAULT_MAX_SPAN_BYTES,
+                 forward_max_bytes: int = DEFAULT_FORWARD_MAX_BYTES) -> None:
         if capacity < 1:
             raise ValueError("capacity must be >= 1")
+        if min(max_bytes, max_span_bytes, forward_max_bytes) < 1:
+            raise ValueError("max_bytes, max_span_bytes and forward_max_bytes must be >= 1")
+        self.max_bytes = max_bytes
+        self.max_span_bytes = min(max_span_bytes, max_bytes)
+        self.forward_max_bytes = forward_max_bytes
         self.host = host
         self.requested_port = port
         self.capacity = capacity
@@ -226,13 +306,17 @@ class OtlpReceiver:
         self.forward_timeout = forward_timeout
         # Called with each Export's decoded spans (e.g. to persist them for `meshctl traces`).
         self.sink = sink
-        self._spans: deque[SpanRecord] = deque(maxlen=capacity)
+        self._spans: deque[SpanRecord] = deque()
+        self._sizes: deque[int] = deque()  # held_size of each of _spans
+        self.held_bytes = 0
+        self._forward_bytes = 0  # ByteSize of the requests queued for forwarding
         self._cond = asyncio.Condition()
         self._server: Any = None
         self._port: int | None = None
         self._forward_channel: Any = None
         self._forward_call: Any = None
-        self._forward_queue: asyncio.Queue[ExportTraceServiceRequest] = asyncio.Queue(maxsize=forward_queue)
+        self._forward_queue: asyncio.Queue[tuple[ExportTraceServiceRequest, int]] = asyncio.Queue(
+            maxsize=forward_queue)
         self._forward_task: asyncio.Task[None] | None = None
         #: Counters: Export requests and spans received; requests forwarded, failed, dropped (queue full).
         self.requests = 0
@@ -240,6 +324,9 @@ class OtlpReceiver:
         self.forwarded = 0
         self.forward_errors = 0
         self.forward_dropped = 0
+        #: Spans cut down to fit max_span_bytes, and spans dropped by reason (DROP_REASONS).
+        self.truncated = 0
+        self.dropped: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -320,10 +407,14 @@ class OtlpReceiver:
     async def _export(self, request: ExportTraceServiceRequest, context: Any) -> ExportTraceServiceResponse:
         self.ingest(request)
         if self._forward_task is not None:
-            try:
-                self._forward_queue.put_nowait(request)
-            except asyncio.QueueFull:
+            size = request.ByteSize()
+            if self._forward_bytes + size > self.forward_max_bytes or self._forward_queue.full():
                 self.forward_dropped += 1
+                self.dropped["forward_queue_full"] += sum(len(ss.spans) for rs in request.resource_spans
+                                                          for ss in rs.scope_spans)
+            else:
+                self._forward_bytes += size
+                self._forward_queue.put_nowait((request, size))
         async with self._cond:
             self._cond.notify_all()
         return ExportTraceServiceResponse()
@@ -331,13 +422,46 @@ class OtlpReceiver:
     def ingest(self, request: ExportTraceServiceRequest) -> list[SpanRecord]:
         """Decode and store the spans of one Export request (also usable without the server).
         Waiters are woken by the next Export, or call `notify()`."""
-        spans = decode(request)
-        self._spans.extend(spans)
+        decoded = decode(request)
         self.requests += 1
-        self.received += len(spans)
+        self.received += len(decoded)
+        spans = [s for s in map(self._fit, decoded) if s is not None]
+        for span in spans:
+            self._hold(span)
         if self.sink is not None:
             self.sink(spans)
         return spans
+
+    def _fit(self, span: SpanRecord) -> SpanRecord | None:
+        """`span`, cut down when it is over max_span_bytes; None (counted) when even that is over."""
+        if held_size(span) <= self.max_span_bytes:
+            return span
+        cut = truncate(span)
+        if held_size(cut) > self.max_span_bytes:
+            self.dropped["span_too_large"] += 1
+            return None
+        self.truncated += 1
+        return cut
+
+    def _hold(self, span: SpanRecord) -> None:
+        size = held_size(span)
+        self._spans.append(span)
+        self._sizes.append(size)
+        self.held_bytes += size
+        while self.held_bytes > self.max_bytes or len(self._spans) > self.capacity:
+            self._spans.popleft()
+            self.held_bytes -= self._sizes.popleft()
+            self.dropped["buffer_full"] += 1
+
+    def stats(self) -> dict[str, Any]:
+        """What the receiver holds and has let go, as plain JSON data."""
+        return {
+            "held_spans": len(self._spans), "held_bytes": self.held_bytes, "max_bytes": self.max_bytes,
+            "max_span_bytes": self.max_span_bytes, "requests": self.requests, "received": self.received,
+            "truncated": self.truncated, "dropped": dict(self.dropped), "forwarded": self.forwarded,
+            "forward_errors": self.forward_errors, "forward_dropped": self.forward_dropped,
+            "forward_queued_bytes": self._forward_bytes, "forward_max_bytes": self.forward_max_bytes,
+        }
 
     async def notify(self) -> None:
         async with self._cond:
@@ -345,7 +469,7 @@ class OtlpReceiver:
 
     async def _forward_loop(self) -> None:
         while True:
-            request = await self._forward_queue.get()
+            request, size = await self._forward_queue.get()
             try:
                 await self._forward_call(request, timeout=self.forward_timeout)
                 self.forwarded += 1
@@ -355,6 +479,7 @@ class OtlpReceiver:
                 self.forward_errors += 1
                 log.debug("forwarding an Export request to %s failed: %s", self.forward_to, exc)
             finally:
+                self._forward_bytes -= size
                 self._forward_queue.task_done()
 
     # -- queries -----------------------------------------------------------------------------------
@@ -364,6 +489,8 @@ class OtlpReceiver:
 
     def clear(self) -> None:
         self._spans.clear()
+        self._sizes.clear()
+        self.held_bytes = 0
 
     def traces(self, last: int = 20) -> list[Trace]:
         """The `last` most recent traces (by start time of their earliest span), newest first."""
