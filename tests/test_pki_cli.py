@@ -209,6 +209,11 @@ def test_revoke_records_in_mesh_yaml_keeps_comments_and_signs_a_crl(
         done = subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(bundle), str(leaf)],
                               capture_output=True, text=True, check=False)
         assert done.returncode != 0 and "revoked" in (done.stdout + done.stderr)
+    # certs verify reports it against mesh.yaml: the current auth-svc certificate is now refused everywhere.
+    code, out, _ = _run(capsys, "certs", "verify", "-o", str(certs.root), "-c", str(mesh_yaml), "--json")
+    assert code == 1
+    auth_report = next(r for r in json.loads(out)["certificates"] if r["name"] == "auth-svc")
+    assert any("revoked in mesh.yaml" in p for p in auth_report["problems"]), auth_report
     # A bad target: exit 2, nothing written.
     code, _, err = _run(capsys, "certs", "revoke", "no-such-thing", "-o", str(certs.root), "-c", str(mesh_yaml))
     assert code == 2 and "nor a hex certificate serial" in err

@@ -173,8 +173,9 @@ def verify_cmd(output_dir: Path, config: str | None, as_json: bool) -> None:
     """Check every certificate against the CA and mesh.yaml; exit 1 on any problem (exit 2: bad input).
 
     Checks: chain to ca/ca.crt (WebPKI rules, as a client and as a server for 127.0.0.1), validity,
-    SANs (every DNS name, IP 127.0.0.1 as an IPAddress, exactly one SPIFFE URI), EKU, key usage,
-    basic constraints, key matches cert, key file mode 0600, RSA >= 2048, no SHA-1.
+    SANs (every DNS name, IP 127.0.0.1 as an IPAddress, exactly one SPIFFE URI), the peer policy every
+    peer applies (EKU for the identity's roles, key usage, CA:FALSE, RSA >= 2048 / P-256 / P-384,
+    no SHA-1), revocation and pins from mesh.yaml, key matches cert, key file mode 0600.
     """
     mesh = _mesh(config)
     layout = CertLayout(output_dir)

@@ -12,7 +12,6 @@ from datetime import datetime
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from aivo_mesh.config.model import MeshSpec
@@ -36,6 +35,7 @@ from aivo_mesh.pki.crypto import (
 )
 from aivo_mesh.pki.issue import LOCALHOST_IPS, dns_names_for, known_identities
 from aivo_mesh.pki.layout import CertLayout
+from aivo_mesh.pki.peer import PeerPolicy, Role, leaf_problems
 
 
 @dataclass
@@ -180,40 +180,44 @@ def _san_problems(mesh: MeshSpec, name: str, cert: x509.Certificate) -> list[str
     return problems
 
 
-def _extension_problems(cert: x509.Certificate) -> list[str]:
-    problems: list[str] = []
-    try:
-        bc_ext = cert.extensions.get_extension_for_class(x509.BasicConstraints)
-        if bc_ext.value.ca:
-            problems.append("leaf has CA:TRUE")
-        if not bc_ext.critical:
-            problems.append("BasicConstraints is not critical")
-    except x509.ExtensionNotFound:
+def _extension_problems(cert: x509.Certificate, roles: tuple[Role, ...]) -> list[str]:
+    """The peer policy's rules for a leaf (every one broken, each with its rule), then what strict TLS
+    stacks also want: critical BasicConstraints and KeyUsage, SKI and AKI."""
+    problems = [f"{detail} ({rule})" for rule, detail in leaf_problems(cert, roles)]
+    bc_ext = _optional_extension(cert, x509.BasicConstraints)
+    if bc_ext is None:
         problems.append("no BasicConstraints extension (expected CA:FALSE, critical)")
-    try:
-        ku_ext = cert.extensions.get_extension_for_class(x509.KeyUsage)
-        if not ku_ext.critical:
-            problems.append("KeyUsage is not critical")
-        if not ku_ext.value.digital_signature:
-            problems.append("KeyUsage lacks digitalSignature")
-        if ku_ext.value.key_cert_sign or ku_ext.value.crl_sign:
-            problems.append("leaf KeyUsage has keyCertSign/cRLSign")
-    except x509.ExtensionNotFound:
-        problems.append("no KeyUsage extension (expected digitalSignature, critical)")
-    try:
-        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-        for oid, label in ((ExtendedKeyUsageOID.SERVER_AUTH, "serverAuth"),
-                           (ExtendedKeyUsageOID.CLIENT_AUTH, "clientAuth")):
-            if oid not in eku:
-                problems.append(f"ExtendedKeyUsage lacks {label}")
-    except x509.ExtensionNotFound:
-        problems.append("no ExtendedKeyUsage extension (expected serverAuth + clientAuth)")
+    elif not bc_ext.critical:
+        problems.append("BasicConstraints is not critical")
+    ku_ext = _optional_extension(cert, x509.KeyUsage)
+    if ku_ext is not None and not ku_ext.critical:
+        problems.append("KeyUsage is not critical")
     for cls, label in ((x509.SubjectKeyIdentifier, "SubjectKeyIdentifier"),
                        (x509.AuthorityKeyIdentifier, "AuthorityKeyIdentifier")):
-        try:
-            cert.extensions.get_extension_for_class(cls)
-        except x509.ExtensionNotFound:
+        if _optional_extension(cert, cls) is None:
             problems.append(f"no {label} extension (strict TLS clients refuse it)")
+    return problems
+
+
+def _optional_extension(cert: x509.Certificate,
+                        cls: type[x509.ExtensionType]) -> x509.Extension[x509.ExtensionType] | None:
+    try:
+        return cert.extensions.get_extension_for_class(cls)
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _policy_problems(mesh: MeshSpec, name: str, cert: x509.Certificate) -> list[str]:
+    """What mesh.yaml's certificates block says of this certificate: revoked, or not one of its pins."""
+    policy = PeerPolicy.from_mesh(mesh)
+    pin = spki_pin(cert)
+    problems = []
+    if cert.serial_number in policy.revoked_serials or pin in policy.revoked_spki:
+        problems.append(f"revoked in mesh.yaml (certificates.revoked): every peer refuses it; re-issue it "
+                        f"(meshctl certs rotate {name})")
+    pins = policy.pins.get(mesh.spiffe_id(name))
+    if pins is not None and pin not in pins:
+        problems.append(f"its key ({pin}) is not one of {name}'s pins (certificates.pins): every peer refuses it")
     return problems
 
 
@@ -253,11 +257,10 @@ def verify_identity(
     leaf = chain[0]
     _fill(report, leaf, now)
     report.problems += _validity_problems(leaf, now)
-    for reason in (weak_signature_reason(leaf), weak_key_reason(leaf.public_key())):
-        if reason:
-            report.problems.append(reason)
-    report.problems += _extension_problems(leaf)
+    roles: tuple[Role, ...] = ("server", "client") if name in mesh.service_names else ("client",)
+    report.problems += _extension_problems(leaf, roles)
     report.problems += _san_problems(mesh, name, leaf)
+    report.problems += _policy_problems(mesh, name, leaf)
     report.problems += _key_problems(leaf, key_path, required=True)
     if len(chain) == 1 and any(a.subject == leaf.issuer and a.issuer != a.subject for a in anchors):
         report.problems.append(
