@@ -17,6 +17,7 @@ from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import init_ca, issue_leaf, load_identity
+from aivo_mesh.runtime.sockets import unix_listen_problem
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor
 
@@ -117,8 +118,9 @@ def prepare(state: StateDir, config: str | None, free_ports: bool,
 def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: RuntimeInfo) -> None:
     """What would make the planned processes fail after they start, found before any starts: each
     identity's certificate, key and CA (load_identity, as the processes and their Envoys load them) and
-    each port the plan listens on. Raises StartupError with one line per problem, naming the file or port;
-    otherwise a 0644 key or a port in use showed up only as "not healthy within 20s" and a log line."""
+    each port and Unix socket the plan listens on. Raises StartupError with one line per problem, naming
+    the file, port or socket; otherwise a 0644 key or a port in use showed up only as "not healthy within
+    20s" and a log line."""
     problems: list[str] = []
     certs = state.certs
     for name in (*mesh.service_names, CLIENT_IDENTITY):
@@ -130,6 +132,10 @@ def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: R
     listens = [(m.address, m.name) for m in procs] + [(m.admin, f"{m.name} admin") for m in procs if m.admin]
     listens += [(ep.outbound, f"{name}-envoy outbound") for name, ep in info.services.items() if ep.outbound]
     for address, what in listens:
+        if address.startswith("unix:"):  # the sidecar plane's app and outbound legs (runtime/sockets.py)
+            if problem := unix_listen_problem(address.removeprefix("unix:"), what):
+                problems.append(problem)
+            continue
         host, _, port = address.rpartition(":")
         if problem := listen_problem(host.strip("[]"), int(port), what):
             problems.append(problem)

@@ -7,12 +7,15 @@
 
 Certificates are loaded and checked before the port is bound; a bad file raises PkiError naming it.
 Plaintext exists only when asked for explicitly (`insecure=True`, `meshctl serve --insecure`).
+`unix_socket=PATH` listens on that Unix domain socket instead of host:port and narrows it to 0600 (the
+local sidecar plane: only the mesh's user can reach the app; runtime/sockets.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -29,6 +32,8 @@ from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCallObserver
 
 log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o600  # a Unix socket listener: its owner only
 
 # Clients reconnect (and so re-handshake with rotated certificates) at least this often.
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
@@ -51,12 +56,14 @@ class MeshServer:
         observers: Sequence[ServerCallObserver] = (),
         on_identity: Callable[[Identity], None] | None = None,
         options: Sequence[tuple[str, object]] = (),
+        unix_socket: str | Path | None = None,
     ) -> None:
         spec = mesh.service(service)
         self.mesh = mesh
         self.service = service
         self.host = host if host is not None else spec.host
         self.port = spec.port if port is None else port
+        self.unix_socket = str(unix_socket) if unix_socket is not None else None
         self.insecure = insecure
         self.credentials: ReloadingServerCredentials | None = None
         if not insecure:
@@ -98,8 +105,13 @@ class MeshServer:
         """Declare a gRPC service hosted here (for health status and reflection)."""
         self._service_names.append(full_name)
 
+    @property
+    def address(self) -> str:
+        """What the server listens on: ``host:port`` or ``unix:<path>``."""
+        return f"unix:{self.unix_socket}" if self.unix_socket is not None else f"{self.host}:{self.port}"
+
     async def start(self) -> int:
-        address = f"{self.host}:{self.port}"
+        address = self.address
         if self.credentials is not None:
             bound = self.grpc_server.add_secure_port(address, self.credentials.credentials())
         else:
@@ -108,6 +120,9 @@ class MeshServer:
             bound = self.grpc_server.add_insecure_port(address)
         if bound == 0:
             raise MeshError(f"{self.service}: cannot bind {address} (port in use?)")
+        if self.unix_socket is not None:
+            # grpc creates the socket under the umask; its folder (0700) keeps others out until now.
+            os.chmod(self.unix_socket, SOCKET_MODE)
         self.bound_port = int(bound)
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self.grpc_server)
@@ -116,7 +131,8 @@ class MeshServer:
         for name in ["", *self._service_names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._status = health_pb2.HealthCheckResponse.SERVING
-        log.info("%s serving on %s:%d (%s)", self.service, self.host, bound,
+        log.info("%s serving on %s (%s)", self.service,
+                 address if self.unix_socket is not None else f"{self.host}:{bound}",
                  "plaintext" if self.insecure else "mTLS")
         return int(bound)
 
