@@ -40,6 +40,8 @@ def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path,
         assert int(cells[3]) > 0, row  # calls
         assert cells[4] == "0", row  # errors
     assert "all processes stopped" in out.stdout
+    # The sidecar plane's app / outbound sockets (state/run, 0700) go with the processes; proxyless has none.
+    assert not (state / "run").exists()
     # No orphans: the registry is gone and every pid the run logged is dead.
     assert not (state / "processes.json").exists()
     services = ("auth-svc", "learner-svc", "event-collector-svc", "analytics-svc")

@@ -633,6 +633,29 @@ def test_pod_local_port_clash_is_a_config_error() -> None:
 def test_profile_rejects_relative_paths() -> None:
     with pytest.raises(ValueError, match="absolute"):
         EnvoyProfile.local("certs", "/tmp/sds")
+    with pytest.raises(ValueError, match="outbound_pipe must be an absolute path"):
+        EnvoyProfile.local("/c", "/tmp/sds", outbound_pipe="run/a.out.sock")
+
+
+def test_pipes_carry_the_plaintext_legs_and_the_outbound_one_is_owner_only(mesh: MeshSpec) -> None:
+    """`meshctl up`'s local profile: the app and the outbound listener on Unix sockets (runtime/sockets.py);
+    the mesh leg (inbound, peers) stays TCP with mTLS. Without pipes, and always in the pod profile, both
+    legs are loopback TCP as before."""
+    app, out = "/run/m/learner-svc.app.sock", "/run/m/learner-svc.out.sock"
+    cfg = bootstrap(mesh, "learner-svc", EnvoyProfile.local("/c", "/s", app_pipe=app, outbound_pipe=out))
+    assert _listener(cfg, "outbound_grpc")["address"] == {"pipe": {"path": out, "mode": 0o600}}
+    local_app = _cluster(cfg, "local_app")
+    assert local_app["type"] == "STATIC"
+    assert local_app["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] == {
+        "pipe": {"path": app}}
+    assert _listener(cfg, "inbound_grpc")["address"] == {"socket_address": {
+        "address": "127.0.0.1", "port_value": sidecar_ports(mesh, "learner-svc", "local").inbound}}
+    assert "transport_socket" in _cluster(cfg, "auth-svc")
+    assert "mode: 384" in serialize("envoy.yaml", cfg)  # 0o600 as Envoy's uint32 reads it
+    tcp = bootstrap(mesh, "learner-svc", EnvoyProfile.local("/c", "/s"))
+    assert _listener(tcp, "outbound_grpc")["address"]["socket_address"]["address"] == "127.0.0.1"
+    for s in SERVICES:
+        assert '"pipe"' not in json.dumps(bootstrap(mesh, s, EnvoyProfile.pod(mesh)))
 
 
 # --- the shared reference bootstrap -----------------------------------------------------------------
@@ -698,12 +721,14 @@ def test_inbound_probes_are_not_traced_when_tracing_is_on(mesh: MeshSpec, tmp_pa
 @needs_envoy
 def test_real_envoy_validates_every_rendered_bootstrap(mesh: MeshSpec, mesh_certs: CertLayout,
                                                        tmp_path: Path) -> None:
-    """Pod profile (as shipped, /etc/envoy re-rooted into tmp) and local profile (with tracing and
-    StatsD on) for every service: `envoy --mode validate` must say OK."""
+    """Pod profile (as shipped, /etc/envoy re-rooted into tmp) and local profile (with tracing, StatsD
+    and the Unix socket legs, as `meshctl up` runs it) for every service: `envoy --mode validate` must
+    say OK."""
     files = [_write_pod_relocated(mesh, s, mesh_certs.root, tmp_path / "pod") for s in SERVICES]
     for s in SERVICES:
         profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / "local" / s / "sds"),
-                                     otlp=("127.0.0.1", 4317), statsd=("127.0.0.1", 8125))
+                                     otlp=("127.0.0.1", 4317), statsd=("127.0.0.1", 8125),
+                                     app_pipe=str(tmp_path / f"{s}.app.sock"), outbound_pipe=str(tmp_path / f"{s}.o"))
         files.append(_write(mesh, s, profile, tmp_path / "local" / s / "envoy.yaml"))
     failures = {str(f): (r.stdout + r.stderr)[-2000:] for f in files if (r := _validate(f)).returncode != 0}
     assert not failures, failures

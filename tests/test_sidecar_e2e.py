@@ -8,6 +8,12 @@ cluster to watch outlier ejection move traffic.
 from __future__ import annotations
 
 import asyncio
+import errno
+import json
+import os
+import shutil
+import socket
+import stat
 import subprocess
 import sys
 import time
@@ -177,9 +183,139 @@ async def test_sidecar_counts_known_methods_apart_and_buckets_names_it_does_not_
     assert not [name for name in stats if "NoSuchMethod" in name], stats
 
 
-def test_status_reports_sidecars_and_upstreams(sidecar_mesh):
-    import json
+# -- the plaintext legs: private Unix sockets, no loopback TCP -----------------------------------
 
+def _legs(info: RuntimeInfo) -> dict[str, Path]:
+    """Every app and outbound socket of the running mesh, by "<svc> app" / "<svc> outbound"."""
+    legs = {}
+    for name, ep in info.services.items():
+        for leg, address in (("app", ep.app), ("outbound", ep.outbound)):
+            assert address is not None and address.startswith("unix:"), (name, leg, address)
+            legs[f"{name} {leg}"] = Path(address.removeprefix("unix:"))
+    return legs
+
+
+def test_no_app_or_outbound_port_listens_on_loopback_tcp(sidecar_mesh):
+    state, info, _ = sidecar_mesh
+    mesh = load_mesh(state.mesh_file)  # the effective mesh: the ports these legs had before
+    for name in mesh.service_names:
+        for port in (mesh.service(name).local_port, sidecar_ports(mesh, name, "local").outbound):
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    # No other TCP port carries them either: the mesh's processes listen on the inbound (mTLS) and admin
+    # ports and the collector's, nothing else.
+    expected = {int(info.collector.rpartition(":")[2])}
+    for ep in info.services.values():
+        expected |= {int(a.rpartition(":")[2]) for a in (ep.address, ep.admin, ep.sidecar_admin) if a}
+    pids = {r.pid for r in state.read_processes()}
+    assert _tcp_listen_ports(pids) <= expected, _tcp_listen_ports(pids) - expected
+
+
+def _tcp_listen_ports(pids: set[int]) -> set[int]:
+    """Local ports of the TCP sockets in LISTEN state owned by `pids` (Linux /proc)."""
+    inodes: set[str] = set()
+    for pid in pids:
+        fds = Path(f"/proc/{pid}/fd")
+        for fd in fds.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and cols[9] in inodes:  # 0A: TCP_LISTEN
+                ports.add(int(cols[1].rpartition(":")[2], 16))
+    return ports
+
+
+def test_sockets_are_0600_in_a_0700_folder_of_the_current_user(sidecar_mesh):
+    _, info, _ = sidecar_mesh
+    assert info.sockets is not None
+    folder = Path(info.sockets)
+    st = os.lstat(folder)
+    assert stat.S_ISDIR(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
+    legs = _legs(info)
+    assert len(legs) == 2 * len(info.services)
+    for what, path in legs.items():
+        st = os.lstat(path)
+        assert path.parent == folder, what
+        assert stat.S_ISSOCK(st.st_mode), what
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, os.getuid()), (what, oct(st.st_mode))
+
+
+async def test_the_owner_reaches_the_app_and_calls_through_the_outbound_socket(sidecar_mesh):
+    """What the permissions below take away from everyone else: the app answers in plaintext, and the
+    outbound socket calls a peer with the sidecar's mTLS identity."""
+    _, info, _ = sidecar_mesh
+    async with grpc.aio.insecure_channel(str(info.services["auth-svc"].app)) as ch:
+        resp = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
+    async with grpc.aio.insecure_channel(str(info.services["learner-svc"].outbound)) as ch:
+        reply = await auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(
+            auth_pb2.ValidateTokenRequest(token="not-a-token"), timeout=5)
+    assert not reply.valid  # auth-svc answered learner-svc's sidecar (RBAC allows it) over mTLS
+
+
+PROBE = """
+import errno, json, os, socket, sys
+caps = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("CapEff:"))
+out = {"uid": os.getuid(), "caps": int(caps, 16)}
+for path in sys.argv[2:]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(path)
+        out[path] = "connected"
+    except OSError as exc:
+        out[path] = errno.errorcode.get(exc.errno, str(exc.errno))
+    finally:
+        s.close()
+tcp = socket.socket()
+try:  # control: this user can reach the mesh's TCP front door, so a refusal above is the permissions
+    tcp.connect(("127.0.0.1", int(sys.argv[1])))
+    out["inbound"] = "connected"
+except OSError as exc:
+    out["inbound"] = errno.errorcode.get(exc.errno, str(exc.errno))
+print(json.dumps(out))
+"""
+NOBODY = 65534
+
+
+def test_another_user_can_neither_reach_an_app_nor_use_a_sidecar(sidecar_mesh):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run the probe as another user (nobody, uid 65534)")
+    _, info, _ = sidecar_mesh
+
+    def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
+        # setpriv execs before its capabilities go, so an interpreter under a 0700 home still starts;
+        # subprocess's own user= switch drops them first.
+        setpriv = shutil.which("setpriv")
+        if setpriv is not None:
+            return subprocess.run([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+                                  capture_output=True, text=True, timeout=30, check=False)
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=30, check=False,
+                              user=NOBODY, group=NOBODY, extra_groups=[])
+
+    try:
+        check = as_nobody(sys.executable, "-c", "import os; print(os.getuid())")
+    except PermissionError as exc:
+        pytest.skip(f"nobody cannot run {sys.executable}: {exc}")
+    if check.returncode != 0:
+        pytest.skip(f"nobody cannot run {sys.executable}: {check.stderr.strip()[-200:]}")
+    legs = _legs(info)
+    inbound = info.services["auth-svc"].address.rpartition(":")[2]
+    out = as_nobody(sys.executable, "-c", PROBE, inbound, *map(str, legs.values()))
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert (got["uid"], got["caps"], got["inbound"]) == (NOBODY, 0, "connected"), got
+    denied = {errno.errorcode[errno.EACCES], errno.errorcode[errno.EPERM]}
+    assert {what: got[str(path)] for what, path in legs.items() if got[str(path)] not in denied} == {}, got
+
+
+def test_status_reports_sidecars_and_upstreams(sidecar_mesh):
     state, _, _ = sidecar_mesh
     out = meshctl("status", "--json", "--state-dir", str(state.root), "--interval", "0")
     assert out.returncode == 0, out.stderr
@@ -190,8 +326,6 @@ def test_status_reports_sidecars_and_upstreams(sidecar_mesh):
 
 
 async def test_a_killed_sidecar_is_restarted_and_reported(sidecar_mesh):
-    import json
-    import os
     import signal
 
     from aivo_mesh.runtime.state import pid_alive

@@ -76,6 +76,17 @@ def test_admin_port_in_use_starts_nothing(tmp_path: Path, mesh_certs: CertLayout
     assert "serving on" not in proc.stderr  # checked before the gRPC server bound
 
 
+def test_unix_socket_in_use_starts_nothing(tmp_path: Path, mesh_certs: CertLayout) -> None:
+    path = tmp_path / "auth-svc.app.sock"
+    with socket.socket(socket.AF_UNIX) as live:
+        live.bind(str(path))
+        live.listen()
+        proc = serve(tmp_path, mesh_certs, "--insecure", "--unix-socket", str(path))
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc) == [f"error: unix:{path} in use: auth-svc (gRPC) cannot listen there "
+                                  "(another process has it)"]
+
+
 @pytest.mark.parametrize(("key", "reason"), [
     ("zz" * 32, "not a hex-encoded key"),
     ("ab" * 16, "key must be at least 32 bytes, got 16"),
@@ -171,6 +182,19 @@ def test_preflight_names_every_bad_key_and_port_in_use(prepared: StateDir) -> No
     assert lines[1].startswith(f"{client_key}: ")
     assert lines[2] == (f"port {events.port} in use: event-collector-svc cannot listen on 127.0.0.1:{events.port} "
                         "(another process has it)")
+
+
+def test_preflight_names_a_unix_socket_in_use(prepared: StateDir) -> None:
+    mesh = load_mesh(prepared.mesh_file)
+    procs, info = plan(prepared, mesh, "sidecar", collector_port=_free_port())
+    outbound = str(info.services["learner-svc"].outbound).removeprefix("unix:")
+    with socket.socket(socket.AF_UNIX) as taken:
+        taken.bind(outbound)
+        taken.listen()
+        with pytest.raises(StartupError) as info_:
+            preflight(prepared, mesh, procs, info)
+    assert str(info_.value) == (f"unix:{outbound} in use: learner-svc-envoy outbound cannot listen there "
+                                "(another process has it)")
 
 
 def test_up_with_a_0644_key_exits_2_before_starting_anything(prepared: StateDir) -> None:

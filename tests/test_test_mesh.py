@@ -148,6 +148,8 @@ def test_sidecar_plane_started_by_meshctl_up(tmp_path):
         assert {r["result"] for r in got.values()} == {"PASS"}, [r for r in got.values() if r["result"] != "PASS"]
         assert got[("auth-svc", "envoy admin")]["detail"].endswith("200 LIVE")
         assert "PERMISSION_DENIED" in got[("event-collector-svc", "authorization")]["detail"]  # Envoy's RBAC
+        legs = got[("auth-svc", "local legs")]["detail"]  # the plaintext legs: private Unix sockets only
+        assert "app auth-svc.app.sock, outbound auth-svc.out.sock: 0600 in a 0700 folder" in legs, legs
     finally:
         subprocess.run([*meshctl, "down", "--state-dir", str(state)], cwd=ROOT, capture_output=True, timeout=60,
                        check=False)

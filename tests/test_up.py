@@ -94,6 +94,9 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         assert "4 services healthy" in out.stdout
+        info = RuntimeInfo.read(state)  # proxyless: every service on its mTLS port, no sidecar sockets
+        assert info is not None and info.sockets is None and not (state.root / "run").exists()
+        assert {ep.app for ep in info.services.values()} == {None}
         drive_one_flow(state)
 
         status = json.loads(meshctl("status", "--json", "--state-dir", str(state.root)).stdout)

@@ -10,7 +10,8 @@ Reads the state directory of a mesh started by `meshctl up` (or the demo-style l
     <state>/certs/         the mesh PKI (`meshctl certs` layout): the probes use these identities
     <state>/runtime.json   written by `meshctl up`: per service `address` (where mTLS callers reach it:
                            the Envoy inbound, or the proxyless mesh port), `admin` (aivo-mesh admin
-                           endpoint) and `sidecar_admin` (Envoy admin, or null). Absent: a proxyless
+                           endpoint), `sidecar_admin` (Envoy admin, or null), and on the sidecar plane
+                           `app` / `outbound` (unix:<path>: the plaintext legs). Absent: a proxyless
                            mesh, address = host:port and admin = metrics host:admin_port.
 
 Per service:
@@ -28,6 +29,8 @@ Per service:
     metrics           GET <admin>/metrics answers Prometheus text
     admin             GET <admin>/ready is LIVE and GET <admin>/clusters answers JSON
     envoy admin       GET <sidecar_admin>/ready is LIVE (sidecar plane only)
+    local legs        (sidecar plane) the app and outbound legs are Unix sockets 0600 owned by this user
+                      in a 0700 folder, and 127.0.0.1:<local_port> / :<outbound port> refuse connections
 
 Prints a pass/fail table and exits 1 if anything failed (2 for bad arguments or a missing state
 directory). When a service does not answer its health check, the checks that need it to answer are
@@ -41,6 +44,8 @@ import asyncio
 import json
 import os
 import re
+import socket
+import stat
 import sys
 import time
 import urllib.error
@@ -95,6 +100,8 @@ class Endpoints:
     address: str
     admin: str | None
     sidecar_admin: str | None
+    app: str | None = None  # sidecar plane: unix:<path> of the app behind its sidecar
+    outbound: str | None = None  # sidecar plane: unix:<path> of the sidecar's outbound listener
 
 
 # -- state ---------------------------------------------------------------------------------------------
@@ -104,7 +111,8 @@ def read_endpoints(state: Path, mesh: MeshSpec) -> tuple[str, dict[str, Endpoint
     runtime = state / "runtime.json"
     if runtime.exists():
         data = json.loads(runtime.read_text())
-        services = {name: Endpoints(ep["address"], ep.get("admin"), ep.get("sidecar_admin"))
+        services = {name: Endpoints(ep["address"], ep.get("admin"), ep.get("sidecar_admin"), ep.get("app"),
+                                    ep.get("outbound"))
                     for name, ep in data.get("services", {}).items()}
         return str(data.get("plane", "?")), services
     host = mesh.observability.metrics.host
@@ -258,6 +266,44 @@ async def http(address: str, path: str) -> tuple[int, str]:
     return await asyncio.to_thread(http_get, address, path)
 
 
+# -- the sidecar plane's plaintext legs ----------------------------------------------------------------
+
+def local_legs(mesh: MeshSpec, svc: ServiceSpec, ep: Endpoints) -> tuple[bool | None, str]:
+    """Both plaintext legs only reachable by the mesh's user: Unix sockets 0600 of ours in a 0700 folder
+    of ours (docs/security.md), and no loopback TCP listener on the ports they would have had."""
+    from aivo_mesh.render.envoy import sidecar_ports
+
+    problems, seen = [], []
+    for leg, address in (("app", ep.app), ("outbound", ep.outbound)):
+        if not address or not address.startswith("unix:"):
+            problems.append(f"{leg} on {address or '?'}: not a Unix socket, any local process may connect")
+            continue
+        path = Path(address.removeprefix("unix:"))
+        try:
+            sock, folder = os.lstat(path), os.lstat(path.parent)
+        except PermissionError:
+            return None, f"cannot inspect {path.parent} as uid {os.getuid()} (not the mesh's user)"
+        except FileNotFoundError:
+            problems.append(f"{leg}: {path} does not exist")
+            continue
+        modes = (stat.S_IMODE(sock.st_mode), stat.S_IMODE(folder.st_mode))
+        if not stat.S_ISSOCK(sock.st_mode) or modes != (0o600, 0o700) or {sock.st_uid, folder.st_uid} != {
+                os.getuid()}:
+            problems.append(f"{leg}: {path} is mode {modes[0]:04o} uid {sock.st_uid} in a folder of mode "
+                            f"{modes[1]:04o} uid {folder.st_uid} (want a socket 0600 in a 0700 folder of ours)")
+        seen.append(f"{leg} {path.name}")
+    ports = {"app": svc.local_port, "outbound": sidecar_ports(mesh, svc.name, "local").outbound}
+    for leg, port in ports.items():
+        with socket.socket() as s:
+            s.settimeout(HTTP_TIMEOUT)
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                problems.append(f"{leg}: 127.0.0.1:{port} accepts connections")
+    if problems:
+        return False, "; ".join(problems)
+    return True, (f"{', '.join(seen)}: 0600 in a 0700 folder of uid {os.getuid()}; 127.0.0.1:{ports['app']} "
+                  f"and :{ports['outbound']} refused")
+
+
 # -- one service -----------------------------------------------------------------------------------------
 
 async def check_service(mesh: MeshSpec, svc: ServiceSpec, ep: Endpoints, ids: Identities) -> list[Row]:
@@ -347,6 +393,8 @@ async def check_service(mesh: MeshSpec, svc: ServiceSpec, ep: Endpoints, ids: Id
         code, body = await http(ep.sidecar_admin, "/ready")
         add("envoy admin", code == 200 and body.strip() == "LIVE", f"GET {ep.sidecar_admin}/ready: {code} "
             f"{body.strip()[:60]}")
+    if ep.sidecar_admin:
+        add("local legs", *local_legs(mesh, svc, ep))
     return rows
 
 

@@ -58,7 +58,10 @@ def _console() -> Console:
 @click.option("--dns-server", default=None, metavar="IP[:PORT]",
               help="--discovery dns: ask this server (default: the system resolver)")
 @click.option("--insecure", is_flag=True, help="PLAINTEXT, no mTLS: local debugging, or behind a sidecar")
-@click.option("--sidecar-outbound", default=None, metavar="HOST:PORT",
+@click.option("--unix-socket", default=None, metavar="PATH", type=click.Path(dir_okay=False),
+              help="listen on this Unix domain socket (made 0600) instead of a TCP port: an app behind its "
+                   "sidecar on a shared machine, where only the socket's owner may reach it")
+@click.option("--sidecar-outbound", default=None, metavar="HOST:PORT|unix:PATH",
               help="sidecar plane: call peers through this local Envoy outbound listener")
 @click.option("--plaintext-peers", is_flag=True,
               help="transparent-proxy plane (Linkerd): call peers in plaintext, the pod's proxy adds mTLS")
@@ -70,8 +73,8 @@ def _console() -> Console:
                    "from grpc core's stderr, relayed by a helper process")
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
           admin_port: int | None, consul: str | None, discovery: str, dns_template: str, dns_server: str | None,
-          insecure: bool, sidecar_outbound: str | None, plaintext_peers: bool, grace: float, log_format: str,
-          handshake_log: bool) -> None:
+          insecure: bool, unix_socket: str | None, sidecar_outbound: str | None, plaintext_peers: bool,
+          grace: float, log_format: str, handshake_log: bool) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.config.env import EnvSettings, apply_env
 
@@ -112,6 +115,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
                               port=port, admin_port=admin_port, consul=consul, grace=grace,
                               sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
+                              unix_socket=unix_socket,
                               cert_paths=paths, discovery=discovery, mesh_file=find_mesh_file(config),
                               handshake_log=handshake_log,
                               consul_discovery=agent_address(consul) if discovery == "consul" else None,
@@ -239,6 +243,10 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
         await client.close()
         with console.status("stopping..."):
             await sup.stop_all()
+        if info.sockets:
+            from aivo_mesh.runtime.sockets import remove_socket_dir
+
+            remove_socket_dir(Path(info.sockets))
         console.print("all processes stopped")
 
 

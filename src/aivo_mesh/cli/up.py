@@ -140,9 +140,11 @@ def down(state_dir: str) -> None:
 
 
 def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
-    from aivo_mesh.runtime.mesh import restarts_file, running_supervisor, supervisor_pid_file
+    from aivo_mesh.runtime.mesh import RuntimeInfo, restarts_file, running_supervisor, supervisor_pid_file
+    from aivo_mesh.runtime.sockets import remove_socket_dir
     from aivo_mesh.runtime.supervisor import stop_recorded
 
+    info = RuntimeInfo.read(state)  # read first: the supervisor removes it on its way out
     pid = running_supervisor(state)
     if pid is not None:
         os.kill(pid, signal.SIGTERM)
@@ -156,6 +158,8 @@ def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
     state.clear_processes()
     for f in (supervisor_pid_file(state), state.root / "runtime.json", restarts_file(state)):
         f.unlink(missing_ok=True)  # also when the supervisor could not clean up after itself
+    if info is not None and info.sockets:
+        remove_socket_dir(Path(info.sockets))
     stopped = "supervisor" if pid else "nothing was running"
     console.print(f"mesh down ({stopped}{'; also stopped ' + ', '.join(leftovers) if leftovers else ''})")
 

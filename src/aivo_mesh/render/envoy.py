@@ -9,6 +9,8 @@ One sidecar per service::
 
     caller app --h2c--> 127.0.0.1:<outbound>  [outbound_grpc]  --mTLS h2--> peer's inbound
     peer Envoy --mTLS--> <inbound>           [inbound_grpc]   --h2c-->     127.0.0.1:<local_port> (app)
+    (a profile with `app_pipe` / `outbound_pipe`, as `meshctl up` writes them: those two plaintext legs
+    on Unix sockets instead, the outbound one created 0600; see runtime/sockets.py)
     admin on 127.0.0.1:<admin>; pod profile only: 0.0.0.0:15090 serves GET /stats/prometheus (Istio's
     layout) so Prometheus in another container can scrape without the admin API leaving loopback.
 
@@ -165,13 +167,18 @@ class EnvoyProfile:
     """Where a sidecar runs: one pod/container per service (`pod`) or every sidecar on one machine
     (`local`). `cert_dir` holds the mesh PKI layout (``ca/ca.crt``, ``services/<svc>.crt``,
     ``services/<svc>-key.pem``) as Envoy sees it; `sds_dir` holds `sds_files`' output. `otlp` is the
-    OTLP/gRPC collector for spans (None: no tracing); `statsd` a StatsD sink (None: none)."""
+    OTLP/gRPC collector for spans (None: no tracing); `statsd` a StatsD sink (None: none).
+    `app_pipe` / `outbound_pipe`: absolute Unix socket paths for the two plaintext legs (the app, and
+    the outbound listener, bound with mode 0600) instead of loopback TCP; None keeps TCP (the pod profile
+    always does: there the pod's own loopback is private)."""
 
     kind: Kind
     cert_dir: str
     sds_dir: str
     otlp: tuple[str, int] | None = None
     statsd: tuple[str, int] | None = None
+    app_pipe: str | None = None
+    outbound_pipe: str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("pod", "local"):
@@ -182,6 +189,10 @@ class EnvoyProfile:
             if not posixpath.isabs(value):
                 raise ValueError(f"{name} must be an absolute path, got {value!r}")
             object.__setattr__(self, name, value.rstrip("/") or "/")
+        for name in ("app_pipe", "outbound_pipe"):
+            value = getattr(self, name)
+            if value is not None and not posixpath.isabs(value):
+                raise ValueError(f"{name} must be an absolute path, got {value!r}")
 
     @classmethod
     def pod(cls, mesh: MeshSpec | None = None) -> EnvoyProfile:
@@ -197,9 +208,11 @@ class EnvoyProfile:
 
     @classmethod
     def local(cls, cert_dir: str, sds_dir: str, otlp: tuple[str, int] | None = None,
-              statsd: tuple[str, int] | None = None) -> EnvoyProfile:
-        """Every sidecar on one machine: loopback addresses, ports from mesh.yaml's `sidecar` blocks."""
-        return cls("local", str(cert_dir), str(sds_dir), otlp, statsd)
+              statsd: tuple[str, int] | None = None, *, app_pipe: str | None = None,
+              outbound_pipe: str | None = None) -> EnvoyProfile:
+        """Every sidecar on one machine: loopback addresses, ports from mesh.yaml's `sidecar` blocks;
+        with `app_pipe` / `outbound_pipe` the app and outbound legs on those Unix sockets."""
+        return cls("local", str(cert_dir), str(sds_dir), otlp, statsd, app_pipe, outbound_pipe)
 
 
 class EnvoyPorts(NamedTuple):
@@ -308,9 +321,16 @@ def _socket(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
 
 
-def _load_assignment(name: str, host: str, port: int) -> dict[str, Any]:
+PIPE_MODE = 0o600  # a listener's Unix socket: its owner only (Envoy chmods it right after bind)
+
+
+def _pipe(path: str, *, listener: bool) -> dict[str, Any]:
+    return {"pipe": {"path": path, "mode": PIPE_MODE} if listener else {"path": path}}
+
+
+def _load_assignment(name: str, host: str, port: int, address: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"cluster_name": name,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(host, port)}}]}]}
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address or _socket(host, port)}}]}]}
 
 
 def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
@@ -658,7 +678,9 @@ def _outbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, 
                                        upstream=True))
     return {
         "name": OUTBOUND_LISTENER,
-        "address": _socket("127.0.0.1", port),  # the app's plaintext leg never leaves loopback
+        # The app's plaintext leg never leaves loopback; on a pipe, only the mesh's user can open it.
+        "address": _pipe(profile.outbound_pipe, listener=True) if profile.outbound_pipe
+        else _socket("127.0.0.1", port),
         "traffic_direction": "OUTBOUND",
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
         "filter_chains": [{"filters": [_hcm(mesh, profile, svc.name, OUTBOUND_LISTENER, route_config, filters,
@@ -756,7 +778,7 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
     return cluster
 
 
-def _local_app_cluster(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+def _local_app_cluster(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> dict[str, Any]:
     lim = service_policy(mesh, svc.name).limits
     return {
         "name": LOCAL_APP_CLUSTER,
@@ -772,7 +794,8 @@ def _local_app_cluster(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
             "max_requests": lim.max_requests,
             "track_remaining": True,
         }]},
-        "load_assignment": _load_assignment(LOCAL_APP_CLUSTER, "127.0.0.1", svc.local_port),
+        "load_assignment": _load_assignment(LOCAL_APP_CLUSTER, "127.0.0.1", svc.local_port,
+                                            _pipe(profile.app_pipe, listener=False) if profile.app_pipe else None),
     }
 
 
@@ -804,7 +827,7 @@ def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
                              f"({', '.join(map(str, sorted(taken)))}); pick another local_port")
     listeners = [_inbound_listener(mesh, svc, profile, ports.inbound),
                  _outbound_listener(mesh, svc, profile, ports.outbound)]
-    clusters = [_local_app_cluster(mesh, svc)]
+    clusters = [_local_app_cluster(mesh, svc, profile)]
     clusters += [_peer_cluster(mesh, mesh.service(p), profile) for p in callable_peers(mesh, service)]
     if profile.kind == "pod":
         listeners.append(_stats_listener())

@@ -17,7 +17,9 @@ from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import init_ca, issue_leaf, load_identity
-from aivo_mesh.pki.peer import Role
+from aivo_mesh.pki.crypto import parse_certs
+from aivo_mesh.pki.peer import PeerPolicy, Role
+from aivo_mesh.runtime.sockets import unix_listen_problem
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor
 
@@ -118,21 +120,31 @@ def prepare(state: StateDir, config: str | None, free_ports: bool,
 def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: RuntimeInfo) -> None:
     """What would make the planned processes fail after they start, found before any starts: each
     identity's certificate, key and CA (load_identity, as the processes and their Envoys load them) and
-    each port the plan listens on. Raises StartupError with one line per problem, naming the file or port;
-    otherwise a 0644 key or a port in use showed up only as "not healthy within 20s" and a log line."""
+    each port and Unix socket the plan listens on. Raises StartupError with one line per problem, naming
+    the file, port or socket; otherwise a 0644 key or a port in use showed up only as "not healthy within
+    20s" and a log line."""
     problems: list[str] = []
     certs = state.certs
+    policy = PeerPolicy.from_mesh(mesh)
     for name in (*mesh.service_names, CLIENT_IDENTITY):
         cert, key = certs.identity_paths(name)
         try:
             # A service serves and calls; the client identity only calls.
             roles: tuple[Role, ...] = ("client",) if name == CLIENT_IDENTITY else ("server", "client")
-            load_identity(cert, key, certs.ca_cert, expect_spiffe_id=mesh.spiffe_id(name), roles=roles)
+            ident = load_identity(cert, key, certs.ca_cert, expect_spiffe_id=mesh.spiffe_id(name), roles=roles)
+            # What every peer would refuse (a revoked or unpinned certificate) is refused here too.
+            refused = policy.vetted(parse_certs(ident.cert_chain_pem, str(cert))[0], roles)
+            if refused is not None:
+                problems.append(f"{cert}: {refused}")
         except PkiError as exc:
             problems.append(str(exc))
     listens = [(m.address, m.name) for m in procs] + [(m.admin, f"{m.name} admin") for m in procs if m.admin]
     listens += [(ep.outbound, f"{name}-envoy outbound") for name, ep in info.services.items() if ep.outbound]
     for address, what in listens:
+        if address.startswith("unix:"):  # the sidecar plane's app and outbound legs (runtime/sockets.py)
+            if problem := unix_listen_problem(address.removeprefix("unix:"), what):
+                problems.append(problem)
+            continue
         host, _, port = address.rpartition(":")
         if problem := listen_problem(host.strip("[]"), int(port), what):
             problems.append(problem)

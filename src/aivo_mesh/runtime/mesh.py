@@ -6,9 +6,13 @@ front door. The supervisor owns the children (collector, services, and for the s
 Envoy per service), restarts a crashed one with exponential back-off, and on SIGTERM (`meshctl
 down`) stops them all, in reverse order, leaving no process or pid file behind.
 
-    sidecar plane    caller --mTLS--> Envoy inbound --h2--> app 127.0.0.1:<local_port>
-                     app --h2--> Envoy outbound 127.0.0.1:<outbound> --mTLS--> peer's Envoy inbound
+    sidecar plane    caller --mTLS--> Envoy inbound 127.0.0.1:<inbound> --h2--> app unix:<run>/<svc>.app.sock
+                     app --h2--> Envoy outbound unix:<run>/<svc>.out.sock --mTLS--> peer's Envoy inbound
     proxyless plane  caller --mTLS--> MeshServer <port>; the app's MeshClient does the policies
+
+On the sidecar plane the two plaintext legs are Unix sockets (0600) in a 0700 folder of the mesh's
+user (runtime/sockets.py), not loopback TCP ports any local process could open: the app's
+`local_port` and the sidecar's outbound port are not listened on at all here. docs/security.md.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import TYPE_CHECKING, Literal
 
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.errors import MeshError, StartupError
+from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime.state import StateDir, pid_alive
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
@@ -52,8 +56,8 @@ class ServiceEndpoints:
     address: str  # where mTLS callers reach the service (Envoy inbound, or the MeshServer)
     admin: str | None  # aivo-mesh admin endpoint of the app process
     sidecar_admin: str | None = None  # Envoy admin (sidecar plane)
-    app: str | None = None  # the app behind its sidecar (plaintext, loopback)
-    outbound: str | None = None  # the sidecar's outbound listener
+    app: str | None = None  # the app behind its sidecar (plaintext): unix:<path> on the local mesh
+    outbound: str | None = None  # the sidecar's outbound listener: unix:<path> on the local mesh
 
 
 @dataclass
@@ -61,6 +65,7 @@ class RuntimeInfo:
     plane: Plane
     collector: str
     services: dict[str, ServiceEndpoints] = field(default_factory=dict)
+    sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
 
     def write(self, state: StateDir) -> None:
         path = state.root / "runtime.json"
@@ -75,7 +80,8 @@ class RuntimeInfo:
         except (FileNotFoundError, ValueError):
             return None
         return cls(plane=data["plane"], collector=data["collector"],
-                   services={k: ServiceEndpoints(**v) for k, v in data["services"].items()})
+                   services={k: ServiceEndpoints(**v) for k, v in data["services"].items()},
+                   sockets=data.get("sockets"))
 
 
 def envoy_binary() -> str:
@@ -130,27 +136,28 @@ def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
     return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"tracing": tracing})})
 
 
-def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | None) -> dict[str, Path]:
+def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | None,
+                        sockets: Path | None = None) -> dict[str, Path]:
     """Local-profile bootstraps under <state>/envoy/<svc>/, and their SDS files with the certificates the
-    peer policy vetted (runtime/sidecar_certs.py); returns bootstrap paths. Raises StartupError when a
-    service has no certificate its sidecar may present."""
+    peer policy vetted (runtime/sidecar_certs.py); returns bootstrap paths. With `sockets` (a folder from
+    runtime/sockets.py) the app and outbound legs are Unix sockets there. A certificate that cannot be
+    vetted is left out here; `preflight` names it before anything starts."""
     from aivo_mesh.render import serialize
     from aivo_mesh.render.envoy import EnvoyProfile, bootstrap
+    from aivo_mesh.runtime.sockets import app_socket, outbound_socket
 
     out: dict[str, Path] = {}
     for name in mesh.service_names:
         d = state.root / "envoy" / name
         (d / "sds").mkdir(parents=True, exist_ok=True)
         profile = EnvoyProfile.local(cert_dir=str(state.certs.root.resolve()), sds_dir=str((d / "sds").resolve()),
-                                     otlp=("127.0.0.1", collector_port) if collector_port else None)
+                                     otlp=("127.0.0.1", collector_port) if collector_port else None,
+                                     app_pipe=str(app_socket(sockets, name)) if sockets else None,
+                                     outbound_pipe=str(outbound_socket(sockets, name)) if sockets else None)
         path = d / "envoy.yaml"
         path.write_text(serialize("envoy.yaml", bootstrap(mesh, name, profile)))
         out[name] = path
-    publisher = sidecar_certificates(state, mesh)
-    publisher.publish()
-    missing = [n for n in mesh.service_names if n not in publisher.current]
-    if missing:
-        raise StartupError("\n".join(f"{n}: {publisher.problems.get(n, 'no vetted certificate')}" for n in missing))
+    sidecar_certificates(state, mesh).publish()
     return out
 
 
@@ -176,8 +183,11 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
     common = ["--config", str(state.mesh_file), "--certs", str(state.certs.root)]
     if plane == "sidecar":
         from aivo_mesh.render.envoy import sidecar_ports
+        from aivo_mesh.runtime.sockets import app_socket, outbound_socket, socket_dir
 
-        bootstraps = write_envoy_configs(state, mesh, collector_port)
+        sockets = socket_dir(state.root, list(mesh.service_names))
+        info.sockets = str(sockets)
+        bootstraps = write_envoy_configs(state, mesh, collector_port, sockets)
         envoy = envoy_binary()
     for name in mesh.service_names:
         svc = mesh.service(name)
@@ -189,20 +199,19 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
                                  unset=LOCAL_UNSET))
             info.services[name] = ServiceEndpoints(address=f"{svc.host}:{svc.port}", admin=admin)
             continue
-        inbound, outbound, envoy_admin = sidecar_ports(mesh, name, "local")
-        procs.append(Managed(name=name, role="service", address=f"127.0.0.1:{svc.local_port}", admin=admin,
-                             argv=meshctl_argv("serve", name, *common, *data, "--insecure", "--port",
-                                               str(svc.local_port), "--sidecar-outbound",
-                                               f"127.0.0.1:{outbound}"), env=dict(LOCAL_ENV),
-                             unset=LOCAL_UNSET))
+        inbound, _, envoy_admin = sidecar_ports(mesh, name, "local")
+        app, outbound = f"unix:{app_socket(sockets, name)}", f"unix:{outbound_socket(sockets, name)}"
+        procs.append(Managed(name=name, role="service", address=app, admin=admin,
+                             argv=meshctl_argv("serve", name, *common, *data, "--insecure", "--unix-socket",
+                                               str(app_socket(sockets, name)), "--sidecar-outbound", outbound),
+                             env=dict(LOCAL_ENV), unset=LOCAL_UNSET))
         procs.append(Managed(name=f"{name}-envoy", role="sidecar", address=f"127.0.0.1:{inbound}",
                              admin=f"127.0.0.1:{envoy_admin}",
                              argv=[envoy, "-c", str(bootstraps[name]), "--concurrency", "1", "--log-level", "warn",
                                    "--disable-hot-restart", "--service-node", name, "--service-cluster", name]))
         info.services[name] = ServiceEndpoints(address=f"127.0.0.1:{inbound}", admin=admin,
                                                sidecar_admin=f"127.0.0.1:{envoy_admin}",
-                                               app=f"127.0.0.1:{svc.local_port}",
-                                               outbound=f"127.0.0.1:{outbound}")
+                                               app=app, outbound=outbound)
     return procs, info
 
 
@@ -306,6 +315,10 @@ async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_
     finally:
         for f in (supervisor_pid_file(state), state.root / "runtime.json", restarts_file(state)):
             f.unlink(missing_ok=True)
+        if info.sockets:
+            from aivo_mesh.runtime.sockets import remove_socket_dir
+
+            remove_socket_dir(Path(info.sockets))
 
 
 def running_supervisor(state: StateDir) -> int | None:

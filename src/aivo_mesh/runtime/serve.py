@@ -25,6 +25,7 @@ from aivo_mesh.runtime.admin_source import MeshAdminSource
 from aivo_mesh.runtime.handshakes import RefusalLog
 from aivo_mesh.runtime.local import listen_problem
 from aivo_mesh.runtime.mesh_watch import follow_certificates
+from aivo_mesh.runtime.sockets import unix_listen_problem
 from aivo_mesh.server import MeshServer
 from aivo_mesh.services import APPS
 from aivo_mesh.services.base import ServiceContext
@@ -60,6 +61,7 @@ async def serve_service(
     discovery_timeout: float = 5.0,
     mesh_file: Path | None = None,
     handshake_log: bool = True,
+    unix_socket: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`.
 
@@ -70,9 +72,14 @@ async def serve_service(
     a change of its `certificates` block (a revocation) applies to both the server and the client live.
 
     With `handshake_log` the server logs and counts the TLS connections it refuses (see
-    runtime.handshakes: the refused handshakes need `capture_handshakes()` first, as `meshctl serve`)."""
+    runtime.handshakes: the refused handshakes need `capture_handshakes()` first, as `meshctl serve`).
+
+    `unix_socket`: listen there (0600) instead of host:port, as the local sidecar plane does."""
     if name not in APPS:
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
+    if unix_socket is not None and consul:
+        raise StartupError(f"{name}: a service on a Unix socket ({unix_socket}) cannot register a host:port "
+                           "in Consul; drop --consul or --unix-socket")
     spec = mesh.service(name)
     telemetry = ProcessTelemetry.for_service(mesh, name)
     peers = callable_peers(mesh, name)  # the services mesh.yaml lets this one call
@@ -80,7 +87,7 @@ async def serve_service(
         telemetry.metrics.declare_target(peer)
     if telemetry.tracing is not None:
         telemetry.tracing.install_global()  # application spans via opentelemetry.trace.get_tracer
-    common = {"port": port, "observers": telemetry.observers()}
+    common = {"port": port, "observers": telemetry.observers(), "unix_socket": unix_socket}
     cert, key = certs.identity_paths(name)
     cert, key, ca = cert_paths or (cert, key, certs.ca_cert)
     if insecure:
@@ -122,7 +129,10 @@ async def serve_service(
         loop.add_signal_handler(sig, stop.set)
     listeners = ((server.host, server.port, f"{name} (gRPC)"), (admin.host, admin.port, f"{name} (admin endpoint)"))
     try:
-        for host_, port_, what in listeners:  # both before either binds: a port in use starts nothing
+        # Both before either binds: a port or socket in use starts nothing.
+        if unix_socket is not None and (problem := unix_listen_problem(unix_socket, listeners[0][2])):
+            raise StartupError(problem)
+        for host_, port_, what in (listeners[1:] if unix_socket is not None else listeners):
             if port_ and (problem := listen_problem(host_, port_, what)):
                 raise StartupError(problem)
         if watch is not None:
@@ -136,8 +146,9 @@ async def serve_service(
                 log.warning("%s: %s; until they arrive, calls to those peers use mesh.yaml's endpoints", name, exc)
         try:
             bound = await server.start()
-        except (RuntimeError, MeshError) as exc:  # taken since the check; grpc says only "Failed to bind"
-            problem = listen_problem(server.host, server.port, listeners[0][2])
+        except (RuntimeError, MeshError, OSError) as exc:  # taken since the check; grpc says only "Failed to bind"
+            problem = (unix_listen_problem(unix_socket, listeners[0][2]) if unix_socket is not None
+                       else listen_problem(server.host, server.port, listeners[0][2]))
             raise (StartupError(problem) if problem else exc) from None
         try:
             await admin.start()

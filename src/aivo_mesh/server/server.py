@@ -14,12 +14,15 @@ telling Python. With `on_refused` (e.g. `runtime.handshakes.RefusalLog(service, 
 reports each one, with its reason and peer: handshakes refused by grpc core when the process called
 `runtime.handshakes.capture_handshakes()` before importing grpc, and TLS 1.2 connections (refused per
 call, reported once per connection) in any case.
+`unix_socket=PATH` listens on that Unix domain socket instead of host:port and narrows it to 0600 (the
+local sidecar plane: only the mesh's user can reach the app; runtime/sockets.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -39,6 +42,8 @@ from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterc
 from aivo_mesh.tls import warn_if_not_enforced
 
 log = logging.getLogger(__name__)
+
+SOCKET_MODE = 0o600  # a Unix socket listener: its owner only
 
 # Clients reconnect (and so re-handshake with rotated certificates) at least this often.
 MAX_CONNECTION_AGE_MS = 5 * 60 * 1000
@@ -62,12 +67,14 @@ class MeshServer:
         on_identity: Callable[[Identity], None] | None = None,
         options: Sequence[tuple[str, object]] = (),
         on_refused: RefusalListener | None = None,
+        unix_socket: str | Path | None = None,
     ) -> None:
         spec = mesh.service(service)
         self.mesh = mesh
         self.service = service
         self.host = host if host is not None else spec.host
         self.port = spec.port if port is None else port
+        self.unix_socket = str(unix_socket) if unix_socket is not None else None
         self.insecure = insecure
         self.credentials: ReloadingServerCredentials | None = None
         if not insecure:
@@ -120,8 +127,13 @@ class MeshServer:
         """Declare a gRPC service hosted here (for health status and reflection)."""
         self._service_names.append(full_name)
 
+    @property
+    def address(self) -> str:
+        """What the server listens on: ``host:port`` or ``unix:<path>``."""
+        return f"unix:{self.unix_socket}" if self.unix_socket is not None else f"{self.host}:{self.port}"
+
     async def start(self) -> int:
-        address = f"{self.host}:{self.port}"
+        address = self.address
         if self.credentials is not None:
             bound = self.grpc_server.add_secure_port(address, self.credentials.credentials())
         else:
@@ -130,6 +142,9 @@ class MeshServer:
             bound = self.grpc_server.add_insecure_port(address)
         if bound == 0:
             raise MeshError(f"{self.service}: cannot bind {address} (port in use?)")
+        if self.unix_socket is not None:
+            # grpc creates the socket under the umask; its folder (0700) keeps others out until now.
+            os.chmod(self.unix_socket, SOCKET_MODE)
         self.bound_port = int(bound)
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self.grpc_server)
@@ -140,7 +155,8 @@ class MeshServer:
         self._status = health_pb2.HealthCheckResponse.SERVING
         if self.on_refused is not None and (capture := current_capture()) is not None:
             capture.subscribe(self.on_refused, port=int(bound))
-        log.info("%s serving on %s:%d (%s)", self.service, self.host, bound,
+        log.info("%s serving on %s (%s)", self.service,
+                 address if self.unix_socket is not None else f"{self.host}:{bound}",
                  "plaintext" if self.insecure else "mTLS")
         return int(bound)
 
