@@ -126,3 +126,20 @@ def test_decisions_on_pem_are_cached_and_refusals_too(mesh_certs: CertLayout, me
         policy.check_pem(b"not a certificate", "client")
     assert exc.value.rule == Rule.UNPARSEABLE
     assert len(policy._cache) == 2
+
+
+@needs_openssl
+def test_an_identity_without_the_eku_of_its_role_is_refused_at_start(mesh_certs: CertLayout, mesh: MeshSpec,
+                                                                     tmp_path: Path) -> None:
+    from aivo_mesh import MeshClient, MeshConfig, MeshServer
+    from aivo_mesh.errors import PkiError
+
+    cert, key = mint(mesh_certs, mesh, "auth-svc", tmp_path / "client-only", eku=["clientAuth"])
+    with pytest.raises(PkiError) as exc:  # every client would refuse it: refused before the port is bound
+        MeshServer(mesh, "auth-svc", cert=cert, key=key, ca=mesh_certs.ca_cert, port=0)
+    assert exc.value.file == str(cert) and "serverAuth" in exc.value.reason
+    cert, key = mint(mesh_certs, mesh, "learner-svc", tmp_path / "server-only", eku=["serverAuth"])
+    with pytest.raises(PkiError) as exc:
+        MeshClient(MeshConfig(service_name="learner-svc", ca_cert_path=mesh_certs.ca_cert, client_cert_path=cert,
+                              client_key_path=key, mesh=mesh))
+    assert exc.value.file == str(cert) and "clientAuth" in exc.value.reason
