@@ -78,7 +78,9 @@ def test_effective_values_of_mesh_yaml(mesh: MeshSpec) -> None:
         assert (p.retry_budget.percent, p.retry_budget.min_retry_concurrency) == (25.0, 3)
         assert p.health_check.interval == 30.0
         assert p.health_check.timeout == 5.0
-        assert p.outlier_detection.base_ejection_time == 60.0
+        od = p.outlier_detection
+        assert (od.consecutive_failures, od.interval, od.base_ejection_time, od.max_ejection_time) == (
+            5, 1.0, 1.0, 60.0)
     # 3 retries x (up to) 1 s back-off: the platform design's "0.1 / 1 / 3".
     assert service_policy(mesh, AUTH).retry.retry_on == ("UNAVAILABLE", "DEADLINE_EXCEEDED")
     assert service_policy(mesh, AUTH).retry.per_try_timeout == 1.0

@@ -258,6 +258,25 @@ def test_ejection_is_not_held_back_by_the_update_merge_window(window: Any) -> No
     assert lint_bootstrap(cfg) == []
 
 
+@pytest.mark.parametrize(("interval", "base", "bad"), [
+    ("1s", "1s", False), ("10s", "1s", True), (None, "1s", True), (None, None, False), ("0.5s", "1s", False),
+    ({"seconds": 2}, "1.5s", True),
+])
+def test_an_interval_longer_than_the_ejection_holds_hosts_out_longer(interval: Any, base: Any, bad: bool) -> None:
+    cfg = _good()
+    od = _cluster(cfg)["outlier_detection"]
+    for key, value in (("interval", interval), ("base_ejection_time", base)):
+        if value is not None:  # None: Envoy's default (10 s interval, 30 s ejection)
+            od[key] = value
+    issues = lint_bootstrap(cfg)
+    if not bad:
+        assert issues == []
+        return
+    issue = _only(issues, "warning")
+    assert issue.path == "static_resources.clusters[up].outlier_detection.interval"
+    assert "only at this sweep" in issue.message
+
+
 def _endpoints(n: int) -> dict[str, Any]:
     return {"cluster_name": "up", "endpoints": [{"lb_endpoints": [
         {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 7000 + i}}}}

@@ -471,8 +471,10 @@ def test_peer_cluster_policy(mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> 
             od = c["outlier_detection"]
             assert od["consecutive_5xx"] == od["consecutive_gateway_failure"] == 5
             assert od["enforcing_consecutive_5xx"] == od["enforcing_consecutive_gateway_failure"] == 100
-            assert od["base_ejection_time"] == od["max_ejection_time"] == "60s"
-            assert od["interval"] == "10s"
+            # 1 s after a stall, growing by 1 s per ejection in a row up to 60 s; the sweep that returns
+            # a host runs every interval, so the first ejection lasts 1 to 2 s.
+            assert (od["base_ejection_time"], od["max_ejection_time"], od["interval"]) == ("1s", "60s", "1s")
+            assert "max_ejection_time_jitter" not in od
             assert od["max_ejection_percent"] == 50
             assert od["successful_active_health_check_uneject_host"] is False
             (hc,) = c["health_checks"]

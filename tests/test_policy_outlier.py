@@ -52,7 +52,7 @@ def test_ejected_endpoint_gets_no_picks_while_its_peer_serves(clock: FakeClock) 
     fail(b, A, 4)
     assert picks(b, 2) == [A, B]
     fail(b, A, 1)
-    assert listener.named("endpoint_ejected") == [(SVC, A, 60.0)]
+    assert listener.named("endpoint_ejected") == [(SVC, A, 1.0)]  # the default rule's first ejection
     assert picks(b, 10) == [B] * 10
 
 
@@ -112,10 +112,42 @@ def test_ejection_time_grows_and_is_capped_and_forgiven(clock: FakeClock) -> Non
     assert listener.named("endpoint_ejected")[-1][2] == 20.0
 
 
+def test_default_rule_starts_at_one_second_and_grows_by_one_per_ejection_in_a_row_to_sixty(
+        clock: FakeClock) -> None:
+    # mesh.yaml's defaults (1 s / 1 s / 60 s), as Envoy renders them: an endpoint that fails again as
+    # soon as it returns is ejected for 1, 2, 3, ... s, then 60 s each time; one second back in
+    # rotation per ejection forgives it.
+    assert OutlierRule.from_spec(OutlierDetectionSpec()) == OutlierRule()
+    listener = RecordingListener()
+    b = balancer(clock, [A, B], listener)
+    for _ in range(62):
+        fail(b, A)
+        ep = b.state(A)
+        assert ep is not None and ep.ejected_until is not None
+        clock.advance(ep.ejected_until - clock())
+        b.pick()
+    seconds = [e[2] for e in listener.named("endpoint_ejected")]
+    assert seconds == [float(n) for n in range(1, 61)] + [60.0, 60.0]
+    ep = b.state(A)
+    assert ep is not None and ep.times_ejected == 61  # stops one past the cap, as Envoy's multiplier
+    clock.advance(3.0)  # three intervals back in rotation forgive three: 61 - 3 + 1
+    fail(b, A)
+    assert listener.named("endpoint_ejected")[-1][2] == 59.0
+    clock.advance(59.0)
+    b.pick()
+    clock.advance(58.0)  # forgiven all but one: the next ejection is 2 s
+    fail(b, A)
+    assert listener.named("endpoint_ejected")[-1][2] == 2.0
+
+
 def test_rule_from_spec_and_validation() -> None:
     rule = OutlierRule.from_spec(OutlierDetectionSpec(base_ejection_time=30, max_ejection_time=10))
     assert rule.ejection_time(1) == 30.0  # the cap is never below the base (Envoy)
     assert rule.ejection_time(5) == 30.0
+    assert rule.max_times == 2
+    # Envoy counts while times * base < max + base: 10 s / 25 s stops at 4, 0.1 s / 0.3 s at 4.
+    assert OutlierRule(base_ejection_time=10.0, max_ejection_time=25.0).max_times == 4
+    assert OutlierRule(base_ejection_time=0.1, max_ejection_time=0.3).max_times == 4
     with pytest.raises(ValueError, match="max_ejection_percent"):
         OutlierRule(max_ejection_percent=150)
 
@@ -170,7 +202,7 @@ def test_snapshot(clock: FakeClock) -> None:
     b = balancer(clock, [A, B])
     fail(b, A)
     snap = b.snapshot()
-    assert snap[0] == {"endpoint": A, "healthy": True, "ejected": True, "ejected_until": clock() + 60.0,
+    assert snap[0] == {"endpoint": A, "healthy": True, "ejected": True, "ejected_until": clock() + 1.0,
                        "consecutive_failures": 0, "times_ejected": 1}
     assert set(snap[1]) == {"endpoint", "healthy", "ejected", "ejected_until", "consecutive_failures",
                             "times_ejected"}

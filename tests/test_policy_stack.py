@@ -105,7 +105,7 @@ async def test_a_retry_lands_on_the_healthy_endpoint_and_the_bad_one_is_ejected(
         assert reply.ok
     # Every call that hit A was retried on B; A was ejected after 3 failures; the breaker, which
     # sees the whole service, never opened.
-    assert listener.named("endpoint_ejected") == [(SVC, A, 60.0)]
+    assert listener.named("endpoint_ejected") == [(SVC, A, 1.0)]  # the first ejection: base_ejection_time
     assert t.breaker.state == "closed"
     assert up.seen[-1] == (1, B)
     finished = listener.named("call_finished")

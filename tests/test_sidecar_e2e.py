@@ -18,7 +18,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,15 @@ from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
-from aivo_mesh.render.envoy import HELPER_CLUSTERS, EnvoyProfile, bootstrap, callable_peers, sds_files, sidecar_ports
+from aivo_mesh.render.envoy import (
+    HELPER_CLUSTERS,
+    EnvoyPorts,
+    EnvoyProfile,
+    bootstrap,
+    callable_peers,
+    sds_files,
+    sidecar_ports,
+)
 from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
@@ -386,6 +395,7 @@ async def _start_envoy(config: Path) -> asyncio.subprocess.Process:
     assert ENVOY is not None
     return await asyncio.create_subprocess_exec(
         ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+        "--file-flush-interval-msec", "50",  # the outlier event log, read while the test runs (default 10 s)
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
 
@@ -396,9 +406,16 @@ async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
         await p.wait()
 
 
-async def _auth_app(port: int, fail: bool, hits: dict[str, int], name: str) -> grpc.aio.Server:
+async def _auth_app(port: int, fail: bool, hits: dict[str, int], name: str,
+                    running: asyncio.Event | None = None) -> grpc.aio.Server:
+    """auth-svc's ValidateToken, failing every call with UNAVAILABLE if `fail`; while `running` is
+    clear the app stalls: each call waits and is answered once it is set again, as a stalled
+    process answers late. Its health service stays SERVING: only outlier detection judges it."""
+
     async def validate(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         hits[name] += 1
+        if running is not None:
+            await running.wait()
         if fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is broken")
         return name.encode()
@@ -415,7 +432,7 @@ async def _auth_app(port: int, fail: bool, hits: dict[str, int], name: str) -> g
 
 
 def _write_bootstrap(mesh: MeshSpec, service: str, certs: CertLayout, d: Path,
-                     extra_auth_endpoint: int | None = None) -> Path:
+                     extra_auth_endpoint: int | None = None, outlier_log: Path | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
     (d / "sds").mkdir(exist_ok=True)
@@ -427,6 +444,8 @@ def _write_bootstrap(mesh: MeshSpec, service: str, certs: CertLayout, d: Path,
         lb = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"]
         lb.append({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1",
                                                                 "port_value": extra_auth_endpoint}}}})
+    if outlier_log is not None:  # one JSON line per ejection and per return
+        config["cluster_manager"] = {"outlier_detection": {"event_log_path": str(outlier_log)}}
     path = d / "envoy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
@@ -442,6 +461,15 @@ def _wait_live(admin: int, timeout: float = 60) -> None:
             pass
         time.sleep(0.05)
     raise TimeoutError(f"envoy admin {admin} not LIVE")
+
+
+def _outlier_events(log: Path, action: str, host: str | None = None) -> list[dict[str, Any]]:
+    """The EJECT or UNEJECT events Envoy logged so far (oldest first), of `host` if given. An UNEJECT's
+    secs_since_last_action is how long that ejection lasted, in whole seconds (rounded down)."""
+    if not log.exists():
+        return []
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    return [e for e in events if e["action"] == action and (host is None or e["upstream_url"] == host)]
 
 
 def _host_flags(admin: int, cluster: str) -> dict[str, str]:
@@ -474,7 +502,8 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
         # the case Envoy's default update_merge_window (1 s) used to delay (the host kept serving).
         configs = [
             (_write_bootstrap(m, "learner-svc", mesh_certs, tmp_path / "learner",
-                              extra_auth_endpoint=sidecar_ports(m_b, "auth-svc", "local").inbound),
+                              extra_auth_endpoint=sidecar_ports(m_b, "auth-svc", "local").inbound,
+                              outlier_log=tmp_path / "outlier.log"),
              sidecar_ports(m, "learner-svc", "local")),
             (_write_bootstrap(m, "auth-svc", mesh_certs, tmp_path / "auth-a"), sidecar_ports(m, "auth-svc", "local")),
             (_write_bootstrap(m_b, "auth-svc", mesh_certs, tmp_path / "auth-b"),
@@ -520,60 +549,168 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
             assert "cluster.auth-svc.outlier_detection.ejections_enforced_total: 1" in stats
             assert "cluster.auth-svc.outlier_detection.ejections_detected_consecutive_gateway_failure: 1" in stats \
                 or "cluster.auth-svc.outlier_detection.ejections_detected_consecutive_5xx: 1" in stats
-            before = hits["bad"]
+            # No traffic reaches the ejected endpoint. It returns after 1 s (then 2 s, ...): a return may
+            # fall within these calls, and costs the 5 failed attempts (+1 in flight) that eject it again.
+            before, returned = hits["bad"], len(_outlier_events(tmp_path / "outlier.log", "UNEJECT", bad_addr))
             for _ in range(20):
                 assert await vt(b"x", timeout=5) == b"good"
-            assert hits["bad"] == before  # no traffic reaches the ejected endpoint
+            returns = len(_outlier_events(tmp_path / "outlier.log", "UNEJECT", bad_addr)) - returned
+            assert hits["bad"] - before <= 6 * returns, (hits, before, returns)
     finally:
         await _stop(procs)
         await good.stop(0)
         await bad.stop(0)
 
 
+# -- one-host peers: a stall costs about a second, a peer failing every call fails fast ----------------
+# Every rendered peer cluster has exactly one host, so its ejection fails every call to the peer: it is
+# the sidecar's breaker. mesh.yaml ejects for 1 s, then 1 s longer each time the host fails again on its
+# return, up to 60 s; Envoy returns a host only at its 1 s `interval` sweep.
+
+RATE = 20.0  # calls per second, as tests/test_policy_stall.py
+VALIDATE = "/aivo.auth.v1.AuthService/ValidateToken"  # idempotent: 1 s deadline, 500 ms per try
+
+
+@dataclass(frozen=True)
+class Outcome:
+    call: int
+    code: grpc.StatusCode
+    details: str
+
+    @property
+    def no_healthy_upstream(self) -> bool:  # the caller's sidecar had no host to try (again)
+        return self.code == grpc.StatusCode.UNAVAILABLE and "no healthy upstream" in self.details
+
+
+async def _paced(call: Any, count: int, before: Mapping[int, Callable[[], object]] | None = None,
+                 stop: Callable[[], bool] | None = None) -> list[Outcome]:
+    """Start call i at i / RATE s, each on its own (steady traffic); `before[i]()` runs just before
+    call i starts; no call starts once `stop()` holds. Returns the outcomes in call order."""
+
+    async def one(i: int) -> Outcome:
+        try:
+            await call(b"x", timeout=5)
+            return Outcome(i, grpc.StatusCode.OK, "")
+        except grpc.aio.AioRpcError as exc:
+            return Outcome(i, exc.code(), exc.details() or "")
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    tasks = []
+    for i in range(count):
+        if stop is not None and stop():
+            break
+        await asyncio.sleep(max(0.0, start + i / RATE - loop.time()))  # the traffic's schedule
+        if before and i in before:
+            before[i]()
+        tasks.append(asyncio.create_task(one(i)))
+    return list(await asyncio.gather(*tasks))
+
+
+async def _one_host_peer(m: MeshSpec, certs: CertLayout, d: Path,
+                         procs: list[asyncio.subprocess.Process]) -> tuple[EnvoyPorts, str, Path]:
+    """auth-svc's and learner-svc's sidecars, as rendered; returns the learner's ports, the address of its
+    one auth-svc host and its outlier event log, once that host passed its health check."""
+    log = d / "outlier.log"
+    configs = [(_write_bootstrap(m, "auth-svc", certs, d / "auth-svc"), sidecar_ports(m, "auth-svc", "local")),
+               (_write_bootstrap(m, "learner-svc", certs, d / "learner-svc", outlier_log=log),
+                sidecar_ports(m, "learner-svc", "local"))]
+    for path, p in configs:  # auth's sidecar first, so the learner sidecar's first health check passes
+        procs.append(await _start_envoy(path))
+        await asyncio.to_thread(_wait_live, p.admin)
+    learner, auth_addr = configs[1][1], f"127.0.0.1:{configs[0][1].inbound}"
+    await until(lambda: _host_flags(learner.admin, "auth-svc").get(auth_addr) == "healthy", 30,
+                "the learner sidecar sees auth-svc healthy")
+    return learner, auth_addr, log
+
+
 @needs_envoy
-async def test_one_endpoint_peer_is_ejected_after_five_failures_and_calls_fail_fast(mesh, mesh_certs, tmp_path):
-    # Every rendered peer cluster has exactly one host: the breaker must hold there too.
+async def test_a_one_second_stall_of_a_one_host_peer_fails_calls_for_seconds_not_a_minute(mesh, mesh_certs,
+                                                                                           tmp_path):
+    # 20 calls/s of ValidateToken through learner-svc's sidecar; auth-svc's app stalls for 1 s (calls
+    # 20-39 start while it stalls). Envoy counts attempts, so the stall's per-try timeouts (500 ms) eject
+    # the host, and calls fail fast with "no healthy upstream" until Envoy returns it.
+    warmup, stall, after = 20, 20, 120
+    stall_until = warmup + stall
+    m = with_free_ports(mesh)
+    hits = {"auth": 0}
+    running = asyncio.Event()
+    running.set()
+    app = await _auth_app(m.service("auth-svc").local_port, False, hits, "auth", running)
+    procs: list[asyncio.subprocess.Process] = []
+    try:
+        learner, auth_addr, log = await _one_host_peer(m, mesh_certs, tmp_path, procs)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{learner.outbound}") as ch:
+            vt = ch.unary_unary(VALIDATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            outcomes = await _paced(vt, warmup + stall + after, before={warmup: running.clear,
+                                                                      stall_until: running.set})
+        assert all(o.code == grpc.StatusCode.OK for o in outcomes[:warmup]), outcomes[:warmup]
+        ejections = _outlier_events(log, "EJECT", auth_addr)
+        assert ejections, "the stall did not eject the host: the case this test is about did not happen"
+        late = [o for o in outcomes[stall_until:] if o.code != grpc.StatusCode.OK]
+        # The bound: the host was ejected inside the stall (its first per-try timeouts come 500 ms into
+        # it), for base_ejection_time (1 s), and returns at the first sweep after that (interval, 1 s):
+        # calls begun after the stall fail for at most 2 s, 40 calls at 20/s. The flat 60 s ejection
+        # with a 10 s sweep failed every call for 60-70 s: all 120 here, 1,200 to 1,400 in all.
+        bound = int((1.0 + 1.0) * RATE)
+        print(f"failed calls begun after the stall: {len(late)} (bound {bound}); "
+              f"during it: {sum(o.code != grpc.StatusCode.OK for o in outcomes[warmup:stall_until])}; "
+              f"ejections: {len(ejections)}")
+        assert len(late) <= bound, late
+        assert all(o.no_healthy_upstream for o in late), late  # failed fast by the sidecar, not timed out
+        # One run of failures right after the stall, then every call succeeds.
+        first_ok = next((o.call for o in outcomes[stall_until:] if o.code == grpc.StatusCode.OK), None)
+        assert first_ok is not None, "no call succeeded after the stall"
+        assert [o.call for o in late] == list(range(stall_until, first_ok))
+        assert len(ejections) == 1
+        assert _host_flags(learner.admin, "auth-svc")[auth_addr] == "healthy"
+    finally:
+        await _stop(procs)
+        await app.stop(0)
+
+
+@needs_envoy
+async def test_a_peer_failing_every_call_is_ejected_after_five_failures_and_longer_each_time(mesh, mesh_certs,
+                                                                                             tmp_path):
     m = with_free_ports(mesh)
     hits = {"bad": 0}
     bad = await _auth_app(m.service("auth-svc").local_port, True, hits, "bad")
     procs: list[asyncio.subprocess.Process] = []
     try:
-        # auth's sidecar first, so the learner sidecar's first health check of it passes.
-        configs = [(_write_bootstrap(m, s, mesh_certs, tmp_path / s), sidecar_ports(m, s, "local"))
-                   for s in ("auth-svc", "learner-svc")]
-        for path, p in configs:
-            procs.append(await _start_envoy(path))
-            await asyncio.to_thread(_wait_live, p.admin)
-        learner = configs[1][1]
-        auth_addr = f"127.0.0.1:{configs[0][1].inbound}"
-        await until(lambda: _host_flags(learner.admin, "auth-svc").get(auth_addr) == "healthy", 30,
-                    "the learner sidecar sees auth-svc healthy")
+        learner, auth_addr, log = await _one_host_peer(m, mesh_certs, tmp_path, procs)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{learner.outbound}") as ch:
-            vt = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
-                                response_deserializer=lambda b: b)
+            vt = ch.unary_unary(VALIDATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
             details = []
             for _ in range(10):  # Envoy retries each up to 3 times: the 5th failed attempt ejects the host
                 with pytest.raises(grpc.aio.AioRpcError) as exc:
                     await vt(b"x", timeout=5)
                 assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
                 details.append(exc.value.details() or "")
+                if "no healthy upstream" in details[-1]:
+                    break
+            assert "no healthy upstream" in details[-1], details
             # Outcomes reach Envoy's main thread asynchronously: allow one attempt in flight past the 5th.
             assert 5 <= hits["bad"] <= 6, (hits, details)
-            flags = await asyncio.to_thread(_host_flags, learner.admin, "auth-svc")
-            assert "failed_outlier_check" in flags[auth_addr], flags
             stats = await asyncio.to_thread(_get, f"http://127.0.0.1:{learner.admin}/stats")
             assert "cluster.auth-svc.outlier_detection.ejections_enforced_total: 1" in stats
             assert "cluster.auth-svc.outlier_detection.ejections_overflow: 0" in stats
-            assert "no healthy upstream" in details[-1], details
-            before = hits["bad"]
-            started = time.monotonic()
-            for _ in range(20):  # fail fast: Envoy answers itself, the app sees nothing
-                with pytest.raises(grpc.aio.AioRpcError) as exc:
-                    await vt(b"x", timeout=5)
-                assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "no healthy upstream" in (exc.value.details() or "")
-            assert hits["bad"] == before
-            assert time.monotonic() - started < 2.0  # no retry back-off either: nothing to retry on
+            # Steady traffic until the host has come back three times, and failed again each time.
+            returns = 3
+            outcomes = await _paced(vt, int(30 * RATE),
+                                    stop=lambda: len(_outlier_events(log, "UNEJECT", auth_addr)) >= returns)
+        ejected = [int(e["secs_since_last_action"]) for e in _outlier_events(log, "UNEJECT", auth_addr)]
+        assert len(ejected) >= returns, (ejected, len(outcomes))
+        ejections = len(_outlier_events(log, "EJECT", auth_addr))
+        fast = sum(o.no_healthy_upstream for o in outcomes)
+        print(f"{len(outcomes)} calls: {fast} ended 'no healthy upstream', {hits['bad']} attempts reached the app, "
+              f"{ejections} ejections lasting {ejected} s (whole seconds)")
+        assert all(o.no_healthy_upstream or o.details == "bad is broken" for o in outcomes), outcomes
+        # What reaches the app is bounded by the ejections, not by the calls: each return costs the 5
+        # failed attempts that eject the host again (plus one in flight); every other call fails fast.
+        # (The last return may not have been judged yet when the traffic stopped.)
+        assert 5 * ejections <= hits["bad"] <= 6 * (ejections + 1), (hits, ejections)
+        # The n-th ejection in a row lasts at least n x base_ejection_time (1 s): 1, 2, 3 s ...
+        assert all(seconds >= n for n, seconds in enumerate(ejected, start=1)), ejected
     finally:
         await _stop(procs)
         await bad.stop(0)

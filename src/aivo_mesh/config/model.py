@@ -240,9 +240,17 @@ class LimitsSpec(_Strict):
 
 
 class OutlierDetectionSpec(_Strict):
+    """Per-endpoint ejection (policy/outlier.py; Envoy's outlier_detection on the sidecars).
+
+    Short first (1 s, like circuit_breaker.first_probe) and growing by `base_ejection_time` per
+    ejection in a row up to `max_ejection_time`, so a stall costs about a second and a dead endpoint
+    stays out for up to a minute. `interval` is also Envoy's sweep period, the only time it returns
+    a host, so it must not be longer than `base_ejection_time`.
+    """
+
     consecutive_failures: Annotated[StrictInt, Field(ge=1)] = 5
-    interval: PositiveDuration = 10.0
-    base_ejection_time: PositiveDuration = 60.0
+    interval: PositiveDuration = 1.0
+    base_ejection_time: PositiveDuration = 1.0
     max_ejection_time: PositiveDuration = 60.0
     max_ejection_percent: Percent = 50.0
 

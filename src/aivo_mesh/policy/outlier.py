@@ -11,7 +11,10 @@ Rule (OutlierRule, from OutlierDetectionSpec):
     (a SUCCESS or TRANSIENT resets the count; IGNORED outcomes never count);
   - for `base_ejection_time * times_ejected`, capped by max(max_ejection_time, base_ejection_time)
     (Envoy); `times_ejected` decays by one per `interval` the endpoint spends back in rotation, so a
-    repeat offender stays out longer and a recovered one is forgiven;
+    repeat offender stays out longer and a recovered one is forgiven. It stops growing at
+    ceil(cap / base) + 1, where Envoy's multiplier stops, so both forgive a long offender alike.
+    With mesh.yaml's defaults (1 s, 60 s, interval 1 s): 1, 2, 3, ... 60 s for an endpoint that
+    fails again as soon as it returns, each second back in rotation forgiving one ejection;
   - never more than floor(max_ejection_percent * endpoints / 100) ejected at once (so 50 % of 2
     endpoints = 1 may be ejected; 10 % of 2 = 0: none);
   - an ejected endpoint returns when its time has passed (checked lazily, on the next pick or
@@ -32,8 +35,8 @@ from aivo_mesh.policy.events import NOOP, PolicyListener
 @dataclass(frozen=True, slots=True)
 class OutlierRule:
     consecutive_failures: int = 5
-    interval: float = 10.0
-    base_ejection_time: float = 60.0
+    interval: float = 1.0
+    base_ejection_time: float = 1.0
     max_ejection_time: float = 60.0
     max_ejection_percent: float = 50.0
 
@@ -60,12 +63,18 @@ class OutlierRule:
         """How many of `endpoints` may be ejected at once: floor(percent * n / 100)."""
         return math.floor(self.max_ejection_percent * endpoints / 100.0 + 1e-9)
 
+    @property
+    def max_times(self) -> int:
+        """Where `times_ejected` stops: Envoy counts while times * base < max + base (ejectHost)."""
+        cap = max(self.max_ejection_time, self.base_ejection_time)
+        return math.ceil(cap / self.base_ejection_time - 1e-9) + 1
+
     def next_times(self, ep: EndpointState, now: float) -> int:
         """`ep.times_ejected` if ejected now: one more, after forgiving one per `interval` in rotation."""
         times = ep.times_ejected
         if times and ep.restored_at is not None:
             times = max(0, times - int((now - ep.restored_at) / self.interval))
-        return times + 1
+        return min(times + 1, self.max_times)
 
     def on_failure(self, ep: EndpointState, now: float, ejected: int, endpoints: int) -> float | None:
         """After a counted failure on `ep`: seconds to eject it for, or None to keep it."""

@@ -34,15 +34,23 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   ``retry_budget``; ``max_retries`` is not emitted because a budget overrides it. The failure-count
   breaker is ``outlier_detection`` (per host, from mesh.yaml `outlier_detection`, as the proxyless
   OutlierRule): consecutive_5xx = consecutive_gateway_failure = `consecutive_failures`, both
-  enforced at 100 %, success-rate ejection off, and ``successful_active_health_check_uneject_host:
-  false`` so the 30 s gRPC health check cannot end a 60 s ejection early, and
-  ``common_lb_config.update_merge_window: 0s`` so an ejection reaches the load balancer at once
-  (Envoy otherwise holds a health-only update for up to 1 s after the previous one, e.g. a peer's
-  first passing health check, and the ejected host keeps getting first attempts meanwhile).
+  enforced at 100 %, success-rate ejection off, ``successful_active_health_check_uneject_host:
+  false`` so a passing health check cannot end an ejection early (an app can answer its health
+  check while failing every call), and ``common_lb_config.update_merge_window: 0s`` so an
+  ejection reaches the load balancer at once (Envoy otherwise holds a health-only update for up to
+  1 s after the previous one, e.g. a peer's first passing health check, and the ejected host keeps
+  getting first attempts meanwhile).
   Every rendered peer cluster has one host, so ``always_eject_one_host: true`` (``max_ejection_percent``
   50 alone never ejects 1 of 1) and ``healthy_panic_threshold: 0`` (the default 50 % panic mode
-  would route to the ejected host anyway): 5 failures -> fail fast for the ejection time (flat 60 s
-  by default; the proxyless breaker's wait backs off from `first_probe` instead, docs/proxyless.md).
+  would route to the ejected host anyway): 5 failed attempts -> the peer fails fast for the ejection
+  time. That is ``base_ejection_time`` x ejections in a row, capped at ``max_ejection_time`` (1 s,
+  2 s, 3 s, ... 60 s with mesh.yaml's defaults), and Envoy returns a host only at its ``interval``
+  sweep, so each ejection lasts up to one interval longer: with ``interval`` = ``base_ejection_time``
+  = 1 s a one-second stall fails calls for at most 2 s after it (about 1 s measured), not 60-70 s.
+  The proxyless breaker doubles its probe wait from `first_probe` instead of adding 1 s per
+  ejection (docs/envoy.md, "A stall costs seconds"). No ``max_ejection_time_jitter``: Envoy adds
+  it to every ejection, the 1 s ones included, and the sweep already returns a host at a moment
+  set by each sidecar's own timer.
 - **Identity.** Certificates arrive through file-based SDS (`sds_files`), so ``meshctl certs
   rotate`` (an atomic ``os.replace`` in ``<certs>/services/`` and ``<certs>/ca/``) is picked up
   without a restart: each secret's ``watched_directory`` is the directory those renames happen in.
@@ -741,7 +749,7 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> d
                              "min_retry_concurrency": budget.min_retry_concurrency},
             "track_remaining": True,
         }]},
-        "outlier_detection": {  # the failure-count breaker, per host
+        "outlier_detection": {  # the failure-count breaker, per host (module docstring: timing)
             "consecutive_5xx": od.consecutive_failures,
             "enforcing_consecutive_5xx": 100,
             "consecutive_gateway_failure": od.consecutive_failures,

@@ -20,6 +20,9 @@ settings. Checks:
 - ``outlier_detection`` without ``common_lb_config.update_merge_window: 0s`` (warning): an ejection that
   lands within the window (default 1 s) of the previous host update, e.g. a health-check transition,
   reaches the load balancer only when the window closes, and the ejected host keeps serving meanwhile.
+- ``outlier_detection`` whose ``interval`` (default 10 s) is longer than ``base_ejection_time`` (default
+  30 s) (warning): Envoy returns an ejected host only at that sweep, so short ejections last up to an
+  interval longer (a 1 s ejection with the default interval: up to 11 s).
 - ``outlier_detection`` that can never eject: ``max_ejection_percent`` (default 10) below one host's
   share (100 / listed hosts) without ``always_eject_one_host`` (a warning for STRICT_DNS, whose name may
   resolve to more hosts); ``common_lb_config.healthy_panic_threshold`` unset (warning: at the default
@@ -69,6 +72,8 @@ __all__ = ["LintIssue", "Severity", "lint_bootstrap", "lint_mesh", "load_config"
 Severity = Literal["error", "warning"]
 DEFAULT_ROUTE_TIMEOUT = 15.0  # RouteAction.timeout when unset
 DEFAULT_MAX_EJECTION_PERCENT = 10.0  # OutlierDetection.max_ejection_percent when unset
+DEFAULT_OUTLIER_INTERVAL = 10.0  # OutlierDetection.interval when unset
+DEFAULT_BASE_EJECTION_TIME = 30.0  # OutlierDetection.base_ejection_time when unset
 _TLS_ORDER = {"TLS_AUTO": 0, "TLSv1_0": 1, "TLSv1_1": 2, "TLSv1_2": 3, "TLSv1_3": 4}
 
 
@@ -205,6 +210,14 @@ def _check_cluster(path: str, cluster: Mapping[str, Any], out: list[LintIssue]) 
                              "this window of the previous host update (e.g. a health-check transition) reaches "
                              "the load balancer only when the window closes; set 0s"))
     _check_can_eject(path, cluster, od, out)
+    interval = _seconds(od["interval"]) if "interval" in od else DEFAULT_OUTLIER_INTERVAL
+    base = _seconds(od["base_ejection_time"]) if "base_ejection_time" in od else DEFAULT_BASE_EJECTION_TIME
+    if interval is not None and base is not None and interval > base:
+        out.append(LintIssue(f"{odp}.interval", "warning",
+                             f"{interval:g}s{' (unset)' if 'interval' not in od else ''} is longer than "
+                             f"base_ejection_time ({base:g}s): Envoy returns an ejected host only at this "
+                             f"sweep, so a {base:g}s ejection lasts up to {base + interval:g}s; set interval "
+                             "<= base_ejection_time"))
     panic = lb.get("healthy_panic_threshold") if isinstance(lb, Mapping) else None
     if panic is None:
         out.append(LintIssue(f"{path}.common_lb_config.healthy_panic_threshold", "warning",
