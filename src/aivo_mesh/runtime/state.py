@@ -144,10 +144,10 @@ class StateDir:
 
     def _unreadable(self, what: str) -> StateError:
         root = shlex.quote(str(self.root))
-        return StateError(str(self.registry), f"{what}.\nmeshctl will not guess which processes {self.root} "
-                          f"started, so it stops none. Some may still run: `pgrep -af {root}` lists the processes "
-                          f"whose command line names this state dir; stop them with `kill PID...`, then delete "
-                          f"{self.registry}.")
+        return StateError(str(self.registry), f"{what}.\nmeshctl will not guess what runs from {self.root} "
+                          f"(`meshctl down` stops nothing). Processes may still run: `pgrep -af {root}` lists "
+                          f"those whose command line names this state dir; stop them with `kill PID...`, then "
+                          f"delete {self.registry}.")
 
     def supervisor_pid(self) -> int | None:
         """The pid of this dir's `meshctl up` supervisor, if it runs."""
