@@ -219,3 +219,13 @@ for tool in ("python", "meshctl"):
     again = make("demo", "STATE=.state/other")
     assert not any("installing" in line for line in again), again  # once
     assert again[-1] == "meshctl demo --plane sidecar --duration 10 --state-dir .state/other", again
+
+
+def test_the_readme_states_the_rule_the_code_follows() -> None:
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    rule = readme.split("### The state directory", 1)[1].split("#", 1)[0]
+    steps = ["`--state-dir DIR`", f"`${STATE_DIR_ENV}`", f"`{DEFAULT_STATE_DIR}` and `{DEMO_STATE_DIR}`",
+             "the one a mesh runs from now", "else the one started last"]
+    assert [rule.find(s) for s in steps] == sorted(rule.find(s) for s in steps) and -1 not in [
+        rule.find(s) for s in steps], rule
+    assert "make demo ARGS=--free-ports" in readme

@@ -153,7 +153,7 @@ def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: R
         if problem := listen_problem(host.strip("[]"), int(port), what):
             busy.append((int(port), problem))
     if busy:
-        problems[:0] = _held_ports(state, busy, other_ports)
+        problems += _held_ports(state, busy, other_ports)
     if problems:
         raise StartupError("\n".join(problems))
 
