@@ -114,6 +114,12 @@ def test_a_demo_while_your_mesh_runs_says_once_that_it_holds_the_ports(tmp_path:
         # The demo started nothing, and the running mesh is untouched.
         assert not (tmp_path / DEMO_STATE_DIR / "processes.json").exists()
         assert all(pid_alive(p) for p in pids)
+        # A demo in the running mesh's own state dir would rewrite its files: refused before anything.
+        inside = meshctl("demo", "--plane", "proxyless", "--state-dir", str(DEFAULT_STATE_DIR), cwd=tmp_path)
+        assert inside.returncode == 1, inside.stdout + inside.stderr
+        assert f"a mesh is running from {DEFAULT_STATE_DIR} (meshctl down --state-dir {DEFAULT_STATE_DIR})" \
+            in inside.stderr
+        assert all(pid_alive(p) for p in pids) and [r.pid for r in state.read_processes()] == pids
         # status finds the running mesh without a flag.
         status = json.loads(meshctl("status", "--json", "--interval", "0", cwd=tmp_path).stdout)
         assert status["state_dir"] == str(DEFAULT_STATE_DIR) and status["plane"] == "proxyless"
