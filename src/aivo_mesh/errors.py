@@ -4,6 +4,7 @@
     ├── ConfigError(file, yaml_path, expected)   meshctl exits 2, no traceback
     ├── PkiError(file, reason)                   raised before any server binds
     ├── StartupError                             a port in use (or unusable files found by a preflight)
+    ├── StateError(file)                         a local run's state file meshctl cannot trust
     └── CallError(service, method)               a mesh call failed; cause chained
         ├── DeadlineExceeded
         ├── CircuitOpen
@@ -79,6 +80,16 @@ class StartupError(MeshError):
     """Something on this machine stops a process from starting: a port it must listen on is in use, or
     (`meshctl up`'s preflight) certificate files are unusable. Like a ConfigError, the user must change
     something: meshctl exits 2, and the message names the port or file."""
+
+
+class StateError(MeshError):
+    """A file of a local run's state directory (processes.json) is unreadable, cut short, of another
+    format version or missing fields: meshctl refuses (exit 2) rather than guess what is running, and
+    the message names the file, what is wrong and how to find and stop the processes by hand."""
+
+    def __init__(self, file: str, message: str) -> None:
+        self.file = file
+        super().__init__(f"{file}: {message}")
 
 
 class CallError(MeshError):

@@ -2,7 +2,7 @@
 """Check a RUNNING mesh from the outside, the way a caller sees it.
 
     python infra/mesh/scripts/test-mesh.py --services auth-svc,learner-svc,event-collector-svc \\
-        [--state-dir .state/mesh] [--json]
+        [--state-dir DIR] [--json]
 
 Reads the state directory of a mesh started by `meshctl up` (or the demo-style local runtime):
 
@@ -68,6 +68,7 @@ from aivo_mesh.config.model import MeshSpec, ServiceSpec
 from aivo_mesh.config.resolve import route_policy
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.runtime.state import resolve_state_dir
 from aivo_mesh.server.authz import Authorizer
 from aivo_mesh.services import protos
 
@@ -431,10 +432,16 @@ async def run(state: Path, names: list[str]) -> tuple[str, list[Row]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--services", default=None, help="comma-separated services (default: all of mesh.yaml)")
-    parser.add_argument("--state-dir", default=".state/mesh", help="state directory of the running mesh")
+    parser.add_argument("--state-dir", default=None,
+                        help="state directory of the running mesh (default: as `meshctl status` finds it: "
+                             "$AIVO_MESH_STATE_DIR, else the mesh running from .state/mesh or .state/demo)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     args = parser.parse_args(argv)
-    state = Path(args.state_dir)
+    try:
+        state = resolve_state_dir(args.state_dir).root  # the rule every meshctl command follows
+    except MeshError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if not (state / "mesh.yaml").exists() or not (state / "certs").is_dir():
         print(f"error: {state} has no mesh.yaml and certs/: start the mesh first (meshctl up --state-dir {state})",
               file=sys.stderr)

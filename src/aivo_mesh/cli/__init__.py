@@ -11,7 +11,7 @@ import sys
 import click
 
 from aivo_mesh.cli._root import cli
-from aivo_mesh.errors import ConfigError, MeshError, PkiError, StartupError
+from aivo_mesh.errors import ConfigError, MeshError, PkiError, StartupError, StateError
 
 # Importing a command module registers its commands on `cli`.
 from aivo_mesh.cli import certs as _certs  # noqa: F401  isort: skip
@@ -22,7 +22,7 @@ from aivo_mesh.cli import consul_cmd as _consul  # noqa: F401  isort: skip
 from aivo_mesh.cli import lint as _lint  # noqa: F401  isort: skip
 from aivo_mesh.cli import up as _up  # noqa: F401  isort: skip
 
-EXIT_USAGE = 2  # bad input (config, flags, certificates, a port in use): the user must change something
+EXIT_USAGE = 2  # bad input (config, flags, certificates, a port in use, a bad state file): the user must act
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
-    except (ConfigError, PkiError, StartupError) as exc:
+    except (ConfigError, PkiError, StartupError, StateError) as exc:
         click.secho(f"error: {exc}", fg="red", err=True)
         return EXIT_USAGE
     except MeshError as exc:

@@ -17,11 +17,12 @@ from rich.console import Console
 from rich.table import Table
 
 from aivo_mesh.cli._root import PORT, cli
+from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
 from aivo_mesh.config.loader import find_mesh_file, load_mesh
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
-from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
+from aivo_mesh.runtime.state import DEMO_STATE_DIR, StateDir, pid_alive
 
 if TYPE_CHECKING:
     from aivo_mesh.discovery.facade import DnsOptions
@@ -155,17 +156,19 @@ def _dns_options(template: str, server: str | None) -> DnsOptions:
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True,
               help="Envoy sidecars (needs the envoy extra) or MeshClient/MeshServer alone")
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=str(Path(".state/demo")),
-              show_default=True, help="certificates, data, logs and pids of this run")
+@state_dir_option(starts=DEMO_STATE_DIR)
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="use free loopback ports instead of those in mesh.yaml")
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="concurrent demo flows")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help=f"seconds to wait for all-healthy (default {HEALTHY_WITHIN:.0f}, +5 for sidecars)")
-def demo(duration: float, plane: str, config: str | None, state_dir: str, free_ports: bool, workers: int,
+def demo(duration: float, plane: str, config: str | None, state_dir: StateDir, free_ports: bool, workers: int,
          timeout: float | None) -> None:
     """Bring up the whole mesh on loopback, drive the main flow, print a table, shut down."""
-    code = asyncio.run(_demo(duration, plane, config, StateDir(state_dir), free_ports, workers, timeout))
+    if state_dir.running():  # its files are in use: a demo would rewrite them under the running processes
+        raise MeshError(f"a mesh is running from {state_dir.root} (meshctl down --state-dir {state_dir.root}); "
+                        "give the demo another --state-dir")
+    code = asyncio.run(_demo(duration, plane, config, state_dir, free_ports, workers, timeout))
     if code:
         sys.exit(code)
 
@@ -189,7 +192,7 @@ async def _demo(duration: float, plane: str, config: str | None, state: StateDir
     mesh = prepare(state, config, free_ports, transform=tracing)
     (state.root / "traces.jsonl").unlink(missing_ok=True)
     procs, info = plan(state, mesh, plane, otlp, tracing.forward_to)  # type: ignore[arg-type]
-    preflight(state, mesh, procs, info)
+    preflight(state, mesh, procs, info, other_ports="--free-ports (make demo ARGS=--free-ports)")
     view = mesh_for_clients(mesh, info)
     sup = Supervisor(state)
     client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view))
@@ -275,17 +278,16 @@ def _ms(seconds: float | None) -> str:
 
 
 @cli.command()
-@click.option("--state-dir", type=click.Path(file_okay=False), default=None,
-              help=f"runtime state (default: {DEFAULT_STATE_DIR}, else .state/demo)")
+@state_dir_option()
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 @click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="seconds between rate samples (0: no rates)")
-def status(state_dir: str | None, as_json: bool, interval: float) -> None:
+def status(state_dir: StateDir, as_json: bool, interval: float) -> None:
     """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir."""
     from aivo_mesh.runtime.mesh import RuntimeInfo
     from aivo_mesh.runtime.status import gather, status_rows_json
 
-    state = StateDir(state_dir) if state_dir else _find_state()
+    state = state_dir
     info = RuntimeInfo.read(state)
     if info is None:  # a `meshctl demo` run (no supervisor): list its processes
         procs = asyncio.run(_status(state))
@@ -326,13 +328,6 @@ def _breakers_cell(app: dict[str, str], envoy: dict[str, str]) -> str:
             parts.append(f"envoy {envoy[peer]}")
         lines.append(f"{peer}: {', '.join(parts)}")
     return "\n".join(lines) or "-"
-
-
-def _find_state() -> StateDir:
-    for candidate in (DEFAULT_STATE_DIR, Path(".state/demo")):
-        if (candidate / "processes.json").exists():
-            return StateDir(candidate)
-    return StateDir(DEFAULT_STATE_DIR)
 
 
 async def _status(state: StateDir) -> list[dict[str, Any]]:

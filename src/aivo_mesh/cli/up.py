@@ -14,6 +14,7 @@ import click
 from rich.console import Console
 
 from aivo_mesh.cli._root import PORT, cli
+from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
 
@@ -28,20 +29,20 @@ def _console() -> Console:
 @cli.command()
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True)
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
-@click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
+@state_dir_option(starts=DEFAULT_STATE_DIR)
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="free loopback ports instead of mesh.yaml's (tests, a second mesh)")
 @click.option("--otlp-port", type=PORT, default=None, help="trace collector port (default 4317, or free)")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="seconds to wait for all-healthy")
-def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_port: int | None,
+def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, otlp_port: int | None,
        timeout: float | None) -> None:
     """Start the mesh on this machine and return once every service is healthy."""
     from aivo_mesh.runtime.local import free_port, preflight, prepare
-    from aivo_mesh.runtime.mesh import LocalTracing, plan, running_supervisor
+    from aivo_mesh.runtime.mesh import LocalTracing, plan
 
-    state = StateDir(state_dir)
-    if running_supervisor(state):
+    state = state_dir
+    if state.running():
         raise MeshError(f"a mesh is already running from {state.root} (meshctl down --state-dir {state.root})")
     console = _console()
     started = time.monotonic()
@@ -52,26 +53,41 @@ def up(plane: str, config: str | None, state_dir: str, free_ports: bool, otlp_po
     # The supervisor's own plan: the files its processes load and the ports they listen on.
     preflight(state, mesh, *plan(state, mesh, plane, port))  # type: ignore[arg-type]  # plane: click.Choice
     log = state.log_file("supervisor")
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
-             "--otlp-port", str(port), *forward], stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            start_new_session=True)
-    if tracing.forward_to:
-        console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {tracing.forward_to}")
-    limit = timeout or HEALTHY_WITHIN[plane]
-    with console.status(f"starting the {plane} mesh ({len(mesh.service_names)} services)...") as status:
-        ok, report = asyncio.run(_wait_healthy(state, mesh, proc, limit, status.update))
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        with log.open("ab") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
+                 "--otlp-port", str(port), *forward], stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True)
+        if tracing.forward_to:
+            console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {tracing.forward_to}")
+        limit = timeout or HEALTHY_WITHIN[plane]
+        with console.status(f"starting the {plane} mesh ({len(mesh.service_names)} services)...") as status:
+            ok, report = asyncio.run(_wait_healthy(state, mesh, proc, limit, status.update))
+    except KeyboardInterrupt:
+        # The supervisor runs in its own session, so Ctrl-C reaches only us: stop what we started.
+        _interrupted(state, console, proc)
+        raise click.exceptions.Exit(130) from None
     elapsed = time.monotonic() - started
     if not ok:
         console.print(f"[red]not healthy within {limit:.0f}s:[/red]")
         for name, st in report.items():
             console.print(f"  {name}: {st}")
         console.print(f"logs: {state.root / 'logs'}")
-        _down(state, console)
+        _down(state, console, started=proc)
         raise click.exceptions.Exit(1)
     console.print(f"[green]{plane} mesh up: {len(report)} services healthy in {elapsed:.1f}s[/green] "
                   f"(state {state.root}; `meshctl status`, `meshctl traces`, `meshctl down`)")
+
+
+def _interrupted(state: StateDir, console: Console, proc: subprocess.Popen[bytes] | None) -> None:
+    console.print(f"interrupted: stopping what `meshctl up` started from {state.root} ...")
+    try:
+        _down(state, console, started=proc)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted again: processes may still be running; stop them with "
+                      f"`meshctl down --state-dir {state.root}`[/yellow]")
 
 
 async def _wait_healthy(state: StateDir, mesh: object, proc: subprocess.Popen[bytes], limit: float,
@@ -133,51 +149,65 @@ def _envoy_live(admin: str) -> bool:
 
 
 @cli.command()
-@click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
-def down(state_dir: str) -> None:
-    """Stop everything `meshctl up` started from this state dir, by pid."""
-    _down(StateDir(state_dir), _console())
+@state_dir_option()
+def down(state_dir: StateDir) -> None:
+    """Stop everything `meshctl up` (or an interrupted `meshctl demo`) started from the state dir, by pid."""
+    _down(state_dir, _console())
 
 
-def _down(state: StateDir, console: Console, grace: float = 10.0) -> None:
+def _down(state: StateDir, console: Console, grace: float = 10.0,
+          started: subprocess.Popen[bytes] | None = None) -> None:
+    """Stop the supervisor, then any recorded process it left. `started`: the supervisor, when it is our
+    own child (`up` giving up): waited on as a child, since an unreaped one still looks alive by pid."""
     from aivo_mesh.runtime.mesh import RuntimeInfo, restarts_file, running_supervisor, supervisor_pid_file
     from aivo_mesh.runtime.sockets import remove_socket_dir
     from aivo_mesh.runtime.supervisor import stop_recorded
 
     info = RuntimeInfo.read(state)  # read first: the supervisor removes it on its way out
-    pid = running_supervisor(state)
-    if pid is not None:
+    if started is not None and started.poll() is None:
+        pid: int | None = started.pid
+        started.terminate()
+        try:
+            started.wait(grace)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            started.wait()
+    elif (pid := running_supervisor(state)) is not None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
-    # Whatever the supervisor could not stop (it was killed, or crashed) goes by its recorded pid.
+    # Whatever the supervisor could not stop (it was killed, or crashed) goes by its recorded pid. A
+    # processes.json that cannot be trusted raises StateError here, saying how to find them by hand.
     leftovers = stop_recorded(state.read_processes(), grace=5.0)
     state.clear_processes()
+    info = info or RuntimeInfo.read(state)  # a supervisor stopped while starting may have written it since
     for f in (supervisor_pid_file(state), state.root / "runtime.json", restarts_file(state)):
         f.unlink(missing_ok=True)  # also when the supervisor could not clean up after itself
     if info is not None and info.sockets:
         remove_socket_dir(Path(info.sockets))
     stopped = "supervisor" if pid else "nothing was running"
-    console.print(f"mesh down ({stopped}{'; also stopped ' + ', '.join(leftovers) if leftovers else ''})")
+    console.print(f"mesh down ({stopped}{'; also stopped ' + ', '.join(leftovers) if leftovers else ''}) "
+                  f"from {state.root}")
 
 
 @cli.command()
-@click.option("--state-dir", type=click.Path(file_okay=False), default=str(DEFAULT_STATE_DIR), show_default=True)
+@state_dir_option()
 @click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="how many recent traces")
 @click.option("--width", type=click.IntRange(min=1), default=40, show_default=True,
               help="width of the timing bars")
 @click.option("--service", default=None, help="only traces through this service (its app or its sidecar)")
 @click.option("--errors", is_flag=True, help="only traces with a failed span")
 @click.option("--trace-id", default=None, help="only the trace whose id starts with this")
-def traces(state_dir: str, last: int, width: int, service: str | None, errors: bool, trace_id: str | None) -> None:
+def traces(state_dir: StateDir, last: int, width: int, service: str | None, errors: bool,
+           trace_id: str | None) -> None:
     """Recent traces of the local mesh as text waterfalls (app and Envoy spans)."""
     from aivo_mesh.runtime.collector import SpanLog, read_stats, stats_line
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall, select_traces
 
-    state = StateDir(state_dir)
+    state = state_dir
     log = SpanLog(state.root / "traces.jsonl")
     stats = read_stats(log.path)
     if stats and (stats.get("truncated") or any((stats.get("dropped") or {}).values())):

@@ -20,7 +20,7 @@ from aivo_mesh.pki import init_ca, issue_leaf, load_identity
 from aivo_mesh.pki.crypto import parse_certs
 from aivo_mesh.pki.peer import PeerPolicy, Role
 from aivo_mesh.runtime.sockets import unix_listen_problem
-from aivo_mesh.runtime.state import StateDir
+from aivo_mesh.runtime.state import StateDir, running_meshes
 from aivo_mesh.runtime.supervisor import Managed, Supervisor
 
 if TYPE_CHECKING:
@@ -117,12 +117,15 @@ def prepare(state: StateDir, config: str | None, free_ports: bool,
     return mesh
 
 
-def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: RuntimeInfo) -> None:
+def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: RuntimeInfo,
+              other_ports: str = "--free-ports") -> None:
     """What would make the planned processes fail after they start, found before any starts: each
     identity's certificate, key and CA (load_identity, as the processes and their Envoys load them) and
     each port and Unix socket the plan listens on. Raises StartupError with one line per problem, naming
     the file, port or socket; otherwise a 0644 key or a port in use showed up only as "not healthy within
-    20s" and a log line."""
+    20s" and a log line. Ports held by a local mesh running from another state dir (your `meshctl up`
+    while `make demo` starts) are said once, naming that mesh, how to stop it and `other_ports` (how to
+    give this run other ports), instead of one line per port."""
     problems: list[str] = []
     certs = state.certs
     policy = PeerPolicy.from_mesh(mesh)
@@ -140,6 +143,7 @@ def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: R
             problems.append(str(exc))
     listens = [(m.address, m.name) for m in procs] + [(m.admin, f"{m.name} admin") for m in procs if m.admin]
     listens += [(ep.outbound, f"{name}-envoy outbound") for name, ep in info.services.items() if ep.outbound]
+    busy: list[tuple[int, str]] = []
     for address, what in listens:
         if address.startswith("unix:"):  # the sidecar plane's app and outbound legs (runtime/sockets.py)
             if problem := unix_listen_problem(address.removeprefix("unix:"), what):
@@ -147,9 +151,31 @@ def preflight(state: StateDir, mesh: MeshSpec, procs: Sequence[Managed], info: R
             continue
         host, _, port = address.rpartition(":")
         if problem := listen_problem(host.strip("[]"), int(port), what):
-            problems.append(problem)
+            busy.append((int(port), problem))
+    if busy:
+        problems += _held_ports(state, busy, other_ports)
     if problems:
         raise StartupError("\n".join(problems))
+
+
+def _held_ports(state: StateDir, busy: list[tuple[int, str]], other_ports: str) -> list[str]:
+    """The problems of the ports in `busy` (port, problem): one line per local mesh that holds some of
+    them (running from another state dir), then one line per other port."""
+    here = state.root.resolve()
+    lines: list[str] = []
+    for other in running_meshes():
+        if other.root.resolve() == here:
+            continue
+        held = other.tcp_ports()
+        ports = sorted({port for port, _ in busy if port in held})
+        if not ports:
+            continue
+        busy = [(port, problem) for port, problem in busy if port not in held]
+        shown = ", ".join(map(str, ports[:5])) + (f" and {len(ports) - 5} more" if len(ports) > 5 else "")
+        lines.append(f"{len(ports)} port{'s' if len(ports) > 1 else ''} ({shown}) {'are' if len(ports) > 1 else 'is'} "
+                     f"held by your mesh running from {other.root}: stop it with `meshctl down --state-dir "
+                     f"{other.root}`, or give this run other ports with {other_ports}")
+    return lines + [problem for _, problem in busy]
 
 
 async def start_services(sup: Supervisor, mesh: MeshSpec, services: Sequence[str] | None = None) -> None:

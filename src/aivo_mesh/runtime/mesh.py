@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Literal
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
-from aivo_mesh.runtime.state import StateDir, pid_alive
+from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
 if TYPE_CHECKING:
@@ -292,7 +292,7 @@ class MeshSupervisor(Supervisor):
 
 
 def supervisor_pid_file(state: StateDir) -> Path:
-    return state.root / "supervisor.pid"
+    return state.supervisor_pid_file
 
 
 def restarts_file(state: StateDir) -> Path:
@@ -322,8 +322,4 @@ async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_
 
 
 def running_supervisor(state: StateDir) -> int | None:
-    try:
-        pid = int(supervisor_pid_file(state).read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
-    return pid if pid_alive(pid) else None
+    return state.supervisor_pid()
