@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_client.py [--reps 20] [--warmup 0.5] [--window 2] [--concurrency 32]
 
-Method (shared/notes/baselines.md): one unary method with a ~100-byte payload, one server process,
+Method: one unary method with a ~100-byte payload, one server process,
 one client process holding N coroutines each with one call in flight. Many short rounds rather than
 a few long windows: every round runs every case once (0.5 s warm-up, 2 s window), starting from a
 different case each time, so load drifting on this shared 2-core machine hits all cases alike.

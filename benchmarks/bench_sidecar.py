@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/bench_sidecar.py [--reps 15] [--warmup 0.5] [--window 2] [--window-c1 1.5]
 
 Cases (unary echo of a 100-byte payload; one client process, one server process, Envoys with
---concurrency 1; shared/notes/baselines.md describes the method):
+--concurrency 1; the method is bench_client.py's):
     direct     client --mTLS--> grpc.aio server                                  (baseline for latency)
     minimal    client --> Envoy --mTLS--> Envoy --> server, a minimal hand-written two-hop config
     rendered   client --> learner sidecar --mTLS--> auth sidecar --> server, bootstraps rendered

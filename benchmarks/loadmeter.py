@@ -1,8 +1,8 @@
 """CPU accounting for one benchmark window: our processes' CPU and everybody else's.
 
-shared/notes/baselines.md measures "CPU µs/request per process from /proc/<pid>/stat (utime + stime,
-all threads) over the window" and reruns "windows with > 0.25 cores of foreign load". This is that
-meter. Foreign load is what the machine spent on anything but the processes under test: other
+The benchmarks measure CPU µs per request per process from /proc/<pid>/stat (utime + stime, all
+threads) over the window, and rerun a window that saw more than 0.25 cores of foreign load. This is
+that meter. Foreign load is what the machine spent on anything but the processes under test: other
 processes in this VM, plus steal (time the hypervisor gave our vCPUs to other tenants). On the
 development VM it stays under 0.1 cores while rounds still swing by ±10 %: most of the spread comes
 from the run itself (how many calls grpc batches per wake-up), not from other tenants.

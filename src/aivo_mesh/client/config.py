@@ -9,7 +9,7 @@ from pathlib import Path
 
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.errors import ConfigError
+from aivo_mesh.errors import ConfigError, MeshError
 from aivo_mesh.pki import CertLayout
 
 
@@ -60,6 +60,31 @@ class MeshConfig:
         cert, key = certs.identity_paths(name)
         return cls(service_name=name, ca_cert_path=certs.ca_cert, client_cert_path=cert,
                    client_key_path=key, mesh=mesh, **kwargs)  # type: ignore[arg-type]
+
+    @classmethod
+    def for_local_mesh(cls, service_name: str, state_dir: str | Path | None = None,
+                       **kwargs: object) -> MeshConfig:
+        """Config for calling the mesh `meshctl up` runs on this machine, as `service_name` (a service
+        of mesh.yaml, or `mesh-client`).
+
+        `state_dir` is the `--state-dir` the mesh was started with (default `.state/mesh`, as
+        `meshctl up`'s). The certificates are the ones `up` keeps under `<state_dir>/certs`, the mesh
+        is the effective one it started (`<state_dir>/mesh.yaml`), and every service is dialled at its
+        front door on the running plane (`<state_dir>/runtime.json`: the Envoy inbound port on the
+        sidecar plane, the MeshServer's port on the proxyless plane; also with `--free-ports`).
+        Other keyword arguments are MeshConfig's (`request_timeout`, ...).
+        """
+        # Imported here: the runtime package is not needed by a client of a deployed mesh.
+        from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients, running_supervisor
+        from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir
+
+        state = StateDir(DEFAULT_STATE_DIR if state_dir is None else state_dir)
+        info = RuntimeInfo.read(state)
+        if info is None or running_supervisor(state) is None:
+            raise MeshError(f"no mesh is running from {state.root}: start one with "
+                            f"`meshctl up --state-dir {state.root}`")
+        mesh = mesh_for_clients(load_mesh(state.mesh_file), info)
+        return cls.for_identity(service_name, state.certs, mesh, **kwargs)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: object) -> MeshConfig:
