@@ -67,8 +67,8 @@ class MeshConfig:
         """Config for calling the mesh `meshctl up` runs on this machine, as `service_name` (a service
         of mesh.yaml, or `mesh-client`).
 
-        `state_dir` is the `--state-dir` the mesh was started with (default `.state/mesh`, as
-        `meshctl up`'s). The certificates are the ones `up` keeps under `<state_dir>/certs`, the mesh
+        `state_dir` is the `--state-dir` the mesh was started with; by default, the state directory
+        `meshctl status` would use (`$AIVO_MESH_STATE_DIR`, else the local mesh running now). The certificates are the ones `up` keeps under `<state_dir>/certs`, the mesh
         is the effective one it started (`<state_dir>/mesh.yaml`), and every service is dialled at its
         front door on the running plane (`<state_dir>/runtime.json`: the Envoy inbound port on the
         sidecar plane, the MeshServer's port on the proxyless plane; also with `--free-ports`).
@@ -76,9 +76,9 @@ class MeshConfig:
         """
         # Imported here: the runtime package is not needed by a client of a deployed mesh.
         from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients, running_supervisor
-        from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir
+        from aivo_mesh.runtime.state import resolve_state_dir
 
-        state = StateDir(DEFAULT_STATE_DIR if state_dir is None else state_dir)
+        state = resolve_state_dir(state_dir)
         info = RuntimeInfo.read(state)
         if info is None or running_supervisor(state) is None:
             raise MeshError(f"no mesh is running from {state.root}: start one with "
