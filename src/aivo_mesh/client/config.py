@@ -68,8 +68,9 @@ class MeshConfig:
         of mesh.yaml, or `mesh-client`).
 
         `state_dir` is the `--state-dir` the mesh was started with; by default, the state directory
-        `meshctl status` would use (`$AIVO_MESH_STATE_DIR`, else the local mesh running now). The certificates are the ones `up` keeps under `<state_dir>/certs`, the mesh
-        is the effective one it started (`<state_dir>/mesh.yaml`), and every service is dialled at its
+        `meshctl status` would use (`$AIVO_MESH_STATE_DIR`, else the local mesh running now). The
+        certificates are the ones `up` keeps under `<state_dir>/certs`, the mesh is the effective one it
+        started (`<state_dir>/mesh.yaml`), and every service is dialled at its
         front door on the running plane (`<state_dir>/runtime.json`: the Envoy inbound port on the
         sidecar plane, the MeshServer's port on the proxyless plane; also with `--free-ports`).
         Other keyword arguments are MeshConfig's (`request_timeout`, ...).
