@@ -27,6 +27,7 @@ class FaultPlan:
     slow_calls: int | None = None  # only the first n unary calls are delayed (None: every call)
     pushback_ms: str | None = None  # sent as grpc-retry-pushback-ms on failures
     stream_then_fail: bool = False
+    hold: asyncio.Event | None = None  # streams wait for it after their first message
     seed: int = 7
     calls: int = 0
     attempts_seen: list[int] = field(default_factory=list)
@@ -82,6 +83,8 @@ class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollect
         self.plan.metadata_seen.append({k: v for k, v in context.invocation_metadata() or ()})
         self.plan.calls += 1
         yield events_pb2.Event(event_id="e1", learner_id=self.name)
+        if self.plan.hold is not None:
+            await self.plan.hold.wait()
         if self.plan.stream_then_fail:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "injected mid-stream failure")
         yield events_pb2.Event(event_id="e2", learner_id=self.name)

@@ -43,12 +43,13 @@ TEST_POLICY = """
 """
 
 
-def _mesh(timeout: str = "2s", health_check: str = "{interval: 60s, timeout: 1s}") -> MeshSpec:
-    """mesh.yaml with short back-off and breaker recovery so the real clock can be used."""
+def _mesh(timeout: str = "2s", health_check: str = "{interval: 60s, timeout: 1s}", extra: str = "") -> MeshSpec:
+    """mesh.yaml with short back-off and breaker recovery so the real clock can be used; `extra` adds
+    lines to `defaults`."""
     text = (ROOT / "mesh.yaml").read_text()
     head, _, rest = text.partition("defaults:\n")
     _, _, tail = rest.partition("\nkeepalive:")
-    policy = TEST_POLICY.replace("{interval: 60s, timeout: 1s}", health_check)
+    policy = TEST_POLICY.replace("{interval: 60s, timeout: 1s}", health_check) + extra
     text = f"{head}defaults:\n  timeout: {timeout}{policy}\nkeepalive:{tail}"
     return parse_mesh(text, "mesh.yaml")
 
@@ -810,3 +811,52 @@ async def test_the_stub_channel_is_pooled_and_reports_its_endpoints_connectivity
     await channel.close()
     assert (await stub.ValidateToken(_req())).valid
     assert channel.get_state() == grpc.ChannelConnectivity.READY
+
+
+async def _drain(stream: Any) -> list[str]:
+    return [ev.event_id async for ev in stream]
+
+
+async def test_a_stream_holds_its_slot_until_it_ends_and_is_queued_and_refused_as_a_unary_call(servers,
+                                                                                              make_client):
+    mesh = _mesh(extra="  limits: {max_requests: 1, max_pending_requests: 1}\n")
+    plan = FaultPlan(hold=asyncio.Event())
+    s = await servers(plan, service="event-collector-svc", mesh=mesh)
+    client = make_client(mesh, [], identity="analytics-svc")
+    client.config.endpoints = {"event-collector-svc": [f"127.0.0.1:{s.bound_port}"]}
+    stub = events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc"))
+    limit = client.target("event-collector-svc").policy.limit
+    first = stub.ListEvents(events_pb2.ListEventsRequest())
+    assert (await first.read()).event_id == "e1"
+    assert limit.active == 1  # open, and holding its slot
+    second = asyncio.ensure_future(_drain(stub.ListEvents(events_pb2.ListEventsRequest())))
+    await until(lambda: limit.pending == 1, what="the second stream queued for the slot")
+    with pytest.raises(grpc.aio.AioRpcError) as stream_refused:
+        await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))
+    with pytest.raises(grpc.aio.AioRpcError) as unary_refused:  # the same target, a unary method
+        await stub.Collect(events_pb2.CollectRequest(), timeout=1)
+    assert stream_refused.value.code() == unary_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stream_refused.value.details() == unary_refused.value.details()
+    assert "max_requests=1, max_pending_requests=1" in (stream_refused.value.details() or "")
+    plan.hold.set()  # the first stream ends: its slot goes to the queued one
+    assert [m.event_id async for m in first] == ["e2"]
+    assert await second == ["e1", "e2"]
+    await until(lambda: limit.active == 0, what="every slot back")
+
+
+async def test_a_stream_counts_for_the_breaker_and_outlier_detection_when_it_ends(servers, make_client):
+    plan = FaultPlan(stream_then_fail=True)  # each stream sends a message, then ends UNAVAILABLE
+    client, stub = await _events_client(servers, make_client, plan)
+    target = client.target("event-collector-svc")
+    endpoint = target.policy.balancer.endpoints[0]
+    for n in range(1, 6):
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))
+        # counted as the stream ends, not as it opens (it opened fine)
+        await until(lambda n=n: target.policy.balancer.state(endpoint).consecutive_failures == n  # type: ignore[union-attr]
+                    or target.policy.breaker.state == "open", what=f"stream {n}'s failure counted")
+    await until(lambda: target.policy.breaker.state == "open", what="the breaker opened after 5 failed streams")
+    with pytest.raises(CircuitOpen):
+        await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))
+    assert plan.calls == 5  # the sixth never went out
+    assert target.policy.limit.active == 0

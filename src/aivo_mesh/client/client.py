@@ -21,6 +21,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Generator, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any
 
@@ -29,12 +30,12 @@ import grpc
 from aivo_mesh.client.channel import channel_credentials, channel_options
 from aivo_mesh.client.config import MeshConfig
 from aivo_mesh.client.endpoints import DEFAULT_DRAIN_SECONDS, EndpointPool
-from aivo_mesh.client.interceptors import method_info
+from aivo_mesh.client.invoke import method_info
 from aivo_mesh.client.methods import method_path
 from aivo_mesh.client.server_check import ServerCheck
-from aivo_mesh.client.target import Target, route_lookup
+from aivo_mesh.client.target import Target
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, service_policy
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, route_policy, service_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, PeerPolicy, load_identity
@@ -136,7 +137,7 @@ class MeshClient:
         info = method_info(path)
         if info is None:
             raise MeshError(f"{path}: unknown method (is its generated *_pb2 module imported?)")
-        value, _ = await target.unary.invoke(path, request, timeout, metadata, None, None)
+        value, _ = await target.invoker.unary(path, request, timeout, metadata, None, None)
         return value
 
     async def wait_ready(self, service: str, timeout: float | None = None) -> None:
@@ -214,7 +215,7 @@ class MeshClient:
     def _new_target(self, service: str) -> Target:
         spec = self._spec(service)
         policy: ServicePolicy = service_policy(self.mesh, service)
-        routes = route_lookup(self.mesh, service)
+        routes = partial(route_policy, self.mesh, service)
         if service in self.config.endpoints and service not in self.mesh.service_names:
             routes = self._default_routes(service)
         options = channel_options(self.mesh.keepalive, spec.name)

@@ -5,7 +5,7 @@ grpc.aio runs every intercepted call in an asyncio Task of its own and wraps the
 call object. On this 2-core machine that costs about +45 µs of client CPU per call, as much as the
 whole policy stack (docs/benchmarks.md). So, as grpc-java's `ClientInterceptors.intercept(channel,
 ...)` does, the binding lives in the channel: `unary_unary(...)` returns a multicallable that hands
-the call to the target's `UnaryUnaryAdapter.invoke` (the same code the interceptor runs) and a
+the call to the target's `Invoker.unary` (client/invoke.py, the same code the interceptor runs) and a
 `MeshUnaryUnaryCall` that runs it
 
 - in the awaiting task itself, when the caller awaits the call at once (`await stub.M(req)`): no
@@ -13,8 +13,9 @@ the call to the target's `UnaryUnaryAdapter.invoke` (the same code the intercept
 - in a Task of its own otherwise, started on the next loop iteration, so a call that is made and
   awaited later (or never) still starts at once, as grpc.aio's calls do.
 
-Everything else goes to the front channel and its interceptors: the three streaming arities, and
-unary methods that are not protobuf (they need grpc's continuation).
+Everything else goes to the front channel and its interceptors, which hand it to the same Invoker:
+the three streaming arities (the stack admits them and holds their slot until they end), and unary
+methods that are not protobuf (they need grpc's continuation).
 
 One difference from grpc.aio: the stack runs in the context current where the call is *awaited*
 (for `await stub.M(req)`, where it is made). A call made inside a span and awaited after leaving it
@@ -27,15 +28,21 @@ import asyncio
 import time
 from collections.abc import Callable, Coroutine, Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 
-from aivo_mesh.client.interceptors import method_info
+from aivo_mesh.client.invoke import Invoker, method_info
 
-if TYPE_CHECKING:
-    from aivo_mesh.client.interceptors import UnaryUnaryAdapter
-    from aivo_mesh.client.target import Target
+
+class Connectivity(Protocol):
+    """The folded connectivity of a target's endpoint channels (client.target.Target has it)."""
+
+    def connectivity(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity: ...
+
+    async def wait_for_connectivity_change(self, last: grpc.ChannelConnectivity) -> None: ...
+
+    async def wait_ready(self, timeout: float | None) -> None: ...
 
 _NEW, _INLINE, _TASK, _DONE = range(4)
 _CANCELLED_DETAILS = "Locally cancelled by application!"  # grpc.aio's wording
@@ -222,17 +229,17 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 
 
 class _UnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ("_adapter", "_method")
+    __slots__ = ("_invoker", "_method")
 
-    def __init__(self, adapter: UnaryUnaryAdapter, method: str) -> None:
-        self._adapter = adapter
+    def __init__(self, invoker: Invoker, method: str) -> None:
+        self._invoker = invoker
         self._method = method
 
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> MeshUnaryUnaryCall:
-        return MeshUnaryUnaryCall(self._adapter.invoke(self._method, request, timeout, metadata, credentials,
-                                                       wait_for_ready, compression), timeout)
+        return MeshUnaryUnaryCall(self._invoker.unary(self._method, request, timeout, metadata, credentials,
+                                                      wait_for_ready, compression), timeout)
 
 
 class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
@@ -243,10 +250,10 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
     subchannels: `channel_ready()` returns once any endpoint is READY.
     """
 
-    def __init__(self, target: Target) -> None:
+    def __init__(self, invoker: Invoker, front: grpc.aio.Channel, target: Connectivity) -> None:
         self._target = target
-        self._front = target.front
-        self._unary: UnaryUnaryAdapter = target.unary
+        self._front = front
+        self._invoker = invoker
 
     def unary_unary(self, method: str, request_serializer: Callable[..., Any] | None = None,
                     response_deserializer: Callable[..., Any] | None = None,
@@ -254,7 +261,7 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         path = method.decode() if isinstance(method, bytes) else method
         if method_info(path) is None:  # not protobuf: the interceptor, with grpc's continuation
             return self._front.unary_unary(method, request_serializer, response_deserializer, _registered_method)
-        return _UnaryUnaryMultiCallable(self._unary, path)
+        return _UnaryUnaryMultiCallable(self._invoker, path)
 
     def unary_stream(self, method: str, request_serializer: Callable[..., Any] | None = None,
                      response_deserializer: Callable[..., Any] | None = None,

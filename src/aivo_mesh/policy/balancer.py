@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from aivo_mesh.config.model import HealthCheckSpec
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, TRANSIENT, Classifier, Outcome
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import NOOP, PolicyListener
 from aivo_mesh.policy.outlier import DEFAULT_RULE, EndpointState, OutlierDetector, OutlierRule
 
@@ -181,11 +181,18 @@ class BalancerLayer:
             call.endpoint = ep.address
             # An exception escaping `inner` is the caller's (see BreakerLayer): the endpoint is not charged.
             reply = await inner(call)
-            outcome = classify(reply)
-            if outcome is SUCCESS or outcome is TRANSIENT:
-                ep.consecutive_failures = 0
-            elif outcome is not IGNORED:
-                balancer.record(ep, outcome)
+            if reply.ended is None:
+                _judge(balancer, ep, classify(reply))
+            else:  # a stream is judged by how it ends
+                when_ended(reply, lambda final: _judge(balancer, ep, classify(final)))
             return reply
 
         return handle
+
+
+def _judge(balancer: Balancer, ep: EndpointState, outcome: Outcome) -> None:
+    """One attempt's outcome for outlier detection: a success resets the endpoint's failure run."""
+    if outcome is SUCCESS or outcome is TRANSIENT:
+        ep.consecutive_failures = 0
+    elif outcome is not IGNORED:
+        balancer.record(ep, outcome)

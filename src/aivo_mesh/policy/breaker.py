@@ -49,7 +49,7 @@ from typing import ClassVar, Literal
 from aivo_mesh.config.model import CircuitBreakerSpec
 from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, Classifier, Outcome
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
 CLOSED = "closed"
@@ -363,7 +363,10 @@ class BreakerLayer:
                 # bug: it says nothing about the upstream. Free the probe slot, count nothing.
                 breaker.release(ticket)
                 raise
-            breaker.record(ticket, classify(reply), reply.code)
+            if reply.ended is None:
+                breaker.record(ticket, classify(reply), reply.code)
+            else:  # a stream counts by how it ends
+                when_ended(reply, lambda final: breaker.record(ticket, classify(final), final.code))
             return reply
 
         return handle

@@ -7,6 +7,7 @@ recovery is tested in microseconds. `client/` adapts grpc.aio to these types.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -35,7 +36,7 @@ class Call:
     timeout: float | None = None
     attempt: int = 1
     metadata: tuple[tuple[str, str], ...] = ()
-    # Whether a response message has been received (no retry after that: the call is committed).
+    # No retry from here on: a response message arrived, or a stream was handed to its caller.
     committed: bool = False
     # The endpoint ("host:port") the balancer picked for the current attempt.
     endpoint: str | None = None
@@ -65,10 +66,23 @@ class Reply:
     # True when the reply was made locally by a layer (breaker, limit, budget, deadline),
     # so it never looks like a server error in metrics or outlier detection.
     local: bool = False
+    # A stream: this reply says it opened ("OK", value = the stream); `ended` resolves to its final
+    # reply. Layers that count outcomes or hold resources finish with `when_ended` (tower's "the
+    # permit travels with the response").
+    ended: asyncio.Future[Reply] | None = None
 
     @property
     def ok(self) -> bool:
         return self.code == "OK"
+
+
+def when_ended(reply: Reply, finish: Callable[[Reply], None]) -> None:
+    """Call `finish` with the call's final reply: now for a unary call, when the stream ends for a stream
+    (in the context current here, so what it logs belongs to this call)."""
+    if reply.ended is None:
+        finish(reply)
+    else:
+        reply.ended.add_done_callback(lambda done: finish(done.result()))
 
 
 Handler = Callable[[Call], Awaitable[Reply]]

@@ -12,14 +12,13 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import PolicyListener
 
 
 @dataclass(frozen=True, slots=True)
 class DeadlineParams:
     route_timeout: float | None
-    per_try_timeout: float | None = None
 
 
 def effective_timeout(caller: float | None, route: float | None, inherited: float | None) -> float | None:
@@ -44,7 +43,8 @@ class DeadlineLayer:
     """Sets `call.deadline` once; fails fast with DEADLINE_EXCEEDED when nothing remains.
 
     Being outermost, it is also where a logical call begins and ends: given a `listener`, it
-    reports `call_started` and `call_finished` (code, seconds on the clock, attempts, local).
+    reports `call_started` and `call_finished` (code, seconds on the clock, attempts, local); a
+    stream's when it ends.
     """
 
     name = "deadline"
@@ -104,8 +104,12 @@ class DeadlineLayer:
                 code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else "UNKNOWN"
                 listener.call_finished(call.service, call.method, code, clock() - start, call.attempt, True)
                 raise
-            listener.call_finished(call.service, call.method, reply.code, clock() - start, call.attempt,
-                                   reply.local)
+            if reply.ended is None:
+                listener.call_finished(call.service, call.method, reply.code, clock() - start, call.attempt,
+                                       reply.local)
+            else:  # a stream finishes when it ends, after all the time it was open
+                when_ended(reply, lambda final: listener.call_finished(
+                    call.service, call.method, final.code, clock() - start, call.attempt, final.local))
             return reply
 
         return observed

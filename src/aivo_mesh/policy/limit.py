@@ -141,8 +141,14 @@ class LimitLayer:
                     listener.limit_rejected(call.service, call.method, MAX_REQUESTS)
                     return timed_out
             try:
-                return await inner(call)
-            finally:
+                reply = await inner(call)
+            except BaseException:
                 limit.release()
+                raise
+            if reply.ended is None:
+                limit.release()
+            else:  # a stream holds its slot until it ends
+                reply.ended.add_done_callback(lambda _: limit.release())
+            return reply
 
         return handle

@@ -75,8 +75,7 @@ class MethodParams:
         if route.streaming:  # a stream commits on its first message: the core does not retry it
             retry = RetryParams(max_retries=0, backoff=retry.backoff, classifier=retry.classifier,
                                 per_try_timeout=retry.per_try_timeout)
-        return cls(deadline=DeadlineParams(route_timeout=route.timeout, per_try_timeout=route.retry.per_try_timeout),
-                   retry=retry, classifier=retry.classifier)
+        return cls(deadline=DeadlineParams(route_timeout=route.timeout), retry=retry, classifier=retry.classifier)
 
 
 def client_layers(

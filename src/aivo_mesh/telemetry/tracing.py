@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
@@ -203,8 +203,9 @@ class Tracing:
 
 
 class ClientTracingLayer:
-    """Policy layer: one CLIENT span per logical call; must sit outermost (it sees every attempt's
-    outcome only as the final reply, and the final `call.attempt`).
+    """Policy layer: one CLIENT span per logical call, unary or streaming (a stream's ends when the
+    stream does); must sit outermost (it sees every attempt's outcome only as the final reply, and the
+    final `call.attempt`).
 
     The span is a child of the current context (a server handler's SERVER span when the call is made
     while serving), is current while the inner layers run, and its `traceparent`/`tracestate`/
@@ -230,18 +231,6 @@ class ClientTracingLayer:
             call.metadata = kept + tuple(carrier.items())
         return span, ctx
 
-    def stream_started(self, call: Call) -> Callable[[str, str, bool], None]:
-        """Streaming calls (which do not run through the stack): the same CLIENT span, started as the
-        stream opens and ended by the returned function with its final status.
-
-        The span is made current in the context this runs in: grpc.aio's interceptor task, a copy of
-        the caller's context that nothing else uses. The stream's done callback, registered after
-        this, runs in that context too, so the outcome's log line carries this span's ids (not the
-        caller's). No detach: the context ends with the call."""
-        span, ctx = self._start(call)
-        otel_context.attach(ctx)
-        return functools.partial(_finish_client, span, call)
-
     def wrap(self, inner: Handler) -> Handler:
         start = self._start
 
@@ -258,7 +247,11 @@ class ClientTracingLayer:
                 raise
             finally:
                 otel_context.detach(token)
-            _finish_client(span, call, reply.code, reply.details, reply.local)
+            if reply.ended is None:
+                _finish_client(span, call, reply.code, reply.details, reply.local)
+            else:  # a stream's span lasts until it ends
+                reply.ended.add_done_callback(
+                    lambda done: _finish_client(span, call, done.result().code, done.result().details))
             return reply
 
         return handle
