@@ -20,7 +20,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind
 from waiting import until
 
-from aivo_mesh import CircuitOpen, MeshClient, MeshConfig, MeshServer
+from aivo_mesh import CircuitOpen, MeshClient, MeshConfig, MeshServer, RetriesExhausted
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.config.model import TracingSpec
 from aivo_mesh.config.resolve import longest_timeout
@@ -860,3 +860,42 @@ async def test_a_stream_counts_for_the_breaker_and_outlier_detection_when_it_end
         await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))
     assert plan.calls == 5  # the sixth never went out
     assert target.policy.limit.active == 0
+
+
+async def test_a_call_that_failed_after_retries_raises_retries_exhausted_with_the_servers_error(servers,
+                                                                                                make_client):
+    plan = FaultPlan(fail_first=100)  # UNAVAILABLE every time: retried 3 times, then given up
+    s = await servers(plan)
+    stub = auth_pb2_grpc.AuthServiceStub(await make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+                                         .get_channel("auth-svc"))
+    with pytest.raises(RetriesExhausted) as exc:
+        await stub.ValidateToken(_req())
+    err = exc.value
+    assert isinstance(err, grpc.aio.AioRpcError)  # code written for plain grpc sees the server's error
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and err.details() == "injected UNAVAILABLE by a"
+    assert err.attempts == 4 == plan.calls
+    assert isinstance(err.__cause__, grpc.aio.AioRpcError) and not isinstance(err.__cause__, RetriesExhausted)
+    # Not retried (INVALID_ARGUMENT is not in retry_on): the server's error as it is.
+    bad = FaultPlan(fail_first=100, status=grpc.StatusCode.INVALID_ARGUMENT)
+    s2 = await servers(bad, "b")
+    stub2 = auth_pb2_grpc.AuthServiceStub(await make_client(_mesh(), [f"127.0.0.1:{s2.bound_port}"])
+                                          .get_channel("auth-svc"))
+    with pytest.raises(grpc.aio.AioRpcError) as plain:
+        await stub2.ValidateToken(_req())
+    assert not isinstance(plain.value, RetriesExhausted) and bad.calls == 1
+
+
+def test_local_replies_map_to_exception_types_by_reason_not_text() -> None:
+    from aivo_mesh.client.errors import error_for
+    from aivo_mesh.errors import Overloaded
+    from aivo_mesh.policy.core import LocalReason, Reply
+
+    # The breaker's text is the platform's contract, but the type comes from the reason alone.
+    assert isinstance(error_for("s", "/p.S/M", Reply("UNAVAILABLE", details="anything",
+                                                     local=LocalReason.CIRCUIT_OPEN)), CircuitOpen)
+    assert not isinstance(error_for("s", "/p.S/M", Reply("UNAVAILABLE", details="Circuit breaker OPEN",
+                                                         local=LocalReason.NO_ENDPOINTS)), CircuitOpen)
+    assert isinstance(error_for("s", "/p.S/M", Reply("RESOURCE_EXHAUSTED",
+                                                     local=LocalReason.MAX_PENDING_REQUESTS)), Overloaded)
+    for reason in (LocalReason.MAX_REQUESTS, LocalReason.DEADLINE):
+        assert isinstance(error_for("s", "/p.S/M", Reply("DEADLINE_EXCEEDED", local=reason)), DeadlineExceeded)

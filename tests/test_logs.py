@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.server.interceptors import ServerCall
 from aivo_mesh.telemetry.logs import (
     REDACTED,
@@ -124,12 +124,12 @@ def test_client_rpc_line(captured: tuple[logging.Logger, io.StringIO]) -> None:
     logger, stream = captured
     listener = RpcLogListener(logger)
     listener.call_started("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "OK", 0.0123456, 1, False)
+    listener.call_finished("auth-svc", LOGIN, "OK", 0.0123456, 1, None)
     listener.call_started("auth-svc", LOGIN)
     listener.breaker_rejected("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0001, 1, True)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0001, 1, LocalReason.CIRCUIT_OPEN)
     listener.call_started("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.5, 3, False)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.5, 3, None)
     ok, rejected, failed = lines(stream)
     assert ok == ok | {"event": "rpc", "side": "client", "service": "auth-svc", "method": LOGIN, "status": "OK",
                        "duration_ms": 12.346, "attempt": 1, "attempts": 1, "trace_id": "", "span_id": "",
@@ -137,6 +137,7 @@ def test_client_rpc_line(captured: tuple[logging.Logger, io.StringIO]) -> None:
                        "level": "INFO"}
     assert rejected["status"] == "CIRCUIT_OPEN"
     assert rejected["local"] is True
+    assert rejected["local_reason"] == "circuit_open"
     assert rejected["level"] == "WARNING"
     assert failed["status"] == "UNAVAILABLE"
     assert failed["attempt"] == failed["attempts"] == 3  # `attempt`, the field server lines and the platform use
@@ -149,7 +150,7 @@ def test_rpc_line_carries_the_current_span(captured: tuple[logging.Logger, io.St
     with tracer.start_as_current_span("client") as span:
         ctx = span.get_span_context()
         assert current_trace_ids() == (f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}")
-        RpcLogListener(logger).call_finished("auth-svc", LOGIN, "OK", 0.001, 1, False)
+        RpcLogListener(logger).call_finished("auth-svc", LOGIN, "OK", 0.001, 1, None)
         logger.info("inside")  # ordinary lines get the ids too
     assert current_trace_ids() == ("", "")
     rpc, plain = lines(stream)

@@ -13,7 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import until
 
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 from aivo_mesh.telemetry.metrics import (
@@ -60,14 +60,14 @@ def value(metrics: MeshMetrics, name: str, **labels: str) -> float | None:
 def exercise_every_family(metrics: MeshMetrics) -> None:
     listener = MetricsListener(metrics)
     listener.call_started("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "OK", 0.012, 1, False)
-    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.3, 3, False)
+    listener.call_finished("auth-svc", LOGIN, "OK", 0.012, 1, None)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.3, 3, None)
     listener.retry("auth-svc", LOGIN, 2, "UNAVAILABLE", 0.05)
     listener.retry_budget_exhausted("auth-svc", LOGIN)
     listener.breaker_failure("auth-svc", "UNAVAILABLE")
     listener.breaker_state("auth-svc", "closed", "open")
     listener.breaker_rejected("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0001, 1, True)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0001, 1, LocalReason.CIRCUIT_OPEN)
     listener.limit_rejected("auth-svc", VALIDATE, "max_requests")
     listener.endpoint_ejected("auth-svc", "10.1.2.3:50061", 30.0)
     metrics.set_certificate_expiry("learner-svc", FakeIdentity(86_400.5))
@@ -135,26 +135,27 @@ def test_client_calls_status_names_and_local_rejections() -> None:
 
 
 def test_local_status_values() -> None:
-    assert local_status("a", LOGIN, "UNAVAILABLE", False) == "UNAVAILABLE"
-    assert local_status("a", LOGIN, "DEADLINE_EXCEEDED", True) == "LOCAL_DEADLINE_EXCEEDED"
-    assert local_status("a", LOGIN, "not a code", False) == "UNKNOWN"
+    assert local_status("UNAVAILABLE", None) == "UNAVAILABLE"
+    assert local_status("UNAVAILABLE", LocalReason.CIRCUIT_OPEN) == "CIRCUIT_OPEN"
+    assert local_status("UNAVAILABLE", LocalReason.NO_ENDPOINTS) == "LOCAL_UNAVAILABLE"
+    assert local_status("DEADLINE_EXCEEDED", LocalReason.DEADLINE) == "LOCAL_DEADLINE_EXCEEDED"
+    assert local_status("not a code", None) == "UNKNOWN"
     metrics = MeshMetrics()
     listener = MetricsListener(metrics)
     listener.call_started("a", LOGIN)
     listener.limit_rejected("a", LOGIN, "max_pending_requests")
-    listener.call_finished("a", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, True)
+    listener.call_finished("a", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, LocalReason.MAX_PENDING_REQUESTS)
     assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
                  status="LOCAL_RESOURCE_EXHAUSTED") == 1
     assert value(metrics, "grpc_local_rejections_total", service="a", reason="max_pending_requests") == 1
-    # a new call forgets the previous call's rejection
     listener.call_started("a", LOGIN)
-    listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
+    listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, LocalReason.DEADLINE)
     assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
                  status="LOCAL_DEADLINE_EXCEEDED") == 1
     # a call that waited for a slot and ran out of time is counted by the limit, labelled by its reply
     listener.call_started("a", LOGIN)
     listener.limit_rejected("a", LOGIN, "max_requests")
-    listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
+    listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, LocalReason.MAX_REQUESTS)
     assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
                  status="LOCAL_DEADLINE_EXCEEDED") == 2
     assert value(metrics, "grpc_local_rejections_total", service="a", reason="max_requests") == 1
@@ -162,7 +163,7 @@ def test_local_status_values() -> None:
     assert value(metrics, "grpc_local_rejections_total", service="a", reason="other") == 1
 
 
-async def test_local_rejection_does_not_leak_across_tasks() -> None:
+async def test_concurrent_local_replies_are_labelled_by_their_own_reason() -> None:
     metrics = MeshMetrics()
     listener = MetricsListener(metrics)
 
@@ -170,12 +171,12 @@ async def test_local_rejection_does_not_leak_across_tasks() -> None:
         listener.call_started("a", LOGIN)
         listener.breaker_rejected("a", LOGIN)
         await asyncio.sleep(0)
-        listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.0, 1, True)
+        listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.0, 1, LocalReason.CIRCUIT_OPEN)
 
     async def timed_out() -> None:
         listener.call_started("a", LOGIN)
         await asyncio.sleep(0)
-        listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, True)
+        listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, LocalReason.DEADLINE)
 
     await asyncio.gather(rejected(), timed_out())
     labels = {"side": "client", "service": "a", "method": LOGIN}
@@ -258,7 +259,7 @@ def test_listener_behind_fan_out() -> None:
     for listener in fan:
         listener.breaker_rejected("a", LOGIN)
     for listener in fan:
-        listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.001, 1, True)
+        listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.001, 1, LocalReason.CIRCUIT_OPEN)
     assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
                  status="CIRCUIT_OPEN") == 1
 

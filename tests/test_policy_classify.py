@@ -16,7 +16,7 @@ from aivo_mesh.policy.classify import (
     Classifier,
     retryable_codes,
 )
-from aivo_mesh.policy.core import Reply
+from aivo_mesh.policy.core import LocalReason, Reply
 
 RETRY_ON = ("UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 
@@ -64,8 +64,8 @@ def test_failures_are_the_failure_codes_alone_whatever_a_route_retries() -> None
 
 def test_local_replies_and_cancelled_are_ignored_even_if_listed() -> None:
     c = Classifier.for_route(("UNAVAILABLE", "CANCELLED"), idempotent=True)
-    assert c.classify(Reply("UNAVAILABLE", local=True)) is IGNORED
-    assert c.classify(Reply("RESOURCE_EXHAUSTED", local=True)) is IGNORED
+    assert c.classify(Reply("UNAVAILABLE", local=LocalReason.CIRCUIT_OPEN)) is IGNORED
+    assert c.classify(Reply("RESOURCE_EXHAUSTED", local=LocalReason.MAX_PENDING_REQUESTS)) is IGNORED
     assert c.classify(Reply("CANCELLED")) is IGNORED
     assert "CANCELLED" not in c.retryable
     assert c.classify(Reply("UNAVAILABLE")) is RETRYABLE

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from aivo_mesh.config.model import LimitsSpec
-from aivo_mesh.policy.core import Call, Handler, Reply
+from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply
 from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
 from aivo_mesh.policy.testing import FakeClock, RecordingListener
 
@@ -51,7 +51,7 @@ async def test_max_requests_pending_queue_and_overflow() -> None:
     assert up.started == ["a", "b"]
     assert (limit.active, limit.pending) == (2, 1)
     overflow = await handler(Call(SVC, METHOD, "d"))
-    assert (overflow.code, overflow.local) == ("RESOURCE_EXHAUSTED", True)
+    assert (overflow.code, overflow.local) == ("RESOURCE_EXHAUSTED", LocalReason.MAX_PENDING_REQUESTS)
     assert "max_pending_requests" in overflow.details
     assert listener.named("limit_rejected") == [(SVC, METHOD, "max_pending_requests")]
     up.release("a")
@@ -90,10 +90,10 @@ async def test_waiting_respects_the_deadline() -> None:
     first = asyncio.ensure_future(handler(Call(SVC, METHOD, "a")))
     await settle()
     passed = await handler(Call(SVC, METHOD, "late", deadline=clock() - 1.0))
-    assert (passed.code, passed.local) == ("DEADLINE_EXCEEDED", True)
+    assert (passed.code, passed.local) == ("DEADLINE_EXCEEDED", LocalReason.MAX_REQUESTS)
     # A short real wait (the queue uses a loop timer): the slot never frees in time.
     short = await handler(Call(SVC, METHOD, "short", deadline=clock() + 0.01))
-    assert (short.code, short.local) == ("DEADLINE_EXCEEDED", True)
+    assert (short.code, short.local) == ("DEADLINE_EXCEEDED", LocalReason.MAX_REQUESTS)
     assert "waiting for a request slot" in short.details
     assert limit.pending == 0
     assert [e[2] for e in listener.named("limit_rejected")] == ["max_requests", "max_requests"]

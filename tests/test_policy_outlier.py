@@ -7,7 +7,7 @@ import pytest
 from aivo_mesh.config.model import OutlierDetectionSpec
 from aivo_mesh.policy.balancer import Balancer, BalancerLayer, HealthRule
 from aivo_mesh.policy.classify import FAILURE, IGNORED, SUCCESS
-from aivo_mesh.policy.core import Call, Reply
+from aivo_mesh.policy.core import Call, LocalReason, Reply
 from aivo_mesh.policy.outlier import EndpointState, OutlierRule
 from aivo_mesh.policy.testing import FakeClock, RecordingListener
 
@@ -237,7 +237,7 @@ async def test_layer_without_endpoints_replies_locally(clock: FakeClock) -> None
         raise AssertionError("not called")
 
     reply = await BalancerLayer(balancer(clock, [])).wrap(upstream)(Call(SVC, "/m", None))
-    assert (reply.code, reply.local) == ("UNAVAILABLE", True)
+    assert (reply.code, reply.local) == ("UNAVAILABLE", LocalReason.NO_ENDPOINTS)
 
 
 def test_endpoint_state_dict() -> None:

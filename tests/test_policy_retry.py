@@ -10,7 +10,7 @@ import pytest
 from aivo_mesh.config.model import BackoffSpec, RetrySpec
 from aivo_mesh.policy.backoff import FullJitter
 from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
-from aivo_mesh.policy.core import Call, Reply, build_stack
+from aivo_mesh.policy.core import Call, LocalReason, Reply, build_stack
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams, attempt_timeout
 from aivo_mesh.policy.retry import (
     ATTEMPT,
@@ -103,7 +103,7 @@ def test_next_step_decisions(clock: FakeClock) -> None:
         assert step.reply is reply
         return step.reason
 
-    assert reason(Reply("UNAVAILABLE", local=True)) == LOCAL
+    assert reason(Reply("UNAVAILABLE", local=LocalReason.NO_ENDPOINTS)) == LOCAL
     assert reason(Reply("INVALID_ARGUMENT")) == NOT_RETRYABLE
     assert reason(Reply("INTERNAL")) == NOT_RETRYABLE
     assert reason(Reply("UNAVAILABLE"), Call(SVC, METHOD, None, committed=True)) == COMMITTED
@@ -201,7 +201,8 @@ async def test_never_retried_once_committed(clock: FakeClock, sleep: FakeSleep) 
 
 
 async def test_local_replies_are_never_retried(clock: FakeClock, sleep: FakeSleep) -> None:
-    up = Upstream(clock, Reply("UNAVAILABLE", details="Circuit breaker OPEN for auth-svc", local=True))
+    up = Upstream(clock, Reply("UNAVAILABLE", details="Circuit breaker OPEN for auth-svc",
+                               local=LocalReason.CIRCUIT_OPEN))
     reply = await layer(params(), clock, sleep).wrap(up)(call(clock))
     assert reply.local
     assert up.attempts == [1]
@@ -271,7 +272,7 @@ async def test_oversleeping_past_the_deadline_gives_deadline_exceeded(clock: Fak
 
     up = Upstream(clock, "UNAVAILABLE")
     reply = await RetryLayer(params(), rng=Random(0), sleep=oversleep, clock=clock).wrap(up)(call(clock, 5.0))
-    assert (reply.code, reply.local) == ("DEADLINE_EXCEEDED", True)
+    assert (reply.code, reply.local) == ("DEADLINE_EXCEEDED", LocalReason.DEADLINE)
     assert up.attempts == [1]
 
 

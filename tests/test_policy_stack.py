@@ -9,7 +9,7 @@ import pytest
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.policy import CLIENT_ORDER, layer_names
-from aivo_mesh.policy.core import Call, Handler, Reply
+from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams, attempt_timeout, effective_timeout
 from aivo_mesh.policy.events import Listeners, PolicyListener
 from aivo_mesh.policy.stack import TargetPolicy
@@ -110,7 +110,7 @@ async def test_a_retry_lands_on_the_healthy_endpoint_and_the_bad_one_is_ejected(
     assert up.seen[-1] == (1, B)
     finished = listener.named("call_finished")
     assert len(finished) == 6
-    assert all(f[2] == "OK" and f[5] is False for f in finished)
+    assert all(f[2] == "OK" and f[5] is None for f in finished)
     assert finished[0][4] == 2  # attempts
 
 
@@ -121,7 +121,7 @@ async def test_breaker_rejection_is_local_and_never_retried() -> None:
     t = target(clock, up, listener)
     t.breaker.force_open()
     reply = await t.stack_for(VALIDATE)(Call(SVC, VALIDATE, None))
-    assert (reply.code, reply.local) == ("UNAVAILABLE", True)
+    assert (reply.code, reply.local) == ("UNAVAILABLE", LocalReason.CIRCUIT_OPEN)
     assert "Circuit breaker OPEN" in reply.details
     assert up.seen == []
     assert listener.named("retry") == []
@@ -199,7 +199,7 @@ async def test_limit_rejection_reaches_the_caller_unretried() -> None:
     first = asyncio.ensure_future(t.stack_for(VALIDATE)(Call(SVC, VALIDATE, None)))
     await asyncio.sleep(0)
     second = await t.stack_for(LOGIN)(Call(SVC, LOGIN, None))  # max_requests 1, no queue: one limit per service
-    assert (second.code, second.local) == ("RESOURCE_EXHAUSTED", True)
+    assert (second.code, second.local) == ("RESOURCE_EXHAUSTED", LocalReason.MAX_PENDING_REQUESTS)
     gate.set()
     assert (await first).ok
     assert calls == 1
@@ -218,7 +218,7 @@ async def test_deadline_and_call_events() -> None:
     assert clock() <= c.deadline
     assert listener.named("call_started") == [(SVC, VALIDATE)]
     [(_, _, code, seconds, attempts, local)] = listener.named("call_finished")
-    assert (code, attempts, local) == (reply.code, len(up.seen), False)
+    assert (code, attempts, local) == (reply.code, len(up.seen), reply.local)
     assert seconds == pytest.approx(clock() - start)
 
 
@@ -230,7 +230,7 @@ async def test_deadline_already_passed_is_local() -> None:
         raise AssertionError("not called")
 
     reply = await layer.wrap(never)(Call(SVC, VALIDATE, None))
-    assert (reply.code, reply.local) == ("DEADLINE_EXCEEDED", True)
+    assert (reply.code, reply.local) == ("DEADLINE_EXCEEDED", LocalReason.DEADLINE)
 
 
 def test_effective_timeout() -> None:
@@ -260,10 +260,10 @@ def test_listeners_fan_out_and_survive_a_failing_listener(caplog: pytest.LogCapt
     fan.add(b)
     fan.breaker_state(SVC, "closed", "open")
     fan.retry(SVC, VALIDATE, 2, "UNAVAILABLE", 0.1)
-    fan.call_finished(SVC, VALIDATE, "OK", 0.5, 1, False)
+    fan.call_finished(SVC, VALIDATE, "OK", 0.5, 1, None)
     for r in (a, b):
         assert r.events == [("breaker_state", SVC, "closed", "open"), ("retry", SVC, VALIDATE, 2, "UNAVAILABLE", 0.1),
-                            ("call_finished", SVC, VALIDATE, "OK", 0.5, 1, False)]
+                            ("call_finished", SVC, VALIDATE, "OK", 0.5, 1, None)]
     assert "Broken" in caplog.text
 
 

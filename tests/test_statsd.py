@@ -9,7 +9,7 @@ import pytest
 
 from aivo_mesh.config.model import StatsdSpec
 from aivo_mesh.errors import MeshError
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.server.interceptors import ServerCall
 from aivo_mesh.telemetry.statsd import (
     MAX_PACKET,
@@ -47,7 +47,7 @@ def packets(sock: socket.socket, n: int) -> list[list[str]]:
 def test_client_call_counter_and_timer(receiver: socket.socket, client: StatsdClient) -> None:
     listener = StatsdListener(client)
     listener.call_started("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "OK", 0.0125, 1, False)
+    listener.call_finished("auth-svc", LOGIN, "OK", 0.0125, 1, None)
     (lines,) = packets(receiver, 1)
     assert lines == [f"aivo_mesh.grpc.requests.client.auth-svc.{M}.OK:1|c",
                      f"aivo_mesh.grpc.request_duration.client.auth-svc.{M}:12.500|ms"]
@@ -57,10 +57,10 @@ def test_local_rejections_have_their_own_status(receiver: socket.socket, client:
     listener = StatsdListener(client)
     listener.call_started("auth-svc", LOGIN)
     listener.breaker_rejected("auth-svc", LOGIN)
-    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0, 1, True)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0, 1, LocalReason.CIRCUIT_OPEN)
     listener.call_started("auth-svc", LOGIN)
     listener.limit_rejected("auth-svc", LOGIN, "max_pending_requests")
-    listener.call_finished("auth-svc", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, True)
+    listener.call_finished("auth-svc", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, LocalReason.MAX_PENDING_REQUESTS)
     got = packets(receiver, 4)
     assert got[0] == ["aivo_mesh.grpc.local_rejections.auth-svc.circuit_open:1|c"]
     assert got[1][0] == f"aivo_mesh.grpc.requests.client.auth-svc.{M}.CIRCUIT_OPEN:1|c"
@@ -107,7 +107,7 @@ def test_server_observer(receiver: socket.socket, client: StatsdClient) -> None:
 def test_names_are_sanitised(receiver: socket.socket) -> None:
     port = receiver.getsockname()[1]
     with StatsdClient(f"127.0.0.1:{port}", prefix="team.my mesh") as c:
-        StatsdListener(c).call_finished("auth.svc:1", "/bad path", "weird\nstatus", 0.001, 1, False)
+        StatsdListener(c).call_finished("auth.svc:1", "/bad path", "weird\nstatus", 0.001, 1, None)
     (lines,) = packets(receiver, 1)
     assert lines[0] == "team.my_mesh.grpc.requests.client.auth_svc_1.unknown.UNKNOWN:1|c"
     assert segment("...") == "unknown"
@@ -149,7 +149,7 @@ def test_unreachable_port_never_raises() -> None:
     with StatsdClient(f"127.0.0.1:{port}") as c:
         listener = StatsdListener(c)
         for _ in range(5):
-            listener.call_finished("a", LOGIN, "OK", 0.001, 1, False)
+            listener.call_finished("a", LOGIN, "OK", 0.001, 1, None)
         assert c.sent + c.dropped == 5
 
 

@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
 from aivo_mesh.config.model import TracingSpec
-from aivo_mesh.policy.core import Call, Handler, Reply, build_stack
+from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply, build_stack
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver, SpanRecord, Trace, render_waterfall
@@ -167,7 +167,7 @@ async def test_local_reply_and_exception(mem: tuple[Tracing, InMemorySpanExporte
     tracing, exporter = mem
 
     async def breaker_open(call: Call) -> Reply:
-        return Reply("UNAVAILABLE", details="circuit open", local=True)
+        return Reply("UNAVAILABLE", details="circuit open", local=LocalReason.CIRCUIT_OPEN)
 
     async def broken(call: Call) -> Reply:
         raise RuntimeError("layer bug")

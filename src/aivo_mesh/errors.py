@@ -8,8 +8,9 @@
     └── CallError(service, method)               a mesh call failed; cause chained
         ├── DeadlineExceeded
         ├── CircuitOpen
-        ├── Overloaded                           concurrency limit or retry budget
-        └── RetriesExhausted
+        ├── Overloaded                           the concurrency limit's queue is full
+        └── RetriesExhausted                     retried, and the last attempt failed too (the server's
+                                                 error is its cause, and its code and details)
 """
 
 from __future__ import annotations
@@ -111,8 +112,12 @@ class CircuitOpen(CallError):
 
 
 class Overloaded(CallError):
-    """A concurrency limit or the retry budget refused the call."""
+    """The concurrency limit refused the call: its slots and its queue are full."""
 
 
 class RetriesExhausted(CallError):
-    """Every allowed attempt failed with a retryable status."""
+    """The call was retried and its last attempt failed too. Raised as a grpc.aio.AioRpcError with the
+    last attempt's code, details and metadata (code written for plain grpc sees the server's error), the
+    server's error as `__cause__`, and `attempts`."""
+
+    attempts: int = 0

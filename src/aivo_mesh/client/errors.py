@@ -1,16 +1,17 @@
-"""Errors for calls the mesh answered locally, as both grpc.RpcError and aivo_mesh CallError.
+"""Errors of failed mesh calls, as both grpc.RpcError and aivo_mesh CallError.
 
 Code written against plain grpc keeps working (`except grpc.RpcError`, `.code()`, `.details()`),
-and code that wants to know *why* can catch the specific type. The breaker's contract is the
-platform's documented one: UNAVAILABLE with "Circuit breaker OPEN" in the details.
+and code that wants to know *why* can catch the specific type, chosen by the reply's LocalReason
+(never by its text). The breaker's contract is the platform's documented one: UNAVAILABLE with
+"Circuit breaker OPEN" in the details.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from aivo_mesh.errors import CallError, CircuitOpen, DeadlineExceeded, Overloaded
-from aivo_mesh.policy.core import Reply
+from aivo_mesh.errors import CallError, CircuitOpen, DeadlineExceeded, Overloaded, RetriesExhausted
+from aivo_mesh.policy.core import LocalReason, Reply
 
 
 class LocalRpcError(grpc.aio.AioRpcError, CallError):  # type: ignore[misc]
@@ -40,15 +41,36 @@ class DeadlineExceededError(LocalRpcError, DeadlineExceeded):
     pass
 
 
-def error_for(service: str, method: str, reply: Reply) -> BaseException:
-    """The exception a failed reply raises: the server's own error, or a local one by kind."""
-    if not reply.local and reply.error is not None:
-        err: BaseException = reply.error
-        return err
-    if reply.code == "UNAVAILABLE" and "Circuit breaker OPEN" in reply.details:
-        return CircuitOpenError(service, method, reply)
-    if reply.code == "RESOURCE_EXHAUSTED":
-        return OverloadedError(service, method, reply)
-    if reply.code == "DEADLINE_EXCEEDED":
-        return DeadlineExceededError(service, method, reply)
-    return LocalRpcError(service, method, reply)
+class RetriesExhaustedError(grpc.aio.AioRpcError, RetriesExhausted):  # type: ignore[misc]
+    """The server's last error after retries: its code, details and metadata, with the attempts made."""
+
+    def __init__(self, service: str, method: str, last: grpc.aio.AioRpcError, attempts: int) -> None:
+        grpc.aio.AioRpcError.__init__(self, last.code(), last.initial_metadata(), last.trailing_metadata(),
+                                      last.details(), last.debug_error_string())
+        self.service = service
+        self.method = method
+        self.attempts = attempts
+
+    def __str__(self) -> str:
+        return (f"{self.service} {self.method}: {self.code().name} after {self.attempts} attempts: "
+                f"{self.details()}")
+
+
+_LOCAL: dict[LocalReason | None, type[LocalRpcError]] = {
+    LocalReason.CIRCUIT_OPEN: CircuitOpenError,
+    LocalReason.MAX_PENDING_REQUESTS: OverloadedError,
+    LocalReason.MAX_REQUESTS: DeadlineExceededError,  # its deadline passed while queued for a slot
+    LocalReason.DEADLINE: DeadlineExceededError,
+}
+
+
+def error_for(service: str, method: str, reply: Reply, attempts: int = 1) -> BaseException:
+    """The exception a failed reply raises: the server's own error (a RetriesExhaustedError caused by it
+    when the call was retried), or a local one by its reason."""
+    if reply.local is None and reply.error is not None:
+        if attempts > 1 and isinstance(reply.error, grpc.aio.AioRpcError):
+            exhausted = RetriesExhaustedError(service, method, reply.error, attempts)
+            exhausted.__cause__ = reply.error
+            return exhausted
+        return reply.error
+    return _LOCAL.get(reply.local, LocalRpcError)(service, method, reply)

@@ -26,7 +26,7 @@ from aivo_mesh.client.endpoints import EndpointPool
 from aivo_mesh.client.errors import error_for
 from aivo_mesh.client.methods import MethodInfo, UnknownMethod, lookup
 from aivo_mesh.client.server_check import ServerCheck, refusal_details
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply
+from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply
 from aivo_mesh.policy.deadline import attempt_timeout
 
 ATTEMPT_HEADER = "x-mesh-attempt"  # sent on retries only: its absence means attempt 1
@@ -83,7 +83,8 @@ def make_terminal(target: InvokeTarget) -> Handler:
         t: Transport = call.transport
         timeout = attempt_timeout(call, clock(), call.per_try_timeout)
         if timeout is not None and timeout <= 0:
-            return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt", local=True)
+            return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt",
+                         local=LocalReason.DEADLINE)
         if check is not None and call.endpoint is not None and not check.vetted.get(call.endpoint):
             # A new connection: its server certificate is checked before anything is sent on it.
             refused = await check.vet(call.endpoint, timeout)
@@ -91,7 +92,8 @@ def make_terminal(target: InvokeTarget) -> Handler:
                 return Reply("UNAVAILABLE", details=refusal_details(target.service, call.endpoint, refused))
             timeout = attempt_timeout(call, clock(), call.per_try_timeout)
             if timeout is not None and timeout <= 0:
-                return Reply("DEADLINE_EXCEEDED", details="deadline exceeded while connecting", local=True)
+                return Reply("DEADLINE_EXCEEDED", details="deadline exceeded while connecting",
+                             local=LocalReason.DEADLINE)
         metadata: tuple[tuple[str, Any], ...] | None = (*t.metadata, *call.metadata)
         if call.attempt > 1:
             metadata = (*metadata, (ATTEMPT_HEADER, str(call.attempt)))  # type: ignore[misc]
@@ -181,7 +183,8 @@ class Invoker:
         path, info, stack = self._method(method)
         transport = Transport(UNARY, info, pairs(metadata), wait_for_ready, continuation, details, credentials,
                               compression)
-        reply = await stack(Call(self._target.service, path, request, timeout=timeout, transport=transport))
+        call = Call(self._target.service, path, request, timeout=timeout, transport=transport)
+        reply = await stack(call)
         if reply.ok:
             return reply.value, transport.answered
         if reply.local:
@@ -189,7 +192,7 @@ class Invoker:
             # loop once, as a failed RPC always does, so a caller retrying in a loop cannot starve it
             # (and with it the probe that would close the breaker).
             await asyncio.sleep(0)
-        raise error_for(self._target.service, path, reply)
+        raise error_for(self._target.service, path, reply, call.attempt)
 
     async def stream(self, kind: str, method: Any, request: Any, timeout: float | None, metadata: Any,
                      credentials: grpc.CallCredentials | None, wait_for_ready: bool | None) -> Any:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from aivo_mesh.config.model import HealthCheckSpec
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, TRANSIENT, Classifier, Outcome
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic, when_ended
+from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import NOOP, PolicyListener
 from aivo_mesh.policy.outlier import DEFAULT_RULE, EndpointState, OutlierDetector, OutlierRule
 
@@ -172,7 +172,8 @@ class BalancerLayer:
 
     def wrap(self, inner: Handler) -> Handler:
         balancer, classify = self.balancer, self.classifier.classify
-        no_endpoints = Reply("UNAVAILABLE", details=f"no endpoints for {balancer.service}", local=True)
+        no_endpoints = Reply("UNAVAILABLE", details=f"no endpoints for {balancer.service}",
+                             local=LocalReason.NO_ENDPOINTS)
 
         async def handle(call: Call) -> Reply:
             ep = balancer.pick()

@@ -49,7 +49,7 @@ from typing import ClassVar, Literal
 from aivo_mesh.config.model import CircuitBreakerSpec
 from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, Classifier, Outcome
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic, when_ended
+from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
 CLOSED = "closed"
@@ -259,7 +259,7 @@ class CircuitBreaker:
         self._probe_successes = 0
         # Built once: a rejection allocates nothing.
         self._rejections = {s.name: Reply("UNAVAILABLE", details=s.reject_details.format(service=service),
-                                          local=True)
+                                          local=LocalReason.CIRCUIT_OPEN)
                             for s in (OPEN_STATE, HALF_OPEN_STATE, FORCED_OPEN_STATE)}
 
     # -- the call path ------------------------------------------------------------------------

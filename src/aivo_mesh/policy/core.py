@@ -8,6 +8,7 @@ recovery is tested in microseconds. `client/` adapts grpc.aio to these types.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +51,19 @@ class Call:
         return None if self.deadline is None else self.deadline - now
 
 
+class LocalReason(enum.StrEnum):
+    """Why a call ended without a server's answer: one value per cause. The client maps it to an
+    exception type (client/errors.py), telemetry to its labels; nothing matches reply text."""
+
+    CIRCUIT_OPEN = "circuit_open"  # the breaker is open (UNAVAILABLE, "Circuit breaker OPEN")
+    MAX_PENDING_REQUESTS = "max_pending_requests"  # no slot and the queue is full (RESOURCE_EXHAUSTED)
+    MAX_REQUESTS = "max_requests"  # queued for a slot until the deadline (DEADLINE_EXCEEDED)
+    DEADLINE = "deadline"  # no time left: before the call, before an attempt, or during back-off
+    NO_ENDPOINTS = "no_endpoints"  # discovery lists none, or every one is ejected or unhealthy
+    CANCELLED = "cancelled"  # the caller cancelled
+    ERROR = "error"  # the call raised on our side (a request or metadata grpc refused to send)
+
+
 @dataclass(slots=True, frozen=True)
 class Reply:
     """The final outcome of one attempt: a status name, and the value or the error behind it.
@@ -63,9 +77,9 @@ class Reply:
     error: BaseException | None = None
     details: str = ""
     trailers: tuple[tuple[str, str], ...] = ()
-    # True when the reply was made locally by a layer (breaker, limit, budget, deadline),
-    # so it never looks like a server error in metrics or outlier detection.
-    local: bool = False
+    # Set when a layer made the reply itself (breaker, limit, deadline, balancer): why. Such a reply
+    # never looks like a server error in metrics or outlier detection.
+    local: LocalReason | None = None
     # A stream: this reply says it opened ("OK", value = the stream); `ended` resolves to its final
     # reply. Layers that count outcomes or hold resources finish with `when_ended` (tower's "the
     # permit travels with the response").

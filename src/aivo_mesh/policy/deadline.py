@@ -12,7 +12,7 @@ from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic, when_ended
+from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import PolicyListener
 
 
@@ -101,8 +101,10 @@ class DeadlineLayer:
                     call.deadline = start + timeout
                     reply = await inner(call)
             except BaseException as e:
-                code = "CANCELLED" if isinstance(e, asyncio.CancelledError) else "UNKNOWN"
-                listener.call_finished(call.service, call.method, code, clock() - start, call.attempt, True)
+                cancelled = isinstance(e, asyncio.CancelledError)
+                listener.call_finished(call.service, call.method, "CANCELLED" if cancelled else "UNKNOWN",
+                                       clock() - start, call.attempt,
+                                       LocalReason.CANCELLED if cancelled else LocalReason.ERROR)
                 raise
             if reply.ended is None:
                 listener.call_finished(call.service, call.method, reply.code, clock() - start, call.attempt,
@@ -115,7 +117,7 @@ class DeadlineLayer:
         return observed
 
 
-DEADLINE_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=True)
+DEADLINE_PASSED = Reply("DEADLINE_EXCEEDED", details="deadline already passed", local=LocalReason.DEADLINE)
 
 
 # The absolute deadline (on `monotonic`) of the inbound request being served in this task, set by the

@@ -8,6 +8,10 @@ Methods are called synchronously from the call path: keep them O(1) and never ra
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aivo_mesh.policy.core import LocalReason
 
 _log = logging.getLogger(__name__)
 
@@ -16,7 +20,9 @@ class PolicyListener:
     def call_started(self, service: str, method: str) -> None: ...
 
     def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
-                      local: bool) -> None: ...
+                      local: LocalReason | None) -> None:
+        """A logical call ended (a stream: when it ended); `local` is why the client answered it itself,
+        None when a server did."""
 
     def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None: ...
 
@@ -64,7 +70,7 @@ class Listeners(PolicyListener):
                 _failed(t, "call_started")
 
     def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
-                      local: bool) -> None:
+                      local: LocalReason | None) -> None:
         for t in self.listeners:
             try:
                 t.call_finished(service, method, code, seconds, attempts, local)

@@ -22,11 +22,11 @@ from collections import deque
 from dataclasses import dataclass
 
 from aivo_mesh.config.model import LimitsSpec
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
-MAX_REQUESTS = "max_requests"
-MAX_PENDING_REQUESTS = "max_pending_requests"
+MAX_REQUESTS = str(LocalReason.MAX_REQUESTS)
+MAX_PENDING_REQUESTS = str(LocalReason.MAX_PENDING_REQUESTS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +125,10 @@ class LimitLayer:
     def wrap(self, inner: Handler) -> Handler:
         limit, clock, listener = self.limit, self.clock, self.listener
         p = limit.params
-        full = Reply("RESOURCE_EXHAUSTED", local=True, details=(
+        full = Reply("RESOURCE_EXHAUSTED", local=LocalReason.MAX_PENDING_REQUESTS, details=(
             f"{limit.service}: {p.max_requests} requests in flight and {p.max_pending_requests} waiting "
             f"(max_requests={p.max_requests}, max_pending_requests={p.max_pending_requests})"))
-        timed_out = Reply("DEADLINE_EXCEEDED", local=True, details=(
+        timed_out = Reply("DEADLINE_EXCEEDED", local=LocalReason.MAX_REQUESTS, details=(
             f"{limit.service}: deadline exceeded waiting for a request slot (max_requests={p.max_requests})"))
 
         async def handle(call: Call) -> Reply:

@@ -30,7 +30,7 @@ from aivo_mesh.config.model import RetrySpec
 from aivo_mesh.policy.backoff import STOP, Backoff, DecorrelatedJitter, FullJitter, parse_pushback
 from aivo_mesh.policy.budget import RetryBudget
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, DEFAULT_FAILURE_CODES, RETRIED, Classifier
-from aivo_mesh.policy.core import Call, Clock, Handler, Reply, monotonic
+from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
 Sleeper = Callable[[float], Awaitable[None]]
@@ -179,7 +179,7 @@ class RetryLayer:
                         await sleep(delay)
                         if call.deadline is not None and clock() >= call.deadline:
                             return Reply("DEADLINE_EXCEEDED", details="deadline exceeded during retry back-off",
-                                         local=True)
+                                         local=LocalReason.DEADLINE)
                     call.attempt += 1
                     state.reply = await inner(call)
                 finally:

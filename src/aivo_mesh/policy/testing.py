@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
+from aivo_mesh.policy.core import LocalReason
 from aivo_mesh.policy.events import PolicyListener
 
 
@@ -57,7 +58,7 @@ class RecordingListener(PolicyListener):
         self.events.append(("call_started", service, method))
 
     def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
-                      local: bool) -> None:
+                      local: LocalReason | None) -> None:
         self.events.append(("call_finished", service, method, code, seconds, attempts, local))
 
     def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:

@@ -26,15 +26,11 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import IO, Any
 
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.server.interceptors import ServerCall
 from aivo_mesh.telemetry.metrics import (
-    CIRCUIT_OPEN,
-    LOCAL_RESOURCE_EXHAUSTED,
     local_status,
-    note_call_started,
-    note_local_rejection,
 )
 
 try:
@@ -202,12 +198,9 @@ class RpcLogListener(PolicyListener):
         self.ok_level = ok_level
         self.error_level = error_level
 
-    def call_started(self, service: str, method: str) -> None:
-        note_call_started()
-
     def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
-                      local: bool) -> None:
-        status = local_status(service, method, code, local)
+                      local: LocalReason | None) -> None:
+        status = local_status(code, local)
         level = self.ok_level if status == "OK" else self.error_level
         if not self.logger.isEnabledFor(level):
             return
@@ -215,7 +208,8 @@ class RpcLogListener(PolicyListener):
         duration_ms = round(seconds * 1000.0, 3)
         self.logger.log(level, _rpc_message("client", service, method, status, duration_ms), extra={
             "event": "rpc", "trace_id": trace_id, "span_id": span_id, "side": "client", "service": service,
-            "method": method, "status": status, "local": local, "duration_ms": duration_ms,
+            "method": method, "status": status, "local": local is not None, "duration_ms": duration_ms,
+            **({"local_reason": str(local)} if local is not None else {}),
             # `attempt` as on server lines (the platform's field: the attempt that ended the call, i.e.
             # how many were made); `attempts` kept for queries written against it.
             "attempt": attempts, "attempts": attempts})
@@ -232,12 +226,6 @@ class RpcLogListener(PolicyListener):
     def breaker_state(self, service: str, old: str, new: str) -> None:
         self.logger.warning("circuit breaker %s: %s -> %s", service, old.upper(), new.upper(), extra={
             "event": "breaker_state", "service": service, "old": old, "new": new})
-
-    def breaker_rejected(self, service: str, method: str) -> None:
-        note_local_rejection(service, method, CIRCUIT_OPEN)
-
-    def limit_rejected(self, service: str, method: str, limit: str) -> None:
-        note_local_rejection(service, method, LOCAL_RESOURCE_EXHAUSTED)
 
     def endpoint_ejected(self, service: str, endpoint: str, seconds: float) -> None:
         self.logger.warning("endpoint %s of %s ejected for %gs", endpoint, service, seconds, extra={

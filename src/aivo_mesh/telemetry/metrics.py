@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from contextvars import ContextVar
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -43,7 +42,7 @@ from prometheus_client.metrics_core import Metric
 
 from aivo_mesh.pki.peer import Rule
 from aivo_mesh.policy.breaker import STATE_GAUGE
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.runtime.handshakes import REASONS as TLS_REFUSAL_REASONS
 from aivo_mesh.server.interceptors import ServerCall
@@ -69,12 +68,12 @@ DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2
 BREAKER_STATES: dict[str, int] = STATE_GAUGE
 
 # Reasons of grpc_local_rejections_total for limit_rejected(limit=...); anything else is "other".
-LIMIT_REASONS = frozenset({"max_requests", "max_pending_requests", "max_connections", "max_retries"})
+LIMIT_REASONS = frozenset({str(LocalReason.MAX_REQUESTS), str(LocalReason.MAX_PENDING_REQUESTS), "max_connections",
+                           "max_retries"})
 
-# Status label values of calls answered locally by a layer, per rejection event.
+# The status label of a call the breaker refused: not LOCAL_UNAVAILABLE, so it never looks like a
+# connection failure.
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
-LOCAL_RESOURCE_EXHAUSTED = "LOCAL_RESOURCE_EXHAUSTED"
-_NOTED_CODE = {CIRCUIT_OPEN: "UNAVAILABLE", LOCAL_RESOURCE_EXHAUSTED: "RESOURCE_EXHAUSTED"}
 
 SIDES = ("client", "server")
 _RULES = frozenset(str(r) for r in Rule)  # a bounded label set, whatever a caller passes
@@ -100,40 +99,17 @@ def status_label(code: str) -> str:
     return code if _STATUS_RE.match(code) else "UNKNOWN"
 
 
-# The last local rejection reported in this task's context: (service, method, status). A layer
-# reports breaker_rejected / limit_rejected in the same task just before the call finishes, so
-# call_finished(local=True) can tell CIRCUIT_OPEN from another local UNAVAILABLE. Every listener
-# notes and reads it (fan-out order does not matter); call_started clears it. Unary calls run in
-# the caller's own task, so the value stays set in the caller's context after a refused call:
-# harmless, since the next call_started clears it.
-_local_rejection: ContextVar[tuple[str, str, str] | None] = ContextVar("aivo_mesh_local_rejection",
-                                                                       default=None)
-
-
-def note_call_started() -> None:
-    if _local_rejection.get() is not None:
-        _local_rejection.set(None)
-
-
-def note_local_rejection(service: str, method: str, status: str) -> None:
-    _local_rejection.set((service, method, status))
-
-
-def local_status(service: str, method: str, code: str, local: bool) -> str:
-    """The status label of a finished call: the code name, or for a locally made reply the value
-    of the rejection reported for this call (`CIRCUIT_OPEN`, `LOCAL_RESOURCE_EXHAUSTED`), else
-    `LOCAL_<code>` (a client-side deadline is `LOCAL_DEADLINE_EXCEEDED`)."""
+def local_status(code: str, local: LocalReason | None) -> str:
+    """The status label of a finished call: its code name; for a call the client answered itself,
+    `CIRCUIT_OPEN` when the breaker refused it, else `LOCAL_<code>` (`LOCAL_RESOURCE_EXHAUSTED` for a
+    full queue, `LOCAL_DEADLINE_EXCEEDED` for a client-side deadline, `LOCAL_UNAVAILABLE` for no
+    endpoints), so it never looks like a server's answer."""
     code = status_label(code)
-    if not local:
+    if local is None:
         return code
-    noted = _local_rejection.get()
-    # The note names the reply only if the codes agree: a call that waited for a concurrency slot
-    # and then ran out of time was noted by the limit, but its reply is DEADLINE_EXCEEDED.
-    if noted is not None and noted[0] == service and noted[1] == method and _NOTED_CODE[noted[2]] == code:
-        return noted[2]
-    if code.startswith("LOCAL_") or code == CIRCUIT_OPEN:
-        return code
-    return "LOCAL_" + code
+    if local is LocalReason.CIRCUIT_OPEN:
+        return CIRCUIT_OPEN
+    return code if code.startswith("LOCAL_") else f"LOCAL_{code}"
 
 
 class _Expiring(Protocol):
@@ -295,12 +271,9 @@ class MetricsListener(PolicyListener):
     def __init__(self, metrics: MeshMetrics) -> None:
         self.metrics = metrics
 
-    def call_started(self, service: str, method: str) -> None:
-        note_call_started()
-
     def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
-                      local: bool) -> None:
-        self.metrics.observe_call("client", service, method, local_status(service, method, code, local), seconds)
+                      local: LocalReason | None) -> None:
+        self.metrics.observe_call("client", service, method, local_status(code, local), seconds)
 
     def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:
         self.metrics.observe_retry(service, method)
@@ -315,11 +288,9 @@ class MetricsListener(PolicyListener):
         self.metrics.observe_breaker_failure(service)
 
     def breaker_rejected(self, service: str, method: str) -> None:
-        note_local_rejection(service, method, CIRCUIT_OPEN)
-        self.metrics.observe_local_rejection(service, "circuit_open")
+        self.metrics.observe_local_rejection(service, LocalReason.CIRCUIT_OPEN)
 
     def limit_rejected(self, service: str, method: str, limit: str) -> None:
-        note_local_rejection(service, method, LOCAL_RESOURCE_EXHAUSTED)
         self.metrics.observe_local_rejection(service, limit if limit in LIMIT_REASONS else "other")
 
     def endpoint_ejected(self, service: str, endpoint: str, seconds: float) -> None:

@@ -36,18 +36,14 @@ from typing import Any
 
 from aivo_mesh.config.model import StatsdSpec
 from aivo_mesh.errors import MeshError
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.server.interceptors import ServerCall
 from aivo_mesh.telemetry.metrics import (
     BREAKER_STATES,
-    CIRCUIT_OPEN,
     LIMIT_REASONS,
-    LOCAL_RESOURCE_EXHAUSTED,
     local_status,
     method_label,
-    note_call_started,
-    note_local_rejection,
     status_label,
 )
 
@@ -181,12 +177,9 @@ class StatsdListener(PolicyListener):
         self.client = client
         self._ejected: dict[str, set[str]] = {}
 
-    def call_started(self, service: str, method: str) -> None:
-        note_call_started()
-
     def call_finished(self, service: str, method: str, code: str, seconds: float, attempts: int,
-                      local: bool) -> None:
-        status = local_status(service, method, code, local)
+                      local: LocalReason | None) -> None:
+        status = local_status(code, local)
         self.client.send(_call_lines(self.client, "client", service, method, status, seconds))
 
     def retry(self, service: str, method: str, attempt: int, code: str, delay: float) -> None:
@@ -206,11 +199,9 @@ class StatsdListener(PolicyListener):
         self.client.send([self.client.counter("circuit_breaker", "failures", segment(service))])
 
     def breaker_rejected(self, service: str, method: str) -> None:
-        note_local_rejection(service, method, CIRCUIT_OPEN)
         self.client.send([self.client.counter("grpc", "local_rejections", segment(service), "circuit_open")])
 
     def limit_rejected(self, service: str, method: str, limit: str) -> None:
-        note_local_rejection(service, method, LOCAL_RESOURCE_EXHAUSTED)
         reason = limit if limit in LIMIT_REASONS else "other"
         self.client.send([self.client.counter("grpc", "local_rejections", segment(service), reason)])
 

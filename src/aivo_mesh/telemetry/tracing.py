@@ -50,7 +50,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from opentelemetry.util.types import AttributeValue
 
 from aivo_mesh.config.model import GRPC_STATUS_NAMES, TracingSpec
-from aivo_mesh.policy.core import Call, Handler, Reply
+from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply
 from aivo_mesh.telemetry.logs import current_trace_ids  # re-exported: one definition, in logs
 
 if TYPE_CHECKING:  # the server adapter imports grpc; this module must not
@@ -251,20 +251,22 @@ class ClientTracingLayer:
                 _finish_client(span, call, reply.code, reply.details, reply.local)
             else:  # a stream's span lasts until it ends
                 reply.ended.add_done_callback(
-                    lambda done: _finish_client(span, call, done.result().code, done.result().details))
+                    lambda done: _finish_client(span, call, done.result().code, done.result().details,
+                                                done.result().local))
             return reply
 
         return handle
 
 
-def _finish_client(span: trace.Span, call: Call, code: str, details: str, local: bool = False) -> None:
+def _finish_client(span: trace.Span, call: Call, code: str, details: str, local: LocalReason | None = None) -> None:
     if span.is_recording():
         if call.attempt > 1:
             span.set_attribute("aivo.attempts", call.attempt)
             for n in range(2, call.attempt + 1):
                 span.add_event("retry", {"aivo.attempt": n})
-        if local:
+        if local is not None:
             span.set_attribute("aivo.local", True)
+            span.set_attribute("aivo.local_reason", str(local))
         _set_outcome(span, code, details)
     span.end()
 
