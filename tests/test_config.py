@@ -29,6 +29,7 @@ from aivo_mesh.config import (
 )
 from aivo_mesh.config.resolve import merge, per_try_not_applied
 from aivo_mesh.errors import ConfigError
+from aivo_mesh.render import TARGETS, render_target
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"
@@ -376,6 +377,24 @@ BAD_INPUTS = [
     _case("control character", _edit("  namespace: default\n", "  namespace: def\x00ault\n"),
           "", "not valid YAML", "def\x00ault"),
     _case("empty file", "", "", "the file is empty"),
+    # Accepted once, then a traceback from `meshctl render consul` (Consul's Meta rules).
+    _case("metadata key with a space", _edit("metadata: {team: identity}", "metadata: {team: identity, a b: x}"),
+          "services[0].metadata.a b", "a Consul Meta key", "metadata: {team: identity, a b"),
+    _case("metadata key not ASCII", _edit("metadata: {team: identity}", "metadata: {équipe: identity}"),
+          "services[0].metadata.équipe", "ASCII letters", "équipe"),
+    _case("metadata key consul-", _edit("metadata: {team: identity}", "metadata: {consul-x: identity}"),
+          "services[0].metadata.consul-x", "not starting with 'consul-'", "consul-x"),
+    _case("metadata value too long", _edit("metadata: {team: identity}", f"metadata: {{team: {'x' * 513}}}"),
+          "services[0].metadata.team", "at most 512 characters", "metadata: {team: xxx"),
+    _case("metadata too many keys",
+          _edit("metadata: {team: identity}", "metadata: {" + ", ".join(f"k{n}: v" for n in range(64)) + "}"),
+          "services[0].metadata", "at most 63 keys", "metadata: {k0"),
+    _case("version too long", _edit("version: 1.0.0\n    grpc_service: aivo.auth", f"version: 1.0.{'1' * 600}\n"
+                                    "    grpc_service: aivo.auth"),
+          "services[0].version", "at most 63 letters", "version: 1.0.111"),
+    _case("version with a space", _edit("version: 1.0.0\n    grpc_service: aivo.auth", "version: 1.0 beta\n"
+                                        "    grpc_service: aivo.auth"),
+          "services[0].version", "Kubernetes label value", "version: 1.0 beta"),
     _case("only a comment", "# nothing here\n", "", "the file is empty"),
 ]
 
@@ -504,6 +523,9 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 MESH_PATHS = _paths(MESH_DATA)[1:]
+# Every fuzzer prints `@reproduce_failure(...)` with its falsifying example, so a CI failure replays
+# exactly (or run pytest with --hypothesis-seed=N to repeat a whole run).
+_FUZZ = settings(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 _text = st.text(st.characters(codec="utf-8"), max_size=20)
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.just(10**400), st.floats(), _text,
@@ -541,11 +563,13 @@ def _expect_config_error_or_mesh(text: str) -> None:
         from aivo_mesh.cli.config_cmd import effective_mesh
 
         json.dumps(effective_mesh(result))  # a valid mesh resolves and prints (every duration formats)
+        for target in TARGETS:  # and every renderer is total on it: no traceback from `meshctl render`
+            render_target(target, result)
 
 
 @given(path=st.sampled_from(MESH_PATHS), op=st.sampled_from(["delete", "replace", "insert", "swap"]),
        value=_values, key=_text)
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_data_mutations(path: tuple[Any, ...], op: str, value: Any, key: str) -> None:
     data = copy.deepcopy(MESH_DATA)
     parent, last = _get(data, path[:-1]), path[-1]
@@ -578,22 +602,57 @@ def test_duration_leaves_found() -> None:
 
 
 @given(path=st.sampled_from(_DURATION_LEAVES + _LEAVES), value=st.sampled_from(_EDGE_SCALARS))
-@settings(max_examples=200, deadline=None)
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_edge_values_at_leaves(path: tuple[Any, ...], value: Any) -> None:
     data = copy.deepcopy(MESH_DATA)
     _get(data, path[:-1])[path[-1]] = value
     _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
+# Values of the right type and shape, so that most meshes are accepted and reach the renderers: the
+# edge cases that pass the loader (a 1ms route timeout, a metadata key with a space) crashed renderers.
+_DURATION_VALUES = st.one_of(
+    st.integers(0, 100_000).map(lambda n: f"{n}ms"), st.integers(0, 10**6).map(lambda n: f"{n}s"),
+    st.floats(0, 1e6, allow_nan=False), st.sampled_from(["1ms", "4ms", "5ms", "7ms", "0.5ms", "12.5s", "8760h"]),
+)
+_STRINGS = st.one_of(_text, st.text(st.characters(codec="ascii"), max_size=600),
+                     st.sampled_from(["v2", "1.0.0-rc.1", "a b", "é", "consul-x", "x" * 513, "-", "."]))
+_STRING_LEAVES = [p for p in _LEAVES if isinstance(_get(MESH_DATA, p), str) and p not in _DURATION_LEAVES]
+_INT_LEAVES = [p for p in _LEAVES if type(_get(MESH_DATA, p)) is int]
+_SERVICE = st.integers(0, len(MESH_DATA["services"]) - 1)
+_mutation = st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(_DURATION_LEAVES), _DURATION_VALUES),
+    st.tuples(st.just("set"), st.sampled_from(_STRING_LEAVES), _STRINGS),
+    st.tuples(st.just("set"), st.sampled_from(_INT_LEAVES), st.integers(-1, 70_000)),
+    st.tuples(st.just("set"), _SERVICE.map(lambda i: ("services", i, "timeout")), _DURATION_VALUES),
+    st.tuples(st.just("metadata"), _SERVICE, st.dictionaries(_STRINGS, _STRINGS, max_size=3)),
+    st.tuples(st.just("set"), _SERVICE.map(lambda i: ("services", i, "tags")), st.lists(_STRINGS, max_size=3)),
+    st.tuples(st.just("set"), _SERVICE.map(lambda i: ("services", i, "canary")),
+              st.dictionaries(_STRINGS, st.integers(0, 100), max_size=3)),
+)
+
+
+@given(mutations=st.lists(_mutation, min_size=1, max_size=4))
+@settings(_FUZZ, max_examples=300)
+def test_fuzz_typed_values_reach_every_renderer(mutations: list[tuple[Any, ...]]) -> None:
+    data = copy.deepcopy(MESH_DATA)
+    for op, where, value in mutations:
+        if op == "metadata":
+            data["services"][where].setdefault("metadata", {}).update(value)
+        else:
+            _get(data, where[:-1])[where[-1]] = value
+    _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
 @given(offset=st.integers(0, len(MESH_TEXT)), junk=_text)
-@settings(max_examples=200, deadline=None)
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_text_truncation_and_insertion(offset: int, junk: str) -> None:
     _expect_config_error_or_mesh(MESH_TEXT[:offset])
     _expect_config_error_or_mesh(MESH_TEXT[:offset] + junk + MESH_TEXT[offset:])
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=200, deadline=None)
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_random_bytes(raw: bytes) -> None:
     _expect_config_error_or_mesh(raw.decode("utf-8", errors="replace"))
     _expect_config_error_or_mesh(raw.decode("latin-1"))

@@ -96,6 +96,14 @@ Percent = Annotated[StrictNumber, Field(ge=0, le=100)]
 POD_SCOPE = "pod_scope"
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
+# A service's version is a Kubernetes label value (`version` on its pods and canary selectors), the
+# SERVICE_VERSION of its container and a Consul Meta value: the label rule is the strictest of the three.
+SERVICE_VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# `metadata` becomes Consul service Meta, with `version` added (render/consul.py, consul_register):
+# Consul refuses the registration otherwise (agent/structs: validateMetaPair).
+CONSUL_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+CONSUL_META_VALUE_MAX = 512
+CONSUL_META_PAIRS_MAX = 64
 # A gRPC method pattern: "/pkg.Service/Method", "/pkg.Service/" (prefix) or "pkg.Service" (whole service).
 METHOD_PATTERN = re.compile(r"^/?[A-Za-z_][\w.]*(/(\w+)?)?$")
 
@@ -349,6 +357,15 @@ class ServiceSpec(_Strict):
             raise ValueError("expected a DNS label: lower-case letters, digits and '-', e.g. auth-svc")
         return v
 
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not SERVICE_VERSION.match(v):
+            raise ValueError(f"expected a version such as 1.2.0 or v2 (at most 63 letters, digits, '.', '_' "
+                             f"and '-', starting and ending with a letter or digit: a Kubernetes label "
+                             f"value), got {v if len(v) <= 60 else v[:57] + '...'!r}")
+        return v
+
     @field_validator("endpoints")
     @classmethod
     def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
@@ -571,6 +588,7 @@ class MeshSpec(_Strict):
                     problems.append(_PathError(path, f"port {port} is already used by {used_ports[port]}"))
                     continue
                 used_ports[port] = f"services[{i}].{field}"
+            problems += _consul_meta_problems(i, svc)
             if svc.canary and sum(svc.canary.values()) != 100:
                 problems.append(_PathError(("services", i, "canary"), "canary weights must add up to 100"))
         for identity in self.certificates.pins:
@@ -629,6 +647,25 @@ class MeshSpec(_Strict):
 
     def spiffe_id(self, name: str) -> str:
         return f"spiffe://{self.mesh.trust_domain}/ns/{self.mesh.namespace}/sa/{name}"
+
+
+def _consul_meta_problems(i: int, svc: ServiceSpec) -> list[_PathError]:
+    """`metadata` against Consul's Meta rules, each problem at its own key."""
+    problems = []
+    if len({"version", *svc.metadata}) > CONSUL_META_PAIRS_MAX:
+        problems.append(_PathError(("services", i, "metadata"),
+                                   f"expected at most {CONSUL_META_PAIRS_MAX - 1} keys (Consul allows "
+                                   f"{CONSUL_META_PAIRS_MAX} Meta pairs, one is `version`), got {len(svc.metadata)}"))
+    for key, value in svc.metadata.items():
+        if not CONSUL_META_KEY.match(key) or key.startswith("consul-"):
+            problems.append(_PathError(("services", i, "metadata", key),
+                                       f"expected a key of at most 128 ASCII letters, digits, '_' and '-', not "
+                                       f"starting with 'consul-' (a Consul Meta key), got {key[:60]!r}"))
+        if len(value) > CONSUL_META_VALUE_MAX:
+            problems.append(_PathError(("services", i, "metadata", key),
+                                       f"expected at most {CONSUL_META_VALUE_MAX} characters (a Consul Meta "
+                                       f"value), got {len(value)}"))
+    return problems
 
 
 class _PathError(ValueError):
