@@ -919,6 +919,68 @@ def test_apply_env_errors(mesh: MeshSpec, env: EnvSettings, var: str, fragment: 
     assert any(i.yaml_path == var and fragment in i.message for i in info.value.issues), str(info.value)
 
 
+# The standard OpenTelemetry variables, next to JAEGER_HOST.
+
+@pytest.mark.parametrize(("value", "endpoint"), [
+    ("http://otel-collector:4317", "http://otel-collector:4317"),
+    ("https://otel.example.com", "https://otel.example.com:4317"),
+    ("HTTP://Collector.observability.svc:14317/", "http://Collector.observability.svc:14317"),
+    ("http://collector:4317/v1/traces", "http://collector:4317"),  # OTLP/gRPC does not use a path
+    ("http://[::1]:4317", "http://[::1]:4317"),
+])
+def test_otel_exporter_otlp_endpoint(value: str, endpoint: str) -> None:
+    assert EnvSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": value}).tracing_endpoint == endpoint
+
+
+@pytest.mark.parametrize(("env", "var", "fragment"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT",
+     "expected an OTLP/gRPC endpoint URL such as http://otel-collector:4317"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint URL"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint URL"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, "OTEL_EXPORTER_OTLP_ENDPOINT", "expected a non-empty value"),
+    ({"OTEL_SERVICE_NAME": " "}, "OTEL_SERVICE_NAME", "expected a non-empty value"),
+    ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER",
+     "expected one of parentbased_traceidratio, parentbased_always_on"),
+    ({"OTEL_TRACES_SAMPLER_ARG": "half"}, "OTEL_TRACES_SAMPLER_ARG", "expected a sampling ratio from 0 to 1"),
+    ({"OTEL_TRACES_SAMPLER_ARG": "1.5"}, "OTEL_TRACES_SAMPLER_ARG", "expected a sampling ratio"),
+    ({"OTEL_TRACES_SAMPLER_ARG": "nan"}, "OTEL_TRACES_SAMPLER_ARG", "expected a sampling ratio"),
+])
+def test_otel_variables_invalid(env: dict[str, str], var: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        EnvSettings.from_environ(env)
+    assert [i.yaml_path for i in info.value.issues] == [var]
+    assert fragment in info.value.issues[0].message
+
+
+def test_apply_env_honours_the_otel_variables(mesh: MeshSpec) -> None:
+    env = EnvSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel.example.com:4317",
+                                    "OTEL_SERVICE_NAME": "auth", "OTEL_TRACES_SAMPLER": "TraceIdRatio",
+                                    "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    tracing = apply_env(mesh, env).observability.tracing
+    assert (tracing.enabled, tracing.otlp_endpoint, tracing.sampler, tracing.sample_ratio) == (
+        True, "https://otel.example.com:4317", "traceidratio", 0.25)
+    assert env.otel_service_name == "auth"  # a process's span name, not a key of mesh.yaml
+    # The sampler alone does not turn tracing on: the endpoint (or mesh.yaml) does.
+    only = apply_env(mesh, EnvSettings.from_environ({"OTEL_TRACES_SAMPLER": "always_off"})).observability.tracing
+    assert (only.enabled, only.sampler, only.sample_ratio) == (False, "always_off", 1.0)
+    # JAEGER_HOST naming the same endpoint agrees; a different one is a located error.
+    same = EnvSettings.from_environ({"JAEGER_HOST": "jaeger", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4317"})
+    assert apply_env(mesh, same).observability.tracing.otlp_endpoint == "http://jaeger:4317"
+    with pytest.raises(ConfigError) as info:
+        apply_env(mesh, EnvSettings.from_environ({"JAEGER_HOST": "jaeger",
+                                                  "OTEL_EXPORTER_OTLP_ENDPOINT": "http://tempo:4317"}))
+    assert str(info.value) == ("environment: OTEL_EXPORTER_OTLP_ENDPOINT: JAEGER_HOST is set too and means "
+                               "http://jaeger:4317, not http://tempo:4317: unset one of them")
+
+
+def test_the_samplers_of_the_model_are_the_env_checks() -> None:
+    from typing import get_args
+
+    from aivo_mesh.config.model import TRACES_SAMPLERS, TracingSpec
+
+    assert set(get_args(TracingSpec.model_fields["sampler"].annotation)) == set(TRACES_SAMPLERS)
+
+
 def test_docs_example_is_valid() -> None:
     doc = (ROOT / "docs" / "config.md").read_text(encoding="utf-8")
     example = doc.split("## A short example", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]

@@ -403,10 +403,18 @@ class ServiceSpec(_Strict):
         return v
 
 
+# OpenTelemetry's standard samplers (OTEL_TRACES_SAMPLER values). `parentbased_*` follow the caller's
+# decision when the call carries a traceparent; the ratio ones sample `sample_ratio` of new traces.
+TRACES_SAMPLERS: tuple[str, ...] = ("parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off",
+                                    "traceidratio", "always_on", "always_off")
+
+
 class TracingSpec(_Strict):
     enabled: StrictBool = False
     otlp_endpoint: str = "http://127.0.0.1:4317"
     sample_ratio: Annotated[StrictNumber, Field(ge=0.0, le=1.0)] = 1.0
+    sampler: Literal["parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off",
+                     "traceidratio", "always_on", "always_off"] = "parentbased_traceidratio"
 
 
 class MetricsSpec(_Strict):
