@@ -648,7 +648,10 @@ def test_fuzz_typed_values_reach_every_renderer(mutations: list[tuple[Any, ...]]
         if op == "metadata":
             data["services"][where].setdefault("metadata", {}).update(value)
         else:
-            _get(data, where[:-1])[where[-1]] = value
+            try:
+                _get(data, where[:-1])[where[-1]] = value
+            except (KeyError, IndexError, TypeError):  # an earlier mutation replaced what held it
+                continue
     _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
