@@ -14,6 +14,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_schema import schema_errors
 
 from aivo_mesh.config import (
     EnvSettings,
@@ -29,6 +30,7 @@ from aivo_mesh.config import (
 )
 from aivo_mesh.config.resolve import merge, per_try_not_applied
 from aivo_mesh.errors import ConfigError
+from aivo_mesh.render import TARGETS, render_target
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"
@@ -378,6 +380,29 @@ BAD_INPUTS = [
     _case("control character", _edit("  namespace: default\n", "  namespace: def\x00ault\n"),
           "", "not valid YAML", "def\x00ault"),
     _case("empty file", "", "", "the file is empty"),
+    # Accepted once, then a traceback from `meshctl render consul` (Consul's Meta rules).
+    # The schema's patterns are ECMAScript's: ASCII digits, `$` at the very end. So are the loader's.
+    _case("name with a trailing newline", _edit("  - name: auth-svc\n", '  - name: "auth-svc\\n"\n'),
+          "services[0].name", "expected a DNS label", "name: \"auth-svc"),
+    _case("duration in non-ASCII digits", _edit("    timeout: 5s\n    routes:", "    timeout: \u0665s\n    routes:"),
+          "services[0].timeout", "expected a duration", "timeout: \u0665s"),
+    _case("metadata key with a space", _edit("metadata: {team: identity}", "metadata: {team: identity, a b: x}"),
+          "services[0].metadata.a b", "a Consul Meta key", "metadata: {team: identity, a b"),
+    _case("metadata key not ASCII", _edit("metadata: {team: identity}", "metadata: {équipe: identity}"),
+          "services[0].metadata.équipe", "ASCII letters", "équipe"),
+    _case("metadata key consul-", _edit("metadata: {team: identity}", "metadata: {consul-x: identity}"),
+          "services[0].metadata.consul-x", "not starting with 'consul-'", "consul-x"),
+    _case("metadata value too long", _edit("metadata: {team: identity}", f"metadata: {{team: {'x' * 513}}}"),
+          "services[0].metadata.team", "at most 512 characters", "metadata: {team: xxx"),
+    _case("metadata too many keys",
+          _edit("metadata: {team: identity}", "metadata: {" + ", ".join(f"k{n}: v" for n in range(64)) + "}"),
+          "services[0].metadata", "at most 63 keys", "metadata: {k0"),
+    _case("version too long", _edit("version: 1.0.0\n    grpc_service: aivo.auth", f"version: 1.0.{'1' * 600}\n"
+                                    "    grpc_service: aivo.auth"),
+          "services[0].version", "at most 63 letters", "version: 1.0.111"),
+    _case("version with a space", _edit("version: 1.0.0\n    grpc_service: aivo.auth", "version: 1.0 beta\n"
+                                        "    grpc_service: aivo.auth"),
+          "services[0].version", "Kubernetes label value", "version: 1.0 beta"),
     _case("only a comment", "# nothing here\n", "", "the file is empty"),
 ]
 
@@ -506,6 +531,9 @@ def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 
 
 MESH_PATHS = _paths(MESH_DATA)[1:]
+# Every fuzzer prints `@reproduce_failure(...)` with its falsifying example, so a CI failure replays
+# exactly (or run pytest with --hypothesis-seed=N to repeat a whole run).
+_FUZZ = settings(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 _text = st.text(st.characters(codec="utf-8"), max_size=20)
 _scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(10**30), 10**30), st.just(10**400), st.floats(), _text,
@@ -543,11 +571,15 @@ def _expect_config_error_or_mesh(text: str) -> None:
         from aivo_mesh.cli.config_cmd import effective_mesh
 
         json.dumps(effective_mesh(result))  # a valid mesh resolves and prints (every duration formats)
+        for target in TARGETS:  # and every renderer is total on it: no traceback from `meshctl render`
+            render_target(target, result)
+        # mesh.schema.json is never stricter than the loader: an editor flags nothing config validate accepts.
+        assert schema_errors(yaml.safe_load(text)) == []
 
 
 @given(path=st.sampled_from(MESH_PATHS), op=st.sampled_from(["delete", "replace", "insert", "swap"]),
        value=_values, key=_text)
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_data_mutations(path: tuple[Any, ...], op: str, value: Any, key: str) -> None:
     data = copy.deepcopy(MESH_DATA)
     parent, last = _get(data, path[:-1]), path[-1]
@@ -580,22 +612,60 @@ def test_duration_leaves_found() -> None:
 
 
 @given(path=st.sampled_from(_DURATION_LEAVES + _LEAVES), value=st.sampled_from(_EDGE_SCALARS))
-@settings(max_examples=200, deadline=None)
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_edge_values_at_leaves(path: tuple[Any, ...], value: Any) -> None:
     data = copy.deepcopy(MESH_DATA)
     _get(data, path[:-1])[path[-1]] = value
     _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
+# Values of the right type and shape, so that most meshes are accepted and reach the renderers: the
+# edge cases that pass the loader (a 1ms route timeout, a metadata key with a space) crashed renderers.
+_DURATION_VALUES = st.one_of(
+    st.integers(0, 100_000).map(lambda n: f"{n}ms"), st.integers(0, 10**6).map(lambda n: f"{n}s"),
+    st.floats(0, 1e6, allow_nan=False), st.sampled_from(["1ms", "4ms", "5ms", "7ms", "0.5ms", "12.5s", "8760h"]),
+)
+_STRINGS = st.one_of(_text, st.text(st.characters(codec="ascii"), max_size=600),
+                     st.sampled_from(["v2", "1.0.0-rc.1", "a b", "é", "consul-x", "x" * 513, "-", "."]))
+_STRING_LEAVES = [p for p in _LEAVES if isinstance(_get(MESH_DATA, p), str) and p not in _DURATION_LEAVES]
+_INT_LEAVES = [p for p in _LEAVES if type(_get(MESH_DATA, p)) is int]
+_SERVICE = st.integers(0, len(MESH_DATA["services"]) - 1)
+_mutation = st.one_of(
+    st.tuples(st.just("set"), st.sampled_from(_DURATION_LEAVES), _DURATION_VALUES),
+    st.tuples(st.just("set"), st.sampled_from(_STRING_LEAVES), _STRINGS),
+    st.tuples(st.just("set"), st.sampled_from(_INT_LEAVES), st.integers(-1, 70_000)),
+    st.tuples(st.just("set"), _SERVICE.map(lambda i: ("services", i, "timeout")), _DURATION_VALUES),
+    st.tuples(st.just("metadata"), _SERVICE, st.dictionaries(_STRINGS, _STRINGS, max_size=3)),
+    st.tuples(st.just("set"), _SERVICE.map(lambda i: ("services", i, "tags")), st.lists(_STRINGS, max_size=3)),
+    st.tuples(st.just("set"), _SERVICE.map(lambda i: ("services", i, "canary")),
+              st.dictionaries(_STRINGS, st.integers(0, 100), max_size=3)),
+)
+
+
+@given(mutations=st.lists(_mutation, min_size=1, max_size=4))
+@settings(_FUZZ, max_examples=200)
+def test_fuzz_typed_values_reach_every_renderer(mutations: list[tuple[Any, ...]]) -> None:
+    data = copy.deepcopy(MESH_DATA)
+    for op, where, value in mutations:
+        if op == "metadata":
+            data["services"][where].setdefault("metadata", {}).update(value)
+        else:
+            try:
+                _get(data, where[:-1])[where[-1]] = value
+            except (KeyError, IndexError, TypeError):  # an earlier mutation replaced what held it
+                continue
+    _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
+
+
 @given(offset=st.integers(0, len(MESH_TEXT)), junk=_text)
-@settings(max_examples=200, deadline=None)
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_text_truncation_and_insertion(offset: int, junk: str) -> None:
     _expect_config_error_or_mesh(MESH_TEXT[:offset])
     _expect_config_error_or_mesh(MESH_TEXT[:offset] + junk + MESH_TEXT[offset:])
 
 
 @given(st.binary(max_size=200))
-@settings(max_examples=200, deadline=None)
+@settings(_FUZZ, max_examples=200)
 def test_fuzz_random_bytes(raw: bytes) -> None:
     _expect_config_error_or_mesh(raw.decode("utf-8", errors="replace"))
     _expect_config_error_or_mesh(raw.decode("latin-1"))
@@ -852,6 +922,68 @@ def test_apply_env_errors(mesh: MeshSpec, env: EnvSettings, var: str, fragment: 
         apply_env(mesh, env)
     assert info.value.file == "environment"
     assert any(i.yaml_path == var and fragment in i.message for i in info.value.issues), str(info.value)
+
+
+# The standard OpenTelemetry variables, next to JAEGER_HOST.
+
+@pytest.mark.parametrize(("value", "endpoint"), [
+    ("http://otel-collector:4317", "http://otel-collector:4317"),
+    ("https://otel.example.com", "https://otel.example.com:4317"),
+    ("HTTP://Collector.observability.svc:14317/", "http://Collector.observability.svc:14317"),
+    ("http://collector:4317/v1/traces", "http://collector:4317"),  # OTLP/gRPC does not use a path
+    ("http://[::1]:4317", "http://[::1]:4317"),
+])
+def test_otel_exporter_otlp_endpoint(value: str, endpoint: str) -> None:
+    assert EnvSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": value}).tracing_endpoint == endpoint
+
+
+@pytest.mark.parametrize(("env", "var", "fragment"), [
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT",
+     "expected an OTLP/gRPC endpoint URL such as http://otel-collector:4317"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"}, "OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint URL"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:99999"}, "OTEL_EXPORTER_OTLP_ENDPOINT", "endpoint URL"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": ""}, "OTEL_EXPORTER_OTLP_ENDPOINT", "expected a non-empty value"),
+    ({"OTEL_SERVICE_NAME": " "}, "OTEL_SERVICE_NAME", "expected a non-empty value"),
+    ({"OTEL_TRACES_SAMPLER": "jaeger_remote"}, "OTEL_TRACES_SAMPLER",
+     "expected one of parentbased_traceidratio, parentbased_always_on"),
+    ({"OTEL_TRACES_SAMPLER_ARG": "half"}, "OTEL_TRACES_SAMPLER_ARG", "expected a sampling ratio from 0 to 1"),
+    ({"OTEL_TRACES_SAMPLER_ARG": "1.5"}, "OTEL_TRACES_SAMPLER_ARG", "expected a sampling ratio"),
+    ({"OTEL_TRACES_SAMPLER_ARG": "nan"}, "OTEL_TRACES_SAMPLER_ARG", "expected a sampling ratio"),
+])
+def test_otel_variables_invalid(env: dict[str, str], var: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        EnvSettings.from_environ(env)
+    assert [i.yaml_path for i in info.value.issues] == [var]
+    assert fragment in info.value.issues[0].message
+
+
+def test_apply_env_honours_the_otel_variables(mesh: MeshSpec) -> None:
+    env = EnvSettings.from_environ({"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otel.example.com:4317",
+                                    "OTEL_SERVICE_NAME": "auth", "OTEL_TRACES_SAMPLER": "TraceIdRatio",
+                                    "OTEL_TRACES_SAMPLER_ARG": "0.25"})
+    tracing = apply_env(mesh, env).observability.tracing
+    assert (tracing.enabled, tracing.otlp_endpoint, tracing.sampler, tracing.sample_ratio) == (
+        True, "https://otel.example.com:4317", "traceidratio", 0.25)
+    assert env.otel_service_name == "auth"  # a process's span name, not a key of mesh.yaml
+    # The sampler alone does not turn tracing on: the endpoint (or mesh.yaml) does.
+    only = apply_env(mesh, EnvSettings.from_environ({"OTEL_TRACES_SAMPLER": "always_off"})).observability.tracing
+    assert (only.enabled, only.sampler, only.sample_ratio) == (False, "always_off", 1.0)
+    # JAEGER_HOST naming the same endpoint agrees; a different one is a located error.
+    same = EnvSettings.from_environ({"JAEGER_HOST": "jaeger", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://jaeger:4317"})
+    assert apply_env(mesh, same).observability.tracing.otlp_endpoint == "http://jaeger:4317"
+    with pytest.raises(ConfigError) as info:
+        apply_env(mesh, EnvSettings.from_environ({"JAEGER_HOST": "jaeger",
+                                                  "OTEL_EXPORTER_OTLP_ENDPOINT": "http://tempo:4317"}))
+    assert str(info.value) == ("environment: OTEL_EXPORTER_OTLP_ENDPOINT: JAEGER_HOST is set too and means "
+                               "http://jaeger:4317, not http://tempo:4317: unset one of them")
+
+
+def test_the_samplers_of_the_model_are_the_env_checks() -> None:
+    from typing import get_args
+
+    from aivo_mesh.config.model import TRACES_SAMPLERS, TracingSpec
+
+    assert set(get_args(TracingSpec.model_fields["sampler"].annotation)) == set(TRACES_SAMPLERS)
 
 
 def test_docs_example_is_valid() -> None:

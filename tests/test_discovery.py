@@ -45,6 +45,7 @@ from aivo_mesh.discovery import (
 )
 from aivo_mesh.discovery._util import TokenBucket, backoff_delay
 from aivo_mesh.discovery.consul_register import go_duration
+from aivo_mesh.errors import ConfigError
 
 BOUND = 3.0  # upper bound of every condition wait; the happy path takes milliseconds
 MESH_FILE = Path(__file__).resolve().parents[1] / "mesh.yaml"
@@ -521,9 +522,13 @@ def test_agent_service_definition_options_and_validation(small_mesh: MeshSpec) -
         agent_service_definition(small_mesh, "auth-svc", "10.0.0.5", 0)
     with pytest.raises(KeyError):
         agent_service_definition(small_mesh, "nope", "10.0.0.5", 1)
-    bad_meta = parse_mesh(MESH_YAML.replace("{team: identity}", "{consul-team: x}"))
+    # mesh.yaml with such a key is refused where it is written; a spec built without validation still
+    # fails here, before any I/O.
+    with pytest.raises(ConfigError, match=r"services\[0\]\.metadata\.consul-team: .*Consul Meta key"):
+        parse_mesh(MESH_YAML.replace("{team: identity}", "{consul-team: x}"))
+    auth = small_mesh.service("auth-svc").model_copy(update={"metadata": {"consul-team": "x"}})
     with pytest.raises(ValueError, match="Meta key"):
-        agent_service_definition(bad_meta, "auth-svc", "10.0.0.5", 50051)
+        agent_service_definition(small_mesh, auth, "10.0.0.5", 50051)
     assert service_id("auth-svc", "[::1]", 1) == "auth-svc--1-1"
     assert [go_duration(s) for s in (30, 60, 90, 3600, 0.1)] == ["30s", "1m", "90s", "1h", "100ms"]
 

@@ -296,7 +296,7 @@ def test_workloads_servers_and_services_apply_as_typed():
         c = dep.spec.template.spec.containers[0]
         env = {e.name: e.value for e in c.env}
         assert set(env) >= {"SERVICE_NAME", "SERVICE_VERSION", "GRPC_PORT", "LOCAL_SERVICE_PORT", "CA_CERT_PATH",
-                            "CLIENT_CERT_PATH", "CLIENT_KEY_PATH", "JAEGER_HOST", "METRICS_HOST"}
+                            "CLIENT_CERT_PATH", "CLIENT_KEY_PATH", "METRICS_HOST"}
         assert env["SERVICE_NAME"] == svc.name
         assert env["GRPC_PORT"] == str(svc.port)
         assert {p["name"]: p["containerPort"] for p in c.ports}["grpc"] == svc.port
@@ -504,3 +504,24 @@ def test_health_is_open_to_meshed_callers_and_kubelet_probes():
     policies = [p for p in by_kind(docs, "AuthorizationPolicy") if p["spec"]["targetRef"]["name"] == "auth-svc-health"]
     kinds = sorted(r["kind"] for p in policies for r in p["spec"]["requiredAuthenticationRefs"])
     assert kinds == ["MeshTLSAuthentication", "NetworkAuthentication"]
+
+
+@pytest.mark.parametrize("tracing", [None, {"enabled": True, "otlp_endpoint": "http://otel-collector.observability:4317",
+                                            "sample_ratio": 0.1}], ids=["tracing off", "tracing to a collector"])
+def test_a_pod_traces_as_mesh_yaml_says_and_never_to_a_host_the_render_lacks(tracing):
+    """The Deployment's variables, applied to the mounted mesh.yaml as `meshctl serve` does: a pod once
+    got JAEGER_HOST=jaeger, a Service no manifest defines, so every pod logged export failures."""
+    from aivo_mesh.config.env import EnvSettings, apply_env
+
+    mesh = base_mesh()
+    if tracing is not None:
+        obs = mesh.observability.model_copy(update={"tracing": mesh.observability.tracing.model_copy(update=tracing)})
+        mesh = mesh.model_copy(update={"observability": obs})
+    docs = all_docs(mesh)
+    defined = {d["metadata"]["name"] for d in by_kind(docs, "Service")}
+    for dep in by_kind(docs, "Deployment"):
+        env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        pod = apply_env(mesh, EnvSettings.from_environ(env))
+        assert pod.observability.tracing == mesh.observability.tracing
+        assert not {"JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT"} & set(env), env
+    assert "jaeger" not in defined

@@ -385,3 +385,78 @@ async def test_a_failing_server_observer_never_fails_the_call(caplog: pytest.Log
     assert value(metrics, "grpc_requests_total", side="server", service="auth-svc", method=VALIDATE,
                  status="OK") == 1
     assert len([r for r in caplog.records if "server observer" in r.getMessage()]) == 2
+
+
+# -- metrics=<registry>: the registry a Python service already exposes -------------------------------
+
+class _Auth(auth_pb2_grpc.AuthServiceServicer):
+    async def ValidateToken(self, request: auth_pb2.ValidateTokenRequest,
+                            context: grpc.aio.ServicerContext) -> auth_pb2.ValidateTokenResponse:
+        return auth_pb2.ValidateTokenResponse(valid=True, subject="s")
+
+
+async def test_one_option_puts_the_client_and_server_metrics_in_a_prometheus_registry(mesh, mesh_certs) -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.server import MeshServer
+
+    registry = CollectorRegistry()  # stands for prometheus_client.REGISTRY (next test), without global state
+    server = MeshServer.for_service(mesh, "auth-svc", mesh_certs, port=0, metrics=registry)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(_Auth(), server.grpc_server)
+    await server.start()
+    try:
+        config = MeshConfig.for_identity("mesh-client", mesh_certs, mesh,
+                                         endpoints={"auth-svc": [f"127.0.0.1:{server.bound_port}"]})
+        async with MeshClient(config, health_checks=False, metrics=registry) as client:
+            reply = await client.call_with_retry("auth-svc", "ValidateToken", auth_pb2.ValidateTokenRequest(token="t"),
+                                                 timeout=5)
+            assert reply.valid
+    finally:
+        await server.stop(0)
+    # Both share the one MeshMetrics exposed in that registry: no family registered twice.
+    assert client.metrics is server.metrics is MeshMetrics.exposed_in(registry)
+    ok = {"service": "auth-svc", "method": VALIDATE, "status": "OK"}
+    assert registry.get_sample_value("grpc_requests_total", {"side": "client", **ok}) == 1
+    assert registry.get_sample_value("grpc_requests_total", {"side": "server", **ok}) == 1
+    assert registry.get_sample_value("circuit_breaker_state", {"service": "auth-svc"}) == 0
+    assert registry.get_sample_value("mtls_certificate_expiry_seconds", {"service": "auth-svc"}) > 86_400
+    text = generate_latest(registry).decode()
+    assert "_created" not in text
+    assert {f.name for f in text_string_to_metric_families(text)} == set(EXPECTED)
+
+
+async def test_metrics_option_with_prometheus_clients_default_registry(mesh, mesh_certs) -> None:
+    import prometheus_client
+
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.telemetry import metrics as metrics_module
+
+    config = MeshConfig.for_identity("mesh-client", mesh_certs, mesh)
+    client = MeshClient(config, health_checks=False, metrics=prometheus_client.REGISTRY)
+    try:
+        client.target("auth-svc")
+        # What start_http_server / make_asgi_app serve.
+        assert "# TYPE grpc_requests_total counter" in prometheus_client.generate_latest().decode()
+        assert prometheus_client.REGISTRY.get_sample_value("circuit_breaker_state", {"service": "auth-svc"}) == 0
+        assert MeshMetrics.exposed_in() is client.metrics  # the default is that registry
+    finally:
+        await client.close()
+        prometheus_client.REGISTRY.unregister(client.metrics)  # leave the process-wide registry as found
+        metrics_module._EXPOSED.pop(prometheus_client.REGISTRY, None)
+
+
+def test_a_second_meshmetrics_in_one_registry_would_clash_so_exposed_in_shares_one() -> None:
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    MeshMetrics(registry)
+    with pytest.raises(ValueError, match="Duplicated timeseries"):
+        MeshMetrics(registry)
+    other = CollectorRegistry()
+    assert MeshMetrics.exposed_in(other) is MeshMetrics.exposed_in(other)
+    assert MeshMetrics.resolve(None) is None
+    m = MeshMetrics()
+    assert MeshMetrics.resolve(m) is m
+    with pytest.raises(TypeError, match="CollectorRegistry"):
+        MeshMetrics.resolve("prometheus")  # type: ignore[arg-type]

@@ -215,3 +215,42 @@ def test_local_config_for_the_deploy_script():
     jobs = {j["job_name"] for j in cfg["scrape_configs"]}
     assert jobs == {"prometheus", "aivo-mesh"}
     assert cfg["rule_files"] == ["/x/rules/*.yml"]
+
+
+# -- timeouts under the smallest bucket ----------------------------------------------------------------
+
+def _tiny_timeouts_mesh():
+    """mesh.yaml with timeouts whose 80 % is under (1ms, 2ms) or just over (7ms) the 5 ms bucket."""
+    from aivo_mesh.config.loader import parse_mesh
+
+    text = (ROOT / "mesh.yaml").read_text()
+    text = text.replace("timeout: 1s\n        idempotent: true", "timeout: 1ms\n        idempotent: true", 1)
+    text = text.replace("      - match: /aivo.auth.v1.AuthService/ValidateToken\n",
+                        "      - match: /aivo.auth.v1.AuthService/Authenticate\n        timeout: 7ms\n"
+                        "      - match: /aivo.auth.v1.AuthService/ValidateToken\n", 1)
+    text = text.replace("    timeout: 20s\n", "    timeout: 2ms\n", 1)
+    return parse_mesh(text, "tiny.yaml")
+
+
+def test_a_timeout_under_the_smallest_bucket_renders_a_rule_at_that_bucket():
+    mesh = _tiny_timeouts_mesh()
+    rendered = prometheus.render(mesh)  # raised "max() arg is an empty sequence" on a 1ms route
+    latency = {(r["labels"]["route"], r["labels"]["route_timeout"]): r
+               for r in rendered[prometheus.RULES_FILE]["groups"][0]["rules"] if r["alert"] == "MeshLatencyNearTimeout"}
+    one_ms = latency[("/aivo.auth.v1.AuthService/ValidateToken", "1ms")]
+    assert one_ms["expr"].endswith("> 0.005")  # a p99 inside the first bucket reads up to 4.95 ms
+    assert "smallest bucket" in one_ms["annotations"]["description"]
+    assert latency[("default", "2ms")]["expr"].endswith("> 0.005")
+    seven_ms = latency[("/aivo.auth.v1.AuthService/Authenticate", "7ms")]
+    assert seven_ms["expr"].endswith("> 0.0056")
+    assert "smallest bucket" not in seven_ms["annotations"]["description"]
+
+
+@needs_promtool
+def test_promtool_passes_the_unit_tests_of_tiny_timeouts(tmp_path):
+    out = tmp_path / "prometheus"
+    for rel, text in render_target("prometheus", _tiny_timeouts_mesh()).items():
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        (out / rel).write_text(text)
+    test = promtool("test", "rules", prometheus.TESTS_FILE, cwd=out)
+    assert test.returncode == 0, test.stdout + test.stderr

@@ -47,7 +47,7 @@ from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
-from aivo_mesh.runtime.status import peer_breakers, peer_hosts
+from aivo_mesh.runtime.status import envoy_hosts, peer_breakers, peer_hosts
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 
 pytestmark = pytest.mark.slow
@@ -372,8 +372,11 @@ def test_status_keeps_every_peer_and_drops_exactly_the_renderers_helper_clusters
     assert names - peers == HELPER_CLUSTERS  # the constant names every non-peer cluster, no more
     # Peers whose names start like a helper's (status used to drop anything starting with "local").
     names |= {"localizer-svc", "local-events-svc"}
-    text = "\n".join(f"{n}::127.0.0.1:{7000 + i}::health_flags::healthy" for i, n in enumerate(sorted(names)))
-    assert set(peer_hosts(text)) == peers | {"localizer-svc", "local-events-svc"}
+    clusters = {"cluster_statuses": [
+        {"name": n, "host_statuses": [{"address": {"socket_address": {"address": "127.0.0.1", "port_value": 7000 + i}},
+                                       "health_status": {"eds_health_status": "HEALTHY"}}]}
+        for i, n in enumerate(sorted(names))]}
+    assert set(peer_hosts(clusters)) == peers | {"localizer-svc", "local-events-svc"}
 
 
 def test_status_reads_the_sidecars_circuit_breaker_gauges_per_peer() -> None:
@@ -473,12 +476,7 @@ def _outlier_events(log: Path, action: str, host: str | None = None) -> list[dic
 
 
 def _host_flags(admin: int, cluster: str) -> dict[str, str]:
-    flags = {}
-    for line in _get(f"http://127.0.0.1:{admin}/clusters").splitlines():
-        parts = line.split("::")
-        if len(parts) == 4 and parts[0] == cluster and parts[2] == "health_flags":
-            flags[parts[1]] = parts[3]
-    return flags
+    return envoy_hosts(f"127.0.0.1:{admin}").get(cluster, {})  # what `meshctl status` reads
 
 
 @needs_envoy

@@ -554,3 +554,55 @@ async def test_forwarding_to_upstream_and_failing_upstream(receiver: OtlpReceive
     assert local.forward_errors == 0
     assert dead_end.forwarded == 0
     assert dead_end.forward_errors == 1
+
+
+# -- the standard OTEL_* variables, as config/env.py applies them ----------------------------------
+
+@pytest.mark.parametrize(("name", "description"), [
+    ("parentbased_traceidratio", "ParentBased{root:TraceIdRatioBased{0.25},"),
+    ("parentbased_always_on", "ParentBased{root:AlwaysOnSampler,"),
+    ("parentbased_always_off", "ParentBased{root:AlwaysOffSampler,"),
+    ("traceidratio", "TraceIdRatioBased{0.25}"),
+    ("always_on", "AlwaysOnSampler"),
+    ("always_off", "AlwaysOffSampler"),
+])
+def test_the_sampler_is_the_one_otel_traces_sampler_names(name: str, description: str) -> None:
+    spec = TracingSpec(enabled=True, sampler=name, sample_ratio=0.25)  # type: ignore[arg-type]
+    tracing = Tracing.from_spec(spec, "auth-svc", "1.0.0", exporter=InMemorySpanExporter(), batch=False,
+                                shutdown_on_exit=False)
+    assert tracing is not None
+    try:
+        assert tracing.provider.sampler.get_description().startswith(description)
+    finally:
+        tracing.shutdown()
+
+
+def test_otel_service_name_names_the_process_in_its_spans(mesh) -> None:
+    from aivo_mesh.config.env import EnvSettings, apply_env
+    from aivo_mesh.telemetry.process import ProcessTelemetry
+
+    env = EnvSettings.from_environ({"OTEL_SERVICE_NAME": "auth-api", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:1"})
+    telemetry = ProcessTelemetry.for_service(apply_env(mesh, env), "auth-svc", otel_service_name=env.otel_service_name)
+    assert telemetry.tracing is not None
+    try:
+        attributes = telemetry.tracing.provider.resource.attributes
+        assert (attributes["service.name"], attributes["service.version"]) == ("auth-api", "1.0.0")
+    finally:
+        telemetry.tracing.shutdown()
+    default = ProcessTelemetry.for_service(apply_env(mesh, env), "auth-svc")
+    assert default.tracing is not None
+    try:
+        assert default.tracing.provider.resource.attributes["service.name"] == "auth-svc"
+    finally:
+        default.tracing.shutdown()
+
+
+def test_local_runs_forward_to_otel_exporter_otlp_endpoint_and_keep_it_from_the_processes(mesh) -> None:
+    """`meshctl up`/`demo`: processes export to the local collector, which forwards to the configured
+    endpoint; the variable is unset for the processes, or `serve` would export past the collector."""
+    from aivo_mesh.runtime.mesh import LOCAL_UNSET, forward_target
+
+    assert forward_target(mesh, 4317, otlp_endpoint="https://tempo.example.com:4317") == "https://tempo.example.com:4317"
+    assert forward_target(mesh, 4317, "jaeger", otlp_endpoint="http://jaeger:4317") == "http://jaeger:4317"
+    assert forward_target(mesh, 4317) is None  # mesh.yaml has tracing off
+    assert {"JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT"} <= set(LOCAL_UNSET)

@@ -1,4 +1,4 @@
-"""`meshctl config validate|show`: check mesh.yaml and print the configuration that is in effect."""
+"""`meshctl config validate|show|schema`: check mesh.yaml, print the configuration in effect, or its JSON Schema."""
 
 from __future__ import annotations
 
@@ -63,6 +63,24 @@ def show(file: str | None, service: str | None, fmt: str) -> None:
         what = f"service {service} in {path}" if service else str(path)
         click.echo(f"# effective configuration of {what} (defaults <- service <- route)")
         click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110).rstrip("\n"))
+
+
+@config.command("schema", short_help="Print the JSON Schema of mesh.yaml (for editors).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write it to FILE instead of standard output.")
+def schema(output: str | None) -> None:
+    """Print the JSON Schema of mesh.yaml, generated from the model. Editors that run the YAML language
+    server validate and complete mesh.yaml with it once its first line is
+    `# yaml-language-server: $schema=./mesh.schema.json` (docs/config.md)."""
+    from aivo_mesh.config.schema import mesh_json_schema_text
+
+    text = mesh_json_schema_text()
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    with open(output, "w", encoding="utf-8") as f:
+        f.write(text)
+    click.echo(f"wrote {output}")
 
 
 def effective_mesh(mesh: MeshSpec) -> dict[str, Any]:

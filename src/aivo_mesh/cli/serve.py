@@ -118,7 +118,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
                               sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
                               unix_socket=unix_socket,
                               cert_paths=paths, discovery=discovery, mesh_file=find_mesh_file(config),
-                              handshake_log=handshake_log,
+                              handshake_log=handshake_log, otel_service_name=env.otel_service_name,
                               consul_discovery=agent_address(consul) if discovery == "consul" else None,
                               dns=dns))
 

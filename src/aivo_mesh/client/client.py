@@ -9,6 +9,9 @@
                                               request=req, timeout=2.0)
     await mesh_client.close()
 
+`MeshClient(config, metrics=prometheus_client.REGISTRY)` records the client's metrics (calls, retries,
+breakers, ejections; docs/telemetry.md) in the registry the service already exposes.
+
 Per target service the client keeps one `Target` (policy state + one channel per endpoint); see
 client/target.py. Our own certificate files are watched: when they change (`meshctl certs rotate`)
 new calls go out on channels with the new identity while in-flight calls finish on the old ones.
@@ -23,7 +26,7 @@ import random
 from collections.abc import Generator, Sequence
 from functools import partial
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -42,6 +45,11 @@ from aivo_mesh.pki import Identity, PeerPolicy, load_identity
 from aivo_mesh.policy.core import Clock, Layer, monotonic
 from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
 from aivo_mesh.tls import warn_if_not_enforced
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from aivo_mesh.telemetry.metrics import MeshMetrics
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +92,13 @@ class MeshClient:
         drain_seconds: float | None = None,
         clock: Clock = monotonic,
         rng: random.Random | None = None,
+        metrics: MeshMetrics | CollectorRegistry | None = None,
     ) -> None:
+        """`metrics`: where this client's Prometheus metrics go: a registry to expose them in
+        (`prometheus_client.REGISTRY` for the one the service already serves; see
+        MeshMetrics.exposed_in) or a MeshMetrics. None: no metrics (a listener may still record them)."""
+        from aivo_mesh.telemetry.metrics import MeshMetrics, MetricsListener  # not at import: it loads the server
+
         self.config = config
         self.mesh: MeshSpec = config.mesh_spec()
         # Load and check our own identity now: a bad key or cert, or another identity's, fails here,
@@ -102,6 +116,9 @@ class MeshClient:
         self.peer_policy = PeerPolicy.from_mesh(self.mesh)
         if not self.sidecar:
             warn_if_not_enforced("MeshClient")
+        self.metrics = MeshMetrics.resolve(metrics)
+        if self.metrics is not None:
+            listeners = (MetricsListener(self.metrics), *listeners)
         # No listeners: the NOOP one lets the stack skip its reporting entirely (hot path).
         self.listener: PolicyListener = Listeners(*listeners) if listeners else NOOP
         self._outer = tuple(outer_layers)
@@ -214,6 +231,8 @@ class MeshClient:
 
     def _new_target(self, service: str) -> Target:
         spec = self._spec(service)
+        if self.metrics is not None:  # its breaker (closed) and ejection gauges from the first call
+            self.metrics.declare_target(service)
         policy: ServicePolicy = service_policy(self.mesh, service)
         routes = partial(route_policy, self.mesh, service)
         if service in self.config.endpoints and service not in self.mesh.service_names:

@@ -1,8 +1,9 @@
 """Deployment settings from environment variables, and how they override mesh.yaml.
 
-The platform's services are deployed with a handful of variables (see `ENV_VARS`). They are read
-once, checked, and applied to one service of the mesh with `apply_env`; mesh.yaml stays the single
-description of everything else. Every problem is a ConfigError whose file is `environment` and whose
+The platform's services are deployed with a handful of variables (see `ENV_VARS`), plus the standard
+OpenTelemetry ones for tracing (OTEL_EXPORTER_OTLP_ENDPOINT, OTEL_SERVICE_NAME, OTEL_TRACES_SAMPLER[_ARG]).
+They are read once, checked, and applied to one service of the mesh with `apply_env`; mesh.yaml stays
+the single description of everything else. Every problem is a ConfigError whose file is `environment` and whose
 path is the variable's name, e.g. `environment: GRPC_PORT: expected an integer port 1-65535, got 'abc'`.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from aivo_mesh.config.loader import _describe
-from aivo_mesh.config.model import POD_SCOPE, SERVICE_NAME, MeshSpec
+from aivo_mesh.config.model import POD_SCOPE, SERVICE_NAME, TRACES_SAMPLERS, MeshSpec
 from aivo_mesh.errors import ConfigError, ConfigIssue, yaml_path
 
 ENV_FILE = "environment"
@@ -34,6 +35,12 @@ ENV_VARS: dict[str, str] = {
     "CLIENT_KEY_PATH": "client_key_path",
     "JAEGER_HOST": "jaeger_host",
     "METRICS_HOST": "metrics_host",
+    # The OpenTelemetry SDK's own variables (opentelemetry.io/docs/specs/otel/configuration/sdk-environment-variables):
+    # a platform that sets them for every workload gets the same behaviour from the mesh's processes.
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "otel_exporter_otlp_endpoint",
+    "OTEL_SERVICE_NAME": "otel_service_name",
+    "OTEL_TRACES_SAMPLER": "otel_traces_sampler",
+    "OTEL_TRACES_SAMPLER_ARG": "otel_traces_sampler_arg",
 }
 _PORTS = ("GRPC_PORT", "LOCAL_SERVICE_PORT")
 _PATHS = ("CA_CERT_PATH", "CLIENT_CERT_PATH", "CLIENT_KEY_PATH")
@@ -56,6 +63,10 @@ class EnvSettings:
     client_key_path: Path | None = None
     jaeger_host: str | None = None
     metrics_host: str | None = None
+    otel_exporter_otlp_endpoint: str | None = None
+    otel_service_name: str | None = None
+    otel_traces_sampler: str | None = None
+    otel_traces_sampler_arg: float | None = None
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> EnvSettings:
@@ -91,6 +102,16 @@ class EnvSettings:
         return f"http://{m.group('host')}:{m.group('port') or OTLP_GRPC_PORT}"
 
     @property
+    def tracing_endpoint(self) -> str | None:
+        """Where spans go per the environment: OTEL_EXPORTER_OTLP_ENDPOINT, or JAEGER_HOST's endpoint.
+        Both set to different endpoints is an error: which one the deployment means is not ours to guess."""
+        otel, jaeger = self.otel_exporter_otlp_endpoint, self.otlp_endpoint
+        if otel is not None and jaeger is not None and otel != jaeger:
+            raise ConfigError.single(ENV_FILE, "OTEL_EXPORTER_OTLP_ENDPOINT",
+                                     f"JAEGER_HOST is set too and means {jaeger}, not {otel}: unset one of them")
+        return otel if otel is not None else jaeger
+
+    @property
     def is_empty(self) -> bool:
         return all(getattr(self, f) is None for f in ENV_VARS.values())
 
@@ -122,6 +143,27 @@ def _convert(var: str, value: str) -> object:
         if m is None or (m.group("port") is not None and not 1 <= int(m.group("port")) <= 65535):
             raise ValueError(_host_expected(var, value))
         return bare
+    if var == "OTEL_EXPORTER_OTLP_ENDPOINT":
+        # OTLP/gRPC: the URL's scheme says plaintext or TLS, its path is not used (a port is kept).
+        m = re.match(r"^(?P<scheme>https?)://(?P<rest>[^/?#]+)(?:[/?#].*)?$", value, re.IGNORECASE)
+        host = _HOST.match(m.group("rest")) if m else None
+        if m is None or host is None or (host.group("port") is not None and not 1 <= int(host.group("port")) <= 65535):
+            raise ValueError(f"expected an OTLP/gRPC endpoint URL such as http://otel-collector:4317, got {value!r}")
+        return f"{m.group('scheme').lower()}://{host.group('host')}:{host.group('port') or OTLP_GRPC_PORT}"
+    if var == "OTEL_SERVICE_NAME":
+        return value
+    if var == "OTEL_TRACES_SAMPLER":
+        if value.lower() not in TRACES_SAMPLERS:
+            raise ValueError(f"expected one of {', '.join(TRACES_SAMPLERS)}, got {value!r}")
+        return value.lower()
+    if var == "OTEL_TRACES_SAMPLER_ARG":
+        try:
+            ratio = float(value)
+        except ValueError:
+            ratio = -1.0
+        if not 0.0 <= ratio <= 1.0:  # also NaN
+            raise ValueError(f"expected a sampling ratio from 0 to 1 such as 0.25, got {value!r}")
+        return ratio
     if var == "METRICS_HOST":
         m = _HOST.match(value)
         if m is None or m.group("port") is not None:
@@ -135,10 +177,14 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
 
     * SERVICE_NAME selects the service that SERVICE_VERSION, GRPC_PORT (`port`) and
       LOCAL_SERVICE_PORT (`local_port`) override; it must name a service of mesh.yaml.
-    * JAEGER_HOST sets `observability.tracing.otlp_endpoint` (`http://host:4317`) and enables tracing.
+    * JAEGER_HOST (`http://host:4317`) or OTEL_EXPORTER_OTLP_ENDPOINT sets
+      `observability.tracing.otlp_endpoint` and enables tracing (both, to different endpoints: an error).
+    * OTEL_TRACES_SAMPLER sets `observability.tracing.sampler`, OTEL_TRACES_SAMPLER_ARG its `sample_ratio`.
     * METRICS_HOST sets `observability.metrics.host`.
 
-    The certificate paths are not part of mesh.yaml; the PKI layer reads them from `env`.
+    The certificate paths are not part of mesh.yaml; the PKI layer reads them from `env`. Nor is
+    OTEL_SERVICE_NAME, one process's name in its spans: `ProcessTelemetry.for_service(...,
+    otel_service_name=env.otel_service_name)` takes it.
     The result is validated again (e.g. a GRPC_PORT already used by another service is an error).
     """
     mesh_update: dict[str, object] = {}
@@ -172,9 +218,15 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
 
     obs = mesh.observability
     obs_update: dict[str, object] = {}
-    if env.jaeger_host is not None:
-        obs_update["tracing"] = obs.tracing.model_copy(
-            update={"otlp_endpoint": env.otlp_endpoint, "enabled": True})
+    tracing_update: dict[str, object] = {}
+    if (endpoint := env.tracing_endpoint) is not None:
+        tracing_update.update(otlp_endpoint=endpoint, enabled=True)
+    if env.otel_traces_sampler is not None:
+        tracing_update["sampler"] = env.otel_traces_sampler
+    if env.otel_traces_sampler_arg is not None:
+        tracing_update["sample_ratio"] = env.otel_traces_sampler_arg
+    if tracing_update:
+        obs_update["tracing"] = obs.tracing.model_copy(update=tracing_update)
     if env.metrics_host is not None:
         obs_update["metrics"] = obs.metrics.model_copy(update={"host": env.metrics_host})
     if obs_update:
@@ -192,14 +244,16 @@ def apply_env(mesh: MeshSpec, env: EnvSettings) -> MeshSpec:
         issues = []
         for err in exc.errors(include_url=False):
             for loc, msg in _describe(dict(err)):
-                issues.append(ConfigIssue(_env_var_for(loc), f"{msg} (in {yaml_path(loc)} after applying it)"))
+                issues.append(ConfigIssue(_env_var_for(loc, env), f"{msg} (in {yaml_path(loc)} after applying it)"))
         raise ConfigError(ENV_FILE, issues) from None
 
 
-def _env_var_for(loc: tuple[str | int, ...]) -> str:
+def _env_var_for(loc: tuple[str | int, ...], env: EnvSettings) -> str:
     last = loc[-1] if loc else ""
+    endpoint = "OTEL_EXPORTER_OTLP_ENDPOINT" if env.otel_exporter_otlp_endpoint is not None else "JAEGER_HOST"
     return {"port": "GRPC_PORT", "local_port": "LOCAL_SERVICE_PORT", "version": "SERVICE_VERSION",
-            "otlp_endpoint": "JAEGER_HOST", "host": "METRICS_HOST"}.get(str(last), "SERVICE_NAME")
+            "otlp_endpoint": endpoint, "host": "METRICS_HOST", "sampler": "OTEL_TRACES_SAMPLER",
+            "sample_ratio": "OTEL_TRACES_SAMPLER_ARG"}.get(str(last), "SERVICE_NAME")
 
 
 def _check_ports(mesh: MeshSpec, index: int, env: EnvSettings) -> None:

@@ -23,6 +23,7 @@ from pydantic import (
     PrivateAttr,
     Strict,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
@@ -41,7 +42,7 @@ StatusName = Literal[
     "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
 ]
 
-_DURATION = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_DURATION = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)  # ASCII: as mesh.schema.json
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 MAX_DURATION = 365 * 24 * 3600.0
 
@@ -87,8 +88,20 @@ StrictInt = Annotated[int, Strict()]
 StrictBool = Annotated[bool, Strict()]
 StrictNumber = Annotated[float, Strict()]  # an int is still a number; a bool or a string is not
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0)]
+
+
+def _duration_schema(positive: bool) -> WithJsonSchema:
+    """What mesh.schema.json tells editors a duration is: the spellings parse_duration reads."""
+    number: dict[str, Any] = {"type": "number", "maximum": MAX_DURATION}
+    number["exclusiveMinimum" if positive else "minimum"] = 0
+    return WithJsonSchema({
+        "anyOf": [number, {"type": "string", "pattern": _DURATION.pattern}],
+        "description": f"a {'positive ' if positive else ''}duration: 5s, 100ms, 1m, 1h or a number of seconds",
+    })
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration), _duration_schema(False)]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0), _duration_schema(True)]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Percent = Annotated[StrictNumber, Field(ge=0, le=100)]
 
@@ -96,21 +109,33 @@ Percent = Annotated[StrictNumber, Field(ge=0, le=100)]
 POD_SCOPE = "pod_scope"
 
 SERVICE_NAME = re.compile(r"^[a-z][a-z0-9-]{0,61}[a-z0-9]$")
+# A service's version is a Kubernetes label value (`version` on its pods and canary selectors), the
+# SERVICE_VERSION of its container and a Consul Meta value: the label rule is the strictest of the three.
+SERVICE_VERSION = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")
+# `metadata` becomes Consul service Meta, with `version` added (render/consul.py, consul_register):
+# Consul refuses the registration otherwise (agent/structs: validateMetaPair).
+TRUST_DOMAIN = re.compile(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$")
+GRPC_SERVICE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+$", re.ASCII)
+CONSUL_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+CONSUL_META_VALUE_MAX = 512
+CONSUL_META_PAIRS_MAX = 64
 # A gRPC method pattern: "/pkg.Service/Method", "/pkg.Service/" (prefix) or "pkg.Service" (whole service).
-METHOD_PATTERN = re.compile(r"^/?[A-Za-z_][\w.]*(/(\w+)?)?$")
+METHOD_PATTERN = re.compile(r"^/?[A-Za-z_][\w.]*(/(\w+)?)?$", re.ASCII)  # protobuf names are ASCII
 
 
 def _method_pattern(value: str) -> str:
     """One spelling per pattern, the one the Authorizer, route matching and Envoy compare against:
     `pkg.Svc`, `/pkg.Svc` and `/pkg.Svc/` are the prefix `/pkg.Svc/`; `pkg.Svc/M` is `/pkg.Svc/M`."""
-    if not METHOD_PATTERN.match(value):
+    if not METHOD_PATTERN.fullmatch(value):
         raise ValueError(f"expected a gRPC method such as /aivo.auth.v1.AuthService/Authenticate or a "
                          f"service prefix such as /aivo.auth.v1.AuthService/, got {value!r}")
     path = value if value.startswith("/") else "/" + value
     return path if "/" in path[1:] else path + "/"
 
 
-MethodPattern = Annotated[str, AfterValidator(_method_pattern)]
+MethodPattern = Annotated[str, AfterValidator(_method_pattern), WithJsonSchema(
+    {"type": "string", "pattern": METHOD_PATTERN.pattern,
+     "description": "a gRPC method such as /pkg.Service/Method, or a service prefix such as /pkg.Service/"})]
 
 
 @functools.cache
@@ -327,16 +352,20 @@ class SidecarPorts(_Strict):
 
 
 class ServiceSpec(_Strict):
-    name: str
-    version: str = "1.0.0"
-    grpc_service: str = Field(description="Fully-qualified gRPC service, e.g. aivo.auth.v1.AuthService")
+    # json_schema_extra: the checks of the validators below, told to editors (mesh.schema.json).
+    name: str = Field(json_schema_extra={"pattern": SERVICE_NAME.pattern})
+    version: str = Field(default="1.0.0", json_schema_extra={"pattern": SERVICE_VERSION.pattern})
+    grpc_service: str = Field(description="Fully-qualified gRPC service, e.g. aivo.auth.v1.AuthService",
+                              json_schema_extra={"pattern": GRPC_SERVICE.pattern})
     port: Port = Field(description="Mesh gRPC port (mTLS) where callers reach the service")
     local_port: Port = Field(description="Port of the application behind its sidecar")
     admin_port: Port | None = None
     host: str = "127.0.0.1"
     endpoints: tuple[str, ...] = ()
     tags: tuple[str, ...] = ()
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra={
+        "propertyNames": {"pattern": "^(?!consul-)[A-Za-z0-9_-]{1,128}$"},
+        "additionalProperties": {"type": "string", "maxLength": CONSUL_META_VALUE_MAX}})
     timeout: PositiveDuration | None = None
     retry: RetrySpec | None = None
     retry_budget: RetryBudgetSpec | None = None
@@ -353,8 +382,17 @@ class ServiceSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not SERVICE_NAME.match(v):
+        if not SERVICE_NAME.fullmatch(v):  # fullmatch: `$` would let a trailing newline through
             raise ValueError("expected a DNS label: lower-case letters, digits and '-', e.g. auth-svc")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str) -> str:
+        if not SERVICE_VERSION.fullmatch(v):
+            raise ValueError(f"expected a version such as 1.2.0 or v2 (at most 63 letters, digits, '.', '_' "
+                             f"and '-', starting and ending with a letter or digit: a Kubernetes label "
+                             f"value), got {v if len(v) <= 60 else v[:57] + '...'!r}")
         return v
 
     @field_validator("endpoints")
@@ -368,15 +406,23 @@ class ServiceSpec(_Strict):
     @field_validator("grpc_service")
     @classmethod
     def _grpc_service(cls, v: str) -> str:
-        if not re.match(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+$", v):
+        if not GRPC_SERVICE.fullmatch(v):
             raise ValueError("expected a fully-qualified gRPC service such as aivo.auth.v1.AuthService")
         return v
+
+
+# OpenTelemetry's standard samplers (OTEL_TRACES_SAMPLER values). `parentbased_*` follow the caller's
+# decision when the call carries a traceparent; the ratio ones sample `sample_ratio` of new traces.
+TRACES_SAMPLERS: tuple[str, ...] = ("parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off",
+                                    "traceidratio", "always_on", "always_off")
 
 
 class TracingSpec(_Strict):
     enabled: StrictBool = False
     otlp_endpoint: str = "http://127.0.0.1:4317"
     sample_ratio: Annotated[StrictNumber, Field(ge=0.0, le=1.0)] = 1.0
+    sampler: Literal["parentbased_traceidratio", "parentbased_always_on", "parentbased_always_off",
+                     "traceidratio", "always_on", "always_off"] = "parentbased_traceidratio"
 
 
 class MetricsSpec(_Strict):
@@ -412,7 +458,7 @@ class ObservabilitySpec(_Strict):
 
 class MeshInfo(_Strict):
     name: str = "aivo"
-    trust_domain: str = "aivo.local"
+    trust_domain: str = Field(default="aivo.local", json_schema_extra={"pattern": TRUST_DOMAIN.pattern})
     namespace: str = "default"
     # Identities that are not services: health checkers, test tools and operators use mesh-client.
     clients: tuple[str, ...] = ("mesh-client",)
@@ -420,7 +466,7 @@ class MeshInfo(_Strict):
     @field_validator("trust_domain")
     @classmethod
     def _td(cls, v: str) -> str:
-        if not re.match(r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$", v):
+        if not TRUST_DOMAIN.fullmatch(v):
             raise ValueError("expected a trust domain such as aivo.local (lower-case, no scheme or path)")
         return v
 
@@ -579,6 +625,7 @@ class MeshSpec(_Strict):
                     problems.append(_PathError(path, f"port {port} is already used by {used_ports[port]}"))
                     continue
                 used_ports[port] = f"services[{i}].{field}"
+            problems += _consul_meta_problems(i, svc)
             if svc.canary and sum(svc.canary.values()) != 100:
                 problems.append(_PathError(("services", i, "canary"), "canary weights must add up to 100"))
         for identity in self.certificates.pins:
@@ -637,6 +684,25 @@ class MeshSpec(_Strict):
 
     def spiffe_id(self, name: str) -> str:
         return f"spiffe://{self.mesh.trust_domain}/ns/{self.mesh.namespace}/sa/{name}"
+
+
+def _consul_meta_problems(i: int, svc: ServiceSpec) -> list[_PathError]:
+    """`metadata` against Consul's Meta rules, each problem at its own key."""
+    problems = []
+    if len({"version", *svc.metadata}) > CONSUL_META_PAIRS_MAX:
+        problems.append(_PathError(("services", i, "metadata"),
+                                   f"expected at most {CONSUL_META_PAIRS_MAX - 1} keys (Consul allows "
+                                   f"{CONSUL_META_PAIRS_MAX} Meta pairs, one is `version`), got {len(svc.metadata)}"))
+    for key, value in svc.metadata.items():
+        if not CONSUL_META_KEY.match(key) or key.startswith("consul-"):
+            problems.append(_PathError(("services", i, "metadata", key),
+                                       f"expected a key of at most 128 ASCII letters, digits, '_' and '-', not "
+                                       f"starting with 'consul-' (a Consul Meta key), got {key[:60]!r}"))
+        if len(value) > CONSUL_META_VALUE_MAX:
+            problems.append(_PathError(("services", i, "metadata", key),
+                                       f"expected at most {CONSUL_META_VALUE_MAX} characters (a Consul Meta "
+                                       f"value), got {len(value)}"))
+    return problems
 
 
 class _PathError(ValueError):

@@ -46,7 +46,15 @@ from typing import Any
 import consul
 from consul.callback import CB
 
-from aivo_mesh.config.model import MeshSpec, ServiceSpec, format_duration, parse_duration
+from aivo_mesh.config.model import (
+    CONSUL_META_KEY,
+    CONSUL_META_PAIRS_MAX,
+    CONSUL_META_VALUE_MAX,
+    MeshSpec,
+    ServiceSpec,
+    format_duration,
+    parse_duration,
+)
 from aivo_mesh.config.resolve import service_policy
 from aivo_mesh.discovery._util import in_daemon_thread
 from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
@@ -58,7 +66,6 @@ REGISTER_PATH = "/v1/agent/service/register"
 DEREGISTER_PATH = "/v1/agent/service/deregister/"
 MIN_DEREGISTER_AFTER = 60.0
 
-_META_KEY = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
 
 
@@ -86,15 +93,17 @@ def _duration(value: float | str, what: str) -> str:
 
 
 def _meta(spec: ServiceSpec) -> dict[str, str]:
+    # The model refuses such metadata with a located error (config/model.py); this guards a ServiceSpec
+    # built without validation (model_copy) from becoming an HTTP 400 at startup.
     meta = {"version": spec.version, **spec.metadata}
-    if len(meta) > 64:
-        raise ValueError(f"{spec.name}: Consul allows at most 64 Meta pairs, got {len(meta)}")
+    if len(meta) > CONSUL_META_PAIRS_MAX:
+        raise ValueError(f"{spec.name}: Consul allows at most {CONSUL_META_PAIRS_MAX} Meta pairs, got {len(meta)}")
     for k, v in meta.items():
-        if not _META_KEY.match(k) or k.startswith("consul-"):
+        if not CONSUL_META_KEY.match(k) or k.startswith("consul-"):
             raise ValueError(f"{spec.name}: metadata key {k!r} is not a valid Consul Meta key "
                              "(letters, digits, '_' and '-', at most 128, not starting with 'consul-')")
-        if len(v) > 512:
-            raise ValueError(f"{spec.name}: metadata {k!r} is longer than Consul's 512 characters")
+        if len(v) > CONSUL_META_VALUE_MAX:
+            raise ValueError(f"{spec.name}: metadata {k!r} is longer than Consul's {CONSUL_META_VALUE_MAX} characters")
     return meta
 
 

@@ -52,7 +52,6 @@ CERTS_DIR = "/etc/aivo-mesh/certs"
 CONFIG_DIR = "/etc/aivo-mesh/config"
 DATA_DIR = "/var/lib/aivo-mesh"
 CONFIG_MAP = "aivo-mesh-config"
-JAEGER_HOST = "jaeger"
 # Kubelet's gRPC probes are not meshed: health is open to these networks (narrow to the node CIDRs).
 PROBE_NETWORKS = ("0.0.0.0/0", "::/0")
 
@@ -167,7 +166,8 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
     """The service's pods. The app serves plaintext gRPC on its mesh port inside the pod; the Linkerd
     proxy terminates mTLS and enforces the Server's policy. The mesh certificates are still mounted
     (read-only, from Secret `<svc>-mesh-certs`, in the `meshctl certs` layout) for the app's own
-    MeshClient identity and for the deployment variables (CA_CERT_PATH, ...)."""
+    MeshClient identity and for the deployment variables (CA_CERT_PATH, ...). Tracing follows the
+    mounted mesh.yaml (see `env`)."""
     name = svc.name if version is None else f"{svc.name}-{version}"
     version_label = version or svc.version
     labels = _labels(mesh, svc, version_label)
@@ -182,7 +182,9 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
         {"name": "CA_CERT_PATH", "value": f"{CERTS_DIR}/ca/ca.crt"},
         {"name": "CLIENT_CERT_PATH", "value": f"{CERTS_DIR}/{cert_rel}"},
         {"name": "CLIENT_KEY_PATH", "value": f"{CERTS_DIR}/{key_rel}"},
-        {"name": "JAEGER_HOST", "value": JAEGER_HOST},
+        # No JAEGER_HOST / OTEL_EXPORTER_OTLP_ENDPOINT: no collector is rendered for the cluster, so
+        # tracing is what the mounted mesh.yaml says (off unless `observability.tracing` enables it,
+        # to the cluster's collector), or what the platform sets with the standard OTEL_* variables.
         # Where the admin/metrics endpoint binds; a non-loopback host also needs the process to allow
         # remote admin access (the endpoint can reset breakers).
         {"name": "METRICS_HOST", "value": "0.0.0.0"},

@@ -44,8 +44,9 @@ log = logging.getLogger(__name__)
 
 # Local runs export spans within half a second (the SDK's default batch delay is 5 s).
 LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
-# `serve` would export straight to JAEGER_HOST, past the local collector (which forwards there itself).
-LOCAL_UNSET = ("JAEGER_HOST",)
+# `serve` would export straight to JAEGER_HOST (or OTEL_EXPORTER_OTLP_ENDPOINT), past the local
+# collector, which forwards there itself.
+LOCAL_UNSET = ("JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT")
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
 STABLE_AFTER = 60.0  # seconds up before the back-off resets
@@ -98,12 +99,16 @@ def envoy_binary() -> str:
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1", "[::1]", "0.0.0.0"})
 
 
-def forward_target(mesh: MeshSpec, collector_port: int, jaeger_host: str | None = None) -> str | None:
+def forward_target(mesh: MeshSpec, collector_port: int, jaeger_host: str | None = None, *,
+                   otlp_endpoint: str | None = None) -> str | None:
     """Where the local collector forwards spans: the OTLP endpoint mesh.yaml enables tracing to, or
-    JAEGER_HOST's (`jaeger_host`, which wins as in `apply_env`), unless it is the collector itself."""
+    JAEGER_HOST's (`jaeger_host`) or OTEL_EXPORTER_OTLP_ENDPOINT's (`otlp_endpoint`), which win as in
+    `apply_env`, unless it is the collector itself."""
     tracing = mesh.observability.tracing
-    if jaeger_host is not None:
-        endpoint: str | None = EnvSettings.from_environ({"JAEGER_HOST": jaeger_host}).otlp_endpoint
+    given = {k: v for k, v in (("JAEGER_HOST", jaeger_host), ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp_endpoint))
+             if v is not None}
+    if given:
+        endpoint: str | None = EnvSettings.from_environ(given).tracing_endpoint
     else:
         endpoint = tracing.otlp_endpoint if tracing.enabled else None
     if not endpoint:
@@ -124,7 +129,8 @@ class LocalTracing:
         self.forward_to: str | None = None
 
     def __call__(self, mesh: MeshSpec) -> MeshSpec:
-        self.forward_to = forward_target(mesh, self.collector_port, os.environ.get("JAEGER_HOST"))
+        self.forward_to = forward_target(mesh, self.collector_port, os.environ.get("JAEGER_HOST"),
+                                         otlp_endpoint=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"))
         return with_tracing(mesh, self.collector_port)
 
 

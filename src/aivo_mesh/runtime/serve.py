@@ -62,6 +62,7 @@ async def serve_service(
     mesh_file: Path | None = None,
     handshake_log: bool = True,
     unix_socket: str | None = None,
+    otel_service_name: str | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT (or `stop` is set), then drain in-flight calls within `grace`.
 
@@ -74,14 +75,15 @@ async def serve_service(
     With `handshake_log` the server logs and counts the TLS connections it refuses (see
     runtime.handshakes: the refused handshakes need `capture_handshakes()` first, as `meshctl serve`).
 
-    `unix_socket`: listen there (0600) instead of host:port, as the local sidecar plane does."""
+    `unix_socket`: listen there (0600) instead of host:port, as the local sidecar plane does.
+    `otel_service_name` (OTEL_SERVICE_NAME): this process's name in its spans, when not `name`."""
     if name not in APPS:
         raise KeyError(f"no demo application for {name!r}; known: {sorted(APPS)}")
     if unix_socket is not None and consul:
         raise StartupError(f"{name}: a service on a Unix socket ({unix_socket}) cannot register a host:port "
                            "in Consul; drop --consul or --unix-socket")
     spec = mesh.service(name)
-    telemetry = ProcessTelemetry.for_service(mesh, name)
+    telemetry = ProcessTelemetry.for_service(mesh, name, otel_service_name=otel_service_name)
     peers = callable_peers(mesh, name)  # the services mesh.yaml lets this one call
     for peer in peers:  # breaker and ejection gauges exist before the first call
         telemetry.metrics.declare_target(peer)

@@ -2,8 +2,8 @@
 
     health     grpc.health.v1 through the service's front door (Envoy inbound or MeshServer)
     sidecar    Envoy /ready (sidecar plane)
-    upstreams  healthy/total endpoints per upstream, from Envoy /clusters (sidecar) or the
-               aivo-mesh admin /clusters (proxyless), with ejected endpoints named
+    upstreams  healthy/total endpoints per upstream, from Envoy /clusters?format=json (sidecar) or
+               the aivo-mesh admin /clusters (proxyless), with ejected endpoints named
     breakers   the app's circuit breakers per upstream (aivo-mesh admin /circuit_breakers)
     envoy_breakers  (sidecar plane) the sidecar's circuit_breakers thresholds per peer cluster: "open
                (max_requests, ...)" while Envoy is refusing calls over a threshold, else "closed"
@@ -21,6 +21,8 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from aivo_mesh.render.envoy import HELPER_CLUSTERS
 from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints, restarts_file
@@ -49,21 +51,67 @@ def _get(url: str, timeout: float = 2.0) -> str:
         return str(resp.read().decode())
 
 
-def peer_hosts(clusters_text: str) -> dict[str, dict[str, str]]:
-    """Per peer cluster in Envoy's `/clusters` text: each host's health flags ("healthy",
-    "/failed_outlier_check", ...). The renderer's helper clusters are left out by name, so a peer
-    called e.g. `localizer-svc` is kept."""
+# envoy.admin.v3.HostHealthStatus fields -> the flag Envoy's text `/clusters` prints for them, in
+# Envoy's order (source/common/upstream/host_utility.cc), so rows read as they always did.
+_HEALTH_FLAGS = (
+    ("failed_active_health_check", "failed_active_hc"),
+    ("failed_outlier_check", "failed_outlier_check"),
+    ("failed_active_degraded_check", "degraded_active_hc"),
+    ("pending_dynamic_removal", "pending_dynamic_removal"),
+    ("pending_active_hc", "pending_active_hc"),
+    ("excluded_via_immediate_hc_fail", "excluded_via_immediate_hc_fail"),
+    ("active_hc_timeout", "active_hc_timeout"),
+)
+_EDS_FLAGS = {"UNHEALTHY": "failed_eds_health", "DEGRADED": "degraded_eds_health",
+              "DRAINING": "eds_status_draining", "TIMEOUT": "eds_status_timeout"}
+
+
+def _host_address(address: Any) -> str:
+    """`127.0.0.1:50051`, `[::1]:50051` or a pipe's path, as Envoy's text `/clusters` writes it."""
+    if not isinstance(address, dict):
+        return "?"
+    sock = address.get("socket_address")
+    if isinstance(sock, dict):
+        host = str(sock.get("address", ""))
+        return f"[{host}]:{sock.get('port_value', 0)}" if ":" in host else f"{host}:{sock.get('port_value', 0)}"
+    pipe = address.get("pipe")
+    if isinstance(pipe, dict):
+        return str(pipe.get("path", "?"))
+    return "?"
+
+
+def _health_flags(status: Any) -> str:
+    """"healthy", or the failing flags as `/failed_active_hc/failed_outlier_check`."""
+    if not isinstance(status, dict):
+        return "healthy"
+    flags = [text for field, text in _HEALTH_FLAGS if status.get(field) is True]
+    if (eds := _EDS_FLAGS.get(str(status.get("eds_health_status")))) is not None:
+        flags.append(eds)
+    return "".join(f"/{f}" for f in flags) or "healthy"
+
+
+def peer_hosts(clusters: Any) -> dict[str, dict[str, str]]:
+    """Per peer cluster in Envoy's `/clusters?format=json` (parsed): each host's health flags
+    ("healthy", "/failed_outlier_check", ...). The renderer's helper clusters are left out by name, so
+    a peer called e.g. `localizer-svc` is kept. Raises ValueError when it is not that document."""
+    if not isinstance(clusters, dict) or not isinstance(clusters.get("cluster_statuses", []), list):
+        raise ValueError("expected Envoy's /clusters?format=json document")
     hosts: dict[str, dict[str, str]] = {}
-    for line in clusters_text.splitlines():
-        parts = line.split("::")
-        if len(parts) == 4 and parts[2] == "health_flags" and parts[0] not in HELPER_CLUSTERS:
-            hosts.setdefault(parts[0], {})[parts[1]] = parts[3]
+    for cluster in clusters.get("cluster_statuses", []):
+        name = str(cluster.get("name", "")) if isinstance(cluster, dict) else ""
+        if not name or name in HELPER_CLUSTERS:
+            continue
+        flags = hosts.setdefault(name, {})
+        for host in cluster.get("host_statuses", []) or []:
+            if isinstance(host, dict):
+                flags[_host_address(host.get("address"))] = _health_flags(host.get("health_status"))
     return dict(sorted(hosts.items()))
 
 
 def envoy_hosts(admin: str) -> dict[str, dict[str, str]]:
-    """`peer_hosts` of the sidecar whose admin endpoint is `admin`."""
-    return peer_hosts(_get(f"http://{admin}/clusters"))
+    """`peer_hosts` of the sidecar whose admin endpoint is `admin` (OSError or ValueError when it
+    cannot be read)."""
+    return peer_hosts(json.loads(_get(f"http://{admin}/clusters?format=json")))
 
 
 def envoy_upstreams(admin: str) -> dict[str, str]:
@@ -108,7 +156,7 @@ def peers_healthy(admin: str) -> bool:
     so until a peer's only host passes its first health check, calls to it fail fast: readiness waits."""
     try:
         return all(f == "healthy" for flags in envoy_hosts(admin).values() for f in flags.values())
-    except OSError:
+    except (OSError, ValueError):
         return False
 
 
@@ -127,25 +175,23 @@ def mesh_upstreams(admin: str) -> tuple[dict[str, str], dict[str, str]]:
     return breakers, upstreams
 
 
-_SAMPLE = re.compile(r'^(\w+)\{([^}]*)\}\s+([0-9.eE+-]+|NaN|\+Inf)')
-
-
 def server_series(metrics_text: str) -> tuple[float, list[tuple[float, float]]]:
-    """(server-side request total, cumulative latency buckets [(le, count)])."""
+    """(server-side request total, cumulative latency buckets [(le, count)]) from a Prometheus text
+    exposition (ValueError when it is not one)."""
     total = 0.0
     buckets: dict[float, float] = {}
-    for line in metrics_text.splitlines():
-        m = _SAMPLE.match(line)
-        if not m or 'side="server"' not in m.group(2):
-            continue
-        name, labels, value = m.group(1), m.group(2), float(m.group(3))
-        if name == "grpc_requests_total":
-            total += value
-        elif name == "grpc_request_duration_seconds_bucket":
-            le = re.search(r'le="([^"]+)"', labels)
-            if le:
-                bound = float("inf") if le.group(1) == "+Inf" else float(le.group(1))
-                buckets[bound] = buckets.get(bound, 0.0) + value
+    try:
+        for family in text_string_to_metric_families(metrics_text):
+            for sample in family.samples:
+                if sample.labels.get("side") != "server":
+                    continue
+                if sample.name == "grpc_requests_total":
+                    total += sample.value
+                elif sample.name == "grpc_request_duration_seconds_bucket" and "le" in sample.labels:
+                    bound = float(sample.labels["le"])  # "+Inf" parses as inf
+                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
+    except ValueError as exc:
+        raise ValueError(f"not a Prometheus text exposition: {exc}") from None
     return total, sorted(buckets.items())
 
 
@@ -187,7 +233,7 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
             row.health = await check(client, name, timeout=1.0)
             await asyncio.to_thread(_admin_views, row, ep)
             if ep.admin:
-                with contextlib.suppress(OSError):
+                with contextlib.suppress(OSError, ValueError):
                     firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
     if not firsts or interval <= 0:  # no rate without two samples
         return list(rows.values())
@@ -196,7 +242,7 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
         ep = info.services[name]
         try:
             total, buckets = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))
-        except OSError:
+        except (OSError, ValueError):
             continue
         rows[name].rps = round((total - first) / interval, 1)
         rows[name].p99_ms = p99_ms(buckets)
@@ -209,7 +255,7 @@ def _admin_views(row: ServiceStatus, ep: ServiceEndpoints) -> None:
             row.sidecar = _get(f"http://{ep.sidecar_admin}/ready").strip() or "?"
             row.upstreams = envoy_upstreams(ep.sidecar_admin)
             row.envoy_breakers = envoy_breakers(ep.sidecar_admin)
-        except OSError:
+        except (OSError, ValueError):
             row.sidecar = "unreachable"
     if ep.admin:
         try:

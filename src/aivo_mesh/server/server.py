@@ -14,6 +14,8 @@ telling Python. With `on_refused` (e.g. `runtime.handshakes.RefusalLog(service, 
 reports each one, with its reason and peer: handshakes refused by grpc core when the process called
 `runtime.handshakes.capture_handshakes()` before importing grpc, and TLS 1.2 connections (refused per
 call, reported once per connection) in any case.
+`metrics=prometheus_client.REGISTRY` records the server's calls (and its certificate's expiry) in the
+registry the service already exposes (MeshMetrics.exposed_in; a MeshMetrics is taken as it is).
 `unix_socket=PATH` listens on that Unix domain socket instead of host:port and narrows it to 0600 (the
 local sidecar plane: only the mesh's user can reach the app; runtime/sockets.py).
 """
@@ -25,6 +27,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -40,6 +43,11 @@ from aivo_mesh.server.authz import Authorizer, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor, ServerCallObserver
 from aivo_mesh.tls import warn_if_not_enforced
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from aivo_mesh.telemetry.metrics import MeshMetrics
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,15 @@ class MeshServer:
         options: Sequence[tuple[str, object]] = (),
         on_refused: RefusalListener | None = None,
         unix_socket: str | Path | None = None,
+        metrics: MeshMetrics | CollectorRegistry | None = None,
     ) -> None:
+        from aivo_mesh.telemetry.metrics import MeshMetrics, ServerMetricsObserver  # it imports this package
+
         spec = mesh.service(service)
+        self.metrics = MeshMetrics.resolve(metrics)
+        if self.metrics is not None:
+            observers = (*observers, ServerMetricsObserver(self.metrics))
+            on_identity = _and_expiry(on_identity, self.metrics, service)
         self.mesh = mesh
         self.service = service
         self.host = host if host is not None else spec.host
@@ -196,3 +211,13 @@ class MeshServer:
 
     async def __aexit__(self, *exc: object) -> None:
         await asyncio.shield(self.stop())
+
+
+def _and_expiry(on_identity: Callable[[Identity], None] | None, metrics: MeshMetrics,
+                service: str) -> Callable[[Identity], None]:
+    """`on_identity`, after publishing each (re)loaded identity's expiry in `metrics`."""
+    def both(identity: Identity) -> None:
+        metrics.set_certificate_expiry(service, identity)
+        if on_identity is not None:
+            on_identity(identity)
+    return both

@@ -6,6 +6,12 @@
     metrics.set_certificate_expiry("auth-svc", identity)
     body = metrics.render()                           # text exposition 0.0.4, no `_created` series
 
+A service that already serves prometheus_client's default registry (start_http_server, make_asgi_app,
+a framework's /metrics) passes it instead, and gets these families there:
+
+    client = MeshClient(config, metrics=prometheus_client.REGISTRY)
+    server = MeshServer(mesh, "auth-svc", ..., metrics=prometheus_client.REGISTRY)
+
 Families (names are the platform's documented ones; see docs/telemetry.md):
 
     grpc_requests_total{side,service,method,status}        counter
@@ -34,10 +40,12 @@ a well-formed `/pkg.Service/Method` path is counted as `method="unknown"` to bou
 from __future__ import annotations
 
 import re
+import threading
+import weakref
 from collections.abc import Iterator
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
 from aivo_mesh.pki.peer import Rule
@@ -169,6 +177,35 @@ class MeshMetrics:
             ["service", "reason"], registry=r)
         self._ejected: dict[str, set[str]] = {}
 
+    @classmethod
+    def exposed_in(cls, registry: CollectorRegistry | None = None) -> MeshMetrics:
+        """The MeshMetrics this process exposes in `registry` (default: prometheus_client.REGISTRY, the
+        one start_http_server, make_wsgi_app/make_asgi_app and most frameworks serve).
+
+        Created on first use and registered there as one collector (its families without `_created`);
+        every later call with the same registry returns the same instance, so a MeshClient and a
+        MeshServer given `metrics=registry` share it and no family is registered twice. It keeps its own
+        registry as well, so an AdminServer given it serves the same families on /metrics."""
+        target = REGISTRY if registry is None else registry
+        with _EXPOSED_LOCK:
+            metrics = _EXPOSED.get(target)
+            if metrics is None:
+                metrics = cls()
+                target.register(metrics)  # a Collector: it has collect()
+                _EXPOSED[target] = metrics
+            return metrics
+
+    @classmethod
+    def resolve(cls, metrics: MeshMetrics | CollectorRegistry | None) -> MeshMetrics | None:
+        """What the `metrics=` option of MeshClient and MeshServer names: a MeshMetrics as it is, a
+        registry as `exposed_in(registry)`, None as None."""
+        if metrics is None or isinstance(metrics, MeshMetrics):
+            return metrics
+        if isinstance(metrics, CollectorRegistry):
+            return cls.exposed_in(metrics)
+        raise TypeError(f"metrics: expected a MeshMetrics or a prometheus_client CollectorRegistry, "
+                        f"got {type(metrics).__name__}")
+
     # -- recording -------------------------------------------------------------------------------
 
     def declare_target(self, service: str) -> None:
@@ -263,6 +300,12 @@ class MeshMetrics:
                     continue
                 out.append((s.name, dict(s.labels), float(s.value)))
         return out
+
+
+# Registry -> the MeshMetrics exposed in it (MeshMetrics.exposed_in). Weak: a test's throwaway registry
+# takes its MeshMetrics with it.
+_EXPOSED: weakref.WeakKeyDictionary[CollectorRegistry, MeshMetrics] = weakref.WeakKeyDictionary()
+_EXPOSED_LOCK = threading.Lock()
 
 
 class MetricsListener(PolicyListener):

@@ -29,13 +29,16 @@ class ProcessTelemetry:
     rpc_logs: bool = True
 
     @classmethod
-    def for_service(cls, mesh: MeshSpec, service: str, *, rpc_logs: bool = True) -> ProcessTelemetry:
+    def for_service(cls, mesh: MeshSpec, service: str, *, rpc_logs: bool = True,
+                    otel_service_name: str | None = None) -> ProcessTelemetry:
+        """`otel_service_name` (OTEL_SERVICE_NAME, config/env.py) names the process in its spans."""
         obs = mesh.observability
         try:
             version = mesh.service(service).version
         except KeyError:  # a non-service identity such as mesh-client
             version = ""
-        return cls(service=service, tracing=Tracing.from_spec(obs.tracing, service, version),
+        return cls(service=service,
+                   tracing=Tracing.from_spec(obs.tracing, service, version, resource_name=otel_service_name),
                    statsd=StatsdClient.from_spec(obs.statsd), rpc_logs=rpc_logs)
 
     def listeners(self) -> list[PolicyListener]:

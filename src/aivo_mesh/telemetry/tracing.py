@@ -13,9 +13,10 @@ Spans follow the OTel gRPC conventions: named `/pkg.Service/Method`, kind CLIENT
 `peer.service` (the target mesh service) on client spans and `aivo.caller` (the caller's mesh
 identity) on server spans. Context travels as W3C `traceparent`/`tracestate` and `baggage` metadata.
 
-Every `Tracing` owns its TracerProvider (resource service.name/service.version, sampler
-`ParentBased(TraceIdRatioBased(ratio))`, BatchSpanProcessor -> OTLP/gRPC); `install_global()` makes
-it the process-wide provider for application code that uses `opentelemetry.trace.get_tracer`.
+Every `Tracing` owns its TracerProvider (resource service.name/service.version, the sampler mesh.yaml's
+`tracing.sampler` names, by default `ParentBased(TraceIdRatioBased(sample_ratio))`, BatchSpanProcessor
+-> OTLP/gRPC); `install_global()` makes it the process-wide provider for application code that uses
+`opentelemetry.trace.get_tracer`. The standard OTEL_* variables reach it through config/env.py.
 
 Flushing blocks the calling thread until the exporter is done. When the collector is served by the
 same event loop (the embedded OtlpReceiver, tests), use `aflush()`/`aclose()`, which flush in a
@@ -44,7 +45,7 @@ from opentelemetry.propagators.textmap import Getter, TextMapPropagator
 from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.util.types import AttributeValue
@@ -138,8 +139,12 @@ class Tracing:
         exporter: SpanExporter | None = None,
         batch: bool = True,
         shutdown_on_exit: bool = True,
+        resource_name: str | None = None,
     ) -> Tracing | None:
         """The service's Tracing, or None when `spec.enabled` is false.
+
+        `resource_name` (OTEL_SERVICE_NAME) is the `service.name` its spans carry, when not the mesh
+        service's name: Jaeger lists the process under it.
 
         Spans go to `exporter` when given (tests: InMemorySpanExporter), else over OTLP/gRPC to
         `spec.otlp_endpoint` (plaintext unless the endpoint starts with https://). `batch=False`
@@ -152,9 +157,8 @@ class Tracing:
 
             endpoint = spec.otlp_endpoint
             exporter = OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.lower().startswith("https://"))
-        resource = Resource.create({SERVICE_NAME: service_name, SERVICE_VERSION: service_version})
-        provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(spec.sample_ratio)),
-                                  shutdown_on_exit=shutdown_on_exit)
+        resource = Resource.create({SERVICE_NAME: resource_name or service_name, SERVICE_VERSION: service_version})
+        provider = TracerProvider(resource=resource, sampler=sampler(spec), shutdown_on_exit=shutdown_on_exit)
         provider.add_span_processor(BatchSpanProcessor(exporter) if batch else SimpleSpanProcessor(exporter))
         return cls(provider, service_name, service_version)
 
@@ -200,6 +204,14 @@ class Tracing:
 
     async def aclose(self) -> None:
         await asyncio.to_thread(self.shutdown)
+
+
+def sampler(spec: TracingSpec) -> Sampler:
+    """The OpenTelemetry sampler `spec.sampler` names (the OTEL_TRACES_SAMPLER values)."""
+    kind = spec.sampler.removeprefix("parentbased_")
+    root: Sampler = (ALWAYS_ON if kind == "always_on" else ALWAYS_OFF if kind == "always_off"
+                     else TraceIdRatioBased(spec.sample_ratio))
+    return ParentBased(root) if spec.sampler.startswith("parentbased_") else root
 
 
 class ClientTracingLayer:
