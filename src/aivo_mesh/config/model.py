@@ -287,13 +287,16 @@ class HealthCheckSpec(_Strict):
     healthy_threshold: Annotated[StrictInt, Field(ge=1)] = 1
 
 
+INT32_MAX = 2_147_483_647  # grpc channel arguments are C ints
+
+
 class KeepaliveSpec(_Strict):
     """HTTP/2 keepalive of the platform's design (grpc channel args of the same names)."""
 
-    time_ms: Annotated[StrictInt, Field(ge=1000)] = 30000
-    timeout_ms: Annotated[StrictInt, Field(ge=100)] = 5000
+    time_ms: Annotated[StrictInt, Field(ge=1000, le=INT32_MAX)] = 30000
+    timeout_ms: Annotated[StrictInt, Field(ge=100, le=INT32_MAX)] = 5000
     permit_without_calls: StrictBool = True
-    max_pings_without_data: Annotated[StrictInt, Field(ge=0)] = 0
+    max_pings_without_data: Annotated[StrictInt, Field(ge=0, le=INT32_MAX)] = 0
 
 
 class Http2Spec(_Strict):
