@@ -109,6 +109,25 @@ async def test_envoy_denies_an_identity_mesh_yaml_does_not_allow(sidecar_mesh):
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
+async def test_envoy_rbac_matches_an_allowed_method_exactly(sidecar_mesh):
+    """mesh.yaml lets learner-svc call auth-svc's ValidateToken only. A method whose path merely starts
+    with it is denied by the sidecar's RBAC; a prefix match would pass it to the app, which answers
+    UNIMPLEMENTED."""
+    state, info, _ = sidecar_mesh
+    cert, key = state.certs.identity_paths("learner-svc")
+    async with _channel(info.services["auth-svc"].address, "auth-svc", state.certs.ca_cert.read_bytes(),
+                        key.read_bytes(), cert.read_bytes()) as ch:
+        reply = await auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(auth_pb2.ValidateTokenRequest(token="x"),
+                                                                      timeout=5)
+        assert reply.valid is False  # allowed: the app itself answered
+        for path in ("/aivo.auth.v1.AuthService/ValidateTokens", "/aivo.auth.v1.AuthService/ValidateToken2"):
+            call = ch.unary_unary(path, request_serializer=auth_pb2.ValidateTokenRequest.SerializeToString,
+                                  response_deserializer=auth_pb2.ValidateTokenResponse.FromString)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await call(auth_pb2.ValidateTokenRequest(token="x"), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED, (path, exc.value)
+
+
 async def test_learner_to_auth_through_two_sidecars_is_one_trace_with_app_and_envoy_spans(sidecar_mesh):
     state, _, view = sidecar_mesh
     async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view)) as client:
