@@ -89,10 +89,12 @@ class NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mis
         return await continuation(client_call_details, request)
 
 
-def write_results(name: str, summary: dict[str, Any]) -> None:
+RESULTS = Path(__file__).parent / "results"
+
+
+def write_results(name: str, summary: dict[str, Any], out: Path = RESULTS) -> None:
     """benchmarks/results/<name>.json, the summary every benchmark script leaves behind."""
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Cost of the pure policy core per call, next to the cost of an empty async call.
 
-    .venv/bin/python benchmarks/bench_policy.py [--number 200000] [--repeat 5]
+    .venv/bin/python benchmarks/bench_policy.py [--number 200000] [--repeat 5] [--results-dir DIR]
 
 Cases (best of `repeat` interleaved runs of `number` calls each, real time.monotonic clock, no event loop:
 the coroutines never suspend, so they are driven with `send(None)` to measure the code, not the loop):
@@ -9,7 +9,8 @@ the coroutines never suspend, so they are driven with `send(None)` to measure th
     decision + outcome   the same plus breaker.record and the endpoint's success bookkeeping
     full stack           TargetPolicy.stack_for(method) on a terminal returning OK at once:
                          deadline -> limit -> breaker -> retry -> balancer, one Call allocated per call
-Prints ns/call and the ratio to the empty async call. No assertions (target: decision path <= 2 us).
+Prints ns/call and the ratio to the empty async call, and writes them to benchmarks/results/policy.json.
+No assertions (target: decision path <= 2 us).
 """
 
 from __future__ import annotations
@@ -21,7 +22,10 @@ import sys
 import time
 import timeit
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any, cast
+
+from bench_client import RESULTS, write_results
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.policy.classify import SUCCESS
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--number", type=int, default=200_000)
     ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--results-dir", type=Path, default=RESULTS, help="where policy.json goes")
     args = ap.parse_args(argv)
     asyncio.set_event_loop(None)  # nothing here needs a loop
     fns = cases()
@@ -121,6 +126,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'case':<22}{'ns/call':>10}{'x empty':>10}")
     for name, ns in results.items():
         print(f"{name:<22}{ns:>10.0f}{ns / base:>10.1f}")
+    write_results("policy", {
+        "python": platform.python_version(), "machine": platform.machine(), "number": args.number,
+        "repeat": args.repeat, "ns_per_call": results, "ratio_to_empty": {n: ns / base for n, ns in results.items()},
+    }, args.results_dir)
     return 0
 
 

@@ -5,14 +5,21 @@ Sections are owned by different parts of the code base; append new sections belo
 
 from __future__ import annotations
 
+import random
+from collections.abc import Generator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import is_hypothesis_test
 
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.pki import CertLayout, init_ca, issue_all
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Locating envoy, openssl, promtool, docker-compose...: skip or fail by one rule (tests/binaries.py).
+pytest_plugins = ("binaries",)
 
 
 # ==================================================================================================
@@ -39,3 +46,30 @@ def mesh_certs(tmp_path_factory: pytest.TempPathFactory) -> CertLayout:
     init_ca(layout, spec.mesh.trust_domain)
     issue_all(layout, spec)
     return layout
+
+
+# ==================================================================================================
+# Hypothesis: one seed per run, shown, so whatever the fuzzers find can be found again
+# ==================================================================================================
+
+
+@pytest.hookimpl(tryfirst=True)  # before Hypothesis's own plugin reads --hypothesis-seed
+def pytest_configure(config: pytest.Config) -> None:
+    # A fresh seed each run keeps the fuzzers exploring; naming it makes a failure reproducible
+    # where the example database (.hypothesis/) is not kept, as in CI.
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed")
+    return f"hypothesis seed {seed}: rerun with --hypothesis-seed={seed} to replay the fuzzers' inputs"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, Any, Any]:
+    report = yield
+    if report.failed and is_hypothesis_test(getattr(item, "obj", None)):
+        seed = item.config.getoption("hypothesis_seed")
+        report.sections.append(("hypothesis seed", f"reproduce with: pytest --hypothesis-seed={seed} {item.nodeid}"))
+    return report

@@ -15,18 +15,16 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-import pytest
+from binaries import needs, require
 
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.pki import CertLayout, dns_names_for
 
-OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed (apt-get install openssl)")
+needs_openssl = needs("openssl")
 
 
 def openssl(*args: str) -> subprocess.CompletedProcess[str]:
-    assert OPENSSL is not None
-    return subprocess.run([OPENSSL, *args], capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run([require("openssl"), *args], capture_output=True, text=True, timeout=60, check=False)
 
 
 def mint(

@@ -130,6 +130,26 @@ async def test_transient_failures_are_retried_to_success_with_attempt_numbers(se
     assert [a for a, _ in rec.retries] == [2, 3]
 
 
+async def test_only_retries_carry_the_attempt_header(servers, make_client):
+    """docs/proxyless.md: a first attempt sends no x-mesh-attempt (its absence means 1), a retry sends
+    its number; on both unary paths, and never on a stream (streams are not retried)."""
+    plan = FaultPlan(fail_first=1)
+    s = await servers(plan)
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"], identity="analytics-svc")
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    assert (await stub.ValidateToken(_req())).valid  # the first attempt fails, the retry answers
+    assert (await stub.ValidateToken(_req())).valid  # answered at the first attempt
+    assert (await client.call_with_retry(service_name="auth-svc", method_name="ValidateToken", request=_req(),
+                                         timeout=2.0)).valid
+    assert [m.get("x-mesh-attempt") for m in plan.metadata_seen] == [None, "2", None, None]
+    streams = FaultPlan()
+    e = await servers(streams, service="event-collector-svc")
+    client.config.endpoints = {**client.config.endpoints, "event-collector-svc": [f"127.0.0.1:{e.bound_port}"]}
+    events = events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc"))
+    assert [ev.event_id async for ev in events.ListEvents(events_pb2.ListEventsRequest())] == ["e1", "e2"]
+    assert len(streams.metadata_seen) == 1 and "x-mesh-attempt" not in streams.metadata_seen[0]
+
+
 async def test_call_with_retry_documented_api(servers, make_client):
     plan = FaultPlan(fail_first=1)
     s = await servers(plan)

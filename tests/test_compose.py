@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+from binaries import needs, require
 
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.render import TARGETS, render_target
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH = load_mesh(ROOT / "mesh.yaml")
-DOCKER_COMPOSE = shutil.which("docker-compose")
 
 
 def compose() -> dict:
@@ -94,10 +92,10 @@ def _copy_tree(tmp_path: Path) -> Path:
     return mesh_dir
 
 
-@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose is not installed (apt-get install docker-compose)")
+@needs("docker-compose")
 def test_docker_compose_config_accepts_the_file(tmp_path):
     mesh_dir = _copy_tree(tmp_path)
-    out = subprocess.run([DOCKER_COMPOSE, "-f", "docker-compose.yaml", "config"], cwd=mesh_dir,
+    out = subprocess.run([require("docker-compose"), "-f", "docker-compose.yaml", "config"], cwd=mesh_dir,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     resolved = yaml.safe_load(out.stdout)
@@ -108,14 +106,14 @@ def test_docker_compose_config_accepts_the_file(tmp_path):
     assert resolved["services"]["auth-svc"]["build"]["context"] == str(mesh_dir.parent.parent)
 
 
-@pytest.mark.skipif(DOCKER_COMPOSE is None, reason="docker-compose is not installed (apt-get install docker-compose)")
+@needs("docker-compose")
 def test_docker_compose_config_rejects_a_broken_file(tmp_path):
     """The validator is live: a malformed service is refused."""
     mesh_dir = _copy_tree(tmp_path)
     data = yaml.safe_load((mesh_dir / "docker-compose.yaml").read_text())
     data["services"]["auth-svc-envoy"]["ports"] = "not-a-list"
     (mesh_dir / "docker-compose.yaml").write_text(yaml.safe_dump(data))
-    out = subprocess.run([DOCKER_COMPOSE, "-f", "docker-compose.yaml", "config"], cwd=mesh_dir,
+    out = subprocess.run([require("docker-compose"), "-f", "docker-compose.yaml", "config"], cwd=mesh_dir,
                          capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode != 0
 

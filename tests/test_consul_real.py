@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import shutil
 import socket
 import subprocess
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from binaries import require
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 
@@ -50,10 +50,7 @@ def _http_get(url: str) -> tuple[int, str]:
 @pytest.fixture(scope="module")
 def consul_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `consul agent -dev` on free ports; yields its HTTP address (host:port)."""
-    binary = shutil.which("consul")
-    if binary is None:
-        pytest.skip("consul binary not on PATH (install Consul to run these; test_discovery.py covers the "
-                    "same code against the fake agent)")
+    binary = require("consul")  # without it, test_discovery.py still covers this code against a fake agent
     http_port = _free_port()
     ports = (f"ports {{ http = {http_port}, dns = {_free_port()}, grpc = {_free_port()}, grpc_tls = -1, "
              f"serf_lan = {_free_port()}, serf_wan = {_free_port()}, server = {_free_port()} }}")

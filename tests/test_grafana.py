@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
+from binaries import needs, require
 from test_prometheus import exported_metric_names, promql_metric_names
 
 from aivo_mesh.config.loader import load_mesh
@@ -106,7 +105,7 @@ def test_rendering_is_deterministic():
     assert render_target("grafana", MESH) == render_target("grafana", load_mesh(ROOT / "mesh.yaml"))
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool is not installed (Debian package prometheus)")
+@needs("promtool")
 def test_every_panel_query_parses_as_promql(tmp_path):
     """promtool has no query checker, so each panel query becomes a recording rule for `check rules`
     (Grafana's variables replaced by what they expand to)."""
@@ -116,7 +115,7 @@ def test_every_panel_query_parses_as_promql(tmp_path):
                                                          for i, e in enumerate(exprs)]}]}
     path = tmp_path / "dashboard-queries.yml"
     path.write_text(yaml.safe_dump(rules))
-    out = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
+    out = subprocess.run([require("promtool"), "check", "rules", str(path)], capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode == 0, out.stdout + out.stderr
     assert f"{len(exprs)} rules found" in out.stdout

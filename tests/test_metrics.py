@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 import subprocess
 from dataclasses import dataclass
 
 import grpc
 import pytest
+from binaries import needs, require
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import until
 
@@ -332,30 +332,26 @@ async def test_server_observer_behind_a_real_grpc_server() -> None:
     assert "127.0.0.1" not in metrics.render().decode()
 
 
-PROMTOOL = shutil.which("promtool")
-
-
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)")
+@needs("promtool")
 def test_promtool_check_metrics_accepts_every_family() -> None:
-    assert PROMTOOL is not None
     metrics = MeshMetrics()
     exercise_every_family(metrics)
     metrics.declare_target("learner-svc")
     body = metrics.render()
     for name in EXPECTED:
         assert f"# TYPE {name}".encode() in body
-    done = subprocess.run([PROMTOOL, "check", "metrics"], input=body, capture_output=True, timeout=30,
+    done = subprocess.run([require("promtool"), "check", "metrics"], input=body, capture_output=True, timeout=30,
                           check=False)
     assert done.returncode == 0, done.stdout.decode() + done.stderr.decode()
     assert not done.stdout.strip(), "promtool lint warnings"
     assert not done.stderr.strip(), "promtool lint warnings"
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (Debian package `prometheus`)")
+@needs("promtool")
 def test_promtool_really_checks() -> None:
-    assert PROMTOOL is not None
     bad = b"# HELP x_total A counter.\n# TYPE x_total counter\nx_total{a=\"1\" 1\n"
-    done = subprocess.run([PROMTOOL, "check", "metrics"], input=bad, capture_output=True, timeout=30, check=False)
+    done = subprocess.run([require("promtool"), "check", "metrics"], input=bad, capture_output=True, timeout=30,
+                          check=False)
     assert done.returncode != 0
 
 

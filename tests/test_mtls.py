@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import shutil
 import socket
@@ -18,17 +19,23 @@ import h2.config
 import h2.connection
 import h2.events
 import pytest
+from faults import TcpProxy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from waiting import until
 
 from aivo_mesh import MeshClient, MeshConfig, MeshServer, PkiError
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.server import current_caller
+from aivo_mesh.server.server import MAX_CONNECTION_AGE_MS
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 from aivo_mesh.tls import tls13_enforced
 
 ROOT = Path(__file__).resolve().parents[1]
+# gRPC rounds a deadline up twice, each time to a whole millisecond: the client's deadline, then the
+# grpc-timeout header it sends. A server can so see up to 2 ms more than the caller's timeout.
+GRPC_ROUNDING = 0.002
 
 
 class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
@@ -41,7 +48,8 @@ class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         if request.token.startswith("sleep:"):
             await asyncio.sleep(float(request.token.split(":")[1]))
         remaining = context.time_remaining()
-        return auth_pb2.ValidateTokenResponse(valid=True, reason=f"{remaining:.3f}" if remaining else "none")
+        # Unrounded: rounding here could only push the figure further past the caller's timeout.
+        return auth_pb2.ValidateTokenResponse(valid=True, reason=repr(remaining) if remaining else "none")
 
 
 def _free_port() -> int:
@@ -98,6 +106,37 @@ async def test_allow_list_is_per_method(auth_server, auth_mesh, mesh_certs):
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8))
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_an_allowed_method_is_matched_exactly(auth_mesh, mesh_certs):
+    """learner-svc may call ValidateToken only: a method of the same service whose name merely starts
+    with it (served here for the test) is denied. The sidecar plane: test_sidecar_e2e.py."""
+    async def validate_many(request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext
+                            ) -> auth_pb2.ValidateTokenResponse:
+        return auth_pb2.ValidateTokenResponse(valid=True)
+
+    server = MeshServer.for_service(auth_mesh, "auth-svc", mesh_certs)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(EchoAuth(), server.grpc_server)
+    server.grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("aivo.auth.v1.AuthService", {
+        "ValidateTokens": grpc.unary_unary_rpc_method_handler(
+            validate_many, request_deserializer=auth_pb2.ValidateTokenRequest.FromString,
+            response_serializer=auth_pb2.ValidateTokenResponse.SerializeToString)}),))
+    await server.start()
+    cert, key = mesh_certs.identity_paths("learner-svc")
+    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{server.bound_port}", creds,
+                                           options=[("grpc.default_authority", "auth-svc")]) as ch:
+            assert (await auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(
+                auth_pb2.ValidateTokenRequest(token="x"), timeout=5)).valid
+            many = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateTokens",
+                                  request_serializer=auth_pb2.ValidateTokenRequest.SerializeToString,
+                                  response_deserializer=auth_pb2.ValidateTokenResponse.FromString)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await many(auth_pb2.ValidateTokenRequest(token="x"), timeout=5)
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED, exc.value
+    finally:
+        await server.stop(0)
 
 
 async def test_whole_service_allow_rule_admits_every_method(mesh_certs):
@@ -181,7 +220,7 @@ async def test_route_deadline_applies_when_the_caller_gives_none(auth_server, au
         stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
         # The server sees the route's 300 ms deadline.
         seen = float((await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))).reason)
-        assert 0 < seen <= 0.3
+        assert 0 < seen <= 0.3 + GRPC_ROUNDING
         start = time.monotonic()
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="sleep:3"))
@@ -189,7 +228,7 @@ async def test_route_deadline_applies_when_the_caller_gives_none(auth_server, au
         assert time.monotonic() - start < 2.0
         # A caller's smaller timeout wins over the route's.
         seen = float((await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"), timeout=0.1)).reason)
-        assert 0 < seen <= 0.1
+        assert 0 < seen <= 0.1 + GRPC_ROUNDING  # the caller's 100 ms, not the route's 300 ms
 
 
 async def test_channels_are_pooled(auth_server, auth_mesh, mesh_certs):
@@ -375,3 +414,48 @@ def test_a_bad_rotation_is_parsed_once_not_on_every_handshake(mesh_certs, tmp_pa
         key.chmod(0o600)  # the fix the message asks for changes no mtime, size or inode: still noticed
         assert creds._fetch() is not None
         assert creds.reloads == 1
+
+
+class CountingProxy(TcpProxy):
+    """A loopback TCP forwarder that counts the connections it was asked for."""
+
+    accepted = 0
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        await super()._handle(reader, writer)
+
+
+async def test_the_server_closes_a_connection_at_its_max_age_and_the_client_reconnects(auth_mesh, mesh_certs):
+    """docs/certificates.md: connections are closed after a maximum age (5 minutes; 0.3 s here) so every
+    client handshakes again, and so meets a rotated certificate, without a restart."""
+    server = MeshServer.for_service(auth_mesh, "auth-svc", mesh_certs, max_connection_age_ms=300,
+                                    max_connection_age_grace_ms=300)
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(EchoAuth(), server.grpc_server)
+    await server.start()
+    assert server.bound_port is not None
+    proxy = CountingProxy(server.bound_port)
+    await proxy.start()
+    cert, key = mesh_certs.identity_paths("mesh-client")
+    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    try:
+        async with grpc.aio.secure_channel(f"127.0.0.1:{proxy.port}", creds,
+                                           options=[("grpc.default_authority", "auth-svc")]) as ch:
+            stub = auth_pb2_grpc.AuthServiceStub(ch)
+            assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"), timeout=5)).valid
+            assert ch.get_state() == grpc.ChannelConnectivity.READY
+            # The server's GOAWAY at max age (±10 % jitter) ends the connection: the channel goes idle.
+            await until(lambda: ch.get_state() != grpc.ChannelConnectivity.READY, timeout=10,
+                        what="the server closed the connection at its max age")
+            assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"), timeout=5)).valid
+        assert proxy.accepted == 2  # the second call came on a new connection, with a new handshake
+    finally:
+        await proxy.stop()
+        await server.stop(0)
+
+
+def test_the_documented_max_connection_age_is_the_default() -> None:
+    assert inspect.signature(MeshServer).parameters["max_connection_age_ms"].default == MAX_CONNECTION_AGE_MS
+    minutes = MAX_CONNECTION_AGE_MS / 60_000
+    assert minutes == 5
+    assert f"connections are closed after {minutes:g} minutes" in (ROOT / "docs" / "certificates.md").read_text()

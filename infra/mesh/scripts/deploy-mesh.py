@@ -115,11 +115,13 @@ def compose_services(components: list[str]) -> list[str]:
     return chosen
 
 
-def deploy_docker(components: list[str], dry_run: bool, report: Report) -> None:
+def deploy_docker(components: list[str], dry_run: bool, report: Report, engine_answered: bool) -> None:
+    """`engine_answered`: `docker info` succeeded (--docker auto); with --docker yes nobody asked."""
     compose = compose_command()
     if compose is None:
-        report.add("compose", "FAILED",
-                   "a Docker engine answers but neither `docker compose` nor docker-compose exists")
+        why = "a Docker engine answers, but " if engine_answered else "--docker yes, but "
+        report.add("compose", "FAILED", why + "neither `docker compose` (the Compose plugin) nor docker-compose "
+                                              "is installed")
         return
     certs = ROOT / "certs"
     if not (certs / "ca" / "ca.crt").exists():
@@ -364,13 +366,14 @@ def main(argv: list[str] | None = None) -> int:
                        "infra/mesh/{envoy,linkerd,consul,prometheus,grafana}, docker-compose.yaml")
 
     use_docker = {"yes": True, "no": False, "auto": None}[args.docker]
+    engine_answered = False
     if use_docker is None:
-        use_docker = docker_engine()
+        use_docker = engine_answered = docker_engine()
     print(f"deploying {', '.join(components)} "
           f"({'Docker engine: docker compose' if use_docker else NO_DOCKER + ': on this machine'})"
           f"{' [dry run]' if args.dry_run else ''}")
     if use_docker:
-        deploy_docker(components, args.dry_run, report)
+        deploy_docker(components, args.dry_run, report, engine_answered)
     else:
         state.mkdir(parents=True, exist_ok=True)
         deploy_local(state, components, args.dry_run, report, args.prometheus_port, args.free_ports)

@@ -124,6 +124,7 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
     if output_dir is not None and len(names) > 1:
         raise click.UsageError("--output-dir needs a single target")
     drift: list[str] = []
+    missing: list[str] = []
     stale_shown: list[str] = []
     for name in names:
         out = Path(output_dir) if output_dir else base / TARGETS[name].output_dir
@@ -131,7 +132,11 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
         for rel, text in files.items():
             path = out / rel
             if check:
-                current = path.read_text() if path.exists() else ""
+                if not path.is_file():  # named as such: a deleted file is not a diff against ""
+                    missing.append(str(path))
+                    click.echo(f"missing: {path} (mesh.yaml renders it)", err=True)
+                    continue
+                current = path.read_text()
                 if current != text:
                     drift.append(str(path))
                     diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(path),
@@ -157,8 +162,9 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
         click.secho(f"{len(stale_shown)} stale path(s) left in place; `meshctl render {target} --prune` "
                     "deletes them", fg="yellow", err=True)
     if check:
-        if drift or stale_shown:
-            what = [f"{len(drift)} rendered files differ from mesh.yaml"] if drift else []
+        if drift or missing or stale_shown:
+            what = [f"{len(missing)} rendered files are missing"] if missing else []
+            what += [f"{len(drift)} rendered files differ from mesh.yaml"] if drift else []
             what += [f"{len(stale_shown)} stale path(s) are not rendered any more"] if stale_shown else []
             click.secho(f"drift: {'; '.join(what)}; run `meshctl render {target}"
                         f"{' --prune' if stale_shown else ''}`", fg="red", err=True)

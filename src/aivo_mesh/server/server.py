@@ -77,6 +77,8 @@ class MeshServer:
         on_refused: RefusalListener | None = None,
         unix_socket: str | Path | None = None,
         metrics: MeshMetrics | CollectorRegistry | None = None,
+        max_connection_age_ms: int = MAX_CONNECTION_AGE_MS,
+        max_connection_age_grace_ms: int = MAX_CONNECTION_AGE_GRACE_MS,
     ) -> None:
         from aivo_mesh.telemetry.metrics import MeshMetrics, ServerMetricsObserver  # it imports this package
 
@@ -111,8 +113,8 @@ class MeshServer:
         self.grpc_server = grpc.aio.server(
             interceptors=[self.guard, *interceptors],
             options=[
-                ("grpc.max_connection_age_ms", MAX_CONNECTION_AGE_MS),
-                ("grpc.max_connection_age_grace_ms", MAX_CONNECTION_AGE_GRACE_MS),
+                ("grpc.max_connection_age_ms", max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", max_connection_age_grace_ms),
                 ("grpc.keepalive_permit_without_calls", 1),
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.so_reuseport", 0),
