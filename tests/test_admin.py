@@ -100,7 +100,7 @@ def source() -> FakeSource:
 def metrics() -> MeshMetrics:
     m = MeshMetrics()
     listener = MetricsListener(m)
-    listener.call_finished("auth-svc", LOGIN, "OK", 0.01, 1, False)
+    listener.call_finished("auth-svc", LOGIN, "OK", 0.01, 1, None)
     listener.breaker_state("auth-svc", "closed", "open")
     return m
 

