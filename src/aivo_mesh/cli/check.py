@@ -24,7 +24,7 @@ from typing import Literal
 import click
 
 from aivo_mesh.cli._output import emit, output_option
-from aivo_mesh.cli._root import cli
+from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.config.loader import find_mesh_file, load_mesh
 from aivo_mesh.config.model import MeshSpec
@@ -128,19 +128,20 @@ def check_render(mesh_file: Path) -> Check:
         lines = [ln for ln in err.getvalue().splitlines() if ln.startswith(("drift:", "stale:"))]
         summary = next((ln for ln in reversed(lines) if ln.startswith("drift:")), "rendered files differ")
         stale = [ln.split(" looks generated")[0] for ln in lines if ln.startswith("stale:")]
+        differ = [ln[4:] for ln in err.getvalue().splitlines() if ln.startswith("--- ")]  # the diffs' headers
         return Check("render", "fail", summary.removeprefix("drift: ").split("; run ")[0]
-                     + (f" ({_first(stale)})" if stale else ""),
+                     + (f" ({_first(differ + stale)})" if differ or stale else ""),
                      "`meshctl render all --check` shows the diff; `meshctl render all --prune` rewrites them "
                      "and deletes stale ones")
     return Check("render", "ok", f"files under {mesh_file.resolve().parent / 'infra/mesh'} match mesh.yaml")
 
 
-def _listens(mesh: MeshSpec, plane: str) -> list[tuple[str, int, str]]:
+def _listens(mesh: MeshSpec, plane: str, otlp_port: int) -> list[tuple[str, int, str]]:
     """(host, port, what) that `meshctl up --plane PLANE` listens on with mesh.yaml's ports."""
     from aivo_mesh.render.envoy import sidecar_ports
 
     metrics = mesh.observability.metrics.host
-    found = [("127.0.0.1", OTLP_PORT, "the trace collector")]
+    found = [("127.0.0.1", otlp_port, "the trace collector")]
     for name in mesh.service_names:
         svc = mesh.service(name)
         if plane == "proxyless":
@@ -153,11 +154,11 @@ def _listens(mesh: MeshSpec, plane: str) -> list[tuple[str, int, str]]:
     return found
 
 
-def check_ports(mesh: MeshSpec, plane: str, state: StateDir) -> Check:
+def check_ports(mesh: MeshSpec, plane: str, otlp_port: int, state: StateDir) -> Check:
     from aivo_mesh.runtime.local import listen_problem
     from aivo_mesh.runtime.state import running_meshes
 
-    listens = _listens(mesh, plane)
+    listens = _listens(mesh, plane, otlp_port)
     busy = [(port, p) for host, port, what in listens if (p := listen_problem(host, port, what))]
     if not busy:
         return Check("ports", "ok", f"the {len(listens)} ports `meshctl up --plane {plane}` listens on are free")
@@ -194,7 +195,7 @@ def check_health(state: StateDir) -> list[Check]:
 
 
 def run_checks(config: str | None, certs_dir: Path, certs_explicit: bool, state: StateDir, plane: str,
-               warn_days: int) -> list[Check]:
+               otlp_port: int, warn_days: int) -> list[Check]:
     first, mesh, mesh_file = check_config(config)
     checks = [first]
     try:
@@ -211,7 +212,7 @@ def run_checks(config: str | None, certs_dir: Path, certs_explicit: bool, state:
         if running:
             checks.append(Check("ports", "skip", f"a mesh runs from {state.root}: its ports are in use by it"))
         else:
-            checks.append(check_ports(mesh, plane, state))
+            checks.append(check_ports(mesh, plane, otlp_port, state))
     if running:
         checks += check_health(state)
     else:
@@ -227,14 +228,16 @@ def run_checks(config: str | None, certs_dir: Path, certs_explicit: bool, state:
 @state_dir_option()
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True,
               help="whose ports must be free (those `meshctl up --plane PLANE` listens on)")
+@click.option("--otlp-port", type=PORT, default=OTLP_PORT, show_default=True,
+              help="the trace collector's port, as given to `meshctl up --otlp-port`")
 @click.option("--expiry-warn-days", type=click.IntRange(min=0), default=EXPIRY_WARN_DAYS, show_default=True,
               help="warn (⚠) when a certificate expires within this many days")
 @output_option
-def check(config: str | None, certs_dir: Path | None, state_dir: StateDir, plane: str, expiry_warn_days: int,
-          output: str) -> None:
+def check(config: str | None, certs_dir: Path | None, state_dir: StateDir, plane: str, otlp_port: int,
+          expiry_warn_days: int, output: str) -> None:
     """Check config, lint, certificates, rendered files, ports and, when a mesh runs, its health: one ✔/✘
     line each; exit 1 on any ✘ (⚠ are warnings)."""
-    checks = run_checks(config, certs_dir or Path("certs"), certs_dir is not None, state_dir, plane,
+    checks = run_checks(config, certs_dir or Path("certs"), certs_dir is not None, state_dir, plane, otlp_port,
                         expiry_warn_days)
     failed = sum(c.status == "fail" for c in checks)
     warned = sum(c.status == "warn" for c in checks)
