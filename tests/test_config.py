@@ -764,12 +764,12 @@ def test_cli_show_output_is_a_valid_equivalent_mesh(
 
 
 def test_cli_show_json_and_service(capsys: pytest.CaptureFixture[str]) -> None:
-    assert _main(["config", "show", str(DESIGN_B), "--format", "json"]) == 0
+    assert _main(["config", "show", str(DESIGN_B), "-o", "json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert [s["timeout"] for s in data["services"]] == ["5s", "15s", "10s", "20s"]
     assert data["defaults"]["retry_budget"]["percent"] == 20.0
 
-    assert _main(["config", "show", str(MESH_FILE), "--service", EVENTS, "--format", "json"]) == 0
+    assert _main(["config", "show", str(MESH_FILE), "--service", EVENTS, "-o", "json"]) == 0
     svc = json.loads(capsys.readouterr().out)
     assert svc["name"] == EVENTS
     assert svc["timeout"] == "2s"

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from fakes.consul_agent import FakeConsulAgent, go_duration
 
 from aivo_mesh.cli import main
@@ -101,11 +102,16 @@ def test_register_every_service_then_list_and_deregister_one(agent, capsys):
     check = agent.registrations["auth-svc-127.0.0.1-50051"]["Check"]
     assert (check["GRPCUseTLS"], check["TLSServerName"]) == (True, "auth-svc")
 
-    code, out, _ = run(capsys, "consul", "services", "--consul", agent.address, "--json")
+    code, out, _ = run(capsys, "consul", "services", "--consul", agent.address, "-o", "json")
     assert code == 0
     listing = json.loads(out)
-    assert set(listing) >= set(MESH.service_names)
-    assert listing["auth-svc"] == ["auth", "tier-1"]
+    assert listing["agent"] == agent.address
+    tags = {s["name"]: s["tags"] for s in listing["services"]}
+    assert set(tags) >= set(MESH.service_names)
+    assert tags["auth-svc"] == ["auth", "tier-1"]
+    code, out, _ = run(capsys, "consul", "services", "--consul", agent.address, "-o", "yaml")
+    assert code == 0
+    assert yaml.safe_load(out) == listing
 
     code, out, _ = run(capsys, "consul", "deregister", "auth-svc", "--consul", agent.address)
     assert code == 0

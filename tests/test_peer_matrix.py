@@ -168,7 +168,7 @@ def _rotated_away(certs: CertLayout, mesh_yaml: Path, tmp_path: Path) -> tuple[P
     shutil.copy(cert, old / "mesh-client.crt")
     shutil.copy(key, old / "mesh-client-key.pem")
     for _ in range(5):
-        assert meshctl(["certs", "rotate", "mesh-client", "--revoke-previous", "-o", str(certs.root),
+        assert meshctl(["certs", "rotate", "mesh-client", "--revoke-previous", "-d", str(certs.root),
                         "-c", str(mesh_yaml)]) == 0
     return old / "mesh-client.crt", old / "mesh-client-key.pem"
 

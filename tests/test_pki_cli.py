@@ -8,15 +8,20 @@ import shutil
 import stat
 import subprocess
 import sys
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import yaml
 from binaries import optional
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from aivo_mesh.cli import main
 from aivo_mesh.config import load_mesh
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.pki.issue import build_leaf, load_issuer
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"
@@ -39,22 +44,22 @@ def certs(mesh_certs: CertLayout, tmp_path: Path) -> CertLayout:
 def test_init_issue_verify_inspect_rotate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = str(tmp_path / "certs")
     cfg = ("--config", str(MESH_FILE))
-    code, out, _ = _run(capsys, "certs", "init", "--output-dir", out_dir, *cfg)
+    code, out, _ = _run(capsys, "certs", "init", "--certs-dir", out_dir, *cfg)
     assert code == 0
     assert "aivo.local" in out
-    code, out, _ = _run(capsys, "certs", "issue", "--all", "--output-dir", out_dir, "--valid-days", "30",
+    code, out, _ = _run(capsys, "certs", "issue", "--all", "--certs-dir", out_dir, "--valid-days", "30",
                         *cfg)
     assert code == 0
     for name in IDENTITIES:
         assert name in out
-    code, out, _ = _run(capsys, "certs", "verify", "--output-dir", out_dir, *cfg)
+    code, out, _ = _run(capsys, "certs", "verify", "--certs-dir", out_dir, *cfg)
     assert code == 0, out
     assert "all 7 certificates OK" in out
     layout = CertLayout(Path(out_dir))
     leaf = x509.load_pem_x509_certificates(layout.identity_paths("auth-svc")[0].read_bytes())[0]
     assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 30
 
-    code, out, _ = _run(capsys, "certs", "verify", "--output-dir", out_dir, "--json", *cfg)
+    code, out, _ = _run(capsys, "certs", "verify", "--certs-dir", out_dir, "--json", *cfg)
     data = json.loads(out)
     assert code == 0
     assert data["ok"] is True
@@ -66,12 +71,12 @@ def test_init_issue_verify_inspect_rotate(tmp_path: Path, capsys: pytest.Capture
     assert "URI:spiffe://aivo.local/ns/default/sa/auth-svc" in out
     assert "IP:127.0.0.1" in out
 
-    code, out, _ = _run(capsys, "certs", "rotate", "--output-dir", out_dir, "auth-svc", *cfg)
+    code, out, _ = _run(capsys, "certs", "rotate", "--certs-dir", out_dir, "auth-svc", *cfg)
     assert code == 0
     assert "rotated 1 certificate" in out
     rotated = x509.load_pem_x509_certificates(layout.identity_paths("auth-svc")[0].read_bytes())[0]
     assert rotated.serial_number != leaf.serial_number
-    code, out, _ = _run(capsys, "certs", "rotate", "--output-dir", out_dir, "--renew-before-days", "5", *cfg)
+    code, out, _ = _run(capsys, "certs", "rotate", "--certs-dir", out_dir, "--renew-before-days", "5", *cfg)
     assert code == 0
     assert "nothing to rotate" in out
 
@@ -79,12 +84,12 @@ def test_init_issue_verify_inspect_rotate(tmp_path: Path, capsys: pytest.Capture
 def test_verify_exits_1_on_any_problem(certs: CertLayout, capsys: pytest.CaptureFixture[str]) -> None:
     certs.identity_paths("learner-svc")[1].chmod(0o644)
     cfg = ("--config", str(MESH_FILE))
-    code, out, err = _run(capsys, "certs", "verify", "--output-dir", str(certs.root), *cfg)
+    code, out, err = _run(capsys, "certs", "verify", "--certs-dir", str(certs.root), *cfg)
     assert code == 1
     assert "group/others" in out
     assert "1 of 7 certificates" in err
     assert "learner-svc" in err
-    code, out, _ = _run(capsys, "certs", "verify", "--output-dir", str(certs.root), *cfg, "--json")
+    code, out, _ = _run(capsys, "certs", "verify", "--certs-dir", str(certs.root), *cfg, "-o", "json")
     assert code == 1
     assert json.loads(out)["ok"] is False
 
@@ -93,7 +98,7 @@ def test_init_refuses_to_overwrite_without_force(
     certs: CertLayout, capsys: pytest.CaptureFixture[str]
 ) -> None:
     before = certs.ca_cert.read_bytes()
-    args = ("certs", "init", "--output-dir", str(certs.root), "--trust-domain", "aivo.local")
+    args = ("certs", "init", "--certs-dir", str(certs.root), "--trust-domain", "aivo.local")
     code, _, err = _run(capsys, *args)
     assert code == 2
     assert "--force" in err
@@ -117,7 +122,7 @@ def test_init_refuses_to_overwrite_without_force(
 def test_issue_refusals_exit_2(certs: CertLayout, capsys: pytest.CaptureFixture[str], argv: list[str],
                                phrase: str) -> None:
     before = certs.identity_paths("auth-svc")[0].read_bytes()
-    code, out, err = _run(capsys, "certs", "issue", *argv, "--output-dir", str(certs.root),
+    code, out, err = _run(capsys, "certs", "issue", *argv, "--certs-dir", str(certs.root),
                           "--config", str(MESH_FILE))
     assert code == 2
     assert phrase in out + err
@@ -125,7 +130,7 @@ def test_issue_refusals_exit_2(certs: CertLayout, capsys: pytest.CaptureFixture[
 
 
 def test_issue_without_ca_says_to_run_init(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = _run(capsys, "certs", "issue", "--all", "--output-dir", str(tmp_path / "none"),
+    code, _, err = _run(capsys, "certs", "issue", "--all", "--certs-dir", str(tmp_path / "none"),
                         "--config", str(MESH_FILE))
     assert code == 2
     assert "certs init" in err
@@ -189,7 +194,7 @@ def test_revoke_records_in_mesh_yaml_keeps_comments_and_signs_a_crl(
     mesh_yaml.write_text((ROOT / "mesh.yaml").read_text())
     before = mesh_yaml.read_text()
     auth = _leaf_of(certs, "auth-svc")
-    code, out, err = _run(capsys, "certs", "revoke", "auth-svc", "DEAD:BEEF", "-o", str(certs.root),
+    code, out, err = _run(capsys, "certs", "revoke", "auth-svc", "DEAD:BEEF", "-d", str(certs.root),
                           "-c", str(mesh_yaml), "--note", "key leaked")
     assert code == 0, err
     assert "re-issue it with `meshctl certs rotate auth-svc`" in out
@@ -212,12 +217,12 @@ def test_revoke_records_in_mesh_yaml_keeps_comments_and_signs_a_crl(
                               capture_output=True, text=True, check=False)
         assert done.returncode != 0 and "revoked" in (done.stdout + done.stderr)
     # certs verify reports it against mesh.yaml: the current auth-svc certificate is now refused everywhere.
-    code, out, _ = _run(capsys, "certs", "verify", "-o", str(certs.root), "-c", str(mesh_yaml), "--json")
+    code, out, _ = _run(capsys, "certs", "verify", "-d", str(certs.root), "-c", str(mesh_yaml), "-o", "json")
     assert code == 1
     auth_report = next(r for r in json.loads(out)["certificates"] if r["name"] == "auth-svc")
     assert any("revoked in mesh.yaml" in p for p in auth_report["problems"]), auth_report
     # A bad target: exit 2, nothing written.
-    code, _, err = _run(capsys, "certs", "revoke", "no-such-thing", "-o", str(certs.root), "-c", str(mesh_yaml))
+    code, _, err = _run(capsys, "certs", "revoke", "no-such-thing", "-d", str(certs.root), "-c", str(mesh_yaml))
     assert code == 2 and "nor a hex certificate serial" in err
     assert load_mesh(mesh_yaml).certificates.revoked == revoked
     if openssl is None:  # reported, not passed: the openssl cross-check above did not run
@@ -231,7 +236,7 @@ def test_rotate_can_revoke_what_it_replaced(certs: CertLayout, tmp_path: Path,
     serials = []
     for _ in range(3):
         serials.append(_leaf_of(certs, "learner-svc").serial_number)
-        code, _, err = _run(capsys, "certs", "rotate", "learner-svc", "--revoke-previous", "-o", str(certs.root),
+        code, _, err = _run(capsys, "certs", "rotate", "learner-svc", "--revoke-previous", "-d", str(certs.root),
                             "-c", str(mesh_yaml))
         assert code == 0, err
 
@@ -239,5 +244,55 @@ def test_rotate_can_revoke_what_it_replaced(certs: CertLayout, tmp_path: Path,
     assert revoked == set(serials)
     assert _leaf_of(certs, "learner-svc").serial_number not in revoked  # the current one stays good
     assert {c.serial_number for c in x509.load_pem_x509_crl(certs.crl.read_bytes())} == set(serials)
-    code, out, _ = _run(capsys, "certs", "crl", "-o", str(certs.root), "-c", str(mesh_yaml))
+    code, out, _ = _run(capsys, "certs", "crl", "-d", str(certs.root), "-c", str(mesh_yaml))
     assert code == 0 and "3 revoked serial(s)" in out
+
+
+# --- flags and exit codes shared by the certs commands ------------------------------------------------
+
+
+def test_o_is_the_output_format_and_d_the_certs_dir(certs: CertLayout, capsys: pytest.CaptureFixture[str]) -> None:
+    # -o once meant --output-dir: `certs inspect -o json` looked for a directory named json.
+    code, out, err = _run(capsys, "certs", "inspect", "-o", "json", "-d", str(certs.root))
+    assert code == 0, err
+    assert json.loads(out)["certs_dir"] == str(certs.root)
+    code, out, _ = _run(capsys, "certs", "verify", "-o", "yaml", "--certs-dir", str(certs.root),
+                        "--config", str(MESH_FILE))
+    assert code == 0
+    assert yaml.safe_load(out)["ok"] is True
+    code, _, err = _run(capsys, "certs", "inspect", "-o", str(certs.root))
+    assert code == 2
+    assert "'--output'" in err and "'text', 'json', 'yaml'" in err
+
+
+def _expire(layout: CertLayout, name: str) -> None:
+    issuer = load_issuer(layout)
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = build_leaf(issuer, load_mesh(MESH_FILE), name, key, 2, datetime.now(UTC) - timedelta(days=10))
+    cert_path, key_path = layout.identity_paths(name)
+    cert_path.write_bytes(leaf.public_bytes(serialization.Encoding.PEM)
+                          + issuer.cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+
+
+@pytest.mark.parametrize(("problem", "code", "phrase"), [
+    ("none", 0, ""),
+    ("expired", 1, "expired on"),
+    ("unreadable", 1, "auth-svc"),
+    ("missing dir", 2, "certs directory not found"),
+])
+def test_verify_and_inspect_agree_on_exit_codes(certs: CertLayout, capsys: pytest.CaptureFixture[str],
+                                                problem: str, code: int, phrase: str) -> None:
+    where = certs.root
+    if problem == "expired":
+        _expire(certs, "auth-svc")
+    elif problem == "unreadable":
+        certs.identity_paths("auth-svc")[0].write_text("not a certificate\n")
+    elif problem == "missing dir":
+        where = certs.root / "nowhere"
+    for command in (("verify", "--config", str(MESH_FILE)), ("inspect",)):
+        got, out, err = _run(capsys, "certs", *command, "-d", str(where))
+        assert got == code, (command, out, err)
+        assert phrase in out + err, (command, out, err)
+        assert "Traceback" not in err

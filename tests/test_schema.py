@@ -34,7 +34,7 @@ def schema_errors(data: Any) -> list[str]:
 
 def test_the_checked_in_schema_is_the_models() -> None:
     assert CHECKED_IN.read_text(encoding="utf-8") == mesh_json_schema_text(), (
-        f"{SCHEMA_FILE} is out of date with config/model.py: run `meshctl config schema -o {SCHEMA_FILE}`")
+        f"{SCHEMA_FILE} is out of date with config/model.py: run `meshctl config schema --write {SCHEMA_FILE}`")
 
 
 def test_the_schema_is_a_valid_draft_2020_12_schema() -> None:
@@ -93,5 +93,5 @@ def test_meshctl_config_schema_prints_it(capsys: pytest.CaptureFixture[str], tmp
     assert main(["config", "schema"]) == 0
     assert capsys.readouterr().out == mesh_json_schema_text()
     out = tmp_path / "s.json"
-    assert main(["config", "schema", "-o", str(out)]) == 0
+    assert main(["config", "schema", "--write", str(out)]) == 0
     assert out.read_text(encoding="utf-8") == mesh_json_schema_text()

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Generate the mesh PKI: CA (if missing), a certificate per service and mesh-client, then verify.
 #
-#   generate-certs.sh [--output-dir DIR] [--valid-days N] [--config mesh.yaml] [--force]
+#   generate-certs.sh [--certs-dir DIR] [--valid-days N] [--config mesh.yaml] [--force]
 #   generate-certs.sh DIR [VALID_DAYS]            (positional form, kept for older callers)
 #
 # --force replaces an existing CA; without it an existing CA is reused and only leaves are re-issued.
@@ -24,9 +24,9 @@ positional=()
 
 while [[ $# -gt 0 ]]; do
     case "$1" in
-        -o|--output-dir|--cert-dir) [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
+        -d|--certs-dir|--output-dir|--cert-dir) [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
             output_dir="$2"; shift 2 ;;
-        --output-dir=*|--cert-dir=*) output_dir="${1#*=}"; shift ;;
+        --certs-dir=*|--output-dir=*|--cert-dir=*) output_dir="${1#*=}"; shift ;;
         --valid-days) [[ $# -ge 2 ]] || { echo "error: $1 needs a value" >&2; exit 2; }
             valid_days="$2"; shift 2 ;;
         --valid-days=*) valid_days="${1#*=}"; shift ;;
@@ -72,11 +72,11 @@ days_args=()
 if [[ -e "${output_dir}/ca/ca.crt" && ${force} -eq 0 ]]; then
     echo "CA exists in ${output_dir}/ca: reusing it (pass --force to replace it)"
 else
-    init_args=(certs init --output-dir "${output_dir}" "${config_args[@]+"${config_args[@]}"}")
+    init_args=(certs init --certs-dir "${output_dir}" "${config_args[@]+"${config_args[@]}"}")
     [[ ${force} -eq 1 ]] && init_args+=(--force)
     "${meshctl[@]}" "${init_args[@]}"
 fi
 
-"${meshctl[@]}" certs issue --all --output-dir "${output_dir}" \
+"${meshctl[@]}" certs issue --all --certs-dir "${output_dir}" \
     "${days_args[@]+"${days_args[@]}"}" "${config_args[@]+"${config_args[@]}"}"
-"${meshctl[@]}" certs verify --output-dir "${output_dir}" "${config_args[@]+"${config_args[@]}"}"
+"${meshctl[@]}" certs verify --certs-dir "${output_dir}" "${config_args[@]+"${config_args[@]}"}"

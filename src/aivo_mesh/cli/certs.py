@@ -2,13 +2,13 @@
 
 The work is done by `aivo_mesh.pki`; this module parses flags and prints rich tables. Bad input
 (unknown service, existing CA without --force, weak key type, unreadable files) raises PkiError or
-ConfigError, which `meshctl` turns into `error: FILE: reason` and exit code 2. `verify` exits 1 when
-any certificate has a problem.
+ConfigError, which `meshctl` turns into `error: FILE: reason` and exit code 2. `verify` and `inspect`
+exit 1 when a certificate has a problem (each checks what it can see), 2 when the certs directory is
+missing. `-o json|yaml` prints the same data as the tables; the certs directory is `-d/--certs-dir`.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -17,6 +17,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aivo_mesh.cli._complete import complete_identities
+from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config import find_mesh_file, load_mesh
 from aivo_mesh.config.edit import add_revocations
@@ -42,7 +44,7 @@ from aivo_mesh.pki import (
 )
 from aivo_mesh.pki.revoke import Revocation, leaf_revocation, revocation_for, revoked_serials, write_crl
 
-DEFAULT_OUTPUT_DIR = "certs"
+DEFAULT_CERTS_DIR = "certs"
 
 
 def _parse_key_type(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
@@ -55,9 +57,10 @@ def _parse_key_type(ctx: click.Context, param: click.Parameter, value: str | Non
         raise click.BadParameter(exc.reason, ctx=ctx, param=param) from None
 
 
-_output_dir = click.option(
-    "--output-dir", "-o", "output_dir", type=click.Path(file_okay=False, path_type=Path),
-    default=Path(DEFAULT_OUTPUT_DIR), show_default="./certs",
+# -o is --output (text|json|yaml) in every meshctl command; --output-dir stays as a long alias.
+_certs_dir = click.option(
+    "--certs-dir", "-d", "--output-dir", "certs_dir", type=click.Path(file_okay=False, path_type=Path),
+    default=Path(DEFAULT_CERTS_DIR), show_default="./certs",
     help="The certs directory (layout: see `aivo_mesh.pki.layout`).",
 )
 _config = click.option(
@@ -87,8 +90,26 @@ def _require_ca(layout: CertLayout) -> None:
     if not layout.ca_cert.exists():
         raise PkiError(
             str(layout.ca_cert),
-            f"no CA in {layout.root}; run `meshctl certs init --output-dir {layout.root}` first",
+            f"no CA in {layout.root}; run `meshctl certs init --certs-dir {layout.root}` first",
         )
+
+
+def _iso(dt: datetime | None) -> str | None:
+    return dt.isoformat() if dt else None
+
+
+def _issued_dict(c: IssuedCert) -> dict[str, object]:
+    return {"name": c.name, "path": str(c.cert_path), "key_path": str(c.key_path) if c.key_path else None,
+            "subject": c.subject, "serial": f"{c.serial:x}", "not_before": _iso(c.not_before),
+            "not_after": _iso(c.not_after), "spki_pin": c.spki_pin, "cert_sha256": c.cert_sha256,
+            "key_type": c.key_type}
+
+
+def _require_dir(layout: CertLayout) -> None:
+    """A missing certs directory is bad input for every command that reads one (exit 2)."""
+    if not layout.root.is_dir():
+        raise PkiError(str(layout.root), "certs directory not found (expected the directory `meshctl certs "
+                                         "init` created; pass it with --certs-dir)")
 
 
 def _issued_table(title: str, issued: list[IssuedCert]) -> Table:
@@ -106,7 +127,7 @@ def certs() -> None:
 
 
 @certs.command("init")
-@_output_dir
+@_certs_dir
 @click.option("--valid-days", type=click.IntRange(min=1), default=ROOT_VALID_DAYS, show_default=True,
               help="Lifetime of the root CA (and, by default, of the issuing CA).")
 @click.option("--issuer-valid-days", type=click.IntRange(min=1), default=None,
@@ -116,13 +137,20 @@ def certs() -> None:
 @_config
 @_key_type
 @click.option("--force", is_flag=True, help="Replace an existing CA (every leaf must then be re-issued).")
-def init_cmd(output_dir: Path, valid_days: int, issuer_valid_days: int | None, trust_domain: str | None,
-             config: str | None, key_type: str | None, force: bool) -> None:
-    """Create the root CA and the issuing CA in OUTPUT_DIR/ca/."""
+@output_option
+def init_cmd(certs_dir: Path, valid_days: int, issuer_valid_days: int | None, trust_domain: str | None,
+             config: str | None, key_type: str | None, force: bool, output: str) -> None:
+    """Create the root CA and the issuing CA in CERTS_DIR/ca/."""
     td = trust_domain or _mesh(config).mesh.trust_domain
-    layout = CertLayout(output_dir)
+    layout = CertLayout(certs_dir)
     info = init_ca(layout, td, valid_days, force, issuer_valid_days=issuer_valid_days,
                    key_type=key_type or DEFAULT_KEY_TYPE)
+    if output != "text":
+        emit({"certs_dir": str(layout.root), "trust_domain": td,
+              "certificates": [_issued_dict(info.root), _issued_dict(info.issuer)],
+              "bundle": str(info.bundle_path), "issuing_key": str(layout.ca_key), "root_key": str(layout.root_key),
+              "replaced": force}, output)
+        return
     console = _console()
     table = Table(title=f"mesh CA for trust domain {td}")
     for col in ("name", "file", "subject", "not after", "SPKI pin (sha256)"):
@@ -138,26 +166,30 @@ def init_cmd(output_dir: Path, valid_days: int, issuer_valid_days: int | None, t
 
 
 @certs.command("issue")
-@click.argument("services", nargs=-1, metavar="[SERVICE]...")
+@click.argument("services", nargs=-1, metavar="[SERVICE]...", shell_complete=complete_identities)
 @click.option("--all", "all_", is_flag=True,
               help="Every service of mesh.yaml and every client identity (mesh-client).")
-@_output_dir
+@_certs_dir
 @click.option("--valid-days", type=click.IntRange(min=1), default=LEAF_VALID_DAYS, show_default=True,
               help="Lifetime of each certificate (must end before the issuing CA's).")
 @_config
 @_key_type
-def issue_cmd(services: tuple[str, ...], all_: bool, output_dir: Path, valid_days: int, config: str | None,
-              key_type: str | None) -> None:
+@output_option
+def issue_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_days: int, config: str | None,
+              key_type: str | None, output: str) -> None:
     """Issue (or re-issue with a new key) the certificate of SERVICE, or of everyone with --all."""
     if all_ == bool(services):
         raise click.UsageError("name a SERVICE or pass --all (not both)")
     mesh = _mesh(config)
-    layout = CertLayout(output_dir)
+    layout = CertLayout(certs_dir)
     names = list(known_identities(mesh)) if all_ else list(dict.fromkeys(services))
     for n in names:  # refuse unknown names before writing anything
         check_identity(mesh, n, layout)
     _require_ca(layout)
     issued = [issue_leaf(layout, n, mesh, valid_days, key_type=key_type or DEFAULT_KEY_TYPE) for n in names]
+    if output != "text":
+        emit({"certs_dir": str(layout.root), "certificates": [_issued_dict(c) for c in issued]}, output)
+        return
     _console().print(_issued_table(f"issued {len(issued)} certificate(s) in {layout.root}", issued))
 
 
@@ -165,25 +197,33 @@ def _report_status(r: CertReport) -> str:
     return "[green]OK[/green]" if r.ok else "[red]" + "\n".join(f"• {p}" for p in r.problems) + "[/red]"
 
 
+def verify_data(layout: CertLayout, reports: list[CertReport]) -> dict[str, object]:
+    return {"certs_dir": str(layout.root), "ok": all(r.ok for r in reports),
+            "certificates": [r.to_dict() for r in reports]}
+
+
 @certs.command("verify")
-@_output_dir
+@_certs_dir
 @_config
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify_cmd(output_dir: Path, config: str | None, as_json: bool) -> None:
-    """Check every certificate against the CA and mesh.yaml; exit 1 on any problem (exit 2: bad input).
+@output_option
+@json_alias_option
+def verify_cmd(certs_dir: Path, config: str | None, output: str, as_json: bool) -> None:
+    """Check every certificate against the CA and mesh.yaml; exit 1 on any problem (exit 2: bad input,
+    such as a missing certs directory).
 
     Checks: chain to ca/ca.crt (WebPKI rules, as a client and as a server for 127.0.0.1), validity,
     SANs (every DNS name, IP 127.0.0.1 as an IPAddress, exactly one SPIFFE URI), the peer policy every
     peer applies (EKU for the identity's roles, key usage, CA:FALSE, RSA >= 2048 / P-256 / P-384,
     no SHA-1), revocation and pins from mesh.yaml, key matches cert, key file mode 0600.
     """
+    output = pick_output(output, as_json)
     mesh = _mesh(config)
-    layout = CertLayout(output_dir)
+    layout = CertLayout(certs_dir)
+    _require_dir(layout)
     reports = verify_layout(layout, mesh)
     bad = [r for r in reports if not r.ok]
-    if as_json:
-        click.echo(json.dumps({"certs_dir": str(layout.root), "ok": not bad,
-                               "certificates": [r.to_dict() for r in reports]}, indent=2))
+    if output != "text":
+        emit(verify_data(layout, reports), output)
     else:
         console = _console()
         table = Table(title=f"certificates in {layout.root}")
@@ -198,6 +238,11 @@ def verify_cmd(output_dir: Path, config: str | None, as_json: bool) -> None:
         console.print(table)
         if not bad:
             console.print(f"[green]all {len(reports)} certificates OK[/green]")
+    _fail_on(layout, reports)
+
+
+def _fail_on(layout: CertLayout, reports: list[CertReport]) -> None:
+    bad = [r for r in reports if not r.ok]
     if bad:
         # A MeshError, not ctx.exit(1): `meshctl`'s main() maps it to exit code 1 (click's
         # non-standalone mode would swallow an Exit's code).
@@ -206,37 +251,39 @@ def verify_cmd(output_dir: Path, config: str | None, as_json: bool) -> None:
 
 
 @certs.command("inspect")
-@_output_dir
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect_cmd(output_dir: Path, as_json: bool) -> None:
-    """List every certificate in OUTPUT_DIR: subject, SANs, expiry (no checks; see `verify`)."""
-    layout = CertLayout(output_dir)
-    if not layout.root.is_dir():
-        raise PkiError(str(layout.root), "certs directory not found")
+@_certs_dir
+@output_option
+@json_alias_option
+def inspect_cmd(certs_dir: Path, output: str, as_json: bool) -> None:
+    """List every certificate in CERTS_DIR: subject, SANs, expiry. Exit 1 when one cannot be read or is
+    outside its validity (as `verify`, which also checks chain, SANs, keys against mesh.yaml)."""
+    output = pick_output(output, as_json)
+    layout = CertLayout(certs_dir)
+    _require_dir(layout)
     reports = inspect_layout(layout)
-    if as_json:
-        click.echo(json.dumps({"certs_dir": str(layout.root), "certificates": [r.to_dict() for r in reports]},
-                              indent=2))
-        return
-    table = Table(title=f"certificates in {layout.root}")
-    for col in ("name", "subject", "SANs", "not after", "days left"):
-        table.add_column(col, justify="right" if col == "days left" else "left",
-                         no_wrap=col in ("name", "not after", "days left"))
-    for r in reports:
-        if r.problems:
-            table.add_row(r.name, "[red]" + "; ".join(r.problems) + "[/red]", "", "", "")
-            continue
-        days = "-" if r.days_left is None else str(r.days_left)
-        if r.days_left is not None and r.days_left < 0:
-            days = f"[red]{days}[/red]"
-        table.add_row(r.name, r.subject, "\n".join(r.sans) or "-", _date(r.not_after), days)
-    _console().print(table)
+    if output != "text":
+        emit(verify_data(layout, reports), output)
+    else:
+        table = Table(title=f"certificates in {layout.root}")
+        for col in ("name", "subject", "SANs", "not after", "days left"):
+            table.add_column(col, justify="right" if col == "days left" else "left",
+                             no_wrap=col in ("name", "not after", "days left"))
+        for r in reports:
+            if r.not_after is None:  # unreadable: nothing but the problem to show
+                table.add_row(r.name, "[red]" + "; ".join(r.problems) + "[/red]", "", "", "")
+                continue
+            days = "-" if r.days_left is None else str(r.days_left)
+            if r.problems:
+                days = f"[red]{days} ({'; '.join(r.problems)})[/red]"
+            table.add_row(r.name, r.subject, "\n".join(r.sans) or "-", _date(r.not_after), days)
+        _console().print(table)
+    _fail_on(layout, reports)
 
 
 @certs.command("rotate")
-@click.argument("services", nargs=-1, metavar="[SERVICE]...")
+@click.argument("services", nargs=-1, metavar="[SERVICE]...", shell_complete=complete_identities)
 @click.option("--all", "all_", is_flag=True, help="Every service and client (the default when no SERVICE).")
-@_output_dir
+@_certs_dir
 @click.option("--valid-days", type=click.IntRange(min=1), default=LEAF_VALID_DAYS, show_default=True)
 @click.option("--renew-before-days", type=click.IntRange(min=0), default=None,
               help="Only re-issue certificates expiring within this many days (or missing/invalid).")
@@ -244,14 +291,15 @@ def inspect_cmd(output_dir: Path, as_json: bool) -> None:
 @_key_type
 @click.option("--revoke-previous", is_flag=True,
               help="Revoke each replaced certificate (mesh.yaml certificates.revoked and ca/crl.pem).")
-def rotate_cmd(services: tuple[str, ...], all_: bool, output_dir: Path, valid_days: int,
+@output_option
+def rotate_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_days: int,
                renew_before_days: int | None, config: str | None, key_type: str | None,
-               revoke_previous: bool) -> None:
+               revoke_previous: bool, output: str) -> None:
     """Re-issue leaf certificates with NEW keys, in place and atomically; the CA is untouched."""
     if all_ and services:
         raise click.UsageError("name SERVICEs or pass --all (not both)")
     mesh = _mesh(config)
-    layout = CertLayout(output_dir)
+    layout = CertLayout(certs_dir)
     _require_ca(layout)
     names = list(dict.fromkeys(services)) if services else None
     previous: dict[str, Revocation] = {}
@@ -260,14 +308,19 @@ def rotate_cmd(services: tuple[str, ...], all_: bool, output_dir: Path, valid_da
             if layout.identity_paths(n)[0].exists():
                 previous[n] = leaf_revocation(layout, mesh, n, "rotated")
     rotated = rotate(layout, mesh, names, valid_days, renew_before_days, key_type=key_type)
+    gone = [previous[c.name] for c in rotated if c.name in previous]
+    path = _record_revocations(layout, config, gone) if rotated and revoke_previous else None
+    if output != "text":
+        emit({"certs_dir": str(layout.root), "certificates": [_issued_dict(c) for c in rotated],
+              "revoked": [{"serial": e.serial, "spki": e.spki, "identity": e.identity, "note": e.note}
+                          for e in gone] if path else []}, output)
+        return
     console = _console()
     if not rotated:
         console.print(f"nothing to rotate: every certificate is valid for more than {renew_before_days} days")
         return
     console.print(_issued_table(f"rotated {len(rotated)} certificate(s) in {layout.root}", rotated))
-    if revoke_previous:
-        gone = [previous[c.name] for c in rotated if c.name in previous]
-        path = _record_revocations(layout, config, gone)
+    if path is not None:
         console.print(f"revoked the {len(gone)} previous certificate(s) in {path} (and {layout.crl})")
 
 
@@ -281,17 +334,18 @@ def _record_revocations(layout: CertLayout, config: str | None, entries: list[Re
 
 
 @certs.command("revoke")
-@click.argument("targets", nargs=-1, required=True, metavar="SERVICE|SERIAL...")
-@_output_dir
+@click.argument("targets", nargs=-1, required=True, metavar="SERVICE|SERIAL...",
+                shell_complete=complete_identities)
+@_certs_dir
 @_config
 @click.option("--note", default="", help="Why, kept beside the entry in mesh.yaml.")
-def revoke_cmd(targets: tuple[str, ...], output_dir: Path, config: str | None, note: str) -> None:
+def revoke_cmd(targets: tuple[str, ...], certs_dir: Path, config: str | None, note: str) -> None:
     """Refuse a certificate everywhere: SERVICE's current one (serial and key) or a serial (hex).
 
     Adds it to mesh.yaml's certificates.revoked (the proxyless plane reads it; running processes pick the
-    change up) and re-signs OUTPUT_DIR/ca/crl.pem, the CRL rendered Envoy configs reference."""
+    change up) and re-signs CERTS_DIR/ca/crl.pem, the CRL rendered Envoy configs reference."""
     mesh = _mesh(config)
-    layout = CertLayout(output_dir)
+    layout = CertLayout(certs_dir)
     _require_ca(layout)
     entries = [revocation_for(layout, mesh, t, note) for t in dict.fromkeys(targets)]
     path = _record_revocations(layout, config, entries)
@@ -305,12 +359,12 @@ def revoke_cmd(targets: tuple[str, ...], output_dir: Path, config: str | None, n
 
 
 @certs.command("crl")
-@_output_dir
+@_certs_dir
 @_config
-def crl_cmd(output_dir: Path, config: str | None) -> None:
-    """Re-sign OUTPUT_DIR/ca/crl.pem from mesh.yaml's certificates.revoked (after editing it by hand)."""
+def crl_cmd(certs_dir: Path, config: str | None) -> None:
+    """Re-sign CERTS_DIR/ca/crl.pem from mesh.yaml's certificates.revoked (after editing it by hand)."""
     mesh = _mesh(config)
-    layout = CertLayout(output_dir)
+    layout = CertLayout(certs_dir)
     _require_ca(layout)
     write_crl(layout, mesh)
     _console().print(f"wrote {layout.crl}: {len(revoked_serials(mesh))} revoked serial(s)")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import types
 import typing
 from typing import Any
@@ -11,6 +10,8 @@ import click
 import yaml
 from pydantic import BaseModel, BeforeValidator
 
+from aivo_mesh.cli._complete import complete_services
+from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config import find_mesh_file, load_mesh, route_policy, service_policy
 from aivo_mesh.config.model import BUILTIN_DEFAULTS, MeshSpec, format_duration, parse_duration
@@ -28,23 +29,33 @@ def config() -> None:
 
 @config.command("validate", short_help="Check mesh.yaml; exit 2 listing every problem.")
 @click.argument("file", required=False)
-def validate(file: str | None) -> None:
+@output_option
+def validate(file: str | None, output: str) -> None:
     """Check FILE (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repository's mesh.yaml); exit 2
     listing every problem."""
     path = find_mesh_file(file)
     mesh = load_mesh(path)  # ConfigError -> `error: FILE:LINE: PATH: message`, exit 2 (see cli.main)
+    if output != "text":
+        emit({"file": str(path), "ok": True, "trust_domain": mesh.mesh.trust_domain,
+              "services": list(mesh.service_names)}, output)
+        return
     n = len(mesh.services)
     click.echo(f"{path}: OK — {n} service{'' if n == 1 else 's'}, trust domain {mesh.mesh.trust_domain}")
 
 
 @config.command("show", short_help="Print the effective configuration, every default filled in.")
 @click.argument("file", required=False)
-@click.option("--service", "service", metavar="NAME", help="Only this service's effective configuration.")
-@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default="yaml", show_default=True)
-def show(file: str | None, service: str | None, fmt: str) -> None:
+@click.option("--service", "service", metavar="NAME", shell_complete=complete_services,
+              help="Only this service's effective configuration.")
+@output_option
+@click.option("--format", "fmt", type=click.Choice(["yaml", "json"]), default=None, hidden=True,
+              help="former name of -o (yaml, json)")
+def show(file: str | None, service: str | None, output: str, fmt: str | None) -> None:
     """Print the effective configuration of FILE (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the
     repository's mesh.yaml): every default filled in, the mesh-wide policy layered under each service
-    (defaults <- service) and each route (<- route)."""
+    (defaults <- service) and each route (<- route). Text is YAML headed by a comment naming the file."""
+    if fmt is not None:
+        output = fmt
     path = find_mesh_file(file)
     mesh = load_mesh(path)
     data: dict[str, Any]
@@ -57,8 +68,8 @@ def show(file: str | None, service: str | None, fmt: str) -> None:
         data = effective_service(mesh, service)
     else:
         data = effective_mesh(mesh)
-    if fmt == "json":
-        click.echo(json.dumps(data, indent=2, ensure_ascii=False))
+    if output != "text":
+        emit(data, output)
     else:
         what = f"service {service} in {path}" if service else str(path)
         click.echo(f"# effective configuration of {what} (defaults <- service <- route)")
@@ -66,8 +77,8 @@ def show(file: str | None, service: str | None, fmt: str) -> None:
 
 
 @config.command("schema", short_help="Print the JSON Schema of mesh.yaml (for editors).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
-              help="Write it to FILE instead of standard output.")
+@click.option("--write", "output", type=click.Path(dir_okay=False, writable=True), metavar="FILE",
+              help="Write it to FILE instead of standard output (-o means --output format everywhere).")
 def schema(output: str | None) -> None:
     """Print the JSON Schema of mesh.yaml, generated from the model. Editors that run the YAML language
     server validate and complete mesh.yaml with it once its first line is

@@ -4,7 +4,7 @@
     meshctl consul register auth-svc --address 10.0.0.5 --port 50051
     meshctl consul deregister auth-svc            every instance of auth-svc this agent holds
     meshctl consul deregister --id auth-svc-10.0.0.5-50051
-    meshctl consul services [--json]              the catalog: service -> tags
+    meshctl consul services [-o json|yaml]        the catalog: service -> tags
 
 The agent is `--consul HOST:PORT` (default `$CONSUL_HTTP_ADDR`, else 127.0.0.1:8500) and the ACL
 token `--token` (default `$CONSUL_HTTP_TOKEN`). Registration bodies are exactly those a serving
@@ -15,13 +15,14 @@ same instance share one ID and replace each other.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 from typing import Any
 
 import click
 import consul
 
+from aivo_mesh.cli._complete import complete_services
+from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
@@ -60,7 +61,7 @@ def consul_group() -> None:
 
 
 @consul_group.command("register")
-@click.argument("services", nargs=-1)
+@click.argument("services", nargs=-1, shell_complete=complete_services)
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
 @_consul_opt
 @_token_opt
@@ -96,7 +97,7 @@ def register(services: tuple[str, ...], config: str | None, consul_addr: str | N
 
 
 @consul_group.command("deregister")
-@click.argument("services", nargs=-1)
+@click.argument("services", nargs=-1, shell_complete=complete_services)
 @_consul_opt
 @_token_opt
 @click.option("--id", "ids", multiple=True, metavar="SERVICE_ID", help="deregister this instance ID (repeatable)")
@@ -147,12 +148,15 @@ def catalog_services(address: str, token: str | None = None) -> dict[str, list[s
 @consul_group.command("services")
 @_consul_opt
 @_token_opt
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def services_cmd(consul_addr: str | None, token: str | None, as_json: bool) -> None:
+@output_option
+@json_alias_option
+def services_cmd(consul_addr: str | None, token: str | None, output: str, as_json: bool) -> None:
     """List the services in the Consul catalog with their tags."""
-    services: dict[str, Any] = catalog_services(agent_address(consul_addr), token)
-    if as_json:
-        click.echo(json.dumps(services, indent=2))
+    output = pick_output(output, as_json)
+    address = agent_address(consul_addr)
+    services: dict[str, Any] = catalog_services(address, token)
+    if output != "text":
+        emit({"agent": address, "services": [{"name": n, "tags": t} for n, t in services.items()]}, output)
         return
     if not services:
         click.echo("no services registered")

@@ -2,8 +2,9 @@
 
 Catches what `envoy --mode validate` accepts but is wrong (aivo_mesh.render.envoy_lint). With no
 argument it lints the rendered sidecars (`infra/mesh/envoy/*/envoy.yaml` next to mesh.yaml) and
-mesh.yaml's retry policies the sidecars cannot express. Prints ``file: path: severity: message``;
-exit 1 when there is an error, 0 with warnings alone, 2 on bad usage.
+mesh.yaml's retry policies the sidecars cannot express. Prints ``file: path: severity: message``
+(or, with -o json|yaml, the same findings as data); exit 1 when there is an error, 0 with warnings
+alone, 2 on bad usage.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import click
 import yaml
 
+from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config.loader import find_mesh_file, load_mesh
 from aivo_mesh.render import TARGETS
@@ -52,7 +54,8 @@ def _lint_file(path: Path, check_files: bool) -> list[LintIssue]:
                    "(use where Envoy runs: the rendered pod files name /etc/envoy/...)")
 @click.option("--config", type=click.Path(dir_okay=False), default=None,
               help="mesh.yaml (locates the default files and is linted with them)")
-def lint(paths: tuple[str, ...], check_files: bool, config: str | None) -> None:
+@output_option
+def lint(paths: tuple[str, ...], check_files: bool, config: str | None, output: str) -> None:
     """Lint Envoy bootstraps (FILEs, or every envoy.yaml under DIRs; default: the rendered sidecars)."""
     results: list[tuple[str, LintIssue]] = []
     if paths:
@@ -67,10 +70,17 @@ def lint(paths: tuple[str, ...], check_files: bool, config: str | None) -> None:
             raise click.UsageError(f"no {out_dir}/*/envoy.yaml: run `meshctl render envoy` first")
     for f in files:
         results += [(str(f), issue) for issue in _lint_file(f, check_files)]
-    for file, issue in results:
-        click.echo(issue.format(file))
     errors = sum(1 for _, i in results if i.severity == "error")
     warnings = len(results) - errors
+    if output != "text":
+        emit({"files": [str(f) for f in files], "ok": not errors, "errors": errors, "warnings": warnings,
+              "issues": [{"file": file, "path": i.path, "severity": i.severity, "message": i.message}
+                         for file, i in results]}, output)
+        if errors:
+            raise click.exceptions.Exit(1)
+        return
+    for file, issue in results:
+        click.echo(issue.format(file))
     summary = f"{len(files)} file(s): {errors} error(s), {warnings} warning(s)"
     if errors:
         click.secho(summary, fg="red", err=True)

@@ -1,4 +1,4 @@
-"""`meshctl render [TARGET|all] [--output-dir DIR] [--check | --prune]`: write (or check) rendered files."""
+"""`meshctl render [TARGET|all] [--output-dir DIR|-] [--check | --prune]`: write (or check) rendered files."""
 
 from __future__ import annotations
 
@@ -29,6 +29,17 @@ def _write(path: Path, text: str) -> bool:
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
     return True
+
+
+def _stream(files: dict[str, str]) -> None:
+    """`--output-dir -`: the YAML and JSON files as one YAML stream on stdout (`| kubectl apply -f -`).
+    Other files, and kustomization.yaml (a build file for `kubectl apply -k`, not a resource), are left
+    out and named on stderr."""
+    for rel, text in files.items():
+        if Path(rel).suffix not in (".yaml", ".yml", ".json") or Path(rel).name == "kustomization.yaml":
+            click.echo(f"left out of the stream: {rel}", err=True)
+            continue
+        click.echo(f"---\n# Source: {rel}\n{text.rstrip()}")
 
 
 def _patterns(rendered: Iterable[str], services: Iterable[str]) -> re.Pattern[str]:
@@ -107,7 +118,8 @@ def _prune(out: Path, stale: list[Path]) -> None:
 @click.argument("target", type=click.Choice([*TARGETS, "all"]), default="all", required=False)
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
-              help="where to write (default: the target's directory under infra/mesh/, next to mesh.yaml)")
+              help="where to write (default: the target's directory under infra/mesh/, next to mesh.yaml); "
+                   "-: stdout, as one YAML stream")
 @click.option("--check", is_flag=True,
               help="write nothing; exit 1 if the files on disk differ (drift) or stale generated files remain")
 @click.option("--prune", is_flag=True, help="also delete stale generated files (a removed service's)")
@@ -123,6 +135,11 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
     names = list(TARGETS) if target == "all" else [target]
     if output_dir is not None and len(names) > 1:
         raise click.UsageError("--output-dir needs a single target")
+    if output_dir == "-":
+        if check or prune:
+            raise click.UsageError("--output-dir - writes to stdout; drop --check and --prune")
+        _stream(render_target(names[0], mesh))
+        return
     drift: list[str] = []
     missing: list[str] = []
     stale_shown: list[str] = []

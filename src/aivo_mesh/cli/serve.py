@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import dataclasses
 import ipaddress
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from aivo_mesh.cli._complete import complete_services
+from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
@@ -39,7 +40,7 @@ def _console() -> Console:
 
 
 @cli.command()
-@click.argument("service")
+@click.argument("service", shell_complete=complete_services)
 @click.option("--config", "config", type=click.Path(dir_okay=False), default=None,
               help="mesh.yaml (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repository's)")
 @click.option("--certs", "certs_dir", type=click.Path(file_okay=False), default="certs", show_default=True,
@@ -279,20 +280,30 @@ def _ms(seconds: float | None) -> str:
 
 @cli.command()
 @state_dir_option()
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@output_option
+@json_alias_option
 @click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="seconds between rate samples (0: no rates)")
-def status(state_dir: StateDir, as_json: bool, interval: float) -> None:
-    """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir."""
-    from aivo_mesh.runtime.mesh import RuntimeInfo
-    from aivo_mesh.runtime.status import gather, status_rows_json
+def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> None:
+    """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir.
 
+    Data (-o json|yaml): `services` lists a `meshctl up` mesh's services, `processes` the processes of a
+    `meshctl demo` run (no supervisor); both keys are always there, empty when they do not apply."""
+    from aivo_mesh.runtime.mesh import RuntimeInfo
+    from aivo_mesh.runtime.status import gather
+
+    output = pick_output(output, as_json)
     state = state_dir
     info = RuntimeInfo.read(state)
+
+    def data(plane: str | None, services: list[dict[str, Any]], procs: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"state_dir": str(state.root), "plane": plane, "observed_at": time.time(), "services": services,
+                "processes": procs}
+
     if info is None:  # a `meshctl demo` run (no supervisor): list its processes
         procs = asyncio.run(_status(state))
-        if as_json:
-            click.echo(json.dumps({"state_dir": str(state.root), "processes": procs}, indent=2))
+        if output != "text":
+            emit(data(None, [], procs), output)
             return
         ptable = Table(title=f"aivo-mesh status ({state.root})")
         for col in ("name", "role", "pid", "address", "process", "health", "breakers", "upstreams"):
@@ -304,8 +315,8 @@ def status(state_dir: StateDir, as_json: bool, interval: float) -> None:
         _console().print(ptable if procs else f"nothing running from {state.root}")
         return
     services = asyncio.run(gather(state, interval))
-    if as_json:
-        click.echo(status_rows_json(services, state, info.plane))
+    if output != "text":
+        emit(data(info.plane, [sv.as_dict() for sv in services], []), output)
         return
     table = Table(title=f"aivo-mesh status: {info.plane} plane ({state.root})")
     for col in ("service", "process", "health", "sidecar", "upstreams", "breakers", "rps", "p99"):

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 
+from aivo_mesh.cli._complete import complete_services
+from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
+
+if TYPE_CHECKING:
+    from aivo_mesh.telemetry.otlp_receiver import Trace
 
 HEALTHY_WITHIN = {"sidecar": 20.0, "proxyless": 15.0}
 
@@ -198,26 +205,32 @@ def _down(state: StateDir, console: Console, grace: float = 10.0,
 @click.option("--last", type=click.IntRange(min=1), default=5, show_default=True, help="how many recent traces")
 @click.option("--width", type=click.IntRange(min=1), default=40, show_default=True,
               help="width of the timing bars")
-@click.option("--service", default=None, help="only traces through this service (its app or its sidecar)")
+@click.option("--service", default=None, shell_complete=complete_services,
+              help="only traces through this service (its app or its sidecar)")
 @click.option("--errors", is_flag=True, help="only traces with a failed span")
 @click.option("--trace-id", default=None, help="only the trace whose id starts with this")
+@output_option
 def traces(state_dir: StateDir, last: int, width: int, service: str | None, errors: bool,
-           trace_id: str | None) -> None:
-    """Recent traces of the local mesh as text waterfalls (app and Envoy spans)."""
+           trace_id: str | None, output: str) -> None:
+    """Recent traces of the local mesh as text waterfalls (app and Envoy spans); -o json|yaml: their spans."""
     from aivo_mesh.runtime.collector import SpanLog, read_stats, stats_line
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall, select_traces
 
     state = state_dir
     log = SpanLog(state.root / "traces.jsonl")
     stats = read_stats(log.path)
-    if stats and (stats.get("truncated") or any((stats.get("dropped") or {}).values())):
-        # Said first: the traces below may lack spans.
-        click.echo(stats_line(stats))
-        click.echo()
     filtered = service is not None or errors or trace_id is not None
     # The log keeps recent spans only (it is size-capped), so filtering all of it is cheap.
     found = select_traces(log.traces(10**9) if filtered else log.traces(last), service=service, errors=errors,
                           trace_id=trace_id)[:last]
+    if output != "text":
+        emit({"state_dir": str(state.root), "span_log": str(log.path), "collector": stats,
+              "traces": [_trace_data(t) for t in found]}, output)
+        return
+    if stats and (stats.get("truncated") or any((stats.get("dropped") or {}).values())):
+        # Said first: the traces below may lack spans.
+        click.echo(stats_line(stats))
+        click.echo()
     if not found:
         what = "matching traces" if filtered else "traces yet"
         click.echo(f"no {what} in {state.root / 'traces.jsonl'}")
@@ -225,6 +238,12 @@ def traces(state_dir: StateDir, last: int, width: int, service: str | None, erro
     for t in found:
         click.echo(render_waterfall(t, width=width))
         click.echo()
+
+
+def _trace_data(trace: Trace) -> dict[str, Any]:
+    return {"trace_id": trace.trace_id, "start_ns": trace.start_ns, "duration_ns": trace.duration_ns,
+            "services": trace.services, "errors": trace.errors,
+            "spans": [{**dataclasses.asdict(s), "events": list(s.events), "failed": s.failed} for s in trace.spans]}
 
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}

@@ -8,7 +8,7 @@ misspelt status names as you type. The schema says what a single key may hold; `
 validate` stays the authority, as it also checks what spans keys (duplicate ports, unknown callers,
 routes of methods the service does not have, back-off max >= base across levels).
 
-The checked-in file is regenerated with `meshctl config schema -o mesh.schema.json` and a test fails
+The checked-in file is regenerated with `meshctl config schema --write mesh.schema.json` and a test fails
 when it drifts from the model.
 """
 

@@ -1,6 +1,6 @@
 """Where the mesh PKI lives on disk.
 
-Everything is relative to one certs directory (``meshctl certs ... --output-dir``, default ``./certs``)::
+Everything is relative to one certs directory (``meshctl certs ... --certs-dir``, default ``./certs``)::
 
     certs/
     ├── ca/                       0700

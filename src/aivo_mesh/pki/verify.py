@@ -292,7 +292,8 @@ def inspect_layout(
 ) -> list[CertReport]:
     """Facts (no mesh.yaml checks) about every certificate found in the directory.
 
-    Only unreadable files are reported as problems.
+    Reported as problems: unreadable files and certificates outside their validity (what `verify`
+    also reports for them, so both exit 1 on the same problem).
     """
     now = now or now_utc()
     reports: list[CertReport] = []
@@ -307,6 +308,7 @@ def inspect_layout(
                 layout.ca_bundle,
             )
             _fill(r, cert, now)
+            r.problems += _validity_problems(cert, now)
             reports.append(r)
     names = [*layout.issued_service_names(), *layout.issued_client_names()]
     for name in names:
@@ -315,5 +317,6 @@ def inspect_layout(
         chain = _read_chain(r, "certificate")
         if chain is not None:
             _fill(r, chain[0], now)
+            r.problems += _validity_problems(chain[0], now)
         reports.append(r)
     return reports

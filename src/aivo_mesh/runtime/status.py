@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import json
 import re
-import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -265,8 +264,3 @@ def _admin_views(row: ServiceStatus, ep: ServiceEndpoints) -> None:
         row.breakers = breakers
         if not ep.sidecar_admin:
             row.upstreams = upstreams
-
-
-def status_rows_json(rows: list[ServiceStatus], state: StateDir, plane: str) -> str:
-    return json.dumps({"state_dir": str(state.root), "plane": plane, "observed_at": time.time(),
-                       "services": [r.as_dict() for r in rows]}, indent=2)
