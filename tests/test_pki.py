@@ -46,7 +46,7 @@ from aivo_mesh.pki.issue import build_leaf
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH: MeshSpec = load_mesh(ROOT / "mesh.yaml")
-IDENTITIES = [*MESH.service_names, *MESH.mesh.clients]
+IDENTITIES = [*MESH.service_names, *MESH.mesh.clients, MESH.control_plane.identity]
 
 
 # --- helpers ------------------------------------------------------------------------------------------
@@ -625,5 +625,6 @@ def test_issue_all_issues_every_identity(tmp_path: Path) -> None:
     layout = CertLayout(tmp_path / "c")
     init_ca(layout, "aivo.local")
     assert [c.name for c in issue_all(layout, MESH, 30)] == IDENTITIES
-    assert layout.issued_service_names() == tuple(sorted(MESH.service_names))
+    # The control plane's certificate lives beside the services' (services/control-plane.crt).
+    assert layout.issued_service_names() == tuple(sorted([*MESH.service_names, MESH.control_plane.identity]))
     assert layout.issued_client_names() == ("mesh-client",)

@@ -26,7 +26,7 @@ from aivo_mesh.pki.issue import build_leaf, load_issuer
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"
 SCRIPT = ROOT / "infra/mesh/scripts/generate-certs.sh"
-IDENTITIES = ["auth-svc", "learner-svc", "event-collector-svc", "analytics-svc", "mesh-client"]
+IDENTITIES = ["auth-svc", "learner-svc", "event-collector-svc", "analytics-svc", "mesh-client", "control-plane"]
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -54,7 +54,7 @@ def test_init_issue_verify_inspect_rotate(tmp_path: Path, capsys: pytest.Capture
         assert name in out
     code, out, _ = _run(capsys, "certs", "verify", "--certs-dir", out_dir, *cfg)
     assert code == 0, out
-    assert "all 7 certificates OK" in out
+    assert "all 8 certificates OK" in out
     layout = CertLayout(Path(out_dir))
     leaf = x509.load_pem_x509_certificates(layout.identity_paths("auth-svc")[0].read_bytes())[0]
     assert (leaf.not_valid_after_utc - leaf.not_valid_before_utc).days == 30
@@ -87,7 +87,7 @@ def test_verify_exits_1_on_any_problem(certs: CertLayout, capsys: pytest.Capture
     code, out, err = _run(capsys, "certs", "verify", "--certs-dir", str(certs.root), *cfg)
     assert code == 1
     assert "group/others" in out
-    assert "1 of 7 certificates" in err
+    assert "1 of 8 certificates" in err
     assert "learner-svc" in err
     code, out, _ = _run(capsys, "certs", "verify", "--certs-dir", str(certs.root), *cfg, "-o", "json")
     assert code == 1
@@ -163,7 +163,7 @@ def test_generate_certs_sh_both_argument_forms(tmp_path: Path) -> None:
     # Flag form: creates the CA, issues every leaf, verifies.
     res = _script("--output-dir", str(out_dir), "--valid-days", "30")
     assert res.returncode == 0, res.stderr + res.stdout
-    assert "all 7 certificates OK" in res.stdout
+    assert "all 8 certificates OK" in res.stdout
     layout = CertLayout(out_dir)
     ca_before = layout.ca_cert.read_bytes()
     assert {n: _days(layout, n) for n in IDENTITIES} == dict.fromkeys(IDENTITIES, 30)

@@ -81,6 +81,26 @@ def _module_of(proto_file: str) -> str:
     return proto_file.removesuffix(".proto").replace("/", ".") + "_pb2"
 
 
+def min_grpc_version(pyproject: Path = REPO_ROOT / "pyproject.toml") -> str:
+    """The lowest grpcio the project declares (`grpcio>=X` in pyproject.toml)."""
+    import tomllib
+
+    deps = tomllib.loads(pyproject.read_text(encoding="utf-8"))["project"]["dependencies"]
+    for dep in deps:
+        m = re.fullmatch(r"grpcio\s*>=\s*([\d.]+)", dep.strip())
+        if m:
+            return m.group(1)
+    raise GenerationError("pyproject.toml declares no `grpcio>=X`")
+
+
+def _pin_generated_version(text: str) -> str:
+    """grpcio-tools stamps its own version into GRPC_GENERATED_VERSION, the lowest grpcio the code runs on:
+    a new grpcio-tools release would change every file without changing the code. The lowest grpcio the
+    project declares is the true floor, and makes the output the same whichever grpcio-tools ran."""
+    return re.sub(r"^GRPC_GENERATED_VERSION = '[^']*'$", f"GRPC_GENERATED_VERSION = '{min_grpc_version()}'", text,
+                  flags=re.MULTILINE)
+
+
 def _rewrite_imports(text: str, own_packages: Iterable[str], own_modules: Iterable[str]) -> str:
     """Re-root protoc's absolute imports of our own protos under ``aivo_mesh.gen``."""
     for pkg in sorted(own_packages, key=len, reverse=True):
@@ -344,7 +364,7 @@ def _build(scratch: Path, proto_root: Path) -> dict[str, bytes]:
         rel = path.relative_to(raw).as_posix()
         if not rel.endswith(_GENERATED_SUFFIXES):
             raise GenerationError(f"unexpected protoc output: {rel}")
-        text = path.read_text(encoding="utf-8")
+        text = _pin_generated_version(path.read_text(encoding="utf-8"))
         out[rel] = _rewrite_imports(text, own_packages, own_modules).encode("utf-8")
 
     type_index = _type_index(fds)

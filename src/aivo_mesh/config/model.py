@@ -452,6 +452,31 @@ class StatsdSpec(_Strict):
         return v
 
 
+class ControlPlaneSpec(_Strict):
+    """Where Envoys (and, with it, proxyless processes) take their configuration live over xDS (ADS).
+
+    `identity` is the control plane's own certificate identity (SPIFFE ID `.../sa/<identity>`), issued
+    with the others by `meshctl certs issue --all`; nodes accept no other server. `address` is where it
+    listens (mTLS only); `meshctl up` picks a free port when it runs one."""
+
+    identity: str = "control-plane"
+    address: str = "127.0.0.1:15010"
+
+    @field_validator("identity")
+    @classmethod
+    def _identity(cls, v: str) -> str:
+        if not SERVICE_NAME.match(v):
+            raise ValueError("expected a DNS label: lower-case letters, digits and '-', e.g. control-plane")
+        return v
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not _is_host_port(v):
+            raise ValueError(f"expected host:port such as 127.0.0.1:15010, got {v!r}")
+        return v
+
+
 class ObservabilitySpec(_Strict):
     tracing: TracingSpec = TracingSpec()
     metrics: MetricsSpec = MetricsSpec()
@@ -560,6 +585,7 @@ class MeshSpec(_Strict):
     services: Annotated[tuple[ServiceSpec, ...], Field(min_length=1)]
     observability: ObservabilitySpec = ObservabilitySpec()
     certificates: CertificatesSpec = CertificatesSpec()
+    control_plane: ControlPlaneSpec = ControlPlaneSpec()
     # Where this mesh was read from and the line of each YAML path (set by config.loader), so that
     # checks made later (renderers) name the right file and line, as the loader's own errors do.
     _source: str = PrivateAttr(default="mesh.yaml")
@@ -631,6 +657,11 @@ class MeshSpec(_Strict):
             problems += _consul_meta_problems(i, svc)
             if svc.canary and sum(svc.canary.values()) != 100:
                 problems.append(_PathError(("services", i, "canary"), "canary weights must add up to 100"))
+        if self.control_plane.identity in names:
+            problems.append(_PathError(("control_plane", "identity"),
+                                       f"{self.control_plane.identity!r} is a service's name: the control plane "
+                                       "needs an identity of its own"))
+        known = known | {self.control_plane.identity}
         for identity in self.certificates.pins:
             if identity not in known:
                 problems.append(_PathError(("certificates", "pins", identity),

@@ -138,8 +138,12 @@ def _leaf_key_usage(key: PrivateKey) -> x509.KeyUsage:
 
 
 def known_identities(mesh: MeshSpec) -> tuple[str, ...]:
-    """Every name a certificate can be issued for: the services, then the client identities."""
-    return (*mesh.service_names, *(c for c in mesh.mesh.clients if c not in mesh.service_names))
+    """Every name a certificate can be issued for: the services, the client identities, then the control
+    plane's."""
+    names = [*mesh.service_names, *(c for c in mesh.mesh.clients if c not in mesh.service_names)]
+    if mesh.control_plane.identity not in names:
+        names.append(mesh.control_plane.identity)
+    return tuple(names)
 
 
 def check_identity(mesh: MeshSpec, name: str, layout: CertLayout | None = None) -> None:
@@ -154,8 +158,8 @@ def check_identity(mesh: MeshSpec, name: str, layout: CertLayout | None = None) 
             where = name
     raise PkiError(
         where,
-        f"unknown service {name!r}: mesh.yaml defines services {', '.join(mesh.service_names)} "
-        f"and clients {', '.join(mesh.mesh.clients)}",
+        f"unknown service {name!r}: mesh.yaml defines services {', '.join(mesh.service_names)}, "
+        f"clients {', '.join(mesh.mesh.clients)} and the control plane {mesh.control_plane.identity}",
     )
 
 

@@ -16,7 +16,7 @@ import yaml
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import PkiError, StartupError
-from aivo_mesh.pki import init_ca, issue_leaf, load_identity
+from aivo_mesh.pki import init_ca, issue_leaf, known_identities, load_identity
 from aivo_mesh.pki.crypto import parse_certs
 from aivo_mesh.pki.peer import PeerPolicy, Role
 from aivo_mesh.runtime.sockets import unix_listen_problem
@@ -93,7 +93,7 @@ def ensure_certs(state: StateDir, mesh: MeshSpec) -> list[str]:
     if not layout.ca_cert.exists():
         init_ca(layout, mesh.mesh.trust_domain)
     issued = []
-    for name in [*mesh.service_names, *mesh.mesh.clients]:
+    for name in known_identities(mesh):
         cert, _ = layout.identity_paths(name)
         if not cert.exists():
             issue_leaf(layout, name, mesh)
