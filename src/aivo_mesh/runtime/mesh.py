@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
+from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
@@ -49,6 +50,9 @@ LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
 LOCAL_UNSET = ("JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT")
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
+# Restart n waits RESTART_BASE * 2**(n-1), at most RESTART_MAX: the policy back-off's ceiling, without
+# jitter (the children are this supervisor's own, no fleet to spread; the log states exact waits).
+RESTART_BACKOFF = EqualJitter(RESTART_BASE, RESTART_MAX)
 STABLE_AFTER = 60.0  # seconds up before the back-off resets
 
 
@@ -272,20 +276,19 @@ class MeshSupervisor(Supervisor):
         await self.stop_all()
 
     async def _keep(self, m: Managed) -> None:
-        delay = RESTART_BASE
+        crashes = 0  # since the last stable run: the back-off exponent
         while True:
             assert m.process is not None
             started = time.monotonic()
             code = await m.process.wait()
             if self._stopping:
                 return
-            if time.monotonic() - started > STABLE_AFTER:
-                delay = RESTART_BASE
+            crashes = 1 if time.monotonic() - started > STABLE_AFTER else crashes + 1
+            delay = RESTART_BACKOFF.ceiling(crashes)
             self.restarts[m.name] = self.restarts.get(m.name, 0) + 1
             log.warning("%s exited with %s; restarting in %.1fs (restart %d); log: %s", m.name, code, delay,
                         self.restarts[m.name], m.log)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX)
             self.procs.remove(m)
             await self.start(m)
             self._write_restarts()
