@@ -113,6 +113,22 @@ def test_processes_json_is_versioned(tmp_path: Path) -> None:
     assert state.read_processes() == []  # no file: nothing recorded, nothing to refuse
 
 
+def test_state_files_are_replaced_whole_with_their_mode_and_nothing_left_beside_them(tmp_path: Path) -> None:
+    """fsutil.write_atomic, which the registry, runtime.json, restarts.json and the collector's stats use."""
+    from aivo_mesh.fsutil import write_atomic
+
+    state = StateDir(tmp_path)
+    state.write_processes([record("auth-svc", 123, "127.0.0.1:50051")])
+    state.write_processes([])
+    assert json.loads(state.registry.read_text())["processes"] == []
+    assert stat.S_IMODE(state.registry.stat().st_mode) == 0o644
+    write_atomic(tmp_path / "key", b"secret", 0o600)
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key", state.registry.name]
+    with pytest.raises(FileNotFoundError):  # a plain OSError: the PKI turns it into PkiError itself
+        write_atomic(tmp_path / "missing" / "file", "x")
+
+
 def _good(pid: int) -> dict[str, object]:
     return {"version": PROCESSES_VERSION, "processes": [
         {"name": "collector", "pid": pid, "role": "collector", "address": "127.0.0.1:4317", "admin": None,

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
+from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
@@ -73,10 +74,7 @@ class RuntimeInfo:
     sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
 
     def write(self, state: StateDir) -> None:
-        path = state.root / "runtime.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(state.root / "runtime.json", json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, state: StateDir) -> RuntimeInfo | None:
@@ -294,10 +292,8 @@ class MeshSupervisor(Supervisor):
             self._write_restarts()
 
     def _write_restarts(self) -> None:
-        path = restarts_file(self.state)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.restarts) + "\n")
-        os.replace(tmp, path)  # `meshctl status` may read it at any time
+        # Atomic: `meshctl status` may read it at any time.
+        write_atomic(restarts_file(self.state), json.dumps(self.restarts) + "\n")
 
 
 def supervisor_pid_file(state: StateDir) -> Path:
