@@ -27,6 +27,7 @@ from aivo_mesh.config.resolve import longest_timeout
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
 from aivo_mesh.errors import DeadlineExceeded
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.policy.core import ATTEMPT_HEADER
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc
@@ -133,6 +134,7 @@ async def test_transient_failures_are_retried_to_success_with_attempt_numbers(se
 async def test_only_retries_carry_the_attempt_header(servers, make_client):
     """docs/proxyless.md: a first attempt sends no x-mesh-attempt (its absence means 1), a retry sends
     its number; on both unary paths, and never on a stream (streams are not retried)."""
+    assert ATTEMPT_HEADER == "x-mesh-attempt"  # the name docs/proxyless.md gives
     plan = FaultPlan(fail_first=1)
     s = await servers(plan)
     client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"], identity="analytics-svc")
@@ -141,13 +143,13 @@ async def test_only_retries_carry_the_attempt_header(servers, make_client):
     assert (await stub.ValidateToken(_req())).valid  # answered at the first attempt
     assert (await client.call_with_retry(service_name="auth-svc", method_name="ValidateToken", request=_req(),
                                          timeout=2.0)).valid
-    assert [m.get("x-mesh-attempt") for m in plan.metadata_seen] == [None, "2", None, None]
+    assert [m.get(ATTEMPT_HEADER) for m in plan.metadata_seen] == [None, "2", None, None]
     streams = FaultPlan()
     e = await servers(streams, service="event-collector-svc")
     client.config.endpoints = {**client.config.endpoints, "event-collector-svc": [f"127.0.0.1:{e.bound_port}"]}
     events = events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc"))
     assert [ev.event_id async for ev in events.ListEvents(events_pb2.ListEventsRequest())] == ["e1", "e2"]
-    assert len(streams.metadata_seen) == 1 and "x-mesh-attempt" not in streams.metadata_seen[0]
+    assert len(streams.metadata_seen) == 1 and ATTEMPT_HEADER not in streams.metadata_seen[0]
 
 
 async def test_call_with_retry_documented_api(servers, make_client):

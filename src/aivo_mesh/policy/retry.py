@@ -15,7 +15,7 @@ The rules, in the order they are checked:
   - the wait never outlives the deadline: if it would reach `call.deadline`, give up with the last reply;
   - the retry budget must allow it (budget.py), else give up and report `retry_budget_exhausted`.
 
-Each attempt increments `call.attempt` (1, 2, ...), which the adapter sends as `x-mesh-attempt`.
+Each attempt increments `call.attempt` (1, 2, ...), which the adapter sends as `core.ATTEMPT_HEADER`.
 Caller cancellation (asyncio.CancelledError) is never caught: it stops the loop at once.
 """
 
