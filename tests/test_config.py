@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helpers import meshctl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_schema import schema_errors
@@ -723,8 +722,7 @@ def test_cli_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_console_script_exits_2_without_traceback(bad_file: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "aivo_mesh", "config", "validate", str(bad_file)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = meshctl("config", "validate", str(bad_file), timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "defaults.circuit_breaker.recovery_time" in proc.stderr
     assert str(bad_file) in proc.stderr

@@ -31,7 +31,7 @@ import grpc
 import pytest
 import yaml
 from binaries import needs, require
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from helpers import auth_app, envoy_live, start_envoy_async
 from rogue_certs import mint, needs_openssl
 from waiting import until
 
@@ -99,20 +99,11 @@ class Hits:
 async def _auth_app(hits: Hits, *, credentials: grpc.ServerCredentials | None = None, port: int = 0
                     ) -> tuple[grpc.aio.Server, int]:
     """An auth-svc stand-in that counts every request that reached it (mTLS or h2c)."""
-    async def validate(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         hits.count += 1
         return auth_pb2.ValidateTokenResponse(valid=True).SerializeToString()
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "aivo.auth.v1.AuthService", {"ValidateToken": grpc.unary_unary_rpc_method_handler(validate)}),))
-    checker = health.aio.HealthServicer()
-    await checker.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    address = f"127.0.0.1:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    await server.start()
-    return server, bound
+    return await auth_app({"ValidateToken": validate}, port=port, credentials=credentials)
 
 
 def _rogue_credentials(cert: Path, key: Path, certs: CertLayout) -> grpc.ServerCredentials:
@@ -308,7 +299,6 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
     """`service`'s Envoy; with `unchecked_peer`, that peer's cluster has neither active health checks nor
     outlier ejection, so each request connects itself (and is refused by its own handshake, not skipped
     because a probe or earlier requests failed)."""
-    envoy = require("envoy")
     d = root / service
     (d / "sds").mkdir(parents=True)
     profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
@@ -319,21 +309,11 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
             cluster.pop("outlier_detection", None)
     (d / "envoy.yaml").write_text(serialize("envoy.yaml", config))
     for_local_mesh(certs, mesh, root).publish()
-    proc = await asyncio.create_subprocess_exec(
-        envoy, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    proc = await start_envoy_async(d / "envoy.yaml")
     svc = mesh.service(service)
     sidecar = Sidecar(mesh, service, proc, svc.sidecar.admin_port or 0, svc.sidecar.inbound_port or 0,
                       svc.sidecar.outbound_port or 0)
-
-    def live() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.admin}/ready", timeout=1) as r:
-                return bool(r.read().decode().strip() == "LIVE")
-        except OSError:
-            return False
-
-    await until(live, timeout=30, what="envoy LIVE")
+    await until(lambda: envoy_live(sidecar.admin), timeout=30, what="envoy LIVE")
     return sidecar
 
 

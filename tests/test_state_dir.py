@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import helpers
 import pytest
 
 from aivo_mesh.errors import StateError
@@ -30,10 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def meshctl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != STATE_DIR_ENV}
-    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=cwd, env={**environ, **(env or {})},
-                          capture_output=True, text=True, timeout=120, check=False)
+    """With the state dir variable only as `env` sets it."""
+    return helpers.meshctl(*args, cwd=cwd, unset=[STATE_DIR_ENV], env=env)
 
 
 @pytest.fixture
