@@ -52,7 +52,7 @@ def _attempt(context: grpc.aio.ServicerContext) -> int:
     return 1  # the header is sent on retries only
 
 
-class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollectorServiceServicer):  # type: ignore[misc]
+class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollectorServiceServicer):
     def __init__(self, plan: FaultPlan, name: str = "") -> None:
         self.plan = plan
         self.name = name

@@ -599,8 +599,9 @@ def test_fuzz_data_mutations(path: tuple[Any, ...], op: str, value: Any, key: st
     _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
-_EDGE_SCALARS = [10**400, -(10**400), float("inf"), float("-inf"), float("nan"), -1, 0, 0.0001, 1e308, True,
-                 None, "", "-1s", "1e400s", "9" * 400 + "h", "5 s", "5sec", "1.5.2s", [], {}]
+_EDGE_SCALARS: list[object] = [
+    10**400, -(10**400), float("inf"), float("-inf"), float("nan"), -1, 0, 0.0001, 1e308, True,
+    None, "", "-1s", "1e400s", "9" * 400 + "h", "5 s", "5sec", "1.5.2s", [], {}]
 _LEAVES = [p for p in MESH_PATHS if not isinstance(_get(MESH_DATA, p), dict | list)]
 _DURATION_LEAVES = [p for p in _LEAVES
                     if isinstance(v := _get(MESH_DATA, p), str) and v[0].isdigit() and v[-1] == "s"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from binaries import needs
@@ -53,7 +54,7 @@ def test_status_reports_running_services(tmp_path):
 
     state = StateDir(tmp_path / "state")
 
-    async def scenario() -> tuple[dict[str, object], list[int]]:
+    async def scenario() -> tuple[dict[str, Any], list[int]]:
         async with serving_local_mesh(state):
             out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))
             assert out.returncode == 0, out.stderr
@@ -74,7 +75,7 @@ def test_status_shows_breakers_and_upstream_health_from_admin_endpoints(tmp_path
 
     state = StateDir(tmp_path / "state")
 
-    async def scenario() -> dict[str, object]:
+    async def scenario() -> dict[str, Any]:
         from aivo_mesh.runtime.driver import drive
 
         async with serving_local_mesh(state) as (_, _, client):
@@ -82,7 +83,8 @@ def test_status_shows_breakers_and_upstream_health_from_admin_endpoints(tmp_path
             assert stats.total_errors == 0
             out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))
             assert out.returncode == 0, out.stderr
-            return json.loads(out.stdout)
+            report: dict[str, Any] = json.loads(out.stdout)
+            return report
 
     report = asyncio.run(scenario())
     rows = {r["name"]: r for r in report["processes"]}

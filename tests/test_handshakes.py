@@ -14,6 +14,7 @@ import textwrap
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import h2.config
@@ -69,7 +70,7 @@ TRACE_NOISE = ("I1206 01:46:25.668679    7633 handshaker.cc:80] handshake_manage
                "security [0x7f950000ca90] at index 3\n")
 
 
-def _filter(text: str) -> tuple[str, list]:
+def _filter(text: str) -> tuple[str, list[Any]]:
     f = CoreLogFilter()
     out, events = [], []
     for line in text.splitlines(keepends=True):
@@ -241,7 +242,7 @@ def _refusals(admin_port: int) -> dict[str, float]:
 def _ready(admin_port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except OSError:
         return False
 

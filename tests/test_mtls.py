@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRPC_ROUNDING = 0.002
 
 
-class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+class EchoAuth(auth_pb2_grpc.AuthServiceServicer):
     """A test double of the auth service: reports the caller and can be slow on demand."""
 
     async def Authenticate(self, request, context):
@@ -340,14 +340,16 @@ async def test_rotated_certificates_apply_to_new_connections_without_restart(aut
         issue_leaf(certs, n, auth_mesh)
     server = MeshServer.for_service(auth_mesh, "auth-svc", certs)
     await server.start()
+    credentials = server.credentials
+    assert credentials is not None
     try:
-        first = server.credentials.identity.serial
+        first = credentials.identity.serial
         issue_leaf(certs, "auth-svc", auth_mesh)  # a new key and serial, same files
         async with _client(auth_mesh, certs, "mesh-client") as client:
             stub = health_pb2_grpc.HealthStub(await client.get_channel("auth-svc"))
             await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert server.credentials.reloads == 1
-        assert server.credentials.identity.serial != first
+        assert credentials.reloads == 1
+        assert credentials.identity.serial != first
     finally:
         await server.stop(0.5)
 

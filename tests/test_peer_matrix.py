@@ -178,7 +178,7 @@ async def test_mesh_server_refuses_each_row_with_its_rule(certs: CertLayout, mes
                                     observers=[ServerMetricsObserver(metrics)])
     hits = Hits()
 
-    class Auth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    class Auth(auth_pb2_grpc.AuthServiceServicer):
         async def ValidateToken(self, request, context):
             hits.count += 1
             return auth_pb2.ValidateTokenResponse(valid=True)
@@ -354,8 +354,10 @@ async def test_envoy_inbound_refuses_each_row(auth_sidecar: tuple[Sidecar, Hits]
         err = await _call_as(address, certs, cert, key)
         assert err.code() == grpc.StatusCode.UNAVAILABLE, (name, err)
         # Envoy's reason: the key is not one the mesh vetted (verify_certificate_spki).
-        await until(lambda b=before: sidecar.ssl_stat("listener.", "ssl.fail_verify_cert_hash") > b, timeout=5,
-                    what=f"{name}: listener ssl.fail_verify_cert_hash")
+        def refused(b: int = before) -> bool:
+            return sidecar.ssl_stat("listener.", "ssl.fail_verify_cert_hash") > b
+
+        await until(refused, timeout=5, what=f"{name}: listener ssl.fail_verify_cert_hash")
     assert hits.count == 1
 
 
@@ -368,7 +370,7 @@ async def test_a_bad_certificate_swapped_in_keeps_the_sidecar_serving(
     publisher = for_local_mesh(certs, sidecar.mesh, tmp_path / "envoy")
     publisher.publish()
     for bad in ({"ca": True}, {"eku": ["clientAuth"]}):
-        cert, key = mint(certs, mesh, "auth-svc", tmp_path / f"bad-{len(bad)}-{next(iter(bad))}", **bad)  # type: ignore[arg-type]
+        cert, key = mint(certs, mesh, "auth-svc", tmp_path / f"bad-{len(bad)}-{next(iter(bad))}", **bad)
         shutil.copy(cert, certs.identity_paths("auth-svc")[0])
         shutil.copy(key, certs.identity_paths("auth-svc")[1])
         assert publisher.publish() is False  # refused: nothing written
@@ -412,8 +414,10 @@ async def test_envoy_outbound_refuses_each_server_row(certs: CertLayout, mesh: M
                         await auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(
                             auth_pb2.ValidateTokenRequest(token="x"), timeout=5)
                 assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, (row.name, exc.value)
-                await until(lambda b=before, s=stat: sidecar.ssl_stat(cluster, s) > b, timeout=5,
-                            what=f"{row.name}: {cluster}{stat}")
+                def counted(b: int = before, s: str = stat) -> bool:
+                    return sidecar.ssl_stat(cluster, s) > b
+
+                await until(counted, timeout=5, what=f"{row.name}: {cluster}{stat}")
             finally:
                 if close_front is not None:
                     close_front()

@@ -363,7 +363,8 @@ async def test_a_killed_sidecar_is_restarted_and_reported(sidecar_mesh):
     def row() -> dict[str, Any]:
         out = meshctl("status", "--json", "--state-dir", str(state.root), "--interval", "0")
         assert out.returncode == 0, out.stderr
-        return {r["service"]: r for r in json.loads(out.stdout)["services"]}["auth-svc"]
+        found: dict[str, Any] = {r["service"]: r for r in json.loads(out.stdout)["services"]}["auth-svc"]
+        return found
 
     deadline = time.monotonic() + 20
     while (r := await asyncio.to_thread(row))["health"] != "SERVING" and time.monotonic() < deadline:

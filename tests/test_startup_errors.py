@@ -124,8 +124,7 @@ def test_port_options_are_1_to_65535(argv: list[str], capsys: pytest.CaptureFixt
 def test_every_port_option_takes_1_to_65535() -> None:
     import click
 
-    from aivo_mesh.cli import cli
-    from aivo_mesh.cli._root import PORT
+    from aivo_mesh.cli._root import PORT, cli
 
     def options(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Parameter]]:
         for param in cmd.params:
