@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from aivo_mesh.policy.core import ATTEMPT_HEADER
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc
 
 
@@ -46,12 +47,12 @@ class FaultPlan:
 
 def _attempt(context: grpc.aio.ServicerContext) -> int:
     for k, v in context.invocation_metadata() or ():
-        if k == "x-mesh-attempt":
+        if k == ATTEMPT_HEADER:
             return int(v)
     return 1  # the header is sent on retries only
 
 
-class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollectorServiceServicer):  # type: ignore[misc]
+class FaultyAuth(auth_pb2_grpc.AuthServiceServicer, events_pb2_grpc.EventCollectorServiceServicer):
     def __init__(self, plan: FaultPlan, name: str = "") -> None:
         self.plan = plan
         self.name = name

@@ -8,8 +8,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -17,6 +15,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from helpers import meshctl
 
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh
@@ -184,11 +183,6 @@ def test_json_says_the_same(project: Project, capsys: pytest.CaptureFixture[str]
 
 
 # --- with a mesh running ----------------------------------------------------------------------------
-
-
-def meshctl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120, check=False)
 
 
 @pytest.fixture

@@ -17,8 +17,9 @@ import click
 import pytest
 import yaml
 
-from aivo_mesh.cli import cli, main
+from aivo_mesh.cli import main
 from aivo_mesh.cli._output import FORMATS
+from aivo_mesh.cli._root import cli
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.render import render_target
 from aivo_mesh.runtime.collector import SpanLog

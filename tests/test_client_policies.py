@@ -27,6 +27,7 @@ from aivo_mesh.config.resolve import longest_timeout
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
 from aivo_mesh.errors import DeadlineExceeded
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.policy.core import ATTEMPT_HEADER
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import PolicyListener
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, events_pb2, events_pb2_grpc
@@ -133,6 +134,7 @@ async def test_transient_failures_are_retried_to_success_with_attempt_numbers(se
 async def test_only_retries_carry_the_attempt_header(servers, make_client):
     """docs/proxyless.md: a first attempt sends no x-mesh-attempt (its absence means 1), a retry sends
     its number; on both unary paths, and never on a stream (streams are not retried)."""
+    assert ATTEMPT_HEADER == "x-mesh-attempt"  # the name docs/proxyless.md gives
     plan = FaultPlan(fail_first=1)
     s = await servers(plan)
     client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"], identity="analytics-svc")
@@ -141,13 +143,13 @@ async def test_only_retries_carry_the_attempt_header(servers, make_client):
     assert (await stub.ValidateToken(_req())).valid  # answered at the first attempt
     assert (await client.call_with_retry(service_name="auth-svc", method_name="ValidateToken", request=_req(),
                                          timeout=2.0)).valid
-    assert [m.get("x-mesh-attempt") for m in plan.metadata_seen] == [None, "2", None, None]
+    assert [m.get(ATTEMPT_HEADER) for m in plan.metadata_seen] == [None, "2", None, None]
     streams = FaultPlan()
     e = await servers(streams, service="event-collector-svc")
     client.config.endpoints = {**client.config.endpoints, "event-collector-svc": [f"127.0.0.1:{e.bound_port}"]}
     events = events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc"))
     assert [ev.event_id async for ev in events.ListEvents(events_pb2.ListEventsRequest())] == ["e1", "e2"]
-    assert len(streams.metadata_seen) == 1 and "x-mesh-attempt" not in streams.metadata_seen[0]
+    assert len(streams.metadata_seen) == 1 and ATTEMPT_HEADER not in streams.metadata_seen[0]
 
 
 async def test_call_with_retry_documented_api(servers, make_client):
@@ -490,6 +492,7 @@ async def test_streams_get_a_client_span_and_carry_its_traceparent(servers, make
         assert span.kind is SpanKind.CLIENT
         assert dict(span.attributes or {})["rpc.grpc.status_code"] == 0
         ctx = span.get_span_context()
+        assert ctx is not None
         ids = (format(ctx.trace_id, "032x"), format(ctx.span_id, "016x"))
         _, trace_id, span_id, _ = plan.metadata_seen[-1]["traceparent"].split("-")
         assert (trace_id, span_id) == ids
@@ -547,11 +550,11 @@ async def test_a_server_calling_another_service_passes_on_its_remaining_deadline
     not its own route's 1 s (MeshServer sets `inbound_deadline`; the client's deadline layer reads it)."""
     mesh = _mesh()
 
-    class Echo(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    class Echo(auth_pb2_grpc.AuthServiceServicer):
         async def ValidateToken(self, request, context):
             return auth_pb2.ValidateTokenResponse(valid=True, reason=repr(context.time_remaining()))
 
-    class Relay(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    class Relay(auth_pb2_grpc.AuthServiceServicer):
         def __init__(self, client: MeshClient) -> None:
             self.client = client
 
@@ -840,7 +843,8 @@ async def _drain(stream: Any) -> list[str]:
 async def test_a_stream_holds_its_slot_until_it_ends_and_is_queued_and_refused_as_a_unary_call(servers,
                                                                                               make_client):
     mesh = _mesh(extra="  limits: {max_requests: 1, max_pending_requests: 1}\n")
-    plan = FaultPlan(hold=asyncio.Event())
+    hold = asyncio.Event()
+    plan = FaultPlan(hold=hold)
     s = await servers(plan, service="event-collector-svc", mesh=mesh)
     client = make_client(mesh, [], identity="analytics-svc")
     client.config.endpoints = {"event-collector-svc": [f"127.0.0.1:{s.bound_port}"]}
@@ -858,7 +862,7 @@ async def test_a_stream_holds_its_slot_until_it_ends_and_is_queued_and_refused_a
     assert stream_refused.value.code() == unary_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert stream_refused.value.details() == unary_refused.value.details()
     assert "max_requests=1, max_pending_requests=1" in (stream_refused.value.details() or "")
-    plan.hold.set()  # the first stream ends: its slot goes to the queued one
+    hold.set()  # the first stream ends: its slot goes to the queued one
     assert [m.event_id async for m in first] == ["e2"]
     assert await second == ["e1", "e2"]
     await until(lambda: limit.active == 0, what="every slot back")
@@ -873,8 +877,12 @@ async def test_a_stream_counts_for_the_breaker_and_outlier_detection_when_it_end
         with pytest.raises(grpc.aio.AioRpcError):
             await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))
         # counted as the stream ends, not as it opens (it opened fine)
-        await until(lambda n=n: target.policy.balancer.state(endpoint).consecutive_failures == n  # type: ignore[union-attr]
-                    or target.policy.breaker.state == "open", what=f"stream {n}'s failure counted")
+        def counted(n: int = n) -> bool:
+            state = target.policy.balancer.state(endpoint)
+            assert state is not None
+            return state.consecutive_failures == n or target.policy.breaker.state == "open"
+
+        await until(counted, what=f"stream {n}'s failure counted")
     await until(lambda: target.policy.breaker.state == "open", what="the breaker opened after 5 failed streams")
     with pytest.raises(CircuitOpen):
         await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import grpc
 import pytest
+from helpers import checkout_env, meshctl
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -24,6 +23,8 @@ from opentelemetry.proto.trace.v1.trace_pb2 import ResourceSpans, ScopeSpans, Sp
 from waiting import until
 
 from aivo_mesh.runtime.collector import read_stats
+from aivo_mesh.runtime.local import free_port
+from aivo_mesh.runtime.supervisor import meshctl_argv
 from aivo_mesh.telemetry.otlp_receiver import EXPORT_METHOD, MAX_VALUE_CHARS, OtlpReceiver, held_size
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,12 +98,6 @@ async def test_requests_waiting_to_be_forwarded_are_bounded_by_bytes() -> None:
             await receiver.stop(grace=0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _accepts(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -118,12 +113,12 @@ async def test_meshctl_collector_bounds_memory_and_tells_meshctl_traces_what_it_
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
-    port = _free_port()
-    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    port = free_port()
+    env = checkout_env()
     out = tmp_path / "traces.jsonl"
     with (tmp_path / "collector.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "aivo_mesh", "collector", "--port", str(port), "--out", str(out),
-                                 "--max-bytes", "1MiB", "--max-span-bytes", "64KiB"],
+        proc = subprocess.Popen(meshctl_argv("collector", "--port", str(port), "--out", str(out),
+                                             "--max-bytes", "1MiB", "--max-span-bytes", "64KiB"),
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         await until(lambda: _accepts(port) or proc.poll() is not None, timeout=30, what="collector listening")
@@ -147,8 +142,8 @@ async def test_meshctl_collector_bounds_memory_and_tells_meshctl_traces_what_it_
         assert stats["truncated"] == 2
         assert stats["dropped"]["span_too_large"] == 1
         assert stats["dropped"]["buffer_full"] > 50
-        traces = subprocess.run([sys.executable, "-m", "aivo_mesh", "traces", "--state-dir", str(tmp_path),
-                                 "--last", "1"], capture_output=True, text=True, env=env, timeout=60, check=True)
+        traces = meshctl("traces", "--state-dir", str(tmp_path), "--last", "1", timeout=60)
+        assert traces.returncode == 0, traces.stderr
         first = traces.stdout.splitlines()[0]
         assert first.startswith(f"collector: {stats['held_spans']} spans held (")
         assert "of 1.0 MiB); 2 cut to 64 KiB; dropped: buffer_full=" in first and "span_too_large=1" in first

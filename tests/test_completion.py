@@ -9,22 +9,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import checkout_env
 
 ROOT = Path(__file__).resolve().parents[1]
 # A mesh whose service names are not the repository's: completions come from the mesh.yaml in effect.
 RENAMES = {"auth-svc": "alpha-svc", "analytics-svc": "atlas-svc"}
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "AIVO_MESH_CONFIG"}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
-    return {**env, **extra}
+UNSET = ["AIVO_MESH_CONFIG"]  # completions come from the project's mesh.yaml
 
 
 def meshctl(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=cwd, env=_env(**env),
-                          capture_output=True, text=True, timeout=60, check=False)
+    return helpers.meshctl(*args, cwd=cwd, timeout=60, unset=UNSET, env=env)
 
 
 @pytest.fixture
@@ -94,8 +92,8 @@ def test_the_bash_script_completes_service_names_in_bash(project: Path, tmp_path
               'COMP_WORDS=(meshctl serve a); COMP_CWORD=2; _meshctl_completion meshctl\n'
               'printf "%s\\n" "${COMPREPLY[@]}"\n')
     done = subprocess.run(["bash", "--norc", "-c", script], cwd=project,
-                          env=_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}"), capture_output=True,
-                          text=True, timeout=60, check=False)
+                          env=checkout_env(UNSET, {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}),
+                          capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["alpha-svc", "atlas-svc"]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 from binaries import needs, require
@@ -15,8 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 MESH = load_mesh(ROOT / "mesh.yaml")
 
 
-def compose() -> dict:
-    return yaml.safe_load(render_target("compose", MESH)["docker-compose.yaml"])
+def compose() -> dict[str, Any]:
+    doc: dict[str, Any] = yaml.safe_load(render_target("compose", MESH)["docker-compose.yaml"])
+    return doc
 
 
 def test_every_service_runs_as_an_app_plus_envoy_pod_with_the_platform_services():

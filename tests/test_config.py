@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from helpers import meshctl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_schema import schema_errors
@@ -600,8 +599,9 @@ def test_fuzz_data_mutations(path: tuple[Any, ...], op: str, value: Any, key: st
     _expect_config_error_or_mesh(yaml.safe_dump(data, allow_unicode=True, sort_keys=False))
 
 
-_EDGE_SCALARS = [10**400, -(10**400), float("inf"), float("-inf"), float("nan"), -1, 0, 0.0001, 1e308, True,
-                 None, "", "-1s", "1e400s", "9" * 400 + "h", "5 s", "5sec", "1.5.2s", [], {}]
+_EDGE_SCALARS: list[object] = [
+    10**400, -(10**400), float("inf"), float("-inf"), float("nan"), -1, 0, 0.0001, 1e308, True,
+    None, "", "-1s", "1e400s", "9" * 400 + "h", "5 s", "5sec", "1.5.2s", [], {}]
 _LEAVES = [p for p in MESH_PATHS if not isinstance(_get(MESH_DATA, p), dict | list)]
 _DURATION_LEAVES = [p for p in _LEAVES
                     if isinstance(v := _get(MESH_DATA, p), str) and v[0].isdigit() and v[-1] == "s"]
@@ -723,8 +723,7 @@ def test_cli_validate_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture
 
 
 def test_console_script_exits_2_without_traceback(bad_file: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "aivo_mesh", "config", "validate", str(bad_file)],
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = meshctl("config", "validate", str(bad_file), timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "defaults.circuit_breaker.recovery_time" in proc.stderr
     assert str(bad_file) in proc.stderr

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -26,20 +25,16 @@ import pytest
 from binaries import require
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
+from helpers import stop_process
 
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.discovery import ConsulDiscovery, ConsulRegistration, SnapshotStore, agent_service_definition
+from aivo_mesh.runtime.local import free_port
 
 pytestmark = pytest.mark.slow
 
 LEADER_BOUND = 30.0  # seconds for the dev agent to elect itself
 CHECK_BOUND = 20.0  # seconds for the agent's gRPC check to pass / an instance to disappear
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _http_get(url: str) -> tuple[int, str]:
@@ -51,9 +46,9 @@ def _http_get(url: str) -> tuple[int, str]:
 def consul_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A `consul agent -dev` on free ports; yields its HTTP address (host:port)."""
     binary = require("consul")  # without it, test_discovery.py still covers this code against a fake agent
-    http_port = _free_port()
-    ports = (f"ports {{ http = {http_port}, dns = {_free_port()}, grpc = {_free_port()}, grpc_tls = -1, "
-             f"serf_lan = {_free_port()}, serf_wan = {_free_port()}, server = {_free_port()} }}")
+    http_port = free_port()
+    ports = (f"ports {{ http = {http_port}, dns = {free_port()}, grpc = {free_port()}, grpc_tls = -1, "
+             f"serf_lan = {free_port()}, serf_wan = {free_port()}, server = {free_port()} }}")
     log_path: Path = tmp_path_factory.mktemp("consul") / "consul.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -75,12 +70,7 @@ def consul_dev(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             time.sleep(0.1)  # an external process: nothing to wait on but its HTTP answer
         yield address
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc, 10)
 
 
 @pytest.fixture
@@ -101,7 +91,7 @@ async def health_server(mesh: MeshSpec) -> AsyncIterator[int]:
 
 async def test_real_agent_accepts_the_tls_definition(consul_dev: str, mesh: MeshSpec) -> None:
     reg = ConsulRegistration(consul_dev)
-    sid = await reg.register(mesh, "auth-svc", address="127.0.0.1", port=_free_port())
+    sid = await reg.register(mesh, "auth-svc", address="127.0.0.1", port=free_port())
     try:
         services = await reg.agent_services()
         definition = agent_service_definition(mesh, "auth-svc", "127.0.0.1", services[sid]["Port"])

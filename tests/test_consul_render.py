@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -19,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MESH = load_mesh(ROOT / "mesh.yaml")
 
 
-def rendered() -> dict[str, dict[str, object]]:
+def rendered() -> dict[str, dict[str, Any]]:
     return {p: json.loads(t) for p, t in render_target("consul", MESH).items()}
 
 

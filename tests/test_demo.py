@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from binaries import needs
+from helpers import meshctl, serving_local_mesh
 
 from aivo_mesh.runtime.state import StateDir, pid_alive
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, check=False)
 
 
 @pytest.mark.parametrize("plane", [pytest.param("sidecar", marks=needs("envoy")), "proxyless"])
@@ -57,28 +52,14 @@ def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path,
 def test_status_reports_running_services(tmp_path):
     import asyncio
 
-    from aivo_mesh.runtime.local import prepare, start_services
-    from aivo_mesh.runtime.supervisor import Supervisor
-
     state = StateDir(tmp_path / "state")
 
-    async def scenario() -> tuple[dict[str, object], list[int]]:
-        from aivo_mesh.client import MeshClient, MeshConfig
-        from aivo_mesh.runtime.health import wait_serving
-
-        mesh = prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
-        sup = Supervisor(state)
-        try:
-            await start_services(sup, mesh)
-            async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-                health = await wait_serving(client, mesh.service_names, timeout=90)
-            assert set(health.values()) == {"SERVING"}, health
+    async def scenario() -> tuple[dict[str, Any], list[int]]:
+        async with serving_local_mesh(state):
             out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))
             assert out.returncode == 0, out.stderr
             pids = [r.pid for r in state.read_processes()]
             return json.loads(out.stdout), pids
-        finally:
-            await sup.stop_all()
 
     report, pids = asyncio.run(scenario())
     rows = {r["name"]: r for r in report["processes"]}
@@ -92,29 +73,18 @@ def test_status_reports_running_services(tmp_path):
 def test_status_shows_breakers_and_upstream_health_from_admin_endpoints(tmp_path):
     import asyncio
 
-    from aivo_mesh.runtime.local import prepare, start_services
-    from aivo_mesh.runtime.supervisor import Supervisor
-
     state = StateDir(tmp_path / "state")
 
-    async def scenario() -> dict[str, object]:
-        from aivo_mesh.client import MeshClient, MeshConfig
+    async def scenario() -> dict[str, Any]:
         from aivo_mesh.runtime.driver import drive
-        from aivo_mesh.runtime.health import wait_serving
 
-        mesh = prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
-        sup = Supervisor(state)
-        try:
-            await start_services(sup, mesh)
-            async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-                assert set((await wait_serving(client, mesh.service_names, timeout=90)).values()) == {"SERVING"}
-                stats = await drive(client, 0.5, workers=1)  # learner -> auth, analytics -> events
-                assert stats.total_errors == 0
+        async with serving_local_mesh(state) as (_, _, client):
+            stats = await drive(client, 0.5, workers=1)  # learner -> auth, analytics -> events
+            assert stats.total_errors == 0
             out = await asyncio.to_thread(meshctl, "status", "--json", "--state-dir", str(state.root))
             assert out.returncode == 0, out.stderr
-            return json.loads(out.stdout)
-        finally:
-            await sup.stop_all()
+            report: dict[str, Any] = json.loads(out.stdout)
+            return report
 
     report = asyncio.run(scenario())
     rows = {r["name"]: r for r in report["processes"]}

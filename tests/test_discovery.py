@@ -43,8 +43,8 @@ from aivo_mesh.discovery import (
     service_id,
     static_endpoints,
 )
-from aivo_mesh.discovery._util import TokenBucket, backoff_delay
-from aivo_mesh.discovery.consul_register import go_duration
+from aivo_mesh.discovery._util import TokenBucket
+from aivo_mesh.discovery.consul_register import REGISTER_BACKOFF, go_duration
 from aivo_mesh.errors import ConfigError
 
 BOUND = 3.0  # upper bound of every condition wait; the happy path takes milliseconds
@@ -203,13 +203,22 @@ async def test_publish_from_another_thread_wakes_the_loop() -> None:
 # ==================================================================================================
 
 
-def test_backoff_grows_exponentially_with_equal_jitter_and_a_cap() -> None:
-    lo = [backoff_delay(n, 0.5, 8.0, rand=lambda: 0.0) for n in range(1, 8)]
-    hi = [backoff_delay(n, 0.5, 8.0, rand=lambda: 1.0) for n in range(1, 8)]
-    assert hi == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    assert lo == [d / 2 for d in hi]
-    assert backoff_delay(0, 0.5, 8.0) == 0.0
-    assert backoff_delay(10_000, 0.5, 8.0) <= 8.0
+def test_every_retry_waits_by_the_policy_back_off_with_its_documented_timings() -> None:
+    """Discovery retries and restarts, Consul registration and the supervisor share policy/backoff.py's
+    equal jitter (the first three jittered, the last two its exact ceiling)."""
+    from aivo_mesh.policy.backoff import EqualJitter
+    from aivo_mesh.runtime.mesh import RESTART_BACKOFF
+
+    dns_source = DnsSource("auth.internal:50051", min_ttl=0.5, max_ttl=8.0)
+    assert dns_source.backoff == EqualJitter(0.5, 8.0)
+    assert [dns_source.backoff.ceiling(n) for n in range(1, 8)] == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
+    assert ConsulDiscovery().backoff == EqualJitter(0.5, 30.0)
+    assert Discovery(SnapshotStore(), {}).restart_backoff == EqualJitter(1.0, 30.0)
+    # Exact, unjittered: 0.5 s doubling to 30 s.
+    for fixed in (REGISTER_BACKOFF, RESTART_BACKOFF):
+        assert [fixed.ceiling(n) for n in (1, 2, 3, 7, 8, 50)] == [0.5, 1.0, 2.0, 30.0, 30.0, 30.0]
+    with pytest.raises(ValueError, match="cap must be >= base"):
+        ConsulDiscovery(backoff_base=2.0, backoff_max=1.0)
 
 
 def test_token_bucket_allows_a_burst_then_paces() -> None:

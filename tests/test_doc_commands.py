@@ -76,7 +76,8 @@ def fenced_blocks(path: Path, lang: str) -> Iterator[tuple[int, list[str], list[
 
 def block_commands(path: Path, first: int, body: list[str]) -> list[DocCommand]:
     commands: list[DocCommand] = []
-    text, start, expect, status = "", 0, [], 0
+    text, start, status = "", 0, 0
+    expect: list[str] = []
 
     def close() -> None:
         nonlocal text, expect, status

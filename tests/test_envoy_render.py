@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import json
 import shutil
-import socket
 import subprocess
 import time
 import urllib.error
@@ -24,6 +23,7 @@ import pytest
 import yaml
 from binaries import needs, optional, require
 from cryptography import x509
+from helpers import auth_app, start_envoy, start_envoy_async, stop_process, wait_envoy_live
 from waiting import until
 
 from aivo_mesh.cli import main
@@ -53,6 +53,7 @@ from aivo_mesh.render.envoy import (
     sidecar_ports,
     stats_methods,
 )
+from aivo_mesh.runtime.local import free_ports
 from aivo_mesh.runtime.status import envoy_hosts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,22 +133,9 @@ def _tls_contexts(cfg: Any) -> list[dict[str, Any]]:
     return [n for n in _walk(cfg) if str(n.get("@type", "")).endswith(("UpstreamTlsContext", "DownstreamTlsContext"))]
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _on_free_ports(mesh: MeshSpec) -> MeshSpec:
     """The mesh with every local_port and sidecar port moved to a currently free port."""
-    ports = iter(_free_ports(4 * len(mesh.services)))
+    ports = iter(free_ports(4 * len(mesh.services)))
     services = tuple(
         s.model_copy(update={"local_port": next(ports), "sidecar": SidecarPorts(
             inbound_port=next(ports), outbound_port=next(ports), admin_port=next(ports))})
@@ -163,18 +151,6 @@ def _http(port: int, path: str, method: str = "GET") -> tuple[int, str]:
             return resp.status, resp.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
-
-
-def _wait_live(port: int, proc: Any, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.returncode is not None or (isinstance(proc, subprocess.Popen) and proc.poll() is not None):
-            raise AssertionError(f"envoy exited early with {proc.returncode}")
-        with contextlib.suppress(OSError):
-            if _http(port, "/ready") == (200, "LIVE\n"):
-                return
-        time.sleep(0.05)
-    raise AssertionError(f"envoy admin on {port} not LIVE after {timeout}s")
 
 
 def _leaf_serial(cert_file: Path) -> int:
@@ -737,17 +713,15 @@ def test_real_envoy_serves_auth_sidecar_and_reloads_rotated_cert(mesh: MeshSpec,
                                                                  tmp_path: Path) -> None:
     """Local profile for auth-svc: LIVE, /certs shows its serial, /stats/prometheus answers; a
     `certs rotate` reaches Envoy through the SDS watched_directory without a restart."""
-    envoy = require("envoy")
     m = _on_free_ports(mesh)
     shutil.copytree(mesh_certs.root, tmp_path / "certs")
     layout = CertLayout(tmp_path / "certs")
     profile = EnvoyProfile.local(str(layout.root), str(tmp_path / "sds"))
     config = _write(m, "auth-svc", profile, tmp_path / "envoy.yaml")
     admin = sidecar_ports(m, "auth-svc", "local").admin
-    proc = subprocess.Popen([envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
-                             "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_envoy(config, log_level="warn", stderr=subprocess.PIPE)
     try:
-        _wait_live(admin, proc)
+        wait_envoy_live(admin, proc)
         assert _leaf_serial(layout.service_paths("auth-svc")[0]) in _cert_serials(admin)
         status, body = _http(admin, "/stats/prometheus")
         assert status == 200
@@ -758,12 +732,7 @@ def test_real_envoy_serves_auth_sidecar_and_reloads_rotated_cert(mesh: MeshSpec,
             assert time.monotonic() < deadline, "rotated certificate never reached Envoy"
             time.sleep(0.05)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 5)
         assert proc.stderr is not None
         log = proc.stderr.read().decode(errors="replace")
         proc.stderr.close()
@@ -777,19 +746,17 @@ def test_real_envoy_pod_profile_exposes_only_prometheus(mesh: MeshSpec, mesh_cer
                                                         tmp_path: Path) -> None:
     """The shipped auth-svc pod file (paths re-rooted, ports moved to free ones): the 15090 listener
     answers GET /stats/prometheus and nothing else of the admin API."""
-    envoy = require("envoy")
     path = _write_pod_relocated(mesh, "auth-svc", mesh_certs.root, tmp_path)
-    inbound, outbound, admin, stats, app = _free_ports(5)
+    inbound, outbound, admin, stats, app = free_ports(5)
     moved = {50051: inbound, 15001: outbound, 9901: admin, 15090: stats, mesh.service("auth-svc").local_port: app}
     config = yaml.safe_load(path.read_text())
     for node in _walk(config):
         if node.get("port_value") in moved:
             node["port_value"] = moved[node["port_value"]]
     path.write_text(serialize("envoy.yaml", config))
-    proc = subprocess.Popen([envoy, "-c", str(path), "--disable-hot-restart", "--concurrency", "1",
-                             "--log-level", "warn"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_envoy(path, log_level="warn")
     try:
-        _wait_live(admin, proc)
+        wait_envoy_live(admin, proc)
         status, body = _http(stats, "/stats/prometheus")
         assert status == 200
         assert "envoy_server_live" in body
@@ -810,9 +777,6 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
     the allow-list lets learner call ValidateToken only (else PERMISSION_DENIED), the route's 1 s
     deadline is enforced by Envoy, an UNAVAILABLE answer is retried by Envoy, and so is an attempt cut by
     the route's 0.5 s per-try timeout."""
-    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-
-    envoy = require("envoy")
     m = _on_free_ports(mesh)
     calls = {"n": 0}
 
@@ -827,26 +791,16 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
     async def authenticate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return b"token"
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("aivo.auth.v1.AuthService", {
-        "ValidateToken": grpc.unary_unary_rpc_method_handler(validate),
-        "Authenticate": grpc.unary_unary_rpc_method_handler(authenticate),
-    }),))
-    checker = health.aio.HealthServicer()
-    await checker.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    server.add_insecure_port(f"127.0.0.1:{m.service('auth-svc').local_port}")
-    await server.start()
+    server, _ = await auth_app({"ValidateToken": validate, "Authenticate": authenticate},
+                               port=m.service("auth-svc").local_port)
     procs = []
     try:
         for s in ("auth-svc", "learner-svc"):
             profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / s / "sds"))
             config = _write(m, s, profile, tmp_path / s / "envoy.yaml")
-            procs.append(await asyncio.create_subprocess_exec(
-                envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL))
+            procs.append(await start_envoy_async(config))
         for s, proc in zip(("auth-svc", "learner-svc"), procs, strict=True):
-            await asyncio.to_thread(_wait_live, sidecar_ports(m, s, "local").admin, proc)
+            await asyncio.to_thread(wait_envoy_live, sidecar_ports(m, s, "local").admin, proc)
         # LIVE is not enough: learner's sidecar may have health-checked auth's before that one listened,
         # and with panic routing off (docs/envoy.md) it fails calls fast until the next check (2 s).
         learner_admin = f"127.0.0.1:{sidecar_ports(m, 'learner-svc', 'local').admin}"

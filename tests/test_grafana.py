@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import yaml
 from binaries import needs, require
@@ -18,8 +19,9 @@ MESH = load_mesh(ROOT / "mesh.yaml")
 DASHBOARD = "dashboards/mesh-dashboard.json"
 
 
-def dashboard() -> dict:
-    return json.loads(render_target("grafana", MESH)[DASHBOARD])
+def dashboard() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(render_target("grafana", MESH)[DASHBOARD])
+    return doc
 
 
 def test_dashboard_top_level_fields():

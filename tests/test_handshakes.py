@@ -14,12 +14,14 @@ import textwrap
 import urllib.request
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import grpc
 import h2.config
 import h2.connection
 import h2.events
 import pytest
+from helpers import checkout_env
 from prometheus_client.parser import text_string_to_metric_families
 from waiting import until
 
@@ -28,6 +30,8 @@ from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.crypto import DEFAULT_KEY_TYPE, cert_pem, generate_key, key_pem
 from aivo_mesh.pki.issue import build_leaf, init_ca, issue_leaf, load_issuer
 from aivo_mesh.runtime.handshakes import REASONS, CoreLogFilter, HandshakeCapture, classify
+from aivo_mesh.runtime.local import free_port
+from aivo_mesh.runtime.supervisor import meshctl_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -66,7 +70,7 @@ TRACE_NOISE = ("I1206 01:46:25.668679    7633 handshaker.cc:80] handshake_manage
                "security [0x7f950000ca90] at index 3\n")
 
 
-def _filter(text: str) -> tuple[str, list]:
+def _filter(text: str) -> tuple[str, list[Any]]:
     f = CoreLogFilter()
     out, events = [], []
     for line in text.splitlines(keepends=True):
@@ -177,12 +181,6 @@ def test_relay_lets_every_other_byte_out_in_order_even_when_the_process_exits_ha
 
 # -- end to end: `meshctl serve` refusing real clients ---------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _expired_identity(certs: CertLayout, mesh: MeshSpec, out: Path) -> tuple[Path, Path]:
     """A mesh-client leaf from the mesh's own issuing CA that expired yesterday."""
     issuer = load_issuer(certs)
@@ -244,7 +242,7 @@ def _refusals(admin_port: int) -> dict[str, float]:
 def _ready(admin_port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except OSError:
         return False
 
@@ -252,15 +250,14 @@ def _ready(admin_port: int) -> bool:
 @pytest.mark.slow
 async def test_meshctl_serve_logs_and_counts_each_refused_client(mesh: MeshSpec, mesh_certs: CertLayout,
                                                                  tmp_path: Path) -> None:
-    port, admin = _free_port(), _free_port()
+    port, admin = free_port(), free_port()
     err = tmp_path / "serve.stderr"
-    env = {k: v for k, v in os.environ.items() if k not in ("GRPC_TRACE", "GRPC_VERBOSITY")}
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
+    env = checkout_env(["GRPC_TRACE", "GRPC_VERBOSITY"])
     with err.open("wb") as f:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "aivo_mesh", "serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"),
-             "--certs", str(mesh_certs.root), "--port", str(port), "--admin-port", str(admin),
-             "--data-dir", str(tmp_path / "data")], stderr=f, stdout=subprocess.DEVNULL, env=env, cwd=tmp_path)
+            meshctl_argv("serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"), "--certs", str(mesh_certs.root),
+                         "--port", str(port), "--admin-port", str(admin), "--data-dir", str(tmp_path / "data")),
+            stderr=f, stdout=subprocess.DEVNULL, env=env, cwd=tmp_path)
     try:
         await until(lambda: _ready(admin) or proc.poll() is not None, timeout=30, what="meshctl serve ready")
         assert proc.poll() is None, err.read_text()
@@ -334,8 +331,7 @@ def test_meshserver_on_refused_reports_tls12_connections_once_each(mesh_certs: C
     # Only reachable when the handshake refusal could not apply (grpc imported first): each call is refused
     # UNAUTHENTICATED, and the connection is reported once.
     script = _GRPC_FIRST.format(tests=str(ROOT / "tests"), certs=str(mesh_certs.root), mesh=str(ROOT / "mesh.yaml"))
-    env = {k: v for k, v in os.environ.items() if k not in ("GRPC_SSL_CIPHER_SUITES", "GRPC_TRACE")}
-    env["PYTHONPATH"] = os.pathsep.join([str(SRC), *filter(None, [env.get("PYTHONPATH")])])
+    env = checkout_env(["GRPC_SSL_CIPHER_SUITES", "GRPC_TRACE"])
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
                          check=False)
     assert out.returncode == 0, out.stderr

@@ -449,7 +449,7 @@ def linkerd_allows(docs: list[dict[str, Any]], identity: str, method: str) -> bo
                                       for rule in r["spec"]["rules"] for m in rule["matches"])]
     whole = [r for r in routes if any(m["method"] == {"type": "Exact", "service": service}
                                       for rule in r["spec"]["rules"] for m in rule["matches"])]
-    chosen = (exact or whole or [None])[0]
+    chosen = next(iter(exact or whole), None)
     if chosen is None:
         return False  # no route: Linkerd refuses the request
     authns = {d["metadata"]["name"]: d for d in by_kind(docs, "MeshTLSAuthentication")}

@@ -5,31 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import checkout_env
 from waiting import until
 
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, DEMO_STATE_DIR, STATE_DIR_ENV, StateDir, pid_alive
+from aivo_mesh.runtime.supervisor import meshctl_argv
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def environ() -> dict[str, str]:
-    """Ours, without a state dir chosen by the variable, importing this checkout's aivo_mesh from any cwd."""
-    env = {k: v for k, v in os.environ.items() if k != STATE_DIR_ENV}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    return env
-
-
-def meshctl(*args: str, cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=cwd, env=environ(), capture_output=True,
-                          text=True, timeout=timeout, check=False)
+def meshctl(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    """Without a state dir chosen by the variable (the rule under test picks it); a demo takes a while."""
+    return helpers.meshctl(*args, cwd=cwd, timeout=180, unset=[STATE_DIR_ENV])
 
 
 def processes_naming(text: str) -> dict[int, str]:
@@ -50,9 +44,9 @@ def processes_naming(text: str) -> dict[int, str]:
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="lists processes through /proc")
 def test_ctrl_c_while_up_starts_stops_everything_it_started(tmp_path: Path) -> None:
     state = StateDir(tmp_path / "mesh")
-    up = subprocess.Popen([sys.executable, "-m", "aivo_mesh", "up", "--plane", "sidecar", "--free-ports",
-                           "--state-dir", str(state.root), "--timeout", "120"],
-                          cwd=ROOT, env=environ(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    up = subprocess.Popen(meshctl_argv("up", "--plane", "sidecar", "--free-ports", "--state-dir", str(state.root),
+                                       "--timeout", "120"), cwd=ROOT, env=checkout_env([STATE_DIR_ENV]),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Interrupt while it starts: its supervisor runs and has started at least its first child.
         asyncio.run(until(lambda: up.poll() is not None or (state.supervisor_pid() is not None

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
-from aivo_mesh.policy.core import LocalReason, monotonic
+from aivo_mesh.policy.core import ATTEMPT_HEADER, LocalReason, monotonic
 from aivo_mesh.server.interceptors import ServerCall
 from aivo_mesh.telemetry.logs import (
     REDACTED,
@@ -80,7 +80,7 @@ def test_sensitive_keys() -> None:
                 "password", "client_secret", "private_key", "key_pem", "session", "x-session-id", "signing-key"):
         assert is_sensitive_key(key), key
     for key in ("x-request-id", "user-agent", "content-type", "service", "method", "caller", "trace_id",
-                "span_id", "duration_ms", "status", "x-mesh-attempt", "grpc-timeout"):
+                "span_id", "duration_ms", "status", ATTEMPT_HEADER, "grpc-timeout"):
         assert not is_sensitive_key(key), key
 
 

@@ -27,6 +27,7 @@ from aivo_mesh import MeshClient, MeshConfig, MeshServer, PkiError
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
+from aivo_mesh.runtime.local import free_port
 from aivo_mesh.server import current_caller
 from aivo_mesh.server.server import MAX_CONNECTION_AGE_MS
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
@@ -38,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 GRPC_ROUNDING = 0.002
 
 
-class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+class EchoAuth(auth_pb2_grpc.AuthServiceServicer):
     """A test double of the auth service: reports the caller and can be slow on demand."""
 
     async def Authenticate(self, request, context):
@@ -52,16 +53,10 @@ class EchoAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
         return auth_pb2.ValidateTokenResponse(valid=True, reason=repr(remaining) if remaining else "none")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def auth_mesh(mesh: MeshSpec) -> MeshSpec:
     """mesh.yaml with auth-svc on a free port and a short ValidateToken route timeout."""
-    port = _free_port()
+    port = free_port()
     text = (ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}")
     text = text.replace("timeout: 1s\n        idempotent: true", "timeout: 300ms\n        idempotent: true")
     return parse_mesh(text, "mesh.yaml")
@@ -143,7 +138,7 @@ async def test_whole_service_allow_rule_admits_every_method(mesh_certs):
     """`methods: [pkg.Service]` (docs/config.md) is the prefix `/pkg.Service/`: learner-svc, allowed only
     ValidateToken by mesh.yaml, may call Authenticate under it."""
     rule = "from: [learner-svc, analytics-svc]\n        methods: [{}]"
-    text = (ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {_free_port()}")
+    text = (ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {free_port()}")
     assert rule.format("/aivo.auth.v1.AuthService/ValidateToken") in text
     text = text.replace(rule.format("/aivo.auth.v1.AuthService/ValidateToken"), rule.format("aivo.auth.v1.AuthService"))
     whole = parse_mesh(text, "mesh.yaml")
@@ -345,14 +340,16 @@ async def test_rotated_certificates_apply_to_new_connections_without_restart(aut
         issue_leaf(certs, n, auth_mesh)
     server = MeshServer.for_service(auth_mesh, "auth-svc", certs)
     await server.start()
+    credentials = server.credentials
+    assert credentials is not None
     try:
-        first = server.credentials.identity.serial
+        first = credentials.identity.serial
         issue_leaf(certs, "auth-svc", auth_mesh)  # a new key and serial, same files
         async with _client(auth_mesh, certs, "mesh-client") as client:
             stub = health_pb2_grpc.HealthStub(await client.get_channel("auth-svc"))
             await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert server.credentials.reloads == 1
-        assert server.credentials.identity.serial != first
+        assert credentials.reloads == 1
+        assert credentials.identity.serial != first
     finally:
         await server.stop(0.5)
 

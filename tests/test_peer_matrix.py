@@ -31,7 +31,7 @@ import grpc
 import pytest
 import yaml
 from binaries import needs, require
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from helpers import auth_app, envoy_live, start_envoy_async
 from rogue_certs import mint, needs_openssl
 from waiting import until
 
@@ -99,20 +99,11 @@ class Hits:
 async def _auth_app(hits: Hits, *, credentials: grpc.ServerCredentials | None = None, port: int = 0
                     ) -> tuple[grpc.aio.Server, int]:
     """An auth-svc stand-in that counts every request that reached it (mTLS or h2c)."""
-    async def validate(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         hits.count += 1
         return auth_pb2.ValidateTokenResponse(valid=True).SerializeToString()
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "aivo.auth.v1.AuthService", {"ValidateToken": grpc.unary_unary_rpc_method_handler(validate)}),))
-    checker = health.aio.HealthServicer()
-    await checker.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    address = f"127.0.0.1:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    await server.start()
-    return server, bound
+    return await auth_app({"ValidateToken": validate}, port=port, credentials=credentials)
 
 
 def _rogue_credentials(cert: Path, key: Path, certs: CertLayout) -> grpc.ServerCredentials:
@@ -187,7 +178,7 @@ async def test_mesh_server_refuses_each_row_with_its_rule(certs: CertLayout, mes
                                     observers=[ServerMetricsObserver(metrics)])
     hits = Hits()
 
-    class Auth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+    class Auth(auth_pb2_grpc.AuthServiceServicer):
         async def ValidateToken(self, request, context):
             hits.count += 1
             return auth_pb2.ValidateTokenResponse(valid=True)
@@ -308,7 +299,6 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
     """`service`'s Envoy; with `unchecked_peer`, that peer's cluster has neither active health checks nor
     outlier ejection, so each request connects itself (and is refused by its own handshake, not skipped
     because a probe or earlier requests failed)."""
-    envoy = require("envoy")
     d = root / service
     (d / "sds").mkdir(parents=True)
     profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
@@ -319,21 +309,11 @@ async def _start_sidecar(mesh: MeshSpec, service: str, certs: CertLayout, root: 
             cluster.pop("outlier_detection", None)
     (d / "envoy.yaml").write_text(serialize("envoy.yaml", config))
     for_local_mesh(certs, mesh, root).publish()
-    proc = await asyncio.create_subprocess_exec(
-        envoy, "-c", str(d / "envoy.yaml"), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    proc = await start_envoy_async(d / "envoy.yaml")
     svc = mesh.service(service)
     sidecar = Sidecar(mesh, service, proc, svc.sidecar.admin_port or 0, svc.sidecar.inbound_port or 0,
                       svc.sidecar.outbound_port or 0)
-
-    def live() -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{sidecar.admin}/ready", timeout=1) as r:
-                return bool(r.read().decode().strip() == "LIVE")
-        except OSError:
-            return False
-
-    await until(live, timeout=30, what="envoy LIVE")
+    await until(lambda: envoy_live(sidecar.admin), timeout=30, what="envoy LIVE")
     return sidecar
 
 
@@ -374,8 +354,10 @@ async def test_envoy_inbound_refuses_each_row(auth_sidecar: tuple[Sidecar, Hits]
         err = await _call_as(address, certs, cert, key)
         assert err.code() == grpc.StatusCode.UNAVAILABLE, (name, err)
         # Envoy's reason: the key is not one the mesh vetted (verify_certificate_spki).
-        await until(lambda b=before: sidecar.ssl_stat("listener.", "ssl.fail_verify_cert_hash") > b, timeout=5,
-                    what=f"{name}: listener ssl.fail_verify_cert_hash")
+        def refused(b: int = before) -> bool:
+            return sidecar.ssl_stat("listener.", "ssl.fail_verify_cert_hash") > b
+
+        await until(refused, timeout=5, what=f"{name}: listener ssl.fail_verify_cert_hash")
     assert hits.count == 1
 
 
@@ -388,7 +370,7 @@ async def test_a_bad_certificate_swapped_in_keeps_the_sidecar_serving(
     publisher = for_local_mesh(certs, sidecar.mesh, tmp_path / "envoy")
     publisher.publish()
     for bad in ({"ca": True}, {"eku": ["clientAuth"]}):
-        cert, key = mint(certs, mesh, "auth-svc", tmp_path / f"bad-{len(bad)}-{next(iter(bad))}", **bad)  # type: ignore[arg-type]
+        cert, key = mint(certs, mesh, "auth-svc", tmp_path / f"bad-{len(bad)}-{next(iter(bad))}", **bad)
         shutil.copy(cert, certs.identity_paths("auth-svc")[0])
         shutil.copy(key, certs.identity_paths("auth-svc")[1])
         assert publisher.publish() is False  # refused: nothing written
@@ -432,8 +414,10 @@ async def test_envoy_outbound_refuses_each_server_row(certs: CertLayout, mesh: M
                         await auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(
                             auth_pb2.ValidateTokenRequest(token="x"), timeout=5)
                 assert exc.value.code() == grpc.StatusCode.UNAVAILABLE, (row.name, exc.value)
-                await until(lambda b=before, s=stat: sidecar.ssl_stat(cluster, s) > b, timeout=5,
-                            what=f"{row.name}: {cluster}{stat}")
+                def counted(b: int = before, s: str = stat) -> bool:
+                    return sidecar.ssl_stat(cluster, s) > b
+
+                await until(counted, timeout=5, what=f"{row.name}: {cluster}{stat}")
             finally:
                 if close_front is not None:
                     close_front()

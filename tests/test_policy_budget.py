@@ -8,7 +8,7 @@ from random import Random
 import pytest
 
 from aivo_mesh.config.model import BackoffSpec, LimitsSpec, RetryBudgetSpec, RetrySpec
-from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
+from aivo_mesh.policy.budget import UNLIMITED, RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.core import Call, Reply
 from aivo_mesh.policy.retry import RetryLayer, RetryParams
 from aivo_mesh.policy.testing import FakeClock, FakeSleep
@@ -48,6 +48,22 @@ async def test_failure_storm_without_a_budget_would_quadruple_the_load() -> None
     # The point of the budget, shown: the same storm with a huge percentage.
     attempts, _ = await storm(200, RetryBudgetParams(percent=100, min_retry_concurrency=3))
     assert attempts > 2 * 200
+
+
+async def test_without_a_budget_every_retry_max_retries_allows_is_made() -> None:
+    """The default budget is the null object UNLIMITED: it refuses nothing and counts nothing."""
+    assert RetryLayer(RetryParams()).budget is UNLIMITED
+    assert UNLIMITED.try_withdraw() and UNLIMITED.try_withdraw()
+    clock, attempts = FakeClock(), 0
+
+    async def failing(call: Call) -> Reply:
+        nonlocal attempts
+        attempts += 1
+        return Reply("UNAVAILABLE")
+
+    handler = RetryLayer(RetryParams(max_retries=3), rng=Random(1), sleep=FakeSleep(clock), clock=clock).wrap(failing)
+    await asyncio.gather(*(handler(Call("svc", "/m", None)) for _ in range(50)))
+    assert attempts == 4 * 50
 
 
 async def test_max_concurrent_retries_caps_the_storm() -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from aivo_mesh.config.model import BackoffSpec, RetrySpec
 from aivo_mesh.policy.backoff import FullJitter
-from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
+from aivo_mesh.policy.budget import UNLIMITED, RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.core import Call, LocalReason, Reply, build_stack
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams, attempt_timeout
 from aivo_mesh.policy.retry import (
@@ -88,17 +88,17 @@ def test_next_step_decisions(clock: FakeClock) -> None:
     p, rng = params(max_retries=2), Random(0)
     c = call(clock, timeout=10.0)
     st = RetryState(Reply("UNAVAILABLE"))
-    step = next_step(st, p, c, clock(), None, rng)
+    step = next_step(st, p, c, clock(), UNLIMITED, rng)
     assert isinstance(step, Sleep)
     assert 0.0 < step.seconds <= 0.1
     assert (st.retries, st.backoff_n, st.previous_delay) == (1, 1, step.seconds)
-    step = next_step(st, p, c, clock(), None, rng)
+    step = next_step(st, p, c, clock(), UNLIMITED, rng)
     assert isinstance(step, Sleep)
     assert step.seconds <= 0.2
-    assert next_step(st, p, c, clock(), None, rng) == GiveUp(MAX_RETRIES, st.reply)
+    assert next_step(st, p, c, clock(), UNLIMITED, rng) == GiveUp(MAX_RETRIES, st.reply)
 
     def reason(reply: Reply, c: Call = c) -> str:
-        step = next_step(RetryState(reply), p, c, clock(), None, rng)
+        step = next_step(RetryState(reply), p, c, clock(), UNLIMITED, rng)
         assert isinstance(step, GiveUp)
         assert step.reply is reply
         return step.reason
@@ -115,7 +115,7 @@ def test_next_step_decisions(clock: FakeClock) -> None:
 def test_pushback_zero_is_an_immediate_attempt_and_restarts_backoff(clock: FakeClock) -> None:
     st = RetryState(Reply("UNAVAILABLE"), retries=1, backoff_n=3, previous_delay=0.5)
     st.reply = Reply("UNAVAILABLE", trailers=(("grpc-retry-pushback-ms", "0"),))
-    assert next_step(st, params(), call(clock), clock(), None, Random(0)) is ATTEMPT
+    assert next_step(st, params(), call(clock), clock(), UNLIMITED, Random(0)) is ATTEMPT
     assert (st.retries, st.backoff_n) == (2, 0)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -63,12 +64,13 @@ def test_metric_name_parser():
 
 # -- the rendered files ------------------------------------------------------------------------------
 
-def files() -> dict[str, dict]:
+def files() -> dict[str, Any]:
     return {p: yaml.safe_load(t) for p, t in render_target("prometheus", MESH).items()}
 
 
-def rules() -> list[dict]:
-    return files()[prometheus.RULES_FILE]["groups"][0]["rules"]
+def rules() -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = files()[prometheus.RULES_FILE]["groups"][0]["rules"]
+    return found
 
 
 def test_scrapes_every_admin_endpoint_and_every_envoy():
@@ -95,7 +97,7 @@ def test_alert_rules_use_only_exported_metrics():
 
 
 def test_every_alert_of_the_brief_is_there():
-    by_name = {}
+    by_name: dict[str, list[dict[str, Any]]] = {}
     for r in rules():
         by_name.setdefault(r["alert"], []).append(r)
     assert set(by_name) == set(prometheus.ALERTS)
@@ -110,10 +112,16 @@ def test_every_alert_of_the_brief_is_there():
     assert budget["expr"] == "increase(retry_budget_exhausted_total[5m]) > 0"
 
 
+def _service_of(expr: str) -> str:
+    found = re.search(r'service="([^"]+)"', expr)
+    assert found is not None, expr
+    return found.group(1)
+
+
 def test_one_latency_rule_per_route_and_per_service_at_80_percent_of_the_timeout():
     latency = [r for r in rules() if r["alert"] == "MeshLatencyNearTimeout"]
     assert len(latency) == sum(len(s.routes) + 1 for s in MESH.services)
-    by_key = {(re.search(r'service="([^"]+)"', r["expr"]).group(1), r["labels"]["route"]): r for r in latency}
+    by_key = {(_service_of(r["expr"]), r["labels"]["route"]): r for r in latency}
     for svc in MESH.services:
         for route in svc.routes:
             rule = by_key[(svc.name, route.match)]
@@ -233,7 +241,7 @@ def _tiny_timeouts_mesh():
 
 def test_a_timeout_under_the_smallest_bucket_renders_a_rule_at_that_bucket():
     mesh = _tiny_timeouts_mesh()
-    rendered = prometheus.render(mesh)  # raised "max() arg is an empty sequence" on a 1ms route
+    rendered: dict[str, Any] = prometheus.render(mesh)  # raised "max() arg is an empty sequence" on a 1ms route
     latency = {(r["labels"]["route"], r["labels"]["route_timeout"]): r
                for r in rendered[prometheus.RULES_FILE]["groups"][0]["rules"] if r["alert"] == "MeshLatencyNearTimeout"}
     one_ms = latency[("/aivo.auth.v1.AuthService/ValidateToken", "1ms")]

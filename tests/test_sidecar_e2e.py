@@ -27,7 +27,8 @@ import grpc
 import pytest
 import yaml
 from binaries import needs, require
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import auth_app, meshctl, start_envoy_async, wait_envoy_live
 from waiting import until
 
 from aivo_mesh.client import MeshClient, MeshConfig
@@ -55,11 +56,6 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 needs_envoy = needs("envoy")
-
-
-def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False)
 
 
 def _get(url: str) -> str:
@@ -367,7 +363,8 @@ async def test_a_killed_sidecar_is_restarted_and_reported(sidecar_mesh):
     def row() -> dict[str, Any]:
         out = meshctl("status", "--json", "--state-dir", str(state.root), "--interval", "0")
         assert out.returncode == 0, out.stderr
-        return {r["service"]: r for r in json.loads(out.stdout)["services"]}["auth-svc"]
+        found: dict[str, Any] = {r["service"]: r for r in json.loads(out.stdout)["services"]}["auth-svc"]
+        return found
 
     deadline = time.monotonic() + 20
     while (r := await asyncio.to_thread(row))["health"] != "SERVING" and time.monotonic() < deadline:
@@ -410,11 +407,8 @@ def test_status_reads_the_sidecars_circuit_breaker_gauges_per_peer() -> None:
 # -- outlier ejection across two endpoints -------------------------------------------------------
 
 async def _start_envoy(config: Path) -> asyncio.subprocess.Process:
-    envoy = require("envoy")
-    return await asyncio.create_subprocess_exec(
-        envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-        "--file-flush-interval-msec", "50",  # the outlier event log, read while the test runs (default 10 s)
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    # The outlier event log is read while the test runs: flushed every 50 ms (default 10 s).
+    return await start_envoy_async(config, extra=("--file-flush-interval-msec", "50"))
 
 
 async def _stop(procs: list[asyncio.subprocess.Process]) -> None:
@@ -430,7 +424,7 @@ async def _auth_app(port: int, fail: bool, hits: dict[str, int], name: str,
     clear the app stalls: each call waits and is answered once it is set again, as a stalled
     process answers late. Its health service stays SERVING: only outlier detection judges it."""
 
-    async def validate(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+    async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         hits[name] += 1
         if running is not None:
             await running.wait()
@@ -438,14 +432,7 @@ async def _auth_app(port: int, fail: bool, hits: dict[str, int], name: str,
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"{name} is broken")
         return name.encode()
 
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "aivo.auth.v1.AuthService", {"ValidateToken": grpc.unary_unary_rpc_method_handler(validate)}),))
-    checker = health.aio.HealthServicer()
-    await checker.set("aivo.auth.v1.AuthService", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    await server.start()
+    server, _ = await auth_app({"ValidateToken": validate}, port=port)
     return server
 
 
@@ -467,18 +454,6 @@ def _write_bootstrap(mesh: MeshSpec, service: str, certs: CertLayout, d: Path,
     path = d / "envoy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
-
-
-def _wait_live(admin: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if _get(f"http://127.0.0.1:{admin}/ready").strip() == "LIVE":
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"envoy admin {admin} not LIVE")
 
 
 def _outlier_events(log: Path, action: str, host: str | None = None) -> list[dict[str, Any]]:
@@ -525,9 +500,9 @@ async def test_failing_endpoint_is_ejected_after_five_failures_and_traffic_moves
         for i, (path, p) in enumerate(configs):
             procs.append(await _start_envoy(path))
             if i == 0:
-                await asyncio.to_thread(_wait_live, p.admin)
+                await asyncio.to_thread(wait_envoy_live, p.admin)
         for _, p in configs:
-            await asyncio.to_thread(_wait_live, p.admin)
+            await asyncio.to_thread(wait_envoy_live, p.admin)
         learner = configs[0][1]
         bad_addr = f"127.0.0.1:{sidecar_ports(m_b, 'auth-svc', 'local').inbound}"
         # Both hosts pass their (Envoy active) health checks first: the bad app is healthy, just failing calls.
@@ -630,7 +605,7 @@ async def _one_host_peer(m: MeshSpec, certs: CertLayout, d: Path,
                 sidecar_ports(m, "learner-svc", "local"))]
     for path, p in configs:  # auth's sidecar first, so the learner sidecar's first health check passes
         procs.append(await _start_envoy(path))
-        await asyncio.to_thread(_wait_live, p.admin)
+        await asyncio.to_thread(wait_envoy_live, p.admin)
     learner, auth_addr = configs[1][1], f"127.0.0.1:{configs[0][1].inbound}"
     await until(lambda: _host_flags(learner.admin, "auth-svc").get(auth_addr) == "healthy", 30,
                 "the learner sidecar sees auth-svc healthy")

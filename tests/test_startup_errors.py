@@ -6,31 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import meshctl
 
 from aivo_mesh.config import load_mesh
 from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime import mesh as runtime_mesh
-from aivo_mesh.runtime.local import preflight, prepare
+from aivo_mesh.runtime.local import free_port, preflight, prepare
 from aivo_mesh.runtime.mesh import plan
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.services.auth import KEY_ENV, KEY_FILE, AuthKeyError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -45,16 +38,15 @@ def taken_port() -> Iterator[int]:
 def serve(tmp_path: Path, certs: CertLayout, *args: str, env: dict[str, str] | None = None,
           ) -> subprocess.CompletedProcess[str]:
     """`meshctl serve auth-svc` on free ports unless `args` say otherwise; it must exit by itself."""
-    argv = [sys.executable, "-m", "aivo_mesh", "serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"),
-            "--certs", str(certs.root), "--log-format", "text", *args]
+    argv = ["serve", "auth-svc", "--config", str(ROOT / "mesh.yaml"), "--certs", str(certs.root), "--log-format",
+            "text", *args]
     if "--port" not in args:
-        argv += ["--port", str(_free_port())]
+        argv += ["--port", str(free_port())]
     if "--admin-port" not in args:
-        argv += ["--admin-port", str(_free_port())]
+        argv += ["--admin-port", str(free_port())]
     if "--data-dir" not in args:
         argv += ["--data-dir", str(tmp_path / "data")]
-    environ = {k: v for k, v in os.environ.items() if k != KEY_ENV} | (env or {})
-    return subprocess.run(argv, cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=60, check=False)
+    return meshctl(*argv, cwd=tmp_path, timeout=60, unset=[KEY_ENV], env=env)
 
 
 def _error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
@@ -132,8 +124,7 @@ def test_port_options_are_1_to_65535(argv: list[str], capsys: pytest.CaptureFixt
 def test_every_port_option_takes_1_to_65535() -> None:
     import click
 
-    from aivo_mesh.cli import cli
-    from aivo_mesh.cli._root import PORT
+    from aivo_mesh.cli._root import PORT, cli
 
     def options(cmd: click.Command, path: str) -> Iterator[tuple[str, click.Parameter]]:
         for param in cmd.params:
@@ -168,12 +159,12 @@ def envoy_named(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_preflight_passes_a_prepared_mesh(prepared: StateDir) -> None:
     mesh = load_mesh(prepared.mesh_file)
     for plane in ("proxyless", "sidecar"):
-        preflight(prepared, mesh, *plan(prepared, mesh, plane, collector_port=_free_port()))
+        preflight(prepared, mesh, *plan(prepared, mesh, plane, collector_port=free_port()))
 
 
 def test_preflight_names_every_bad_key_and_port_in_use(prepared: StateDir) -> None:
     mesh = load_mesh(prepared.mesh_file)
-    procs, info = plan(prepared, mesh, "proxyless", collector_port=_free_port())
+    procs, info = plan(prepared, mesh, "proxyless", collector_port=free_port())
     learner_key = prepared.certs.identity_paths("learner-svc")[1]
     client_key = prepared.certs.identity_paths("mesh-client")[1]
     learner_key.chmod(0o644)
@@ -195,7 +186,7 @@ def test_preflight_names_every_bad_key_and_port_in_use(prepared: StateDir) -> No
 @pytest.mark.usefixtures("envoy_named")
 def test_preflight_names_a_unix_socket_in_use(prepared: StateDir) -> None:
     mesh = load_mesh(prepared.mesh_file)
-    procs, info = plan(prepared, mesh, "sidecar", collector_port=_free_port())
+    procs, info = plan(prepared, mesh, "sidecar", collector_port=free_port())
     outbound = str(info.services["learner-svc"].outbound).removeprefix("unix:")
     with socket.socket(socket.AF_UNIX) as taken:
         taken.bind(outbound)
@@ -209,9 +200,8 @@ def test_preflight_names_a_unix_socket_in_use(prepared: StateDir) -> None:
 def test_up_with_a_0644_key_exits_2_before_starting_anything(prepared: StateDir) -> None:
     key = prepared.certs.identity_paths("auth-svc")[1]
     key.chmod(0o644)
-    proc = subprocess.run([sys.executable, "-m", "aivo_mesh", "up", "--plane", "proxyless", "--free-ports",
-                           "--config", str(ROOT / "mesh.yaml"), "--state-dir", str(prepared.root)],
-                          capture_output=True, text=True, timeout=120, check=False)
+    proc = meshctl("up", "--plane", "proxyless", "--free-ports", "--config", str(ROOT / "mesh.yaml"),
+                   "--state-dir", str(prepared.root))
     assert proc.returncode == 2, proc.stderr + proc.stdout
     assert _error_lines(proc) == [f"error: {key}: private key is accessible by group/others (mode 0644); "
                                   f"run: chmod 600 {key}"]
@@ -229,14 +219,14 @@ async def test_an_admin_endpoint_beyond_loopback_is_a_warning(
     mesh = apply_env(load_mesh(ROOT / "mesh.yaml"), EnvSettings(metrics_host="0.0.0.0"))
     stop = asyncio.Event()
     stop.set()  # start, then stop at once
-    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data", port=_free_port(),
-                        admin_port=_free_port(), stop=stop, grace=0)
+    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data", port=free_port(),
+                        admin_port=free_port(), stop=stop, grace=0)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("admin endpoint listens on 0.0.0.0" in w and "unauthenticated" in w for w in warnings), warnings
 
     caplog.clear()
     await serve_service(load_mesh(ROOT / "mesh.yaml"), "analytics-svc", mesh_certs, tmp_path / "data",
-                        port=_free_port(), admin_port=_free_port(), stop=stop, grace=0)
+                        port=free_port(), admin_port=free_port(), stop=stop, grace=0)
     assert not [r for r in caplog.records if "admin endpoint listens on" in r.getMessage()]
 
 

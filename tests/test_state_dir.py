@@ -12,6 +12,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import helpers
 import pytest
 
 from aivo_mesh.errors import StateError
@@ -30,10 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def meshctl(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    environ = {k: v for k, v in os.environ.items() if k != STATE_DIR_ENV}
-    environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), environ.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=cwd, env={**environ, **(env or {})},
-                          capture_output=True, text=True, timeout=120, check=False)
+    """With the state dir variable only as `env` sets it."""
+    return helpers.meshctl(*args, cwd=cwd, unset=[STATE_DIR_ENV], env=env)
 
 
 @pytest.fixture
@@ -111,6 +110,22 @@ def test_processes_json_is_versioned(tmp_path: Path) -> None:
     assert state.tcp_ports() == {50051}
     state.clear_processes()
     assert state.read_processes() == []  # no file: nothing recorded, nothing to refuse
+
+
+def test_state_files_are_replaced_whole_with_their_mode_and_nothing_left_beside_them(tmp_path: Path) -> None:
+    """fsutil.write_atomic, which the registry, runtime.json, restarts.json and the collector's stats use."""
+    from aivo_mesh.fsutil import write_atomic
+
+    state = StateDir(tmp_path)
+    state.write_processes([record("auth-svc", 123, "127.0.0.1:50051")])
+    state.write_processes([])
+    assert json.loads(state.registry.read_text())["processes"] == []
+    assert stat.S_IMODE(state.registry.stat().st_mode) == 0o644
+    write_atomic(tmp_path / "key", b"secret", 0o600)
+    assert stat.S_IMODE((tmp_path / "key").stat().st_mode) == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key", state.registry.name]
+    with pytest.raises(FileNotFoundError):  # a plain OSError: the PKI turns it into PkiError itself
+        write_atomic(tmp_path / "missing" / "file", "x")
 
 
 def _good(pid: int) -> dict[str, object]:

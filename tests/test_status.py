@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
-from binaries import needs, require
+from binaries import needs
+from helpers import start_envoy
 from waiting import until
 
 from aivo_mesh.runtime.local import free_ports
@@ -68,7 +68,6 @@ def _text_flags(admin: str) -> dict[str, dict[str, str]]:
 
 @needs("envoy")
 async def test_envoy_hosts_agrees_with_envoys_text_clusters(tmp_path: Path) -> None:
-    envoy = require("envoy")
     admin_port, dead1, dead2 = free_ports(3)
     config = tmp_path / "envoy.yaml"
     config.write_text(f"""
@@ -103,8 +102,7 @@ static_resources:
       - lb_endpoints:
         - endpoint: {{address: {{pipe: {{path: {tmp_path}/app.sock}}}}}}
 """)
-    proc = subprocess.Popen([envoy, "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
-                             "--log-level", "error"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_envoy(config)
     admin = f"127.0.0.1:{admin_port}"
     try:
         def checked() -> bool:

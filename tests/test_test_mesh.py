@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from binaries import needs, tool
+from helpers import meshctl, serving_local_mesh
 
 from aivo_mesh.runtime.state import StateDir
 
@@ -36,22 +37,11 @@ def rows(out: subprocess.CompletedProcess[str]) -> dict[tuple[str, str], dict[st
 
 
 def test_all_checks_pass_then_a_stopped_service_fails_clearly(tmp_path):
-    from aivo_mesh.client import MeshClient, MeshConfig
-    from aivo_mesh.runtime.health import wait_serving
-    from aivo_mesh.runtime.local import prepare, start_services
-    from aivo_mesh.runtime.supervisor import Supervisor
-
     state = StateDir(tmp_path / "state")
     services = ",".join(SERVICES)
 
     async def scenario() -> tuple[subprocess.CompletedProcess[str], ...]:
-        mesh = prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
-        sup = Supervisor(state)
-        try:
-            await start_services(sup, mesh)
-            async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
-                health = await wait_serving(client, mesh.service_names, timeout=90)
-            assert set(health.values()) == {"SERVING"}, health
+        async with serving_local_mesh(state) as (mesh, sup, _):
             green = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root),
                                             "--json")
             table = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root))
@@ -68,8 +58,6 @@ def test_all_checks_pass_then_a_stopped_service_fails_clearly(tmp_path):
                                           "--json")
             red_table = await asyncio.to_thread(test_mesh, "--services", services, "--state-dir", str(state.root))
             return green, table, red, red_table
-        finally:
-            await sup.stop_all()
 
     green, table, red, red_table = asyncio.run(scenario())
 
@@ -126,10 +114,8 @@ def test_bad_arguments_exit_2_with_a_message(tmp_path):
 def test_sidecar_plane_started_by_meshctl_up(tmp_path):
     """The same checks through Envoy sidecars, reading the runtime.json `meshctl up` writes."""
     state = tmp_path / "state"
-    meshctl = [sys.executable, "-m", "aivo_mesh"]
-    up = subprocess.run([*meshctl, "up", "--plane", "sidecar", "--free-ports", "--config", str(ROOT / "mesh.yaml"),
-                         "--state-dir", str(state), "--timeout", "60"], cwd=ROOT, capture_output=True, text=True,
-                        timeout=120, check=False)
+    up = meshctl("up", "--plane", "sidecar", "--free-ports", "--config", str(ROOT / "mesh.yaml"),
+                 "--state-dir", str(state), "--timeout", "60")
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         out = test_mesh("--services", "auth-svc,event-collector-svc", "--state-dir", str(state), "--json")
@@ -142,8 +128,7 @@ def test_sidecar_plane_started_by_meshctl_up(tmp_path):
         legs = got[("auth-svc", "local legs")]["detail"]  # the plaintext legs: private Unix sockets only
         assert "app auth-svc.app.sock, outbound auth-svc.out.sock: 0600 in a 0700 folder" in legs, legs
     finally:
-        subprocess.run([*meshctl, "down", "--state-dir", str(state)], cwd=ROOT, capture_output=True, timeout=60,
-                       check=False)
+        meshctl("down", "--state-dir", str(state), timeout=60)
 
 
 # -- deploy-mesh.py ----------------------------------------------------------------------------------

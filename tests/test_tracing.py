@@ -21,7 +21,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.util._once import Once
 
 from aivo_mesh.config.model import TracingSpec
-from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply, build_stack
+from aivo_mesh.policy.core import ATTEMPT_HEADER, Call, Handler, LocalReason, Reply, build_stack
 from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver, SpanRecord, Trace, render_waterfall
@@ -281,7 +281,7 @@ def test_install_global(mem: tuple[Tracing, InMemorySpanExporter], monkeypatch: 
 async def wire(call: Call) -> Reply:
     """Terminal: one attempt on the wire, sending call.metadata (call.transport is the multicallable)."""
     try:
-        value = await call.transport(call.request, metadata=(*call.metadata, ("x-mesh-attempt", str(call.attempt))),
+        value = await call.transport(call.request, metadata=(*call.metadata, (ATTEMPT_HEADER, str(call.attempt))),
                                      timeout=5.0)
     except grpc.aio.AioRpcError as err:
         return Reply(err.code().name, error=err, details=err.details() or "")

@@ -6,13 +6,14 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import meshctl
 
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.runtime.mesh import RuntimeInfo, forward_target, mesh_for_clients, plan, with_tracing
@@ -24,12 +25,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def meshctl(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "aivo_mesh", *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.05) -> bool:  # type: ignore[no-untyped-def]
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():

@@ -5,7 +5,6 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import click
 
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config.loader import find_mesh_file, load_mesh
+from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.render import HEADER, TARGETS, render_target
 
 REPO_ROOT_MARKER = "mesh.yaml"
@@ -23,11 +23,7 @@ def _write(path: Path, text: str) -> bool:
     if path.exists() and path.read_text() == text:
         return False
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, text, 0o644)
     return True
 
 

@@ -26,10 +26,8 @@ from aivo_mesh.client.endpoints import EndpointPool
 from aivo_mesh.client.errors import error_for
 from aivo_mesh.client.methods import MethodInfo, UnknownMethod, lookup
 from aivo_mesh.client.server_check import ServerCheck, refusal_details
-from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply
+from aivo_mesh.policy.core import ATTEMPT_HEADER, Call, Clock, Handler, LocalReason, Reply
 from aivo_mesh.policy.deadline import attempt_timeout
-
-ATTEMPT_HEADER = "x-mesh-attempt"  # sent on retries only: its absence means attempt 1
 
 UNARY = "unary_unary"
 STREAM_KINDS = ("unary_stream", "stream_unary", "stream_stream")

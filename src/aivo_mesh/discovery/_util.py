@@ -1,30 +1,20 @@
-"""Small pieces the sources share: jittered back-off, a token bucket, and a daemon-thread runner.
+"""Small pieces the sources share: a token bucket and a daemon-thread runner.
 
-The rules are pure functions of their inputs (failure count, clock readings, a random number) so
-they test without sleeping; only `TokenBucket.acquire` and `in_daemon_thread` touch the loop.
+Their jittered back-off is the policy core's `EqualJitter` (policy/backoff.py). The bucket's rule is a
+pure function of clock readings, so it tests without sleeping; only `TokenBucket.acquire` and
+`in_daemon_thread` touch the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
-
-
-def backoff_delay(failures: int, base: float, cap: float, rand: Callable[[], float] = random.random) -> float:
-    """Delay before retry number `failures` (1, 2, ...): exponential from `base`, capped at `cap`,
-    with "equal jitter" (uniform in [d/2, d]) so a fleet of watchers does not retry in lockstep while
-    the delay still grows."""
-    if failures < 1:
-        return 0.0
-    delay = min(cap, base * 2.0 ** min(failures - 1, 62))
-    return delay / 2 + rand() * delay / 2
 
 
 class TokenBucket:

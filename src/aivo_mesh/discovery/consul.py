@@ -14,8 +14,8 @@ The watch loop follows Consul's blocking-query rules (C:features/blocking, notes
 4. The loop is rate-limited by a token bucket (default 1 query/s, burst 2), so a flapping index
    cannot turn it into a busy loop.
 5. Errors (agent down, 5xx, 403, malformed answer) never touch the store: the last good snapshot
-   stays, and the next attempt waits a jittered exponential back-off (`backoff_base` doubling up to
-   `backoff_max`). The index is kept, so a recovered agent answers the same blocking query.
+   stays, and the next attempt waits an equal-jitter back-off (policy's EqualJitter: `backoff_base`
+   doubling up to `backoff_max`). The index is kept, so a recovered agent answers the same blocking query.
 
 Only snapshots are published: changing the endpoint set never fails an in-flight call, because the
 consumer (MeshClient) swaps its balancer's endpoint list and drains removed channels (EndpointPool).
@@ -31,14 +31,16 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Mapping, Sequence
+from random import Random
 from typing import Any
 
 import consul
 import requests
 
-from aivo_mesh.discovery._util import TokenBucket, backoff_delay, in_daemon_thread
+from aivo_mesh.discovery._util import TokenBucket, in_daemon_thread
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
 from aivo_mesh.errors import MeshError
+from aivo_mesh.policy.backoff import EqualJitter
 
 log = logging.getLogger(__name__)
 
@@ -142,8 +144,8 @@ class ConsulDiscovery:
         self.wait = wait
         self.passing_only = passing_only
         self.verify = verify
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
+        self.backoff = EqualJitter(backoff_base, backoff_max)
+        self._rng = Random()
         self.rate = rate
         self.burst = burst
         self.connect_timeout = connect_timeout
@@ -190,7 +192,7 @@ class ConsulDiscovery:
                 returned, endpoints = await self.query(service, index, client)
             except CONSUL_ERRORS as e:
                 failures += 1
-                delay = backoff_delay(failures, self.backoff_base, self.backoff_max)
+                delay = self.backoff.delay(failures, 0.0, self._rng)
                 kept = store.get(service)
                 log.warning("discovery: %s: Consul query failed (%s: %s); %s; retrying in %.2fs",
                             service, type(e).__name__, e,

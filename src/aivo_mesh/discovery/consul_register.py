@@ -59,6 +59,7 @@ from aivo_mesh.config.resolve import service_policy
 from aivo_mesh.discovery._util import in_daemon_thread
 from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
 from aivo_mesh.discovery.snapshot import Endpoint
+from aivo_mesh.policy.backoff import EqualJitter
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ DEREGISTER_PATH = "/v1/agent/service/deregister/"
 MIN_DEREGISTER_AFTER = 60.0
 
 _ID_UNSAFE = re.compile(r"[^A-Za-z0-9._]+")
+# 0.5 s doubling to 30 s, exactly: the ceiling of the policy back-off, no jitter, since each instance
+# talks to its own local agent and there is no fleet of callers to spread.
+REGISTER_BACKOFF = EqualJitter(base=0.5, cap=30.0)
 
 
 def service_id(service: str, host: str, port: int) -> str:
@@ -275,16 +279,17 @@ class BackgroundRegistration:
             self._task = asyncio.create_task(self._run(), name=f"consul-register-{self.service}")
 
     async def _run(self) -> None:
-        delay = 0.5
+        failures = 0
         while True:
             self._attempt = asyncio.ensure_future(self.registration.register(
                 self._mesh, self.service, address=self._address, port=self._port, use_tls=self._use_tls))
             try:
                 sid = await self._attempt
             except ConsulError as exc:
+                failures += 1
+                delay = REGISTER_BACKOFF.ceiling(failures)
                 log.warning("%s: Consul registration failed (%s); retrying in %.1fs", self.service, exc, delay)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
                 continue
             self.registered = True
             log.info("%s registered in Consul as %s", self.service, sid)

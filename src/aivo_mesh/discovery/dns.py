@@ -15,7 +15,7 @@ Timing: the next resolution is due after the answer's TTL, clamped to [min_ttl, 
 of 0 cannot turn into a busy loop and a TTL of a day cannot hide a move for a day.
 
 Failures keep the last good snapshot: a timeout, SERVFAIL, REFUSED, NXDOMAIN or an empty answer is
-logged and retried with jittered exponential back-off (starting at min_ttl, capped at max_ttl); the
+logged and retried with equal-jitter back-off (policy's EqualJitter: min_ttl doubling to max_ttl); the
 store is not touched. An empty answer counts as a failure on purpose: a resolver hiccup must not
 blank out a service; endpoints that really went away fail their calls and are ejected by the
 balancer until DNS names a new set.
@@ -28,6 +28,7 @@ import ipaddress
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from random import Random
 
 import dns.asyncresolver
 import dns.exception
@@ -35,8 +36,8 @@ import dns.name
 import dns.rdatatype
 import dns.resolver
 
-from aivo_mesh.discovery._util import backoff_delay
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
+from aivo_mesh.policy.backoff import EqualJitter
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,8 @@ class DnsSource:
         self.target = DnsTarget.parse(target, default_port)
         self.min_ttl = min_ttl
         self.max_ttl = max_ttl
+        self.backoff = EqualJitter(min_ttl, max_ttl)
+        self._rng = Random()
         self.record_types = tuple(record_types)
         self.resolver = resolver or make_resolver(nameservers, port, timeout)
 
@@ -224,7 +227,7 @@ class DnsSource:
                 endpoints, ttl = await self.resolve()
             except (dns.exception.DNSException, DnsEmpty, OSError) as e:
                 failures += 1
-                delay = backoff_delay(failures, self.min_ttl, self.max_ttl)
+                delay = self.backoff.delay(failures, 0.0, self._rng)
                 kept = store.get(service)
                 log.warning("discovery: %s: DNS %s failed (%s: %s); %s; retrying in %.2fs", service,
                             self.target.name, type(e).__name__, e,

@@ -19,15 +19,16 @@ import asyncio
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from random import Random
 from typing import Literal, Protocol, runtime_checkable
 
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
-from aivo_mesh.discovery._util import backoff_delay
 from aivo_mesh.discovery.consul import ConsulDiscovery
 from aivo_mesh.discovery.dns import DnsSource
 from aivo_mesh.discovery.snapshot import Snapshot, SnapshotStore
 from aivo_mesh.discovery.static import StaticSource
 from aivo_mesh.errors import MeshError
+from aivo_mesh.policy.backoff import EqualJitter
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class Discovery:
                  restart_base: float = 1.0, restart_max: float = 30.0) -> None:
         self.store = store
         self.sources = dict(sources)
-        self.restart_base = restart_base
-        self.restart_max = restart_max
+        self.restart_backoff = EqualJitter(restart_base, restart_max)
+        self._rng = Random()
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def __repr__(self) -> str:
@@ -112,7 +113,7 @@ class Discovery:
                 raise
             except Exception:
                 failures += 1
-                delay = backoff_delay(failures, self.restart_base, self.restart_max)
+                delay = self.restart_backoff.delay(failures, 0.0, self._rng)
                 log.exception("discovery: %s: %r crashed; restarting in %.2fs", service, source, delay)
                 await asyncio.sleep(delay)
 

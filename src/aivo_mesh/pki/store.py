@@ -1,40 +1,33 @@
-"""File I/O of the PKI: atomic writes with exact permissions, and reads that raise PkiError.
+"""File I/O of the PKI: atomic, durable writes with exact permissions, and reads that raise PkiError.
 
-Writes go to a temporary file in the target's directory (same filesystem), are fsynced, chmod'ed to
-the final mode and then ``os.replace``d over the target, so a reader sees either the old or the new
-file, never a partial one. Files are created with ``os.open(..., mode)`` under umask 077, so a key
-is never readable by anyone else, even for an instant.
+Writes are fsutil's (a temporary file next to the target, fsynced, chmod'ed to the final mode and
+``os.replace``d over it), so a reader sees either the old or the new file, never a partial one, and
+a key is never readable by anyone else, even for an instant. Here an OSError becomes PkiError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from aivo_mesh import fsutil
 from aivo_mesh.errors import PkiError
+from aivo_mesh.fsutil import private_umask
 
 KEY_MODE = 0o600
 CERT_MODE = 0o644
 PRIVATE_DIR_MODE = 0o700
 PUBLIC_DIR_MODE = 0o755
 
-_umask_lock = threading.Lock()
-
-
 @contextlib.contextmanager
-def private_umask() -> Iterator[None]:
-    """Run the body under umask 077 (process-wide, so serialised; stricter for any racing thread)."""
-    with _umask_lock:
-        old = os.umask(0o077)
-        try:
-            yield
-        finally:
-            os.umask(old)
+def _as_pki_error(path: Path) -> Iterator[None]:
+    try:
+        yield
+    except OSError as exc:
+        raise PkiError(str(path), f"cannot write: {exc.strerror or exc}") from None
 
 
 def ensure_dir(path: Path, mode: int) -> None:
@@ -49,38 +42,9 @@ def ensure_dir(path: Path, mode: int) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` atomically with permissions exactly `mode`."""
-    tmp = _stage(path, data, mode)
-    try:
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise PkiError(str(path), f"cannot write: {exc.strerror or exc}") from None
-    _fsync_dir(path.parent)
-
-
-def _stage(path: Path, data: bytes, mode: int) -> Path:
-    """Write `data` to a fresh temporary file next to `path` (mode exactly `mode`, fsynced)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    try:
-        with private_umask():
-            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-            fd = os.open(tmp, flags, mode & 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            os.fchmod(fd, mode)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise PkiError(str(path), f"cannot write: {exc.strerror or exc}") from None
-    return tmp
+    """Write `data` to `path` atomically and durably with permissions exactly `mode`."""
+    with _as_pki_error(path):
+        fsutil.write_atomic(path, data, mode, fsync=True)
 
 
 def write_pair_atomic(cert_path: Path, cert: bytes, key_path: Path, key: bytes) -> None:
@@ -92,20 +56,19 @@ def write_pair_atomic(cert_path: Path, cert: bytes, key_path: Path, key: bytes) 
     """
     staged: list[tuple[Path, Path]] = []
     try:
-        staged.append((_stage(key_path, key, KEY_MODE), key_path))
-        staged.append((_stage(cert_path, cert, CERT_MODE), cert_path))
+        for final, data, mode in ((key_path, key, KEY_MODE), (cert_path, cert, CERT_MODE)):
+            with _as_pki_error(final):
+                staged.append((fsutil.stage(final, data, mode, fsync=True), final))
         for tmp, final in staged:
-            try:
+            with _as_pki_error(final):
                 os.replace(tmp, final)
-            except OSError as exc:
-                raise PkiError(str(final), f"cannot write: {exc.strerror or exc}") from None
     finally:
         for tmp, _ in staged:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-    _fsync_dir(cert_path.parent)
+    fsutil.fsync_dir(cert_path.parent)
     if key_path.parent != cert_path.parent:
-        _fsync_dir(key_path.parent)
+        fsutil.fsync_dir(key_path.parent)
 
 
 def write_key(path: Path, pem: bytes) -> None:
@@ -114,19 +77,6 @@ def write_key(path: Path, pem: bytes) -> None:
 
 def write_cert(path: Path, pem: bytes) -> None:
     write_atomic(path, pem, CERT_MODE)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Makes the rename durable; best effort (not supported on every platform/filesystem).
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):
-            os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_bytes(path: Path, what: str = "file") -> bytes:

@@ -18,12 +18,15 @@ Each operation is O(1) amortized (a bucket is cleared at most once per rotation)
 
 Verbs (Finagle): `deposit()` once per logical call, `try_withdraw()` before each retry,
 `release()` when that retry attempt ends, `balance` for introspection. One budget per target
-service, shared by all its methods: the upstream's spare capacity is per service.
+service, shared by all its methods: the upstream's spare capacity is per service. Where no budget
+applies, `UNLIMITED` (a null object with the same verbs) stands in, so the retry layer never checks
+for None.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from aivo_mesh.config.model import LimitsSpec, RetryBudgetSpec
 from aivo_mesh.policy.core import Clock, monotonic
@@ -57,6 +60,34 @@ class RetryBudgetParams:
                    window=spec.window,
                    max_concurrent_retries=None if limits is None else limits.max_retries,
                    buckets=buckets)
+
+
+class Budget(Protocol):
+    """What the retry layer needs of a budget: `RetryBudget`, or `UNLIMITED`."""
+
+    def deposit(self) -> None: ...
+
+    def try_withdraw(self) -> bool: ...
+
+    def release(self) -> None: ...
+
+
+class UnlimitedBudget:
+    """The null budget: allows every retry (max_retries still bounds them) and counts nothing."""
+
+    __slots__ = ()
+
+    def deposit(self) -> None:
+        pass
+
+    def try_withdraw(self) -> bool:
+        return True
+
+    def release(self) -> None:
+        pass
+
+
+UNLIMITED = UnlimitedBudget()
 
 
 class RetryBudget:

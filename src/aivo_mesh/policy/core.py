@@ -23,6 +23,10 @@ class Clock(Protocol):
 
 monotonic: Clock = time.monotonic
 
+# The metadata key that carries `Call.attempt` on the wire: the client sends it on retries only (its
+# absence means attempt 1), the server reads it for its observers. Here, grpc-free, for both sides.
+ATTEMPT_HEADER = "x-mesh-attempt"
+
 
 @dataclass(slots=True)
 class Call:

@@ -130,9 +130,6 @@ class OutlierDetector:
         self.ejected = 0  # endpoints of the pool ejected now
         self.next_expiry = math.inf  # earliest ejected_until among them
 
-    def on_success(self, ep: EndpointState) -> None:
-        ep.consecutive_failures = 0
-
     def on_failure(self, ep: EndpointState, pool: Sequence[EndpointState]) -> bool:
         """Count a failure on `ep`; True if that ejected it."""
         if ep.removed or ep.ejected_until is not None or self.rule is None:

@@ -15,7 +15,7 @@ The rules, in the order they are checked:
   - the wait never outlives the deadline: if it would reach `call.deadline`, give up with the last reply;
   - the retry budget must allow it (budget.py), else give up and report `retry_budget_exhausted`.
 
-Each attempt increments `call.attempt` (1, 2, ...), which the adapter sends as `x-mesh-attempt`.
+Each attempt increments `call.attempt` (1, 2, ...), which the adapter sends as `core.ATTEMPT_HEADER`.
 Caller cancellation (asyncio.CancelledError) is never caught: it stops the loop at once.
 """
 
@@ -28,7 +28,7 @@ from random import Random
 
 from aivo_mesh.config.model import RetrySpec
 from aivo_mesh.policy.backoff import STOP, Backoff, DecorrelatedJitter, FullJitter, parse_pushback
-from aivo_mesh.policy.budget import RetryBudget
+from aivo_mesh.policy.budget import UNLIMITED, Budget
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, DEFAULT_FAILURE_CODES, RETRIED, Classifier
 from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
@@ -115,9 +115,9 @@ class RetryState:
 
 
 def next_step(state: RetryState, params: RetryParams, call: Call, now: float,
-              budget: RetryBudget | None, rng: Random) -> Step:
-    """Decide what follows `state.reply`. A retry decision is recorded in `state` and, when a
-    budget is given, reserves one retry from it (the caller must `release()` it after the attempt)."""
+              budget: Budget, rng: Random) -> Step:
+    """Decide what follows `state.reply`. A retry decision is recorded in `state` and reserves one
+    retry from `budget` (the caller must `release()` it after the attempt; `UNLIMITED`: no budget)."""
     reply = state.reply
     if reply.local:
         return GiveUp(LOCAL, reply)
@@ -133,7 +133,7 @@ def next_step(state: RetryState, params: RetryParams, call: Call, now: float,
     delay = params.backoff.delay(state.backoff_n + 1, state.previous_delay, rng) if pushback is None else pushback
     if call.deadline is not None and now + delay >= call.deadline:
         return GiveUp(DEADLINE, reply)
-    if budget is not None and not budget.try_withdraw():
+    if not budget.try_withdraw():
         return GiveUp(BUDGET, reply)
     state.retries += 1
     state.backoff_n = 0 if pushback is not None else state.backoff_n + 1
@@ -147,7 +147,7 @@ class RetryLayer:
 
     name = "retry"
 
-    def __init__(self, params: RetryParams, *, budget: RetryBudget | None = None, rng: Random | None = None,
+    def __init__(self, params: RetryParams, *, budget: Budget = UNLIMITED, rng: Random | None = None,
                  sleep: Sleeper = asyncio.sleep, clock: Clock = monotonic,
                  listener: PolicyListener = NOOP) -> None:
         self.params = params
@@ -183,14 +183,12 @@ class RetryLayer:
                     call.attempt += 1
                     state.reply = await inner(call)
                 finally:
-                    if budget is not None:
-                        budget.release()
+                    budget.release()
                 if state.reply.code == "OK":
                     return state.reply
 
         async def handle(call: Call) -> Reply:
-            if budget is not None:
-                budget.deposit()
+            budget.deposit()
             call.per_try_timeout = per_try
             reply = await inner(call)
             if reply.code == "OK" or no_retries:

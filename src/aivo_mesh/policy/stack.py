@@ -40,7 +40,7 @@ from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy, service_policy
 from aivo_mesh.policy.balancer import Balancer, BalancerLayer, HealthRule
 from aivo_mesh.policy.breaker import BreakerLayer, BreakerParams, CircuitBreaker
-from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
+from aivo_mesh.policy.budget import Budget, RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.classify import Classifier
 from aivo_mesh.policy.core import Call, Clock, Handler, Layer, build_stack, monotonic
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams
@@ -79,7 +79,7 @@ class MethodParams:
 
 
 def client_layers(
-    params: MethodParams, *, limit: ConcurrencyLimit, budget: RetryBudget | None, breaker: CircuitBreaker,
+    params: MethodParams, *, limit: ConcurrencyLimit, budget: Budget, breaker: CircuitBreaker,
     balancer: Balancer, clock: Clock = monotonic, rng: Random | None = None, sleep: Sleeper = asyncio.sleep,
     listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None,
 ) -> list[Layer]:

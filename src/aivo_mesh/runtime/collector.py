@@ -22,6 +22,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.telemetry.otlp_receiver import (
     DEFAULT_FORWARD_MAX_BYTES,
     DEFAULT_MAX_BYTES,
@@ -45,9 +46,7 @@ def stats_path(span_log: Path) -> Path:
 
 
 def write_stats(path: Path, stats: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(stats, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(stats, sort_keys=True) + "\n")
 
 
 def read_stats(span_log: Path) -> dict[str, Any] | None:

@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Literal
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
+from aivo_mesh.fsutil import write_atomic
+from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
@@ -49,6 +51,9 @@ LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
 LOCAL_UNSET = ("JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT")
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
+# Restart n waits RESTART_BASE * 2**(n-1), at most RESTART_MAX: the policy back-off's ceiling, without
+# jitter (the children are this supervisor's own, no fleet to spread; the log states exact waits).
+RESTART_BACKOFF = EqualJitter(RESTART_BASE, RESTART_MAX)
 STABLE_AFTER = 60.0  # seconds up before the back-off resets
 
 
@@ -69,10 +74,7 @@ class RuntimeInfo:
     sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
 
     def write(self, state: StateDir) -> None:
-        path = state.root / "runtime.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, path)
+        write_atomic(state.root / "runtime.json", json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def read(cls, state: StateDir) -> RuntimeInfo | None:
@@ -272,29 +274,26 @@ class MeshSupervisor(Supervisor):
         await self.stop_all()
 
     async def _keep(self, m: Managed) -> None:
-        delay = RESTART_BASE
+        crashes = 0  # since the last stable run: the back-off exponent
         while True:
             assert m.process is not None
             started = time.monotonic()
             code = await m.process.wait()
             if self._stopping:
                 return
-            if time.monotonic() - started > STABLE_AFTER:
-                delay = RESTART_BASE
+            crashes = 1 if time.monotonic() - started > STABLE_AFTER else crashes + 1
+            delay = RESTART_BACKOFF.ceiling(crashes)
             self.restarts[m.name] = self.restarts.get(m.name, 0) + 1
             log.warning("%s exited with %s; restarting in %.1fs (restart %d); log: %s", m.name, code, delay,
                         self.restarts[m.name], m.log)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, RESTART_MAX)
             self.procs.remove(m)
             await self.start(m)
             self._write_restarts()
 
     def _write_restarts(self) -> None:
-        path = restarts_file(self.state)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.restarts) + "\n")
-        os.replace(tmp, path)  # `meshctl status` may read it at any time
+        # Atomic: `meshctl status` may read it at any time.
+        write_atomic(restarts_file(self.state), json.dumps(self.restarts) + "\n")
 
 
 def supervisor_pid_file(state: StateDir) -> Path:

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from aivo_mesh.errors import StateError
+from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.pki import CertLayout
 
 STATE_DIR_ENV = "AIVO_MESH_STATE_DIR"
@@ -94,10 +95,8 @@ class StateDir:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def write_processes(self, records: list[ProcessRecord]) -> None:
-        tmp = self.registry.with_suffix(".tmp")
         data = {"version": PROCESSES_VERSION, "processes": [asdict(r) for r in records]}
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.registry)
+        write_atomic(self.registry, json.dumps(data, indent=2) + "\n")
 
     def read_processes(self) -> list[ProcessRecord]:
         """The recorded processes; none without a file. A file that is cut short, of another version or

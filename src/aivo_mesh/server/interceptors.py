@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import grpc
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
-from aivo_mesh.policy.core import monotonic
+from aivo_mesh.policy.core import ATTEMPT_HEADER, monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
 
@@ -189,7 +189,7 @@ class _Guard:
                 await context.abort(denied.code, denied.details)
             return None
         md = _metadata(context)
-        attempt = next((int(v) for k, v in md if k == "x-mesh-attempt" and v.isdigit()), 1)
+        attempt = next((int(v) for k, v in md if k == ATTEMPT_HEADER and v.isdigit()), 1)
         call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt,
                           denied.refusal if denied is not None else None)
         tokens = _start_all(icp.observers, call)

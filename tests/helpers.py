@@ -1,0 +1,149 @@
+"""Helpers several test modules share: running meshctl, a local mesh, an auth-svc stand-in, Envoy.
+
+Beside it: binaries.py locates external programs (and decides skip or fail), waiting.py waits on a
+condition with a bound. Free ports come from the product itself (`aivo_mesh.runtime.local.free_port`
+and `free_ports`), as `meshctl up --free-ports` picks them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import grpc
+from binaries import require
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from aivo_mesh.runtime.supervisor import Supervisor, meshctl_argv
+
+if TYPE_CHECKING:
+    from aivo_mesh.client import MeshClient
+    from aivo_mesh.config import MeshSpec
+    from aivo_mesh.runtime.state import StateDir
+
+ROOT = Path(__file__).resolve().parents[1]
+AUTH_SERVICE = "aivo.auth.v1.AuthService"
+
+
+# -- meshctl ------------------------------------------------------------------------------------------
+
+def checkout_env(unset: Iterable[str] = (), extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without `unset`, plus `extra`, importing this checkout's aivo_mesh
+    first whatever the working directory."""
+    env = {k: v for k, v in os.environ.items() if k not in set(unset)}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
+    return {**env, **(extra or {})}
+
+
+def meshctl(*args: str, cwd: Path = ROOT, timeout: float = 120, unset: Iterable[str] = (),
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`meshctl ARGS` run by this interpreter from this checkout, output captured; the caller checks the
+    exit code. `unset` and `env` adjust the environment (checkout_env)."""
+    return subprocess.run(meshctl_argv(*args), cwd=cwd, env=checkout_env(unset, env), capture_output=True,
+                          text=True, timeout=timeout, check=False)
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if `proc` has not exited within `timeout` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+# -- a local mesh ---------------------------------------------------------------------------------------
+
+@contextlib.asynccontextmanager
+async def serving_local_mesh(state: StateDir) -> AsyncIterator[tuple[MeshSpec, Supervisor, MeshClient]]:
+    """The repository's mesh.yaml on free ports, prepared in `state` and run as local processes
+    (proxyless), every service SERVING; yields it, its supervisor and a mesh-client MeshClient. Every
+    process is stopped on exit."""
+    # Imported here: most modules that use these helpers never start a mesh.
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.runtime.health import wait_serving
+    from aivo_mesh.runtime.local import prepare, start_services
+
+    mesh = prepare(state, str(ROOT / "mesh.yaml"), free_ports=True)
+    sup = Supervisor(state)
+    try:
+        await start_services(sup, mesh)
+        async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, mesh)) as client:
+            health = await wait_serving(client, mesh.service_names, timeout=90)
+            assert set(health.values()) == {"SERVING"}, health
+            yield mesh, sup, client
+    finally:
+        await sup.stop_all()
+
+
+# -- an auth-svc stand-in -----------------------------------------------------------------------------
+
+Method = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[bytes]]
+
+
+async def auth_app(methods: Mapping[str, Method], *, port: int = 0,
+                   credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """A started gRPC server on 127.0.0.1:`port` (0: a free one) answering AuthService's `methods` (raw
+    bytes, by method name), with grpc.health.v1 reporting AuthService SERVING, as the health checks of
+    Envoy and MeshClient ask. Plaintext unless `credentials`. Returns the server and its port."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        AUTH_SERVICE, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}),))
+    checker = health.aio.HealthServicer()
+    await checker.set(AUTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    address = f"127.0.0.1:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    await server.start()
+    return server, bound
+
+
+# -- Envoy ----------------------------------------------------------------------------------------------
+
+def envoy_argv(config: Path, *, log_level: str = "error", extra: Sequence[str] = ()) -> list[str]:
+    """Envoy as the tests run it: one worker thread, and no hot restart, so several run side by side."""
+    return [require("envoy"), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+            "--log-level", log_level, *extra]
+
+
+def start_envoy(config: Path, *, log_level: str = "error", stderr: int | IO[Any] = subprocess.DEVNULL,
+                ) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(envoy_argv(config, log_level=log_level), stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+async def start_envoy_async(config: Path, *, log_level: str = "error",
+                            extra: Sequence[str] = ()) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(*envoy_argv(config, log_level=log_level, extra=extra),
+                                                stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.DEVNULL)
+
+
+def envoy_live(admin: int) -> bool:
+    """Envoy's admin endpoint on 127.0.0.1:`admin` answers /ready with LIVE."""
+    with contextlib.suppress(OSError), urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as r:
+        return bool(r.status == 200 and r.read().decode().strip() == "LIVE")
+    return False
+
+
+def wait_envoy_live(admin: int, proc: subprocess.Popen[bytes] | asyncio.subprocess.Process | None = None,
+                    timeout: float = 60.0) -> None:
+    """Block until `envoy_live(admin)`; fail at once if `proc` exits meanwhile, or after `timeout`. Blocking:
+    async tests run it in a thread (an Envoy starting under load may take seconds)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if isinstance(proc, subprocess.Popen):
+            proc.poll()
+        if proc is not None and proc.returncode is not None:
+            raise AssertionError(f"envoy exited early with {proc.returncode}")
+        if envoy_live(admin):
+            return
+        time.sleep(0.05)  # an external process: nothing to wait on but its HTTP answer
+    raise AssertionError(f"envoy admin on {admin} not LIVE after {timeout:g}s")
