@@ -42,10 +42,6 @@ from aivo_mesh.config.resolve import route_policy, route_retry, service_policy
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
 
-# Importing the generated modules registers the platform's services in the default descriptor pool,
-# so ServiceProfiles can list every method of a known service.
-from aivo_mesh.services import protos as _protos  # noqa: F401  isort: skip
-
 POD_GRPC_PORT = 50051  # the Service port every mesh service is reached on in a cluster
 IMAGE = "aivo-mesh:latest"
 CERTS_DIR = "/etc/aivo-mesh/certs"

@@ -36,10 +36,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aivo_mesh.buckets import DURATION_BUCKETS
 from aivo_mesh.config.model import MeshSpec, ServiceSpec, format_duration
 from aivo_mesh.config.resolve import route_policy, service_policy
 from aivo_mesh.render import Document
-from aivo_mesh.telemetry.metrics import DURATION_BUCKETS
 
 ENVOY_STATS_PORT = 15090  # the Envoy sidecar's Prometheus listener in the pod profile
 SCRAPE_INTERVAL = "15s"
