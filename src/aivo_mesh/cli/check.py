@@ -138,7 +138,7 @@ def check_render(mesh_file: Path) -> Check:
 
 def _listens(mesh: MeshSpec, plane: str, otlp_port: int) -> list[tuple[str, int, str]]:
     """(host, port, what) that `meshctl up --plane PLANE` listens on with mesh.yaml's ports."""
-    from aivo_mesh.render.envoy import sidecar_ports
+    from aivo_mesh.config.ports import sidecar_ports
 
     metrics = mesh.observability.metrics.host
     found = [("127.0.0.1", otlp_port, "the trace collector")]

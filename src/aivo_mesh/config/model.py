@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from aivo_mesh.config.ports import port_problems
 from aivo_mesh.errors import ConfigError, nearest_line, yaml_path
 from aivo_mesh.status import DEFAULT_FAILURE_CODES
 from aivo_mesh.status import GRPC_STATUS_NAMES as GRPC_STATUS_NAMES  # the status codes a policy may name
@@ -628,6 +629,7 @@ class MeshSpec(_Strict):
             if revoked.identity is not None and revoked.identity not in known:
                 problems.append(_PathError(("certificates", "revoked", r, "identity"),
                                            f"unknown identity {revoked.identity!r}: expected one of {sorted(known)}"))
+        problems += [_PathError(loc, why) for loc, why in port_problems(self.services, scope)]
         problems += self._check_backoff()
         if problems:
             raise _PathErrors(problems)

@@ -22,9 +22,9 @@
 
 `TargetPolicy` holds the stateful parts shared by all methods of one target service (budget,
 breaker, limit, balancer) and builds one cached stack per method from that method's RoutePolicy
-(turned into the layers' own parameters by bind.py): the client makes one TargetPolicy per service and asks it for `stack_for(method)`. Layers that
-must see the whole logical call from outside (telemetry's ClientTracingLayer) are passed as
-`outer` and sit before `deadline`.
+(turned into the layers' own parameters by bind.py): the client makes one TargetPolicy per service
+and asks it for `stack_for(method)`. Layers that must see the whole logical call from outside
+(telemetry's ClientTracingLayer) are passed as `outer` and sit before `deadline`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from random import Random
 from typing import Any
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy, service_policy
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, policy_for, route_policies, service_policy
 from aivo_mesh.policy import bind
 from aivo_mesh.policy.balancer import Balancer, BalancerLayer
 from aivo_mesh.policy.breaker import BreakerLayer, CircuitBreaker
@@ -127,7 +127,8 @@ class TargetPolicy:
     @classmethod
     def from_mesh(cls, mesh: MeshSpec, service: str, terminal: Handler, **kwargs: Any) -> TargetPolicy:
         """From mesh.yaml: the service's effective policy and its routes (config/resolve.py)."""
-        return cls(service_policy(mesh, service), partial(route_policy, mesh, service), terminal, **kwargs)
+        routes = partial(policy_for, route_policies(mesh, service))  # resolved once, looked up per method
+        return cls(service_policy(mesh, service), routes, terminal, **kwargs)
 
     def params_for(self, method: str) -> MethodParams:
         p = self._params.get(method)
