@@ -62,8 +62,8 @@ def check_config(config: str | None) -> tuple[Check, MeshSpec | None, Path]:
 
 def check_lint(mesh: MeshSpec, mesh_file: Path) -> Check:
     from aivo_mesh.cli.lint import _lint_file
+    from aivo_mesh.lint.envoy import lint_mesh
     from aivo_mesh.render import TARGETS
-    from aivo_mesh.render.envoy_lint import lint_mesh
 
     found = [(str(mesh_file), i) for i in lint_mesh(mesh)]
     files = sorted((mesh_file.resolve().parent / TARGETS["envoy"].output_dir).glob("*/envoy.yaml"))

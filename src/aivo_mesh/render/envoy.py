@@ -28,7 +28,7 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   would retry (`policy.classify.retryable_codes`: CANCELLED never; anything but UNAVAILABLE only on
   idempotent routes), plus ``connect-failure,refused-stream`` (never processed) and ``reset`` on
   idempotent routes only. Statuses Envoy cannot express (UNKNOWN, ABORTED, ...) are left out and
-  `envoy_lint.lint_mesh` warns. Streams retry only ``connect-failure,refused-stream``. Envoy maps
+  `lint.envoy.lint_mesh` warns. Streams retry only ``connect-failure,refused-stream``. Envoy maps
   grpc-status only from trailers-only responses (notes §3): the app's own client still owns the rest.
 - **Limits vs breaker.** ``circuit_breakers`` are the concurrency caps (`limits`) plus the
   ``retry_budget``; ``max_retries`` is not emitted because a budget overrides it. The failure-count
