@@ -37,10 +37,11 @@ import grpc
 import yaml
 
 from aivo_mesh.config import MeshSpec, load_mesh
+from aivo_mesh.config.ports import sidecar_ports
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
-from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files, sidecar_ports
+from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
 from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import envoy_binary
 

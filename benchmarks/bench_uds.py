@@ -28,10 +28,11 @@ from typing import Any
 import grpc
 
 from aivo_mesh.config import load_mesh
+from aivo_mesh.config.ports import sidecar_ports
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
-from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files, sidecar_ports
+from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
 from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import envoy_binary
 

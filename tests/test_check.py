@@ -19,9 +19,9 @@ from helpers import meshctl
 
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh
+from aivo_mesh.config.ports import sidecar_ports
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import build_leaf, load_issuer
-from aivo_mesh.render.envoy import sidecar_ports
 from aivo_mesh.runtime.local import dump_mesh, free_port, with_free_ports
 from aivo_mesh.runtime.state import StateDir
 

@@ -29,6 +29,7 @@ from aivo_mesh.config import (
 )
 from aivo_mesh.config.resolve import merge, per_try_not_applied
 from aivo_mesh.errors import ConfigError
+from aivo_mesh.policy import bind
 from aivo_mesh.render import TARGETS, render_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -450,12 +451,11 @@ def test_whole_service_route_is_the_service_prefix() -> None:
 def test_a_lone_recovery_time_below_the_inherited_first_probe_is_valid() -> None:
     # Only both keys written together the wrong way round are an error; here the breaker caps the
     # first probe at recovery_time (policy/breaker.py).
-    from aivo_mesh.policy.breaker import BreakerParams
 
     m = parse_mesh(_edit("retry: {max_retries: 2}", "circuit_breaker: {recovery_time: 400ms}"))
     cb = service_policy(m, ANALYTICS).circuit_breaker
     assert (cb.first_probe, cb.recovery_time) == (1.0, 0.4)
-    backoff = BreakerParams.from_spec(cb).probe_backoff
+    backoff = bind.breaker_params(cb).probe_backoff
     assert (backoff.base, backoff.cap) == (0.4, 0.4)
 
 

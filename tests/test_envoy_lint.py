@@ -1,4 +1,4 @@
-"""Envoy bootstrap linter (aivo_mesh.render.envoy_lint) and `meshctl lint`.
+"""Envoy bootstrap linter (aivo_mesh.lint.envoy) and `meshctl lint`.
 
 Each check gets a small hand-made config carrying exactly one mistake that `envoy --mode validate`
 accepts (notes/envoy.md §3, §9); the rendered sidecars must lint clean.
@@ -16,10 +16,10 @@ import yaml
 
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, parse_mesh
+from aivo_mesh.lint.envoy import LintIssue, lint_bootstrap, lint_mesh
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.render import serialize
 from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
-from aivo_mesh.render.envoy_lint import LintIssue, lint_bootstrap, lint_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 MESH_FILE = ROOT / "mesh.yaml"

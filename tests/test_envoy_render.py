@@ -29,6 +29,7 @@ from waiting import until
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh, parse_mesh
 from aivo_mesh.config.model import SidecarPorts
+from aivo_mesh.config.ports import EnvoyPorts, local_ports, sidecar_ports
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import rotate
@@ -40,17 +41,14 @@ from aivo_mesh.render.envoy import (
     POD_CERT_DIR,
     POD_SDS_DIR,
     VALID_RETRY_ON,
-    EnvoyPorts,
     EnvoyProfile,
     bootstrap,
     callable_peers,
-    local_ports,
     peer_address,
     relocate,
     render,
     retry_on_tokens,
     sds_files,
-    sidecar_ports,
     stats_methods,
 )
 from aivo_mesh.runtime.local import free_ports
@@ -202,18 +200,18 @@ def test_ports_pod_and_local(mesh: MeshSpec) -> None:
 def test_local_ports_fill_gaps_deterministically() -> None:
     m = parse_mesh("""
 services:
-  - {name: a-svc, grpc_service: a.A, port: 50051, local_port: 15001}
+  - {name: a-svc, grpc_service: a.A, port: 50051, local_port: 8081, admin_port: 15001}
   - {name: b-svc, grpc_service: b.B, port: 50052, local_port: 8082, sidecar: {outbound_port: 15002}}
-  - {name: c-svc, grpc_service: c.C, port: 50054, local_port: 9901}
+  - {name: c-svc, grpc_service: c.C, port: 50054, local_port: 8083, admin_port: 9901}
 """, "t.yaml")
     ports = local_ports(m)
     # inbound: 50051/50052 are mesh ports -> 50053, then 50055 (50054 taken); outbound: 15001 is a-svc's
-    # local_port and 15002 b-svc's sidecar -> 15003, 15004; admin: 9901 taken -> 9902, 9903, 9904.
+    # admin_port and 15002 b-svc's sidecar -> 15003, 15004; admin: 9901 taken -> 9902, 9903, 9904.
     assert ports == {"a-svc": (50053, 15003, 9902), "b-svc": (50055, 15002, 9903), "c-svc": (50056, 15004, 9904)}
     assert local_ports(m) == ports
     every = [p for t in ports.values() for p in t]
     assert len(set(every)) == len(every)
-    assert not set(every) & {50051, 50052, 50054, 15001, 8082, 9901}
+    assert not set(every) & {50051, 50052, 50054, 15001, 8081, 8082, 8083, 9901}
 
 
 def test_outbound_peers_follow_allow_rules(mesh: MeshSpec) -> None:
@@ -591,11 +589,19 @@ def test_optional_features(tmp_path: Path) -> None:
 
 
 def test_pod_local_port_clash_is_a_config_error() -> None:
+    """Checked when the mesh is loaded: the renderers take a valid model and never fail on it."""
     from aivo_mesh.errors import ConfigError
 
-    m = parse_mesh("services:\n  - {name: a-svc, grpc_service: a.A, port: 7000, local_port: 15001}\n")
-    with pytest.raises(ConfigError, match="local_port"):
-        bootstrap(m, "a-svc", EnvoyProfile.pod(m))
+    with pytest.raises(ConfigError, match=r"services\[0\]\.local_port: port 15001 is a sidecar port in the pod"):
+        parse_mesh("services:\n  - {name: a-svc, grpc_service: a.A, port: 7000, local_port: 15001}\n")
+
+
+def test_no_free_sidecar_port_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from aivo_mesh.config import ports
+
+    monkeypatch.setattr(ports, "POD_PORTS", ports.EnvoyPorts(65535, 65534, 65533))  # the search starts at the top
+    with pytest.raises(ConfigError, match=r"services\[0\]\.sidecar: no free port left for the sidecar"):
+        parse_mesh("services:\n  - {name: a-svc, grpc_service: a.A, port: 65535, local_port: 7000}\n")
 
 
 def test_profile_rejects_relative_paths() -> None:
@@ -844,13 +850,12 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
     assert [p.returncode for p in procs] == [0, 0]
 
 
-def test_render_errors_name_the_mesh_file_and_line(tmp_path: Path) -> None:
+def test_sidecar_port_errors_name_the_mesh_file_and_line(tmp_path: Path) -> None:
     text = (ROOT / "mesh.yaml").read_text()
     assert text.count("local_port: 8081") == 1
     path = tmp_path / "podclash.yaml"
     path.write_text(text.replace("local_port: 8081", "local_port: 15090"))
     line = 1 + path.read_text().splitlines().index("    local_port: 15090")
-    clash = load_mesh(path)
     with pytest.raises(ConfigError) as exc:
-        bootstrap(clash, clash.services[0].name, EnvoyProfile.pod(clash))
+        load_mesh(path)
     assert str(exc.value).startswith(f"{path}:{line}: services[0].local_port: port 15090 is a sidecar port")

@@ -7,6 +7,7 @@ from random import Random
 import pytest
 
 from aivo_mesh.config.model import BackoffSpec
+from aivo_mesh.policy import bind
 from aivo_mesh.policy.backoff import STOP, DecorrelatedJitter, EqualJitter, FullJitter, parse_pushback
 
 
@@ -57,8 +58,8 @@ def test_equal_jitter_spans_half_to_full_ceiling() -> None:
 
 
 def test_from_spec_and_validation() -> None:
-    b = FullJitter.from_spec(BackoffSpec(base=0.05, max=0.5))
-    assert (b.base, b.cap) == (0.05, 0.5)
+    b = bind.backoff(BackoffSpec(base=0.05, max=0.5))
+    assert isinstance(b, FullJitter) and (b.base, b.cap) == (0.05, 0.5)
     with pytest.raises(ValueError, match="base must be > 0"):
         FullJitter(base=0.0, cap=1.0)
     with pytest.raises(ValueError, match="cap must be >= base"):

@@ -9,6 +9,7 @@ from random import Random
 import pytest
 
 from aivo_mesh.config.model import CircuitBreakerSpec
+from aivo_mesh.policy import bind
 from aivo_mesh.policy.breaker import (
     CLOSED,
     DISABLED,
@@ -342,11 +343,11 @@ def test_gauge_values(clock: FakeClock) -> None:
 
 
 def test_params_from_spec() -> None:
-    p = BreakerParams.from_spec(CircuitBreakerSpec(consecutive_failures=3, recovery_time=10, half_open_max_calls=2,
+    p = bind.breaker_params(CircuitBreakerSpec(consecutive_failures=3, recovery_time=10, half_open_max_calls=2,
                                                    first_probe=0.25))
     assert (p.consecutive_failures, p.recovery_time, p.half_open_max_calls, p.first_probe) == (3, 10, 2, 0.25)
     assert (p.probe_backoff.base, p.probe_backoff.cap) == (0.25, 10)
-    assert BreakerParams.from_spec(CircuitBreakerSpec()).first_probe == 1.0
+    assert bind.breaker_params(CircuitBreakerSpec()).first_probe == 1.0
     with pytest.raises(ValueError, match="recovery_time"):
         BreakerParams(recovery_time=0)
     with pytest.raises(ValueError, match="first_probe"):

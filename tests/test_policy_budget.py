@@ -8,6 +8,7 @@ from random import Random
 import pytest
 
 from aivo_mesh.config.model import BackoffSpec, LimitsSpec, RetryBudgetSpec, RetrySpec
+from aivo_mesh.policy import bind
 from aivo_mesh.policy.budget import UNLIMITED, RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.core import Call, Reply
 from aivo_mesh.policy.retry import RetryLayer, RetryParams
@@ -26,7 +27,7 @@ async def storm(calls: int, params: RetryBudgetParams) -> tuple[int, RetryBudget
         await asyncio.sleep(0)  # in flight while others start and finish
         return Reply("UNAVAILABLE")
 
-    retry = RetryParams.from_spec(RetrySpec(max_retries=3, backoff=BackoffSpec(base=0.001, max=0.004)),
+    retry = bind.retry_params(RetrySpec(max_retries=3, backoff=BackoffSpec(base=0.001, max=0.004)),
                                   idempotent=False)
     handler = RetryLayer(retry, budget=budget, rng=Random(1), sleep=FakeSleep(clock), clock=clock).wrap(failing)
     replies = await asyncio.gather(*(handler(Call("svc", "/m", None)) for _ in range(calls)))
@@ -122,7 +123,7 @@ def test_max_concurrent_retries_beats_the_floor() -> None:
 
 
 def test_from_spec_and_validation() -> None:
-    p = RetryBudgetParams.from_spec(RetryBudgetSpec(percent=10, min_retry_concurrency=1, window=30),
+    p = bind.budget_params(RetryBudgetSpec(percent=10, min_retry_concurrency=1, window=30),
                                     LimitsSpec(max_retries=4))
     assert (p.percent, p.min_retry_concurrency, p.window, p.max_concurrent_retries) == (10, 1, 30, 4)
     with pytest.raises(ValueError, match=r"percent must be in \[0, 100\]"):

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from aivo_mesh.config.model import GRPC_STATUS_NAMES
 from aivo_mesh.policy.classify import (
-    DEFAULT_FAILURE_CODES,
     FAILURE,
     HEALTHY,
     IGNORED,
@@ -17,6 +15,7 @@ from aivo_mesh.policy.classify import (
     retryable_codes,
 )
 from aivo_mesh.policy.core import LocalReason, Reply
+from aivo_mesh.status import DEFAULT_FAILURE_CODES, GRPC_STATUS_NAMES
 
 RETRY_ON = ("UNAVAILABLE", "INTERNAL", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED")
 

@@ -7,6 +7,7 @@ import asyncio
 import pytest
 
 from aivo_mesh.config.model import LimitsSpec
+from aivo_mesh.policy import bind
 from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply
 from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
 from aivo_mesh.policy.testing import FakeClock, RecordingListener
@@ -137,7 +138,7 @@ async def test_slot_handed_over_to_a_waiter_cancelled_before_it_ran_is_passed_on
 
 
 def test_params_from_spec() -> None:
-    p = LimitParams.from_spec(LimitsSpec(max_requests=7, max_pending_requests=0))
+    p = bind.limit_params(LimitsSpec(max_requests=7, max_pending_requests=0))
     assert (p.max_requests, p.max_pending_requests) == (7, 0)
     with pytest.raises(ValueError, match="max_requests"):
         LimitParams(max_requests=0)

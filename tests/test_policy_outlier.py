@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from aivo_mesh.config.model import OutlierDetectionSpec
+from aivo_mesh.policy import bind
 from aivo_mesh.policy.balancer import Balancer, BalancerLayer, HealthRule
 from aivo_mesh.policy.classify import FAILURE, IGNORED, SUCCESS
 from aivo_mesh.policy.core import Call, LocalReason, Reply
@@ -117,7 +118,7 @@ def test_default_rule_starts_at_one_second_and_grows_by_one_per_ejection_in_a_ro
     # mesh.yaml's defaults (1 s / 1 s / 60 s), as Envoy renders them: an endpoint that fails again as
     # soon as it returns is ejected for 1, 2, 3, ... s, then 60 s each time; one second back in
     # rotation per ejection forgives it.
-    assert OutlierRule.from_spec(OutlierDetectionSpec()) == OutlierRule()
+    assert bind.outlier_rule(OutlierDetectionSpec()) == OutlierRule()
     listener = RecordingListener()
     b = balancer(clock, [A, B], listener)
     for _ in range(62):
@@ -141,7 +142,7 @@ def test_default_rule_starts_at_one_second_and_grows_by_one_per_ejection_in_a_ro
 
 
 def test_rule_from_spec_and_validation() -> None:
-    rule = OutlierRule.from_spec(OutlierDetectionSpec(base_ejection_time=30, max_ejection_time=10))
+    rule = bind.outlier_rule(OutlierDetectionSpec(base_ejection_time=30, max_ejection_time=10))
     assert rule.ejection_time(1) == 30.0  # the cap is never below the base (Envoy)
     assert rule.ejection_time(5) == 30.0
     assert rule.max_times == 2

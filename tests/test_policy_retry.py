@@ -8,6 +8,7 @@ from random import Random
 import pytest
 
 from aivo_mesh.config.model import BackoffSpec, RetrySpec
+from aivo_mesh.policy import bind
 from aivo_mesh.policy.backoff import FullJitter
 from aivo_mesh.policy.budget import UNLIMITED, RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.core import Call, LocalReason, Reply, build_stack
@@ -59,7 +60,7 @@ def params(max_retries: int = 3, retry_on: tuple[str, ...] = ("UNAVAILABLE",), i
            base: float = 0.1, cap: float = 1.0, per_try: float | None = None) -> RetryParams:
     spec = RetrySpec(max_retries=max_retries, retry_on=retry_on,  # type: ignore[arg-type]
                      backoff=BackoffSpec(base=base, max=cap), per_try_timeout=per_try)
-    return RetryParams.from_spec(spec, idempotent=idempotent)
+    return bind.retry_params(spec, idempotent=idempotent)
 
 
 def call(clock: FakeClock, timeout: float | None = None) -> Call:
@@ -134,9 +135,9 @@ def test_budget_is_checked_last_and_reserved(clock: FakeClock) -> None:
 
 def test_params_from_spec_caps_max_retries_by_the_client() -> None:
     spec = RetrySpec(max_retries=5, per_try_timeout=0.2)
-    assert RetryParams.from_spec(spec, idempotent=False, client_max_retries=2).max_retries == 2
-    assert RetryParams.from_spec(spec, idempotent=False, client_max_retries=9).max_retries == 5
-    p = RetryParams.from_spec(spec, idempotent=False)
+    assert bind.retry_params(spec, idempotent=False, client_max_retries=2).max_retries == 2
+    assert bind.retry_params(spec, idempotent=False, client_max_retries=9).max_retries == 5
+    p = bind.retry_params(spec, idempotent=False)
     assert p.per_try_timeout == 0.2
     assert isinstance(p.backoff, FullJitter)
     with pytest.raises(ValueError, match="max_retries"):
@@ -163,7 +164,7 @@ async def test_attempt_numbers_run_from_one_to_n(clock: FakeClock, sleep: FakeSl
 
 async def test_client_wide_cap_on_retries(clock: FakeClock, sleep: FakeSleep) -> None:
     up = Upstream(clock, "UNAVAILABLE")
-    p = RetryParams.from_spec(RetrySpec(max_retries=5), idempotent=False, client_max_retries=1)
+    p = bind.retry_params(RetrySpec(max_retries=5), idempotent=False, client_max_retries=1)
     await layer(p, clock, sleep).wrap(up)(call(clock))
     assert up.attempts == [1, 2]
 

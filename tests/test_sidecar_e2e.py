@@ -33,17 +33,16 @@ from waiting import until
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec, load_mesh
+from aivo_mesh.config.ports import EnvoyPorts, sidecar_ports
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import init_ca, issue_leaf
 from aivo_mesh.render import serialize
 from aivo_mesh.render.envoy import (
     HELPER_CLUSTERS,
-    EnvoyPorts,
     EnvoyProfile,
     bootstrap,
     callable_peers,
     sds_files,
-    sidecar_ports,
 )
 from aivo_mesh.runtime.collector import SpanLog
 from aivo_mesh.runtime.local import free_ports, with_free_ports

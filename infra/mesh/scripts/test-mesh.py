@@ -65,6 +65,7 @@ from rich.table import Table
 
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
+from aivo_mesh.config.patterns import covers, is_prefix
 from aivo_mesh.config.resolve import route_policy
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
@@ -224,7 +225,7 @@ def disallowed_probe(mesh: MeshSpec, svc: ServiceSpec, ids: Identities) -> tuple
     """(identity, method) such that the allow-list refuses the identity that method, preferring the
     service's routes; None when every available identity may call every method."""
     authz = Authorizer(mesh, svc.name)
-    methods = [r.match for r in svc.routes if not r.match.endswith("/")] + methods_of(svc)
+    methods = [r.match for r in svc.routes if not is_prefix(r.match)] + methods_of(svc)
     for method in methods:
         for ident in ids.available():
             if not authz.allows(mesh.spiffe_id(ident), method):
@@ -242,10 +243,10 @@ def route_methods(svc: ServiceSpec) -> list[tuple[str, str]]:
     known = methods_of(svc)
     out = []
     for r in svc.routes:
-        if not r.match.endswith("/"):
+        if not is_prefix(r.match):
             out.append((r.match, r.match))
             continue
-        under = [m for m in known if m.startswith(r.match)]
+        under = [m for m in known if covers(r.match, m)]
         out.append((r.match, under[0] if under else ""))
     return out
 
@@ -272,7 +273,7 @@ async def http(address: str, path: str) -> tuple[int, str]:
 def local_legs(mesh: MeshSpec, svc: ServiceSpec, ep: Endpoints) -> tuple[bool | None, str]:
     """Both plaintext legs only reachable by the mesh's user: Unix sockets 0600 of ours in a 0700 folder
     of ours (docs/security.md), and no loopback TCP listener on the ports they would have had."""
-    from aivo_mesh.render.envoy import sidecar_ports
+    from aivo_mesh.config.ports import sidecar_ports
 
     problems, seen = [], []
     for leg, address in (("app", ep.app), ("outbound", ep.outbound)):

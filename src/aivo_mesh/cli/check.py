@@ -62,8 +62,8 @@ def check_config(config: str | None) -> tuple[Check, MeshSpec | None, Path]:
 
 def check_lint(mesh: MeshSpec, mesh_file: Path) -> Check:
     from aivo_mesh.cli.lint import _lint_file
+    from aivo_mesh.lint.envoy import lint_mesh
     from aivo_mesh.render import TARGETS
-    from aivo_mesh.render.envoy_lint import lint_mesh
 
     found = [(str(mesh_file), i) for i in lint_mesh(mesh)]
     files = sorted((mesh_file.resolve().parent / TARGETS["envoy"].output_dir).glob("*/envoy.yaml"))
@@ -138,7 +138,7 @@ def check_render(mesh_file: Path) -> Check:
 
 def _listens(mesh: MeshSpec, plane: str, otlp_port: int) -> list[tuple[str, int, str]]:
     """(host, port, what) that `meshctl up --plane PLANE` listens on with mesh.yaml's ports."""
-    from aivo_mesh.render.envoy import sidecar_ports
+    from aivo_mesh.config.ports import sidecar_ports
 
     metrics = mesh.observability.metrics.host
     found = [("127.0.0.1", otlp_port, "the trace collector")]

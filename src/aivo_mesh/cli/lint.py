@@ -1,6 +1,6 @@
 """`meshctl lint [FILE|DIR ...] [--check-files/--no-check-files]`: lint Envoy bootstraps.
 
-Catches what `envoy --mode validate` accepts but is wrong (aivo_mesh.render.envoy_lint). With no
+Catches what `envoy --mode validate` accepts but is wrong (aivo_mesh.lint.envoy). With no
 argument it lints the rendered sidecars (`infra/mesh/envoy/*/envoy.yaml` next to mesh.yaml) and
 mesh.yaml's retry policies the sidecars cannot express. Prints ``file: path: severity: message``
 (or, with -o json|yaml, the same findings as data); exit 1 when there is an error, 0 with warnings
@@ -17,8 +17,8 @@ import yaml
 from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config.loader import find_mesh_file, load_mesh
+from aivo_mesh.lint.envoy import LintIssue, lint_bootstrap, lint_mesh, load_config
 from aivo_mesh.render import TARGETS
-from aivo_mesh.render.envoy_lint import LintIssue, lint_bootstrap, lint_mesh, load_config
 
 
 def _expand(paths: tuple[str, ...]) -> list[Path]:

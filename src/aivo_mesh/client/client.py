@@ -38,7 +38,14 @@ from aivo_mesh.client.methods import method_path
 from aivo_mesh.client.server_check import ServerCheck
 from aivo_mesh.client.target import Target
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, route_policy, service_policy
+from aivo_mesh.config.resolve import (
+    RoutePolicy,
+    ServicePolicy,
+    longest_timeout,
+    policy_for,
+    route_policies,
+    service_policy,
+)
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, PeerPolicy, load_identity
@@ -234,7 +241,7 @@ class MeshClient:
         if self.metrics is not None:  # its breaker (closed) and ejection gauges from the first call
             self.metrics.declare_target(service)
         policy: ServicePolicy = service_policy(self.mesh, service)
-        routes = partial(route_policy, self.mesh, service)
+        routes = partial(policy_for, route_policies(self.mesh, service))
         if service in self.config.endpoints and service not in self.mesh.service_names:
             routes = self._default_routes(service)
         options = channel_options(self.mesh.keepalive, spec.name)
@@ -263,7 +270,8 @@ class MeshClient:
 
         def route(method: str) -> RoutePolicy:
             p = service_policy(self.mesh, service)
-            return RoutePolicy(service, method, None, timeout, p.retry, idempotent=False, streaming=False)
+            return RoutePolicy(service, pattern=method, match=None, timeout=timeout, retry=p.retry,
+                               idempotent=False, streaming=False)
 
         return route
 

@@ -2,7 +2,15 @@
 
 from aivo_mesh.config.loader import DEFAULT_MESH_FILE, find_mesh_file, load_mesh, parse_mesh
 from aivo_mesh.config.model import MeshSpec, RouteSpec, ServiceSpec, format_duration, parse_duration
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, merge, route_policy, service_policy
+from aivo_mesh.config.resolve import (
+    RoutePolicy,
+    ServicePolicy,
+    merge,
+    policy_for,
+    route_policies,
+    route_policy,
+    service_policy,
+)
 from aivo_mesh.errors import yaml_path
 
 __all__ = [
@@ -18,6 +26,8 @@ __all__ = [
     "merge",
     "parse_duration",
     "parse_mesh",
+    "policy_for",
+    "route_policies",
     "route_policy",
     "service_policy",
     "yaml_path",

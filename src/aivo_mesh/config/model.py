@@ -28,19 +28,11 @@ from pydantic import (
     model_validator,
 )
 
+from aivo_mesh.config.ports import port_problems
 from aivo_mesh.errors import ConfigError, nearest_line, yaml_path
-
-# The status codes a policy may name. Names, not numbers, so mesh.yaml reads like gRPC docs.
-GRPC_STATUS_NAMES: tuple[str, ...] = (
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-)
-StatusName = Literal[
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",
-    "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
-]
+from aivo_mesh.status import DEFAULT_FAILURE_CODES
+from aivo_mesh.status import GRPC_STATUS_NAMES as GRPC_STATUS_NAMES  # the status codes a policy may name
+from aivo_mesh.status import StatusName as StatusName
 
 _DURATION = re.compile(r"^\s*([-+]?\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.ASCII)  # ASCII: as mesh.schema.json
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -241,9 +233,7 @@ class CircuitBreakerSpec(_Strict):
     failure_rate_threshold: Percent = 50.0
     window_size: Annotated[StrictInt, Field(ge=1)] = 100
     minimum_calls: Annotated[StrictInt, Field(ge=1)] = 20
-    failure_codes: tuple[StatusName, ...] = (
-        "UNAVAILABLE", "DEADLINE_EXCEEDED", "INTERNAL", "UNKNOWN", "DATA_LOSS",
-    )
+    failure_codes: tuple[StatusName, ...] = DEFAULT_FAILURE_CODES
 
     @model_validator(mode="after")
     def _probe_within_recovery(self) -> CircuitBreakerSpec:
@@ -670,6 +660,7 @@ class MeshSpec(_Strict):
             if revoked.identity is not None and revoked.identity not in known:
                 problems.append(_PathError(("certificates", "revoked", r, "identity"),
                                            f"unknown identity {revoked.identity!r}: expected one of {sorted(known)}"))
+        problems += [_PathError(loc, why) for loc, why in port_problems(self.services, scope)]
         problems += self._check_backoff()
         if problems:
             raise _PathErrors(problems)

@@ -8,6 +8,7 @@ retried by both planes (`per_try_not_applied`): never on streams.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -22,9 +23,9 @@ from aivo_mesh.config.model import (
     OutlierDetectionSpec,
     RetryBudgetSpec,
     RetrySpec,
-    RouteSpec,
     ServiceSpec,
 )
+from aivo_mesh.config.patterns import covers, in_match_order, service_prefix
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -67,10 +68,13 @@ class ServicePolicy:
 
 @dataclass(frozen=True)
 class RoutePolicy:
-    """The policy of one method of one service; `match` says which route supplied it."""
+    """The effective policy of one route of one service (see `route_policies`).
+
+    `pattern` is what it covers (config/patterns.py); `match` is the mesh.yaml route that supplied it,
+    None for the service's catch-all (its own policy, for every method no route covers)."""
 
     service: str
-    method: str
+    pattern: str
     match: str | None
     timeout: float
     retry: RetrySpec
@@ -102,20 +106,7 @@ def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
 
 def longest_timeout(mesh: MeshSpec, service: str) -> float:
     """The longest any call to `service` may take: its own timeout or its longest route's."""
-    sp = service_policy(mesh, service)
-    return max([sp.timeout, *(r.timeout for r in sp.service.routes if r.timeout)])
-
-
-def match_route(routes: tuple[RouteSpec, ...], method: str) -> RouteSpec | None:
-    """Most specific route wins: an exact method beats a service prefix; longer prefix beats shorter."""
-    best: RouteSpec | None = None
-    for r in routes:
-        exact = not r.match.endswith("/")
-        matches = (exact and r.match == method) or (not exact and method.startswith(r.match))
-        better = best is None or len(r.match) > len(best.match) or (exact and best.match.endswith("/"))
-        if matches and better:
-            best = r
-    return best
+    return max(rp.timeout for rp in route_policies(mesh, service))
 
 
 @dataclass(frozen=True)
@@ -164,21 +155,43 @@ def route_retry(retry: RetrySpec, *, idempotent: bool, streaming: bool) -> Retry
     return retry.model_copy(update={"per_try_timeout": None})
 
 
-def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
+def route_policies(mesh: MeshSpec, service: str) -> tuple[RoutePolicy, ...]:
+    """Every route of `service` in match order (config.patterns.in_match_order: exact methods, then
+    prefixes, longest first), each with its effective policy, then the catch-all: the service's own
+    policy (`match` None, `pattern` the whole service) for every method no route covers. The first
+    whose pattern covers a method is that method's policy (`policy_for`).
+
+    Where a route covers the whole service (`/pkg.Svc/`), the catch-all behind it is left only the
+    methods of other services (health checks, reflection); `per_pattern` leaves it out."""
     sp = service_policy(mesh, service)
-    route = match_route(sp.service.routes, method)
-    if route is None:
-        return RoutePolicy(service, method, None, sp.timeout, route_retry(sp.retry, idempotent=False, streaming=False),
-                           idempotent=False, streaming=False)
-    return RoutePolicy(
-        service=service,
-        method=method,
-        match=route.match,
-        timeout=route.timeout or sp.timeout,
-        retry=route_retry(merge(sp.retry, route.retry), idempotent=route.idempotent, streaming=route.streaming),
-        idempotent=route.idempotent,
-        streaming=route.streaming,
+    routes = tuple(
+        RoutePolicy(service=service, pattern=r.match, match=r.match, timeout=r.timeout or sp.timeout,
+                    retry=route_retry(merge(sp.retry, r.retry), idempotent=r.idempotent, streaming=r.streaming),
+                    idempotent=r.idempotent, streaming=r.streaming)
+        for r in in_match_order(sp.service.routes, lambda r: r.match)
     )
+    catch_all = RoutePolicy(service=service, pattern=service_prefix(sp.service.grpc_service), match=None,
+                            timeout=sp.timeout, retry=route_retry(sp.retry, idempotent=False, streaming=False),
+                            idempotent=False, streaming=False)
+    return (*routes, catch_all)
+
+
+def policy_for(policies: Sequence[RoutePolicy], method: str) -> RoutePolicy:
+    """The policy of `method` (or of every method under a pattern) among `route_policies`: the first
+    that covers it, else the catch-all."""
+    return next((rp for rp in policies if covers(rp.pattern, method)), policies[-1])
+
+
+def per_pattern(policies: Sequence[RoutePolicy]) -> list[RoutePolicy]:
+    """`route_policies` one per pattern: without a catch-all that a whole-service route shadows."""
+    explicit = {rp.pattern for rp in policies if rp.match is not None}
+    return [rp for rp in policies if rp.match is not None or rp.pattern not in explicit]
+
+
+def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
+    """The policy of one method of `service`. To look up many, take `route_policies` once and use
+    `policy_for`."""
+    return policy_for(route_policies(mesh, service), method)
 
 
 def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:

@@ -28,6 +28,11 @@ Properties: `ca_cert` (= `ca_bundle`) is ``ca/ca.crt``, `ca_key` is ``ca/ca-key.
 ``mesh-client`` (the identity of operators, health checkers and test tools) lives at the top level of the
 directory; every other identity (services, and any further client identity listed in mesh.yaml's
 ``mesh.clients``) lives under ``services/``. Paths therefore never depend on mesh.yaml.
+
+The same layout answers the paths a container sees, for the renderers: ``CertLayout(Path(IMAGE_CERTS_DIR))``
+is the certs directory mounted in the aivo-mesh image, ``CertLayout(Path("/etc/envoy/certs"))`` in an Envoy
+sidecar, and ``CertLayout(Path())`` gives paths relative to the directory (a Kubernetes Secret's items).
+Renderers spell them with ``as_posix()``, so a rendering is the same on every host.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 
 # Identities whose files live at the top of the certs directory instead of under services/.
 TOP_LEVEL_IDENTITIES: tuple[str, ...] = ("mesh-client",)
+# Where the aivo-mesh image (Docker Compose, Kubernetes) has the certs directory mounted, read-only.
+IMAGE_CERTS_DIR = "/etc/aivo-mesh/certs"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """The policy core: pure Python, no grpc, injected clock, RNG and sleep (see core.py).
 
 The client-side stack for one target service is built by `TargetPolicy` (stack.py, which also
-states the layer order once); each layer lives in its own module with its frozen params.
+states the layer order once); each layer lives in its own module with its frozen params, which
+bind.py builds from mesh.yaml (the layer modules import nothing from config/).
 """
 
 from aivo_mesh.policy.backoff import DecorrelatedJitter, FullJitter, parse_pushback

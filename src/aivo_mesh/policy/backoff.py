@@ -25,8 +25,6 @@ from dataclasses import dataclass
 from random import Random
 from typing import Literal, Protocol
 
-from aivo_mesh.config.model import BackoffSpec
-
 PUSHBACK_HEADER = "grpc-retry-pushback-ms"
 _MAX_EXPONENT = 62  # 2**62 * any sane base is far above any cap; avoids float overflow
 
@@ -60,10 +58,6 @@ class FullJitter:
     def __post_init__(self) -> None:
         _check(self.base, self.cap)
 
-    @classmethod
-    def from_spec(cls, spec: BackoffSpec) -> FullJitter:
-        return cls(base=spec.base, cap=max(spec.max, spec.base))
-
     def ceiling(self, retry: int) -> float:
         """The upper bound of the wait before retry `retry`."""
         return _ceiling(self.base, self.cap, retry)
@@ -81,10 +75,6 @@ class DecorrelatedJitter:
 
     def __post_init__(self) -> None:
         _check(self.base, self.cap)
-
-    @classmethod
-    def from_spec(cls, spec: BackoffSpec) -> DecorrelatedJitter:
-        return cls(base=spec.base, cap=max(spec.max, spec.base))
 
     def delay(self, retry: int, previous: float, rng: Random) -> float:
         upper = max(self.base, previous * 3.0)

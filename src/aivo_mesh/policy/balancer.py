@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aivo_mesh.config.model import HealthCheckSpec
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, TRANSIENT, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic, when_ended
 from aivo_mesh.policy.events import NOOP, PolicyListener
@@ -38,10 +37,6 @@ class HealthRule:
     def __post_init__(self) -> None:
         if self.unhealthy_threshold < 1 or self.healthy_threshold < 1:
             raise ValueError(f"health check thresholds must be >= 1, got {self}")
-
-    @classmethod
-    def from_spec(cls, spec: HealthCheckSpec) -> HealthRule:
-        return cls(spec.unhealthy_threshold, spec.healthy_threshold)
 
 
 class Balancer:

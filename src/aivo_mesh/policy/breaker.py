@@ -46,7 +46,6 @@ from dataclasses import dataclass
 from random import Random
 from typing import ClassVar, Literal
 
-from aivo_mesh.config.model import CircuitBreakerSpec
 from aivo_mesh.policy.backoff import EqualJitter
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic, when_ended
@@ -86,13 +85,6 @@ class BreakerParams:
             raise ValueError(f"failure_rate_threshold must be in [0, 100], got {self.failure_rate_threshold!r}")
         if self.window_size < 1 or self.minimum_calls < 1:
             raise ValueError("window_size and minimum_calls must be >= 1")
-
-    @classmethod
-    def from_spec(cls, spec: CircuitBreakerSpec) -> BreakerParams:
-        return cls(mode=spec.mode, consecutive_failures=spec.consecutive_failures,
-                   recovery_time=spec.recovery_time, half_open_max_calls=spec.half_open_max_calls,
-                   failure_rate_threshold=spec.failure_rate_threshold, window_size=spec.window_size,
-                   minimum_calls=spec.minimum_calls, first_probe=spec.first_probe)
 
     @property
     def probe_backoff(self) -> EqualJitter:

@@ -28,7 +28,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from aivo_mesh.config.model import LimitsSpec, RetryBudgetSpec
 from aivo_mesh.policy.core import Clock, monotonic
 
 
@@ -52,14 +51,6 @@ class RetryBudgetParams:
             raise ValueError(f"max_concurrent_retries must be >= 0, got {self.max_concurrent_retries!r}")
         if self.buckets < 1:
             raise ValueError(f"buckets must be >= 1, got {self.buckets!r}")
-
-    @classmethod
-    def from_spec(cls, spec: RetryBudgetSpec, limits: LimitsSpec | None = None,
-                  buckets: int = 10) -> RetryBudgetParams:
-        return cls(percent=spec.percent, min_retry_concurrency=spec.min_retry_concurrency,
-                   window=spec.window,
-                   max_concurrent_retries=None if limits is None else limits.max_retries,
-                   buckets=buckets)
 
 
 class Budget(Protocol):

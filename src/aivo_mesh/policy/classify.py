@@ -32,8 +32,8 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from aivo_mesh.config.model import GRPC_STATUS_NAMES, CircuitBreakerSpec
 from aivo_mesh.policy.core import Reply
+from aivo_mesh.status import DEFAULT_FAILURE_CODES, GRPC_STATUS_NAMES
 
 
 class Outcome(enum.Enum):
@@ -57,7 +57,6 @@ HEALTHY: frozenset[Outcome] = frozenset({SUCCESS, TRANSIENT})
 NOT_PROCESSED: frozenset[str] = frozenset({"UNAVAILABLE"})
 # Codes that never describe the upstream's health, whatever a route lists.
 ALWAYS_IGNORED: frozenset[str] = frozenset({"CANCELLED"})
-DEFAULT_FAILURE_CODES: tuple[str, ...] = CircuitBreakerSpec().failure_codes
 
 
 def retryable_codes(retry_on: Iterable[str], *, idempotent: bool) -> frozenset[str]:

@@ -21,7 +21,6 @@ import contextlib
 from collections import deque
 from dataclasses import dataclass
 
-from aivo_mesh.config.model import LimitsSpec
 from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
@@ -39,10 +38,6 @@ class LimitParams:
             raise ValueError(f"max_requests must be >= 1, got {self.max_requests!r}")
         if self.max_pending_requests < 0:
             raise ValueError(f"max_pending_requests must be >= 0, got {self.max_pending_requests!r}")
-
-    @classmethod
-    def from_spec(cls, spec: LimitsSpec) -> LimitParams:
-        return cls(max_requests=spec.max_requests, max_pending_requests=spec.max_pending_requests)
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:

@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from aivo_mesh.config.model import OutlierDetectionSpec
 from aivo_mesh.policy.core import Clock, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
@@ -47,12 +46,6 @@ class OutlierRule:
             raise ValueError("interval, base_ejection_time and max_ejection_time must be > 0 seconds")
         if not 0.0 <= self.max_ejection_percent <= 100.0:
             raise ValueError(f"max_ejection_percent must be in [0, 100], got {self.max_ejection_percent!r}")
-
-    @classmethod
-    def from_spec(cls, spec: OutlierDetectionSpec) -> OutlierRule:
-        return cls(consecutive_failures=spec.consecutive_failures, interval=spec.interval,
-                   base_ejection_time=spec.base_ejection_time, max_ejection_time=spec.max_ejection_time,
-                   max_ejection_percent=spec.max_ejection_percent)
 
     def ejection_time(self, times_ejected: int) -> float:
         """Seconds out of rotation for the `times_ejected`-th ejection in a row."""

@@ -22,14 +22,13 @@ Caller cancellation (asyncio.CancelledError) is never caught: it stops the loop 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from random import Random
 
-from aivo_mesh.config.model import RetrySpec
-from aivo_mesh.policy.backoff import STOP, Backoff, DecorrelatedJitter, FullJitter, parse_pushback
+from aivo_mesh.policy.backoff import STOP, Backoff, FullJitter, parse_pushback
 from aivo_mesh.policy.budget import UNLIMITED, Budget
-from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, DEFAULT_FAILURE_CODES, RETRIED, Classifier
+from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, RETRIED, Classifier
 from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic
 from aivo_mesh.policy.events import NOOP, PolicyListener
 
@@ -51,20 +50,6 @@ class RetryParams:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries!r}")
         if self.per_try_timeout is not None and not self.per_try_timeout > 0:
             raise ValueError(f"per_try_timeout must be > 0 seconds, got {self.per_try_timeout!r}")
-
-    @classmethod
-    def from_spec(cls, spec: RetrySpec, *, idempotent: bool, client_max_retries: int | None = None,
-                  failure_codes: Iterable[str] = DEFAULT_FAILURE_CODES,
-                  decorrelated: bool = False) -> RetryParams:
-        """`client_max_retries` (MeshConfig.max_retries) caps the route's own max_retries."""
-        max_retries = spec.max_retries if client_max_retries is None else min(spec.max_retries,
-                                                                               client_max_retries)
-        backoff: Backoff = (DecorrelatedJitter.from_spec(spec.backoff) if decorrelated
-                            else FullJitter.from_spec(spec.backoff))
-        return cls(max_retries=max_retries, backoff=backoff,
-                   classifier=Classifier.for_route(spec.retry_on, idempotent=idempotent,
-                                                   failure_codes=failure_codes),
-                   per_try_timeout=spec.per_try_timeout)
 
 
 NO_RETRIES = RetryParams(max_retries=0)

@@ -21,10 +21,10 @@
     terminal   one attempt on the wire (client/ adapts grpc.aio here).
 
 `TargetPolicy` holds the stateful parts shared by all methods of one target service (budget,
-breaker, limit, balancer) and builds one cached stack per method from that method's RoutePolicy:
-the client makes one TargetPolicy per service and asks it for `stack_for(method)`. Layers that
-must see the whole logical call from outside (telemetry's ClientTracingLayer) are passed as
-`outer` and sit before `deadline`.
+breaker, limit, balancer) and builds one cached stack per method from that method's RoutePolicy
+(turned into the layers' own parameters by bind.py): the client makes one TargetPolicy per service
+and asks it for `stack_for(method)`. Layers that must see the whole logical call from outside
+(telemetry's ClientTracingLayer) are passed as `outer` and sit before `deadline`.
 """
 
 from __future__ import annotations
@@ -37,16 +37,16 @@ from random import Random
 from typing import Any
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_policy, service_policy
-from aivo_mesh.policy.balancer import Balancer, BalancerLayer, HealthRule
-from aivo_mesh.policy.breaker import BreakerLayer, BreakerParams, CircuitBreaker
-from aivo_mesh.policy.budget import Budget, RetryBudget, RetryBudgetParams
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, policy_for, route_policies, service_policy
+from aivo_mesh.policy import bind
+from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+from aivo_mesh.policy.breaker import BreakerLayer, CircuitBreaker
+from aivo_mesh.policy.budget import Budget, RetryBudget
 from aivo_mesh.policy.classify import Classifier
 from aivo_mesh.policy.core import Call, Clock, Handler, Layer, build_stack, monotonic
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams
 from aivo_mesh.policy.events import NOOP, PolicyListener
-from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
-from aivo_mesh.policy.outlier import OutlierRule
+from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer
 from aivo_mesh.policy.retry import RetryLayer, RetryParams, Sleeper
 
 __all__ = ["Handler", "Layer", "MethodParams", "TargetPolicy", "build_stack", "client_layers", "layer_names"]
@@ -65,17 +65,6 @@ class MethodParams:
     deadline: DeadlineParams
     retry: RetryParams
     classifier: Classifier
-
-    @classmethod
-    def from_policy(cls, service: ServicePolicy, route: RoutePolicy,
-                    client_max_retries: int | None = None) -> MethodParams:
-        retry = RetryParams.from_spec(route.retry, idempotent=route.idempotent,
-                                      client_max_retries=client_max_retries,
-                                      failure_codes=service.circuit_breaker.failure_codes)
-        if route.streaming:  # a stream commits on its first message: the core does not retry it
-            retry = RetryParams(max_retries=0, backoff=retry.backoff, classifier=retry.classifier,
-                                per_try_timeout=retry.per_try_timeout)
-        return cls(deadline=DeadlineParams(route_timeout=route.timeout), retry=retry, classifier=retry.classifier)
 
 
 def client_layers(
@@ -124,27 +113,28 @@ class TargetPolicy:
         self.inherited = inherited
         self.outer = tuple(outer)
         # The shared, stateful parts: one per target service.
-        self.budget = RetryBudget(RetryBudgetParams.from_spec(policy.retry_budget, policy.limits), clock)
-        self.breaker = CircuitBreaker(self.service, BreakerParams.from_spec(policy.circuit_breaker), clock=clock,
+        self.budget = RetryBudget(bind.budget_params(policy.retry_budget, policy.limits), clock)
+        self.breaker = CircuitBreaker(self.service, bind.breaker_params(policy.circuit_breaker), clock=clock,
                                       listener=listener, rng=self.rng)
-        self.limit = ConcurrencyLimit(self.service, LimitParams.from_spec(policy.limits))
+        self.limit = ConcurrencyLimit(self.service, bind.limit_params(policy.limits))
         addresses = list(endpoints) if endpoints is not None else (
             list(spec.endpoints) or [f"{spec.host}:{spec.port}"])
-        self.balancer = Balancer(self.service, addresses, rule=OutlierRule.from_spec(policy.outlier_detection),
-                                 health=HealthRule.from_spec(policy.health_check), clock=clock, listener=listener)
+        self.balancer = Balancer(self.service, addresses, rule=bind.outlier_rule(policy.outlier_detection),
+                                 health=bind.health_rule(policy.health_check), clock=clock, listener=listener)
         self._params: dict[str, MethodParams] = {}
         self._stacks: dict[str, Handler] = {}
 
     @classmethod
     def from_mesh(cls, mesh: MeshSpec, service: str, terminal: Handler, **kwargs: Any) -> TargetPolicy:
         """From mesh.yaml: the service's effective policy and its routes (config/resolve.py)."""
-        return cls(service_policy(mesh, service), partial(route_policy, mesh, service), terminal, **kwargs)
+        routes = partial(policy_for, route_policies(mesh, service))  # resolved once, looked up per method
+        return cls(service_policy(mesh, service), routes, terminal, **kwargs)
 
     def params_for(self, method: str) -> MethodParams:
         p = self._params.get(method)
         if p is None:
-            p = self._params[method] = MethodParams.from_policy(self.policy, self.route_for(method),
-                                                                self.max_retries)
+            deadline, retry = bind.route_params(self.policy, self.route_for(method), self.max_retries)
+            p = self._params[method] = MethodParams(deadline, retry, retry.classifier)
         return p
 
     def layers(self, method: str) -> list[Layer]:

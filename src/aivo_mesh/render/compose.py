@@ -29,10 +29,14 @@ Pure and deterministic: no I/O. Paths are relative to infra/mesh/, where the fil
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
+from aivo_mesh.config.ports import POD_ADMIN_PORT, POD_INBOUND_PORT, POD_OUTBOUND_PORT, POD_STATS_PORT
+from aivo_mesh.pki.layout import IMAGE_CERTS_DIR, CertLayout
 from aivo_mesh.render import HEADER, Document
+from aivo_mesh.render.envoy import POD_CERT_DIR, POD_SDS_DIR
 
 IMAGE = "aivo-mesh:latest"
 ENVOY_IMAGE = "envoyproxy/envoy:v1.40-latest"
@@ -42,11 +46,7 @@ PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
 GRAFANA_IMAGE = "grafana/grafana:11.6.0"
 NETWORK = "mesh-network"
 CERTS = "../../certs"  # the repository's certs/ (meshctl certs init/issue --certs-dir certs)
-APP_CERTS = "/etc/aivo-mesh/certs"
-POD_INBOUND = 50051
-POD_OUTBOUND = 15001
-POD_ENVOY_ADMIN = 9901
-POD_ENVOY_STATS = 15090
+APP_CERTS = CertLayout(Path(IMAGE_CERTS_DIR))
 
 DOCKERFILE = f"""\
 # {HEADER}
@@ -73,15 +73,15 @@ CMD ["--help"]
 
 
 def _app_env(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, str]:
-    cert, key = f"{APP_CERTS}/services/{svc.name}.crt", f"{APP_CERTS}/services/{svc.name}-key.pem"
+    cert, key = APP_CERTS.service_paths(svc.name)
     return {
         "SERVICE_NAME": svc.name,
         "SERVICE_VERSION": svc.version,
-        "GRPC_PORT": str(POD_INBOUND),
+        "GRPC_PORT": str(POD_INBOUND_PORT),
         "LOCAL_SERVICE_PORT": str(svc.local_port),
-        "CA_CERT_PATH": f"{APP_CERTS}/ca/ca.crt",
-        "CLIENT_CERT_PATH": cert,
-        "CLIENT_KEY_PATH": key,
+        "CA_CERT_PATH": APP_CERTS.ca_cert.as_posix(),
+        "CLIENT_CERT_PATH": cert.as_posix(),
+        "CLIENT_KEY_PATH": key.as_posix(),
         "JAEGER_HOST": "jaeger",
         # Prometheus scrapes <svc>:<admin_port>: the admin endpoint must listen beyond loopback.
         "METRICS_HOST": "0.0.0.0",
@@ -101,13 +101,13 @@ def _app_healthcheck(svc: ServiceSpec) -> dict[str, Any]:
 
 def app_service(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
     command = ["serve", svc.name, "--insecure", "--port", str(svc.local_port),
-               "--sidecar-outbound", f"127.0.0.1:{POD_OUTBOUND}", "--certs", APP_CERTS,
+               "--sidecar-outbound", f"127.0.0.1:{POD_OUTBOUND_PORT}", "--certs", IMAGE_CERTS_DIR,
                "--data-dir", "/var/lib/aivo-mesh"]
-    ports = [f"{svc.port}:{POD_INBOUND}"]
+    ports = [f"{svc.port}:{POD_INBOUND_PORT}"]
     if svc.sidecar.admin_port is not None:
         # The Envoy admin API stays on the pod's loopback (unauthenticated, mutating endpoints); the
         # per-service admin port publishes the sidecar's read-only Prometheus listener instead.
-        ports.append(f"127.0.0.1:{svc.sidecar.admin_port}:{POD_ENVOY_STATS}")
+        ports.append(f"127.0.0.1:{svc.sidecar.admin_port}:{POD_STATS_PORT}")
     if svc.admin_port is not None:
         command += ["--admin-port", str(svc.admin_port)]
         ports.append(f"127.0.0.1:{svc.admin_port}:{svc.admin_port}")
@@ -116,7 +116,7 @@ def app_service(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
         "build": {"context": "../..", "dockerfile": "infra/mesh/Dockerfile"},
         "command": command,
         "environment": _app_env(mesh, svc),
-        "volumes": [f"{CERTS}:{APP_CERTS}:ro"],
+        "volumes": [f"{CERTS}:{IMAGE_CERTS_DIR}:ro"],
         "ports": ports,
         "networks": [NETWORK],
         "healthcheck": _app_healthcheck(svc),
@@ -126,7 +126,7 @@ def app_service(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
 
 
 def sidecar_service(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
-    ready = (f"exec 3<>/dev/tcp/127.0.0.1/{POD_ENVOY_ADMIN} && "
+    ready = (f"exec 3<>/dev/tcp/127.0.0.1/{POD_ADMIN_PORT} && "
              "printf 'GET /ready HTTP/1.1\\r\\nHost: localhost\\r\\nConnection: close\\r\\n\\r\\n' >&3 && "
              "grep -q LIVE <&3")
     return {
@@ -135,8 +135,8 @@ def sidecar_service(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
         "command": ["envoy", "-c", "/etc/envoy/envoy.yaml", "--service-cluster", svc.name,
                     "--service-node", f"{svc.name}-sidecar", "--log-level", "info"],
         "volumes": [f"./envoy/{svc.name}/envoy.yaml:/etc/envoy/envoy.yaml:ro",
-                    f"./envoy/{svc.name}/sds:/etc/envoy/sds:ro",
-                    f"{CERTS}:/etc/envoy/certs:ro"],
+                    f"./envoy/{svc.name}/sds:{POD_SDS_DIR}:ro",
+                    f"{CERTS}:{POD_CERT_DIR}:ro"],
         "healthcheck": {"test": ["CMD", "bash", "-c", ready], "interval": "10s", "timeout": "5s", "retries": 5},
         "depends_on": {svc.name: {"condition": "service_healthy"}},
         "restart": "unless-stopped",

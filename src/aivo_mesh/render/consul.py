@@ -20,20 +20,23 @@ Pure and deterministic: no I/O.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
+from aivo_mesh.config.ports import POD_INBOUND_PORT
 from aivo_mesh.discovery.consul_register import agent_service_definition
+from aivo_mesh.pki.layout import CertLayout
 from aivo_mesh.render import Document
 
-POD_GRPC_PORT = 50051  # where mTLS callers (and Consul's check) reach a service inside its pod
-CERTS_DIR = "/consul/certs"  # the mesh PKI, mounted read-only into the Consul container
+CERTS = CertLayout(Path("/consul/certs"))  # the mesh PKI, mounted read-only into the Consul container
 DEREGISTER_AFTER = "1m"
 
 
 def service_definition(mesh: MeshSpec, svc: ServiceSpec, *, address: str | None = None,
-                       port: int = POD_GRPC_PORT) -> dict[str, Any]:
-    """`{"service": ...}` for one instance; address defaults to the service's pod/Compose host name."""
+                       port: int = POD_INBOUND_PORT) -> dict[str, Any]:
+    """`{"service": ...}` for one instance; address defaults to the service's pod/Compose host name, port
+    to where mTLS callers (and Consul's check) reach it there: its sidecar's inbound listener."""
     return {"service": agent_service_definition(mesh, svc, address or svc.name, port,
                                                 deregister_critical_after=DEREGISTER_AFTER)}
 
@@ -41,12 +44,13 @@ def service_definition(mesh: MeshSpec, svc: ServiceSpec, *, address: str | None 
 def agent_config(mesh: MeshSpec) -> dict[str, Any]:
     """TLS material the agent uses for outgoing gRPC checks (GRPCUseTLS). The services require a
     client certificate, so the agent presents the mesh-client identity."""
+    cert, key = CERTS.identity_paths("mesh-client")
     return {
         "tls": {
             "defaults": {
-                "ca_file": f"{CERTS_DIR}/ca/ca.crt",
-                "cert_file": f"{CERTS_DIR}/mesh-client.crt",
-                "key_file": f"{CERTS_DIR}/mesh-client-key.pem",
+                "ca_file": CERTS.ca_cert.as_posix(),
+                "cert_file": cert.as_posix(),
+                "key_file": key.as_posix(),
                 "tls_min_version": "TLSv1_3",
             },
         },

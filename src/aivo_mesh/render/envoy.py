@@ -28,7 +28,7 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   would retry (`policy.classify.retryable_codes`: CANCELLED never; anything but UNAVAILABLE only on
   idempotent routes), plus ``connect-failure,refused-stream`` (never processed) and ``reset`` on
   idempotent routes only. Statuses Envoy cannot express (UNKNOWN, ABORTED, ...) are left out and
-  `envoy_lint.lint_mesh` warns. Streams retry only ``connect-failure,refused-stream``. Envoy maps
+  `lint.envoy.lint_mesh` warns. Streams retry only ``connect-failure,refused-stream``. Envoy maps
   grpc-status only from trailers-only responses (notes §3): the app's own client still owns the rest.
 - **Limits vs breaker.** ``circuit_breakers`` are the concurrency caps (`limits`) plus the
   ``retry_budget``; ``max_retries`` is not emitted because a budget overrides it. The failure-count
@@ -70,43 +70,45 @@ import math
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple
+from pathlib import Path
+from typing import Any
 
-from aivo_mesh.config.model import GRPC_STATUS_NAMES, FaultSpec, MeshSpec, RouteSpec, ServiceSpec, known_methods
-from aivo_mesh.config.resolve import RoutePolicy, callable_peers, route_policy, service_policy
+from aivo_mesh.config.model import FaultSpec, MeshSpec, ServiceSpec, known_methods
+from aivo_mesh.config.patterns import is_prefix, method_name
+from aivo_mesh.config.ports import (
+    POD_ADMIN_PORT,
+    POD_INBOUND_PORT,
+    POD_OUTBOUND_PORT,
+    POD_PORTS,
+    POD_STATS_PORT,
+    EnvoyPorts,
+    Kind,
+    local_ports,
+)
+from aivo_mesh.config.resolve import RoutePolicy, callable_peers, per_pattern, route_policies, service_policy
+from aivo_mesh.pki.layout import CertLayout
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
+from aivo_mesh.status import GRPC_STATUS_NAMES
 
 __all__ = [
     "GRPC_RETRY_TOKENS",
     "HELPER_CLUSTERS",
-    "POD_ADMIN_PORT",
-    "POD_INBOUND_PORT",
-    "POD_OUTBOUND_PORT",
-    "STATS_PORT",
     "VALID_RETRY_ON",
-    "EnvoyPorts",
     "EnvoyProfile",
     "RetryOn",
     "bootstrap",
     "callable_peers",
-    "local_ports",
     "peer_address",
     "relocate",
     "render",
     "retry_on_tokens",
     "sds_files",
-    "sidecar_ports",
 ]
 
-Kind = Literal["pod", "local"]
 Config = dict[str, Any]
 
-# --- conventions ------------------------------------------------------------------------------------
-POD_INBOUND_PORT = 50051  # every pod: the sidecar owns the mesh port; the app sits on local_port
-POD_OUTBOUND_PORT = 15001
-POD_ADMIN_PORT = 9901
-STATS_PORT = 15090  # pod profile: GET /stats/prometheus only, on 0.0.0.0 (admin stays on loopback)
+# --- conventions (the pod's ports: config/ports.py) -------------------------------------------------
 POD_CERT_DIR = "/etc/envoy/certs"
 POD_SDS_DIR = "/etc/envoy/sds"
 POD_OTLP = ("jaeger", 4317)  # Jaeger >= 1.35 takes OTLP/gRPC on 4317
@@ -223,70 +225,15 @@ class EnvoyProfile:
         return cls("local", str(cert_dir), str(sds_dir), otlp, statsd, app_pipe, outbound_pipe)
 
 
-class EnvoyPorts(NamedTuple):
-    inbound: int
-    outbound: int
-    admin: int
-
-
-POD_PORTS = EnvoyPorts(POD_INBOUND_PORT, POD_OUTBOUND_PORT, POD_ADMIN_PORT)
-
-
-def _mesh_ports(mesh: MeshSpec) -> set[int]:
-    ports: set[int] = set()
-    for s in mesh.services:
-        for p in (s.port, s.local_port, s.admin_port, s.sidecar.inbound_port, s.sidecar.outbound_port,
-                  s.sidecar.admin_port):
-            if p is not None:
-                ports.add(p)
-    return ports
-
-
-def local_ports(mesh: MeshSpec) -> dict[str, EnvoyPorts]:
-    """Local-profile ports of every service, in mesh.yaml order.
-
-    A port written in the service's `sidecar` block is used as is. A gap takes, per kind, the
-    conventional port (50051 / 15001 / 9901) for the first service that needs one and the next free
-    number after the last one taken for the following ones, skipping every port mesh.yaml names and
-    every port already handed out. Deterministic: no socket is probed.
-    """
-    used = _mesh_ports(mesh)
-    cursor = list(POD_PORTS)
-    result: dict[str, EnvoyPorts] = {}
-    for n, svc in enumerate(mesh.services):
-        chosen: list[int] = []
-        for i, explicit in enumerate((svc.sidecar.inbound_port, svc.sidecar.outbound_port,
-                                      svc.sidecar.admin_port)):
-            if explicit is not None:
-                chosen.append(explicit)
-                continue
-            port = cursor[i]
-            while port in used:
-                port += 1
-            if port > 65535:
-                raise mesh.error(("services", n, "sidecar"), "no free port left for the sidecar; set the sidecar ports")
-            used.add(port)
-            cursor[i] = port + 1
-            chosen.append(port)
-        result[svc.name] = EnvoyPorts(*chosen)
-    return result
-
-
-def sidecar_ports(mesh: MeshSpec, service: str, kind: Kind) -> EnvoyPorts:
-    """(inbound, outbound, admin) of `service`'s sidecar: the per-pod convention or `local_ports`."""
-    mesh.service(service)  # KeyError for an unknown service
-    if kind == "pod":
-        return POD_PORTS
-    return local_ports(mesh)[service]
-
-
 def peer_address(mesh: MeshSpec, peer: str, kind: Kind) -> tuple[str, int]:
     """Where `peer`'s sidecar accepts mesh traffic: ``<peer>:50051`` (its pod / compose service
     name, resolved by DNS) or ``127.0.0.1:<its inbound port>`` on one machine."""
-    if kind == "pod":
-        mesh.service(peer)
-        return peer, POD_INBOUND_PORT
-    return "127.0.0.1", sidecar_ports(mesh, peer, "local").inbound
+    return _peer_address(mesh.service(peer).name, kind, local_ports(mesh) if kind == "local" else {})
+
+
+def _peer_address(peer: str, kind: Kind, local: Mapping[str, EnvoyPorts]) -> tuple[str, int]:
+    # `local`: the one-machine plan, taken once per bootstrap (it is a walk over every service).
+    return (peer, POD_INBOUND_PORT) if kind == "pod" else ("127.0.0.1", local[peer].inbound)
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -409,8 +356,8 @@ def stats_methods(services: Iterable[ServiceSpec]) -> dict[str, list[str]]:
     A service with neither (only prefixes, no proto here) is left out."""
     known: dict[str, list[str]] = {}
     for svc in services:
-        named = {p.rsplit("/", 1)[1] for p in (*(r.match for r in svc.routes),
-                                               *(m for rule in svc.allow for m in rule.methods))}
+        named = {method_name(p) for p in (*(r.match for r in svc.routes),
+                                          *(m for rule in svc.allow for m in rule.methods))}
         if methods := sorted((set(known_methods(svc.grpc_service)) | named) - {""}):
             known[svc.grpc_service] = methods
     return known | {name: list(methods) for name, methods in OPEN_METHODS.items()}
@@ -539,21 +486,11 @@ def _deadline(timeout: float, *, streaming: bool) -> dict[str, Any]:
 
 
 def _match(pattern: str) -> dict[str, Any]:
-    key = "prefix" if pattern.endswith("/") else "path"
-    return {key: pattern, "grpc": {}}
+    return {"prefix" if is_prefix(pattern) else "path": pattern, "grpc": {}}
 
 
 def _route_name(service: str, pattern: str) -> str:
-    method = pattern.rstrip("/").rsplit("/", 1)[-1] if not pattern.endswith("/") else "*"
-    return f"{service}/{method}"
-
-
-def _ordered_routes(routes: Iterable[RouteSpec]) -> list[RouteSpec]:
-    """Exact methods first (mesh.yaml order), then prefixes, longest first: Envoy takes the first match."""
-    rs = list(routes)
-    exact = [r for r in rs if not r.match.endswith("/")]
-    prefix = sorted((r for r in rs if r.match.endswith("/")), key=lambda r: -len(r.match))
-    return exact + prefix
+    return f"{service}/{method_name(pattern) or '*'}"
 
 
 # --- listeners --------------------------------------------------------------------------------------
@@ -577,7 +514,7 @@ def _rbac(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
             if principal not in principals:
                 principals.append(principal)
         permissions: list[dict[str, Any]] = [
-            {"url_path": {"path": {"prefix" if m.endswith("/") else "exact": m}}} for m in rule.methods
+            {"url_path": {"path": {"prefix" if is_prefix(m) else "exact": m}}} for m in rule.methods
         ] or [{"any": True}]
         policies[f"allow-{i}"] = {"permissions": permissions, "principals": principals}
     return {"name": "envoy.filters.http.rbac",
@@ -618,16 +555,15 @@ def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
 
 
 def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
-    sp = service_policy(mesh, svc.name)
-    unary = [sp.timeout] + [route_policy(mesh, svc.name, r.match).timeout for r in svc.routes if not r.streaming]
-    backstop = max(unary)  # the callers' sidecars hold each method's own deadline
+    policies = route_policies(mesh, svc.name)
+    # Only a backstop: the callers' sidecars hold each method's own deadline.
+    backstop = max(rp.timeout for rp in policies if not rp.streaming)
     routes: list[dict[str, Any]] = []
-    streaming_prefix = any(r.streaming and r.match.endswith("/") for r in svc.routes)
-    for r in _ordered_routes(svc.routes):
-        if not (r.streaming or (streaming_prefix and not r.match.endswith("/"))):
+    streaming_prefix = any(rp.streaming and is_prefix(rp.pattern) for rp in policies)
+    for rp in policies:
+        if rp.match is None or not (rp.streaming or (streaming_prefix and not is_prefix(rp.pattern))):
             continue  # the catch-all below serves it
-        rp = route_policy(mesh, svc.name, r.match)
-        routes.append({"name": _route_name(svc.name, r.match), "match": _match(r.match),
+        routes.append({"name": _route_name(svc.name, rp.pattern), "match": _match(rp.pattern),
                        "route": {"cluster": LOCAL_APP_CLUSTER,
                                  **_deadline(rp.timeout if rp.streaming else backstop, streaming=rp.streaming)}})
     if profile.otlp is not None:
@@ -663,16 +599,14 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
 
 
 def _outbound_routes(mesh: MeshSpec, peer: ServiceSpec) -> list[dict[str, Any]]:
-    prefix = f"/{peer.grpc_service}/"
-    patterns = [r.match for r in _ordered_routes(peer.routes) if r.match != prefix] + [prefix]
+    """The peer's routes in match order, ending with its whole service (Envoy takes the first match)."""
     routes = []
-    for pattern in patterns:
-        rp = route_policy(mesh, peer.name, pattern)
+    for rp in per_pattern(route_policies(mesh, peer.name)):
         action: dict[str, Any] = {"cluster": peer.name, "host_rewrite_literal": peer.name,
                                   **_deadline(rp.timeout, streaming=rp.streaming)}
         if (retry := _retry_policy(rp)) is not None:
             action["retry_policy"] = retry
-        routes.append({"name": _route_name(peer.name, pattern), "match": _match(pattern), "route": action})
+        routes.append({"name": _route_name(peer.name, rp.pattern), "match": _match(rp.pattern), "route": action})
     return routes
 
 
@@ -706,15 +640,16 @@ def _stats_listener() -> dict[str, Any]:
     hcm = _typed("envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                  stat_prefix=STATS_LISTENER, codec_type="AUTO", route_config=route_config,
                  http_filters=[_router()])
-    return {"name": STATS_LISTENER, "address": _socket("0.0.0.0", STATS_PORT),
+    return {"name": STATS_LISTENER, "address": _socket("0.0.0.0", POD_STATS_PORT),
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager",
                                             "typed_config": hcm}]}]}
 
 
 # --- clusters ---------------------------------------------------------------------------------------
-def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile) -> dict[str, Any]:
+def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile,
+                  local: Mapping[str, EnvoyPorts]) -> dict[str, Any]:
     sp = service_policy(mesh, peer.name)
-    host, port = peer_address(mesh, peer.name, profile.kind)
+    host, port = _peer_address(peer.name, profile.kind, local)
     od, hc, lim, budget = sp.outlier_detection, sp.health_check, sp.limits, sp.retry_budget
     cluster: dict[str, Any] = {"name": peer.name}
     if _is_ip(host):
@@ -825,18 +760,12 @@ def _plain_cluster(name: str, host: str, port: int, *, h2: bool, mesh: MeshSpec)
 def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
     """The Envoy bootstrap of `service`'s sidecar (a dict to dump as YAML or JSON)."""
     svc = mesh.service(service)
-    ports = sidecar_ports(mesh, service, profile.kind)
-    if profile.kind == "pod":
-        taken = {*POD_PORTS, STATS_PORT}
-        if svc.local_port in taken:
-            i = mesh.service_names.index(service)
-            raise mesh.error(("services", i, "local_port"),
-                             f"port {svc.local_port} is a sidecar port in the pod "
-                             f"({', '.join(map(str, sorted(taken)))}); pick another local_port")
+    local = local_ports(mesh) if profile.kind == "local" else {}
+    ports = local[service] if profile.kind == "local" else POD_PORTS
     listeners = [_inbound_listener(mesh, svc, profile, ports.inbound),
                  _outbound_listener(mesh, svc, profile, ports.outbound)]
     clusters = [_local_app_cluster(mesh, svc, profile)]
-    clusters += [_peer_cluster(mesh, mesh.service(p), profile) for p in callable_peers(mesh, service)]
+    clusters += [_peer_cluster(mesh, mesh.service(p), profile, local) for p in callable_peers(mesh, service)]
     if profile.kind == "pod":
         listeners.append(_stats_listener())
         clusters.append(_plain_cluster(ADMIN_CLUSTER, "127.0.0.1", ports.admin, h2=False, mesh=mesh))
@@ -904,14 +833,13 @@ def sds_files(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> dict[str, 
     serials in mesh.yaml, the trust also reads ``ca/crl.pem`` (``meshctl certs revoke`` writes it).
     """
     mesh.service(service)
-    services_dir = posixpath.join(profile.cert_dir, "services")
-    ca_dir = posixpath.join(profile.cert_dir, "ca")
+    certs = CertLayout(Path(profile.cert_dir))
+    cert, key = certs.service_paths(service)
     revoked = any(r.serial is not None for r in mesh.certificates.revoked)
     return {
-        TLS_CERT_FILE: tls_certificate_secret(posixpath.join(services_dir, f"{service}.crt"),
-                                              posixpath.join(services_dir, f"{service}-key.pem"), services_dir),
-        MESH_CA_FILE: validation_secret(posixpath.join(ca_dir, "ca.crt"), ca_dir,
-                                        crl_file=posixpath.join(ca_dir, "crl.pem") if revoked else None),
+        TLS_CERT_FILE: tls_certificate_secret(cert.as_posix(), key.as_posix(), certs.services_dir.as_posix()),
+        MESH_CA_FILE: validation_secret(certs.ca_cert.as_posix(), certs.ca_dir.as_posix(),
+                                        crl_file=certs.crl.as_posix() if revoked else None),
     }
 
 
@@ -933,6 +861,8 @@ def relocate(doc: Any, mapping: Mapping[str, str]) -> Any:
 
 def _readme(mesh: MeshSpec) -> str:
     local = local_ports(mesh)
+    certs = CertLayout(Path(POD_CERT_DIR))
+    cert, key = certs.service_paths("<svc>")
     rows = "\n".join(
         f"| `{s.name}` | {s.local_port} | {', '.join(callable_peers(mesh, s.name)) or '—'} | "
         f"{local[s.name].inbound} / {local[s.name].outbound} / {local[s.name].admin} |"
@@ -948,9 +878,9 @@ Each `<svc>/` holds the **pod profile** (one container/pod per service):
 - `envoy.yaml`: the bootstrap. Inbound mTLS listener on `0.0.0.0:{POD_INBOUND_PORT}` -> the app on
   `127.0.0.1:<local_port>` (plaintext h2); outbound listener on `127.0.0.1:{POD_OUTBOUND_PORT}` (the app
   dials it in plaintext h2) -> peers at `<peer>:{POD_INBOUND_PORT}` over mTLS; admin on
-  `127.0.0.1:{POD_ADMIN_PORT}`; `GET /stats/prometheus` on `0.0.0.0:{STATS_PORT}` for Prometheus.
+  `127.0.0.1:{POD_ADMIN_PORT}`; `GET /stats/prometheus` on `0.0.0.0:{POD_STATS_PORT}` for Prometheus.
 - `sds/{TLS_CERT_FILE}`, `sds/{MESH_CA_FILE}`: file-based SDS, mounted at `{POD_SDS_DIR}`. They name
-  `{POD_CERT_DIR}/services/<svc>.crt`, `.../services/<svc>-key.pem` and `{POD_CERT_DIR}/ca/ca.crt`: mount the
+  `{cert.as_posix()}`, `.../{key.relative_to(certs.root).as_posix()}` and `{certs.ca_cert.as_posix()}`: mount the
   certs directory's `services/` and `ca/` *directories* (not single files) so `meshctl certs rotate`
   reaches Envoy without a restart.
 

@@ -33,22 +33,23 @@ Pure and deterministic: no I/O; the same mesh gives byte-identical files.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import yaml
 
 from aivo_mesh.config.model import MeshSpec, RetrySpec, ServiceSpec, format_duration, known_methods
-from aivo_mesh.config.resolve import route_policy, route_retry, service_policy
+from aivo_mesh.config.patterns import covers_any, is_prefix, method_name, service_name, service_prefix
+from aivo_mesh.config.ports import POD_INBOUND_PORT
+from aivo_mesh.config.resolve import per_pattern, policy_for, route_policies, service_policy
+from aivo_mesh.pki.layout import IMAGE_CERTS_DIR, CertLayout
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
 
-# Importing the generated modules registers the platform's services in the default descriptor pool,
-# so ServiceProfiles can list every method of a known service.
-from aivo_mesh.services import protos as _protos  # noqa: F401  isort: skip
-
-POD_GRPC_PORT = 50051  # the Service port every mesh service is reached on in a cluster
+POD_GRPC_PORT = POD_INBOUND_PORT  # the Service port every mesh service is reached on in a cluster
 IMAGE = "aivo-mesh:latest"
-CERTS_DIR = "/etc/aivo-mesh/certs"
+CERTS = CertLayout(Path(IMAGE_CERTS_DIR))
+SECRET_ITEMS = CertLayout(Path())  # paths relative to the certs directory
 CONFIG_DIR = "/etc/aivo-mesh/config"
 DATA_DIR = "/var/lib/aivo-mesh"
 CONFIG_MAP = "aivo-mesh-config"
@@ -99,8 +100,7 @@ def caller_identity(mesh: MeshSpec, caller: str) -> str:
 
 def path_regex(pattern: str) -> str:
     """`/pkg.Svc/Method` -> `/pkg\\.Svc/Method`; a prefix `/pkg.Svc/` matches any one method."""
-    service, _, method = pattern.strip("/").partition("/")
-    svc = re.escape(service)
+    svc, method = re.escape(service_name(pattern)), method_name(pattern)
     return f"/{svc}/{re.escape(method)}" if method else f"/{svc}/[^/]+"
 
 
@@ -173,15 +173,16 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
     labels = _labels(mesh, svc, version_label)
     admin = svc.admin_port
     health = service_policy(mesh, svc.name).health_check
-    cert_rel, key_rel = f"services/{svc.name}.crt", f"services/{svc.name}-key.pem"
+    cert, key = CERTS.service_paths(svc.name)
+    cert_rel, key_rel = (p.as_posix() for p in SECRET_ITEMS.service_paths(svc.name))
     env = [
         {"name": "SERVICE_NAME", "value": svc.name},
         {"name": "SERVICE_VERSION", "value": version_label},
         {"name": "GRPC_PORT", "value": str(svc.port)},
         {"name": "LOCAL_SERVICE_PORT", "value": str(svc.local_port)},
-        {"name": "CA_CERT_PATH", "value": f"{CERTS_DIR}/ca/ca.crt"},
-        {"name": "CLIENT_CERT_PATH", "value": f"{CERTS_DIR}/{cert_rel}"},
-        {"name": "CLIENT_KEY_PATH", "value": f"{CERTS_DIR}/{key_rel}"},
+        {"name": "CA_CERT_PATH", "value": CERTS.ca_cert.as_posix()},
+        {"name": "CLIENT_CERT_PATH", "value": cert.as_posix()},
+        {"name": "CLIENT_KEY_PATH", "value": key.as_posix()},
         # No JAEGER_HOST / OTEL_EXPORTER_OTLP_ENDPOINT: no collector is rendered for the cluster, so
         # tracing is what the mounted mesh.yaml says (off unless `observability.tracing` enables it,
         # to the cluster's collector), or what the platform sets with the standard OTEL_* variables.
@@ -191,7 +192,7 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
     ]
     # The app speaks plaintext gRPC both ways so the Linkerd proxy can see it; the proxy adds mTLS.
     args = ["serve", svc.name, "--insecure", "--plaintext-peers", "--config", f"{CONFIG_DIR}/mesh.yaml",
-            "--certs", CERTS_DIR, "--data-dir", DATA_DIR]
+            "--certs", IMAGE_CERTS_DIR, "--data-dir", DATA_DIR]
     if admin is not None:
         args += ["--admin-port", str(admin)]
     ports: list[dict[str, Any]] = [{"name": "grpc", "containerPort": svc.port, "protocol": "TCP"}]
@@ -219,7 +220,7 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
         "securityContext": {"runAsUser": 0, "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                             "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [
-            {"name": "mesh-certs", "mountPath": CERTS_DIR, "readOnly": True},
+            {"name": "mesh-certs", "mountPath": IMAGE_CERTS_DIR, "readOnly": True},
             {"name": "mesh-config", "mountPath": CONFIG_DIR, "readOnly": True},
             {"name": "data", "mountPath": DATA_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
@@ -242,7 +243,7 @@ def deployment(mesh: MeshSpec, svc: ServiceSpec, *, version: str | None = None) 
                     "volumes": [
                         {"name": "mesh-certs", "secret": {
                             "secretName": f"{svc.name}-mesh-certs", "defaultMode": 0o400,
-                            "items": [{"key": "ca.crt", "path": "ca/ca.crt"},
+                            "items": [{"key": "ca.crt", "path": SECRET_ITEMS.ca_cert.as_posix()},
                                       {"key": "tls.crt", "path": cert_rel},
                                       {"key": "tls.key", "path": key_rel}]}},
                         {"name": "mesh-config", "configMap": {"name": CONFIG_MAP}},
@@ -287,26 +288,15 @@ def _profile_route(name: str, regex: str, timeout: float, retryable: bool) -> di
 def service_profile(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
     """Routes in first-match order: every known method (its effective route policy), then the
     explicit prefix routes (longest first), then a catch-all for the rest of the service."""
-    sp = service_policy(mesh, svc.name)
-    routes: list[dict[str, Any]] = []
-    seen: set[str] = set()
+    policies = route_policies(mesh, svc.name)
     methods = list(grpc_methods(svc.grpc_service))
-    methods += [r.match for r in svc.routes if not r.match.endswith("/") and r.match not in methods]
-    for method in methods:
-        rp = route_policy(mesh, svc.name, method)
-        retryable = rp.idempotent and not rp.streaming
-        routes.append(_profile_route(method, path_regex(method), rp.timeout, retryable))
-        seen.add(method)
-    for r in sorted((r for r in svc.routes if r.match.endswith("/")), key=lambda r: -len(r.match)):
-        if r.match in seen:
-            continue
-        rp = route_policy(mesh, svc.name, r.match + "_")  # any method under the prefix
-        routes.append(_profile_route(r.match, path_regex(r.match), rp.timeout, rp.idempotent and not rp.streaming))
-        seen.add(r.match)
-    catch_all = f"/{svc.grpc_service}/"
-    if catch_all not in seen:
-        routes.append(_profile_route(catch_all, path_regex(catch_all), sp.timeout, False))
-    budget = sp.retry_budget
+    methods += [rp.pattern for rp in policies if rp.match is not None and not is_prefix(rp.pattern)
+                and rp.pattern not in methods]
+    routes: list[dict[str, Any]] = []
+    for pattern, rp in [*((m, policy_for(policies, m)) for m in methods),
+                        *((rp.pattern, rp) for rp in per_pattern(policies) if is_prefix(rp.pattern))]:
+        routes.append(_profile_route(pattern, path_regex(pattern), rp.timeout, rp.idempotent and not rp.streaming))
+    budget = service_policy(mesh, svc.name).retry_budget
     return {
         "apiVersion": "linkerd.io/v1alpha2", "kind": "ServiceProfile",
         "metadata": _meta(mesh, fqdn(mesh, svc.name)),
@@ -332,10 +322,10 @@ def traffic_split(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
 
 def service_annotations(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, str]:
     """`retry.linkerd.io/*`, `timeout.linkerd.io/*` and failure accrual on the Service (notes §2-3)."""
-    sp = service_policy(mesh, svc.name)
-    ann: dict[str, str] = {"timeout.linkerd.io/request": _go_duration(sp.timeout)}
-    ann.update(_retry_annotations(route_retry(sp.retry, idempotent=False, streaming=False), idempotent=False))
-    cb = sp.circuit_breaker
+    catch_all = route_policies(mesh, svc.name)[-1]
+    ann: dict[str, str] = {"timeout.linkerd.io/request": _go_duration(catch_all.timeout)}
+    ann.update(_retry_annotations(catch_all.retry, idempotent=False))
+    cb = service_policy(mesh, svc.name).circuit_breaker
     if cb.mode == "consecutive":  # the success-rate mode is alpha in Linkerd edge: not rendered
         # Linkerd's penalty backs off from min to max as the proxyless probe wait does (breaker.py);
         # its jitter is Linkerd's own (the jitter-ratio annotation is not rendered).
@@ -366,9 +356,8 @@ def _backends(svc: ServiceSpec) -> list[dict[str, Any]]:
 
 
 def _method_match(pattern: str) -> dict[str, Any]:
-    service, _, method = pattern.strip("/").partition("/")
-    match: dict[str, Any] = {"type": "Exact", "service": service}
-    if method:
+    match: dict[str, Any] = {"type": "Exact", "service": service_name(pattern)}
+    if method := method_name(pattern):
         match["method"] = method
     return {"method": match}
 
@@ -378,13 +367,14 @@ def outbound_routes(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
     service (the service timeout), all on the Service; the exact-method matches win over it."""
     parent = [{"group": "core", "kind": "Service", "name": svc.name, "port": POD_GRPC_PORT}]
     out: list[dict[str, Any]] = []
-    for r in svc.routes:
-        rp = route_policy(mesh, svc.name, r.match if not r.match.endswith("/") else r.match + "_")
+    policies = {rp.match: rp for rp in route_policies(mesh, svc.name)}
+    for r in svc.routes:  # in mesh.yaml order
+        rp = policies[r.match]
         ann = {"timeout.linkerd.io/request": _go_duration(rp.timeout),
                **_retry_annotations(rp.retry, idempotent=rp.idempotent, streaming=rp.streaming)}
         out.append({
             "apiVersion": GATEWAY_API, "kind": "GRPCRoute",
-            "metadata": _meta(mesh, f"{svc.name}-route-{_slug(r.match.strip('/').rpartition('/')[2] or 'all')}",
+            "metadata": _meta(mesh, f"{svc.name}-route-{_slug(method_name(r.match) or service_name(r.match))}",
                               annotations=ann),
             "spec": {"parentRefs": parent,
                      "rules": [{"matches": [_method_match(r.match)], "backendRefs": _backends(svc)}]},
@@ -393,7 +383,8 @@ def outbound_routes(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
         "apiVersion": GATEWAY_API, "kind": "GRPCRoute",
         "metadata": _meta(mesh, f"{svc.name}-route-default"),
         "spec": {"parentRefs": parent,
-                 "rules": [{"matches": [_method_match(f"/{svc.grpc_service}/")], "backendRefs": _backends(svc)}]},
+                 "rules": [{"matches": [_method_match(service_prefix(svc.grpc_service))],
+                            "backendRefs": _backends(svc)}]},
     })
     names = [r["metadata"]["name"] for r in out]
     if len(set(names)) != len(names):
@@ -417,25 +408,22 @@ def server(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
 
 def _covers(rule_methods: tuple[str, ...], pattern: str) -> bool:
     """Does an allow rule with these method patterns allow every method matched by `pattern`?"""
-    if not rule_methods:
-        return True
-    return any(m == pattern or (m.endswith("/") and pattern.startswith(m)) for m in rule_methods)
+    return not rule_methods or covers_any(rule_methods, pattern)
 
 
 def _route_patterns(svc: ServiceSpec) -> list[str]:
     """Distinct method patterns the allow list needs routes for; a rule without methods needs the
-    whole service. Patterns without a method and without a trailing `/` match nothing (as in the
-    Authorizer) and get no route."""
+    whole service."""
     patterns: list[str] = []
     for rule in svc.allow:
-        for p in rule.methods or (f"/{svc.grpc_service}/",):
-            if (p.endswith("/") or p.count("/") == 2) and p not in patterns:
+        for p in rule.methods or (service_prefix(svc.grpc_service),):
+            if p not in patterns:
                 patterns.append(p)
     return patterns
 
 
 def _inbound_route_name(svc: ServiceSpec, pattern: str) -> str:
-    service, _, method = pattern.strip("/").partition("/")
+    service, method = service_name(pattern), method_name(pattern)
     if service == svc.grpc_service:
         return f"{svc.name}-{_slug(method)}" if method else f"{svc.name}-all-methods"
     return f"{svc.name}-{_slug(pattern)}"

@@ -36,12 +36,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from aivo_mesh.buckets import DURATION_BUCKETS
 from aivo_mesh.config.model import MeshSpec, ServiceSpec, format_duration
-from aivo_mesh.config.resolve import route_policy, service_policy
+from aivo_mesh.config.patterns import covers, is_prefix
+from aivo_mesh.config.ports import POD_STATS_PORT
+from aivo_mesh.config.resolve import route_policies
 from aivo_mesh.render import Document
-from aivo_mesh.telemetry.metrics import DURATION_BUCKETS
 
-ENVOY_STATS_PORT = 15090  # the Envoy sidecar's Prometheus listener in the pod profile
 SCRAPE_INTERVAL = "15s"
 MAX_BUCKET = max(DURATION_BUCKETS)
 MIN_BUCKET = min(DURATION_BUCKETS)
@@ -82,7 +83,7 @@ def prometheus_config(mesh: MeshSpec, aivo: Mapping[str, str], envoy: Mapping[st
 def pod_config(mesh: MeshSpec) -> dict[str, Any]:
     """Compose/pod profile: services by host name, admin ports from mesh.yaml, Envoy on 15090."""
     aivo = {s.name: f"{s.name}:{s.admin_port}" for s in mesh.services if s.admin_port is not None}
-    envoy = {s.name: f"{s.name}:{ENVOY_STATS_PORT}" for s in mesh.services}
+    envoy = {s.name: f"{s.name}:{POD_STATS_PORT}" for s in mesh.services}
     return prometheus_config(mesh, aivo, envoy)
 
 
@@ -114,15 +115,14 @@ def _num(x: float) -> str:
 def _promql_regex(patterns: list[str]) -> str:
     """An RE2 alternation of literal method paths (`/x/` prefixes match their methods), as the body
     of a PromQL double-quoted string (backslashes doubled)."""
-    alts = [re.escape(p) + (".+" if p.endswith("/") else "") for p in patterns]
+    alts = [re.escape(p) + (".+" if is_prefix(p) else "") for p in patterns]
     return "|".join(alts).replace("\\", "\\\\")
 
 
 def latency_rules(mesh: MeshSpec, svc: ServiceSpec) -> list[LatencyRule]:
     base = f'side="server",service="{svc.name}"'
     rules: list[LatencyRule] = []
-    exact = [r.match for r in svc.routes if not r.match.endswith("/")]
-    prefixes = sorted((r.match for r in svc.routes if r.match.endswith("/")), key=len, reverse=True)
+    *routes, catch_all = route_policies(mesh, svc.name)  # in match order
 
     def add(route: str, timeout: float, matchers: str) -> None:
         threshold = LATENCY_FRACTION * timeout
@@ -131,17 +131,18 @@ def latency_rules(mesh: MeshSpec, svc: ServiceSpec) -> list[LatencyRule]:
         rules.append(LatencyRule(svc.name, route, timeout, matchers, min(max(threshold, MIN_BUCKET), MAX_BUCKET),
                                  clamped, floored))
 
-    for m in exact:
-        add(m, route_policy(mesh, svc.name, m).timeout, f'{base},method="{m}"')
-    for i, p in enumerate(prefixes):
-        more_specific = exact + prefixes[:i]
-        matchers = f'{base},method=~"{_promql_regex([p])}"'
-        covered = [m for m in more_specific if m.startswith(p)]
-        if covered:
+    patterns = [rp.pattern for rp in routes]
+    for i, rp in enumerate(routes):
+        if not is_prefix(rp.pattern):
+            add(rp.pattern, rp.timeout, f'{base},method="{rp.pattern}"')
+            continue
+        matchers = f'{base},method=~"{_promql_regex([rp.pattern])}"'
+        # The methods a more specific route (earlier in match order) takes are that route's.
+        if covered := [p for p in patterns[:i] if covers(rp.pattern, p)]:
             matchers += f',method!~"{_promql_regex(covered)}"'
-        add(p, route_policy(mesh, svc.name, p + "_").timeout, matchers)
-    default = f"{base},method!~\"{_promql_regex(exact + prefixes)}\"" if exact or prefixes else base
-    add("default", service_policy(mesh, svc.name).timeout, default)
+        add(rp.pattern, rp.timeout, matchers)
+    default = f"{base},method!~\"{_promql_regex(patterns)}\"" if patterns else base
+    add("default", catch_all.timeout, default)
     return rules
 
 
@@ -267,7 +268,7 @@ def _rule_by_name(rules: dict[str, Any], name: str) -> dict[str, Any]:
 def _method_for(svc: ServiceSpec, rule: LatencyRule) -> str:
     if rule.route == "default":
         return f"/{svc.grpc_service}/NoRouteOfItsOwn"
-    return rule.route + "AnyMethod" if rule.route.endswith("/") else rule.route
+    return rule.route + "AnyMethod" if is_prefix(rule.route) else rule.route
 
 
 def unit_tests(mesh: MeshSpec) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import yaml
 
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.ports import POD_RESERVED
 from aivo_mesh.errors import PkiError, StartupError
 from aivo_mesh.pki import init_ca, issue_leaf, known_identities, load_identity
 from aivo_mesh.pki.crypto import parse_certs
@@ -70,7 +71,8 @@ def listen_problem(host: str, port: int, what: str) -> str | None:
 
 def with_free_ports(mesh: MeshSpec) -> MeshSpec:
     """A copy of the mesh whose every service port is a distinct free loopback port."""
-    ports = iter(free_ports(6 * len(mesh.services)))
+    # Not a port the sidecar takes in a pod (50051 is an ephemeral port on Linux): the mesh would not load.
+    ports = iter(p for p in free_ports(6 * len(mesh.services) + len(POD_RESERVED)) if p not in POD_RESERVED)
     services = []
     for svc in mesh.services:
         sidecar = svc.sidecar.model_copy(update={

@@ -190,7 +190,7 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
     info = RuntimeInfo(plane=plane, collector=f"127.0.0.1:{collector_port}" if collector_port else "")
     common = ["--config", str(state.mesh_file), "--certs", str(state.certs.root)]
     if plane == "sidecar":
-        from aivo_mesh.render.envoy import sidecar_ports
+        from aivo_mesh.config.ports import sidecar_ports
         from aivo_mesh.runtime.sockets import app_socket, outbound_socket, socket_dir
 
         sockets = socket_dir(state.root, list(mesh.service_names))

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.patterns import covers_any
 from aivo_mesh.pki.peer import PeerPolicy
 
 # Methods every authenticated mesh identity may call, whatever the allow-list says.
@@ -29,9 +30,7 @@ class Rule:
 
 
 def _method_matches(patterns: tuple[str, ...], method: str) -> bool:
-    if not patterns:
-        return True
-    return any(method == p or (p.endswith("/") and method.startswith(p)) for p in patterns)
+    return not patterns or covers_any(patterns, method)  # no patterns: every method
 
 
 class Authorizer:

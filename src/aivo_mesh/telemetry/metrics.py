@@ -48,6 +48,7 @@ from typing import Protocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 
+from aivo_mesh.buckets import DURATION_BUCKETS
 from aivo_mesh.pki.peer import Rule
 from aivo_mesh.policy.breaker import STATE_GAUGE
 from aivo_mesh.policy.core import LocalReason, monotonic
@@ -65,10 +66,6 @@ __all__ = [
     "local_status",
     "method_label",
 ]
-
-# OpenTelemetry's advisory buckets for rpc.{client,server}.call.duration (seconds).
-DURATION_BUCKETS: tuple[float, ...] = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                                       7.5, 10.0)
 
 # Breaker state names -> circuit_breaker_state values: the breaker's own table, all five states (a
 # state missing here left the gauge at its old value). Not an Enum metric: that would add a label per

@@ -64,7 +64,8 @@ from typing import Any, Literal
 import yaml
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import merge, per_try_not_applied, route_policy, service_policy
+from aivo_mesh.config.patterns import service_prefix
+from aivo_mesh.config.resolve import merge, per_try_not_applied, policy_for, route_policies, service_policy
 from aivo_mesh.render.envoy import VALID_RETRY_ON, retry_on_tokens
 
 __all__ = ["LintIssue", "Severity", "lint_bootstrap", "lint_mesh", "load_config"]
@@ -461,11 +462,11 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
     one with retries whose retry_on lacks DEADLINE_EXCEEDED (probably meant to apply)."""
     out: list[LintIssue] = []
     for i, svc in enumerate(mesh.services):
-        sp = service_policy(mesh, svc.name)
-        where = [(f"services[{i}]", f"/{svc.grpc_service}/", svc.retry)]
+        sp, policies = service_policy(mesh, svc.name), route_policies(mesh, svc.name)
+        where = [(f"services[{i}]", service_prefix(svc.grpc_service), svc.retry)]
         where += [(f"services[{i}].routes[{j}]", r.match, r.retry) for j, r in enumerate(svc.routes)]
         for path, pattern, own in where:
-            rp = route_policy(mesh, svc.name, pattern)
+            rp = policy_for(policies, pattern)
             written = own is not None and "per_try_timeout" in own.model_fields_set
             unfiltered = merge(sp.retry, own) if path != f"services[{i}]" else sp.retry
             why = per_try_not_applied(unfiltered, idempotent=rp.idempotent, streaming=rp.streaming)
