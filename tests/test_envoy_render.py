@@ -283,8 +283,13 @@ def test_rbac_matches_the_proxyless_authorizer(mesh: MeshSpec, pod: dict[str, di
     identities = [mesh.spiffe_id(n) for n in (*SERVICES, "mesh-client")] + ["spiffe://evil.local/ns/default/sa/x"]
     for s, cfg in pod.items():
         svc = mesh.service(s)
-        rbac = next(f for f in _hcm(_listener(cfg, "inbound_grpc"))["http_filters"]
-                    if f["name"] == "envoy.filters.http.rbac")["typed_config"]["rules"]
+        hcm = _hcm(_listener(cfg, "inbound_grpc"))
+        # The filter denies everything by itself; the allow-list rides in the route configuration, so that
+        # a control-plane change of it reaches connections already open (RDS).
+        base = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.rbac")["typed_config"]["rules"]
+        assert base == {"action": "ALLOW", "policies": {}}
+        per_route = hcm["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.rbac"]
+        rbac = per_route["rbac"]["rules"]
         assert rbac["action"] == "ALLOW"
         methods = {r.match for r in svc.routes} | {m for rule in svc.allow for m in rule.methods}
         methods |= {f"/{svc.grpc_service}/Other", "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
@@ -294,8 +299,8 @@ def test_rbac_matches_the_proxyless_authorizer(mesh: MeshSpec, pod: dict[str, di
             for m in sorted(methods):
                 assert _rbac_allows(rbac["policies"], ident, m) == authz.allows(ident, m), (s, ident, m)
     # Spot checks straight from mesh.yaml.
-    auth = next(f for f in _hcm(_listener(pod["auth-svc"], "inbound_grpc"))["http_filters"]
-                if f["name"] == "envoy.filters.http.rbac")["typed_config"]["rules"]["policies"]
+    auth = _hcm(_listener(pod["auth-svc"], "inbound_grpc"))["route_config"]["virtual_hosts"][0][
+        "typed_per_filter_config"]["envoy.filters.http.rbac"]["rbac"]["rules"]["policies"]
     learner = mesh.spiffe_id("learner-svc")
     assert _rbac_allows(auth, learner, "/aivo.auth.v1.AuthService/ValidateToken")
     assert not _rbac_allows(auth, learner, "/aivo.auth.v1.AuthService/Authenticate")

@@ -494,6 +494,24 @@ def _route_name(service: str, pattern: str) -> str:
 
 
 # --- listeners --------------------------------------------------------------------------------------
+RBAC_FILTER = "envoy.filters.http.rbac"
+
+
+def _rbac_filter() -> dict[str, Any]:
+    """The inbound RBAC filter itself denies everything (an ALLOW list with no policy); the allow-list is
+    the virtual host's per-route override (`_rbac_per_route`). A route configuration is what Envoy swaps
+    under open connections (RDS), while a listener change reaches new connections only: so an allow rule
+    removed by the control plane refuses the next call on a connection already open, and a route that
+    somehow lacked the override would fail closed."""
+    return {"name": RBAC_FILTER, "typed_config": _typed("envoy.extensions.filters.http.rbac.v3.RBAC",
+                                                        rules={"action": "ALLOW", "policies": {}})}
+
+
+def _rbac_per_route(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
+    rules = {k: v for k, v in _rbac(mesh, svc)["typed_config"].items() if k != "@type"}
+    return {RBAC_FILTER: _typed("envoy.extensions.filters.http.rbac.v3.RBACPerRoute", rbac=rules)}
+
+
 def _rbac(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any]:
     """ALLOW policies mirroring server.authz.Authorizer; anything else is denied with 403."""
     trust_prefix = f"spiffe://{mesh.mesh.trust_domain}/"
@@ -575,12 +593,13 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
                     "tracing": untraced} for p in OPEN_PREFIXES]
     routes.append({"name": f"{svc.name}/default", "match": {"prefix": "/", "grpc": {}},
                    "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}})
-    filters = [_rbac(mesh, svc), _grpc_stats([svc], upstream=False)]
+    filters = [_rbac_filter(), _grpc_stats([svc], upstream=False)]
     if svc.fault is not None and (fault := _fault(svc, svc.fault)) is not None:
         filters.append(fault)
     filters.append(_router())
     route_config = {"name": "inbound", "virtual_hosts": [
-        {"name": "local_app", "domains": ["*"], "routes": routes}]}
+        {"name": "local_app", "domains": ["*"], "routes": routes,
+         "typed_per_filter_config": _rbac_per_route(mesh, svc)}]}
     tls = _typed("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                  require_client_certificate=True,
                  common_tls_context=_common_tls(profile, {"prefix": f"spiffe://{mesh.mesh.trust_domain}/"}))
