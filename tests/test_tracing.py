@@ -22,7 +22,8 @@ from opentelemetry.util._once import Once
 
 from aivo_mesh.config.model import TracingSpec
 from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply, build_stack
-from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
+from aivo_mesh.policy.events import ServerCall
+from aivo_mesh.server.interceptors import MeshServerInterceptor
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver, SpanRecord, Trace, render_waterfall
 from aivo_mesh.telemetry.tracing import (

@@ -51,9 +51,8 @@ from prometheus_client.metrics_core import Metric
 from aivo_mesh.pki.peer import Rule
 from aivo_mesh.policy.breaker import STATE_GAUGE
 from aivo_mesh.policy.core import LocalReason, monotonic
-from aivo_mesh.policy.events import PolicyListener
+from aivo_mesh.policy.events import PolicyListener, ServerCall
 from aivo_mesh.runtime.handshakes import REASONS as TLS_REFUSAL_REASONS
-from aivo_mesh.server.interceptors import ServerCall
 
 __all__ = [
     "BREAKER_STATES",
