@@ -224,19 +224,19 @@ async def test_an_admin_endpoint_beyond_loopback_is_a_warning(
     """METRICS_HOST (or observability.metrics.host) not loopback opens the unauthenticated admin endpoint to
     the network: allowed, as the rendered Compose and Linkerd files need it, but never silently."""
     from aivo_mesh.config import EnvSettings, apply_env
-    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.runtime.serve import ServeOptions, serve_service
 
     mesh = apply_env(load_mesh(ROOT / "mesh.yaml"), EnvSettings(metrics_host="0.0.0.0"))
     stop = asyncio.Event()
     stop.set()  # start, then stop at once
-    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data", port=_free_port(),
-                        admin_port=_free_port(), stop=stop, grace=0)
+    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data",
+                        ServeOptions(port=_free_port(), admin_port=_free_port(), grace=0), stop=stop)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("admin endpoint listens on 0.0.0.0" in w and "unauthenticated" in w for w in warnings), warnings
 
     caplog.clear()
     await serve_service(load_mesh(ROOT / "mesh.yaml"), "analytics-svc", mesh_certs, tmp_path / "data",
-                        port=_free_port(), admin_port=_free_port(), stop=stop, grace=0)
+                        ServeOptions(port=_free_port(), admin_port=_free_port(), grace=0), stop=stop)
     assert not [r for r in caplog.records if "admin endpoint listens on" in r.getMessage()]
 
 
