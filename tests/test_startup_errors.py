@@ -88,6 +88,37 @@ def test_unix_socket_in_use_starts_nothing(tmp_path: Path, mesh_certs: CertLayou
                                   "(another process has it)"]
 
 
+async def test_a_service_process_stops_what_it_started_when_it_fails_and_when_it_leaves(
+        tmp_path: Path, mesh_certs: CertLayout, taken_port: int) -> None:
+    from aivo_mesh.runtime.local import listen_problem
+    from aivo_mesh.runtime.serve import ServeOptions, ServiceProcess
+
+    mesh = load_mesh(ROOT / "mesh.yaml")
+    grpc_port, admin_port = _free_port(), _free_port()
+
+    def listened(port: int) -> bool:
+        return listen_problem("127.0.0.1", port, "probe") is not None
+
+    with pytest.raises(StartupError, match=f"port {taken_port} in use"):
+        async with ServiceProcess(mesh, "auth-svc", mesh_certs, tmp_path / "data",
+                                  ServeOptions(port=grpc_port, admin_port=taken_port)):
+            pass
+    assert not listened(grpc_port)
+    async with ServiceProcess(mesh, "auth-svc", mesh_certs, tmp_path / "data",
+                              ServeOptions(port=grpc_port, admin_port=admin_port, grace=0)):
+        assert listened(grpc_port) and listened(admin_port)
+    assert not listened(grpc_port) and not listened(admin_port)
+
+
+def test_certificate_overrides_are_resolved_file_by_file(mesh_certs: CertLayout) -> None:
+    from aivo_mesh.runtime.serve import ServeOptions
+
+    cert, key = mesh_certs.identity_paths("auth-svc")
+    assert ServeOptions().identity_files(mesh_certs, "auth-svc") == (cert, key, mesh_certs.ca_cert)
+    ca = Path("/etc/aivo/ca.pem")  # CA_CERT_PATH alone: the service's own certificate and key stay
+    assert ServeOptions(ca=ca).identity_files(mesh_certs, "auth-svc") == (cert, key, ca)
+
+
 @pytest.mark.parametrize(("key", "reason"), [
     ("zz" * 32, "not a hex-encoded key"),
     ("ab" * 16, "key must be at least 32 bytes, got 16"),
