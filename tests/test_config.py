@@ -181,7 +181,9 @@ def test_parse_duration(text: str | float, seconds: float) -> None:
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(5.0, "5s"), (0.1, "100ms"), (60.0, "60s"), (1.5, "1500ms"),
-                                               (0.0005, "0.5ms"), (0.0, "0s")])
+                                               (0.0005, "0.5ms"), (0.0, "0s"),
+                                               # 700ms reads back as 0.7000000000000001: exact seconds instead
+                                               (0.7, "0.7s"), (1e-10, "0.0000000001s")])
 def test_format_duration(seconds: float, text: str) -> None:
     assert format_duration(seconds) == text
 
@@ -189,7 +191,8 @@ def test_format_duration(seconds: float, text: str) -> None:
 @given(st.floats(min_value=0, max_value=1e6, allow_nan=False))
 @settings(max_examples=100, deadline=None)
 def test_format_duration_round_trips(seconds: float) -> None:
-    assert parse_duration(format_duration(seconds)) == pytest.approx(seconds, abs=1e-6)
+    # Exactly: a local run hands its processes the mesh written with it (runtime.local.dump_mesh).
+    assert parse_duration(format_duration(seconds)) == seconds
 
 
 # --------------------------------------------------------------------------- bad inputs
@@ -774,6 +777,21 @@ def test_cli_show_json_and_service(capsys: pytest.CaptureFixture[str]) -> None:
     assert svc["timeout"] == "2s"
     assert [r["timeout"] for r in svc["routes"]] == ["2s", "30s", "10s"]
     assert svc["allow"][0]["from"] == ["mesh-client", "learner-svc"]
+
+
+def test_config_show_and_a_local_run_write_the_model_alike(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, mesh: MeshSpec
+) -> None:
+    from aivo_mesh.runtime.local import dump_mesh
+
+    written = dump_mesh(mesh)
+    data = yaml.safe_load(written)
+    assert data["defaults"]["retry"]["backoff"] == {"base": "100ms", "max": "1s"}
+    assert _main(["config", "show", str(MESH_FILE), "--service", LEARNER]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert next(s for s in data["services"] if s["name"] == LEARNER)["timeout"] == shown["timeout"] == "10s"
+    (tmp_path / "mesh.yaml").write_text(written)
+    assert load_mesh(tmp_path / "mesh.yaml").model_dump() == mesh.model_dump()  # it means what it held
 
 
 def test_cli_show_unknown_service(capsys: pytest.CaptureFixture[str]) -> None:

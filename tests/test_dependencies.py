@@ -1,4 +1,5 @@
-"""pyproject.toml's dependencies are exactly what src/aivo_mesh imports (no more, no fewer)."""
+"""pyproject.toml's dependencies are exactly what src/aivo_mesh imports (no more, no fewer), and the
+grpc-free modules stay free of grpc."""
 
 from __future__ import annotations
 
@@ -6,11 +7,14 @@ import ast
 import importlib.metadata as md
 import importlib.util
 import re
+import subprocess
 import sys
 import tomllib
 from collections.abc import Mapping
 from functools import cache
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "aivo_mesh"
@@ -99,3 +103,16 @@ def test_the_envoy_api_and_the_opentelemetry_exporter_import_together() -> None:
             "import envoy.config.trace.v3.opentelemetry_pb2\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, f"run `python tools/unshadow_protos.py` (see its docstring): {done.stderr}"
+
+
+# The server-call observer contract lives in policy/events.py so that these implement it without grpc:
+# a StatsD-only or log-only process (and the policy core's tests) must not pay for grpc core.
+@pytest.mark.parametrize("module", ["aivo_mesh.policy.events", "aivo_mesh.telemetry.metrics",
+                                    "aivo_mesh.telemetry.logs", "aivo_mesh.telemetry.statsd",
+                                    "aivo_mesh.telemetry.tracing"])
+def test_telemetry_modules_do_not_load_grpc(module: str) -> None:
+    # A fresh interpreter: this one has long imported grpc.
+    code = f"import sys, {module}; print(sorted(m for m in sys.modules if m == 'grpc' or m.startswith('grpc.')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
+                         env={"PYTHONPATH": str(SRC.parent), "PATH": ""})
+    assert out.stdout.strip() == "[]", f"importing {module} loads grpc"

@@ -798,19 +798,21 @@ async def test_a_served_service_finds_its_peer_through_consul(consul_agent: Fake
     from aivo_mesh import MeshClient, MeshConfig
     from aivo_mesh.config import load_mesh
     from aivo_mesh.runtime.local import free_ports, with_free_ports
-    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.runtime.serve import ServeOptions, serve_service
     from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 
     mesh = with_free_ports(load_mesh(MESH_FILE))
     (auth_port,) = free_ports(1)  # where auth really serves; mesh.yaml's auth port stays dead
     stops = {"auth-svc": asyncio.Event(), "learner-svc": asyncio.Event()}
-    tasks = [asyncio.create_task(serve_service(mesh, "auth-svc", mesh_certs, tmp_path / "auth", port=auth_port,
-                                               consul=consul_agent.address, stop=stops["auth-svc"], grace=0))]
+    tasks = [asyncio.create_task(serve_service(mesh, "auth-svc", mesh_certs, tmp_path / "auth",
+                                               ServeOptions(port=auth_port, consul=consul_agent.address, grace=0),
+                                               stop=stops["auth-svc"]))]
     try:
         await until(lambda: bool(consul_agent.registrations), 10, "auth-svc registered in Consul")
         tasks.append(asyncio.create_task(serve_service(
-            mesh, "learner-svc", mesh_certs, tmp_path / "learner", stop=stops["learner-svc"], grace=0,
-            discovery="consul", consul_discovery=consul_agent.address)))
+            mesh, "learner-svc", mesh_certs, tmp_path / "learner",
+            ServeOptions(grace=0, discovery="consul", consul_discovery=consul_agent.address),
+            stop=stops["learner-svc"])))
         config = MeshConfig.for_identity("mesh-client", mesh_certs, mesh,
                                          endpoints={"auth-svc": [f"127.0.0.1:{auth_port}"]})
         async with MeshClient(config, health_checks=False) as client:
@@ -850,13 +852,13 @@ async def test_a_served_service_keeps_trying_to_register_while_the_agent_fails(
     from aivo_mesh import MeshClient, MeshConfig
     from aivo_mesh.config import load_mesh
     from aivo_mesh.runtime.local import with_free_ports
-    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.runtime.serve import ServeOptions, serve_service
 
     mesh = with_free_ports(load_mesh(MESH_FILE))
     consul_agent.fail_next(2, 500, path_prefix="/v1/agent/service/register")
     stop = asyncio.Event()
-    task = asyncio.create_task(serve_service(mesh, "auth-svc", mesh_certs, tmp_path / "auth", stop=stop, grace=0,
-                                             consul=consul_agent.address))
+    task = asyncio.create_task(serve_service(mesh, "auth-svc", mesh_certs, tmp_path / "auth",
+                                             ServeOptions(consul=consul_agent.address, grace=0), stop=stop))
     try:
         async with MeshClient(MeshConfig.for_identity("mesh-client", mesh_certs, mesh), health_checks=False) as c:
             await c.wait_ready("auth-svc", timeout=10)  # serving while the agent still fails

@@ -12,7 +12,7 @@ import pytest
 from opentelemetry.sdk.trace import TracerProvider
 
 from aivo_mesh.policy.core import ATTEMPT_HEADER, LocalReason, monotonic
-from aivo_mesh.server.interceptors import ServerCall
+from aivo_mesh.policy.events import ServerCall
 from aivo_mesh.telemetry.logs import (
     REDACTED,
     JsonFormatter,

@@ -14,7 +14,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from waiting import until
 
 from aivo_mesh.policy.core import LocalReason, monotonic
-from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
+from aivo_mesh.policy.events import ServerCall
+from aivo_mesh.server.interceptors import MeshServerInterceptor
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 from aivo_mesh.telemetry.metrics import (
     DURATION_BUCKETS,

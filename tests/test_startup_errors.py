@@ -80,6 +80,37 @@ def test_unix_socket_in_use_starts_nothing(tmp_path: Path, mesh_certs: CertLayou
                                   "(another process has it)"]
 
 
+async def test_a_service_process_stops_what_it_started_when_it_fails_and_when_it_leaves(
+        tmp_path: Path, mesh_certs: CertLayout, taken_port: int) -> None:
+    from aivo_mesh.runtime.local import listen_problem
+    from aivo_mesh.runtime.serve import ServeOptions, ServiceProcess
+
+    mesh = load_mesh(ROOT / "mesh.yaml")
+    grpc_port, admin_port = free_port(), free_port()
+
+    def listened(port: int) -> bool:
+        return listen_problem("127.0.0.1", port, "probe") is not None
+
+    with pytest.raises(StartupError, match=f"port {taken_port} in use"):
+        async with ServiceProcess(mesh, "auth-svc", mesh_certs, tmp_path / "data",
+                                  ServeOptions(port=grpc_port, admin_port=taken_port)):
+            pass
+    assert not listened(grpc_port)
+    async with ServiceProcess(mesh, "auth-svc", mesh_certs, tmp_path / "data",
+                              ServeOptions(port=grpc_port, admin_port=admin_port, grace=0)):
+        assert listened(grpc_port) and listened(admin_port)
+    assert not listened(grpc_port) and not listened(admin_port)
+
+
+def test_certificate_overrides_are_resolved_file_by_file(mesh_certs: CertLayout) -> None:
+    from aivo_mesh.runtime.serve import ServeOptions
+
+    cert, key = mesh_certs.identity_paths("auth-svc")
+    assert ServeOptions().identity_files(mesh_certs, "auth-svc") == (cert, key, mesh_certs.ca_cert)
+    ca = Path("/etc/aivo/ca.pem")  # CA_CERT_PATH alone: the service's own certificate and key stay
+    assert ServeOptions(ca=ca).identity_files(mesh_certs, "auth-svc") == (cert, key, ca)
+
+
 @pytest.mark.parametrize(("key", "reason"), [
     ("zz" * 32, "not a hex-encoded key"),
     ("ab" * 16, "key must be at least 32 bytes, got 16"),
@@ -214,19 +245,19 @@ async def test_an_admin_endpoint_beyond_loopback_is_a_warning(
     """METRICS_HOST (or observability.metrics.host) not loopback opens the unauthenticated admin endpoint to
     the network: allowed, as the rendered Compose and Linkerd files need it, but never silently."""
     from aivo_mesh.config import EnvSettings, apply_env
-    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.runtime.serve import ServeOptions, serve_service
 
     mesh = apply_env(load_mesh(ROOT / "mesh.yaml"), EnvSettings(metrics_host="0.0.0.0"))
     stop = asyncio.Event()
     stop.set()  # start, then stop at once
-    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data", port=free_port(),
-                        admin_port=free_port(), stop=stop, grace=0)
+    await serve_service(mesh, "analytics-svc", mesh_certs, tmp_path / "data",
+                        ServeOptions(port=free_port(), admin_port=free_port(), grace=0), stop=stop)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("admin endpoint listens on 0.0.0.0" in w and "unauthenticated" in w for w in warnings), warnings
 
     caplog.clear()
     await serve_service(load_mesh(ROOT / "mesh.yaml"), "analytics-svc", mesh_certs, tmp_path / "data",
-                        port=free_port(), admin_port=free_port(), stop=stop, grace=0)
+                        ServeOptions(port=free_port(), admin_port=free_port(), grace=0), stop=stop)
     assert not [r for r in caplog.records if "admin endpoint listens on" in r.getMessage()]
 
 

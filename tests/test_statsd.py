@@ -10,7 +10,7 @@ import pytest
 from aivo_mesh.config.model import StatsdSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.policy.core import LocalReason, monotonic
-from aivo_mesh.server.interceptors import ServerCall
+from aivo_mesh.policy.events import ServerCall
 from aivo_mesh.telemetry.statsd import (
     MAX_PACKET,
     StatsdClient,

@@ -22,7 +22,8 @@ from opentelemetry.util._once import Once
 
 from aivo_mesh.config.model import TracingSpec
 from aivo_mesh.policy.core import ATTEMPT_HEADER, Call, Handler, LocalReason, Reply, build_stack
-from aivo_mesh.server.interceptors import MeshServerInterceptor, ServerCall
+from aivo_mesh.policy.events import ServerCall
+from aivo_mesh.server.interceptors import MeshServerInterceptor
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
 from aivo_mesh.telemetry.otlp_receiver import OtlpReceiver, SpanRecord, Trace, render_waterfall
 from aivo_mesh.telemetry.tracing import (
@@ -505,8 +506,8 @@ def test_meshctl_traces_filters_by_service_errors_and_trace_id(tmp_path: Path,
 async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_path: Path) -> None:
     """Exporters batch: the demo prefers a learner -> auth trace with both apps' spans and both
     sidecars', and shows the fullest one found when none is complete in time."""
-    from aivo_mesh.cli.serve import _sample_trace
     from aivo_mesh.runtime.collector import SpanLog
+    from aivo_mesh.runtime.demo import sample_trace
 
     def flow(tid: str, t0: int, *services: str) -> list[SpanRecord]:
         names = ["/aivo.learner.v1.LearnerService/GetProfile", "/aivo.auth.v1.AuthService/ValidateToken",
@@ -516,15 +517,15 @@ async def test_demo_shows_a_trace_with_the_sidecars_spans_once_they_arrive(tmp_p
 
     log = SpanLog(tmp_path / "traces.jsonl")
     log.append(flow("ab", 0, "learner-svc", "learner-svc", "auth-svc"))
-    app_only = await _sample_trace(log, sidecars=True, wait=0.2)
+    app_only = await sample_trace(log, sidecars=True, wait=0.2)
     assert app_only is not None and app_only.trace_id == "ab" * 16  # the fallback, after the wait
     log.append(flow("cd", 10, "learner-svc", "learner-svc", "auth-svc", "learner-svc-sidecar", "auth-svc-sidecar"))
     log.append(flow("ef", 20, "learner-svc", "learner-svc", "auth-svc"))  # newer, but without the sidecars
     # Newer still, with both sidecars but not yet auth's own span: incomplete too.
     log.append(flow("12", 30, "learner-svc", "learner-svc", "learner-svc-sidecar", "auth-svc-sidecar"))
-    complete = await _sample_trace(log, sidecars=True, wait=0.2)
+    complete = await sample_trace(log, sidecars=True, wait=0.2)
     assert complete is not None and complete.trace_id == "cd" * 16
-    proxyless = await _sample_trace(log, sidecars=False, wait=0.2)
+    proxyless = await sample_trace(log, sidecars=False, wait=0.2)
     assert proxyless is not None and proxyless.trace_id == "ef" * 16  # the newest with both apps
 
 

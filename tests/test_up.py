@@ -131,6 +131,24 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
     assert not (state.root / "restarts.json").exists()
 
 
+async def test_the_health_wait_stops_once_a_process_it_needs_exited(mesh_certs) -> None:
+    from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.runtime.health import wait_serving
+    from aivo_mesh.runtime.local import with_free_ports
+
+    mesh = with_free_ports(load_mesh(ROOT / "mesh.yaml"))  # nothing listens there
+    asked: list[int] = []
+
+    def exited() -> bool:
+        asked.append(1)
+        return True
+
+    async with MeshClient(MeshConfig.for_identity("mesh-client", mesh_certs, mesh), health_checks=False) as client:
+        status = await wait_serving(client, ["auth-svc", "learner-svc"], timeout=60, given_up=exited)
+    assert status == {"auth-svc": "UNREACHABLE", "learner-svc": "UNREACHABLE"}
+    assert asked == [1]  # one round, not 60 s of them
+
+
 def test_down_with_nothing_running_is_harmless(tmp_path):
     out = meshctl("down", "--state-dir", str(tmp_path / "none"))
     assert out.returncode == 0 and "nothing was running" in out.stdout

@@ -1,4 +1,5 @@
-"""`-o/--output text|json|yaml`: one option and one printer for every command that prints data.
+"""`-o/--output text|json|yaml`: one option and one printer for every command that prints data, and the
+one rich console the commands render text with.
 
 A command builds one plain-data structure (dicts, lists, str, int, float, bool, None) whose keys do not
 depend on the state it finds (an empty list, a null, never a missing key), then either prints it with
@@ -8,11 +9,13 @@ depend on the state it finds (an empty list, a null, never a missing key), then 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 import yaml
+from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -48,3 +51,9 @@ def emit(data: Any, output: str) -> None:
                                   width=1000).rstrip("\n"))
     else:  # a command renders text itself
         raise ValueError(f"emit: {output!r} is not a data format")
+
+
+def rich_console(width: int = 160) -> Console:
+    """A rich console. Not a terminal (pipes, CI logs, tests): `width` columns, so tables stay readable
+    (rich would take 80)."""
+    return Console() if sys.stdout.isatty() else Console(width=width)

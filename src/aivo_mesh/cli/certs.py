@@ -9,16 +9,14 @@ missing. `-o json|yaml` prints the same data as the tables; the certs directory 
 
 from __future__ import annotations
 
-import sys
 from datetime import datetime
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from aivo_mesh.cli._complete import complete_identities
-from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output
+from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output, rich_console
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config import find_mesh_file, load_mesh
 from aivo_mesh.config.edit import add_revocations
@@ -73,9 +71,8 @@ _key_type = click.option(
 )
 
 
-def _console() -> Console:
-    # Not a terminal (pipes, CI logs, tests): wide enough that pins and hashes are never wrapped.
-    return Console() if sys.stdout.isatty() else Console(width=240, soft_wrap=False)
+# Off a terminal, wide enough that pins and hashes are never wrapped.
+WIDTH = 240
 
 
 def _mesh(config: str | None) -> MeshSpec:
@@ -151,7 +148,7 @@ def init_cmd(certs_dir: Path, valid_days: int, issuer_valid_days: int | None, tr
               "bundle": str(info.bundle_path), "issuing_key": str(layout.ca_key), "root_key": str(layout.root_key),
               "replaced": force}, output)
         return
-    console = _console()
+    console = rich_console(WIDTH)
     table = Table(title=f"mesh CA for trust domain {td}")
     for col in ("name", "file", "subject", "not after", "SPKI pin (sha256)"):
         table.add_column(col, no_wrap=True)
@@ -190,7 +187,7 @@ def issue_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_days
     if output != "text":
         emit({"certs_dir": str(layout.root), "certificates": [_issued_dict(c) for c in issued]}, output)
         return
-    _console().print(_issued_table(f"issued {len(issued)} certificate(s) in {layout.root}", issued))
+    rich_console(WIDTH).print(_issued_table(f"issued {len(issued)} certificate(s) in {layout.root}", issued))
 
 
 def _report_status(r: CertReport) -> str:
@@ -225,7 +222,7 @@ def verify_cmd(certs_dir: Path, config: str | None, output: str, as_json: bool) 
     if output != "text":
         emit(verify_data(layout, reports), output)
     else:
-        console = _console()
+        console = rich_console(WIDTH)
         table = Table(title=f"certificates in {layout.root}")
         table.add_column("name", no_wrap=True)
         table.add_column("status")
@@ -276,7 +273,7 @@ def inspect_cmd(certs_dir: Path, output: str, as_json: bool) -> None:
             if r.problems:
                 days = f"[red]{days} ({'; '.join(r.problems)})[/red]"
             table.add_row(r.name, r.subject, "\n".join(r.sans) or "-", _date(r.not_after), days)
-        _console().print(table)
+        rich_console(WIDTH).print(table)
     _fail_on(layout, reports)
 
 
@@ -315,7 +312,7 @@ def rotate_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_day
               "revoked": [{"serial": e.serial, "spki": e.spki, "identity": e.identity, "note": e.note}
                           for e in gone] if path else []}, output)
         return
-    console = _console()
+    console = rich_console(WIDTH)
     if not rotated:
         console.print(f"nothing to rotate: every certificate is valid for more than {renew_before_days} days")
         return
@@ -349,7 +346,7 @@ def revoke_cmd(targets: tuple[str, ...], certs_dir: Path, config: str | None, no
     _require_ca(layout)
     entries = [revocation_for(layout, mesh, t, note) for t in dict.fromkeys(targets)]
     path = _record_revocations(layout, config, entries)
-    console = _console()
+    console = rich_console(WIDTH)
     for e in entries:
         what = f"{e.identity}'s current certificate" if e.identity else "certificate"
         console.print(f"revoked {what}: serial {e.serial}" + (f", key {e.spki}" if e.spki else ""))
@@ -367,4 +364,4 @@ def crl_cmd(certs_dir: Path, config: str | None) -> None:
     layout = CertLayout(certs_dir)
     _require_ca(layout)
     write_crl(layout, mesh)
-    _console().print(f"wrote {layout.crl}: {len(revoked_serials(mesh))} revoked serial(s)")
+    rich_console(WIDTH).print(f"wrote {layout.crl}: {len(revoked_serials(mesh))} revoked serial(s)")

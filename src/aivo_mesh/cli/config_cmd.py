@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import types
-import typing
 from typing import Any
 
 import click
 import yaml
-from pydantic import BaseModel, BeforeValidator
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
 from aivo_mesh.config import find_mesh_file, load_mesh, route_policy, service_policy
-from aivo_mesh.config.model import BUILTIN_DEFAULTS, MeshSpec, format_duration, parse_duration
+from aivo_mesh.config.model import BUILTIN_DEFAULTS, MeshSpec, format_duration, to_data
 from aivo_mesh.config.resolve import merge
 
-# The policy keys of a service, in mesh.yaml order, as resolved by `service_policy`.
-_POLICY_KEYS = ("timeout", "retry", "retry_budget", "circuit_breaker", "limits", "outlier_detection",
-                "health_check")
+# A service's policy blocks as resolved by `service_policy` (besides its timeout).
+_POLICY_BLOCKS = ("retry", "retry_budget", "circuit_breaker", "limits", "outlier_detection", "health_check")
 
 
 @cli.group("config")
@@ -97,29 +93,20 @@ def schema(output: str | None) -> None:
 def effective_mesh(mesh: MeshSpec) -> dict[str, Any]:
     """The whole mesh as plain data, with every default filled in. The result is itself a valid
     mesh.yaml that describes the same mesh."""
-    out: dict[str, Any] = {}
-    for name in type(mesh).model_fields:
-        if name == "defaults":
-            out["defaults"] = _dump(merge(BUILTIN_DEFAULTS, mesh.defaults))
-        elif name == "services":
-            out["services"] = [effective_service(mesh, s.name) for s in mesh.services]
-        else:
-            out[name] = _value(getattr(mesh, name), _field_is_duration(type(mesh), name))
+    out = to_data(mesh)
+    out["defaults"] = to_data(merge(BUILTIN_DEFAULTS, mesh.defaults))
+    out["services"] = [effective_service(mesh, s.name) for s in mesh.services]
     return out
 
 
 def effective_service(mesh: MeshSpec, name: str) -> dict[str, Any]:
     """One service with its effective policy (`service_policy`) and, per route, `route_policy`."""
-    svc = mesh.service(name)
     policy = service_policy(mesh, name)
-    out: dict[str, Any] = {}
-    for key in type(svc).model_fields:
-        if key in _POLICY_KEYS:
-            out[key] = _value(getattr(policy, key), key == "timeout")
-        elif key == "routes":
-            out["routes"] = [_route(mesh, name, r.match) for r in svc.routes]
-        else:
-            out[_key(type(svc), key)] = _value(getattr(svc, key), _field_is_duration(type(svc), key))
+    out = to_data(mesh.service(name))
+    out["timeout"] = format_duration(policy.timeout)
+    for key in _POLICY_BLOCKS:
+        out[key] = to_data(getattr(policy, key))
+    out["routes"] = [_route(mesh, name, r.match) for r in mesh.service(name).routes]
     return out
 
 
@@ -127,52 +114,8 @@ def _route(mesh: MeshSpec, service: str, match: str) -> dict[str, Any]:
     rp = route_policy(mesh, service, match)
     return {
         "match": match,
-        "timeout": _value(rp.timeout, True),
-        "retry": _dump(rp.retry),
+        "timeout": format_duration(rp.timeout),
+        "retry": to_data(rp.retry),
         "idempotent": rp.idempotent,
         "streaming": rp.streaming,
     }
-
-
-def _dump(model: BaseModel) -> dict[str, Any]:
-    """A model as plain data in field order, keys as written in mesh.yaml, durations formatted."""
-    cls = type(model)
-    return {_key(cls, name): _value(getattr(model, name), _field_is_duration(cls, name))
-            for name in cls.model_fields}
-
-
-def _value(value: Any, duration: bool = False) -> Any:
-    if isinstance(value, BaseModel):
-        return _dump(value)
-    if isinstance(value, tuple | list):
-        return [_value(v, duration) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _value(v, duration) for k, v in value.items()}
-    if duration and isinstance(value, int | float) and not isinstance(value, bool):
-        return format_duration(float(value))
-    return value
-
-
-def _key(cls: type[BaseModel], name: str) -> str:
-    alias = cls.model_fields[name].alias
-    return alias if alias else name
-
-
-def _field_is_duration(cls: type[BaseModel], name: str) -> bool:
-    field = cls.model_fields[name]
-    return any(_is_duration_validator(m) for m in field.metadata) or _annotation_is_duration(field.annotation)
-
-
-def _annotation_is_duration(annotation: Any) -> bool:
-    """True for Duration, PositiveDuration and unions/tuples containing them."""
-    if typing.get_origin(annotation) is typing.Annotated:
-        _, *metadata = typing.get_args(annotation)
-        return any(_is_duration_validator(m) for m in metadata)
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType, tuple):
-        return any(_annotation_is_duration(a) for a in typing.get_args(annotation) if a is not Ellipsis)
-    return False
-
-
-def _is_duration_validator(meta: Any) -> bool:
-    return isinstance(meta, BeforeValidator) and meta.func is parse_duration

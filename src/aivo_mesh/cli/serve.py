@@ -16,28 +16,19 @@ from rich.console import Console
 from rich.table import Table
 
 from aivo_mesh.cli._complete import complete_services
-from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output
+from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output, rich_console
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
 from aivo_mesh.config.loader import find_mesh_file, load_mesh
-from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout
+from aivo_mesh.runtime.mesh import HEALTHY_WITHIN
 from aivo_mesh.runtime.state import DEMO_STATE_DIR, StateDir, pid_alive
 
 if TYPE_CHECKING:
+    from rich.status import Status
+
     from aivo_mesh.discovery.facade import DnsOptions
-    from aivo_mesh.runtime.collector import SpanLog
-    from aivo_mesh.telemetry.otlp_receiver import Trace
-
-HEALTHY_WITHIN = 15.0  # seconds: the demo's promise on 2 cores
-
-
-def _console() -> Console:
-    """Rich console; when output is not a terminal (CI, pipes) keep tables wide enough to read."""
-    c = Console()
-    return c if c.is_terminal else Console(width=160)
-
 
 @cli.command()
 @click.argument("service", shell_complete=complete_services)
@@ -95,18 +86,13 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     dns = _dns_options(dns_template, dns_server) if discovery == "dns" else None
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
-    paths = None
-    if env.client_cert_path or env.client_key_path or env.ca_cert_path:
-        layout = CertLayout(Path(certs_dir))
-        cert, key = layout.identity_paths(service)
-        paths = (env.client_cert_path or cert, env.client_key_path or key, env.ca_cert_path or layout.ca_cert)
 
     # Before grpc is imported (it reads GRPC_TRACE then): the capture turns on core's handshaker tracer.
     from aivo_mesh.runtime.handshakes import capture_handshakes
 
     capture = capture_handshakes() if handshake_log and not insecure else None
 
-    from aivo_mesh.runtime.serve import serve_service
+    from aivo_mesh.runtime.serve import ServeOptions, serve_service
     from aivo_mesh.telemetry.logs import configure_logging
 
     configure_logging("INFO", json=log_format == "json")
@@ -114,14 +100,15 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         import logging
 
         logging.getLogger("aivo_mesh.tls").warning("refused TLS handshakes are not captured: %s", capture.problem)
-    asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, insecure=insecure,
-                              port=port, admin_port=admin_port, consul=consul, grace=grace,
-                              sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
-                              unix_socket=unix_socket,
-                              cert_paths=paths, discovery=discovery, mesh_file=find_mesh_file(config),
-                              handshake_log=handshake_log, otel_service_name=env.otel_service_name,
-                              consul_discovery=agent_address(consul) if discovery == "consul" else None,
-                              dns=dns))
+    options = ServeOptions(
+        insecure=insecure, port=port, admin_port=admin_port, unix_socket=unix_socket, consul=consul,
+        discovery=discovery,  # type: ignore[arg-type]  # click.Choice
+        consul_discovery=agent_address(consul) if discovery == "consul" else None, dns=dns,
+        sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
+        cert=env.client_cert_path, key=env.client_key_path, ca=env.ca_cert_path,
+        mesh_file=find_mesh_file(config), handshake_log=handshake_log, otel_service_name=env.otel_service_name,
+        grace=grace)
+    asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, options))
 
 
 def _dns_options(template: str, server: str | None) -> DnsOptions:
@@ -162,116 +149,58 @@ def _dns_options(template: str, server: str | None) -> DnsOptions:
               help="use free loopback ports instead of those in mesh.yaml")
 @click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True, help="concurrent demo flows")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
-              help=f"seconds to wait for all-healthy (default {HEALTHY_WITHIN:.0f}, +5 for sidecars)")
+              help="seconds to wait for all-healthy (default " + ", ".join(
+                  f"{s:.0f} {plane}" for plane, s in HEALTHY_WITHIN.items()) + ")")
 def demo(duration: float, plane: str, config: str | None, state_dir: StateDir, free_ports: bool, workers: int,
          timeout: float | None) -> None:
     """Bring up the whole mesh on loopback, drive the main flow, print a table, shut down."""
-    if state_dir.running():  # its files are in use: a demo would rewrite them under the running processes
-        raise MeshError(f"a mesh is running from {state_dir.root} (meshctl down --state-dir {state_dir.root}); "
-                        "give the demo another --state-dir")
-    code = asyncio.run(_demo(duration, plane, config, state_dir, free_ports, workers, timeout))
-    if code:
-        sys.exit(code)
-
-
-async def _demo(duration: float, plane: str, config: str | None, state: StateDir, free_ports: bool,
-                workers: int, timeout: float | None = None) -> int:
-    from aivo_mesh.client import MeshClient, MeshConfig
-    from aivo_mesh.runtime.collector import SpanLog
-    from aivo_mesh.runtime.driver import drive
-    from aivo_mesh.runtime.health import wait_serving
-    from aivo_mesh.runtime.local import free_port, preflight, prepare
-    from aivo_mesh.runtime.mesh import LocalTracing, mesh_for_clients, plan
-    from aivo_mesh.runtime.status import peers_healthy
-    from aivo_mesh.runtime.supervisor import Supervisor
+    from aivo_mesh.runtime.demo import DemoOptions, NotHealthy, run_demo
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall
 
-    console = _console()
-    started = time.monotonic()
-    otlp = free_port()
-    tracing = LocalTracing(otlp)  # as `meshctl up`: the collector forwards to Jaeger
-    mesh = prepare(state, config, free_ports, transform=tracing)
-    (state.root / "traces.jsonl").unlink(missing_ok=True)
-    procs, info = plan(state, mesh, plane, otlp, tracing.forward_to)  # type: ignore[arg-type]
-    preflight(state, mesh, procs, info, other_ports="--free-ports (make demo ARGS=--free-ports)")
-    view = mesh_for_clients(mesh, info)
-    sup = Supervisor(state)
-    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view))
-    limit = timeout or HEALTHY_WITHIN + (5 if plane == "sidecar" else 0)
-    try:
-        with console.status(f"starting the {plane} mesh...") as status:
-            for m in procs:
-                await sup.start(m)
-            status.update("waiting for SERVING over grpc.health.v1 ...")
-            health = await wait_serving(client, mesh.service_names, timeout=limit)
-            if plane == "sidecar":  # panic routing is off: traffic waits until each sidecar sees its peers healthy
-                status.update("waiting for the sidecars' health checks of their peers ...")
-                admins = [ep.sidecar_admin for ep in info.services.values() if ep.sidecar_admin]
-                settle = time.monotonic() + max(0.0, limit - (time.monotonic() - started))
-                while not all(await asyncio.gather(*(asyncio.to_thread(peers_healthy, a) for a in admins))):
-                    if time.monotonic() > settle:
-                        raise MeshError(f"sidecars did not see their peers healthy within {limit:.0f}s")
-                    await asyncio.sleep(0.1)
-        ready_in = time.monotonic() - started
-        if any(v != "SERVING" for v in health.values()) or sup.exited():
-            for name, st in health.items():
+    options = DemoOptions(plane=plane, duration=duration, workers=workers, config=config,  # type: ignore[arg-type]
+                          free_ports=free_ports, timeout=timeout)
+    console = rich_console()
+    with console.status("") as status:
+        try:
+            result = asyncio.run(run_demo(state_dir, options, _DemoConsole(console, status, plane)))
+        except NotHealthy as exc:
+            for name, st in exc.health.items():
                 console.print(f"  {name}: {st}")
-            for m in sup.exited():
-                console.print(f"[red]{m.name} exited with {m.process.returncode if m.process else '?'}; "
-                              f"log: {m.log}[/red]")
-            raise MeshError(f"services not healthy within {limit:.0f}s: "
-                            f"{ {k: v for k, v in health.items() if v != 'SERVING'} }")
-        console.print(f"[green]all {len(health)} services SERVING over mTLS ({plane} plane) in "
-                      f"{ready_in:.1f}s[/green]")
-        with console.status(f"driving the demo flow for {duration:.0f}s ({workers} workers)..."):
-            stats = await drive(client, duration, workers=workers)
-        table = Table(title=f"aivo-mesh demo ({plane} plane): {stats.flows} flows in {duration:.0f}s")
-        for col in ("service", "endpoint", "identity", "calls", "errors", "p50", "p99"):
-            table.add_column(col, justify="right" if col in ("calls", "errors", "p50", "p99") else "left")
-        for name in mesh.service_names:
-            s = stats.per_service.get(name)
-            p50 = s.percentile(50) if s else None
-            p99 = s.percentile(99) if s else None
-            table.add_row(name, info.services[name].address, mesh.spiffe_id(name), str(s.calls if s else 0),
-                          str(s.errors if s else 0), _ms(p50), _ms(p99))
-        console.print(table)
-        if stats.total_errors:
-            codes = {n: s.error_codes for n, s in stats.per_service.items() if s.errors}
-            console.print(f"[yellow]errors: {codes}[/yellow]")
-        sample = await _sample_trace(SpanLog(state.root / "traces.jsonl"), sidecars=plane == "sidecar")
-        if sample is not None:
-            console.print("a learner -> auth trace (meshctl traces shows more):")
-            console.print(render_waterfall(sample, width=30), markup=False, highlight=False)
-        return 0 if stats.flows > 0 and stats.total_errors == 0 else 1
-    finally:
-        await client.close()
-        with console.status("stopping..."):
-            await sup.stop_all()
-        if info.sockets:
-            from aivo_mesh.runtime.sockets import remove_socket_dir
-
-            remove_socket_dir(Path(info.sockets))
-        console.print("all processes stopped")
+            for name, code, log in exc.exited:
+                console.print(f"[red]{name} exited with {'?' if code is None else code}; log: {log}[/red]")
+            raise
+    table = Table(title=f"aivo-mesh demo ({plane} plane): {result.flows} flows in {duration:.0f}s")
+    for col in ("service", "endpoint", "identity", "calls", "errors", "p50", "p99"):
+        table.add_column(col, justify="right" if col in ("calls", "errors", "p50", "p99") else "left")
+    for s in result.services:
+        table.add_row(s.name, s.address, s.identity, str(s.calls), str(s.errors), _ms(s.p50), _ms(s.p99))
+    console.print(table)
+    if result.errors:
+        console.print(f"[yellow]errors: {result.errors}[/yellow]")
+    if result.trace is not None:
+        console.print("a learner -> auth trace (meshctl traces shows more):")
+        console.print(render_waterfall(result.trace, width=30), markup=False, highlight=False)
+    if not result.ok:
+        sys.exit(1)
 
 
-async def _sample_trace(spans: SpanLog, *, sidecars: bool, wait: float | None = None) -> Trace | None:
-    """A learner -> auth trace to show, with the spans of both apps and, on the sidecar plane, of both
-    sidecars. Every process exports in batches (Envoy and the apps' batch processors every 5 s), so
-    the newest traces may still lack spans: wait a bounded while for a complete one (two export
-    periods at most), else show the fullest found."""
-    want = {"learner-svc", "auth-svc"} | ({"learner-svc-sidecar", "auth-svc-sidecar"} if sidecars else set())
+class _DemoConsole:
+    """runtime.demo.DemoProgress on the console: a status line, and a line each when healthy and when stopped."""
 
-    def has_flow(t: Trace) -> bool:
-        return any(sp.name.endswith("/GetProfile") for sp in t.spans) and len(t.spans) > 2
+    def __init__(self, console: Console, status: Status, plane: str) -> None:
+        self.console = console
+        self._status = status
+        self.plane = plane
 
-    give_up = time.monotonic() + (wait if wait is not None else 11)
-    while True:
-        flows = [t for t in spans.traces(200) if has_flow(t)]
-        if (found := next((t for t in flows if want <= set(t.services)), None)) is not None:
-            return found
-        if time.monotonic() >= give_up:
-            return max(flows, key=lambda t: len(want & set(t.services)), default=None)
-        await asyncio.sleep(0.2)
+    def status(self, text: str) -> None:
+        self._status.update(text)
+
+    def healthy(self, services: int, seconds: float) -> None:
+        self.console.print(f"[green]all {services} services SERVING over mTLS ({self.plane} plane) in "
+                           f"{seconds:.1f}s[/green]")
+
+    def stopped(self) -> None:
+        self.console.print("all processes stopped")
 
 
 def _ms(seconds: float | None) -> str:
@@ -312,7 +241,7 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
             ptable.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
                            ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
                            ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
-        _console().print(ptable if procs else f"nothing running from {state.root}")
+        rich_console().print(ptable if procs else f"nothing running from {state.root}")
         return
     services = asyncio.run(gather(state, interval))
     if output != "text":
@@ -327,7 +256,7 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
                       _breakers_cell(sv.breakers, sv.envoy_breakers),
                       "-" if sv.rps is None else f"{sv.rps:.1f}",
                       "-" if sv.p99_ms is None else f"{sv.p99_ms:.0f} ms")
-    _console().print(table)
+    rich_console().print(table)
 
 
 def _breakers_cell(app: dict[str, str], envoy: dict[str, str]) -> str:

@@ -16,21 +16,15 @@ import click
 from rich.console import Console
 
 from aivo_mesh.cli._complete import complete_services
-from aivo_mesh.cli._output import emit, output_option
+from aivo_mesh.cli._output import emit, output_option, rich_console
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.errors import MeshError
+from aivo_mesh.runtime.mesh import HEALTHY_WITHIN
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
 
 if TYPE_CHECKING:
     from aivo_mesh.telemetry.otlp_receiver import Trace
-
-HEALTHY_WITHIN = {"sidecar": 20.0, "proxyless": 15.0}
-
-
-def _console() -> Console:
-    c = Console()
-    return c if c.is_terminal else Console(width=160)
 
 
 @cli.command()
@@ -45,13 +39,14 @@ def _console() -> Console:
 def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, otlp_port: int | None,
        timeout: float | None) -> None:
     """Start the mesh on this machine and return once every service is healthy."""
+    from aivo_mesh.runtime.health import all_serving, wait_supervised
     from aivo_mesh.runtime.local import free_port, preflight, prepare
     from aivo_mesh.runtime.mesh import LocalTracing, plan
 
     state = state_dir
     if state.running():
         raise MeshError(f"a mesh is already running from {state.root} (meshctl down --state-dir {state.root})")
-    console = _console()
+    console = rich_console()
     started = time.monotonic()
     port = otlp_port or (free_port() if free_ports else 4317)
     tracing = LocalTracing(port)
@@ -69,15 +64,15 @@ def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, ot
                 stdin=subprocess.DEVNULL, start_new_session=True)
         if tracing.forward_to:
             console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {tracing.forward_to}")
-        limit = timeout or HEALTHY_WITHIN[plane]
+        limit = timeout or HEALTHY_WITHIN[plane]  # type: ignore[index]  # plane: click.Choice
         with console.status(f"starting the {plane} mesh ({len(mesh.service_names)} services)...") as status:
-            ok, report = asyncio.run(_wait_healthy(state, mesh, proc, limit, status.update))
+            report = asyncio.run(wait_supervised(state, proc.poll, limit, status.update))
     except KeyboardInterrupt:
         # The supervisor runs in its own session, so Ctrl-C reaches only us: stop what we started.
         _interrupted(state, console, proc)
         raise click.exceptions.Exit(130) from None
     elapsed = time.monotonic() - started
-    if not ok:
+    if not all_serving(report):
         console.print(f"[red]not healthy within {limit:.0f}s:[/red]")
         for name, st in report.items():
             console.print(f"  {name}: {st}")
@@ -97,69 +92,11 @@ def _interrupted(state: StateDir, console: Console, proc: subprocess.Popen[bytes
                       f"`meshctl down --state-dir {state.root}`[/yellow]")
 
 
-async def _wait_healthy(state: StateDir, mesh: object, proc: subprocess.Popen[bytes], limit: float,
-                        progress: object) -> tuple[bool, dict[str, str]]:
-    """Poll (bounded) until the supervisor wrote runtime.json and every service is SERVING through its
-    front door (and, for sidecars, every Envoy reports LIVE and sees all its peers healthy)."""
-    from aivo_mesh.client import MeshClient, MeshConfig
-    from aivo_mesh.config.loader import load_mesh
-    from aivo_mesh.runtime.health import check
-    from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
-    from aivo_mesh.runtime.status import peers_healthy
-
-    deadline = time.monotonic() + limit
-    report: dict[str, str] = {}
-    info = None
-    while info is None:
-        info = RuntimeInfo.read(state)
-        if proc.poll() is not None:
-            return False, {"supervisor": f"exited with {proc.returncode}"}
-        if time.monotonic() > deadline:
-            return False, {"supervisor": "did not start"}
-        if info is None:
-            await asyncio.sleep(0.05)
-    view = mesh_for_clients(load_mesh(state.mesh_file), info)
-    client = MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view), health_checks=False,
-                        reload_interval=None)
-    try:
-        while True:
-            for name, ep in info.services.items():
-                if report.get(name) == "SERVING":
-                    continue
-                if ep.sidecar_admin and not await asyncio.to_thread(_envoy_live, ep.sidecar_admin):
-                    report[name] = "sidecar not ready"
-                    continue
-                # No panic routing: a peer not yet seen healthy by this sidecar fails every call to it.
-                if ep.sidecar_admin and not await asyncio.to_thread(peers_healthy, ep.sidecar_admin):
-                    report[name] = "sidecar waiting for its peers' health checks"
-                    continue
-                report[name] = await check(client, name, timeout=1.0)
-            healthy = sum(v == "SERVING" for v in report.values())
-            progress(f"{healthy}/{len(info.services)} services SERVING ...")  # type: ignore[operator]
-            if healthy == len(info.services):
-                return True, report
-            if proc.poll() is not None or time.monotonic() > deadline:
-                return False, report
-            await asyncio.sleep(0.1)
-    finally:
-        await client.close()
-
-
-def _envoy_live(admin: str) -> bool:
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:
-            return bool(r.status == 200)
-    except OSError:
-        return False
-
-
 @cli.command()
 @state_dir_option()
 def down(state_dir: StateDir) -> None:
     """Stop everything `meshctl up` (or an interrupted `meshctl demo`) started from the state dir, by pid."""
-    _down(state_dir, _console())
+    _down(state_dir, rich_console())
 
 
 def _down(state: StateDir, console: Console, grace: float = 10.0,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,15 +85,3 @@ class MeshConfig:
                             f"`meshctl up --state-dir {state.root}`")
         mesh = mesh_for_clients(load_mesh(state.mesh_file), info)
         return cls.for_identity(service_name, state.certs, mesh, **kwargs)
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **kwargs: object) -> MeshConfig:
-        """From the variables the services are deployed with (SERVICE_NAME, CA_CERT_PATH, ...)."""
-        env = os.environ if environ is None else environ
-        missing = [k for k in ("SERVICE_NAME", "CA_CERT_PATH", "CLIENT_CERT_PATH", "CLIENT_KEY_PATH")
-                   if not env.get(k)]
-        if missing:
-            raise ConfigError.single("environment", missing[0], "required variable is not set")
-        return cls(service_name=env["SERVICE_NAME"], ca_cert_path=env["CA_CERT_PATH"],
-                   client_cert_path=env["CLIENT_CERT_PATH"], client_key_path=env["CLIENT_KEY_PATH"],
-                   **kwargs)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from decimal import Decimal
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -20,6 +21,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     PrivateAttr,
     Strict,
     ValidationInfo,
@@ -62,15 +64,24 @@ def parse_duration(value: Any) -> float:
 
 
 def format_duration(seconds: float) -> str:
-    """Inverse of parse_duration, choosing the shortest exact unit (used by `config show`)."""
+    """Inverse of parse_duration: the first of `5s`, `100ms`, `0.5ms` that parses back to exactly
+    `seconds`, else the exact number of seconds (`0.7s`: `700ms` would read back as 0.7000000000000001).
+    How every model and `config show` write a duration."""
     if not math.isfinite(seconds * 1000):
         return f"{seconds}s"
     ms = round(seconds * 1000)
-    if abs(seconds * 1000 - ms) > 1e-6:  # finer than a millisecond: do not round it away
-        return f"{seconds * 1000:.6f}".rstrip("0").rstrip(".") + "ms"
-    if ms % 1000 == 0:
-        return f"{ms // 1000}s"
-    return f"{ms}ms"
+    fine = f"{seconds * 1000:.6f}".rstrip("0").rstrip(".") + "ms"  # finer than a millisecond
+    for text in (f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms}ms", fine):
+        if parse_duration(text) == seconds:
+            return text
+    # repr is the shortest exact spelling; Decimal writes it without an exponent, which mesh.yaml refuses.
+    return f"{Decimal(repr(seconds)):f}s"
+
+
+def to_data(model: BaseModel, *, exclude_none: bool = False) -> dict[str, Any]:
+    """A model as plain data, as mesh.yaml writes it: keys as in the file (`from`), durations as `5s` or
+    `100ms`, tuples as lists. The one serializer of the model: `config show` and local runs use it."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=exclude_none)
 
 
 # YAML already types scalars, so `port: true`, `port: "50051"` or `idempotent: "yes"` are mistakes to
@@ -92,8 +103,12 @@ def _duration_schema(positive: bool) -> WithJsonSchema:
     })
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration), _duration_schema(False)]
-PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0), _duration_schema(True)]
+# Written as mesh.yaml spells them wherever a model becomes data (`model_dump(mode="json")`: `config show`,
+# the effective mesh a local run hands its processes, the cluster's ConfigMap); Python mode keeps floats.
+_DURATION_TEXT = PlainSerializer(format_duration, return_type=str, when_used="json")
+Duration = Annotated[float, BeforeValidator(parse_duration), _duration_schema(False), _DURATION_TEXT]
+PositiveDuration = Annotated[float, BeforeValidator(parse_duration), Field(gt=0), _duration_schema(True),
+                             _DURATION_TEXT]
 Port = Annotated[StrictInt, Field(ge=1, le=65535)]
 Percent = Annotated[StrictNumber, Field(ge=0, le=100)]
 

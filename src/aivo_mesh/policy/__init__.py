@@ -20,7 +20,7 @@ from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
 from aivo_mesh.policy.classify import Classifier, Outcome, retryable_codes
 from aivo_mesh.policy.core import Call, Clock, Handler, Layer, Reply, build_stack, monotonic
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams, attempt_timeout, effective_timeout
-from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
+from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener, ServerCall, ServerCallObserver
 from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
 from aivo_mesh.policy.outlier import EndpointState, OutlierDetector, OutlierRule
 from aivo_mesh.policy.retry import Attempt, GiveUp, RetryLayer, RetryParams, RetryState, Sleep, next_step
@@ -65,6 +65,8 @@ __all__ = [
     "RetryLayer",
     "RetryParams",
     "RetryState",
+    "ServerCall",
+    "ServerCallObserver",
     "Sleep",
     "TargetPolicy",
     "attempt_timeout",

@@ -1,14 +1,20 @@
-"""PolicyListener: how layers report what they decided, without importing metrics or logging.
+"""The two event contracts between the mesh and its telemetry, free of grpc, metrics and logging.
 
-Every method has a no-op default (pybreaker's listener model), so a subscriber overrides only
-what it needs. telemetry/ registers one listener that turns these into Prometheus/StatsD series.
-Methods are called synchronously from the call path: keep them O(1) and never raise.
+PolicyListener: how client-side layers report what they decided. Every method has a no-op default
+(pybreaker's listener model), so a subscriber overrides only what it needs. telemetry/ registers one
+listener that turns these into Prometheus/StatsD series. Methods are called synchronously from the
+call path: keep them O(1) and never raise.
+
+ServerCallObserver: how the server adapter (server/interceptors.py) tells telemetry about each
+inbound call (a ServerCall). It lives here, not beside the adapter, so that telemetry modules
+implement it without importing grpc.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from aivo_mesh.policy.core import LocalReason
@@ -142,3 +148,26 @@ class Listeners(PolicyListener):
 
 
 NOOP = PolicyListener()
+
+
+@dataclass(slots=True)
+class ServerCall:
+    """What observers learn about one inbound call."""
+
+    service: str
+    method: str
+    caller: str | None
+    metadata: tuple[tuple[str, str], ...]
+    started: float
+    attempt: int = 1
+    # The peer-policy rule the caller's certificate broke (pki.peer.Rule), when it was refused for one.
+    refusal: str | None = None
+
+
+class ServerCallObserver(Protocol):
+    """Telemetry hook. `start` runs in the handler's task (so it may set context variables, e.g. the
+    current span) and returns a token handed back to `finish` with the final status name."""
+
+    def start(self, call: ServerCall) -> object: ...
+
+    def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None: ...

@@ -49,6 +49,9 @@ LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
 # `serve` would export straight to JAEGER_HOST (or OTEL_EXPORTER_OTLP_ENDPOINT), past the local
 # collector, which forwards there itself.
 LOCAL_UNSET = ("JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT")
+# Seconds a local mesh (`meshctl up`, `demo`) gets to be all-healthy by default, its promise on 2 cores:
+# the sidecar plane also waits for every Envoy's first health checks of its peers.
+HEALTHY_WITHIN: dict[Plane, float] = {"sidecar": 20.0, "proxyless": 15.0}
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
 # Restart n waits RESTART_BASE * 2**(n-1), at most RESTART_MAX: the policy back-off's ceiling, without

@@ -150,6 +150,15 @@ def envoy_breakers(admin: str) -> dict[str, str]:
     return peer_breakers(_get(f"http://{admin}/stats?filter=circuit_breakers%5C.default%5C."))
 
 
+def envoy_ready(admin: str) -> bool:
+    """The sidecar's Envoy answers its admin /ready with 200 (LIVE)."""
+    try:
+        with urllib.request.urlopen(f"http://{admin}/ready", timeout=1) as r:
+            return bool(r.status == 200)
+    except OSError:
+        return False
+
+
 def peers_healthy(admin: str) -> bool:
     """Every host of every peer cluster of this sidecar is healthy. Panic routing is off (docs/envoy.md),
     so until a peer's only host passes its first health check, calls to it fail fast: readiness waits."""

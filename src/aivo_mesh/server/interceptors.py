@@ -18,14 +18,14 @@ import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import grpc
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.policy.core import ATTEMPT_HEADER, monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
+from aivo_mesh.policy.events import ServerCall, ServerCallObserver
 from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
 
 log = logging.getLogger(__name__)
@@ -37,29 +37,6 @@ UNKNOWN_METHOD = "unknown"
 current_caller: ContextVar[str | None] = ContextVar("aivo_mesh_current_caller", default=None)
 
 REQUIRED_TLS = "TLSv1.3"
-
-
-@dataclass(slots=True)
-class ServerCall:
-    """What observers learn about one inbound call."""
-
-    service: str
-    method: str
-    caller: str | None
-    metadata: tuple[tuple[str, str], ...]
-    started: float
-    attempt: int = 1
-    # The peer-policy rule the caller's certificate broke (pki.peer.Rule), when it was refused for one.
-    refusal: str | None = None
-
-
-class ServerCallObserver(Protocol):
-    """Telemetry hook. `start` runs in the handler's task (so it may set context variables, e.g. the
-    current span) and returns a token handed back to `finish` with the final status name."""
-
-    def start(self, call: ServerCall) -> object: ...
-
-    def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None: ...
 
 
 class Denied(Exception):

@@ -38,10 +38,11 @@ from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.pki.peer import PeerPolicy
+from aivo_mesh.policy.events import ServerCallObserver
 from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, current_capture, peer_address
 from aivo_mesh.server.authz import Authorizer, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
-from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor, ServerCallObserver
+from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor
 from aivo_mesh.tls import warn_if_not_enforced
 
 if TYPE_CHECKING:

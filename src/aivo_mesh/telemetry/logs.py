@@ -27,8 +27,7 @@ from datetime import UTC, datetime
 from typing import IO, Any
 
 from aivo_mesh.policy.core import LocalReason, monotonic
-from aivo_mesh.policy.events import PolicyListener
-from aivo_mesh.server.interceptors import ServerCall
+from aivo_mesh.policy.events import PolicyListener, ServerCall
 from aivo_mesh.telemetry.metrics import (
     local_status,
 )

@@ -52,9 +52,8 @@ from aivo_mesh.buckets import DURATION_BUCKETS
 from aivo_mesh.pki.peer import Rule
 from aivo_mesh.policy.breaker import STATE_GAUGE
 from aivo_mesh.policy.core import LocalReason, monotonic
-from aivo_mesh.policy.events import PolicyListener
+from aivo_mesh.policy.events import PolicyListener, ServerCall
 from aivo_mesh.runtime.handshakes import REASONS as TLS_REFUSAL_REASONS
-from aivo_mesh.server.interceptors import ServerCall
 
 __all__ = [
     "BREAKER_STATES",

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.policy.core import Layer
-from aivo_mesh.policy.events import PolicyListener
-from aivo_mesh.server.interceptors import ServerCallObserver
+from aivo_mesh.policy.events import PolicyListener, ServerCallObserver
 from aivo_mesh.telemetry.logs import RpcLogListener, RpcLogObserver
 from aivo_mesh.telemetry.metrics import MeshMetrics, MetricsListener, ServerMetricsObserver
 from aivo_mesh.telemetry.statsd import StatsdClient, StatsdListener, StatsdServerObserver

@@ -37,8 +37,7 @@ from typing import Any
 from aivo_mesh.config.model import StatsdSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.policy.core import LocalReason, monotonic
-from aivo_mesh.policy.events import PolicyListener
-from aivo_mesh.server.interceptors import ServerCall
+from aivo_mesh.policy.events import PolicyListener, ServerCall
 from aivo_mesh.telemetry.metrics import (
     BREAKER_STATES,
     LIMIT_REASONS,

@@ -35,7 +35,6 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import Token
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -52,10 +51,8 @@ from opentelemetry.util.types import AttributeValue
 
 from aivo_mesh.config.model import GRPC_STATUS_NAMES, TracingSpec
 from aivo_mesh.policy.core import Call, Handler, LocalReason, Reply
+from aivo_mesh.policy.events import ServerCall
 from aivo_mesh.telemetry.logs import current_trace_ids  # re-exported: one definition, in logs
-
-if TYPE_CHECKING:  # the server adapter imports grpc; this module must not
-    from aivo_mesh.server.interceptors import ServerCall
 
 __all__ = [
     "GRPC_STATUS_CODES",
