@@ -265,6 +265,24 @@ async def test_a_node_that_reconnects_with_what_it_holds_is_sent_nothing(plane: 
     await again.close()
 
 
+async def test_a_reconnecting_node_that_holds_named_resources_is_sent_nothing(plane: Plane) -> None:
+    # Envoy re-subscribes RDS/EDS by name with the version it holds: that is no reason to resend.
+    plane.cache.set("learner-svc", snapshot())
+    c = plane.client("learner-svc")
+    c.ask(ROUTE, ("outbound",))
+    rds = await c.next_of(ROUTE, 0)
+    c.ack(rds, ("outbound",))
+    await c.close()
+    again = plane.client("learner-svc")
+    again.ask(ROUTE, ("outbound",), version=rds.version_info)
+    await asyncio.sleep(0.1)
+    assert again.of(ROUTE) == []
+    # A name it did not hold before is new to this stream too: that one is answered.
+    again.ask(ROUTE, ("outbound", "other"), version=rds.version_info)
+    assert (await again.next_of(ROUTE, 0)).version_info == rds.version_info
+    await again.close()
+
+
 def test_versions_are_content_hashes_the_same_on_every_replica() -> None:
     a, b = snapshot(), snapshot()
     assert a.versions == b.versions and a.version == b.version

@@ -186,8 +186,11 @@ def check_health(state: StateDir) -> list[Check]:
             problems.append(f"health {row.health}")
         if info.plane == "sidecar" and row.sidecar != "LIVE":
             problems.append(f"sidecar {row.sidecar}")
+        if info.control_plane and not row.xds.startswith("synced"):
+            problems.append(f"xds {row.xds}")
         facts = f"{row.service}: process {row.process}, health {row.health}" + \
-            (f", sidecar {row.sidecar}" if info.plane == "sidecar" else "")
+            (f", sidecar {row.sidecar}" if info.plane == "sidecar" else "") + \
+            (f", xds {row.xds}" if info.control_plane else "")
         checks.append(Check("health", "fail" if problems else "ok", facts,
                             f"see {state.log_file(row.service)} and `meshctl status --state-dir {state.root}`"
                             if problems else ""))

@@ -217,7 +217,9 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
     """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir.
 
     Data (-o json|yaml): `services` lists a `meshctl up` mesh's services, `processes` the processes of a
-    `meshctl demo` run (no supervisor); both keys are always there, empty when they do not apply."""
+    `meshctl demo` run (no supervisor); both keys are always there, empty when they do not apply.
+    `control_plane` is null unless the mesh runs one (address, admin, pid, process, nodes, synced,
+    build_seconds, built_at)."""
     from aivo_mesh.runtime.mesh import RuntimeInfo
     from aivo_mesh.runtime.status import gather
 
@@ -225,9 +227,10 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
     state = state_dir
     info = RuntimeInfo.read(state)
 
-    def data(plane: str | None, services: list[dict[str, Any]], procs: list[dict[str, Any]]) -> dict[str, Any]:
+    def data(plane: str | None, services: list[dict[str, Any]], procs: list[dict[str, Any]],
+             control_plane: dict[str, Any] | None = None) -> dict[str, Any]:
         return {"state_dir": str(state.root), "plane": plane, "observed_at": time.time(), "services": services,
-                "processes": procs}
+                "processes": procs, "control_plane": control_plane}
 
     if info is None:  # a `meshctl demo` run (no supervisor): list its processes
         procs = asyncio.run(_status(state))
@@ -244,19 +247,44 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
         rich_console().print(ptable if procs else f"nothing running from {state.root}")
         return
     services = asyncio.run(gather(state, interval))
+    control_plane = _control_plane(state, info.control_plane) if info.control_plane else None
     if output != "text":
-        emit(data(info.plane, [sv.as_dict() for sv in services], []), output)
+        emit(data(info.plane, [sv.as_dict() for sv in services], [], control_plane), output)
         return
     table = Table(title=f"aivo-mesh status: {info.plane} plane ({state.root})")
-    for col in ("service", "process", "health", "sidecar", "upstreams", "breakers", "rps", "p99"):
+    cols = ["service", "process", "health", "sidecar", *(["xds"] if control_plane else []), "upstreams",
+            "breakers", "rps", "p99"]
+    for col in cols:
         table.add_column(col, justify="right" if col in ("rps", "p99") else "left")
     for sv in services:
         table.add_row(sv.service, sv.process + (f" ({sv.restarts} restarts)" if sv.restarts else ""), sv.health,
-                      sv.sidecar, "\n".join(f"{k}: {v}" for k, v in sv.upstreams.items()) or "-",
+                      sv.sidecar, *([sv.xds] if control_plane else []),
+                      "\n".join(f"{k}: {v}" for k, v in sv.upstreams.items()) or "-",
                       _breakers_cell(sv.breakers, sv.envoy_breakers),
                       "-" if sv.rps is None else f"{sv.rps:.1f}",
                       "-" if sv.p99_ms is None else f"{sv.p99_ms:.0f} ms")
-    rich_console().print(table)
+    console = rich_console()
+    console.print(table)
+    if control_plane is not None:
+        facts = (f"{control_plane['synced']}/{len(services)} sidecars synced, last build "
+                 f"{control_plane['build_seconds'] * 1000:.0f} ms" if control_plane["process"] == "running"
+                 else "not answering")
+        console.print(f"control plane {control_plane['address']} (admin {control_plane['admin']}): "
+                      f"{control_plane['process']}; {facts}")
+
+
+def _control_plane(state: StateDir, where: dict[str, str]) -> dict[str, Any]:
+    """The control plane's line of `meshctl status`: its process and how many sidecars hold its snapshot."""
+    from aivo_mesh.runtime.status import control_plane_view
+
+    rec = next((r for r in state.read_processes() if r.role == "control-plane"), None)
+    out: dict[str, Any] = {"address": where["address"], "admin": where["admin"], "pid": rec.pid if rec else None,
+                           "process": "down", "nodes": 0, "synced": 0, "build_seconds": None, "built_at": None}
+    try:
+        _, summary = control_plane_view(where["admin"])
+    except (OSError, ValueError):
+        return out
+    return out | summary | {"process": "running"}
 
 
 def _breakers_cell(app: dict[str, str], envoy: dict[str, str]) -> str:

@@ -466,6 +466,9 @@ class ControlPlaneSpec(_Strict):
 
     identity: str = "control-plane"
     address: str = "127.0.0.1:15010"
+    # Loopback HTTP: node status, config versions, `meshctl apply`. Unauthenticated, like every admin
+    # endpoint of the mesh: keep it on loopback.
+    admin_address: str = "127.0.0.1:15011"
 
     @field_validator("identity")
     @classmethod
@@ -474,12 +477,22 @@ class ControlPlaneSpec(_Strict):
             raise ValueError("expected a DNS label: lower-case letters, digits and '-', e.g. control-plane")
         return v
 
-    @field_validator("address")
+    @field_validator("address", "admin_address")
     @classmethod
     def _address(cls, v: str) -> str:
         if not _is_host_port(v):
             raise ValueError(f"expected host:port such as 127.0.0.1:15010, got {v!r}")
         return v
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        host, _, port = self.address.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    @property
+    def admin_host_port(self) -> tuple[str, int]:
+        host, _, port = self.admin_address.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 class ObservabilitySpec(_Strict):

@@ -95,6 +95,7 @@ __all__ = [
     "GRPC_RETRY_TOKENS",
     "HELPER_CLUSTERS",
     "VALID_RETRY_ON",
+    "XDS_CLUSTER",
     "EnvoyProfile",
     "RetryOn",
     "bootstrap",
@@ -126,8 +127,10 @@ LOCAL_APP_CLUSTER = "local_app"
 ADMIN_CLUSTER = "envoy_admin"
 OTLP_CLUSTER = "otlp_collector"
 STATSD_CLUSTER = "statsd_sink"
+XDS_CLUSTER = "xds_control_plane"  # the ADS bootstrap's one static cluster (xds/resources.py)
 # Every cluster that is not a peer service (`meshctl status` leaves these out of a sidecar's upstreams).
-HELPER_CLUSTERS: frozenset[str] = frozenset({LOCAL_APP_CLUSTER, ADMIN_CLUSTER, OTLP_CLUSTER, STATSD_CLUSTER})
+HELPER_CLUSTERS: frozenset[str] = frozenset({LOCAL_APP_CLUSTER, ADMIN_CLUSTER, OTLP_CLUSTER, STATSD_CLUSTER,
+                                             XDS_CLUSTER})
 
 CONNECT_TIMEOUT = "1s"
 # TCP keepalive (no mesh.yaml key: the h2 PING keepalive of mesh.yaml is the primary liveness check).

@@ -72,7 +72,9 @@ def listen_problem(host: str, port: int, what: str) -> str | None:
 def with_free_ports(mesh: MeshSpec) -> MeshSpec:
     """A copy of the mesh whose every service port is a distinct free loopback port."""
     # Not a port the sidecar takes in a pod (50051 is an ephemeral port on Linux): the mesh would not load.
-    ports = iter(p for p in free_ports(6 * len(mesh.services) + len(POD_RESERVED)) if p not in POD_RESERVED)
+    ports = iter(p for p in free_ports(6 * len(mesh.services) + 2 + len(POD_RESERVED)) if p not in POD_RESERVED)
+    control_plane = mesh.control_plane.model_copy(update={"address": f"127.0.0.1:{next(ports)}",
+                                                          "admin_address": f"127.0.0.1:{next(ports)}"})
     services = []
     for svc in mesh.services:
         sidecar = svc.sidecar.model_copy(update={
@@ -80,7 +82,7 @@ def with_free_ports(mesh: MeshSpec) -> MeshSpec:
         services.append(svc.model_copy(update={
             "port": next(ports), "local_port": next(ports), "admin_port": next(ports),
             "sidecar": sidecar, "endpoints": ()}))
-    return mesh.model_copy(update={"services": tuple(services)})
+    return mesh.model_copy(update={"services": tuple(services), "control_plane": control_plane})
 
 
 def dump_mesh(mesh: MeshSpec) -> str:

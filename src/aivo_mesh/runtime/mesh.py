@@ -39,6 +39,7 @@ from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
 if TYPE_CHECKING:
+    from aivo_mesh.render.envoy import EnvoyProfile
     from aivo_mesh.runtime.sidecar_certs import SidecarCertificates
 
 Plane = Literal["sidecar", "proxyless"]
@@ -75,6 +76,7 @@ class RuntimeInfo:
     collector: str
     services: dict[str, ServiceEndpoints] = field(default_factory=dict)
     sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
+    control_plane: dict[str, str] | None = None  # {"address": ADS, "admin": HTTP} when one runs
 
     def write(self, state: StateDir) -> None:
         write_atomic(state.root / "runtime.json", json.dumps(asdict(self), indent=2) + "\n")
@@ -87,7 +89,7 @@ class RuntimeInfo:
             return None
         return cls(plane=data["plane"], collector=data["collector"],
                    services={k: ServiceEndpoints(**v) for k, v in data["services"].items()},
-                   sockets=data.get("sockets"))
+                   sockets=data.get("sockets"), control_plane=data.get("control_plane"))
 
 
 def envoy_binary() -> str:
@@ -147,26 +149,44 @@ def with_tracing(mesh: MeshSpec, collector_port: int) -> MeshSpec:
     return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"tracing": tracing})})
 
 
+def local_profile(state: StateDir, name: str, collector_port: int | None, sockets: Path | None) -> EnvoyProfile:
+    """Where `name`'s sidecar on this machine finds its files and its app: the one answer the static
+    bootstraps and the control plane's snapshots both use."""
+    from aivo_mesh.render.envoy import EnvoyProfile
+    from aivo_mesh.runtime.sockets import app_socket, outbound_socket
+
+    d = state.root / "envoy" / name
+    return EnvoyProfile.local(cert_dir=str(state.certs.root.resolve()), sds_dir=str((d / "sds").resolve()),
+                              otlp=("127.0.0.1", collector_port) if collector_port else None,
+                              app_pipe=str(app_socket(sockets, name)) if sockets else None,
+                              outbound_pipe=str(outbound_socket(sockets, name)) if sockets else None)
+
+
 def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | None,
-                        sockets: Path | None = None) -> dict[str, Path]:
+                        sockets: Path | None = None, control_plane: bool = False) -> dict[str, Path]:
     """Local-profile bootstraps under <state>/envoy/<svc>/, and their SDS files with the certificates the
     peer policy vetted (runtime/sidecar_certs.py); returns bootstrap paths. With `sockets` (a folder from
-    runtime/sockets.py) the app and outbound legs are Unix sockets there. A certificate that cannot be
-    vetted is left out here; `preflight` names it before anything starts."""
+    runtime/sockets.py) the app and outbound legs are Unix sockets there. With `control_plane` each
+    bootstrap holds only the node, admin and the ADS cluster: the rest comes from `meshctl control-plane`.
+    A certificate that cannot be vetted is left out here; `preflight` names it before anything starts."""
     from aivo_mesh.render import serialize
-    from aivo_mesh.render.envoy import EnvoyProfile, bootstrap
-    from aivo_mesh.runtime.sockets import app_socket, outbound_socket
+    from aivo_mesh.render.envoy import TLS_CERT_FILE, bootstrap
 
     out: dict[str, Path] = {}
     for name in mesh.service_names:
         d = state.root / "envoy" / name
         (d / "sds").mkdir(parents=True, exist_ok=True)
-        profile = EnvoyProfile.local(cert_dir=str(state.certs.root.resolve()), sds_dir=str((d / "sds").resolve()),
-                                     otlp=("127.0.0.1", collector_port) if collector_port else None,
-                                     app_pipe=str(app_socket(sockets, name)) if sockets else None,
-                                     outbound_pipe=str(outbound_socket(sockets, name)) if sockets else None)
+        profile = local_profile(state, name, collector_port, sockets)
+        if control_plane:
+            from aivo_mesh.xds.resources import ads_bootstrap
+
+            doc = ads_bootstrap(mesh, name, profile, mesh.control_plane.host_port,
+                                ca_file=str((d / "vetted" / "ca.crt").resolve()),
+                                cert_sds_file=str((d / "sds" / TLS_CERT_FILE).resolve()))
+        else:
+            doc = bootstrap(mesh, name, profile)
         path = d / "envoy.yaml"
-        path.write_text(serialize("envoy.yaml", bootstrap(mesh, name, profile)))
+        path.write_text(serialize("envoy.yaml", doc))
         out[name] = path
     sidecar_certificates(state, mesh).publish()
     return out
@@ -179,10 +199,12 @@ def sidecar_certificates(state: StateDir, mesh: MeshSpec) -> SidecarCertificates
 
 
 def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | None,
-         forward_to: str | None = None) -> tuple[list[Managed], RuntimeInfo]:
+         forward_to: str | None = None, control_plane: bool = True) -> tuple[list[Managed], RuntimeInfo]:
     """Every process of the local mesh, in start order, and where each service can be reached.
     Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says);
-    with `forward_to` the collector also sends every span on to that OTLP endpoint (Jaeger)."""
+    with `forward_to` the collector also sends every span on to that OTLP endpoint (Jaeger). On the
+    sidecar plane, `control_plane` runs `meshctl control-plane` and starts every Envoy from an ADS-only
+    bootstrap; without it the Envoys get complete static bootstraps."""
     host = mesh.observability.metrics.host
     procs: list[Managed] = []
     if collector_port is not None:
@@ -198,8 +220,15 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
 
         sockets = socket_dir(state.root, list(mesh.service_names))
         info.sockets = str(sockets)
-        bootstraps = write_envoy_configs(state, mesh, collector_port, sockets)
+        bootstraps = write_envoy_configs(state, mesh, collector_port, sockets, control_plane=control_plane)
         envoy = envoy_binary()
+        if control_plane:
+            cp = mesh.control_plane
+            procs.append(Managed(name="control-plane", role="control-plane", address=cp.address,
+                                 admin=cp.admin_address,
+                                 argv=meshctl_argv("control-plane", "--state-dir", str(state.root),
+                                                   "--collector-port", str(collector_port or 0))))
+            info.control_plane = {"address": cp.address, "admin": cp.admin_address}
     for name in mesh.service_names:
         svc = mesh.service(name)
         admin = f"{host}:{svc.admin_port}" if svc.admin_port else None
@@ -219,7 +248,9 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
         procs.append(Managed(name=f"{name}-envoy", role="sidecar", address=f"127.0.0.1:{inbound}",
                              admin=f"127.0.0.1:{envoy_admin}",
                              argv=[envoy, "-c", str(bootstraps[name]), "--concurrency", "1", "--log-level", "warn",
-                                   "--disable-hot-restart", "--service-node", name, "--service-cluster", name]))
+                                   "--disable-hot-restart",
+                                   # On the control plane the bootstrap's node (its SPIFFE ID) must stand.
+                                   *([] if control_plane else ["--service-node", name, "--service-cluster", name])]))
         info.services[name] = ServiceEndpoints(address=f"127.0.0.1:{inbound}", admin=admin,
                                                sidecar_admin=f"127.0.0.1:{envoy_admin}",
                                                app=app, outbound=outbound)

@@ -102,20 +102,30 @@ class SidecarCertificates:
                        if v.pin not in revoked and v.serial not in serials})
 
     # -- publishing ------------------------------------------------------------------------------
-    def publish(self) -> bool:
-        """Vet what changed and write what passed; True when any sidecar's files were written."""
+    def refresh(self) -> set[str]:
+        """Vet what changed on disk (nothing is written); the identities whose vetted certificate changed.
+        The control plane calls this to know the keys it sends as trust over ADS."""
         changed: dict[str, Vetted] = {}
         for name in known_identities(self.mesh):
             vetted = self._vet(name)
             if vetted is not None and (name not in self.current or self.current[name].serial != vetted.serial
                                        or self.current[name].identity.ca_pem != vetted.identity.ca_pem):
                 changed[name] = vetted
-        if not changed and self._written_pins == self.pins():
-            return False
         for name, vetted in changed.items():
             if name in self.current and self.current[name].serial != vetted.serial:
                 self.previous[name] = self.current[name]
             self.current[name] = vetted
+        return set(changed)
+
+    def bundle(self) -> bytes | None:
+        """The trust bundle of the vetted certificates (they share one CA bundle), or None before any."""
+        return next((v.identity.ca_pem for v in self.current.values()), None)
+
+    def publish(self) -> bool:
+        """Vet what changed and write what passed; True when any sidecar's files were written."""
+        changed = self.refresh()
+        if not changed and self._written_pins == self.pins():
+            return False
         pins = self.pins()
         # Trust first, everywhere: a rotated key must be accepted before anyone presents it.
         for service, d in self.envoy_dirs.items():

@@ -9,6 +9,9 @@
                (max_requests, ...)" while Envoy is refusing calls over a threshold, else "closed"
     rps, p99   server-side requests per second over the sampling interval and p99 latency (since
                start) from the app's /metrics
+    xds        (a mesh with a control plane) the sidecar's configuration: "synced <version>" once it ACKed
+               the control plane's current snapshot of every type, "NACK <type>: <Envoy's error>",
+               "syncing", or "disconnected" (from the control plane's admin /xds/status and /xds/config)
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class ServiceStatus:
     rps: float | None = None
     p99_ms: float | None = None
     restarts: int = 0
+    xds: str = "-"
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -214,6 +218,42 @@ def p99_ms(buckets: list[tuple[float, float]]) -> float | None:
     return None
 
 
+def xds_sync(status: Any, config: Any) -> dict[str, str]:
+    """Per node group (service): where its sidecar stands against the control plane's current snapshot,
+    from the control plane's /xds/status and /xds/config documents (parsed)."""
+    out: dict[str, str] = {}
+    for node in status.get("nodes", []):
+        group = str(node.get("group"))
+        want: dict[str, str] = dict(config.get(group, {}))
+        version = want.pop("version", "?")
+        if not node.get("connected"):
+            out[group] = "disconnected"
+            continue
+        verdict = f"synced {version[:8]}"
+        for type_, ts in sorted(node.get("types", {}).items()):
+            target = want.get(type_)
+            if target is None or ts.get("acked") == target:
+                continue
+            nack = ts.get("nack")
+            if nack and nack.get("version") == target:
+                verdict = f"NACK {type_}: {nack.get('error', '')}"
+                break
+            verdict = "syncing"
+        # A later stream of the same node (a restart) replaces what an old one said.
+        if out.get(group) in (None, "disconnected"):
+            out[group] = verdict
+    return out
+
+
+def control_plane_view(admin: str) -> tuple[dict[str, str], dict[str, Any]]:
+    """(`xds_sync` per service, a summary of the control plane) from its admin endpoint."""
+    status = json.loads(_get(f"http://{admin}/xds/status"))
+    sync = xds_sync(status, json.loads(_get(f"http://{admin}/xds/config")))
+    return sync, {"admin": admin, "build_seconds": status.get("build_seconds"), "built_at": status.get("built_at"),
+                  "nodes": len(status.get("nodes", [])),
+                  "synced": sum(1 for v in sync.values() if v.startswith("synced"))}
+
+
 async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
     from aivo_mesh.client import MeshClient, MeshConfig
     from aivo_mesh.config.loader import load_mesh
@@ -243,6 +283,13 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
             if ep.admin:
                 with contextlib.suppress(OSError, ValueError):
                     firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
+    if info.control_plane:
+        try:
+            sync, _ = await asyncio.to_thread(control_plane_view, info.control_plane["admin"])
+        except (OSError, ValueError):
+            sync = dict.fromkeys(rows, "control plane unreachable")
+        for name, row in rows.items():
+            row.xds = sync.get(name, "never connected")
     if not firsts or interval <= 0:  # no rate without two samples
         return list(rows.values())
     await asyncio.sleep(interval)

@@ -31,7 +31,7 @@ import ipaddress
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -236,7 +236,9 @@ class AdminServer:
     """The admin HTTP endpoint of one process. `port=0` picks a free port; `start()` returns it."""
 
     def __init__(self, source: AdminSource, metrics: MeshMetrics, host: str = "127.0.0.1", port: int = 0, *,
-                 allow_remote: bool = False, request_timeout: float = 5.0, max_connections: int = 32) -> None:
+                 allow_remote: bool = False, request_timeout: float = 5.0, max_connections: int = 32,
+                 extra_routes: Mapping[tuple[str, str], Callable[[Request], Awaitable[Response]]] | None = None
+                 ) -> None:
         if not allow_remote and not is_loopback(host):
             raise MeshError(f"admin endpoint: refusing to listen on {host!r}: it is unauthenticated and can "
                             "reset circuit breakers; bind 127.0.0.1 or pass allow_remote=True")
@@ -248,6 +250,9 @@ class AdminServer:
         self.max_connections = max_connections
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        # (method, path) -> an async handler: what a process adds to the standard endpoints (the control
+        # plane's /apply, which waits for the nodes' answers).
+        self._extra = dict(extra_routes or {})
         self._routes: dict[str, Callable[[Request], Response]] = {
             "/": self._index,
             "/ready": self._ready,
@@ -333,6 +338,9 @@ class AdminServer:
         if request is None:
             return None
         try:
+            extra = self._extra.get((request.method, request.path.rstrip("/") or "/"))
+            if extra is not None:
+                return await extra(request)
             return self.dispatch(request)
         except HttpError as exc:
             return error_response(exc.status, exc.message)

@@ -32,6 +32,7 @@ from aivo_mesh.render.envoy import (
     HELPER_CLUSTERS,
     LOCAL_APP_CLUSTER,
     SDS_CA,
+    XDS_CLUSTER,
     EnvoyProfile,
     bootstrap,
     validation_secret,
@@ -39,7 +40,8 @@ from aivo_mesh.render.envoy import (
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 
 ADS = {"ads": {}, "resource_api_version": "V3"}
-XDS_CLUSTER = "xds_control_plane"
+# The helper clusters a sidecar keeps in its bootstrap (admin, OTLP, statsd) rather than taking over CDS.
+_STATIC_HELPERS = HELPER_CLUSTERS - {LOCAL_APP_CLUSTER, XDS_CLUSTER}
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 
 @functools.cache
@@ -142,7 +144,7 @@ def sidecar_snapshot(mesh: MeshSpec, service: str, profile: EnvoyProfile, trust:
     listeners = [_split_routes(doc, route_docs) for doc in static["listeners"]]
     clusters, assignments = [], []
     for doc in static["clusters"]:
-        if doc["name"] in HELPER_CLUSTERS - {LOCAL_APP_CLUSTER}:
+        if doc["name"] in _STATIC_HELPERS:
             continue  # node-local plumbing, in the bootstrap
         if doc["name"] != LOCAL_APP_CLUSTER and "load_assignment" in doc:
             cla = doc.pop("load_assignment")
@@ -172,7 +174,7 @@ def ads_bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile, control_p
     certificate through the file SDS at `cert_sds_file`). Parsed as a typed Bootstrap before it is
     returned."""
     static = bootstrap(mesh, service, profile)
-    helpers = [c for c in static["static_resources"]["clusters"] if c["name"] in HELPER_CLUSTERS - {LOCAL_APP_CLUSTER}]
+    helpers = [c for c in static["static_resources"]["clusters"] if c["name"] in _STATIC_HELPERS]
     host, port = control_plane
     tls = {
         "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",

@@ -258,9 +258,10 @@ class _Stream:
                 self.server.events.acked(self.node.node_id, t, req.version_info)
             await self.server._note_reply()
         elif req.version_info and ts.sent_version is None:
-            # A node that reconnects says what it holds: nothing to send until that changes.
+            # A node that reconnects says what it holds, names included: nothing to send until that changes.
             ts.sent_version = req.version_info
             status.acked = req.version_info
+            ts.names = frozenset(req.resource_names) - {"*"}
         names = frozenset(req.resource_names) - {"*"}
         new_names = names - ts.names
         ts.names = names

@@ -1,0 +1,120 @@
+"""`meshctl apply` (a changed mesh.yaml to the running control plane) and `meshctl control-plane` (hidden:
+the process `meshctl up` runs on the sidecar plane)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import click
+from rich.table import Table
+
+from aivo_mesh.cli._output import emit, output_option, rich_console
+from aivo_mesh.cli._root import cli
+from aivo_mesh.cli._state import state_dir_option
+from aivo_mesh.errors import ConfigError, MeshError, StateError
+from aivo_mesh.runtime.state import StateDir
+
+APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 s) plus the build
+
+
+@cli.command(hidden=True, name="control-plane")
+@click.option("--state-dir", type=click.Path(file_okay=False), required=True)
+@click.option("--collector-port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="the local trace collector the sidecars export to (0: none)")
+def control_plane_cmd(state_dir: str, collector_port: int) -> None:
+    """Serve ADS to the local mesh's sidecars (started by `meshctl up`)."""
+    from aivo_mesh.config.model import MeshSpec
+    from aivo_mesh.render.envoy import EnvoyProfile
+    from aivo_mesh.runtime.control_plane import run_control_plane
+    from aivo_mesh.runtime.mesh import RuntimeInfo, local_profile
+    from aivo_mesh.telemetry.logs import configure_logging
+
+    configure_logging("INFO", json=True)
+    state = StateDir(state_dir)
+    info = RuntimeInfo.read(state)
+    sockets = Path(info.sockets) if info is not None and info.sockets else None
+
+    def profile_for(mesh: MeshSpec, name: str) -> EnvoyProfile:
+        return local_profile(state, name, collector_port or None, sockets)
+
+    asyncio.run(run_control_plane(state, profile_for))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), default="mesh.yaml")
+@state_dir_option()
+@output_option
+def apply(file: str, state_dir: StateDir, output: str) -> None:
+    """Push a changed mesh.yaml to the running mesh's control plane, live.
+
+    The file is checked here first (the same errors as `meshctl config validate`, exit 2); the control
+    plane then builds every sidecar's configuration, refuses the whole change if one does not build, and
+    answers once every connected sidecar accepted (ACK) or refused (NACK) it. Exit 0 when all accepted,
+    1 when one refused or did not answer in time. Ports, the collector and the set of services stay as
+    `meshctl up` planned them.
+
+    Data (-o json|yaml): changed (services whose configuration changed), nodes (one per connected sidecar:
+    node, service, changed, outcome: acked | pending | nacked: <Envoy's error>), build_seconds.
+    """
+    from aivo_mesh.config.loader import parse_mesh
+    from aivo_mesh.runtime.mesh import RuntimeInfo
+
+    source = "<stdin>" if file == "-" else file
+    try:
+        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError.single(source, "", f"cannot read: {exc.strerror or exc}") from exc
+    parse_mesh(text, source)  # exit 2 with the located errors before anything is sent
+    info = RuntimeInfo.read(state_dir)
+    if info is None or not info.control_plane:
+        raise StateError(str(state_dir.root / "runtime.json"), "no control plane runs from this state dir: start "
+                         "one with `meshctl up` (sidecar plane); a mesh without one takes a changed mesh.yaml at "
+                         "the next `meshctl up`")
+    result = _post(f"http://{info.control_plane['admin']}/apply", text.encode(), source)
+    if output != "text":
+        emit(result, output)
+    else:
+        _print(result)
+    refused = [n for n in result["nodes"] if n["outcome"] != "acked"]
+    if refused:
+        raise click.exceptions.Exit(1)
+
+
+def _post(url: str, body: bytes, source: str) -> dict[str, Any]:
+    req = urllib.request.Request(url, data=body, method="POST",
+                                 headers={"content-type": "application/yaml", "x-mesh-file": source})
+    try:
+        with urllib.request.urlopen(req, timeout=APPLY_HTTP_TIMEOUT) as resp:
+            return dict(json.loads(resp.read()))
+    except urllib.error.HTTPError as exc:
+        try:
+            answer = json.loads(exc.read())
+        except ValueError:
+            answer = {"error": exc.reason}
+        # 400: the mesh did not load there (a file the local check passed: a different version?);
+        # 409: it loaded but cannot be applied live. Either way the user must act.
+        why = answer.get("text") or answer.get("error")
+        raise ConfigError.single(source, "", f"the control plane refused it: {why}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise MeshError(f"the control plane at {url} did not answer ({getattr(exc, 'reason', exc)}): is the "
+                         "mesh up? `meshctl status`") from None
+
+
+def _print(result: dict[str, Any]) -> None:
+    console = rich_console()
+    changed = result["changed"]
+    console.print(f"built in {result['build_seconds'] * 1000:.0f} ms; changed: {', '.join(changed) or 'nothing'}")
+    table = Table(title="sidecars")
+    for col in ("service", "node", "changed", "outcome"):
+        table.add_column(col)
+    for n in result["nodes"]:
+        style = "green" if n["outcome"] == "acked" else "red"
+        table.add_row(n["service"], n["node"], "yes" if n["changed"] else "no",
+                      f"[{style}]{n['outcome']}[/{style}]")
+    console.print(table if result["nodes"] else "no sidecar is connected")
