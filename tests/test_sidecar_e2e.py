@@ -50,6 +50,7 @@ from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.status import envoy_hosts, peer_breakers, peer_hosts
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc, learner_pb2, learner_pb2_grpc
+from aivo_mesh.xds.resources import ads_bootstrap
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -222,8 +223,10 @@ def test_no_app_or_outbound_port_listens_on_loopback_tcp(sidecar_mesh):
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
     # No other TCP port carries them either: the mesh's processes listen on the inbound (mTLS) and admin
-    # ports and the collector's, nothing else.
+    # ports, the collector's and the control plane's (ADS on mTLS, its admin), nothing else.
     expected = {int(info.collector.rpartition(":")[2])}
+    assert info.control_plane is not None
+    expected |= {int(a.rpartition(":")[2]) for a in info.control_plane.values()}
     for ep in info.services.values():
         expected |= {int(a.rpartition(":")[2]) for a in (ep.address, ep.admin, ep.sidecar_admin) if a}
     pids = {r.pid for r in state.read_processes()}
@@ -380,7 +383,11 @@ def test_status_keeps_every_peer_and_drops_exactly_the_renderers_helper_clusters
                            statsd=("statsd.internal", 8125))
     names = {c["name"] for c in bootstrap(m, "analytics-svc", profile)["static_resources"]["clusters"]}
     peers = set(callable_peers(m, "analytics-svc"))
-    assert names - peers == HELPER_CLUSTERS  # the constant names every non-peer cluster, no more
+    # The constant names every non-peer cluster, no more: these, and the ADS bootstrap's one cluster.
+    ads = ads_bootstrap(m, "analytics-svc", profile, ("127.0.0.1", 15010), ca_file="/ca.crt",
+                        cert_sds_file="/sds/tls_cert.yaml")
+    names |= {c["name"] for c in ads["static_resources"]["clusters"]}
+    assert names - peers == HELPER_CLUSTERS
     # Peers whose names start like a helper's (status used to drop anything starting with "local").
     names |= {"localizer-svc", "local-events-svc"}
     clusters = {"cluster_statuses": [

@@ -17,6 +17,7 @@ from rich.table import Table
 from aivo_mesh.cli._output import emit, output_option, rich_console
 from aivo_mesh.cli._root import cli
 from aivo_mesh.cli._state import state_dir_option
+from aivo_mesh.cli.consul_cmd import agent_address, consul_address
 from aivo_mesh.errors import ConfigError, MeshError, StateError
 from aivo_mesh.runtime.state import StateDir
 
@@ -27,31 +28,61 @@ APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 
 @click.option("--state-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--collector-port", type=click.IntRange(0, 65535), default=0, show_default=True,
               help="the local trace collector the sidecars export to (0: none)")
-def control_plane_cmd(state_dir: str, collector_port: int) -> None:
+@click.option("--sockets", type=click.Path(file_okay=False), default=None,
+              help="the private folder of the apps' and outbound Unix sockets (runtime/sockets.py)")
+@click.option("--watch", type=click.Path(dir_okay=False), default=None,
+              help="apply each saved change of this mesh.yaml (`meshctl up --watch`)")
+@click.option("--discovery", type=click.Choice(["static", "dns", "consul"]), default="static", show_default=True,
+              help="where each peer's instances come from: mesh.yaml (`endpoints`, else the peer's sidecar), DNS "
+                   "or Consul (every instance, its checks as EDS health)")
+@click.option("--consul", default=None, metavar="HOST:PORT", callback=consul_address,
+              help="--discovery consul: this agent (default: $CONSUL_HTTP_ADDR or 127.0.0.1:8500)")
+@click.option("--dns-template", default="{host}:{port}", show_default=True, metavar="TEMPLATE",
+              help="--discovery dns: each peer's DNS name, from {name} {host} {port} {namespace}")
+@click.option("--dns-server", default=None, metavar="IP[:PORT]", help="--discovery dns: ask this server")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"], case_sensitive=False), default="INFO",
+              show_default=True, help="DEBUG: every discovery request and response, per node")
+def control_plane_cmd(state_dir: str, collector_port: int, sockets: str | None, watch: str | None, discovery: str,
+                      consul: str | None, dns_template: str, dns_server: str | None, log_level: str) -> None:
     """Serve ADS to the local mesh's sidecars (started by `meshctl up`)."""
+    from importlib.metadata import version
+
+    from aivo_mesh.cli.serve import dns_options
+    from aivo_mesh.config.loader import load_mesh
     from aivo_mesh.config.model import MeshSpec
+    from aivo_mesh.discovery import ConsulDiscovery, Discovery, build_discovery
     from aivo_mesh.render.envoy import EnvoyProfile
     from aivo_mesh.runtime.control_plane import run_control_plane
-    from aivo_mesh.runtime.mesh import RuntimeInfo, local_profile
+    from aivo_mesh.runtime.mesh import local_profile, with_tracing
     from aivo_mesh.telemetry.logs import configure_logging
+    from aivo_mesh.telemetry.tracing import Tracing
 
-    configure_logging("INFO", json=True)
+    configure_logging(log_level, json=True)
     state = StateDir(state_dir)
-    info = RuntimeInfo.read(state)
-    sockets = Path(info.sockets) if info is not None and info.sockets else None
+    mesh = load_mesh(state.mesh_file)
+    folder = Path(sockets) if sockets else None
 
     def profile_for(mesh: MeshSpec, name: str) -> EnvoyProfile:
-        return local_profile(state, name, collector_port or None, sockets)
+        return local_profile(state, name, collector_port or None, folder)
 
-    asyncio.run(run_control_plane(state, profile_for))
+    tracing = (Tracing.from_spec(with_tracing(mesh, collector_port).observability.tracing, "control-plane",
+                                 version("aivo-mesh")) if collector_port else None)
+    found: Discovery | None = None
+    if discovery != "static":
+        found = build_discovery(
+            mesh, discovery, dns=dns_options(dns_template, dns_server) if discovery == "dns" else None,
+            # Every instance: Envoy is told which are unhealthy (and sends them nothing).
+            consul=ConsulDiscovery(agent_address(consul), passing_only=False) if discovery == "consul" else None)
+    asyncio.run(run_control_plane(state, profile_for, tracing, Path(watch) if watch else None, found))
 
 
 @cli.command()
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), default="mesh.yaml")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True), required=False)
 @state_dir_option()
 @output_option
-def apply(file: str, state_dir: StateDir, output: str) -> None:
-    """Push a changed mesh.yaml to the running mesh's control plane, live.
+def apply(file: str | None, state_dir: StateDir, output: str) -> None:
+    """Push a changed mesh.yaml (FILE, `-` for standard input; default: as `config validate` finds it)
+    to the running mesh's control plane, live.
 
     The file is checked here first (the same errors as `meshctl config validate`, exit 2); the control
     plane then builds every sidecar's configuration, refuses the whole change if one does not build, and
@@ -62,12 +93,12 @@ def apply(file: str, state_dir: StateDir, output: str) -> None:
     Data (-o json|yaml): changed (services whose configuration changed), nodes (one per connected sidecar:
     node, service, changed, outcome: acked | pending | nacked: <Envoy's error>), build_seconds.
     """
-    from aivo_mesh.config.loader import parse_mesh
+    from aivo_mesh.config.loader import find_mesh_file, parse_mesh
     from aivo_mesh.runtime.mesh import RuntimeInfo
 
-    source = "<stdin>" if file == "-" else file
+    source = "<stdin>" if file == "-" else str(find_mesh_file(file))
     try:
-        text = sys.stdin.read() if file == "-" else Path(file).read_text(encoding="utf-8")
+        text = sys.stdin.read() if file == "-" else Path(source).read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError.single(source, "", f"cannot read: {exc.strerror or exc}") from exc
     parse_mesh(text, source)  # exit 2 with the located errors before anything is sent

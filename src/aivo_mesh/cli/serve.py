@@ -83,7 +83,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     if service not in mesh.service_names:
         raise click.BadParameter(f"unknown service {service!r}; mesh.yaml defines "
                                  f"{', '.join(mesh.service_names)}", param_hint="SERVICE")
-    dns = _dns_options(dns_template, dns_server) if discovery == "dns" else None
+    dns = dns_options(dns_template, dns_server) if discovery == "dns" else None
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -111,7 +111,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, options))
 
 
-def _dns_options(template: str, server: str | None) -> DnsOptions:
+def dns_options(template: str, server: str | None) -> DnsOptions:
     from aivo_mesh.discovery.facade import DnsOptions
 
     try:  # a template naming an unknown field fails here, before anything starts

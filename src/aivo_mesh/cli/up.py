@@ -36,14 +36,24 @@ if TYPE_CHECKING:
 @click.option("--otlp-port", type=PORT, default=None, help="trace collector port (default 4317, or free)")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="seconds to wait for all-healthy")
+@click.option("--watch", is_flag=True,
+              help="sidecar plane: push each saved change of mesh.yaml to the running sidecars (as `meshctl apply`)")
 def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, otlp_port: int | None,
-       timeout: float | None) -> None:
-    """Start the mesh on this machine and return once every service is healthy."""
+       timeout: float | None, watch: bool) -> None:
+    """Start the mesh on this machine and return once every service is healthy.
+
+    On the sidecar plane a control plane runs too: every Envoy takes its configuration over ADS, and
+    `meshctl apply` (or `--watch`) changes it live."""
+    from aivo_mesh.config.loader import find_mesh_file
     from aivo_mesh.runtime.health import all_serving, wait_supervised
     from aivo_mesh.runtime.local import free_port, preflight, prepare
     from aivo_mesh.runtime.mesh import LocalTracing, plan
 
     state = state_dir
+    if watch and plane != "sidecar":
+        raise click.UsageError("--watch needs the control plane of the sidecar plane; the proxyless plane "
+                               "takes a changed mesh.yaml at the next `meshctl up`")
+    source = find_mesh_file(config).resolve() if watch else None
     if state.running():
         raise MeshError(f"a mesh is already running from {state.root} (meshctl down --state-dir {state.root})")
     console = rich_console()
@@ -52,8 +62,9 @@ def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, ot
     tracing = LocalTracing(port)
     mesh = prepare(state, config, free_ports, transform=tracing)
     forward = ["--forward-to", tracing.forward_to] if tracing.forward_to else []
+    forward += ["--watch", str(source)] if source else []
     # The supervisor's own plan: the files its processes load and the ports they listen on.
-    preflight(state, mesh, *plan(state, mesh, plane, port))  # type: ignore[arg-type]  # plane: click.Choice
+    preflight(state, mesh, *plan(state, mesh, plane, port, watch=source))  # type: ignore[arg-type]  # plane: click.Choice
     log = state.log_file("supervisor")
     proc: subprocess.Popen[bytes] | None = None
     try:
@@ -223,9 +234,11 @@ def collector(host: str, port: int, out: str, forward_to: str | None, max_bytes:
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), required=True)
 @click.option("--otlp-port", type=PORT, required=True)
 @click.option("--forward-to", default=None, help="the collector forwards every span to this OTLP endpoint")
-def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | None) -> None:
+@click.option("--watch", type=click.Path(dir_okay=False), default=None, help="the control plane applies its changes")
+def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | None, watch: str | None) -> None:
     from aivo_mesh.runtime.mesh import supervise
     from aivo_mesh.telemetry.logs import configure_logging
 
     configure_logging("INFO", json=True)
-    asyncio.run(supervise(StateDir(state_dir), plane, otlp_port, forward_to))  # type: ignore[arg-type]
+    asyncio.run(supervise(StateDir(state_dir), plane, otlp_port, forward_to,  # type: ignore[arg-type]  # Choice
+                          Path(watch) if watch else None))

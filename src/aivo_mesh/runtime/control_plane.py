@@ -18,25 +18,33 @@ its admin endpoint.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc
+from opentelemetry.trace import StatusCode
 
 from aivo_mesh.config.loader import load_mesh, parse_mesh
 from aivo_mesh.config.model import MeshSpec, to_data
+from aivo_mesh.discovery import Discovery, DiscoveryNotReady, Endpoint
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.pki import PeerPolicy
 from aivo_mesh.render.envoy import EnvoyProfile
+from aivo_mesh.runtime.mesh_watch import file_changes
 from aivo_mesh.runtime.sidecar_certs import SidecarCertificates, for_local_mesh
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.telemetry.admin import AdminServer, HttpError, Request, Response, error_response, json_response
+from aivo_mesh.telemetry.metrics import MeshMetrics
+from aivo_mesh.telemetry.tracing import Tracing
+from aivo_mesh.telemetry.xds_metrics import XdsMetrics
 from aivo_mesh.xds.cache import InconsistentSnapshot, SnapshotCache, type_name
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 from aivo_mesh.xds.server import AdsServer
@@ -44,6 +52,8 @@ from aivo_mesh.xds.server import AdsServer
 log = logging.getLogger(__name__)
 
 APPLY_TIMEOUT = 10.0  # seconds apply waits for every connected node's ACK or NACK
+DISCOVERY_SETTLE = 0.05  # seconds: a burst of discovery changes (a deploy) is one push
+DISCOVERY_READY = 5.0  # seconds start waits for discovery's first answer per service
 CERT_POLL = 1.0
 
 ProfileFor = Callable[[MeshSpec, str], EnvoyProfile]
@@ -51,14 +61,22 @@ ProfileFor = Callable[[MeshSpec, str], EnvoyProfile]
 
 class ControlPlane:
     def __init__(self, state: StateDir, profile_for: ProfileFor, *, port: int | None = None,
-                 admin_port: int | None = None) -> None:
-        """Ports default to mesh.yaml's control_plane addresses; 0 takes a free one (tests)."""
+                 admin_port: int | None = None, tracing: Tracing | None = None,
+                 discovery: Discovery | None = None) -> None:
+        """Ports default to mesh.yaml's control_plane addresses; 0 takes a free one (tests). With
+        `tracing`, every build and every apply is a trace (build, then each node's ACK or NACK). With
+        `discovery` (DNS, Consul), a peer's instances are what it finds, health included; without, or
+        for a service it has nothing on yet, mesh.yaml's `endpoints`, else the peer's own sidecar."""
         self.state = state
         self.profile_for = profile_for
         self.mesh = load_mesh(state.mesh_file)
         self.cache = SnapshotCache()
         self.vetting: SidecarCertificates = for_local_mesh(state.certs, self.mesh, state.root / "envoy")
-        self.ads = AdsServer(self.cache, self._group_of, PeerPolicy.from_mesh(self.mesh))
+        self.metrics = MeshMetrics()
+        self.events = XdsMetrics(self.metrics)
+        self.tracing = tracing
+        self.discovery = discovery
+        self.ads = AdsServer(self.cache, self._group_of, PeerPolicy.from_mesh(self.mesh), events=self.events)
         (self.host, mesh_port), (self.admin_host, mesh_admin) = (self.mesh.control_plane.host_port,
                                                                  self.mesh.control_plane.admin_host_port)
         self.port = mesh_port if port is None else port
@@ -67,6 +85,8 @@ class ControlPlane:
         self.build_seconds = 0.0
         self._server: grpc.aio.Server | None = None
         self._admin: AdminServer | None = None
+        self._discovered = asyncio.Event()
+        self._followers: list[asyncio.Task[None]] = []
 
     # -- node groups ------------------------------------------------------------------------------------
     def _group_of(self, node: Any) -> str | None:
@@ -75,10 +95,38 @@ class ControlPlane:
                 return name
         return None
 
-    def rebuild(self, mesh: MeshSpec) -> dict[str, bool]:
+    def endpoints(self, mesh: MeshSpec) -> dict[str, tuple[Endpoint, ...]]:
+        """Each service's instances as its callers' sidecars should see them (see __init__)."""
+        out: dict[str, tuple[Endpoint, ...]] = {}
+        for svc in mesh.services:
+            found = self.discovery.snapshot(svc.name) if self.discovery is not None else None
+            if found is not None:
+                out[svc.name] = found.endpoints
+            elif svc.endpoints:
+                out[svc.name] = tuple(Endpoint.parse(e) for e in svc.endpoints)
+        return out
+
+    def rebuild(self, mesh: MeshSpec, reason: str = "mesh.yaml") -> dict[str, bool]:
         """Every sidecar's snapshot from `mesh`: all checked before any is published, so a mesh that
         does not build changes nothing. {service: whether its snapshot changed}."""
-        started = time.monotonic()
+        with self._span("xds.snapshot.build", reason=reason, services=len(mesh.services)) as span:
+            started = time.monotonic()
+            try:
+                changed = self._build(mesh)
+            except BaseException:
+                self.events.built(time.monotonic() - started, ok=False)
+                raise
+            self.build_seconds = time.monotonic() - started
+            self.events.built(self.build_seconds, ok=True)
+            if span is not None:
+                span.set_attribute("xds.changed", sorted(n for n, c in changed.items() if c))
+        self.built_at = time.time()
+        log.info("snapshots built", extra={"reason": reason, "services": len(changed),
+                                            "changed": sorted(n for n, c in changed.items() if c),
+                                            "seconds": round(self.build_seconds, 4)})
+        return changed
+
+    def _build(self, mesh: MeshSpec) -> dict[str, bool]:
         self.vetting.set_mesh(mesh)
         self.vetting.refresh()
         bundle = self.vetting.bundle()
@@ -86,7 +134,8 @@ class ControlPlane:
             raise ConfigError.single(str(self.state.certs.root), "", "no vetted certificate: the sidecars would "
                                      "trust nothing")
         trust = Trust(bundle, tuple(self.vetting.pins()))
-        snapshots = {name: sidecar_snapshot(mesh, name, self.profile_for(mesh, name), trust)
+        endpoints = self.endpoints(mesh)
+        snapshots = {name: sidecar_snapshot(mesh, name, self.profile_for(mesh, name), trust, endpoints)
                      for name in mesh.service_names}
         for name, snap in snapshots.items():
             problems = snap.problems()
@@ -95,12 +144,15 @@ class ControlPlane:
         changed = {name: self.cache.set(name, snap) for name, snap in snapshots.items()}
         self.mesh = mesh
         self.ads.policy = PeerPolicy.from_mesh(mesh)
-        self.build_seconds = time.monotonic() - started
-        self.built_at = time.time()
-        log.info("snapshots built", extra={"services": len(snapshots),
-                                            "changed": sorted(n for n, c in changed.items() if c),
-                                            "seconds": round(self.build_seconds, 4)})
         return changed
+
+    @contextlib.contextmanager
+    def _span(self, name: str, **attrs: Any) -> Iterator[Any]:
+        if self.tracing is None:
+            yield None
+            return
+        with self.tracing.span(name, **{f"xds.{k}": v for k, v in attrs.items()}) as span:
+            yield span
 
     # -- apply ------------------------------------------------------------------------------------------
     def _keep_running_shape(self, new: MeshSpec) -> MeshSpec:
@@ -116,24 +168,44 @@ class ControlPlane:
             old = self.mesh.service(svc.name)
             services.append(svc.model_copy(update={"port": old.port, "local_port": old.local_port,
                                                    "admin_port": old.admin_port, "sidecar": old.sidecar,
-                                                   "host": old.host, "endpoints": old.endpoints}))
+                                                   "host": old.host}))
         return new.model_copy(update={"services": tuple(services), "observability": self.mesh.observability,
                                       "control_plane": self.mesh.control_plane})
 
     async def apply(self, text: str, source: str = "mesh.yaml") -> dict[str, Any]:
-        mesh = self._keep_running_shape(parse_mesh(text, source))
-        changed = self.rebuild(mesh)
-        # What a restarted control plane (and `meshctl status`) start from.
-        write_atomic(self.state.mesh_file, _dump(mesh))
-        verdicts = await self.ads.wait_settled(APPLY_TIMEOUT)
-        nodes = [{"node": node, "service": self.ads.nodes[node].group,
-                  "changed": changed.get(self.ads.nodes[node].group, False), "outcome": verdict}
-                 for node, verdict in sorted(verdicts.items())]
+        with self._span("xds.apply", source=source) as span:
+            mesh = self._keep_running_shape(parse_mesh(text, source))
+            changed = self.rebuild(mesh, reason=f"apply {source}")
+            # What a restarted control plane (and `meshctl status`) start from.
+            write_atomic(self.state.mesh_file, _dump(mesh))
+            with self._span("xds.wait_acks", timeout_s=APPLY_TIMEOUT):
+                verdicts = await self.ads.wait_settled(APPLY_TIMEOUT)
+            nodes = [{"node": node, "service": self.ads.nodes[node].group,
+                      "changed": changed.get(self.ads.nodes[node].group, False), "outcome": verdict}
+                     for node, verdict in sorted(verdicts.items())]
+            if span is not None:
+                for n in nodes:
+                    span.add_event("xds.node", {"node": n["node"], "outcome": n["outcome"],
+                                                "changed": n["changed"]})
+                if any(n["outcome"] != "acked" for n in nodes):
+                    span.set_status(StatusCode.ERROR, "a node refused or did not answer")
         return {"changed": sorted(n for n, c in changed.items() if c), "nodes": nodes,
                 "build_seconds": round(self.build_seconds, 4)}
 
     # -- serving ----------------------------------------------------------------------------------------
     async def start(self) -> tuple[int, int]:
+        if self.discovery is not None:
+            loop = asyncio.get_running_loop()
+
+            def note(_service: str, _snapshot: object) -> None:  # any thread (Consul's queries run in threads)
+                loop.call_soon_threadsafe(self._discovered.set)
+
+            self.discovery.store.subscribe(note)
+            await self.discovery.start()
+            try:  # the first snapshots from what discovery knows, not from mesh.yaml's defaults
+                await self.discovery.wait_ready(DISCOVERY_READY)
+            except DiscoveryNotReady as exc:
+                log.warning("%s; those peers keep mesh.yaml's addresses until it finds them", exc)
         self.rebuild(self.mesh)
         identity = self.mesh.control_plane.identity
         cert, key = self.state.certs.identity_paths(identity)
@@ -144,11 +216,43 @@ class ControlPlane:
         ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(self.ads, self._server)
         self.port = self._server.add_secure_port(f"{self.host}:{self.port}", credentials.credentials())
         await self._server.start()
-        self._admin = AdminServer(_Source(self), _no_metrics(), self.admin_host, self.admin_port,
+        self._admin = AdminServer(_Source(self), self.metrics, self.admin_host, self.admin_port,
                                   extra_routes=self._routes())
         self.admin_port = await self._admin.start()
+        # Certificates (rotations, revocations) and discovery reach the snapshots while it serves.
+        loop = asyncio.get_running_loop()
+        self._followers = [loop.create_task(self.follow_certificates()), loop.create_task(self.follow_discovery())]
         log.info("control plane serving ADS on %s:%d, admin on %s", self.host, self.port, self._admin.url)
         return self.port, self.admin_port
+
+    async def follow_file(self, path: Path) -> None:
+        """`meshctl up --watch`: each saved change of `path` is applied as `meshctl apply` would; a file
+        that does not load or build is logged and the mesh keeps its configuration."""
+        async for _ in file_changes(path):
+            try:
+                text = await asyncio.to_thread(path.read_text, encoding="utf-8")
+                result = await self.apply(text, str(path))
+            except (ConfigError, InconsistentSnapshot) as exc:
+                log.warning("%s changed but was not applied; the sidecars keep their configuration: %s", path, exc)
+            except HttpError as exc:
+                log.warning("%s changed but cannot be applied live: %s", path, exc.message)
+            except (OSError, UnicodeDecodeError) as exc:
+                log.warning("%s changed but cannot be read: %s", path, exc)
+            else:
+                refused = [n["node"] for n in result["nodes"] if n["outcome"] != "acked"]
+                log.info("applied %s", path, extra={"changed": result["changed"], "not_acked": refused})
+
+    async def follow_discovery(self, settle: float = DISCOVERY_SETTLE) -> None:
+        """Each change discovery publishes becomes an EDS push (changes within `settle` seconds are one
+        build; a source that publishes the same set again changes nothing: its version is a hash)."""
+        while self.discovery is not None:
+            await self._discovered.wait()
+            await asyncio.sleep(settle)
+            self._discovered.clear()
+            try:
+                self.rebuild(self.mesh, reason="discovery")
+            except (ConfigError, InconsistentSnapshot) as exc:
+                log.error("discovery changed but the snapshots could not be rebuilt: %s", exc)
 
     async def follow_certificates(self) -> None:
         """Rotations and revocations reach the sidecars' trust (`mesh_ca`) without a restart."""
@@ -156,11 +260,16 @@ class ControlPlane:
             await asyncio.sleep(CERT_POLL)
             try:
                 if self.vetting.refresh():
-                    self.rebuild(self.mesh)
+                    self.rebuild(self.mesh, reason="certificates")
             except (ConfigError, InconsistentSnapshot, OSError) as exc:
                 log.error("certificates changed but the snapshots could not be rebuilt: %s", exc)
 
     async def stop(self) -> None:
+        for task in self._followers:
+            task.cancel()
+        await asyncio.gather(*self._followers, return_exceptions=True)
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self._admin is not None:
             await self._admin.stop()
         if self._server is not None:
@@ -220,24 +329,23 @@ class _Source:
         return {"control_plane": self.cp.mesh.spiffe_id(self.cp.mesh.control_plane.identity)}
 
 
-def _no_metrics() -> Any:
-    from aivo_mesh.telemetry.metrics import MeshMetrics
-
-    return MeshMetrics()
-
-
-async def run_control_plane(state: StateDir, profile_for: ProfileFor) -> None:
-    """The body of `meshctl control-plane`: serve until SIGTERM/SIGINT."""
-    cp = ControlPlane(state, profile_for)
+async def run_control_plane(state: StateDir, profile_for: ProfileFor, tracing: Tracing | None = None,
+                            watch: Path | None = None, discovery: Discovery | None = None) -> None:
+    """The body of `meshctl control-plane`: serve until SIGTERM/SIGINT; with `watch`, apply each change
+    of that mesh.yaml."""
+    cp = ControlPlane(state, profile_for, tracing=tracing, discovery=discovery)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await cp.start()
-    follower = loop.create_task(cp.follow_certificates())
+    follower = loop.create_task(cp.follow_file(watch)) if watch is not None else None
     try:
         await stop.wait()
     finally:
-        follower.cancel()
+        if follower is not None:
+            follower.cancel()
         await cp.stop()
+        if tracing is not None:
+            await tracing.aclose()
 

@@ -199,12 +199,14 @@ def sidecar_certificates(state: StateDir, mesh: MeshSpec) -> SidecarCertificates
 
 
 def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | None,
-         forward_to: str | None = None, control_plane: bool = True) -> tuple[list[Managed], RuntimeInfo]:
+         forward_to: str | None = None, control_plane: bool = True,
+         watch: Path | None = None) -> tuple[list[Managed], RuntimeInfo]:
     """Every process of the local mesh, in start order, and where each service can be reached.
     Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says);
     with `forward_to` the collector also sends every span on to that OTLP endpoint (Jaeger). On the
     sidecar plane, `control_plane` runs `meshctl control-plane` and starts every Envoy from an ADS-only
-    bootstrap; without it the Envoys get complete static bootstraps."""
+    bootstrap; without it the Envoys get complete static bootstraps. With `watch` the control plane
+    applies each saved change of that mesh.yaml."""
     host = mesh.observability.metrics.host
     procs: list[Managed] = []
     if collector_port is not None:
@@ -227,7 +229,9 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
             procs.append(Managed(name="control-plane", role="control-plane", address=cp.address,
                                  admin=cp.admin_address,
                                  argv=meshctl_argv("control-plane", "--state-dir", str(state.root),
-                                                   "--collector-port", str(collector_port or 0))))
+                                                   "--collector-port", str(collector_port or 0),
+                                                   "--sockets", str(sockets),
+                                                   *(["--watch", str(watch.resolve())] if watch else []))))
             info.control_plane = {"address": cp.address, "admin": cp.admin_address}
     for name in mesh.service_names:
         svc = mesh.service(name)
@@ -339,12 +343,13 @@ def restarts_file(state: StateDir) -> Path:
     return state.root / "restarts.json"
 
 
-async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_to: str | None = None) -> None:
+async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_to: str | None = None,
+                    watch: Path | None = None) -> None:
     """The body of the detached supervisor process."""
     from aivo_mesh.config.loader import load_mesh
 
     mesh = load_mesh(state.mesh_file)
-    procs, info = plan(state, mesh, plane, collector_port, forward_to)
+    procs, info = plan(state, mesh, plane, collector_port, forward_to, watch=watch)
     restarts_file(state).unlink(missing_ok=True)  # counts are per run: a previous run's are not ours
     info.write(state)
     supervisor_pid_file(state).write_text(f"{os.getpid()}\n")

@@ -6,7 +6,10 @@ replaced whole; the ADS server (xds/server.py) streams from the cache and never 
 
 Versions are content hashes: a type's version is the SHA-256 of its resources' deterministic
 serialization, sorted by name. The same inputs give the same versions on every replica and after every
-restart, so a proxy that reconnects (to this process or another) is sent nothing it already has.
+restart, so a proxy that reconnects (to this process or another) is sent nothing it already has. An
+`Any` (typed_config) holds bytes serialized when it was packed, maps in whatever order that process's
+hash tables had: `canonicalize` repacks each one deterministically first, so versions never depend on
+the process that built them.
 
 Nothing here imports grpc.
 """
@@ -17,7 +20,10 @@ import asyncio
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+from google.protobuf import descriptor_pool, message_factory
+from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 # Type URLs of the resources the control plane serves, in the order a push sends them: clusters before
@@ -39,12 +45,68 @@ def type_name(type_url: str) -> str:
     return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
+ANY = "google.protobuf.Any"
+_HOLDS_ANY: dict[str, bool] = {}
+
+
+def _holds_any(desc: Descriptor) -> bool:
+    """Whether a message of this type can contain an Any, at any depth (cached per type)."""
+    known = _HOLDS_ANY.get(desc.full_name)
+    if known is not None:
+        return known
+    seen: set[str] = set()
+    todo = [desc]
+    found = False
+    while todo and not found:
+        d = todo.pop()
+        if d.full_name in seen:
+            continue
+        seen.add(d.full_name)
+        if d.full_name == ANY:
+            found = True
+        todo.extend(f.message_type for f in d.fields if f.message_type is not None)
+    _HOLDS_ANY[desc.full_name] = found
+    return found
+
+
+def canonicalize(msg: Message) -> Message:
+    """Repack every Any inside `msg` (in place) with a deterministic serialization of its content, itself
+    canonical; returns `msg`. Idempotent, and a no-op for a message type that cannot hold an Any."""
+    for fd, value in msg.ListFields():
+        sub = fd.message_type
+        if sub is None or not _holds_any(sub):
+            continue
+        if sub.GetOptions().map_entry:
+            if sub.fields_by_name["value"].message_type is None:
+                continue
+            items = list(value.values())
+        else:
+            items = list(value) if fd.is_repeated else [value]
+        for item in items:
+            if item.DESCRIPTOR.full_name == ANY:
+                _repack(item)
+            else:
+                canonicalize(item)
+    return msg
+
+
+def _repack(any_msg: Any) -> None:
+    prefix, _, name = any_msg.type_url.rpartition("/")
+    try:
+        desc = descriptor_pool.Default().FindMessageTypeByName(name)
+    except KeyError:
+        return  # a type this process does not know: its bytes are kept as they are
+    inner = message_factory.GetMessageClass(desc)()
+    any_msg.Unpack(inner)
+    any_msg.Pack(canonicalize(inner), type_url_prefix=prefix + "/", deterministic=True)
+
+
 def _version(resources: Mapping[str, Message]) -> str:
     h = hashlib.sha256()
     for name in sorted(resources):
         h.update(name.encode())
         h.update(b"\0")
-        h.update(resources[name].SerializeToString(deterministic=True))
+        h.update(canonicalize(resources[name]).SerializeToString(deterministic=True))
         h.update(b"\0")
     return h.hexdigest()[:16]
 

@@ -28,6 +28,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.discovery.snapshot import Endpoint
 from aivo_mesh.render.envoy import (
     HELPER_CLUSTERS,
     LOCAL_APP_CLUSTER,
@@ -132,7 +133,17 @@ def _split_routes(listener: dict[str, Any], routes: list[dict[str, Any]]) -> dic
     return listener
 
 
-Endpoints = Mapping[str, Sequence[tuple[str, int]]]
+# Each peer's instances from discovery: address, weight and health (Consul's checks, or healthy).
+Endpoints = Mapping[str, Sequence[Endpoint]]
+
+
+def load_assignment(cluster: str, endpoints: Sequence[Endpoint]) -> dict[str, Any]:
+    """A ClusterLoadAssignment of discovered instances: an unhealthy one stays listed as UNHEALTHY (Envoy
+    sends it nothing, and `meshctl status` shows why), weights as the source reports them."""
+    return {"cluster_name": cluster, "endpoints": [{"lb_endpoints": [
+        {"endpoint": {"address": {"socket_address": {"address": e.host, "port_value": e.port}}},
+         "health_status": "HEALTHY" if e.healthy else "UNHEALTHY", "load_balancing_weight": max(1, e.weight)}
+        for e in endpoints]}]}
 
 
 def sidecar_snapshot(mesh: MeshSpec, service: str, profile: EnvoyProfile, trust: Trust,
@@ -149,13 +160,13 @@ def sidecar_snapshot(mesh: MeshSpec, service: str, profile: EnvoyProfile, trust:
         if doc["name"] != LOCAL_APP_CLUSTER and "load_assignment" in doc:
             cla = doc.pop("load_assignment")
             if endpoints is not None and doc["name"] in endpoints:
-                cla = {"cluster_name": doc["name"], "endpoints": [{"lb_endpoints": [
-                    {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
-                    for host, port in endpoints[doc["name"]]]}]}
+                cla = load_assignment(doc["name"], endpoints[doc["name"]])
             doc.pop("dns_lookup_family", None)
             doc.pop("respect_dns_ttl", None)
             doc["type"] = "EDS"
             doc["eds_cluster_config"] = {"eds_config": dict(ADS)}
+            # An instance discovery dropped stops taking calls now, not once it fails health checks.
+            doc["ignore_health_on_host_removal"] = True
             assignments.append(cla)
         clusters.append(doc)
     return Snapshot.of({

@@ -34,9 +34,12 @@ from google.protobuf import any_pb2
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused
 from aivo_mesh.server.authz import peer_identity
-from aivo_mesh.xds.cache import NAMED_TYPES, PUSH_ORDER, SnapshotCache, type_name
+from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, NAMED_TYPES, PUSH_ORDER, ROUTE, SnapshotCache, type_name
 
 log = logging.getLogger(__name__)
+
+# A pushed parent type -> the type its changed resources wait on while they warm.
+WARMS = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 
 GroupOf = Callable[[Any], str | None]  # node (envoy.config.core.v3.Node) -> its node group, or None
 
@@ -76,6 +79,10 @@ class _TypeState:
     names: frozenset[str] = frozenset()
     subscribed: bool = False
     nacked: str | None = None  # a version this stream refused: not sent again
+    # The parent of this type was just pushed (CDS for EDS, LDS for RDS): the node warms the changed
+    # parents until it hears about their children, and asks again with the version it holds. That next
+    # request is answered even though nothing changed (else the cluster warms until Envoy gives up).
+    answer_next: bool = False
 
 
 class XdsEvents:
@@ -83,11 +90,12 @@ class XdsEvents:
 
     def pushed(self, group: str, type_url: str, resources: int) -> None: ...
 
-    def acked(self, node: str, type_url: str, version: str) -> None: ...
+    def acked(self, node: str, group: str, type_url: str, version: str) -> None: ...
 
-    def nacked(self, node: str, type_url: str, version: str, error: str) -> None: ...
+    def nacked(self, node: str, group: str, type_url: str, version: str, error: str) -> None: ...
 
-    def connected(self, node: str, streams: int) -> None: ...
+    def connected(self, node: str, group: str, streams: int) -> None:
+        """A stream of `node` opened or closed: `streams` are its open ones now."""
 
     def refused(self, peer: str, reason: str) -> None: ...
 
@@ -227,7 +235,7 @@ class _Stream:
                     self.node = self.server._node(req.node.id, self.group)
                     self.node.connected += 1
                     self.node.peer = self.context.peer()
-                    self.server.events.connected(self.node.node_id, self.node.connected)
+                    self.server.events.connected(self.node.node_id, self.node.group, self.node.connected)
                     self.watcher = asyncio.get_running_loop().create_task(
                         self.watch(self.server.cache.generation(self.group)))
                 await self.handle(req)
@@ -243,6 +251,8 @@ class _Stream:
         ts = self.types.setdefault(t, _TypeState())
         status = self.node.types.setdefault(t, TypeStatus())
         self.node.last_seen = time.time()
+        log.debug("%s asks %s version=%r nonce=%r names=%s error=%s", self.node.node_id, type_name(t),
+                  req.version_info, req.response_nonce, list(req.resource_names), req.HasField("error_detail"))
         if req.response_nonce:
             if req.response_nonce != ts.nonce:
                 return  # stale: an answer to a response this stream has since replaced
@@ -250,12 +260,13 @@ class _Stream:
                 ts.nacked = ts.sent_version
                 status.nack_version, status.nack_error, status.nack_at = (
                     ts.sent_version or "", req.error_detail.message, time.time())
-                self.server.events.nacked(self.node.node_id, t, ts.sent_version or "", req.error_detail.message)
+                self.server.events.nacked(self.node.node_id, self.node.group, t, ts.sent_version or "",
+                                          req.error_detail.message)
                 log.warning("%s refused %s version %s: %s", self.node.node_id, type_name(t), ts.sent_version,
                             req.error_detail.message)
             else:
                 status.acked = req.version_info
-                self.server.events.acked(self.node.node_id, t, req.version_info)
+                self.server.events.acked(self.node.node_id, self.node.group, t, req.version_info)
             await self.server._note_reply()
         elif req.version_info and ts.sent_version is None:
             # A node that reconnects says what it holds, names included: nothing to send until that changes.
@@ -266,7 +277,8 @@ class _Stream:
         new_names = names - ts.names
         ts.names = names
         ts.subscribed = True
-        self.send(t, force=bool(new_names) and t in NAMED_TYPES)
+        warming = ts.answer_next and not req.HasField("error_detail")
+        self.send(t, force=(bool(new_names) or warming) and t in NAMED_TYPES)
 
     def send(self, t: str, force: bool = False) -> None:
         assert self.group is not None and self.node is not None
@@ -292,8 +304,13 @@ class _Stream:
             a.Pack(r)
             packed.append(a)
         ts.sent_version = version
+        ts.answer_next = False
+        if (child := WARMS.get(t)) is not None and (child_state := self.types.get(child)) is not None:
+            child_state.answer_next = True
         ts.nonce = f"{self.server._nonce_prefix}-{next(self.server._nonces)}"
         self.node.types.setdefault(t, TypeStatus()).sent = version
+        log.debug("%s sent %s version=%s nonce=%s (%d resources)", self.node.node_id, type_name(t), version,
+                  ts.nonce, len(packed))
         self.out.put_nowait(discovery_pb2.DiscoveryResponse(version_info=version, resources=packed, type_url=t,
                                                             nonce=ts.nonce))
         self.server.events.pushed(self.group, t, len(packed))
@@ -310,4 +327,4 @@ class _Stream:
             self.watcher.cancel()
         if self.node is not None:
             self.node.connected -= 1
-            self.server.events.connected(self.node.node_id, self.node.connected)
+            self.server.events.connected(self.node.node_id, self.node.group, self.node.connected)
