@@ -708,3 +708,74 @@ async def test_a_peer_failing_every_call_is_ejected_after_five_failures_and_long
     finally:
         await _stop(procs)
         await bad.stop(0)
+
+
+# -- the control plane through the command line ----------------------------------------------------------
+
+def _xds_config(info: RuntimeInfo) -> dict[str, dict[str, str]]:
+    assert info.control_plane is not None
+    return dict(json.loads(_get(f"http://{info.control_plane['admin']}/xds/config")))
+
+
+def test_status_and_config_dump_show_what_each_sidecar_holds_from_the_control_plane(sidecar_mesh):
+    state, info, _ = sidecar_mesh
+    out = meshctl("status", "--state-dir", str(state.root), "--interval", "0", "-o", "json")
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert data["control_plane"]["process"] == "running" and data["control_plane"]["synced"] == 4, data
+    config = _xds_config(info)
+    for row in data["services"]:
+        assert row["xds"] == f"synced {config[row['service']]['version'][:8]}", row
+    out = meshctl("config-dump", "learner-svc", "--state-dir", str(state.root), "-o", "json")
+    assert out.returncode == 0, out.stderr
+    dump = json.loads(out.stdout)
+    # Every dynamic resource Envoy holds carries the control plane's version of its kind.
+    for kind in ("listeners", "routes", "clusters", "secrets"):
+        dynamic = [i for i in dump[kind] if i["source"] == "dynamic" and i["version"]]
+        assert dynamic and {i["version"] for i in dynamic} == {config["learner-svc"][kind]}, (kind, dynamic)
+    assert {i["name"] for i in dump["clusters"] if i["source"] == "dynamic"} == \
+        {"auth-svc", "event-collector-svc", "local_app"}
+    assert "private_key" not in out.stdout and "PRIVATE KEY" not in out.stdout
+    out = meshctl("config-dump", "learner-svc", "--state-dir", str(state.root), "--type", "routes")
+    assert out.returncode == 0 and "outbound" in out.stdout and "clusters" not in out.stdout, out.stdout
+
+
+def test_apply_refuses_a_bad_file_with_its_location_and_pushes_nothing(sidecar_mesh, tmp_path):
+    state, info, _ = sidecar_mesh
+    before = _xds_config(info)
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text((ROOT / "mesh.yaml").read_text().replace("timeout: 10s", "timeout: soon", 1))
+    out = meshctl("apply", str(bad), "--state-dir", str(state.root))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert str(bad) in out.stderr and "services[1].timeout" in out.stderr and "Traceback" not in out.stderr
+    # A valid file that adds a service cannot be applied live: said, and nothing changes.
+    doc = yaml.safe_load((ROOT / "mesh.yaml").read_text())
+    extra = dict(doc["services"][-1], name="reports-svc", port=50099, local_port=8099, admin_port=9199,
+                 sidecar={"inbound_port": 50098, "outbound_port": 15098, "admin_port": 9998}, allow=[])
+    doc["services"].append(extra)
+    bad.write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = meshctl("apply", str(bad), "--state-dir", str(state.root))
+    assert out.returncode == 2 and "reports-svc" in out.stderr and "meshctl up" in out.stderr, out.stderr
+    assert _xds_config(info) == before
+
+
+def test_apply_changes_a_route_timeout_live_and_every_sidecar_acks(sidecar_mesh, tmp_path):
+    state, info, _ = sidecar_mesh
+    before = _xds_config(info)
+    changed = tmp_path / "mesh.yaml"
+    changed.write_text((ROOT / "mesh.yaml").read_text().replace("timeout: 10s", "timeout: 7s", 1))
+    out = meshctl("apply", str(changed), "--state-dir", str(state.root), "-o", "json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    # learner-svc's timeout: its own inbound routes and the outbound routes of its callers change.
+    assert result["changed"] == ["analytics-svc", "learner-svc"], result
+    assert {n["service"]: n["outcome"] for n in result["nodes"]} == dict.fromkeys(info.services, "acked"), result
+    after = _xds_config(info)
+    assert after["learner-svc"]["routes"] != before["learner-svc"]["routes"]
+    assert after["auth-svc"] == before["auth-svc"]  # untouched sidecars are sent nothing
+    # Applying the same file again changes nothing.
+    again = json.loads(meshctl("apply", str(changed), "--state-dir", str(state.root), "-o", "json").stdout)
+    assert again["changed"] == [] and _xds_config(info) == after
+    # And back, so the other tests see the repository's mesh.
+    assert meshctl("apply", str(ROOT / "mesh.yaml"), "--state-dir", str(state.root)).returncode == 0
+    assert _xds_config(info) == before

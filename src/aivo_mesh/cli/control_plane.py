@@ -1,5 +1,5 @@
-"""`meshctl apply` (a changed mesh.yaml to the running control plane) and `meshctl control-plane` (hidden:
-the process `meshctl up` runs on the sidecar plane)."""
+"""`meshctl apply` (a changed mesh.yaml to the running control plane), `meshctl config-dump` (what a
+sidecar holds) and `meshctl control-plane` (hidden: the process `meshctl up` runs on the sidecar plane)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from typing import Any
 import click
 from rich.table import Table
 
+from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, output_option, rich_console
 from aivo_mesh.cli._root import cli
 from aivo_mesh.cli._state import state_dir_option
@@ -149,3 +150,50 @@ def _print(result: dict[str, Any]) -> None:
         table.add_row(n["service"], n["node"], "yes" if n["changed"] else "no",
                       f"[{style}]{n['outcome']}[/{style}]")
     console.print(table if result["nodes"] else "no sidecar is connected")
+
+
+CONFIG_KINDS = ("listeners", "routes", "clusters", "endpoints", "secrets")
+
+
+@cli.command(name="config-dump")
+@click.argument("service", shell_complete=complete_services)
+@click.option("--type", "kinds", type=click.Choice(CONFIG_KINDS), multiple=True,
+              help="only these kinds (repeat the option; default: all)")
+@state_dir_option()
+@output_option
+def config_dump(service: str, kinds: tuple[str, ...], state_dir: StateDir, output: str) -> None:
+    """What SERVICE's sidecar holds now, by Envoy's own account (its admin /config_dump), like
+    `istioctl proxy-config`: each listener, route configuration, cluster, endpoint assignment and secret,
+    where it came from (static: the bootstrap; dynamic: the control plane), its state and version.
+
+    Data (-o json|yaml): service, sidecar_admin, and per kind a list of {name, source, state, version,
+    last_updated, resource}; a private key never appears (Envoy redacts it, and this command drops it).
+    """
+    from aivo_mesh.runtime.mesh import RuntimeInfo
+    from aivo_mesh.runtime.status import sidecar_config
+
+    info = RuntimeInfo.read(state_dir)
+    if info is None or service not in info.services:
+        raise StateError(str(state_dir.root / "runtime.json"), f"no running sidecar of {service!r} here: "
+                         "`meshctl status` lists what runs")
+    admin = info.services[service].sidecar_admin
+    if not admin:
+        raise StateError(str(state_dir.root / "runtime.json"), f"{service} runs without a sidecar (the "
+                         f"{info.plane} plane): its configuration is mesh.yaml (`meshctl config show`)")
+    try:
+        held = sidecar_config(admin, kinds or CONFIG_KINDS)
+    except (OSError, ValueError) as exc:
+        raise MeshError(f"{service}'s sidecar admin at {admin} did not answer ({exc}): `meshctl status`") from None
+    data = {"service": service, "sidecar_admin": admin, **held}
+    if output != "text":
+        emit(data, output)
+        return
+    console = rich_console()
+    for kind, items in held.items():
+        table = Table(title=f"{service}: {kind}")
+        for col in ("name", "source", "state", "version", "last updated"):
+            table.add_column(col)
+        for item in items:
+            table.add_row(item["name"], item["source"], item["state"], item["version"] or "-",
+                          item["last_updated"] or "-")
+        console.print(table if items else f"{service}: no {kind}")

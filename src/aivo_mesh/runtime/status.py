@@ -21,6 +21,7 @@ import contextlib
 import json
 import re
 import urllib.request
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -243,6 +244,68 @@ def xds_sync(status: Any, config: Any) -> dict[str, str]:
         if out.get(group) in (None, "disconnected"):
             out[group] = verdict
     return out
+
+
+# Envoy's config_dump sections per kind: (dump type, [(section, source, state)], how an entry names its resource)
+_DUMP: dict[str, tuple[str, tuple[tuple[str, str, str], ...]]] = {
+    "listeners": ("ListenersConfigDump", (("static_listeners", "static", "active"),
+                                          ("dynamic_listeners", "dynamic", ""))),
+    "routes": ("RoutesConfigDump", (("static_route_configs", "static", "active"),
+                                    ("dynamic_route_configs", "dynamic", "active"))),
+    "clusters": ("ClustersConfigDump", (("static_clusters", "static", "active"),
+                                        ("dynamic_active_clusters", "dynamic", "active"),
+                                        ("dynamic_warming_clusters", "dynamic", "warming"))),
+    "endpoints": ("EndpointsConfigDump", (("static_endpoint_configs", "static", "active"),
+                                          ("dynamic_endpoint_configs", "dynamic", "active"))),
+    "secrets": ("SecretsConfigDump", (("static_secrets", "static", "active"),
+                                      ("dynamic_active_secrets", "dynamic", "active"),
+                                      ("dynamic_warming_secrets", "dynamic", "warming"))),
+}
+
+
+def config_entries(dump: Any, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """Per kind, each resource of an Envoy `/config_dump?include_eds` document (parsed): name, source
+    (static, dynamic), state (active, warming, error), version, last_updated and the resource itself,
+    with any private key dropped. ValueError when it is not such a document."""
+    if not isinstance(dump, dict) or not isinstance(dump.get("configs"), list):
+        raise ValueError("expected Envoy's /config_dump document")
+    by_type = {str(c.get("@type", "")).rsplit(".", 1)[-1]: c for c in dump["configs"] if isinstance(c, dict)}
+    out: dict[str, list[dict[str, Any]]] = {}
+    for kind in kinds:
+        dump_type, sections = _DUMP[kind]
+        cfg = by_type.get(dump_type, {})
+        items = []
+        for section, source, state in sections:
+            for entry in cfg.get(section, []) or []:
+                items.append(_entry(entry, source, state))
+        out[kind] = sorted(items, key=lambda i: (i["source"], i["name"]))
+    return out
+
+
+def _entry(entry: dict[str, Any], source: str, state: str) -> dict[str, Any]:
+    if not state:  # a dynamic listener: active, warming or refused, by which state it carries
+        states = (("active_state", "active"), ("warming_state", "warming"), ("error_state", "error"))
+        held: tuple[str, dict[str, Any]] = next(((s, entry[k]) for k, s in states if k in entry), ("active", {}))
+        state, entry = held[0], {**held[1], "name": entry.get("name", "")}
+    kinds = ("listener", "route_config", "cluster", "endpoint_config", "secret")
+    resource: dict[str, Any] = next((entry[k] for k in kinds if k in entry), {})
+    name = entry.get("name") or resource.get("name") or resource.get("cluster_name") or "?"
+    return {"name": str(name), "source": source, "state": state, "version": str(entry.get("version_info", "")),
+            "last_updated": str(entry.get("last_updated", "")), "resource": _without_keys(resource)}
+
+
+def _without_keys(value: Any) -> Any:
+    """`value` without any `private_key` field (Envoy redacts them already; nothing here relies on it)."""
+    if isinstance(value, dict):
+        return {k: _without_keys(v) for k, v in value.items() if k != "private_key"}
+    if isinstance(value, list):
+        return [_without_keys(v) for v in value]
+    return value
+
+
+def sidecar_config(admin: str, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """`config_entries` of the sidecar whose admin endpoint is `admin`."""
+    return config_entries(json.loads(_get(f"http://{admin}/config_dump?include_eds", timeout=5)), kinds)
 
 
 def control_plane_view(admin: str) -> tuple[dict[str, str], dict[str, Any]]:
