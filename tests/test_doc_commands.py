@@ -1,6 +1,6 @@
 """The commands the docs give for a local mesh, run against one: the README's client snippet, and every
-command of the shell blocks tagged `meshctl-up` (```` ```sh meshctl-up ````, in README.md and
-docs/troubleshooting.md) and of troubleshooting's table of the guide's commands.
+command of the shell blocks tagged `meshctl-up` (```` ```sh meshctl-up ````, in README.md,
+docs/troubleshooting.md and docs/control-plane.md) and of troubleshooting's table of the guide's commands.
 
 The docs are written for `meshctl up` run from the repository root (sidecar plane, state in
 `.state/mesh`, mesh.yaml's ports). Here one such mesh serves the whole module, started with a private
@@ -38,6 +38,7 @@ from aivo_mesh.runtime.state import StateDir
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 TROUBLESHOOTING = ROOT / "docs" / "troubleshooting.md"
+CONTROL_PLANE = ROOT / "docs" / "control-plane.md"
 RUN_TAG = "meshctl-up"
 # Blocks of troubleshooting.md that are not for the local mesh, and why they are not run.
 OTHER_TAGS = {"compose": "runs against the Docker Compose deployment"}
@@ -138,7 +139,7 @@ def table_commands(path: Path, heading: str) -> list[DocCommand]:
 
 def doc_commands() -> list[DocCommand]:
     found = []
-    for path in (README, TROUBLESHOOTING):
+    for path in (README, TROUBLESHOOTING, CONTROL_PLANE):
         for first, tags, body in fenced_blocks(path, "sh"):
             if RUN_TAG in tags:
                 found += block_commands(path, first, body)
