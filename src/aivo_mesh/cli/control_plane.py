@@ -16,7 +16,7 @@ import click
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, output_option, rich_console
-from aivo_mesh.cli._root import cli
+from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
 from aivo_mesh.errors import ConfigError, ConfigIssue, MeshError, StateError
@@ -27,8 +27,8 @@ APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 
 
 @cli.command(hidden=True, name="control-plane")
 @click.option("--state-dir", type=click.Path(file_okay=False), required=True)
-@click.option("--collector-port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="the local trace collector the sidecars export to (0: none)")
+@click.option("--collector-port", type=PORT, default=None,
+              help="the local trace collector the sidecars export to (default: none)")
 @click.option("--sockets", type=click.Path(file_okay=False), default=None,
               help="the private folder of the apps' and outbound Unix sockets (runtime/sockets.py)")
 @click.option("--watch", type=click.Path(dir_okay=False), default=None,
@@ -43,8 +43,9 @@ APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 
 @click.option("--dns-server", default=None, metavar="IP[:PORT]", help="--discovery dns: ask this server")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"], case_sensitive=False), default="INFO",
               show_default=True, help="DEBUG: every discovery request and response, per node")
-def control_plane_cmd(state_dir: str, collector_port: int, sockets: str | None, watch: str | None, discovery: str,
-                      consul: str | None, dns_template: str, dns_server: str | None, log_level: str) -> None:
+def control_plane_cmd(state_dir: str, collector_port: int | None, sockets: str | None, watch: str | None,
+                      discovery: str, consul: str | None, dns_template: str, dns_server: str | None,
+                      log_level: str) -> None:
     """Serve ADS to the local mesh's sidecars (started by `meshctl up`)."""
     import asyncio
     from importlib.metadata import version

@@ -200,7 +200,8 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
             procs.append(Managed(name="control-plane", role="control-plane", address=cp.address,
                                  admin=cp.admin_address,
                                  argv=meshctl_argv("control-plane", "--state-dir", str(state.root),
-                                                   "--collector-port", str(collector_port or 0),
+                                                   *(["--collector-port", str(collector_port)]
+                                                     if collector_port else []),
                                                    "--sockets", str(sockets),
                                                    *(["--watch", str(watch.resolve())] if watch else []))))
             info.control_plane = {"address": cp.address, "admin": cp.admin_address}
