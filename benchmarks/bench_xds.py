@@ -7,7 +7,8 @@ apply   `meshctl up --free-ports` (4 real Envoys on the control plane); then `--
         plane's answer, which comes once every connected sidecar ACKed: p50 and max. Baseline in the same
         run: applies of an unchanged file (the same parse, check and build; nothing to push or wait for),
         so `changed - unchanged` is what the push and the ACKs cost. Also the wall time of the
-        `meshctl apply` command itself (a new Python process: start-up, the local check, the POST).
+        `meshctl apply` command itself (a new Python process: start-up and the POST; the control plane
+        checks the file).
 fan-out `--nodes` simulated ADS clients in this process (grpc.aio, mTLS with learner-svc's identity,
         each subscribed to all five types and ACKing every response) on one AdsServer; each round sets
         a changed snapshot and times until every node ACKed it. Baseline in the same run: the same

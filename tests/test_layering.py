@@ -87,3 +87,31 @@ def test_renderers_raise_no_config_errors(module: str) -> None:
     names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
     calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
     assert "ConfigError" not in names and "error" not in calls
+
+
+# What `meshctl` must not load to start: every command imports what it runs (mesh.yaml's model, the PKI,
+# Consul, grpc, metrics, tracing) when it runs, so `meshctl --help`, completion and `meshctl apply` do
+# not pay for the others. click, rich and yaml may stay.
+CLI_MUST_NOT_LOAD = ("cryptography", "pydantic", "consul", "requests", "grpc", "prometheus_client", "opentelemetry",
+                     "google.protobuf")
+_LOADED = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+print(json.dumps(sorted(m for m in sys.modules if any(m == h or m.startswith(h + ".") for h in {heavy}))))
+"""
+
+
+def test_the_cli_starts_without_the_heavy_dependencies_of_its_commands() -> None:
+    out = subprocess.run([sys.executable, "-c", _LOADED.format(heavy=set(CLI_MUST_NOT_LOAD)), "aivo_mesh.cli"],
+                         check=True, capture_output=True, text=True, cwd=SRC.parent)
+    assert json.loads(out.stdout) == [], f"importing aivo_mesh.cli loads {out.stdout}"
+
+
+def test_what_the_cli_states_without_importing_it_agrees_with_its_source() -> None:
+    """Option choices and help the CLI spells out to start light: the render targets, Consul's default agent."""
+    from aivo_mesh.cli.consul_cmd import DEFAULT_AGENT
+    from aivo_mesh.cli.render import TARGET_NAMES
+    from aivo_mesh.discovery.consul import DEFAULT_ADDRESS
+
+    assert tuple(TARGETS) == TARGET_NAMES
+    assert DEFAULT_AGENT == DEFAULT_ADDRESS

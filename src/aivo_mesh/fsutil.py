@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +37,8 @@ def private_umask() -> Iterator[None]:
 def stage(path: Path, data: bytes, mode: int, *, fsync: bool = False) -> Path:
     """Write `data` to a fresh temporary file next to `path` (mode exactly `mode`); returns its path.
     Raises OSError, leaving no temporary file behind."""
+    import secrets  # here: `meshctl` starts without it
+
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         with private_umask():

@@ -14,11 +14,8 @@ leaves TLS 1.2 possible: MeshClient and MeshServer then log a warning naming the
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
-
-log = logging.getLogger(__name__)
 
 CIPHER_SUITES_VAR = "GRPC_SSL_CIPHER_SUITES"
 # A TLS 1.2 suite no mesh peer can use (PSK): TLS 1.3's suites are not configurable and stay offered.
@@ -61,5 +58,7 @@ def warn_if_not_enforced(what: str) -> None:
     """One warning per process and component when TLS 1.2 peers are possible."""
     reason = why_not_enforced()
     if reason is not None and what not in _warned:
+        import logging  # here: importing aivo_mesh (`meshctl` starting) does not load it
+
         _warned.add(what)
-        log.warning("%s: TLS 1.2 peers are not refused at the handshake: %s", what, reason)
+        logging.getLogger(__name__).warning("%s: TLS 1.2 peers are not refused at the handshake: %s", what, reason)

@@ -1,16 +1,25 @@
-"""Shell completion of SERVICE arguments: the names mesh.yaml defines (`meshctl completion SHELL`)."""
+"""Shell completion of SERVICE arguments: the names mesh.yaml defines (`meshctl completion SHELL`).
+
+mesh.yaml is loaded (config, pydantic) only when the shell asks for a completion, never when a command
+that offers one is merely defined.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import click
 from click.shell_completion import CompletionItem
 
-from aivo_mesh.config.loader import find_mesh_file, load_mesh
-from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
+
+if TYPE_CHECKING:
+    from aivo_mesh.config.model import MeshSpec
 
 
 def _mesh(ctx: click.Context) -> MeshSpec | None:
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+
     # The mesh.yaml the command itself would read: its --config (`config show`: its FILE) when typed
     # before the word completed.
     config = ctx.params.get("config") or ctx.params.get("file")

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
-import yaml
-from rich.console import Console
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 F = TypeVar("F", bound=Callable[..., object])
 
@@ -47,6 +48,8 @@ def emit(data: Any, output: str) -> None:
     if output == "json":
         click.echo(json.dumps(data, indent=2, ensure_ascii=False))
     elif output == "yaml":
+        import yaml
+
         click.echo(yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False,
                                   width=1000).rstrip("\n"))
     else:  # a command renders text itself
@@ -56,4 +59,6 @@ def emit(data: Any, output: str) -> None:
 def rich_console(width: int = 160) -> Console:
     """A rich console. Not a terminal (pipes, CI logs, tests): `width` columns, so tables stay readable
     (rich would take 80)."""
+    from rich.console import Console
+
     return Console() if sys.stdout.isatty() else Console(width=width)

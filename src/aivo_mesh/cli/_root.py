@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
-
 import click
 
 # Every port a meshctl option takes (an int would let `--port 70000` reach the OS, which binds another port).
@@ -21,6 +19,8 @@ class MeshctlGroup(click.Group):
             name = args[0]
             if self.get_command(ctx, name) is not None:
                 raise
+            import difflib
+
             shown = [n for n, c in self.commands.items() if not c.hidden]
             close = difflib.get_close_matches(name, shown)
             hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

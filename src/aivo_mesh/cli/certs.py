@@ -5,42 +5,33 @@ The work is done by `aivo_mesh.pki`; this module parses flags and prints rich ta
 ConfigError, which `meshctl` turns into `error: FILE: reason` and exit code 2. `verify` and `inspect`
 exit 1 when a certificate has a problem (each checks what it can see), 2 when the certs directory is
 missing. `-o json|yaml` prints the same data as the tables; the certs directory is `-d/--certs-dir`.
+
+`cryptography` (aivo_mesh.pki's modules but layout and params), mesh.yaml's model and rich's tables are
+imported by the commands that use them, not when meshctl starts.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from rich.table import Table
 
 from aivo_mesh.cli._complete import complete_identities
 from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output, rich_console
 from aivo_mesh.cli._root import cli
-from aivo_mesh.config import find_mesh_file, load_mesh
-from aivo_mesh.config.edit import add_revocations
-from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError, PkiError
-from aivo_mesh.pki import (
-    DEFAULT_KEY_TYPE,
-    KEY_TYPES,
-    LEAF_VALID_DAYS,
-    ROOT_VALID_DAYS,
-    CertLayout,
-    CertReport,
-    IssuedCert,
-    check_identity,
-    init_ca,
-    inspect_layout,
-    issue_leaf,
-    known_identities,
-    parse_key_type,
-    rotate,
-    store,
-    verify_layout,
-)
-from aivo_mesh.pki.revoke import Revocation, leaf_revocation, revocation_for, revoked_serials, write_crl
+from aivo_mesh.pki.layout import CertLayout
+from aivo_mesh.pki.params import DEFAULT_KEY_TYPE, KEY_TYPES, LEAF_VALID_DAYS, ROOT_VALID_DAYS
+
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from aivo_mesh.config.model import MeshSpec
+    from aivo_mesh.pki.issue import IssuedCert
+    from aivo_mesh.pki.revoke import Revocation
+    from aivo_mesh.pki.verify import CertReport
 
 DEFAULT_CERTS_DIR = "certs"
 
@@ -49,6 +40,8 @@ def _parse_key_type(ctx: click.Context, param: click.Parameter, value: str | Non
     """--key-type: ec-p256 | ec-p384 | rsa-2048 | rsa-3072 | rsa-4096; rsa-1024 is refused, clearly."""
     if value is None:
         return None
+    from aivo_mesh.pki.crypto import parse_key_type
+
     try:
         return parse_key_type(value)
     except PkiError as exc:
@@ -76,6 +69,8 @@ WIDTH = 240
 
 
 def _mesh(config: str | None) -> MeshSpec:
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+
     return load_mesh(find_mesh_file(config))
 
 
@@ -110,6 +105,8 @@ def _require_dir(layout: CertLayout) -> None:
 
 
 def _issued_table(title: str, issued: list[IssuedCert]) -> Table:
+    from rich.table import Table
+
     table = Table(title=title)
     for col in ("name", "certificate", "serial", "not after", "SPKI pin (sha256)"):
         table.add_column(col, no_wrap=True)
@@ -138,6 +135,10 @@ def certs() -> None:
 def init_cmd(certs_dir: Path, valid_days: int, issuer_valid_days: int | None, trust_domain: str | None,
              config: str | None, key_type: str | None, force: bool, output: str) -> None:
     """Create the root CA and the issuing CA in CERTS_DIR/ca/."""
+    from rich.table import Table
+
+    from aivo_mesh.pki.issue import init_ca
+
     td = trust_domain or _mesh(config).mesh.trust_domain
     layout = CertLayout(certs_dir)
     info = init_ca(layout, td, valid_days, force, issuer_valid_days=issuer_valid_days,
@@ -175,6 +176,8 @@ def init_cmd(certs_dir: Path, valid_days: int, issuer_valid_days: int | None, tr
 def issue_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_days: int, config: str | None,
               key_type: str | None, output: str) -> None:
     """Issue (or re-issue with a new key) the certificate of SERVICE, or of everyone with --all."""
+    from aivo_mesh.pki.issue import check_identity, issue_leaf, known_identities
+
     if all_ == bool(services):
         raise click.UsageError("name a SERVICE or pass --all (not both)")
     mesh = _mesh(config)
@@ -213,6 +216,10 @@ def verify_cmd(certs_dir: Path, config: str | None, output: str, as_json: bool) 
     peer applies (EKU for the identity's roles, key usage, CA:FALSE, RSA >= 2048 / P-256 / P-384,
     no SHA-1), revocation and pins from mesh.yaml, key matches cert, key file mode 0600.
     """
+    from rich.table import Table
+
+    from aivo_mesh.pki.verify import verify_layout
+
     output = pick_output(output, as_json)
     mesh = _mesh(config)
     layout = CertLayout(certs_dir)
@@ -254,6 +261,10 @@ def _fail_on(layout: CertLayout, reports: list[CertReport]) -> None:
 def inspect_cmd(certs_dir: Path, output: str, as_json: bool) -> None:
     """List every certificate in CERTS_DIR: subject, SANs, expiry. Exit 1 when one cannot be read or is
     outside its validity (as `verify`, which also checks chain, SANs, keys against mesh.yaml)."""
+    from rich.table import Table
+
+    from aivo_mesh.pki.verify import inspect_layout
+
     output = pick_output(output, as_json)
     layout = CertLayout(certs_dir)
     _require_dir(layout)
@@ -293,6 +304,9 @@ def rotate_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_day
                renew_before_days: int | None, config: str | None, key_type: str | None,
                revoke_previous: bool, output: str) -> None:
     """Re-issue leaf certificates with NEW keys, in place and atomically; the CA is untouched."""
+    from aivo_mesh.pki.issue import known_identities, rotate
+    from aivo_mesh.pki.revoke import leaf_revocation
+
     if all_ and services:
         raise click.UsageError("name SERVICEs or pass --all (not both)")
     mesh = _mesh(config)
@@ -323,6 +337,11 @@ def rotate_cmd(services: tuple[str, ...], all_: bool, certs_dir: Path, valid_day
 
 def _record_revocations(layout: CertLayout, config: str | None, entries: list[Revocation]) -> Path:
     """Add `entries` to mesh.yaml's certificates.revoked (comments kept) and re-sign the CRL."""
+    from aivo_mesh.config.edit import add_revocations
+    from aivo_mesh.config.loader import find_mesh_file
+    from aivo_mesh.pki import store
+    from aivo_mesh.pki.revoke import write_crl
+
     path = find_mesh_file(config)
     edited, mesh = add_revocations(path.read_text(), [e.as_yaml_fields() for e in entries], str(path))
     store.write_atomic(path, edited.encode(), path.stat().st_mode & 0o777)
@@ -341,6 +360,8 @@ def revoke_cmd(targets: tuple[str, ...], certs_dir: Path, config: str | None, no
 
     Adds it to mesh.yaml's certificates.revoked (the proxyless plane reads it; running processes pick the
     change up) and re-signs CERTS_DIR/ca/crl.pem, the CRL rendered Envoy configs reference."""
+    from aivo_mesh.pki.revoke import revocation_for
+
     mesh = _mesh(config)
     layout = CertLayout(certs_dir)
     _require_ca(layout)
@@ -360,6 +381,8 @@ def revoke_cmd(targets: tuple[str, ...], certs_dir: Path, config: str | None, no
 @_config
 def crl_cmd(certs_dir: Path, config: str | None) -> None:
     """Re-sign CERTS_DIR/ca/crl.pem from mesh.yaml's certificates.revoked (after editing it by hand)."""
+    from aivo_mesh.pki.revoke import revoked_serials, write_crl
+
     mesh = _mesh(config)
     layout = CertLayout(certs_dir)
     _require_ca(layout)

@@ -14,22 +14,22 @@ fits CI and a pre-commit hook. The checks, each reusing the command that does it
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import click
 
 from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
-from aivo_mesh.config.loader import find_mesh_file, load_mesh
-from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime.state import StateDir
+
+if TYPE_CHECKING:
+    from aivo_mesh.config.model import MeshSpec
 
 Status = Literal["ok", "warn", "fail", "skip"]
 MARK = {"ok": ("✔", "green"), "warn": ("⚠", "yellow"), "fail": ("✘", "red"), "skip": ("-", "bright_black")}
@@ -50,6 +50,8 @@ def _first(items: list[str], n: int = 3) -> str:
 
 
 def check_config(config: str | None) -> tuple[Check, MeshSpec | None, Path]:
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+
     path = find_mesh_file(config)
     try:
         mesh = load_mesh(path)
@@ -172,7 +174,9 @@ def check_ports(mesh: MeshSpec, plane: str, otlp_port: int, state: StateDir) -> 
 
 
 def check_health(state: StateDir) -> list[Check]:
-    from aivo_mesh.runtime.mesh import RuntimeInfo
+    import asyncio
+
+    from aivo_mesh.runtime.state import RuntimeInfo
     from aivo_mesh.runtime.status import gather
 
     info = RuntimeInfo.read(state)

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import yaml
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
-from aivo_mesh.config import find_mesh_file, load_mesh, route_policy, service_policy
-from aivo_mesh.config.model import BUILTIN_DEFAULTS, MeshSpec, format_duration, to_data
-from aivo_mesh.config.resolve import merge
+
+if TYPE_CHECKING:
+    from aivo_mesh.config.model import MeshSpec
 
 # A service's policy blocks as resolved by `service_policy` (besides its timeout).
 _POLICY_BLOCKS = ("retry", "retry_budget", "circuit_breaker", "limits", "outlier_detection", "health_check")
@@ -29,6 +28,8 @@ def config() -> None:
 def validate(file: str | None, output: str) -> None:
     """Check FILE (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repository's mesh.yaml); exit 2
     listing every problem."""
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+
     path = find_mesh_file(file)
     mesh = load_mesh(path)  # ConfigError -> `error: FILE:LINE: PATH: message`, exit 2 (see cli.main)
     if output != "text":
@@ -50,6 +51,10 @@ def show(file: str | None, service: str | None, output: str, fmt: str | None) ->
     """Print the effective configuration of FILE (default: $AIVO_MESH_CONFIG, else ./mesh.yaml, else the
     repository's mesh.yaml): every default filled in, the mesh-wide policy layered under each service
     (defaults <- service) and each route (<- route). Text is YAML headed by a comment naming the file."""
+    import yaml
+
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+
     if fmt is not None:
         output = fmt
     path = find_mesh_file(file)
@@ -93,6 +98,9 @@ def schema(output: str | None) -> None:
 def effective_mesh(mesh: MeshSpec) -> dict[str, Any]:
     """The whole mesh as plain data, with every default filled in. The result is itself a valid
     mesh.yaml that describes the same mesh."""
+    from aivo_mesh.config.model import BUILTIN_DEFAULTS, to_data
+    from aivo_mesh.config.resolve import merge
+
     out = to_data(mesh)
     out["defaults"] = to_data(merge(BUILTIN_DEFAULTS, mesh.defaults))
     out["services"] = [effective_service(mesh, s.name) for s in mesh.services]
@@ -101,6 +109,9 @@ def effective_mesh(mesh: MeshSpec) -> dict[str, Any]:
 
 def effective_service(mesh: MeshSpec, name: str) -> dict[str, Any]:
     """One service with its effective policy (`service_policy`) and, per route, `route_policy`."""
+    from aivo_mesh.config.model import format_duration, to_data
+    from aivo_mesh.config.resolve import service_policy
+
     policy = service_policy(mesh, name)
     out = to_data(mesh.service(name))
     out["timeout"] = format_duration(policy.timeout)
@@ -111,6 +122,9 @@ def effective_service(mesh: MeshSpec, name: str) -> dict[str, Any]:
 
 
 def _route(mesh: MeshSpec, service: str, match: str) -> dict[str, Any]:
+    from aivo_mesh.config.model import format_duration, to_data
+    from aivo_mesh.config.resolve import route_policy
+
     rp = route_policy(mesh, service, match)
     return {
         "match": match,

@@ -10,26 +10,30 @@ The agent is `--consul HOST:PORT` (default `$CONSUL_HTTP_ADDR`, else 127.0.0.1:8
 token `--token` (default `$CONSUL_HTTP_TOKEN`). Registration bodies are exactly those a serving
 process sends (`agent_service_definition`), so a hand registration and a self-registration of the
 same instance share one ID and replace each other.
+
+The Consul client (python-consul, requests) and aivo_mesh.discovery are imported by the commands and
+callbacks that talk to an agent, not when meshctl starts.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 from typing import Any
 
 import click
-import consul
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output
 from aivo_mesh.cli._root import PORT, cli
-from aivo_mesh.config.loader import load_mesh
-from aivo_mesh.discovery.consul import CONSUL_ERRORS, DEFAULT_ADDRESS, ConsulError, parse_address
-from aivo_mesh.discovery.consul_register import ConsulRegistration
+
+# aivo_mesh.discovery.consul.DEFAULT_ADDRESS, for the options' help without importing the Consul client
+# (tests/test_layering.py checks that they agree).
+DEFAULT_AGENT = "127.0.0.1:8500"
 
 
 def _checked(address: str, hint: str) -> str:
+    from aivo_mesh.discovery.consul import parse_address
+
     try:
         parse_address(address)
     except ValueError as exc:  # a usage error (exit 2), not a traceback; the message hides credentials
@@ -45,12 +49,12 @@ def consul_address(_ctx: click.Context, _param: click.Parameter, value: str | No
 def agent_address(consul_addr: str | None) -> str:
     """The agent to talk to: `--consul`, else $CONSUL_HTTP_ADDR, else the local default; checked (a
     usage error that hides credentials)."""
-    return _checked(consul_addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_ADDRESS,
+    return _checked(consul_addr or os.environ.get("CONSUL_HTTP_ADDR") or DEFAULT_AGENT,
                     "'--consul' / $CONSUL_HTTP_ADDR")
 
 
 _consul_opt = click.option("--consul", "consul_addr", metavar="HOST:PORT", default=None,
-                           help=f"Consul agent (default: $CONSUL_HTTP_ADDR or {DEFAULT_ADDRESS})")
+                           help=f"Consul agent (default: $CONSUL_HTTP_ADDR or {DEFAULT_AGENT})")
 _token_opt = click.option("--token", default=None, envvar="CONSUL_HTTP_TOKEN", show_envvar=True,
                           help="ACL token")
 
@@ -73,6 +77,11 @@ def consul_group() -> None:
 def register(services: tuple[str, ...], config: str | None, consul_addr: str | None, token: str | None,
              address: str | None, port: int | None, no_tls: bool) -> None:
     """Register SERVICES (default: every service of mesh.yaml) with a gRPC health check."""
+    import asyncio
+
+    from aivo_mesh.config.loader import load_mesh
+    from aivo_mesh.discovery.consul_register import ConsulRegistration
+
     mesh = load_mesh(config)
     names = list(services) or list(mesh.service_names)
     unknown = [n for n in names if n not in mesh.service_names]
@@ -105,6 +114,10 @@ def deregister(services: tuple[str, ...], consul_addr: str | None, token: str | 
     """Deregister every instance of SERVICES held by the agent (and/or the given --id)."""
     if not services and not ids:
         raise click.UsageError("name at least one SERVICE or --id")
+    import asyncio
+
+    from aivo_mesh.discovery.consul_register import ConsulRegistration
+
     reg = ConsulRegistration(agent_address(consul_addr), token=token)
 
     async def run() -> tuple[list[str], list[str], list[str]]:
@@ -136,6 +149,10 @@ def deregister(services: tuple[str, ...], consul_addr: str | None, token: str | 
 
 def catalog_services(address: str, token: str | None = None) -> dict[str, list[str]]:
     """`GET /v1/catalog/services`: service name -> tags."""
+    import consul
+
+    from aivo_mesh.discovery.consul import CONSUL_ERRORS, ConsulError, parse_address
+
     host, port, scheme = parse_address(address)
     try:
         _, services = consul.Consul(host=host, port=port, scheme=scheme, token=token).catalog.services()

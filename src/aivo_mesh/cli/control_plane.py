@@ -1,34 +1,34 @@
 """`meshctl apply` (a changed mesh.yaml to the running control plane), `meshctl config-dump` (what a
-sidecar holds) and `meshctl control-plane` (hidden: the process `meshctl up` runs on the sidecar plane)."""
+sidecar holds) and `meshctl control-plane` (hidden: the process `meshctl up` runs on the sidecar plane).
+
+`meshctl apply` to a running control plane imports neither mesh.yaml's model (pydantic) nor grpc: the
+control plane checks the file and answers with the same located errors `meshctl config validate` prints.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.table import Table
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, output_option, rich_console
-from aivo_mesh.cli._root import cli
+from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
-from aivo_mesh.errors import ConfigError, MeshError, StateError
-from aivo_mesh.runtime.state import StateDir
+from aivo_mesh.errors import ConfigError, ConfigIssue, MeshError, StateError
+from aivo_mesh.runtime.state import RuntimeInfo, StateDir
 
 APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 s) plus the build
 
 
 @cli.command(hidden=True, name="control-plane")
 @click.option("--state-dir", type=click.Path(file_okay=False), required=True)
-@click.option("--collector-port", type=click.IntRange(0, 65535), default=0, show_default=True,
-              help="the local trace collector the sidecars export to (0: none)")
+@click.option("--collector-port", type=PORT, default=None,
+              help="the local trace collector the sidecars export to (default: none)")
 @click.option("--sockets", type=click.Path(file_okay=False), default=None,
               help="the private folder of the apps' and outbound Unix sockets (runtime/sockets.py)")
 @click.option("--watch", type=click.Path(dir_okay=False), default=None,
@@ -43,9 +43,11 @@ APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 
 @click.option("--dns-server", default=None, metavar="IP[:PORT]", help="--discovery dns: ask this server")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"], case_sensitive=False), default="INFO",
               show_default=True, help="DEBUG: every discovery request and response, per node")
-def control_plane_cmd(state_dir: str, collector_port: int, sockets: str | None, watch: str | None, discovery: str,
-                      consul: str | None, dns_template: str, dns_server: str | None, log_level: str) -> None:
+def control_plane_cmd(state_dir: str, collector_port: int | None, sockets: str | None, watch: str | None,
+                      discovery: str, consul: str | None, dns_template: str, dns_server: str | None,
+                      log_level: str) -> None:
     """Serve ADS to the local mesh's sidecars (started by `meshctl up`)."""
+    import asyncio
     from importlib.metadata import version
 
     from aivo_mesh.cli.serve import dns_options
@@ -85,8 +87,8 @@ def apply(file: str | None, state_dir: StateDir, output: str) -> None:
     """Push a changed mesh.yaml (FILE, `-` for standard input; default: as `config validate` finds it)
     to the running mesh's control plane, live.
 
-    The file is checked here first (the same errors as `meshctl config validate`, exit 2); the control
-    plane then builds every sidecar's configuration, refuses the whole change if one does not build, and
+    The control plane checks the file as `meshctl config validate` does (the same errors, naming FILE;
+    exit 2), builds every sidecar's configuration, refuses the whole change if one does not build, and
     answers once every connected sidecar accepted (ACK) or refused (NACK) it. Exit 0 when all accepted,
     1 when one refused or did not answer in time. Ports, the collector and the set of services stay as
     `meshctl up` planned them.
@@ -94,21 +96,20 @@ def apply(file: str | None, state_dir: StateDir, output: str) -> None:
     Data (-o json|yaml): changed (services whose configuration changed), nodes (one per connected sidecar:
     node, service, changed, outcome: acked | pending | nacked: <Envoy's error>), build_seconds.
     """
-    from aivo_mesh.config.loader import find_mesh_file, parse_mesh
-    from aivo_mesh.runtime.mesh import RuntimeInfo
-
-    source = "<stdin>" if file == "-" else str(find_mesh_file(file))
-    try:
-        text = sys.stdin.read() if file == "-" else Path(source).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError.single(source, "", f"cannot read: {exc.strerror or exc}") from exc
-    parse_mesh(text, source)  # exit 2 with the located errors before anything is sent
+    source, text = _read(file)
     info = RuntimeInfo.read(state_dir)
     if info is None or not info.control_plane:
+        _check_here(text, source)  # a bad file: its errors before the news that nothing runs
         raise StateError(str(state_dir.root / "runtime.json"), "no control plane runs from this state dir: start "
                          "one with `meshctl up` (sidecar plane); a mesh without one takes a changed mesh.yaml at "
                          "the next `meshctl up`")
-    result = _post(f"http://{info.control_plane['admin']}/apply", text.encode(), source)
+    url = f"http://{info.control_plane['admin']}/apply"
+    try:
+        result = _post(url, text.encode(), source)
+    except _NoAnswer as exc:
+        _check_here(text, source)
+        why = f"the control plane at {url} did not answer ({exc}): is the mesh up? `meshctl status`"
+        raise MeshError(why) from None
     if output != "text":
         emit(result, output)
     else:
@@ -118,9 +119,43 @@ def apply(file: str | None, state_dir: StateDir, output: str) -> None:
         raise click.exceptions.Exit(1)
 
 
+def _read(file: str | None) -> tuple[str, str]:
+    """(the name errors give the file, its text)."""
+    if file == "-":
+        source = "<stdin>"
+    elif file is not None:
+        source = str(Path(file))
+    else:  # the rule `config validate` follows (importing config: only a command without FILE pays it)
+        from aivo_mesh.config.loader import find_mesh_file
+
+        source = str(find_mesh_file(None))
+    try:
+        return source, sys.stdin.read() if file == "-" else Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError.single(source, "", f"cannot read: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError.single(source, "", f"cannot read: {exc}") from None
+
+
+def _check_here(text: str, source: str) -> None:
+    """Where no control plane answers: check the file locally, so a bad one still gets its located errors."""
+    from aivo_mesh.config.loader import parse_mesh
+
+    parse_mesh(text, source)
+
+
+class _NoAnswer(Exception):
+    """The control plane's admin endpoint did not answer (refused, reset, timed out)."""
+
+
 def _post(url: str, body: bytes, source: str) -> dict[str, Any]:
+    import urllib.error
+    import urllib.request
+
+    # The file's name as UTF-8 bytes (HTTP headers are Latin-1): the control plane names it in its errors.
     req = urllib.request.Request(url, data=body, method="POST",
-                                 headers={"content-type": "application/yaml", "x-mesh-file": source})
+                                 headers={"content-type": "application/yaml",
+                                          "x-mesh-file": source.encode("utf-8").decode("latin-1")})
     try:
         with urllib.request.urlopen(req, timeout=APPLY_HTTP_TIMEOUT) as resp:
             return dict(json.loads(resp.read()))
@@ -128,17 +163,34 @@ def _post(url: str, body: bytes, source: str) -> dict[str, Any]:
         try:
             answer = json.loads(exc.read())
         except ValueError:
+            answer = None
+        if not isinstance(answer, dict):
             answer = {"error": exc.reason}
-        # 400: the mesh did not load there (a file the local check passed: a different version?);
-        # 409: it loaded but cannot be applied live. Either way the user must act.
+        if exc.code == 400 and answer.get("issues"):
+            raise _invalid(source, answer) from None
+        # 409: it loaded but cannot be applied live; another 400: a body the endpoint refused (not UTF-8).
+        # Either way the user must act.
         why = answer.get("text") or answer.get("error")
         raise ConfigError.single(source, "", f"the control plane refused it: {why}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise MeshError(f"the control plane at {url} did not answer ({getattr(exc, 'reason', exc)}): is the "
-                         "mesh up? `meshctl status`") from None
+        raise _NoAnswer(str(getattr(exc, "reason", exc))) from None
+
+
+def _invalid(source: str, answer: dict[str, Any]) -> ConfigError:
+    """The control plane's 400 for a file that does not load: its ConfigError, whose text (`text`, naming
+    the file from x-mesh-file) `meshctl` prints as `config validate` would, `error: <text>`, exit 2."""
+    issues = [ConfigIssue(str(i.get("path") or ""), str(i.get("message")), i.get("line"))
+              for i in answer["issues"] if isinstance(i, dict)]
+    exc = ConfigError(source, issues)
+    text = answer.get("text")
+    if isinstance(text, str) and text:
+        exc.args = (text,)  # verbatim, whatever this version would render
+    return exc
 
 
 def _print(result: dict[str, Any]) -> None:
+    from rich.table import Table
+
     console = rich_console()
     changed = result["changed"]
     console.print(f"built in {result['build_seconds'] * 1000:.0f} ms; changed: {', '.join(changed) or 'nothing'}")
@@ -169,7 +221,8 @@ def config_dump(service: str, kinds: tuple[str, ...], state_dir: StateDir, outpu
     Data (-o json|yaml): service, sidecar_admin, and per kind a list of {name, source, state, version,
     last_updated, resource}; a private key never appears (Envoy redacts it, and this command drops it).
     """
-    from aivo_mesh.runtime.mesh import RuntimeInfo
+    from rich.table import Table
+
     from aivo_mesh.runtime.status import sidecar_config
 
     info = RuntimeInfo.read(state_dir)

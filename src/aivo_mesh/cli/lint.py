@@ -10,15 +10,15 @@ alone, 2 on bad usage.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import yaml
 
 from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
-from aivo_mesh.config.loader import find_mesh_file, load_mesh
-from aivo_mesh.lint.envoy import LintIssue, lint_bootstrap, lint_mesh, load_config
-from aivo_mesh.render import TARGETS
+
+if TYPE_CHECKING:
+    from aivo_mesh.lint.envoy import LintIssue
 
 
 def _expand(paths: tuple[str, ...]) -> list[Path]:
@@ -38,6 +38,10 @@ def _expand(paths: tuple[str, ...]) -> list[Path]:
 
 
 def _lint_file(path: Path, check_files: bool) -> list[LintIssue]:
+    import yaml
+
+    from aivo_mesh.lint.envoy import LintIssue, lint_bootstrap, load_config
+
     try:
         config = load_config(path)
     except (OSError, UnicodeDecodeError) as exc:
@@ -57,6 +61,10 @@ def _lint_file(path: Path, check_files: bool) -> list[LintIssue]:
 @output_option
 def lint(paths: tuple[str, ...], check_files: bool, config: str | None, output: str) -> None:
     """Lint Envoy bootstraps (FILEs, or every envoy.yaml under DIRs; default: the rendered sidecars)."""
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+    from aivo_mesh.lint.envoy import lint_mesh
+    from aivo_mesh.render import TARGETS
+
     results: list[tuple[str, LintIssue]] = []
     if paths:
         files = _expand(paths)

@@ -11,11 +11,12 @@ from pathlib import Path
 import click
 
 from aivo_mesh.cli._root import cli
-from aivo_mesh.config.loader import find_mesh_file, load_mesh
 from aivo_mesh.fsutil import write_atomic
-from aivo_mesh.render import HEADER, TARGETS, render_target
 
 REPO_ROOT_MARKER = "mesh.yaml"
+# The names of aivo_mesh.render.TARGETS, for the TARGET argument without importing the renderers (and
+# mesh.yaml's model) when meshctl starts; tests/test_layering.py checks that they agree.
+TARGET_NAMES = ("envoy", "linkerd", "consul", "compose", "prometheus", "grafana")
 
 
 def _write(path: Path, text: str) -> bool:
@@ -53,6 +54,8 @@ def _patterns(rendered: Iterable[str], services: Iterable[str]) -> re.Pattern[st
 
 def _generated(path: Path) -> bool:
     """The header `serialize` writes into every YAML file."""
+    from aivo_mesh.render import HEADER
+
     try:
         with path.open(encoding="utf-8", errors="replace") as f:
             return f.readline().startswith(f"# {HEADER}")
@@ -111,7 +114,7 @@ def _prune(out: Path, stale: list[Path]) -> None:
 
 
 @cli.command()
-@click.argument("target", type=click.Choice([*TARGETS, "all"]), default="all", required=False)
+@click.argument("target", type=click.Choice([*TARGET_NAMES, "all"]), default="all", required=False)
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="mesh.yaml")
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="where to write (default: the target's directory under infra/mesh/, next to mesh.yaml); "
@@ -125,6 +128,9 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
     service's) are stale: `--check` fails on them, `--prune` deletes them."""
     if check and prune:
         raise click.UsageError("--check writes nothing; drop --prune")
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+    from aivo_mesh.render import TARGETS, render_target
+
     mesh_file = find_mesh_file(config)
     mesh = load_mesh(mesh_file)
     base = mesh_file.resolve().parent

@@ -1,8 +1,11 @@
-"""`meshctl serve`, `meshctl demo` and `meshctl status`: the mesh running on this machine."""
+"""`meshctl serve`, `meshctl demo` and `meshctl status`: the mesh running on this machine.
+
+What each command runs (config, grpc, the client, discovery, telemetry, rich's tables) is imported in
+the command, not when meshctl starts.
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import dataclasses
 import ipaddress
@@ -12,20 +15,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output, rich_console
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
-from aivo_mesh.config.loader import find_mesh_file, load_mesh
-from aivo_mesh.pki import CertLayout
-from aivo_mesh.runtime.mesh import HEALTHY_WITHIN
-from aivo_mesh.runtime.state import DEMO_STATE_DIR, StateDir, pid_alive
+from aivo_mesh.runtime.state import DEMO_STATE_DIR, HEALTHY_WITHIN, StateDir, pid_alive
 
 if TYPE_CHECKING:
+    from rich.console import Console
     from rich.status import Status
 
     from aivo_mesh.discovery.facade import DnsOptions
@@ -69,7 +68,11 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
           insecure: bool, unix_socket: str | None, sidecar_outbound: str | None, plaintext_peers: bool,
           grace: float, log_format: str, handshake_log: bool) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
+    import asyncio
+
     from aivo_mesh.config.env import EnvSettings, apply_env
+    from aivo_mesh.config.loader import find_mesh_file, load_mesh
+    from aivo_mesh.pki import CertLayout
 
     # The variables the platform deploys services with (SERVICE_NAME, GRPC_PORT, CA_CERT_PATH, ...).
     env = EnvSettings.from_environ()
@@ -154,6 +157,10 @@ def dns_options(template: str, server: str | None) -> DnsOptions:
 def demo(duration: float, plane: str, config: str | None, state_dir: StateDir, free_ports: bool, workers: int,
          timeout: float | None) -> None:
     """Bring up the whole mesh on loopback, drive the main flow, print a table, shut down."""
+    import asyncio
+
+    from rich.table import Table
+
     from aivo_mesh.runtime.demo import DemoOptions, NotHealthy, run_demo
     from aivo_mesh.telemetry.otlp_receiver import render_waterfall
 
@@ -220,7 +227,11 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
     `meshctl demo` run (no supervisor); both keys are always there, empty when they do not apply.
     `control_plane` is null unless the mesh runs one (address, admin, pid, process, nodes, synced,
     build_seconds, built_at)."""
-    from aivo_mesh.runtime.mesh import RuntimeInfo
+    import asyncio
+
+    from rich.table import Table
+
+    from aivo_mesh.runtime.state import RuntimeInfo
     from aivo_mesh.runtime.status import gather
 
     output = pick_output(output, as_json)
@@ -299,7 +310,10 @@ def _breakers_cell(app: dict[str, str], envoy: dict[str, str]) -> str:
 
 
 async def _status(state: StateDir) -> list[dict[str, Any]]:
+    import asyncio
+
     from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.config.loader import load_mesh
     from aivo_mesh.runtime.health import check
     from aivo_mesh.runtime.status import mesh_upstreams
 

@@ -2,28 +2,27 @@
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
 
 from aivo_mesh.cli._complete import complete_services
 from aivo_mesh.cli._output import emit, output_option, rich_console
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.errors import MeshError
-from aivo_mesh.runtime.mesh import HEALTHY_WITHIN
-from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, StateDir, pid_alive
+from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, HEALTHY_WITHIN, StateDir, pid_alive
 
 if TYPE_CHECKING:
+    import subprocess
+
+    from rich.console import Console
+
     from aivo_mesh.telemetry.otlp_receiver import Trace
 
 
@@ -44,6 +43,9 @@ def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, ot
 
     On the sidecar plane a control plane runs too: every Envoy takes its configuration over ADS, and
     `meshctl apply` (or `--watch`) changes it live."""
+    import asyncio
+    import subprocess
+
     from aivo_mesh.config.loader import find_mesh_file
     from aivo_mesh.runtime.health import all_serving, wait_supervised
     from aivo_mesh.runtime.local import free_port, preflight, prepare
@@ -114,6 +116,9 @@ def _down(state: StateDir, console: Console, grace: float = 10.0,
           started: subprocess.Popen[bytes] | None = None) -> None:
     """Stop the supervisor, then any recorded process it left. `started`: the supervisor, when it is our
     own child (`up` giving up): waited on as a child, since an unreaped one still looks alive by pid."""
+    import signal
+    import subprocess
+
     from aivo_mesh.runtime.mesh import RuntimeInfo, restarts_file, running_supervisor, supervisor_pid_file
     from aivo_mesh.runtime.sockets import remove_socket_dir
     from aivo_mesh.runtime.supervisor import stop_recorded
@@ -221,6 +226,8 @@ def byte_size(ctx: click.Context | None, param: click.Parameter | None, value: s
 def collector(host: str, port: int, out: str, forward_to: str | None, max_bytes: int, max_span_bytes: int,
               forward_max_bytes: int) -> None:
     """Run the local OTLP trace collector (started by `meshctl up`)."""
+    import asyncio
+
     from aivo_mesh.runtime.collector import run_collector
     from aivo_mesh.telemetry.logs import configure_logging
 
@@ -236,6 +243,8 @@ def collector(host: str, port: int, out: str, forward_to: str | None, max_bytes:
 @click.option("--forward-to", default=None, help="the collector forwards every span to this OTLP endpoint")
 @click.option("--watch", type=click.Path(dir_okay=False), default=None, help="the control plane applies its changes")
 def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | None, watch: str | None) -> None:
+    import asyncio
+
     from aivo_mesh.runtime.mesh import supervise
     from aivo_mesh.telemetry.logs import configure_logging
 

@@ -6,7 +6,7 @@ import base64
 import hashlib
 import ipaddress
 from datetime import UTC, datetime
-from typing import Literal, cast, get_args
+from typing import cast
 
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -15,11 +15,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPrivateKeyTypes
 
 from aivo_mesh.errors import PkiError
-
-KeyType = Literal["ec-p256", "ec-p384", "rsa-2048", "rsa-3072", "rsa-4096"]
-KEY_TYPES: tuple[str, ...] = get_args(KeyType)
-DEFAULT_KEY_TYPE: KeyType = "ec-p256"
-MIN_RSA_BITS = 2048
+from aivo_mesh.pki.params import DEFAULT_KEY_TYPE as DEFAULT_KEY_TYPE  # re-exported: defined without cryptography
+from aivo_mesh.pki.params import KEY_TYPES as KEY_TYPES
+from aivo_mesh.pki.params import MIN_RSA_BITS as MIN_RSA_BITS
+from aivo_mesh.pki.params import KeyType as KeyType
 
 # Signature hashes that are refused wherever a certificate is loaded or verified.
 WEAK_HASHES: tuple[str, ...] = ("sha1", "md5", "md2", "md4")

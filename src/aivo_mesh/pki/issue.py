@@ -48,9 +48,8 @@ from aivo_mesh.pki.crypto import (
     weak_signature_reason,
 )
 from aivo_mesh.pki.layout import CertLayout
+from aivo_mesh.pki.params import LEAF_VALID_DAYS, ROOT_VALID_DAYS
 
-ROOT_VALID_DAYS = 3650
-LEAF_VALID_DAYS = 365
 BACKDATE = timedelta(minutes=1)
 ORGANIZATION = "aivo-mesh"
 LOCALHOST_NAMES: tuple[str, ...] = ("localhost",)

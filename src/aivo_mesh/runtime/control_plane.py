@@ -285,9 +285,10 @@ class ControlPlane:
                                        for g in self.cache.groups() if (s := self.cache.get(g)) is not None})
 
         async def apply(request: Request) -> Response:
+            # The file's name, which its errors give: UTF-8 in the header (`meshctl apply` sends it so).
+            source = request.headers.get("x-mesh-file", "mesh.yaml").encode("latin-1").decode("utf-8", "replace")
             try:
-                return json_response(200, await self.apply(request.body.decode("utf-8"),
-                                                           request.headers.get("x-mesh-file", "mesh.yaml")))
+                return json_response(200, await self.apply(request.body.decode("utf-8"), source))
             except ConfigError as exc:
                 return json_response(400, {"error": "invalid mesh.yaml", "issues": [
                     {"path": i.yaml_path, "message": i.message, "line": i.line} for i in exc.issues],

@@ -26,15 +26,18 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from aivo_mesh.config.env import EnvSettings
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import MeshError
 from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.policy.backoff import EqualJitter
+from aivo_mesh.runtime.state import HEALTHY_WITHIN as HEALTHY_WITHIN
+from aivo_mesh.runtime.state import Plane as Plane
+from aivo_mesh.runtime.state import RuntimeInfo as RuntimeInfo
+from aivo_mesh.runtime.state import ServiceEndpoints as ServiceEndpoints
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.supervisor import Managed, Supervisor, meshctl_argv
 
@@ -42,7 +45,9 @@ if TYPE_CHECKING:
     from aivo_mesh.render.envoy import EnvoyProfile
     from aivo_mesh.runtime.sidecar_certs import SidecarCertificates
 
-Plane = Literal["sidecar", "proxyless"]
+# HEALTHY_WITHIN, Plane, RuntimeInfo and ServiceEndpoints (runtime.json's records) are defined in
+# runtime/state.py, which imports neither config nor policy (`meshctl apply` reads runtime.json), and
+# re-exported here.
 log = logging.getLogger(__name__)
 
 # Local runs export spans within half a second (the SDK's default batch delay is 5 s).
@@ -50,46 +55,12 @@ LOCAL_ENV = {"OTEL_BSP_SCHEDULE_DELAY": "500"}
 # `serve` would export straight to JAEGER_HOST (or OTEL_EXPORTER_OTLP_ENDPOINT), past the local
 # collector, which forwards there itself.
 LOCAL_UNSET = ("JAEGER_HOST", "OTEL_EXPORTER_OTLP_ENDPOINT")
-# Seconds a local mesh (`meshctl up`, `demo`) gets to be all-healthy by default, its promise on 2 cores:
-# the sidecar plane also waits for every Envoy's first health checks of its peers.
-HEALTHY_WITHIN: dict[Plane, float] = {"sidecar": 20.0, "proxyless": 15.0}
 RESTART_BASE = 0.5
 RESTART_MAX = 30.0
 # Restart n waits RESTART_BASE * 2**(n-1), at most RESTART_MAX: the policy back-off's ceiling, without
 # jitter (the children are this supervisor's own, no fleet to spread; the log states exact waits).
 RESTART_BACKOFF = EqualJitter(RESTART_BASE, RESTART_MAX)
 STABLE_AFTER = 60.0  # seconds up before the back-off resets
-
-
-@dataclass
-class ServiceEndpoints:
-    address: str  # where mTLS callers reach the service (Envoy inbound, or the MeshServer)
-    admin: str | None  # aivo-mesh admin endpoint of the app process
-    sidecar_admin: str | None = None  # Envoy admin (sidecar plane)
-    app: str | None = None  # the app behind its sidecar (plaintext): unix:<path> on the local mesh
-    outbound: str | None = None  # the sidecar's outbound listener: unix:<path> on the local mesh
-
-
-@dataclass
-class RuntimeInfo:
-    plane: Plane
-    collector: str
-    services: dict[str, ServiceEndpoints] = field(default_factory=dict)
-    sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
-    control_plane: dict[str, str] | None = None  # {"address": ADS, "admin": HTTP} when one runs
-
-    def write(self, state: StateDir) -> None:
-        write_atomic(state.root / "runtime.json", json.dumps(asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def read(cls, state: StateDir) -> RuntimeInfo | None:
-        try:
-            data = json.loads((state.root / "runtime.json").read_text())
-        except (FileNotFoundError, ValueError):
-            return None
-        return cls(plane=data["plane"], collector=data["collector"],
-                   services={k: ServiceEndpoints(**v) for k, v in data["services"].items()},
-                   sockets=data.get("sockets"), control_plane=data.get("control_plane"))
 
 
 def envoy_binary() -> str:
@@ -229,7 +200,8 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
             procs.append(Managed(name="control-plane", role="control-plane", address=cp.address,
                                  admin=cp.admin_address,
                                  argv=meshctl_argv("control-plane", "--state-dir", str(state.root),
-                                                   "--collector-port", str(collector_port or 0),
+                                                   *(["--collector-port", str(collector_port)]
+                                                     if collector_port else []),
                                                    "--sockets", str(sockets),
                                                    *(["--watch", str(watch.resolve())] if watch else []))))
             info.control_plane = {"address": cp.address, "admin": cp.admin_address}

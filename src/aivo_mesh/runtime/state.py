@@ -7,6 +7,8 @@
     <state>/processes.json   what is running: {"version": 1, "processes": [{name, pid, role, address, admin,
                              started_at, log}, ...]}
     <state>/supervisor.pid   the pid of `meshctl up`'s supervisor, while it runs
+    <state>/runtime.json     where `meshctl up`'s processes are reached (RuntimeInfo): each service's
+                             addresses, the collector, the control plane's ADS and admin addresses
 
 Which state directory a command uses is one rule, `resolve_state_dir`:
 
@@ -24,8 +26,9 @@ import json
 import os
 import shlex
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from aivo_mesh.errors import StateError
 from aivo_mesh.fsutil import write_atomic
@@ -36,6 +39,11 @@ DEFAULT_STATE_DIR = Path(".state/mesh")  # `meshctl up`'s
 DEMO_STATE_DIR = Path(".state/demo")  # `meshctl demo`'s (`make demo`)
 # processes.json's format: a reader refuses any other, since guessing wrong orphans processes.
 PROCESSES_VERSION = 1
+
+Plane = Literal["sidecar", "proxyless"]
+# Seconds a local mesh (`meshctl up`, `demo`) gets to be all-healthy by default, its promise on 2 cores:
+# the sidecar plane also waits for every Envoy's first health checks of its peers.
+HEALTHY_WITHIN: dict[Plane, float] = {"sidecar": 20.0, "proxyless": 15.0}
 
 
 @dataclass(frozen=True)
@@ -215,3 +223,34 @@ def running_meshes(environ: Mapping[str, str] | None = None) -> list[StateDir]:
         if state.running() and all(s.root.resolve() != state.root.resolve() for s in found):
             found.append(state)
     return found
+
+
+@dataclass
+class ServiceEndpoints:
+    address: str  # where mTLS callers reach the service (Envoy inbound, or the MeshServer)
+    admin: str | None  # aivo-mesh admin endpoint of the app process
+    sidecar_admin: str | None = None  # Envoy admin (sidecar plane)
+    app: str | None = None  # the app behind its sidecar (plaintext): unix:<path> on the local mesh
+    outbound: str | None = None  # the sidecar's outbound listener: unix:<path> on the local mesh
+
+
+@dataclass
+class RuntimeInfo:
+    plane: Plane
+    collector: str
+    services: dict[str, ServiceEndpoints] = field(default_factory=dict)
+    sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
+    control_plane: dict[str, str] | None = None  # {"address": ADS, "admin": HTTP} when one runs
+
+    def write(self, state: StateDir) -> None:
+        write_atomic(state.root / "runtime.json", json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def read(cls, state: StateDir) -> RuntimeInfo | None:
+        try:
+            data = json.loads((state.root / "runtime.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return cls(plane=data["plane"], collector=data["collector"],
+                   services={k: ServiceEndpoints(**v) for k, v in data["services"].items()},
+                   sockets=data.get("sockets"), control_plane=data.get("control_plane"))
