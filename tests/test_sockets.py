@@ -14,7 +14,7 @@ import pytest
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.errors import MeshError
 from aivo_mesh.runtime import mesh as runtime_mesh
-from aivo_mesh.runtime.mesh import plan
+from aivo_mesh.runtime.mesh import local_profile, plan, write_envoy_configs
 from aivo_mesh.runtime.sockets import (
     SUN_PATH_MAX,
     app_socket,
@@ -24,6 +24,8 @@ from aivo_mesh.runtime.sockets import (
     unix_listen_problem,
 )
 from aivo_mesh.runtime.state import StateDir
+from aivo_mesh.xds.cache import CLUSTER, LISTENER
+from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ["auth-svc", "learner-svc", "event-collector-svc", "analytics-svc"]
@@ -157,8 +159,17 @@ def test_the_sidecar_plan_puts_both_plaintext_legs_on_the_sockets(tmp_path: Path
     assert argv == ["--insecure", "--unix-socket", str(app), "--sidecar-outbound", f"unix:{out}"]
     assert "--port" not in auth.argv
     assert (info.services["auth-svc"].app, info.services["auth-svc"].outbound) == (f"unix:{app}", f"unix:{out}")
-    bootstrap = (state.root / "envoy" / "auth-svc" / "envoy.yaml").read_text()
-    assert f"path: {out}\n        mode: 384" in bootstrap and f"path: {app}\n" in bootstrap
+    # The Envoys take their listeners and clusters from the control plane, which runs with that folder.
+    cp = next(m for m in procs if m.name == "control-plane")
+    assert cp.argv[cp.argv.index("--sockets") + 1] == str(folder)
+    static = write_envoy_configs(state, mesh, None, folder, control_plane=False)["auth-svc"].read_text()
+    assert f"path: {out}\n        mode: 384" in static and f"path: {app}\n" in static
+    snap = sidecar_snapshot(mesh, "auth-svc", local_profile(state, "auth-svc", None, folder), Trust(b"ca"))
+    listeners = {r.address.pipe.path: r.address.pipe.mode for r in snap.resources[LISTENER].values()}
+    assert listeners.get(str(out)) == 0o600
+    local_app = snap.resources[CLUSTER]["local_app"]
+    assert [e.endpoint.address.pipe.path for g in local_app.load_assignment.endpoints
+            for e in g.lb_endpoints] == [str(app)]
 
 
 def test_the_proxyless_plan_is_unchanged(tmp_path: Path, mesh: MeshSpec) -> None:
