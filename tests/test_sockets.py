@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.listener.v3 import listener_pb2
 
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.errors import MeshError
@@ -165,9 +167,11 @@ def test_the_sidecar_plan_puts_both_plaintext_legs_on_the_sockets(tmp_path: Path
     static = write_envoy_configs(state, mesh, None, folder, control_plane=False)["auth-svc"].read_text()
     assert f"path: {out}\n        mode: 384" in static and f"path: {app}\n" in static
     snap = sidecar_snapshot(mesh, "auth-svc", local_profile(state, "auth-svc", None, folder), Trust(b"ca"))
-    listeners = {r.address.pipe.path: r.address.pipe.mode for r in snap.resources[LISTENER].values()}
+    listeners = {r.address.pipe.path: r.address.pipe.mode for r in snap.resources[LISTENER].values()
+                 if isinstance(r, listener_pb2.Listener)}
     assert listeners.get(str(out)) == 0o600
     local_app = snap.resources[CLUSTER]["local_app"]
+    assert isinstance(local_app, cluster_pb2.Cluster)
     assert [e.endpoint.address.pipe.path for g in local_app.load_assignment.endpoints
             for e in g.lb_endpoints] == [str(app)]
 
