@@ -125,8 +125,8 @@ def _read(file: str | None) -> tuple[str, str]:
         source = "<stdin>"
     elif file is not None:
         source = str(Path(file))
-    else:  # the rule `config validate` follows (importing config: only a command without FILE pays it)
-        from aivo_mesh.config.loader import find_mesh_file
+    else:  # the rule `config validate` follows
+        from aivo_mesh.meshfile import find_mesh_file
 
         source = str(find_mesh_file(None))
     try:
