@@ -5,6 +5,7 @@ content-hash versions, consistency checks, and who may ask for what."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -152,6 +153,13 @@ class Plane:
 
 @pytest.fixture
 async def plane(mesh: MeshSpec, mesh_certs: CertLayout) -> AsyncIterator[Plane]:
+    async with open_plane(mesh, mesh_certs) as p:
+        yield p
+
+
+@contextlib.asynccontextmanager
+async def open_plane(mesh: MeshSpec, mesh_certs: CertLayout) -> AsyncIterator[Plane]:
+    """An AdsServer on 127.0.0.1 (mTLS, serving with auth-svc's certificate) over a fresh cache."""
     cache = SnapshotCache()
     groups = {f"spiffe://aivo.local/ns/default/sa/{n}": n for n in (*mesh.service_names, "mesh-client")}
     ads = AdsServer(cache, lambda node: groups.get(node.id), PeerPolicy.from_mesh(mesh))
