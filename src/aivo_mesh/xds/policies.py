@@ -24,20 +24,26 @@ it and keeps what it had.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
-from envoy.config.route.v3 import route_components_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import Message
 from pydantic import BaseModel, ValidationError
 
 from aivo_mesh.config.model import (
     CircuitBreakerSpec,
     HealthCheckSpec,
     LimitsSpec,
+    MeshSpec,
     OutlierDetectionSpec,
     RetryBudgetSpec,
     RetrySpec,
@@ -49,6 +55,7 @@ from aivo_mesh.config.model import (
 from aivo_mesh.config.patterns import service_prefix
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_retry
 from aivo_mesh.discovery.snapshot import Endpoint
+from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 METADATA_KEY = "aivo.mesh"
 M = TypeVar("M", bound=BaseModel)
@@ -228,3 +235,85 @@ def decode_allow(rbac: rbac_pb2.RBAC, trust_domain: str) -> tuple[tuple[frozense
             methods.append(path.exact or path.prefix)
         numbered.append((int(name[6:]), (frozenset(callers), tuple(methods))))
     return tuple(rule for _, rule in sorted(numbered))
+
+
+# -- a proxyless node's whole configuration ------------------------------------------------------------
+
+# The listener of a proxyless server is named as gRPC's xDS servers name theirs (gRFC A36's default
+# `server_listener_resource_name_template`), with the address the server listens on.
+SERVER_LISTENER_PREFIX = "grpc/server?xds.resource.listening_address="
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+
+Rules = tuple[tuple[frozenset[str], tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One peer as a MeshClient applies it."""
+
+    policy: ServicePolicy
+    routes: tuple[RoutePolicy, ...]
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class ProxylessConfig:
+    """What a proxyless node holds, decoded: its peers (API listeners, gRFC A27) and, if it serves, the
+    allow rules of its server listener (None: no server listener)."""
+
+    targets: Mapping[str, TargetConfig]
+    allow: Rules | None
+
+
+def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]) -> ProxylessConfig:
+    """A complete set of a proxyless node's resources (xds/subscriber.py), decoded. Peers are named by
+    their API listeners; `mesh` (the process's mesh.yaml) says what each peer is (its name and gRPC
+    service), since the set of services does not change while the mesh runs. Raises PolicyError."""
+    listeners, routes = resources.get(LISTENER, {}), resources.get(ROUTE, {})
+    clusters, assignments = resources.get(CLUSTER, {}), resources.get(ENDPOINT, {})
+    targets: dict[str, TargetConfig] = {}
+    allow: Rules | None = None
+    for name, listener in sorted(listeners.items()):
+        assert isinstance(listener, listener_pb2.Listener)
+        if name.startswith(SERVER_LISTENER_PREFIX):
+            allow = _server_rules(mesh, listener)
+            continue
+        if not listener.HasField("api_listener"):
+            raise PolicyError(f"listener {name}: neither an API listener nor a server listener")
+        try:
+            spec = mesh.service(name)
+        except KeyError:
+            raise PolicyError(f"listener {name}: not a service of this mesh") from None
+        hcm = hcm_pb2.HttpConnectionManager()
+        if not listener.api_listener.api_listener.Unpack(hcm) or not hcm.HasField("rds"):
+            raise PolicyError(f"listener {name}: expected an HttpConnectionManager taking its routes over RDS")
+        config = routes.get(hcm.rds.route_config_name)
+        cluster = clusters.get(name)
+        if config is None or cluster is None:
+            raise PolicyError(f"listener {name}: its route configuration or cluster is missing")
+        assert isinstance(config, route_pb2.RouteConfiguration) and isinstance(cluster, cluster_pb2.Cluster)
+        mine = [r for vh in config.virtual_hosts for r in vh.routes]
+        if any(r.route.cluster != name for r in mine):
+            raise PolicyError(f"route configuration {config.name}: a route to another cluster than {name}")
+        policy = decode_service(spec, cluster)
+        cla = assignments.get(cluster.eds_cluster_config.service_name or name)
+        if cla is None:
+            raise PolicyError(f"cluster {name}: its assignment is missing")
+        assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+        targets[name] = TargetConfig(policy, decode_routes(policy, mine), decode_endpoints(cla))
+    return ProxylessConfig(targets, allow)
+
+
+def _server_rules(mesh: MeshSpec, listener: listener_pb2.Listener) -> Rules:
+    for chain in listener.filter_chains:
+        for f in chain.filters:
+            hcm = hcm_pb2.HttpConnectionManager()
+            if not f.typed_config.Unpack(hcm):
+                continue
+            for http_filter in hcm.http_filters:
+                if http_filter.typed_config.type_url == RBAC_TYPE:
+                    rbac = rbac_filter_pb2.RBAC()
+                    http_filter.typed_config.Unpack(rbac)
+                    return decode_allow(rbac.rules, mesh.mesh.trust_domain)
+    raise PolicyError(f"listener {listener.name}: no RBAC filter (a server without allow rules would refuse "
+                      "everything; refusing the listener instead)")
