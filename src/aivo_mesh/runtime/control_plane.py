@@ -2,8 +2,10 @@
 
     inputs     the state dir's effective mesh.yaml; the certificates the peer policy vetted (the keys the
                sidecars trust travel as `mesh_ca`, never a private key); endpoints from mesh.yaml
-    snapshots  one node group per sidecar (xds/resources.py), set in the cache (xds/cache.py) only when
-               consistent; content-hash versions, so a restarted control plane causes no churn
+    snapshots  one node group per service and plane: its sidecar's (xds/resources.py) and its gRPC
+               processes' (`<service>/proxyless`, xds/proxyless.py, cut from the sidecar's), set in the cache
+               (xds/cache.py) only when consistent; content-hash versions, so a restarted control plane
+               causes no churn
     ADS        xds/server.py on mTLS 1.3 with the control plane's own identity; nodes must be who their
                certificate says
     admin      loopback HTTP: GET /xds/status (per node: connected, ACKed versions, last NACK),
@@ -46,6 +48,7 @@ from aivo_mesh.telemetry.metrics import MeshMetrics
 from aivo_mesh.telemetry.tracing import Tracing
 from aivo_mesh.telemetry.xds_metrics import XdsMetrics
 from aivo_mesh.xds.cache import InconsistentSnapshot, SnapshotCache, type_name
+from aivo_mesh.xds.proxyless import group_name, is_proxyless, proxyless_snapshot
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 from aivo_mesh.xds.server import AdsServer
 
@@ -90,9 +93,11 @@ class ControlPlane:
 
     # -- node groups ------------------------------------------------------------------------------------
     def _group_of(self, node: Any) -> str | None:
+        """The service whose SPIFFE ID the node claims (AdsServer has checked it against the certificate),
+        on the plane its metadata names: the sidecar's group, or the service's gRPC processes'."""
         for name in self.mesh.service_names:
             if node.id == self.mesh.spiffe_id(name):
-                return name
+                return group_name(name) if is_proxyless(node) else name
         return None
 
     def endpoints(self, mesh: MeshSpec) -> dict[str, tuple[Endpoint, ...]]:
@@ -107,8 +112,8 @@ class ControlPlane:
         return out
 
     def rebuild(self, mesh: MeshSpec, reason: str = "mesh.yaml") -> dict[str, bool]:
-        """Every sidecar's snapshot from `mesh`: all checked before any is published, so a mesh that
-        does not build changes nothing. {service: whether its snapshot changed}."""
+        """Every node group's snapshot from `mesh`: all checked before any is published, so a mesh that
+        does not build changes nothing. {group: whether its snapshot changed}."""
         with self._span("xds.snapshot.build", reason=reason, services=len(mesh.services)) as span:
             started = time.monotonic()
             try:
@@ -121,7 +126,7 @@ class ControlPlane:
             if span is not None:
                 span.set_attribute("xds.changed", sorted(n for n, c in changed.items() if c))
         self.built_at = time.time()
-        log.info("snapshots built", extra={"reason": reason, "services": len(changed),
+        log.info("snapshots built", extra={"reason": reason, "groups": len(changed),
                                             "changed": sorted(n for n, c in changed.items() if c),
                                             "seconds": round(self.build_seconds, 4)})
         return changed
@@ -141,6 +146,8 @@ class ControlPlane:
             problems = snap.problems()
             if problems:
                 raise InconsistentSnapshot(name, problems)
+        # gRPC's own clients: cut from the same snapshots, so both planes mean the same mesh.yaml.
+        snapshots |= {group_name(name): proxyless_snapshot(mesh, name, snap) for name, snap in snapshots.items()}
         changed = {name: self.cache.set(name, snap) for name, snap in snapshots.items()}
         self.mesh = mesh
         self.ads.policy = PeerPolicy.from_mesh(mesh)
@@ -180,16 +187,17 @@ class ControlPlane:
             write_atomic(self.state.mesh_file, _dump(mesh))
             with self._span("xds.wait_acks", timeout_s=APPLY_TIMEOUT):
                 verdicts = await self.ads.wait_settled(APPLY_TIMEOUT)
-            nodes = [{"node": node, "service": self.ads.nodes[node].group,
-                      "changed": changed.get(self.ads.nodes[node].group, False), "outcome": verdict}
-                     for node, verdict in sorted(verdicts.items())]
+            nodes = [{"node": self.ads.nodes[key].node_id, "service": self.ads.nodes[key].group,
+                      "changed": changed.get(self.ads.nodes[key].group, False), "outcome": verdict}
+                     for key, verdict in sorted(verdicts.items())]
             if span is not None:
                 for n in nodes:
                     span.add_event("xds.node", {"node": n["node"], "outcome": n["outcome"],
                                                 "changed": n["changed"]})
                 if any(n["outcome"] != "acked" for n in nodes):
                     span.set_status(StatusCode.ERROR, "a node refused or did not answer")
-        return {"changed": sorted(n for n, c in changed.items() if c), "nodes": nodes,
+        # `changed` names services (sidecars), as it always has; each node says whether its own group changed.
+        return {"changed": sorted(n for n, c in changed.items() if c and n in mesh.service_names), "nodes": nodes,
                 "build_seconds": round(self.build_seconds, 4)}
 
     # -- serving ----------------------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""What gRPC's own xDS client takes from the control plane ("proxyless gRPC"), and its bootstrap.
+
+A process that dials `xds:///auth-svc` with grpc's built-in xDS client (GRPC_XDS_BOOTSTRAP, gRFC A27)
+asks the control plane for the listener named `auth-svc`, its route configuration, its cluster and the
+cluster's assignment. Such a node says `"aivo.plane": "proxyless"` in its node metadata and belongs to
+the node group `<service>/proxyless` (`group_name`), whose snapshot `proxyless_snapshot` builds.
+
+It is cut from the same service's sidecar snapshot (xds/resources.py), so both planes mean the same
+mesh.yaml and one piece of code does each job. Per peer the service may call:
+
+    listeners  an API listener named as the target (`auth-svc`): an HttpConnectionManager with only the
+               router filter, its routes over RDS (ADS)
+    routes     the peer's routes from the sidecar's outbound route configuration, as they are: match order
+               (exact methods, then prefixes, then the service), deadlines as
+               max_stream_duration.grpc_timeout_header_max (A31), retry_policy (A44: the five gRPC codes,
+               num_retries, retry_back_off; gRPC ignores the rest, per_try_timeout included)
+    clusters   the peer's sidecar cluster cut to what gRPC reads: EDS, lb_policy, circuit_breakers
+               (max_requests, A32), outlier_detection (A50); mTLS from the bootstrap's certificate provider,
+               checking the peer's SPIFFE ID (A29: gRPC does not speak SDS); and, in the metadata under
+               "aivo.mesh", the peer's policies gRPC does not apply (retry budget, the consecutive-failure
+               breaker, limits, outlier rule, health checks) for a client that would apply them
+    endpoints  the sidecar's assignment (discovery, else mesh.yaml `endpoints`, else the peer's default
+               address) in one locality of weight 1: gRPC drops a locality without a weight
+
+Nothing here imports grpc; `grpc_bootstrap` is plain data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import config_source_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from google.protobuf.message import Message
+
+from aivo_mesh.config.model import MeshSpec, to_data
+from aivo_mesh.config.resolve import callable_peers, service_policy
+from aivo_mesh.render.envoy import OUTBOUND_LISTENER
+from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
+from aivo_mesh.xds.refs import rds_names
+
+PLANE_KEY = "aivo.plane"  # node.metadata: which plane a node is on ("sidecar" is the default)
+PROXYLESS = "proxyless"
+# The certificate provider instance the bootstrap defines and every cluster's TLS names (A29).
+CERT_PROVIDER = "aivo_mesh"
+METADATA_KEY = "aivo.mesh"  # cluster metadata: the policies gRPC does not apply
+CERT_REFRESH = 5  # seconds between the file watcher's reads (MeshClient's own reload interval)
+
+
+def group_name(service: str) -> str:
+    """The node group of `service`'s gRPC processes (the sidecar's group is the service's name)."""
+    return f"{service}/{PROXYLESS}"
+
+
+def is_proxyless(node: Any) -> bool:
+    """Whether a node (envoy.config.core.v3.Node) says it is gRPC's own xDS client of the mesh."""
+    value = node.metadata.fields.get(PLANE_KEY)
+    return value is not None and value.string_value == PROXYLESS
+
+
+def proxyless_snapshot(mesh: MeshSpec, service: str, sidecar: Snapshot) -> Snapshot:
+    """Every resource `service`'s gRPC processes take over ADS, cut from its sidecar snapshot `sidecar`
+    (`sidecar_snapshot` of the same mesh and service). Raises InconsistentSnapshot."""
+    outbound = _outbound_routes(sidecar)
+    listeners: list[Message] = []
+    routes: list[Message] = []
+    clusters: list[Message] = []
+    assignments: list[Message] = []
+    for peer in callable_peers(mesh, service):
+        listeners.append(_api_listener(peer))
+        routes.append(_route_config(peer, outbound))
+        clusters.append(_cluster(mesh, peer, sidecar.get(CLUSTER)[peer]))
+        assignments.append(_assignment(sidecar.get(ENDPOINT)[peer]))
+    snap = Snapshot.of({LISTENER: listeners, ROUTE: routes, CLUSTER: clusters, ENDPOINT: assignments})
+    if problems := snap.problems():
+        raise InconsistentSnapshot(group_name(service), problems)
+    return snap
+
+
+def _outbound_routes(sidecar: Snapshot) -> list[route_pb2.Route]:
+    """Every route of the sidecar's outbound listener, in its order (Envoy and gRPC take the first match)."""
+    names = dict(rds_names(sidecar.get(LISTENER).values()))[OUTBOUND_LISTENER]
+    config = sidecar.get(ROUTE)[names[0]]
+    assert isinstance(config, route_pb2.RouteConfiguration)
+    return [r for vh in config.virtual_hosts for r in vh.routes]
+
+
+def _ads() -> config_source_pb2.ConfigSource:
+    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
+                                          resource_api_version=config_source_pb2.V3)
+
+
+def _api_listener(peer: str) -> listener_pb2.Listener:
+    # The router must be the last (here: the only) filter; any other filter gRPC does not know NACKs it.
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix=peer)
+    hcm.rds.route_config_name = peer
+    hcm.rds.config_source.CopyFrom(_ads())
+    hcm.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(router_pb2.Router())
+    listener = listener_pb2.Listener(name=peer)
+    listener.api_listener.api_listener.Pack(hcm)
+    return listener
+
+
+def _route_config(peer: str, outbound: list[route_pb2.Route]) -> route_pb2.RouteConfiguration:
+    config = route_pb2.RouteConfiguration(name=peer)
+    # The listener already names the peer: any authority the channel uses (`xds:///auth-svc`) matches.
+    vhost = config.virtual_hosts.add(name=peer, domains=["*"])
+    vhost.routes.extend(r for r in outbound if r.route.cluster == peer)
+    return config
+
+
+def _cluster(mesh: MeshSpec, peer: str, sidecar: Message) -> cluster_pb2.Cluster:
+    """The sidecar's cluster of `peer` (already on EDS), cut to what gRPC reads, with its own TLS."""
+    assert isinstance(sidecar, cluster_pb2.Cluster)
+    cluster = cluster_pb2.Cluster(name=peer, type=sidecar.type, lb_policy=sidecar.lb_policy)
+    cluster.eds_cluster_config.CopyFrom(sidecar.eds_cluster_config)
+    cluster.circuit_breakers.CopyFrom(sidecar.circuit_breakers)
+    # gRPC ejects by success rate or failure percentage only; the consecutive_* fields stay as mesh.yaml
+    # means them (and the sidecar reads them) but eject nothing here.
+    cluster.outlier_detection.CopyFrom(sidecar.outlier_detection)
+    cluster.transport_socket.name = "envoy.transport_sockets.tls"
+    cluster.transport_socket.typed_config.Pack(upstream_tls(mesh, peer))
+    cluster.metadata.filter_metadata[METADATA_KEY].update(unapplied_policies(mesh, peer))
+    return cluster
+
+
+def upstream_tls(mesh: MeshSpec, peer: str) -> tls_pb2.UpstreamTlsContext:
+    """mTLS to `peer` from the bootstrap's certificate provider (A29), trusting only the peer's SPIFFE ID.
+
+    No tls_params (gRPC NACKs them; TLS 1.3 is the servers' to insist on, as MeshServer does), no SPKI
+    pins or CRL (NACKed too: a revoked or unpinned peer is the peer's own servers' and the CA's to
+    refuse), no SDS (gRPC does not speak it)."""
+    context = tls_pb2.CommonTlsContext()
+    context.tls_certificate_provider_instance.instance_name = CERT_PROVIDER
+    validation = context.validation_context
+    validation.ca_certificate_provider_instance.instance_name = CERT_PROVIDER
+    validation.match_subject_alt_names.add(exact=mesh.spiffe_id(peer))
+    return tls_pb2.UpstreamTlsContext(common_tls_context=context)
+
+
+def unapplied_policies(mesh: MeshSpec, peer: str) -> dict[str, Any]:
+    """The peer's policies gRPC's xDS client does not apply, as mesh.yaml writes them (durations as `10s`):
+    retry budget, circuit breaker, limits (gRPC applies max_requests alone), outlier detection (gRPC has
+    no consecutive-failure ejection), health checks."""
+    sp = service_policy(mesh, peer)
+    return {"retry_budget": to_data(sp.retry_budget), "circuit_breaker": to_data(sp.circuit_breaker),
+            "limits": to_data(sp.limits), "outlier_detection": to_data(sp.outlier_detection),
+            "health_check": to_data(sp.health_check)}
+
+
+def _assignment(sidecar: Message) -> endpoint_pb2.ClusterLoadAssignment:
+    assert isinstance(sidecar, endpoint_pb2.ClusterLoadAssignment)
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    cla.CopyFrom(sidecar)
+    for locality in cla.endpoints:
+        locality.locality.SetInParent()  # gRPC wants one, even empty
+        if not locality.load_balancing_weight.value:
+            locality.load_balancing_weight.value = 1
+    return cla
+
+
+def grpc_bootstrap(mesh: MeshSpec, service: str, server_uri: str, *, cert: Path, key: Path,
+                   ca: Path) -> dict[str, Any]:
+    """A gRPC xDS bootstrap (GRPC_XDS_BOOTSTRAP) for `service`'s processes: the control plane at
+    `server_uri` over mTLS ("tls" channel credentials, gRFC A65: the service's certificate, trusting `ca`,
+    the control plane's host name checked against its certificate), the node (its SPIFFE ID, which the
+    control plane checks against the certificate, and `aivo.plane: proxyless`), and the `file_watcher`
+    certificate provider every cluster's mTLS names (A29). Files are named by absolute path and re-read
+    every CERT_REFRESH seconds, so a rotation needs no restart."""
+    files = {"certificate_file": str(cert.resolve()), "private_key_file": str(key.resolve()),
+             "ca_certificate_file": str(ca.resolve()), "refresh_interval": f"{CERT_REFRESH}s"}
+    node = {"id": mesh.spiffe_id(service), "cluster": service, "locality": {},
+            "metadata": {PLANE_KEY: PROXYLESS, "aivo.service": service}}
+    return {
+        "xds_servers": [{"server_uri": server_uri, "channel_creds": [{"type": "tls", "config": dict(files)}],
+                         "server_features": ["xds_v3"]}],
+        "node": node,
+        "certificate_providers": {CERT_PROVIDER: {"plugin_name": "file_watcher", "config": dict(files)}},
+    }
