@@ -3,6 +3,9 @@ plane: the resources of its node group, cut from the sidecar's."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -11,13 +14,17 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+from helpers import meshctl
 
 from aivo_mesh.config import MeshSpec
+from aivo_mesh.pki import CertLayout
 from aivo_mesh.render.envoy import EnvoyProfile
+from aivo_mesh.runtime.state import RuntimeInfo, StateDir
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET
 from aivo_mesh.xds.proxyless import CERT_PROVIDER, METADATA_KEY, proxyless_snapshot
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 
+ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = "/aivo.auth.v1.AuthService/ValidateToken"
 
 
@@ -78,3 +85,33 @@ def test_the_proxyless_snapshot_is_the_sidecars_cut_to_what_grpc_reads(mesh: Mes
     assert [list(loc.lb_endpoints) for loc in cla.endpoints] == [list(loc.lb_endpoints)
                                                                   for loc in sidecar_cla.endpoints]
     assert [(loc.HasField("locality"), loc.load_balancing_weight.value) for loc in cla.endpoints] == [(True, 1)]
+
+
+# -- the command ------------------------------------------------------------------------------------------
+
+def test_bootstrap_takes_the_running_control_planes_address_and_refuses_bad_input(mesh_certs: CertLayout,
+                                                                                tmp_path: Path) -> None:
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    shutil.copytree(mesh_certs.root, state.certs.root)
+    state.mesh_file.write_text((ROOT / "mesh.yaml").read_text())
+    RuntimeInfo("sidecar", "127.0.0.1:4317", control_plane={"address": "127.0.0.1:41234",
+                                                           "admin": "127.0.0.1:41235"}).write(state)
+    done = meshctl("xds", "bootstrap", "auth-svc", "--state-dir", str(state.root))
+    assert done.returncode == 0, done.stderr
+    boot = json.loads(done.stdout)
+    assert boot["xds_servers"][0]["server_uri"] == "127.0.0.1:41234"
+    assert boot["xds_servers"][0]["channel_creds"][0]["type"] == "tls"
+    assert boot["node"] == {"id": "spiffe://aivo.local/ns/default/sa/auth-svc", "cluster": "auth-svc", "locality": {},
+                            "metadata": {"aivo.plane": "proxyless", "aivo.service": "auth-svc"}}
+    provider = boot["certificate_providers"][CERT_PROVIDER]
+    assert provider["plugin_name"] == "file_watcher"
+    assert provider["config"]["certificate_file"] == str(state.certs.identity_paths("auth-svc")[0].resolve())
+    # A service mesh.yaml does not have; a service without its certificate: exit 2, saying so.
+    done = meshctl("xds", "bootstrap", "billing-svc", "--state-dir", str(state.root))
+    assert done.returncode == 2 and "'billing-svc' is not a service of" in done.stderr, done.stderr
+    state.certs.identity_paths("analytics-svc")[1].unlink()
+    done = meshctl("xds", "bootstrap", "analytics-svc", "--state-dir", str(state.root), "--file", str(tmp_path / "x"))
+    assert done.returncode == 2 and "analytics-svc-key.pem: missing" in done.stderr, done.stderr
+    assert not (tmp_path / "x").exists()
+
