@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import json
 import shutil
@@ -31,13 +32,14 @@ import yaml
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from helpers import checkout_env, meshctl
 
 from aivo_mesh.config import MeshSpec, parse_mesh
+from aivo_mesh.config.resolve import callable_peers, route_policies, service_policy
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.control_plane import ControlPlane
@@ -47,7 +49,8 @@ from aivo_mesh.runtime.state import RuntimeInfo, StateDir
 from aivo_mesh.runtime.status import control_plane_view
 from aivo_mesh.server import MeshServer
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
-from aivo_mesh.xds.proxyless import CERT_PROVIDER, METADATA_KEY, group_name, proxyless_snapshot
+from aivo_mesh.xds.policies import METADATA_KEY, decode_config, decode_endpoints
+from aivo_mesh.xds.proxyless import CERT_PROVIDER, group_name, proxyless_snapshot
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,13 +82,23 @@ def test_the_proxyless_snapshot_is_the_sidecars_cut_to_what_grpc_reads(mesh: Mes
     hcm = _unpack(listener.api_listener.api_listener, hcm_pb2.HttpConnectionManager())
     assert [f.name for f in hcm.http_filters] == ["envoy.filters.http.router"]
     assert hcm.rds.route_config_name == "auth-svc" and hcm.rds.config_source.HasField("ads")
-    # The peer's routes of the sidecar's outbound route configuration, byte for byte and in order.
+    # The peer's routes of the sidecar's outbound route configuration, in order, as they are but for the
+    # policy each carries in its metadata (and the sidecar's are left as they were).
+    versions = dict(sidecar.versions)
     outbound = sidecar.get(ROUTE)["outbound"]
     assert isinstance(outbound, route_pb2.RouteConfiguration)
     mine = snap.get(ROUTE)["auth-svc"]
     assert isinstance(mine, route_pb2.RouteConfiguration)
-    assert list(mine.virtual_hosts[0].routes) == [r for r in outbound.virtual_hosts[0].routes
-                                                  if r.route.cluster == "auth-svc"]
+    bare = []
+    for r in mine.virtual_hosts[0].routes:
+        assert METADATA_KEY in r.metadata.filter_metadata
+        copy = route_components_pb2.Route()
+        copy.CopyFrom(r)
+        copy.ClearField("metadata")
+        bare.append(copy)
+    assert bare == [r for r in outbound.virtual_hosts[0].routes if r.route.cluster == "auth-svc"]
+    assert sidecar_snapshot(mesh, "learner-svc", EnvoyProfile.local("/certs", "/sds"), Trust(b"ca")).versions \
+        == versions
     validate = mine.virtual_hosts[0].routes[0]
     assert validate.match.path == VALIDATE  # exact methods before the service's prefix
     assert validate.route.max_stream_duration.grpc_timeout_header_max.ToTimedelta().total_seconds() == 1.0
@@ -116,6 +129,23 @@ def test_the_proxyless_snapshot_is_the_sidecars_cut_to_what_grpc_reads(mesh: Mes
     assert [list(loc.lb_endpoints) for loc in cla.endpoints] == [list(loc.lb_endpoints)
                                                                   for loc in sidecar_cla.endpoints]
     assert [(loc.HasField("locality"), loc.load_balancing_weight.value) for loc in cla.endpoints] == [(True, 1)]
+
+
+@pytest.mark.parametrize("service", ["learner-svc", "analytics-svc", "auth-svc"])
+def test_the_proxyless_snapshot_reads_back_as_mesh_yaml_resolves_it(mesh: MeshSpec, service: str) -> None:
+    # The same node group serves a MeshClient on the control plane: its decoder finds every peer's policy,
+    # routes and endpoints as config.resolve and the sidecar give them.
+    sidecar = sidecar_snapshot(mesh, service, EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
+    config = decode_config(mesh, proxyless_snapshot(mesh, service, sidecar).resources)
+    assert sorted(config.targets) == sorted(callable_peers(mesh, service)) and config.allow is None
+    for peer, target in config.targets.items():
+        assert target.policy == service_policy(mesh, peer)
+        # Deadlines travel as Durations: `0.7s` and `700ms` are one Duration, two floats.
+        assert [dataclasses.replace(rp, timeout=round(rp.timeout, 9)) for rp in target.routes] == \
+               [dataclasses.replace(rp, timeout=round(rp.timeout, 9)) for rp in route_policies(mesh, peer)]
+        assignment = sidecar.get(ENDPOINT)[peer]
+        assert isinstance(assignment, endpoint_pb2.ClusterLoadAssignment)
+        assert target.endpoints == decode_endpoints(assignment)
 
 
 async def test_grpcio_applies_a_service_config_deadline_one_to_two_seconds_early() -> None:

@@ -13,16 +13,19 @@ mesh.yaml and one piece of code does each job. Per peer the service may call:
     routes     the peer's routes from the sidecar's outbound route configuration, as they are: match order
                (exact methods, then prefixes, then the service), deadlines as
                max_stream_duration.grpc_timeout_header_max (A31), retry_policy (A44: the five gRPC codes,
-               num_retries, retry_back_off; gRPC ignores the rest, per_try_timeout included)
+               num_retries, retry_back_off; gRPC ignores the rest, per_try_timeout included); each with
+               the route's policy as mesh.yaml resolves it in its metadata (xds/policies.py)
     clusters   the peer's sidecar cluster cut to what gRPC reads: EDS, lb_policy, circuit_breakers
                (max_requests, A32), outlier_detection (A50); mTLS from the bootstrap's certificate provider,
-               checking the peer's SPIFFE ID (A29: gRPC does not speak SDS); and, in the metadata under
-               "aivo.mesh", the peer's policies gRPC does not apply (retry budget, the consecutive-failure
-               breaker, limits, outlier rule, health checks) for a client that would apply them
+               checking the peer's SPIFFE ID (A29: gRPC does not speak SDS); and in the metadata the peer's
+               policies (xds/policies.py), those gRPC does not apply among them (retry budget, the
+               consecutive-failure breaker, limits, outlier rule, health checks)
     endpoints  the sidecar's assignment (discovery, else mesh.yaml `endpoints`, else the peer's default
                address) in one locality of weight 1: gRPC drops a locality without a weight
 
-Nothing here imports grpc; `grpc_bootstrap` is plain data.
+The metadata is what a MeshClient on the control plane reads (`xds.policies.decode_config`): the same
+snapshot serves gRPC's own client and MeshClient. Nothing here imports grpc; `grpc_bootstrap` is plain
+data.
 """
 
 from __future__ import annotations
@@ -40,17 +43,17 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import http_con
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf.message import Message
 
-from aivo_mesh.config.model import MeshSpec, to_data
-from aivo_mesh.config.resolve import callable_peers, service_policy
+from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.resolve import callable_peers, per_pattern, route_policies, service_policy
 from aivo_mesh.render.envoy import OUTBOUND_LISTENER
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
+from aivo_mesh.xds.policies import cluster_metadata, route_metadata, set_metadata
 from aivo_mesh.xds.refs import rds_names
 
 PLANE_KEY = "aivo.plane"  # node.metadata: which plane a node is on ("sidecar" is the default)
 PROXYLESS = "proxyless"
 # The certificate provider instance the bootstrap defines and every cluster's TLS names (A29).
 CERT_PROVIDER = "aivo_mesh"
-METADATA_KEY = "aivo.mesh"  # cluster metadata: the policies gRPC does not apply
 CERT_REFRESH = 5  # seconds between the file watcher's reads (MeshClient's own reload interval)
 
 
@@ -75,7 +78,7 @@ def proxyless_snapshot(mesh: MeshSpec, service: str, sidecar: Snapshot) -> Snaps
     assignments: list[Message] = []
     for peer in callable_peers(mesh, service):
         listeners.append(_api_listener(peer))
-        routes.append(_route_config(peer, outbound))
+        routes.append(_route_config(mesh, peer, outbound))
         clusters.append(_cluster(mesh, peer, sidecar.get(CLUSTER)[peer]))
         assignments.append(_assignment(sidecar.get(ENDPOINT)[peer]))
     snap = Snapshot.of({LISTENER: listeners, ROUTE: routes, CLUSTER: clusters, ENDPOINT: assignments})
@@ -108,11 +111,16 @@ def _api_listener(peer: str) -> listener_pb2.Listener:
     return listener
 
 
-def _route_config(peer: str, outbound: list[route_pb2.Route]) -> route_pb2.RouteConfiguration:
+def _route_config(mesh: MeshSpec, peer: str, outbound: list[route_pb2.Route]) -> route_pb2.RouteConfiguration:
     config = route_pb2.RouteConfiguration(name=peer)
     # The listener already names the peer: any authority the channel uses (`xds:///auth-svc`) matches.
     vhost = config.virtual_hosts.add(name=peer, domains=["*"])
     vhost.routes.extend(r for r in outbound if r.route.cluster == peer)
+    # The sidecar renders one route per pattern, in this order (render/envoy.py): each gets its policy.
+    policies = per_pattern(route_policies(mesh, peer))
+    assert [r.match.path or r.match.prefix for r in vhost.routes] == [rp.pattern for rp in policies], peer
+    for route, rp in zip(vhost.routes, policies, strict=True):
+        set_metadata(route.metadata, route_metadata(rp))
     return config
 
 
@@ -127,7 +135,7 @@ def _cluster(mesh: MeshSpec, peer: str, sidecar: Message) -> cluster_pb2.Cluster
     cluster.outlier_detection.CopyFrom(sidecar.outlier_detection)
     cluster.transport_socket.name = "envoy.transport_sockets.tls"
     cluster.transport_socket.typed_config.Pack(upstream_tls(mesh, peer))
-    cluster.metadata.filter_metadata[METADATA_KEY].update(unapplied_policies(mesh, peer))
+    set_metadata(cluster.metadata, cluster_metadata(service_policy(mesh, peer)))
     return cluster
 
 
@@ -143,16 +151,6 @@ def upstream_tls(mesh: MeshSpec, peer: str) -> tls_pb2.UpstreamTlsContext:
     validation.ca_certificate_provider_instance.instance_name = CERT_PROVIDER
     validation.match_subject_alt_names.add(exact=mesh.spiffe_id(peer))
     return tls_pb2.UpstreamTlsContext(common_tls_context=context)
-
-
-def unapplied_policies(mesh: MeshSpec, peer: str) -> dict[str, Any]:
-    """The peer's policies gRPC's xDS client does not apply, as mesh.yaml writes them (durations as `10s`):
-    retry budget, circuit breaker, limits (gRPC applies max_requests alone), outlier detection (gRPC has
-    no consecutive-failure ejection), health checks."""
-    sp = service_policy(mesh, peer)
-    return {"retry_budget": to_data(sp.retry_budget), "circuit_breaker": to_data(sp.circuit_breaker),
-            "limits": to_data(sp.limits), "outlier_detection": to_data(sp.outlier_detection),
-            "health_check": to_data(sp.health_check)}
 
 
 def _assignment(sidecar: Message) -> endpoint_pb2.ClusterLoadAssignment:
