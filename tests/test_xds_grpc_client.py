@@ -48,9 +48,10 @@ from aivo_mesh.runtime.mesh import local_profile
 from aivo_mesh.runtime.state import RuntimeInfo, StateDir
 from aivo_mesh.runtime.status import control_plane_view
 from aivo_mesh.server import MeshServer
+from aivo_mesh.server.authz import Authorizer
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
 from aivo_mesh.xds.policies import METADATA_KEY, decode_config, decode_endpoints
-from aivo_mesh.xds.proxyless import CERT_PROVIDER, group_name, proxyless_snapshot
+from aivo_mesh.xds.proxyless import CERT_PROVIDER, group_name, proxyless_snapshot, server_listener_name
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,9 +74,21 @@ def test_the_proxyless_snapshot_is_the_sidecars_cut_to_what_grpc_reads(mesh: Mes
     sidecar = sidecar_snapshot(mesh, "learner-svc", EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
     snap = proxyless_snapshot(mesh, "learner-svc", sidecar)
     peers = ["auth-svc", "event-collector-svc"]  # whom learner-svc's allow rules let it call
-    for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT):
+    for t in (ROUTE, CLUSTER, ENDPOINT):
         assert sorted(snap.get(t)) == peers, t
+    # A listener per peer, and the server's own (its allow rules, for MeshServer).
+    server = server_listener_name(mesh, "learner-svc")
+    assert server == f"grpc/server?xds.resource.listening_address={mesh.service('learner-svc').host}:" \
+        f"{mesh.service('learner-svc').port}"
+    assert sorted(snap.get(LISTENER)) == sorted([*peers, server])
     assert snap.get(SECRET) == {} and snap.problems() == []
+    served = snap.get(LISTENER)[server]
+    assert isinstance(served, listener_pb2.Listener)
+    served_hcm = _unpack(served.filter_chains[0].filters[0].typed_config, hcm_pb2.HttpConnectionManager())
+    assert [f.name for f in served_hcm.http_filters] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+    assert served_hcm.route_config.virtual_hosts[0].routes[0].HasField("non_forwarding_action")
+    rules = decode_config(mesh, snap.resources).allow
+    assert rules == tuple((r.callers, r.methods) for r in Authorizer(mesh, "learner-svc").rules)
     # An API listener per xds:/// target: HttpConnectionManager with the router alone, routes over ADS.
     listener = snap.get(LISTENER)["auth-svc"]
     assert isinstance(listener, listener_pb2.Listener) and not listener.filter_chains
@@ -137,7 +150,8 @@ def test_the_proxyless_snapshot_reads_back_as_mesh_yaml_resolves_it(mesh: MeshSp
     # routes and endpoints as config.resolve and the sidecar give them.
     sidecar = sidecar_snapshot(mesh, service, EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
     config = decode_config(mesh, proxyless_snapshot(mesh, service, sidecar).resources)
-    assert sorted(config.targets) == sorted(callable_peers(mesh, service)) and config.allow is None
+    assert sorted(config.targets) == sorted(callable_peers(mesh, service))
+    assert config.allow == tuple((r.callers, r.methods) for r in Authorizer(mesh, service).rules)
     for peer, target in config.targets.items():
         assert target.policy == service_policy(mesh, peer)
         # Deadlines travel as Durations: `0.7s` and `700ms` are one Duration, two floats.

@@ -23,6 +23,10 @@ mesh.yaml and one piece of code does each job. Per peer the service may call:
     endpoints  the sidecar's assignment (discovery, else mesh.yaml `endpoints`, else the peer's default
                address) in one locality of weight 1: gRPC drops a locality without a weight
 
+and, for the service's own server, a listener named as gRPC's xDS servers name theirs
+(`grpc/server?xds.resource.listening_address=<host:port>`) carrying the sidecar's inbound allow rules as an
+RBAC HTTP filter (gRFC A41). gRPC's clients never ask for it (they name their targets); MeshServer does.
+
 The metadata is what a MeshClient on the control plane reads (`xds.policies.decode_config`): the same
 snapshot serves gRPC's own client and MeshClient. Nothing here imports grpc; `grpc_bootstrap` is plain
 data.
@@ -38,6 +42,7 @@ from envoy.config.core.v3 import config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
@@ -45,9 +50,9 @@ from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import callable_peers, per_pattern, route_policies, service_policy
-from aivo_mesh.render.envoy import OUTBOUND_LISTENER
+from aivo_mesh.render.envoy import INBOUND_LISTENER, OUTBOUND_LISTENER, RBAC_FILTER
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
-from aivo_mesh.xds.policies import cluster_metadata, route_metadata, set_metadata
+from aivo_mesh.xds.policies import SERVER_LISTENER_PREFIX, cluster_metadata, route_metadata, set_metadata
 from aivo_mesh.xds.refs import rds_names
 
 PLANE_KEY = "aivo.plane"  # node.metadata: which plane a node is on ("sidecar" is the default)
@@ -81,6 +86,7 @@ def proxyless_snapshot(mesh: MeshSpec, service: str, sidecar: Snapshot) -> Snaps
         routes.append(_route_config(mesh, peer, outbound))
         clusters.append(_cluster(mesh, peer, sidecar.get(CLUSTER)[peer]))
         assignments.append(_assignment(sidecar.get(ENDPOINT)[peer]))
+    listeners.append(_server_listener(mesh, service, sidecar))
     snap = Snapshot.of({LISTENER: listeners, ROUTE: routes, CLUSTER: clusters, ENDPOINT: assignments})
     if problems := snap.problems():
         raise InconsistentSnapshot(group_name(service), problems)
@@ -93,6 +99,47 @@ def _outbound_routes(sidecar: Snapshot) -> list[route_pb2.Route]:
     config = sidecar.get(ROUTE)[names[0]]
     assert isinstance(config, route_pb2.RouteConfiguration)
     return [r for vh in config.virtual_hosts for r in vh.routes]
+
+
+def server_listener_name(mesh: MeshSpec, service: str) -> str:
+    """gRFC A36's default name of the listener of a gRPC server listening at the service's address."""
+    svc = mesh.service(service)
+    return f"{SERVER_LISTENER_PREFIX}{svc.host}:{svc.port}"
+
+
+def _server_listener(mesh: MeshSpec, service: str, sidecar: Snapshot) -> listener_pb2.Listener:
+    """The service's own server: who may call what, as the sidecar's inbound RBAC says it (gRFC A41's RBAC
+    HTTP filter before the router, routes answering with a NonForwardingAction as A36 asks), and mTLS from
+    the certificate provider (A29). MeshServer reads the allow rules from it (`xds.policies.decode_config`);
+    a grpc.aio server has no xDS serving of its own."""
+    names = dict(rds_names(sidecar.get(LISTENER).values()))[INBOUND_LISTENER]
+    inbound = sidecar.get(ROUTE)[names[0]]
+    assert isinstance(inbound, route_pb2.RouteConfiguration)
+    per_route = inbound.virtual_hosts[0].typed_per_filter_config[RBAC_FILTER]
+    override = rbac_filter_pb2.RBACPerRoute()
+    if not per_route.Unpack(override):
+        raise InconsistentSnapshot(group_name(service), [f"{inbound.name}: no RBAC override on its virtual host"])
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"{service}_server")
+    vhost = hcm.route_config.virtual_hosts.add(name=service, domains=["*"])
+    route = vhost.routes.add()
+    route.match.prefix = "/"
+    route.non_forwarding_action.SetInParent()
+    hcm.http_filters.add(name=RBAC_FILTER).typed_config.Pack(override.rbac)
+    hcm.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(router_pb2.Router())
+    context = tls_pb2.CommonTlsContext()
+    context.tls_certificate_provider_instance.instance_name = CERT_PROVIDER
+    context.validation_context.ca_certificate_provider_instance.instance_name = CERT_PROVIDER
+    tls = tls_pb2.DownstreamTlsContext(common_tls_context=context)
+    tls.require_client_certificate.value = True
+    svc = mesh.service(service)
+    listener = listener_pb2.Listener(name=server_listener_name(mesh, service))
+    listener.address.socket_address.address = svc.host
+    listener.address.socket_address.port_value = svc.port
+    chain = listener.filter_chains.add()
+    chain.filters.add(name="envoy.filters.network.http_connection_manager").typed_config.Pack(hcm)
+    chain.transport_socket.name = "envoy.transport_sockets.tls"
+    chain.transport_socket.typed_config.Pack(tls)
+    return listener
 
 
 def _ads() -> config_source_pb2.ConfigSource:
