@@ -24,7 +24,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +65,12 @@ ProfileFor = Callable[[MeshSpec, str], EnvoyProfile]
 class ControlPlane:
     def __init__(self, state: StateDir, profile_for: ProfileFor, *, port: int | None = None,
                  admin_port: int | None = None, tracing: Tracing | None = None,
-                 discovery: Discovery | None = None) -> None:
+                 discovery: Discovery | None = None, direct: Collection[str] = ()) -> None:
         """Ports default to mesh.yaml's control_plane addresses; 0 takes a free one (tests). With
         `tracing`, every build and every apply is a trace (build, then each node's ACK or NACK). With
         `discovery` (DNS, Consul), a peer's instances are what it finds, health included; without, or
-        for a service it has nothing on yet, mesh.yaml's `endpoints`, else the peer's own sidecar."""
+        for a service it has nothing on yet, mesh.yaml's `endpoints`, else the peer's own sidecar, or for
+        a service in `direct` (one without a sidecar: the proxyless plane) its own address."""
         self.state = state
         self.profile_for = profile_for
         self.mesh = load_mesh(state.mesh_file)
@@ -79,6 +80,7 @@ class ControlPlane:
         self.events = XdsMetrics(self.metrics)
         self.tracing = tracing
         self.discovery = discovery
+        self.direct = frozenset(direct)
         self.ads = AdsServer(self.cache, self._group_of, PeerPolicy.from_mesh(self.mesh), events=self.events)
         (self.host, mesh_port), (self.admin_host, mesh_admin) = (self.mesh.control_plane.host_port,
                                                                  self.mesh.control_plane.admin_host_port)
@@ -109,6 +111,8 @@ class ControlPlane:
                 out[svc.name] = found.endpoints
             elif svc.endpoints:
                 out[svc.name] = tuple(Endpoint.parse(e) for e in svc.endpoints)
+            elif svc.name in self.direct:
+                out[svc.name] = (Endpoint(svc.host, svc.port),)
         return out
 
     def rebuild(self, mesh: MeshSpec, reason: str = "mesh.yaml") -> dict[str, bool]:
@@ -339,10 +343,11 @@ class _Source:
 
 
 async def run_control_plane(state: StateDir, profile_for: ProfileFor, tracing: Tracing | None = None,
-                            watch: Path | None = None, discovery: Discovery | None = None) -> None:
+                            watch: Path | None = None, discovery: Discovery | None = None,
+                            direct: Collection[str] = ()) -> None:
     """The body of `meshctl control-plane`: serve until SIGTERM/SIGINT; with `watch`, apply each change
-    of that mesh.yaml."""
-    cp = ControlPlane(state, profile_for, tracing=tracing, discovery=discovery)
+    of that mesh.yaml. `direct`: the services without a sidecar (ControlPlane)."""
+    cp = ControlPlane(state, profile_for, tracing=tracing, discovery=discovery, direct=direct)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
