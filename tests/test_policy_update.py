@@ -1,20 +1,35 @@
-"""Live policy changes (TargetPolicy.update): only what changed is replaced, what did not keeps its
-state, calls in flight finish under the policy they started with. A fake clock and a fake terminal."""
+"""Live policy changes (TargetPolicy.update, Target.update, MeshClient.apply_policies): only what changed
+is replaced, what did not keeps its state, calls in flight finish under the policy they started with.
+
+The unit tests drive TargetPolicy with a fake clock and a fake terminal; the end-to-end ones run a real
+MeshClient against a real MeshServer over mTLS on 127.0.0.1."""
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
 from random import Random
 from typing import Any
 
+import grpc
+import pytest
+
+from aivo_mesh import MeshClient, MeshConfig, MeshServer
+from aivo_mesh.config import parse_mesh
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import RoutePolicy, route_policies, service_policy
+from aivo_mesh.pki import CertLayout
 from aivo_mesh.policy.classify import FAILURE, SUCCESS
 from aivo_mesh.policy.core import Call, LocalReason, Reply
 from aivo_mesh.policy.deadline import attempt_timeout
 from aivo_mesh.policy.stack import PARTS, TargetPolicy
 from aivo_mesh.policy.testing import FakeClock, FakeSleep, RecordingListener
+from aivo_mesh.runtime.local import free_port
+from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
+from aivo_mesh.telemetry.metrics import MeshMetrics
 
 SVC = "auth-svc"
 GRPC = "demo.auth.v1.AuthService"
@@ -333,3 +348,119 @@ async def test_outlier_and_health_rules_change_in_place_keeping_ejections_and_he
 
 def test_the_part_names_are_the_documented_ones() -> None:
     assert PARTS == ("routes", "budget", "breaker", "limit", "outlier", "health")
+
+
+# -- MeshClient and Target: the Invoker's cache, a real server --------------------------------
+class SlowOnDemand(auth_pb2_grpc.AuthServiceServicer):
+    """ValidateToken answers at once, unless its token is "slow": then it waits for `release`."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.slow = 0  # slow calls that arrived
+
+    async def ValidateToken(self, request: auth_pb2.ValidateTokenRequest, context: grpc.aio.ServicerContext
+                            ) -> auth_pb2.ValidateTokenResponse:
+        if request.token == "slow":
+            self.slow += 1
+            await self.release.wait()
+        return auth_pb2.ValidateTokenResponse(valid=True)
+
+
+def live_mesh(port: int, validate_timeout: str = "30s", health_interval: str = "30s") -> MeshSpec:
+    """A mesh whose auth-svc listens on `port`; its ValidateToken route has `validate_timeout` and no
+    per-try timeout or retries (a cut attempt is the caller's DEADLINE_EXCEEDED)."""
+    text = (Path(__file__).resolve().parents[1] / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}")
+    text = text.replace("timeout: 1s\n        idempotent: true\n        retry: {retry_on: [UNAVAILABLE, "
+                        "RESOURCE_EXHAUSTED, INTERNAL, DEADLINE_EXCEEDED], per_try_timeout: 500ms}",
+                        f"timeout: {validate_timeout}\n        idempotent: true\n        retry: {{max_retries: 0}}")
+    assert f"timeout: {validate_timeout}\n        idempotent: true" in text
+    text = text.replace("health_check:\n    interval: 30s", f"health_check:\n    interval: {health_interval}")
+    return parse_mesh(text, "mesh.yaml")
+
+
+@pytest.fixture
+async def live(mesh_certs: CertLayout) -> AsyncIterator[tuple[MeshSpec, SlowOnDemand, MeshClient]]:
+    m = live_mesh(free_port())
+    server = MeshServer.for_service(m, "auth-svc", mesh_certs)
+    servicer = SlowOnDemand()
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(servicer, server.grpc_server)
+    await server.start()
+    client = MeshClient(MeshConfig.for_identity("learner-svc", mesh_certs, m), health_checks=False,
+                        metrics=MeshMetrics())
+    try:
+        yield m, servicer, client
+    finally:
+        servicer.release.set()
+        await client.close()
+        await server.stop(0.5)
+
+
+async def test_apply_policies_drops_the_invokers_stacks_only_when_something_changed(live, caplog) -> None:
+    m, _, client = live
+    path = "/aivo.auth.v1.AuthService/ValidateToken"
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))).valid
+    target = client.target("auth-svc")
+    methods = target.invoker._methods
+    stack = next(iter(methods.values()))[2]
+    assert client.apply_policies(live_mesh(m.service("auth-svc").port)) == {"auth-svc": set()}  # a fresh parse
+    assert target.invoker._methods is methods and target.stack_for(path) is stack
+
+    caplog.set_level(logging.DEBUG, logger="aivo_mesh.client.client")
+    changed = client.apply_policies(live_mesh(m.service("auth-svc").port, validate_timeout="2s"))
+    assert changed == {"auth-svc": {"routes"}}
+    assert "policy update for auth-svc: routes" in caplog.text
+    assert target.invoker._methods == {}  # rebuilt on the next call, from the new policy
+    assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))).valid
+    assert target.stack_for(path) is not stack and target.policy.params_for(path).deadline.route_timeout == 2.0
+
+    # Parts that change in place keep the Invoker's stacks; endpoints follow mesh.yaml's.
+    port = m.service("auth-svc").port
+    methods = target.invoker._methods
+    assert client.apply_policies(live_mesh(port, "2s", health_interval="20s")) == {"auth-svc": {"health"}}
+    assert target.health_interval == 20.0 and target.invoker._methods is methods
+    moved = free_port()
+    assert client.apply_policies(live_mesh(moved, "2s", health_interval="20s")) == {"auth-svc": {"endpoints"}}
+    assert [e.rsplit(":", 1)[1] for e in target.policy.balancer.endpoints] == [str(moved)]
+
+
+async def test_a_shortened_route_timeout_applies_to_the_next_call_and_fails_none_of_the_steady_traffic(live) -> None:
+    """Steady concurrent calls while the route's timeout drops from 30 s to 1 s: none fails; the slow
+    call started before the update still ends OK under its 30 s, a slow call after it gets
+    DEADLINE_EXCEEDED (the server holds slow calls until the end of the test)."""
+    m, servicer, client = live
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    stop = asyncio.Event()
+    done: list[int] = []
+    errors: list[BaseException] = []
+
+    async def steady() -> None:
+        while not stop.is_set():
+            try:
+                assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))).valid
+            except Exception as exc:  # every failure is the test's failure
+                errors.append(exc)
+            done.append(1)
+
+    workers = [asyncio.create_task(steady()) for _ in range(8)]
+    slow_before = asyncio.ensure_future(stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="slow")))
+    while len(done) < 40 or servicer.slow < 1:
+        await asyncio.sleep(0.01)
+    before = len(done)
+
+    assert client.apply_policies(live_mesh(m.service("auth-svc").port, validate_timeout="1s")) == {
+        "auth-svc": {"routes"}}
+    while len(done) < before + 40:
+        await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="slow"))
+    assert exc.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stop.set()
+    await asyncio.gather(*workers)
+    servicer.release.set()
+    assert (await slow_before).valid  # in flight across the update: still under the old 5 s
+    assert errors == []
+    assert client.metrics is not None
+    gauge = [v for name, labels, v in client.metrics.samples()
+             if name == "circuit_breaker_state" and labels == {"service": "auth-svc"}]
+    assert gauge == [0.0]
