@@ -2,7 +2,7 @@
 is replaced, what did not keeps its state, calls in flight finish under the policy they started with.
 
 The unit tests drive TargetPolicy with a fake clock and a fake terminal; the end-to-end ones run a real
-MeshClient against a real MeshServer over mTLS on 127.0.0.1."""
+MeshClient against a real MeshServer over mTLS on 127.0.0.1, whose allow rules change too."""
 
 from __future__ import annotations
 
@@ -366,20 +366,26 @@ class SlowOnDemand(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.ValidateTokenResponse(valid=True)
 
 
-def live_mesh(port: int, validate_timeout: str = "30s", health_interval: str = "30s") -> MeshSpec:
+def live_mesh(port: int, validate_timeout: str = "30s", learner_allowed: bool = True,
+              health_interval: str = "30s") -> MeshSpec:
     """A mesh whose auth-svc listens on `port`; its ValidateToken route has `validate_timeout` and no
-    per-try timeout or retries (a cut attempt is the caller's DEADLINE_EXCEEDED)."""
+    per-try timeout or retries (a cut attempt is the caller's DEADLINE_EXCEEDED). Without
+    `learner_allowed`, its allow rule for learner-svc is gone."""
     text = (Path(__file__).resolve().parents[1] / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}")
     text = text.replace("timeout: 1s\n        idempotent: true\n        retry: {retry_on: [UNAVAILABLE, "
                         "RESOURCE_EXHAUSTED, INTERNAL, DEADLINE_EXCEEDED], per_try_timeout: 500ms}",
                         f"timeout: {validate_timeout}\n        idempotent: true\n        retry: {{max_retries: 0}}")
     assert f"timeout: {validate_timeout}\n        idempotent: true" in text
     text = text.replace("health_check:\n    interval: 30s", f"health_check:\n    interval: {health_interval}")
+    if not learner_allowed:
+        rule = "- from: [learner-svc, analytics-svc]"
+        assert rule in text
+        text = text.replace(rule, "- from: [analytics-svc]")
     return parse_mesh(text, "mesh.yaml")
 
 
 @pytest.fixture
-async def live(mesh_certs: CertLayout) -> AsyncIterator[tuple[MeshSpec, SlowOnDemand, MeshClient]]:
+async def live(mesh_certs: CertLayout) -> AsyncIterator[tuple[MeshSpec, SlowOnDemand, MeshClient, MeshServer]]:
     m = live_mesh(free_port())
     server = MeshServer.for_service(m, "auth-svc", mesh_certs)
     servicer = SlowOnDemand()
@@ -388,7 +394,7 @@ async def live(mesh_certs: CertLayout) -> AsyncIterator[tuple[MeshSpec, SlowOnDe
     client = MeshClient(MeshConfig.for_identity("learner-svc", mesh_certs, m), health_checks=False,
                         metrics=MeshMetrics())
     try:
-        yield m, servicer, client
+        yield m, servicer, client, server
     finally:
         servicer.release.set()
         await client.close()
@@ -396,7 +402,7 @@ async def live(mesh_certs: CertLayout) -> AsyncIterator[tuple[MeshSpec, SlowOnDe
 
 
 async def test_apply_policies_drops_the_invokers_stacks_only_when_something_changed(live, caplog) -> None:
-    m, _, client = live
+    m, _, client, _ = live
     path = "/aivo.auth.v1.AuthService/ValidateToken"
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
     assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))).valid
@@ -428,7 +434,7 @@ async def test_a_shortened_route_timeout_applies_to_the_next_call_and_fails_none
     """Steady concurrent calls while the route's timeout drops from 30 s to 1 s: none fails; the slow
     call started before the update still ends OK under its 30 s, a slow call after it gets
     DEADLINE_EXCEEDED (the server holds slow calls until the end of the test)."""
-    m, servicer, client = live
+    m, servicer, client, _ = live
     stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
     stop = asyncio.Event()
     done: list[int] = []
@@ -464,3 +470,25 @@ async def test_a_shortened_route_timeout_applies_to_the_next_call_and_fails_none
     gauge = [v for name, labels, v in client.metrics.samples()
              if name == "circuit_breaker_state" and labels == {"service": "auth-svc"}]
     assert gauge == [0.0]
+
+
+async def test_a_removed_allow_rule_denies_the_next_call_and_not_the_one_in_flight(live) -> None:
+    m, servicer, client, server = live
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))).valid  # learner-svc may
+    in_flight = asyncio.ensure_future(stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="slow")))
+    async with asyncio.timeout(10.0):
+        while servicer.slow < 1:
+            await asyncio.sleep(0.01)
+
+    port = m.service("auth-svc").port
+    assert server.update_authorizer(live_mesh(port)) is False  # the same rules: nothing to do
+    assert server.update_authorizer(live_mesh(port, learner_allowed=False)) is True
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "learner-svc" in (exc.value.details() or "")
+    servicer.release.set()
+    assert (await in_flight).valid  # admitted before the change: it keeps its decision
+    assert server.update_authorizer(m) is True  # and back
+    assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="t"))).valid
