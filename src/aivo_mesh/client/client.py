@@ -191,6 +191,7 @@ class MeshClient:
         Parts that did not change keep their state (an open breaker stays open, a budget keeps its
         window, endpoints their ejections). Our identity and the peer policy are not changed here
         (`set_peer_policy`). A target whose service `mesh` no longer defines keeps its policy.
+        Call it on the client's event loop: the targets' state is not shared across threads.
         """
         self.mesh = mesh
         changed: dict[str, set[str]] = {}
