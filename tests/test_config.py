@@ -427,6 +427,21 @@ def test_bad_input_is_located(text: str, path: str, fragment: str, line: int | N
 _VALIDATE_RULE = "from: [learner-svc, analytics-svc]\n        methods: [/aivo.auth.v1.AuthService/ValidateToken]"
 
 
+def test_authorizers_of_equal_rules_are_the_same_and_a_new_one_starts_with_no_decisions() -> None:
+    """What MeshServer.update_authorizer compares: rules by value, so a fresh parse of the same mesh is no
+    change; a changed rule makes an Authorizer whose cache holds nothing decided under the old rules."""
+    from aivo_mesh.server.authz import Authorizer
+
+    old = Authorizer(parse_mesh(MESH_TEXT), AUTH)
+    learner = parse_mesh(MESH_TEXT).spiffe_id(LEARNER)
+    assert old.allows(learner, VALIDATE_TOKEN)
+    assert old.same_rules(Authorizer(parse_mesh(MESH_TEXT), AUTH))
+    new = Authorizer(parse_mesh(_edit(_VALIDATE_RULE, "from: [analytics-svc]\n        methods: "
+                                      "[/aivo.auth.v1.AuthService/ValidateToken]")), AUTH)
+    assert not old.same_rules(new)
+    assert not new.allows(learner, VALIDATE_TOKEN) and old.allows(learner, VALIDATE_TOKEN)
+
+
 @pytest.mark.parametrize("written", ["aivo.auth.v1.AuthService", "/aivo.auth.v1.AuthService",
                                      "/aivo.auth.v1.AuthService/"])
 def test_whole_service_allow_rule_is_the_service_prefix(written: str) -> None:

@@ -217,6 +217,39 @@ def test_breaker_gauge_follows_a_forced_open_breaker() -> None:
     assert value(metrics, "circuit_breaker_state", service="auth-svc") == 4
 
 
+async def test_breaker_gauge_follows_the_breaker_a_policy_change_puts_in_place() -> None:
+    """A changed circuit_breaker replaces an open breaker with a closed one: the gauge says closed, and
+    the old breaker (still used by calls in flight) can no longer move it."""
+    from random import Random
+
+    from aivo_mesh.config.model import MeshSpec
+    from aivo_mesh.config.resolve import route_policies, service_policy
+    from aivo_mesh.policy.core import Call, Reply
+    from aivo_mesh.policy.stack import TargetPolicy
+    from aivo_mesh.policy.testing import FakeClock
+
+    def mesh(failures: int) -> MeshSpec:
+        return MeshSpec.model_validate({"services": [{
+            "name": "auth-svc", "grpc_service": "aivo.auth.v1.AuthService", "port": 50051, "local_port": 50061,
+            "circuit_breaker": {"consecutive_failures": failures}}]})
+
+    async def data_loss(call: Call) -> Reply:
+        return Reply("DATA_LOSS")
+
+    clock, metrics = FakeClock(), MeshMetrics()
+    t = TargetPolicy.from_mesh(mesh(1), "auth-svc", data_loss, clock=clock, rng=Random(0),
+                               listener=MetricsListener(metrics), inherited=lambda: None)
+    old_stack = t.stack_for(LOGIN)
+    await old_stack(Call("auth-svc", LOGIN, None))
+    assert value(metrics, "circuit_breaker_state", service="auth-svc") == 2
+    assert t.update(service_policy(mesh(3), "auth-svc"), route_policies(mesh(3), "auth-svc")) == {"breaker"}
+    assert value(metrics, "circuit_breaker_state", service="auth-svc") == 0
+    clock.advance(120.0)
+    await old_stack(Call("auth-svc", LOGIN, None))  # the old breaker's probe fails: it reopens, silently
+    assert value(metrics, "circuit_breaker_state", service="auth-svc") == 0
+    assert value(metrics, "circuit_breaker_failures_total", service="auth-svc") == 1
+
+
 def test_certificate_expiry_is_computed_at_scrape_time() -> None:
     metrics = MeshMetrics()
     ident = FakeIdentity(100.0)

@@ -262,3 +262,56 @@ def test_health_checks_count_against_envoys_thresholds(clock: FakeClock) -> None
     assert not b.report_check("unknown:1", False)
     with pytest.raises(ValueError, match="thresholds"):
         HealthRule(unhealthy_threshold=0)
+
+
+def test_a_new_rule_keeps_ejections_and_failure_runs() -> None:
+    """A live policy change (Balancer.set_rules): the endpoints keep their state; the new rule
+    judges the next failure and, where an ejection outlasts the new longest one, ends it sooner."""
+    clock = FakeClock()
+    b = balancer(clock, [A, B, C, D], consecutive_failures=2, base_ejection_time=30.0, max_ejection_time=300.0)
+    fail(b, A, 2)
+    fail(b, B, 1)
+    a, bb = b.state(A), b.state(B)
+    assert a is not None and bb is not None and a.ejected_until == clock() + 30.0
+    b.set_rules(OutlierRule(consecutive_failures=3, base_ejection_time=30.0, max_ejection_time=300.0,
+                            max_ejection_percent=50.0), HealthRule(unhealthy_threshold=1))
+    assert (a.ejected_until, a.times_ejected, bb.consecutive_failures) == (clock() + 30.0, 1, 1)
+    fail(b, B, 1)
+    assert not bb.ejected  # 2 in a row: enough before, not under the new rule
+    fail(b, B, 1)
+    assert bb.ejected
+    assert b.health == HealthRule(unhealthy_threshold=1)
+    # A lower max_ejection_time: an ejection longer than the new longest ends that far from now.
+    clock.advance(5.0)
+    b.set_rules(OutlierRule(consecutive_failures=3, base_ejection_time=5.0, max_ejection_time=10.0), HealthRule())
+    assert (a.ejected_until, bb.ejected_until) == (clock() + 10.0, clock() + 10.0)
+    assert b.detector.next_expiry == clock() + 10.0
+
+
+def test_a_lower_max_ejection_percent_returns_no_one_and_ejects_no_one_more() -> None:
+    clock = FakeClock()
+    b = balancer(clock, [A, B, C, D], consecutive_failures=1, base_ejection_time=30.0)
+    fail(b, A, 1)
+    fail(b, B, 1)
+    b.set_rules(OutlierRule(consecutive_failures=1, base_ejection_time=30.0, max_ejection_percent=25.0),
+                HealthRule())
+    assert b.detector.ejected == 2  # over the new 25 % of 4 = 1: they stay until their time
+    fail(b, C, 1)
+    assert not b.state(C).ejected  # type: ignore[union-attr]
+    clock.advance(30.0)
+    assert [e["ejected"] for e in b.snapshot()] == [False] * 4
+
+
+def test_turning_outlier_detection_off_returns_the_ejected_endpoints() -> None:
+    clock = FakeClock()
+    listener = RecordingListener()
+    b = balancer(clock, [A, B], listener, consecutive_failures=1, base_ejection_time=30.0)
+    fail(b, A, 1)
+    assert b.detector.ejected == 1
+    b.set_rules(None, HealthRule())
+    a = b.state(A)
+    assert a is not None and a.ejected_until is None and b.detector.ejected == 0
+    assert listener.named("endpoint_restored") == [(SVC, A)]
+    fail(b, A, 7)
+    assert not a.ejected  # nothing judges it any more
+

@@ -15,6 +15,8 @@ breakers, ejections; docs/telemetry.md) in the registry the service already expo
 Per target service the client keeps one `Target` (policy state + one channel per endpoint); see
 client/target.py. Our own certificate files are watched: when they change (`meshctl certs rotate`)
 new calls go out on channels with the new identity while in-flight calls finish on the old ones.
+`apply_policies(mesh)` applies an edited mesh's policies the same way: new calls use them, calls in
+flight finish under the old ones, and what did not change keeps its state.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import contextlib
 import logging
 import random
 from collections.abc import Generator, Sequence
-from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -38,19 +39,13 @@ from aivo_mesh.client.methods import method_path
 from aivo_mesh.client.server_check import ServerCheck
 from aivo_mesh.client.target import Target
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
-from aivo_mesh.config.resolve import (
-    RoutePolicy,
-    ServicePolicy,
-    longest_timeout,
-    policy_for,
-    route_policies,
-    service_policy,
-)
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, route_policies, service_policy
 from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, PeerPolicy, load_identity
 from aivo_mesh.policy.core import Clock, Layer, monotonic
 from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
+from aivo_mesh.policy.stack import Routes
 from aivo_mesh.tls import warn_if_not_enforced
 
 if TYPE_CHECKING:
@@ -186,6 +181,36 @@ class MeshClient:
             if t.server_check is not None:
                 t.server_check.set_policy(policy)
 
+    def apply_policies(self, mesh: MeshSpec) -> dict[str, set[str]]:
+        """Apply `mesh`'s policies (an edited mesh.yaml, or what a control plane sends) to every target,
+        and make later targets from it. Per target service: the names of the parts replaced
+        (policy.stack.PARTS, and "endpoints" when mesh.yaml's endpoint list changed where the target
+        takes its endpoints from it), empty when nothing changed.
+
+        New calls use the new policy at once; calls in flight finish under the one they started with.
+        Parts that did not change keep their state (an open breaker stays open, a budget keeps its
+        window, endpoints their ejections). Our identity and the peer policy are not changed here
+        (`set_peer_policy`). A target whose service `mesh` no longer defines keeps its policy.
+        Call it on the client's event loop: the targets' state is not shared across threads.
+        """
+        self.mesh = mesh
+        changed: dict[str, set[str]] = {}
+        for service, target in list(self._targets.items()):
+            try:
+                policy, routes = self._policies(service)
+            except UnknownService:
+                log.warning("%s is not in the new mesh: its calls keep the policy they had", service)
+                continue
+            parts = target.update(policy, routes)
+            endpoints = self._static_endpoints(service)
+            if endpoints is not None and endpoints != target.policy.balancer.endpoints:
+                target.set_endpoints(endpoints)
+                parts.add("endpoints")
+            target.pool.drain_seconds = self._drain_for(service)
+            changed[service] = parts
+            log.debug("policy update for %s: %s", service, ", ".join(sorted(parts)) or "nothing changed")
+        return changed
+
     def targets(self) -> dict[str, Target]:
         return dict(self._targets)
 
@@ -236,23 +261,38 @@ class MeshClient:
             self._ensure_watcher()
         return t
 
+    def _policies(self, service: str) -> tuple[ServicePolicy, Routes]:
+        """`service`'s effective policy and routes in the current mesh (UnknownService if it has none)."""
+        self._spec(service)
+        policy = service_policy(self.mesh, service)
+        if service in self.config.endpoints and service not in self.mesh.service_names:
+            return policy, self._default_routes(service)
+        return policy, route_policies(self.mesh, service)
+
+    def _drain_for(self, service: str) -> float:
+        """How long a retired channel (discovery, rotation) stays open: unless told otherwise, until the
+        longest call it may carry is over, so a 30 s stream is not cut by a 30 s drain."""
+        if self._drain is not None:
+            return self._drain
+        if service in self.mesh.service_names:
+            return max(DEFAULT_DRAIN_SECONDS, longest_timeout(self.mesh, service) + 1.0)
+        return DEFAULT_DRAIN_SECONDS
+
+    def _static_endpoints(self, service: str) -> list[str] | None:
+        """mesh.yaml's endpoints of `service` when the target takes its endpoints from there (not from
+        discovery, the configuration's `endpoints` or a sidecar), else None."""
+        if (self._discovery is not None or self.config.sidecar_outbound is not None
+                or service in self.config.endpoints):
+            return None
+        return self.endpoints(service)
+
     def _new_target(self, service: str) -> Target:
         spec = self._spec(service)
         if self.metrics is not None:  # its breaker (closed) and ejection gauges from the first call
             self.metrics.declare_target(service)
-        policy: ServicePolicy = service_policy(self.mesh, service)
-        routes = partial(policy_for, route_policies(self.mesh, service))
-        if service in self.config.endpoints and service not in self.mesh.service_names:
-            routes = self._default_routes(service)
+        policy, routes = self._policies(service)
         options = channel_options(self.mesh.keepalive, spec.name)
-        # Retired channels (discovery, rotation) close once the longest call they may carry is over
-        # (unless told otherwise), so a 30 s stream is not cut by a 30 s drain.
-        drain = self._drain
-        if drain is None:
-            drain = DEFAULT_DRAIN_SECONDS
-            if service in self.mesh.service_names:
-                drain = max(drain, longest_timeout(self.mesh, service) + 1.0)
-        pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=drain)
+        pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=self._drain_for(service))
         endpoints = self.endpoints(service)
         if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
             endpoints = list(snap.addresses)
@@ -265,12 +305,12 @@ class MeshClient:
                       clock=self._clock, listener=self.listener, outer=self._outer, options=options,
                       credentials=self._credentials, rng=self._rng)
 
-    def _default_routes(self, service: str) -> Any:
+    def _default_routes(self, service: str) -> Routes:
         timeout = self.config.request_timeout
+        retry = service_policy(self.mesh, service).retry  # of this mesh: a later one comes with an update
 
         def route(method: str) -> RoutePolicy:
-            p = service_policy(self.mesh, service)
-            return RoutePolicy(service, pattern=method, match=None, timeout=timeout, retry=p.retry,
+            return RoutePolicy(service, pattern=method, match=None, timeout=timeout, retry=retry,
                                idempotent=False, streaming=False)
 
         return route

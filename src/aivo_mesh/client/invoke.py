@@ -164,6 +164,12 @@ class Invoker:
         # Per method (as grpc hands it over, often bytes): its path, message types and stack.
         self._methods: dict[Any, tuple[str, MethodInfo | None, Handler]] = {}
 
+    def reset(self) -> None:
+        """Forget every method's stack (the target's policy changed): each is asked for again on its
+        next call. The dict is replaced, not cleared, so the per-call path stays one `get`; a call
+        that already holds its stack finishes with it."""
+        self._methods = {}
+
     def _method(self, raw: Any) -> tuple[str, MethodInfo | None, Handler]:
         m = self._methods.get(raw)
         if m is None:

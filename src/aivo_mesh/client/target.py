@@ -9,6 +9,9 @@
                    method falls back to it)
 Background tasks (started on first use, stopped by `close`): active gRPC health checks of each
 endpoint, and, when a discovery store is given, applying its endpoint snapshots.
+
+`update` applies a new policy while calls run (TargetPolicy.update says what is kept); calls in
+flight finish under the old one.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from aivo_mesh.discovery.snapshot import SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.policy.core import Clock, Handler, Layer
 from aivo_mesh.policy.events import PolicyListener
-from aivo_mesh.policy.stack import TargetPolicy
+from aivo_mesh.policy.stack import HEALTH, REBUILDS_STACKS, Routes, TargetPolicy
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +45,7 @@ class Target:
     def __init__(
         self,
         policy: ServicePolicy,
-        routes: Any,
+        routes: Routes,
         pool: EndpointPool,
         *,
         server_check: ServerCheck | None = None,
@@ -98,6 +101,20 @@ class Target:
             self.server_check.close()
         await self.front.close()
         await self.pool.close()
+
+    def update(self, policy: ServicePolicy, routes: Routes) -> set[str]:
+        """A new policy for this target; the names of the parts it replaced (policy.stack.PARTS),
+        empty when it equals the one in force. The next call of each method gets a stack built from
+        the new policy; calls in flight finish with theirs. A new health-check interval applies
+        after the current wait."""
+        parts = self.policy.update(policy, routes)
+        hc = policy.health_check
+        if (hc.interval, hc.timeout) != (self.health_interval, self.health_timeout):
+            self.health_interval, self.health_timeout = hc.interval, hc.timeout
+            parts.add(HEALTH)
+        if parts & REBUILDS_STACKS:
+            self.invoker.reset()
+        return parts
 
     def set_endpoints(self, endpoints: Sequence[str]) -> None:
         """Discovery changed the endpoints: new calls use the new set, in-flight calls finish."""

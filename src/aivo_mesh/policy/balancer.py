@@ -10,8 +10,9 @@ maybe-bad endpoint beats failing every call locally; failing fast is the circuit
 which a target whose every endpoint keeps failing has opened by then.
 
 Discovery replaces the endpoint list at runtime (`update`); endpoints that stay keep their state
-(failures, ejection, health), so a DNS refresh does not forgive a bad replica. The pick is O(1)
-while every endpoint is eligible, O(n) otherwise.
+(failures, ejection, health), so a DNS refresh does not forgive a bad replica. A policy change
+replaces the outlier and health rules in place (`set_rules`), and the endpoints keep their state
+then too. The pick is O(1) while every endpoint is eligible, O(n) otherwise.
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class Balancer:
         self._rr = self._rr % len(endpoints) if endpoints else 0
         self._unhealthy = sum(1 for ep in endpoints if not ep.healthy)
         self.detector.recount(endpoints)
+
+    def set_rules(self, rule: OutlierRule | None, health: HealthRule) -> None:
+        """New outlier-detection and health-check rules (a live policy change), in place: the endpoints
+        keep their failure runs, ejections (OutlierDetector.set_rule) and health. A health rule's
+        thresholds apply from the next check: an endpoint's health turns only on a check."""
+        self.health = health
+        self.detector.set_rule(rule, self._endpoints)
 
     def report_check(self, endpoint: str, passed: bool) -> bool:
         """One active health check's result, counted against the HealthRule's thresholds.

@@ -311,6 +311,16 @@ class CircuitBreaker:
     def disable(self) -> None:
         self._to(DISABLED_STATE)
 
+    def retire(self) -> str:
+        """This breaker was replaced (a live policy change) by one with other parameters: it stops
+        reporting, and its state's name is returned for the replacement's first report.
+
+        Calls of the old stack still admit into it and record their outcomes here (they finish under
+        the policy they started with), but what it does from now on must not reach the listeners:
+        a late "open" from it would overwrite the new breaker's state in the gauge."""
+        self._listener = NOOP
+        return self._state.name
+
     def _to(self, new: BreakerState) -> None:
         old = self._state
         self._state = new

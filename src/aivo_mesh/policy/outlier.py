@@ -19,6 +19,9 @@ Rule (OutlierRule, from OutlierDetectionSpec):
     endpoints = 1 may be ejected; 10 % of 2 = 0: none);
   - an ejected endpoint returns when its time has passed (checked lazily, on the next pick or
     snapshot: no timers).
+
+A new rule (a live policy change, `OutlierDetector.set_rule`) applies from the next failure; the
+endpoints keep their failure runs, ejection counts and ejections (see there for the two exceptions).
 """
 
 from __future__ import annotations
@@ -160,6 +163,34 @@ class OutlierDetector:
             elif until < next_expiry:
                 next_expiry = until
         self.next_expiry = next_expiry
+
+    def set_rule(self, rule: OutlierRule | None, pool: Iterable[EndpointState]) -> None:
+        """Judge by `rule` from now on (None: detection off), keeping the endpoints' state.
+
+        Failure runs and `times_ejected` carry over: the next failure is judged by the new threshold,
+        and the next ejection's length by the new times (capped by `max_times`). Ejections in progress
+        stay, as they were decided, with two exceptions where keeping them would contradict the rule
+        now in force:
+          - detection turned off: nothing judges the endpoints any more, so none stays out;
+          - an ejection longer than the new rule's longest (a lowered `max_ejection_time`): it ends
+            no later than that from now, since an operator lowers the cap to get endpoints back.
+        A lowered `max_ejection_percent` ejects no one back in: the ejections over it expire in
+        their own time, and no new one is made until the count is under it again.
+        """
+        self.rule = rule
+        pool = list(pool)
+        now = self._clock()
+        longest = None if rule is None else rule.ejection_time(rule.max_times)
+        for ep in pool:
+            until = ep.ejected_until
+            if until is None:
+                continue
+            if longest is None:
+                ep.ejected_until = now
+            elif until > now + longest:
+                ep.ejected_until = now + longest
+        self.recount(pool)
+        self.sweep(pool, now)  # returns (and reports) the ones ended now
 
     def recount(self, pool: Iterable[EndpointState]) -> None:
         """Recompute the counters after the pool changed (discovery update)."""

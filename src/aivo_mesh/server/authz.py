@@ -4,6 +4,9 @@ A caller's identity is the one SPIFFE ID of its client certificate, once the cer
 the mesh's peer policy (pki/peer.py); a certificate without one (DNS SANs only) has no identity here.
 Health checks and reflection are open to every authenticated mesh identity (Envoy, Consul and
 test-mesh.py probe with the `mesh-client` certificate).
+
+An Authorizer is never changed: new allow rules make a new one (`MeshServer.update_authorizer`),
+so its decision cache cannot outlive the rules it was filled under.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ class Authorizer:
             for rule in spec.allow
         )
         self._cache: dict[tuple[str, str], bool] = {}
+
+    def same_rules(self, other: Authorizer) -> bool:
+        """Whether `other` decides every call as this one does (same trust domain and rules)."""
+        return (self.service, self.trust_domain, self.rules) == (other.service, other.trust_domain, other.rules)
 
     def is_mesh_identity(self, identity: str | None) -> bool:
         return identity is not None and identity.startswith(self.trust_prefix)

@@ -86,6 +86,12 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Told of every refused call before it is aborted (MeshServer reports TLS-version refusals).
         self.on_denied: Callable[[grpc.aio.ServicerContext, Denied], None] | None = None
 
+    def set_authorizer(self, authorizer: Authorizer) -> None:
+        """Decide calls admitted from now on by `authorizer` (calls in flight were admitted already).
+        Ignored on a plaintext server, which has no identities to decide on."""
+        if self._authz is not None:
+            self._authz = authorizer
+
     def _refused(self, exc: PeerRefused, context: grpc.aio.ServicerContext) -> Denied:
         # One log line per refused certificate and rule, not per call: a client retrying with a revoked
         # certificate must not flood the log (the metric counts every call).

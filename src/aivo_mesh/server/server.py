@@ -141,6 +141,19 @@ class MeshServer:
         set in mesh.yaml); calls in flight were admitted under the old one."""
         self.guard.peer_policy = policy
 
+    def update_authorizer(self, mesh: MeshSpec) -> bool:
+        """`mesh`'s allow rules for this service decide calls from the next one on (an edited mesh.yaml,
+        or what a control plane sends); True if they differ from those in force. Calls in flight keep
+        the decision they were admitted with, and no decision made under the old rules is reused.
+        KeyError (the rules in force stay) if `mesh` does not define this service."""
+        authorizer = Authorizer(mesh, self.service)
+        if authorizer.same_rules(self.authorizer):
+            return False
+        self.authorizer = authorizer
+        self.guard.set_authorizer(authorizer)
+        log.info("%s: allow rules updated", self.service)
+        return True
+
     def add_service_name(self, full_name: str) -> None:
         """Declare a gRPC service hosted here (for health status and reflection)."""
         self._service_names.append(full_name)
