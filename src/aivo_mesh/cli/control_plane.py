@@ -201,14 +201,14 @@ def _print(result: dict[str, Any]) -> None:
     console = rich_console()
     changed = result["changed"]
     console.print(f"built in {result['build_seconds'] * 1000:.0f} ms; changed: {', '.join(changed) or 'nothing'}")
-    table = Table(title="sidecars")
+    table = Table(title="nodes")
     for col in ("service", "node", "changed", "outcome"):
         table.add_column(col)
     for n in result["nodes"]:
         style = "green" if n["outcome"] == "acked" else "red"
         table.add_row(n["service"], n["node"], "yes" if n["changed"] else "no",
                       f"[{style}]{n['outcome']}[/{style}]")
-    console.print(table if result["nodes"] else "no sidecar is connected")
+    console.print(table if result["nodes"] else "no node is connected")
 
 
 CONFIG_KINDS = ("listeners", "routes", "clusters", "endpoints", "secrets")
@@ -221,30 +221,36 @@ CONFIG_KINDS = ("listeners", "routes", "clusters", "endpoints", "secrets")
 @state_dir_option()
 @output_option
 def config_dump(service: str, kinds: tuple[str, ...], state_dir: StateDir, output: str) -> None:
-    """What SERVICE's sidecar holds now, by Envoy's own account (its admin /config_dump), like
-    `istioctl proxy-config`: each listener, route configuration, cluster, endpoint assignment and secret,
-    where it came from (static: the bootstrap; dynamic: the control plane), its state and version.
+    """What SERVICE's node holds now, by its own account, like `istioctl proxy-config`: each listener,
+    route configuration, cluster, endpoint assignment and secret, where it came from (static: the
+    bootstrap; dynamic: the control plane), its state and version. On the sidecar plane that is Envoy's
+    admin /config_dump; on the proxyless plane the service's own admin /config_dump, in the same shape
+    (what its ADS stream holds: its peers' listeners, routes, clusters and endpoints, and its server's
+    listener).
 
-    Data (-o json|yaml): service, sidecar_admin, and per kind a list of {name, source, state, version,
-    last_updated, resource}; a private key never appears (Envoy redacts it, and this command drops it).
+    Data (-o json|yaml): service, admin (sidecar_admin on the sidecar plane), and per kind a list of
+    {name, source, state, version, last_updated, resource}; a private key never appears (none is sent,
+    Envoy redacts them, and this command drops any).
     """
     from rich.table import Table
 
-    from aivo_mesh.runtime.status import sidecar_config
+    from aivo_mesh.runtime.status import node_config
 
     info = RuntimeInfo.read(state_dir)
     if info is None or service not in info.services:
-        raise StateError(str(state_dir.root / "runtime.json"), f"no running sidecar of {service!r} here: "
+        raise StateError(str(state_dir.root / "runtime.json"), f"no running node of {service!r} here: "
                          "`meshctl status` lists what runs")
-    admin = info.services[service].sidecar_admin
+    ep = info.services[service]
+    admin = ep.sidecar_admin or (ep.admin if info.control_plane else None)
     if not admin:
-        raise StateError(str(state_dir.root / "runtime.json"), f"{service} runs without a sidecar (the "
-                         f"{info.plane} plane): its configuration is mesh.yaml (`meshctl config show`)")
+        raise StateError(str(state_dir.root / "runtime.json"), f"{service} runs without a sidecar or a control "
+                         f"plane (the {info.plane} plane): its configuration is mesh.yaml (`meshctl config show`)")
+    what = "sidecar admin" if ep.sidecar_admin else "admin endpoint"
     try:
-        held = sidecar_config(admin, kinds or CONFIG_KINDS)
+        held = node_config(admin, kinds or CONFIG_KINDS)
     except (OSError, ValueError) as exc:
-        raise MeshError(f"{service}'s sidecar admin at {admin} did not answer ({exc}): `meshctl status`") from None
-    data = {"service": service, "sidecar_admin": admin, **held}
+        raise MeshError(f"{service}'s {what} at {admin} did not answer ({exc}): `meshctl status`") from None
+    data = {"service": service, **({"sidecar_admin": admin} if ep.sidecar_admin else {"admin": admin}), **held}
     if output != "text":
         emit(data, output)
         return

@@ -57,6 +57,9 @@ if TYPE_CHECKING:
               help="sidecar plane: call peers through this local Envoy outbound listener")
 @click.option("--plaintext-peers", is_flag=True,
               help="transparent-proxy plane (Linkerd): call peers in plaintext, the pod's proxy adds mTLS")
+@click.option("--control-plane", default=None, metavar="HOST:PORT",
+              help="take routes, policies, endpoints and allow rules live from this control plane (ADS, mTLS "
+                   "with the service's certificate); mesh.yaml's are in force until its first configuration")
 @click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="drain time on shutdown (s)")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
@@ -66,7 +69,7 @@ if TYPE_CHECKING:
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
           admin_port: int | None, consul: str | None, discovery: str, dns_template: str, dns_server: str | None,
           insecure: bool, unix_socket: str | None, sidecar_outbound: str | None, plaintext_peers: bool,
-          grace: float, log_format: str, handshake_log: bool) -> None:
+          control_plane: str | None, grace: float, log_format: str, handshake_log: bool) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     import asyncio
 
@@ -87,6 +90,12 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         raise click.BadParameter(f"unknown service {service!r}; mesh.yaml defines "
                                  f"{', '.join(mesh.service_names)}", param_hint="SERVICE")
     dns = dns_options(dns_template, dns_server) if discovery == "dns" else None
+    if control_plane is not None and (insecure or sidecar_outbound or plaintext_peers):
+        raise click.BadParameter("a proxyless service's own option: behind a sidecar or a transparent proxy, "
+                                 "the proxy takes the control plane's configuration", param_hint="--control-plane")
+    if control_plane is not None and discovery != "static":
+        raise click.BadParameter("the control plane sends the endpoints: drop --discovery (give it to "
+                                 "`meshctl control-plane`)", param_hint="--control-plane")
     data = Path(data_dir) if data_dir else Path(".state/data") / service
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
 
@@ -107,7 +116,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         insecure=insecure, port=port, admin_port=admin_port, unix_socket=unix_socket, consul=consul,
         discovery=discovery,  # type: ignore[arg-type]  # click.Choice
         consul_discovery=agent_address(consul) if discovery == "consul" else None, dns=dns,
-        sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers,
+        sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers, control_plane=control_plane,
         cert=env.client_cert_path, key=env.client_key_path, ca=env.ca_cert_path,
         mesh_file=find_mesh_file(config), handshake_log=handshake_log, otel_service_name=env.otel_service_name,
         grace=grace)
@@ -258,7 +267,7 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
         rich_console().print(ptable if procs else f"nothing running from {state.root}")
         return
     services = asyncio.run(gather(state, interval))
-    control_plane = _control_plane(state, info.control_plane) if info.control_plane else None
+    control_plane = _control_plane(state, info.control_plane, info.plane) if info.control_plane else None
     if output != "text":
         emit(data(info.plane, [sv.as_dict() for sv in services], [], control_plane), output)
         return
@@ -277,22 +286,24 @@ def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> 
     console = rich_console()
     console.print(table)
     if control_plane is not None:
-        facts = (f"{control_plane['synced']}/{len(services)} sidecars synced, last build "
+        nodes = "sidecars" if info.plane == "sidecar" else "services"
+        facts = (f"{control_plane['synced']}/{len(services)} {nodes} synced, last build "
                  f"{control_plane['build_seconds'] * 1000:.0f} ms" if control_plane["process"] == "running"
                  else "not answering")
         console.print(f"control plane {control_plane['address']} (admin {control_plane['admin']}): "
                       f"{control_plane['process']}; {facts}")
 
 
-def _control_plane(state: StateDir, where: dict[str, str]) -> dict[str, Any]:
-    """The control plane's line of `meshctl status`: its process and how many sidecars hold its snapshot."""
+def _control_plane(state: StateDir, where: dict[str, str], plane: str) -> dict[str, Any]:
+    """The control plane's line of `meshctl status`: its process and how many nodes (sidecars, or
+    proxyless services) hold its snapshot."""
     from aivo_mesh.runtime.status import control_plane_view
 
     rec = next((r for r in state.read_processes() if r.role == "control-plane"), None)
     out: dict[str, Any] = {"address": where["address"], "admin": where["admin"], "pid": rec.pid if rec else None,
                            "process": "down", "nodes": 0, "synced": 0, "build_seconds": None, "built_at": None}
     try:
-        _, summary = control_plane_view(where["admin"])
+        _, summary = control_plane_view(where["admin"], plane)
     except (OSError, ValueError):
         return out
     return out | summary | {"process": "running"}

@@ -36,13 +36,13 @@ if TYPE_CHECKING:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="seconds to wait for all-healthy")
 @click.option("--watch", is_flag=True,
-              help="sidecar plane: push each saved change of mesh.yaml to the running sidecars (as `meshctl apply`)")
+              help="push each saved change of mesh.yaml to the running mesh (as `meshctl apply`)")
 def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, otlp_port: int | None,
        timeout: float | None, watch: bool) -> None:
     """Start the mesh on this machine and return once every service is healthy.
 
-    On the sidecar plane a control plane runs too: every Envoy takes its configuration over ADS, and
-    `meshctl apply` (or `--watch`) changes it live."""
+    A control plane runs too: every Envoy (sidecar plane) or service (proxyless plane) takes its
+    configuration over ADS, and `meshctl apply` (or `--watch`) changes it live."""
     import asyncio
     import subprocess
 
@@ -52,9 +52,6 @@ def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, ot
     from aivo_mesh.runtime.mesh import LocalTracing, plan
 
     state = state_dir
-    if watch and plane != "sidecar":
-        raise click.UsageError("--watch needs the control plane of the sidecar plane; the proxyless plane "
-                               "takes a changed mesh.yaml at the next `meshctl up`")
     source = find_mesh_file(config).resolve() if watch else None
     if state.running():
         raise MeshError(f"a mesh is already running from {state.root} (meshctl down --state-dir {state.root})")

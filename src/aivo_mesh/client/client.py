@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Generator, Sequence
+from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
     from aivo_mesh.telemetry.metrics import MeshMetrics
+    from aivo_mesh.xds.policies import TargetConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,8 @@ class MeshClient:
         self._clock = clock
         self._rng = rng
         self._targets: dict[str, Target] = {}
+        # What a control plane sent, per peer (apply_control_plane): it wins over mesh.yaml.
+        self._from_control_plane: dict[str, TargetConfig] = {}
         self._closed = False
         self._watcher: asyncio.Task[None] | None = None
         self.reloads = 0
@@ -211,6 +214,34 @@ class MeshClient:
             log.debug("policy update for %s: %s", service, ", ".join(sorted(parts)) or "nothing changed")
         return changed
 
+    def apply_control_plane(self, targets: Mapping[str, TargetConfig]) -> dict[str, set[str]]:
+        """What the control plane sent (`xds.policies.decode_config`): each peer's policy, routes and
+        endpoints, for its target now and for any target made later; a peer it says nothing of keeps
+        mesh.yaml's. As `apply_policies`: new calls use it at once, calls in flight finish under theirs,
+        what did not change keeps its state. Endpoints: the healthy ones (none healthy: none, as Envoy
+        sends nothing to an unhealthy host), unless a sidecar carries the calls. Per peer: the parts
+        replaced. Call it on the client's event loop."""
+        self._from_control_plane = dict(targets)
+        changed: dict[str, set[str]] = {}
+        for service, target in list(self._targets.items()):
+            found = self._from_control_plane.get(service)
+            if found is None:
+                continue
+            parts = target.update(found.policy, found.routes)
+            endpoints = self._control_plane_endpoints(service)
+            if endpoints is not None and endpoints != target.policy.balancer.endpoints:
+                target.set_endpoints(endpoints)
+                parts.add("endpoints")
+            changed[service] = parts
+            log.debug("control plane update for %s: %s", service, ", ".join(sorted(parts)) or "nothing changed")
+        return changed
+
+    def _control_plane_endpoints(self, service: str) -> list[str] | None:
+        found = self._from_control_plane.get(service)
+        if found is None or self.sidecar or service in self.config.endpoints:
+            return None
+        return [e.address for e in found.endpoints if e.healthy]
+
     def targets(self) -> dict[str, Target]:
         return dict(self._targets)
 
@@ -264,6 +295,9 @@ class MeshClient:
     def _policies(self, service: str) -> tuple[ServicePolicy, Routes]:
         """`service`'s effective policy and routes in the current mesh (UnknownService if it has none)."""
         self._spec(service)
+        found = self._from_control_plane.get(service)
+        if found is not None:
+            return found.policy, found.routes
         policy = service_policy(self.mesh, service)
         if service in self.config.endpoints and service not in self.mesh.service_names:
             return policy, self._default_routes(service)
@@ -282,7 +316,7 @@ class MeshClient:
         """mesh.yaml's endpoints of `service` when the target takes its endpoints from there (not from
         discovery, the configuration's `endpoints` or a sidecar), else None."""
         if (self._discovery is not None or self.config.sidecar_outbound is not None
-                or service in self.config.endpoints):
+                or service in self.config.endpoints or service in self._from_control_plane):
             return None
         return self.endpoints(service)
 
@@ -296,6 +330,8 @@ class MeshClient:
         endpoints = self.endpoints(service)
         if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
             endpoints = list(snap.addresses)
+        if (from_control_plane := self._control_plane_endpoints(service)) is not None:
+            endpoints = from_control_plane
         max_retries = 0 if self.sidecar else self.config.max_retries
         check = None
         if self._credentials is not None:

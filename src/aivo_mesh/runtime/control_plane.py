@@ -200,8 +200,10 @@ class ControlPlane:
                                                 "changed": n["changed"]})
                 if any(n["outcome"] != "acked" for n in nodes):
                     span.set_status(StatusCode.ERROR, "a node refused or did not answer")
-        # `changed` names services (sidecars), as it always has; each node says whether its own group changed.
-        return {"changed": sorted(n for n, c in changed.items() if c and n in mesh.service_names), "nodes": nodes,
+        # `changed` names services whose configuration changed on their own plane (a service in `direct`
+        # has no sidecar: its proxyless group); each node says whether its own group changed.
+        return {"changed": sorted(s for s in mesh.service_names
+                                  if changed.get(group_name(s) if s in self.direct else s)), "nodes": nodes,
                 "build_seconds": round(self.build_seconds, 4)}
 
     # -- serving ----------------------------------------------------------------------------------------

@@ -183,11 +183,12 @@ def _held_ports(state: StateDir, busy: list[tuple[int, str]], other_ports: str) 
 
 
 async def start_services(sup: Supervisor, mesh: MeshSpec, services: Sequence[str] | None = None) -> None:
-    """Start the proxyless services (without a collector) of the plan `meshctl up` would run."""
+    """Start the proxyless services (without a collector or a control plane: each reads mesh.yaml) of the
+    plan `meshctl up` would run."""
     from aivo_mesh.runtime.mesh import plan
 
     wanted = set(services or mesh.service_names)
-    procs, _ = plan(sup.state, mesh, "proxyless", collector_port=None)
+    procs, _ = plan(sup.state, mesh, "proxyless", collector_port=None, control_plane=False)
     for m in procs:
         if m.name in wanted:
             await sup.start(m)

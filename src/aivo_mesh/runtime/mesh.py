@@ -176,8 +176,10 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
     Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says);
     with `forward_to` the collector also sends every span on to that OTLP endpoint (Jaeger). On the
     sidecar plane, `control_plane` runs `meshctl control-plane` and starts every Envoy from an ADS-only
-    bootstrap; without it the Envoys get complete static bootstraps. With `watch` the control plane
-    applies each saved change of that mesh.yaml."""
+    bootstrap; without it the Envoys get complete static bootstraps. On the proxyless plane it runs the
+    control plane too, and every service takes its configuration from it (`meshctl serve
+    --control-plane`); without it they read mesh.yaml once. With `watch` the control plane applies each
+    saved change of that mesh.yaml."""
     host = mesh.observability.metrics.host
     procs: list[Managed] = []
     if collector_port is not None:
@@ -187,6 +189,17 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
                                                str(state.root / "traces.jsonl"), *forward)))
     info = RuntimeInfo(plane=plane, collector=f"127.0.0.1:{collector_port}" if collector_port else "")
     common = ["--config", str(state.mesh_file), "--certs", str(state.certs.root)]
+    cp = mesh.control_plane
+    if plane == "proxyless" and control_plane:
+        # Every service is reached at its own address (no sidecar), and takes its configuration live.
+        direct = [arg for name in mesh.service_names for arg in ("--direct", name)]
+        procs.append(Managed(name="control-plane", role="control-plane", address=cp.address,
+                             admin=cp.admin_address,
+                             argv=meshctl_argv("control-plane", "--state-dir", str(state.root),
+                                               *(["--collector-port", str(collector_port)] if collector_port else []),
+                                               *direct, *(["--watch", str(watch.resolve())] if watch else []))))
+        info.control_plane = {"address": cp.address, "admin": cp.admin_address}
+        common += ["--control-plane", cp.address]
     if plane == "sidecar":
         from aivo_mesh.config.ports import sidecar_ports
         from aivo_mesh.runtime.sockets import app_socket, outbound_socket, socket_dir
@@ -196,7 +209,6 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
         bootstraps = write_envoy_configs(state, mesh, collector_port, sockets, control_plane=control_plane)
         envoy = envoy_binary()
         if control_plane:
-            cp = mesh.control_plane
             procs.append(Managed(name="control-plane", role="control-plane", address=cp.address,
                                  admin=cp.admin_address,
                                  argv=meshctl_argv("control-plane", "--state-dir", str(state.root),

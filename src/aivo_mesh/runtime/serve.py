@@ -37,11 +37,12 @@ from aivo_mesh.server import MeshServer
 from aivo_mesh.services import APPS
 from aivo_mesh.services.base import ServiceContext
 from aivo_mesh.services.protos import SERVICE_DESCRIPTORS
-from aivo_mesh.telemetry.admin import AdminServer, is_loopback
+from aivo_mesh.telemetry.admin import AdminServer, Request, Response, error_response, is_loopback, json_response
 from aivo_mesh.telemetry.process import ProcessTelemetry
 
 if TYPE_CHECKING:
     from aivo_mesh.discovery.facade import DnsOptions
+    from aivo_mesh.xds.node import ProxylessNode
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,8 @@ class ServeOptions:
     discovery_timeout: float = 5.0
     sidecar_outbound: str | None = None  # sidecar plane: call peers through this local Envoy listener
     plaintext_peers: bool = False  # transparent-proxy plane: the pod's proxy adds mTLS
+    # The control plane's ADS address: routes, policies, endpoints and allow rules live from it (xds/node.py).
+    control_plane: str | None = None
     # Certificate files overriding the service's own in its CertLayout (CLIENT_CERT_PATH, CLIENT_KEY_PATH,
     # CA_CERT_PATH), each on its own; `identity_files` resolves them.
     cert: Path | None = None
@@ -106,6 +109,7 @@ class ServiceProcess:
         self.name = name
         self.certs = certs
         self.data_dir = data_dir
+        self.node: ProxylessNode | None = None  # on a control plane (options.control_plane)
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> ServiceProcess:
@@ -119,6 +123,40 @@ class ServiceProcess:
     async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         await self._stack.aclose()
+
+    async def _config_dump(self, request: Request) -> Response:
+        """What this process holds from the control plane, as Envoy's `/config_dump` shows it."""
+        if self.node is None:
+            return error_response(404, f"{self.name} does not take its configuration from a control plane "
+                                       "(its configuration is mesh.yaml: `meshctl config show`)")
+        return json_response(200, self.node.subscription.config_dump())
+
+    async def _follow_control_plane(self, stack: AsyncExitStack, client: MeshClient, server: MeshServer,
+                                    cert: Path, key: Path, ca: Path) -> None:
+        """One ADS stream for the process: its peers' policies, routes and endpoints go to the client,
+        its own allow rules to the server. Waits (bounded) for the first configuration, as for discovery."""
+        from aivo_mesh.xds.node import ProxylessNode
+        from aivo_mesh.xds.policies import ProxylessConfig
+
+        assert self.options.control_plane is not None
+
+        def apply(config: ProxylessConfig) -> None:
+            client.apply_control_plane(config.targets)
+            if config.allow is not None:
+                server.set_allow_rules(config.allow)
+
+        node = ProxylessNode(self.mesh, self.name, self.options.control_plane, cert=cert, key=key, ca=ca,
+                             apply=apply)
+        self.node = node
+        node.start()
+        stack.push_async_callback(node.stop)
+        if await node.wait_applied(self.options.discovery_timeout):
+            log.info("%s takes its configuration from the control plane at %s", self.name,
+                     self.options.control_plane)
+        else:
+            log.warning("%s: no configuration from the control plane at %s within %.0fs (%s); until it comes, "
+                        "mesh.yaml's is in force", self.name, self.options.control_plane,
+                        self.options.discovery_timeout, node.subscription.last_error or "no answer")
 
     async def _start(self, stack: AsyncExitStack) -> None:
         mesh, name, opts = self.mesh, self.name, self.options
@@ -165,7 +203,8 @@ class ServiceProcess:
                         "networks", name, host)
         admin = AdminServer(MeshAdminSource(client, server), telemetry.metrics, host=host,
                             port=opts.admin_port if opts.admin_port is not None else (spec.admin_port or 0),
-                            allow_remote=not is_loopback(host))
+                            allow_remote=not is_loopback(host),
+                            extra_routes={("GET", "/config_dump"): self._config_dump})
 
         async def stop_listening() -> None:
             # The server drains first, while the admin endpoint still answers (/ready says NOT_READY).
@@ -193,6 +232,8 @@ class ServiceProcess:
                 await watch.wait_ready(timeout=opts.discovery_timeout)
             except DiscoveryNotReady as exc:
                 log.warning("%s: %s; until they arrive, calls to those peers use mesh.yaml's endpoints", name, exc)
+        if opts.control_plane is not None:  # as discovery: its first configuration before the server serves
+            await self._follow_control_plane(stack, client, server, cert, key, ca)
         try:
             bound = await server.start()
         except (RuntimeError, MeshError, OSError) as exc:  # taken since the check; grpc says only "Failed to bind"

@@ -303,19 +303,28 @@ def _without_keys(value: Any) -> Any:
     return value
 
 
-def sidecar_config(admin: str, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
-    """`config_entries` of the sidecar whose admin endpoint is `admin`."""
+def node_config(admin: str, kinds: Iterable[str]) -> dict[str, list[dict[str, Any]]]:
+    """`config_entries` of the node whose admin endpoint is `admin`: a sidecar's Envoy, or a proxyless
+    service on the control plane (its admin endpoint answers `/config_dump` in Envoy's shape)."""
     return config_entries(json.loads(_get(f"http://{admin}/config_dump?include_eds", timeout=5)), kinds)
 
 
-def control_plane_view(admin: str) -> tuple[dict[str, str], dict[str, Any]]:
-    """(`xds_sync` per service, a summary of the control plane) from its admin endpoint."""
+def node_group(service: str, plane: str) -> str:
+    """The node group a service's node on `plane` belongs to (its sidecar's, or its proxyless processes')."""
+    return f"{service}/proxyless" if plane == "proxyless" else service
+
+
+def control_plane_view(admin: str, plane: str = "sidecar") -> tuple[dict[str, str], dict[str, Any]]:
+    """(`xds_sync` per node group, a summary of the control plane) from its admin endpoint. `synced`
+    counts the groups of the mesh's own plane (on the sidecar plane, a group of gRPC's own clients,
+    `<service>/proxyless`, is not one of its nodes)."""
     status = json.loads(_get(f"http://{admin}/xds/status"))
     sync = xds_sync(status, json.loads(_get(f"http://{admin}/xds/config")))
+    proxyless = plane == "proxyless"
     return sync, {"admin": admin, "build_seconds": status.get("build_seconds"), "built_at": status.get("built_at"),
                   "nodes": len(status.get("nodes", [])),
-                  # Sidecars only: a group of gRPC's own clients (`<service>/proxyless`) is not one.
-                  "synced": sum(1 for g, v in sync.items() if "/" not in g and v.startswith("synced"))}
+                  "synced": sum(1 for g, v in sync.items()
+                                if g.endswith("/proxyless") == proxyless and v.startswith("synced"))}
 
 
 async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
@@ -349,11 +358,11 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
                     firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
     if info.control_plane:
         try:
-            sync, _ = await asyncio.to_thread(control_plane_view, info.control_plane["admin"])
+            sync, _ = await asyncio.to_thread(control_plane_view, info.control_plane["admin"], info.plane)
         except (OSError, ValueError):
-            sync = dict.fromkeys(rows, "control plane unreachable")
+            sync = {node_group(name, info.plane): "control plane unreachable" for name in rows}
         for name, row in rows.items():
-            row.xds = sync.get(name, "never connected")
+            row.xds = sync.get(node_group(name, info.plane), "never connected")
     if not firsts or interval <= 0:  # no rate without two samples
         return list(rows.values())
     await asyncio.sleep(interval)

@@ -11,7 +11,7 @@ so its decision cache cannot outlive the rules it was filled under.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from aivo_mesh.config.model import MeshSpec
@@ -39,19 +39,23 @@ def _method_matches(patterns: tuple[str, ...], method: str) -> bool:
 class Authorizer:
     """Decides (caller identity, method) for one service. Decisions are cached: O(1) per call."""
 
-    def __init__(self, mesh: MeshSpec, service: str) -> None:
+    def __init__(self, mesh: MeshSpec, service: str, rules: Iterable[Rule] | None = None) -> None:
+        """mesh.yaml's allow rules of `service`, or `rules` (what a control plane sent)."""
         self.service = service
         self.trust_domain = mesh.mesh.trust_domain
         self.trust_prefix = f"spiffe://{mesh.mesh.trust_domain}/"
-        spec = mesh.service(service)
-        self.rules = tuple(
-            Rule(
-                callers=frozenset(c if c.startswith("spiffe://") or c == "*" else mesh.spiffe_id(c)
-                                  for c in rule.from_),
-                methods=rule.methods,
+        if rules is not None:
+            self.rules = tuple(rules)
+        else:
+            spec = mesh.service(service)
+            self.rules = tuple(
+                Rule(
+                    callers=frozenset(c if c.startswith("spiffe://") or c == "*" else mesh.spiffe_id(c)
+                                      for c in rule.from_),
+                    methods=rule.methods,
+                )
+                for rule in spec.allow
             )
-            for rule in spec.allow
-        )
         self._cache: dict[tuple[str, str], bool] = {}
 
     def same_rules(self, other: Authorizer) -> bool:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,7 +40,7 @@ from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.pki.peer import PeerPolicy
 from aivo_mesh.policy.events import ServerCallObserver
 from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, current_capture, peer_address
-from aivo_mesh.server.authz import Authorizer, tls_version
+from aivo_mesh.server.authz import Authorizer, Rule, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor
 from aivo_mesh.tls import warn_if_not_enforced
@@ -146,7 +146,14 @@ class MeshServer:
         or what a control plane sends); True if they differ from those in force. Calls in flight keep
         the decision they were admitted with, and no decision made under the old rules is reused.
         KeyError (the rules in force stay) if `mesh` does not define this service."""
-        authorizer = Authorizer(mesh, self.service)
+        return self._set_authorizer(Authorizer(mesh, self.service))
+
+    def set_allow_rules(self, rules: Iterable[tuple[frozenset[str], tuple[str, ...]]]) -> bool:
+        """Allow rules as a control plane sends them (`xds.policies.decode_config`: callers' SPIFFE IDs or
+        "*", and methods), deciding calls from the next one on, as `update_authorizer`."""
+        return self._set_authorizer(Authorizer(self.mesh, self.service, [Rule(c, m) for c, m in rules]))
+
+    def _set_authorizer(self, authorizer: Authorizer) -> bool:
         if authorizer.same_rules(self.authorizer):
             return False
         self.authorizer = authorizer

@@ -135,6 +135,33 @@ class Subscription:
                                          "nacked": s.nacked, "error": s.error}
                           for t, s in self.types.items()}}
 
+    def config_dump(self) -> dict[str, object]:
+        """What this node holds, in the shape of Envoy's admin `/config_dump` (dynamic resources only, with
+        the version and the time each type was last taken), so that one reader serves both planes
+        (`meshctl config-dump`)."""
+        from google.protobuf import json_format
+
+        def as_dict(message: Message) -> dict[str, object]:
+            return dict(json_format.MessageToDict(message, preserving_proto_field_name=True))
+
+        updated = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.applied_at)) if self.applied_at else ""
+        held = {t: (s.version, sorted(s.resources.items())) for t, s in self.types.items()}
+        base = "type.googleapis.com/envoy.admin.v3."
+        listeners = [{"name": n, "active_state": {"version_info": v, "listener": as_dict(r), "last_updated": updated}}
+                     for v, items in [held[LISTENER]] for n, r in items]
+        return {"configs": [
+            {"@type": base + "ListenersConfigDump", "dynamic_listeners": listeners},
+            {"@type": base + "ClustersConfigDump", "dynamic_active_clusters": [
+                {"version_info": v, "cluster": as_dict(r), "last_updated": updated}
+                for v, items in [held[CLUSTER]] for _, r in items]},
+            {"@type": base + "RoutesConfigDump", "dynamic_route_configs": [
+                {"version_info": v, "route_config": as_dict(r), "last_updated": updated}
+                for v, items in [held[ROUTE]] for _, r in items]},
+            {"@type": base + "EndpointsConfigDump", "dynamic_endpoint_configs": [
+                {"version_info": v, "endpoint_config": as_dict(r), "last_updated": updated}
+                for v, items in [held[ENDPOINT]] for _, r in items]},
+        ]}
+
     # -- the stream -------------------------------------------------------------------------------
     async def _run(self) -> None:
         failures = 0
