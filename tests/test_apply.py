@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -82,10 +83,11 @@ with open(sys.argv[1], "w") as f:
 """
 
 
-def _apply_in_a_new_process(tmp_path: Path, *argv: str) -> tuple[int, list[str], str, str]:
+def _apply_in_a_new_process(tmp_path: Path, *argv: str,
+                            env: dict[str, str] | None = None) -> tuple[int, list[str], str, str]:
     report = tmp_path / "probe.json"
     done = subprocess.run([sys.executable, "-c", _PROBE, str(report), "apply", *argv], capture_output=True,
-                          text=True, timeout=60, check=False)
+                          text=True, timeout=60, check=False, env=None if env is None else {**os.environ, **env})
     assert report.exists(), done.stderr
     data = json.loads(report.read_text())
     return data["code"], data["loaded"], done.stdout, done.stderr
@@ -99,6 +101,16 @@ def test_apply_to_a_running_control_plane_loads_no_config_and_prints_its_answer(
     assert json.loads(out) == RESULT
     assert loaded == [], f"meshctl apply loaded {loaded}"
     assert stand_in.sources == [str(ROOT / "mesh.yaml")] and stand_in.applied == 1
+
+
+def test_apply_without_a_file_finds_mesh_yaml_as_config_validate_does_and_still_loads_no_config(
+        control_plane, tmp_path):
+    state, stand_in = control_plane
+    code, loaded, _, err = _apply_in_a_new_process(tmp_path, "--state-dir", str(state.root), "-o", "json",
+                                                   env={"AIVO_MESH_CONFIG": str(ROOT / "mesh.yaml")})
+    assert code == 0, err
+    assert loaded == [], f"meshctl apply loaded {loaded}"
+    assert stand_in.sources == [str(ROOT / "mesh.yaml")]
 
 
 def test_a_file_that_does_not_load_is_refused_as_config_validate_says_naming_the_users_file(

@@ -50,6 +50,7 @@ def test_service_arguments_complete_to_the_services_of_mesh_yaml(project: Path) 
     assert complete(project, "meshctl serve a") == ["plain,alpha-svc", "plain,atlas-svc"]
     assert complete(project, "meshctl traces --service at") == ["plain,atlas-svc"]
     assert complete(project, "meshctl consul register l") == ["plain,learner-svc"]
+    assert complete(project, "meshctl xds bootstrap at") == ["plain,atlas-svc"]
     # Certificates are issued for clients too.
     assert "plain,mesh-client" in complete(project, "meshctl certs rotate ")
     # --config names the mesh.yaml to read, as it does for the command.

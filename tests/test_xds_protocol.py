@@ -5,8 +5,10 @@ content-hash versions, consistency checks, and who may ask for what."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import pytest
@@ -89,6 +91,7 @@ class Client:
     responses: list[discovery_pb2.DiscoveryResponse] = field(default_factory=list)
     error: grpc.aio.AioRpcError | None = None
     task: asyncio.Task[None] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)  # node.metadata
 
     def start(self) -> None:
         async def gen() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
@@ -109,6 +112,7 @@ class Client:
         req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names), version_info=version,
                                              response_nonce=nonce)
         req.node.id = self.node_id
+        req.node.metadata.update(self.metadata)
         if error is not None:
             req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
         self.requests.put_nowait(req)
@@ -152,6 +156,13 @@ class Plane:
 
 @pytest.fixture
 async def plane(mesh: MeshSpec, mesh_certs: CertLayout) -> AsyncIterator[Plane]:
+    async with open_plane(mesh, mesh_certs) as p:
+        yield p
+
+
+@contextlib.asynccontextmanager
+async def open_plane(mesh: MeshSpec, mesh_certs: CertLayout) -> AsyncIterator[Plane]:
+    """An AdsServer on 127.0.0.1 (mTLS, serving with auth-svc's certificate) over a fresh cache."""
     cache = SnapshotCache()
     groups = {f"spiffe://aivo.local/ns/default/sa/{n}": n for n in (*mesh.service_names, "mesh-client")}
     ads = AdsServer(cache, lambda node: groups.get(node.id), PeerPolicy.from_mesh(mesh))
@@ -374,3 +385,74 @@ async def test_a_node_gets_only_its_own_groups_resources(plane: Plane) -> None:
     assert got == ["mesh_ca"]
     await c.close()
 
+
+
+def _two_clusters() -> Snapshot:
+    return Snapshot.of({CLUSTER: [_cluster("auth-svc"), _cluster("event-collector-svc")],
+                        ENDPOINT: [_assignment("auth-svc", 1001), _assignment("event-collector-svc", 1002)]})
+
+
+async def test_a_client_that_names_its_clusters_is_answered_each_new_name_at_once(plane: Plane) -> None:
+    # gRPC's clients name their listeners and clusters (state of the world still: each answer holds every
+    # resource named). One that names another while the snapshot stays the same is answered at once.
+    plane.cache.set("learner-svc", _two_clusters())
+    c = plane.client("learner-svc")
+    c.ask(CLUSTER, ("auth-svc",))
+    first = await c.next_of(CLUSTER, 0)
+    assert len(first.resources) == 1
+    c.ack(first, ("auth-svc",))
+    c.ask(CLUSTER, ("auth-svc", "event-collector-svc"), version=first.version_info, nonce=first.nonce)
+    second = await c.next_of(CLUSTER, 1)
+    names = [cluster_pb2.Cluster.FromString(a.value).name for a in second.resources]
+    assert names == ["auth-svc", "event-collector-svc"] and second.version_info == first.version_info
+    c.ack(second, ("auth-svc", "event-collector-svc"))
+    await asyncio.sleep(0.05)  # a negative: the ACK is no reason to answer again
+    assert len(c.of(CLUSTER)) == 2
+    await c.close()
+
+
+async def test_one_streams_nack_is_not_hidden_by_another_streams_ack(plane: Plane) -> None:
+    # gRPC opens a stream per target channel, and a service runs several processes: one node, many
+    # streams. A push one of them refuses is refused, whatever the others say.
+    plane.cache.set("learner-svc", snapshot())
+    one, two = plane.client("learner-svc"), plane.client("learner-svc")
+    for c in (one, two):
+        c.ask(ROUTE, ("outbound",))
+        c.ack(await c.next_of(ROUTE, 0), ("outbound",))
+    assert (await plane.server.wait_settled(timeout=5)) == {one.node_id: "acked"}
+    node = plane.server.nodes[one.node_id]
+    assert node.connected == 2
+    plane.cache.set("learner-svc", snapshot(timeout_s=9))
+    pushed = [await c.next_of(ROUTE, 1) for c in (one, two)]
+    one.ask(ROUTE, ("outbound",), version=pushed[0].version_info, nonce=pushed[0].nonce)  # ACK
+    two.ask(ROUTE, ("outbound",), version="old", nonce=pushed[1].nonce, error="no thanks")  # NACK
+    assert (await plane.server.wait_settled(timeout=5)) == {one.node_id: "nacked: no thanks"}
+    view = node.as_dict()["types"]["routes"]
+    assert view["acked"] == "" and view["nack"] == {"version": pushed[1].version_info, "error": "no thanks"}
+    await two.close()  # the refusing process goes away: the node is what the other one holds
+    await until(lambda: node.connected == 1, what="one stream left")
+    assert (await plane.server.wait_settled(timeout=5)) == {one.node_id: "acked"}
+    await one.close()
+
+
+async def test_a_sidecar_and_a_proxyless_process_of_one_identity_are_seen_apart(plane: Plane) -> None:
+    # Same identity, same node.id, another group (xds/proxyless.py): neither replaces the other's status.
+    def group_of(node: Any) -> str:
+        name = node.id.rsplit("/", 1)[-1]
+        return f"{name}/proxyless" if node.metadata.fields["aivo.plane"].string_value == "proxyless" else name
+
+    plane.server.group_of = group_of
+    plane.cache.set("learner-svc", snapshot())
+    plane.cache.set("learner-svc/proxyless", _two_clusters())
+    sidecar, grpc_client = plane.client("learner-svc"), plane.client("learner-svc")
+    for c, plane_name in ((sidecar, "sidecar"), (grpc_client, "proxyless")):
+        c.metadata = {"aivo.plane": plane_name}
+        c.ask(CLUSTER)
+        c.ack(await c.next_of(CLUSTER, 0))
+    assert len(sidecar.of(CLUSTER)[0].resources) == 1 and len(grpc_client.of(CLUSTER)[0].resources) == 2
+    node_id = sidecar.node_id
+    assert set(plane.server.nodes) == {node_id, f"{node_id} learner-svc/proxyless"}
+    assert [(n["node"], n["group"], n["connected"]) for n in plane.server.status()] == [
+        (node_id, "learner-svc", True), (node_id, "learner-svc/proxyless", True)]
+    await sidecar.close()
+    await grpc_client.close()

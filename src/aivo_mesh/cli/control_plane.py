@@ -41,11 +41,14 @@ APPLY_HTTP_TIMEOUT = 30.0  # the control plane answers within its own bound (10 
 @click.option("--dns-template", default="{host}:{port}", show_default=True, metavar="TEMPLATE",
               help="--discovery dns: each peer's DNS name, from {name} {host} {port} {namespace}")
 @click.option("--dns-server", default=None, metavar="IP[:PORT]", help="--discovery dns: ask this server")
+@click.option("--direct", multiple=True, metavar="SERVICE",
+              help="a service without a sidecar (the proxyless plane): callers reach it at its own address "
+                   "unless discovery or mesh.yaml `endpoints` say otherwise (repeatable)")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING"], case_sensitive=False), default="INFO",
               show_default=True, help="DEBUG: every discovery request and response, per node")
 def control_plane_cmd(state_dir: str, collector_port: int | None, sockets: str | None, watch: str | None,
                       discovery: str, consul: str | None, dns_template: str, dns_server: str | None,
-                      log_level: str) -> None:
+                      direct: tuple[str, ...], log_level: str) -> None:
     """Serve ADS to the local mesh's sidecars (started by `meshctl up`)."""
     import asyncio
     from importlib.metadata import version
@@ -70,7 +73,11 @@ def control_plane_cmd(state_dir: str, collector_port: int | None, sockets: str |
             mesh, discovery, dns=dns_options(dns_template, dns_server) if discovery == "dns" else None,
             # Every instance: Envoy is told which are unhealthy (and sends them nothing).
             consul=ConsulDiscovery(agent_address(consul), passing_only=False) if discovery == "consul" else None)
-    asyncio.run(run_control_plane(state, profile_for, tracing, Path(watch) if watch else None, found))
+    unknown = sorted(set(direct) - set(mesh.service_names))
+    if unknown:
+        raise click.BadParameter(f"not services of {state.mesh_file}: {', '.join(unknown)}",
+                                 param_hint="--direct")
+    asyncio.run(run_control_plane(state, profile_for, tracing, Path(watch) if watch else None, found, direct))
 
 
 @cli.command()
@@ -119,8 +126,8 @@ def _read(file: str | None) -> tuple[str, str]:
         source = "<stdin>"
     elif file is not None:
         source = str(Path(file))
-    else:  # the rule `config validate` follows (importing config: only a command without FILE pays it)
-        from aivo_mesh.config.loader import find_mesh_file
+    else:  # the rule `config validate` follows
+        from aivo_mesh.meshfile import find_mesh_file
 
         source = str(find_mesh_file(None))
     try:

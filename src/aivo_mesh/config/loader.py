@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -13,9 +12,10 @@ from pydantic import ValidationError
 from aivo_mesh.config.model import MeshSpec, _PathError, _PathErrors
 from aivo_mesh.errors import ConfigError, ConfigIssue, nearest_line, yaml_path
 from aivo_mesh.gcpause import paused_gc
+from aivo_mesh.meshfile import DEFAULT_MESH_FILE, MESH_FILE_ENV, find_mesh_file
 
-DEFAULT_MESH_FILE = "mesh.yaml"
-MESH_FILE_ENV = "AIVO_MESH_CONFIG"
+__all__ = ["DEFAULT_MESH_FILE", "MESH_FILE_ENV", "find_mesh_file", "load_mesh", "parse_mesh"]
+
 
 Loc = tuple[str | int, ...]
 
@@ -237,23 +237,6 @@ def _parse(text: str, file: str) -> MeshSpec:
         raise ConfigError.single(file, "", str(exc)) from None
     spec._source, spec._lines = file, _Lines(text)
     return spec
-
-
-def find_mesh_file(path: str | os.PathLike[str] | None = None) -> Path:
-    """The explicit path, else $AIVO_MESH_CONFIG, else ./mesh.yaml, else the repo's mesh.yaml."""
-    if path is not None:
-        return Path(path)
-    env = os.environ.get(MESH_FILE_ENV)
-    if env:
-        return Path(env)
-    here = Path(DEFAULT_MESH_FILE)
-    if here.exists():
-        return here
-    for parent in Path(__file__).resolve().parents:
-        candidate = parent / DEFAULT_MESH_FILE
-        if candidate.exists():
-            return candidate
-    return here
 
 
 def load_mesh(path: str | os.PathLike[str] | None = None) -> MeshSpec:

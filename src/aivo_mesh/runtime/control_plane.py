@@ -2,8 +2,10 @@
 
     inputs     the state dir's effective mesh.yaml; the certificates the peer policy vetted (the keys the
                sidecars trust travel as `mesh_ca`, never a private key); endpoints from mesh.yaml
-    snapshots  one node group per sidecar (xds/resources.py), set in the cache (xds/cache.py) only when
-               consistent; content-hash versions, so a restarted control plane causes no churn
+    snapshots  one node group per service and plane: its sidecar's (xds/resources.py) and its gRPC
+               processes' (`<service>/proxyless`, xds/proxyless.py, cut from the sidecar's), set in the cache
+               (xds/cache.py) only when consistent; content-hash versions, so a restarted control plane
+               causes no churn
     ADS        xds/server.py on mTLS 1.3 with the control plane's own identity; nodes must be who their
                certificate says
     admin      loopback HTTP: GET /xds/status (per node: connected, ACKed versions, last NACK),
@@ -22,7 +24,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from aivo_mesh.telemetry.metrics import MeshMetrics
 from aivo_mesh.telemetry.tracing import Tracing
 from aivo_mesh.telemetry.xds_metrics import XdsMetrics
 from aivo_mesh.xds.cache import InconsistentSnapshot, SnapshotCache, type_name
+from aivo_mesh.xds.proxyless import group_name, is_proxyless, proxyless_snapshot
 from aivo_mesh.xds.resources import ProfileFor, Trust, mesh_snapshots
 from aivo_mesh.xds.server import AdsServer
 
@@ -58,11 +61,12 @@ CERT_POLL = 1.0
 class ControlPlane:
     def __init__(self, state: StateDir, profile_for: ProfileFor, *, port: int | None = None,
                  admin_port: int | None = None, tracing: Tracing | None = None,
-                 discovery: Discovery | None = None) -> None:
+                 discovery: Discovery | None = None, direct: Collection[str] = ()) -> None:
         """Ports default to mesh.yaml's control_plane addresses; 0 takes a free one (tests). With
         `tracing`, every build and every apply is a trace (build, then each node's ACK or NACK). With
         `discovery` (DNS, Consul), a peer's instances are what it finds, health included; without, or
-        for a service it has nothing on yet, mesh.yaml's `endpoints`, else the peer's own sidecar."""
+        for a service it has nothing on yet, mesh.yaml's `endpoints`, else the peer's own sidecar, or for
+        a service in `direct` (one without a sidecar: the proxyless plane) its own address."""
         self.state = state
         self.profile_for = profile_for
         self.mesh = load_mesh(state.mesh_file)
@@ -72,6 +76,7 @@ class ControlPlane:
         self.events = XdsMetrics(self.metrics)
         self.tracing = tracing
         self.discovery = discovery
+        self.direct = frozenset(direct)
         self.ads = AdsServer(self.cache, self._group_of, PeerPolicy.from_mesh(self.mesh), events=self.events)
         (self.host, mesh_port), (self.admin_host, mesh_admin) = (self.mesh.control_plane.host_port,
                                                                  self.mesh.control_plane.admin_host_port)
@@ -86,9 +91,11 @@ class ControlPlane:
 
     # -- node groups ------------------------------------------------------------------------------------
     def _group_of(self, node: Any) -> str | None:
+        """The service whose SPIFFE ID the node claims (AdsServer has checked it against the certificate),
+        on the plane its metadata names: the sidecar's group, or the service's gRPC processes'."""
         for name in self.mesh.service_names:
             if node.id == self.mesh.spiffe_id(name):
-                return name
+                return group_name(name) if is_proxyless(node) else name
         return None
 
     def endpoints(self, mesh: MeshSpec) -> dict[str, tuple[Endpoint, ...]]:
@@ -100,11 +107,13 @@ class ControlPlane:
                 out[svc.name] = found.endpoints
             elif svc.endpoints:
                 out[svc.name] = tuple(Endpoint.parse(e) for e in svc.endpoints)
+            elif svc.name in self.direct:
+                out[svc.name] = (Endpoint(svc.host, svc.port),)
         return out
 
     def rebuild(self, mesh: MeshSpec, reason: str = "mesh.yaml") -> dict[str, bool]:
-        """Every sidecar's snapshot from `mesh`: all checked before any is published, so a mesh that
-        does not build changes nothing. {service: whether its snapshot changed}."""
+        """Every node group's snapshot from `mesh`: all checked before any is published, so a mesh that
+        does not build changes nothing. {group: whether its snapshot changed}."""
         with self._span("xds.snapshot.build", reason=reason, services=len(mesh.services)) as span:
             started = time.monotonic()
             try:
@@ -117,7 +126,7 @@ class ControlPlane:
             if span is not None:
                 span.set_attribute("xds.changed", sorted(n for n, c in changed.items() if c))
         self.built_at = time.time()
-        log.info("snapshots built", extra={"reason": reason, "services": len(changed),
+        log.info("snapshots built", extra={"reason": reason, "groups": len(changed),
                                             "changed": sorted(n for n, c in changed.items() if c),
                                             "seconds": round(self.build_seconds, 4)})
         return changed
@@ -131,6 +140,8 @@ class ControlPlane:
                                      "trust nothing")
         trust = Trust(bundle, tuple(self.vetting.pins()))
         snapshots = mesh_snapshots(mesh, self.profile_for, trust, self.endpoints(mesh))
+        # gRPC's own clients: cut from the same snapshots, so both planes mean the same mesh.yaml.
+        snapshots |= {group_name(name): proxyless_snapshot(mesh, name, snap) for name, snap in snapshots.items()}
         changed = {name: self.cache.set(name, snap) for name, snap in snapshots.items()}
         self.mesh = mesh
         self.ads.policy = PeerPolicy.from_mesh(mesh)
@@ -170,16 +181,17 @@ class ControlPlane:
             write_atomic(self.state.mesh_file, _dump(mesh))
             with self._span("xds.wait_acks", timeout_s=APPLY_TIMEOUT):
                 verdicts = await self.ads.wait_settled(APPLY_TIMEOUT)
-            nodes = [{"node": node, "service": self.ads.nodes[node].group,
-                      "changed": changed.get(self.ads.nodes[node].group, False), "outcome": verdict}
-                     for node, verdict in sorted(verdicts.items())]
+            nodes = [{"node": self.ads.nodes[key].node_id, "service": self.ads.nodes[key].group,
+                      "changed": changed.get(self.ads.nodes[key].group, False), "outcome": verdict}
+                     for key, verdict in sorted(verdicts.items())]
             if span is not None:
                 for n in nodes:
                     span.add_event("xds.node", {"node": n["node"], "outcome": n["outcome"],
                                                 "changed": n["changed"]})
                 if any(n["outcome"] != "acked" for n in nodes):
                     span.set_status(StatusCode.ERROR, "a node refused or did not answer")
-        return {"changed": sorted(n for n, c in changed.items() if c), "nodes": nodes,
+        # `changed` names services (sidecars), as it always has; each node says whether its own group changed.
+        return {"changed": sorted(n for n, c in changed.items() if c and n in mesh.service_names), "nodes": nodes,
                 "build_seconds": round(self.build_seconds, 4)}
 
     # -- serving ----------------------------------------------------------------------------------------
@@ -321,10 +333,11 @@ class _Source:
 
 
 async def run_control_plane(state: StateDir, profile_for: ProfileFor, tracing: Tracing | None = None,
-                            watch: Path | None = None, discovery: Discovery | None = None) -> None:
+                            watch: Path | None = None, discovery: Discovery | None = None,
+                            direct: Collection[str] = ()) -> None:
     """The body of `meshctl control-plane`: serve until SIGTERM/SIGINT; with `watch`, apply each change
-    of that mesh.yaml."""
-    cp = ControlPlane(state, profile_for, tracing=tracing, discovery=discovery)
+    of that mesh.yaml. `direct`: the services without a sidecar (ControlPlane)."""
+    cp = ControlPlane(state, profile_for, tracing=tracing, discovery=discovery, direct=direct)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -30,7 +30,7 @@ class DemoOptions:
     plane: Plane = "sidecar"
     duration: float = 10.0  # seconds of traffic
     workers: int = 4  # concurrent flows
-    config: str | None = None  # mesh.yaml (None: the usual search, config.loader.find_mesh_file)
+    config: str | None = None  # mesh.yaml (None: the usual search, meshfile.find_mesh_file)
     free_ports: bool = False  # free loopback ports instead of mesh.yaml's
     timeout: float | None = None  # seconds to all-healthy (None: HEALTHY_WITHIN of the plane)
 

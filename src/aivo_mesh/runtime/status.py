@@ -314,7 +314,8 @@ def control_plane_view(admin: str) -> tuple[dict[str, str], dict[str, Any]]:
     sync = xds_sync(status, json.loads(_get(f"http://{admin}/xds/config")))
     return sync, {"admin": admin, "build_seconds": status.get("build_seconds"), "built_at": status.get("built_at"),
                   "nodes": len(status.get("nodes", [])),
-                  "synced": sum(1 for v in sync.values() if v.startswith("synced"))}
+                  # Sidecars only: a group of gRPC's own clients (`<service>/proxyless`) is not one.
+                  "synced": sum(1 for g, v in sync.items() if "/" not in g and v.startswith("synced"))}
 
 
 async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:

@@ -8,13 +8,16 @@ Per stream and type URL the server keeps what it last sent (version, nonce) and 
 - a request echoing the last nonce is an ACK (no `error_detail`) or a NACK (with one); a request echoing
   an older nonce is stale and ignored;
 - a NACKed version is not sent again: the node keeps its last good config until the snapshot changes;
-- LDS and CDS are wildcard (every resource), RDS, EDS and SDS are by name;
+- LDS and CDS are wildcard (every resource) for Envoy; gRPC's own clients name the listeners and clusters
+  they want, and a newly named one is answered at once, as for RDS, EDS and SDS, which are always by name;
 - a node that reconnects with the versions it holds is sent nothing until something changes;
 - after a snapshot change, types go out in `PUSH_ORDER` (clusters before endpoints, listeners before
   routes), as Envoy warms them.
 
 Who may ask: the stream's client certificate must pass the peer policy, and the node's `node.id` must be
-that certificate's SPIFFE ID; the node receives only its own node group's snapshot (`group_of`).
+that certificate's SPIFFE ID; the node receives only its own node group's snapshot (`group_of`). The
+status of a node is kept per identity and group (`node_key`): a service's sidecar and its gRPC processes
+share the identity but not the group.
 """
 
 from __future__ import annotations
@@ -44,6 +47,13 @@ WARMS = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
 GroupOf = Callable[[Any], str | None]  # node (envoy.config.core.v3.Node) -> its node group, or None
 
 
+def node_key(node_id: str, group: str) -> str:
+    """Where `AdsServer.nodes` keeps a node: its id; for a group of another plane than the sidecars'
+    (`<service>/<plane>`, xds/proxyless.py) its id and group, so that plane's nodes never replace the
+    status of the sidecar that has the same identity."""
+    return node_id if "/" not in group else f"{node_id} {group}"
+
+
 @dataclass
 class TypeStatus:
     """One node's view of one type, for `meshctl status` and `meshctl apply`."""
@@ -57,19 +67,54 @@ class TypeStatus:
 
 @dataclass
 class NodeStatus:
+    """One node (an identity in a group) by its streams' account. A node usually has one stream, whose view
+    is `types` and outlives it (a reconnecting node resumes it). gRPC opens one stream per target channel,
+    and a service may run several processes: each further stream keeps its own view (`more`), and `view`
+    merges them, so that one stream's NACK is not hidden by another's ACK."""
+
     node_id: str
     group: str
     connected: int = 0  # open streams
     peer: str = ""
     types: dict[str, TypeStatus] = field(default_factory=dict)
     last_seen: float = 0.0
+    types_open: bool = False  # an open stream is keeping `types`
+    more: list[dict[str, TypeStatus]] = field(default_factory=list)  # the other open streams' views
+
+    def open_view(self) -> dict[str, TypeStatus]:
+        """The view a new stream keeps: `types` unless another open stream keeps it."""
+        if not self.types_open:
+            self.types_open = True
+            return self.types
+        self.more.append({})
+        return self.more[-1]
+
+    def close_view(self, view: dict[str, TypeStatus]) -> None:
+        if view is self.types:
+            self.types_open = False
+        else:
+            self.more = [v for v in self.more if v is not view]
+
+    def view(self) -> dict[str, TypeStatus]:
+        """Per type, what every open stream holds: a version all of them ACKed (else ""), the latest NACK."""
+        if not self.more:
+            return self.types
+        views = [*([self.types] if self.types_open else []), *self.more]
+        out: dict[str, TypeStatus] = {}
+        for t in sorted({t for v in views for t in v}):
+            have = [v[t] for v in views if t in v]
+            acked, sent = {s.acked for s in have}, {s.sent for s in have}
+            nack = max(have, key=lambda s: s.nack_at)
+            out[t] = TypeStatus(acked=acked.pop() if len(acked) == 1 else "", sent=sent.pop() if len(sent) == 1 else "",
+                                nack_version=nack.nack_version, nack_error=nack.nack_error, nack_at=nack.nack_at)
+        return out
 
     def as_dict(self) -> dict[str, Any]:
         return {"node": self.node_id, "group": self.group, "connected": self.connected > 0, "peer": self.peer,
                 "types": {type_name(t): {"acked": s.acked, "sent": s.sent,
                                          **({"nack": {"version": s.nack_version, "error": s.nack_error}}
                                             if s.nack_version else {})}
-                          for t, s in sorted(self.types.items())}}
+                          for t, s in sorted(self.view().items())}}
 
 
 @dataclass
@@ -108,7 +153,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
         self.policy = policy
         self.events = events or XdsEvents()
         self.require_identity = require_identity
-        self.nodes: dict[str, NodeStatus] = {}
+        self.nodes: dict[str, NodeStatus] = {}  # by node_key
         self._nonces = itertools.count(1)
         self._nonce_prefix = os.urandom(4).hex()
         self._acked = asyncio.Condition()
@@ -159,12 +204,13 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     # -- for operators and `meshctl apply` ----------------------------------------------------------
     def status(self) -> list[dict[str, Any]]:
-        return [n.as_dict() for n in sorted(self.nodes.values(), key=lambda n: n.node_id)]
+        return [n.as_dict() for n in sorted(self.nodes.values(), key=lambda n: (n.node_id, n.group))]
 
     def _node(self, node_id: str, group: str) -> NodeStatus:
-        status = self.nodes.get(node_id)
+        key = node_key(node_id, group)
+        status = self.nodes.get(key)
         if status is None or status.group != group:
-            status = self.nodes[node_id] = NodeStatus(node_id, group)
+            status = self.nodes[key] = NodeStatus(node_id, group)
         return status
 
     async def _note_reply(self) -> None:
@@ -173,20 +219,20 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
 
     async def wait_settled(self, timeout: float) -> dict[str, str]:
         """Until every connected node has ACKed or NACKed the current snapshot of its group (bounded):
-        {node: "acked" | "nacked: <error>" | "pending"}."""
+        {node_key: "acked" | "nacked: <error>" | "pending"} (`nodes[node_key]` says which node and group)."""
         deadline = time.monotonic() + timeout
 
         def verdicts() -> dict[str, str]:
             out: dict[str, str] = {}
-            for node in self.nodes.values():
+            for key, node in self.nodes.items():
                 if node.connected <= 0:
                     continue
                 snap = self.cache.get(node.group)
                 if snap is None:
-                    out[node.node_id] = "pending"
+                    out[key] = "pending"
                     continue
                 verdict = "acked"
-                for t, ts in node.types.items():
+                for t, ts in node.view().items():
                     want = snap.versions.get(t)
                     if want is None or ts.acked == want:
                         continue
@@ -194,7 +240,7 @@ class AdsServer(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignor
                         verdict = f"nacked: {ts.nack_error}"
                         break
                     verdict = "pending"
-                out[node.node_id] = verdict
+                out[key] = verdict
             return out
 
         async with self._acked:
@@ -225,6 +271,7 @@ class _Stream:
         self.types: dict[str, _TypeState] = {}
         self.group: str | None = None
         self.node: NodeStatus | None = None
+        self.status: dict[str, TypeStatus] = {}  # this stream's view of its node (NodeStatus.open_view)
         self.watcher: asyncio.Task[None] | None = None
 
     async def read(self, requests: AsyncIterator[discovery_pb2.DiscoveryRequest]) -> None:
@@ -233,6 +280,7 @@ class _Stream:
                 if self.group is None:
                     self.group = self.server._authenticate(req.node, self.context)
                     self.node = self.server._node(req.node.id, self.group)
+                    self.status = self.node.open_view()
                     self.node.connected += 1
                     self.node.peer = self.context.peer()
                     self.server.events.connected(self.node.node_id, self.node.group, self.node.connected)
@@ -249,7 +297,7 @@ class _Stream:
         assert self.node is not None
         t = req.type_url
         ts = self.types.setdefault(t, _TypeState())
-        status = self.node.types.setdefault(t, TypeStatus())
+        status = self.status.setdefault(t, TypeStatus())
         self.node.last_seen = time.time()
         log.debug("%s asks %s version=%r nonce=%r names=%s error=%s", self.node.node_id, type_name(t),
                   req.version_info, req.response_nonce, list(req.resource_names), req.HasField("error_detail"))
@@ -278,7 +326,8 @@ class _Stream:
         ts.names = names
         ts.subscribed = True
         warming = ts.answer_next and not req.HasField("error_detail")
-        self.send(t, force=(bool(new_names) or warming) and t in NAMED_TYPES)
+        # A newly named resource of any type (gRPC names its listeners and clusters too) is answered now.
+        self.send(t, force=bool(new_names) or (warming and t in NAMED_TYPES))
 
     def send(self, t: str, force: bool = False) -> None:
         assert self.group is not None and self.node is not None
@@ -308,7 +357,7 @@ class _Stream:
         if (child := WARMS.get(t)) is not None and (child_state := self.types.get(child)) is not None:
             child_state.answer_next = True
         ts.nonce = f"{self.server._nonce_prefix}-{next(self.server._nonces)}"
-        self.node.types.setdefault(t, TypeStatus()).sent = version
+        self.status.setdefault(t, TypeStatus()).sent = version
         log.debug("%s sent %s version=%s nonce=%s (%d resources)", self.node.node_id, type_name(t), version,
                   ts.nonce, len(packed))
         self.out.put_nowait(discovery_pb2.DiscoveryResponse(version_info=version, resources=packed, type_url=t,
@@ -326,5 +375,6 @@ class _Stream:
         if self.watcher is not None:
             self.watcher.cancel()
         if self.node is not None:
+            self.node.close_view(self.status)
             self.node.connected -= 1
             self.server.events.connected(self.node.node_id, self.node.group, self.node.connected)

@@ -1,0 +1,319 @@
+"""The mesh's policies in and out of xDS resources, for processes that apply them themselves.
+
+A proxyless process (MeshClient, MeshServer) takes the same kinds of typed resources as an Envoy sidecar
+and must arrive at the very policies `config.resolve` gives from mesh.yaml, so that one mesh.yaml means
+the same on both planes. What a resource's own fields say exactly is read from them:
+
+    route     its match (`path`: one method, `prefix`: a service or package) and its deadline
+              (`max_stream_duration.grpc_timeout_header_max` on unary routes, `idle_timeout` on streams)
+    endpoints each instance's address, weight and health status
+    allow     the RBAC HTTP filter's ALLOW policies (gRFC A41): principals and url paths
+
+What no Envoy field says, or says only as Envoy applies it, travels as plain data under the metadata key
+"aivo.mesh" (`filter_metadata`), written as mesh.yaml writes it (durations as `5s`):
+
+    route     the retry policy as the mesh resolves it (Envoy's retry_on has no token for some gRPC
+              statuses, and leaves out a per-try timeout it would ignore), `idempotent`, `streaming`
+    cluster   the service's own timeout and retry (its catch-all), retry budget, circuit breaker (Envoy's
+              has no consecutive-failure mode), limits, outlier detection, health checks
+
+`decode_*` raise PolicyError for a resource that does not carry what they need: the subscriber NACKs
+it and keeps what it had.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
+from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from google.protobuf import duration_pb2, json_format
+from google.protobuf.message import Message
+from pydantic import BaseModel, ValidationError
+
+from aivo_mesh.config.model import (
+    CircuitBreakerSpec,
+    HealthCheckSpec,
+    LimitsSpec,
+    MeshSpec,
+    OutlierDetectionSpec,
+    RetryBudgetSpec,
+    RetrySpec,
+    ServiceSpec,
+    format_duration,
+    parse_duration,
+    to_data,
+)
+from aivo_mesh.config.patterns import service_prefix
+from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_retry
+from aivo_mesh.discovery.snapshot import Endpoint
+from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
+
+METADATA_KEY = "aivo.mesh"
+M = TypeVar("M", bound=BaseModel)
+
+
+class PolicyError(ValueError):
+    """A resource lacks, or holds a wrong, part of a policy (the message says which resource and what)."""
+
+
+# -- plain data in metadata ------------------------------------------------------------------------
+
+def set_metadata(metadata: base_pb2.Metadata, data: Mapping[str, Any]) -> None:
+    """`data` (JSON-like) under "aivo.mesh" in `metadata`."""
+    metadata.filter_metadata[METADATA_KEY].update(dict(data))
+
+
+def metadata_of(metadata: base_pb2.Metadata, where: str) -> dict[str, Any]:
+    """The "aivo.mesh" data of `metadata`. A Struct holds every number as a double: integral ones are
+    read back as ints, which every field of the model takes (an int field refuses 3.0)."""
+    if METADATA_KEY not in metadata.filter_metadata:
+        raise PolicyError(f"{where}: no {METADATA_KEY!r} metadata")
+    data: dict[str, Any] = _ints(json_format.MessageToDict(metadata.filter_metadata[METADATA_KEY]))
+    return data
+
+
+def _ints(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_ints(v) for v in value]
+    return value
+
+
+def _model(cls: type[M], data: Any, where: str) -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        at = ".".join(str(p) for p in first["loc"])
+        raise PolicyError(f"{where}: {cls.__name__} {at}: {first['msg']}") from None
+
+
+def route_metadata(rp: RoutePolicy) -> dict[str, Any]:
+    """What a route carries besides its own fields (the module docstring)."""
+    return {"retry": to_data(rp.retry), "idempotent": rp.idempotent, "streaming": rp.streaming,
+            "match": rp.match}
+
+
+def cluster_metadata(sp: ServicePolicy) -> dict[str, Any]:
+    """What a peer's cluster carries besides its own fields (the module docstring)."""
+    return {"timeout": format_duration(sp.timeout), "retry": to_data(sp.retry),
+            "retry_budget": to_data(sp.retry_budget), "circuit_breaker": to_data(sp.circuit_breaker),
+            "limits": to_data(sp.limits), "outlier_detection": to_data(sp.outlier_detection),
+            "health_check": to_data(sp.health_check)}
+
+
+# -- decoding --------------------------------------------------------------------------------------
+
+def decode_service(spec: ServiceSpec, cluster: cluster_pb2.Cluster) -> ServicePolicy:
+    """The policy of the peer `spec` (mesh.yaml's service, which names it) from its cluster."""
+    where = f"cluster {cluster.name}"
+    data = metadata_of(cluster.metadata, where)
+    try:
+        timeout = parse_duration(data["timeout"])
+        parts = {key: data[key] for key in ("retry", "retry_budget", "circuit_breaker", "limits",
+                                            "outlier_detection", "health_check")}
+    except (KeyError, ValueError, TypeError) as exc:
+        raise PolicyError(f"{where}: {METADATA_KEY} metadata: missing or wrong {exc}") from None
+    return ServicePolicy(
+        service=spec, timeout=timeout, retry=_model(RetrySpec, parts["retry"], where),
+        retry_budget=_model(RetryBudgetSpec, parts["retry_budget"], where),
+        circuit_breaker=_model(CircuitBreakerSpec, parts["circuit_breaker"], where),
+        limits=_model(LimitsSpec, parts["limits"], where),
+        outlier_detection=_model(OutlierDetectionSpec, parts["outlier_detection"], where),
+        health_check=_model(HealthCheckSpec, parts["health_check"], where))
+
+
+def decode_route(service: str, route: route_components_pb2.Route) -> RoutePolicy:
+    """One route's policy: match and deadline from its fields, the rest from its metadata."""
+    where = f"route {route.name or '(unnamed)'}"
+    which = route.match.WhichOneof("path_specifier")
+    if which not in ("path", "prefix"):
+        raise PolicyError(f"{where}: expected a path or prefix match, got {which}")
+    pattern = getattr(route.match, which)
+    data = metadata_of(route.metadata, where)
+    try:
+        streaming, idempotent, match = bool(data["streaming"]), bool(data["idempotent"]), data["match"]
+    except KeyError as exc:
+        raise PolicyError(f"{where}: {METADATA_KEY} metadata: missing {exc}") from None
+    action = route.route
+    if streaming:
+        if not action.HasField("idle_timeout"):
+            raise PolicyError(f"{where}: a streaming route without idle_timeout")
+        timeout = _seconds(action.idle_timeout)
+    else:
+        if not action.max_stream_duration.HasField("grpc_timeout_header_max"):
+            raise PolicyError(f"{where}: a unary route without max_stream_duration.grpc_timeout_header_max")
+        timeout = _seconds(action.max_stream_duration.grpc_timeout_header_max)
+    if match is not None and match != pattern:
+        raise PolicyError(f"{where}: metadata names route {match!r} but the route matches {pattern!r}")
+    return RoutePolicy(service=service, pattern=pattern, match=match, timeout=timeout,
+                       retry=_model(RetrySpec, data.get("retry"), where), idempotent=idempotent,
+                       streaming=streaming)
+
+
+def _seconds(d: duration_pb2.Duration) -> float:
+    """A Duration (nanoseconds) in seconds. Whole milliseconds are read as mesh.yaml's `700ms` is, so the
+    float is the resolver's own; a finer duration is exact to the nanosecond."""
+    nanos = d.seconds * 1_000_000_000 + d.nanos
+    return parse_duration(f"{nanos // 1_000_000}ms") if nanos % 1_000_000 == 0 else nanos / 1e9
+
+
+def decode_routes(policy: ServicePolicy, routes: Any) -> tuple[RoutePolicy, ...]:
+    """Every route of the peer `policy` is of (its virtual host's routes, in match order), then its
+    catch-all, as `config.resolve.route_policies` gives them. Where a route covers the whole service,
+    the catch-all is not rendered (nothing would reach it: `per_pattern`), and is made here from the
+    service's own policy, as the resolver makes it."""
+    service = policy.service.name
+    decoded = tuple(decode_route(service, r) for r in routes)
+    for rp in decoded[:-1]:
+        if rp.match is None:
+            raise PolicyError(f"routes of {service}: the catch-all route must come last")
+    if decoded and decoded[-1].match is None:
+        return decoded
+    catch_all = RoutePolicy(service=service, pattern=service_prefix(policy.service.grpc_service), match=None,
+                            timeout=policy.timeout,
+                            retry=route_retry(policy.retry, idempotent=False, streaming=False),
+                            idempotent=False, streaming=False)
+    return (*decoded, catch_all)
+
+
+def decode_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[Endpoint, ...]:
+    """The instances of an assignment, with weight and health (UNHEALTHY and the like: not healthy)."""
+    healthy = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN)
+    out = []
+    for locality in cla.endpoints:
+        for lb in locality.lb_endpoints:
+            address = lb.endpoint.address.socket_address
+            out.append(Endpoint(address.address, address.port_value,
+                                weight=lb.load_balancing_weight.value or 1,
+                                healthy=lb.health_status in healthy))
+    return tuple(out)
+
+
+def decode_allow(rbac: rbac_pb2.RBAC, trust_domain: str) -> tuple[tuple[frozenset[str], tuple[str, ...]], ...]:
+    """The allow rules of an ALLOW RBAC, as (callers, methods) in the order of the mesh's rules
+    (policies `allow-0`, `allow-1`, ...; `mesh-open`, the health and reflection methods every mesh
+    identity may call, is the server's own rule and is skipped). Callers are SPIFFE IDs, "*" for any
+    identity of the trust domain; methods exact or prefixes, () for every method."""
+    if rbac.action != rbac_pb2.RBAC.ALLOW:
+        raise PolicyError("RBAC: expected an ALLOW policy set")
+    trust_prefix = f"spiffe://{trust_domain}/"
+    numbered = []
+    for name, policy in rbac.policies.items():
+        if name == "mesh-open":
+            continue
+        if not name.startswith("allow-") or not name[6:].isdigit():
+            raise PolicyError(f"RBAC: unexpected policy {name!r}")
+        callers = set()
+        for p in policy.principals:
+            matcher = p.authenticated.principal_name
+            if matcher.exact:
+                callers.add(matcher.exact)
+            elif matcher.prefix == trust_prefix:
+                callers.add("*")
+            else:
+                raise PolicyError(f"RBAC {name}: a principal that is neither a SPIFFE ID nor the trust domain")
+        methods = []
+        for perm in policy.permissions:
+            if perm.any:
+                continue
+            path = perm.url_path.path
+            if not (path.exact or path.prefix):
+                raise PolicyError(f"RBAC {name}: a permission that is neither a method nor a prefix")
+            methods.append(path.exact or path.prefix)
+        numbered.append((int(name[6:]), (frozenset(callers), tuple(methods))))
+    return tuple(rule for _, rule in sorted(numbered))
+
+
+# -- a proxyless node's whole configuration ------------------------------------------------------------
+
+# The listener of a proxyless server is named as gRPC's xDS servers name theirs (gRFC A36's default
+# `server_listener_resource_name_template`), with the address the server listens on.
+SERVER_LISTENER_PREFIX = "grpc/server?xds.resource.listening_address="
+RBAC_TYPE = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
+
+Rules = tuple[tuple[frozenset[str], tuple[str, ...]], ...]
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """One peer as a MeshClient applies it."""
+
+    policy: ServicePolicy
+    routes: tuple[RoutePolicy, ...]
+    endpoints: tuple[Endpoint, ...]
+
+
+@dataclass(frozen=True)
+class ProxylessConfig:
+    """What a proxyless node holds, decoded: its peers (API listeners, gRFC A27) and, if it serves, the
+    allow rules of its server listener (None: no server listener)."""
+
+    targets: Mapping[str, TargetConfig]
+    allow: Rules | None
+
+
+def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]) -> ProxylessConfig:
+    """A complete set of a proxyless node's resources (xds/subscriber.py), decoded. Peers are named by
+    their API listeners; `mesh` (the process's mesh.yaml) says what each peer is (its name and gRPC
+    service), since the set of services does not change while the mesh runs. Raises PolicyError."""
+    listeners, routes = resources.get(LISTENER, {}), resources.get(ROUTE, {})
+    clusters, assignments = resources.get(CLUSTER, {}), resources.get(ENDPOINT, {})
+    targets: dict[str, TargetConfig] = {}
+    allow: Rules | None = None
+    for name, listener in sorted(listeners.items()):
+        assert isinstance(listener, listener_pb2.Listener)
+        if name.startswith(SERVER_LISTENER_PREFIX):
+            allow = _server_rules(mesh, listener)
+            continue
+        if not listener.HasField("api_listener"):
+            raise PolicyError(f"listener {name}: neither an API listener nor a server listener")
+        try:
+            spec = mesh.service(name)
+        except KeyError:
+            raise PolicyError(f"listener {name}: not a service of this mesh") from None
+        hcm = hcm_pb2.HttpConnectionManager()
+        if not listener.api_listener.api_listener.Unpack(hcm) or not hcm.HasField("rds"):
+            raise PolicyError(f"listener {name}: expected an HttpConnectionManager taking its routes over RDS")
+        config = routes.get(hcm.rds.route_config_name)
+        cluster = clusters.get(name)
+        if config is None or cluster is None:
+            raise PolicyError(f"listener {name}: its route configuration or cluster is missing")
+        assert isinstance(config, route_pb2.RouteConfiguration) and isinstance(cluster, cluster_pb2.Cluster)
+        mine = [r for vh in config.virtual_hosts for r in vh.routes]
+        if any(r.route.cluster != name for r in mine):
+            raise PolicyError(f"route configuration {config.name}: a route to another cluster than {name}")
+        policy = decode_service(spec, cluster)
+        cla = assignments.get(cluster.eds_cluster_config.service_name or name)
+        if cla is None:
+            raise PolicyError(f"cluster {name}: its assignment is missing")
+        assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+        targets[name] = TargetConfig(policy, decode_routes(policy, mine), decode_endpoints(cla))
+    return ProxylessConfig(targets, allow)
+
+
+def _server_rules(mesh: MeshSpec, listener: listener_pb2.Listener) -> Rules:
+    for chain in listener.filter_chains:
+        for f in chain.filters:
+            hcm = hcm_pb2.HttpConnectionManager()
+            if not f.typed_config.Unpack(hcm):
+                continue
+            for http_filter in hcm.http_filters:
+                if http_filter.typed_config.type_url == RBAC_TYPE:
+                    rbac = rbac_filter_pb2.RBAC()
+                    http_filter.typed_config.Unpack(rbac)
+                    return decode_allow(rbac.rules, mesh.mesh.trust_domain)
+    raise PolicyError(f"listener {listener.name}: no RBAC filter (a server without allow rules would refuse "
+                      "everything; refusing the listener instead)")
