@@ -350,11 +350,14 @@ def test_any_payloads_are_deterministic(name: str) -> None:
     # json_format packs an Any with the map entries in the order of the process's hash table: the RBAC
     # policies of a route configuration came out differently from one process to the next, and with them
     # the content-hash versions a restarted control plane sends.
+    from aivo_mesh.xds.proxyless import proxyless_snapshot
+
     mesh = MESHES[name]()
-    for snap in mesh_snapshots(mesh, lambda m, s: _profile(s), TRUST).values():
-        for resources in snap.resources.values():
-            for resource in resources.values():
-                assert _canonical(resource)
+    for service, snap in mesh_snapshots(mesh, lambda m, s: _profile(s), TRUST).items():
+        for built in (snap, proxyless_snapshot(mesh, service, snap)):  # gRPC's own clients' too
+            for resources in built.resources.values():
+                for resource in resources.values():
+                    assert _canonical(resource)
 
 
 def _both(doc: Any, cls: type[Message]) -> tuple[Any, Any]:
