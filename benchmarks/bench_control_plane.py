@@ -14,13 +14,15 @@ message types), every case runs once on a mesh loaded for it (nothing derived fr
 is reused):
 
     load_mesh          the loader: libyaml, the YAML checks (duplicate keys...), the model
-    snapshot build     what the control plane does at start and at each apply: every sidecar's snapshot
+    snapshot build     what the control plane does first at start and at each apply: every sidecar's snapshot
                        (xds.resources.mesh_snapshots; the baseline tree: sidecar_snapshot per service, each
                        checked), each published to a SnapshotCache; every sidecar with the profile `meshctl
                        up` gives it (its SDS folder, its sockets, spans to the collector), trusting a CA
                        bundle and one SPKI pin per identity; no discovery (mesh.yaml's addresses)
     render envoy       render.render_target("envoy"): every sidecar's pod bootstrap and SDS files, as text
     render prometheus  render.render_target("prometheus"): scrape config, rules and their tests, as text
+    proxyless          (a tree with xds/proxyless.py) the snapshots of every service's gRPC processes, which
+                       the control plane cuts from the sidecars' snapshots after building them, published
 
 Each case reports wall seconds and the process's CPU seconds (time.process_time), and the foreign load
 during it (cores busy with other processes, benchmarks/loadmeter.py): the machine is shared, and CPU time
@@ -28,7 +30,8 @@ moves less than wall time when it is busy.
 
 At the largest size, also: the `meshctl render envoy` and `meshctl render prometheus` commands (a new
 Python process writing every file into an empty directory; wall time), and the peak RSS (VmHWM) of a
-process that loads the mesh and builds and keeps every sidecar's snapshot, as the control plane does.
+process that loads the mesh and builds and keeps every sidecar's snapshot (then the proxyless ones), as
+the control plane does.
 
 Prints medians over rounds, the median of per-round ratios (this tree / the baseline) and each case's
 cost per service at the largest size over the smallest (1.0: linear in services). Writes
@@ -63,7 +66,7 @@ from loadmeter import LoadMeter
 # measuring processes hold only what they measure.
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("load_mesh", "snapshot build", "render envoy", "render prometheus")
+CASES = ("load_mesh", "snapshot build", "render envoy", "render prometheus", "proxyless")
 COMMANDS = ("envoy", "prometheus")  # `meshctl render TARGET`, at the largest size
 WARMUP_SERVICES = 10
 CA_PEM = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(range(256)) * 4) + b"-----END CERTIFICATE-----\n"
@@ -120,6 +123,24 @@ def _control_plane(mesh_file: Path) -> tuple[Callable[[], Any], Callable[[Any], 
     return (lambda: load_mesh(mesh_file)), build
 
 
+def _proxyless(build: Callable[[Any], Any]) -> Callable[[Any], Any] | None:
+    """The control plane's second step where the tree has one: each service's proxyless snapshot, cut from
+    its sidecar's (built first, untimed: `prepare`), published. None for a tree without it."""
+    try:
+        from aivo_mesh.xds.proxyless import group_name, proxyless_snapshot
+    except ImportError:
+        return None
+
+    def cut(prepared: Any) -> Any:
+        mesh, cache = prepared
+        for name in mesh.service_names:
+            sidecar = cache.get(name)
+            cache.set(group_name(name), proxyless_snapshot(mesh, name, sidecar))
+        return cache
+
+    return cut
+
+
 def child_timings(mesh_file: Path, warmup_file: Path, round_index: int) -> dict[str, dict[str, float]]:
     """{case: {wall_s, cpu_s, foreign_cores}} for one round."""
     from aivo_mesh.render import render_target
@@ -133,17 +154,23 @@ def child_timings(mesh_file: Path, warmup_file: Path, round_index: int) -> dict[
         cases.update({"load_mesh": lambda _: load(), "snapshot build": build,
                       "render envoy": lambda m: render_target("envoy", m),
                       "render prometheus": lambda m: render_target("prometheus", m)})
+        if (cut := _proxyless(build)) is not None:
+            cases["proxyless"] = cut
         return load
 
+    def prepare(name: str, mesh: Any) -> Any:  # what a case starts from, untimed
+        return (mesh, cases["snapshot build"](mesh)) if name == "proxyless" else mesh
+
     load = setup(warmup_file)
-    for name in CASES:
-        cases[name](load())
+    names = [c for c in CASES if c in cases]
+    for name in names:
+        cases[name](prepare(name, load()))
     load = setup(mesh_file)
     meter = LoadMeter({"self": os.getpid()})
     out: dict[str, dict[str, float]] = {}
-    k = round_index % len(CASES)
-    for name in (*CASES[k:], *CASES[:k]):
-        mesh = load()
+    k = round_index % len(names)
+    for name in (*names[k:], *names[:k]):
+        mesh = prepare(name, load())
         meter.start()
         cpu, wall = time.process_time(), time.perf_counter()
         result = cases[name](mesh)
@@ -165,6 +192,9 @@ def child_memory(mesh_file: Path) -> dict[str, float]:
     out["after load_mesh"] = _peak_mb()
     cache = build(mesh)
     out["after snapshot build"] = _peak_mb()
+    if (cut := _proxyless(build)) is not None:
+        cut((mesh, cache))
+        out["after proxyless"] = _peak_mb()
     del cache
     return out
 
@@ -207,6 +237,7 @@ def _stats(xs: list[float]) -> dict[str, Any]:
 def summarize(sizes: list[int], trees: list[str], timings: dict[str, dict[int, list[dict[str, Any]]]],
               commands: dict[str, dict[str, list[float]]], memory: dict[str, dict[str, float]]) -> dict[str, Any]:
     out: dict[str, Any] = {"sizes": {}}
+    measured = {tree: [c for c in CASES if all(c in r for r in timings[tree][sizes[0]])] for tree in trees}
     for n in sizes:
         per_size: dict[str, Any] = {}
         for tree in trees:
@@ -216,18 +247,19 @@ def summarize(sizes: list[int], trees: list[str], timings: dict[str, dict[int, l
                 "cpu_s": _stats([r[case]["cpu_s"] for r in rounds]),
                 "foreign_cores_max": max(r[case]["foreign_cores"] for r in rounds),
                 "wall_ms_per_service": statistics.median(r[case]["wall_s"] for r in rounds) / n * 1000,
-            } for case in CASES}
+            } for case in measured[tree]}
         if len(trees) == 2:
             new, old = timings[trees[0]][n], timings[trees[1]][n]
             per_size["ratio this / baseline"] = {case: {
                 what: statistics.median(a[case][what] / b[case][what] for a, b in zip(new, old, strict=True))
-                for what in ("wall_s", "cpu_s")} for case in CASES}
+                for what in ("wall_s", "cpu_s")} for case in CASES if case in measured[trees[0]] and case in
+                measured[trees[1]]}
         out["sizes"][str(n)] = per_size
     small, large = str(min(sizes)), str(max(sizes))
     if small != large:
         out["per_service_cost_largest_over_smallest"] = {tree: {
             case: out["sizes"][large][tree][case]["wall_ms_per_service"]
-            / out["sizes"][small][tree][case]["wall_ms_per_service"] for case in CASES} for tree in trees}
+            / out["sizes"][small][tree][case]["wall_ms_per_service"] for case in measured[tree]} for tree in trees}
     out["commands_at_largest_size"] = {tree: {f"meshctl render {t}": _stats(commands[tree][t]) for t in COMMANDS}
                                        for tree in trees}
     if len(trees) == 2:
@@ -245,9 +277,9 @@ def _print(summary: dict[str, Any], sizes: list[int], trees: list[str]) -> None:
         print(f"\n{n} services: median wall s (cpu s) [most foreign load, cores]")
         for case in CASES:
             cells = [f"{s[t][case]['wall_s']['median']:8.3f} ({s[t][case]['cpu_s']['median']:7.3f}) "
-                     f"[{s[t][case]['foreign_cores_max']:.2f}]" for t in trees]
+                     f"[{s[t][case]['foreign_cores_max']:.2f}]" if case in s[t] else f"{'-':>25}" for t in trees]
             ratio = ""
-            if "ratio this / baseline" in s:
+            if case in s.get("ratio this / baseline", {}):
                 r = s["ratio this / baseline"][case]
                 ratio = f"  this/baseline {r['wall_s']:.3f} (cpu {r['cpu_s']:.3f})"
             print(f"  {case:<18}" + "  ".join(f"{t}: {c}" for t, c in zip(trees, cells, strict=True)) + ratio)
@@ -262,7 +294,7 @@ def _print(summary: dict[str, Any], sizes: list[int], trees: list[str]) -> None:
     print(f"\n{max(sizes)} services, peak RSS (MB)")
     for tree, rss in summary["peak_rss_mb_at_largest_size"].items():
         print(f"  {tree}: " + ", ".join(f"{k} {v:.0f}" for k, v in rss.items())
-              + f" (loaded and built: +{rss['after snapshot build'] - rss['baseline']:.0f})")
+              + f" (loaded and every sidecar's built: +{rss['after snapshot build'] - rss['baseline']:.0f})")
 
 
 def main(argv: list[str] | None = None) -> int:
