@@ -1027,3 +1027,90 @@ def test_docs_example_is_valid() -> None:
         0.1, 1.0)
     rp = route_policy(m, AUTH, VALIDATE_TOKEN)
     assert (rp.timeout, rp.retry.max_retries, rp.retry.retry_on) == (1.0, 3, ("UNAVAILABLE", "INTERNAL"))
+
+
+# --------------------------------------------------------------------------- derived once per mesh
+
+
+def _with_service(m: MeshSpec, name: str, **update: Any) -> MeshSpec:
+    services = tuple(s.model_copy(update=update) if s.name == name else s for s in m.services)
+    return m.model_copy(update={"services": services})
+
+
+def test_what_is_derived_from_a_mesh_is_its_own(mesh: MeshSpec) -> None:
+    from aivo_mesh.config.resolve import callable_peers, route_policies
+
+    # Asked of one mesh first, so a result kept for it is there to be (wrongly) reused.
+    assert service_policy(mesh, AUTH).timeout == 5.0
+    assert callable_peers(mesh, LEARNER) == (AUTH, EVENTS)
+    assert route_policies(mesh, AUTH)[0].timeout == 1.0
+    assert mesh.service(AUTH).port == 50051
+    # A copy with updates (as `meshctl apply` makes one): pydantic copies private attributes into it, so a
+    # cache kept on the model would answer for the mesh it was copied from.
+    auth = mesh.service(AUTH)
+    routes = (auth.routes[0].model_copy(update={"timeout": 2.0}),)
+    changed = _with_service(mesh, AUTH, timeout=7.0, port=50551, routes=routes, allow=auth.allow[:1])
+    assert service_policy(changed, AUTH).timeout == 7.0
+    assert route_policies(changed, AUTH)[0].timeout == 2.0
+    assert changed.service(AUTH).port == 50551
+    assert callable_peers(changed, LEARNER) == (EVENTS,)  # auth-svc no longer lets learner-svc call it
+    # ...and the first mesh still has its own answers.
+    assert service_policy(mesh, AUTH).timeout == 5.0
+    assert callable_peers(mesh, LEARNER) == (AUTH, EVENTS)
+    # A mesh read again from the same text is another object, with answers of its own (equal ones).
+    again = parse_mesh(MESH_TEXT)
+    assert service_policy(again, AUTH) == service_policy(mesh, AUTH)
+    assert service_policy(again, AUTH) is not service_policy(mesh, AUTH)
+
+
+def test_callable_peers_reads_names_spiffe_ids_and_the_wildcard(mesh: MeshSpec) -> None:
+    from aivo_mesh.config.resolve import callable_peers
+
+    analytics = mesh.service(ANALYTICS)
+    data = copy.deepcopy(MESH_DATA)
+    data["services"][3]["allow"] = [{"from": [mesh.spiffe_id(AUTH)]}, {"from": ["*"]}]
+    data["services"][2]["allow"] = [{"from": [ANALYTICS, ANALYTICS, mesh.spiffe_id(ANALYTICS)]}]
+    m = parse_mesh(yaml.safe_dump(data))
+    assert analytics.name not in callable_peers(m, ANALYTICS)  # never itself, even through `*`
+    assert callable_peers(m, AUTH) == (ANALYTICS,)  # its SPIFFE ID, once however many rules name it
+    assert callable_peers(m, ANALYTICS) == (AUTH, LEARNER, EVENTS)  # mesh.yaml order
+    assert callable_peers(m, "mesh-client") == (AUTH, LEARNER, ANALYTICS)  # any name, not only services
+
+
+def test_derived_results_go_with_their_mesh() -> None:
+    import gc
+
+    from aivo_mesh.config.memo import cached_meshes
+
+    before = cached_meshes()
+    m = parse_mesh(MESH_TEXT)
+    service_policy(m, AUTH)
+    assert cached_meshes() == before + 1
+    del m
+    gc.collect()
+    assert cached_meshes() == before
+
+
+def test_a_failure_is_not_remembered_and_a_plan_is_handed_out_as_a_copy(mesh: MeshSpec) -> None:
+    from aivo_mesh.config.ports import local_ports
+
+    for _ in range(2):
+        with pytest.raises(KeyError, match="unknown service 'nope-svc'"):
+            service_policy(mesh, "nope-svc")
+    ports = local_ports(mesh)
+    ports.clear()
+    assert local_ports(mesh)[AUTH].inbound == 50061
+
+
+def test_an_error_raised_after_loading_names_the_line(tmp_path: Path) -> None:
+    # The line index is worked out when an error first needs it (a large mesh has tens of thousands of paths).
+    path = tmp_path / "mesh.yaml"
+    path.write_text(MESH_TEXT)
+    m = load_mesh(path)
+    line = 1 + MESH_TEXT.splitlines().index("    local_port: 8082")
+    assert str(m.error(("services", 1, "local_port"), "taken")) == f"{path}:{line}: services[1].local_port: taken"
+    # The nearest written ancestor of a default value; a copy keeps its file's lines.
+    sidecar = 1 + MESH_TEXT.splitlines().index("  - name: analytics-svc")
+    copied = _with_service(m, ANALYTICS, timeout=1.0)
+    assert str(copied.error(("services", 3, "fault"), "x")) == f"{path}:{sidecar}: services[3].fault: x"
+    assert str(MeshSpec.model_validate(MESH_DATA).error(("services",), "x")) == "mesh.yaml: services: x"

@@ -305,10 +305,14 @@ _VERSIONS_SCRIPT = """
 import json, sys
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.render.envoy import EnvoyProfile
-from aivo_mesh.xds.resources import Trust, sidecar_snapshot
+from aivo_mesh.xds.proxyless import group_name, proxyless_snapshot
+from aivo_mesh.xds.resources import Trust, mesh_snapshots
 mesh = load_mesh(sys.argv[1])
 profile = EnvoyProfile.local("/certs", "/sds")
-print(json.dumps({s: sidecar_snapshot(mesh, s, profile, Trust(b"ca")).versions for s in mesh.service_names}))
+sidecars = mesh_snapshots(mesh, lambda m, s: profile, Trust(b"ca"))
+versions = {s: snap.versions for s, snap in sidecars.items()}
+versions |= {group_name(s): proxyless_snapshot(mesh, s, snap).versions for s, snap in sidecars.items()}
+print(json.dumps(versions))
 """
 
 

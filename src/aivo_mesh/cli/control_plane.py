@@ -55,22 +55,16 @@ def control_plane_cmd(state_dir: str, collector_port: int | None, sockets: str |
 
     from aivo_mesh.cli.serve import dns_options
     from aivo_mesh.config.loader import load_mesh
-    from aivo_mesh.config.model import MeshSpec
     from aivo_mesh.discovery import ConsulDiscovery, Discovery, build_discovery
-    from aivo_mesh.render.envoy import EnvoyProfile
     from aivo_mesh.runtime.control_plane import run_control_plane
-    from aivo_mesh.runtime.mesh import local_profile, with_tracing
+    from aivo_mesh.runtime.mesh import local_profiles, with_tracing
     from aivo_mesh.telemetry.logs import configure_logging
     from aivo_mesh.telemetry.tracing import Tracing
 
     configure_logging(log_level, json=True)
     state = StateDir(state_dir)
     mesh = load_mesh(state.mesh_file)
-    folder = Path(sockets) if sockets else None
-
-    def profile_for(mesh: MeshSpec, name: str) -> EnvoyProfile:
-        return local_profile(state, name, collector_port or None, folder)
-
+    profile_for = local_profiles(state, collector_port or None, Path(sockets) if sockets else None)
     tracing = (Tracing.from_spec(with_tracing(mesh, collector_port).observability.tracing, "control-plane",
                                  version("aivo-mesh")) if collector_port else None)
     found: Discovery | None = None

@@ -42,12 +42,15 @@ def _stream(files: dict[str, str]) -> None:
 def _patterns(rendered: Iterable[str], services: Iterable[str]) -> re.Pattern[str]:
     """What this target's files look like: each rendered path with any service name as a wildcard
     (``auth-svc/envoy.yaml`` -> ``<any>/envoy.yaml``), so a removed service's files still match."""
-    names = sorted(services, key=len, reverse=True)  # longest first: no partial replacement
+    # Longest first: no partial replacement. Escaped once, and looked for before replacing: a path names one
+    # or two of a thousand services.
+    names = [re.escape(n) for n in sorted(services, key=len, reverse=True)]
     shapes = set()
     for rel in rendered:
         shape = re.escape(rel)
         for n in names:
-            shape = shape.replace(re.escape(n), "[^/]+")
+            if n in shape:
+                shape = shape.replace(n, "[^/]+")
         shapes.add(shape)
     return re.compile("^(?:" + "|".join(sorted(shapes)) + ")$")
 

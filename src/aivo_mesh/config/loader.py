@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from aivo_mesh.config.model import MeshSpec, _PathError, _PathErrors
 from aivo_mesh.errors import ConfigError, ConfigIssue, nearest_line, yaml_path
+from aivo_mesh.gcpause import paused_gc
 from aivo_mesh.meshfile import DEFAULT_MESH_FILE, MESH_FILE_ENV, find_mesh_file
 
 __all__ = ["DEFAULT_MESH_FILE", "MESH_FILE_ENV", "find_mesh_file", "load_mesh", "parse_mesh"]
@@ -26,23 +27,29 @@ _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
 class _Index:
-    """One walk over the composed document: the 1-based line of every YAML path, plus the problems
-    PyYAML lets through (duplicate keys, keys that are not strings, recursive aliases)."""
+    """One walk over the composed document: the problems PyYAML lets through (duplicate keys, keys that
+    are not strings, recursive aliases, too many values), and with `lines` the 1-based line of every YAML
+    path (only an error needs them: the loader's own, or one a renderer raises later, `MeshSpec.error`)."""
 
-    def __init__(self, root: yaml.Node) -> None:
+    def __init__(self, root: yaml.Node, *, lines: bool = True) -> None:
         self.lines: dict[Loc, int] = {}
         self.issues: list[ConfigIssue] = []
+        self._record = lines
+        self._values = 0  # values walked, aliases expanded
         self._active: set[int] = set()  # ids of the nodes on the current path (cycle detection)
         self._walk(root, ())
 
     def _issue(self, loc: Loc, message: str, node: yaml.Node) -> None:
         self.issues.append(ConfigIssue(yaml_path(loc), message, node.start_mark.line + 1))
 
-    def _walk(self, node: yaml.Node, loc: Loc) -> None:
-        if len(self.lines) > MAX_NODES:
+    def _walk(self, node: yaml.Node, loc: Loc, *, merged: bool = False) -> None:
+        if self._values > MAX_NODES:
             raise ConfigError.single("", yaml_path(loc), f"document too large (more than {MAX_NODES} "
                                      "values after expanding aliases)", node.start_mark.line + 1)
-        self.lines.setdefault(loc, node.start_mark.line + 1)
+        if not merged:  # a merged mapping's keys are values of the mapping it is merged into
+            self._values += 1
+        if self._record:
+            self.lines.setdefault(loc, node.start_mark.line + 1)
         if id(node) in self._active:
             self._issue(loc, "recursive YAML alias: an anchor cannot contain itself", node)
             return
@@ -56,7 +63,7 @@ class _Index:
                         continue
                     k = key.value
                     if key.tag == _MERGE_TAG:
-                        self._walk(value, loc)
+                        self._walk(value, loc, merged=True)
                         continue
                     if key.tag != _STR_TAG:
                         kind = key.tag.rsplit(":", 1)[-1]
@@ -65,9 +72,11 @@ class _Index:
                     elif k in seen:
                         self._issue((*loc, k), "duplicate key (YAML would silently keep the last one)", key)
                     seen.add(k)
-                    self.lines[(*loc, k)] = key.start_mark.line + 1
+                    if self._record:
+                        self.lines[(*loc, k)] = key.start_mark.line + 1
                     self._walk(value, (*loc, k))
-                    self.lines[(*loc, k)] = key.start_mark.line + 1
+                    if self._record:
+                        self.lines[(*loc, k)] = key.start_mark.line + 1
             elif isinstance(node, yaml.SequenceNode):
                 for i, item in enumerate(node.value):
                     self._walk(item, (*loc, i))
@@ -78,6 +87,22 @@ class _Index:
 def _line_index(node: yaml.Node) -> dict[Loc, int]:
     """Map every YAML path in the document to its 1-based line."""
     return _Index(node).lines
+
+
+class _Lines:
+    """The line index of a mesh's text, made when first asked for (`MeshSpec.error`): a mesh of a
+    thousand services has some 40 000 YAML paths, and most meshes never need the line of one."""
+
+    def __init__(self, text: str) -> None:
+        self._text: str | None = text
+        self._lines: dict[Loc, int] = {}
+
+    def __call__(self) -> dict[Loc, int]:
+        if self._text is not None:
+            node = _compose(self._text)[0]  # the text parsed before: it parses again
+            self._lines = _line_index(node) if node is not None else {}
+            self._text = None
+        return self._lines
 
 
 def _short(value: Any, limit: int = 60) -> str:
@@ -165,6 +190,11 @@ def _compose(text: str) -> tuple[yaml.Node | None, Any]:
 
 def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
     """Parse and validate mesh.yaml text. Raises ConfigError and nothing else."""
+    with paused_gc():  # the node tree and the data: tens of thousands of objects for a large mesh
+        return _parse(text, file)
+
+
+def _parse(text: str, file: str) -> MeshSpec:
     try:
         node, data = _compose(text)
     except yaml.MarkedYAMLError as exc:
@@ -187,17 +217,17 @@ def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
     if node is None:  # pragma: no cover - data is not None, so there was a document
         raise ConfigError.single(file, "", "the file is empty: expected a mapping with at least `services`")
     try:
-        index = _Index(node)
+        index = _Index(node, lines=False)
     except ConfigError as exc:  # raised before the file name was known
         raise ConfigError(file, exc.issues) from None
     except RecursionError:
         raise ConfigError.single(file, "", "not valid YAML: nested too deeply") from None
     if index.issues:
         raise ConfigError(file, index.issues)
-    lines = index.lines
     try:
         spec = MeshSpec.model_validate(data)
     except ValidationError as exc:
+        lines = _line_index(node)
         issues = []
         for err in exc.errors(include_url=False):
             for loc, msg in _describe(dict(err)):
@@ -205,7 +235,7 @@ def parse_mesh(text: str, file: str = DEFAULT_MESH_FILE) -> MeshSpec:
         raise ConfigError(file, issues) from None
     except (ValueError, TypeError, RecursionError) as exc:
         raise ConfigError.single(file, "", str(exc)) from None
-    spec._source, spec._lines = file, lines
+    spec._source, spec._lines = file, _Lines(text)
     return spec
 
 

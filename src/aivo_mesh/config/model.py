@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
@@ -30,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from aivo_mesh.config.memo import per_mesh
 from aivo_mesh.config.ports import port_problems
 from aivo_mesh.errors import ConfigError, nearest_line, yaml_path
 from aivo_mesh.status import DEFAULT_FAILURE_CODES
@@ -604,15 +606,16 @@ class MeshSpec(_Strict):
     observability: ObservabilitySpec = ObservabilitySpec()
     certificates: CertificatesSpec = CertificatesSpec()
     control_plane: ControlPlaneSpec = ControlPlaneSpec()
-    # Where this mesh was read from and the line of each YAML path (set by config.loader), so that
-    # checks made later (renderers) name the right file and line, as the loader's own errors do.
+    # Where this mesh was read from and the line of each YAML path (set by config.loader, which works the
+    # lines out when first asked), so that checks made later (renderers) name the right file and line, as
+    # the loader's own errors do.
     _source: str = PrivateAttr(default="mesh.yaml")
-    _lines: dict[tuple[str | int, ...], int] = PrivateAttr(default_factory=dict)
+    _lines: Callable[[], dict[tuple[str | int, ...], int]] = PrivateAttr(default=dict)
 
     def error(self, loc: tuple[str | int, ...], message: str) -> ConfigError:
         """A ConfigError about `loc` (e.g. ("services", 0, "local_port")) in this mesh's file, with
         the line of the nearest YAML node."""
-        return ConfigError.single(self._source, yaml_path(loc), message, nearest_line(self._lines, loc))
+        return ConfigError.single(self._source, yaml_path(loc), message, nearest_line(self._lines(), loc))
 
     @field_validator("version", mode="before")
     @classmethod
@@ -726,10 +729,10 @@ class MeshSpec(_Strict):
         return problems
 
     def service(self, name: str) -> ServiceSpec:
-        for s in self.services:
-            if s.name == name:
-                return s
-        raise KeyError(f"unknown service {name!r}: mesh.yaml defines {[s.name for s in self.services]}")
+        found = _services_by_name(self).get(name)
+        if found is None:
+            raise KeyError(f"unknown service {name!r}: mesh.yaml defines {[s.name for s in self.services]}")
+        return found
 
     @property
     def service_names(self) -> tuple[str, ...]:
@@ -737,6 +740,15 @@ class MeshSpec(_Strict):
 
     def spiffe_id(self, name: str) -> str:
         return f"spiffe://{self.mesh.trust_domain}/ns/{self.mesh.namespace}/sa/{name}"
+
+
+@per_mesh
+def _services_by_name(mesh: MeshSpec) -> dict[str, ServiceSpec]:
+    """`MeshSpec.service`'s index (the first service of a name, as the model allows only one)."""
+    index: dict[str, ServiceSpec] = {}
+    for s in mesh.services:
+        index.setdefault(s.name, s)
+    return index
 
 
 def _consul_meta_problems(i: int, svc: ServiceSpec) -> list[_PathError]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
+from aivo_mesh.config.memo import per_mesh
+
 if TYPE_CHECKING:  # the model calls this module from its validator
     from aivo_mesh.config.model import MeshSpec, ServiceSpec
 
@@ -73,6 +75,12 @@ def local_ports(mesh: MeshSpec) -> dict[str, EnvoyPorts]:
     number after the last one taken for the following ones, skipping every port mesh.yaml names and
     every port already handed out. Deterministic: no socket is probed.
     """
+    return dict(_local_plan(mesh))
+
+
+@per_mesh
+def _local_plan(mesh: MeshSpec) -> dict[str, EnvoyPorts]:
+    # Planned once per mesh (config/memo.py): a walk over every service, which every sidecar asks for.
     return _plan(mesh.services)[0]
 
 
@@ -81,7 +89,7 @@ def sidecar_ports(mesh: MeshSpec, service: str, kind: Kind) -> EnvoyPorts:
     mesh.service(service)  # KeyError for an unknown service
     if kind == "pod":
         return POD_PORTS
-    return local_ports(mesh)[service]
+    return _local_plan(mesh)[service]
 
 
 def port_problems(services: Sequence[ServiceSpec], scope: str | None = None) -> list[Problem]:

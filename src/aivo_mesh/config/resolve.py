@@ -14,6 +14,7 @@ from typing import TypeVar
 
 from pydantic import BaseModel
 
+from aivo_mesh.config.memo import per_mesh
 from aivo_mesh.config.model import (
     BUILTIN_DEFAULTS,
     CircuitBreakerSpec,
@@ -82,7 +83,9 @@ class RoutePolicy:
     streaming: bool
 
 
+@per_mesh
 def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
+    """Computed once per mesh and service (config/memo.py): every caller of a service shares it."""
     svc = mesh.service(name)
     d, b = mesh.defaults, BUILTIN_DEFAULTS
     # The built-in defaults set every key; the asserts only narrow the Optional types for mypy.
@@ -155,6 +158,7 @@ def route_retry(retry: RetrySpec, *, idempotent: bool, streaming: bool) -> Retry
     return retry.model_copy(update={"per_try_timeout": None})
 
 
+@per_mesh
 def route_policies(mesh: MeshSpec, service: str) -> tuple[RoutePolicy, ...]:
     """Every route of `service` in match order (config.patterns.in_match_order: exact methods, then
     prefixes, longest first), each with its effective policy, then the catch-all: the service's own
@@ -162,7 +166,8 @@ def route_policies(mesh: MeshSpec, service: str) -> tuple[RoutePolicy, ...]:
     whose pattern covers a method is that method's policy (`policy_for`).
 
     Where a route covers the whole service (`/pkg.Svc/`), the catch-all behind it is left only the
-    methods of other services (health checks, reflection); `per_pattern` leaves it out."""
+    methods of other services (health checks, reflection); `per_pattern` leaves it out. Computed once per
+    mesh and service (config/memo.py)."""
     sp = service_policy(mesh, service)
     routes = tuple(
         RoutePolicy(service=service, pattern=r.match, match=r.match, timeout=r.timeout or sp.timeout,
@@ -194,10 +199,24 @@ def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
     return policy_for(route_policies(mesh, service), method)
 
 
+@per_mesh
 def callable_peers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
-    """Services (mesh.yaml order) whose allow-list lets `service` call at least one method."""
-    me = {service, mesh.spiffe_id(service), "*"}
-    return tuple(
-        s.name for s in mesh.services
-        if s.name != service and any(me & set(rule.from_) for rule in s.allow)
-    )
+    """Services (mesh.yaml order) whose allow-list lets `service` call at least one method: a rule naming
+    it, its SPIFFE ID or `*`."""
+    allowing = _allowing(mesh)
+    found = set(allowing.get(service, ())) | set(allowing.get(mesh.spiffe_id(service), ())) | set(allowing.get("*", ()))
+    return tuple(mesh.services[i].name for i in sorted(found) if mesh.services[i].name != service)
+
+
+@per_mesh
+def _allowing(mesh: MeshSpec) -> dict[str, tuple[int, ...]]:
+    """Each caller as allow rules write it (name, SPIFFE ID, `*`) -> the positions of the services whose
+    allow-list names it: one walk over every rule, instead of one per caller."""
+    index: dict[str, list[int]] = {}
+    for i, svc in enumerate(mesh.services):
+        for rule in svc.allow:
+            for caller in rule.from_:
+                positions = index.setdefault(caller, [])
+                if not positions or positions[-1] != i:
+                    positions.append(i)
+    return {caller: tuple(positions) for caller, positions in index.items()}

@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.gcpause import paused_gc
 
 Document = Mapping[str, Any] | list[Any] | str
 Renderer = Callable[[MeshSpec], dict[str, Document]]
@@ -82,5 +83,6 @@ def serialize(path: str, doc: Document) -> str:
 
 def render_target(name: str, mesh: MeshSpec) -> dict[str, str]:
     """Rendered files of one target as text, keyed by relative path, in a stable order."""
-    docs = TARGETS[name].renderer()(mesh)
-    return {p: serialize(p, docs[p]) for p in sorted(docs)}
+    with paused_gc():  # every file of a target, as data and as text: a large mesh makes a large heap
+        docs = TARGETS[name].renderer()(mesh)
+        return {p: serialize(p, docs[p]) for p in sorted(docs)}

@@ -79,11 +79,10 @@ from aivo_mesh.config.ports import (
     POD_ADMIN_PORT,
     POD_INBOUND_PORT,
     POD_OUTBOUND_PORT,
-    POD_PORTS,
     POD_STATS_PORT,
-    EnvoyPorts,
     Kind,
     local_ports,
+    sidecar_ports,
 )
 from aivo_mesh.config.resolve import RoutePolicy, callable_peers, per_pattern, route_policies, service_policy
 from aivo_mesh.pki.layout import CertLayout
@@ -100,7 +99,12 @@ __all__ = [
     "RetryOn",
     "bootstrap",
     "callable_peers",
+    "outbound_route_config",
     "peer_address",
+    "peer_cluster",
+    "peer_cluster_policy",
+    "peer_routes",
+    "peer_tls",
     "relocate",
     "render",
     "retry_on_tokens",
@@ -183,7 +187,8 @@ class EnvoyProfile:
     OTLP/gRPC collector for spans (None: no tracing); `statsd` a StatsD sink (None: none).
     `app_pipe` / `outbound_pipe`: absolute Unix socket paths for the two plaintext legs (the app, and
     the outbound listener, bound with mode 0600) instead of loopback TCP; None keeps TCP (the pod profile
-    always does: there the pod's own loopback is private)."""
+    always does: there the pod's own loopback is private). `ca_over_ads`: what the sidecar trusts
+    (`mesh_ca`) comes from the control plane over ADS instead of the SDS file (xds/resources.py)."""
 
     kind: Kind
     cert_dir: str
@@ -192,6 +197,7 @@ class EnvoyProfile:
     statsd: tuple[str, int] | None = None
     app_pipe: str | None = None
     outbound_pipe: str | None = None
+    ca_over_ads: bool = False
 
     def __post_init__(self) -> None:
         if self.kind not in ("pod", "local"):
@@ -231,12 +237,8 @@ class EnvoyProfile:
 def peer_address(mesh: MeshSpec, peer: str, kind: Kind) -> tuple[str, int]:
     """Where `peer`'s sidecar accepts mesh traffic: ``<peer>:50051`` (its pod / compose service
     name, resolved by DNS) or ``127.0.0.1:<its inbound port>`` on one machine."""
-    return _peer_address(mesh.service(peer).name, kind, local_ports(mesh) if kind == "local" else {})
-
-
-def _peer_address(peer: str, kind: Kind, local: Mapping[str, EnvoyPorts]) -> tuple[str, int]:
-    # `local`: the one-machine plan, taken once per bootstrap (it is a walk over every service).
-    return (peer, POD_INBOUND_PORT) if kind == "pod" else ("127.0.0.1", local[peer].inbound)
+    inbound = sidecar_ports(mesh, peer, kind).inbound
+    return (peer, inbound) if kind == "pod" else ("127.0.0.1", inbound)
 
 
 def _host_port(value: str) -> tuple[str, int]:
@@ -314,7 +316,14 @@ def _upstream_h2(mesh: MeshSpec, *, keepalive: bool) -> dict[str, Any]:
                                                                                          keepalive=keepalive)})}
 
 
+def ads_source() -> dict[str, Any]:
+    """A config source that is the ADS stream itself (the control plane's resources, xds/resources.py)."""
+    return {"ads": {}, "resource_api_version": "V3"}
+
+
 def _sds_ref(name: str, file: str, profile: EnvoyProfile) -> dict[str, Any]:
+    if name == SDS_CA and profile.ca_over_ads:
+        return {"name": name, "sds_config": ads_source()}
     # The watch on the SDS file's directory also catches a Kubernetes ConfigMap's `..data` swap.
     return {"name": name, "sds_config": {
         "resource_api_version": "V3",
@@ -620,8 +629,10 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
     }
 
 
-def _outbound_routes(mesh: MeshSpec, peer: ServiceSpec) -> list[dict[str, Any]]:
-    """The peer's routes in match order, ending with its whole service (Envoy takes the first match)."""
+def peer_routes(mesh: MeshSpec, name: str) -> list[dict[str, Any]]:
+    """Peer `name`'s routes in a caller's outbound route configuration, in match order, ending with its
+    whole service (Envoy takes the first match): the same for every caller."""
+    peer = mesh.service(name)
     routes = []
     for rp in per_pattern(route_policies(mesh, peer.name)):
         action: dict[str, Any] = {"cluster": peer.name, "host_rewrite_literal": peer.name,
@@ -632,14 +643,22 @@ def _outbound_routes(mesh: MeshSpec, peer: ServiceSpec) -> list[dict[str, Any]]:
     return routes
 
 
-def _outbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
-    routes = [r for peer in callable_peers(mesh, svc.name) for r in _outbound_routes(mesh, mesh.service(peer))]
-    route_config = {"name": "outbound", "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": routes}]}
+OUTBOUND_ROUTES = "outbound"  # the outbound listener's route configuration
+
+
+def outbound_route_config(routes: Sequence[Any]) -> dict[str, Any]:
+    """The outbound listener's route configuration: `routes`, each peer's `peer_routes` in turn."""
+    return {"name": OUTBOUND_ROUTES, "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": list(routes)}]}
+
+
+def _outbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int, *,
+                       with_peers: bool) -> dict[str, Any]:
+    peers = [mesh.service(p) for p in callable_peers(mesh, svc.name)]
+    route_config = outbound_route_config([r for p in peers for r in peer_routes(mesh, p.name)] if with_peers else [])
     # Per-method stats are taken once per call, at the server's inbound sidecar, unless asked for here too.
     filters = [_router()]
     if mesh.observability.metrics.envoy_outbound_grpc_stats:
-        filters.insert(0, _grpc_stats([mesh.service(p) for p in callable_peers(mesh, svc.name)],
-                                       upstream=True))
+        filters.insert(0, _grpc_stats(peers, upstream=True))
     return {
         "name": OUTBOUND_LISTENER,
         # The app's plaintext leg never leaves loopback; on a pipe, only the mesh's user can open it.
@@ -668,10 +687,29 @@ def _stats_listener() -> dict[str, Any]:
 
 
 # --- clusters ---------------------------------------------------------------------------------------
-def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile,
-                  local: Mapping[str, EnvoyPorts]) -> dict[str, Any]:
+def peer_cluster(mesh: MeshSpec, name: str, profile: EnvoyProfile) -> dict[str, Any]:
+    """The cluster a sidecar calls peer `name` through: `peer_cluster_policy`, the same for every caller
+    of the peer, then the transport socket (`peer_tls`), which names the caller's own certificate."""
+    return {**peer_cluster_policy(mesh, name, profile.kind), "transport_socket": peer_tls(mesh, name, profile)}
+
+
+def peer_tls(mesh: MeshSpec, name: str, profile: EnvoyProfile) -> dict[str, Any]:
+    """How a sidecar on `profile` calls peer `name`: mTLS with the caller's certificate, to the peer's
+    identity only."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+        "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        sni=name,
+        common_tls_context=_common_tls(profile, {"exact": mesh.spiffe_id(name)}),
+    )}
+
+
+def peer_cluster_policy(mesh: MeshSpec, name: str, kind: Kind) -> dict[str, Any]:
+    """`peer_cluster` but its transport socket: where the peer is and how it is called (limits, outlier
+    detection, health checks), the same for every caller (the control plane builds it once per peer,
+    xds/resources.py)."""
+    peer = mesh.service(name)
     sp = service_policy(mesh, peer.name)
-    host, port = _peer_address(peer.name, profile.kind, local)
+    host, port = peer_address(mesh, peer.name, kind)
     od, hc, lim, budget = sp.outlier_detection, sp.health_check, sp.limits, sp.retry_budget
     cluster: dict[str, Any] = {"name": peer.name}
     if _is_ip(host):
@@ -734,11 +772,6 @@ def _peer_cluster(mesh: MeshSpec, peer: ServiceSpec, profile: EnvoyProfile,
             "grpc_health_check": {"service_name": peer.grpc_service, "authority": peer.name},
         }],
         "load_assignment": _load_assignment(peer.name, host, port),
-        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
-            "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            sni=peer.name,
-            common_tls_context=_common_tls(profile, {"exact": mesh.spiffe_id(peer.name)}),
-        )},
     })
     return cluster
 
@@ -779,15 +812,20 @@ def _plain_cluster(name: str, host: str, port: int, *, h2: bool, mesh: MeshSpec)
 
 
 # --- the bootstrap and its SDS files ----------------------------------------------------------------
-def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile) -> Config:
-    """The Envoy bootstrap of `service`'s sidecar (a dict to dump as YAML or JSON)."""
+def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile, *, with_peers: bool = True) -> Config:
+    """The Envoy bootstrap of `service`'s sidecar (a dict to dump as YAML or JSON), built afresh on every
+    call (the caller may change it).
+
+    `with_peers=False` leaves out what is the same for every caller of a peer (`callable_peers`): its
+    cluster (`peer_cluster`) and its routes (`peer_routes`; the outbound route configuration is left
+    without routes). For a caller that builds those once per peer and shares them: the control plane."""
     svc = mesh.service(service)
-    local = local_ports(mesh) if profile.kind == "local" else {}
-    ports = local[service] if profile.kind == "local" else POD_PORTS
+    ports = sidecar_ports(mesh, service, profile.kind)
     listeners = [_inbound_listener(mesh, svc, profile, ports.inbound),
-                 _outbound_listener(mesh, svc, profile, ports.outbound)]
+                 _outbound_listener(mesh, svc, profile, ports.outbound, with_peers=with_peers)]
     clusters = [_local_app_cluster(mesh, svc, profile)]
-    clusters += [_peer_cluster(mesh, mesh.service(p), profile, local) for p in callable_peers(mesh, service)]
+    if with_peers:
+        clusters += [peer_cluster(mesh, p, profile) for p in callable_peers(mesh, service)]
     if profile.kind == "pod":
         listeners.append(_stats_listener())
         clusters.append(_plain_cluster(ADMIN_CLUSTER, "127.0.0.1", ports.admin, h2=False, mesh=mesh))

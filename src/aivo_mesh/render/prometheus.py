@@ -243,15 +243,17 @@ def _series(name: str, labels: Mapping[str, str]) -> str:
     return f"{name}{{{body}}}"
 
 
+# Each bucket's upper bound and its `le` label, written once (a mesh's tests hold thousands of histograms).
+_BUCKETS: tuple[tuple[float, str], ...] = (*((le, _num(le)) for le in DURATION_BUCKETS), (float("inf"), "+Inf"))
+
+
 def _histogram(labels: Mapping[str, str], per_minute: Callable[[float], int]) -> list[dict[str, str]]:
-    """Bucket series growing every minute by `per_minute(le)` observations at or below `le`."""
-    out = []
-    for le in (*DURATION_BUCKETS, float("inf")):
-        le_label = "+Inf" if le == float("inf") else _num(le)
-        n = per_minute(le)
-        out.append({"series": _series("grpc_request_duration_seconds_bucket", {**labels, "le": le_label}),
-                    "values": f"0+{n}x15"})
-    return out
+    """Bucket series growing every minute by `per_minute(le)` observations at or below `le` (`labels`
+    without `le`)."""
+    assert "le" not in labels
+    prefix = _series("grpc_request_duration_seconds_bucket", labels)[:-1]  # up to the closing brace
+    return [{"series": f'{prefix}{"," if labels else ""}le="{le_label}"}}', "values": f"0+{per_minute(le)}x15"}
+            for le, le_label in _BUCKETS]
 
 
 def _at_or_above(bound: float, n: int = 10) -> Callable[[float], int]:

@@ -38,7 +38,6 @@ from aivo_mesh.discovery import Discovery, DiscoveryNotReady, Endpoint
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.pki import PeerPolicy
-from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.mesh_watch import file_changes
 from aivo_mesh.runtime.sidecar_certs import SidecarCertificates, for_local_mesh
 from aivo_mesh.runtime.state import StateDir
@@ -49,7 +48,7 @@ from aivo_mesh.telemetry.tracing import Tracing
 from aivo_mesh.telemetry.xds_metrics import XdsMetrics
 from aivo_mesh.xds.cache import InconsistentSnapshot, SnapshotCache, type_name
 from aivo_mesh.xds.proxyless import group_name, is_proxyless, proxyless_snapshot
-from aivo_mesh.xds.resources import Trust, sidecar_snapshot
+from aivo_mesh.xds.resources import ProfileFor, Trust, mesh_snapshots
 from aivo_mesh.xds.server import AdsServer
 
 log = logging.getLogger(__name__)
@@ -58,9 +57,6 @@ APPLY_TIMEOUT = 10.0  # seconds apply waits for every connected node's ACK or NA
 DISCOVERY_SETTLE = 0.05  # seconds: a burst of discovery changes (a deploy) is one push
 DISCOVERY_READY = 5.0  # seconds start waits for discovery's first answer per service
 CERT_POLL = 1.0
-
-ProfileFor = Callable[[MeshSpec, str], EnvoyProfile]
-
 
 class ControlPlane:
     def __init__(self, state: StateDir, profile_for: ProfileFor, *, port: int | None = None,
@@ -143,13 +139,7 @@ class ControlPlane:
             raise ConfigError.single(str(self.state.certs.root), "", "no vetted certificate: the sidecars would "
                                      "trust nothing")
         trust = Trust(bundle, tuple(self.vetting.pins()))
-        endpoints = self.endpoints(mesh)
-        snapshots = {name: sidecar_snapshot(mesh, name, self.profile_for(mesh, name), trust, endpoints)
-                     for name in mesh.service_names}
-        for name, snap in snapshots.items():
-            problems = snap.problems()
-            if problems:
-                raise InconsistentSnapshot(name, problems)
+        snapshots = mesh_snapshots(mesh, self.profile_for, trust, self.endpoints(mesh))
         # gRPC's own clients: cut from the same snapshots, so both planes mean the same mesh.yaml.
         snapshots |= {group_name(name): proxyless_snapshot(mesh, name, snap) for name, snap in snapshots.items()}
         changed = {name: self.cache.set(name, snap) for name, snap in snapshots.items()}

@@ -26,6 +26,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -131,6 +132,21 @@ def local_profile(state: StateDir, name: str, collector_port: int | None, socket
                               otlp=("127.0.0.1", collector_port) if collector_port else None,
                               app_pipe=str(app_socket(sockets, name)) if sockets else None,
                               outbound_pipe=str(outbound_socket(sockets, name)) if sockets else None)
+
+
+def local_profiles(state: StateDir, collector_port: int | None,
+                   sockets: Path | None) -> Callable[[MeshSpec, str], EnvoyProfile]:
+    """`local_profile` of each service, as the control plane asks for them at every build: worked out once
+    per service (each resolves its paths on disk)."""
+    profiles: dict[str, EnvoyProfile] = {}
+
+    def profile_for(mesh: MeshSpec, name: str) -> EnvoyProfile:
+        found = profiles.get(name)
+        if found is None:
+            found = profiles[name] = local_profile(state, name, collector_port, sockets)
+        return found
+
+    return profile_for
 
 
 def write_envoy_configs(state: StateDir, mesh: MeshSpec, collector_port: int | None,

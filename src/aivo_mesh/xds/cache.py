@@ -7,9 +7,12 @@ replaced whole; the ADS server (xds/server.py) streams from the cache and never 
 Versions are content hashes: a type's version is the SHA-256 of its resources' deterministic
 serialization, sorted by name. The same inputs give the same versions on every replica and after every
 restart, so a proxy that reconnects (to this process or another) is sent nothing it already has. An
-`Any` (typed_config) holds bytes serialized when it was packed, maps in whatever order that process's
-hash tables had: `canonicalize` repacks each one deterministically first, so versions never depend on
-the process that built them.
+`Any` (typed_config) holds bytes serialized when it was packed: the resources are made by
+`xds.resources.typed`, which packs every Any deterministically (xds/parse.py), so those bytes, and the
+versions, never depend on the process that built them.
+
+A message in a snapshot is never changed once the snapshot is made: the snapshots of one build share
+messages (xds/resources.py), and a version is remembered by the identity of the messages it hashed.
 
 Nothing here imports grpc.
 """
@@ -17,13 +20,12 @@ Nothing here imports grpc.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
-from google.protobuf import descriptor_pool, message_factory
-from google.protobuf.descriptor import Descriptor
 from google.protobuf.message import Message
 
 # Type URLs of the resources the control plane serves, in the order a push sends them: clusters before
@@ -45,70 +47,33 @@ def type_name(type_url: str) -> str:
     return SHORT_NAMES.get(type_url, type_url.rsplit(".", 1)[-1])
 
 
-ANY = "google.protobuf.Any"
-_HOLDS_ANY: dict[str, bool] = {}
-
-
-def _holds_any(desc: Descriptor) -> bool:
-    """Whether a message of this type can contain an Any, at any depth (cached per type)."""
-    known = _HOLDS_ANY.get(desc.full_name)
-    if known is not None:
-        return known
-    seen: set[str] = set()
-    todo = [desc]
-    found = False
-    while todo and not found:
-        d = todo.pop()
-        if d.full_name in seen:
-            continue
-        seen.add(d.full_name)
-        if d.full_name == ANY:
-            found = True
-        todo.extend(f.message_type for f in d.fields if f.message_type is not None)
-    _HOLDS_ANY[desc.full_name] = found
-    return found
-
-
-def canonicalize(msg: Message) -> Message:
-    """Repack every Any inside `msg` (in place) with a deterministic serialization of its content, itself
-    canonical; returns `msg`. Idempotent, and a no-op for a message type that cannot hold an Any."""
-    for fd, value in msg.ListFields():
-        sub = fd.message_type
-        if sub is None or not _holds_any(sub):
-            continue
-        if sub.GetOptions().map_entry:
-            if sub.fields_by_name["value"].message_type is None:
-                continue
-            items = list(value.values())
-        else:
-            items = list(value) if fd.is_repeated else [value]
-        for item in items:
-            if item.DESCRIPTOR.full_name == ANY:
-                _repack(item)
-            else:
-                canonicalize(item)
-    return msg
-
-
-def _repack(any_msg: Any) -> None:
-    prefix, _, name = any_msg.type_url.rpartition("/")
-    try:
-        desc = descriptor_pool.Default().FindMessageTypeByName(name)
-    except KeyError:
-        return  # a type this process does not know: its bytes are kept as they are
-    inner = message_factory.GetMessageClass(desc)()
-    any_msg.Unpack(inner)
-    any_msg.Pack(canonicalize(inner), type_url_prefix=prefix + "/", deterministic=True)
+# The versions of the last few sets of resources, by the identity of their messages (held here, so no id is
+# reused while its entry lasts). The snapshots of one build share messages: every sidecar's `mesh_ca` is one
+# message, which with one pinned key per identity is some 45 kB for a mesh of 1000 services, and hashing
+# it again for each sidecar cost more than the rest of its versions. A message in a snapshot is never
+# changed (module docstring), so the same messages have the same version.
+_RECENT_VERSIONS = 8
+_recent: OrderedDict[tuple[tuple[str, int], ...], tuple[tuple[Message, ...], str]] = OrderedDict()
 
 
 def _version(resources: Mapping[str, Message]) -> str:
+    names = sorted(resources)
+    key = tuple((name, id(resources[name])) for name in names)
+    found = _recent.get(key)
+    if found is not None:
+        _recent.move_to_end(key)
+        return found[1]
     h = hashlib.sha256()
-    for name in sorted(resources):
+    for name in names:
         h.update(name.encode())
         h.update(b"\0")
-        h.update(canonicalize(resources[name]).SerializeToString(deterministic=True))
+        h.update(resources[name].SerializeToString(deterministic=True))
         h.update(b"\0")
-    return h.hexdigest()[:16]
+    version = h.hexdigest()[:16]
+    _recent[key] = (tuple(resources[name] for name in names), version)
+    if len(_recent) > _RECENT_VERSIONS:
+        _recent.popitem(last=False)
+    return version
 
 
 @dataclass(frozen=True)
@@ -123,7 +88,8 @@ class Snapshot:
     @classmethod
     def of(cls, resources: Mapping[str, Iterable[Message]]) -> Snapshot:
         """From resources per type URL; each resource is keyed by its `name` (`cluster_name` for an
-        assignment)."""
+        assignment). The resources as `xds.resources.typed` makes them (every Any packed deterministically),
+        and never changed afterwards (module docstring)."""
         by_type: dict[str, dict[str, Message]] = {}
         for type_url, items in resources.items():
             named: dict[str, Message] = {}
@@ -150,6 +116,12 @@ class Snapshot:
         """What makes this snapshot inconsistent (empty: consistent), as go-control-plane's Consistent():
         every cluster that takes its endpoints from EDS has an assignment, every assignment belongs to a
         cluster, every route configuration a listener names exists, and every route names a cluster."""
+        return list(self._problems)
+
+    @functools.cached_property
+    def _problems(self) -> tuple[str, ...]:
+        # Worked out once: the control plane checks every snapshot before publishing any, then `set` checks
+        # each again (the snapshot and its messages never change).
         from aivo_mesh.xds.refs import cluster_refs, eds_clusters, rds_names
 
         problems: list[str] = []
@@ -172,13 +144,21 @@ class Snapshot:
                     problems.append(f"route configuration {route_name} sends to cluster {c}, which is missing")
         for c in sorted(listener_clusters - set(clusters)):
             problems.append(f"a listener sends to cluster {c}, which is missing")
-        return problems
+        return tuple(problems)
+
+
+_name_fields: dict[str, tuple[str, ...]] = {}  # message type -> which of cluster_name, name it has
 
 
 def resource_name(resource: Message) -> str:
-    name = getattr(resource, "cluster_name", None) or getattr(resource, "name", None)
+    kind = resource.DESCRIPTOR.full_name
+    fields = _name_fields.get(kind)
+    if fields is None:  # asking an upb message for a field it lacks costs an exception: ask the descriptor once
+        fields = _name_fields[kind] = tuple(f for f in ("cluster_name", "name")
+                                            if f in resource.DESCRIPTOR.fields_by_name)
+    name = next((value for f in fields if (value := getattr(resource, f))), None)
     if not name:
-        raise ValueError(f"a {resource.DESCRIPTOR.full_name} without a name")
+        raise ValueError(f"a {kind} without a name")
     return str(name)
 
 

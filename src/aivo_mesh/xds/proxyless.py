@@ -62,6 +62,12 @@ CERT_PROVIDER = "aivo_mesh"
 CERT_REFRESH = 5  # seconds between the file watcher's reads (MeshClient's own reload interval)
 
 
+def _pack(field: Any, message: Message) -> None:
+    """`message` into the Any `field`, serialized deterministically: versions hash the bytes as they are
+    (xds/cache.py), so a map inside one (RBAC's policies) must not come out in this process's order."""
+    field.Pack(message, deterministic=True)
+
+
 def group_name(service: str) -> str:
     """The node group of `service`'s gRPC processes (the sidecar's group is the service's name)."""
     return f"{service}/{PROXYLESS}"
@@ -124,8 +130,8 @@ def _server_listener(mesh: MeshSpec, service: str, sidecar: Snapshot) -> listene
     route = vhost.routes.add()
     route.match.prefix = "/"
     route.non_forwarding_action.SetInParent()
-    hcm.http_filters.add(name=RBAC_FILTER).typed_config.Pack(override.rbac)
-    hcm.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(router_pb2.Router())
+    _pack(hcm.http_filters.add(name=RBAC_FILTER).typed_config, override.rbac)
+    _pack(hcm.http_filters.add(name="envoy.filters.http.router").typed_config, router_pb2.Router())
     context = tls_pb2.CommonTlsContext()
     context.tls_certificate_provider_instance.instance_name = CERT_PROVIDER
     context.validation_context.ca_certificate_provider_instance.instance_name = CERT_PROVIDER
@@ -136,9 +142,9 @@ def _server_listener(mesh: MeshSpec, service: str, sidecar: Snapshot) -> listene
     listener.address.socket_address.address = svc.host
     listener.address.socket_address.port_value = svc.port
     chain = listener.filter_chains.add()
-    chain.filters.add(name="envoy.filters.network.http_connection_manager").typed_config.Pack(hcm)
+    _pack(chain.filters.add(name="envoy.filters.network.http_connection_manager").typed_config, hcm)
     chain.transport_socket.name = "envoy.transport_sockets.tls"
-    chain.transport_socket.typed_config.Pack(tls)
+    _pack(chain.transport_socket.typed_config, tls)
     return listener
 
 
@@ -152,9 +158,9 @@ def _api_listener(peer: str) -> listener_pb2.Listener:
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=peer)
     hcm.rds.route_config_name = peer
     hcm.rds.config_source.CopyFrom(_ads())
-    hcm.http_filters.add(name="envoy.filters.http.router").typed_config.Pack(router_pb2.Router())
+    _pack(hcm.http_filters.add(name="envoy.filters.http.router").typed_config, router_pb2.Router())
     listener = listener_pb2.Listener(name=peer)
-    listener.api_listener.api_listener.Pack(hcm)
+    _pack(listener.api_listener.api_listener, hcm)
     return listener
 
 
@@ -181,7 +187,7 @@ def _cluster(mesh: MeshSpec, peer: str, sidecar: Message) -> cluster_pb2.Cluster
     # means them (and the sidecar reads them) but eject nothing here.
     cluster.outlier_detection.CopyFrom(sidecar.outlier_detection)
     cluster.transport_socket.name = "envoy.transport_sockets.tls"
-    cluster.transport_socket.typed_config.Pack(upstream_tls(mesh, peer))
+    _pack(cluster.transport_socket.typed_config, upstream_tls(mesh, peer))
     set_metadata(cluster.metadata, cluster_metadata(service_policy(mesh, peer)))
     return cluster
 

@@ -11,16 +11,21 @@ here, not in a proxy):
     secrets     `mesh_ca`: what the sidecar trusts (the bundle, the vetted keys) travels over ADS; the
                 sidecar's own certificate and key never do (file SDS on the node, as before)
 
+What is the same for every caller of a peer (its routes, its assignment, its cluster but the transport
+socket, which names the caller's own certificate) is built and parsed once per build (`mesh_snapshots`)
+and shared by the snapshots of all its callers, as is `mesh_ca`: a message in a snapshot is never changed
+(xds/cache.py).
+
 `ads_bootstrap` is what such a sidecar starts with: its node identity, its admin listener, the node-local
 helper clusters (collector, statsd, admin) and the ADS cluster, mTLS to the control plane's identity.
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
 import importlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,19 +33,36 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.ports import Kind
 from aivo_mesh.discovery.snapshot import Endpoint
+from aivo_mesh.gcpause import paused_gc
 from aivo_mesh.render.envoy import (
     HELPER_CLUSTERS,
     LOCAL_APP_CLUSTER,
-    SDS_CA,
+    OUTBOUND_ROUTES,
     XDS_CLUSTER,
     EnvoyProfile,
+    ads_source,
     bootstrap,
+    callable_peers,
+    outbound_route_config,
+    peer_cluster_policy,
+    peer_routes,
+    peer_tls,
     validation_secret,
 )
-from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from aivo_mesh.xds.cache import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SECRET,
+    InconsistentSnapshot,
+    Snapshot,
+    resource_name,
+)
+from aivo_mesh.xds.parse import parse
 
-ADS = {"ads": {}, "resource_api_version": "V3"}
 # The helper clusters a sidecar keeps in its bootstrap (admin, OTLP, statsd) rather than taking over CDS.
 _STATIC_HELPERS = HELPER_CLUSTERS - {LOCAL_APP_CLUSTER, XDS_CLUSTER}
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
@@ -70,10 +92,9 @@ def _types() -> dict[str, type[Message]]:
 
 
 def typed(type_url: str, doc: Mapping[str, Any]) -> Message:
-    """A rendered resource as its typed message; ValueError (json_format.ParseError) names the field."""
-    message = _types()[type_url]()
-    json_format.ParseDict(dict(doc), message)
-    return message
+    """A rendered resource as its typed message, as json_format.ParseDict reads it, every Any packed
+    deterministically (xds/parse.py); ValueError (json_format.ParseError) names the field."""
+    return parse(doc, _types()[type_url])
 
 
 def as_dict(message: Message) -> dict[str, Any]:
@@ -109,19 +130,6 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def _to_ads(node: Any) -> Any:
-    """The rendered configuration with the trust (`mesh_ca`) taken over ADS instead of from a file."""
-    if isinstance(node, dict):
-        out = {k: _to_ads(v) for k, v in node.items()}
-        ref = out.get("validation_context_sds_secret_config")
-        if isinstance(ref, dict) and ref.get("name") == SDS_CA:
-            out["validation_context_sds_secret_config"] = {"name": SDS_CA, "sds_config": dict(ADS)}
-        return out
-    if isinstance(node, list):
-        return [_to_ads(v) for v in node]
-    return node
-
-
 def _split_routes(listener: dict[str, Any], routes: list[dict[str, Any]]) -> dict[str, Any]:
     for chain in listener.get("filter_chains", []):
         for f in chain.get("filters", []):
@@ -129,7 +137,7 @@ def _split_routes(listener: dict[str, Any], routes: list[dict[str, Any]]) -> dic
             if cfg.get("@type") == HCM and "route_config" in cfg:
                 rc = cfg.pop("route_config")
                 routes.append(rc)
-                cfg["rds"] = {"route_config_name": rc["name"], "config_source": dict(ADS)}
+                cfg["rds"] = {"route_config_name": rc["name"], "config_source": ads_source()}
     return listener
 
 
@@ -146,35 +154,99 @@ def load_assignment(cluster: str, endpoints: Sequence[Endpoint]) -> dict[str, An
         for e in endpoints]}]}
 
 
+ProfileFor = Callable[[MeshSpec, str], EnvoyProfile]
+
+
+def mesh_snapshots(mesh: MeshSpec, profile_for: ProfileFor, trust: Trust,
+                   endpoints: Endpoints | None = None) -> dict[str, Snapshot]:
+    """Every sidecar's snapshot (`sidecar_snapshot`; each sidecar's profile from `profile_for`), each
+    checked: InconsistentSnapshot for the first with problems (`Snapshot.problems`), so a mesh that does not
+    build gives nothing. What the callers of a peer share is built once for all of them."""
+    with paused_gc():  # a whole mesh's messages and data at once (aivo_mesh/gcpause.py)
+        shared = _Shared(mesh, trust, endpoints)
+        snapshots = {name: _snapshot(shared, name, profile_for(mesh, name)) for name in mesh.service_names}
+        for name, snap in snapshots.items():
+            if problems := snap.problems():
+                raise InconsistentSnapshot(name, problems)
+    return snapshots
+
+
 def sidecar_snapshot(mesh: MeshSpec, service: str, profile: EnvoyProfile, trust: Trust,
                      endpoints: Endpoints | None = None) -> Snapshot:
-    """Every resource `service`'s sidecar takes over ADS. `endpoints`: each peer's addresses from
+    """Every resource `service`'s sidecar takes over ADS. `endpoints`: each peer's instances from
     discovery; a peer missing from it keeps the address the renderer gives (mesh.yaml)."""
-    static = _to_ads(copy.deepcopy(bootstrap(mesh, service, profile)))["static_resources"]
-    route_docs: list[dict[str, Any]] = []
-    listeners = [_split_routes(doc, route_docs) for doc in static["listeners"]]
-    clusters, assignments = [], []
-    for doc in static["clusters"]:
-        if doc["name"] in _STATIC_HELPERS:
-            continue  # node-local plumbing, in the bootstrap
-        if doc["name"] != LOCAL_APP_CLUSTER and "load_assignment" in doc:
-            cla = doc.pop("load_assignment")
-            if endpoints is not None and doc["name"] in endpoints:
-                cla = load_assignment(doc["name"], endpoints[doc["name"]])
+    return _snapshot(_Shared(mesh, trust, endpoints), service, profile)
+
+
+class _Shared:
+    """The parts of a build that are the same for every sidecar (`mesh_ca`) or for every caller of a peer,
+    typed once when first asked for and then handed to each: never changed (xds/cache.py)."""
+
+    def __init__(self, mesh: MeshSpec, trust: Trust, endpoints: Endpoints | None) -> None:
+        self.mesh, self.trust, self.endpoints = mesh, trust, endpoints
+        self._secret: Message | None = None
+        self._peers: dict[tuple[str, Kind], tuple[Message, Message]] = {}
+        self._routes: dict[str, Message] = {}
+
+    def secret(self) -> Message:
+        if self._secret is None:
+            self._secret = mesh_ca_secret(self.trust)
+        return self._secret
+
+    def peer(self, name: str, kind: Kind) -> tuple[Message, Message]:
+        """Peer `name`'s cluster but its transport socket (`peer_cluster_policy`), taking its endpoints from
+        EDS, and its assignment: discovery's instances, else the address the renderer gives."""
+        found = self._peers.get((name, kind))
+        if found is None:
+            doc = peer_cluster_policy(self.mesh, name, kind)
+            assignment = doc.pop("load_assignment")
+            if self.endpoints is not None and name in self.endpoints:
+                assignment = load_assignment(name, self.endpoints[name])
             doc.pop("dns_lookup_family", None)
             doc.pop("respect_dns_ttl", None)
             doc["type"] = "EDS"
-            doc["eds_cluster_config"] = {"eds_config": dict(ADS)}
+            doc["eds_cluster_config"] = {"eds_config": ads_source()}
             # An instance discovery dropped stops taking calls now, not once it fails health checks.
             doc["ignore_health_on_host_removal"] = True
-            assignments.append(cla)
-        clusters.append(doc)
+            found = self._peers[(name, kind)] = typed(CLUSTER, doc), typed(ENDPOINT, assignment)
+        return found
+
+    def routes(self, name: str) -> Any:  # a RouteConfiguration
+        """Peer `name`'s routes (`peer_routes`), in an outbound route configuration of their own."""
+        found = self._routes.get(name)
+        if found is None:
+            found = self._routes[name] = typed(ROUTE, outbound_route_config(peer_routes(self.mesh, name)))
+        return found
+
+
+def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
+    mesh = shared.mesh
+    if not profile.ca_over_ads:  # the trust (`mesh_ca`) comes over ADS, not from a file
+        profile = dataclasses.replace(profile, ca_over_ads=True)
+    # Without what each peer's callers share, which comes typed from `shared`; built afresh (bootstrap's
+    # promise), so taken apart in place.
+    static = bootstrap(mesh, service, profile, with_peers=False)["static_resources"]
+    route_docs: list[dict[str, Any]] = []
+    listeners = [_split_routes(doc, route_docs) for doc in static["listeners"]]
+    routes = [typed(ROUTE, d) for d in route_docs]
+    outbound: Any = next(r for r in routes if resource_name(r) == OUTBOUND_ROUTES)
+    clusters = [typed(CLUSTER, doc) for doc in static["clusters"] if doc["name"] not in _STATIC_HELPERS]
+    assignments = []
+    for peer in callable_peers(mesh, service):
+        policy, assignment = shared.peer(peer, profile.kind)
+        cluster = typed(CLUSTER, {"transport_socket": peer_tls(mesh, peer, profile)})  # names this sidecar's cert
+        cluster.MergeFrom(policy)
+        clusters.append(cluster)
+        assignments.append(assignment)
+        # The peer's routes after those of the peers before it, as the rendered configuration lists them.
+        for host, more in zip(outbound.virtual_hosts, shared.routes(peer).virtual_hosts, strict=True):
+            host.routes.extend(more.routes)
     return Snapshot.of({
         LISTENER: [typed(LISTENER, d) for d in listeners],
-        ROUTE: [typed(ROUTE, d) for d in route_docs],
-        CLUSTER: [typed(CLUSTER, d) for d in clusters],
-        ENDPOINT: [typed(ENDPOINT, d) for d in assignments],
-        SECRET: [mesh_ca_secret(trust)],
+        ROUTE: routes,
+        CLUSTER: clusters,
+        ENDPOINT: assignments,
+        SECRET: [shared.secret()],
     })
 
 
@@ -184,7 +256,7 @@ def ads_bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile, control_p
     and the ADS cluster (mTLS, TLS 1.3, the control plane's SPIFFE ID, trusting `ca_file`; its own
     certificate through the file SDS at `cert_sds_file`). Parsed as a typed Bootstrap before it is
     returned."""
-    static = bootstrap(mesh, service, profile)
+    static = bootstrap(mesh, service, profile, with_peers=False)
     helpers = [c for c in static["static_resources"]["clusters"] if c["name"] in _STATIC_HELPERS]
     host, port = control_plane
     tls = {
@@ -219,8 +291,8 @@ def ads_bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile, control_p
         "dynamic_resources": {
             "ads_config": {"api_type": "GRPC", "transport_api_version": "V3", "set_node_on_first_message_only": True,
                            "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}]},
-            "cds_config": dict(ADS),
-            "lds_config": dict(ADS),
+            "cds_config": ads_source(),
+            "lds_config": ads_source(),
         },
     }
     for key in ("stats_sinks",):
