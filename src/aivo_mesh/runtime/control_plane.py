@@ -77,6 +77,7 @@ class ControlPlane:
         self.tracing = tracing
         self.discovery = discovery
         self.direct = frozenset(direct)
+        self._proxyless: set[str] = set(self.direct)  # services whose proxyless group is built
         self.ads = AdsServer(self.cache, self._group_of, PeerPolicy.from_mesh(self.mesh), events=self.events)
         (self.host, mesh_port), (self.admin_host, mesh_admin) = (self.mesh.control_plane.host_port,
                                                                  self.mesh.control_plane.admin_host_port)
@@ -95,8 +96,24 @@ class ControlPlane:
         on the plane its metadata names: the sidecar's group, or the service's gRPC processes'."""
         for name in self.mesh.service_names:
             if node.id == self.mesh.spiffe_id(name):
-                return group_name(name) if is_proxyless(node) else name
+                if not is_proxyless(node):
+                    return name
+                if name not in self._proxyless:
+                    self._add_proxyless(name)
+                return group_name(name)
         return None
+
+    def _add_proxyless(self, name: str) -> None:
+        """From now on, build `name`'s proxyless group too (its first gRPC process connected): cut from the
+        sidecar snapshot in the cache, as every rebuild will."""
+        self._proxyless.add(name)
+        sidecar = self.cache.get(name)
+        if sidecar is None:
+            return  # no build yet: the first one makes it
+        try:
+            self.cache.set(group_name(name), proxyless_snapshot(self.mesh, name, sidecar))
+        except InconsistentSnapshot as exc:
+            log.error("%s", exc)
 
     def endpoints(self, mesh: MeshSpec) -> dict[str, tuple[Endpoint, ...]]:
         """Each service's instances as its callers' sidecars should see them (see __init__)."""
@@ -140,8 +157,11 @@ class ControlPlane:
                                      "trust nothing")
         trust = Trust(bundle, tuple(self.vetting.pins()))
         snapshots = mesh_snapshots(mesh, self.profile_for, trust, self.endpoints(mesh))
-        # gRPC's own clients: cut from the same snapshots, so both planes mean the same mesh.yaml.
-        snapshots |= {group_name(name): proxyless_snapshot(mesh, name, snap) for name, snap in snapshots.items()}
+        # gRPC's own clients: cut from the same snapshots, so both planes mean the same mesh.yaml. Only for
+        # the services that have such clients (the proxyless plane's, and any whose gRPC process has
+        # connected): at 1000 services, all of them would double the build.
+        snapshots |= {group_name(name): proxyless_snapshot(mesh, name, snapshots[name])
+                      for name in sorted(self._proxyless) if name in snapshots}
         changed = {name: self.cache.set(name, snap) for name, snap in snapshots.items()}
         self.mesh = mesh
         self.ads.policy = PeerPolicy.from_mesh(mesh)
