@@ -27,9 +27,14 @@ async def test_a_proxyless_node_applies_each_change_and_apply_reports_its_ack(me
     async with local_mesh(mesh_certs, tmp_path) as env:
         applied: list[ProxylessConfig] = []
         node = _node(env, applied)
+        # learner-svc has no proxyless process yet: the control plane builds its sidecar's group alone.
+        assert env.cp.cache.get(group_name("learner-svc")) is None
+        assert env.cp.cache.get("learner-svc") is not None
         node.start()
         try:
             assert await node.wait_applied(10), node.status()
+            assert env.cp.cache.get(group_name("learner-svc")) is not None  # built when the node came
+            assert env.cp.cache.get(group_name("auth-svc")) is None
             first = applied[-1]
             auth = first.targets["auth-svc"]
             assert auth.routes[0].pattern == VALIDATE and auth.routes[0].timeout == 4.0
