@@ -465,3 +465,16 @@ def test_the_trust_moves_to_ads_only_in_the_control_plane_s_profile(mesh: MeshSp
     over_ads = dataclasses.replace(profile, ca_over_ads=True)
     assert _to_ads(bootstrap(mesh, "auth-svc", profile)) == bootstrap(mesh, "auth-svc", over_ads)
     assert bootstrap(mesh, "auth-svc", profile) != bootstrap(mesh, "auth-svc", over_ads)
+
+
+@pytest.mark.parametrize("name", sorted(MESHES))
+def test_every_static_bootstrap_is_a_typed_bootstrap(name: str) -> None:
+    # `meshctl render envoy` writes the renderer's data; the same data, typed, is a valid Bootstrap message
+    # (unknown fields, wrong types and misspelt enums would raise here, naming the field).
+    mesh = MESHES[name]()
+    for service in mesh.service_names:
+        for profile in (EnvoyProfile.pod(mesh), _profile(service)):
+            doc = bootstrap(mesh, service, profile)
+            message = typed("bootstrap", doc)
+            listeners = message.static_resources.listeners  # type: ignore[attr-defined]
+            assert [x.name for x in listeners] == [d["name"] for d in doc["static_resources"]["listeners"]]
