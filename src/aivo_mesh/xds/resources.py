@@ -219,6 +219,39 @@ class _Shared:
         return found
 
 
+class _PeerTls:
+    """A sidecar's transport sockets to its peers (`peer_tls`), which differ only in the peer's name (SNI)
+    and SPIFFE ID: the caller's is parsed once, and each peer's is a copy with those two set, packed
+    deterministically as xds/parse.py packs. A test holds it equal to parsing `peer_tls` itself."""
+
+    def __init__(self, mesh: MeshSpec, peer: str, profile: EnvoyProfile) -> None:
+        from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+        doc = peer_tls(mesh, peer, profile)
+        self.name = doc["name"]
+        self.type_url = doc["typed_config"]["@type"]
+        body = {k: v for k, v in doc["typed_config"].items() if k != "@type"}
+        self.template = parse(body, tls_pb2.UpstreamTlsContext)
+        sans = self.template.common_tls_context.combined_validation_context.default_validation_context \
+            .match_typed_subject_alt_names
+        assert len(sans) == 1 and self.template.sni == peer, "peer_tls changed shape: update _PeerTls"
+
+    def cluster(self, mesh: MeshSpec, peer: str) -> Any:  # a Cluster with only its transport socket set
+        from envoy.config.cluster.v3 import cluster_pb2
+        from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
+
+        context = tls_pb2.UpstreamTlsContext()
+        context.CopyFrom(self.template)
+        context.sni = peer
+        context.common_tls_context.combined_validation_context.default_validation_context \
+            .match_typed_subject_alt_names[0].matcher.exact = mesh.spiffe_id(peer)
+        cluster = cluster_pb2.Cluster()
+        cluster.transport_socket.name = self.name
+        cluster.transport_socket.typed_config.type_url = self.type_url
+        cluster.transport_socket.typed_config.value = context.SerializeToString(deterministic=True)
+        return cluster
+
+
 def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     mesh = shared.mesh
     if not profile.ca_over_ads:  # the trust (`mesh_ca`) comes over ADS, not from a file
@@ -232,9 +265,12 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     outbound: Any = next(r for r in routes if resource_name(r) == OUTBOUND_ROUTES)
     clusters = [typed(CLUSTER, doc) for doc in static["clusters"] if doc["name"] not in _STATIC_HELPERS]
     assignments = []
+    tls: _PeerTls | None = None
     for peer in callable_peers(mesh, service):
         policy, assignment = shared.peer(peer, profile.kind)
-        cluster = typed(CLUSTER, {"transport_socket": peer_tls(mesh, peer, profile)})  # names this sidecar's cert
+        if tls is None:
+            tls = _PeerTls(mesh, peer, profile)
+        cluster = tls.cluster(mesh, peer)  # names this sidecar's certificate and the peer's identity
         cluster.MergeFrom(policy)
         clusters.append(cluster)
         assignments.append(assignment)
