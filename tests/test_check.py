@@ -188,7 +188,7 @@ def test_json_says_the_same(project: Project, capsys: pytest.CaptureFixture[str]
 @pytest.fixture
 def running(project: Project) -> Iterator[StateDir]:
     up = meshctl("up", "--plane", "proxyless", "--free-ports", "--config", str(project.mesh_file),
-                 "--state-dir", str(project.state))
+                 "--state-dir", str(project.state), "--timeout", "90")  # tests assert behaviour, not timings
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield StateDir(project.state)

@@ -42,9 +42,10 @@ def test_demo_runs_the_flow_prints_the_table_and_leaves_nothing_behind(tmp_path,
     assert not (state / "processes.json").exists()
     services = ("auth-svc", "learner-svc", "event-collector-svc", "analytics-svc")
     logs = {p.stem for p in (state / "logs").glob("*.log")}
-    # The sidecar plane also runs its control plane (the Envoys take their configuration over ADS).
-    sidecars = {*(f"{s}-envoy" for s in services), "control-plane"} if plane == "sidecar" else set()
-    assert logs == {*services, "collector", *sidecars}
+    # Both planes run the control plane (the Envoys, or the services themselves, take their configuration
+    # over ADS); the sidecar plane also runs the Envoys.
+    sidecars = {f"{s}-envoy" for s in services} if plane == "sidecar" else set()
+    assert logs == {*services, "collector", "control-plane", *sidecars}
     # Each service drained and stopped on SIGTERM (graceful shutdown logged).
     for svc in services:
         assert "draining" in (state / "logs" / f"{svc}.log").read_text(), svc

@@ -181,7 +181,14 @@ def test_the_proxyless_plan_is_unchanged(tmp_path: Path, mesh: MeshSpec) -> None
     state.ensure()
     procs, info = plan(state, mesh, "proxyless", collector_port=None)
     assert info.sockets is None and not (state.root / "run").exists()
+    # The control plane, and every service at its own address taking its configuration from it.
+    assert [m.name for m in procs if m.role == "control-plane"] == ["control-plane"]
     for m in procs:
+        if m.role == "control-plane":
+            assert "--sockets" not in m.argv
+            assert [m.argv[i + 1] for i, a in enumerate(m.argv) if a == "--direct"] == list(mesh.service_names)
+            continue
+        assert m.argv[m.argv.index("--control-plane") + 1] == mesh.control_plane.address
         svc = mesh.service(m.name)
         assert m.address == f"{svc.host}:{svc.port}"
         assert "--unix-socket" not in m.argv and "--insecure" not in m.argv
