@@ -25,7 +25,7 @@ from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.config.model import TracingSpec
 from aivo_mesh.config.resolve import longest_timeout
 from aivo_mesh.discovery.snapshot import Endpoint, SnapshotStore
-from aivo_mesh.errors import DeadlineExceeded
+from aivo_mesh.errors import DeadlineExceeded, MeshError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.policy.core import ATTEMPT_HEADER
 from aivo_mesh.policy.deadline import inbound_deadline
@@ -927,3 +927,24 @@ def test_local_replies_map_to_exception_types_by_reason_not_text() -> None:
                                                      local=LocalReason.MAX_PENDING_REQUESTS)), Overloaded)
     for reason in (LocalReason.MAX_REQUESTS, LocalReason.DEADLINE):
         assert isinstance(error_for("s", "/p.S/M", Reply("DEADLINE_EXCEEDED", local=reason)), DeadlineExceeded)
+
+
+async def test_a_caller_s_own_serializers_are_used_on_the_stub_channel_as_on_a_plain_one(servers, make_client):
+    # A caller passing its own (de)serializers for a protobuf method (here raw bytes, as a proxy or a test
+    # would) has them used, retries included. They used to be replaced by the message classes' without a
+    # word: the server received an empty request and the caller got None.
+    plan = FaultPlan(fail_first=1)
+    s = await servers(plan, "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    channel = await client.get_channel("auth-svc")
+    raw = channel.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
+                              response_deserializer=lambda b: b)
+    reply = await raw(_req().SerializeToString(), timeout=5)
+    assert isinstance(reply, bytes) and auth_pb2.ValidateTokenResponse.FromString(reply).valid
+    assert plan.attempts_seen == [1, 2]  # the retry went out with the caller's serializer too
+    # The message classes' path on the same channel and endpoint is unaffected.
+    assert (await auth_pb2_grpc.AuthServiceStub(channel).ValidateToken(_req(), timeout=5)).valid
+    # Streams of a protobuf method go out with its message classes: other serializers are refused, not
+    # silently replaced.
+    with pytest.raises(MeshError, match="CollectStream: a stream of a protobuf method"):
+        channel.stream_unary("/aivo.events.v1.EventCollectorService/CollectStream", request_serializer=lambda b: b)

@@ -14,9 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+
+if TYPE_CHECKING:
+    from aivo_mesh.client.methods import MethodInfo
 
 DEFAULT_DRAIN_SECONDS = 30.0
 
@@ -34,7 +37,7 @@ class EndpointPool:
         self._options = list(options)
         self.drain_seconds = drain_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._callables: dict[tuple[str, str, str], Any] = {}
+        self._callables: dict[tuple[Any, ...], Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.generation = 0
         # Told when an endpoint's channel goes away, so its next connection is vetted afresh.
@@ -46,18 +49,18 @@ class EndpointPool:
             ch = self._channels[endpoint] = open_channel(endpoint, self._credentials, self._options)
         return ch
 
-    def multicallable(self, endpoint: str, kind: str, path: str,
-                      serialize: Callable[[Any], bytes], deserialize: Callable[[bytes], Any]) -> Any:
+    def multicallable(self, endpoint: str, kind: str, info: MethodInfo) -> Any:
         """`channel.unary_unary(path, ...)` etc., cached: building one per call would cost more than
-        the policy stack itself."""
-        key = (endpoint, kind, path)
+        the policy stack itself. Keyed by the caller's own (de)serializers too (None: the message
+        classes'), since a caller may send a method's raw bytes."""
+        key = (endpoint, kind, info.path, info.request_serializer, info.response_deserializer)
         mc = self._callables.get(key)
         if mc is None:
             factory = getattr(self.channel(endpoint), kind)
             # `_registered_method`, as generated stubs pass it: the channel resolves the method once
             # instead of on every call.
-            mc = self._callables[key] = factory(path, request_serializer=serialize,
-                                                response_deserializer=deserialize, _registered_method=True)
+            mc = self._callables[key] = factory(info.path, request_serializer=info.serialize,
+                                                response_deserializer=info.deserialize, _registered_method=True)
         return mc
 
     def retain(self, endpoints: Iterable[str]) -> None:

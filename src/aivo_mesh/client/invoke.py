@@ -100,7 +100,7 @@ def make_terminal(target: InvokeTarget) -> Handler:
             return _open_stream(call, t, pool, timeout, metadata)
         try:
             if t.info is not None and call.endpoint is not None:
-                mc = pool.multicallable(call.endpoint, UNARY, t.info.path, t.info.serialize, t.info.deserialize)
+                mc = pool.multicallable(call.endpoint, UNARY, t.info)
                 rpc = mc(call.request, timeout=timeout, metadata=metadata, credentials=t.credentials,
                          wait_for_ready=t.wait_for_ready, compression=t.compression)
             else:
@@ -121,7 +121,7 @@ def make_terminal(target: InvokeTarget) -> Handler:
 def _open_stream(call: Call, t: Transport, pool: EndpointPool, timeout: float | None, metadata: Any) -> Reply:
     """Open the stream and answer at once: OK with the stream, and `ended`, its final status to come."""
     assert t.info is not None and call.endpoint is not None
-    mc = pool.multicallable(call.endpoint, t.kind, t.info.path, t.info.serialize, t.info.deserialize)
+    mc = pool.multicallable(call.endpoint, t.kind, t.info)
     rpc = mc(call.request, timeout=timeout, metadata=metadata, credentials=t.credentials,
              wait_for_ready=t.wait_for_ready)
     # A stream is never retried: the caller may be reading it already (grpc.aio cannot swap the call).
@@ -180,11 +180,13 @@ class Invoker:
     async def unary(self, method: Any, request: Any, timeout: float | None, metadata: Any,
                     credentials: grpc.CallCredentials | None, wait_for_ready: bool | None,
                     compression: grpc.Compression | None = None, continuation: Callable[..., Any] | None = None,
-                    details: ClientCallDetails | None = None) -> tuple[Any, Any]:
+                    details: ClientCallDetails | None = None, codec: MethodInfo | None = None) -> tuple[Any, Any]:
         """One unary call: (response, the attempt's call object that answered). Raises the call's error.
         `continuation`/`details` are grpc.aio's, for methods that are not protobuf (sent on the front
-        channel's single endpoint)."""
+        channel's single endpoint); `codec`: the method with the caller's own (de)serializers."""
         path, info, stack = self._method(method)
+        if codec is not None:
+            info = codec
         transport = Transport(UNARY, info, pairs(metadata), wait_for_ready, continuation, details, credentials,
                               compression)
         call = Call(self._target.service, path, request, timeout=timeout, transport=transport)

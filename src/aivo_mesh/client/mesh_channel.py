@@ -15,7 +15,9 @@ the call to the target's `Invoker.unary` (client/invoke.py, the same code the in
 
 Everything else goes to the front channel and its interceptors, which hand it to the same Invoker:
 the three streaming arities (the stack admits them and holds their slot until they end), and unary
-methods that are not protobuf (they need grpc's continuation).
+methods that are not protobuf (they need grpc's continuation). A unary protobuf method called with the
+caller's own (de)serializers (raw bytes) is sent with them; a stream of one is refused them, since its
+interceptor is never given them.
 
 One difference from grpc.aio: the stack runs in the context current where the call is *awaited*
 (for `await stub.M(req)`, where it is made). A call made inside a span and awaited after leaving it
@@ -33,6 +35,8 @@ from typing import Any, Protocol
 import grpc
 
 from aivo_mesh.client.invoke import Invoker, method_info
+from aivo_mesh.client.methods import MethodInfo
+from aivo_mesh.errors import MeshError
 
 
 class Connectivity(Protocol):
@@ -229,17 +233,30 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 
 
 class _UnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ("_invoker", "_method")
+    __slots__ = ("_codec", "_invoker", "_method")
 
-    def __init__(self, invoker: Invoker, method: str) -> None:
+    def __init__(self, invoker: Invoker, method: str, codec: MethodInfo | None = None) -> None:
         self._invoker = invoker
         self._method = method
+        self._codec = codec  # the caller's own (de)serializers, if not the message classes'
 
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> MeshUnaryUnaryCall:
         return MeshUnaryUnaryCall(self._invoker.unary(self._method, request, timeout, metadata, credentials,
-                                                      wait_for_ready, compression), timeout)
+                                                      wait_for_ready, compression, codec=self._codec), timeout)
+
+
+def _own_codec_only(method: str | bytes, request_serializer: Callable[..., Any] | None,
+                    response_deserializer: Callable[..., Any] | None) -> None:
+    """Streams of a protobuf method are sent with its message classes (the interceptors that run them
+    are not given the caller's serializers): other (de)serializers are refused here rather than
+    silently replaced, which would send the server something else than the caller meant."""
+    path = method.decode() if isinstance(method, bytes) else method
+    info = method_info(path)
+    if info is not None and info.with_codec(request_serializer, response_deserializer) is not info:
+        raise MeshError(f"{path}: a stream of a protobuf method is sent with its own message classes; "
+                        "MeshChannel does not take other serializers for streams")
 
 
 class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
@@ -259,23 +276,29 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
                     response_deserializer: Callable[..., Any] | None = None,
                     _registered_method: bool | None = False) -> Any:
         path = method.decode() if isinstance(method, bytes) else method
-        if method_info(path) is None:  # not protobuf: the interceptor, with grpc's continuation
+        info = method_info(path)
+        if info is None:  # not protobuf: the interceptor, with grpc's continuation
             return self._front.unary_unary(method, request_serializer, response_deserializer, _registered_method)
-        return _UnaryUnaryMultiCallable(self._invoker, path)
+        # A caller's own (de)serializers (raw bytes) are used as given, as on a plain channel.
+        codec = info.with_codec(request_serializer, response_deserializer)
+        return _UnaryUnaryMultiCallable(self._invoker, path, None if codec is info else codec)
 
     def unary_stream(self, method: str, request_serializer: Callable[..., Any] | None = None,
                      response_deserializer: Callable[..., Any] | None = None,
                      _registered_method: bool | None = False) -> Any:
+        _own_codec_only(method, request_serializer, response_deserializer)
         return self._front.unary_stream(method, request_serializer, response_deserializer, _registered_method)
 
     def stream_unary(self, method: str, request_serializer: Callable[..., Any] | None = None,
                      response_deserializer: Callable[..., Any] | None = None,
                      _registered_method: bool | None = False) -> Any:
+        _own_codec_only(method, request_serializer, response_deserializer)
         return self._front.stream_unary(method, request_serializer, response_deserializer, _registered_method)
 
     def stream_stream(self, method: str, request_serializer: Callable[..., Any] | None = None,
                       response_deserializer: Callable[..., Any] | None = None,
                       _registered_method: bool | None = False) -> Any:
+        _own_codec_only(method, request_serializer, response_deserializer)
         return self._front.stream_stream(method, request_serializer, response_deserializer, _registered_method)
 
     async def __aenter__(self) -> MeshChannel:

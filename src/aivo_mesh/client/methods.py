@@ -8,7 +8,7 @@ Every generated protobuf module registers its services in the default pool; we l
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -30,15 +30,30 @@ class MethodInfo:
     response_type: type[Any]
     client_streaming: bool
     server_streaming: bool
+    # The caller's own (de)serializers where they are not the message classes' (`with_codec`).
+    request_serializer: Callable[[Any], bytes] | None = None
+    response_deserializer: Callable[[bytes], Any] | None = None
 
     @property
     def serialize(self) -> Callable[[Any], bytes]:
         # The class's own C method, as generated stubs pass it: no Python frame per call.
-        return self.request_type.SerializeToString  # type: ignore[no-any-return]
+        return self.request_serializer or self.request_type.SerializeToString
 
     @property
     def deserialize(self) -> Callable[[bytes], Any]:
-        return self.response_type.FromString  # type: ignore[no-any-return]
+        return self.response_deserializer or self.response_type.FromString
+
+    def with_codec(self, serialize: Callable[[Any], bytes] | None,
+                   deserialize: Callable[[bytes], Any] | None) -> MethodInfo:
+        """This method as a caller's `channel.unary_unary(path, request_serializer, response_deserializer)`
+        sends it: with the caller's (de)serializers where they are given and are not the message classes'
+        (raw bytes, another encoding), else `self`. Generated stubs pass the classes' own."""
+        own_ser = serialize is None or serialize == self.request_type.SerializeToString
+        own_de = deserialize is None or deserialize == self.response_type.FromString
+        if own_ser and own_de:
+            return self
+        return replace(self, request_serializer=None if own_ser else serialize,
+                       response_deserializer=None if own_de else deserialize)
 
 
 def method_path(grpc_service: str, method: str) -> str:
