@@ -135,18 +135,11 @@ class ServiceProcess:
                                     cert: Path, key: Path, ca: Path) -> None:
         """One ADS stream for the process: its peers' policies, routes and endpoints go to the client,
         its own allow rules to the server. Waits (bounded) for the first configuration, as for discovery."""
-        from aivo_mesh.xds.node import ProxylessNode
-        from aivo_mesh.xds.policies import ProxylessConfig
+        from aivo_mesh.xds.node import ProxylessNode, apply_to
 
         assert self.options.control_plane is not None
-
-        def apply(config: ProxylessConfig) -> None:
-            client.apply_control_plane(config.targets)
-            if config.allow is not None:
-                server.set_allow_rules(config.allow)
-
         node = ProxylessNode(self.mesh, self.name, self.options.control_plane, cert=cert, key=key, ca=ca,
-                             apply=apply)
+                             apply=apply_to(client, server))
         self.node = node
         node.start()
         stack.push_async_callback(node.stop)

@@ -2,7 +2,7 @@
 handed to what applies them (MeshClient's targets, MeshServer's allow rules).
 
     node = ProxylessNode(mesh, "learner-svc", "127.0.0.1:15010", cert=..., key=..., ca=...,
-                         apply=lambda config: ...)
+                         apply=apply_to(client, server))
     node.start()
     await node.wait_applied(5.0)     # bounded: until then, mesh.yaml's policies are in force
     ...
@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from envoy.config.core.v3 import base_pb2
 from google.protobuf.message import Message
@@ -33,7 +33,24 @@ from aivo_mesh.xds.policies import PolicyError, ProxylessConfig, decode_config, 
 from aivo_mesh.xds.proxyless import PLANE_KEY, PROXYLESS
 from aivo_mesh.xds.subscriber import Resources, Subscription
 
+if TYPE_CHECKING:
+    from aivo_mesh.client import MeshClient
+    from aivo_mesh.server import MeshServer
+
 log = logging.getLogger(__name__)
+
+
+def apply_to(client: MeshClient, server: MeshServer | None = None) -> Callable[[ProxylessConfig], None]:
+    """What a proxyless process does with each configuration: its peers' policies, routes and endpoints
+    to its client (`MeshClient.apply_control_plane`), its own allow rules to its server
+    (`MeshServer.set_allow_rules`). Both on the event loop the node runs on."""
+
+    def apply(config: ProxylessConfig) -> None:
+        client.apply_control_plane(config.targets)
+        if server is not None and config.allow is not None:
+            server.set_allow_rules(config.allow)
+
+    return apply
 
 
 class ProxylessNode:
