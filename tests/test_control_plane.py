@@ -6,6 +6,9 @@ inbound listener. A second auth-svc instance ("b", an mTLS server with auth-svc'
 and removed through discovery. Every change goes through `ControlPlane.apply` (what `meshctl apply` posts)
 and is checked in Envoy's behaviour: the next call is cut at a new deadline, retried or not, refused,
 answered by the instance discovery added, kept away from an ejected one.
+
+Its helpers (the state dir and apps, the Envoys, apply, steady traffic) also run the mixed mesh of
+test_mixed_planes.py, where other services are on the sidecar plane and the rest on the proxyless one.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +44,12 @@ from aivo_mesh.runtime.local import dump_mesh, free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import local_profile, write_envoy_configs
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.status import envoy_hosts, xds_sync
+from aivo_mesh.xds.proxyless import group_name
 
 pytestmark = [needs("envoy"), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]
 VALIDATE = "/aivo.auth.v1.AuthService/ValidateToken"
+AUTHENTICATE = "/aivo.auth.v1.AuthService/Authenticate"
 SIDECARS = ("learner-svc", "auth-svc")
 
 
@@ -113,6 +118,9 @@ class Sidecars:
     procs: dict[str, asyncio.subprocess.Process]
     apps: Apps
     b_address: str  # instance b: an mTLS server with auth-svc's identity
+    names: tuple[str, ...] = SIDECARS  # the services with a sidecar
+    caller: str = "learner-svc"  # the sidecar whose app the test plays (`outbound`)
+    proxyless: tuple[str, ...] = ()  # services whose own processes are nodes too (their proxyless group)
 
     def admin(self, name: str) -> int:
         port = self.mesh.service(name).sidecar.admin_port
@@ -121,7 +129,7 @@ class Sidecars:
 
     @property
     def outbound(self) -> str:
-        return f"127.0.0.1:{self.mesh.service('learner-svc').sidecar.outbound_port}"
+        return f"127.0.0.1:{self.mesh.service(self.caller).sidecar.outbound_port}"
 
     @property
     def auth_inbound(self) -> str:
@@ -166,10 +174,13 @@ class Sidecars:
 
 @contextlib.asynccontextmanager
 async def sidecars(mesh: MeshSpec, mesh_certs: CertLayout, tmp_path: Path,
-                   control_plane: tuple[str, int] | None = None) -> AsyncIterator[Sidecars]:
-    """The state dir of a local mesh on free ports (its mesh.yaml, certificates, ADS bootstraps), auth-svc's
-    app and instance b. Envoys start with `start_envoys`, once a control plane serves."""
-    m = with_free_ports(load_mesh_text(text(base_doc())))
+                   control_plane: tuple[str, int] | None = None, *, doc: dict[str, Any] | None = None,
+                   names: tuple[str, ...] = SIDECARS, caller: str = "learner-svc",
+                   proxyless: tuple[str, ...] = ()) -> AsyncIterator[Sidecars]:
+    """The state dir of a local mesh on free ports (its mesh.yaml, `doc` or `base_doc()`, certificates, ADS
+    bootstraps), auth-svc's app and instance b (each answering ValidateToken and Authenticate). Envoys (of
+    `names`) start with `start_envoys`, once a control plane serves."""
+    m = with_free_ports(load_mesh_text(text(doc if doc is not None else base_doc())))
     if control_plane is not None:
         cp = m.control_plane.model_copy(update={"address": f"{control_plane[0]}:{control_plane[1]}"})
         m = m.model_copy(update={"control_plane": cp})
@@ -179,12 +190,14 @@ async def sidecars(mesh: MeshSpec, mesh_certs: CertLayout, tmp_path: Path,
     state.mesh_file.write_text(dump_mesh(m))
     write_envoy_configs(state, m, None, None, control_plane=True)
     apps = Apps()
-    a, _ = await auth_app({"ValidateToken": apps.method("a")}, port=m.service("auth-svc").local_port)
+    a, _ = await auth_app({"ValidateToken": apps.method("a"), "Authenticate": apps.method("a")},
+                          port=m.service("auth-svc").local_port)
     cert, key = state.certs.identity_paths("auth-svc")
     creds = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())], state.certs.ca_cert.read_bytes(),
                                         require_client_auth=True)
-    b, b_port = await auth_app({"ValidateToken": apps.method("b")}, credentials=creds)
-    env = Sidecars(state, m, {}, apps, f"127.0.0.1:{b_port}")
+    b, b_port = await auth_app({"ValidateToken": apps.method("b"), "Authenticate": apps.method("b")},
+                               credentials=creds)
+    env = Sidecars(state, m, {}, apps, f"127.0.0.1:{b_port}", names, caller, proxyless)
     try:
         yield env
     finally:
@@ -202,17 +215,25 @@ def load_mesh_text(source: str) -> MeshSpec:
     return parse_mesh(source, "mesh.yaml")
 
 
-async def start_envoys(env: Sidecars) -> None:
-    for name in SIDECARS:
+async def start_envoys(env: Sidecars, healthy: Mapping[str, Sequence[str]] | None = None) -> None:
+    """Every sidecar of `env`, until each sidecar in `healthy` sees every host of the peers named there
+    healthy (default: the caller's sidecar sees auth-svc's)."""
+    for name in env.names:
         env.procs[name] = await start_envoy_async(env.state.root / "envoy" / name / "envoy.yaml")
-    for name in SIDECARS:
+    for name in env.names:
         await asyncio.to_thread(wait_envoy_live, env.admin(name), env.procs[name])
+    wanted = healthy if healthy is not None else {env.caller: ("auth-svc",)}
 
-    def auth_healthy() -> bool:
-        hosts = envoy_hosts(f"127.0.0.1:{env.admin('learner-svc')}").get("auth-svc", {})
-        return bool(hosts) and set(hosts.values()) == {"healthy"}
+    def all_healthy() -> bool:
+        for sidecar, peers in wanted.items():
+            known = envoy_hosts(f"127.0.0.1:{env.admin(sidecar)}")
+            for peer in peers:
+                hosts = known.get(peer, {})
+                if not hosts or set(hosts.values()) != {"healthy"}:
+                    return False
+        return True
 
-    await until(lambda: _quiet(auth_healthy), timeout=60, what="learner's sidecar sees auth-svc healthy")
+    await until(lambda: _quiet(all_healthy), timeout=60, what=f"sidecars see their peers healthy: {dict(wanted)}")
 
 
 def _quiet(check: Callable[[], bool]) -> bool:
@@ -228,8 +249,8 @@ def start_control_plane(env: Sidecars, **kw: Any) -> ControlPlane:
 
 # -- callers --------------------------------------------------------------------------------------------
 
-def _raw(channel: grpc.aio.Channel) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
-    return channel.unary_unary(VALIDATE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+def _raw(channel: grpc.aio.Channel, method: str = VALIDATE) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    return channel.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
 
 
 def mesh_client_channel(env: Sidecars) -> grpc.aio.Channel:
@@ -240,11 +261,12 @@ def mesh_client_channel(env: Sidecars) -> grpc.aio.Channel:
 
 @dataclass
 class Traffic:
-    """Steady calls from learner-svc's app to auth-svc through its sidecar; every failure is kept."""
+    """Steady calls (`run`: one loop on one call); every failure is kept."""
 
     ok: int = 0
     failures: list[str] = field(default_factory=list)
     stop: asyncio.Event = field(default_factory=asyncio.Event)
+    pause: float = 0.01  # seconds between one loop's calls
 
     async def run(self, call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]) -> None:
         while not self.stop.is_set():
@@ -253,29 +275,38 @@ class Traffic:
                 self.ok += 1
             except grpc.aio.AioRpcError as exc:
                 self.failures.append(f"{exc.code().name}: {exc.details()}")
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(self.pause)
+
+
+@contextlib.asynccontextmanager
+async def running(traffic: Traffic, calls: Sequence[grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]],
+                  ) -> AsyncIterator[Traffic]:
+    """`traffic` on each of `calls` (a loop each) until the block ends."""
+    tasks = [asyncio.create_task(traffic.run(call)) for call in calls]
+    try:
+        yield traffic
+    finally:
+        traffic.stop.set()
+        await asyncio.gather(*tasks)
 
 
 @contextlib.asynccontextmanager
 async def steady_traffic(env: Sidecars, loops: int = 2) -> AsyncIterator[Traffic]:
-    traffic = Traffic()
-    async with grpc.aio.insecure_channel(env.outbound) as ch:
-        call = _raw(ch)
-        tasks = [asyncio.create_task(traffic.run(call)) for _ in range(loops)]
-        try:
-            yield traffic
-        finally:
-            traffic.stop.set()
-            await asyncio.gather(*tasks)
+    """Steady calls from the caller's app to auth-svc through its sidecar."""
+    async with grpc.aio.insecure_channel(env.outbound) as ch, running(Traffic(), [_raw(ch)] * loops) as traffic:
+        yield traffic
 
 
 async def apply(cp: ControlPlane, doc: dict[str, Any], env: Sidecars) -> dict[str, Any]:
-    """`meshctl apply`, then until each sidecar has put it in force: Envoy ACKs a changed cluster or
-    listener before it has warmed, and serves with the old one until then."""
+    """`meshctl apply`: every node (each sidecar, each proxyless service's process) answered it with an
+    ACK, then until each sidecar has put it in force: Envoy ACKs a changed cluster or listener before it
+    has warmed, and serves with the old one until then. A proxyless process ACKs once it has applied."""
     result = await cp.apply(text(doc))
-    assert {n["service"]: n["outcome"] for n in result["nodes"]} == dict.fromkeys(SIDECARS, "acked"), result
-    await until(lambda: _quiet(lambda: not any(env.warming(n) for n in SIDECARS)), timeout=15,
-                what="both sidecars warmed")
+    nodes = [*env.names, *(group_name(p) for p in env.proxyless)]
+    assert sorted((n["service"], n["outcome"]) for n in result["nodes"]) == sorted(
+        (n, "acked") for n in nodes), result
+    await until(lambda: _quiet(lambda: not any(env.warming(n) for n in env.names)), timeout=15,
+                what="the sidecars warmed")
     return result
 
 

@@ -247,11 +247,13 @@ class Instance:
 
 
 async def start_instance(mesh: MeshSpec, certs: CertLayout, service: str, name: str, grpc_service: str,
-                         method: str) -> Instance:
-    server = MeshServer.for_service(mesh, service, certs, host="127.0.0.1", port=0)
+                         *methods: str, port: int = 0) -> Instance:
+    """A started MeshServer of `service` on 127.0.0.1:`port` (0: a free one) answering `methods` as
+    `Instance.handle` does."""
+    server = MeshServer.for_service(mesh, service, certs, host="127.0.0.1", port=port)
     instance = Instance(name, server)
     server.grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        grpc_service, {method: grpc.unary_unary_rpc_method_handler(instance.handle)}),))
+        grpc_service, {m: grpc.unary_unary_rpc_method_handler(instance.handle) for m in methods}),))
     server.add_service_name(grpc_service)
     instance.port = await server.start()
     return instance
