@@ -1,6 +1,7 @@
 """Throughput of the proxyless plane vs raw grpc.aio over mTLS, measured in the same run.
 
     .venv/bin/python benchmarks/bench_client.py [--reps 20] [--warmup 0.5] [--window 2] [--concurrency 32]
+                                                [--no-tracing] [--no-xds]
 
 Method: one unary method with a ~100-byte payload, one server process,
 one client process holding N coroutines each with one call in flight. Many short rounds rather than
@@ -13,12 +14,18 @@ interquartile range of those ratios is reported too). Cases:
               machinery (a Task per call) sets for any interceptor-based stack
     mesh      MeshClient.get_channel + stub: full policy stack, tracing off (MeshChannel: the stack
               entered directly, no grpc.aio interceptor Task)
+    xds       as mesh, on the control plane: a second MeshClient whose policy, routes and endpoints come
+              from a live control plane (`meshctl control-plane`, its own process) through a
+              ProxylessNode, connected, subscribed and applied before the first round and connected
+              through every window; checked before the rounds to hold the node's configuration, and
+              after each round to have stayed connected with that one configuration
     icpt      the same stack behind grpc.aio's interceptor machinery (the target's front channel,
               what get_channel returned before 2026-12-03)
     cwr       MeshClient.call_with_retry: the same stack, called without a grpc.aio interceptor
     traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
 Every window is metered (benchmarks/loadmeter.py): CPU us per request of the client and the server
-process, and foreign load; a round whose windows saw more than --max-foreign cores of it is rerun.
+process (and of the control plane, which is not counted as foreign load), and foreign load; a round
+whose windows saw more than --max-foreign cores of it is rerun.
 Prints a table and writes JSON next to this file (benchmarks/results/client.json).
 """
 
@@ -28,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -41,9 +49,10 @@ import grpc
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import load_mesh
-from aivo_mesh.pki import CertLayout
-from aivo_mesh.pki.issue import init_ca, issue_leaf
-from aivo_mesh.runtime.local import free_port
+from aivo_mesh.config.resolve import route_policies
+from aivo_mesh.pki.issue import init_ca, issue_all
+from aivo_mesh.runtime.local import free_ports
+from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,6 +99,91 @@ class NoopInterceptor(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[mis
 
 
 RESULTS = Path(__file__).parent / "results"
+
+
+class ControlPlaneProcess:
+    """`meshctl control-plane` in its own process (as `meshctl up --plane proxyless` runs it: every service
+    reached at its own address), so that serving ADS never shares the client's event loop; and the
+    ProxylessNode that feeds one MeshClient from it, on the client's loop, as `meshctl serve
+    --control-plane` does."""
+
+    def __init__(self, state: StateDir, mesh: Any, log: Path) -> None:
+        self.state = state
+        self.mesh = mesh
+        self.log = log
+        self.applied: list[Any] = []  # every ProxylessConfig the node applied
+        with log.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "aivo_mesh", "control-plane", "--state-dir", str(state.root),
+                 "--log-level", "WARNING", *(a for name in mesh.service_names for a in ("--direct", name))],
+                preexec_fn=die_with_parent, stdout=subprocess.DEVNULL, stderr=err)
+
+    async def feed(self, client: MeshClient, identity: str, timeout: float = 30.0) -> Any:
+        """Start the node of `client` (its identity's certificate) and wait until it applied the control
+        plane's first configuration; the node, connected."""
+        from aivo_mesh.xds.node import ProxylessNode
+
+        cert, key = self.state.certs.identity_paths(identity)
+        deadline = time.monotonic() + timeout
+        while not await self._listening():  # else the node's first tries log refused connections
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the control plane did not start (exit {self.proc.poll()}): "
+                                 f"{self.log.read_text()[-2000:]}")
+            await asyncio.sleep(0.1)
+
+        def apply(config: Any) -> None:
+            client.apply_control_plane(config.targets)
+            self.applied.append(config)
+
+        node = ProxylessNode(self.mesh, identity, self.mesh.control_plane.address, cert=cert, key=key,
+                             ca=self.state.certs.ca_cert, apply=apply)
+        node.start()
+        if not await node.wait_applied(timeout) or not node.subscription.connected:
+            await node.stop()
+            raise SystemExit(f"no configuration from the control plane within {timeout:.0f}s: {node.status()}\n"
+                             f"control plane (exit {self.proc.poll()}): {self.log.read_text()[-2000:]}")
+        return node
+
+    async def _listening(self) -> bool:
+        host, port = self.mesh.control_plane.host_port
+        try:
+            _, writer = await asyncio.open_connection(host, port)
+        except OSError:
+            return False
+        writer.close()
+        await writer.wait_closed()
+        return True
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def check_on_control_plane(node: Any, cp: ControlPlaneProcess, client: MeshClient, service: str, mesh: Any) -> None:
+    """`client`'s target `service` runs what the node applied (once): the control plane's policy, routes
+    and endpoints; and those mean what mesh.yaml means, so `xds` measures the same stack as `mesh`."""
+    assert node.subscription.applies == 1 and len(cp.applied) == 1, node.status()
+    sent = cp.applied[0].targets[service]
+    target = client.target(service)
+    assert target.policy.policy is sent.policy and target.policy.routes is sent.routes, "not the node's config"
+    assert target.policy.balancer.endpoints == [e.address for e in sent.endpoints if e.healthy], \
+        (target.policy.balancer.endpoints, sent.endpoints)
+    assert sent.routes == route_policies(mesh, service), "the control plane's routes differ from mesh.yaml's"
+
+
+def still_on_control_plane(node: Any, cp: ControlPlaneProcess) -> str | None:
+    """None while the node has stayed connected with its one configuration, else what went wrong. A broken
+    stream leaves `last_error` set: a resumed stream gets no response from an unchanged control plane."""
+    sub = node.subscription
+    if not sub.connected or sub.last_error is not None or sub.applies != 1 or len(cp.applied) != 1:
+        return f"node connected={sub.connected} applies={sub.applies} last_error={sub.last_error}"
+    if cp.proc.poll() is not None:
+        return f"control plane exited {cp.proc.returncode}"
+    return None
 
 
 def write_results(name: str, summary: dict[str, Any], out: Path = RESULTS) -> None:
@@ -151,20 +245,26 @@ async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup:
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="aivo-bench-"))
+    # One state directory, as `meshctl up` keeps one: certificates (every identity, the control plane's
+    # too) and the mesh.yaml every process of the run reads, auth-svc and the control plane on free ports.
+    state = StateDir(tmp / "state")
+    state.ensure()
+    certs = state.certs
     mesh = load_mesh(ROOT / "mesh.yaml")
-    certs = CertLayout(tmp / "certs")
     init_ca(certs, mesh.mesh.trust_domain)
-    for name in ("auth-svc", "learner-svc"):
-        issue_leaf(certs, name, mesh)
-    port = free_port()
-    mesh_file = tmp / "mesh.yaml"
-    mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}"))
+    issue_all(certs, mesh)
+    port, ads_port, cp_admin_port = free_ports(3)
+    mesh_file = state.mesh_file
+    cp_addresses = f"{{address: 127.0.0.1:{ads_port}, admin_address: 127.0.0.1:{cp_admin_port}}}"
+    mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}")
+                         + f"\ncontrol_plane: {cp_addresses}\n")
     mesh = load_mesh(mesh_file)
     server = subprocess.Popen([sys.executable, "-c", SERVER, str(mesh_file), str(certs.root), str(port)],
                               preexec_fn=die_with_parent,
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     server.stdout.readline()  # "ready": the server has bound and reports SERVING
+    control_plane = ControlPlaneProcess(state, mesh, tmp / "control-plane.log") if args.xds else None
     payload = "x" * 100
     req = auth_pb2.ValidateTokenRequest(token=payload)
     cert, key = certs.identity_paths("learner-svc")
@@ -179,6 +279,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     mesh_client = MeshClient(MeshConfig.for_identity("learner-svc", certs, mesh))
     mesh_stub = auth_pb2_grpc.AuthServiceStub(await mesh_client.get_channel("auth-svc"))
     icpt_stub = auth_pb2_grpc.AuthServiceStub(mesh_client.target("auth-svc").front)
+    xds_client = node = xds_stub = None
+    if control_plane is not None:  # the same client as `mesh`, on the control plane
+        xds_client = MeshClient(MeshConfig.for_identity("learner-svc", certs, mesh))
+        node = await control_plane.feed(xds_client, "learner-svc")
+        xds_stub = auth_pb2_grpc.AuthServiceStub(await xds_client.get_channel("auth-svc"))
+        check_on_control_plane(node, control_plane, xds_client, "auth-svc", mesh)
     traced_stub = None
     receiver = None
     if args.tracing:
@@ -196,6 +302,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "raw": lambda: raw_stub.ValidateToken(req, timeout=5),
         "noop": lambda: noop_stub.ValidateToken(req, timeout=5),
         "mesh": lambda: mesh_stub.ValidateToken(req, timeout=5),
+        **({"xds": lambda: xds_stub.ValidateToken(req, timeout=5)} if xds_stub is not None else {}),
         "icpt": lambda: icpt_stub.ValidateToken(req, timeout=5),
         "cwr": lambda: mesh_client.call_with_retry(service_name="auth-svc", method_name="ValidateToken",
                                                    request=req, timeout=5),
@@ -203,7 +310,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if traced_stub is not None:
         cases["traced"] = lambda: traced_stub.ValidateToken(req, timeout=5)
     results: dict[str, list[dict[str, Any]]] = {c: [] for c in cases}
-    meter = LoadMeter({"client": os.getpid(), "server": server.pid})
+    pids = {"client": os.getpid(), "server": server.pid}
+    if control_plane is not None:  # its CPU is the run's own, not foreign load
+        pids["control_plane"] = control_plane.proc.pid
+    meter = LoadMeter(pids)
     try:
         for _ in range(3):  # connect and warm every path before measuring
             for c in cases.values():
@@ -217,6 +327,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             line = "  ".join(f"{n} {rnd[n]['rps']:5.0f} rps ({rnd[n]['rps'] / base:.3f})" for n in names)
             if failed := {n: rnd[n]["error_codes"] for n in names if rnd[n]["errors"]}:
                 line += f"  ERRORS {failed}"
+            if node is not None and control_plane is not None and (lost := still_on_control_plane(node, control_plane)):
+                raise SystemExit(f"the xds case left the control plane during the round: {lost}")
             return rnd, max(r["foreign_cores"] for r in rnd.values()), line
 
         rounds, rerun = await quiet_rounds(args.reps, names, one_round, max_foreign=args.max_foreign,
@@ -228,17 +340,31 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         await raw_channel.close()
         await noop_channel.close()
         await mesh_client.close()
+        if node is not None:
+            await node.stop()
+        if xds_client is not None:
+            await xds_client.close()
+        if control_plane is not None:
+            control_plane.stop()
         if receiver is not None:
             await receiver.stop()
         server.terminate()
         server.wait(10)
+        shutil.rmtree(tmp, ignore_errors=True)  # the run's keys among it
     summary: dict[str, Any] = {"concurrency": args.concurrency, "window_s": args.window, "reps": args.reps,
                                "max_foreign_cores": args.max_foreign, "rounds_rerun": rerun, "cases": {}}
+    if node is not None:
+        summary["xds_node"] = {"applies": node.subscription.applies, "connected": node.subscription.connected}
+    foreign = sorted(r["foreign_cores"] for reps in results.values() for r in reps)
+    summary["foreign_cores"] = {"median": statistics.median(foreign), "max": foreign[-1]}
+    if control_plane is not None:  # what serving ADS to one idle node costs, in every window alike
+        summary["control_plane_cores"] = statistics.median(
+            r["cpu_us"]["control_plane"] * r["rps"] / 1e6 for reps in results.values() for r in reps)
     for name, reps in results.items():
         ratios = [r["rps"] / b["rps"] for r, b in zip(reps, results["raw"], strict=True)]
         # Total CPU per request (client + server, all threads) of raw / of this case: the throughput
         # ratio a CPU-bound run converges to, and much less sensitive to steal than requests/s.
-        cpu_ratios = [sum(b["cpu_us"].values()) / sum(r["cpu_us"].values())
+        cpu_ratios = [(b["cpu_us"]["client"] + b["cpu_us"]["server"]) / (r["cpu_us"]["client"] + r["cpu_us"]["server"])
                       for r, b in zip(reps, results["raw"], strict=True)]
         summary["cases"][name] = {
             "rps_median": statistics.median(r["rps"] for r in reps),
@@ -261,13 +387,16 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=2.0)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--no-tracing", dest="tracing", action="store_false")
+    ap.add_argument("--no-xds", dest="xds", action="store_false", help="leave out the case on the control plane")
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="rerun a round when a window saw more foreign load (cores, steal included)")
     ap.add_argument("--max-reruns", type=int, default=20, help="give up rerunning after this many")
     args = ap.parse_args()
     summary = asyncio.run(bench(args))
     print()
-    print(f"{summary['rounds_rerun']} rounds rerun for foreign load > {args.max_foreign} cores")
+    foreign = summary["foreign_cores"]
+    print(f"{summary['rounds_rerun']} rounds rerun for foreign load > {args.max_foreign} cores; foreign load "
+          f"per window: median {foreign['median']:.2f}, max {foreign['max']:.2f} cores")
     print(f"{'case':8s} {'rps':>8s} {'ratio':>7s} {'ratio IQR':>13s} {'cpu ratio':>9s} {'client us':>9s} "
           f"{'server us':>9s} {'p50 ms':>8s} {'p99 ms':>8s} {'errors':>7s}")
     for name, c in summary["cases"].items():
@@ -276,6 +405,9 @@ def main() -> None:
         print(f"{name:8s} {c['rps_median']:8.0f} {c['rps_ratio_vs_raw']:7.3f} {lo:6.3f}-{hi:6.3f} "
               f"{c['cpu_ratio_vs_raw']:9.3f} {cpu['client']:9.0f} {cpu['server']:9.0f} "
               f"{c['p50_ms_median']:8.2f} {c['p99_ms_median']:8.2f} {c['errors']:7d}")
+    if "control_plane_cores" in summary:
+        print(f"control plane process: {summary['control_plane_cores']:.3f} cores (median over windows); the xds "
+              f"node applied {summary['xds_node']['applies']} configuration(s) and stayed connected")
     write_results("client", summary)
 
 
