@@ -397,7 +397,9 @@ async def test_client_rebuilds_channels_when_its_certificate_rotates(servers, ma
     shutil.copytree(mesh_certs.root, certs.root)
     plan = FaultPlan(delay=0.2)
     s = await servers(plan)
-    config = MeshConfig.for_identity("learner-svc", certs, _mesh(),
+    # A deadline the rotation (key generation, on a loaded machine) cannot outlast: the in-flight call
+    # must end because it finished, not because it ran out of time.
+    config = MeshConfig.for_identity("learner-svc", certs, _mesh(timeout="30s"),
                                      endpoints={"auth-svc": [f"127.0.0.1:{s.bound_port}"]})
     async with MeshClient(config, health_checks=False, reload_interval=None) as client:
         stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
