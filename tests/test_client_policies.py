@@ -397,9 +397,17 @@ async def test_client_rebuilds_channels_when_its_certificate_rotates(servers, ma
     shutil.copytree(mesh_certs.root, certs.root)
     plan = FaultPlan(delay=0.2)
     s = await servers(plan)
-    # A deadline the rotation (key generation, on a loaded machine) cannot outlast: the in-flight call
-    # must end because it finished, not because it ran out of time.
-    config = MeshConfig.for_identity("learner-svc", certs, _mesh(timeout="30s"),
+    # ValidateToken's route with a deadline the rotation (key generation, on a loaded machine) cannot
+    # outlast and no per-try timeout: the in-flight call must end because it finished, not in time.
+    mesh = _mesh()
+    auth = mesh.service("auth-svc")
+    route = auth.routes[0]
+    assert route.retry is not None
+    slow = route.model_copy(update={"timeout": 30.0, "retry": route.retry.model_copy(update={"per_try_timeout": None})})
+    mesh = mesh.model_copy(update={"services": tuple(
+        svc.model_copy(update={"routes": (slow, *auth.routes[1:])}) if svc.name == "auth-svc" else svc
+        for svc in mesh.services)})
+    config = MeshConfig.for_identity("learner-svc", certs, mesh,
                                      endpoints={"auth-svc": [f"127.0.0.1:{s.bound_port}"]})
     async with MeshClient(config, health_checks=False, reload_interval=None) as client:
         stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
