@@ -44,7 +44,7 @@ from aivo_mesh.runtime.local import dump_mesh, free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import local_profile, write_envoy_configs
 from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.status import envoy_hosts, xds_sync
-from aivo_mesh.xds.proxyless import group_name
+from aivo_mesh.xds.groups import group_name
 
 pytestmark = [needs("envoy"), pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[1]

@@ -50,8 +50,9 @@ from aivo_mesh.runtime.status import control_plane_view
 from aivo_mesh.server import MeshServer
 from aivo_mesh.server.authz import Authorizer
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, Snapshot
+from aivo_mesh.xds.groups import group_name
 from aivo_mesh.xds.policies import METADATA_KEY, decode_config, decode_endpoints
-from aivo_mesh.xds.proxyless import CERT_PROVIDER, group_name, proxyless_snapshot, server_listener_name
+from aivo_mesh.xds.proxyless import CERT_PROVIDER, proxyless_snapshot, server_listener_name
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,9 +11,9 @@ from test_xds_grpc_client import VALIDATE, _service, local_mesh
 
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.xds.cache import type_name
+from aivo_mesh.xds.groups import group_name
 from aivo_mesh.xds.node import ProxylessNode
 from aivo_mesh.xds.policies import ProxylessConfig
-from aivo_mesh.xds.proxyless import group_name
 
 
 def _node(env: Any, applied: list[ProxylessConfig]) -> ProxylessNode:

@@ -305,7 +305,8 @@ _VERSIONS_SCRIPT = """
 import json, sys
 from aivo_mesh.config.loader import load_mesh
 from aivo_mesh.render.envoy import EnvoyProfile
-from aivo_mesh.xds.proxyless import group_name, proxyless_snapshot
+from aivo_mesh.xds.groups import group_name
+from aivo_mesh.xds.proxyless import proxyless_snapshot
 from aivo_mesh.xds.resources import Trust, mesh_snapshots
 mesh = load_mesh(sys.argv[1])
 profile = EnvoyProfile.local("/certs", "/sds")

@@ -47,7 +47,8 @@ from aivo_mesh.telemetry.metrics import MeshMetrics
 from aivo_mesh.telemetry.tracing import Tracing
 from aivo_mesh.telemetry.xds_metrics import XdsMetrics
 from aivo_mesh.xds.cache import InconsistentSnapshot, SnapshotCache, type_name
-from aivo_mesh.xds.proxyless import group_name, is_proxyless, proxyless_snapshot
+from aivo_mesh.xds.groups import PROXYLESS, group_name, node_group
+from aivo_mesh.xds.proxyless import is_proxyless, proxyless_snapshot
 from aivo_mesh.xds.resources import ProfileFor, Trust, mesh_snapshots
 from aivo_mesh.xds.server import AdsServer
 
@@ -213,7 +214,8 @@ class ControlPlane:
         # `changed` names services whose configuration changed on their own plane (a service in `direct`
         # has no sidecar: its proxyless group); each node says whether its own group changed.
         return {"changed": sorted(s for s in mesh.service_names
-                                  if changed.get(group_name(s) if s in self.direct else s)), "nodes": nodes,
+                                  if changed.get(node_group(s, PROXYLESS if s in self.direct else "sidecar"))),
+                "nodes": nodes,
                 "build_seconds": round(self.build_seconds, 4)}
 
     # -- serving ----------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from aivo_mesh.render.envoy import HELPER_CLUSTERS
 from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints, restarts_file
 from aivo_mesh.runtime.state import StateDir, pid_alive
+from aivo_mesh.xds.groups import is_proxyless_group, node_group
 
 
 @dataclass
@@ -309,11 +310,6 @@ def node_config(admin: str, kinds: Iterable[str]) -> dict[str, list[dict[str, An
     return config_entries(json.loads(_get(f"http://{admin}/config_dump?include_eds", timeout=5)), kinds)
 
 
-def node_group(service: str, plane: str) -> str:
-    """The node group a service's node on `plane` belongs to (its sidecar's, or its proxyless processes')."""
-    return f"{service}/proxyless" if plane == "proxyless" else service
-
-
 def control_plane_view(admin: str, plane: str = "sidecar") -> tuple[dict[str, str], dict[str, Any]]:
     """(`xds_sync` per node group, a summary of the control plane) from its admin endpoint. `synced`
     counts the groups of the mesh's own plane (on the sidecar plane, a group of gRPC's own clients,
@@ -324,7 +320,7 @@ def control_plane_view(admin: str, plane: str = "sidecar") -> tuple[dict[str, st
     return sync, {"admin": admin, "build_seconds": status.get("build_seconds"), "built_at": status.get("built_at"),
                   "nodes": len(status.get("nodes", [])),
                   "synced": sum(1 for g, v in sync.items()
-                                if g.endswith("/proxyless") == proxyless and v.startswith("synced"))}
+                                if is_proxyless_group(g) == proxyless and v.startswith("synced"))}
 
 
 async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:

@@ -29,8 +29,8 @@ from google.protobuf.message import Message
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.pki import PeerPolicy, load_identity
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
+from aivo_mesh.xds.groups import PLANE_KEY, PROXYLESS
 from aivo_mesh.xds.policies import PolicyError, ProxylessConfig, decode_config, decode_endpoints, decode_service
-from aivo_mesh.xds.proxyless import PLANE_KEY, PROXYLESS
 from aivo_mesh.xds.subscriber import Resources, Subscription
 
 if TYPE_CHECKING:

@@ -52,11 +52,10 @@ from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import callable_peers, per_pattern, route_policies, service_policy
 from aivo_mesh.render.envoy import INBOUND_LISTENER, OUTBOUND_LISTENER, RBAC_FILTER
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
+from aivo_mesh.xds.groups import PLANE_KEY, PROXYLESS, group_name
 from aivo_mesh.xds.policies import SERVER_LISTENER_PREFIX, cluster_metadata, route_metadata, set_metadata
 from aivo_mesh.xds.refs import rds_names
 
-PLANE_KEY = "aivo.plane"  # node.metadata: which plane a node is on ("sidecar" is the default)
-PROXYLESS = "proxyless"
 # The certificate provider instance the bootstrap defines and every cluster's TLS names (A29).
 CERT_PROVIDER = "aivo_mesh"
 CERT_REFRESH = 5  # seconds between the file watcher's reads (MeshClient's own reload interval)
@@ -66,11 +65,6 @@ def _pack(field: Any, message: Message) -> None:
     """`message` into the Any `field`, serialized deterministically: versions hash the bytes as they are
     (xds/cache.py), so a map inside one (RBAC's policies) must not come out in this process's order."""
     field.Pack(message, deterministic=True)
-
-
-def group_name(service: str) -> str:
-    """The node group of `service`'s gRPC processes (the sidecar's group is the service's name)."""
-    return f"{service}/{PROXYLESS}"
 
 
 def is_proxyless(node: Any) -> bool:
