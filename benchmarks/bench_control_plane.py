@@ -127,7 +127,8 @@ def _proxyless(build: Callable[[Any], Any]) -> Callable[[Any], Any] | None:
     """The control plane's second step where the tree has one: each service's proxyless snapshot, cut from
     its sidecar's (built first, untimed: `prepare`), published. None for a tree without it."""
     try:
-        from aivo_mesh.xds.proxyless import group_name, proxyless_snapshot
+        from aivo_mesh.xds.groups import group_name
+        from aivo_mesh.xds.proxyless import proxyless_snapshot
     except ImportError:
         return None
 
