@@ -416,6 +416,12 @@ def _hcm(mesh: MeshSpec, profile: EnvoyProfile, service: str, stat_prefix: str,
         # RBAC matches paths: normalise them first so `/grpc.health.v1.Health/../x` cannot pass as health.
         cfg["normalize_path"] = True
         cfg["merge_slashes"] = True
+        # The caller's SPIFFE ID, from its verified certificate, as `x-forwarded-client-cert` (whatever the
+        # caller sent under that name is replaced): what per-caller policies (fault injection, rate limit
+        # descriptors) match on, since only RBAC reads the connection's certificate itself. The app behind
+        # the sidecar reads its caller the same way.
+        cfg["forward_client_cert_details"] = "SANITIZE_SET"
+        cfg["set_current_client_cert_details"] = {"uri": True}
     if profile.otlp is not None:
         cfg["tracing"] = _tracing(mesh, service)
     cfg["route_config"] = route_config
@@ -567,6 +573,16 @@ def _one_spiffe_id() -> dict[str, Any]:
             "predicate": {"single_predicate": {"input": uri_sans, "value_match": {"contains": ","}}},
             "on_match": {"action": action("more-than-one-uri-san", "DENY")}}]},
             "on_no_match": {"action": action("one-uri-san", "ALLOW")}})}
+
+
+XFCC = "x-forwarded-client-cert"
+
+
+def caller_header_match(spiffe_id: str) -> dict[str, Any]:
+    """An Envoy HeaderMatcher true when the inbound call's verified caller is `spiffe_id`: the sanitized
+    `x-forwarded-client-cert` the inbound HCM sets ends with `URI=<id>` (By=, Hash= come first, and a second URI
+    SAN never gets this far: the network RBAC refuses it)."""
+    return {"name": XFCC, "string_match": {"suffix": f";URI={spiffe_id}"}}
 
 
 def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
