@@ -2,6 +2,8 @@
 #   make demo   create .venv, install, issue certificates, run the demo mesh, print its table, stop
 #               (DURATION=30, PLANE=proxyless, STATE=DIR, ARGS=--free-ports: more `meshctl demo` flags)
 #   make test   create .venv if needed, install dev dependencies, run the whole suite
+#   make conformance   only the conformance suite (one mesh.yaml policy, the same behaviour on every plane),
+#               printing each scenario's table of planes
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -12,7 +14,7 @@ ARGS   ?=
 DURATION ?= 10
 PLANE  ?= sidecar
 
-.PHONY: demo test lint fmt protos render clean help
+.PHONY: demo test conformance lint fmt protos render clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -43,6 +45,9 @@ demo: $(VENV)/.stamp-run
 
 test: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest -q
+
+conformance: $(VENV)/.stamp-dev
+	$(BIN)/python -m pytest -q -s tests/conformance
 
 # The tests are type-checked as strictly as src, except that a test or fixture may go unannotated:
 # its body is checked all the same (strict's check_untyped_defs).

@@ -1,0 +1,321 @@
+"""The planes a conformance scenario runs on, each with real processes on 127.0.0.1.
+
+learner-svc calls auth-svc. Each side is proxyless (a MeshClient, or MeshServers) or a sidecar (a real
+Envoy 1.40 on the control plane, the app behind or in front of it playing the service):
+
+    proxyless              MeshClient -> MeshServer, both reading mesh.yaml (no control plane), as an
+                           application that builds `MeshClient(MeshConfig(...))` runs
+    proxyless-xds          the same processes on the control plane (ProxylessNode), as `meshctl up --plane
+                           proxyless` runs them: the policy arrives as xDS resources
+    sidecar                app -> learner's Envoy -> auth's Envoy -> app, as `meshctl up --plane sidecar`
+    proxyless-to-sidecar   MeshClient on the control plane -> auth's Envoy -> app
+    sidecar-to-proxyless   app -> learner's Envoy -> auth's MeshServer on the control plane
+
+The called app is one `Script` whatever the plane: it counts attempts per call (the payload names the call)
+and does what the phase's Behaviour says. Instances past the first are more auth-svc front doors: MeshServers,
+or an Envoy (a static bootstrap of the same mesh on other ports) with its own app.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import shutil
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import yaml
+from helpers import auth_app, start_envoy_async, wait_envoy_live
+from scenario import PLANES, SERVICE, Behaviour, Scenario
+from waiting import until
+
+from aivo_mesh.client import MeshClient, MeshConfig
+from aivo_mesh.config import MeshSpec
+from aivo_mesh.config.loader import parse_mesh
+from aivo_mesh.pki import CertLayout
+from aivo_mesh.render import serialize
+from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
+from aivo_mesh.runtime.control_plane import ControlPlane
+from aivo_mesh.runtime.local import dump_mesh, with_free_ports
+from aivo_mesh.runtime.mesh import local_profile, write_envoy_configs
+from aivo_mesh.runtime.state import StateDir
+from aivo_mesh.runtime.status import envoy_hosts
+from aivo_mesh.server import MeshServer
+from aivo_mesh.xds.node import ProxylessNode, apply_to
+
+ROOT = Path(__file__).resolve().parents[2]
+CALLER, CALLED = "learner-svc", "auth-svc"
+
+# What every scenario starts from (it overrides any key): quick back-off, and breaker, ejection and health
+# checks out of the way unless a scenario is about them.
+BASE_DEFAULTS: dict[str, Any] = {
+    "timeout": "5s",
+    "retry": {"max_retries": 2, "backoff": {"base": "10ms", "max": "50ms"}, "retry_on": ["UNAVAILABLE"]},
+    "retry_budget": {"percent": 25, "min_retry_concurrency": 3, "window": "10s"},
+    "circuit_breaker": {"consecutive_failures": 1000, "first_probe": "100ms", "recovery_time": "1s"},
+    "limits": {"max_connections": 1000, "max_pending_requests": 100, "max_requests": 1000, "max_retries": 100},
+    "outlier_detection": {"consecutive_failures": 1000, "interval": "1s", "base_ejection_time": "1s",
+                          "max_ejection_time": "60s", "max_ejection_percent": 100},
+    "health_check": {"interval": "30s", "timeout": "5s"},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def mesh_doc(scenario: Scenario) -> dict[str, Any]:
+    """The repository's mesh.yaml with the scenario's defaults, and auth-svc's policy, routes and allow rules."""
+    doc: dict[str, Any] = yaml.safe_load((ROOT / "mesh.yaml").read_text())
+    doc["defaults"] = _merge(BASE_DEFAULTS, dict(scenario.defaults))
+    auth = next(s for s in doc["services"] if s["name"] == CALLED)
+    for key in ("timeout", "retry", "retry_budget", "circuit_breaker", "limits", "outlier_detection",
+                "health_check", "fault", "routes", "canary"):
+        auth.pop(key, None)
+    auth.update(copy.deepcopy(dict(scenario.policy)))
+    auth["routes"] = [dict(r) for r in scenario.routes]
+    auth["allow"] = ([dict(a) for a in scenario.allow] if scenario.allow is not None
+                     else [{"from": [CALLER, "mesh-client"]}])
+    return doc
+
+
+# -- the called app ------------------------------------------------------------------------------------------
+
+@dataclass
+class Script:
+    """auth-svc's app on every instance: what reached it, and what it does (the phase's Behaviour)."""
+
+    behaviour: Behaviour = field(default_factory=Behaviour)
+    attempts: Counter[bytes] = field(default_factory=Counter)
+    reached: int = 0
+
+    def handler(self, instance: str) -> Callable[[bytes, Any], Awaitable[bytes]]:
+        async def handle(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+            self.attempts[request] += 1
+            self.reached += 1
+            b = self.behaviour
+            if b.applies(self.attempts[request], instance):
+                if b.delay:
+                    await asyncio.sleep(b.delay)
+                if b.fail is not None:
+                    trailers = (("grpc-retry-pushback-ms", str(b.pushback_ms)),) if b.pushback_ms is not None else ()
+                    await context.abort(getattr(grpc.StatusCode, b.fail), f"{b.fail} from {instance}",
+                                        trailing_metadata=trailers)
+            return instance.encode()
+
+        return handle
+
+    def methods(self, instance: str) -> dict[str, Callable[[bytes, Any], Awaitable[bytes]]]:
+        return {"ValidateToken": self.handler(instance), "Authenticate": self.handler(instance)}
+
+
+# -- a running plane -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Reply:
+    code: str
+    details: str
+    seconds: float
+    answered_by: str | None
+    trailers: tuple[str, ...]
+
+
+Call = Callable[[str, bytes], Awaitable[Reply]]
+
+
+@dataclass
+class World:
+    plane: str
+    mesh: MeshSpec
+    script: Script
+    call: Call
+    stops: dict[str, Callable[[], Awaitable[None]]]  # instance -> stop it
+
+    async def stop(self, instance: str) -> None:
+        await self.stops.pop(instance)()
+
+
+def _raw(channel: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    return channel.unary_unary(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
+                               response_deserializer=lambda b: b)
+
+
+async def _timed(rpc: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes], payload: bytes) -> Reply:
+    started = time.monotonic()
+    try:
+        # No deadline of the caller's own below the route's (30 s): the route's deadline is what is observed.
+        answer = await rpc(payload, timeout=30)
+        return Reply("OK", "", time.monotonic() - started, answer.decode(), ())
+    except grpc.aio.AioRpcError as exc:
+        trailers = tuple(k for k, _ in (exc.trailing_metadata() or ()))
+        return Reply(exc.code().name, exc.details() or "", time.monotonic() - started, None, trailers)
+
+
+class _Stack:
+    """What a world started, stopped in reverse order."""
+
+    def __init__(self) -> None:
+        self.stack = contextlib.AsyncExitStack()
+        self.envoys: list[asyncio.subprocess.Process] = []
+
+    async def envoy(self, config: Path, admin: int) -> None:
+        proc = await start_envoy_async(config)
+        self.envoys.append(proc)
+
+        async def stop() -> None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            await proc.wait()
+
+        self.stack.push_async_callback(stop)
+        await asyncio.to_thread(wait_envoy_live, admin, proc)
+
+
+def _static_bootstrap(mesh: MeshSpec, certs: CertLayout, d: Path) -> Path:
+    """auth-svc's sidecar as `meshctl render envoy` writes it for this machine (no control plane): another
+    instance's front door, on `mesh`'s ports for auth-svc."""
+    profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
+    (d / "sds").mkdir(parents=True, exist_ok=True)
+    for rel, doc in sds_files(mesh, CALLED, profile).items():
+        (d / "sds" / rel).write_text(serialize(rel, doc))
+    path = d / "envoy.yaml"
+    path.write_text(yaml.safe_dump(bootstrap(mesh, CALLED, profile, with_peers=False), sort_keys=False))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Path) -> AsyncIterator[World]:
+    caller_side, called_side, xds = PLANES[plane]
+    doc = mesh_doc(scenario)
+    mesh = with_free_ports(parse_mesh(yaml.safe_dump(doc, sort_keys=False), "mesh.yaml"))
+    state = StateDir(tmp_path / "state")
+    state.ensure()
+    shutil.copytree(certs.root, state.certs.root, dirs_exist_ok=True)
+    certs = state.certs
+    script = Script()
+    stacks = _Stack()
+    async with stacks.stack:
+        # Instances past the first: their front doors, known before the mesh is final (its endpoints).
+        extra: dict[str, tuple[str, MeshSpec | None]] = {}
+        for name in scenario.instances[1:]:
+            fresh = with_free_ports(mesh)  # fresh ports for this instance's server (and sidecar)
+            port = (fresh.service(CALLED).sidecar.inbound_port if called_side == "sidecar"
+                    else fresh.service(CALLED).port)
+            extra[name] = (f"127.0.0.1:{port}", fresh)
+        first = scenario.instances[0]
+        front = (f"127.0.0.1:{mesh.service(CALLED).sidecar.inbound_port}" if called_side == "sidecar"
+                 else f"127.0.0.1:{mesh.service(CALLED).port}")
+        if extra or scenario.versions:
+            endpoints: list[Any] = []
+            for name, address in [(first, front), *((n, a) for n, (a, _) in extra.items())]:
+                version = scenario.versions.get(name)
+                endpoints.append(address if version is None else {"address": address, "version": version})
+            mesh = mesh.model_copy(update={"services": tuple(
+                s.model_copy(update={"endpoints": tuple(endpoints)}) if s.name == CALLED else s
+                for s in mesh.services)})
+            mesh = parse_mesh(dump_mesh(mesh), "mesh.yaml")  # validated again, as a user's file would be
+        state.mesh_file.write_text(dump_mesh(mesh))
+
+        # The called side: each instance's app.
+        stops: dict[str, Callable[[], Awaitable[None]]] = {}
+        servers: dict[str, MeshServer] = {}
+        for name in scenario.instances:
+            address, other = (front, None) if name == first else extra[name]
+            port = int(address.rpartition(":")[2])
+            if called_side == "proxyless":
+                server = MeshServer.for_service(mesh, CALLED, certs, host="127.0.0.1", port=port)
+                server.grpc_server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+                    SERVICE, {m: grpc.unary_unary_rpc_method_handler(h) for m, h in script.methods(name).items()}),))
+                server.add_service_name(SERVICE)
+                await server.start()
+                servers[name] = server
+                stops[name] = _stopper(server)
+            else:
+                owner = mesh if other is None else other
+                app, _ = await auth_app(script.methods(name), port=owner.service(CALLED).local_port)
+                stops[name] = _stopper(app)
+                if other is not None:
+                    admin = other.service(CALLED).sidecar.admin_port
+                    assert admin is not None
+                    await stacks.envoy(_static_bootstrap(other, certs, tmp_path / f"envoy-{name}"), admin)
+            stacks.stack.push_async_callback(_stop_if_running, stops, name)
+
+        # The control plane and the sidecars.
+        sidecars = [n for n, side in ((CALLER, caller_side), (CALLED, called_side)) if side == "sidecar"]
+        cp: ControlPlane | None = None
+        if xds:
+            write_envoy_configs(state, mesh, None, None, control_plane=True)
+            direct = [n for n, side in ((CALLER, caller_side), (CALLED, called_side)) if side == "proxyless"]
+            cp = ControlPlane(state, lambda m, name: local_profile(state, name, None, None), direct=direct)
+            await cp.start()
+            stacks.stack.push_async_callback(cp.stop)
+            for name in sidecars:
+                admin = mesh.service(name).sidecar.admin_port
+                assert admin is not None
+                await stacks.envoy(state.root / "envoy" / name / "envoy.yaml", admin)
+            if called_side == "proxyless":
+                for server in servers.values():
+                    own = MeshClient(MeshConfig.for_identity(CALLED, certs, mesh))  # calls nobody; the node wants one
+                    stacks.stack.push_async_callback(own.close)
+                    await _node(stacks.stack, mesh, certs, CALLED, own, server)
+
+        # The caller.
+        if caller_side == "proxyless":
+            client = MeshClient(MeshConfig.for_identity(CALLER, certs, mesh))
+            stacks.stack.push_async_callback(client.close)
+            if xds:
+                await _node(stacks.stack, mesh, certs, CALLER, client, None)
+            channel = await client.channel(CALLED)
+        else:
+            outbound = mesh.service(CALLER).sidecar.outbound_port
+            channel = grpc.aio.insecure_channel(f"127.0.0.1:{outbound}")
+            stacks.stack.push_async_callback(channel.close)
+            admin = mesh.service(CALLER).sidecar.admin_port
+            hosts = len(scenario.instances)
+            await until(lambda: _healthy(admin, hosts), timeout=60,
+                        what=f"{CALLER}'s sidecar sees {hosts} healthy auth-svc hosts")
+
+        async def call(method: str, payload: bytes) -> Reply:
+            return await _timed(_raw(channel, method), payload)
+
+        yield World(plane, mesh, script, call, stops)
+
+
+def _healthy(admin: int | None, hosts: int) -> bool:
+    try:
+        found = envoy_hosts(f"127.0.0.1:{admin}")
+    except (OSError, ValueError):
+        return False
+    flags = [flag for cluster, known in found.items() if cluster.startswith(CALLED) for flag in known.values()]
+    return len(flags) >= hosts and set(flags) == {"healthy"}
+
+
+async def _node(stack: contextlib.AsyncExitStack, mesh: MeshSpec, certs: CertLayout, service: str,
+                client: MeshClient, server: MeshServer | None) -> None:
+    cert, key = certs.identity_paths(service)
+    node = ProxylessNode(mesh, service, mesh.control_plane.address, cert=cert, key=key, ca=certs.ca_cert,
+                         apply=apply_to(client, server))
+    node.start()
+    stack.push_async_callback(node.stop)
+    assert await node.wait_applied(15), node.status()
+
+
+def _stopper(server: grpc.aio.Server | MeshServer) -> Callable[[], Awaitable[None]]:
+    async def stop() -> None:
+        await server.stop(0)
+
+    return stop
+
+
+async def _stop_if_running(stops: dict[str, Callable[[], Awaitable[None]]], name: str) -> None:
+    if name in stops:
+        await stops.pop(name)()
