@@ -78,7 +78,7 @@ def test_split_draws_each_version_by_its_weight() -> None:
     thirds = Counter(Split((("a", 1), ("b", 2))).pick(rng) for _ in range(10_000))
     assert within(thirds["a"], 10_000, 1 / 3), thirds
     for bad in ((), (("a", 0),), (("a", -1), ("b", 2))):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="canary split needs"):
             Split(bad)
 
 
@@ -154,7 +154,7 @@ def test_endpoints_carry_versions_plain_strings_are_the_services_own() -> None:
 def test_canary_endpoint_errors_are_located(auth: dict[str, Any], where: str, expected: str) -> None:
     with pytest.raises(ConfigError) as err:
         parse_mesh(yaml.safe_dump(mesh_doc(**auth)), "mesh.yaml")
-    assert f"mesh.yaml:" in str(err.value) and where in str(err.value) and expected in str(err.value), str(err.value)
+    assert "mesh.yaml:" in str(err.value) and where in str(err.value) and expected in str(err.value), str(err.value)
 
 
 def test_a_canary_without_static_endpoints_or_with_a_weightless_missing_version_is_valid() -> None:
@@ -245,13 +245,14 @@ def test_the_control_plane_sends_a_cluster_and_assignment_per_version_and_proxyl
     snap = sidecar_snapshot(mesh, "learner-svc", profile, Trust(b"-"), found)
     assert snap.problems() == []
     assert {"auth-svc.v1", "auth-svc.v2"} <= set(snap.get(CLUSTER)) and "auth-svc" not in snap.get(CLUSTER)
+    assignments: dict[str, Any] = dict(snap.get(ENDPOINT))
     hosts = {name: sorted(e.endpoint.address.socket_address.address for loc in cla.endpoints
                           for e in loc.lb_endpoints)
-             for name, cla in snap.get(ENDPOINT).items() if name.startswith("auth-svc")}  # type: ignore[attr-defined]
+             for name, cla in assignments.items() if name.startswith("auth-svc")}
     assert hosts == {"auth-svc.v1": ["10.0.0.1"], "auth-svc.v2": ["10.0.0.2", "10.0.0.3"]}
-    outbound = snap.get(ROUTE)["outbound"]
+    outbound: Any = snap.get(ROUTE)["outbound"]
     weights = {tuple((w.name, w.weight.value) for w in r.route.weighted_clusters.clusters)
-               for vh in outbound.virtual_hosts for r in vh.routes if r.name.startswith("auth-svc/")}  # type: ignore[attr-defined]
+               for vh in outbound.virtual_hosts for r in vh.routes if r.name.startswith("auth-svc/")}
     assert weights == {(("auth-svc.v1", 80), ("auth-svc.v2", 20))}
 
     cut = proxyless_snapshot(mesh, "learner-svc", snap)
@@ -332,3 +333,13 @@ async def test_an_80_20_split_holds_through_meshclient_and_through_a_real_envoy(
                 await proc.wait()
             await v1.server.stop(0)
             await v2.server.stop(0)
+
+
+def test_lint_warns_of_a_canary_version_discovery_must_find() -> None:
+    from aivo_mesh.lint.envoy import lint_mesh
+
+    mesh = parse_mesh(yaml.safe_dump(mesh_doc(version="v1", canary={"v1": 90, "v2": 10, "v3": 0})), "mesh.yaml")
+    issues = [i for i in lint_mesh(mesh) if ".canary." in i.path]
+    assert [(i.path, i.severity) for i in issues] == [("services[0].canary.v2", "warning")]
+    assert "10 %" in issues[0].message and "auth-svc-v2" in issues[0].message
+    assert not [i for i in lint_mesh(canary_mesh()) if ".canary." in i.path]  # static endpoints: checked at load
