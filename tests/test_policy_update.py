@@ -347,7 +347,7 @@ async def test_outlier_and_health_rules_change_in_place_keeping_ejections_and_he
 
 
 def test_the_part_names_are_the_documented_ones() -> None:
-    assert PARTS == ("routes", "budget", "breaker", "limit", "outlier", "health")
+    assert PARTS == ("routes", "budget", "breaker", "limit", "outlier", "health", "canary")
 
 
 # -- MeshClient and Target: the Invoker's cache, a real server --------------------------------

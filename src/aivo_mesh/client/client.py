@@ -40,7 +40,7 @@ from aivo_mesh.client.server_check import ServerCheck
 from aivo_mesh.client.target import Target
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, route_policies, service_policy
-from aivo_mesh.discovery.snapshot import SnapshotStore
+from aivo_mesh.discovery.snapshot import VERSION, SnapshotStore
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import Identity, PeerPolicy, load_identity
 from aivo_mesh.policy.core import Clock, Layer, monotonic
@@ -55,6 +55,9 @@ if TYPE_CHECKING:
     from aivo_mesh.xds.policies import TargetConfig
 
 log = logging.getLogger(__name__)
+
+# A target's endpoint addresses, and the version of those that are not of the service's own (canary).
+Endpoints = tuple[list[str], dict[str, str]]
 
 
 class UnknownService(MeshError):
@@ -206,8 +209,8 @@ class MeshClient:
                 continue
             parts = target.update(policy, routes)
             endpoints = self._static_endpoints(service)
-            if endpoints is not None and endpoints != target.policy.balancer.endpoints:
-                target.set_endpoints(endpoints)
+            if endpoints is not None and not target.has_endpoints(*endpoints):
+                target.set_endpoints(*endpoints)
                 parts.add("endpoints")
             target.pool.drain_seconds = self._drain_for(service)
             changed[service] = parts
@@ -229,18 +232,19 @@ class MeshClient:
                 continue
             parts = target.update(found.policy, found.routes)
             endpoints = self._control_plane_endpoints(service)
-            if endpoints is not None and endpoints != target.policy.balancer.endpoints:
-                target.set_endpoints(endpoints)
+            if endpoints is not None and not target.has_endpoints(*endpoints):
+                target.set_endpoints(*endpoints)
                 parts.add("endpoints")
             changed[service] = parts
             log.debug("control plane update for %s: %s", service, ", ".join(sorted(parts)) or "nothing changed")
         return changed
 
-    def _control_plane_endpoints(self, service: str) -> list[str] | None:
+    def _control_plane_endpoints(self, service: str) -> Endpoints | None:
         found = self._from_control_plane.get(service)
         if found is None or self.sidecar or service in self.config.endpoints:
             return None
-        return [e.address for e in found.endpoints if e.healthy]
+        healthy = [e for e in found.endpoints if e.healthy]
+        return [e.address for e in healthy], {e.address: e.metadata[VERSION] for e in healthy if VERSION in e.metadata}
 
     def targets(self) -> dict[str, Target]:
         return dict(self._targets)
@@ -268,7 +272,7 @@ class MeshClient:
         if service in self.config.endpoints:
             return list(self.config.endpoints[service])
         spec = self._spec(service)
-        return list(spec.endpoints) or [f"{spec.host}:{spec.port}"]
+        return list(spec.endpoint_addresses) or [f"{spec.host}:{spec.port}"]
 
     def _spec(self, service: str) -> ServiceSpec:
         try:
@@ -312,13 +316,13 @@ class MeshClient:
             return max(DEFAULT_DRAIN_SECONDS, longest_timeout(self.mesh, service) + 1.0)
         return DEFAULT_DRAIN_SECONDS
 
-    def _static_endpoints(self, service: str) -> list[str] | None:
-        """mesh.yaml's endpoints of `service` when the target takes its endpoints from there (not from
-        discovery, the configuration's `endpoints` or a sidecar), else None."""
+    def _static_endpoints(self, service: str) -> Endpoints | None:
+        """mesh.yaml's endpoints of `service` with their versions when the target takes its endpoints from
+        there (not from discovery, the configuration's `endpoints` or a sidecar), else None."""
         if (self._discovery is not None or self.config.sidecar_outbound is not None
                 or service in self.config.endpoints or service in self._from_control_plane):
             return None
-        return self.endpoints(service)
+        return self.endpoints(service), dict(self._spec(service).endpoint_versions)
 
     def _new_target(self, service: str) -> Target:
         spec = self._spec(service)
@@ -327,9 +331,11 @@ class MeshClient:
         policy, routes = self._policies(service)
         options = channel_options(self.mesh.keepalive, spec.name)
         pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=self._drain_for(service))
-        endpoints = self.endpoints(service)
+        endpoints: Endpoints = (self.endpoints(service), {})
+        if (static := self._static_endpoints(service)) is not None:
+            endpoints = static
         if self._discovery is not None and (snap := self._discovery.get(service)) is not None:
-            endpoints = list(snap.addresses)
+            endpoints = list(snap.addresses), snap.versions
         if (from_control_plane := self._control_plane_endpoints(service)) is not None:
             endpoints = from_control_plane
         max_retries = 0 if self.sidecar else self.config.max_retries
@@ -337,9 +343,10 @@ class MeshClient:
         if self._credentials is not None:
             expect = self.mesh.spiffe_id(service) if service in self.mesh.service_names else None
             check = ServerCheck(service, expect, self.peer_policy, self.listener, pool.channel, pool.discard)
-        return Target(policy, routes, pool, server_check=check, endpoints=endpoints, max_retries=max_retries,
-                      clock=self._clock, listener=self.listener, outer=self._outer, options=options,
-                      credentials=self._credentials, rng=self._rng)
+        # Through a sidecar (or Linkerd's proxy) the proxy splits a canary's calls: its one endpoint has no version.
+        return Target(policy, routes, pool, server_check=check, endpoints=endpoints[0], versions=endpoints[1],
+                      max_retries=max_retries, clock=self._clock, listener=self.listener, outer=self._outer,
+                      options=options, credentials=self._credentials, rng=self._rng, split=not self.sidecar)
 
     def _default_routes(self, service: str) -> Routes:
         timeout = self.config.request_timeout

@@ -20,7 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -50,6 +50,7 @@ class Target:
         *,
         server_check: ServerCheck | None = None,
         endpoints: Sequence[str],
+        versions: Mapping[str, str] | None = None,
         max_retries: int | None,
         clock: Clock,
         listener: PolicyListener,
@@ -66,7 +67,7 @@ class Target:
         self.server_check = server_check  # None: plaintext to a sidecar, which checks the peer itself
         if server_check is not None:
             pool.on_forget = server_check.forget
-        self.policy = TargetPolicy(policy, routes, make_terminal(self), endpoints=endpoints,
+        self.policy = TargetPolicy(policy, routes, make_terminal(self), endpoints=endpoints, versions=versions,
                                    max_retries=max_retries, clock=clock, listener=listener, outer=outer,
                                    **policy_kwargs)
         self.invoker = Invoker(self)  # the stub path (both channels) and call_with_retry
@@ -116,17 +117,24 @@ class Target:
             self.invoker.reset()
         return parts
 
-    def set_endpoints(self, endpoints: Sequence[str]) -> None:
-        """Discovery changed the endpoints: new calls use the new set, in-flight calls finish."""
-        self.policy.set_endpoints(endpoints)
+    def set_endpoints(self, endpoints: Sequence[str], versions: Mapping[str, str] | None = None) -> None:
+        """Discovery changed the endpoints (or their versions: `versions`, the service's own for one it does
+        not name): new calls use the new set, in-flight calls finish."""
+        self.policy.set_endpoints(endpoints, versions)
         self.pool.retain(endpoints)
+
+    def has_endpoints(self, endpoints: Sequence[str], versions: Mapping[str, str] | None = None) -> bool:
+        """Whether the balancer holds exactly these endpoints with these versions."""
+        balancer = self.policy.balancer
+        return balancer.endpoints == list(endpoints) and balancer.versions == {
+            e: (versions or {}).get(e, balancer.default_version) for e in endpoints}
 
     async def _follow(self, store: SnapshotStore) -> None:
         version: str | None = None
         while True:
             snap = await store.newer_than(self.service, version)
             version = snap.version
-            self.set_endpoints(list(snap.addresses))
+            self.set_endpoints(list(snap.addresses), snap.versions)
 
     async def _health_loop(self) -> None:
         """Active gRPC health checks per endpoint; failing endpoints are skipped by the balancer."""

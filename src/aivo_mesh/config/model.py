@@ -361,6 +361,29 @@ class SidecarPorts(_Strict):
     admin_port: Port | None = None
 
 
+class EndpointSpec(_Strict):
+    """One instance of a service written with its version: `{address: 10.0.0.7:50052, version: v2}`
+    (a plain `host:port` string is an instance of the service's own `version`). The version is what a
+    `canary` weight sends traffic to, as Istio's subsets select pods by their `version` label."""
+
+    address: str
+    version: str | None = Field(default=None, json_schema_extra={"pattern": SERVICE_VERSION.pattern})
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        if not _is_host_port(v):
+            raise ValueError(f"endpoint {v!r}: expected host:port, e.g. 127.0.0.1:50051")
+        return v
+
+    @field_validator("version")
+    @classmethod
+    def _version(cls, v: str | None) -> str | None:
+        if v is not None and not SERVICE_VERSION.fullmatch(v):
+            raise ValueError(f"expected a version such as 1.2.0 or v2 (a Kubernetes label value), got {v[:60]!r}")
+        return v
+
+
 class ServiceSpec(_Strict):
     # json_schema_extra: the checks of the validators below, told to editors (mesh.schema.json).
     name: str = Field(json_schema_extra={"pattern": SERVICE_NAME.pattern})
@@ -371,7 +394,7 @@ class ServiceSpec(_Strict):
     local_port: Port = Field(description="Port of the application behind its sidecar")
     admin_port: Port | None = None
     host: str = "127.0.0.1"
-    endpoints: tuple[str, ...] = ()
+    endpoints: tuple[str | EndpointSpec, ...] = ()
     tags: tuple[str, ...] = ()
     metadata: dict[str, str] = Field(default_factory=dict, json_schema_extra={
         "propertyNames": {"pattern": "^(?!consul-)[A-Za-z0-9_-]{1,128}$"},
@@ -407,11 +430,22 @@ class ServiceSpec(_Strict):
 
     @field_validator("endpoints")
     @classmethod
-    def _endpoints(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+    def _endpoints(cls, v: tuple[str | EndpointSpec, ...]) -> tuple[str | EndpointSpec, ...]:
         for e in v:
-            if not _is_host_port(e):
+            if isinstance(e, str) and not _is_host_port(e):
                 raise ValueError(f"endpoint {e!r}: expected host:port, e.g. 127.0.0.1:50051")
         return v
+
+    @property
+    def endpoint_addresses(self) -> tuple[str, ...]:
+        """`endpoints` as `host:port` strings, in the order written."""
+        return tuple(e if isinstance(e, str) else e.address for e in self.endpoints)
+
+    @property
+    def endpoint_versions(self) -> tuple[tuple[str, str], ...]:
+        """`endpoints` as (address, version) pairs, a plain string being of the service's own `version`."""
+        return tuple((e, self.version) if isinstance(e, str) else (e.address, e.version or self.version)
+                     for e in self.endpoints)
 
     @field_validator("grpc_service")
     @classmethod
@@ -678,6 +712,7 @@ class MeshSpec(_Strict):
             problems += _consul_meta_problems(i, svc)
             if svc.canary and sum(svc.canary.values()) != 100:
                 problems.append(_PathError(("services", i, "canary"), "canary weights must add up to 100"))
+            problems += _canary_endpoint_problems(i, svc)
         if self.control_plane.identity in names:
             problems.append(_PathError(("control_plane", "identity"),
                                        f"{self.control_plane.identity!r} is a service's name: the control plane "
@@ -749,6 +784,20 @@ def _services_by_name(mesh: MeshSpec) -> dict[str, ServiceSpec]:
     for s in mesh.services:
         index.setdefault(s.name, s)
     return index
+
+
+def _canary_endpoint_problems(i: int, svc: ServiceSpec) -> list[_PathError]:
+    """With `endpoints` written, they are every instance there is (static discovery): a canary version given
+    traffic but no endpoint would fail each call sent to it. Without them, discovery (DNS, Consul, the
+    orchestrator) finds the instances, and `meshctl lint` warns instead (lint/envoy.py)."""
+    if not svc.endpoints:
+        return []
+    have = {version for _, version in svc.endpoint_versions}
+    return [_PathError(("services", i, "canary", version),
+                       f"no endpoint of version {version!r}, which gets {weight} % of the calls: expected an "
+                       f"entry of `endpoints` such as {{address: host:port, version: {version}}} (versions "
+                       f"listed: {', '.join(sorted(have))})")
+            for version, weight in sorted(svc.canary.items()) if weight > 0 and version not in have]
 
 
 def _consul_meta_problems(i: int, svc: ServiceSpec) -> list[_PathError]:

@@ -65,6 +65,9 @@ class ServicePolicy:
     limits: LimitsSpec
     outlier_detection: OutlierDetectionSpec
     health_check: HealthCheckSpec
+    # The canary split, (version, weight) sorted by version: () for none. Apart from `service`, whose
+    # `canary` it starts as, because a control plane sends it with the routes (weighted_clusters).
+    canary: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -104,6 +107,7 @@ def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
         limits=_pick(b.limits, d.limits, svc.limits),
         outlier_detection=_pick(b.outlier_detection, d.outlier_detection, svc.outlier_detection),
         health_check=_pick(b.health_check, d.health_check, svc.health_check),
+        canary=tuple(sorted(svc.canary.items())),
     )
 
 

@@ -35,6 +35,11 @@ log = logging.getLogger(__name__)
 SnapshotCallback = Callable[[str, "Snapshot"], None]
 
 
+# The metadata key of an endpoint's version (Consul's Meta `version`, mesh.yaml's `{address, version}`):
+# what a canary split picks by. An endpoint without it is of its service's own version.
+VERSION = "version"
+
+
 def _empty_metadata() -> Mapping[str, str]:
     return MappingProxyType({})
 
@@ -102,6 +107,10 @@ class Endpoint:
             raise ValueError(f"endpoint {text!r}: expected host:port")
         return cls(host, port, **kwargs)  # type: ignore[arg-type]
 
+    def version_or(self, default: str) -> str:
+        """This instance's version (`metadata["version"]`), else `default` (the service's version)."""
+        return self.metadata.get(VERSION) or default
+
     def canonical(self) -> list[object]:
         return [self.host, self.port, self.weight, self.healthy, dict(self.metadata)]
 
@@ -133,6 +142,11 @@ class Snapshot:
     def addresses(self) -> tuple[str, ...]:
         """Dialable addresses of the healthy endpoints (what a balancer should pick from)."""
         return tuple(e.address for e in self.endpoints if e.healthy)
+
+    @property
+    def versions(self) -> dict[str, str]:
+        """address -> version of the healthy endpoints that carry one (the rest are of their service's)."""
+        return {e.address: e.metadata[VERSION] for e in self.endpoints if e.healthy and VERSION in e.metadata}
 
     @property
     def healthy(self) -> tuple[Endpoint, ...]:

@@ -39,6 +39,8 @@ settings. Checks:
   stats of its own, without bound (Envoy's docs: safe only when every client is trusted); list the
   methods in ``individual_method_stats_allowlist`` instead.
 - ``admin`` bound to anything but loopback (the admin API mutates state and is unauthenticated).
+- (`lint_mesh`) a canary version that gets calls, of a service without `endpoints`, other than the
+  service's own `version` (warning): discovery must find instances of it, or its calls fail.
 - With ``check_files``: the SDS files named by ``path_config_source``, the secret each reference
   names (a missing one keeps the listener/cluster warming forever), every certificate, key and CA
   file inside them and inline, and the watched directories must exist.
@@ -63,7 +65,7 @@ from typing import Any, Literal
 
 import yaml
 
-from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.model import MeshSpec, ServiceSpec
 from aivo_mesh.config.patterns import service_prefix
 from aivo_mesh.config.resolve import merge, per_try_not_applied, policy_for, route_policies, service_policy
 from aivo_mesh.render.envoy import VALID_RETRY_ON, retry_on_tokens
@@ -486,4 +488,18 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
                 out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
                                      f"{per_try:g}s >= the route timeout {rp.timeout:g}s: it does nothing (left "
                                      "out of the sidecar config; the proxyless attempt gets the whole deadline)"))
+        out += _canary_warnings(i, svc)
     return out
+
+
+def _canary_warnings(i: int, svc: ServiceSpec) -> list[LintIssue]:
+    """Canary versions that get calls, of a service whose instances discovery finds (no `endpoints`; with them
+    it is a config error): only its own `version` is known to run; the others must be registered (Consul Meta
+    `version`, a `<svc>-<version>` Service), or their share of the calls fails UNAVAILABLE."""
+    if svc.endpoints:
+        return []
+    return [LintIssue(f"services[{i}].canary.{version}", "warning",
+                      f"version {version!r} gets {weight} % of the calls, but mesh.yaml lists no endpoint of it: "
+                      f"discovery must find instances with version {version!r} (Consul Meta `version`, the "
+                      f"`{svc.name}-{version}` Service in Kubernetes), else those calls fail UNAVAILABLE")
+            for version, weight in sorted(svc.canary.items()) if weight > 0 and version != svc.version]

@@ -13,12 +13,22 @@ Discovery replaces the endpoint list at runtime (`update`); endpoints that stay 
 (failures, ejection, health), so a DNS refresh does not forgive a bad replica. A policy change
 replaces the outlier and health rules in place (`set_rules`), and the endpoints keep their state
 then too. The pick is O(1) while every endpoint is eligible, O(n) otherwise.
+
+Canary (mesh.yaml `canary`, a `Split`): each endpoint has a version (`update(..., versions)`; the
+target's own version when not given). A call first draws a version by weight (`choose_version`, once
+per logical call: its retries stay in that version, as Envoy's weighted_clusters picks a cluster once
+per request), then each attempt picks an endpoint of that version by the rule above, panic mode
+included, within the version. A version with no endpoint at all gets its share of the calls anyway,
+which fail UNAVAILABLE (NO_ENDPOINTS): Envoy, Istio and Linkerd do the same (the weighted cluster is
+chosen regardless, then "no healthy upstream"), and moving its traffic to the other versions would
+silently turn a 10 % canary into 0 % or 100 %.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from random import Random
 
 from aivo_mesh.policy.classify import DEFAULT_CLASSIFIER, HEALTHY, IGNORED, SUCCESS, TRANSIENT, Classifier, Outcome
 from aivo_mesh.policy.core import Call, Clock, Handler, LocalReason, Reply, monotonic, when_ended
@@ -40,27 +50,65 @@ class HealthRule:
             raise ValueError(f"health check thresholds must be >= 1, got {self}")
 
 
-class Balancer:
-    """The endpoints of one target service, their health and ejections, and the round-robin cursor."""
+@dataclass(frozen=True, slots=True)
+class Split:
+    """Canary weights, (version, weight) pairs (mesh.yaml `canary`; weights are relative, mesh.yaml's add
+    up to 100). `pick` draws a version as Envoy's weighted_clusters does: a uniform integer below the
+    total, then the first version whose running sum exceeds it, so a version gets weight/total of the
+    calls and a weight of 0 none."""
 
-    __slots__ = ("_by_address", "_clock", "_endpoints", "_rr", "_unhealthy", "detector", "health", "service")
+    weights: tuple[tuple[str, int], ...]
+
+    def __post_init__(self) -> None:
+        if not self.weights or any(w < 0 for _, w in self.weights) or sum(w for _, w in self.weights) <= 0:
+            raise ValueError(f"a canary split needs non-negative weights with a positive sum, got {self.weights}")
+
+    def pick(self, rng: Random) -> str:
+        n = rng.randrange(sum(w for _, w in self.weights))
+        for version, weight in self.weights:
+            if n < weight:
+                return version
+            n -= weight
+        raise AssertionError("unreachable: n < total")
+
+
+class Balancer:
+    """The endpoints of one target service, their health and ejections, and the round-robin cursor
+    (one per canary version too)."""
+
+    __slots__ = ("_by_address", "_by_version", "_clock", "_endpoints", "_rng", "_rr", "_rr_version",
+                 "_unhealthy", "default_version", "detector", "health", "service", "split", "versions")
 
     def __init__(self, service: str, endpoints: Iterable[str] = (), *, rule: OutlierRule | None = DEFAULT_RULE,
                  health: HealthRule = HealthRule(), clock: Clock = monotonic,
-                 listener: PolicyListener = NOOP) -> None:
+                 listener: PolicyListener = NOOP, split: Split | None = None, versions: Mapping[str, str] = {},
+                 default_version: str = "", rng: Random | None = None) -> None:
         self.service = service
         self.health = health
         self.detector = OutlierDetector(service, rule, clock=clock, listener=listener)
+        self.split = split
+        self.default_version = default_version  # of an endpoint `versions` does not name
+        self._rng = rng if rng is not None else Random()
         self._clock = clock
         self._endpoints: list[EndpointState] = []
         self._by_address: dict[str, EndpointState] = {}
+        self._by_version: dict[str, list[EndpointState]] = {}
+        self.versions: dict[str, str] = {}
         self._rr = 0
+        self._rr_version: dict[str, int] = {}
         self._unhealthy = 0
-        self.update(endpoints)
+        self.update(endpoints, versions)
 
     # -- picking ------------------------------------------------------------------------------
-    def pick(self) -> EndpointState | None:
-        """The next eligible endpoint (round robin), any endpoint in panic mode, None if there are none."""
+    def choose_version(self) -> str | None:
+        """The version a new call goes to (`Split.pick`), None without a canary split."""
+        return None if self.split is None else self.split.pick(self._rng)
+
+    def pick(self, version: str | None = None) -> EndpointState | None:
+        """The next eligible endpoint (round robin; of `version` only, if given), any endpoint (of it) in
+        panic mode, None if there are none."""
+        if version is not None:
+            return self._pick_version(version)
         eps = self._endpoints
         n = len(eps)
         if self.detector.ejected == 0 and self._unhealthy == 0:
@@ -88,6 +136,23 @@ class Balancer:
         self._rr = start + 1 if start + 1 < n else 0  # panic: nothing eligible, use every endpoint
         return eps[start]
 
+    def _pick_version(self, version: str) -> EndpointState | None:
+        eps = self._by_version.get(version)
+        if not eps:
+            return None
+        if self.detector.ejected:
+            self.detector.sweep(self._endpoints, self._clock())
+        n = len(eps)
+        start = self._rr_version.get(version, 0) % n
+        for k in range(n):
+            j = (start + k) % n
+            ep = eps[j]
+            if ep.healthy and ep.ejected_until is None:
+                self._rr_version[version] = j + 1
+                return ep
+        self._rr_version[version] = start + 1  # panic within the version: nothing of it is eligible
+        return eps[start]
+
     # -- outcomes -----------------------------------------------------------------------------
     def record(self, ep: EndpointState, outcome: Outcome) -> None:
         if outcome in HEALTHY:
@@ -96,8 +161,9 @@ class Balancer:
             self.detector.on_failure(ep, self._endpoints)
 
     # -- discovery and health checks ----------------------------------------------------------
-    def update(self, addresses: Iterable[str]) -> None:
-        """Replace the endpoint list; endpoints that remain keep their state."""
+    def update(self, addresses: Iterable[str], versions: Mapping[str, str] = {}) -> None:
+        """Replace the endpoint list, with each endpoint's version (`default_version` for one `versions`
+        does not name); endpoints that remain keep their state."""
         old = self._by_address
         by_address: dict[str, EndpointState] = {}
         for address in addresses:
@@ -112,6 +178,11 @@ class Balancer:
         self._endpoints = endpoints
         self._rr = self._rr % len(endpoints) if endpoints else 0
         self._unhealthy = sum(1 for ep in endpoints if not ep.healthy)
+        self.versions = {ep.address: versions.get(ep.address, self.default_version) for ep in endpoints}
+        by_version: dict[str, list[EndpointState]] = {}
+        for ep in endpoints:
+            by_version.setdefault(self.versions[ep.address], []).append(ep)
+        self._by_version = by_version
         self.detector.recount(endpoints)
 
     def set_rules(self, rule: OutlierRule | None, health: HealthRule) -> None:
@@ -161,7 +232,7 @@ class Balancer:
         eps = self._endpoints
         if self.detector.ejected:
             self.detector.sweep(eps, self._clock())
-        return [ep.as_dict() for ep in eps]
+        return [{**ep.as_dict(), "version": self.versions.get(ep.address, self.default_version)} for ep in eps]
 
 
 class BalancerLayer:
@@ -179,8 +250,13 @@ class BalancerLayer:
                              local=LocalReason.NO_ENDPOINTS)
 
         async def handle(call: Call) -> Reply:
-            ep = balancer.pick()
+            if call.version is None and balancer.split is not None:
+                call.version = balancer.choose_version()  # once per call: every attempt stays in it
+            ep = balancer.pick(call.version)
             if ep is None:
+                if call.version is not None:
+                    return Reply("UNAVAILABLE", details=f"no endpoints of version {call.version} for "
+                                 f"{balancer.service}", local=LocalReason.NO_ENDPOINTS)
                 return no_endpoints
             call.endpoint = ep.address
             # An exception escaping `inner` is the caller's (see BreakerLayer): the endpoint is not charged.

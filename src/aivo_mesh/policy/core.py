@@ -45,6 +45,8 @@ class Call:
     committed: bool = False
     # The endpoint ("host:port") the balancer picked for the current attempt.
     endpoint: str | None = None
+    # The canary version the balancer drew for this call (None: no split); every attempt stays in it.
+    version: str | None = None
     # Opaque to the core: what the terminal handler needs to send an attempt (the adapter's business).
     transport: Any = None
     # The route's per-attempt timeout (set by the retry layer). The adapter gives an attempt

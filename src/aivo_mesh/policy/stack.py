@@ -30,14 +30,14 @@ A live policy change (`TargetPolicy.update`) replaces only the parts whose param
 names them (PARTS). The stacks hold the parts they were built with, so a call in flight finishes
 under the policy it started with, while the next call gets a stack built from the new parts. A
 replaced part starts afresh (a new breaker is closed); a kept one keeps its state (an open breaker
-stays open, with its probe time). The outlier and health rules change in place, so the endpoints
-keep their ejections and health.
+stays open, with its probe time). The outlier and health rules and the canary split change in place, so
+the endpoints keep their ejections and health.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from random import Random
@@ -46,7 +46,7 @@ from typing import Any
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, policy_for, route_policies, service_policy
 from aivo_mesh.policy import bind
-from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+from aivo_mesh.policy.balancer import Balancer, BalancerLayer, Split
 from aivo_mesh.policy.breaker import BreakerLayer, CircuitBreaker
 from aivo_mesh.policy.budget import Budget, RetryBudget
 from aivo_mesh.policy.classify import Classifier
@@ -72,7 +72,8 @@ BREAKER = "breaker"  # circuit_breaker (its failure codes also change ROUTES)
 LIMIT = "limit"  # limits.max_requests, limits.max_pending_requests
 OUTLIER = "outlier"  # outlier_detection: the balancer's rule, in place
 HEALTH = "health"  # health_check's thresholds, in place (the client also names interval and timeout)
-PARTS: tuple[str, ...] = (ROUTES, BUDGET, BREAKER, LIMIT, OUTLIER, HEALTH)
+CANARY = "canary"  # the canary split: the balancer's, in place (calls in flight keep the version they drew)
+PARTS: tuple[str, ...] = (ROUTES, BUDGET, BREAKER, LIMIT, OUTLIER, HEALTH, CANARY)
 # Replacing these rebuilds the stacks: each stack holds them (the outlier and health rules it reaches
 # through the balancer, which stays).
 REBUILDS_STACKS = frozenset({ROUTES, BUDGET, BREAKER, LIMIT})
@@ -120,10 +121,14 @@ class TargetPolicy:
     """
 
     def __init__(self, policy: ServicePolicy, routes: Routes, terminal: Handler, *,
-                 endpoints: Sequence[str] | None = None, max_retries: int | None = None,
-                 clock: Clock = monotonic, rng: Random | None = None, sleep: Sleeper = asyncio.sleep,
-                 listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None,
-                 outer: Sequence[Layer] = ()) -> None:
+                 endpoints: Sequence[str] | None = None, versions: Mapping[str, str] | None = None,
+                 max_retries: int | None = None, clock: Clock = monotonic, rng: Random | None = None,
+                 sleep: Sleeper = asyncio.sleep, listener: PolicyListener = NOOP,
+                 inherited: Callable[[], float | None] | None = None, outer: Sequence[Layer] = (),
+                 split: bool = True) -> None:
+        """`endpoints`, with each one's version (`versions`; the service's own version for one it does not
+        name): mesh.yaml's when not given. `split`: whether calls are split by the service's canary
+        weights here (False when a sidecar behind the one endpoint does it)."""
         spec = policy.service
         self.service = spec.name
         self.policy = policy
@@ -140,10 +145,16 @@ class TargetPolicy:
         self.budget = RetryBudget(bind.budget_params(policy.retry_budget, policy.limits), clock)
         self.breaker = self._new_breaker(policy)
         self.limit = ConcurrencyLimit(self.service, bind.limit_params(policy.limits))
-        addresses = list(endpoints) if endpoints is not None else (
-            list(spec.endpoints) or [f"{spec.host}:{spec.port}"])
+        if endpoints is None:
+            addresses = list(spec.endpoint_addresses) or [f"{spec.host}:{spec.port}"]
+            versions = dict(spec.endpoint_versions)
+        else:
+            addresses = list(endpoints)
+        self.splits = split
         self.balancer = Balancer(self.service, addresses, rule=bind.outlier_rule(policy.outlier_detection),
-                                 health=bind.health_rule(policy.health_check), clock=clock, listener=listener)
+                                 health=bind.health_rule(policy.health_check), clock=clock, listener=listener,
+                                 split=self._split(policy), versions=versions or {},
+                                 default_version=spec.version, rng=self.rng)
         # Per method: the route policy its params were built from (what `update` compares), its params
         # and its stack. `update` swaps whole dicts, so a lookup never sees one half-changed.
         self._route_of: dict[str, RoutePolicy] = {}
@@ -154,6 +165,9 @@ class TargetPolicy:
     def from_mesh(cls, mesh: MeshSpec, service: str, terminal: Handler, **kwargs: Any) -> TargetPolicy:
         """From mesh.yaml: the service's effective policy and its routes (config/resolve.py)."""
         return cls(service_policy(mesh, service), route_policies(mesh, service), terminal, **kwargs)
+
+    def _split(self, policy: ServicePolicy) -> Split | None:
+        return Split(policy.canary) if self.splits and policy.canary else None
 
     def _new_breaker(self, policy: ServicePolicy) -> CircuitBreaker:
         return CircuitBreaker(self.service, bind.breaker_params(policy.circuit_breaker), clock=self.clock,
@@ -216,6 +230,9 @@ class TargetPolicy:
             changed.add(OUTLIER)
         if health != self.balancer.health:
             changed.add(HEALTH)
+        split = self._split(policy)
+        if split != self.balancer.split:
+            changed.add(CANARY)
 
         # One synchronous step (no await): a call gets a stack of old parts or of new ones, never a mix.
         self.policy, self.routes, self.route_for = policy, new_routes, route_for
@@ -230,6 +247,7 @@ class TargetPolicy:
             self.limit = ConcurrencyLimit(self.service, bind.limit_params(policy.limits))
         if OUTLIER in changed or HEALTH in changed:
             self.balancer.set_rules(rule, health)
+        self.balancer.split = split
         if stale:
             self._route_of = {m: r for m, r in self._route_of.items() if m not in stale}
             self._params = {m: p for m, p in self._params.items() if m not in stale}
@@ -239,9 +257,9 @@ class TargetPolicy:
             self._stacks = {m: h for m, h in self._stacks.items() if m not in stale}
         return changed
 
-    def set_endpoints(self, endpoints: Sequence[str]) -> None:
-        """Discovery changed the endpoint list (state of remaining endpoints is kept)."""
-        self.balancer.update(endpoints)
+    def set_endpoints(self, endpoints: Sequence[str], versions: Mapping[str, str] | None = None) -> None:
+        """Discovery changed the endpoint list, or their versions (state of remaining endpoints is kept)."""
+        self.balancer.update(endpoints, versions or {})
 
     def snapshot(self) -> dict[str, object]:
         """For the admin endpoints: breaker state, budget, limit and endpoints of this target."""
@@ -252,6 +270,7 @@ class TargetPolicy:
                              "requests": self.budget.requests, "retries": self.budget.retries},
             "limit": {"active": self.limit.active, "pending": self.limit.pending},
             "endpoints": self.balancer.snapshot(),
+            "canary": dict(self.balancer.split.weights) if self.balancer.split is not None else {},
         }
 
 

@@ -99,9 +99,13 @@ __all__ = [
     "RetryOn",
     "bootstrap",
     "callable_peers",
+    "canary_versions",
+    "cluster_service",
+    "cluster_version",
     "outbound_route_config",
     "peer_address",
     "peer_cluster",
+    "peer_cluster_names",
     "peer_cluster_policy",
     "peer_routes",
     "peer_tls",
@@ -109,6 +113,8 @@ __all__ = [
     "render",
     "retry_on_tokens",
     "sds_files",
+    "version_cluster",
+    "version_hosts",
 ]
 
 Config = dict[str, Any]
@@ -241,6 +247,46 @@ def peer_address(mesh: MeshSpec, peer: str, kind: Kind) -> tuple[str, int]:
     return (peer, inbound) if kind == "pod" else ("127.0.0.1", inbound)
 
 
+# --- canary versions --------------------------------------------------------------------------------
+def canary_versions(peer: ServiceSpec) -> tuple[str, ...]:
+    """The versions a caller splits `peer`'s calls between (mesh.yaml `canary`), sorted; () without one."""
+    return tuple(sorted(peer.canary))
+
+
+def version_cluster(service: str, version: str) -> str:
+    """The cluster of one version of a canary service: `learner-svc.v2`. A service name is a DNS label
+    (no '.'), so the name splits back at its first dot (`cluster_service`) and never clashes with a
+    helper cluster (they have '_' and no '.')."""
+    return f"{service}.{version}"
+
+
+def cluster_service(cluster: str) -> str:
+    """The service a peer cluster calls: `learner-svc` for `learner-svc` and `learner-svc.v2`."""
+    return cluster.partition(".")[0]
+
+
+def cluster_version(cluster: str) -> str | None:
+    """The version a peer cluster calls (`v2` for `learner-svc.v2`), None for a whole service's cluster."""
+    return cluster.partition(".")[2] or None
+
+
+def peer_cluster_names(peer: ServiceSpec) -> tuple[str, ...]:
+    """The clusters a caller calls `peer` through: one per canary version, else the peer's own."""
+    return tuple(version_cluster(peer.name, v) for v in canary_versions(peer)) or (peer.name,)
+
+
+def version_hosts(mesh: MeshSpec, peer: ServiceSpec, version: str, kind: Kind) -> list[tuple[str, int]]:
+    """Where one version of `peer` is, for a rendering without discovery: in a pod, the per-version
+    Service `<peer>-<version>` (as `meshctl render linkerd` names it: pods labelled `version`) on the
+    mesh port; on one machine, mesh.yaml's `endpoints` of that version, else the peer's own sidecar for
+    its own `version` (a local run starts one instance per service), else none."""
+    if kind == "pod":
+        return [(f"{peer.name}-{version}", sidecar_ports(mesh, peer.name, kind).inbound)]
+    if peer.endpoints:
+        return [_host_port(address) for address, v in peer.endpoint_versions if v == version]
+    return [peer_address(mesh, peer.name, kind)] if version == peer.version else []
+
+
 def _host_port(value: str) -> tuple[str, int]:
     """`host:port` or `[v6]:port`, as the model has validated it (StatsdSpec.address)."""
     host, _, port = value.strip().rpartition(":")
@@ -291,6 +337,14 @@ def _pipe(path: str, *, listener: bool) -> dict[str, Any]:
 def _load_assignment(name: str, host: str, port: int, address: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": address or _socket(host, port)}}]}]}
+
+
+def _hosts_assignment(name: str, hosts: Sequence[tuple[str, int]]) -> dict[str, Any]:
+    """A ClusterLoadAssignment of `hosts` (none: a cluster every call to fails with no healthy upstream)."""
+    if not hosts:
+        return {"cluster_name": name, "endpoints": []}
+    return {"cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket(h, p)}} for h, p in hosts]}]}
 
 
 def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
@@ -651,12 +705,21 @@ def peer_routes(mesh: MeshSpec, name: str) -> list[dict[str, Any]]:
     peer = mesh.service(name)
     routes = []
     for rp in per_pattern(route_policies(mesh, peer.name)):
-        action: dict[str, Any] = {"cluster": peer.name, "host_rewrite_literal": peer.name,
+        action: dict[str, Any] = {**_route_target(peer), "host_rewrite_literal": peer.name,
                                   **_deadline(rp.timeout, streaming=rp.streaming)}
         if (retry := _retry_policy(rp)) is not None:
             action["retry_policy"] = retry
         routes.append({"name": _route_name(peer.name, rp.pattern), "match": _match(rp.pattern), "route": action})
     return routes
+
+
+def _route_target(peer: ServiceSpec) -> dict[str, Any]:
+    """Where a route to `peer` sends: its cluster, or with canary weights one cluster per version, picked per
+    request by weight (retries stay in the version picked, as Envoy routes a request once)."""
+    if not peer.canary:
+        return {"cluster": peer.name}
+    return {"weighted_clusters": {"clusters": [{"name": version_cluster(peer.name, v), "weight": w}
+                                               for v, w in sorted(peer.canary.items())]}}
 
 
 OUTBOUND_ROUTES = "outbound"  # the outbound listener's route configuration
@@ -703,10 +766,12 @@ def _stats_listener() -> dict[str, Any]:
 
 
 # --- clusters ---------------------------------------------------------------------------------------
-def peer_cluster(mesh: MeshSpec, name: str, profile: EnvoyProfile) -> dict[str, Any]:
-    """The cluster a sidecar calls peer `name` through: `peer_cluster_policy`, the same for every caller
-    of the peer, then the transport socket (`peer_tls`), which names the caller's own certificate."""
-    return {**peer_cluster_policy(mesh, name, profile.kind), "transport_socket": peer_tls(mesh, name, profile)}
+def peer_cluster(mesh: MeshSpec, name: str, profile: EnvoyProfile, version: str | None = None) -> dict[str, Any]:
+    """The cluster a sidecar calls peer `name` (or one `version` of it) through: `peer_cluster_policy`, the
+    same for every caller of the peer, then the transport socket (`peer_tls`), which names the caller's own
+    certificate."""
+    return {**peer_cluster_policy(mesh, name, profile.kind, version),
+            "transport_socket": peer_tls(mesh, name, profile)}
 
 
 def peer_tls(mesh: MeshSpec, name: str, profile: EnvoyProfile) -> dict[str, Any]:
@@ -719,16 +784,20 @@ def peer_tls(mesh: MeshSpec, name: str, profile: EnvoyProfile) -> dict[str, Any]
     )}
 
 
-def peer_cluster_policy(mesh: MeshSpec, name: str, kind: Kind) -> dict[str, Any]:
+def peer_cluster_policy(mesh: MeshSpec, name: str, kind: Kind, version: str | None = None) -> dict[str, Any]:
     """`peer_cluster` but its transport socket: where the peer is and how it is called (limits, outlier
     detection, health checks), the same for every caller (the control plane builds it once per peer,
-    xds/resources.py)."""
+    xds/resources.py). With `version`, the cluster of that canary version (`version_cluster`): the same
+    policy, its own hosts (`version_hosts`), so limits and ejections count per version."""
     peer = mesh.service(name)
     sp = service_policy(mesh, peer.name)
-    host, port = peer_address(mesh, peer.name, kind)
+    if version is None:
+        cluster_name, hosts = peer.name, [peer_address(mesh, peer.name, kind)]
+    else:
+        cluster_name, hosts = version_cluster(peer.name, version), version_hosts(mesh, peer, version, kind)
     od, hc, lim, budget = sp.outlier_detection, sp.health_check, sp.limits, sp.retry_budget
-    cluster: dict[str, Any] = {"name": peer.name}
-    if _is_ip(host):
+    cluster: dict[str, Any] = {"name": cluster_name}
+    if all(_is_ip(host) for host, _ in hosts):
         cluster["type"] = "STATIC"
     else:
         cluster["type"] = "STRICT_DNS"
@@ -787,7 +856,7 @@ def peer_cluster_policy(mesh: MeshSpec, name: str, kind: Kind) -> dict[str, Any]
             "no_traffic_healthy_interval": _dur(hc.interval),
             "grpc_health_check": {"service_name": peer.grpc_service, "authority": peer.name},
         }],
-        "load_assignment": _load_assignment(peer.name, host, port),
+        "load_assignment": _hosts_assignment(cluster_name, hosts),
     })
     return cluster
 
@@ -841,7 +910,8 @@ def bootstrap(mesh: MeshSpec, service: str, profile: EnvoyProfile, *, with_peers
                  _outbound_listener(mesh, svc, profile, ports.outbound, with_peers=with_peers)]
     clusters = [_local_app_cluster(mesh, svc, profile)]
     if with_peers:
-        clusters += [peer_cluster(mesh, p, profile) for p in callable_peers(mesh, service)]
+        clusters += [peer_cluster(mesh, p, profile, v) for p in callable_peers(mesh, service)
+                     for v in canary_versions(mesh.service(p)) or (None,)]
     if profile.kind == "pod":
         listeners.append(_stats_listener())
         clusters.append(_plain_cluster(ADMIN_CLUSTER, "127.0.0.1", ports.admin, h2=False, mesh=mesh))

@@ -35,6 +35,7 @@ from opentelemetry.trace import StatusCode
 from aivo_mesh.config.loader import load_mesh, parse_mesh
 from aivo_mesh.config.model import MeshSpec, to_data
 from aivo_mesh.discovery import Discovery, DiscoveryNotReady, Endpoint
+from aivo_mesh.discovery.static import static_endpoints
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.fsutil import write_atomic
 from aivo_mesh.pki import PeerPolicy
@@ -124,7 +125,7 @@ class ControlPlane:
             if found is not None:
                 out[svc.name] = found.endpoints
             elif svc.endpoints:
-                out[svc.name] = tuple(Endpoint.parse(e) for e in svc.endpoints)
+                out[svc.name] = static_endpoints(svc)
             elif svc.name in self.direct:
                 out[svc.name] = (Endpoint(svc.host, svc.port),)
         return out

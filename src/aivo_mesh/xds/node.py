@@ -28,6 +28,7 @@ from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.pki import PeerPolicy, load_identity
+from aivo_mesh.render.envoy import cluster_service
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from aivo_mesh.xds.groups import PLANE_KEY, PROXYLESS
 from aivo_mesh.xds.policies import PolicyError, ProxylessConfig, decode_config, decode_endpoints, decode_service
@@ -98,7 +99,7 @@ class ProxylessNode:
         if type_url == CLUSTER:
             for name, cluster in resources.items():
                 try:
-                    spec = self.mesh.service(name)
+                    spec = self.mesh.service(cluster_service(name))  # a canary version's: its service's
                 except KeyError:
                     raise PolicyError(f"cluster {name}: not a service of this mesh") from None
                 decode_service(spec, cluster)

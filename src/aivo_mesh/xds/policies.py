@@ -6,7 +6,9 @@ the same on both planes. What a resource's own fields say exactly is read from t
 
     route     its match (`path`: one method, `prefix`: a service or package) and its deadline
               (`max_stream_duration.grpc_timeout_header_max` on unary routes, `idle_timeout` on streams)
-    endpoints each instance's address, weight and health status
+    endpoints each instance's address, weight and health status; a canary version's cluster
+              (`learner-svc.v2`) says the version of its instances
+    split     a canary's weights: the routes' weighted_clusters, one cluster per version
     allow     the RBAC HTTP filter's ALLOW policies (gRFC A41): principals and url paths
 
 What no Envoy field says, or says only as Envoy applies it, travels as plain data under the metadata key
@@ -23,7 +25,8 @@ it and keeps what it had.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,7 +57,8 @@ from aivo_mesh.config.model import (
 )
 from aivo_mesh.config.patterns import service_prefix
 from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_retry
-from aivo_mesh.discovery.snapshot import Endpoint
+from aivo_mesh.discovery.snapshot import VERSION, Endpoint
+from aivo_mesh.render.envoy import cluster_service, cluster_version, version_cluster
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 METADATA_KEY = "aivo.mesh"
@@ -189,17 +193,45 @@ def decode_routes(policy: ServicePolicy, routes: Any) -> tuple[RoutePolicy, ...]
     return (*decoded, catch_all)
 
 
-def decode_endpoints(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[Endpoint, ...]:
-    """The instances of an assignment, with weight and health (UNHEALTHY and the like: not healthy)."""
+def decode_endpoints(cla: endpoint_pb2.ClusterLoadAssignment, version: str | None = None) -> tuple[Endpoint, ...]:
+    """The instances of an assignment, with weight and health (UNHEALTHY and the like: not healthy); with
+    `version` (the assignment of a canary version's cluster), each carries it in its metadata."""
     healthy = (health_check_pb2.HEALTHY, health_check_pb2.UNKNOWN)
+    metadata = {VERSION: version} if version is not None else {}
     out = []
     for locality in cla.endpoints:
         for lb in locality.lb_endpoints:
             address = lb.endpoint.address.socket_address
             out.append(Endpoint(address.address, address.port_value,
                                 weight=lb.load_balancing_weight.value or 1,
-                                healthy=lb.health_status in healthy))
+                                healthy=lb.health_status in healthy, metadata=metadata))
     return tuple(out)
+
+
+def decode_split(service: str, routes: Sequence[route_components_pb2.Route]) -> tuple[tuple[str, int], ...]:
+    """The canary split of peer `service` from its routes: () when they send to its cluster, else each
+    version's weight from their weighted_clusters (`<service>.<version>`), which every route must agree
+    on (mesh.yaml splits a service, not a method)."""
+    splits: set[tuple[tuple[str, int], ...]] = set()
+    for route in routes:
+        action = route.route
+        if action.cluster:
+            if action.cluster != service:
+                raise PolicyError(f"route {route.name}: sends to cluster {action.cluster}, not {service}")
+            splits.add(())
+            continue
+        split = []
+        for w in action.weighted_clusters.clusters:
+            version = cluster_version(w.name)
+            if cluster_service(w.name) != service or version is None:
+                raise PolicyError(f"route {route.name}: weighted cluster {w.name} is not a version of {service}")
+            split.append((version, w.weight.value))
+        if not split:
+            raise PolicyError(f"route {route.name}: neither a cluster nor weighted clusters")
+        splits.add(tuple(sorted(split)))
+    if len(splits) > 1:
+        raise PolicyError(f"routes of {service}: different canary splits per route ({sorted(splits)})")
+    return splits.pop() if splits else ()
 
 
 def decode_allow(rbac: rbac_pb2.RBAC, trust_domain: str) -> tuple[tuple[frozenset[str], tuple[str, ...]], ...]:
@@ -288,19 +320,28 @@ def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]
         if not listener.api_listener.api_listener.Unpack(hcm) or not hcm.HasField("rds"):
             raise PolicyError(f"listener {name}: expected an HttpConnectionManager taking its routes over RDS")
         config = routes.get(hcm.rds.route_config_name)
-        cluster = clusters.get(name)
-        if config is None or cluster is None:
-            raise PolicyError(f"listener {name}: its route configuration or cluster is missing")
-        assert isinstance(config, route_pb2.RouteConfiguration) and isinstance(cluster, cluster_pb2.Cluster)
+        if config is None:
+            raise PolicyError(f"listener {name}: its route configuration is missing")
+        assert isinstance(config, route_pb2.RouteConfiguration)
         mine = [r for vh in config.virtual_hosts for r in vh.routes]
-        if any(r.route.cluster != name for r in mine):
-            raise PolicyError(f"route configuration {config.name}: a route to another cluster than {name}")
-        policy = decode_service(spec, cluster)
-        cla = assignments.get(cluster.eds_cluster_config.service_name or name)
-        if cla is None:
-            raise PolicyError(f"cluster {name}: its assignment is missing")
-        assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
-        targets[name] = TargetConfig(policy, decode_routes(policy, mine), decode_endpoints(cla))
+        split = decode_split(name, mine)
+        policy: ServicePolicy | None = None
+        endpoints: list[Endpoint] = []
+        # A canary peer's versions each have a cluster (the same policy in each) and an assignment.
+        for cluster_name in [version_cluster(name, v) for v, _ in split] or [name]:
+            cluster = clusters.get(cluster_name)
+            if cluster is None:
+                raise PolicyError(f"listener {name}: its cluster {cluster_name} is missing")
+            assert isinstance(cluster, cluster_pb2.Cluster)
+            policy = policy or decode_service(spec, cluster)
+            cla = assignments.get(cluster.eds_cluster_config.service_name or cluster_name)
+            if cla is None:
+                raise PolicyError(f"cluster {cluster_name}: its assignment is missing")
+            assert isinstance(cla, endpoint_pb2.ClusterLoadAssignment)
+            endpoints += decode_endpoints(cla, cluster_version(cluster_name))
+        assert policy is not None
+        policy = dataclasses.replace(policy, canary=split)
+        targets[name] = TargetConfig(policy, decode_routes(policy, mine), tuple(endpoints))
     return ProxylessConfig(targets, allow)
 
 

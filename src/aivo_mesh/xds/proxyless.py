@@ -10,16 +10,18 @@ mesh.yaml and one piece of code does each job. Per peer the service may call:
 
     listeners  an API listener named as the target (`auth-svc`): an HttpConnectionManager with only the
                router filter, its routes over RDS (ADS)
-    routes     the peer's routes from the sidecar's outbound route configuration, as they are: match order
+    routes     the peer's routes from the sidecar's outbound route configuration, as they are (a canary's
+               weighted_clusters included, gRFC A28): match order
                (exact methods, then prefixes, then the service), deadlines as
                max_stream_duration.grpc_timeout_header_max (A31), retry_policy (A44: the five gRPC codes,
                num_retries, retry_back_off; gRPC ignores the rest, per_try_timeout included); each with
                the route's policy as mesh.yaml resolves it in its metadata (xds/policies.py)
-    clusters   the peer's sidecar cluster cut to what gRPC reads: EDS, lb_policy, circuit_breakers
-               (max_requests, A32), outlier_detection (A50); mTLS from the bootstrap's certificate provider,
-               checking the peer's SPIFFE ID (A29: gRPC does not speak SDS); and in the metadata the peer's
-               policies (xds/policies.py), those gRPC does not apply among them (retry budget, the
-               consecutive-failure breaker, limits, outlier rule, health checks)
+    clusters   the peer's sidecar cluster (a canary's: one per version) cut to what gRPC reads: EDS,
+               lb_policy, circuit_breakers (max_requests, A32), outlier_detection (A50); mTLS from the
+               bootstrap's certificate provider, checking the peer's SPIFFE ID (A29: gRPC does not speak
+               SDS); and in the metadata the peer's policies (xds/policies.py), those gRPC does not apply
+               among them (retry budget, the consecutive-failure breaker, limits, outlier rule, health
+               checks)
     endpoints  the sidecar's assignment (discovery, else mesh.yaml `endpoints`, else the peer's default
                address) in one locality of weight 1: gRPC drops a locality without a weight
 
@@ -50,7 +52,7 @@ from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import callable_peers, per_pattern, route_policies, service_policy
-from aivo_mesh.render.envoy import INBOUND_LISTENER, OUTBOUND_LISTENER, RBAC_FILTER
+from aivo_mesh.render.envoy import INBOUND_LISTENER, OUTBOUND_LISTENER, RBAC_FILTER, cluster_service, peer_cluster_names
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
 from aivo_mesh.xds.groups import PLANE_KEY, PROXYLESS, group_name
 from aivo_mesh.xds.policies import SERVER_LISTENER_PREFIX, cluster_metadata, route_metadata, set_metadata
@@ -84,8 +86,9 @@ def proxyless_snapshot(mesh: MeshSpec, service: str, sidecar: Snapshot) -> Snaps
     for peer in callable_peers(mesh, service):
         listeners.append(_api_listener(peer))
         routes.append(_route_config(mesh, peer, outbound))
-        clusters.append(_cluster(mesh, peer, sidecar.get(CLUSTER)[peer]))
-        assignments.append(_assignment(sidecar.get(ENDPOINT)[peer]))
+        for name in peer_cluster_names(mesh.service(peer)):  # a canary's versions: weighted_clusters (A28)
+            clusters.append(_cluster(mesh, peer, sidecar.get(CLUSTER)[name]))
+            assignments.append(_assignment(sidecar.get(ENDPOINT)[name]))
     listeners.append(_server_listener(mesh, service, sidecar))
     snap = Snapshot.of({LISTENER: listeners, ROUTE: routes, CLUSTER: clusters, ENDPOINT: assignments})
     if problems := snap.problems():
@@ -162,7 +165,7 @@ def _route_config(mesh: MeshSpec, peer: str, outbound: list[route_pb2.Route]) ->
     config = route_pb2.RouteConfiguration(name=peer)
     # The listener already names the peer: any authority the channel uses (`xds:///auth-svc`) matches.
     vhost = config.virtual_hosts.add(name=peer, domains=["*"])
-    vhost.routes.extend(r for r in outbound if r.route.cluster == peer)
+    vhost.routes.extend(r for r in outbound if route_service(r) == peer)
     # The sidecar renders one route per pattern, in this order (render/envoy.py): each gets its policy.
     policies = per_pattern(route_policies(mesh, peer))
     assert [r.match.path or r.match.prefix for r in vhost.routes] == [rp.pattern for rp in policies], peer
@@ -171,10 +174,19 @@ def _route_config(mesh: MeshSpec, peer: str, outbound: list[route_pb2.Route]) ->
     return config
 
 
+def route_service(route: route_pb2.Route) -> str:
+    """The peer a rendered outbound route sends to: its cluster's, or its weighted clusters' (one service's
+    versions)."""
+    action = route.route
+    return cluster_service(action.cluster or (action.weighted_clusters.clusters[0].name
+                                              if action.weighted_clusters.clusters else ""))
+
+
 def _cluster(mesh: MeshSpec, peer: str, sidecar: Message) -> cluster_pb2.Cluster:
-    """The sidecar's cluster of `peer` (already on EDS), cut to what gRPC reads, with its own TLS."""
+    """The sidecar's cluster of `peer` (already on EDS; of one version of it for a canary), cut to what
+    gRPC reads, with its own TLS."""
     assert isinstance(sidecar, cluster_pb2.Cluster)
-    cluster = cluster_pb2.Cluster(name=peer, type=sidecar.type, lb_policy=sidecar.lb_policy)
+    cluster = cluster_pb2.Cluster(name=sidecar.name, type=sidecar.type, lb_policy=sidecar.lb_policy)
     cluster.eds_cluster_config.CopyFrom(sidecar.eds_cluster_config)
     cluster.circuit_breakers.CopyFrom(sidecar.circuit_breakers)
     # gRPC ejects by success rate or failure percentage only; the consecutive_* fields stay as mesh.yaml

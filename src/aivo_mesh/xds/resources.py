@@ -6,8 +6,10 @@ here, not in a proxy):
 
     listeners   as rendered, each HttpConnectionManager's route configuration moved to RDS
     routes      those route configurations
-    clusters    peer clusters take their endpoints from EDS; local_app as rendered
-    endpoints   one ClusterLoadAssignment per peer, from discovery (mesh.yaml's addresses by default)
+    clusters    peer clusters take their endpoints from EDS; local_app as rendered; a canary peer has
+                one cluster per version (`learner-svc.v2`), as rendered
+    endpoints   one ClusterLoadAssignment per peer cluster, from discovery (mesh.yaml's addresses by
+                default); a version's cluster gets the instances of that version
     secrets     `mesh_ca`: what the sidecar trusts (the bundle, the vetted keys) travels over ADS; the
                 sidecar's own certificate and key never do (file SDS on the node, as before)
 
@@ -45,6 +47,7 @@ from aivo_mesh.render.envoy import (
     ads_source,
     bootstrap,
     callable_peers,
+    canary_versions,
     outbound_route_config,
     peer_cluster_policy,
     peer_routes,
@@ -185,7 +188,7 @@ class _Shared:
     def __init__(self, mesh: MeshSpec, trust: Trust, endpoints: Endpoints | None) -> None:
         self.mesh, self.trust, self.endpoints = mesh, trust, endpoints
         self._secret: Message | None = None
-        self._peers: dict[tuple[str, Kind], tuple[Message, Message]] = {}
+        self._peers: dict[tuple[str, Kind, str | None], tuple[Message, Message]] = {}
         self._routes: dict[str, Message] = {}
 
     def secret(self) -> Message:
@@ -193,22 +196,27 @@ class _Shared:
             self._secret = mesh_ca_secret(self.trust)
         return self._secret
 
-    def peer(self, name: str, kind: Kind) -> tuple[Message, Message]:
-        """Peer `name`'s cluster but its transport socket (`peer_cluster_policy`), taking its endpoints from
-        EDS, and its assignment: discovery's instances, else the address the renderer gives."""
-        found = self._peers.get((name, kind))
+    def peer(self, name: str, kind: Kind, version: str | None = None) -> tuple[Message, Message]:
+        """Peer `name`'s cluster (of one canary `version`, if given) but its transport socket
+        (`peer_cluster_policy`), taking its endpoints from EDS, and its assignment: discovery's instances
+        (of that version: `Endpoint.version_or` the peer's own), else the addresses the renderer gives."""
+        found = self._peers.get((name, kind, version))
         if found is None:
-            doc = peer_cluster_policy(self.mesh, name, kind)
+            doc = peer_cluster_policy(self.mesh, name, kind, version)
             assignment = doc.pop("load_assignment")
             if self.endpoints is not None and name in self.endpoints:
-                assignment = load_assignment(name, self.endpoints[name])
+                instances = self.endpoints[name]
+                if version is not None:
+                    own = self.mesh.service(name).version
+                    instances = [e for e in instances if e.version_or(own) == version]
+                assignment = load_assignment(doc["name"], instances)
             doc.pop("dns_lookup_family", None)
             doc.pop("respect_dns_ttl", None)
             doc["type"] = "EDS"
             doc["eds_cluster_config"] = {"eds_config": ads_source()}
             # An instance discovery dropped stops taking calls now, not once it fails health checks.
             doc["ignore_health_on_host_removal"] = True
-            found = self._peers[(name, kind)] = typed(CLUSTER, doc), typed(ENDPOINT, assignment)
+            found = self._peers[(name, kind, version)] = typed(CLUSTER, doc), typed(ENDPOINT, assignment)
         return found
 
     def routes(self, name: str) -> Any:  # a RouteConfiguration
@@ -267,13 +275,14 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     assignments = []
     tls: _PeerTls | None = None
     for peer in callable_peers(mesh, service):
-        policy, assignment = shared.peer(peer, profile.kind)
-        if tls is None:
-            tls = _PeerTls(mesh, peer, profile)
-        cluster = tls.cluster(mesh, peer)  # names this sidecar's certificate and the peer's identity
-        cluster.MergeFrom(policy)
-        clusters.append(cluster)
-        assignments.append(assignment)
+        for version in canary_versions(mesh.service(peer)) or (None,):
+            policy, assignment = shared.peer(peer, profile.kind, version)
+            if tls is None:
+                tls = _PeerTls(mesh, peer, profile)
+            cluster = tls.cluster(mesh, peer)  # names this sidecar's certificate and the peer's identity
+            cluster.MergeFrom(policy)
+            clusters.append(cluster)
+            assignments.append(assignment)
         # The peer's routes after those of the peers before it, as the rendered configuration lists them.
         for host, more in zip(outbound.virtual_hosts, shared.routes(peer).virtual_hosts, strict=True):
             host.routes.extend(more.routes)
