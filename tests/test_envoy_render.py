@@ -51,6 +51,7 @@ from aivo_mesh.render.envoy import (
     EnvoyProfile,
     bootstrap,
     callable_peers,
+    outbound_refusal,
     peer_address,
     relocate,
     render,
@@ -373,7 +374,9 @@ def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None
 
 
 def test_outbound_timeouts_and_retries(pod: dict[str, dict[str, Any]]) -> None:
-    routes = {r["name"]: r for r in _routes(_listener(pod["analytics-svc"], "outbound_grpc"))}
+    *peer_routes, last = _routes(_listener(pod["analytics-svc"], "outbound_grpc"))
+    assert last == outbound_refusal("analytics-svc")  # after every peer's routes: what none of them takes
+    routes = {r["name"]: r for r in peer_routes}
     assert list(routes) == ["auth-svc/ValidateToken", "auth-svc/*", "learner-svc/GetProfile", "learner-svc/*",
                             "event-collector-svc/Collect", "event-collector-svc/CollectStream",
                             "event-collector-svc/ListEvents", "event-collector-svc/*"]
@@ -410,7 +413,7 @@ def test_outbound_timeouts_and_retries(pod: dict[str, dict[str, Any]]) -> None:
     assert routes["learner-svc/GetProfile"]["route"]["retry_policy"]["num_retries"] == 3
     assert routes["auth-svc/*"]["route"]["retry_policy"]["num_retries"] == 3
     # analytics-svc is nobody's peer; its own retry override (2) would apply to its callers.
-    assert _routes(_listener(pod["auth-svc"], "outbound_grpc")) == []
+    assert _routes(_listener(pod["auth-svc"], "outbound_grpc")) == [outbound_refusal("auth-svc")]
 
 
 def test_peer_cluster_policy(mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> None:
@@ -552,7 +555,7 @@ def test_optional_features(tmp_path: Path) -> None:
     assert back["outlier_detection"]["max_ejection_time"] == "30s"  # never below base (Envoy rejects that)
     assert back["outlier_detection"]["max_ejection_percent"] == 12
     assert back["per_connection_buffer_limit_bytes"] == 32768
-    routes = {r["name"]: r["route"] for r in _routes(_listener(cfg, "outbound_grpc"))}
+    routes = {r["name"]: r["route"] for r in _routes(_listener(cfg, "outbound_grpc"))[:-1]}  # [-1]: the refusal
     assert list(routes) == ["back/Get", "back/*"]
     assert routes["back/Get"]["max_stream_duration"]["max_stream_duration"] == "0.25s"
     assert "per_try_timeout" not in routes["back/Get"]["retry_policy"]  # 300ms >= 250ms: dropped

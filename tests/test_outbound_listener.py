@@ -14,7 +14,7 @@ import re
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -47,7 +47,7 @@ def _documented_channel_factory() -> Any:
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def sidecar_channel" in b]
     assert len(blocks) == 1, "docs/migration.md has one sidecar_channel example"
     namespace: dict[str, Any] = {}
-    exec(compile(blocks[0], "docs/migration.md", "exec"), namespace)  # noqa: S102 (our own page)
+    exec(compile(blocks[0], "docs/migration.md", "exec"), namespace)  # the page itself: run what it shows
     return namespace["sidecar_channel"]
 
 
@@ -72,6 +72,14 @@ def _keepalives_sent(target: str) -> int:
                 sock = json.loads(cygrpc.channelz_get_socket(int(sref["socketId"])))["socket"]
                 sent += int(sock.get("data", {}).get("keepAlivesSent", 0))
     return sent
+
+
+def _validate(channel: grpc.Channel, request: auth_pb2.ValidateTokenRequest) -> bool:
+    """ValidateToken on a blocking channel, as the documented app calls it."""
+    # The generated stub's types describe grpc.aio calls; on a blocking channel the call is the reply.
+    reply = cast(auth_pb2.ValidateTokenResponse,
+                 auth_pb2_grpc.AuthServiceStub(channel).ValidateToken(request, timeout=5))
+    return reply.valid
 
 
 # --- what is rendered ----------------------------------------------------------------------------------
@@ -159,8 +167,7 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
         with _identity_env(monkeypatch, mesh_certs, CALLER):
             channel = sidecar_channel(address, keepalive_ms=100)
         try:
-            reply = await asyncio.to_thread(auth_pb2_grpc.AuthServiceStub(channel).ValidateToken, request, timeout=5)
-            assert reply.valid and seen == [request.SerializeToString()]
+            assert await asyncio.to_thread(_validate, channel, request) and seen == [request.SerializeToString()]
             with pytest.raises(grpc.RpcError) as denied:
                 await asyncio.to_thread(analytics_pb2_grpc.AnalyticsServiceStub(channel).RunReport,
                                         analytics_pb2.RunReportRequest(), timeout=5)
@@ -169,8 +176,7 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
             # The app's keepalive, far more frequent than mesh.yaml's: Envoy answers the PINGs and keeps
             # the connection, where a grpc server would answer GOAWAY too_many_pings.
             await until(lambda: _keepalives_sent(address) >= 10, 30, "ten keepalive PINGs sent")
-            assert (await asyncio.to_thread(auth_pb2_grpc.AuthServiceStub(channel).ValidateToken, request,
-                                            timeout=5)).valid
+            assert await asyncio.to_thread(_validate, channel, request)
             hcm = _stats(ports.admin, rf"^http\.{OUTBOUND_LISTENER}\.downstream_cx_(total|destroy)$")
             assert hcm == {f"http.{OUTBOUND_LISTENER}.downstream_cx_total": 1,
                            f"http.{OUTBOUND_LISTENER}.downstream_cx_destroy": 0}, hcm
@@ -184,7 +190,7 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
         before = _stats(ports.admin, ssl)
         for ch in (other, grpc.insecure_channel(address)):
             with ch, pytest.raises(grpc.RpcError) as refused:
-                auth_pb2_grpc.AuthServiceStub(ch).ValidateToken(request, timeout=5)
+                _validate(ch, request)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         after = _stats(ports.admin, ssl)
         san = f"listener.127.0.0.1_{ports.outbound}.ssl.fail_verify_san"
