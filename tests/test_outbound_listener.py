@@ -23,6 +23,7 @@ from grpc._cython import cygrpc
 from helpers import ROOT, auth_app, on_free_ports, start_envoy_async, wait_envoy_live, write_sidecar
 from waiting import until
 
+from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.config.ports import sidecar_ports
 from aivo_mesh.pki import CertLayout
@@ -134,7 +135,8 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
     """docs/migration.md's `sidecar_channel("localhost:<outbound>")` with learner-svc's certificate:
     AuthService's ValidateToken reaches auth-svc's app; AnalyticsService (learner-svc may not call
     analytics-svc) is PERMISSION_DENIED with the sidecar's message; keepalive PINGs every 100 ms leave the
-    one connection up (no GOAWAY); another service's certificate, none, or plaintext are refused."""
+    one connection up (no GOAWAY); MeshClient with `sidecar_outbound` (meshctl serve) calls through it too;
+    another service's certificate, or plaintext, are refused."""
     m = on_free_ports(_with_outbound_tls(mesh, CALLER))
     seen: list[bytes] = []
 
@@ -183,6 +185,14 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
         finally:
             channel.close()
 
+        # MeshClient as `meshctl serve --sidecar-outbound` builds it: mTLS to the listener, because mesh.yaml
+        # says so, checking that the listener holds learner-svc's own identity.
+        config = MeshConfig.for_identity(CALLER, mesh_certs, m, sidecar_outbound=f"127.0.0.1:{ports.outbound}")
+        async with MeshClient(config) as client:
+            stub = auth_pb2_grpc.AuthServiceStub(await client.channel("auth-svc"))
+            assert (await stub.ValidateToken(request)).valid
+        assert len(seen) == 3
+
         # Anything but learner-svc's own certificate is refused at the handshake.
         with _identity_env(monkeypatch, mesh_certs, "analytics-svc"):
             other = sidecar_channel(address)
@@ -195,7 +205,7 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
         after = _stats(ports.admin, ssl)
         san = f"listener.127.0.0.1_{ports.outbound}.ssl.fail_verify_san"
         assert after[san] > before.get(san, 0), after
-        assert len(seen) == 2  # nothing refused reached the app
+        assert len(seen) == 3  # nothing refused reached the app
     finally:
         for proc in procs:
             proc.terminate()
