@@ -187,8 +187,8 @@ async def test_the_documented_channel_reaches_the_peer_its_stub_names(
 
         # MeshClient as `meshctl serve --sidecar-outbound` builds it: mTLS to the listener, because mesh.yaml
         # says so, checking that the listener holds learner-svc's own identity.
-        config = MeshConfig.for_identity(CALLER, mesh_certs, m, sidecar_outbound=f"127.0.0.1:{ports.outbound}")
-        async with MeshClient(config) as client:
+        client_config = MeshConfig.for_identity(CALLER, mesh_certs, m, sidecar_outbound=f"127.0.0.1:{ports.outbound}")
+        async with MeshClient(client_config) as client:
             stub = auth_pb2_grpc.AuthServiceStub(await client.channel("auth-svc"))
             assert (await stub.ValidateToken(request)).valid
         assert len(seen) == 3
