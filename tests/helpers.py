@@ -26,6 +26,7 @@ from aivo_mesh.runtime.supervisor import Supervisor, meshctl_argv
 if TYPE_CHECKING:
     from aivo_mesh.client import MeshClient
     from aivo_mesh.config import MeshSpec
+    from aivo_mesh.render.envoy import EnvoyProfile
     from aivo_mesh.runtime.state import StateDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,3 +148,31 @@ def wait_envoy_live(admin: int, proc: subprocess.Popen[bytes] | asyncio.subproce
             return
         time.sleep(0.05)  # an external process: nothing to wait on but its HTTP answer
     raise AssertionError(f"envoy admin on {admin} not LIVE after {timeout:g}s")
+
+
+def on_free_ports(mesh: MeshSpec) -> MeshSpec:
+    """`mesh` with every local_port and sidecar port moved to a currently free port (the rest of each
+    service's `sidecar` block kept)."""
+    from aivo_mesh.runtime.local import free_ports
+
+    ports = iter(free_ports(4 * len(mesh.services)))
+    services = tuple(
+        s.model_copy(update={"local_port": next(ports), "sidecar": s.sidecar.model_copy(update={
+            "inbound_port": next(ports), "outbound_port": next(ports), "admin_port": next(ports)})})
+        for s in mesh.services
+    )
+    return mesh.model_copy(update={"services": services})
+
+
+def write_sidecar(mesh: MeshSpec, service: str, profile: EnvoyProfile, config_path: Path) -> Path:
+    """Write `service`'s bootstrap to `config_path` and its SDS files into profile.sds_dir."""
+    from aivo_mesh.render import serialize
+    from aivo_mesh.render.envoy import bootstrap, sds_files
+
+    sds = Path(profile.sds_dir)
+    sds.mkdir(parents=True, exist_ok=True)
+    for name, doc in sds_files(mesh, service, profile).items():
+        (sds / name).write_text(serialize(name, doc))
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(serialize(config_path.name, bootstrap(mesh, service, profile)))
+    return config_path

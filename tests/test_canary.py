@@ -24,8 +24,8 @@ import grpc
 import pytest
 import yaml
 from binaries import needs
-from helpers import start_envoy_async, wait_envoy_live
-from test_envoy_render import _on_free_ports, _validate, _write
+from helpers import on_free_ports, start_envoy_async, wait_envoy_live, write_sidecar
+from test_envoy_render import _validate
 from test_xds_grpc_client import AUTH, VALIDATE, _service, start_instance
 from waiting import until
 
@@ -228,7 +228,7 @@ def test_envoy_validates_the_canary_render(kind: str, mesh_certs: CertLayout, tm
         profile = EnvoyProfile("pod", str(mesh_certs.root), str(tmp_path / "sds"))
     else:
         profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / "sds"))
-    path = _write(mesh, "learner-svc", profile, tmp_path / "envoy.yaml")
+    path = write_sidecar(mesh, "learner-svc", profile, tmp_path / "envoy.yaml")
     done = _validate(path)
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -293,7 +293,7 @@ async def test_an_80_20_split_holds_through_meshclient_and_through_a_real_envoy(
         v2 = await start_instance(base, certs, "auth-svc", "v2", AUTH, "ValidateToken")
         proc = None
         try:
-            mesh = _on_free_ports(canary_mesh(v1.address, v2.address))
+            mesh = on_free_ports(canary_mesh(v1.address, v2.address))
             # Proxyless: learner-svc's MeshClient, with a seeded random source.
             async with MeshClient(MeshConfig.for_identity("learner-svc", certs, mesh), rng=Random(11),
                                   health_checks=False) as client:
@@ -301,14 +301,14 @@ async def test_an_80_20_split_holds_through_meshclient_and_through_a_real_envoy(
                 assert set(counts) == {b"v1", b"v2"} and sum(counts.values()) == 1000
                 assert within(counts[b"v2"], 1000, 0.2), counts  # 200 +- 63
                 # New weights (as `meshctl apply` or an edited mesh.yaml bring them) change the split live.
-                assert "canary" in client.apply_policies(_on_free_ports(canary_mesh(v1.address, v2.address,
+                assert "canary" in client.apply_policies(on_free_ports(canary_mesh(v1.address, v2.address,
                                                                                     (20, 80))))["auth-svc"]
                 flipped = await _split_of(_raw(await client.channel("auth-svc")), 1000)
                 assert within(flipped[b"v2"], 1000, 0.8), flipped
 
             # The sidecar plane: learner-svc's Envoy (the static local render) calls both instances over mTLS.
             profile = EnvoyProfile.local(str(certs.root), str(tmp_path / "sds"))
-            proc = await start_envoy_async(_write(mesh, "learner-svc", profile, tmp_path / "envoy.yaml"))
+            proc = await start_envoy_async(write_sidecar(mesh, "learner-svc", profile, tmp_path / "envoy.yaml"))
             ports = sidecar_ports(mesh, "learner-svc", "local")
             await asyncio.to_thread(wait_envoy_live, ports.admin, proc)
             admin = f"127.0.0.1:{ports.admin}"

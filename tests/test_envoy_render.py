@@ -23,12 +23,19 @@ import pytest
 import yaml
 from binaries import needs, optional, require
 from cryptography import x509
-from helpers import auth_app, start_envoy, start_envoy_async, stop_process, wait_envoy_live
+from helpers import (
+    auth_app,
+    on_free_ports,
+    start_envoy,
+    start_envoy_async,
+    stop_process,
+    wait_envoy_live,
+    write_sidecar,
+)
 from waiting import until
 
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh, parse_mesh
-from aivo_mesh.config.model import SidecarPorts
 from aivo_mesh.config.ports import EnvoyPorts, local_ports, sidecar_ports
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.pki import CertLayout
@@ -44,6 +51,7 @@ from aivo_mesh.render.envoy import (
     EnvoyProfile,
     bootstrap,
     callable_peers,
+    outbound_refusal,
     peer_address,
     relocate,
     render,
@@ -66,17 +74,6 @@ needs_envoy = needs("envoy")
 
 
 # --- helpers ----------------------------------------------------------------------------------------
-def _write(mesh: MeshSpec, service: str, profile: EnvoyProfile, config_path: Path) -> Path:
-    """Write `service`'s bootstrap to `config_path` and its SDS files into profile.sds_dir."""
-    sds = Path(profile.sds_dir)
-    sds.mkdir(parents=True, exist_ok=True)
-    for name, doc in sds_files(mesh, service, profile).items():
-        (sds / name).write_text(serialize(name, doc))
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(serialize(config_path.name, bootstrap(mesh, service, profile)))
-    return config_path
-
-
 def _write_pod_relocated(mesh: MeshSpec, service: str, certs: Path, root: Path) -> Path:
     """The shipped pod files with /etc/envoy re-rooted at `root` (certs copied to root/certs)."""
     mapping = {"/etc/envoy": str(root)}
@@ -129,17 +126,6 @@ def _walk(node: Any) -> Iterator[dict[str, Any]]:
 
 def _tls_contexts(cfg: Any) -> list[dict[str, Any]]:
     return [n for n in _walk(cfg) if str(n.get("@type", "")).endswith(("UpstreamTlsContext", "DownstreamTlsContext"))]
-
-
-def _on_free_ports(mesh: MeshSpec) -> MeshSpec:
-    """The mesh with every local_port and sidecar port moved to a currently free port."""
-    ports = iter(free_ports(4 * len(mesh.services)))
-    services = tuple(
-        s.model_copy(update={"local_port": next(ports), "sidecar": SidecarPorts(
-            inbound_port=next(ports), outbound_port=next(ports), admin_port=next(ports))})
-        for s in mesh.services
-    )
-    return mesh.model_copy(update={"services": services})
 
 
 def _http(port: int, path: str, method: str = "GET") -> tuple[int, str]:
@@ -388,7 +374,9 @@ def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None
 
 
 def test_outbound_timeouts_and_retries(pod: dict[str, dict[str, Any]]) -> None:
-    routes = {r["name"]: r for r in _routes(_listener(pod["analytics-svc"], "outbound_grpc"))}
+    *peer_routes, last = _routes(_listener(pod["analytics-svc"], "outbound_grpc"))
+    assert last == outbound_refusal("analytics-svc")  # after every peer's routes: what none of them takes
+    routes = {r["name"]: r for r in peer_routes}
     assert list(routes) == ["auth-svc/ValidateToken", "auth-svc/*", "learner-svc/GetProfile", "learner-svc/*",
                             "event-collector-svc/Collect", "event-collector-svc/CollectStream",
                             "event-collector-svc/ListEvents", "event-collector-svc/*"]
@@ -425,7 +413,7 @@ def test_outbound_timeouts_and_retries(pod: dict[str, dict[str, Any]]) -> None:
     assert routes["learner-svc/GetProfile"]["route"]["retry_policy"]["num_retries"] == 3
     assert routes["auth-svc/*"]["route"]["retry_policy"]["num_retries"] == 3
     # analytics-svc is nobody's peer; its own retry override (2) would apply to its callers.
-    assert _routes(_listener(pod["auth-svc"], "outbound_grpc")) == []
+    assert _routes(_listener(pod["auth-svc"], "outbound_grpc")) == [outbound_refusal("auth-svc")]
 
 
 def test_peer_cluster_policy(mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> None:
@@ -567,7 +555,7 @@ def test_optional_features(tmp_path: Path) -> None:
     assert back["outlier_detection"]["max_ejection_time"] == "30s"  # never below base (Envoy rejects that)
     assert back["outlier_detection"]["max_ejection_percent"] == 12
     assert back["per_connection_buffer_limit_bytes"] == 32768
-    routes = {r["name"]: r["route"] for r in _routes(_listener(cfg, "outbound_grpc"))}
+    routes = {r["name"]: r["route"] for r in _routes(_listener(cfg, "outbound_grpc"))[:-1]}  # [-1]: the refusal
     assert list(routes) == ["back/Get", "back/*"]
     assert routes["back/Get"]["max_stream_duration"]["max_stream_duration"] == "0.25s"
     assert "per_try_timeout" not in routes["back/Get"]["retry_policy"]  # 300ms >= 250ms: dropped
@@ -709,7 +697,7 @@ def test_real_envoy_validates_every_rendered_bootstrap(mesh: MeshSpec, mesh_cert
         profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / "local" / s / "sds"),
                                      otlp=("127.0.0.1", 4317), statsd=("127.0.0.1", 8125),
                                      app_pipe=str(tmp_path / f"{s}.app.sock"), outbound_pipe=str(tmp_path / f"{s}.o"))
-        files.append(_write(mesh, s, profile, tmp_path / "local" / s / "envoy.yaml"))
+        files.append(write_sidecar(mesh, s, profile, tmp_path / "local" / s / "envoy.yaml"))
     failures = {str(f): (r.stdout + r.stderr)[-2000:] for f in files if (r := _validate(f)).returncode != 0}
     assert not failures, failures
     # The re-rooted pod files are the shipped ones, byte for byte, apart from the paths.
@@ -724,11 +712,11 @@ def test_real_envoy_serves_auth_sidecar_and_reloads_rotated_cert(mesh: MeshSpec,
                                                                  tmp_path: Path) -> None:
     """Local profile for auth-svc: LIVE, /certs shows its serial, /stats/prometheus answers; a
     `certs rotate` reaches Envoy through the SDS watched_directory without a restart."""
-    m = _on_free_ports(mesh)
+    m = on_free_ports(mesh)
     shutil.copytree(mesh_certs.root, tmp_path / "certs")
     layout = CertLayout(tmp_path / "certs")
     profile = EnvoyProfile.local(str(layout.root), str(tmp_path / "sds"))
-    config = _write(m, "auth-svc", profile, tmp_path / "envoy.yaml")
+    config = write_sidecar(m, "auth-svc", profile, tmp_path / "envoy.yaml")
     admin = sidecar_ports(m, "auth-svc", "local").admin
     proc = start_envoy(config, log_level="warn", stderr=subprocess.PIPE)
     try:
@@ -788,7 +776,7 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
     the allow-list lets learner call ValidateToken only (else PERMISSION_DENIED), the route's 1 s
     deadline is enforced by Envoy, an UNAVAILABLE answer is retried by Envoy, and so is an attempt cut by
     the route's 0.5 s per-try timeout."""
-    m = _on_free_ports(mesh)
+    m = on_free_ports(mesh)
     calls = {"n": 0}
 
     async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
@@ -808,7 +796,7 @@ async def test_real_envoys_carry_grpc_between_sidecars(mesh: MeshSpec, mesh_cert
     try:
         for s in ("auth-svc", "learner-svc"):
             profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / s / "sds"))
-            config = _write(m, s, profile, tmp_path / s / "envoy.yaml")
+            config = write_sidecar(m, s, profile, tmp_path / s / "envoy.yaml")
             procs.append(await start_envoy_async(config))
         for s, proc in zip(("auth-svc", "learner-svc"), procs, strict=True):
             await asyncio.to_thread(wait_envoy_live, sidecar_ports(m, s, "local").admin, proc)

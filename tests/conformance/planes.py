@@ -31,7 +31,7 @@ from typing import Any
 
 import grpc
 import yaml
-from helpers import auth_app, start_envoy_async, wait_envoy_live
+from helpers import auth_app, start_envoy_async, wait_envoy_live, write_sidecar
 from scenario import PLANES, SERVICE, Behaviour, Scenario
 from waiting import until
 
@@ -39,8 +39,7 @@ from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.config.loader import parse_mesh
 from aivo_mesh.pki import CertLayout
-from aivo_mesh.render import serialize
-from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, sds_files
+from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.control_plane import ControlPlane
 from aivo_mesh.runtime.local import dump_mesh, with_free_ports
 from aivo_mesh.runtime.mesh import local_profile, write_envoy_configs
@@ -180,18 +179,6 @@ class _Stack:
         await asyncio.to_thread(wait_envoy_live, admin, proc)
 
 
-def _static_bootstrap(mesh: MeshSpec, certs: CertLayout, d: Path) -> Path:
-    """auth-svc's sidecar as `meshctl render envoy` writes it for this machine (no control plane): another
-    instance's front door, on `mesh`'s ports for auth-svc."""
-    profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
-    (d / "sds").mkdir(parents=True, exist_ok=True)
-    for rel, doc in sds_files(mesh, CALLED, profile).items():
-        (d / "sds" / rel).write_text(serialize(rel, doc))
-    path = d / "envoy.yaml"
-    path.write_text(yaml.safe_dump(bootstrap(mesh, CALLED, profile, with_peers=False), sort_keys=False))
-    return path
-
-
 @contextlib.asynccontextmanager
 async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Path) -> AsyncIterator[World]:
     caller_side, called_side, xds = PLANES[plane]
@@ -246,7 +233,10 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
                 if other is not None:
                     admin = other.service(CALLED).sidecar.admin_port
                     assert admin is not None
-                    await stacks.envoy(_static_bootstrap(other, certs, tmp_path / f"envoy-{name}"), admin)
+                    # A static bootstrap of the same mesh on other ports, as `meshctl render envoy` writes it.
+                    d = tmp_path / f"envoy-{name}"
+                    profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
+                    await stacks.envoy(write_sidecar(other, CALLED, profile, d / "envoy.yaml"), admin)
             stacks.stack.push_async_callback(_stop_if_running, stops, name)
 
         # The control plane and the sidecars.

@@ -54,7 +54,8 @@ if TYPE_CHECKING:
               help="listen on this Unix domain socket (made 0600) instead of a TCP port: an app behind its "
                    "sidecar on a shared machine, where only the socket's owner may reach it")
 @click.option("--sidecar-outbound", default=None, metavar="HOST:PORT|unix:PATH",
-              help="sidecar plane: call peers through this local Envoy outbound listener")
+              help="sidecar plane: call peers through this local Envoy outbound listener (mTLS with the "
+                   "service's own certificate when mesh.yaml sets its sidecar.outbound_tls)")
 @click.option("--plaintext-peers", is_flag=True,
               help="transparent-proxy plane (Linkerd): call peers in plaintext, the pod's proxy adds mTLS")
 @click.option("--control-plane", default=None, metavar="HOST:PORT",

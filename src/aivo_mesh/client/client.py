@@ -117,7 +117,11 @@ class MeshClient:
             expect_spiffe_id=self._expect_spiffe_id, roles=("client",))
         # A proxy next to us does mTLS (and retries): Envoy's outbound listener, or Linkerd's proxy.
         self.sidecar = config.sidecar_outbound is not None or config.plaintext_peers
-        self._credentials = None if self.sidecar else channel_credentials(self.identity)
+        # mesh.yaml's `sidecar.outbound_tls`: our leg to that listener is mTLS too, under our own identity,
+        # and the listener answers with our own certificate (the sidecar is us on the wire).
+        self._outbound_tls = (config.sidecar_outbound is not None and name in self.mesh.service_names
+                              and self.mesh.service(name).sidecar.outbound_tls)
+        self._credentials = channel_credentials(self.identity) if self._mtls else None
         # What servers' certificates must be (pki/peer.py); replaced whole by `set_peer_policy`.
         self.peer_policy = PeerPolicy.from_mesh(self.mesh)
         if not self.sidecar:
@@ -140,6 +144,11 @@ class MeshClient:
         self._closed = False
         self._watcher: asyncio.Task[None] | None = None
         self.reloads = 0
+
+    @property
+    def _mtls(self) -> bool:
+        """Whether our channels carry our certificate: to the peers, or to a sidecar that asks for it."""
+        return not self.sidecar or self._outbound_tls
 
     # -- public API ---------------------------------------------------------------------------
     def get_channel(self, service: str) -> ChannelHandle:
@@ -329,7 +338,9 @@ class MeshClient:
         if self.metrics is not None:  # its breaker (closed) and ejection gauges from the first call
             self.metrics.declare_target(service)
         policy, routes = self._policies(service)
-        options = channel_options(self.mesh.keepalive, spec.name)
+        # Through a TLS sidecar, the server to verify is the sidecar: our own service name (a DNS SAN of
+        # our certificate). Its routes pick the peer from the path and rewrite the authority.
+        options = channel_options(self.mesh.keepalive, self.config.service_name if self._outbound_tls else spec.name)
         pool = EndpointPool(spec.name, self._credentials, options, drain_seconds=self._drain_for(service))
         endpoints: Endpoints = (self.endpoints(service), {})
         if (static := self._static_endpoints(service)) is not None:
@@ -342,6 +353,8 @@ class MeshClient:
         check = None
         if self._credentials is not None:
             expect = self.mesh.spiffe_id(service) if service in self.mesh.service_names else None
+            if self._outbound_tls:
+                expect = self._expect_spiffe_id
             check = ServerCheck(service, expect, self.peer_policy, self.listener, pool.channel, pool.discard)
         # Through a sidecar (or Linkerd's proxy) the proxy splits a canary's calls: its one endpoint has no version.
         return Target(policy, routes, pool, server_check=check, endpoints=endpoints[0], versions=endpoints[1],
@@ -382,7 +395,7 @@ class MeshClient:
             log.warning("client certificate reload skipped: %s", exc)
             return False
         self.identity = identity
-        if self.sidecar:
+        if not self._mtls:
             return True  # the sidecar holds the mesh identity on the wire; nothing to rebuild
         self._credentials = channel_credentials(identity)
         for t in self._targets.values():

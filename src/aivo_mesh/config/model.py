@@ -352,13 +352,17 @@ class AllowRule(_Strict):
     methods: tuple[MethodPattern, ...] = ()
 
 
-class SidecarPorts(_Strict):
-    """Where this service's Envoy listens on one machine. Kubernetes/Compose renderings use the
-    conventional per-pod ports instead (50051 / 15001 / 9901)."""
+class SidecarSpec(_Strict):
+    """This service's Envoy: where it listens on one machine (Kubernetes/Compose renderings use the
+    conventional per-pod ports instead: 50051 / 15001 / 9901), and whether its outbound listener takes
+    the app's calls over mTLS (docs/envoy.md, "The outbound listener")."""
 
     inbound_port: Port | None = None
     outbound_port: Port | None = None
     admin_port: Port | None = None
+    outbound_tls: StrictBool = Field(default=False, description=(
+        "The outbound listener requires TLS 1.3 and the app's own mesh certificate (this service's "
+        "SPIFFE ID); false: plaintext h2 on the pod's loopback or the local mesh's 0600 Unix socket"))
 
 
 class EndpointSpec(_Strict):
@@ -409,7 +413,7 @@ class ServiceSpec(_Strict):
     fault: FaultSpec | None = None
     routes: tuple[RouteSpec, ...] = ()
     allow: tuple[AllowRule, ...] = ()
-    sidecar: SidecarPorts = SidecarPorts()
+    sidecar: SidecarSpec = SidecarSpec()
     canary: dict[str, Annotated[StrictInt, Field(ge=0, le=100)]] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -15,7 +15,8 @@ service definitions from ./consul), jaeger (all-in-one, OTLP on 4317, UI on 1668
 (./prometheus) and grafana (./grafana), all on the network `mesh-network`.
 
 The app calls its peers through the sidecar (`--sidecar-outbound 127.0.0.1:15001`, plaintext h2 on
-the pod's loopback); the sidecar dials `<peer>:50051` over mTLS.
+the pod's loopback, or mTLS with the app's own certificate where mesh.yaml sets `sidecar.outbound_tls`);
+the sidecar dials `<peer>:50051` over mTLS.
 
 Published ports (host side, per pod): the mTLS port as the service's mesh port from mesh.yaml
 (auth-svc 50051, learner-svc 50052, ...); the sidecar admin port from mesh.yaml (9901, 9902, ...)

@@ -8,6 +8,7 @@ render one service for any `EnvoyProfile` (tests and the one-machine demo use th
 One sidecar per service::
 
     caller app --h2c--> 127.0.0.1:<outbound>  [outbound_grpc]  --mTLS h2--> peer's inbound
+    (`sidecar.outbound_tls`: the app's leg is mTLS too, with the app's own certificate)
     peer Envoy --mTLS--> <inbound>           [inbound_grpc]   --h2c-->     127.0.0.1:<local_port> (app)
     (a profile with `app_pipe` / `outbound_pipe`, as `meshctl up` writes them: those two plaintext legs
     on Unix sockets instead, the outbound one created 0600; see runtime/sockets.py)
@@ -59,8 +60,10 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   (health/reflection open to every mesh identity, the allow-list for the rest, 403 ->
   PERMISSION_DENIED). TLS 1.3 minimum *and* maximum everywhere, ALPN h2.
 - **Outbound peers** are the services whose allow-list names this service (by name, SPIFFE ID or
-  ``*``): routing to a service that would refuse every call only hides the mistake. Any other path
-  gets Envoy's 404 (gRPC UNIMPLEMENTED).
+  ``*``): routing to a service that would refuse every call only hides the mistake. The path's gRPC
+  service picks the peer (one virtual host, any ``:authority``, rewritten to the peer's name); any
+  other path is answered PERMISSION_DENIED by the sidecar (`outbound_refusal`). With mesh.yaml's
+  ``sidecar.outbound_tls`` the outbound listener takes only TLS 1.3 with the service's own certificate.
 """
 
 from __future__ import annotations
@@ -102,6 +105,7 @@ __all__ = [
     "canary_versions",
     "cluster_service",
     "cluster_version",
+    "outbound_refusal",
     "outbound_route_config",
     "peer_address",
     "peer_cluster",
@@ -398,6 +402,13 @@ def _common_tls(profile: EnvoyProfile, san: dict[str, str]) -> dict[str, Any]:
     }
 
 
+def _downstream_tls(profile: EnvoyProfile, san: dict[str, str]) -> dict[str, Any]:
+    """A listener's mTLS: TLS 1.3, ALPN h2, a client certificate of the mesh CA whose URI SAN is `san`."""
+    return {"name": "envoy.transport_sockets.tls", "typed_config": _typed(
+        "envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+        require_client_certificate=True, common_tls_context=_common_tls(profile, san))}
+
+
 def _keepalive_socket_options() -> list[dict[str, Any]]:
     # Linux: SOL_SOCKET=1/SO_KEEPALIVE=9; IPPROTO_TCP=6/TCP_KEEPIDLE=4, TCP_KEEPINTVL=5, TCP_KEEPCNT=6.
     return [
@@ -682,9 +693,7 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
     route_config = {"name": "inbound", "virtual_hosts": [
         {"name": "local_app", "domains": ["*"], "routes": routes,
          "typed_per_filter_config": _rbac_per_route(mesh, svc)}]}
-    tls = _typed("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-                 require_client_certificate=True,
-                 common_tls_context=_common_tls(profile, {"prefix": f"spiffe://{mesh.mesh.trust_domain}/"}))
+    tls = _downstream_tls(profile, {"prefix": f"spiffe://{mesh.mesh.trust_domain}/"})
     return {
         "name": INBOUND_LISTENER,
         "address": _socket("0.0.0.0" if profile.kind == "pod" else "127.0.0.1", port),
@@ -692,7 +701,7 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
         "socket_options": _keepalive_socket_options(),
         "filter_chains": [{
-            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
+            "transport_socket": tls,
             "filters": [_one_spiffe_id(),
                         _hcm(mesh, profile, svc.name, INBOUND_LISTENER, route_config, filters, inbound=True)],
         }],
@@ -730,23 +739,43 @@ def outbound_route_config(routes: Sequence[Any]) -> dict[str, Any]:
     return {"name": OUTBOUND_ROUTES, "virtual_hosts": [{"name": "mesh", "domains": ["*"], "routes": list(routes)}]}
 
 
+NO_PEER_STATUS = 403  # gRPC clients see a local reply's 403 as PERMISSION_DENIED, its body as the message
+
+
+def outbound_refusal(service: str) -> dict[str, Any]:
+    """The outbound route configuration's last route: a call no peer's route takes (a service `service`
+    may not call, or no service of the mesh serves) is answered by the sidecar itself, PERMISSION_DENIED
+    with a message naming `service`, as the peer's own sidecar would answer a caller it does not allow.
+    Envoy's default for an unmatched path is a bare 404, which gRPC reports as UNIMPLEMENTED."""
+    message = (f"aivo-mesh: {service}'s sidecar has no route for this method: it calls only the services "
+               f"whose mesh.yaml allow list names {service}, each by its gRPC service in the path")
+    return {"name": f"{service}/no-peer", "match": {"prefix": "/"},
+            "direct_response": {"status": NO_PEER_STATUS, "body": {"inline_string": message}}}
+
+
 def _outbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int, *,
                        with_peers: bool) -> dict[str, Any]:
     peers = [mesh.service(p) for p in callable_peers(mesh, svc.name)]
-    route_config = outbound_route_config([r for p in peers for r in peer_routes(mesh, p.name)] if with_peers else [])
+    routes = [r for p in peers for r in peer_routes(mesh, p.name)] if with_peers else []
+    route_config = outbound_route_config([*routes, outbound_refusal(svc.name)])
     # Per-method stats are taken once per call, at the server's inbound sidecar, unless asked for here too.
     filters = [_router()]
     if mesh.observability.metrics.envoy_outbound_grpc_stats:
         filters.insert(0, _grpc_stats(peers, upstream=True))
+    chain: dict[str, Any] = {}
+    if svc.sidecar.outbound_tls:
+        # Calls leave under the service's certificate, so only a holder of that same certificate (the app)
+        # may hand them over. The sidecar answers with it too: its DNS SANs name the service and localhost.
+        chain["transport_socket"] = _downstream_tls(profile, {"exact": mesh.spiffe_id(svc.name)})
+    chain["filters"] = [_hcm(mesh, profile, svc.name, OUTBOUND_LISTENER, route_config, filters, inbound=False)]
     return {
         "name": OUTBOUND_LISTENER,
-        # The app's plaintext leg never leaves loopback; on a pipe, only the mesh's user can open it.
+        # The app's leg never leaves loopback; on a pipe, only the mesh's user can open it.
         "address": _pipe(profile.outbound_pipe, listener=True) if profile.outbound_pipe
         else _socket("127.0.0.1", port),
         "traffic_direction": "OUTBOUND",
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
-        "filter_chains": [{"filters": [_hcm(mesh, profile, svc.name, OUTBOUND_LISTENER, route_config, filters,
-                                            inbound=False)]}],
+        "filter_chains": [chain],
     }
 
 

@@ -274,6 +274,8 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     clusters = [typed(CLUSTER, doc) for doc in static["clusters"] if doc["name"] not in _STATIC_HELPERS]
     assignments = []
     tls: _PeerTls | None = None
+    # The peers' routes go before the rendered one, `outbound_refusal`, which answers what none of them takes.
+    refusals = [host.routes.pop() for host in outbound.virtual_hosts]
     for peer in callable_peers(mesh, service):
         for version in canary_versions(mesh.service(peer)) or (None,):
             policy, assignment = shared.peer(peer, profile.kind, version)
@@ -286,6 +288,8 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
         # The peer's routes after those of the peers before it, as the rendered configuration lists them.
         for host, more in zip(outbound.virtual_hosts, shared.routes(peer).virtual_hosts, strict=True):
             host.routes.extend(more.routes)
+    for host, refusal in zip(outbound.virtual_hosts, refusals, strict=True):
+        host.routes.add().CopyFrom(refusal)
     return Snapshot.of({
         LISTENER: [typed(LISTENER, d) for d in listeners],
         ROUTE: routes,
