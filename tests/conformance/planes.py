@@ -38,6 +38,7 @@ from waiting import until
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.config.loader import parse_mesh
+from aivo_mesh.config.model import EndpointSpec
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.control_plane import ControlPlane
@@ -205,7 +206,7 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
             endpoints: list[Any] = []
             for name, address in [(first, front), *((n, a) for n, (a, _) in extra.items())]:
                 version = scenario.versions.get(name)
-                endpoints.append(address if version is None else {"address": address, "version": version})
+                endpoints.append(address if version is None else EndpointSpec(address=address, version=version))
             mesh = mesh.model_copy(update={"services": tuple(
                 s.model_copy(update={"endpoints": tuple(endpoints)}) if s.name == CALLED else s
                 for s in mesh.services)})
