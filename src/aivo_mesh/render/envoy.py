@@ -637,8 +637,8 @@ def local_rate_limit(limit: RateLimit, stat_prefix: str = RATE_LIMIT_STATS) -> d
                      "header": {"key": PUSHBACK_HEADER, "value": str(math.ceil(1000 / limit.slowest))},
                      "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}])
     if limit.callers:
-        cfg["descriptors"] = [{"entries": [{"key": CALLER_KEY, "value": caller}], "token_bucket": bucket(b.rate, b.burst)}
-                              for caller, b in limit.callers]
+        cfg["descriptors"] = [{"entries": [{"key": CALLER_KEY, "value": caller}],
+                               "token_bucket": bucket(b.rate, b.burst)} for caller, b in limit.callers]
     cfg["always_consume_default_token_bucket"] = False
     cfg["rate_limited_as_resource_exhausted"] = True
     if limit.callers:
