@@ -19,7 +19,7 @@ SRC = Path(aivo_mesh.__file__).parent
 # policy/stack.py builds a target's stack from its resolved policy through bind.py: those two may read
 # config/, no layer may. (policy/testing.py holds test fakes: neither.)
 LAYERS = ("backoff", "balancer", "breaker", "budget", "classify", "core", "deadline", "events", "limit",
-          "outlier", "retry")
+          "outlier", "ratelimit", "retry")
 MAY_READ_CONFIG = ("bind", "stack")
 
 

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The shared CRDs live next to the repository (../shared/schemas/linkerd); they are data, never copied here.
 SCHEMAS = Path(__file__).resolve().parents[2] / "shared" / "schemas" / "linkerd"
 CRD_KINDS = {"ServiceProfile", "Server", "AuthorizationPolicy", "MeshTLSAuthentication", "NetworkAuthentication",
-             "GRPCRoute", "HTTPRoute", "TrafficSplit"}
+             "GRPCRoute", "HTTPRoute", "TrafficSplit", "HTTPLocalRateLimitPolicy"}
 ANNOTATION_PREFIXES = ("retry.linkerd.io/", "timeout.linkerd.io/", "balancer.linkerd.io/")
 
 
@@ -34,12 +34,16 @@ def base_mesh() -> MeshSpec:
     return load_mesh(ROOT / "mesh.yaml")
 
 
-def variant(*, model: str = "serviceprofile", canary: dict[str, int] | None = None) -> MeshSpec:
-    """mesh.yaml with another linkerd_model and, optionally, canary weights on learner-svc."""
+def variant(*, model: str = "serviceprofile", canary: dict[str, int] | None = None,
+            rate_limit: dict[str, Any] | None = None) -> MeshSpec:
+    """mesh.yaml with another linkerd_model and, optionally, canary weights on learner-svc and a rate
+    limit on auth-svc."""
     data = yaml.safe_load((ROOT / "mesh.yaml").read_text())
     data["linkerd_model"] = model
     if canary is not None:
         next(s for s in data["services"] if s["name"] == "learner-svc")["canary"] = canary
+    if rate_limit is not None:
+        next(s for s in data["services"] if s["name"] == "auth-svc")["rate_limit"] = rate_limit
     return MeshSpec.model_validate(data)
 
 
@@ -65,6 +69,9 @@ MESHES = {
     "annotations": lambda: variant(model="annotations"),
     "serviceprofile+canary": lambda: variant(model="serviceprofile", canary={"v1": 90, "v2": 10}),
     "annotations+canary": lambda: variant(model="annotations", canary={"v1": 90, "v2": 10}),
+    "rate-limited": lambda: variant(rate_limit={"requests_per_second": 10, "per_caller": True, "callers": {
+        "analytics-svc": {"requests_per_second": 2},
+        "spiffe://aivo.local/ns/tools/sa/probe": {"requests_per_second": 1}}}),
 }
 
 

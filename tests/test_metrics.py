@@ -43,6 +43,7 @@ EXPECTED = {
     "mtls_certificate_expiry_seconds": ("gauge", {"service"}),
     "mesh_peer_certificate_refusals": ("counter", {"side", "service", "rule"}),
     "mtls_refused_connections": ("counter", {"service", "reason"}),
+    "grpc_rate_limited": ("counter", {"service", "caller", "method"}),
 }
 
 
@@ -79,6 +80,8 @@ def exercise_every_family(metrics: MeshMetrics) -> None:
                                                            refusal="weak_key"), "UNAUTHENTICATED", None)
     listener.peer_refused("auth-svc", "10.1.2.3:50061", "revoked")
     listener.peer_refused("auth-svc", "10.1.2.3:50061", "made-up rule")  # bounded: counted as "other"
+    ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, "spiffe://x/api", (), monotonic(),
+                                                           rate_limited=True), "RESOURCE_EXHAUSTED", None)
 
 
 def test_families_names_types_labels_and_help() -> None:

@@ -322,6 +322,32 @@ class FaultSpec(_Strict):
     delay_percent: Percent = 0.0
 
 
+# Envoy's token bucket counts tokens in a uint32 and Linkerd's requestsPerSecond is an integer: whole
+# requests per second, up to a bound both take.
+MAX_RATE = 1_000_000
+Rate = Annotated[StrictInt, Field(ge=1, le=MAX_RATE)]
+
+
+class CallerRateLimitSpec(_Strict):
+    """One calling identity's own bucket (`rate_limit.callers`)."""
+
+    requests_per_second: Rate
+    burst: Rate | None = None
+
+
+class RateLimitSpec(_Strict):
+    """Inbound rate limit of a service or route: a token bucket refilled with `requests_per_second` tokens
+    per second up to `burst` (default: `requests_per_second`); each admitted call takes one. `per_caller`:
+    each calling identity the allow rules admit gets a bucket of its own, else they share one; `callers`:
+    identities with a bucket of their own size whatever `per_caller` says (service names, mesh clients or
+    spiffe:// IDs). Health checks and reflection are never limited."""
+
+    requests_per_second: Rate | None = None
+    burst: Rate | None = None
+    per_caller: StrictBool = False
+    callers: dict[str, CallerRateLimitSpec] = Field(default_factory=dict)
+
+
 class PolicySpec(_Strict):
     """The policy knobs that may be set mesh-wide (`defaults`) and overridden per service."""
 
@@ -342,6 +368,7 @@ class RouteSpec(_Strict):
     retry: RetrySpec | None = None
     idempotent: StrictBool = False
     streaming: StrictBool = False
+    rate_limit: RateLimitSpec | None = None
 
 
 class AllowRule(_Strict):
@@ -411,6 +438,7 @@ class ServiceSpec(_Strict):
     outlier_detection: OutlierDetectionSpec | None = None
     health_check: HealthCheckSpec | None = None
     fault: FaultSpec | None = None
+    rate_limit: RateLimitSpec | None = None
     routes: tuple[RouteSpec, ...] = ()
     allow: tuple[AllowRule, ...] = ()
     sidecar: SidecarSpec = SidecarSpec()
@@ -692,6 +720,7 @@ class MeshSpec(_Strict):
                 for m, pattern in enumerate(rule.methods):
                     if (why := _not_a_method_of(svc.grpc_service, pattern)) is not None:
                         problems.append(_PathError(("services", i, "allow", r, "methods", m), why))
+            problems += _rate_limit_problems(i, svc, known)
             first_route: dict[str, int] = {}
             for j, route in enumerate(svc.routes):
                 if (why := _not_a_method_of(svc.grpc_service, route.match)) is not None:
@@ -802,6 +831,29 @@ def _canary_endpoint_problems(i: int, svc: ServiceSpec) -> list[_PathError]:
                        f"entry of `endpoints` such as {{address: host:port, version: {version}}} (versions "
                        f"listed: {', '.join(sorted(have))})")
             for version, weight in sorted(svc.canary.items()) if weight > 0 and version not in have]
+
+
+def _rate_limit_problems(i: int, svc: ServiceSpec, known: set[str]) -> list[_PathError]:
+    """A service's and its routes' `rate_limit`: a rate somewhere (a route's block may take the service's),
+    callers named as allow rules name them (never `*`: every caller is what `per_caller` is for)."""
+    problems = []
+    blocks: list[tuple[tuple[str | int, ...], RateLimitSpec | None, RateLimitSpec | None]] = [
+        (("services", i, "rate_limit"), svc.rate_limit, None)]
+    blocks += [(("services", i, "routes", j, "rate_limit"), r.rate_limit, svc.rate_limit)
+               for j, r in enumerate(svc.routes)]
+    for loc, block, above in blocks:
+        if block is None:
+            continue
+        if block.requests_per_second is None and (above is None or above.requests_per_second is None):
+            where = "a route's block without it takes the service's" if above is None and len(loc) > 3 else ""
+            problems.append(_PathError(loc, "expected `requests_per_second` (an integer 1-1000000)"
+                                       + (f"; {where}, and the service has none" if where else "")))
+        for caller in block.callers:
+            if caller.startswith("spiffe://") or caller in known:
+                continue
+            problems.append(_PathError((*loc, "callers", caller), f"unknown caller {caller!r}: expected one of "
+                                       f"{sorted(known)} or a spiffe:// ID"))
+    return problems
 
 
 def _consul_meta_problems(i: int, svc: ServiceSpec) -> list[_PathError]:

@@ -22,6 +22,7 @@ from aivo_mesh.config.model import (
     LimitsSpec,
     MeshSpec,
     OutlierDetectionSpec,
+    RateLimitSpec,
     RetryBudgetSpec,
     RetrySpec,
     ServiceSpec,
@@ -224,3 +225,112 @@ def _allowing(mesh: MeshSpec) -> dict[str, tuple[int, ...]]:
                 if not positions or positions[-1] != i:
                     positions.append(i)
     return {caller: tuple(positions) for caller, positions in index.items()}
+
+
+# -- inbound rate limits -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Bucket:
+    """A token bucket's size: `rate` tokens a second, continuously, up to `burst` (it starts full)."""
+
+    rate: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """The buckets of one scope: the calls of `scope` (a route's pattern; None for the service's own block,
+    which every method without a block of its own shares) from `callers` take a token from their own
+    bucket, every other caller's from the one `shared` bucket. Callers are SPIFFE IDs, sorted. What both
+    planes apply (policy/ratelimit.py, the sidecar's local rate limit filter)."""
+
+    scope: str | None
+    shared: Bucket
+    callers: tuple[tuple[str, Bucket], ...] = ()
+
+    @property
+    def slowest(self) -> int:
+        """The lowest rate among its buckets (tokens a second)."""
+        return min([self.shared.rate, *(b.rate for _, b in self.callers)])
+
+
+@dataclass(frozen=True)
+class ScopedRateLimit:
+    """One route pattern of a service in match order, with the rate limit its methods are under (None:
+    not limited). `limit.scope == pattern` when the route has a block of its own."""
+
+    pattern: str
+    limit: RateLimit | None
+
+    @property
+    def own(self) -> bool:
+        return self.limit is not None and self.limit.scope == self.pattern
+
+
+def _merged_rate_limit(service: RateLimitSpec | None, route: RateLimitSpec | None) -> RateLimitSpec | None:
+    """A route's block over the service's, key by key; `callers` merged per identity (the route's win).
+    `burst` left out follows the `requests_per_second` written beside it."""
+    if route is None or service is None:
+        return route or service
+    updates: dict[str, object] = {key: getattr(route, key) for key in route.model_fields_set}
+    if "requests_per_second" in updates and "burst" not in updates:
+        updates["burst"] = None
+    updates["callers"] = {**service.callers, **route.callers}
+    return service.model_copy(update=updates)
+
+
+def admitted_callers(mesh: MeshSpec, service: str) -> tuple[str, ...]:
+    """The SPIFFE IDs `service`'s allow rules admit, sorted: those named, and with `*` every identity
+    mesh.yaml names (services, clients, SPIFFE IDs of allow rules and rate limits). Each gets a bucket of
+    its own under `per_caller`; an identity mesh.yaml does not name shares the shared bucket."""
+    svc = mesh.service(service)
+    named = [c for rule in svc.allow for c in rule.from_]
+    if "*" in named:
+        named = [*mesh.service_names, *mesh.mesh.clients,
+                 *(c for s in mesh.services for rule in s.allow for c in rule.from_ if c.startswith("spiffe://")),
+                 *(c for s in mesh.services for block in (s.rate_limit, *(r.rate_limit for r in s.routes))
+                   if block is not None for c in block.callers if c.startswith("spiffe://"))]
+    return tuple(sorted({c if c.startswith("spiffe://") else mesh.spiffe_id(c) for c in named if c != "*"}))
+
+
+def _rate_limit(mesh: MeshSpec, service: str, scope: str | None, spec: RateLimitSpec) -> RateLimit:
+    assert spec.requests_per_second is not None  # the model requires a rate where a block applies
+    shared = Bucket(spec.requests_per_second, spec.burst or spec.requests_per_second)
+    own = {c: shared for c in admitted_callers(mesh, service)} if spec.per_caller else {}
+    for caller, cs in spec.callers.items():
+        own[caller if caller.startswith("spiffe://") else mesh.spiffe_id(caller)] = Bucket(
+            cs.requests_per_second, cs.burst or cs.requests_per_second)
+    return RateLimit(scope, shared, tuple(sorted(own.items())))
+
+
+@per_mesh
+def inbound_rate_limits(mesh: MeshSpec, service: str) -> tuple[ScopedRateLimit, ...]:
+    """`service`'s route patterns in match order (`route_policies`, the catch-all last), each with the rate
+    limit of its methods: the route's own block merged over the service's (buckets of its own), else the
+    service's (one set of buckets for every such method), else None. () when nothing is limited. A method
+    takes the first pattern that covers it (`rate_limit_for`); health checks and reflection none."""
+    svc = mesh.service(service)
+    if svc.rate_limit is None and all(r.rate_limit is None for r in svc.routes):
+        return ()
+    own_blocks = {r.match: r.rate_limit for r in svc.routes if r.rate_limit is not None}
+    prefix = service_prefix(svc.grpc_service)
+    shared = _rate_limit(mesh, service, None, svc.rate_limit) if svc.rate_limit is not None else None
+    out = []
+    for rp in per_pattern(route_policies(mesh, service)):
+        block = own_blocks.get(rp.pattern) if rp.match is not None else None
+        merged = _merged_rate_limit(svc.rate_limit, block) if block is not None else None
+        limit = _rate_limit(mesh, service, rp.pattern, merged) if merged is not None else shared
+        out.append(ScopedRateLimit(rp.pattern, limit))
+    if not any(s.pattern == prefix for s in out):  # a whole-service route shadows the catch-all
+        out.append(ScopedRateLimit(prefix, shared))
+    return tuple(out)
+
+
+def rate_limit_for(limits: Sequence[ScopedRateLimit], method: str) -> RateLimit | None:
+    """The rate limit `method` is under among `inbound_rate_limits`: the first pattern covering it."""
+    return next((s.limit for s in limits if covers(s.pattern, method)), None)
+
+
+def rate_limit_scopes(limits: Sequence[ScopedRateLimit]) -> dict[str | None, RateLimit]:
+    """Every distinct scope of `inbound_rate_limits` with its limit (the service's once)."""
+    return {s.limit.scope: s.limit for s in limits if s.limit is not None}

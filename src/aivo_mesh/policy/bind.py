@@ -19,7 +19,7 @@ from aivo_mesh.config.model import (
     RetryBudgetSpec,
     RetrySpec,
 )
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy
+from aivo_mesh.config.resolve import RateLimit, RoutePolicy, ServicePolicy
 from aivo_mesh.policy.backoff import Backoff, DecorrelatedJitter, FullJitter
 from aivo_mesh.policy.balancer import HealthRule
 from aivo_mesh.policy.breaker import BreakerParams
@@ -28,11 +28,12 @@ from aivo_mesh.policy.classify import Classifier
 from aivo_mesh.policy.deadline import DeadlineParams
 from aivo_mesh.policy.limit import LimitParams
 from aivo_mesh.policy.outlier import OutlierRule
+from aivo_mesh.policy.ratelimit import BucketParams, RateLimitParams
 from aivo_mesh.policy.retry import RetryParams
 from aivo_mesh.status import DEFAULT_FAILURE_CODES
 
 __all__ = ["backoff", "breaker_params", "budget_params", "health_rule", "limit_params", "outlier_rule",
-           "retry_params", "route_params"]
+           "rate_limit_params", "retry_params", "route_params"]
 
 
 def backoff(spec: BackoffSpec, *, decorrelated: bool = False) -> Backoff:
@@ -89,3 +90,9 @@ def outlier_rule(spec: OutlierDetectionSpec) -> OutlierRule:
 
 def health_rule(spec: HealthCheckSpec) -> HealthRule:
     return HealthRule(spec.unhealthy_threshold, spec.healthy_threshold)
+
+
+def rate_limit_params(limit: RateLimit) -> RateLimitParams:
+    """One scope's buckets (config.resolve.inbound_rate_limits) as the rate limiter takes them."""
+    return RateLimitParams(limit.scope, BucketParams(limit.shared.rate, limit.shared.burst),
+                           tuple((c, BucketParams(b.rate, b.burst)) for c, b in limit.callers))

@@ -19,6 +19,12 @@ retries that never trip anything.
     IGNORED    says nothing about the upstream: the caller's own CANCELLED, and every local reply
                (breaker, limit, budget, deadline rejections). Never counted, never retried.
 
+A rate limiter's refusal (RESOURCE_EXHAUSTED with a `grpc-retry-pushback-ms` trailer: MeshServer's and the
+Envoy sidecars' inbound rate limits send one) says the upstream is healthy and busy with this caller: it is
+never a failure, even where failure_codes lists RESOURCE_EXHAUSTED (TRANSIENT if the route retries it, else
+SUCCESS), so a caller over its limit never opens the breaker or ejects the endpoint. Envoy's outlier
+detection agrees: it reads the status as HTTP 429, never a 5xx.
+
 Retryable codes are the route's `retry_on`, filtered by gRFC A6's advice: only UNAVAILABLE means
 "not processed", so it is always allowed when listed. Any other code (INTERNAL, an attempt's
 DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, ABORTED, ...) may follow side effects on the server and is
@@ -32,6 +38,7 @@ import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from aivo_mesh.policy.backoff import PUSHBACK_HEADER
 from aivo_mesh.policy.core import Reply
 from aivo_mesh.status import DEFAULT_FAILURE_CODES, GRPC_STATUS_NAMES
 
@@ -52,6 +59,15 @@ IGNORED = Outcome.IGNORED
 # What the retry layer may retry; what health (breaker, outlier detection) counts as a success.
 RETRIED: frozenset[Outcome] = frozenset({RETRYABLE, TRANSIENT})
 HEALTHY: frozenset[Outcome] = frozenset({SUCCESS, TRANSIENT})
+
+_COUNTED: frozenset[Outcome] = frozenset({RETRYABLE, FAILURE})
+RATE_LIMITED_CODE = "RESOURCE_EXHAUSTED"
+
+
+def is_rate_limited(reply: Reply) -> bool:
+    """Whether `reply` is a rate limiter's refusal: RESOURCE_EXHAUSTED with a pushback trailer."""
+    return reply.code == RATE_LIMITED_CODE and any(k.lower() == PUSHBACK_HEADER for k, _ in reply.trailers)
+
 
 # Codes that say the server did not process the call (gRFC A6): safe to retry on any route.
 NOT_PROCESSED: frozenset[str] = frozenset({"UNAVAILABLE"})
@@ -98,10 +114,14 @@ class Classifier:
         return cls(table)
 
     def classify(self, reply: Reply) -> Outcome:
-        """A local reply is IGNORED whatever its code; an unknown code is treated as UNKNOWN."""
+        """A local reply is IGNORED whatever its code; an unknown code is treated as UNKNOWN; a rate
+        limiter's refusal is never a failure (module docstring)."""
         if reply.local:
             return IGNORED
-        return self.table.get(reply.code) or self._unknown
+        outcome = self.table.get(reply.code) or self._unknown
+        if outcome in _COUNTED and reply.code == RATE_LIMITED_CODE and is_rate_limited(reply):
+            return TRANSIENT if outcome is RETRYABLE else SUCCESS
+        return outcome
 
     def of(self, code: str) -> Outcome:
         """The outcome of a code received from the upstream (not a local reply)."""

@@ -162,6 +162,8 @@ class ServerCall:
     attempt: int = 1
     # The peer-policy rule the caller's certificate broke (pki.peer.Rule), when it was refused for one.
     refusal: str | None = None
+    # Refused by the server's rate limit (RESOURCE_EXHAUSTED with a pushback), not by the handler.
+    rate_limited: bool = False
 
 
 class ServerCallObserver(Protocol):

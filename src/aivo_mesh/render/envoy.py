@@ -87,8 +87,17 @@ from aivo_mesh.config.ports import (
     local_ports,
     sidecar_ports,
 )
-from aivo_mesh.config.resolve import RoutePolicy, callable_peers, per_pattern, route_policies, service_policy
+from aivo_mesh.config.resolve import (
+    RateLimit,
+    RoutePolicy,
+    callable_peers,
+    inbound_rate_limits,
+    per_pattern,
+    route_policies,
+    service_policy,
+)
 from aivo_mesh.pki.layout import CertLayout
+from aivo_mesh.policy.backoff import PUSHBACK_HEADER
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
 from aivo_mesh.status import GRPC_STATUS_NAMES
@@ -665,34 +674,111 @@ def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
             "typed_config": _typed("envoy.extensions.filters.http.fault.v3.HTTPFault", **cfg)}
 
 
-def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
+RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+RATE_LIMIT_STATS = "inbound_rate_limit"  # <prefix>.http_local_rate_limit.rate_limited counts refusals
+CALLER_KEY = "caller"  # the descriptor entry a caller's own bucket is keyed on: its SPIFFE ID
+_ALL = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
+
+
+def local_rate_limit(limit: RateLimit, stat_prefix: str = RATE_LIMIT_STATS) -> dict[str, Any]:
+    """One scope's buckets (config.resolve.RateLimit) as a LocalRateLimit, for a virtual host or a route.
+
+    Each bucket is Envoy's continuously refilled token bucket: `burst` max_tokens, `rate` tokens per 1 s,
+    full at start (policy/ratelimit.py is the same bucket). A caller with its own bucket is named by a
+    header_value_match action on the sanitized `x-forwarded-client-cert` (`caller_header_match`): its one
+    descriptor `caller=<SPIFFE ID>` takes from that bucket only (`always_consume_default_token_bucket:
+    false`); any other caller makes no descriptor and takes from the shared bucket (`token_bucket`).
+    A refusal is RESOURCE_EXHAUSTED (not the UNAVAILABLE a 429 maps to) with `grpc-retry-pushback-ms`:
+    Envoy cannot say when the bucket that refused will have a token, so the header is the refill period
+    of the slowest bucket, ceil(1000 / rate) ms, the longest wait for one token."""
+    def bucket(rate: int, burst: int) -> dict[str, Any]:
+        return {"max_tokens": burst, "tokens_per_fill": rate, "fill_interval": "1s"}
+
+    cfg = _typed("envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                 stat_prefix=stat_prefix, token_bucket=bucket(limit.shared.rate, limit.shared.burst),
+                 filter_enabled={"runtime_key": f"{RATE_LIMIT_STATS}_enabled", **_ALL},
+                 filter_enforced={"runtime_key": f"{RATE_LIMIT_STATS}_enforced", **_ALL},
+                 response_headers_to_add=[{
+                     "header": {"key": PUSHBACK_HEADER, "value": str(math.ceil(1000 / limit.slowest))},
+                     "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}])
+    if limit.callers:
+        cfg["descriptors"] = [{"entries": [{"key": CALLER_KEY, "value": caller}],
+                               "token_bucket": bucket(b.rate, b.burst)} for caller, b in limit.callers]
+    cfg["always_consume_default_token_bucket"] = False
+    cfg["rate_limited_as_resource_exhausted"] = True
+    if limit.callers:
+        cfg["rate_limits"] = [{"actions": [{"header_value_match": {
+            "descriptor_key": CALLER_KEY, "descriptor_value": caller, "headers": [caller_header_match(caller)]}}]}
+            for caller, _ in limit.callers]
+    return cfg
+
+
+# A route the rate limit filter skips (health checks, reflection, anything outside the service).
+_NOT_LIMITED = _typed("envoy.config.route.v3.FilterConfig", disabled=True)
+
+
+def _inbound_routes(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> list[dict[str, Any]]:
+    """The inbound route configuration's routes: the app's methods by pattern where a deadline (streams)
+    or a rate limit of their own sets them apart, health and reflection, then everything else.
+
+    With rate limits, every pattern of the service is a route in match order (as the proxyless plane
+    looks a method up, `config.resolve.inbound_rate_limits`): a route with its own block carries it, the
+    rest share the virtual host's (the service's block: one set of buckets for all of them, as a
+    per-route configuration would get buckets of its own), and health, reflection and the catch-all turn
+    the filter off."""
     policies = route_policies(mesh, svc.name)
+    limits = inbound_rate_limits(mesh, svc.name)
     # Only a backstop: the callers' sidecars hold each method's own deadline.
     backstop = max(rp.timeout for rp in policies if not rp.streaming)
-    routes: list[dict[str, Any]] = []
     streaming_prefix = any(rp.streaming and is_prefix(rp.pattern) for rp in policies)
-    for rp in policies:
-        if rp.match is None or not (rp.streaming or (streaming_prefix and not is_prefix(rp.pattern))):
-            continue  # the catch-all below serves it
-        routes.append({"name": _route_name(svc.name, rp.pattern), "match": _match(rp.pattern),
-                       "route": {"cluster": LOCAL_APP_CLUSTER,
-                                 **_deadline(rp.timeout if rp.streaming else backstop, streaming=rp.streaming)}})
-    if profile.otlp is not None:
+    if limits:
+        patterns = per_pattern(policies)
+    else:
+        patterns = [rp for rp in policies if rp.match is not None
+                    and (rp.streaming or (streaming_prefix and not is_prefix(rp.pattern)))]
+    own = {s.pattern: s.limit for s in limits if s.own and s.limit is not None}
+    routes: list[dict[str, Any]] = []
+    for rp in patterns:
+        route: dict[str, Any] = {"name": _route_name(svc.name, rp.pattern), "match": _match(rp.pattern),
+                                 "route": {"cluster": LOCAL_APP_CLUSTER,
+                                           **_deadline(rp.timeout if rp.streaming else backstop,
+                                                       streaming=rp.streaming)}}
+        if (limit := own.get(rp.pattern)) is not None:
+            route["typed_per_filter_config"] = {RATE_LIMIT_FILTER: local_rate_limit(
+                limit, f"{RATE_LIMIT_STATS}.{method_name(rp.pattern) or 'all'}")}
+        routes.append(route)
+    not_limited = {"typed_per_filter_config": {RATE_LIMIT_FILTER: _NOT_LIMITED}} if limits else {}
+    if profile.otlp is not None or limits:
         # Probes are not traced, as on the app side (telemetry.tracing): every peer's sidecar health-
         # checks this one, and a trace per check would bury the calls in `meshctl traces` and Jaeger.
+        # Nor rate limited, as MeshServer does not limit them.
         untraced = {k: {"numerator": 0} for k in ("client_sampling", "random_sampling", "overall_sampling")}
         routes += [{"name": f"{svc.name}/untraced{p.rstrip('/')}", "match": {"prefix": p, "grpc": {}},
                     "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)},
-                    "tracing": untraced} for p in OPEN_PREFIXES]
+                    **({"tracing": untraced} if profile.otlp is not None else {}), **not_limited}
+                   for p in OPEN_PREFIXES]
     routes.append({"name": f"{svc.name}/default", "match": {"prefix": "/", "grpc": {}},
-                   "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}})
-    filters = [_rbac_filter(), _grpc_stats([svc], upstream=False)]
+                   "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}, **not_limited})
+    return routes
+
+
+def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
+    limits = inbound_rate_limits(mesh, svc.name)
+    # After RBAC: a caller it refuses never takes a token (PERMISSION_DENIED, as on the proxyless plane).
+    filters = [_rbac_filter()]
+    if limits:
+        filters.append({"name": RATE_LIMIT_FILTER, "typed_config": _typed(
+            "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", stat_prefix=RATE_LIMIT_STATS)})
+    filters.append(_grpc_stats([svc], upstream=False))
     if svc.fault is not None and (fault := _fault(svc, svc.fault)) is not None:
         filters.append(fault)
     filters.append(_router())
+    per_filter = _rbac_per_route(mesh, svc)
+    if (shared := next((s.limit for s in limits if s.limit is not None and s.limit.scope is None), None)) is not None:
+        per_filter[RATE_LIMIT_FILTER] = local_rate_limit(shared)
     route_config = {"name": "inbound", "virtual_hosts": [
-        {"name": "local_app", "domains": ["*"], "routes": routes,
-         "typed_per_filter_config": _rbac_per_route(mesh, svc)}]}
+        {"name": "local_app", "domains": ["*"], "routes": _inbound_routes(mesh, svc, profile),
+         "typed_per_filter_config": per_filter}]}
     tls = _downstream_tls(profile, {"prefix": f"spiffe://{mesh.mesh.trust_domain}/"})
     return {
         "name": INBOUND_LISTENER,

@@ -10,6 +10,7 @@ What each service gets (apiVersions per notes/linkerd-consul.md §1, the storage
     GRPCRoute (inbound)       <svc>-...             one per method pattern of the allow list + health
     MeshTLSAuthentication     <svc>-allow-<i>       the callers of allow rule i
     AuthorizationPolicy       <svc>-...             (route, rule) pairs: who may call which method
+    HTTPLocalRateLimitPolicy  <svc>-rate-limit      only for services with a `rate_limit` block (below)
     ServiceProfile            <svc>.<ns>.svc.cluster.local   linkerd_model: serviceprofile
       or Service annotations + outbound GRPCRoutes                   linkerd_model: annotations
     TrafficSplit / weighted backendRefs              only for services with `canary` weights
@@ -26,6 +27,13 @@ methods). Linkerd matches a request to ONE route (Gateway API precedence: an exa
 whole-service match), so there is one inbound GRPCRoute per distinct pattern, and every rule that
 covers a route's pattern gets its own AuthorizationPolicy on that route. Health and reflection stay
 open to every meshed identity, as in MeshServer; kubelet's grpc probes (unmeshed) may call health.
+
+A service's `rate_limit` becomes an HTTPLocalRateLimitPolicy on its Server: `requests_per_second` as
+`total` (one shared bucket) or, with `per_caller`, as `identity` (a bucket per identity), and each of
+`callers` as an override naming its ServiceAccount. What Linkerd cannot say (docs/planes.md): `burst`
+(its bucket holds `requestsPerSecond`), routes' own blocks (the policy targets a whole Server), callers
+that are SPIFFE IDs of another trust domain (no ServiceAccount to name); and it limits health checks too
+(they reach the same Server), and counts an override caller's calls against `total` as well.
 
 Pure and deterministic: no I/O; the same mesh gives byte-identical files.
 """
@@ -486,6 +494,37 @@ def authorization(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
     return docs
 
 
+# -- rate limits -----------------------------------------------------------------------------------
+
+def _service_account_ref(mesh: MeshSpec, caller: str) -> dict[str, str] | None:
+    """A rate-limit caller as the ServiceAccount Linkerd names it by; None for a SPIFFE ID of another
+    form (Linkerd's clientRefs name Kubernetes objects only)."""
+    m = re.fullmatch(rf"spiffe://{re.escape(mesh.mesh.trust_domain)}/ns/([^/]+)/sa/([^/]+)", caller)
+    if m:
+        return {"kind": "ServiceAccount", "namespace": m.group(1), "name": m.group(2)}
+    if caller.startswith("spiffe://"):
+        return None
+    return {"kind": "ServiceAccount", "namespace": mesh.mesh.namespace, "name": caller}
+
+
+def rate_limit_policy(mesh: MeshSpec, svc: ServiceSpec) -> dict[str, Any] | None:
+    """The service's own `rate_limit` block as an HTTPLocalRateLimitPolicy on its Server (None without
+    one; routes' blocks are not Linkerd's to express, see the module docstring)."""
+    block = svc.rate_limit
+    if block is None or block.requests_per_second is None:
+        return None
+    spec: dict[str, Any] = {"targetRef": {"group": POLICY_GROUP, "kind": "Server", "name": f"{svc.name}-grpc"},
+                            ("identity" if block.per_caller else "total"): {"requestsPerSecond":
+                                                                             block.requests_per_second}}
+    overrides = [{"requestsPerSecond": limit.requests_per_second, "clientRefs": [ref]}
+                 for caller, limit in sorted(block.callers.items())
+                 if (ref := _service_account_ref(mesh, caller)) is not None]
+    if overrides:
+        spec["overrides"] = overrides
+    return {"apiVersion": "policy.linkerd.io/v1alpha1", "kind": "HTTPLocalRateLimitPolicy",
+            "metadata": _meta(mesh, f"{svc.name}-rate-limit"), "spec": spec}
+
+
 # -- per service -----------------------------------------------------------------------------------
 
 def service_documents(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
@@ -502,6 +541,8 @@ def service_documents(mesh: MeshSpec, svc: ServiceSpec) -> list[dict[str, Any]]:
         docs.append(deployment(mesh, svc))
     docs.append(server(mesh, svc))
     docs.extend(authorization(mesh, svc))
+    if (limit := rate_limit_policy(mesh, svc)) is not None:
+        docs.append(limit)
     if profile_model:
         docs.append(service_profile(mesh, svc))
         if svc.canary:

@@ -5,6 +5,9 @@ grpc.aio server interceptors get no ServicerContext, so we wrap the RpcMethodHan
 1. rejects any TLS version but 1.3 (belt and braces: aivo_mesh.tls already refuses 1.2 at the handshake);
 2. checks the client certificate against the mesh's peer policy (pki/peer.py), takes the caller's
    identity from it and checks the allow-list;
+   then takes a token of the method's rate limit (server/ratelimit.py): after the allow-list, so a caller
+   that is refused never spends one; an empty bucket refuses with RESOURCE_EXHAUSTED and a
+   `grpc-retry-pushback-ms` trailer, the milliseconds until its next token;
 3. publishes the caller and the inbound deadline in context variables, so a handler that calls
    another service passes on its remaining deadline (see policy.deadline.inbound_deadline);
 4. tells each ServerCallObserver (metrics, tracing, logs) when the call starts and how it ended.
@@ -23,10 +26,12 @@ from typing import Any
 import grpc
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
+from aivo_mesh.policy.backoff import PUSHBACK_HEADER
 from aivo_mesh.policy.core import ATTEMPT_HEADER, monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import ServerCall, ServerCallObserver
 from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
+from aivo_mesh.server.ratelimit import InboundRateLimits
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +45,13 @@ REQUIRED_TLS = "TLSv1.3"
 
 
 class Denied(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str, refusal: str | None = None) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, refusal: str | None = None,
+                 trailers: tuple[tuple[str, str], ...] = (), rate_limited: bool = False) -> None:
         self.code = code
         self.details = details
         self.refusal = refusal
+        self.trailers = trailers
+        self.rate_limited = rate_limited
         super().__init__(details)
 
 
@@ -75,8 +83,11 @@ def _code_name(code: object) -> str:
 
 class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authorizer: Authorizer | None, *, service: str = "", require_tls: bool = True,
-                 observers: Sequence[ServerCallObserver] = (), peer_policy: PeerPolicy | None = None) -> None:
+                 observers: Sequence[ServerCallObserver] = (), peer_policy: PeerPolicy | None = None,
+                 rate_limits: InboundRateLimits | None = None) -> None:
         self._authz = authorizer
+        # None: nothing is limited here (a plaintext server behind a sidecar: the sidecar limits).
+        self.rate_limits = rate_limits
         self._service = service or (authorizer.service if authorizer else "")
         self._require_tls = require_tls
         self.observers: list[ServerCallObserver] = list(observers)
@@ -127,6 +138,12 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if not self._authz.allows(identity, method):
             raise Denied(grpc.StatusCode.PERMISSION_DENIED,
                          f"{identity} is not allowed to call {method} on {self._authz.service}")
+        if self.rate_limits is not None and (limited := self.rate_limits.admit(method, identity)) is not None:
+            whose = f"{identity}'s own bucket" if limited.caller is not None else "the shared bucket"
+            raise Denied(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"rate limited: {method} on {self._service} ({whose} is empty; next token in "
+                         f"{limited.pushback_ms} ms)", trailers=((PUSHBACK_HEADER, str(limited.pushback_ms)),),
+                         rate_limited=True)
         return identity
 
     async def intercept_service(
@@ -162,6 +179,8 @@ class _Guard:
             caller = icp._admit(self.method, context)
         except Denied as d:
             denied = d
+            if d.rate_limited:  # an admitted caller: who it is belongs in the rate-limited metric
+                caller = current_caller.get()
             if icp.on_denied is not None:
                 try:
                     icp.on_denied(context, d)
@@ -169,16 +188,17 @@ class _Guard:
                     log.exception("on_denied hook failed for %s", self.method)
         if not icp.observers:
             if denied is not None:
-                await context.abort(denied.code, denied.details)
+                await context.abort(denied.code, denied.details, denied.trailers)
             return None
         md = _metadata(context)
         attempt = next((int(v) for k, v in md if k == ATTEMPT_HEADER and v.isdigit()), 1)
         call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt,
-                          denied.refusal if denied is not None else None)
+                          denied.refusal if denied is not None else None,
+                          rate_limited=denied is not None and denied.rate_limited)
         tokens = _start_all(icp.observers, call)
         if denied is not None:
             self.exit((call, tokens), context, None, denied.code.name)
-            await context.abort(denied.code, denied.details)
+            await context.abort(denied.code, denied.details, denied.trailers)
         return call, tokens
 
     def exit(self, state: tuple[ServerCall, list[object]] | None, context: grpc.aio.ServicerContext,

@@ -35,6 +35,7 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from aivo_mesh.config.model import MeshSpec
+from aivo_mesh.config.resolve import ScopedRateLimit, inbound_rate_limits
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.pki.peer import PeerPolicy
@@ -43,6 +44,7 @@ from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, c
 from aivo_mesh.server.authz import Authorizer, Rule, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor
+from aivo_mesh.server.ratelimit import InboundRateLimits
 from aivo_mesh.tls import warn_if_not_enforced
 
 if TYPE_CHECKING:
@@ -104,9 +106,12 @@ class MeshServer:
             if on_identity is not None:
                 on_identity(self.credentials.identity)
         self.authorizer = Authorizer(mesh, service)
+        # mesh.yaml's rate limits of this service, per caller identity. A plaintext server has no callers'
+        # identities, and runs behind a sidecar that limits (render/envoy.py): it limits nothing itself.
+        self.rate_limits = None if insecure else InboundRateLimits(inbound_rate_limits(mesh, service))
         self.guard = MeshServerInterceptor(None if insecure else self.authorizer, service=service,
                                            require_tls=not insecure, observers=observers,
-                                           peer_policy=PeerPolicy.from_mesh(mesh))
+                                           peer_policy=PeerPolicy.from_mesh(mesh), rate_limits=self.rate_limits)
         self.on_refused = None if insecure else on_refused
         self._first_refusal = PeerOnce()
         if self.on_refused is not None:
@@ -145,13 +150,24 @@ class MeshServer:
         """`mesh`'s allow rules for this service decide calls from the next one on (an edited mesh.yaml,
         or what a control plane sends); True if they differ from those in force. Calls in flight keep
         the decision they were admitted with, and no decision made under the old rules is reused.
-        KeyError (the rules in force stay) if `mesh` does not define this service."""
-        return self._set_authorizer(Authorizer(mesh, self.service))
+        KeyError (the rules in force stay) if `mesh` does not define this service. The service's rate
+        limits follow `mesh` too (`set_rate_limits`)."""
+        changed = self._set_authorizer(Authorizer(mesh, self.service))
+        return self.set_rate_limits(inbound_rate_limits(mesh, self.service)) or changed
 
     def set_allow_rules(self, rules: Iterable[tuple[frozenset[str], tuple[str, ...]]]) -> bool:
         """Allow rules as a control plane sends them (`xds.policies.decode_config`: callers' SPIFFE IDs or
         "*", and methods), deciding calls from the next one on, as `update_authorizer`."""
         return self._set_authorizer(Authorizer(self.mesh, self.service, [Rule(c, m) for c, m in rules]))
+
+    def set_rate_limits(self, limits: Sequence[ScopedRateLimit]) -> bool:
+        """Rate limits (`config.resolve.inbound_rate_limits`, from an edited mesh.yaml or a control plane)
+        in force from the next call on; True if they differ. A bucket whose size is unchanged keeps its
+        tokens, so a push that leaves a limit alone does not refill it. Ignored on a plaintext server."""
+        if self.rate_limits is None or not self.rate_limits.set(limits):
+            return False
+        log.info("%s: rate limits updated", self.service)
+        return True
 
     def _set_authorizer(self, authorizer: Authorizer) -> bool:
         if authorizer.same_rules(self.authorizer):

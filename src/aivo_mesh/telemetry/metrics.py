@@ -29,6 +29,8 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
                                                            policy refused (rule: pki.peer.Rule)
     mtls_refused_connections_total{service,reason}         counter: TLS connections refused by this server
                                                            (runtime.handshakes.REASONS)
+    grpc_rate_limited_total{service,caller,method}         counter: calls this server's rate limit refused
+                                                           (caller: the SPIFFE ID; mesh.yaml `rate_limit`)
 
 `side` is "client" (service = the target) or "server" (service = this process's own service).
 `status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
@@ -85,6 +87,7 @@ _RULES = frozenset(str(r) for r in Rule)  # a bounded label set, whatever a call
 _METHOD_RE = re.compile(r"^/[A-Za-z_][A-Za-z0-9_.]*/[A-Za-z_][A-Za-z0-9_]*$")
 _STATUS_RE = re.compile(r"^[A-Z][A-Z0-9_]{0,63}$")
 _SERVICE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CALLER_RE = re.compile(r"^spiffe://[A-Za-z0-9._~%!$&'()*+,;=:@/-]{1,256}$")
 
 
 def method_label(method: str | bytes) -> str:
@@ -171,6 +174,10 @@ class MeshMetrics:
             "unknown_ca, certificate_expired, certificate_verify_failed, tls_version, not_tls, "
             "closed_during_handshake, handshake_error).",
             ["service", "reason"], registry=r)
+        self.rate_limited = Counter(
+            "grpc_rate_limited", "Calls this server refused with RESOURCE_EXHAUSTED because the caller's rate-limit "
+            "bucket was empty, by service, caller (SPIFFE ID) and method.",
+            ["service", "caller", "method"], registry=r)
         self._ejected: dict[str, set[str]] = {}
 
     @classmethod
@@ -228,6 +235,12 @@ class MeshMetrics:
 
     def observe_local_rejection(self, service: str, reason: str) -> None:
         self.local_rejections.labels(service_label(service), reason).inc()
+
+    def observe_rate_limited(self, service: str, caller: str | None, method: str) -> None:
+        """A call refused by the server's rate limit. `caller`: a SPIFFE ID (callers passed mTLS and the
+        allow-list, so the set is the mesh's identities), "unknown" without one."""
+        who = caller if caller is not None and _CALLER_RE.match(caller) else "unknown"
+        self.rate_limited.labels(service_label(service), who, method_label(method)).inc()
 
     def set_breaker_state(self, service: str, state: str) -> None:
         value = BREAKER_STATES.get(state.lower().replace("-", "_"))
@@ -353,5 +366,7 @@ class ServerMetricsObserver:
 
     def finish(self, token: object, call: ServerCall, code: str, error: BaseException | None) -> None:
         self.metrics.observe_call("server", call.service, call.method, code, monotonic() - call.started)
+        if call.rate_limited:
+            self.metrics.observe_rate_limited(call.service, call.caller, call.method)
         if call.refusal is not None:
             self.metrics.observe_peer_refusal("server", call.service, call.refusal)

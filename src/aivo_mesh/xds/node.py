@@ -43,13 +43,16 @@ log = logging.getLogger(__name__)
 
 def apply_to(client: MeshClient, server: MeshServer | None = None) -> Callable[[ProxylessConfig], None]:
     """What a proxyless process does with each configuration: its peers' policies, routes and endpoints
-    to its client (`MeshClient.apply_control_plane`), its own allow rules to its server
-    (`MeshServer.set_allow_rules`). Both on the event loop the node runs on."""
+    to its client (`MeshClient.apply_control_plane`), its own allow rules and rate limits to its server
+    (`MeshServer.set_allow_rules`, `MeshServer.set_rate_limits`: buckets whose limit is unchanged keep
+    their tokens). Both on the event loop the node runs on."""
 
     def apply(config: ProxylessConfig) -> None:
         client.apply_control_plane(config.targets)
         if server is not None and config.allow is not None:
             server.set_allow_rules(config.allow)
+        if server is not None and config.rate_limits is not None:
+            server.set_rate_limits(config.rate_limits)
 
     return apply
 

@@ -10,6 +10,9 @@ the same on both planes. What a resource's own fields say exactly is read from t
               (`learner-svc.v2`) says the version of its instances
     split     a canary's weights: the routes' weighted_clusters, one cluster per version
     allow     the RBAC HTTP filter's ALLOW policies (gRFC A41): principals and url paths
+    limits    the local rate limit filter's configurations on the server listener's virtual host (the
+              service's buckets) and routes (a route's own, or the filter turned off): token buckets and
+              the callers' descriptors, exactly as the sidecar applies them
 
 What no Envoy field says, or says only as Envoy applies it, travels as plain data under the metadata key
 "aivo.mesh" (`filter_metadata`), written as mesh.yaml writes it (durations as `5s`):
@@ -36,6 +39,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from google.protobuf import duration_pb2, json_format
@@ -56,9 +60,9 @@ from aivo_mesh.config.model import (
     to_data,
 )
 from aivo_mesh.config.patterns import service_prefix
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, route_retry
+from aivo_mesh.config.resolve import Bucket, RateLimit, RoutePolicy, ScopedRateLimit, ServicePolicy, route_retry
 from aivo_mesh.discovery.snapshot import VERSION, Endpoint
-from aivo_mesh.render.envoy import cluster_service, cluster_version, version_cluster
+from aivo_mesh.render.envoy import CALLER_KEY, RATE_LIMIT_FILTER, cluster_service, cluster_version, version_cluster
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
 
 METADATA_KEY = "aivo.mesh"
@@ -291,10 +295,11 @@ class TargetConfig:
 @dataclass(frozen=True)
 class ProxylessConfig:
     """What a proxyless node holds, decoded: its peers (API listeners, gRFC A27) and, if it serves, the
-    allow rules of its server listener (None: no server listener)."""
+    allow rules and rate limits of its server listener (None: no server listener)."""
 
     targets: Mapping[str, TargetConfig]
     allow: Rules | None
+    rate_limits: tuple[ScopedRateLimit, ...] | None = None
 
 
 def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]) -> ProxylessConfig:
@@ -305,10 +310,12 @@ def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]
     clusters, assignments = resources.get(CLUSTER, {}), resources.get(ENDPOINT, {})
     targets: dict[str, TargetConfig] = {}
     allow: Rules | None = None
+    rate_limits: tuple[ScopedRateLimit, ...] | None = None
     for name, listener in sorted(listeners.items()):
         assert isinstance(listener, listener_pb2.Listener)
         if name.startswith(SERVER_LISTENER_PREFIX):
             allow = _server_rules(mesh, listener)
+            rate_limits = decode_rate_limits(_server_hcm(listener))
             continue
         if not listener.HasField("api_listener"):
             raise PolicyError(f"listener {name}: neither an API listener nor a server listener")
@@ -342,19 +349,81 @@ def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]
         assert policy is not None
         policy = dataclasses.replace(policy, canary=split)
         targets[name] = TargetConfig(policy, decode_routes(policy, mine), tuple(endpoints))
-    return ProxylessConfig(targets, allow)
+    return ProxylessConfig(targets, allow, rate_limits)
 
 
-def _server_rules(mesh: MeshSpec, listener: listener_pb2.Listener) -> Rules:
+def _server_hcm(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:
     for chain in listener.filter_chains:
         for f in chain.filters:
             hcm = hcm_pb2.HttpConnectionManager()
-            if not f.typed_config.Unpack(hcm):
-                continue
-            for http_filter in hcm.http_filters:
-                if http_filter.typed_config.type_url == RBAC_TYPE:
-                    rbac = rbac_filter_pb2.RBAC()
-                    http_filter.typed_config.Unpack(rbac)
-                    return decode_allow(rbac.rules, mesh.mesh.trust_domain)
+            if f.typed_config.Unpack(hcm):
+                return hcm
+    raise PolicyError(f"listener {listener.name}: no HttpConnectionManager")
+
+
+def _server_rules(mesh: MeshSpec, listener: listener_pb2.Listener) -> Rules:
+    for http_filter in _server_hcm(listener).http_filters:
+        if http_filter.typed_config.type_url == RBAC_TYPE:
+            rbac = rbac_filter_pb2.RBAC()
+            http_filter.typed_config.Unpack(rbac)
+            return decode_allow(rbac.rules, mesh.mesh.trust_domain)
     raise PolicyError(f"listener {listener.name}: no RBAC filter (a server without allow rules would refuse "
                       "everything; refusing the listener instead)")
+
+
+RATE_LIMIT_TYPE = "type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit"
+FILTER_CONFIG_TYPE = "type.googleapis.com/envoy.config.route.v3.FilterConfig"
+
+
+def decode_rate_limits(hcm: hcm_pb2.HttpConnectionManager) -> tuple[ScopedRateLimit, ...]:
+    """A server listener's rate limits as `config.resolve.inbound_rate_limits` gives them: each route in
+    order with the limit of its methods (its own configuration, else the virtual host's, the service's
+    block; a route that turns the filter off is not one of the service's and is left out). () when the
+    listener has no local rate limit filter."""
+    if not any(f.typed_config.type_url == RATE_LIMIT_TYPE for f in hcm.http_filters):
+        return ()
+    vhosts = hcm.route_config.virtual_hosts
+    if len(vhosts) != 1:
+        raise PolicyError(f"{hcm.stat_prefix}: expected one virtual host, got {len(vhosts)}")
+    vhost = vhosts[0]
+    shared = (_rate_limit(None, vhost.typed_per_filter_config[RATE_LIMIT_FILTER], f"{vhost.name} virtual host")
+              if RATE_LIMIT_FILTER in vhost.typed_per_filter_config else None)
+    out = []
+    for route in vhost.routes:
+        which = route.match.WhichOneof("path_specifier")
+        if which not in ("path", "prefix"):
+            raise PolicyError(f"route {route.name}: expected a path or prefix match, got {which}")
+        pattern = getattr(route.match, which)
+        config = route.typed_per_filter_config.get(RATE_LIMIT_FILTER)
+        if config is None:
+            out.append(ScopedRateLimit(pattern, shared))
+        elif config.type_url != FILTER_CONFIG_TYPE:
+            out.append(ScopedRateLimit(pattern, _rate_limit(pattern, config, f"route {route.name}")))
+        elif not _turned_off(config):
+            raise PolicyError(f"route {route.name}: a FilterConfig for the rate limit that does not turn it off")
+    return tuple(out)
+
+
+def _turned_off(packed: Any) -> bool:
+    config = route_components_pb2.FilterConfig()
+    return bool(packed.Unpack(config) and config.disabled)
+
+
+def _rate_limit(scope: str | None, packed: Any, where: str) -> RateLimit:
+    """One LocalRateLimit (render/envoy.py `local_rate_limit`) as the buckets it stands for."""
+    config = local_rate_limit_pb2.LocalRateLimit()
+    if not packed.Unpack(config):
+        raise PolicyError(f"{where}: expected a LocalRateLimit, got {packed.type_url}")
+
+    def bucket(tb: Any, what: str) -> Bucket:
+        if tb.fill_interval.ToMilliseconds() != 1000 or tb.tokens_per_fill.value < 1 or tb.max_tokens < 1:
+            raise PolicyError(f"{where}: {what}: expected tokens_per_fill >= 1 per fill_interval 1s and "
+                              "max_tokens >= 1, as the mesh renders a bucket")
+        return Bucket(tb.tokens_per_fill.value, tb.max_tokens)
+
+    callers = []
+    for d in config.descriptors:
+        if len(d.entries) != 1 or d.entries[0].key != CALLER_KEY or not d.entries[0].value:
+            raise PolicyError(f"{where}: expected descriptors of one `caller` entry (a SPIFFE ID)")
+        callers.append((d.entries[0].value, bucket(d.token_bucket, f"caller {d.entries[0].value}")))
+    return RateLimit(scope, bucket(config.token_bucket, "token_bucket"), tuple(sorted(callers)))

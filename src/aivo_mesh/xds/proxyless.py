@@ -27,7 +27,10 @@ mesh.yaml and one piece of code does each job. Per peer the service may call:
 
 and, for the service's own server, a listener named as gRPC's xDS servers name theirs
 (`grpc/server?xds.resource.listening_address=<host:port>`) carrying the sidecar's inbound allow rules as an
-RBAC HTTP filter (gRFC A41). gRPC's clients never ask for it (they name their targets); MeshServer does.
+RBAC HTTP filter (gRFC A41) and, when mesh.yaml limits the service, the sidecar's inbound rate limits as
+they are: the local rate limit HTTP filter, the service's buckets on the virtual host and a route's own on
+that route, in the inbound routes' order (render/envoy.py `local_rate_limit`). gRPC's clients never ask
+for it (they name their targets); MeshServer does.
 
 The metadata is what a MeshClient on the control plane reads (`xds.policies.decode_config`): the same
 snapshot serves gRPC's own client and MeshClient. Nothing here imports grpc; `grpc_bootstrap` is plain
@@ -44,6 +47,7 @@ from envoy.config.core.v3 import config_source_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
@@ -52,7 +56,14 @@ from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import callable_peers, per_pattern, route_policies, service_policy
-from aivo_mesh.render.envoy import INBOUND_LISTENER, OUTBOUND_LISTENER, RBAC_FILTER, cluster_service, peer_cluster_names
+from aivo_mesh.render.envoy import (
+    INBOUND_LISTENER,
+    OUTBOUND_LISTENER,
+    RATE_LIMIT_FILTER,
+    RBAC_FILTER,
+    cluster_service,
+    peer_cluster_names,
+)
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
 from aivo_mesh.xds.groups import PLANE_KEY, PROXYLESS, group_name
 from aivo_mesh.xds.policies import SERVER_LISTENER_PREFIX, cluster_metadata, route_metadata, set_metadata
@@ -124,10 +135,28 @@ def _server_listener(mesh: MeshSpec, service: str, sidecar: Snapshot) -> listene
         raise InconsistentSnapshot(group_name(service), [f"{inbound.name}: no RBAC override on its virtual host"])
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix=f"{service}_server")
     vhost = hcm.route_config.virtual_hosts.add(name=service, domains=["*"])
-    route = vhost.routes.add()
-    route.match.prefix = "/"
-    route.non_forwarding_action.SetInParent()
+    limited = any(RATE_LIMIT_FILTER in r.typed_per_filter_config for r in inbound.virtual_hosts[0].routes)
+    if limited:
+        # The inbound routes' matches and rate limits, in their order; the rest of them (deadlines, the
+        # app's cluster) is the sidecar's business.
+        if RATE_LIMIT_FILTER in inbound.virtual_hosts[0].typed_per_filter_config:
+            vhost.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(
+                inbound.virtual_hosts[0].typed_per_filter_config[RATE_LIMIT_FILTER])
+        for inbound_route in inbound.virtual_hosts[0].routes:
+            route = vhost.routes.add(name=inbound_route.name)
+            route.match.CopyFrom(inbound_route.match)
+            route.non_forwarding_action.SetInParent()
+            if RATE_LIMIT_FILTER in inbound_route.typed_per_filter_config:
+                route.typed_per_filter_config[RATE_LIMIT_FILTER].CopyFrom(
+                    inbound_route.typed_per_filter_config[RATE_LIMIT_FILTER])
+    else:
+        route = vhost.routes.add()
+        route.match.prefix = "/"
+        route.non_forwarding_action.SetInParent()
     _pack(hcm.http_filters.add(name=RBAC_FILTER).typed_config, override.rbac)
+    if limited:
+        _pack(hcm.http_filters.add(name=RATE_LIMIT_FILTER).typed_config,
+              local_rate_limit_pb2.LocalRateLimit(stat_prefix=f"{service}_server_rate_limit"))
     _pack(hcm.http_filters.add(name="envoy.filters.http.router").typed_config, router_pb2.Router())
     context = tls_pb2.CommonTlsContext()
     context.tls_certificate_provider_instance.instance_name = CERT_PROVIDER
