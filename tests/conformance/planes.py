@@ -10,6 +10,9 @@ Envoy 1.40 on the control plane, the app behind or in front of it playing the se
     sidecar                app -> learner's Envoy -> auth's Envoy -> app, as `meshctl up --plane sidecar`
     proxyless-to-sidecar   MeshClient on the control plane -> auth's Envoy -> app
     sidecar-to-proxyless   app -> learner's Envoy -> auth's MeshServer on the control plane
+    grpc-xds               gRPC's own xDS client (`xds:///auth-svc`, GRPC_XDS_BOOTSTRAP from `meshctl xds
+                           bootstrap`), a plain grpc.aio application in a process of its own -> auth's
+                           MeshServer on the control plane
 
 The called app is one `Script` whatever the plane: it counts attempts per call (the payload names the call)
 and does what the phase's Behaviour says. Instances past the first are more auth-svc front doors: MeshServers,
@@ -21,7 +24,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import json
 import shutil
+import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,7 +36,7 @@ from typing import Any
 
 import grpc
 import yaml
-from helpers import auth_app, start_envoy_async, wait_envoy_live, write_sidecar
+from helpers import auth_app, checkout_env, start_envoy_async, wait_envoy_live, write_sidecar
 from scenario import PLANES, SERVICE, Behaviour, Scenario
 from waiting import until
 
@@ -48,9 +53,109 @@ from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.runtime.status import envoy_hosts
 from aivo_mesh.server import MeshServer
 from aivo_mesh.xds.node import ProxylessNode, apply_to
+from aivo_mesh.xds.proxyless import grpc_bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
 CALLER, CALLED = "learner-svc", "auth-svc"
+
+# The grpc-xds plane's caller: plain grpc, as any application would write it. One JSON line in per call (an id,
+# a method, a payload; calls run concurrently, without a deadline: the route's applies), one JSON line out.
+GRPC_XDS_CLIENT = r"""
+import asyncio, json, sys, time
+import grpc
+
+async def main():
+    # Fallback credentials no mesh server accepts: a call that succeeds was secured as the control plane said.
+    creds = grpc.xds_channel_credentials(fallback_credentials=grpc.ssl_channel_credentials())
+    channel = grpc.aio.secure_channel("xds:///auth-svc", creds)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    tasks = set()
+    # Ready once the listener, routes, cluster and endpoints arrived and the connection is up: no call
+    # is spent on it (a rate limit's bucket stays full).
+    await asyncio.wait_for(channel.channel_ready(), 30)
+    print(json.dumps({"ready": True}), flush=True)
+
+    async def one(ask):
+        rpc = channel.unary_unary(ask["method"])
+        started = time.monotonic()
+        try:
+            reply = await rpc(ask["payload"].encode())
+            out = {"code": "OK", "reply": reply.decode(), "details": "", "trailers": []}
+        except grpc.aio.AioRpcError as exc:
+            out = {"code": exc.code().name, "reply": None, "details": exc.details() or "",
+                   "trailers": [k for k, _ in (exc.trailing_metadata() or ())]}
+        out.update(id=ask["id"], seconds=time.monotonic() - started)
+        print(json.dumps(out), flush=True)
+
+    while line := await reader.readline():
+        task = asyncio.create_task(one(json.loads(line)))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    await asyncio.gather(*tasks)
+
+asyncio.run(main())
+"""
+
+
+class GrpcXdsCaller:
+    """The GRPC_XDS_CLIENT process: calls in, replies matched to them by id."""
+
+    def __init__(self, proc: asyncio.subprocess.Process, stderr: Path) -> None:
+        self.proc, self.stderr = proc, stderr
+        self.waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.next_id = 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        assert self.proc.stdout is not None
+        ready = await self.proc.stdout.readline()
+        if not ready:
+            self.ready.set_exception(AssertionError(f"the client exited: {self.stderr.read_text()[-3000:]}"))
+            return
+        self.ready.set_result(None)
+        while line := await self.proc.stdout.readline():
+            got = json.loads(line)
+            self.waiting.pop(got["id"]).set_result(got)
+        for future in self.waiting.values():
+            future.set_exception(AssertionError(f"the client exited: {self.stderr.read_text()[-3000:]}"))
+
+    async def call(self, method: str, payload: bytes) -> Reply:
+        assert self.proc.stdin is not None
+        self.next_id += 1
+        future = self.waiting[self.next_id] = asyncio.get_running_loop().create_future()
+        ask = {"id": self.next_id, "method": f"/{SERVICE}/{method}", "payload": payload.decode()}
+        self.proc.stdin.write(json.dumps(ask).encode() + b"\n")
+        await self.proc.stdin.drain()
+        got = await asyncio.wait_for(future, 60)
+        return Reply(got["code"], got["details"], got["seconds"], got["reply"], tuple(got["trailers"]))
+
+    async def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        try:
+            await asyncio.wait_for(self.proc.wait(), 10)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+        await self.reader
+
+
+async def grpc_xds_caller(mesh: MeshSpec, certs: CertLayout, d: Path) -> GrpcXdsCaller:
+    bootstrap_file = d / "learner-xds.json"
+    cert, key = certs.identity_paths(CALLER)
+    bootstrap_file.write_text(json.dumps(grpc_bootstrap(mesh, CALLER, mesh.control_plane.address, cert=cert,
+                                                        key=key, ca=certs.ca_cert)))
+    stderr = d / "grpc-xds-client.stderr"
+    with stderr.open("wb") as err:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-c", GRPC_XDS_CLIENT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            stderr=err, env=checkout_env(unset=["GRPC_SSL_CIPHER_SUITES"],
+                                         extra={"GRPC_XDS_BOOTSTRAP": str(bootstrap_file)}))
+    return GrpcXdsCaller(proc, stderr)
+
 
 # What every scenario starts from (it overrides any key): quick back-off, and breaker, ejection and health
 # checks out of the way unless a scenario is about them.
@@ -260,6 +365,12 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
                     await _node(stacks.stack, mesh, certs, CALLED, own, server)
 
         # The caller.
+        if caller_side == "grpc-xds":
+            xds_caller = await grpc_xds_caller(mesh, certs, tmp_path)
+            stacks.stack.push_async_callback(xds_caller.close)
+            await asyncio.wait_for(xds_caller.ready, 40)
+            yield World(plane, mesh, script, xds_caller.call, stops)
+            return
         if caller_side == "proxyless":
             client = MeshClient(MeshConfig.for_identity(CALLER, certs, mesh))
             stacks.stack.push_async_callback(client.close)

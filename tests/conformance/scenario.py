@@ -33,6 +33,7 @@ PLANES: dict[str, tuple[str, str, bool]] = {
     "sidecar": ("sidecar", "sidecar", True),
     "proxyless-to-sidecar": ("proxyless", "sidecar", True),
     "sidecar-to-proxyless": ("sidecar", "proxyless", True),
+    "grpc-xds": ("grpc-xds", "proxyless", True),
 }
 
 
@@ -88,6 +89,7 @@ class Divergence:
     planes: tuple[str, ...]
     reason: str
     phases: Mapping[str, Expect]  # phase name -> what those planes show instead
+    lint: str  # what `meshctl lint` says about the scenario's mesh.yaml (a part of its warning)
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,7 @@ def load(path: Path = SCENARIOS) -> list[Scenario]:
             unknown = set(dd["phases"]) - names
             if unknown:
                 raise ValueError(f"{where}.divergences[{j}]: unknown phases {sorted(unknown)}")
-            divergences.append(Divergence(planes=tuple(dd["planes"]), reason=dd["reason"],
+            divergences.append(Divergence(planes=tuple(dd["planes"]), reason=dd["reason"], lint=dd["lint"],
                                           phases={k: _expect(v, f"{where}.divergences[{j}].{k}")
                                                   for k, v in dd["phases"].items()}))
         d["divergences"] = tuple(divergences)

@@ -13,10 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from binaries import needs
-from planes import Reply, World, world
+from planes import CALLED, Reply, World, mesh_doc, world
 from scenario import PLANES, Outcome, Phase, PhaseResult, Scenario, check, docs_with_table, load, markdown_table, table
 
+from aivo_mesh.config.loader import parse_mesh
+from aivo_mesh.lint.envoy import lint_mesh
 from aivo_mesh.pki import CertLayout
 
 SCENARIOS = load()
@@ -93,3 +96,20 @@ def test_docs_planes_md_carries_the_suites_table() -> None:
     wanted = docs_with_table(text, markdown_table(SCENARIOS, tuple(PLANES)))
     assert text == wanted, ("docs/planes.md's conformance table is stale: "
                             "run `python tests/conformance/scenario.py --write`")
+
+
+@pytest.mark.parametrize("scenario", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_meshctl_lint_warns_of_each_documented_divergence_and_of_nothing_else(scenario: Scenario) -> None:
+    """A user whose mesh.yaml asks for what a plane cannot do hears it from `meshctl lint`, before any call."""
+    doc = mesh_doc(scenario)
+    if scenario.versions:  # the instances' endpoints, as the planes write them
+        auth = next(s for s in doc["services"] if s["name"] == CALLED)
+        auth["endpoints"] = [{"address": f"127.0.0.1:{20000 + i}", "version": v}
+                             for i, v in enumerate(scenario.versions.values())]
+    mesh = parse_mesh(yaml.safe_dump(doc, sort_keys=False), "mesh.yaml")
+    called = f"services[{mesh.service_names.index(CALLED)}]"
+    warnings = [f"{i.path}: {i.message}" for i in lint_mesh(mesh) if i.path.startswith(called)]
+    for divergence in scenario.divergences:
+        assert any(divergence.lint in w for w in warnings), (divergence.reason, warnings)
+    if not scenario.divergences:
+        assert warnings == []

@@ -458,13 +458,15 @@ def lint_bootstrap(config: Mapping[str, Any], *, file: str = "<config>", check_f
 
 
 def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
-    """mesh.yaml retry policies the sidecars cannot express or that do nothing (warnings; paths as in
-    mesh.yaml). A per-try timeout is left out where `per_try_not_applied` says so: warned when it was
-    written for that very route (or the service's catch-all), or when the route is an idempotent unary
-    one with retries whose retry_on lacks DEADLINE_EXCEEDED (probably meant to apply)."""
+    """mesh.yaml retry policies the sidecars cannot express or that do nothing, and where the planes
+    differ (warnings; paths as in mesh.yaml; each difference is a scenario of the conformance suite).
+    A per-try timeout is left out where `per_try_not_applied` says so: warned when it was written for
+    that very route (or the service's catch-all), or when the route is an idempotent unary one with
+    retries whose retry_on lacks DEADLINE_EXCEEDED (probably meant to apply)."""
     out: list[LintIssue] = []
     for i, svc in enumerate(mesh.services):
         sp, policies = service_policy(mesh, svc.name), route_policies(mesh, svc.name)
+        limited = svc.rate_limit is not None or any(r.rate_limit is not None for r in svc.routes)
         where = [(f"services[{i}]", service_prefix(svc.grpc_service), svc.retry)]
         where += [(f"services[{i}].routes[{j}]", r.match, r.retry) for j, r in enumerate(svc.routes)]
         for path, pattern, own in where:
@@ -483,6 +485,12 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
             for code in on.no_envoy_token:
                 out.append(LintIssue(f"{path}.retry.retry_on", "warning",
                                      f"{code}: not retried by the Envoy sidecars ({reasons[code]})"))
+            if limited and "resource-exhausted" in on.tokens:
+                out.append(LintIssue(f"{path}.retry.retry_on", "warning",
+                                     "RESOURCE_EXHAUSTED from this service's rate limit: MeshClient retries after "
+                                     "the grpc-retry-pushback-ms the limit sends, an Envoy sidecar after its own "
+                                     "back-off (it does not read that trailer), into a bucket that is likely "
+                                     "still empty"))
             per_try = rp.retry.per_try_timeout  # None where not applied (above)
             if per_try is not None and per_try >= rp.timeout:
                 out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
