@@ -593,6 +593,83 @@ def test_optional_features(tmp_path: Path) -> None:
             assert res.returncode == 0, res.stderr + res.stdout
 
 
+ROUTE_FAULTS_MESH = """
+mesh: {trust_domain: example.org}
+services:
+  - name: front
+    grpc_service: demo.Front
+    port: 7001
+    local_port: 7101
+    fault: {delay: 200ms, delay_percent: 50, callers: [back]}
+    routes:
+      - {match: /demo.Front/Get, fault: {abort_status: UNAVAILABLE, abort_percent: 100, callers: [back, mesh-client]}}
+      - {match: /demo.Front/Put, fault: {delay_percent: 0}}
+      - {match: /demo.Front/List}
+    allow:
+      - from: ["*"]
+  - name: back
+    grpc_service: demo.Back
+    port: 7002
+    local_port: 7102
+    allow:
+      - from: ["*"]
+"""
+
+
+def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Path) -> None:
+    """Each route carries its resolved fault as the fault filter's per-route config (key by key over the
+    service's: Get keeps the service's delay), a route at 0 % an empty one that turns the service's off,
+    a route without `fault` the service's; the filter itself keeps the service's, for its own methods
+    only. Callers are matched on the sanitized x-forwarded-client-cert the inbound HCM sets."""
+    from aivo_mesh.xds.resources import Trust, sidecar_snapshot
+
+    m = parse_mesh(ROUTE_FAULTS_MESH, "faults.yaml")
+    cfg = bootstrap(m, "front", EnvoyProfile.pod(m))
+    inbound = _hcm(_listener(cfg, "inbound_grpc"))
+    assert [f["name"] for f in inbound["http_filters"]] == [
+        "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
+        "envoy.filters.http.router"]
+    base = inbound["http_filters"][2]["typed_config"]
+    back, client = "spiffe://example.org/ns/default/sa/back", "spiffe://example.org/ns/default/sa/mesh-client"
+    assert base["headers"] == [{"name": ":path", "string_match": {"prefix": "/demo.Front/"}},
+                               {"name": "x-forwarded-client-cert", "string_match": {"suffix": f";URI={back}"}}]
+    assert "abort" not in base
+    per_route = {r["name"]: r.get("typed_per_filter_config", {}).get("envoy.filters.http.fault")
+                 for r in _routes(_listener(cfg, "inbound_grpc"))}
+    assert list(per_route) == ["front/Get", "front/Put", "front/List", "front/default"]
+    get = per_route["front/Get"]
+    assert get is not None and get["abort"] == {"grpc_status": 14, "percentage": {"numerator": 100,
+                                                                                  "denominator": "HUNDRED"}}
+    assert get["delay"]["fixed_delay"] == "0.2s"
+    (xfcc,) = get["headers"]
+    regex = xfcc["string_match"]["safe_regex"]["regex"]
+    import re
+
+    for caller, faulted in ((back, True), (client, True), ("spiffe://example.org/ns/default/sa/other", False),
+                            (back + "x", False)):
+        assert bool(re.fullmatch(regex, f'By=spiffe://example.org/ns/default/sa/front;Hash=ab;URI={caller}')) is faulted
+    assert per_route["front/Put"] == {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
+    assert per_route["front/List"] is not None and per_route["front/List"]["delay"] == base["delay"]
+    assert per_route["front/default"] is None  # the filter's own config: the service's fault
+    # Without a fault anywhere, no filter at all.
+    assert all(f["name"] != "envoy.filters.http.fault"
+               for f in _hcm(_listener(bootstrap(m, "back", EnvoyProfile.pod(m)), "inbound_grpc"))["http_filters"])
+    # The control plane's typed resources take the same (a field Envoy does not have fails here).
+    snap = sidecar_snapshot(m, "front", EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
+    assert not snap.problems()
+    typed_get = next(r for r in snap.get("type.googleapis.com/envoy.config.route.v3.RouteConfiguration")["inbound"]
+                     .virtual_hosts[0].routes if r.name == "front/Get")
+    assert typed_get.typed_per_filter_config["envoy.filters.http.fault"].type_url.endswith(".HTTPFault")
+    if optional("envoy") is not None:
+        certs = tmp_path / "certs"
+        from aivo_mesh.pki import init_ca, issue_all
+
+        init_ca(CertLayout(certs), m.mesh.trust_domain)
+        issue_all(CertLayout(certs), m)
+        res = _validate(_write_pod_relocated(m, "front", certs, tmp_path / "pod"))
+        assert res.returncode == 0, res.stderr + res.stdout
+
+
 def test_pod_local_port_clash_is_a_config_error() -> None:
     """Checked when the mesh is loaded: the renderers take a valid model and never fail on it."""
     from aivo_mesh.errors import ConfigError

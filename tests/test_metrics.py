@@ -43,6 +43,7 @@ EXPECTED = {
     "mtls_certificate_expiry_seconds": ("gauge", {"service"}),
     "mesh_peer_certificate_refusals": ("counter", {"side", "service", "rule"}),
     "mtls_refused_connections": ("counter", {"service", "reason"}),
+    "mesh_injected_faults": ("counter", {"service", "method", "fault"}),
 }
 
 

@@ -68,13 +68,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import posixpath
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aivo_mesh.config.model import FaultSpec, MeshSpec, ServiceSpec, known_methods
-from aivo_mesh.config.patterns import is_prefix, method_name
+from aivo_mesh.config.model import MeshSpec, ServiceSpec, known_methods
+from aivo_mesh.config.patterns import is_prefix, method_name, service_prefix
 from aivo_mesh.config.ports import (
     POD_ADMIN_PORT,
     POD_INBOUND_PORT,
@@ -84,7 +85,15 @@ from aivo_mesh.config.ports import (
     local_ports,
     sidecar_ports,
 )
-from aivo_mesh.config.resolve import RoutePolicy, callable_peers, per_pattern, route_policies, service_policy
+from aivo_mesh.config.resolve import (
+    FaultPolicy,
+    RoutePolicy,
+    callable_peers,
+    fault_policies,
+    per_pattern,
+    route_policies,
+    service_policy,
+)
 from aivo_mesh.pki.layout import CertLayout
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
@@ -585,19 +594,36 @@ def caller_header_match(spiffe_id: str) -> dict[str, Any]:
     return {"name": XFCC, "string_match": {"suffix": f";URI={spiffe_id}"}}
 
 
-def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
-    cfg: dict[str, Any] = {}
+def callers_header_match(spiffe_ids: Sequence[str]) -> dict[str, Any]:
+    """`caller_header_match` for any of several callers (one anchored RE2 alternation)."""
+    if len(spiffe_ids) == 1:
+        return caller_header_match(spiffe_ids[0])
+    alternatives = "|".join(re.escape(i) for i in spiffe_ids)
+    return {"name": XFCC, "string_match": {"safe_regex": {"regex": f".*;URI=(?:{alternatives})"}}}
+
+
+FAULT_FILTER = "envoy.filters.http.fault"
+FAULT_TYPE = "envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
+def _fault(fp: FaultPolicy, *, only_under: str | None = None) -> dict[str, Any]:
+    """An HTTPFault of one route's fault: the same draws as the proxyless plane (policy/fault.py), for the
+    callers it names; `only_under` a path prefix the request must have too. Empty when `fp` cannot fault
+    anything: as a route's override, that turns the service's fault off for the route."""
+    fault, cfg = fp.fault, {}
+    if not fp.active:
+        return _typed(FAULT_TYPE)
     if fault.abort_status not in (None, "OK") and fault.abort_percent > 0:
         cfg["abort"] = {"grpc_status": GRPC_STATUS_NAMES.index(fault.abort_status or "OK"),
                         "percentage": _percent(fault.abort_percent)}
     if fault.delay and fault.delay_percent > 0:
         cfg["delay"] = {"fixed_delay": _dur(fault.delay), "percentage": _percent(fault.delay_percent)}
-    if not cfg:
-        return None
-    # Only the service's own methods: health checks and reflection are never faulted.
-    cfg["headers"] = [{"name": ":path", "string_match": {"prefix": f"/{svc.grpc_service}/"}}]
-    return {"name": "envoy.filters.http.fault",
-            "typed_config": _typed("envoy.extensions.filters.http.fault.v3.HTTPFault", **cfg)}
+    headers = [{"name": ":path", "string_match": {"prefix": only_under}}] if only_under else []
+    if fp.callers is not None:
+        headers.append(callers_header_match(fp.callers))
+    if headers:
+        cfg["headers"] = headers
+    return _typed(FAULT_TYPE, **cfg)
 
 
 def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
@@ -606,12 +632,21 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
     backstop = max(rp.timeout for rp in policies if not rp.streaming)
     routes: list[dict[str, Any]] = []
     streaming_prefix = any(rp.streaming and is_prefix(rp.pattern) for rp in policies)
+    faults = fault_policies(mesh, svc.name)
+    # A route's own fault is its route's override of the filter (the service's fault); every route then
+    # gets one, so that the first route matching a method decides, as on the proxyless plane.
+    route_faults = {fp.pattern: fp for fp in faults if fp.match is not None} if any(
+        r.fault is not None for r in svc.routes) else {}
     for rp in policies:
-        if rp.match is None or not (rp.streaming or (streaming_prefix and not is_prefix(rp.pattern))):
+        if rp.match is None or not (rp.streaming or (streaming_prefix and not is_prefix(rp.pattern))
+                                    or rp.pattern in route_faults):
             continue  # the catch-all below serves it
-        routes.append({"name": _route_name(svc.name, rp.pattern), "match": _match(rp.pattern),
-                       "route": {"cluster": LOCAL_APP_CLUSTER,
-                                 **_deadline(rp.timeout if rp.streaming else backstop, streaming=rp.streaming)}})
+        route = {"name": _route_name(svc.name, rp.pattern), "match": _match(rp.pattern),
+                 "route": {"cluster": LOCAL_APP_CLUSTER,
+                           **_deadline(rp.timeout if rp.streaming else backstop, streaming=rp.streaming)}}
+        if rp.pattern in route_faults:
+            route["typed_per_filter_config"] = {FAULT_FILTER: _fault(route_faults[rp.pattern])}
+        routes.append(route)
     if profile.otlp is not None:
         # Probes are not traced, as on the app side (telemetry.tracing): every peer's sidecar health-
         # checks this one, and a trace per check would bury the calls in `meshctl traces` and Jaeger.
@@ -622,8 +657,10 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
     routes.append({"name": f"{svc.name}/default", "match": {"prefix": "/", "grpc": {}},
                    "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}})
     filters = [_rbac_filter(), _grpc_stats([svc], upstream=False)]
-    if svc.fault is not None and (fault := _fault(svc, svc.fault)) is not None:
-        filters.append(fault)
+    if any(fp.active for fp in faults):  # after RBAC: only authorized calls are faulted, as by MeshServer
+        # Only the service's own methods: health checks and reflection are never faulted.
+        filters.append({"name": FAULT_FILTER, "typed_config": _fault(
+            faults[-1], only_under=service_prefix(svc.grpc_service))})
     filters.append(_router())
     route_config = {"name": "inbound", "virtual_hosts": [
         {"name": "local_app", "domains": ["*"], "routes": routes,

@@ -29,6 +29,8 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
                                                            policy refused (rule: pki.peer.Rule)
     mtls_refused_connections_total{service,reason}         counter: TLS connections refused by this server
                                                            (runtime.handshakes.REASONS)
+    mesh_injected_faults_total{service,method,fault}       counter: faults injected by the server
+                                                           (fault: delay, abort; policy.fault)
 
 `side` is "client" (service = the target) or "server" (service = this process's own service).
 `status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
@@ -171,6 +173,10 @@ class MeshMetrics:
             "unknown_ca, certificate_expired, certificate_verify_failed, tls_version, not_tls, "
             "closed_during_handshake, handshake_error).",
             ["service", "reason"], registry=r)
+        self.faults = Counter(
+            "mesh_injected_faults", "Faults mesh.yaml's `fault` injected into calls this server admitted, by "
+            "service, method and fault (delay, abort).",
+            ["service", "method", "fault"], registry=r)
         self._ejected: dict[str, set[str]] = {}
 
     @classmethod
@@ -254,6 +260,12 @@ class MeshMetrics:
         if side not in SIDES:
             raise ValueError(f"side must be 'client' or 'server', not {side!r}")
         self.peer_refusals.labels(side, service_label(service), rule if rule in _RULES else "other").inc()
+
+    def observe_fault(self, service: str, method: str, *, delay: bool, abort: bool) -> None:
+        """One injected fault: a call delayed, aborted or both (each counted under its own `fault`)."""
+        for kind, injected in (("delay", delay), ("abort", abort)):
+            if injected:
+                self.faults.labels(service_label(service), method_label(method), kind).inc()
 
     def set_certificate_expiry(self, service: str, identity: _Expiring | float) -> None:
         """Export the seconds left on `service`'s certificate. Given an object with `seconds_left()`

@@ -11,7 +11,7 @@ handed to what applies them (MeshClient's targets, MeshServer's allow rules).
 The node is the service's SPIFFE ID (the control plane checks it against the certificate) on the
 proxyless plane (`aivo.plane: proxyless` in its metadata), so it receives the `<service>/proxyless` node
 group: an API listener, routes, cluster and assignment per peer it may call, and its own server's
-listener (xds/proxyless.py). Each type is checked as it arrives (a resource this process cannot read is
+listener, with its allow rules and faults (xds/proxyless.py). Each type is checked as it arrives (a resource this process cannot read is
 NACKed with the reason, nothing of it applied) and a complete set is decoded (xds/policies.py) and
 applied as one.
 """
@@ -43,12 +43,15 @@ log = logging.getLogger(__name__)
 def apply_to(client: MeshClient, server: MeshServer | None = None) -> Callable[[ProxylessConfig], None]:
     """What a proxyless process does with each configuration: its peers' policies, routes and endpoints
     to its client (`MeshClient.apply_control_plane`), its own allow rules to its server
-    (`MeshServer.set_allow_rules`). Both on the event loop the node runs on."""
+    (`MeshServer.set_allow_rules`) and faults (`MeshServer.set_faults`). Both on the event loop the node
+    runs on."""
 
     def apply(config: ProxylessConfig) -> None:
         client.apply_control_plane(config.targets)
         if server is not None and config.allow is not None:
             server.set_allow_rules(config.allow)
+        if server is not None and config.faults is not None:
+            server.set_faults(config.faults)
 
     return apply
 
