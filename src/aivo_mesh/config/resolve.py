@@ -23,6 +23,7 @@ from aivo_mesh.config.model import (
     LimitsSpec,
     MeshSpec,
     OutlierDetectionSpec,
+    PolicySpec,
     RetryBudgetSpec,
     RetrySpec,
     ServiceSpec,
@@ -98,11 +99,8 @@ def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
     assert b.health_check is not None
     breaker = _pick(b.circuit_breaker, d.circuit_breaker, svc.circuit_breaker)
     outlier = _pick(b.outlier_detection, d.outlier_detection, svc.outlier_detection)
-    if not any(o is not None and "consecutive_failures" in o.model_fields_set
-               for o in (d.outlier_detection, svc.outlier_detection)):
-        # One failure threshold for both planes: Envoy's breaker is its outlier detection, so unless
-        # outlier_detection names its own, it ejects at the breaker's count (proxyless outlier layer too).
-        outlier = outlier.model_copy(update={"consecutive_failures": breaker.consecutive_failures})
+    outlier = outlier.model_copy(update={"consecutive_failures": _ejection_threshold(
+        b.circuit_breaker.consecutive_failures, d, svc)})
     return ServicePolicy(
         service=svc,
         timeout=svc.timeout or d.timeout or b.timeout or 5.0,
@@ -113,6 +111,22 @@ def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
         outlier_detection=outlier,
         health_check=_pick(b.health_check, d.health_check, svc.health_check),
     )
+
+
+def _ejection_threshold(builtin: int, *levels: PolicySpec | ServiceSpec) -> int:
+    """outlier_detection.consecutive_failures as both planes apply it: one failure threshold for the
+    breaker and the ejection. Envoy's only breaker is its outlier detection, so the ejection follows
+    circuit_breaker.consecutive_failures, level by level (defaults, then service), except where a level
+    sets outlier_detection.consecutive_failures itself: the most specific level that sets either key
+    decides, and a level setting both keeps its outlier_detection value."""
+    threshold = builtin
+    for level in levels:
+        od, cb = level.outlier_detection, level.circuit_breaker
+        if od is not None and "consecutive_failures" in od.model_fields_set:
+            threshold = od.consecutive_failures
+        elif cb is not None and "consecutive_failures" in cb.model_fields_set:
+            threshold = cb.consecutive_failures
+    return threshold
 
 
 def longest_timeout(mesh: MeshSpec, service: str) -> float:

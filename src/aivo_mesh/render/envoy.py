@@ -610,7 +610,7 @@ def _fault(fp: FaultPolicy, *, only_under: str | None = None) -> dict[str, Any]:
     """An HTTPFault of one route's fault: the same draws as the proxyless plane (policy/fault.py), for the
     callers it names; `only_under` a path prefix the request must have too. Empty when `fp` cannot fault
     anything: as a route's override, that turns the service's fault off for the route."""
-    fault, cfg = fp.fault, {}
+    fault, cfg = fp.fault, dict[str, Any]()
     if not fp.active:
         return _typed(FAULT_TYPE)
     if fault.abort_status not in (None, "OK") and fault.abort_percent > 0:
@@ -618,7 +618,7 @@ def _fault(fp: FaultPolicy, *, only_under: str | None = None) -> dict[str, Any]:
                         "percentage": _percent(fault.abort_percent)}
     if fault.delay and fault.delay_percent > 0:
         cfg["delay"] = {"fixed_delay": _dur(fault.delay), "percentage": _percent(fault.delay_percent)}
-    headers = [{"name": ":path", "string_match": {"prefix": only_under}}] if only_under else []
+    headers: list[dict[str, Any]] = [{"name": ":path", "string_match": {"prefix": only_under}}] if only_under else []
     if fp.callers is not None:
         headers.append(callers_header_match(fp.callers))
     if headers:

@@ -34,7 +34,7 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
 
 `side` is "client" (service = the target) or "server" (service = this process's own service).
 `status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
-(`CIRCUIT_OPEN`, `LOCAL_RESOURCE_EXHAUSTED`, `LOCAL_DEADLINE_EXCEEDED`, ...) so it never looks like a
+(`CIRCUIT_OPEN`, `LOCAL_OVERFLOW`, `LOCAL_DEADLINE_EXCEEDED`, ...) so it never looks like a
 server error. Labels come from the proto path only, never from peer addresses; a method that is not
 a well-formed `/pkg.Service/Method` path is counted as `method="unknown"` to bound cardinality.
 """
@@ -77,6 +77,9 @@ BREAKER_STATES: dict[str, int] = STATE_GAUGE
 LIMIT_REASONS = frozenset({str(LocalReason.MAX_REQUESTS), str(LocalReason.MAX_PENDING_REQUESTS), "max_connections",
                            "max_retries"})
 
+# The status label of a call the concurrency limit refused (UNAVAILABLE, as Envoy's overflow): not
+# LOCAL_UNAVAILABLE, so it never looks like a call with no endpoint to go to.
+OVERFLOW = "LOCAL_OVERFLOW"
 # The status label of a call the breaker refused: not LOCAL_UNAVAILABLE, so it never looks like a
 # connection failure.
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
@@ -107,14 +110,16 @@ def status_label(code: str) -> str:
 
 def local_status(code: str, local: LocalReason | None) -> str:
     """The status label of a finished call: its code name; for a call the client answered itself,
-    `CIRCUIT_OPEN` when the breaker refused it, else `LOCAL_<code>` (`LOCAL_RESOURCE_EXHAUSTED` for a
-    full queue, `LOCAL_DEADLINE_EXCEEDED` for a client-side deadline, `LOCAL_UNAVAILABLE` for no
-    endpoints), so it never looks like a server's answer."""
+    `CIRCUIT_OPEN` when the breaker refused it, `LOCAL_OVERFLOW` when the concurrency limit's queue was
+    full, else `LOCAL_<code>` (`LOCAL_DEADLINE_EXCEEDED` for a client-side deadline, `LOCAL_UNAVAILABLE`
+    for no endpoints), so it never looks like a server's answer."""
     code = status_label(code)
     if local is None:
         return code
     if local is LocalReason.CIRCUIT_OPEN:
         return CIRCUIT_OPEN
+    if local is LocalReason.MAX_PENDING_REQUESTS:
+        return OVERFLOW
     return code if code.startswith("LOCAL_") else f"LOCAL_{code}"
 
 

@@ -11,9 +11,9 @@ handed to what applies them (MeshClient's targets, MeshServer's allow rules).
 The node is the service's SPIFFE ID (the control plane checks it against the certificate) on the
 proxyless plane (`aivo.plane: proxyless` in its metadata), so it receives the `<service>/proxyless` node
 group: an API listener, routes, cluster and assignment per peer it may call, and its own server's
-listener, with its allow rules and faults (xds/proxyless.py). Each type is checked as it arrives (a resource this process cannot read is
-NACKed with the reason, nothing of it applied) and a complete set is decoded (xds/policies.py) and
-applied as one.
+listener, with its allow rules and faults (xds/proxyless.py). Each type is checked as it arrives (a
+resource this process cannot read is NACKed with the reason, nothing of it applied) and a complete set
+is decoded (xds/policies.py) and applied as one.
 """
 
 from __future__ import annotations
