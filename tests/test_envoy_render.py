@@ -657,8 +657,8 @@ def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Pat
     # The control plane's typed resources take the same (a field Envoy does not have fails here).
     snap = sidecar_snapshot(m, "front", EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
     assert not snap.problems()
-    typed_get = next(r for r in snap.get("type.googleapis.com/envoy.config.route.v3.RouteConfiguration")["inbound"]
-                     .virtual_hosts[0].routes if r.name == "front/Get")
+    inbound_routes: Any = snap.get("type.googleapis.com/envoy.config.route.v3.RouteConfiguration")["inbound"]
+    typed_get = next(r for r in inbound_routes.virtual_hosts[0].routes if r.name == "front/Get")
     assert typed_get.typed_per_filter_config["envoy.filters.http.fault"].type_url.endswith(".HTTPFault")
     if optional("envoy") is not None:
         certs = tmp_path / "certs"

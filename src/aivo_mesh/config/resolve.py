@@ -224,8 +224,9 @@ def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
 @dataclass(frozen=True)
 class FaultPolicy:
     """The fault injected into the calls of one route of one service (see `fault_policies`): `fault` as
-    the route resolves it (the service's `fault` <- the route's, key by key), `callers` the SPIFFE IDs it
-    is limited to (None: every caller). `match` is the mesh.yaml route, None for the catch-all."""
+    the route resolves it (the service's `fault` <- the route's, key by key) but its `callers`, which are
+    `callers` here: the SPIFFE IDs it is limited to (None: every caller). `match` is the mesh.yaml route,
+    None for the catch-all."""
 
     pattern: str
     match: str | None
@@ -250,7 +251,9 @@ def fault_policies(mesh: MeshSpec, service: str) -> tuple[FaultPolicy, ...]:
 
     def policy(pattern: str, match: str | None, fault: FaultSpec) -> FaultPolicy:
         ids = tuple(dict.fromkeys(c if c.startswith("spiffe://") else mesh.spiffe_id(c) for c in fault.callers))
-        return FaultPolicy(pattern, match, fault, None if not ids or "*" in fault.callers else ids)
+        # The callers live in `callers` only, resolved: `fault` is left with none of its own.
+        return FaultPolicy(pattern, match, fault.model_copy(update={"callers": ()}),
+                           None if not ids or "*" in fault.callers else ids)
 
     base = svc.fault or FaultSpec()
     routes = tuple(policy(r.match, r.match, merge(base, r.fault))

@@ -120,7 +120,7 @@ def cluster_metadata(sp: ServicePolicy) -> dict[str, Any]:
 def fault_metadata(policies: tuple[FaultPolicy, ...]) -> dict[str, Any]:
     """What a server listener carries of its service's faults (the module docstring)."""
     return {"faults": [{"pattern": p.pattern, "match": p.match,
-                        "fault": {k: v for k, v in to_data(p.fault).items() if k != "callers"},
+                        "fault": to_data(p.fault),
                         "callers": None if p.callers is None else list(p.callers)} for p in policies]}
 
 
