@@ -58,6 +58,12 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   required and limited to the trust domain; an RBAC filter mirrors `server.authz.Authorizer`
   (health/reflection open to every mesh identity, the allow-list for the rest, 403 ->
   PERMISSION_DENIED). TLS 1.3 minimum *and* maximum everywhere, ALPN h2.
+- **Faults.** mesh.yaml's `fault` is the inbound fault filter after RBAC (authorized calls only), limited
+  to the service's own methods by a ``:path`` header match; a route's own `fault` is that route's
+  ``typed_per_filter_config`` override (every explicit route then gets an inbound route of its own, so
+  the first route matching a method decides, as in `config.resolve.fault_policies`), and `callers` a
+  header match on the sanitized ``x-forwarded-client-cert`` (`caller_header_match`). The proxyless
+  server applies the same rules (policy/fault.py).
 - **Outbound peers** are the services whose allow-list names this service (by name, SPIFFE ID or
   ``*``): routing to a service that would refuse every call only hides the mistake. Any other path
   gets Envoy's 404 (gRPC UNIMPLEMENTED).
