@@ -544,7 +544,9 @@ def test_optional_features(tmp_path: Path) -> None:
     m = parse_mesh(FEATURES_MESH, "features.yaml")
     cfg = bootstrap(m, "front", EnvoyProfile.pod(m))
     inbound = _hcm(_listener(cfg, "inbound_grpc"))
-    fault = next(f for f in inbound["http_filters"] if f["name"] == "envoy.filters.http.fault")["typed_config"]
+    assert next(f for f in inbound["http_filters"] if f["name"] == "envoy.filters.http.fault")["typed_config"] == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}  # the host's config decides
+    fault = inbound["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.fault"]
     assert fault["abort"] == {"grpc_status": 14, "percentage": {"numerator": 125000, "denominator": "MILLION"}}
     assert fault["delay"] == {"fixed_delay": "0.2s", "percentage": {"numerator": 50, "denominator": "HUNDRED"}}
     assert fault["headers"] == [{"name": ":path", "string_match": {"prefix": "/demo.Front/"}}]
@@ -616,11 +618,15 @@ services:
 """
 
 
+FAULT_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
 def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Path) -> None:
     """Each route carries its resolved fault as the fault filter's per-route config (key by key over the
     service's: Get keeps the service's delay), a route at 0 % an empty one that turns the service's off,
-    a route without `fault` the service's; the filter itself keeps the service's, for its own methods
-    only. Callers are matched on the sanitized x-forwarded-client-cert the inbound HCM sets."""
+    a route without `fault` the service's; the virtual host holds the service's, for its own methods only
+    (in the route configuration, so a change reaches open connections; the filter's own config is empty).
+    Callers are matched on the sanitized x-forwarded-client-cert the inbound HCM sets."""
     from aivo_mesh.xds.resources import Trust, sidecar_snapshot
 
     m = parse_mesh(ROUTE_FAULTS_MESH, "faults.yaml")
@@ -629,7 +635,8 @@ def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Pat
     assert [f["name"] for f in inbound["http_filters"]] == [
         "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
         "envoy.filters.http.router"]
-    base = inbound["http_filters"][2]["typed_config"]
+    assert inbound["http_filters"][2]["typed_config"] == {"@type": FAULT_TYPE_URL}
+    base = inbound["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.fault"]
     back, client = "spiffe://example.org/ns/default/sa/back", "spiffe://example.org/ns/default/sa/mesh-client"
     assert base["headers"] == [{"name": ":path", "string_match": {"prefix": "/demo.Front/"}},
                                {"name": "x-forwarded-client-cert", "string_match": {"suffix": f";URI={back}"}}]
@@ -648,9 +655,9 @@ def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Pat
     for caller, faulted in ((back, True), (client, True), ("spiffe://example.org/ns/default/sa/other", False),
                             (back + "x", False)):
         assert bool(re.fullmatch(regex, f'By=spiffe://example.org/ns/default/sa/front;Hash=ab;URI={caller}')) is faulted
-    assert per_route["front/Put"] == {"@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}
+    assert per_route["front/Put"] == {"@type": FAULT_TYPE_URL}
     assert per_route["front/List"] is not None and per_route["front/List"]["delay"] == base["delay"]
-    assert per_route["front/default"] is None  # the filter's own config: the service's fault
+    assert per_route["front/default"] is None  # the virtual host's: the service's fault
     # Without a fault anywhere, no filter at all.
     assert all(f["name"] != "envoy.filters.http.fault"
                for f in _hcm(_listener(bootstrap(m, "back", EnvoyProfile.pod(m)), "inbound_grpc"))["http_filters"])

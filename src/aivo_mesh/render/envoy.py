@@ -58,9 +58,10 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   required and limited to the trust domain; an RBAC filter mirrors `server.authz.Authorizer`
   (health/reflection open to every mesh identity, the allow-list for the rest, 403 ->
   PERMISSION_DENIED). TLS 1.3 minimum *and* maximum everywhere, ALPN h2.
-- **Faults.** mesh.yaml's `fault` is the inbound fault filter after RBAC (authorized calls only), limited
-  to the service's own methods by a ``:path`` header match; a route's own `fault` is that route's
-  ``typed_per_filter_config`` override (every explicit route then gets an inbound route of its own, so
+- **Faults.** The inbound fault filter sits after RBAC (authorized calls only), its own config empty:
+  mesh.yaml's `fault` is the virtual host's ``typed_per_filter_config`` (so `meshctl apply` reaches open
+  connections, as the RBAC override does), limited to the service's own methods by a ``:path`` header
+  match; a route's own `fault` is that route's override (every explicit route then gets an inbound route of its own, so
   the first route matching a method decides, as in `config.resolve.fault_policies`), and `callers` a
   header match on the sanitized ``x-forwarded-client-cert`` (`caller_header_match`). The proxyless
   server applies the same rules (policy/fault.py).
@@ -663,14 +664,16 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
     routes.append({"name": f"{svc.name}/default", "match": {"prefix": "/", "grpc": {}},
                    "route": {"cluster": LOCAL_APP_CLUSTER, **_deadline(backstop, streaming=False)}})
     filters = [_rbac_filter(), _grpc_stats([svc], upstream=False)]
+    per_filter = _rbac_per_route(mesh, svc)
     if any(fp.active for fp in faults):  # after RBAC: only authorized calls are faulted, as by MeshServer
+        # The filter's own config is empty: the faults are the virtual host's and the routes' overrides, in
+        # the route configuration, which reaches open connections (RDS) as the RBAC override does.
+        filters.append({"name": FAULT_FILTER, "typed_config": _typed(FAULT_TYPE)})
         # Only the service's own methods: health checks and reflection are never faulted.
-        filters.append({"name": FAULT_FILTER, "typed_config": _fault(
-            faults[-1], only_under=service_prefix(svc.grpc_service))})
+        per_filter[FAULT_FILTER] = _fault(faults[-1], only_under=service_prefix(svc.grpc_service))
     filters.append(_router())
     route_config = {"name": "inbound", "virtual_hosts": [
-        {"name": "local_app", "domains": ["*"], "routes": routes,
-         "typed_per_filter_config": _rbac_per_route(mesh, svc)}]}
+        {"name": "local_app", "domains": ["*"], "routes": routes, "typed_per_filter_config": per_filter}]}
     tls = _typed("envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
                  require_client_certificate=True,
                  common_tls_context=_common_tls(profile, {"prefix": f"spiffe://{mesh.mesh.trust_domain}/"}))
