@@ -30,6 +30,7 @@ from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh, parse_mesh
 from aivo_mesh.config.model import SidecarPorts
 from aivo_mesh.config.ports import EnvoyPorts, local_ports, sidecar_ports
+from aivo_mesh.config.resolve import service_policy
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import rotate
@@ -948,3 +949,59 @@ def test_sidecar_port_errors_name_the_mesh_file_and_line(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as exc:
         load_mesh(path)
     assert str(exc.value).startswith(f"{path}:{line}: services[0].local_port: port 15090 is a sidecar port")
+
+
+@pytest.mark.slow
+@needs_envoy
+async def test_an_overflow_is_unavailable_at_the_sidecar_as_in_the_proxyless_limit(
+        mesh: MeshSpec, mesh_certs: CertLayout, tmp_path: Path) -> None:
+    """auth-svc's `limits` {max_requests: 1, max_pending_requests: 1} on its sidecar's local_app cluster: with
+    one call in the app, another is refused at once with UNAVAILABLE "overflow", the status the proxyless
+    limit answers too (tests/test_policy_limit.py; docs/planes.md)."""
+    text = MESH_FILE.read_text().replace(
+        "    timeout: 5s\n    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken",
+        "    timeout: 5s\n    limits: {max_requests: 1, max_pending_requests: 1}\n"
+        "    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken", 1)
+    m = _on_free_ports(parse_mesh(text, "mesh.yaml"))
+    limits = service_policy(m, "auth-svc").limits
+    assert (limits.max_requests, limits.max_pending_requests) == (1, 1)
+    gate = asyncio.Event()
+
+    async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await gate.wait()
+        return b"ok"
+
+    server, _ = await auth_app({"ValidateToken": validate}, port=m.service("auth-svc").local_port)
+    profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / "sds"))
+    proc = await start_envoy_async(_write(m, "auth-svc", profile, tmp_path / "envoy.yaml"))
+    ports = sidecar_ports(m, "auth-svc", "local")
+    cert, key = mesh_certs.identity_paths("mesh-client")
+    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    try:
+        await asyncio.to_thread(wait_envoy_live, ports.admin, proc)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{ports.inbound}", creds,
+                                           options=[("grpc.default_authority", "auth-svc")]) as ch:
+            vt = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+            held = asyncio.ensure_future(vt(b"x", timeout=10))
+
+            def one_active() -> bool:
+                stat = _http(ports.admin, "/stats?filter=^cluster.local_app.upstream_rq_active$")[1]
+                return "upstream_rq_active: 1" in stat
+
+            await until(one_active, timeout=10, what="one call in the app")
+            # Envoy's pending queue holds only calls waiting for a connection: over max_requests on an open
+            # HTTP/2 connection it refuses at once (the proxyless limit would queue one first).
+            with pytest.raises(grpc.aio.AioRpcError) as overflow:
+                await vt(b"x", timeout=10)
+            assert overflow.value.code() == grpc.StatusCode.UNAVAILABLE, overflow.value
+            assert "overflow" in (overflow.value.details() or "")
+            assert "upstream_rq_active_overflow: 1" in _http(
+                ports.admin, "/stats?filter=^cluster.local_app.upstream_rq_active_overflow$")[1]
+            gate.set()
+            assert await held == b"ok"
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await server.stop(0)
+
