@@ -169,6 +169,14 @@ async def test_a_deadline_shorter_than_the_delay_ends_the_call_and_is_counted(fa
     await until(counted, timeout=5, what="the call cut during its delay is counted as DEADLINE_EXCEEDED")
 
 
+async def test_a_plaintext_server_behind_a_sidecar_leaves_the_faults_to_it(mesh_certs: CertLayout) -> None:
+    """`insecure` (the sidecar plane's app): the sidecar injects the faults; the app must not add its own."""
+    server = MeshServer(_faulted(), "auth-svc", insecure=True, port=0)
+    assert server.fault_policies and server.guard.faults is None
+    secure = MeshServer.for_service(_faulted(), "auth-svc", mesh_certs, port=0)
+    assert secure.guard.faults is not None
+
+
 def _on_free_ports(mesh: MeshSpec) -> MeshSpec:
     ports = iter(free_ports(4 * len(mesh.services)))
     return mesh.model_copy(update={"services": tuple(

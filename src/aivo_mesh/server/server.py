@@ -170,13 +170,16 @@ class MeshServer:
 
     def set_faults(self, policies: Sequence[FaultPolicy]) -> bool:
         """The faults to inject from the next call on (`config.resolve.fault_policies`, or as a control plane
-        sends them: `xds.policies.decode_config`); True if they differ from those in force."""
+        sends them: `xds.policies.decode_config`); True if they differ from those in force. A plaintext
+        server (`insecure`) injects none: the sidecar in front of it does."""
         policies = tuple(policies)
         if policies == self.fault_policies:
             return False
         self.fault_policies = policies
-        # No injector at all while nothing can fault: the guard then skips the lookup on every call.
-        self.guard.faults = FaultInjector(fault_rules(policies)) if any(p.active for p in policies) else None
+        # No injector at all while nothing can fault: the guard then skips the lookup on every call. Nor on a
+        # plaintext server: it sits behind a sidecar, whose fault filter already injects them (as it authorizes).
+        active = not self.insecure and any(p.active for p in policies)
+        self.guard.faults = FaultInjector(fault_rules(policies)) if active else None
         log.info("%s: fault injection %s", self.service, "on" if self.guard.faults is not None else "off")
         return True
 
