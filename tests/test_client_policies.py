@@ -869,7 +869,7 @@ async def test_a_stream_holds_its_slot_until_it_ends_and_is_queued_and_refused_a
         await _drain(stub.ListEvents(events_pb2.ListEventsRequest()))
     with pytest.raises(grpc.aio.AioRpcError) as unary_refused:  # the same target, a unary method
         await stub.Collect(events_pb2.CollectRequest(), timeout=1)
-    assert stream_refused.value.code() == unary_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert stream_refused.value.code() == unary_refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert stream_refused.value.details() == unary_refused.value.details()
     assert "max_requests=1, max_pending_requests=1" in (stream_refused.value.details() or "")
     hold.set()  # the first stream ends: its slot goes to the queued one
@@ -933,7 +933,7 @@ def test_local_replies_map_to_exception_types_by_reason_not_text() -> None:
                                                      local=LocalReason.CIRCUIT_OPEN)), CircuitOpen)
     assert not isinstance(error_for("s", "/p.S/M", Reply("UNAVAILABLE", details="Circuit breaker OPEN",
                                                          local=LocalReason.NO_ENDPOINTS)), CircuitOpen)
-    assert isinstance(error_for("s", "/p.S/M", Reply("RESOURCE_EXHAUSTED",
+    assert isinstance(error_for("s", "/p.S/M", Reply("UNAVAILABLE",
                                                      local=LocalReason.MAX_PENDING_REQUESTS)), Overloaded)
     for reason in (LocalReason.MAX_REQUESTS, LocalReason.DEADLINE):
         assert isinstance(error_for("s", "/p.S/M", Reply("DEADLINE_EXCEEDED", local=reason)), DeadlineExceeded)

@@ -260,6 +260,14 @@ BAD_INPUTS = [
           "inbound_port: 50061, outbound_port: 15002"),
     _case("bad service name", _edit("  - name: auth-svc", "  - name: Auth_Svc"),
           "services[0].name", "DNS label", "Auth_Svc"),
+    _case("max_pending_requests 0", _edit("    max_pending_requests: 100", "    max_pending_requests: 0"),
+          "defaults.limits.max_pending_requests", "never becomes healthy", "max_pending_requests: 0"),
+    _case("unknown fault caller",
+          _edit("        idempotent: true\n        retry: {retry_on:",
+                "        idempotent: true\n"
+                "        fault: {abort_status: INTERNAL, abort_percent: 5, callers: [lerner-svc]}\n"
+                "        retry: {retry_on:"),
+          "services[0].routes[0].fault.callers[0]", "unknown caller 'lerner-svc'", "lerner-svc"),
     _case("unknown caller in allow",
           _edit("from: [learner-svc, analytics-svc]", "from: [learner-svc, analytcs-svc]"),
           "services[0].allow[1].from[1]", "unknown caller 'analytcs-svc'", "analytcs-svc"),
@@ -1114,3 +1122,38 @@ def test_an_error_raised_after_loading_names_the_line(tmp_path: Path) -> None:
     copied = _with_service(m, ANALYTICS, timeout=1.0)
     assert str(copied.error(("services", 3, "fault"), "x")) == f"{path}:{sidecar}: services[3].fault: x"
     assert str(MeshSpec.model_validate(MESH_DATA).error(("services",), "x")) == "mesh.yaml: services: x"
+
+
+def test_one_failure_threshold_for_the_breaker_and_the_ejection_on_both_planes(mesh: MeshSpec) -> None:
+    """circuit_breaker.consecutive_failures: 2 on a service makes its proxyless breaker, its proxyless outlier
+    detection and its Envoy peer clusters' ejection all act at 2 (mesh.yaml's defaults set both keys to 5:
+    the service's level is the more specific); outlier_detection set at the same level keeps its own."""
+    from aivo_mesh.render.envoy import EnvoyProfile, bootstrap
+
+    def envoy_threshold(m: MeshSpec) -> tuple[int, int]:
+        cfg = bootstrap(m, "learner-svc", EnvoyProfile.pod(m))
+        od = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "auth-svc")["outlier_detection"]
+        return od["consecutive_5xx"], od["consecutive_gateway_failure"]
+
+    def proxyless(m: MeshSpec) -> tuple[int, int]:
+        sp = service_policy(m, "auth-svc")
+        return (bind.breaker_params(sp.circuit_breaker).consecutive_failures,
+                bind.outlier_rule(sp.outlier_detection).consecutive_failures)
+
+    assert envoy_threshold(mesh) == (5, 5) and proxyless(mesh) == (5, 5)
+    text = (ROOT / "mesh.yaml").read_text()
+    auth = "    timeout: 5s\n    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken"
+    assert auth in text
+    lowered = parse_mesh(text.replace(auth, "    timeout: 5s\n    circuit_breaker: {consecutive_failures: 2}\n"
+                                            + auth.removeprefix("    timeout: 5s\n"), 1), "mesh.yaml")
+    assert envoy_threshold(lowered) == (2, 2) and proxyless(lowered) == (2, 2)
+    both = parse_mesh(text.replace(auth, "    timeout: 5s\n    circuit_breaker: {consecutive_failures: 2}\n"
+                                         "    outlier_detection: {consecutive_failures: 7}\n"
+                                         + auth.removeprefix("    timeout: 5s\n"), 1), "mesh.yaml")
+    assert envoy_threshold(both) == (7, 7) and proxyless(both) == (2, 7)
+    # Mesh-wide: a breaker threshold in `defaults` alone is the ejection's too.
+    assert "    consecutive_failures: 5\n    # Ejected for" in text
+    breaker_line = "consecutive_failures: 5       # failed calls"
+    bare = parse_mesh(text.replace("    consecutive_failures: 5\n    # Ejected for", "    # Ejected for", 1)
+                      .replace(breaker_line, breaker_line.replace("5", "3"), 1), "mesh.yaml")
+    assert envoy_threshold(bare) == (3, 3) and proxyless(bare) == (3, 3)

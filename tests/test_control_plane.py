@@ -398,6 +398,39 @@ async def test_twenty_live_changes_under_steady_traffic_each_seen_in_envoys_beha
             await cp.stop()
 
 
+async def test_a_fault_applied_live_reaches_the_sidecar_and_its_changes_reach_open_connections(
+        mesh, mesh_certs, tmp_path):
+    """`meshctl apply` of a route's fault for mesh-client: its next call through auth-svc's sidecar is aborted,
+    learner-svc's is not; a changed status and then 0 % reach the same open connection (the faults are in
+    the route configuration, as the allow-list's RBAC override)."""
+    async with sidecars(mesh, mesh_certs, tmp_path) as env:
+        cp = start_control_plane(env)
+        await cp.start()
+        try:
+            await start_envoys(env)
+            doc = base_doc()
+            fault: dict[str, Any] = {"abort_status": "NOT_FOUND", "abort_percent": 100, "callers": ["mesh-client"]}
+            _service(doc, "auth-svc")["routes"][0]["fault"] = fault
+            await apply(cp, doc, env)
+            async with grpc.aio.insecure_channel(env.outbound) as out, mesh_client_channel(env) as inbound:
+                via_learner, as_client = _raw(out), _raw(inbound)
+                with pytest.raises(grpc.aio.AioRpcError) as aborted:
+                    await as_client(b"x", timeout=10)
+                assert (aborted.value.code(), aborted.value.details()) == (grpc.StatusCode.NOT_FOUND,
+                                                                           "fault filter abort")
+                assert await via_learner(b"who", timeout=10) == b"a"  # not a caller the fault names
+                fault["abort_status"] = "FAILED_PRECONDITION"
+                await apply(cp, doc, env)
+                with pytest.raises(grpc.aio.AioRpcError) as changed:
+                    await as_client(b"x", timeout=10)
+                assert changed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                fault["abort_percent"] = 0
+                await apply(cp, doc, env)
+                assert await as_client(b"x", timeout=10) == b"a"
+        finally:
+            await cp.stop()
+
+
 def _ejections(env: Sidecars) -> int:
     """Ejections Envoy enforced on auth-svc's hosts so far (a counter: an ejection of 1 s is not missed)."""
     return env.stats("learner-svc").get("cluster.auth-svc.outlier_detection.ejections_enforced_total", 0)

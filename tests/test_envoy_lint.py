@@ -522,6 +522,21 @@ def test_cli_default_lints_rendered_sidecars(capsys: pytest.CaptureFixture[str])
     assert "4 file(s): 0 error(s), 0 warning(s)" in err
 
 
+def test_cli_refuses_a_mesh_whose_sidecars_would_never_connect(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """`limits.max_pending_requests: 0` renders a bootstrap Envoy accepts but that never opens a connection to
+    the peer (every call and health check would be a pending request): refused where it is written."""
+    text = MESH_FILE.read_text()
+    assert "    max_pending_requests: 100\n" in text
+    bad = tmp_path / "mesh.yaml"
+    bad.write_text(text.replace("    max_pending_requests: 100\n", "    max_pending_requests: 0\n", 1))
+    assert main(["lint", "--config", str(bad)]) == 2
+    _, err = capsys.readouterr()
+    line = text[:text.index("    max_pending_requests: 100")].count("\n") + 1
+    assert f"{bad}:{line}: defaults.limits.max_pending_requests: expected an integer >= 1" in err
+    assert "never becomes healthy" in err
+
+
 def test_cli_errors_exit_1_warnings_exit_0(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = _good()
     _route(bad)["retry_policy"]["retry_on"] = "bogus"

@@ -37,6 +37,7 @@ from waiting import until
 from aivo_mesh.cli import main
 from aivo_mesh.config import MeshSpec, load_mesh, parse_mesh
 from aivo_mesh.config.ports import EnvoyPorts, local_ports, sidecar_ports
+from aivo_mesh.config.resolve import service_policy
 from aivo_mesh.errors import ConfigError
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.pki.issue import rotate
@@ -532,7 +533,9 @@ def test_optional_features(tmp_path: Path) -> None:
     m = parse_mesh(FEATURES_MESH, "features.yaml")
     cfg = bootstrap(m, "front", EnvoyProfile.pod(m))
     inbound = _hcm(_listener(cfg, "inbound_grpc"))
-    fault = next(f for f in inbound["http_filters"] if f["name"] == "envoy.filters.http.fault")["typed_config"]
+    assert next(f for f in inbound["http_filters"] if f["name"] == "envoy.filters.http.fault")["typed_config"] == {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"}  # the host's config decides
+    fault = inbound["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.fault"]
     assert fault["abort"] == {"grpc_status": 14, "percentage": {"numerator": 125000, "denominator": "MILLION"}}
     assert fault["delay"] == {"fixed_delay": "0.2s", "percentage": {"numerator": 50, "denominator": "HUNDRED"}}
     assert fault["headers"] == [{"name": ":path", "string_match": {"prefix": "/demo.Front/"}}]
@@ -579,6 +582,88 @@ def test_optional_features(tmp_path: Path) -> None:
         for s in ("front", "back"):
             res = _validate(_write_pod_relocated(m, s, certs, tmp_path / "pod"))
             assert res.returncode == 0, res.stderr + res.stdout
+
+
+ROUTE_FAULTS_MESH = """
+mesh: {trust_domain: example.org}
+services:
+  - name: front
+    grpc_service: demo.Front
+    port: 7001
+    local_port: 7101
+    fault: {delay: 200ms, delay_percent: 50, callers: [back]}
+    routes:
+      - {match: /demo.Front/Get, fault: {abort_status: UNAVAILABLE, abort_percent: 100, callers: [back, mesh-client]}}
+      - {match: /demo.Front/Put, fault: {delay_percent: 0}}
+      - {match: /demo.Front/List}
+    allow:
+      - from: ["*"]
+  - name: back
+    grpc_service: demo.Back
+    port: 7002
+    local_port: 7102
+    allow:
+      - from: ["*"]
+"""
+
+
+FAULT_TYPE_URL = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
+def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Path) -> None:
+    """Each route carries its resolved fault as the fault filter's per-route config (key by key over the
+    service's: Get keeps the service's delay), a route at 0 % an empty one that turns the service's off,
+    a route without `fault` the service's; the virtual host holds the service's, for its own methods only
+    (in the route configuration, so a change reaches open connections; the filter's own config is empty).
+    Callers are matched on the sanitized x-forwarded-client-cert the inbound HCM sets."""
+    from aivo_mesh.xds.resources import Trust, sidecar_snapshot
+
+    m = parse_mesh(ROUTE_FAULTS_MESH, "faults.yaml")
+    cfg = bootstrap(m, "front", EnvoyProfile.pod(m))
+    inbound = _hcm(_listener(cfg, "inbound_grpc"))
+    assert [f["name"] for f in inbound["http_filters"]] == [
+        "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
+        "envoy.filters.http.router"]
+    assert inbound["http_filters"][2]["typed_config"] == {"@type": FAULT_TYPE_URL}
+    base = inbound["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.fault"]
+    back, client = "spiffe://example.org/ns/default/sa/back", "spiffe://example.org/ns/default/sa/mesh-client"
+    assert base["headers"] == [{"name": ":path", "string_match": {"prefix": "/demo.Front/"}},
+                               {"name": "x-forwarded-client-cert", "string_match": {"suffix": f";URI={back}"}}]
+    assert "abort" not in base
+    per_route = {r["name"]: r.get("typed_per_filter_config", {}).get("envoy.filters.http.fault")
+                 for r in _routes(_listener(cfg, "inbound_grpc"))}
+    assert list(per_route) == ["front/Get", "front/Put", "front/List", "front/default"]
+    get = per_route["front/Get"]
+    assert get is not None and get["abort"] == {"grpc_status": 14, "percentage": {"numerator": 100,
+                                                                                  "denominator": "HUNDRED"}}
+    assert get["delay"]["fixed_delay"] == "0.2s"
+    (xfcc,) = get["headers"]
+    regex = xfcc["string_match"]["safe_regex"]["regex"]
+    import re
+
+    for caller, faulted in ((back, True), (client, True), ("spiffe://example.org/ns/default/sa/other", False),
+                            (back + "x", False)):
+        assert bool(re.fullmatch(regex, f'By=spiffe://example.org/ns/default/sa/front;Hash=ab;URI={caller}')) is faulted
+    assert per_route["front/Put"] == {"@type": FAULT_TYPE_URL}
+    assert per_route["front/List"] is not None and per_route["front/List"]["delay"] == base["delay"]
+    assert per_route["front/default"] is None  # the virtual host's: the service's fault
+    # Without a fault anywhere, no filter at all.
+    assert all(f["name"] != "envoy.filters.http.fault"
+               for f in _hcm(_listener(bootstrap(m, "back", EnvoyProfile.pod(m)), "inbound_grpc"))["http_filters"])
+    # The control plane's typed resources take the same (a field Envoy does not have fails here).
+    snap = sidecar_snapshot(m, "front", EnvoyProfile.local("/certs", "/sds"), Trust(b"ca"))
+    assert not snap.problems()
+    inbound_routes: Any = snap.get("type.googleapis.com/envoy.config.route.v3.RouteConfiguration")["inbound"]
+    typed_get = next(r for r in inbound_routes.virtual_hosts[0].routes if r.name == "front/Get")
+    assert typed_get.typed_per_filter_config["envoy.filters.http.fault"].type_url.endswith(".HTTPFault")
+    if optional("envoy") is not None:
+        certs = tmp_path / "certs"
+        from aivo_mesh.pki import init_ca, issue_all
+
+        init_ca(CertLayout(certs), m.mesh.trust_domain)
+        issue_all(CertLayout(certs), m)
+        res = _validate(_write_pod_relocated(m, "front", certs, tmp_path / "pod"))
+        assert res.returncode == 0, res.stderr + res.stdout
 
 
 def test_pod_local_port_clash_is_a_config_error() -> None:
@@ -852,3 +937,59 @@ def test_sidecar_port_errors_name_the_mesh_file_and_line(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as exc:
         load_mesh(path)
     assert str(exc.value).startswith(f"{path}:{line}: services[0].local_port: port 15090 is a sidecar port")
+
+
+@pytest.mark.slow
+@needs_envoy
+async def test_an_overflow_is_unavailable_at_the_sidecar_as_in_the_proxyless_limit(
+        mesh: MeshSpec, mesh_certs: CertLayout, tmp_path: Path) -> None:
+    """auth-svc's `limits` {max_requests: 1, max_pending_requests: 1} on its sidecar's local_app cluster: with
+    one call in the app, another is refused at once with UNAVAILABLE "overflow", the status the proxyless
+    limit answers too (tests/test_policy_limit.py; docs/planes.md)."""
+    text = MESH_FILE.read_text().replace(
+        "    timeout: 5s\n    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken",
+        "    timeout: 5s\n    limits: {max_requests: 1, max_pending_requests: 1}\n"
+        "    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken", 1)
+    m = on_free_ports(parse_mesh(text, "mesh.yaml"))
+    limits = service_policy(m, "auth-svc").limits
+    assert (limits.max_requests, limits.max_pending_requests) == (1, 1)
+    gate = asyncio.Event()
+
+    async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
+        await gate.wait()
+        return b"ok"
+
+    server, _ = await auth_app({"ValidateToken": validate}, port=m.service("auth-svc").local_port)
+    profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / "sds"))
+    proc = await start_envoy_async(write_sidecar(m, "auth-svc", profile, tmp_path / "envoy.yaml"))
+    ports = sidecar_ports(m, "auth-svc", "local")
+    cert, key = mesh_certs.identity_paths("mesh-client")
+    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    try:
+        await asyncio.to_thread(wait_envoy_live, ports.admin, proc)
+        async with grpc.aio.secure_channel(f"127.0.0.1:{ports.inbound}", creds,
+                                           options=[("grpc.default_authority", "auth-svc")]) as ch:
+            vt = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
+                                response_deserializer=lambda b: b)
+            held = asyncio.ensure_future(vt(b"x", timeout=10))
+
+            def one_active() -> bool:
+                stat = _http(ports.admin, "/stats?filter=^cluster.local_app.upstream_rq_active$")[1]
+                return "upstream_rq_active: 1" in stat
+
+            await until(one_active, timeout=10, what="one call in the app")
+            # Envoy's pending queue holds only calls waiting for a connection: over max_requests on an open
+            # HTTP/2 connection it refuses at once (the proxyless limit would queue one first).
+            with pytest.raises(grpc.aio.AioRpcError) as overflow:
+                await vt(b"x", timeout=10)
+            assert overflow.value.code() == grpc.StatusCode.UNAVAILABLE, overflow.value
+            assert "overflow" in (overflow.value.details() or "")
+            assert "upstream_rq_active_overflow: 1" in _http(
+                ports.admin, "/stats?filter=^cluster.local_app.upstream_rq_active_overflow$")[1]
+            gate.set()
+            assert await held == b"ok"
+    finally:
+        proc.terminate()
+        await proc.wait()
+        await server.stop(0)
+

@@ -18,7 +18,7 @@ SRC = Path(aivo_mesh.__file__).parent
 # The policy layers take their own frozen parameters. policy/bind.py builds them from mesh.yaml, and
 # policy/stack.py builds a target's stack from its resolved policy through bind.py: those two may read
 # config/, no layer may. (policy/testing.py holds test fakes: neither.)
-LAYERS = ("backoff", "balancer", "breaker", "budget", "classify", "core", "deadline", "events", "limit",
+LAYERS = ("backoff", "balancer", "breaker", "budget", "classify", "core", "deadline", "events", "fault", "limit",
           "outlier", "ratelimit", "retry")
 MAY_READ_CONFIG = ("bind", "stack")
 

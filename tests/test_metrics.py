@@ -44,6 +44,7 @@ EXPECTED = {
     "mesh_peer_certificate_refusals": ("counter", {"side", "service", "rule"}),
     "mtls_refused_connections": ("counter", {"service", "reason"}),
     "grpc_rate_limited": ("counter", {"service", "caller", "method"}),
+    "mesh_injected_faults": ("counter", {"service", "method", "fault"}),
 }
 
 
@@ -74,6 +75,7 @@ def exercise_every_family(metrics: MeshMetrics) -> None:
     listener.endpoint_ejected("auth-svc", "10.1.2.3:50061", 30.0)
     metrics.set_certificate_expiry("learner-svc", FakeIdentity(86_400.5))
     metrics.observe_tls_refusal("learner-svc", "unknown_ca")
+    metrics.observe_fault("auth-svc", LOGIN, delay=True, abort=True)
     ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, "spiffe://x/api", (),
                                                            monotonic() - 0.02), "OK", None)
     ServerMetricsObserver(metrics).finish(None, ServerCall("learner-svc", VALIDATE, None, (), monotonic(),
@@ -142,15 +144,16 @@ def test_local_status_values() -> None:
     assert local_status("UNAVAILABLE", None) == "UNAVAILABLE"
     assert local_status("UNAVAILABLE", LocalReason.CIRCUIT_OPEN) == "CIRCUIT_OPEN"
     assert local_status("UNAVAILABLE", LocalReason.NO_ENDPOINTS) == "LOCAL_UNAVAILABLE"
+    assert local_status("UNAVAILABLE", LocalReason.MAX_PENDING_REQUESTS) == "LOCAL_OVERFLOW"
     assert local_status("DEADLINE_EXCEEDED", LocalReason.DEADLINE) == "LOCAL_DEADLINE_EXCEEDED"
     assert local_status("not a code", None) == "UNKNOWN"
     metrics = MeshMetrics()
     listener = MetricsListener(metrics)
     listener.call_started("a", LOGIN)
     listener.limit_rejected("a", LOGIN, "max_pending_requests")
-    listener.call_finished("a", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, LocalReason.MAX_PENDING_REQUESTS)
+    listener.call_finished("a", LOGIN, "UNAVAILABLE", 0.0, 1, LocalReason.MAX_PENDING_REQUESTS)
     assert value(metrics, "grpc_requests_total", side="client", service="a", method=LOGIN,
-                 status="LOCAL_RESOURCE_EXHAUSTED") == 1
+                 status="LOCAL_OVERFLOW") == 1
     assert value(metrics, "grpc_local_rejections_total", service="a", reason="max_pending_requests") == 1
     listener.call_started("a", LOGIN)
     listener.call_finished("a", LOGIN, "DEADLINE_EXCEEDED", 0.0, 1, LocalReason.DEADLINE)
@@ -245,7 +248,8 @@ async def test_breaker_gauge_follows_the_breaker_a_policy_change_puts_in_place()
     old_stack = t.stack_for(LOGIN)
     await old_stack(Call("auth-svc", LOGIN, None))
     assert value(metrics, "circuit_breaker_state", service="auth-svc") == 2
-    assert t.update(service_policy(mesh(3), "auth-svc"), route_policies(mesh(3), "auth-svc")) == {"breaker"}
+    # The outlier detection follows the breaker's threshold (config.resolve): both change.
+    assert t.update(service_policy(mesh(3), "auth-svc"), route_policies(mesh(3), "auth-svc")) == {"breaker", "outlier"}
     assert value(metrics, "circuit_breaker_state", service="auth-svc") == 0
     clock.advance(120.0)
     await old_stack(Call("auth-svc", LOGIN, None))  # the old breaker's probe fails: it reopens, silently

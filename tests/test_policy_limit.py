@@ -1,4 +1,4 @@
-"""limit.py: max_requests active, a FIFO queue of max_pending_requests, then RESOURCE_EXHAUSTED."""
+"""limit.py: max_requests active, a FIFO queue of max_pending_requests, then UNAVAILABLE (as Envoy's overflow)."""
 
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ async def test_max_requests_pending_queue_and_overflow() -> None:
     assert up.started == ["a", "b"]
     assert (limit.active, limit.pending) == (2, 1)
     overflow = await handler(Call(SVC, METHOD, "d"))
-    assert (overflow.code, overflow.local) == ("RESOURCE_EXHAUSTED", LocalReason.MAX_PENDING_REQUESTS)
+    assert (overflow.code, overflow.local) == ("UNAVAILABLE", LocalReason.MAX_PENDING_REQUESTS)
     assert "max_pending_requests" in overflow.details
     assert listener.named("limit_rejected") == [(SVC, METHOD, "max_pending_requests")]
     up.release("a")
@@ -81,7 +81,7 @@ async def test_no_queue_rejects_at_once() -> None:
     first = asyncio.ensure_future(handler(Call(SVC, METHOD, "a")))
     await settle()
     reply = await handler(Call(SVC, METHOD, "b"))
-    assert reply.code == "RESOURCE_EXHAUSTED"
+    assert reply.code == "UNAVAILABLE"
     up.release("a")
     await first
 
@@ -138,7 +138,7 @@ async def test_slot_handed_over_to_a_waiter_cancelled_before_it_ran_is_passed_on
 
 
 def test_params_from_spec() -> None:
-    p = bind.limit_params(LimitsSpec(max_requests=7, max_pending_requests=0))
-    assert (p.max_requests, p.max_pending_requests) == (7, 0)
+    p = bind.limit_params(LimitsSpec(max_requests=7, max_pending_requests=1))
+    assert (p.max_requests, p.max_pending_requests) == (7, 1)
     with pytest.raises(ValueError, match="max_requests"):
         LimitParams(max_requests=0)

@@ -6,6 +6,7 @@ import asyncio
 from random import Random
 
 import pytest
+from waiting import until
 
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.policy import CLIENT_ORDER, layer_names
@@ -27,7 +28,7 @@ def mesh(**service: object) -> MeshSpec:
         "retry": {"max_retries": 3, "retry_on": ["UNAVAILABLE", "INTERNAL"],
                   "backoff": {"base": "10ms", "max": "50ms"}},
         "circuit_breaker": {"consecutive_failures": 5, "recovery_time": "60s"},
-        "limits": {"max_requests": 1, "max_pending_requests": 0},
+        "limits": {"max_requests": 1, "max_pending_requests": 1},
         "outlier_detection": {"consecutive_failures": 3, "max_ejection_percent": 50},
         "routes": [{"match": VALIDATE, "idempotent": True, "timeout": "1s"},
                    {"match": WATCH, "streaming": True}],
@@ -197,12 +198,14 @@ async def test_limit_rejection_reaches_the_caller_unretried() -> None:
     t = TargetPolicy.from_mesh(mesh(), SVC, slow, clock=clock, rng=Random(0), sleep=FakeSleep(clock),
                                inherited=lambda: None)
     first = asyncio.ensure_future(t.stack_for(VALIDATE)(Call(SVC, VALIDATE, None)))
-    await asyncio.sleep(0)
-    second = await t.stack_for(LOGIN)(Call(SVC, LOGIN, None))  # max_requests 1, no queue: one limit per service
-    assert (second.code, second.local) == ("RESOURCE_EXHAUSTED", LocalReason.MAX_PENDING_REQUESTS)
+    queued = asyncio.ensure_future(t.stack_for(VALIDATE)(Call(SVC, VALIDATE, None)))
+    await until(lambda: t.limit.pending == 1, what="the second call queued for the one slot")
+    # max_requests 1 and one waiting, one limit per service: UNAVAILABLE, as Envoy's overflow.
+    third = await t.stack_for(LOGIN)(Call(SVC, LOGIN, None))
+    assert (third.code, third.local) == ("UNAVAILABLE", LocalReason.MAX_PENDING_REQUESTS)
     gate.set()
-    assert (await first).ok
-    assert calls == 1
+    assert (await first).ok and (await queued).ok
+    assert calls == 2  # the refused call was neither sent nor retried
 
 
 async def test_deadline_and_call_events() -> None:

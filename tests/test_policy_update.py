@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from waiting import until
 
 from aivo_mesh import MeshClient, MeshConfig, MeshServer
 from aivo_mesh.config import parse_mesh
@@ -41,7 +42,7 @@ BASE: dict[str, Any] = {
     "retry": {"max_retries": 3, "retry_on": ["UNAVAILABLE"], "backoff": {"base": "10ms", "max": "50ms"}},
     "retry_budget": {"percent": 20, "min_retry_concurrency": 3, "window": "10s"},
     "circuit_breaker": {"consecutive_failures": 5, "first_probe": "1s", "recovery_time": "60s"},
-    "limits": {"max_requests": 1, "max_pending_requests": 0, "max_retries": 10},
+    "limits": {"max_requests": 1, "max_pending_requests": 1, "max_retries": 10},
     "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_time": "300s",
                           "max_ejection_percent": 50},
     "health_check": {"unhealthy_threshold": 3, "healthy_threshold": 2},
@@ -279,7 +280,9 @@ async def test_a_new_limit_for_new_calls_while_calls_in_flight_release_into_the_
     first = asyncio.create_task(call(t))
     await waiting(up, 1)
     assert old_limit.active == 1
-    assert (await call(t)).code == "RESOURCE_EXHAUSTED"  # max_requests 1, no queue
+    queued = asyncio.create_task(call(t))
+    await until(lambda: old_limit.pending == 1, what="a call queued in the old limit")
+    assert (await call(t)).code == "UNAVAILABLE"  # max_requests 1, one waiting: overflow
 
     assert update(t, spec(limits={**BASE["limits"], "max_requests": 2, "max_pending_requests": 5})) == {"limit"}
     assert t.limit is not old_limit and t.limit.params.max_requests == 2
@@ -287,7 +290,7 @@ async def test_a_new_limit_for_new_calls_while_calls_in_flight_release_into_the_
     await waiting(up, 2)
     assert (old_limit.active, t.limit.active) == (1, 1)
     up.gate.set()
-    assert (await first).ok and (await second).ok
+    assert (await first).ok and (await second).ok and (await queued).ok  # the queued call ran in the old limit
     assert (old_limit.active, t.limit.active) == (0, 0)
 
 

@@ -127,6 +127,26 @@ async def test_apply_changes_a_servers_allow_rules_and_a_clients_endpoints_live(
     await until_ok(learner)
 
 
+async def test_apply_changes_a_servers_faults_live(proxyless_mesh, learner, tmp_path):
+    """A fault on auth-svc's ValidateToken for learner-svc only: mesh-client's own call of ValidateToken is
+    untouched, learner-svc's (inside GetProfile) is aborted by auth-svc's MeshServer, and learner-svc
+    answers its caller UNAVAILABLE; removed, GetProfile works again."""
+    state, _, _ = proxyless_mesh
+    original: dict[str, Any] = yaml.safe_load(state.mesh_file.read_text())
+    doc = yaml.safe_load(state.mesh_file.read_text())
+    route = next(r for r in _service(doc, "auth-svc")["routes"] if r["match"].endswith("/ValidateToken"))
+    route["fault"] = {"abort_status": "PERMISSION_DENIED", "abort_percent": 100, "callers": ["learner-svc"]}
+    try:
+        result = await asyncio.to_thread(apply, state, doc, tmp_path)
+        assert "auth-svc" in result["changed"], result
+        assert await learner.get() == grpc.StatusCode.UNAVAILABLE
+        validate = auth_pb2_grpc.AuthServiceStub(await learner.client.channel("auth-svc")).ValidateToken
+        assert (await validate(auth_pb2.ValidateTokenRequest(token=learner.token), timeout=10)).valid
+    finally:
+        await asyncio.to_thread(apply, state, original, tmp_path)
+    await until_ok(learner)
+
+
 async def until_ok(learner: Learner, timeout: float = 20) -> None:
     async def ok() -> None:
         while await learner.get() != grpc.StatusCode.OK:

@@ -60,12 +60,12 @@ def test_local_rejections_have_their_own_status(receiver: socket.socket, client:
     listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0, 1, LocalReason.CIRCUIT_OPEN)
     listener.call_started("auth-svc", LOGIN)
     listener.limit_rejected("auth-svc", LOGIN, "max_pending_requests")
-    listener.call_finished("auth-svc", LOGIN, "RESOURCE_EXHAUSTED", 0.0, 1, LocalReason.MAX_PENDING_REQUESTS)
+    listener.call_finished("auth-svc", LOGIN, "UNAVAILABLE", 0.0, 1, LocalReason.MAX_PENDING_REQUESTS)
     got = packets(receiver, 4)
     assert got[0] == ["aivo_mesh.grpc.local_rejections.auth-svc.circuit_open:1|c"]
     assert got[1][0] == f"aivo_mesh.grpc.requests.client.auth-svc.{M}.CIRCUIT_OPEN:1|c"
     assert got[2] == ["aivo_mesh.grpc.local_rejections.auth-svc.max_pending_requests:1|c"]
-    assert got[3][0] == f"aivo_mesh.grpc.requests.client.auth-svc.{M}.LOCAL_RESOURCE_EXHAUSTED:1|c"
+    assert got[3][0] == f"aivo_mesh.grpc.requests.client.auth-svc.{M}.LOCAL_OVERFLOW:1|c"
 
 
 def test_policy_events(receiver: socket.socket, client: StatsdClient) -> None:

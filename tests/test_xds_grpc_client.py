@@ -39,7 +39,7 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 from helpers import checkout_env, meshctl
 
 from aivo_mesh.config import MeshSpec, parse_mesh
-from aivo_mesh.config.resolve import callable_peers, route_policies, service_policy
+from aivo_mesh.config.resolve import callable_peers, fault_policies, route_policies, service_policy
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.control_plane import ControlPlane
@@ -153,6 +153,7 @@ def test_the_proxyless_snapshot_reads_back_as_mesh_yaml_resolves_it(mesh: MeshSp
     config = decode_config(mesh, proxyless_snapshot(mesh, service, sidecar).resources)
     assert sorted(config.targets) == sorted(callable_peers(mesh, service))
     assert config.allow == tuple((r.callers, r.methods) for r in Authorizer(mesh, service).rules)
+    assert config.faults == fault_policies(mesh, service)
     for peer, target in config.targets.items():
         assert target.policy == service_policy(mesh, peer)
         # Deadlines travel as Durations: `0.7s` and `700ms` are one Duration, two floats.

@@ -9,11 +9,15 @@ from typing import Any
 import yaml
 from test_xds_grpc_client import VALIDATE, _service, local_mesh
 
+from aivo_mesh.config import parse_mesh
+from aivo_mesh.config.resolve import fault_policies
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.xds.cache import type_name
 from aivo_mesh.xds.groups import group_name
 from aivo_mesh.xds.node import ProxylessNode
 from aivo_mesh.xds.policies import ProxylessConfig
+
+GET_PROFILE = "/aivo.learner.v1.LearnerService/GetProfile"
 
 
 def _node(env: Any, applied: list[ProxylessConfig]) -> ProxylessNode:
@@ -41,12 +45,18 @@ async def test_a_proxyless_node_applies_each_change_and_apply_reports_its_ack(me
             assert [e.address for e in auth.endpoints] == [env.a.address]
             assert first.allow is not None and any("spiffe://aivo.local/ns/default/sa/mesh-client" in callers
                                                    for callers, _ in first.allow)
-            # One apply: a shorter route deadline, an endpoint swapped, an allow rule of learner-svc removed.
+            assert first.faults == ()  # its server's: none in mesh.yaml
+            # One apply: a shorter route deadline, an endpoint swapped, an allow rule of learner-svc removed,
+            # a fault on learner-svc's own server (one route's, for one caller).
             auth_doc = _service(env.doc, "auth-svc")
             auth_doc["routes"][0]["timeout"] = "2s"
             auth_doc["endpoints"] = [env.b.address]
             _service(env.doc, "learner-svc")["allow"] = [
                 r for r in _service(env.doc, "learner-svc")["allow"] if "mesh-client" not in r["from"]]
+            _service(env.doc, "learner-svc")["fault"] = {"delay": "1s", "delay_percent": 10}
+            (get_profile,) = _service(env.doc, "learner-svc")["routes"]
+            assert get_profile["match"] == GET_PROFILE
+            get_profile["fault"] = {"abort_status": "UNAVAILABLE", "abort_percent": 50, "callers": ["analytics-svc"]}
             result = await env.cp.apply(yaml.safe_dump(env.doc, sort_keys=False))
             outcome = {n["service"]: n["outcome"] for n in result["nodes"]}
             assert outcome == {group_name("learner-svc"): "acked"}, result
@@ -56,6 +66,12 @@ async def test_a_proxyless_node_applies_each_change_and_apply_reports_its_ack(me
             assert [e.address for e in now.targets["auth-svc"].endpoints] == [env.b.address]
             assert now.allow is not None
             assert not any("spiffe://aivo.local/ns/default/sa/mesh-client" in callers for callers, _ in now.allow)
+            # The faults read back as mesh.yaml resolves them: what MeshServer.set_faults is given.
+            assert now.faults == fault_policies(parse_mesh(yaml.safe_dump(env.doc), "mesh.yaml"), "learner-svc")
+            assert now.faults is not None and [(p.pattern, p.callers, p.fault.abort_percent, p.fault.delay)
+                                               for p in now.faults] == [
+                (GET_PROFILE, ("spiffe://aivo.local/ns/default/sa/analytics-svc",), 50.0, 1.0),
+                ("/aivo.learner.v1.LearnerService/", None, 0.0, 1.0)]
             # What the node holds is what the control plane last sent it, per type.
             held: Any = node.status()["types"]
             sent = env.cp.ads.nodes[f"{env.cp.mesh.spiffe_id('learner-svc')} {group_name('learner-svc')}"].types

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
@@ -15,7 +16,14 @@ from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 
 from aivo_mesh.config.loader import load_mesh, parse_mesh
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import RoutePolicy, callable_peers, per_pattern, route_policies, service_policy
+from aivo_mesh.config.resolve import (
+    RoutePolicy,
+    callable_peers,
+    fault_policies,
+    per_pattern,
+    route_policies,
+    service_policy,
+)
 from aivo_mesh.discovery.snapshot import Endpoint
 from aivo_mesh.render.envoy import OUTBOUND_LISTENER, EnvoyProfile, _rbac
 from aivo_mesh.server.authz import Authorizer
@@ -25,8 +33,11 @@ from aivo_mesh.xds.policies import (
     cluster_metadata,
     decode_allow,
     decode_endpoints,
+    decode_faults,
     decode_routes,
     decode_service,
+    fault_metadata,
+    metadata_of,
     route_metadata,
     set_metadata,
 )
@@ -167,3 +178,23 @@ def test_an_rbac_that_is_not_the_mesh_s_is_refused() -> None:
     rbac = rbac_pb2.RBAC(action=rbac_pb2.RBAC.DENY)
     with pytest.raises(PolicyError, match="ALLOW"):
         decode_allow(rbac, "t.local")
+
+
+def test_faults_read_back_from_the_server_listeners_metadata_and_a_wrong_one_is_refused() -> None:
+    text = (ROOT / "mesh.yaml").read_text().replace(
+        "    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken\n",
+        "    fault: {delay: 250ms, delay_percent: 12.5, callers: [learner-svc, '*']}\n"
+        "    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken\n"
+        "        fault: {abort_status: INTERNAL, abort_percent: 100,"
+        " callers: [spiffe://aivo.local/ns/default/sa/x]}\n", 1)
+    policies = fault_policies(parse_mesh(text, "mesh.yaml"), "auth-svc")
+    assert [p.callers for p in policies] == [("spiffe://aivo.local/ns/default/sa/x",), None]  # '*': everyone
+    metadata = base_pb2.Metadata()
+    set_metadata(metadata, fault_metadata(policies))
+    assert decode_faults(metadata_of(metadata, "listener x"), "listener x") == policies
+    wrong = fault_metadata(policies)
+    wrong["faults"][0]["fault"]["abort_percent"] = 101
+    with pytest.raises(PolicyError, match=r"listener x faults\[0\]: FaultSpec abort_percent"):
+        decode_faults(wrong, "listener x")
+    with pytest.raises(PolicyError, match="expected a list under 'faults'"):
+        decode_faults({}, "listener x")

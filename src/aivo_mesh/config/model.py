@@ -266,7 +266,18 @@ class LimitsSpec(_Strict):
     """Concurrency thresholds per target (Envoy `circuit_breakers.thresholds`)."""
 
     max_connections: Annotated[StrictInt, Field(ge=1)] = 1000
-    max_pending_requests: Annotated[StrictInt, Field(ge=0)] = 100
+    # At least 1: Envoy queues every call as pending while its pool opens a connection, so with 0 it never
+    # opens one (no call, no health check gets through) while the proxyless plane would work.
+    max_pending_requests: Annotated[StrictInt, Field(ge=1)] = 100
+
+    @field_validator("max_pending_requests", mode="before")
+    @classmethod
+    def _pending(cls, v: object) -> object:
+        if v == 0 and not isinstance(v, bool):
+            raise ValueError("expected an integer >= 1: Envoy holds every call as a pending request while it "
+                             "opens the connection, so with 0 a sidecar never connects and the peer never "
+                             "becomes healthy (use 1 for the smallest queue)")
+        return v
     max_requests: Annotated[StrictInt, Field(ge=1)] = 1000
     max_retries: Annotated[StrictInt, Field(ge=0)] = 10
 
@@ -314,12 +325,16 @@ class Http2Spec(_Strict):
 
 
 class FaultSpec(_Strict):
-    """Fault injection on the inbound side (Envoy fault filter); off unless percentages are set."""
+    """Fault injection on the inbound side, after authorization (MeshServer; Envoy's fault filter); off
+    unless percentages are set. Delay and abort are independent draws: the delay first, then the abort.
+    `callers` (service names, mesh clients, spiffe:// IDs, as allow rules' `from`) limits it to those
+    callers; empty or `*`: every caller. A route's `fault` overrides the service's key by key."""
 
     abort_status: StatusName | None = None
     abort_percent: Percent = 0.0
     delay: Duration | None = None
     delay_percent: Percent = 0.0
+    callers: tuple[str, ...] = ()
 
 
 # Envoy's token bucket counts tokens in a uint32 and Linkerd's requestsPerSecond is an integer: whole
@@ -369,6 +384,7 @@ class RouteSpec(_Strict):
     idempotent: StrictBool = False
     streaming: StrictBool = False
     rate_limit: RateLimitSpec | None = None
+    fault: FaultSpec | None = None
 
 
 class AllowRule(_Strict):
@@ -707,16 +723,23 @@ class MeshSpec(_Strict):
         known = set(names) | set(self.mesh.clients)
         used_ports: dict[int, str] = {}
         for i, svc in enumerate(self.services):
-            for r, rule in enumerate(svc.allow):
-                for c, caller in enumerate(rule.from_):
+            callers: list[tuple[tuple[str | int, ...], tuple[str, ...]]] = [
+                (("services", i, "allow", r, "from"), rule.from_) for r, rule in enumerate(svc.allow)]
+            if svc.fault is not None:
+                callers.append((("services", i, "fault", "callers"), svc.fault.callers))
+            callers += [(("services", i, "routes", j, "fault", "callers"), route.fault.callers)
+                        for j, route in enumerate(svc.routes) if route.fault is not None]
+            for loc, listed in callers:
+                for c, caller in enumerate(listed):
                     if caller.startswith("spiffe://") or caller == "*":
                         continue
                     if caller not in known:
                         problems.append(_PathError(
-                            ("services", i, "allow", r, "from", c),
+                            (*loc, c),
                             f"unknown caller {caller!r}: expected one of {sorted(known)}, "
                             "'*' or a spiffe:// ID",
                         ))
+            for r, rule in enumerate(svc.allow):
                 for m, pattern in enumerate(rule.methods):
                     if (why := _not_a_method_of(svc.grpc_service, pattern)) is not None:
                         problems.append(_PathError(("services", i, "allow", r, "methods", m), why))

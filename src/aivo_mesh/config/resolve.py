@@ -18,10 +18,12 @@ from aivo_mesh.config.memo import per_mesh
 from aivo_mesh.config.model import (
     BUILTIN_DEFAULTS,
     CircuitBreakerSpec,
+    FaultSpec,
     HealthCheckSpec,
     LimitsSpec,
     MeshSpec,
     OutlierDetectionSpec,
+    PolicySpec,
     RateLimitSpec,
     RetryBudgetSpec,
     RetrySpec,
@@ -99,17 +101,37 @@ def service_policy(mesh: MeshSpec, name: str) -> ServicePolicy:
     assert b.limits is not None
     assert b.outlier_detection is not None
     assert b.health_check is not None
+    breaker = _pick(b.circuit_breaker, d.circuit_breaker, svc.circuit_breaker)
+    outlier = _pick(b.outlier_detection, d.outlier_detection, svc.outlier_detection)
+    outlier = outlier.model_copy(update={"consecutive_failures": _ejection_threshold(
+        b.circuit_breaker.consecutive_failures, d, svc)})
     return ServicePolicy(
         service=svc,
         timeout=svc.timeout or d.timeout or b.timeout or 5.0,
         retry=_pick(b.retry, d.retry, svc.retry),
         retry_budget=_pick(b.retry_budget, d.retry_budget, svc.retry_budget),
-        circuit_breaker=_pick(b.circuit_breaker, d.circuit_breaker, svc.circuit_breaker),
+        circuit_breaker=breaker,
         limits=_pick(b.limits, d.limits, svc.limits),
-        outlier_detection=_pick(b.outlier_detection, d.outlier_detection, svc.outlier_detection),
+        outlier_detection=outlier,
         health_check=_pick(b.health_check, d.health_check, svc.health_check),
         canary=tuple(sorted(svc.canary.items())),
     )
+
+
+def _ejection_threshold(builtin: int, *levels: PolicySpec | ServiceSpec) -> int:
+    """outlier_detection.consecutive_failures as both planes apply it: one failure threshold for the
+    breaker and the ejection. Envoy's only breaker is its outlier detection, so the ejection follows
+    circuit_breaker.consecutive_failures, level by level (defaults, then service), except where a level
+    sets outlier_detection.consecutive_failures itself: the most specific level that sets either key
+    decides, and a level setting both keeps its outlier_detection value."""
+    threshold = builtin
+    for level in levels:
+        od, cb = level.outlier_detection, level.circuit_breaker
+        if od is not None and "consecutive_failures" in od.model_fields_set:
+            threshold = od.consecutive_failures
+        elif cb is not None and "consecutive_failures" in cb.model_fields_set:
+            threshold = cb.consecutive_failures
+    return threshold
 
 
 def longest_timeout(mesh: MeshSpec, service: str) -> float:
@@ -202,6 +224,46 @@ def route_policy(mesh: MeshSpec, service: str, method: str) -> RoutePolicy:
     """The policy of one method of `service`. To look up many, take `route_policies` once and use
     `policy_for`."""
     return policy_for(route_policies(mesh, service), method)
+
+
+@dataclass(frozen=True)
+class FaultPolicy:
+    """The fault injected into the calls of one route of one service (see `fault_policies`): `fault` as
+    the route resolves it (the service's `fault` <- the route's, key by key) but its `callers`, which are
+    `callers` here: the SPIFFE IDs it is limited to (None: every caller). `match` is the mesh.yaml route,
+    None for the catch-all."""
+
+    pattern: str
+    match: str | None
+    fault: FaultSpec
+    callers: tuple[str, ...] | None
+
+    @property
+    def active(self) -> bool:
+        """Whether it can fault a call at all (a status other than OK or a delay, at more than 0 %)."""
+        f = self.fault
+        return bool((f.abort_status not in (None, "OK") and f.abort_percent > 0) or (f.delay and f.delay_percent > 0))
+
+
+@per_mesh
+def fault_policies(mesh: MeshSpec, service: str) -> tuple[FaultPolicy, ...]:
+    """The fault of every route of `service` in match order, then of the catch-all (the service's own),
+    as `route_policies` orders them; () when neither the service nor a route sets `fault`. A route
+    without `fault` has the service's: the first pattern covering a method decides, as for deadlines."""
+    svc = mesh.service(service)
+    if svc.fault is None and all(r.fault is None for r in svc.routes):
+        return ()
+
+    def policy(pattern: str, match: str | None, fault: FaultSpec) -> FaultPolicy:
+        ids = tuple(dict.fromkeys(c if c.startswith("spiffe://") else mesh.spiffe_id(c) for c in fault.callers))
+        # The callers live in `callers` only, resolved: `fault` is left with none of its own.
+        return FaultPolicy(pattern, match, fault.model_copy(update={"callers": ()}),
+                           None if not ids or "*" in fault.callers else ids)
+
+    base = svc.fault or FaultSpec()
+    routes = tuple(policy(r.match, r.match, merge(base, r.fault))
+                   for r in in_match_order(svc.routes, lambda r: r.match))
+    return (*routes, policy(service_prefix(svc.grpc_service), None, base))
 
 
 @per_mesh

@@ -8,7 +8,7 @@ parameters; stack.py uses it to build a target's stack.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from aivo_mesh.config.model import (
     BackoffSpec,
@@ -19,21 +19,22 @@ from aivo_mesh.config.model import (
     RetryBudgetSpec,
     RetrySpec,
 )
-from aivo_mesh.config.resolve import RateLimit, RoutePolicy, ServicePolicy
+from aivo_mesh.config.resolve import FaultPolicy, RateLimit, RoutePolicy, ServicePolicy
 from aivo_mesh.policy.backoff import Backoff, DecorrelatedJitter, FullJitter
 from aivo_mesh.policy.balancer import HealthRule
 from aivo_mesh.policy.breaker import BreakerParams
 from aivo_mesh.policy.budget import RetryBudgetParams
 from aivo_mesh.policy.classify import Classifier
 from aivo_mesh.policy.deadline import DeadlineParams
+from aivo_mesh.policy.fault import FaultRule
 from aivo_mesh.policy.limit import LimitParams
 from aivo_mesh.policy.outlier import OutlierRule
 from aivo_mesh.policy.ratelimit import BucketParams, RateLimitParams
 from aivo_mesh.policy.retry import RetryParams
 from aivo_mesh.status import DEFAULT_FAILURE_CODES
 
-__all__ = ["backoff", "breaker_params", "budget_params", "health_rule", "limit_params", "outlier_rule",
-           "rate_limit_params", "retry_params", "route_params"]
+__all__ = ["backoff", "breaker_params", "budget_params", "fault_rules", "health_rule", "limit_params",
+           "outlier_rule", "rate_limit_params", "retry_params", "route_params"]
 
 
 def backoff(spec: BackoffSpec, *, decorrelated: bool = False) -> Backoff:
@@ -96,3 +97,12 @@ def rate_limit_params(limit: RateLimit) -> RateLimitParams:
     """One scope's buckets (config.resolve.inbound_rate_limits) as the rate limiter takes them."""
     return RateLimitParams(limit.scope, BucketParams(limit.shared.rate, limit.shared.burst),
                            tuple((c, BucketParams(b.rate, b.burst)) for c, b in limit.callers))
+
+
+def fault_rules(policies: Sequence[FaultPolicy]) -> tuple[FaultRule, ...]:
+    """A server's fault rules, in the match order of `config.resolve.fault_policies` (inactive ones kept:
+    a route at 0 % still shadows the service's fault for its methods)."""
+    return tuple(FaultRule(p.pattern, abort_code=p.fault.abort_status, abort_percent=p.fault.abort_percent,
+                           delay=p.fault.delay or 0.0, delay_percent=p.fault.delay_percent,
+                           callers=None if p.callers is None else frozenset(p.callers))
+                 for p in policies)

@@ -62,7 +62,7 @@ class LocalReason(enum.StrEnum):
     exception type (client/errors.py), telemetry to its labels; nothing matches reply text."""
 
     CIRCUIT_OPEN = "circuit_open"  # the breaker is open (UNAVAILABLE, "Circuit breaker OPEN")
-    MAX_PENDING_REQUESTS = "max_pending_requests"  # no slot and the queue is full (RESOURCE_EXHAUSTED)
+    MAX_PENDING_REQUESTS = "max_pending_requests"  # no slot and the queue is full (UNAVAILABLE, as Envoy)
     MAX_REQUESTS = "max_requests"  # queued for a slot until the deadline (DEADLINE_EXCEEDED)
     DEADLINE = "deadline"  # no time left: before the call, before an attempt, or during back-off
     NO_ENDPOINTS = "no_endpoints"  # discovery lists none, or every one is ejected or unhealthy

@@ -4,7 +4,11 @@ Why: without a cap, a slow upstream turns into unbounded in-flight calls in the 
 sockets, and a thundering herd when it recovers). These are Envoy's `circuit_breakers.thresholds`
 for one cluster, applied in the client: `max_requests` active calls; up to `max_pending_requests`
 more wait in FIFO order for a slot; beyond that a call fails at once with a local
-RESOURCE_EXHAUSTED (load shedding, tower's LoadShed) instead of queueing without end.
+UNAVAILABLE (load shedding, tower's LoadShed) instead of queueing without end. UNAVAILABLE, not
+RESOURCE_EXHAUSTED: it is what an Envoy sidecar answers on the same overflow (503, flag UO) and what
+gRPC's own xDS client fails such a call with (gRFC A32: dropped with UNAVAILABLE, never retried), so a
+caller sees one status whichever plane is in between (docs/planes.md). It is not retried here either:
+the slot is taken outside the retry layer.
 
 A slot is held for the life of the logical call, released in `finally` (cancellation included),
 and handed directly to the oldest waiter, so a newcomer can never overtake the queue. Waiting
@@ -120,7 +124,7 @@ class LimitLayer:
     def wrap(self, inner: Handler) -> Handler:
         limit, clock, listener = self.limit, self.clock, self.listener
         p = limit.params
-        full = Reply("RESOURCE_EXHAUSTED", local=LocalReason.MAX_PENDING_REQUESTS, details=(
+        full = Reply("UNAVAILABLE", local=LocalReason.MAX_PENDING_REQUESTS, details=(
             f"{limit.service}: {p.max_requests} requests in flight and {p.max_pending_requests} waiting "
             f"(max_requests={p.max_requests}, max_pending_requests={p.max_pending_requests})"))
         timed_out = Reply("DEADLINE_EXCEEDED", local=LocalReason.MAX_REQUESTS, details=(

@@ -59,6 +59,13 @@ How mesh.yaml maps (docs/envoy.md has the full table; notes/envoy.md the sources
   required and limited to the trust domain; an RBAC filter mirrors `server.authz.Authorizer`
   (health/reflection open to every mesh identity, the allow-list for the rest, 403 ->
   PERMISSION_DENIED). TLS 1.3 minimum *and* maximum everywhere, ALPN h2.
+- **Faults.** The inbound fault filter sits after RBAC (authorized calls only), its own config empty:
+  mesh.yaml's `fault` is the virtual host's ``typed_per_filter_config`` (so `meshctl apply` reaches open
+  connections, as the RBAC override does), limited to the service's own methods by a ``:path`` header
+  match; a route's own `fault` is that route's override (every explicit route then gets an inbound route of its own, so
+  the first route matching a method decides, as in `config.resolve.fault_policies`), and `callers` a
+  header match on the sanitized ``x-forwarded-client-cert`` (`caller_header_match`). The proxyless
+  server applies the same rules (policy/fault.py).
 - **Outbound peers** are the services whose allow-list names this service (by name, SPIFFE ID or
   ``*``): routing to a service that would refuse every call only hides the mistake. The path's gRPC
   service picks the peer (one virtual host, any ``:authority``, rewritten to the peer's name); any
@@ -71,13 +78,14 @@ from __future__ import annotations
 import ipaddress
 import math
 import posixpath
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from aivo_mesh.config.model import FaultSpec, MeshSpec, ServiceSpec, known_methods
-from aivo_mesh.config.patterns import is_prefix, method_name
+from aivo_mesh.config.model import MeshSpec, ServiceSpec, known_methods
+from aivo_mesh.config.patterns import is_prefix, method_name, service_prefix
 from aivo_mesh.config.ports import (
     POD_ADMIN_PORT,
     POD_INBOUND_PORT,
@@ -88,9 +96,11 @@ from aivo_mesh.config.ports import (
     sidecar_ports,
 )
 from aivo_mesh.config.resolve import (
+    FaultPolicy,
     RateLimit,
     RoutePolicy,
     callable_peers,
+    fault_policies,
     inbound_rate_limits,
     per_pattern,
     route_policies,
@@ -659,19 +669,36 @@ def caller_header_match(spiffe_id: str) -> dict[str, Any]:
     return {"name": XFCC, "string_match": {"suffix": f";URI={spiffe_id}"}}
 
 
-def _fault(svc: ServiceSpec, fault: FaultSpec) -> dict[str, Any] | None:
-    cfg: dict[str, Any] = {}
+def callers_header_match(spiffe_ids: Sequence[str]) -> dict[str, Any]:
+    """`caller_header_match` for any of several callers (one anchored RE2 alternation)."""
+    if len(spiffe_ids) == 1:
+        return caller_header_match(spiffe_ids[0])
+    alternatives = "|".join(re.escape(i) for i in spiffe_ids)
+    return {"name": XFCC, "string_match": {"safe_regex": {"regex": f".*;URI=(?:{alternatives})"}}}
+
+
+FAULT_FILTER = "envoy.filters.http.fault"
+FAULT_TYPE = "envoy.extensions.filters.http.fault.v3.HTTPFault"
+
+
+def _fault(fp: FaultPolicy, *, only_under: str | None = None) -> dict[str, Any]:
+    """An HTTPFault of one route's fault: the same draws as the proxyless plane (policy/fault.py), for the
+    callers it names; `only_under` a path prefix the request must have too. Empty when `fp` cannot fault
+    anything: as a route's override, that turns the service's fault off for the route."""
+    fault, cfg = fp.fault, dict[str, Any]()
+    if not fp.active:
+        return _typed(FAULT_TYPE)
     if fault.abort_status not in (None, "OK") and fault.abort_percent > 0:
         cfg["abort"] = {"grpc_status": GRPC_STATUS_NAMES.index(fault.abort_status or "OK"),
                         "percentage": _percent(fault.abort_percent)}
     if fault.delay and fault.delay_percent > 0:
         cfg["delay"] = {"fixed_delay": _dur(fault.delay), "percentage": _percent(fault.delay_percent)}
-    if not cfg:
-        return None
-    # Only the service's own methods: health checks and reflection are never faulted.
-    cfg["headers"] = [{"name": ":path", "string_match": {"prefix": f"/{svc.grpc_service}/"}}]
-    return {"name": "envoy.filters.http.fault",
-            "typed_config": _typed("envoy.extensions.filters.http.fault.v3.HTTPFault", **cfg)}
+    headers: list[dict[str, Any]] = [{"name": ":path", "string_match": {"prefix": only_under}}] if only_under else []
+    if fp.callers is not None:
+        headers.append(callers_header_match(fp.callers))
+    if headers:
+        cfg["headers"] = headers
+    return _typed(FAULT_TYPE, **cfg)
 
 
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
@@ -731,11 +758,16 @@ def _inbound_routes(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> 
     # Only a backstop: the callers' sidecars hold each method's own deadline.
     backstop = max(rp.timeout for rp in policies if not rp.streaming)
     streaming_prefix = any(rp.streaming and is_prefix(rp.pattern) for rp in policies)
+    faults = fault_policies(mesh, svc.name)
+    # A route's own fault is its route's override of the filter (the service's fault); every route then
+    # gets one, so that the first route matching a method decides, as on the proxyless plane.
+    route_faults = {fp.pattern: fp for fp in faults if fp.match is not None} if any(
+        r.fault is not None for r in svc.routes) else {}
     if limits:
         patterns = per_pattern(policies)
     else:
-        patterns = [rp for rp in policies if rp.match is not None
-                    and (rp.streaming or (streaming_prefix and not is_prefix(rp.pattern)))]
+        patterns = [rp for rp in policies if rp.match is not None and (
+            rp.streaming or (streaming_prefix and not is_prefix(rp.pattern)) or rp.pattern in route_faults)]
     own = {s.pattern: s.limit for s in limits if s.own and s.limit is not None}
     routes: list[dict[str, Any]] = []
     for rp in patterns:
@@ -743,9 +775,14 @@ def _inbound_routes(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> 
                                  "route": {"cluster": LOCAL_APP_CLUSTER,
                                            **_deadline(rp.timeout if rp.streaming else backstop,
                                                        streaming=rp.streaming)}}
+        per_route: dict[str, Any] = {}
         if (limit := own.get(rp.pattern)) is not None:
-            route["typed_per_filter_config"] = {RATE_LIMIT_FILTER: local_rate_limit(
-                limit, f"{RATE_LIMIT_STATS}.{method_name(rp.pattern) or 'all'}")}
+            per_route[RATE_LIMIT_FILTER] = local_rate_limit(
+                limit, f"{RATE_LIMIT_STATS}.{method_name(rp.pattern) or 'all'}")
+        if rp.pattern in route_faults:
+            per_route[FAULT_FILTER] = _fault(route_faults[rp.pattern])
+        if per_route:
+            route["typed_per_filter_config"] = per_route
         routes.append(route)
     not_limited = {"typed_per_filter_config": {RATE_LIMIT_FILTER: _NOT_LIMITED}} if limits else {}
     if profile.otlp is not None or limits:
@@ -764,16 +801,21 @@ def _inbound_routes(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> 
 
 def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, port: int) -> dict[str, Any]:
     limits = inbound_rate_limits(mesh, svc.name)
+    faults = fault_policies(mesh, svc.name)
     # After RBAC: a caller it refuses never takes a token (PERMISSION_DENIED, as on the proxyless plane).
     filters = [_rbac_filter()]
     if limits:
         filters.append({"name": RATE_LIMIT_FILTER, "typed_config": _typed(
             "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", stat_prefix=RATE_LIMIT_STATS)})
     filters.append(_grpc_stats([svc], upstream=False))
-    if svc.fault is not None and (fault := _fault(svc, svc.fault)) is not None:
-        filters.append(fault)
-    filters.append(_router())
     per_filter = _rbac_per_route(mesh, svc)
+    if any(fp.active for fp in faults):  # after RBAC: only authorized calls are faulted, as by MeshServer
+        # The filter's own config is empty: the faults are the virtual host's and the routes' overrides, in
+        # the route configuration, which reaches open connections (RDS) as the RBAC override does.
+        filters.append({"name": FAULT_FILTER, "typed_config": _typed(FAULT_TYPE)})
+        # Only the service's own methods: health checks and reflection are never faulted.
+        per_filter[FAULT_FILTER] = _fault(faults[-1], only_under=service_prefix(svc.grpc_service))
+    filters.append(_router())
     if (shared := next((s.limit for s in limits if s.limit is not None and s.limit.scope is None), None)) is not None:
         per_filter[RATE_LIMIT_FILTER] = local_rate_limit(shared)
     route_config = {"name": "inbound", "virtual_hosts": [

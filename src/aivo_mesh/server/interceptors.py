@@ -10,8 +10,10 @@ grpc.aio server interceptors get no ServicerContext, so we wrap the RpcMethodHan
    `grpc-retry-pushback-ms` trailer, the milliseconds until its next token;
 3. publishes the caller and the inbound deadline in context variables, so a handler that calls
    another service passes on its remaining deadline (see policy.deadline.inbound_deadline);
-4. tells each ServerCallObserver (metrics, tracing, logs) when the call starts and how it ended.
-Observers see denied calls too: a PERMISSION_DENIED is an outcome operators must be able to count.
+4. tells each ServerCallObserver (metrics, tracing, logs) when the call starts and how it ended;
+5. injects mesh.yaml's faults into admitted calls (policy.fault decides): waits the delay, then answers
+   the abort status instead of calling the handler, as Envoy's fault filter after the RBAC filter.
+Observers see denied and faulted calls too: a PERMISSION_DENIED is an outcome operators must be able to count.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from aivo_mesh.policy.backoff import PUSHBACK_HEADER
 from aivo_mesh.policy.core import ATTEMPT_HEADER, monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import ServerCall, ServerCallObserver
+from aivo_mesh.policy.fault import ABORT_DETAILS, Fault, FaultInjector
 from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
 from aivo_mesh.server.ratelimit import InboundRateLimits
 
@@ -96,6 +99,10 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._reported: set[tuple[str, str]] = set()
         # Told of every refused call before it is aborted (MeshServer reports TLS-version refusals).
         self.on_denied: Callable[[grpc.aio.ServicerContext, Denied], None] | None = None
+        # Replaced whole when the fault configuration changes (MeshServer.set_faults); None: no faults.
+        self.faults: FaultInjector | None = None
+        # Told of every fault before it is applied (method, fault): MeshServer counts them.
+        self.on_fault: Callable[[str, Fault], None] | None = None
 
     def set_authorizer(self, authorizer: Authorizer) -> None:
         """Decide calls admitted from now on by `authorizer` (calls in flight were admitted already).
@@ -189,6 +196,8 @@ class _Guard:
         if not icp.observers:
             if denied is not None:
                 await context.abort(denied.code, denied.details, denied.trailers)
+            if (fault := await self._delay(caller)) is not None and fault.abort is not None:
+                await context.abort(grpc.StatusCode[fault.abort], ABORT_DETAILS)
             return None
         md = _metadata(context)
         attempt = next((int(v) for k, v in md if k == ATTEMPT_HEADER and v.isdigit()), 1)
@@ -199,7 +208,29 @@ class _Guard:
         if denied is not None:
             self.exit((call, tokens), context, None, denied.code.name)
             await context.abort(denied.code, denied.details, denied.trailers)
+        try:
+            fault = await self._delay(caller)
+        except BaseException as exc:  # the deadline passed, or the caller cancelled, during the delay
+            self.exit((call, tokens), context, exc)
+            raise
+        if fault is not None and fault.abort is not None:
+            self.exit((call, tokens), context, None, fault.abort)
+            await context.abort(grpc.StatusCode[fault.abort], ABORT_DETAILS)
         return call, tokens
+
+    async def _delay(self, caller: str | None) -> Fault | None:
+        """This admitted call's fault, its delay already waited (None: untouched)."""
+        faults = self.interceptor.faults
+        if faults is None or (fault := faults.decide(self.method, caller)) is None:
+            return None
+        if (on_fault := self.interceptor.on_fault) is not None:
+            try:
+                on_fault(self.method, fault)
+            except Exception:
+                log.exception("on_fault hook failed for %s", self.method)
+        if fault.delay > 0:
+            await faults.sleep(fault.delay)
+        return fault
 
     def exit(self, state: tuple[ServerCall, list[object]] | None, context: grpc.aio.ServicerContext,
              error: BaseException | None, code: str | None = None) -> None:

@@ -35,11 +35,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import ScopedRateLimit, inbound_rate_limits
+from aivo_mesh.config.resolve import FaultPolicy, ScopedRateLimit, fault_policies, inbound_rate_limits
 from aivo_mesh.errors import MeshError
 from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.pki.peer import PeerPolicy
+from aivo_mesh.policy.bind import fault_rules
 from aivo_mesh.policy.events import ServerCallObserver
+from aivo_mesh.policy.fault import Fault, FaultInjector
 from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, current_capture, peer_address
 from aivo_mesh.server.authz import Authorizer, Rule, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
@@ -112,6 +114,10 @@ class MeshServer:
         self.guard = MeshServerInterceptor(None if insecure else self.authorizer, service=service,
                                            require_tls=not insecure, observers=observers,
                                            peer_policy=PeerPolicy.from_mesh(mesh), rate_limits=self.rate_limits)
+        self.fault_policies: tuple[FaultPolicy, ...] = ()
+        self.set_faults(fault_policies(mesh, service))
+        if self.metrics is not None:
+            self.guard.on_fault = self._count_fault
         self.on_refused = None if insecure else on_refused
         self._first_refusal = PeerOnce()
         if self.on_refused is not None:
@@ -176,6 +182,25 @@ class MeshServer:
         self.guard.set_authorizer(authorizer)
         log.info("%s: allow rules updated", self.service)
         return True
+
+    def set_faults(self, policies: Sequence[FaultPolicy]) -> bool:
+        """The faults to inject from the next call on (`config.resolve.fault_policies`, or as a control plane
+        sends them: `xds.policies.decode_config`); True if they differ from those in force. A plaintext
+        server (`insecure`) injects none: the sidecar in front of it does."""
+        policies = tuple(policies)
+        if policies == self.fault_policies:
+            return False
+        self.fault_policies = policies
+        # No injector at all while nothing can fault: the guard then skips the lookup on every call. Nor on a
+        # plaintext server: it sits behind a sidecar, whose fault filter already injects them (as it authorizes).
+        active = not self.insecure and any(p.active for p in policies)
+        self.guard.faults = FaultInjector(fault_rules(policies)) if active else None
+        log.info("%s: fault injection %s", self.service, "on" if self.guard.faults is not None else "off")
+        return True
+
+    def _count_fault(self, method: str, fault: Fault) -> None:
+        assert self.metrics is not None
+        self.metrics.observe_fault(self.service, method, delay=fault.delay > 0, abort=fault.abort is not None)
 
     def add_service_name(self, full_name: str) -> None:
         """Declare a gRPC service hosted here (for health status and reflection)."""

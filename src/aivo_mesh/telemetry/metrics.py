@@ -31,10 +31,12 @@ Families (names are the platform's documented ones; see docs/telemetry.md):
                                                            (runtime.handshakes.REASONS)
     grpc_rate_limited_total{service,caller,method}         counter: calls this server's rate limit refused
                                                            (caller: the SPIFFE ID; mesh.yaml `rate_limit`)
+    mesh_injected_faults_total{service,method,fault}       counter: faults injected by the server
+                                                           (fault: delay, abort; policy.fault)
 
 `side` is "client" (service = the target) or "server" (service = this process's own service).
 `status` is the gRPC status NAME; a reply made locally by a policy layer gets its own value
-(`CIRCUIT_OPEN`, `LOCAL_RESOURCE_EXHAUSTED`, `LOCAL_DEADLINE_EXCEEDED`, ...) so it never looks like a
+(`CIRCUIT_OPEN`, `LOCAL_OVERFLOW`, `LOCAL_DEADLINE_EXCEEDED`, ...) so it never looks like a
 server error. Labels come from the proto path only, never from peer addresses; a method that is not
 a well-formed `/pkg.Service/Method` path is counted as `method="unknown"` to bound cardinality.
 """
@@ -77,6 +79,9 @@ BREAKER_STATES: dict[str, int] = STATE_GAUGE
 LIMIT_REASONS = frozenset({str(LocalReason.MAX_REQUESTS), str(LocalReason.MAX_PENDING_REQUESTS), "max_connections",
                            "max_retries"})
 
+# The status label of a call the concurrency limit refused (UNAVAILABLE, as Envoy's overflow): not
+# LOCAL_UNAVAILABLE, so it never looks like a call with no endpoint to go to.
+OVERFLOW = "LOCAL_OVERFLOW"
 # The status label of a call the breaker refused: not LOCAL_UNAVAILABLE, so it never looks like a
 # connection failure.
 CIRCUIT_OPEN = "CIRCUIT_OPEN"
@@ -108,14 +113,16 @@ def status_label(code: str) -> str:
 
 def local_status(code: str, local: LocalReason | None) -> str:
     """The status label of a finished call: its code name; for a call the client answered itself,
-    `CIRCUIT_OPEN` when the breaker refused it, else `LOCAL_<code>` (`LOCAL_RESOURCE_EXHAUSTED` for a
-    full queue, `LOCAL_DEADLINE_EXCEEDED` for a client-side deadline, `LOCAL_UNAVAILABLE` for no
-    endpoints), so it never looks like a server's answer."""
+    `CIRCUIT_OPEN` when the breaker refused it, `LOCAL_OVERFLOW` when the concurrency limit's queue was
+    full, else `LOCAL_<code>` (`LOCAL_DEADLINE_EXCEEDED` for a client-side deadline, `LOCAL_UNAVAILABLE`
+    for no endpoints), so it never looks like a server's answer."""
     code = status_label(code)
     if local is None:
         return code
     if local is LocalReason.CIRCUIT_OPEN:
         return CIRCUIT_OPEN
+    if local is LocalReason.MAX_PENDING_REQUESTS:
+        return OVERFLOW
     return code if code.startswith("LOCAL_") else f"LOCAL_{code}"
 
 
@@ -178,6 +185,10 @@ class MeshMetrics:
             "grpc_rate_limited", "Calls this server refused with RESOURCE_EXHAUSTED because the caller's rate-limit "
             "bucket was empty, by service, caller (SPIFFE ID) and method.",
             ["service", "caller", "method"], registry=r)
+        self.faults = Counter(
+            "mesh_injected_faults", "Faults mesh.yaml's `fault` injected into calls this server admitted, by "
+            "service, method and fault (delay, abort).",
+            ["service", "method", "fault"], registry=r)
         self._ejected: dict[str, set[str]] = {}
 
     @classmethod
@@ -267,6 +278,12 @@ class MeshMetrics:
         if side not in SIDES:
             raise ValueError(f"side must be 'client' or 'server', not {side!r}")
         self.peer_refusals.labels(side, service_label(service), rule if rule in _RULES else "other").inc()
+
+    def observe_fault(self, service: str, method: str, *, delay: bool, abort: bool) -> None:
+        """One injected fault: a call delayed, aborted or both (each counted under its own `fault`)."""
+        for kind, injected in (("delay", delay), ("abort", abort)):
+            if injected:
+                self.faults.labels(service_label(service), method_label(method), kind).inc()
 
     def set_certificate_expiry(self, service: str, identity: _Expiring | float) -> None:
         """Export the seconds left on `service`'s certificate. Given an object with `seconds_left()`

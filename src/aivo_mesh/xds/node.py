@@ -11,9 +11,9 @@ handed to what applies them (MeshClient's targets, MeshServer's allow rules).
 The node is the service's SPIFFE ID (the control plane checks it against the certificate) on the
 proxyless plane (`aivo.plane: proxyless` in its metadata), so it receives the `<service>/proxyless` node
 group: an API listener, routes, cluster and assignment per peer it may call, and its own server's
-listener (xds/proxyless.py). Each type is checked as it arrives (a resource this process cannot read is
-NACKed with the reason, nothing of it applied) and a complete set is decoded (xds/policies.py) and
-applied as one.
+listener, with its allow rules and faults (xds/proxyless.py). Each type is checked as it arrives (a
+resource this process cannot read is NACKed with the reason, nothing of it applied) and a complete set
+is decoded (xds/policies.py) and applied as one.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ log = logging.getLogger(__name__)
 
 def apply_to(client: MeshClient, server: MeshServer | None = None) -> Callable[[ProxylessConfig], None]:
     """What a proxyless process does with each configuration: its peers' policies, routes and endpoints
-    to its client (`MeshClient.apply_control_plane`), its own allow rules and rate limits to its server
-    (`MeshServer.set_allow_rules`, `MeshServer.set_rate_limits`: buckets whose limit is unchanged keep
-    their tokens). Both on the event loop the node runs on."""
+    to its client (`MeshClient.apply_control_plane`), its own allow rules, rate limits and faults to its
+    server (`MeshServer.set_allow_rules`, `MeshServer.set_rate_limits`: buckets whose limit is unchanged keep
+    their tokens; `MeshServer.set_faults`). Both on the event loop the node runs on."""
 
     def apply(config: ProxylessConfig) -> None:
         client.apply_control_plane(config.targets)
@@ -53,6 +53,8 @@ def apply_to(client: MeshClient, server: MeshServer | None = None) -> Callable[[
             server.set_allow_rules(config.allow)
         if server is not None and config.rate_limits is not None:
             server.set_rate_limits(config.rate_limits)
+        if server is not None and config.faults is not None:
+            server.set_faults(config.faults)
 
     return apply
 

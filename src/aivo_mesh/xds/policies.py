@@ -21,6 +21,8 @@ What no Envoy field says, or says only as Envoy applies it, travels as plain dat
               statuses, and leaves out a per-try timeout it would ignore), `idempotent`, `streaming`
     cluster   the service's own timeout and retry (its catch-all), retry budget, circuit breaker (Envoy's
               has no consecutive-failure mode), limits, outlier detection, health checks
+    server    (the service's own server listener) its faults per route as `config.resolve.fault_policies`
+              gives them, callers as SPIFFE IDs (Envoy's fault filter says them only as header matchers)
 
 `decode_*` raise PolicyError for a resource that does not carry what they need: the subscriber NACKs
 it and keeps what it had.
@@ -48,6 +50,7 @@ from pydantic import BaseModel, ValidationError
 
 from aivo_mesh.config.model import (
     CircuitBreakerSpec,
+    FaultSpec,
     HealthCheckSpec,
     LimitsSpec,
     MeshSpec,
@@ -60,7 +63,15 @@ from aivo_mesh.config.model import (
     to_data,
 )
 from aivo_mesh.config.patterns import service_prefix
-from aivo_mesh.config.resolve import Bucket, RateLimit, RoutePolicy, ScopedRateLimit, ServicePolicy, route_retry
+from aivo_mesh.config.resolve import (
+    Bucket,
+    FaultPolicy,
+    RateLimit,
+    RoutePolicy,
+    ScopedRateLimit,
+    ServicePolicy,
+    route_retry,
+)
 from aivo_mesh.discovery.snapshot import VERSION, Endpoint
 from aivo_mesh.render.envoy import CALLER_KEY, RATE_LIMIT_FILTER, cluster_service, cluster_version, version_cluster
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE
@@ -120,6 +131,31 @@ def cluster_metadata(sp: ServicePolicy) -> dict[str, Any]:
             "retry_budget": to_data(sp.retry_budget), "circuit_breaker": to_data(sp.circuit_breaker),
             "limits": to_data(sp.limits), "outlier_detection": to_data(sp.outlier_detection),
             "health_check": to_data(sp.health_check)}
+
+
+def fault_metadata(policies: tuple[FaultPolicy, ...]) -> dict[str, Any]:
+    """What a server listener carries of its service's faults (the module docstring)."""
+    return {"faults": [{"pattern": p.pattern, "match": p.match,
+                        "fault": to_data(p.fault),
+                        "callers": None if p.callers is None else list(p.callers)} for p in policies]}
+
+
+def decode_faults(data: Mapping[str, Any], where: str) -> tuple[FaultPolicy, ...]:
+    """`fault_metadata`, read back."""
+    entries = data.get("faults")
+    if not isinstance(entries, list):
+        raise PolicyError(f"{where}: {METADATA_KEY} metadata: expected a list under 'faults'")
+    out = []
+    for i, entry in enumerate(entries):
+        try:
+            pattern, match, callers = entry["pattern"], entry["match"], entry["callers"]
+            fault = _model(FaultSpec, entry["fault"], f"{where} faults[{i}]")
+        except (KeyError, TypeError) as exc:
+            raise PolicyError(f"{where}: {METADATA_KEY} metadata faults[{i}]: missing or wrong {exc}") from None
+        if not isinstance(pattern, str) or not (callers is None or all(isinstance(c, str) for c in callers)):
+            raise PolicyError(f"{where}: {METADATA_KEY} metadata faults[{i}]: expected a pattern and SPIFFE IDs")
+        out.append(FaultPolicy(pattern, match, fault, None if callers is None else tuple(callers)))
+    return tuple(out)
 
 
 # -- decoding --------------------------------------------------------------------------------------
@@ -295,11 +331,12 @@ class TargetConfig:
 @dataclass(frozen=True)
 class ProxylessConfig:
     """What a proxyless node holds, decoded: its peers (API listeners, gRFC A27) and, if it serves, the
-    allow rules and rate limits of its server listener (None: no server listener)."""
+    allow rules, rate limits and faults of its server listener (None: no server listener)."""
 
     targets: Mapping[str, TargetConfig]
     allow: Rules | None
     rate_limits: tuple[ScopedRateLimit, ...] | None = None
+    faults: tuple[FaultPolicy, ...] | None = None
 
 
 def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]) -> ProxylessConfig:
@@ -311,11 +348,13 @@ def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]
     targets: dict[str, TargetConfig] = {}
     allow: Rules | None = None
     rate_limits: tuple[ScopedRateLimit, ...] | None = None
+    faults: tuple[FaultPolicy, ...] | None = None
     for name, listener in sorted(listeners.items()):
         assert isinstance(listener, listener_pb2.Listener)
         if name.startswith(SERVER_LISTENER_PREFIX):
             allow = _server_rules(mesh, listener)
             rate_limits = decode_rate_limits(_server_hcm(listener))
+            faults = decode_faults(metadata_of(listener.metadata, f"listener {name}"), f"listener {name}")
             continue
         if not listener.HasField("api_listener"):
             raise PolicyError(f"listener {name}: neither an API listener nor a server listener")
@@ -349,7 +388,7 @@ def decode_config(mesh: MeshSpec, resources: Mapping[str, Mapping[str, Message]]
         assert policy is not None
         policy = dataclasses.replace(policy, canary=split)
         targets[name] = TargetConfig(policy, decode_routes(policy, mine), tuple(endpoints))
-    return ProxylessConfig(targets, allow, rate_limits)
+    return ProxylessConfig(targets, allow, rate_limits, faults)
 
 
 def _server_hcm(listener: listener_pb2.Listener) -> hcm_pb2.HttpConnectionManager:

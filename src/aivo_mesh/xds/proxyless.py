@@ -27,10 +27,11 @@ mesh.yaml and one piece of code does each job. Per peer the service may call:
 
 and, for the service's own server, a listener named as gRPC's xDS servers name theirs
 (`grpc/server?xds.resource.listening_address=<host:port>`) carrying the sidecar's inbound allow rules as an
-RBAC HTTP filter (gRFC A41) and, when mesh.yaml limits the service, the sidecar's inbound rate limits as
+RBAC HTTP filter (gRFC A41); when mesh.yaml limits the service, the sidecar's inbound rate limits as
 they are: the local rate limit HTTP filter, the service's buckets on the virtual host and a route's own on
-that route, in the inbound routes' order (render/envoy.py `local_rate_limit`). gRPC's clients never ask
-for it (they name their targets); MeshServer does.
+that route, in the inbound routes' order (render/envoy.py `local_rate_limit`); and, in its metadata, the
+service's faults (xds/policies.py). gRPC's clients never ask for it (they name their targets); MeshServer
+does.
 
 The metadata is what a MeshClient on the control plane reads (`xds.policies.decode_config`): the same
 snapshot serves gRPC's own client and MeshClient. Nothing here imports grpc; `grpc_bootstrap` is plain
@@ -55,7 +56,7 @@ from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 from google.protobuf.message import Message
 
 from aivo_mesh.config.model import MeshSpec
-from aivo_mesh.config.resolve import callable_peers, per_pattern, route_policies, service_policy
+from aivo_mesh.config.resolve import callable_peers, fault_policies, per_pattern, route_policies, service_policy
 from aivo_mesh.render.envoy import (
     INBOUND_LISTENER,
     OUTBOUND_LISTENER,
@@ -66,7 +67,13 @@ from aivo_mesh.render.envoy import (
 )
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, InconsistentSnapshot, Snapshot
 from aivo_mesh.xds.groups import PLANE_KEY, PROXYLESS, group_name
-from aivo_mesh.xds.policies import SERVER_LISTENER_PREFIX, cluster_metadata, route_metadata, set_metadata
+from aivo_mesh.xds.policies import (
+    SERVER_LISTENER_PREFIX,
+    cluster_metadata,
+    fault_metadata,
+    route_metadata,
+    set_metadata,
+)
 from aivo_mesh.xds.refs import rds_names
 
 # The certificate provider instance the bootstrap defines and every cluster's TLS names (A29).
@@ -123,9 +130,9 @@ def server_listener_name(mesh: MeshSpec, service: str) -> str:
 
 def _server_listener(mesh: MeshSpec, service: str, sidecar: Snapshot) -> listener_pb2.Listener:
     """The service's own server: who may call what, as the sidecar's inbound RBAC says it (gRFC A41's RBAC
-    HTTP filter before the router, routes answering with a NonForwardingAction as A36 asks), and mTLS from
-    the certificate provider (A29). MeshServer reads the allow rules from it (`xds.policies.decode_config`);
-    a grpc.aio server has no xDS serving of its own."""
+    HTTP filter before the router, routes answering with a NonForwardingAction as A36 asks), mTLS from
+    the certificate provider (A29), and the faults in its metadata. MeshServer reads the allow rules and
+    the faults from it (`xds.policies.decode_config`); a grpc.aio server has no xDS serving of its own."""
     names = dict(rds_names(sidecar.get(LISTENER).values()))[INBOUND_LISTENER]
     inbound = sidecar.get(ROUTE)[names[0]]
     assert isinstance(inbound, route_pb2.RouteConfiguration)
@@ -165,6 +172,7 @@ def _server_listener(mesh: MeshSpec, service: str, sidecar: Snapshot) -> listene
     tls.require_client_certificate.value = True
     svc = mesh.service(service)
     listener = listener_pb2.Listener(name=server_listener_name(mesh, service))
+    set_metadata(listener.metadata, fault_metadata(fault_policies(mesh, service)))
     listener.address.socket_address.address = svc.host
     listener.address.socket_address.port_value = svc.port
     chain = listener.filter_chains.add()
