@@ -939,57 +939,16 @@ def test_sidecar_port_errors_name_the_mesh_file_and_line(tmp_path: Path) -> None
     assert str(exc.value).startswith(f"{path}:{line}: services[0].local_port: port 15090 is a sidecar port")
 
 
-@pytest.mark.slow
-@needs_envoy
-async def test_an_overflow_is_unavailable_at_the_sidecar_as_in_the_proxyless_limit(
-        mesh: MeshSpec, mesh_certs: CertLayout, tmp_path: Path) -> None:
-    """auth-svc's `limits` {max_requests: 1, max_pending_requests: 1} on its sidecar's local_app cluster: with
-    one call in the app, another is refused at once with UNAVAILABLE "overflow", the status the proxyless
-    limit answers too (tests/test_policy_limit.py; docs/planes.md)."""
-    text = MESH_FILE.read_text().replace(
-        "    timeout: 5s\n    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken",
-        "    timeout: 5s\n    limits: {max_requests: 1, max_pending_requests: 1}\n"
-        "    routes:\n      - match: /aivo.auth.v1.AuthService/ValidateToken", 1)
-    m = on_free_ports(parse_mesh(text, "mesh.yaml"))
-    limits = service_policy(m, "auth-svc").limits
-    assert (limits.max_requests, limits.max_pending_requests) == (1, 1)
-    gate = asyncio.Event()
-
-    async def validate(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
-        await gate.wait()
-        return b"ok"
-
-    server, _ = await auth_app({"ValidateToken": validate}, port=m.service("auth-svc").local_port)
-    profile = EnvoyProfile.local(str(mesh_certs.root), str(tmp_path / "sds"))
-    proc = await start_envoy_async(write_sidecar(m, "auth-svc", profile, tmp_path / "envoy.yaml"))
-    ports = sidecar_ports(m, "auth-svc", "local")
-    cert, key = mesh_certs.identity_paths("mesh-client")
-    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
-    try:
-        await asyncio.to_thread(wait_envoy_live, ports.admin, proc)
-        async with grpc.aio.secure_channel(f"127.0.0.1:{ports.inbound}", creds,
-                                           options=[("grpc.default_authority", "auth-svc")]) as ch:
-            vt = ch.unary_unary("/aivo.auth.v1.AuthService/ValidateToken", request_serializer=lambda b: b,
-                                response_deserializer=lambda b: b)
-            held = asyncio.ensure_future(vt(b"x", timeout=10))
-
-            def one_active() -> bool:
-                stat = _http(ports.admin, "/stats?filter=^cluster.local_app.upstream_rq_active$")[1]
-                return "upstream_rq_active: 1" in stat
-
-            await until(one_active, timeout=10, what="one call in the app")
-            # Envoy's pending queue holds only calls waiting for a connection: over max_requests on an open
-            # HTTP/2 connection it refuses at once (the proxyless limit would queue one first).
-            with pytest.raises(grpc.aio.AioRpcError) as overflow:
-                await vt(b"x", timeout=10)
-            assert overflow.value.code() == grpc.StatusCode.UNAVAILABLE, overflow.value
-            assert "overflow" in (overflow.value.details() or "")
-            assert "upstream_rq_active_overflow: 1" in _http(
-                ports.admin, "/stats?filter=^cluster.local_app.upstream_rq_active_overflow$")[1]
-            gate.set()
-            assert await held == b"ok"
-    finally:
-        proc.terminate()
-        await proc.wait()
-        await server.stop(0)
-
+def test_the_inbound_app_cluster_caps_nothing_the_callers_hold_the_limits(mesh: MeshSpec) -> None:
+    """`limits` are each caller's caps on its calls to a service (its sidecar's peer cluster, its MeshClient's
+    limit layer); the service's own sidecar does not cap its app for all callers together, as a MeshServer
+    does not (the overflow itself: the conformance suite's concurrency-limit scenario, on every plane)."""
+    config = bootstrap(mesh, "auth-svc", EnvoyProfile.pod(mesh))
+    local = next(c for c in config["static_resources"]["clusters"] if c["name"] == "local_app")
+    (thresholds,) = local["circuit_breakers"]["thresholds"]
+    assert {thresholds[k] for k in ("max_connections", "max_pending_requests", "max_requests", "max_retries")} == {
+        2**32 - 1}
+    peer = next(c for c in bootstrap(mesh, "learner-svc", EnvoyProfile.pod(mesh))["static_resources"]["clusters"]
+                if c["name"] == "auth-svc")
+    limits = service_policy(mesh, "auth-svc").limits
+    assert peer["circuit_breakers"]["thresholds"][0]["max_requests"] == limits.max_requests

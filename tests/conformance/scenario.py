@@ -204,6 +204,9 @@ class PhaseResult:
                 text += "; " + " ".join(f"{k}:{v}" for k, v in sorted(answered.items()))
         if self.recovered_after is not None:
             text += f"; ok after {self.recovered_after:.2f}s"
+        details = sorted({o.details for o in self.outcomes if o.code != "OK"})
+        if details:
+            text += f"; e.g. {details[0][:100]!r}"
         return text
 
 

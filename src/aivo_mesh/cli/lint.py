@@ -58,8 +58,10 @@ def _lint_file(path: Path, check_files: bool) -> list[LintIssue]:
                    "(use where Envoy runs: the rendered pod files name /etc/envoy/...)")
 @click.option("--config", type=click.Path(dir_okay=False), default=None,
               help="mesh.yaml (locates the default files and is linted with them)")
+@click.option("--grpc-xds", is_flag=True, default=False,
+              help="also warn of what gRPC's built-in xDS client (plain grpc with xds:/// targets) does not apply")
 @output_option
-def lint(paths: tuple[str, ...], check_files: bool, config: str | None, output: str) -> None:
+def lint(paths: tuple[str, ...], check_files: bool, config: str | None, grpc_xds: bool, output: str) -> None:
     """Lint Envoy bootstraps (FILEs, or every envoy.yaml under DIRs; default: the rendered sidecars)."""
     from aivo_mesh.config.loader import find_mesh_file, load_mesh
     from aivo_mesh.lint.envoy import lint_mesh
@@ -71,7 +73,7 @@ def lint(paths: tuple[str, ...], check_files: bool, config: str | None, output: 
     else:
         mesh_file = find_mesh_file(config)
         mesh = load_mesh(mesh_file)
-        results += [(str(mesh_file), issue) for issue in lint_mesh(mesh)]
+        results += [(str(mesh_file), issue) for issue in lint_mesh(mesh, grpc_xds=grpc_xds)]
         out_dir = mesh_file.resolve().parent / TARGETS["envoy"].output_dir
         files = sorted(out_dir.glob("*/envoy.yaml"))
         if not files:

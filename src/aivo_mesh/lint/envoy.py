@@ -58,7 +58,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -67,7 +67,15 @@ import yaml
 
 from aivo_mesh.config.model import MeshSpec, ServiceSpec
 from aivo_mesh.config.patterns import service_prefix
-from aivo_mesh.config.resolve import merge, per_try_not_applied, policy_for, route_policies, service_policy
+from aivo_mesh.config.resolve import (
+    RoutePolicy,
+    ServicePolicy,
+    merge,
+    per_try_not_applied,
+    policy_for,
+    route_policies,
+    service_policy,
+)
 from aivo_mesh.render.envoy import VALID_RETRY_ON, retry_on_tokens
 
 __all__ = ["LintIssue", "Severity", "lint_bootstrap", "lint_mesh", "load_config"]
@@ -457,9 +465,15 @@ def lint_bootstrap(config: Mapping[str, Any], *, file: str = "<config>", check_f
     return out
 
 
-def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
+# How far ahead of the call grpcio starts a route's deadline (xDS max_stream_duration) on its built-in xDS
+# client: measured 1 to 2 s (tests/test_xds_grpc_client.py, the conformance suite's route-deadline scenario).
+GRPC_XDS_DEADLINE_EARLY = 2.0
+
+
+def lint_mesh(mesh: MeshSpec, *, grpc_xds: bool = False) -> list[LintIssue]:
     """mesh.yaml retry policies the sidecars cannot express or that do nothing, and where the planes
     differ (warnings; paths as in mesh.yaml; each difference is a scenario of the conformance suite).
+    With `grpc_xds`, also what gRPC's built-in xDS client (`xds:///` channels) does differently.
     A per-try timeout is left out where `per_try_not_applied` says so: warned when it was written for
     that very route (or the service's catch-all), or when the route is an idempotent unary one with
     retries whose retry_on lacks DEADLINE_EXCEEDED (probably meant to apply)."""
@@ -469,8 +483,27 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
         limited = svc.rate_limit is not None or any(r.rate_limit is not None for r in svc.routes)
         where = [(f"services[{i}]", service_prefix(svc.grpc_service), svc.retry)]
         where += [(f"services[{i}].routes[{j}]", r.match, r.retry) for j, r in enumerate(svc.routes)]
+        if grpc_xds:
+            out += _grpc_xds_service_warnings(f"services[{i}]", sp, policies)
+        if (lim := svc.limits) is not None and "max_pending_requests" in lim.model_fields_set \
+                and lim.max_pending_requests > 0:
+            out.append(LintIssue(f"services[{i}].limits.max_pending_requests", "warning",
+                                 f"{lim.max_pending_requests}: MeshClient queues up to this many calls behind "
+                                 "max_requests; an Envoy sidecar (and gRPC's xDS client) refuses every call over "
+                                 "max_requests at once with UNAVAILABLE, its pending queue holding only calls "
+                                 "waiting for a connection"))
         for path, pattern, own in where:
             rp = policy_for(policies, pattern)
+            if grpc_xds and not rp.streaming:
+                if rp.timeout <= GRPC_XDS_DEADLINE_EARLY + 0.5:
+                    out.append(LintIssue(f"{path}.timeout", "warning",
+                                         f"{rp.timeout:g}s: gRPC's built-in xDS client (grpcio) starts a route's "
+                                         "deadline 1-2 s before the call, so a deadline this short may end calls "
+                                         "before they are sent"))
+                if rp.retry.per_try_timeout is not None and rp.retry.max_retries > 0:
+                    out.append(LintIssue(f"{path}.retry.per_try_timeout", "warning",
+                                         f"{rp.retry.per_try_timeout:g}s: gRPC's built-in xDS client applies no "
+                                         "per_try_timeout (gRFC A44): an attempt runs until the route's deadline"))
             written = own is not None and "per_try_timeout" in own.model_fields_set
             unfiltered = merge(sp.retry, own) if path != f"services[{i}]" else sp.retry
             why = per_try_not_applied(unfiltered, idempotent=rp.idempotent, streaming=rp.streaming)
@@ -497,6 +530,20 @@ def lint_mesh(mesh: MeshSpec) -> list[LintIssue]:
                                      f"{per_try:g}s >= the route timeout {rp.timeout:g}s: it does nothing (left "
                                      "out of the sidecar config; the proxyless attempt gets the whole deadline)"))
         out += _canary_warnings(i, svc)
+    return out
+
+
+def _grpc_xds_service_warnings(path: str, sp: ServicePolicy, policies: Sequence[RoutePolicy]) -> list[LintIssue]:
+    """What gRPC's built-in xDS client does not apply of a service's policy (per service, not per route)."""
+    out = []
+    if any(rp.retry.max_retries > 0 for rp in policies):
+        out.append(LintIssue(f"{path}.retry_budget", "warning",
+                             f"{sp.retry_budget.percent:g} %: gRPC's built-in xDS client has no retry budget (gRFC "
+                             "A44): under a failure storm every call makes all of its attempts"))
+    out.append(LintIssue(f"{path}.circuit_breaker.consecutive_failures", "warning",
+                         f"{sp.circuit_breaker.consecutive_failures}: gRPC's built-in xDS client neither opens a "
+                         "breaker nor ejects an endpoint on consecutive failures (its outlier detection, gRFC A50, "
+                         "reads success rate and failure percentage only)"))
     return out
 
 

@@ -1018,8 +1018,10 @@ def peer_cluster_policy(mesh: MeshSpec, name: str, kind: Kind, version: str | No
     return cluster
 
 
+UNLIMITED = 4_294_967_295  # a circuit-breaker threshold that never trips (a uint32's maximum)
+
+
 def _local_app_cluster(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> dict[str, Any]:
-    lim = service_policy(mesh, svc.name).limits
     return {
         "name": LOCAL_APP_CLUSTER,
         "type": "STATIC",
@@ -1027,11 +1029,16 @@ def _local_app_cluster(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) 
         "per_connection_buffer_limit_bytes": mesh.http2.per_connection_buffer_limit_bytes,
         # No h2 PING: the app is on loopback, and grpc servers answer frequent pings with GOAWAY.
         "typed_extension_protocol_options": _upstream_h2(mesh, keepalive=False),
-        "circuit_breakers": {"thresholds": [{  # the same caps callers are given, instead of Envoy's 1024s
+        # No caps of its own, as Istio's inbound clusters (max uint32): `limits` are each caller's caps on its
+        # calls to this service, held by the callers' sidecars and MeshClients. Here they would cap every
+        # caller together, which a MeshServer does not do, and a cold connection to the app would overflow
+        # its pending queue.
+        "circuit_breakers": {"thresholds": [{
             "priority": "DEFAULT",
-            "max_connections": lim.max_connections,
-            "max_pending_requests": lim.max_pending_requests,
-            "max_requests": lim.max_requests,
+            "max_connections": UNLIMITED,
+            "max_pending_requests": UNLIMITED,
+            "max_requests": UNLIMITED,
+            "max_retries": UNLIMITED,
             "track_remaining": True,
         }]},
         "load_assignment": _load_assignment(LOCAL_APP_CLUSTER, "127.0.0.1", svc.local_port,
