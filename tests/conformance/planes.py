@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +244,7 @@ class World:
     script: Script
     call: Call
     stops: dict[str, Callable[[], Awaitable[None]]]  # instance -> stop it
+    remove: Callable[[str], Awaitable[None]]  # instance -> out of mesh.yaml's endpoints, live
 
     async def stop(self, instance: str) -> None:
         await self.stops.pop(instance)()
@@ -307,15 +308,12 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
         first = scenario.instances[0]
         front = (f"127.0.0.1:{mesh.service(CALLED).sidecar.inbound_port}" if called_side == "sidecar"
                  else f"127.0.0.1:{mesh.service(CALLED).port}")
+        endpoints: dict[str, Any] = {}  # instance -> its entry in mesh.yaml's endpoints
         if extra or scenario.versions:
-            endpoints: list[Any] = []
             for name, address in [(first, front), *((n, a) for n, (a, _) in extra.items())]:
                 version = scenario.versions.get(name)
-                endpoints.append(address if version is None else EndpointSpec(address=address, version=version))
-            mesh = mesh.model_copy(update={"services": tuple(
-                s.model_copy(update={"endpoints": tuple(endpoints)}) if s.name == CALLED else s
-                for s in mesh.services)})
-            mesh = parse_mesh(dump_mesh(mesh), "mesh.yaml")  # validated again, as a user's file would be
+                endpoints[name] = address if version is None else EndpointSpec(address=address, version=version)
+            mesh = _with_endpoints(mesh, endpoints.values())
         state.mesh_file.write_text(dump_mesh(mesh))
 
         # The called side: each instance's app.
@@ -348,6 +346,18 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
         # The control plane and the sidecars.
         sidecars = [n for n, side in ((CALLER, caller_side), (CALLED, called_side)) if side == "sidecar"]
         cp: ControlPlane | None = None
+        client: MeshClient | None = None
+
+        async def remove(instance: str) -> None:
+            del endpoints[instance]
+            changed = _with_endpoints(mesh, endpoints.values())
+            if cp is not None:  # `meshctl apply`: every node has ACKed it when it returns
+                result = await cp.apply(dump_mesh(changed))
+                assert result["nodes"] and all(n["outcome"] == "acked" for n in result["nodes"]), result
+            else:
+                assert client is not None
+                client.apply_policies(changed)
+
         if xds:
             write_envoy_configs(state, mesh, None, None, control_plane=True)
             direct = [n for n, side in ((CALLER, caller_side), (CALLED, called_side)) if side == "proxyless"]
@@ -369,7 +379,7 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
             xds_caller = await grpc_xds_caller(mesh, certs, tmp_path)
             stacks.stack.push_async_callback(xds_caller.close)
             await asyncio.wait_for(xds_caller.ready, 40)
-            yield World(plane, mesh, script, xds_caller.call, stops)
+            yield World(plane, mesh, script, xds_caller.call, stops, remove)
             return
         if caller_side == "proxyless":
             client = MeshClient(MeshConfig.for_identity(CALLER, certs, mesh))
@@ -389,7 +399,14 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
         async def call(method: str, payload: bytes) -> Reply:
             return await _timed(_raw(channel, method), payload)
 
-        yield World(plane, mesh, script, call, stops)
+        yield World(plane, mesh, script, call, stops, remove)
+
+
+def _with_endpoints(mesh: MeshSpec, endpoints: Iterable[Any]) -> MeshSpec:
+    """`mesh` with auth-svc's `endpoints`, validated again as a user's file would be."""
+    changed = mesh.model_copy(update={"services": tuple(
+        s.model_copy(update={"endpoints": tuple(endpoints)}) if s.name == CALLED else s for s in mesh.services)})
+    return parse_mesh(dump_mesh(changed), "mesh.yaml")
 
 
 def _healthy(admin: int | None, hosts: int) -> bool:

@@ -82,6 +82,9 @@ class Phase:
     method: str = "ValidateToken"
     recover: bool = False  # call every 50 ms until one succeeds (or `ok_within` passes)
     stop_instance: str | None = None  # this instance stops serving when the phase begins
+    # This instance leaves mesh.yaml's endpoints when the phase begins, still serving: `meshctl apply` where
+    # a control plane runs, `MeshClient.apply_policies` on the plane that reads mesh.yaml.
+    remove_instance: str | None = None
 
 
 @dataclass(frozen=True)

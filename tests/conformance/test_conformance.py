@@ -30,6 +30,8 @@ async def run_phase(w: World, phase: Phase) -> PhaseResult:
     w.script.behaviour = phase.server
     if phase.stop_instance is not None:
         await w.stop(phase.stop_instance)
+    if phase.remove_instance is not None:
+        await w.remove(phase.remove_instance)
     before = w.script.reached
     result = PhaseResult()
     payloads: list[bytes] = []
