@@ -204,9 +204,9 @@ def test_snapshot(clock: FakeClock) -> None:
     fail(b, A)
     snap = b.snapshot()
     assert snap[0] == {"endpoint": A, "healthy": True, "ejected": True, "ejected_until": clock() + 1.0,
-                       "consecutive_failures": 0, "times_ejected": 1}
+                       "consecutive_failures": 0, "times_ejected": 1, "version": ""}
     assert set(snap[1]) == {"endpoint", "healthy", "ejected", "ejected_until", "consecutive_failures",
-                            "times_ejected"}
+                            "times_ejected", "version"}
 
 
 def test_no_endpoints(clock: FakeClock) -> None:

@@ -228,7 +228,7 @@ class Balancer:
 
     def snapshot(self) -> list[dict[str, object]]:
         """One dict per endpoint (endpoint, healthy, ejected, ejected_until, consecutive_failures,
-        times_ejected), for the admin /clusters endpoint."""
+        times_ejected, version: its canary version), for the admin /clusters endpoint."""
         eps = self._endpoints
         if self.detector.ejected:
             self.detector.sweep(eps, self._clock())
