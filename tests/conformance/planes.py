@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,8 @@ from waiting import until
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.config.loader import parse_mesh
-from aivo_mesh.config.model import EndpointSpec
+from aivo_mesh.config.model import EndpointSpec, to_data
+from aivo_mesh.config.resolve import fault_policies, inbound_rate_limits
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.control_plane import ControlPlane
@@ -245,6 +246,7 @@ class World:
     call: Call
     stops: dict[str, Callable[[], Awaitable[None]]]  # instance -> stop it
     remove: Callable[[str], Awaitable[None]]  # instance -> out of mesh.yaml's endpoints, live
+    change: Callable[[Mapping[str, Any]], Awaitable[None]]  # auth-svc's keys set to these values, live
 
     async def stop(self, instance: str) -> None:
         await self.stops.pop(instance)()
@@ -348,15 +350,30 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
         cp: ControlPlane | None = None
         client: MeshClient | None = None
 
+        current = mesh
+
+        async def change(keys: Mapping[str, Any]) -> None:
+            """auth-svc's `keys` set as a user edits mesh.yaml, then applied live: `meshctl apply` where a control
+            plane runs (every node has ACKed it when it returns), else what an app reading mesh.yaml calls."""
+            nonlocal current
+            data = yaml.safe_load(dump_mesh(current))
+            next(s for s in data["services"] if s["name"] == CALLED).update(copy.deepcopy(dict(keys)))
+            current = parse_mesh(yaml.safe_dump(data, sort_keys=False), "mesh.yaml")
+            if cp is not None:
+                result = await cp.apply(dump_mesh(current))
+                assert result["nodes"] and all(n["outcome"] == "acked" for n in result["nodes"]), result
+                return
+            assert client is not None
+            client.apply_policies(current)
+            for server in servers.values():
+                server.update_authorizer(current)
+                server.set_faults(fault_policies(current, CALLED))
+                server.set_rate_limits(inbound_rate_limits(current, CALLED))
+
         async def remove(instance: str) -> None:
             del endpoints[instance]
-            changed = _with_endpoints(mesh, endpoints.values())
-            if cp is not None:  # `meshctl apply`: every node has ACKed it when it returns
-                result = await cp.apply(dump_mesh(changed))
-                assert result["nodes"] and all(n["outcome"] == "acked" for n in result["nodes"]), result
-            else:
-                assert client is not None
-                client.apply_policies(changed)
+            await change({"endpoints": [e if isinstance(e, str) else to_data(e, exclude_none=True)
+                                        for e in endpoints.values()]})
 
         if xds:
             write_envoy_configs(state, mesh, None, None, control_plane=True)
@@ -379,7 +396,7 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
             xds_caller = await grpc_xds_caller(mesh, certs, tmp_path)
             stacks.stack.push_async_callback(xds_caller.close)
             await asyncio.wait_for(xds_caller.ready, 40)
-            yield World(plane, mesh, script, xds_caller.call, stops, remove)
+            yield World(plane, mesh, script, xds_caller.call, stops, remove, change)
             return
         if caller_side == "proxyless":
             client = MeshClient(MeshConfig.for_identity(CALLER, certs, mesh))
@@ -399,7 +416,7 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
         async def call(method: str, payload: bytes) -> Reply:
             return await _timed(_raw(channel, method), payload)
 
-        yield World(plane, mesh, script, call, stops, remove)
+        yield World(plane, mesh, script, call, stops, remove, change)
 
 
 def _with_endpoints(mesh: MeshSpec, endpoints: Iterable[Any]) -> MeshSpec:

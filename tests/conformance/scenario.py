@@ -85,6 +85,7 @@ class Phase:
     # This instance leaves mesh.yaml's endpoints when the phase begins, still serving: `meshctl apply` where
     # a control plane runs, `MeshClient.apply_policies` on the plane that reads mesh.yaml.
     remove_instance: str | None = None
+    change: Mapping[str, Any] | None = None  # auth-svc's keys set to these values (applied live as `remove_instance`)
     settle: int = 0  # calls made first and not counted (a change still reaching the caller's balancer)
 
 

@@ -32,6 +32,8 @@ async def run_phase(w: World, phase: Phase) -> PhaseResult:
         await w.stop(phase.stop_instance)
     if phase.remove_instance is not None:
         await w.remove(phase.remove_instance)
+    if phase.change is not None:
+        await w.change(phase.change)
     for i in range(phase.settle):
         await w.call(phase.method, f"{phase.name}:settle:{i}".encode())
     before = w.script.reached
