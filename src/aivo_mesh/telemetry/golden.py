@@ -185,7 +185,7 @@ def quantile(q: float, buckets: Buckets) -> float | None:
 
 def golden(calls: Calls, seconds: float) -> dict[str, Any]:
     """GOLDEN: requests, rps, success_rate and p50/p95/p99 in ms of `calls` over `seconds`."""
-    requests = int(round(calls.requests))
+    requests = round(calls.requests)
     out: dict[str, Any] = {"requests": requests,
                            "rps": round(calls.requests / seconds, 3) if seconds > 0 else 0.0,
                            "success_rate": round((calls.requests - calls.failures) / calls.requests, 4)
