@@ -132,19 +132,17 @@ def test_golden_metrics_routes_edges_and_exit_codes_of_a_running_mesh(tmp_path: 
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["reset"] is True
 
-        # A stopped (SIGSTOP) auth-svc answers nothing: status says unreachable and exits 1. Bound: two
-        # observer rounds (2 s each, plus the 1 s probe timeout) and the CLI's start, generously.
+        # A stopped (SIGSTOP) auth-svc answers nothing: status says unreachable and exits 1, within 20 s
+        # (two observer rounds of 2 s each with a 1 s health probe, and the CLI's start, generously).
         victim = next(r for r in state.read_processes() if r.name == "auth-svc")
         os.kill(victim.pid, signal.SIGSTOP)
         stopped = True
-        started = time.monotonic()
 
         def failing_status() -> dict[str, Any] | None:
             code, doc = _json("status", *where)
             return doc if code == 1 else None
 
         failing = _valid(_until(failing_status, 20, "status exits 1"), "status")
-        assert time.monotonic() - started < 20
         assert next(s for s in failing["services"] if s["name"] == "auth-svc")["health"] == "unreachable"
         os.kill(victim.pid, signal.SIGCONT)
         stopped = False
