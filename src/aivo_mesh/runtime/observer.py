@@ -72,6 +72,10 @@ DEFAULT_WINDOW = 60.0
 SPAN = 900.0  # what the ring keeps: the longest window and history the API answers
 MAX_POINTS = 1000  # history points per answer
 READ_TIMEOUT = 1.5  # per admin read: a round must stay near `interval` even when a process hangs
+# A running process whose health probe goes unanswered this many rounds in a row is unreachable: one slow
+# answer on a loaded machine is not an outage (Envoy's and Kubernetes' probes have thresholds too). A
+# process that is gone is unreachable at once.
+UNREACHABLE_AFTER = 2
 # The sidecar stats the observer reads (Envoy's filter is a regex over stat names): rate-limit refusals
 # and circuit-breaker gauges. Golden figures come from the apps' own /metrics on both planes.
 ENVOY_FILTER = r"http_local_rate_limit\.rate_limited|circuit_breakers\.default\."
@@ -154,6 +158,7 @@ class Observer:
         self.clock = clock
         self.ring = SampleRing(span, interval)
         self.views: dict[str, ServiceView] = {name: ServiceView() for name in info.services}
+        self.missed: dict[str, int] = {}  # health probes unanswered in a row, per service
         self.control_plane: dict[str, Any] | None = None
         self.mode = f"observer sampling every {interval:g} s"
 
@@ -194,7 +199,7 @@ class Observer:
         names = list(self.info.services)
         reads = await asyncio.gather(*(asyncio.to_thread(self._read_service, name, ep)
                                        for name, ep in self.info.services.items()))
-        healths = await asyncio.gather(*(check(client, name, timeout=1.0) for name in names))
+        healths = await asyncio.gather(*(check(client, name, timeout=READ_TIMEOUT) for name in names))
         sync: dict[str, str] = {}
         if self.info.control_plane:
             sync = await asyncio.to_thread(self._read_control_plane, records)
@@ -205,8 +210,15 @@ class Observer:
             running = rec is not None and pid_alive(rec.pid)
             if sample is not None:
                 samples[name] = sample
+            health = _health(status, running)
+            if health == "unreachable" and running:
+                self.missed[name] = self.missed.get(name, 0) + 1
+                if self.missed[name] < UNREACHABLE_AFTER:
+                    health = self.views[name].health  # what the last round said, until the threshold
+            else:
+                self.missed[name] = 0
             self.views[name] = ServiceView(
-                health=_health(status, running),
+                health=health,
                 process={"state": "running" if running else "down", "pid": rec.pid if rec else None,
                          "restarts": restarts.get(name, 0) + restarts.get(f"{name}-envoy", 0),
                          "sidecar": sidecar,
