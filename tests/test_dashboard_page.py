@@ -1,0 +1,115 @@
+"""The dashboard page in a real headless Chromium against a FAKE of the observer's API (canned documents,
+tests/fakes/observer_api.py), and its files as the observer serves them. The end-to-end test against a
+real `meshctl up` is tests/test_dashboard.py."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from binaries import needs
+from browser import chromium, console_errors, wait_for
+from fakes.observer_api import FakeObserverApi, failed_trace
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+
+from aivo_mesh.telemetry.dashboard import ASSETS, CONTENT_SECURITY_POLICY, dashboard_asset
+
+# The fake answers at once and says `interval_seconds: 1`: a refresh is due every second. Bounds are
+# generous (a loaded 2-core machine), never slept.
+REFRESH_BOUND = 10.0
+
+
+def test_every_asset_is_served_with_the_security_headers() -> None:
+    for path, (_, content_type) in ASSETS.items():
+        answer = dashboard_asset("GET", path)
+        assert answer is not None and answer.status == 200 and answer.body, path
+        assert answer.content_type == content_type
+        assert answer.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert answer.headers["X-Frame-Options"] == "DENY"
+    assert "script-src 'self';" in CONTENT_SECURITY_POLICY and "'unsafe-inline'" not in CONTENT_SECURITY_POLICY
+    page = dashboard_asset("GET", "/")
+    assert page is not None and b'<script src="dashboard.js"' in page.body
+    assert b"<script>" not in page.body and b" style=" not in page.body  # nothing inline for the CSP to block
+
+
+def test_only_the_dashboards_own_files_are_answered() -> None:
+    for path in ("/api/v1/mesh", "/../pyproject.toml", "/dashboard_static/index.html", "/dashboard.py",
+                 "/%2e%2e/admin.py", "/certs"):
+        assert dashboard_asset("GET", path) is None, path
+    refused = dashboard_asset("POST", "/")
+    assert refused is not None and refused.status == 405 and refused.headers["Allow"] == "GET"
+
+
+@pytest.fixture
+def page() -> Iterator[tuple[webdriver.Chrome, FakeObserverApi]]:
+    with FakeObserverApi() as api, chromium() as driver:
+        driver.get(api.url)
+        wait_for(driver, lambda d: d.find_element(By.ID, "refresh").get_attribute("data-refreshes") != "0",
+                 REFRESH_BOUND, "the first refresh")
+        yield driver, api
+
+
+@needs("chromium", "chromedriver")
+def test_the_page_draws_the_documents_and_breaks_no_csp_rule(page) -> None:
+    driver, api = page
+    nodes = driver.find_elements(By.CSS_SELECTOR, "#topology g.node[data-kind=service]")
+    assert sorted(n.get_attribute("data-service") for n in nodes) == sorted(s["name"] for s in api.mesh["services"])
+    edges = {(e.get_attribute("data-from"), e.get_attribute("data-to"))
+             for e in driver.find_elements(By.CSS_SELECTOR, "#topology g.edge[data-from]")}
+    assert edges == {(e["from"], e["to"]) for e in api.mesh["edges"]}
+    assert "5.00 rps · 100 %" in driver.find_element(By.ID, "topology").text
+    assert "a FAKE observer" in driver.find_element(By.ID, "source").text  # the data source is stated
+    nack = driver.find_element(By.CSS_SELECTOR, '#control-plane tr[data-node="spiffe://aivo.local/learner-svc"]')
+    assert "route timeout: expected a duration" in nack.text
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#plots .plot-group[data-service] polyline"),
+             REFRESH_BOUND, "the history plots")
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".trace[data-trace-id]"), REFRESH_BOUND,
+             "the failed trace")
+    assert console_errors(driver) == []
+
+
+@needs("chromium", "chromedriver")
+def test_a_failing_edge_and_a_down_service_turn_red(page) -> None:
+    driver, api = page
+    api.mesh["services"][0]["health"] = "unreachable"
+    api.mesh["edges"][-1]["golden"]["success_rate"] = 0.5
+    wait_for(driver, lambda d: "bad" in d.find_element(
+        By.CSS_SELECTOR, '#topology g.node[data-service="auth-svc"]').get_attribute("class"),
+             REFRESH_BOUND, "auth-svc drawn red")
+    edge = driver.find_element(By.CSS_SELECTOR, '#topology g.edge[data-from="analytics-svc"]')
+    assert "bad" in edge.get_attribute("class") and "50.0 %" in driver.find_element(By.ID, "topology").text
+    api.down = True
+    wait_for(driver, lambda d: "error" in d.find_element(By.ID, "refresh").get_attribute("class"),
+             REFRESH_BOUND, "the observer's failure shown")
+    assert "503" in driver.find_element(By.ID, "refresh").text
+
+
+@needs("chromium", "chromedriver")
+def test_reset_asks_first_and_posts_the_caller_and_upstream(page) -> None:
+    driver, api = page
+    button = driver.find_element(By.CSS_SELECTOR, 'button.reset[data-caller="learner-svc"]')
+    button.click()
+    dialog = driver.find_element(By.ID, "reset-dialog")
+    assert dialog.is_displayed() and "learner-svc towards auth-svc" in dialog.text
+    driver.find_element(By.ID, "reset-cancel").click()
+    assert not dialog.is_displayed() and api.resets == []  # cancelled: nothing sent
+    driver.find_element(By.CSS_SELECTOR, 'button.reset[data-caller="learner-svc"]').click()
+    driver.find_element(By.ID, "reset-confirm").click()
+    wait_for(driver, lambda d: "breaker now closed" in d.find_element(By.ID, "reset-result").text,
+             REFRESH_BOUND, "the reset's answer shown")
+    assert api.resets == [{"service": "learner-svc", "upstream": "auth-svc"}]
+
+
+@needs("chromium", "chromedriver")
+def test_a_trace_link_selects_that_trace_even_when_it_is_not_recent(page) -> None:
+    driver, api = page
+    old = failed_trace("cd" * 16)
+    api.traces.append(old)  # in the log, but not among the ten recent failures the page lists
+    api.traces[:0] = [failed_trace(f"{i:032x}") for i in range(10)]
+    driver.get(api.url + "#trace=" + "cd" * 16)
+    card = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".trace.selected"), REFRESH_BOUND,
+                    "the linked trace selected")[0]
+    assert card.get_attribute("data-trace-id") == "cd" * 16
+    failed_bars = card.find_elements(By.CSS_SELECTOR, "rect.bar.failed")
+    assert len(failed_bars) == 2
