@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -23,8 +22,6 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from aivo_mesh.telemetry.otlp_receiver import Trace
-
 
 @cli.command()
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), default="sidecar", show_default=True)
@@ -33,12 +30,14 @@ if TYPE_CHECKING:
 @click.option("--free-ports/--mesh-ports", default=False, show_default=True,
               help="free loopback ports instead of mesh.yaml's (tests, a second mesh)")
 @click.option("--otlp-port", type=PORT, default=None, help="trace collector port (default 4317, or free)")
+@click.option("--observer-port", type=PORT, default=None,
+              help="the observer's loopback HTTP API (golden metrics; default: a free port)")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None,
               help="seconds to wait for all-healthy")
 @click.option("--watch", is_flag=True,
               help="push each saved change of mesh.yaml to the running mesh (as `meshctl apply`)")
 def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, otlp_port: int | None,
-       timeout: float | None, watch: bool) -> None:
+       observer_port: int | None, timeout: float | None, watch: bool) -> None:
     """Start the mesh on this machine and return once every service is healthy.
 
     A control plane runs too: every Envoy (sidecar plane) or service (proxyless plane) takes its
@@ -58,20 +57,22 @@ def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, ot
     console = rich_console()
     started = time.monotonic()
     port = otlp_port or (free_port() if free_ports else 4317)
+    observer = observer_port or free_port()
     tracing = LocalTracing(port)
     mesh = prepare(state, config, free_ports, transform=tracing)
     forward = ["--forward-to", tracing.forward_to] if tracing.forward_to else []
     forward += ["--watch", str(source)] if source else []
     # The supervisor's own plan: the files its processes load and the ports they listen on.
-    preflight(state, mesh, *plan(state, mesh, plane, port, watch=source))  # type: ignore[arg-type]  # plane: click.Choice
+    preflight(state, mesh, *plan(state, mesh, plane, port, watch=source,  # type: ignore[arg-type]  # click.Choice
+                                 observer_port=observer))
     log = state.log_file("supervisor")
     proc: subprocess.Popen[bytes] | None = None
     try:
         with log.open("ab") as out:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "aivo_mesh", "_supervise", "--state-dir", str(state.root), "--plane", plane,
-                 "--otlp-port", str(port), *forward], stdout=out, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, start_new_session=True)
+                 "--otlp-port", str(port), "--observer-port", str(observer), *forward], stdout=out,
+                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         if tracing.forward_to:
             console.print(f"spans: {state.root / 'traces.jsonl'} and forwarded to {tracing.forward_to}")
         limit = timeout or HEALTHY_WITHIN[plane]  # type: ignore[index]  # plane: click.Choice
@@ -91,6 +92,28 @@ def up(plane: str, config: str | None, state_dir: StateDir, free_ports: bool, ot
         raise click.exceptions.Exit(1)
     console.print(f"[green]{plane} mesh up: {len(report)} services healthy in {elapsed:.1f}s[/green] "
                   f"(state {state.root}; `meshctl status`, `meshctl traces`, `meshctl down`)")
+    _print_endpoints(console, state)
+
+
+def _print_endpoints(console: Console, state: StateDir) -> None:
+    """Where the mesh's own helper processes listen (runtime.json)."""
+    from rich.table import Table
+
+    from aivo_mesh.runtime.mesh import RuntimeInfo
+
+    info = RuntimeInfo.read(state)
+    if info is None:
+        return
+    table = Table(title="mesh processes", title_justify="left")
+    table.add_column("process")
+    table.add_column("address")
+    table.add_column("what")
+    table.add_row("collector", info.collector or "-", "OTLP traces (meshctl traces)")
+    if info.observer:
+        table.add_row("observer", f"http://{info.observer}/api/v1/mesh", "golden metrics (meshctl status/routes/edges)")
+    if info.control_plane:
+        table.add_row("control-plane", info.control_plane["address"], f"xDS (admin {info.control_plane['admin']})")
+    console.print(table)
 
 
 def _interrupted(state: StateDir, console: Console, proc: subprocess.Popen[bytes] | None) -> None:
@@ -163,20 +186,17 @@ def _down(state: StateDir, console: Console, grace: float = 10.0,
 def traces(state_dir: StateDir, last: int, width: int, service: str | None, errors: bool,
            trace_id: str | None, output: str) -> None:
     """Recent traces of the local mesh as text waterfalls (app and Envoy spans); -o json|yaml: their spans."""
-    from aivo_mesh.runtime.collector import SpanLog, read_stats, stats_line
-    from aivo_mesh.telemetry.otlp_receiver import render_waterfall, select_traces
+    from aivo_mesh.runtime.collector import SpanLog, read_stats, recent_traces, stats_line, traces_document
+    from aivo_mesh.telemetry.otlp_receiver import render_waterfall
 
     state = state_dir
     log = SpanLog(state.root / "traces.jsonl")
+    if output != "text":
+        emit(traces_document(log.path, last, service=service, errors=errors, trace_id=trace_id), output)
+        return
     stats = read_stats(log.path)
     filtered = service is not None or errors or trace_id is not None
-    # The log keeps recent spans only (it is size-capped), so filtering all of it is cheap.
-    found = select_traces(log.traces(10**9) if filtered else log.traces(last), service=service, errors=errors,
-                          trace_id=trace_id)[:last]
-    if output != "text":
-        emit({"state_dir": str(state.root), "span_log": str(log.path), "collector": stats,
-              "traces": [_trace_data(t) for t in found]}, output)
-        return
+    found = recent_traces(log, last, service=service, errors=errors, trace_id=trace_id)
     if stats and (stats.get("truncated") or any((stats.get("dropped") or {}).values())):
         # Said first: the traces below may lack spans.
         click.echo(stats_line(stats))
@@ -188,12 +208,6 @@ def traces(state_dir: StateDir, last: int, width: int, service: str | None, erro
     for t in found:
         click.echo(render_waterfall(t, width=width))
         click.echo()
-
-
-def _trace_data(trace: Trace) -> dict[str, Any]:
-    return {"trace_id": trace.trace_id, "start_ns": trace.start_ns, "duration_ns": trace.duration_ns,
-            "services": trace.services, "errors": trace.errors,
-            "spans": [{**dataclasses.asdict(s), "events": list(s.events), "failed": s.failed} for s in trace.spans]}
 
 
 _SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -237,9 +251,11 @@ def collector(host: str, port: int, out: str, forward_to: str | None, max_bytes:
 @click.option("--state-dir", type=click.Path(file_okay=False), required=True)
 @click.option("--plane", type=click.Choice(["sidecar", "proxyless"]), required=True)
 @click.option("--otlp-port", type=PORT, required=True)
+@click.option("--observer-port", type=PORT, default=None, help="run the observer on this loopback port")
 @click.option("--forward-to", default=None, help="the collector forwards every span to this OTLP endpoint")
 @click.option("--watch", type=click.Path(dir_okay=False), default=None, help="the control plane applies its changes")
-def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | None, watch: str | None) -> None:
+def supervise_cmd(state_dir: str, plane: str, otlp_port: int, observer_port: int | None, forward_to: str | None,
+                  watch: str | None) -> None:
     import asyncio
 
     from aivo_mesh.runtime.mesh import supervise
@@ -247,4 +263,21 @@ def supervise_cmd(state_dir: str, plane: str, otlp_port: int, forward_to: str | 
 
     configure_logging("INFO", json=True)
     asyncio.run(supervise(StateDir(state_dir), plane, otlp_port, forward_to,  # type: ignore[arg-type]  # Choice
-                          Path(watch) if watch else None))
+                          Path(watch) if watch else None, observer_port=observer_port))
+
+
+@cli.command(hidden=True)
+@state_dir_option()
+@click.option("--host", default="127.0.0.1", show_default=True, help="a loopback address")
+@click.option("--port", type=PORT, default=0, show_default=True, help="0: a free port")
+@click.option("--interval", type=click.FloatRange(min=0.1), default=2.0, show_default=True,
+              help="seconds between two samples")
+def observer(state_dir: StateDir, host: str, port: int, interval: float) -> None:
+    """Run the observer of a running mesh (started by `meshctl up`): golden metrics over HTTP."""
+    import asyncio
+
+    from aivo_mesh.runtime.observer import run_observer
+    from aivo_mesh.telemetry.logs import configure_logging
+
+    configure_logging("INFO", json=True)
+    asyncio.run(run_observer(state_dir, host, port, interval))

@@ -31,6 +31,7 @@ from aivo_mesh.telemetry.otlp_receiver import (
     SpanRecord,
     Trace,
     group_traces,
+    select_traces,
 )
 
 MAX_BYTES = 20 * 1024 * 1024
@@ -103,6 +104,31 @@ class SpanLog:
 
     def traces(self, last: int) -> list[Trace]:
         return group_traces(self.read(), last)
+
+
+def recent_traces(log: SpanLog, last: int, *, service: str | None = None, errors: bool = False,
+                  trace_id: str | None = None) -> list[Trace]:
+    """The `last` most recent traces of `log` that pass every filter given (`select_traces`)."""
+    filtered = service is not None or errors or trace_id is not None
+    # The log keeps recent spans only (it is size-capped), so filtering all of it is cheap.
+    return select_traces(log.traces(10**9) if filtered else log.traces(last), service=service, errors=errors,
+                         trace_id=trace_id)[:last]
+
+
+def trace_data(trace: Trace) -> dict[str, Any]:
+    """One trace as `meshctl traces -o json` prints it."""
+    return {"trace_id": trace.trace_id, "start_ns": trace.start_ns, "duration_ns": trace.duration_ns,
+            "services": trace.services, "errors": trace.errors,
+            "spans": [{**asdict(s), "events": list(s.events), "failed": s.failed} for s in trace.spans]}
+
+
+def traces_document(span_log: Path, last: int, *, service: str | None = None, errors: bool = False,
+                    trace_id: str | None = None) -> dict[str, Any]:
+    """`meshctl traces -o json`'s document (also the observer's /api/v1/traces)."""
+    log = SpanLog(span_log)
+    found = recent_traces(log, last, service=service, errors=errors, trace_id=trace_id)
+    return {"state_dir": str(span_log.parent), "span_log": str(span_log), "collector": read_stats(span_log),
+            "traces": [trace_data(t) for t in found]}
 
 
 async def run_collector(host: str, port: int, path: Path, forward_to: str | None = None, *,

@@ -187,7 +187,7 @@ def sidecar_certificates(state: StateDir, mesh: MeshSpec) -> SidecarCertificates
 
 def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | None,
          forward_to: str | None = None, control_plane: bool = True,
-         watch: Path | None = None) -> tuple[list[Managed], RuntimeInfo]:
+         watch: Path | None = None, observer_port: int | None = None) -> tuple[list[Managed], RuntimeInfo]:
     """Every process of the local mesh, in start order, and where each service can be reached.
     Without a collector port there is no trace collector (tracing then goes wherever mesh.yaml says);
     with `forward_to` the collector also sends every span on to that OTLP endpoint (Jaeger). On the
@@ -195,7 +195,8 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
     bootstrap; without it the Envoys get complete static bootstraps. On the proxyless plane it runs the
     control plane too, and every service takes its configuration from it (`meshctl serve
     --control-plane`); without it they read mesh.yaml once. With `watch` the control plane applies each
-    saved change of that mesh.yaml."""
+    saved change of that mesh.yaml. With `observer_port` the observer (runtime/observer.py) starts last,
+    on 127.0.0.1:<observer_port>."""
     host = mesh.observability.metrics.host
     procs: list[Managed] = []
     if collector_port is not None:
@@ -258,6 +259,11 @@ def plan(state: StateDir, mesh: MeshSpec, plane: Plane, collector_port: int | No
         info.services[name] = ServiceEndpoints(address=f"127.0.0.1:{inbound}", admin=admin,
                                                sidecar_admin=f"127.0.0.1:{envoy_admin}",
                                                app=app, outbound=outbound)
+    if observer_port is not None:
+        info.observer = f"127.0.0.1:{observer_port}"
+        procs.append(Managed(name="observer", role="observer", address=info.observer,
+                             argv=meshctl_argv("observer", "--state-dir", str(state.root), "--port",
+                                               str(observer_port))))
     return procs, info
 
 
@@ -344,12 +350,12 @@ def restarts_file(state: StateDir) -> Path:
 
 
 async def supervise(state: StateDir, plane: Plane, collector_port: int, forward_to: str | None = None,
-                    watch: Path | None = None) -> None:
+                    watch: Path | None = None, *, observer_port: int | None = None) -> None:
     """The body of the detached supervisor process."""
     from aivo_mesh.config.loader import load_mesh
 
     mesh = load_mesh(state.mesh_file)
-    procs, info = plan(state, mesh, plane, collector_port, forward_to, watch=watch)
+    procs, info = plan(state, mesh, plane, collector_port, forward_to, watch=watch, observer_port=observer_port)
     restarts_file(state).unlink(missing_ok=True)  # counts are per run: a previous run's are not ours
     info.write(state)
     supervisor_pid_file(state).write_text(f"{os.getpid()}\n")

@@ -241,6 +241,7 @@ class RuntimeInfo:
     services: dict[str, ServiceEndpoints] = field(default_factory=dict)
     sockets: str | None = None  # sidecar plane: the private folder of the app / outbound sockets
     control_plane: dict[str, str] | None = None  # {"address": ADS, "admin": HTTP} when one runs
+    observer: str | None = None  # "127.0.0.1:PORT" of the observer's HTTP API (runtime/observer.py) when one runs
 
     def write(self, state: StateDir) -> None:
         write_atomic(state.root / "runtime.json", json.dumps(asdict(self), indent=2) + "\n")
@@ -253,4 +254,5 @@ class RuntimeInfo:
             return None
         return cls(plane=data["plane"], collector=data["collector"],
                    services={k: ServiceEndpoints(**v) for k, v in data["services"].items()},
-                   sockets=data.get("sockets"), control_plane=data.get("control_plane"))
+                   sockets=data.get("sockets"), control_plane=data.get("control_plane"),
+                   observer=data.get("observer"))
