@@ -15,9 +15,10 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-from aivo_mesh.telemetry.admin import Response
+from aivo_mesh.telemetry.admin import HttpError, Request, Response
 
-__all__ = ["ASSETS", "CONTENT_SECURITY_POLICY", "SECURITY_HEADERS", "dashboard_asset"]
+__all__ = ["ASSETS", "CONTENT_SECURITY_POLICY", "SECURITY_HEADERS", "dashboard_asset", "dashboard_url",
+           "same_origin_json"]
 
 # Request path -> (file in dashboard_static/, Content-Type).
 ASSETS: dict[str, tuple[str, str]] = {
@@ -57,3 +58,29 @@ def dashboard_asset(method: str, path: str) -> Response | None:
         return Response(405, b'{"error": "Method not allowed, GET required"}\n', "application/json",
                         {"Allow": "GET", **SECURITY_HEADERS})
     return Response(200, _read(name), content_type, dict(SECURITY_HEADERS))
+
+
+def dashboard_url(observer: str) -> str:
+    """The dashboard's address, from the observer's HOST:PORT (runtime.json's `observer`)."""
+    return f"http://{observer}/"
+
+
+def _own_hosts(host: str, port: int) -> set[str]:
+    names = {host, "127.0.0.1", "localhost", "[::1]"} if host in ("127.0.0.1", "localhost", "::1") else {host}
+    return {f"{name}:{port}" for name in names}
+
+
+def same_origin_json(request: Request, host: str, port: int) -> None:
+    """Refuse (HttpError) a state-changing request that a web page of another site could make a browser
+    send to this loopback server: its Host must name this server (a DNS-rebinding page names its own),
+    an Origin, when the browser sends one, must be this server's, and the body must be declared
+    application/json, which no HTML form can send and no cross-origin script can without a CORS
+    preflight this server never grants."""
+    own = _own_hosts(host, port)
+    if request.headers.get("host", "").lower() not in own:
+        raise HttpError(421, "Host names another server: this one answers only to its loopback address")
+    origin = request.headers.get("origin")
+    if origin is not None and origin.lower() not in {f"http://{h}" for h in own}:
+        raise HttpError(403, "cross-origin request refused")
+    if request.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+        raise HttpError(415, "expected Content-Type: application/json")
