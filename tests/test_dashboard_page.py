@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 from binaries import needs
-from browser import chromium, console_errors, wait_for
+from browser import chromium, click, console_errors, dashboard_state, wait_for
 from fakes.observer_api import FakeObserverApi, failed_trace
 from selenium import webdriver
 from selenium.webdriver.common.by import By
@@ -53,19 +53,15 @@ def page() -> Iterator[tuple[webdriver.Chrome, FakeObserverApi]]:
 @needs("chromium", "chromedriver")
 def test_the_page_draws_the_documents_and_breaks_no_csp_rule(page) -> None:
     driver, api = page
-    nodes = driver.find_elements(By.CSS_SELECTOR, "#topology g.node[data-kind=service]")
-    assert sorted(n.get_attribute("data-service") for n in nodes) == sorted(s["name"] for s in api.mesh["services"])
-    edges = {(e.get_attribute("data-from"), e.get_attribute("data-to"))
-             for e in driver.find_elements(By.CSS_SELECTOR, "#topology g.edge[data-from]")}
-    assert edges == {(e["from"], e["to"]) for e in api.mesh["edges"]}
+    shown = dashboard_state(driver)
+    assert sorted(shown["nodes"]) == sorted(s["name"] for s in api.mesh["services"])
+    assert {(f, t) for f, t, _ in shown["edges"]} == {(e["from"], e["to"]) for e in api.mesh["edges"]}
     assert "5.00 rps · 100 %" in driver.find_element(By.ID, "topology").text
     assert "a FAKE observer" in driver.find_element(By.ID, "source").text  # the data source is stated
     nack = driver.find_element(By.CSS_SELECTOR, '#control-plane tr[data-node="spiffe://aivo.local/learner-svc"]')
     assert "route timeout: expected a duration" in nack.text
-    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#plots .plot-group[data-service] polyline"),
-             REFRESH_BOUND, "the history plots")
-    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".trace[data-trace-id]"), REFRESH_BOUND,
-             "the failed trace")
+    wait_for(driver, lambda d: dashboard_state(d)["plotted"], REFRESH_BOUND, "the history plots")
+    wait_for(driver, lambda d: dashboard_state(d)["failed_bars"], REFRESH_BOUND, "the failed trace")
     assert console_errors(driver) == []
 
 
@@ -74,11 +70,10 @@ def test_a_failing_edge_and_a_down_service_turn_red(page) -> None:
     driver, api = page
     api.mesh["services"][0]["health"] = "unreachable"
     api.mesh["edges"][-1]["golden"]["success_rate"] = 0.5
-    wait_for(driver, lambda d: "bad" in d.find_element(
-        By.CSS_SELECTOR, '#topology g.node[data-service="auth-svc"]').get_attribute("class"),
-             REFRESH_BOUND, "auth-svc drawn red")
-    edge = driver.find_element(By.CSS_SELECTOR, '#topology g.edge[data-from="analytics-svc"]')
-    assert "bad" in edge.get_attribute("class") and "50.0 %" in driver.find_element(By.ID, "topology").text
+    wait_for(driver, lambda d: "bad" in dashboard_state(d)["nodes"]["auth-svc"]["class"], REFRESH_BOUND,
+             "auth-svc drawn red")
+    edges = {(f, t): c for f, t, c in dashboard_state(driver)["edges"]}
+    assert "bad" in edges["analytics-svc", "event-collector-svc"] and "ok" in edges["learner-svc", "auth-svc"]
     api.down = True
     wait_for(driver, lambda d: "error" in d.find_element(By.ID, "refresh").get_attribute("class"),
              REFRESH_BOUND, "the observer's failure shown")
@@ -88,13 +83,12 @@ def test_a_failing_edge_and_a_down_service_turn_red(page) -> None:
 @needs("chromium", "chromedriver")
 def test_reset_asks_first_and_posts_the_caller_and_upstream(page) -> None:
     driver, api = page
-    button = driver.find_element(By.CSS_SELECTOR, 'button.reset[data-caller="learner-svc"]')
-    button.click()
+    click(driver, 'button.reset[data-caller="learner-svc"]')
     dialog = driver.find_element(By.ID, "reset-dialog")
     assert dialog.is_displayed() and "learner-svc towards auth-svc" in dialog.text
     driver.find_element(By.ID, "reset-cancel").click()
     assert not dialog.is_displayed() and api.resets == []  # cancelled: nothing sent
-    driver.find_element(By.CSS_SELECTOR, 'button.reset[data-caller="learner-svc"]').click()
+    click(driver, 'button.reset[data-caller="learner-svc"]')
     driver.find_element(By.ID, "reset-confirm").click()
     wait_for(driver, lambda d: "breaker now closed" in d.find_element(By.ID, "reset-result").text,
              REFRESH_BOUND, "the reset's answer shown")

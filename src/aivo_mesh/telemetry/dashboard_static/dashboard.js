@@ -5,7 +5,7 @@
 
 (() => {
   const SVG_NS = "http://www.w3.org/2000/svg";
-  const HISTORY_WINDOW = 600; // seconds of history plotted
+  const HISTORY_WINDOW = 300; // seconds of history plotted
   const HISTORY_EVERY = 5000; // ms between history refreshes (the plots move slowly)
   const TRACES_EVERY = 5000; // ms between trace refreshes
   const state = {
@@ -388,9 +388,9 @@
     }
     for (const s of series) {
       let run = [];
-      const flush = () => {
-        if (run.length === 1) run.push([run[0][0] + 0.5, run[0][1]]);
-        if (run.length) parts.push(svg("polyline", { class: s.cls, points: run.map((p) => p.join(",")).join(" ") }));
+      const flush = () => { // a lone point (between gaps) is a dot, a run a line
+        if (run.length === 1) parts.push(svg("circle", { class: `dot ${s.cls}`, cx: run[0][0], cy: run[0][1], r: 1.8 }));
+        if (run.length > 1) parts.push(svg("polyline", { class: s.cls, points: run.map((p) => p.join(",")).join(" ") }));
         run = [];
       };
       for (const [t, v] of s.values) {
@@ -414,8 +414,11 @@
         { cls: "s-p99", values: pick("p99_ms") }], { from, to })));
   }
 
+  // Two samples or more in every step, so each point is a rate, not a single sample's guess.
+  const historyStep = () => Math.max(2 * state.interval, 5);
+
   function historyUrl(params) {
-    const step = Math.max(state.interval, 10);
+    const step = historyStep();
     const q = new URLSearchParams({ ...params, window: String(HISTORY_WINDOW), step: String(step) });
     return `/api/v1/history?${q}`;
   }
@@ -434,7 +437,7 @@
       }));
       document.getElementById("plots").replaceChildren(...groups);
       document.getElementById("plots-note").textContent =
-        `(last ${HISTORY_WINDOW / 60} minutes from /api/v1/history, one point per ${Math.max(state.interval, 10)} s, ` +
+        `(last ${HISTORY_WINDOW / 60} minutes from /api/v1/history, one point per ${historyStep()} s, ` +
         `refreshed every ${HISTORY_EVERY / 1000} s)`;
       await refreshRouteHistory();
     }
