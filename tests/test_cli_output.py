@@ -46,8 +46,8 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> dict[tuple[st
 
 # The commands that print data (tables, listings, findings). The others print what they did.
 DATA_COMMANDS = {("certs", "init"), ("certs", "issue"), ("certs", "verify"), ("certs", "inspect"),
-                 ("certs", "rotate"), ("config", "validate"), ("config", "show"), ("status",), ("traces",),
-                 ("consul", "services"), ("lint",), ("check",), ("apply",), ("config-dump",)}
+                 ("certs", "rotate"), ("config", "validate"), ("config", "show"), ("status",), ("routes",),
+                 ("edges",), ("traces",), ("consul", "services"), ("lint",), ("check",), ("apply",), ("config-dump",)}
 
 
 def test_o_means_the_output_format_in_every_command_and_every_data_command_has_it() -> None:
@@ -83,7 +83,7 @@ def _data(capsys: pytest.CaptureFixture[str], argv: list[str], code: int = 0) ->
     got, out, err = _run(capsys, *argv, "-o", "yaml")
     assert got == code, err
     as_yaml = yaml.safe_load(out)
-    volatile = {"observed_at"}  # a timestamp of each run
+    volatile = {"observed_at", "generated_at"}  # a timestamp of each run
     assert {k: v for k, v in as_yaml.items() if k not in volatile} == \
            {k: v for k, v in as_json.items() if k not in volatile}
     return as_json

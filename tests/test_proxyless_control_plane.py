@@ -94,7 +94,7 @@ async def test_apply_changes_a_servers_allow_rules_and_a_clients_endpoints_live(
     state, _, _ = proxyless_mesh
     status = _status(state)
     assert status["control_plane"]["synced"] == 4, status["control_plane"]
-    assert all(s["xds"].startswith("synced") for s in status["services"]), status["services"]
+    assert all(s["process"]["xds"].startswith("synced") for s in status["services"]), status["services"]
     assert await learner.get() == grpc.StatusCode.OK
     original: dict[str, Any] = yaml.safe_load(state.mesh_file.read_text())
 

@@ -13,8 +13,7 @@ from helpers import start_envoy
 from waiting import until
 
 from aivo_mesh.runtime.local import free_ports
-from aivo_mesh.runtime.status import envoy_hosts, p99_ms, peer_hosts, server_series
-from aivo_mesh.telemetry.metrics import MeshMetrics
+from aivo_mesh.runtime.status import envoy_hosts, peer_hosts
 
 
 def _host(address: dict[str, Any], **health: Any) -> dict[str, Any]:
@@ -125,25 +124,3 @@ static_resources:
         proc.wait(10)
 
 
-def test_server_series_reads_the_exposition_with_prometheus_clients_parser() -> None:
-    metrics = MeshMetrics()
-    for seconds in (0.003, 0.02, 0.02, 0.3):
-        metrics.observe_call("server", "auth-svc", "/aivo.auth.v1.AuthService/ValidateToken", "OK", seconds)
-    metrics.observe_call("client", "learner-svc", "/aivo.learner.v1.LearnerService/GetProfile", "OK", 9.0)
-    text = metrics.render().decode()
-    # Series that share the endpoint (an application's own families on a shared registry): a label
-    # value holding `}` and a label whose name merely ends in "side" were misread by a regex.
-    text += ('# HELP grpc_requests_total x\n# TYPE grpc_requests_total counter\n'
-             'grpc_requests_total{side="server",service="auth-svc",method="/a.B/C",status="OK",'
-             'tenant="{acme}"} 6.0\n'
-             'grpc_requests_total{side="client",service="auth-svc",method="/a.B/C",status="OK",'
-             'peer_side="server"} 100.0\n')
-    total, buckets = server_series(text)
-    assert total == 10.0
-    assert dict(buckets)[0.025] == 3.0 and dict(buckets)[float("inf")] == 4.0
-    assert p99_ms(buckets) == 500.0
-
-
-def test_server_series_refuses_what_is_not_an_exposition() -> None:
-    with pytest.raises(ValueError, match="not a Prometheus text exposition"):
-        server_series('grpc_requests_total{side="server" 1\n')

@@ -96,12 +96,12 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
         drive_one_flow(state)
 
         status = json.loads(meshctl("status", "--json", "--state-dir", str(state.root)).stdout)
-        rows = {r["service"]: r for r in status["services"]}
+        rows = {r["name"]: r for r in status["services"]}
         assert status["plane"] == "proxyless"
-        assert {r["health"] for r in rows.values()} == {"SERVING"}
-        assert {r["restarts"] for r in rows.values()} == {0}
-        assert rows["learner-svc"]["breakers"] == {"auth-svc": "closed"}
-        assert rows["learner-svc"]["upstreams"] == {"auth-svc": "1/1 healthy"}
+        assert {r["health"] for r in rows.values()} == {"healthy"}
+        assert {r["process"]["restarts"] for r in rows.values()} == {0}
+        (upstream,) = rows["learner-svc"]["upstreams"]
+        assert (upstream["service"], upstream["breaker"], upstream["state"]) == ("auth-svc", "closed", "healthy")
 
         # A crashed service is restarted by the supervisor.
         victim = next(r for r in state.read_processes() if r.name == "auth-svc")
@@ -112,7 +112,7 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
         assert json.loads((state.root / "restarts.json").read_text()) == {"auth-svc": 1}
         assert wait_until(lambda: json.loads(meshctl("status", "--json", "--state-dir", str(state.root),
                                                      "--interval", "0").stdout)["services"][0]["health"]
-                          == "SERVING", 60, interval=0.2)
+                          == "healthy", 60, interval=0.2)
 
         # Traces of the flow are in the collector's log: learner's span has auth's as a descendant.
         assert wait_until(lambda: "/aivo.auth.v1.AuthService/ValidateToken" in

@@ -184,7 +184,7 @@ def check_health(state: StateDir) -> list[Check]:
         return [Check("health", "skip", f"the mesh running from {state.root} has no supervisor (a `meshctl demo`"
                                         "): `meshctl status` lists its processes")]
     checks = []
-    for row in asyncio.run(gather(state, interval=0)):
+    for row in asyncio.run(gather(state)):
         problems = [] if row.process == "running" else [f"process {row.process}"]
         if row.health != "SERVING":
             problems.append(f"health {row.health}")

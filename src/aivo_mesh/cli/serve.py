@@ -1,4 +1,4 @@
-"""`meshctl serve`, `meshctl demo` and `meshctl status`: the mesh running on this machine.
+"""`meshctl serve` and `meshctl demo`: the mesh running on this machine (`status`: cli/observe.py).
 
 What each command runs (config, grpc, the client, discovery, telemetry, rich's tables) is imported in
 the command, not when meshctl starts.
@@ -10,14 +10,13 @@ import contextlib
 import dataclasses
 import ipaddress
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from aivo_mesh.cli._complete import complete_services
-from aivo_mesh.cli._output import emit, json_alias_option, output_option, pick_output, rich_console
+from aivo_mesh.cli._output import rich_console
 from aivo_mesh.cli._root import PORT, cli
 from aivo_mesh.cli._state import state_dir_option
 from aivo_mesh.cli.consul_cmd import agent_address, consul_address
@@ -224,104 +223,7 @@ def _ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
 
-@cli.command()
-@state_dir_option()
-@output_option
-@json_alias_option
-@click.option("--interval", type=click.FloatRange(min=0), default=1.0, show_default=True,
-              help="seconds between rate samples (0: no rates)")
-def status(state_dir: StateDir, output: str, as_json: bool, interval: float) -> None:
-    """Health, sidecars, upstreams, breakers and load of the mesh running from a state dir.
-
-    Data (-o json|yaml): `services` lists a `meshctl up` mesh's services, `processes` the processes of a
-    `meshctl demo` run (no supervisor); both keys are always there, empty when they do not apply.
-    `control_plane` is null unless the mesh runs one (address, admin, pid, process, nodes, synced,
-    build_seconds, built_at)."""
-    import asyncio
-
-    from rich.table import Table
-
-    from aivo_mesh.runtime.state import RuntimeInfo
-    from aivo_mesh.runtime.status import gather
-
-    output = pick_output(output, as_json)
-    state = state_dir
-    info = RuntimeInfo.read(state)
-
-    def data(plane: str | None, services: list[dict[str, Any]], procs: list[dict[str, Any]],
-             control_plane: dict[str, Any] | None = None) -> dict[str, Any]:
-        return {"state_dir": str(state.root), "plane": plane, "observed_at": time.time(), "services": services,
-                "processes": procs, "control_plane": control_plane}
-
-    if info is None:  # a `meshctl demo` run (no supervisor): list its processes
-        procs = asyncio.run(_status(state))
-        if output != "text":
-            emit(data(None, [], procs), output)
-            return
-        ptable = Table(title=f"aivo-mesh status ({state.root})")
-        for col in ("name", "role", "pid", "address", "process", "health", "breakers", "upstreams"):
-            ptable.add_column(col)
-        for r in procs:
-            ptable.add_row(r["name"], r["role"], str(r["pid"]), r["address"], r["process"], r["health"],
-                           ", ".join(f"{k}={v}" for k, v in r["breakers"].items()) or "-",
-                           ", ".join(f"{k}: {v}" for k, v in r["upstreams"].items()) or "-")
-        rich_console().print(ptable if procs else f"nothing running from {state.root}")
-        return
-    services = asyncio.run(gather(state, interval))
-    control_plane = _control_plane(state, info.control_plane, info.plane) if info.control_plane else None
-    if output != "text":
-        emit(data(info.plane, [sv.as_dict() for sv in services], [], control_plane), output)
-        return
-    table = Table(title=f"aivo-mesh status: {info.plane} plane ({state.root})")
-    cols = ["service", "process", "health", "sidecar", *(["xds"] if control_plane else []), "upstreams",
-            "breakers", "rps", "p99"]
-    for col in cols:
-        table.add_column(col, justify="right" if col in ("rps", "p99") else "left")
-    for sv in services:
-        table.add_row(sv.service, sv.process + (f" ({sv.restarts} restarts)" if sv.restarts else ""), sv.health,
-                      sv.sidecar, *([sv.xds] if control_plane else []),
-                      "\n".join(f"{k}: {v}" for k, v in sv.upstreams.items()) or "-",
-                      _breakers_cell(sv.breakers, sv.envoy_breakers),
-                      "-" if sv.rps is None else f"{sv.rps:.1f}",
-                      "-" if sv.p99_ms is None else f"{sv.p99_ms:.0f} ms")
-    console = rich_console()
-    console.print(table)
-    if control_plane is not None:
-        nodes = "sidecars" if info.plane == "sidecar" else "services"
-        facts = (f"{control_plane['synced']}/{len(services)} {nodes} synced, last build "
-                 f"{control_plane['build_seconds'] * 1000:.0f} ms" if control_plane["process"] == "running"
-                 else "not answering")
-        console.print(f"control plane {control_plane['address']} (admin {control_plane['admin']}): "
-                      f"{control_plane['process']}; {facts}")
-
-
-def _control_plane(state: StateDir, where: dict[str, str], plane: str) -> dict[str, Any]:
-    """The control plane's line of `meshctl status`: its process and how many nodes (sidecars, or
-    proxyless services) hold its snapshot."""
-    from aivo_mesh.runtime.status import control_plane_view
-
-    rec = next((r for r in state.read_processes() if r.role == "control-plane"), None)
-    out: dict[str, Any] = {"address": where["address"], "admin": where["admin"], "pid": rec.pid if rec else None,
-                           "process": "down", "nodes": 0, "synced": 0, "build_seconds": None, "built_at": None}
-    try:
-        _, summary = control_plane_view(where["admin"], plane)
-    except (OSError, ValueError):
-        return out
-    return out | summary | {"process": "running"}
-
-
-def _breakers_cell(app: dict[str, str], envoy: dict[str, str]) -> str:
-    """One line per peer: the app's breaker and, on the sidecar plane, its sidecar's thresholds."""
-    lines = []
-    for peer in sorted(app.keys() | envoy.keys()):
-        parts = [f"app {app[peer]}"] if peer in app else []
-        if peer in envoy:
-            parts.append(f"envoy {envoy[peer]}")
-        lines.append(f"{peer}: {', '.join(parts)}")
-    return "\n".join(lines) or "-"
-
-
-async def _status(state: StateDir) -> list[dict[str, Any]]:
+async def demo_processes(state: StateDir) -> list[dict[str, Any]]:
     import asyncio
 
     from aivo_mesh.client import MeshClient, MeshConfig

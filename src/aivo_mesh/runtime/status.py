@@ -1,4 +1,5 @@
-"""`meshctl status`: one row per service, gathered from health checks and admin endpoints.
+"""A local mesh's services read from health checks and admin endpoints (`meshctl check`'s health rows;
+Envoy's and the control plane's documents read for the observer, runtime/observer.py, too).
 
     health     grpc.health.v1 through the service's front door (Envoy inbound or MeshServer)
     sidecar    Envoy /ready (sidecar plane)
@@ -7,8 +8,6 @@
     breakers   the app's circuit breakers per upstream (aivo-mesh admin /circuit_breakers)
     envoy_breakers  (sidecar plane) the sidecar's circuit_breakers thresholds per peer cluster: "open
                (max_requests, ...)" while Envoy is refusing calls over a threshold, else "closed"
-    rps, p99   server-side requests per second over the sampling interval and p99 latency (since
-               start) from the app's /metrics
     xds        (a mesh with a control plane) the sidecar's configuration: "synced <version>" once it ACKed
                the control plane's current snapshot of every type, "NACK <type>: <Envoy's error>",
                "syncing", or "disconnected" (from the control plane's admin /xds/status and /xds/config)
@@ -17,15 +16,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import re
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from prometheus_client.parser import text_string_to_metric_families
 
 from aivo_mesh.render.envoy import HELPER_CLUSTERS
 from aivo_mesh.runtime.mesh import RuntimeInfo, ServiceEndpoints, restarts_file
@@ -42,8 +38,6 @@ class ServiceStatus:
     upstreams: dict[str, str] = field(default_factory=dict)
     breakers: dict[str, str] = field(default_factory=dict)
     envoy_breakers: dict[str, str] = field(default_factory=dict)
-    rps: float | None = None
-    p99_ms: float | None = None
     restarts: int = 0
     xds: str = "-"
 
@@ -189,37 +183,6 @@ def mesh_upstreams(admin: str) -> tuple[dict[str, str], dict[str, str]]:
     return breakers, upstreams
 
 
-def server_series(metrics_text: str) -> tuple[float, list[tuple[float, float]]]:
-    """(server-side request total, cumulative latency buckets [(le, count)]) from a Prometheus text
-    exposition (ValueError when it is not one)."""
-    total = 0.0
-    buckets: dict[float, float] = {}
-    try:
-        for family in text_string_to_metric_families(metrics_text):
-            for sample in family.samples:
-                if sample.labels.get("side") != "server":
-                    continue
-                if sample.name == "grpc_requests_total":
-                    total += sample.value
-                elif sample.name == "grpc_request_duration_seconds_bucket" and "le" in sample.labels:
-                    bound = float(sample.labels["le"])  # "+Inf" parses as inf
-                    buckets[bound] = buckets.get(bound, 0.0) + sample.value
-    except ValueError as exc:
-        raise ValueError(f"not a Prometheus text exposition: {exc}") from None
-    return total, sorted(buckets.items())
-
-
-def p99_ms(buckets: list[tuple[float, float]]) -> float | None:
-    """Upper bound of the bucket holding the 99th percentile (Prometheus-style, no interpolation)."""
-    if not buckets or buckets[-1][1] == 0:
-        return None
-    target = 0.99 * buckets[-1][1]
-    for le, count in buckets:
-        if count >= target:
-            return None if le == float("inf") else le * 1000
-    return None
-
-
 def xds_sync(status: Any, config: Any) -> dict[str, str]:
     """Per node group (service): where its sidecar stands against the control plane's current snapshot,
     from the control plane's /xds/status and /xds/config documents (parsed)."""
@@ -323,7 +286,7 @@ def control_plane_view(admin: str, plane: str = "sidecar") -> tuple[dict[str, st
                                 if is_proxyless_group(g) == proxyless and v.startswith("synced"))}
 
 
-async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
+async def gather(state: StateDir) -> list[ServiceStatus]:
     from aivo_mesh.client import MeshClient, MeshConfig
     from aivo_mesh.config.loader import load_mesh
     from aivo_mesh.runtime.health import check
@@ -339,7 +302,6 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
     except (FileNotFoundError, ValueError):
         restarts = {}
     rows = {name: ServiceStatus(service=name) for name in info.services}
-    firsts: dict[str, float] = {}
     async with MeshClient(MeshConfig.for_identity("mesh-client", state.certs, view), health_checks=False,
                           reload_interval=None) as client:
         for name, ep in info.services.items():
@@ -349,9 +311,6 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
             row.restarts = restarts.get(name, 0) + restarts.get(f"{name}-envoy", 0)
             row.health = await check(client, name, timeout=1.0)
             await asyncio.to_thread(_admin_views, row, ep)
-            if ep.admin:
-                with contextlib.suppress(OSError, ValueError):
-                    firsts[name] = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))[0]
     if info.control_plane:
         try:
             sync, _ = await asyncio.to_thread(control_plane_view, info.control_plane["admin"], info.plane)
@@ -359,17 +318,6 @@ async def gather(state: StateDir, interval: float = 1.0) -> list[ServiceStatus]:
             sync = {node_group(name, info.plane): "control plane unreachable" for name in rows}
         for name, row in rows.items():
             row.xds = sync.get(node_group(name, info.plane), "never connected")
-    if not firsts or interval <= 0:  # no rate without two samples
-        return list(rows.values())
-    await asyncio.sleep(interval)
-    for name, first in firsts.items():
-        ep = info.services[name]
-        try:
-            total, buckets = server_series(await asyncio.to_thread(_get, f"http://{ep.admin}/metrics"))
-        except (OSError, ValueError):
-            continue
-        rows[name].rps = round((total - first) / interval, 1)
-        rows[name].p99_ms = p99_ms(buckets)
     return list(rows.values())
 
 
