@@ -47,8 +47,11 @@ def wait_for(driver: webdriver.Chrome, condition: Callable[[webdriver.Chrome], A
 
 def click(driver: webdriver.Chrome, selector: str, timeout: float = 10.0) -> None:
     """Click the element `selector` finds, as a user would; again if the page redrew it meanwhile."""
-    wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, selector).click() or True, timeout,
-             f"a click on {selector}")
+    def clicked(d: webdriver.Chrome) -> bool:
+        d.find_element(By.CSS_SELECTOR, selector).click()
+        return True
+
+    wait_for(driver, clicked, timeout, f"a click on {selector}")
 
 
 def console_errors(driver: webdriver.Chrome) -> list[str]:

@@ -17,7 +17,7 @@ import os
 import signal
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -78,7 +78,7 @@ async def one_round(client: MeshClient, learner: str) -> int:
     with contextlib.suppress(grpc.aio.AioRpcError):
         token = (await auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc")).Authenticate(
             auth_pb2.AuthenticateRequest(learner_id=learner, password=DEMO_PASSWORD))).token
-    calls = [
+    calls: list[Awaitable[Any]] = [
         learner_pb2_grpc.LearnerServiceStub(await client.get_channel("learner-svc")).GetProfile(
             learner_pb2.GetProfileRequest(learner_id=learner), metadata=(("authorization", f"Bearer {token}"),)),
         events_pb2_grpc.EventCollectorServiceStub(await client.get_channel("event-collector-svc")).Collect(

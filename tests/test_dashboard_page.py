@@ -75,7 +75,7 @@ def test_a_failing_edge_and_a_down_service_turn_red(page) -> None:
     edges = {(f, t): c for f, t, c in dashboard_state(driver)["edges"]}
     assert "bad" in edges["analytics-svc", "event-collector-svc"] and "ok" in edges["learner-svc", "auth-svc"]
     api.down = True
-    wait_for(driver, lambda d: "error" in d.find_element(By.ID, "refresh").get_attribute("class"),
+    wait_for(driver, lambda d: "error" in (d.find_element(By.ID, "refresh").get_attribute("class") or ""),
              REFRESH_BOUND, "the observer's failure shown")
     assert "503" in driver.find_element(By.ID, "refresh").text
 
@@ -99,7 +99,7 @@ def test_reset_asks_first_and_posts_the_caller_and_upstream(page) -> None:
 def test_a_trace_link_selects_that_trace_even_when_it_is_not_recent(page) -> None:
     driver, api = page
     old = failed_trace("cd" * 16)
-    api.traces.append(old)  # in the log, but not among the ten recent failures the page lists
+    api.traces.append(old)  # in the log, but not among the five recent failures the page lists
     api.traces[:0] = [failed_trace(f"{i:032x}") for i in range(10)]
     driver.get(api.url + "#trace=" + "cd" * 16)
     card = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, ".trace.selected"), REFRESH_BOUND,

@@ -8,6 +8,7 @@
   const HISTORY_WINDOW = 300; // seconds of history plotted
   const HISTORY_EVERY = 5000; // ms between history refreshes (the plots move slowly)
   const TRACES_EVERY = 5000; // ms between trace refreshes
+  const TRACES_SHOWN = 5; // as `meshctl traces --errors` (its --last)
   const state = {
     windowSeconds: 60, interval: 2, mesh: null, refreshes: 0, failingSince: null,
     selectedRoute: null, pendingReset: null, traceIds: [],
@@ -473,7 +474,7 @@
       for (let p = byId.get(s.parent_span_id); p && d < 20; p = byId.get(p.parent_span_id)) d += 1;
       return d;
     };
-    const LABEL = 380, BAR = 460, ROW = 18, W = LABEL + BAR + 170;
+    const LABEL = 380, BAR = 460, ROW = 18, W = LABEL + BAR + 300;
     const rows = spans.map((s, i) => {
       const x = LABEL + ((s.start_ns - start) / total) * BAR;
       const w = Math.max(1.5, ((s.end_ns - s.start_ns) / total) * BAR);
@@ -486,7 +487,7 @@
         svg("text", { x: 4 + depth(s) * 12, y: y + 12, text: `${s.service} · ${s.name}` }),
         svg("rect", { class: `bar${failed ? " failed" : ""}`, x, y: y + 2, width: w, height: ROW - 6, rx: 2 }),
         svg("text", { class: failed ? "msg" : "", x: Math.min(x + w + 4, LABEL + BAR + 4), y: y + 12,
-          text: `${ms.toFixed(1)} ms${failed && s.status_message ? ` ${s.status_message.slice(0, 40)}` : ""}` }));
+          text: `${ms.toFixed(1)} ms${failed && s.status_message ? ` ${s.status_message.slice(0, 70)}` : ""}` }));
     });
     const height = 8 + spans.length * ROW;
     return svg("svg", { class: "waterfall", viewBox: `0 0 ${W} ${height}`, width: W, height },
@@ -519,7 +520,7 @@
   async function loadTraces() {
     const note = document.getElementById("traces-note");
     try {
-      const traces = traceList(await getJSON("/api/v1/traces?errors=1&limit=10"));
+      const traces = traceList(await getJSON(`/api/v1/traces?errors=1&limit=${TRACES_SHOWN}`));
       const linked = linkedTraceId();
       if (linked && !traces.some((t) => t.trace_id === linked)) {
         // A linked trace that is not among the recent failures (older, or without errors): ask for it.
