@@ -16,6 +16,8 @@ import contextlib
 import os
 import signal
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Iterator
 from pathlib import Path
@@ -31,6 +33,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 
 from aivo_mesh.runtime.state import RuntimeInfo, StateDir
+from aivo_mesh.telemetry.dashboard import CONTENT_SECURITY_POLICY
 
 if TYPE_CHECKING:
     from aivo_mesh.client import MeshClient
@@ -168,6 +171,15 @@ def _shoot(driver: webdriver.Chrome, name: str) -> None:
 
 def test_the_dashboard_follows_a_real_mesh(running_mesh: tuple[StateDir, str]) -> None:
     state, url = running_mesh
+    # The observer serves the page with its policy, and takes no reset a form could send.
+    with urllib.request.urlopen(url, timeout=10) as page:
+        assert page.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert page.headers["Content-Type"] == "text/html; charset=utf-8"
+    form = urllib.request.Request(url + "api/v1/breakers/reset", method="POST", headers={
+        "Content-Type": "text/plain"}, data=b'{"service": "learner-svc", "upstream": "auth-svc"}')
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(form, timeout=10)
+    assert refused.value.code == 415
     stopped: int | None = None
     with Traffic(state) as traffic, chromium() as driver:
         try:

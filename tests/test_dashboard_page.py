@@ -13,7 +13,8 @@ from fakes.observer_api import FakeObserverApi, failed_trace
 from selenium import webdriver
 from selenium.webdriver.common.by import By
 
-from aivo_mesh.telemetry.dashboard import ASSETS, CONTENT_SECURITY_POLICY, dashboard_asset
+from aivo_mesh.telemetry.admin import HttpError, Request
+from aivo_mesh.telemetry.dashboard import ASSETS, CONTENT_SECURITY_POLICY, dashboard_asset, same_origin_json
 
 # The fake answers at once and says `interval_seconds: 1`: a refresh is due every second. Bounds are
 # generous (a loaded 2-core machine), never slept.
@@ -39,6 +40,29 @@ def test_only_the_dashboards_own_files_are_answered() -> None:
         assert dashboard_asset("GET", path) is None, path
     refused = dashboard_asset("POST", "/")
     assert refused is not None and refused.status == 405 and refused.headers["Allow"] == "GET"
+
+
+def _post(**headers: str) -> Request:
+    return Request("POST", "/api/v1/breakers/reset", {}, {k.replace("_", "-"): v for k, v in headers.items()},
+                   b'{"service": "learner-svc", "upstream": "auth-svc"}')
+
+
+def test_a_reset_is_taken_only_as_json_from_the_observers_own_origin() -> None:
+    json = "application/json"
+    same_origin_json(_post(host="127.0.0.1:8899", origin="http://127.0.0.1:8899", content_type=json),
+                     "127.0.0.1", 8899)
+    same_origin_json(_post(host="localhost:8899", content_type=f"{json}; charset=utf-8"), "127.0.0.1", 8899)
+    refused = {  # what a page of another site can make a browser send, and the status it gets
+        "a form's body": (_post(host="127.0.0.1:8899", content_type="text/plain"), 415),
+        "another origin": (_post(host="127.0.0.1:8899", origin="http://evil.example", content_type=json), 403),
+        "a rebound DNS name": (_post(host="evil.example:8899", origin="http://evil.example:8899",
+                                     content_type=json), 421),
+        "another port": (_post(host="127.0.0.1:8900", content_type=json), 421),
+    }
+    for what, (request, status) in refused.items():
+        with pytest.raises(HttpError) as refusal:
+            same_origin_json(request, "127.0.0.1", 8899)
+        assert refusal.value.status == status, what
 
 
 @pytest.fixture
