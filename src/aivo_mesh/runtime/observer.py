@@ -444,6 +444,8 @@ class ObserverServer:
             return error_response(500, "internal error (see the observer's log)")
 
     async def _mesh(self, request: Request) -> Response:
+        if not len(self.observer.ring):  # no health nor counts yet: callers sample directly meanwhile
+            raise HttpError(503, "the observer has not finished its first round yet")
         return json_response(200, self.observer.document(_window(request, "window", DEFAULT_WINDOW,
                                                                  self.observer.ring.span)))
 
