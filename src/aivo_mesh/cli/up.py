@@ -114,6 +114,10 @@ def _print_endpoints(console: Console, state: StateDir) -> None:
     if info.control_plane:
         table.add_row("control-plane", info.control_plane["address"], f"xDS (admin {info.control_plane['admin']})")
     console.print(table)
+    if info.observer:
+        from aivo_mesh.telemetry.dashboard import dashboard_url
+
+        console.print(f"dashboard: {dashboard_url(info.observer)}", highlight=False, soft_wrap=True)
 
 
 def _interrupted(state: StateDir, console: Console, proc: subprocess.Popen[bytes] | None) -> None:

@@ -10,9 +10,13 @@ processes and upstreams are the last round's.
 
     GET  /api/v1/mesh?window=60                      the mesh document (aivo-mesh/mesh/v1)
     GET  /api/v1/history?service=S[&route=R][&side=server]&window=900&step=10
-    GET  /api/v1/traces?errors=1&limit=20            recent traces, as `meshctl traces -o json`
+    GET  /api/v1/traces?errors=1&limit=20[&trace_id=PREFIX]   recent traces, as `meshctl traces -o json`
     POST /api/v1/breakers/reset {"service": caller, "upstream": target}
                                                      the caller's admin breaker reset, answered as it answers
+    GET  /, /dashboard.js, /dashboard.css, /favicon.svg   the web dashboard (telemetry/dashboard.py)
+
+A POST must come from this server's own origin as JSON (dashboard.same_origin_json): another site's page
+open in the same browser cannot reset a breaker.
 
 Without an observer (`meshctl status` against a mesh started otherwise) `direct_document` takes two rounds
 `sample` seconds apart in the calling process: the same document, said so in "source".
@@ -44,6 +48,7 @@ from aivo_mesh.telemetry.admin import (
     json_response,
     read_request,
 )
+from aivo_mesh.telemetry.dashboard import dashboard_asset, same_origin_json
 from aivo_mesh.telemetry.golden import (
     MeshSample,
     ProcessSample,
@@ -430,6 +435,11 @@ class ObserverServer:
             if request is None:
                 return None
             path = request.path.rstrip("/") or "/"
+            asset = dashboard_asset(request.method, request.path)
+            if asset is not None:
+                return asset
+            if request.method == "POST":
+                same_origin_json(request, self.host, self.port)
             handler = self.routes.get((request.method, path))
             if handler is None:
                 known = sorted({p for _, p in self.routes})
@@ -475,7 +485,8 @@ class ObserverServer:
         if not 1 <= limit <= 1000:
             raise HttpError(400, "limit: expected 1..1000")
         doc = await asyncio.to_thread(traces_document, self.observer.state.root / "traces.jsonl", limit,
-                                      service=_one(request, "service"), errors=errors)
+                                      service=_one(request, "service"), errors=errors,
+                                      trace_id=_one(request, "trace_id"))
         return json_response(200, doc)
 
     async def _reset(self, request: Request) -> Response:

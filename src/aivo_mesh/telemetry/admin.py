@@ -53,8 +53,9 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_TARGET_CHARS = 2048
 LINGER_SECONDS = 0.5
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 408: "Request Timeout",
-           413: "Content Too Large", 500: "Internal Server Error", 501: "Not Implemented",
+REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
+           408: "Request Timeout", 413: "Content Too Large", 415: "Unsupported Media Type",
+           421: "Misdirected Request", 500: "Internal Server Error", 501: "Not Implemented", 502: "Bad Gateway",
            503: "Service Unavailable"}
 
 ENDPOINTS: dict[str, str] = {
