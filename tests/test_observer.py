@@ -128,12 +128,13 @@ def test_golden_metrics_routes_edges_and_exit_codes_of_a_running_mesh(tmp_path: 
         assert hist["schema"] == "aivo-mesh/history/v1" and len(hist["points"]) == 6
         assert any(p["rps"] > 0 for p in hist["points"])
         req = urllib.request.Request(f"http://{info.observer}/api/v1/breakers/reset", method="POST",
-                                     data=json.dumps({"service": "learner-svc", "upstream": "auth-svc"}).encode())
+                                     data=json.dumps({"service": "learner-svc", "upstream": "auth-svc"}).encode(),
+                                     headers={"Content-Type": "application/json"})  # else 415 (CSRF guard)
         with urllib.request.urlopen(req, timeout=5) as resp:
             assert json.loads(resp.read())["reset"] is True
 
         # A stopped (SIGSTOP) auth-svc answers nothing: status says unreachable and exits 1, within 20 s
-        # (two observer rounds of 2 s each with a 1 s health probe, and the CLI's start, generously).
+        # (two unanswered observer rounds of 2 s each with a 1.5 s health probe, and the CLI's start, generously).
         victim = next(r for r in state.read_processes() if r.name == "auth-svc")
         os.kill(victim.pid, signal.SIGSTOP)
         stopped = True
