@@ -141,7 +141,7 @@ def test_envoy_stats_json_parsers_on_a_captured_document() -> None:
     assert values["cluster.local_app.grpc.aivo.auth.v1.AuthService.Authenticate.failure"] == 5
     assert envoy_rate_limited(values) == 0.0
     assert envoy_rate_limited({"inbound_rate_limit.http_local_rate_limit.rate_limited": 3.0,
-                               "inbound_rate_limit.Login.http_local_rate_limit.rate_limited": 2.0,
+                               "inbound_rate_limit_Login.http_local_rate_limit.rate_limited": 2.0,
                                "inbound_rate_limit.http_local_rate_limit.ok": 9.0}) == 5.0
     hists = envoy_histograms(doc)
     rq_time = hists["cluster.local_app.upstream_rq_time"]

@@ -703,6 +703,14 @@ def _fault(fp: FaultPolicy, *, only_under: str | None = None) -> dict[str, Any]:
 
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
 RATE_LIMIT_STATS = "inbound_rate_limit"  # <prefix>.http_local_rate_limit.rate_limited counts refusals
+
+
+def route_rate_limit_stats(pattern: str) -> str:
+    """The stat prefix of a route's own buckets: `inbound_rate_limit_<Method>` (`_all` for a service prefix).
+    One token, no dot: Envoy's `envoy.local_http_ratelimit_prefix` tag takes a single-token prefix, so on
+    /stats/prometheus every scope is one series name with the scope as a label (a dotted prefix would be
+    a metric name of its own per route, which no dashboard query can sum)."""
+    return f"{RATE_LIMIT_STATS}_{method_name(pattern) or 'all'}"
 CALLER_KEY = "caller"  # the descriptor entry a caller's own bucket is keyed on: its SPIFFE ID
 _ALL = {"default_value": {"numerator": 100, "denominator": "HUNDRED"}}
 
@@ -777,8 +785,7 @@ def _inbound_routes(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile) -> 
                                                        streaming=rp.streaming)}}
         per_route: dict[str, Any] = {}
         if (limit := own.get(rp.pattern)) is not None:
-            per_route[RATE_LIMIT_FILTER] = local_rate_limit(
-                limit, f"{RATE_LIMIT_STATS}.{method_name(rp.pattern) or 'all'}")
+            per_route[RATE_LIMIT_FILTER] = local_rate_limit(limit, route_rate_limit_stats(rp.pattern))
         if rp.pattern in route_faults:
             per_route[FAULT_FILTER] = _fault(route_faults[rp.pattern])
         if per_route:

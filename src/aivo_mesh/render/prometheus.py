@@ -112,7 +112,7 @@ def _num(x: float) -> str:
     return f"{x:.6f}".rstrip("0").rstrip(".")
 
 
-def _promql_regex(patterns: list[str]) -> str:
+def promql_regex(patterns: list[str]) -> str:
     """An RE2 alternation of literal method paths (`/x/` prefixes match their methods), as the body
     of a PromQL double-quoted string (backslashes doubled)."""
     alts = [re.escape(p) + (".+" if is_prefix(p) else "") for p in patterns]
@@ -136,12 +136,12 @@ def latency_rules(mesh: MeshSpec, svc: ServiceSpec) -> list[LatencyRule]:
         if not is_prefix(rp.pattern):
             add(rp.pattern, rp.timeout, f'{base},method="{rp.pattern}"')
             continue
-        matchers = f'{base},method=~"{_promql_regex([rp.pattern])}"'
+        matchers = f'{base},method=~"{promql_regex([rp.pattern])}"'
         # The methods a more specific route (earlier in match order) takes are that route's.
         if covered := [p for p in patterns[:i] if covers(rp.pattern, p)]:
-            matchers += f',method!~"{_promql_regex(covered)}"'
+            matchers += f',method!~"{promql_regex(covered)}"'
         add(rp.pattern, rp.timeout, matchers)
-    default = f"{base},method!~\"{_promql_regex(patterns)}\"" if patterns else base
+    default = f"{base},method!~\"{promql_regex(patterns)}\"" if patterns else base
     add("default", catch_all.timeout, default)
     return rules
 

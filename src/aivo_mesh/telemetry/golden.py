@@ -19,6 +19,7 @@ processes and keeps the samples; `meshctl status/routes/edges` read what it comp
     no calls   rps 0 and success_rate / percentiles null: never a bucket bound pretending to be a latency
 
 Health probes (`/grpc.health.v1.Health/*`) are left out: the observer itself probes every service.
+(golden_terms.py holds both definitions; the Grafana dashboard, render/grafana.py, queries by them too.)
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
-SUCCESS = "OK"
-HEALTH_PREFIX = "/grpc.health.v1.Health/"
+from aivo_mesh.golden_terms import HEALTH_PREFIX, SUCCESS
+
 SIDES = ("server", "client")
 INF = float("inf")
 QUANTILES = (("p50_ms", 0.50), ("p95_ms", 0.95), ("p99_ms", 0.99))
