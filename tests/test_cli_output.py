@@ -47,7 +47,8 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> dict[tuple[st
 # The commands that print data (tables, listings, findings). The others print what they did.
 DATA_COMMANDS = {("certs", "init"), ("certs", "issue"), ("certs", "verify"), ("certs", "inspect"),
                  ("certs", "rotate"), ("config", "validate"), ("config", "show"), ("status",), ("routes",),
-                 ("edges",), ("traces",), ("consul", "services"), ("lint",), ("check",), ("apply",), ("config-dump",)}
+                 ("edges",), ("traces",), ("consul", "services"), ("lint",), ("check",), ("apply",), ("config-dump",),
+                 ("conformance",)}
 
 
 def test_o_means_the_output_format_in_every_command_and_every_data_command_has_it() -> None:

@@ -65,8 +65,8 @@ def test_hidden_commands_are_never_offered(project: Path) -> None:
     offered = [line.split(",", 1)[1] for line in complete(project, "meshctl ")]
     assert {"check", "completion", "certs", "serve", "status", "up", "down"} <= set(offered)
     assert "collector" not in offered and "_supervise" not in offered
-    assert [line.split(",", 1)[1] for line in complete(project, "meshctl co")] == ["completion", "config",
-                                                                                  "config-dump", "consul"]
+    assert [line.split(",", 1)[1] for line in complete(project, "meshctl co")] == [
+        "completion", "config", "config-dump", "conformance", "consul"]
     assert "control-plane" not in offered  # the process `meshctl up` runs, not a command for people
 
 

@@ -25,6 +25,7 @@ import asyncio
 import contextlib
 import copy
 import json
+import os
 import shutil
 import sys
 import time
@@ -36,27 +37,24 @@ from typing import Any
 
 import grpc
 import yaml
-from helpers import auth_app, checkout_env, start_envoy_async, wait_envoy_live, write_sidecar
-from scenario import PLANES, SERVICE, Behaviour, Scenario
-from waiting import until
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import MeshSpec
 from aivo_mesh.config.loader import parse_mesh
 from aivo_mesh.config.model import EndpointSpec, to_data
 from aivo_mesh.config.resolve import fault_policies, inbound_rate_limits
+from aivo_mesh.conformance.scenario import PLANES, SERVICE, Behaviour, Scenario
 from aivo_mesh.pki import CertLayout
-from aivo_mesh.render.envoy import EnvoyProfile
 from aivo_mesh.runtime.control_plane import ControlPlane
 from aivo_mesh.runtime.local import dump_mesh, with_free_ports
-from aivo_mesh.runtime.mesh import local_profile, write_envoy_configs
+from aivo_mesh.runtime.mesh import envoy_binary, local_profile, write_envoy_configs
 from aivo_mesh.runtime.state import StateDir
-from aivo_mesh.runtime.status import envoy_hosts
+from aivo_mesh.runtime.status import envoy_hosts, envoy_ready
 from aivo_mesh.server import MeshServer
 from aivo_mesh.xds.node import ProxylessNode, apply_to
 from aivo_mesh.xds.proxyless import grpc_bootstrap
 
-ROOT = Path(__file__).resolve().parents[2]
 CALLER, CALLED = "learner-svc", "auth-svc"
 
 # The grpc-xds plane's caller: plain grpc, as any application would write it. One JSON line in per call (an id,
@@ -153,8 +151,8 @@ async def grpc_xds_caller(mesh: MeshSpec, certs: CertLayout, d: Path) -> GrpcXds
     with stderr.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", GRPC_XDS_CLIENT, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=err, env=checkout_env(unset=["GRPC_SSL_CIPHER_SUITES"],
-                                         extra={"GRPC_XDS_BOOTSTRAP": str(bootstrap_file)}))
+            stderr=err, env={**{k: v for k, v in os.environ.items() if k != "GRPC_SSL_CIPHER_SUITES"},
+                             "GRPC_XDS_BOOTSTRAP": str(bootstrap_file)})
     return GrpcXdsCaller(proc, stderr)
 
 
@@ -179,9 +177,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def mesh_doc(scenario: Scenario) -> dict[str, Any]:
-    """The repository's mesh.yaml with the scenario's defaults, and auth-svc's policy, routes and allow rules."""
-    doc: dict[str, Any] = yaml.safe_load((ROOT / "mesh.yaml").read_text())
+def mesh_doc(scenario: Scenario, base: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` (the platform's mesh.yaml, as data) with the scenario's defaults, and auth-svc's policy, routes
+    and allow rules."""
+    doc: dict[str, Any] = copy.deepcopy(dict(base))
     doc["defaults"] = _merge(BASE_DEFAULTS, dict(scenario.defaults))
     auth = next(s for s in doc["services"] if s["name"] == CALLED)
     for key in ("timeout", "retry", "retry_budget", "circuit_breaker", "limits", "outlier_detection",
@@ -276,7 +275,10 @@ class _Stack:
         self.envoys: list[asyncio.subprocess.Process] = []
 
     async def envoy(self, config: Path, admin: int) -> None:
-        proc = await start_envoy_async(config)
+        # One worker thread and no hot restart, so that several run side by side on one machine.
+        proc = await asyncio.create_subprocess_exec(
+            envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
         self.envoys.append(proc)
 
         async def stop() -> None:
@@ -285,13 +287,47 @@ class _Stack:
             await proc.wait()
 
         self.stack.push_async_callback(stop)
-        await asyncio.to_thread(wait_envoy_live, admin, proc)
+
+        async def live() -> bool:
+            if proc.returncode is not None:
+                raise RuntimeError(f"envoy -c {config} exited with {proc.returncode}")
+            return await asyncio.to_thread(envoy_ready, f"127.0.0.1:{admin}")
+
+        await until(live, 60, f"the Envoy of {config} is LIVE")
+
+
+async def until(condition: Callable[[], Awaitable[bool]], timeout: float, what: str) -> None:
+    """Return once `condition()` holds; RuntimeError after `timeout` seconds (a bound, never a bare sleep)."""
+    try:
+        async with asyncio.timeout(timeout):
+            # Other processes' state (an HTTP answer, a port): nothing to await but the next look.
+            while not await condition():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise RuntimeError(f"{what}: not within {timeout:g}s") from None
+
+
+async def serve_app(methods: Mapping[str, Callable[[bytes, Any], Awaitable[bytes]]], port: int) -> grpc.aio.Server:
+    """An app behind a sidecar: plaintext on 127.0.0.1:`port`, AuthService's `methods` as raw bytes, and
+    grpc.health.v1 SERVING, as the sidecars' health checks ask."""
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SERVICE, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}),))
+    checker = health.aio.HealthServicer()
+    await checker.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    return server
 
 
 @contextlib.asynccontextmanager
-async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Path) -> AsyncIterator[World]:
+async def world(plane: str, scenario: Scenario, base: Mapping[str, Any], certs: CertLayout,
+                tmp_path: Path) -> AsyncIterator[World]:
+    """`scenario`'s mesh (on `base`, the platform's mesh.yaml as data) running on `plane` with the certificates
+    of `certs`, its files under `tmp_path`; stopped when the block ends."""
     caller_side, called_side, xds = PLANES[plane]
-    doc = mesh_doc(scenario)
+    doc = mesh_doc(scenario, base)
     mesh = with_free_ports(parse_mesh(yaml.safe_dump(doc, sort_keys=False), "mesh.yaml"))
     state = StateDir(tmp_path / "state")
     state.ensure()
@@ -334,15 +370,18 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
                 stops[name] = _stopper(server)
             else:
                 owner = mesh if other is None else other
-                app, _ = await auth_app(script.methods(name), port=owner.service(CALLED).local_port)
+                app = await serve_app(script.methods(name), port=owner.service(CALLED).local_port)
                 stops[name] = _stopper(app)
                 if other is not None:
                     admin = other.service(CALLED).sidecar.admin_port
                     assert admin is not None
-                    # A static bootstrap of the same mesh on other ports, as `meshctl render envoy` writes it.
-                    d = tmp_path / f"envoy-{name}"
-                    profile = EnvoyProfile.local(str(certs.root.resolve()), str((d / "sds").resolve()))
-                    await stacks.envoy(write_sidecar(other, CALLED, profile, d / "envoy.yaml"), admin)
+                    # A static bootstrap of the same mesh on other ports, as `meshctl up` writes it without a
+                    # control plane.
+                    instance_state = StateDir(tmp_path / f"instance-{name}")
+                    instance_state.ensure()
+                    shutil.copytree(certs.root, instance_state.certs.root, dirs_exist_ok=True)
+                    bootstraps = write_envoy_configs(instance_state, other, None, None)
+                    await stacks.envoy(bootstraps[CALLED], admin)
             stacks.stack.push_async_callback(_stop_if_running, stops, name)
 
         # The control plane and the sidecars.
@@ -410,7 +449,7 @@ async def world(plane: str, scenario: Scenario, certs: CertLayout, tmp_path: Pat
             stacks.stack.push_async_callback(channel.close)
             admin = mesh.service(CALLER).sidecar.admin_port
             hosts = len(scenario.instances)
-            await until(lambda: _healthy(admin, hosts), timeout=60,
+            await until(lambda: asyncio.to_thread(_healthy, admin, hosts), timeout=60,
                         what=f"{CALLER}'s sidecar sees {hosts} healthy auth-svc hosts")
 
         async def call(method: str, payload: bytes) -> Reply:
