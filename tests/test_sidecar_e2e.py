@@ -223,8 +223,11 @@ def test_no_app_or_outbound_port_listens_on_loopback_tcp(sidecar_mesh):
             with pytest.raises(ConnectionRefusedError):
                 socket.create_connection(("127.0.0.1", port), timeout=5).close()
     # No other TCP port carries them either: the mesh's processes listen on the inbound (mTLS) and admin
-    # ports, the collector's and the control plane's (ADS on mTLS, its admin), nothing else.
+    # ports, the collector's, the observer's (its API and dashboard, loopback) and the control plane's (ADS on
+    # mTLS, its admin), nothing else.
     expected = {int(info.collector.rpartition(":")[2])}
+    assert info.observer is not None
+    expected.add(int(info.observer.rpartition(":")[2]))
     assert info.control_plane is not None
     expected |= {int(a.rpartition(":")[2]) for a in info.control_plane.values()}
     for ep in info.services.values():
@@ -368,8 +371,11 @@ async def test_a_killed_sidecar_is_restarted_and_reported(sidecar_mesh):
         found: dict[str, Any] = {r["name"]: r for r in json.loads(out.stdout)["services"]}["auth-svc"]
         return found
 
+    def settled(r: dict[str, Any]) -> bool:  # the observer's view lags the supervisor by up to one round
+        return bool(r["health"] == "healthy" and r["process"]["restarts"] == 1)
+
     deadline = time.monotonic() + 20
-    while (r := await asyncio.to_thread(row))["health"] != "healthy" and time.monotonic() < deadline:
+    while not settled(r := await asyncio.to_thread(row)) and time.monotonic() < deadline:
         await asyncio.sleep(0.2)
     p = r["process"]
     assert (p["state"], p["sidecar"], r["health"], p["restarts"]) == ("running", "LIVE", "healthy", 1), r

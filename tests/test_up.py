@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from helpers import meshctl
@@ -95,8 +96,13 @@ def test_up_proxyless_status_restart_traces_down(tmp_path):
         assert {ep.app for ep in info.services.values()} == {None}
         drive_one_flow(state)
 
-        status = json.loads(meshctl("status", "--json", "--state-dir", str(state.root)).stdout)
-        rows = {r["name"]: r for r in status["services"]}
+        def status_rows() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+            status = json.loads(meshctl("status", "--json", "--state-dir", str(state.root)).stdout)
+            return status, {r["name"]: r for r in status["services"]}
+
+        # The observer samples every 2 s: its view shows learner-svc's upstream from the round after the flow.
+        assert wait_until(lambda: bool(status_rows()[1]["learner-svc"]["upstreams"]), 30, interval=0.5)
+        status, rows = status_rows()
         assert status["plane"] == "proxyless"
         assert {r["health"] for r in rows.values()} == {"healthy"}
         assert {r["process"]["restarts"] for r in rows.values()} == {0}

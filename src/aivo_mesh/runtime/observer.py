@@ -81,6 +81,9 @@ READ_TIMEOUT = 1.5  # per admin read: a round must stay near `interval` even whe
 # answer on a loaded machine is not an outage (Envoy's and Kubernetes' probes have thresholds too). A
 # process that is gone is unreachable at once.
 UNREACHABLE_AFTER = 2
+# A service's first probe opens its connection (the TLS handshake and the check of the server's certificate
+# come first): on a loaded machine that may take longer than a round's reads.
+FIRST_PROBE_TIMEOUT = 5.0
 # The sidecar stats the observer reads (Envoy's filter is a regex over stat names): rate-limit refusals
 # and circuit-breaker gauges. Golden figures come from the apps' own /metrics on both planes.
 ENVOY_FILTER = r"http_local_rate_limit\.rate_limited|circuit_breakers\.default\."
@@ -204,7 +207,9 @@ class Observer:
         names = list(self.info.services)
         reads = await asyncio.gather(*(asyncio.to_thread(self._read_service, name, ep)
                                        for name, ep in self.info.services.items()))
-        healths = await asyncio.gather(*(check(client, name, timeout=READ_TIMEOUT) for name in names))
+        healths = await asyncio.gather(*(
+            check(client, name, timeout=READ_TIMEOUT if name in self.missed else FIRST_PROBE_TIMEOUT)
+            for name in names))
         sync: dict[str, str] = {}
         if self.info.control_plane:
             sync = await asyncio.to_thread(self._read_control_plane, records)
