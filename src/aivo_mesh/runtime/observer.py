@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import signal
@@ -237,6 +238,21 @@ class Observer:
         taken = MeshSample(at=at, services=samples)
         self.ring.add(taken)
         return taken
+
+    async def recheck(self, client: MeshClient) -> None:
+        """Probe again, now, each running service the last round did not find healthy, and take a success at
+        once: a service that came up since (right after `meshctl up`, whose processes start with the observer)
+        is not reported down for up to a round. A failure changes nothing: the rounds judge those."""
+        from aivo_mesh.runtime.health import check
+
+        names = [n for n, v in self.views.items() if v.health != "healthy" and v.process.get("state") == "running"]
+        if not names:
+            return
+        statuses = await asyncio.gather(*(check(client, name, timeout=READ_TIMEOUT) for name in names))
+        for name, status in zip(names, statuses, strict=True):
+            if status == "SERVING":
+                self.views[name] = dataclasses.replace(self.views[name], health="healthy")
+                self.missed[name] = 0
 
     def _read_service(self, name: str, ep: ServiceEndpoints) -> tuple[ProcessSample | None, list[dict[str, Any]],
                                                                          str | None]:
@@ -463,6 +479,7 @@ class ObserverServer:
     async def _mesh(self, request: Request) -> Response:
         if not len(self.observer.ring):  # no health nor counts yet: callers sample directly meanwhile
             raise HttpError(503, "the observer has not finished its first round yet")
+        await self.observer.recheck(self.client)
         return json_response(200, self.observer.document(_window(request, "window", DEFAULT_WINDOW,
                                                                  self.observer.ring.span)))
 
