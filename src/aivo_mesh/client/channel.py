@@ -16,6 +16,10 @@ def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
     )
 
 
+RECONNECT_INITIAL_MS = 250
+RECONNECT_MAX_MS = 5000
+
+
 def channel_options(keepalive: KeepaliveSpec, authority: str) -> list[tuple[str, object]]:
     """Options for a channel to one endpoint of service `authority`.
 
@@ -35,4 +39,10 @@ def channel_options(keepalive: KeepaliveSpec, authority: str) -> list[tuple[str,
         # Our own pool: a channel per endpoint, never shared through grpc's global subchannel pool,
         # so closing or rebuilding one (certificate rotation) cannot disturb another.
         ("grpc.use_local_subchannel_pool", 1),
+        # Reconnect back-off from 250 ms up to 5 s, not grpc's 1 s up to 120 s: a peer that was down (still
+        # starting, or restarted by its supervisor within a second or two) is dialled again within seconds,
+        # while a channel in back-off fails every call at once. A dead endpoint costs a connect attempt every
+        # 5 s; the breaker and outlier detection keep calls off it meanwhile.
+        ("grpc.initial_reconnect_backoff_ms", RECONNECT_INITIAL_MS),
+        ("grpc.max_reconnect_backoff_ms", RECONNECT_MAX_MS),
     ]

@@ -407,6 +407,7 @@ class ObserverServer:
         self.host = host
         self.port = port
         self._server: asyncio.Server | None = None
+        self._round = asyncio.Lock()  # one sampling round at a time (the loop's, or a request's `_fresh`)
         self.routes: dict[tuple[str, str], Handler] = {
             ("GET", "/api/v1/mesh"): self._mesh,
             ("GET", "/api/v1/history"): self._history,
@@ -430,11 +431,21 @@ class ObserverServer:
         while not stop.is_set():
             started = time.monotonic()
             try:
-                await self.observer.sample(self.client)
+                async with self._round:
+                    await self.observer.sample(self.client)
             except Exception:
                 log.exception("observer: a sampling round failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, self.observer.interval - (time.monotonic() - started)))
+
+    async def _fresh(self) -> None:
+        """A round now, if the last one is older than two intervals (a loaded machine, or rounds slowed by
+        services still starting): what the API answers is never much older than the interval says."""
+        if self.observer.clock() - self.observer.ring.samples()[-1].at <= 2 * self.observer.interval:
+            return
+        async with self._round:  # unless one is being taken: then its result is as fresh
+            if self.observer.clock() - self.observer.ring.samples()[-1].at > 2 * self.observer.interval:
+                await self.observer.sample(self.client)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -479,6 +490,7 @@ class ObserverServer:
     async def _mesh(self, request: Request) -> Response:
         if not len(self.observer.ring):  # no health nor counts yet: callers sample directly meanwhile
             raise HttpError(503, "the observer has not finished its first round yet")
+        await self._fresh()
         await self.observer.recheck(self.client)
         return json_response(200, self.observer.document(_window(request, "window", DEFAULT_WINDOW,
                                                                  self.observer.ring.span)))
