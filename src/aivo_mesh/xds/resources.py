@@ -64,7 +64,7 @@ from aivo_mesh.xds.cache import (
     Snapshot,
     resource_name,
 )
-from aivo_mesh.xds.parse import parse
+from aivo_mesh.xds.parse import ParseMemo, parse
 
 # The helper clusters a sidecar keeps in its bootstrap (admin, OTLP, statsd) rather than taking over CDS.
 _STATIC_HELPERS = HELPER_CLUSTERS - {LOCAL_APP_CLUSTER, XDS_CLUSTER}
@@ -190,6 +190,12 @@ class _Shared:
         self._secret: Message | None = None
         self._peers: dict[tuple[str, Kind, str | None], tuple[Message, Message]] = {}
         self._routes: dict[str, Message] = {}
+        self._memo = ParseMemo()
+
+    def typed(self, type_url: str, doc: Mapping[str, Any], like: str) -> Message:
+        """`typed`, for a document much like the others of its kind (`like`) in this build: every
+        sidecar's listener of one name, every peer's cluster... (`ParseMemo`: the same message)."""
+        return self._memo.parse(doc, _types()[type_url], (type_url, like))
 
     def secret(self) -> Message:
         if self._secret is None:
@@ -216,14 +222,15 @@ class _Shared:
             doc["eds_cluster_config"] = {"eds_config": ads_source()}
             # An instance discovery dropped stops taking calls now, not once it fails health checks.
             doc["ignore_health_on_host_removal"] = True
-            found = self._peers[(name, kind, version)] = typed(CLUSTER, doc), typed(ENDPOINT, assignment)
+            found = self._peers[(name, kind, version)] = (self.typed(CLUSTER, doc, "peer"),
+                                                              self.typed(ENDPOINT, assignment, "peer"))
         return found
 
     def routes(self, name: str) -> Any:  # a RouteConfiguration
         """Peer `name`'s routes (`peer_routes`), in an outbound route configuration of their own."""
         found = self._routes.get(name)
         if found is None:
-            found = self._routes[name] = typed(ROUTE, outbound_route_config(peer_routes(self.mesh, name)))
+            found = self._routes[name] = self.typed(ROUTE, outbound_route_config(peer_routes(self.mesh, name)), "peer")
         return found
 
 
@@ -269,9 +276,10 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     static = bootstrap(mesh, service, profile, with_peers=False)["static_resources"]
     route_docs: list[dict[str, Any]] = []
     listeners = [_split_routes(doc, route_docs) for doc in static["listeners"]]
-    routes = [typed(ROUTE, d) for d in route_docs]
+    routes = [shared.typed(ROUTE, d, d["name"]) for d in route_docs]
     outbound: Any = next(r for r in routes if resource_name(r) == OUTBOUND_ROUTES)
-    clusters = [typed(CLUSTER, doc) for doc in static["clusters"] if doc["name"] not in _STATIC_HELPERS]
+    clusters = [shared.typed(CLUSTER, doc, doc["name"]) for doc in static["clusters"]
+                if doc["name"] not in _STATIC_HELPERS]
     assignments = []
     tls: _PeerTls | None = None
     # The peers' routes go before the rendered one, `outbound_refusal`, which answers what none of them takes.
@@ -291,7 +299,7 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     for host, refusal in zip(outbound.virtual_hosts, refusals, strict=True):
         host.routes.add().CopyFrom(refusal)
     return Snapshot.of({
-        LISTENER: [typed(LISTENER, d) for d in listeners],
+        LISTENER: [shared.typed(LISTENER, d, d["name"]) for d in listeners],
         ROUTE: routes,
         CLUSTER: clusters,
         ENDPOINT: assignments,
