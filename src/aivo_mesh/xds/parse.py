@@ -424,8 +424,8 @@ def _copy_values(into: dict[str, Any], doc: dict[str, Any],
 
 
 # What setting a field at a place takes (`_compile`).
-_SET_AS_IS, _SET_DURATION, _SET_FIELD, _IN_MESSAGE, _IN_ANY, _IN_MESSAGES, _IN_MAP, _IN_MAP_ANY = range(8)
-# A message's fields at places: (field name, what it takes, what that needs, the places within it).
+_SET_AS_IS, _SET_DURATION, _SET_FIELD, _IN_MESSAGE, _IN_PATH, _IN_ANY, _IN_MESSAGES, _IN_MAP, _IN_MAP_ANY = range(9)
+# A message's fields at places: (field name, what it takes, what that needs, the program within it).
 _Program = tuple[tuple[str, int, Any, Any], ...]
 
 
@@ -440,7 +440,12 @@ def _compile(descriptor: Descriptor, places: _Places, doc: dict[str, Any]) -> _P
         op, kind, aux, _ = fields[name]
         value = doc[name]
         if sub and op == _OP_MESSAGE:
-            steps.append((name, _IN_MESSAGE, None, _compile(aux, sub, value)))
+            within = _compile(aux, sub, value)
+            if len(within) == 1 and within[0][1] in (_IN_MESSAGE, _IN_PATH):  # a.b.c: one step, not three
+                inner, step, path, further = within[0]
+                steps.append((name, _IN_PATH, (inner, *(path or ())), further))
+            else:
+                steps.append((name, _IN_MESSAGE, None, within))
         elif sub and op == _OP_ANY and "@type" not in sub:
             steps.append((name, _IN_ANY, None, _compile_any(sub, value)))
         elif sub and op == _OP_MESSAGES:
@@ -480,6 +485,11 @@ def _run(message: Message, doc: dict[str, Any], program: _Program) -> None:
             setattr(message, name, value)
         elif step == _IN_MESSAGE:
             _run(getattr(message, name), value, within)
+        elif step == _IN_PATH:
+            field = getattr(message, name)
+            for key in aux:
+                field, value = getattr(field, key), value[key]
+            _run(field, value, within)
         elif step == _IN_MESSAGES:
             items = getattr(message, name)
             for i, item_program in within:

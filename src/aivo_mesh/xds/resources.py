@@ -190,12 +190,12 @@ class _Shared:
         self._secret: Message | None = None
         self._peers: dict[tuple[str, Kind, str | None], tuple[Message, Message]] = {}
         self._routes: dict[str, Message] = {}
-        self._memo = ParseMemo()
+        self.memo = ParseMemo()
 
     def typed(self, type_url: str, doc: Mapping[str, Any], like: str) -> Message:
         """`typed`, for a document much like the others of its kind (`like`) in this build: every
         sidecar's listener of one name, every peer's cluster... (`ParseMemo`: the same message)."""
-        return self._memo.parse(doc, _types()[type_url], (type_url, like))
+        return self.memo.parse(doc, _types()[type_url], (type_url, like))
 
     def secret(self) -> Message:
         if self._secret is None:
@@ -239,14 +239,15 @@ class _PeerTls:
     and SPIFFE ID: the caller's is parsed once, and each peer's is a copy with those two set, packed
     deterministically as xds/parse.py packs. A test holds it equal to parsing `peer_tls` itself."""
 
-    def __init__(self, mesh: MeshSpec, peer: str, profile: EnvoyProfile) -> None:
+    def __init__(self, shared: _Shared, peer: str, profile: EnvoyProfile) -> None:
         from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
-        doc = peer_tls(mesh, peer, profile)
+        doc = peer_tls(shared.mesh, peer, profile)
         self.name = doc["name"]
         self.type_url = doc["typed_config"]["@type"]
         body = {k: v for k, v in doc["typed_config"].items() if k != "@type"}
-        self.template = parse(body, tls_pb2.UpstreamTlsContext)
+        self.template = shared.memo.parse(body, tls_pb2.UpstreamTlsContext, "peer tls")  # much as other callers'
+
         sans = self.template.common_tls_context.combined_validation_context.default_validation_context \
             .match_typed_subject_alt_names
         assert len(sans) == 1 and self.template.sni == peer, "peer_tls changed shape: update _PeerTls"
@@ -288,7 +289,7 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
         for version in canary_versions(mesh.service(peer)) or (None,):
             policy, assignment = shared.peer(peer, profile.kind, version)
             if tls is None:
-                tls = _PeerTls(mesh, peer, profile)
+                tls = _PeerTls(shared, peer, profile)
             cluster = tls.cluster(mesh, peer)  # names this sidecar's certificate and the peer's identity
             cluster.MergeFrom(policy)
             clusters.append(cluster)
