@@ -17,6 +17,10 @@ Every Any holds its message's deterministic serialization, whichever way it was 
 result is repacked, `canonicalize`): ParseDict packs a map's entries (a route's RBAC policies) in the order
 of the process's hash table, so the bytes, and the control plane's content-hash versions with them
 (xds/cache.py), would change from one process to the next.
+
+`ParseMemo` is `parse` for many documents of one kind that differ in a few values (the control plane's
+per-sidecar resources): the first is parsed, and each later one is compared with it (in C) and made by
+copying its message and setting only the fields where the two differ, each as `parse` reads it.
 """
 
 from __future__ import annotations
@@ -442,7 +446,7 @@ def _compile(descriptor: Descriptor, places: _Places, doc: dict[str, Any]) -> _P
         if sub and op == _OP_MESSAGE:
             within = _compile(aux, sub, value)
             if len(within) == 1 and within[0][1] in (_IN_MESSAGE, _IN_PATH):  # a.b.c: one step, not three
-                inner, step, path, further = within[0]
+                inner, _, path, further = within[0]
                 steps.append((name, _IN_PATH, (inner, *(path or ())), further))
             else:
                 steps.append((name, _IN_MESSAGE, None, within))
@@ -504,7 +508,9 @@ def _run(message: Message, doc: dict[str, Any], program: _Program) -> None:
             entries = getattr(message, name)
             for key, entry_program in within:
                 _run_any(entries[key], value[key], entry_program)
-        elif step == _SET_DURATION and type(value) is str:
+        elif step == _SET_DURATION:
+            if type(value) is not str:
+                raise _Elsewhere
             field = getattr(message, name)
             field.SetInParent()
             field.CopyFrom(_from_string(aux, value))
@@ -536,9 +542,11 @@ class ParseMemo:
     inbound listener, every peer's cluster): the first of each kind (`like`: the caller's name for it) is
     parsed, and a later one that differs from it in values only, at places where earlier ones differed,
     is a copy of its message with the fields at those places set as `parse` reads them. So a document is
-    compared (in C, ==; its numbers by type too) rather than walked. One that differs elsewhere teaches the memo
-    those places (a walk over the two); one that differs in more than values (another key, a longer
-    list) is parsed. The same message as `parse`, byte for byte, and the same errors."""
+    compared (in C: ==, then its numbers' types) rather than walked. One that differs elsewhere teaches
+    the memo those places (a walk over the two); one that differs in more than values (another key, a
+    longer list) is parsed. The same message as `parse`, byte for byte, and the same errors.
+
+    Kept for one build (`xds.resources.mesh_snapshots`): it holds the first document of each kind."""
 
     def __init__(self) -> None:
         self._kinds: dict[Hashable, _Kind] = {}

@@ -16,7 +16,10 @@ here, not in a proxy):
 What is the same for every caller of a peer (its routes, its assignment, its cluster but the transport
 socket, which names the caller's own certificate) is built and parsed once per build (`mesh_snapshots`)
 and shared by the snapshots of all its callers, as is `mesh_ca`: a message in a snapshot is never changed
-(xds/cache.py).
+(xds/cache.py). What differs from one sidecar (or peer) to the next is rendered for each, as the static
+bootstraps are, and parsed through the build's `ParseMemo` (xds/parse.py): every sidecar's inbound
+listener, say, differs from the first one's in a few values (names, ports, paths, the callers it allows),
+so it is that first message with those fields set, byte for byte what parsing it would give.
 
 `ads_bootstrap` is what such a sidecar starts with: its node identity, its admin listener, the node-local
 helper clusters (collector, statsd, admin) and the ADS cluster, mTLS to the control plane's identity.
