@@ -30,7 +30,7 @@ from aivo_mesh.discovery.snapshot import Endpoint
 from aivo_mesh.render import envoy
 from aivo_mesh.render.envoy import EnvoyProfile, bootstrap, callable_peers
 from aivo_mesh.xds.cache import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, InconsistentSnapshot, Snapshot
-from aivo_mesh.xds.parse import canonicalize, parse
+from aivo_mesh.xds.parse import ParseMemo, canonicalize, parse
 from aivo_mesh.xds.resources import (
     HCM,
     Trust,
@@ -113,11 +113,10 @@ def _to_ads(node: Any) -> Any:
     return node
 
 
-def _expected(mesh: MeshSpec, service: str, profile: EnvoyProfile,
-              endpoints: dict[str, list[Endpoint]] | None) -> dict[str, dict[str, Any]]:
-    """The snapshot as the whole bootstrap (peers and all) says it, taken apart in one piece, the trust
-    moved to ADS by a walk over it, and parsed by json_format itself: what sidecar_snapshot assembles from
-    its shared parts must be exactly this."""
+def _expected_docs(mesh: MeshSpec, service: str, profile: EnvoyProfile,
+                   endpoints: dict[str, list[Endpoint]] | None) -> dict[str, list[dict[str, Any]]]:
+    """The snapshot's documents as the whole bootstrap (peers and all) says them, taken apart in one
+    piece, the trust moved to ADS by a walk over it."""
     static = _to_ads(bootstrap(mesh, service, profile))["static_resources"]
     routes: list[dict[str, Any]] = []
     listeners = [_split_routes(doc, routes) for doc in static["listeners"]]
@@ -136,12 +135,16 @@ def _expected(mesh: MeshSpec, service: str, profile: EnvoyProfile,
             doc["ignore_health_on_host_removal"] = True
             assignments.append(cla)
         clusters.append(doc)
+    return {LISTENER: listeners, ROUTE: routes, CLUSTER: clusters, ENDPOINT: assignments}
 
-    def parsed(type_url: str, docs: list[dict[str, Any]]) -> dict[str, Any]:
-        return {doc.get("name") or doc["cluster_name"]: _as_data(_parsedict(type_url, doc)) for doc in docs}
 
-    return {LISTENER: parsed(LISTENER, listeners), ROUTE: parsed(ROUTE, routes), CLUSTER: parsed(CLUSTER, clusters),
-            ENDPOINT: parsed(ENDPOINT, assignments), SECRET: {"mesh_ca": _as_data(mesh_ca_secret(TRUST))}}
+def _expected(mesh: MeshSpec, service: str, profile: EnvoyProfile,
+              endpoints: dict[str, list[Endpoint]] | None) -> dict[str, dict[str, Any]]:
+    """`_expected_docs` parsed by json_format itself: what sidecar_snapshot assembles from its shared parts
+    must be exactly this."""
+    expected = {t: {doc.get("name") or doc["cluster_name"]: _as_data(_parsedict(t, doc)) for doc in docs}
+                for t, docs in _expected_docs(mesh, service, profile, endpoints).items()}
+    return {**expected, SECRET: {"mesh_ca": _as_data(mesh_ca_secret(TRUST))}}
 
 
 def _discovered(mesh: MeshSpec) -> dict[str, list[Endpoint]]:
@@ -457,6 +460,149 @@ def test_what_parsedict_reads_instead_is_packed_deterministically_too() -> None:
     assert slow.SerializeToString(deterministic=True) == fast.SerializeToString(deterministic=True)
     assert canonicalize(slow) is slow  # in place, and idempotent
     assert slow.SerializeToString(deterministic=True) == fast.SerializeToString(deterministic=True)
+
+
+# --------------------------------------------------------------------------- the memoised parse (ParseMemo)
+
+
+def _policies_mesh() -> MeshSpec:
+    """The repository's mesh with what renders each sidecar differently: a canary split of auth-svc (its
+    endpoints by version), a fault of a route's own for some callers, a rate limit, and the outbound
+    listener over TLS for one caller."""
+    data = copy.deepcopy(MESH_DATA)
+    auth, learner, events = data["services"][0], data["services"][1], data["services"][2]
+    auth["endpoints"] = [{"address": "10.0.0.1:50051", "version": "v1"}, {"address": "10.0.0.2:50051", "version": "v2"}]
+    auth["canary"] = {"v1": 80, "v2": 20}
+    auth["routes"][0]["fault"] = {"abort_status": "NOT_FOUND", "abort_percent": 30, "delay_percent": 0,
+                                  "callers": ["mesh-client"]}
+    events["rate_limit"] = {"requests_per_second": 10, "burst": 20}
+    learner["sidecar"] = {**learner.get("sidecar", {}), "outbound_tls": True}
+    return parse_mesh(yaml.safe_dump(data), "policies.yaml")
+
+
+def _generated_policies() -> MeshSpec:
+    """A generated mesh of 16 services, some with a rate limit (per caller, or a route's own), a fault
+    (the service's, or a route's for some callers), canary weights or the outbound listener over TLS: most
+    sidecars alike, some not, as in a real mesh."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import meshgen
+
+    data = meshgen.mesh(16)
+    for i, svc in enumerate(data["services"]):
+        if i % 5 == 1:
+            svc["rate_limit"] = {"requests_per_second": 10 + i, "burst": 20, "per_caller": i % 2 == 0}
+        if i % 5 == 4:
+            svc["routes"][0]["rate_limit"] = {"requests_per_second": 5}
+            svc["rate_limit"] = {"requests_per_second": 50}
+        if i % 6 == 2:
+            svc["fault"] = {"abort_status": "UNAVAILABLE", "abort_percent": 12.5 + i, "delay_percent": 0}
+        if i % 6 == 3:
+            svc["routes"][0]["fault"] = {"delay": "100ms", "delay_percent": 50, "callers": ["mesh-client"]}
+        if i % 7 == 5:
+            host, port = "10.0.0.1", svc["port"]
+            svc["endpoints"] = [{"address": f"{host}:{port}", "version": "v1"},
+                                {"address": f"10.0.0.2:{port}", "version": "v2"}]
+            svc["canary"] = {"v1": 90 - i, "v2": 10 + i}
+        if i % 4 == 2:
+            svc["sidecar"]["outbound_tls"] = True
+    return parse_mesh(yaml.safe_dump(data, sort_keys=False), "meshgen-16-policies.yaml")
+
+
+MEMO_MESHES = {**MESHES, "policies": _policies_mesh, "generated-policies": _generated_policies}
+
+
+@pytest.mark.parametrize("name", sorted(MEMO_MESHES))
+def test_mesh_snapshots_hold_the_bytes_a_parse_of_each_rendered_document_gives(name: str) -> None:
+    # A build parses most documents from the first of their kind (ParseMemo); each resource must still be,
+    # byte for byte, what parsing its document on its own gives.
+    mesh = MEMO_MESHES[name]()
+    canary = {s.name for s in mesh.services if s.canary}
+    discovered = None if mesh.service_names[0] in canary else _discovered(mesh)
+    for endpoints in (None, discovered):
+        built = mesh_snapshots(mesh, lambda m, s: _profile(s), TRUST, endpoints)
+        for service, snap in built.items():
+            expected = _expected_docs(mesh, service, _profile(service), endpoints)
+            for type_url, docs in expected.items():
+                want = {doc.get("name") or doc["cluster_name"]: typed(type_url, doc).SerializeToString(
+                    deterministic=True) for doc in docs}
+                got = {n: r.SerializeToString(deterministic=True) for n, r in snap.get(type_url).items()}
+                assert got == want, (service, type_url)
+
+
+def _outcome(fn: Any) -> Any:
+    try:
+        return fn().SerializeToString(deterministic=True)
+    except json_format.ParseError as exc:
+        return ("ParseError", str(exc))
+
+
+def _cluster(name: str, **changes: Any) -> dict[str, Any]:
+    doc = {"name": name, "type": "STATIC", "connect_timeout": "1s", "per_connection_buffer_limit_bytes": 1024,
+           "common_lb_config": {"update_merge_window": "0s", "healthy_panic_threshold": {"value": 0.0}},
+           "circuit_breakers": {"thresholds": [{"max_connections": 10, "track_remaining": True}]},
+           "transport_socket": {"name": "tls", "typed_config": {
+               "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+               "sni": name, "common_tls_context": {"alpn_protocols": ["h2"]}}}}
+    for path, value in changes.items():
+        *parents, last = path.split(".")
+        node: Any = doc
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node[key]
+        node[last] = value
+    return doc
+
+
+MEMO_DOCS = [
+    _cluster("a"),
+    _cluster("b"),  # a name and an SNI inside an Any: places learnt
+    _cluster("c", per_connection_buffer_limit_bytes=2048),  # another place
+    _cluster("d", **{"circuit_breakers.thresholds.0.track_remaining": 1}),  # 1 == True: ParseDict refuses it
+    _cluster("e", per_connection_buffer_limit_bytes=True),  # True == 1, at a place
+    _cluster("f", **{"common_lb_config.healthy_panic_threshold": {"value": -0.0}}),  # -0.0 == 0.0: not the same
+    _cluster("g", **{"circuit_breakers.thresholds.0.max_connections": 10.0}),  # 10.0 == 10: ParseDict takes it
+    _cluster("h", **{"common_lb_config.update_merge_window": "0.5s"}),
+    _cluster("i", type="EDS"),  # an enum
+    _cluster("j", connect_timeout="soon"),  # refused
+    _cluster("k", **{"transport_socket.typed_config.sni": 5}),  # refused, within an Any
+    _cluster("l", **{"transport_socket.typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer"}}),  # another type
+    _cluster("m", **{"circuit_breakers.thresholds": [{"max_connections": 1}, {"max_connections": 2}]}),  # longer
+    _cluster("n", lb_policy="RANDOM"),  # another key
+    _cluster("o", **{"transport_socket.typed_config.sni": "o", "transport_socket.typed_config.common_tls_context": {
+        "alpnProtocols": ["h2"]}}),  # a JSON name: ParseDict's
+    _cluster("p", per_connection_buffer_limit_bytes=2 ** 40),  # out of range, at a place
+    _cluster("q", per_connection_buffer_limit_bytes=7),
+    _cluster("r", **{"circuit_breakers.thresholds.0.track_remaining": False}),
+]
+
+
+def test_the_memoised_parse_gives_what_parse_gives_document_after_document(monkeypatch: pytest.MonkeyPatch) -> None:
+    memo = ParseMemo()
+    for doc in MEMO_DOCS:
+        before = copy.deepcopy(doc)
+        got = _outcome(lambda d=doc: memo.parse(d, cluster_pb2.Cluster, "cluster"))
+        assert got == _outcome(lambda d=before: parse(copy.deepcopy(d), cluster_pb2.Cluster)), doc["name"]
+        assert doc == before  # the data read, never changed (ParseDict puts an Any's `@type` last)
+    # One that differs at places learnt comes from the first one's message, not from a parse of its own.
+    from aivo_mesh.xds import parse as parse_module
+
+    monkeypatch.setattr(parse_module, "parse", lambda *args: pytest.fail("parsed"))
+    doc = _cluster("z", per_connection_buffer_limit_bytes=3, **{"common_lb_config.update_merge_window": "2s"})
+    message = memo.parse(doc, cluster_pb2.Cluster, "cluster")
+    assert message.SerializeToString(deterministic=True) == _outcome(lambda: parse(doc, cluster_pb2.Cluster))
+
+
+def test_a_memoised_message_is_the_caller_s_own() -> None:
+    memo = ParseMemo()
+    first = memo.parse(_cluster("a"), cluster_pb2.Cluster, "cluster")
+    first.name, first.per_connection_buffer_limit_bytes.value = "changed", 1
+    second = memo.parse(_cluster("b"), cluster_pb2.Cluster, "cluster")
+    second.circuit_breakers.thresholds[0].max_connections.value = 99
+    third = memo.parse(_cluster("c"), cluster_pb2.Cluster, "cluster")
+    assert third.SerializeToString(deterministic=True) == parse(_cluster("c"), cluster_pb2.Cluster).SerializeToString(
+        deterministic=True)
 
 
 def test_typed_names_the_field_it_refuses() -> None:

@@ -17,14 +17,20 @@ Every Any holds its message's deterministic serialization, whichever way it was 
 result is repacked, `canonicalize`): ParseDict packs a map's entries (a route's RBAC policies) in the order
 of the process's hash table, so the bytes, and the control plane's content-hash versions with them
 (xds/cache.py), would change from one process to the next.
+
+`ParseMemo` is `parse` for many documents of one kind that differ in a few values (the control plane's
+per-sidecar resources): the first is parsed, and each later one is compared with it (in C) and made by
+copying its message and setting only the fields where the two differ, each as `parse` reads it.
 """
 
 from __future__ import annotations
 
 import base64
+import copy
 import functools
+import marshal
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from typing import Any, TypeVar, cast
 
 from google.protobuf import any_pb2, descriptor_pool, json_format
@@ -321,3 +327,264 @@ def _repack(packed: any_pb2.Any) -> None:
     inner = GetMessageClass(descriptor)()
     packed.Unpack(inner)
     packed.Pack(canonicalize(inner), type_url_prefix=prefix + "/", deterministic=True)
+
+
+
+# -- documents that differ from one another in a few values ---------------------------------------------------
+
+def _same(a: Any, b: Any) -> bool:
+    """`a` and `b` are the same data as `parse` reads it: equal, and of the same types throughout (Python's
+    == takes True for 1, 1 for 1.0 and -0.0 for 0.0, which the message, or ParseDict, tells apart)."""
+    if a is b:
+        return True
+    if type(a) is not type(b) or a != b:
+        return False
+    if type(a) is str:
+        return True
+    try:  # marshal's version 2 writes each type apart, and (unlike later versions) no shared references
+        return marshal.dumps(a, 2) == marshal.dumps(b, 2)
+    except ValueError:  # a type marshal does not take (a subclass)
+        return False
+
+
+# The places where documents of one kind differ: a tree of dict keys and list indices, {} at a value.
+_Places = dict[Any, "_Places"]
+
+
+def _differences(was: Any, doc: Any, places: _Places) -> bool:
+    """Adds to `places` where `doc` has another value than `was`; False if it differs in more than values
+    (keys, their order, a list's length, a value where the other has a dict or a list)."""
+    if type(was) is dict:
+        if type(doc) is not dict or list(was) != list(doc):
+            return False
+        items: Any = zip(was, was.values(), doc.values(), strict=True)
+    elif type(was) is list:
+        if type(doc) is not list or len(was) != len(doc):
+            return False
+        items = zip(range(len(was)), was, doc, strict=True)
+    else:
+        return False
+    for key, a, b in items:
+        if _same(a, b):
+            continue
+        if type(a) in (dict, list) or type(b) in (dict, list):
+            if not _differences(a, b, places.setdefault(key, {})):
+                return False
+        else:
+            places[key] = {}
+    return True
+
+
+def _leaves(places: _Places, path: tuple[Any, ...] = ()) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    """(the path to a dict or list, the keys of its values at `places`), for `_copy_values`."""
+    out = []
+    if here := tuple(key for key, sub in places.items() if not sub):
+        out.append((path, here))
+    for key, sub in places.items():
+        if sub:
+            out += _leaves(sub, (*path, key))
+    return out
+
+
+def _numbers(doc: Any, places: _Places, path: tuple[Any, ...] = ()
+             ) -> list[tuple[tuple[Any, ...], tuple[Any, ...]]]:
+    """(the path to a dict or list, the keys of its numbers, True and False) of `doc` but at `places`."""
+    items = doc.items() if type(doc) is dict else enumerate(doc)
+    out = []
+    if here := tuple(key for key, value in items if isinstance(value, (int, float)) and key not in places):
+        out.append((path, here))
+    items = doc.items() if type(doc) is dict else enumerate(doc)
+    for key, value in items:
+        if type(value) in (dict, list) and places.get(key, True) != {}:
+            out += _numbers(value, places.get(key, {}), (*path, key))
+    return out
+
+
+def _same_numbers(was: dict[str, Any], doc: dict[str, Any],
+                  numbers: list[tuple[tuple[Any, ...], tuple[Any, ...]]]) -> bool:
+    """Whether numbers equal as Python compares them (`was == doc`) are of the same types and signs."""
+    for path, keys in numbers:
+        a: Any = was
+        b: Any = doc
+        for key in path:
+            a, b = a[key], b[key]
+        for key in keys:
+            x, y = a[key], b[key]
+            if type(x) is not type(y) or (type(x) is float and math.copysign(1.0, x) != math.copysign(1.0, y)):
+                return False
+    return True
+
+
+def _copy_values(into: dict[str, Any], doc: dict[str, Any],
+                 leaves: list[tuple[tuple[Any, ...], tuple[Any, ...]]]) -> None:
+    """`doc`'s values at `leaves` into `into` (LookupError, TypeError: `doc` lacks one)."""
+    for path, keys in leaves:
+        a: Any = into
+        b: Any = doc
+        for key in path:
+            a, b = a[key], b[key]
+        for key in keys:
+            a[key] = b[key]
+
+
+# What setting a field at a place takes (`_compile`).
+_SET_AS_IS, _SET_DURATION, _SET_FIELD, _IN_MESSAGE, _IN_PATH, _IN_ANY, _IN_MESSAGES, _IN_MAP, _IN_MAP_ANY = range(9)
+# A message's fields at places: (field name, what it takes, what that needs, the program within it).
+_Program = tuple[tuple[str, int, Any, Any], ...]
+
+
+def _compile(descriptor: Descriptor, places: _Places, doc: dict[str, Any]) -> _Program:
+    """How `_run` sets the fields at `places` of a `descriptor` message read from a document like `doc`,
+    worked out once per kind. Raises for a field outside `parse`'s subset (KeyError, _Elsewhere)."""
+    fields = _plans.get(descriptor)
+    if fields is None:
+        fields = _plan(descriptor)
+    steps: list[tuple[str, int, Any, Any]] = []
+    for name, sub in places.items():
+        op, kind, aux, _ = fields[name]
+        value = doc[name]
+        if sub and op == _OP_MESSAGE:
+            within = _compile(aux, sub, value)
+            if len(within) == 1 and within[0][1] in (_IN_MESSAGE, _IN_PATH):  # a.b.c: one step, not three
+                inner, _, path, further = within[0]
+                steps.append((name, _IN_PATH, (inner, *(path or ())), further))
+            else:
+                steps.append((name, _IN_MESSAGE, None, within))
+        elif sub and op == _OP_ANY and "@type" not in sub:
+            steps.append((name, _IN_ANY, None, _compile_any(sub, value)))
+        elif sub and op == _OP_MESSAGES:
+            steps.append((name, _IN_MESSAGES, None, tuple((i, _compile(aux, s, value[i])) for i, s in sub.items())))
+        elif sub and op == _OP_MAP and kind == _MESSAGE:
+            steps.append((name, _IN_MAP, None, tuple((k, _compile(aux, s, value[k])) for k, s in sub.items())))
+        elif sub and op == _OP_MAP and kind == _ANY and not any("@type" in s for s in sub.values()):
+            steps.append((name, _IN_MAP_ANY, None, tuple((k, _compile_any(s, value[k])) for k, s in sub.items())))
+        elif not sub and op == _OP_AS_IS and kind != _ENUM:
+            steps.append((name, _SET_AS_IS, aux, None))
+        elif not sub and op == _OP_FROM_STRING:
+            steps.append((name, _SET_DURATION, aux, None))
+        else:
+            steps.append((name, _SET_FIELD, descriptor, None))
+    return tuple(steps)
+
+
+def _compile_any(places: _Places, doc: dict[str, Any]) -> tuple[Callable[[], Message], _Program]:
+    descriptor, cls = _packable.get(doc["@type"]) or _packable_type(doc["@type"])
+    return cls, _compile(descriptor, places, doc)
+
+
+def _run_any(packed: any_pb2.Any, doc: dict[str, Any], program: tuple[Callable[[], Message], _Program]) -> None:
+    inner = program[0]()
+    inner.ParseFromString(packed.value)
+    _run(inner, doc, program[1])
+    packed.value = inner.SerializeToString(deterministic=True)  # as `_any` packs it
+
+
+def _run(message: Message, doc: dict[str, Any], program: _Program) -> None:
+    """`message`'s fields at the program's places as `parse` reads them from `doc`, the rest as they are."""
+    for name, step, aux, within in program:
+        value = doc[name]
+        if step == _SET_AS_IS:
+            if type(value) not in aux:
+                raise _Elsewhere
+            setattr(message, name, value)
+        elif step == _IN_MESSAGE:
+            _run(getattr(message, name), value, within)
+        elif step == _IN_PATH:
+            field = getattr(message, name)
+            for key in aux:
+                field, value = getattr(field, key), value[key]
+            _run(field, value, within)
+        elif step == _IN_MESSAGES:
+            items = getattr(message, name)
+            for i, item_program in within:
+                _run(items[i], value[i], item_program)
+        elif step == _IN_ANY:
+            _run_any(getattr(message, name), value, within)
+        elif step == _IN_MAP:
+            entries = getattr(message, name)
+            for key, entry_program in within:
+                _run(entries[key], value[key], entry_program)
+        elif step == _IN_MAP_ANY:
+            entries = getattr(message, name)
+            for key, entry_program in within:
+                _run_any(entries[key], value[key], entry_program)
+        elif step == _SET_DURATION:
+            if type(value) is not str:
+                raise _Elsewhere
+            field = getattr(message, name)
+            field.SetInParent()
+            field.CopyFrom(_from_string(aux, value))
+        else:  # the whole field as `parse` reads it: a message of this type holding only it, merged in
+            message.ClearField(name)
+            message.MergeFrom(type(message)(**_fields(aux, {name: value})))
+
+
+class _Kind:
+    """The first document of a kind, its message, and where later ones were seen to differ from it."""
+
+    def __init__(self, doc: dict[str, Any], message: Message) -> None:
+        self.doc, self.message = doc, message
+        self.places: _Places = {}
+        self.leaves: list[tuple[tuple[Any, ...], tuple[Any, ...]]] = []
+        self.program: _Program = ()
+        self.numbers = _numbers(doc, {})
+
+    def learn(self, more: _Places) -> None:
+        """Adds places; raises, changing nothing, if a field there is outside `parse`'s subset."""
+        places = copy.deepcopy(self.places)
+        _merge(places, more)
+        self.program = _compile(cast(Descriptor, self.message.DESCRIPTOR), places, self.doc)
+        self.places, self.leaves, self.numbers = places, _leaves(places), _numbers(self.doc, places)
+
+
+class ParseMemo:
+    """`parse` for documents of a kind that differ from one another in a few values (every sidecar's
+    inbound listener, every peer's cluster): the first of each kind (`like`: the caller's name for it) is
+    parsed, and a later one that differs from it in values only, at places where earlier ones differed,
+    is a copy of its message with the fields at those places set as `parse` reads them. So a document is
+    compared (in C: ==, then its numbers' types) rather than walked. One that differs elsewhere teaches
+    the memo those places (a walk over the two); one that differs in more than values (another key, a
+    longer list) is parsed. The same message as `parse`, byte for byte, and the same errors.
+
+    Kept for one build (`xds.resources.mesh_snapshots`): it holds the first document of each kind."""
+
+    def __init__(self) -> None:
+        self._kinds: dict[Hashable, _Kind] = {}
+
+    def parse(self, doc: Mapping[str, Any], cls: type[T], like: Hashable) -> T:
+        kind = self._kinds.get(like)
+        if kind is None or type(kind.message) is not cls or type(doc) is not dict:
+            message = parse(doc, cls)
+            if kind is None and type(doc) is dict:
+                first = cls()
+                first.CopyFrom(message)  # the caller may change its message
+                self._kinds[like] = _Kind(copy.deepcopy(doc), first)
+            return message
+        try:
+            _copy_values(kind.doc, doc, kind.leaves)
+            # Python's == takes True for 1, 1 for 1.0 and -0.0 for 0.0, which the message (or ParseDict)
+            # tells apart: the numbers are compared apart.
+            same = kind.doc == doc and _same_numbers(kind.doc, doc, kind.numbers)
+        except (LookupError, TypeError, ValueError):
+            same = False
+        try:
+            if not same:
+                more: _Places = {}
+                if not _differences(kind.doc, doc, more):
+                    return parse(doc, cls)
+                kind.learn(more)
+            message = cls()
+            message.CopyFrom(kind.message)
+            _run(message, doc, kind.program)
+        except Exception:  # _Elsewhere, or a value the constructor refuses: `parse` says what is wrong
+            return parse(doc, cls)
+        return message
+
+
+def _merge(into: _Places, more: _Places) -> None:
+    for key, sub in more.items():
+        known = into.get(key)
+        if known is None or not sub:  # a new place, or the whole value differs
+            into[key] = sub
+        elif known:  # {}: the whole value differs already
+            _merge(known, sub)

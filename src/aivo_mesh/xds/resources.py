@@ -16,7 +16,10 @@ here, not in a proxy):
 What is the same for every caller of a peer (its routes, its assignment, its cluster but the transport
 socket, which names the caller's own certificate) is built and parsed once per build (`mesh_snapshots`)
 and shared by the snapshots of all its callers, as is `mesh_ca`: a message in a snapshot is never changed
-(xds/cache.py).
+(xds/cache.py). What differs from one sidecar (or peer) to the next is rendered for each, as the static
+bootstraps are, and parsed through the build's `ParseMemo` (xds/parse.py): every sidecar's inbound
+listener, say, differs from the first one's in a few values (names, ports, paths, the callers it allows),
+so it is that first message with those fields set, byte for byte what parsing it would give.
 
 `ads_bootstrap` is what such a sidecar starts with: its node identity, its admin listener, the node-local
 helper clusters (collector, statsd, admin) and the ADS cluster, mTLS to the control plane's identity.
@@ -64,7 +67,7 @@ from aivo_mesh.xds.cache import (
     Snapshot,
     resource_name,
 )
-from aivo_mesh.xds.parse import parse
+from aivo_mesh.xds.parse import ParseMemo, parse
 
 # The helper clusters a sidecar keeps in its bootstrap (admin, OTLP, statsd) rather than taking over CDS.
 _STATIC_HELPERS = HELPER_CLUSTERS - {LOCAL_APP_CLUSTER, XDS_CLUSTER}
@@ -190,6 +193,12 @@ class _Shared:
         self._secret: Message | None = None
         self._peers: dict[tuple[str, Kind, str | None], tuple[Message, Message]] = {}
         self._routes: dict[str, Message] = {}
+        self.memo = ParseMemo()
+
+    def typed(self, type_url: str, doc: Mapping[str, Any], like: str) -> Message:
+        """`typed`, for a document much like the others of its kind (`like`) in this build: every
+        sidecar's listener of one name, every peer's cluster... (`ParseMemo`: the same message)."""
+        return self.memo.parse(doc, _types()[type_url], (type_url, like))
 
     def secret(self) -> Message:
         if self._secret is None:
@@ -216,14 +225,15 @@ class _Shared:
             doc["eds_cluster_config"] = {"eds_config": ads_source()}
             # An instance discovery dropped stops taking calls now, not once it fails health checks.
             doc["ignore_health_on_host_removal"] = True
-            found = self._peers[(name, kind, version)] = typed(CLUSTER, doc), typed(ENDPOINT, assignment)
+            found = self._peers[(name, kind, version)] = (self.typed(CLUSTER, doc, "peer"),
+                                                              self.typed(ENDPOINT, assignment, "peer"))
         return found
 
     def routes(self, name: str) -> Any:  # a RouteConfiguration
         """Peer `name`'s routes (`peer_routes`), in an outbound route configuration of their own."""
         found = self._routes.get(name)
         if found is None:
-            found = self._routes[name] = typed(ROUTE, outbound_route_config(peer_routes(self.mesh, name)))
+            found = self._routes[name] = self.typed(ROUTE, outbound_route_config(peer_routes(self.mesh, name)), "peer")
         return found
 
 
@@ -232,14 +242,15 @@ class _PeerTls:
     and SPIFFE ID: the caller's is parsed once, and each peer's is a copy with those two set, packed
     deterministically as xds/parse.py packs. A test holds it equal to parsing `peer_tls` itself."""
 
-    def __init__(self, mesh: MeshSpec, peer: str, profile: EnvoyProfile) -> None:
+    def __init__(self, shared: _Shared, peer: str, profile: EnvoyProfile) -> None:
         from envoy.extensions.transport_sockets.tls.v3 import tls_pb2
 
-        doc = peer_tls(mesh, peer, profile)
+        doc = peer_tls(shared.mesh, peer, profile)
         self.name = doc["name"]
         self.type_url = doc["typed_config"]["@type"]
         body = {k: v for k, v in doc["typed_config"].items() if k != "@type"}
-        self.template = parse(body, tls_pb2.UpstreamTlsContext)
+        self.template = shared.memo.parse(body, tls_pb2.UpstreamTlsContext, "peer tls")  # much as other callers'
+
         sans = self.template.common_tls_context.combined_validation_context.default_validation_context \
             .match_typed_subject_alt_names
         assert len(sans) == 1 and self.template.sni == peer, "peer_tls changed shape: update _PeerTls"
@@ -269,9 +280,10 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     static = bootstrap(mesh, service, profile, with_peers=False)["static_resources"]
     route_docs: list[dict[str, Any]] = []
     listeners = [_split_routes(doc, route_docs) for doc in static["listeners"]]
-    routes = [typed(ROUTE, d) for d in route_docs]
+    routes = [shared.typed(ROUTE, d, d["name"]) for d in route_docs]
     outbound: Any = next(r for r in routes if resource_name(r) == OUTBOUND_ROUTES)
-    clusters = [typed(CLUSTER, doc) for doc in static["clusters"] if doc["name"] not in _STATIC_HELPERS]
+    clusters = [shared.typed(CLUSTER, doc, doc["name"]) for doc in static["clusters"]
+                if doc["name"] not in _STATIC_HELPERS]
     assignments = []
     tls: _PeerTls | None = None
     # The peers' routes go before the rendered one, `outbound_refusal`, which answers what none of them takes.
@@ -280,7 +292,7 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
         for version in canary_versions(mesh.service(peer)) or (None,):
             policy, assignment = shared.peer(peer, profile.kind, version)
             if tls is None:
-                tls = _PeerTls(mesh, peer, profile)
+                tls = _PeerTls(shared, peer, profile)
             cluster = tls.cluster(mesh, peer)  # names this sidecar's certificate and the peer's identity
             cluster.MergeFrom(policy)
             clusters.append(cluster)
@@ -291,7 +303,7 @@ def _snapshot(shared: _Shared, service: str, profile: EnvoyProfile) -> Snapshot:
     for host, refusal in zip(outbound.virtual_hosts, refusals, strict=True):
         host.routes.add().CopyFrom(refusal)
     return Snapshot.of({
-        LISTENER: [typed(LISTENER, d) for d in listeners],
+        LISTENER: [shared.typed(LISTENER, d, d["name"]) for d in listeners],
         ROUTE: routes,
         CLUSTER: clusters,
         ENDPOINT: assignments,
