@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -177,6 +177,27 @@ class MeshClient:
     async def wait_ready(self, service: str, timeout: float | None = None) -> None:
         """Wait until some endpoint of `service` is connected (bounded by connection_timeout)."""
         await self.target(service).wait_ready(timeout or self.config.connection_timeout)
+
+    async def warm(self, services: Iterable[str] | None = None, timeout: float | None = None) -> dict[str, list[str]]:
+        """Open and handshake the channels to `services` before the first call needs them (as Envoy warms
+        its clusters before its listeners serve), so that a first call costs what the next one does.
+
+        `services`: by default the peers mesh.yaml lets this client's service call (none for an identity
+        that is not a service). Each endpoint's channel connects and its server's certificate is checked
+        against the peer policy. Waits `timeout` (default: connection_timeout) at most, for all of them
+        together: a peer that is down does not hold the caller longer, and its channel keeps trying in
+        the background. Per service, its endpoints that are READY; call it on the client's event loop.
+        """
+        from aivo_mesh.config.resolve import callable_peers
+
+        if services is None:
+            own = self.config.service_name
+            services = callable_peers(self.mesh, own) if own in self.mesh.service_names else ()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.connection_timeout if timeout is None else timeout)
+        names = list(dict.fromkeys(services))
+        ready = await asyncio.gather(*(self.target(s).warm(deadline) for s in names))
+        return dict(zip(names, ready, strict=True))
 
     def bare_channel(self, service: str, endpoint: str | None = None) -> grpc.aio.Channel:
         """A channel straight to one endpoint, outside the policy stack: for probes (health checks,

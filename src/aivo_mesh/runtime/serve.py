@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,9 @@ class ServeOptions:
     handshake_log: bool = True
     otel_service_name: str | None = None  # this process's name in its spans (OTEL_SERVICE_NAME), when not the service's
     grace: float = 5.0  # seconds in-flight calls get to finish on shutdown
+    # Before serving, open and handshake the client's channels to the peers it may call, waiting this long
+    # at most (0: not at all), so its first calls do not pay for connecting (MeshClient.warm).
+    warm_timeout: float = 2.0
 
     def identity_files(self, certs: CertLayout, name: str) -> tuple[Path, Path, Path]:
         """The certificate, key and CA bundle the service serves and calls with: each override, else its
@@ -150,6 +155,19 @@ class ServiceProcess:
             log.warning("%s: no configuration from the control plane at %s within %.0fs (%s); until it comes, "
                         "mesh.yaml's is in force", self.name, self.options.control_plane,
                         self.options.discovery_timeout, node.subscription.last_error or "no answer")
+
+    async def _warm(self, client: MeshClient, peers: Sequence[str]) -> None:
+        """The client's channels to `peers`, connected and their servers checked, within warm_timeout: a peer
+        that is down is logged, and its calls connect when they come."""
+        started = time.monotonic()
+        ready = await client.warm(peers, self.options.warm_timeout)
+        took = (time.monotonic() - started) * 1000
+        if cold := [p for p, endpoints in ready.items() if not endpoints]:
+            log.warning("%s: no connection to %s within %.1fs; serving without them (their first calls connect)",
+                        self.name, ", ".join(cold), self.options.warm_timeout)
+        warm = [p for p, endpoints in ready.items() if endpoints]
+        if warm:
+            log.info("%s: channels to %s ready in %.0f ms", self.name, ", ".join(warm), took)
 
     async def _start(self, stack: AsyncExitStack) -> None:
         mesh, name, opts = self.mesh, self.name, self.options
@@ -227,6 +245,8 @@ class ServiceProcess:
                 log.warning("%s: %s; until they arrive, calls to those peers use mesh.yaml's endpoints", name, exc)
         if opts.control_plane is not None:  # as discovery: its first configuration before the server serves
             await self._follow_control_plane(stack, client, server, cert, key, ca)
+        if opts.warm_timeout > 0 and peers:  # as the discovery and the control plane: before SERVING
+            await self._warm(client, peers)
         try:
             bound = await server.start()
         except (RuntimeError, MeshError, OSError) as exc:  # taken since the check; grpc says only "Failed to bind"
