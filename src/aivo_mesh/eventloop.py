@@ -58,6 +58,7 @@ def run(main: Coroutine[Any, Any, T], *, loop: LoopChoice | None = None, debug: 
     """
     choice = loop or os.environ.get(LOOP_ENV) or "auto"
     if choice not in ("auto", "uvloop", "asyncio"):
+        main.close()  # never to run: no "was never awaited" warning on top of the error
         raise ValueError(f"{LOOP_ENV}={choice!r}: expected auto, uvloop or asyncio")
     with asyncio.Runner(debug=debug, loop_factory=loop_factory(choice)) as runner:  # type: ignore[arg-type]
         return runner.run(main)

@@ -115,6 +115,7 @@ class ServiceProcess:
         self.certs = certs
         self.data_dir = data_dir
         self.node: ProxylessNode | None = None  # on a control plane (options.control_plane)
+        self.client: MeshClient | None = None  # the service's client to its peers, once started
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> ServiceProcess:
@@ -200,6 +201,7 @@ class ServiceProcess:
             watch = build_discovery(mesh, opts.discovery, services=peers, dns=opts.dns, consul=consul_source)
         client = MeshClient(config, listeners=telemetry.listeners(), outer_layers=telemetry.client_layers(),
                             discovery=watch.store if watch is not None else None)
+        self.client = client
         stack.push_async_callback(client.close)
         app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=self.data_dir, peers=client))
         stack.push_async_callback(app.close)
