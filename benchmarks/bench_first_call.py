@@ -20,7 +20,6 @@ Writes benchmarks/results/first_call.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import shutil
 import statistics
 import subprocess
@@ -30,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from aivo_mesh import MeshClient, MeshConfig, run  # before grpc (bench_client): it sets grpc's TLS settings
 from bench_client import SERVER, die_with_parent, write_results
+
+from aivo_mesh import MeshClient, MeshConfig, run  # before grpc (bench_client): it sets grpc's TLS settings
 from aivo_mesh.config import load_mesh
 from aivo_mesh.eventloop import loop_name
 from aivo_mesh.pki.issue import init_ca, issue_all

@@ -27,7 +27,7 @@ READY = grpc.ChannelConnectivity.READY
 SLACK = 3.0
 
 
-class CountingAuth(auth_pb2_grpc.AuthServiceServicer):  # type: ignore[misc]
+class CountingAuth(auth_pb2_grpc.AuthServiceServicer):
     def __init__(self) -> None:
         self.calls = 0
 
@@ -90,7 +90,7 @@ async def test_warm_defaults_to_the_peers_mesh_yaml_lets_the_service_call(mesh: 
     peers = callable_peers(mesh, "analytics-svc")
     downs = {p.replace("-", "_"): [f"127.0.0.1:{free_port()}"] for p in peers}
     async with _client(mesh, mesh_certs, "analytics-svc", **downs) as client:
-        assert await client.warm(timeout=0.1) == dict.fromkeys(peers, [])
+        assert await client.warm(timeout=0.1) == {p: [] for p in peers}
     async with _client(mesh, mesh_certs, "mesh-client") as client:  # an identity that is no service: no peers
         assert await client.warm(timeout=0.1) == {}
 

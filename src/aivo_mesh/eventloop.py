@@ -41,7 +41,7 @@ def loop_factory(loop: LoopChoice = "auto") -> Callable[[], asyncio.AbstractEven
         if loop == "uvloop":
             raise
         return None
-    return uvloop.new_event_loop  # type: ignore[no-any-return]
+    return uvloop.new_event_loop
 
 
 def loop_name(loop: asyncio.AbstractEventLoop | None = None) -> str:
