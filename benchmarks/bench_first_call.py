@@ -70,9 +70,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     (port,) = free_ports(1)
     state.mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}"))
     mesh = load_mesh(state.mesh_file)
-    server_code = SERVER.replace("asyncio.run(main())", f"import aivo_mesh; aivo_mesh.run(main(), loop={args.loop!r})")
-    server = subprocess.Popen([sys.executable, "-c", server_code, str(state.mesh_file), str(state.certs.root),
-                               str(port)], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(state.mesh_file), str(state.certs.root),
+                               str(port), args.loop], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     server.stdout.readline()  # "ready"
     rounds: dict[str, list[dict[str, float]]] = {"cold": [], "warm": []}

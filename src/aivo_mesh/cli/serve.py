@@ -64,7 +64,8 @@ if TYPE_CHECKING:
               help="drain time on shutdown (s)")
 @click.option("--warm-timeout", type=click.FloatRange(min=0), default=2.0, show_default=True,
               help="before serving, connect to the peers the service may call (mTLS handshake, certificate "
-                   "checked), waiting this long at most (s); a peer that is down is logged; 0: don't")
+                   "checked), waiting this long at most (s); a peer that is down is logged; 0: don't. "
+                   "Not behind a sidecar, which warms its own clusters")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 @click.option("--handshake-log/--no-handshake-log", default=True, show_default=True,
               help="log refused TLS handshakes (reason, peer) and count them in mtls_refused_connections_total, "

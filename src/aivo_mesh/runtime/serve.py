@@ -86,7 +86,8 @@ class ServeOptions:
     otel_service_name: str | None = None  # this process's name in its spans (OTEL_SERVICE_NAME), when not the service's
     grace: float = 5.0  # seconds in-flight calls get to finish on shutdown
     # Before serving, open and handshake the client's channels to the peers it may call, waiting this long
-    # at most (0: not at all), so its first calls do not pay for connecting (MeshClient.warm).
+    # at most (0: not at all), so its first calls do not pay for connecting (MeshClient.warm). Proxyless
+    # only: a sidecar warms its own clusters.
     warm_timeout: float = 2.0
 
     def identity_files(self, certs: CertLayout, name: str) -> tuple[Path, Path, Path]:
@@ -247,7 +248,9 @@ class ServiceProcess:
                 log.warning("%s: %s; until they arrive, calls to those peers use mesh.yaml's endpoints", name, exc)
         if opts.control_plane is not None:  # as discovery: its first configuration before the server serves
             await self._follow_control_plane(stack, client, server, cert, key, ca)
-        if opts.warm_timeout > 0 and peers:  # as the discovery and the control plane: before SERVING
+        # As the discovery and the control plane: before SERVING. Behind a sidecar (or Linkerd's proxy) the
+        # proxy warms its own clusters, and its listener may come up after us: nothing for us to wait for.
+        if opts.warm_timeout > 0 and peers and not client.sidecar:
             await self._warm(client, peers)
         try:
             bound = await server.start()
