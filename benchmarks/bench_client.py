@@ -24,7 +24,8 @@ interquartile range of those ratios is reported too). Cases:
     cwr       MeshClient.call_with_retry: the same stack, called without a grpc.aio interceptor
     traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
 `--loop` picks the event loop of the client process and the server alike (default asyncio's own;
-uvloop is what `meshctl serve` and `aivo_mesh.run` use where it is installed). Every window is metered (benchmarks/loadmeter.py): CPU us per request of the client and the server
+uvloop is what `meshctl serve` and `aivo_mesh.run` use where it is installed).
+Every window is metered (benchmarks/loadmeter.py): CPU us per request of the client and the server
 process (and of the control plane, which is not counted as foreign load), and foreign load; a round
 whose windows saw more than --max-foreign cores of it is rerun.
 Prints a table and writes JSON next to this file (benchmarks/results/client.json).
@@ -354,8 +355,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         server.terminate()
         server.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)  # the run's keys among it
-    summary: dict[str, Any] = {"loop": args.loop, "concurrency": args.concurrency, "window_s": args.window, "reps": args.reps,
-                               "max_foreign_cores": args.max_foreign, "rounds_rerun": rerun, "cases": {}}
+    summary: dict[str, Any] = {"loop": args.loop, "concurrency": args.concurrency, "window_s": args.window,
+                               "reps": args.reps, "max_foreign_cores": args.max_foreign, "rounds_rerun": rerun,
+                               "cases": {}}
     if node is not None:
         summary["xds_node"] = {"applies": node.subscription.applies, "connected": node.subscription.connected}
     foreign = sorted(r["foreign_cores"] for reps in results.values() for r in reps)

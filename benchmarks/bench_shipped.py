@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -30,9 +31,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import aivo_mesh  # before grpc: it sets grpc's TLS settings
 from bench_client import SERVER, die_with_parent, quartiles, run_case, write_results
 from loadmeter import LoadMeter, quiet_rounds
+
+import aivo_mesh
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("plain", "asyncio", "shipped")
@@ -89,7 +91,7 @@ async def client_window(args: argparse.Namespace) -> dict[str, Any]:
         await client.warm(["auth-svc"])
         channel = await client.get_channel("auth-svc")
     stub = auth_pb2_grpc.AuthServiceStub(channel)
-    meter = LoadMeter({"client": __import__("os").getpid(), "server": args.server_pid})
+    meter = LoadMeter({"client": os.getpid(), "server": args.server_pid})
     try:
         for _ in range(3):
             await stub.ValidateToken(req, timeout=5)
@@ -123,15 +125,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for case in CASES:
             code = PLAIN_SERVER if case == "plain" else SERVER
             servers[case] = subprocess.Popen(
-                [sys.executable, "-c", code, str(state.mesh_file), str(state.certs.root), str(ports[case]), LOOPS[case]],
-                preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
+                [sys.executable, "-c", code, str(state.mesh_file), str(state.certs.root), str(ports[case]),
+                 LOOPS[case]], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
             assert servers[case].stdout is not None
             servers[case].stdout.readline()  # "ready"
 
         async def window(case: str) -> dict[str, Any]:
             proc = await asyncio.create_subprocess_exec(
-                sys.executable, __file__, "--client", case, "--port", str(ports[case]), "--certs", str(state.certs.root),
-                "--mesh-file", str(state.mesh_file), "--server-pid", str(servers[case].pid),
+                sys.executable, __file__, "--client", case, "--port", str(ports[case]),
+                "--certs", str(state.certs.root), "--mesh-file", str(state.mesh_file),
+                "--server-pid", str(servers[case].pid),
                 "--concurrency", str(args.concurrency), "--warmup", str(args.warmup), "--window", str(args.window),
                 stdout=asyncio.subprocess.PIPE)
             out, _ = await proc.communicate()
