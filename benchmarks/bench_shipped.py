@@ -35,10 +35,11 @@ from bench_client import SERVER, die_with_parent, quartiles, run_case, write_res
 from loadmeter import LoadMeter, quiet_rounds
 
 import aivo_mesh
+from aivo_mesh.eventloop import LoopChoice
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = ("plain", "asyncio", "shipped")
-LOOPS = {"plain": "asyncio", "asyncio": "asyncio", "shipped": "auto"}
+LOOPS: dict[str, LoopChoice] = {"plain": "asyncio", "asyncio": "asyncio", "shipped": "auto"}
 
 PLAIN_SERVER = """
 import asyncio, sys
@@ -127,8 +128,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             servers[case] = subprocess.Popen(
                 [sys.executable, "-c", code, str(state.mesh_file), str(state.certs.root), str(ports[case]),
                  LOOPS[case]], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
-            assert servers[case].stdout is not None
-            servers[case].stdout.readline()  # "ready"
+            out = servers[case].stdout
+            assert out is not None
+            out.readline()  # "ready"
 
         async def window(case: str) -> dict[str, Any]:
             proc = await asyncio.create_subprocess_exec(
