@@ -1,7 +1,7 @@
 """Throughput of the proxyless plane vs raw grpc.aio over mTLS, measured in the same run.
 
     .venv/bin/python benchmarks/bench_client.py [--reps 20] [--warmup 0.5] [--window 2] [--concurrency 32]
-                                                [--no-tracing] [--no-xds]
+                                                [--no-tracing] [--no-xds] [--loop asyncio|uvloop]
 
 Method: one unary method with a ~100-byte payload, one server process,
 one client process holding N coroutines each with one call in flight. Many short rounds rather than
@@ -23,6 +23,8 @@ interquartile range of those ratios is reported too). Cases:
               what get_channel returned before 2026-12-03)
     cwr       MeshClient.call_with_retry: the same stack, called without a grpc.aio interceptor
     traced    as mesh, tracing on (always sample, batch export to an in-process OTLP receiver)
+`--loop` picks the event loop of the client process and the server alike (default asyncio's own;
+uvloop is what `meshctl serve` and `aivo_mesh.run` use where it is installed).
 Every window is metered (benchmarks/loadmeter.py): CPU us per request of the client and the server
 process (and of the control plane, which is not counted as foreign load), and foreign load; a round
 whose windows saw more than --max-foreign cores of it is rerun.
@@ -47,6 +49,7 @@ from typing import Any
 
 import grpc
 
+from aivo_mesh import run
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import load_mesh
 from aivo_mesh.config.resolve import route_policies
@@ -80,7 +83,8 @@ async def main():
     print("ready", flush=True)
     await server.wait_for_termination()
 
-asyncio.run(main())
+import aivo_mesh
+aivo_mesh.run(main(), loop=sys.argv[4] if len(sys.argv) > 4 else "asyncio")
 """
 
 
@@ -259,7 +263,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}")
                          + f"\ncontrol_plane: {cp_addresses}\n")
     mesh = load_mesh(mesh_file)
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(mesh_file), str(certs.root), str(port)],
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(mesh_file), str(certs.root), str(port), args.loop],
                               preexec_fn=die_with_parent,
                               stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
@@ -351,8 +355,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         server.terminate()
         server.wait(10)
         shutil.rmtree(tmp, ignore_errors=True)  # the run's keys among it
-    summary: dict[str, Any] = {"concurrency": args.concurrency, "window_s": args.window, "reps": args.reps,
-                               "max_foreign_cores": args.max_foreign, "rounds_rerun": rerun, "cases": {}}
+    summary: dict[str, Any] = {"loop": args.loop, "concurrency": args.concurrency, "window_s": args.window,
+                               "reps": args.reps, "max_foreign_cores": args.max_foreign, "rounds_rerun": rerun,
+                               "cases": {}}
     if node is not None:
         summary["xds_node"] = {"applies": node.subscription.applies, "connected": node.subscription.connected}
     foreign = sorted(r["foreign_cores"] for reps in results.values() for r in reps)
@@ -391,8 +396,10 @@ def main() -> None:
     ap.add_argument("--max-foreign", type=float, default=0.25,
                     help="rerun a round when a window saw more foreign load (cores, steal included)")
     ap.add_argument("--max-reruns", type=int, default=20, help="give up rerunning after this many")
+    ap.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio",
+                    help="the event loop of the client process and of the server (aivo_mesh.run)")
     args = ap.parse_args()
-    summary = asyncio.run(bench(args))
+    summary = run(bench(args), loop=args.loop)
     print()
     foreign = summary["foreign_cores"]
     print(f"{summary['rounds_rerun']} rounds rerun for foreign load > {args.max_foreign} cores; foreign load "

@@ -115,3 +115,18 @@ def test_what_the_cli_states_without_importing_it_agrees_with_its_source() -> No
 
     assert tuple(TARGETS) == TARGET_NAMES
     assert DEFAULT_AGENT == DEFAULT_ADDRESS
+
+
+# What `from aivo_mesh import MeshClient, MeshConfig` must not load: telemetry that is off, discovery it does
+# not use, and what a client needs only once it is made (mesh.yaml's model, the certificate parser). Making a
+# client loads the latter two; the import stays within a small factor of `import grpc`
+# (benchmarks/bench_startup.py).
+CLIENT_MUST_NOT_LOAD = ("opentelemetry", "prometheus_client", "requests", "dns", "consul", "cryptography", "pydantic",
+                        "yaml")
+
+
+def test_importing_the_client_loads_none_of_what_it_does_not_use() -> None:
+    code = "from aivo_mesh import MeshClient, MeshConfig\n" + _LOADED.format(heavy=set(CLIENT_MUST_NOT_LOAD))
+    out = subprocess.run([sys.executable, "-c", code, "aivo_mesh.services.protos"],  # and the services' protos
+                         check=True, capture_output=True, text=True, cwd=SRC.parent)
+    assert json.loads(out.stdout) == [], f"importing MeshClient loads {out.stdout}"

@@ -2,6 +2,7 @@
 
 The public API is what this module exports; everything else may move. MeshClient, MeshConfig
 and MeshServer are imported lazily so that `meshctl config ...` and the renderers never load grpc.
+`run(main())` is `asyncio.run` on uvloop where it is installed (aivo_mesh.eventloop).
 """
 
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from aivo_mesh.errors import (  # noqa: E402
 
 if TYPE_CHECKING:
     from aivo_mesh.client import MeshClient, MeshConfig
+    from aivo_mesh.eventloop import run
     from aivo_mesh.server import MeshServer
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "Overloaded",
     "PkiError",
     "RetriesExhausted",
+    "run",
 ]
 
 
@@ -50,4 +53,8 @@ def __getattr__(name: str) -> Any:
         from aivo_mesh.server import MeshServer
 
         return MeshServer
+    if name == "run":
+        from aivo_mesh.eventloop import run
+
+        return run
     raise AttributeError(f"module 'aivo_mesh' has no attribute {name!r}")

@@ -62,6 +62,10 @@ if TYPE_CHECKING:
                    "with the service's certificate); mesh.yaml's are in force until its first configuration")
 @click.option("--grace", type=click.FloatRange(min=0), default=5.0, show_default=True,
               help="drain time on shutdown (s)")
+@click.option("--warm-timeout", type=click.FloatRange(min=0), default=2.0, show_default=True,
+              help="before serving, connect to the peers the service may call (mTLS handshake, certificate "
+                   "checked), waiting this long at most (s); a peer that is down is logged; 0: don't. "
+                   "Not behind a sidecar, which warms its own clusters")
 @click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
 @click.option("--handshake-log/--no-handshake-log", default=True, show_default=True,
               help="log refused TLS handshakes (reason, peer) and count them in mtls_refused_connections_total, "
@@ -69,10 +73,9 @@ if TYPE_CHECKING:
 def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None, port: int | None,
           admin_port: int | None, consul: str | None, discovery: str, dns_template: str, dns_server: str | None,
           insecure: bool, unix_socket: str | None, sidecar_outbound: str | None, plaintext_peers: bool,
-          control_plane: str | None, grace: float, log_format: str, handshake_log: bool) -> None:
+          control_plane: str | None, grace: float, warm_timeout: float, log_format: str,
+          handshake_log: bool) -> None:
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
-    import asyncio
-
     from aivo_mesh.config.env import EnvSettings, apply_env
     from aivo_mesh.config.loader import find_mesh_file, load_mesh
     from aivo_mesh.pki import CertLayout
@@ -104,6 +107,7 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
 
     capture = capture_handshakes() if handshake_log and not insecure else None
 
+    from aivo_mesh.eventloop import run
     from aivo_mesh.runtime.serve import ServeOptions, serve_service
     from aivo_mesh.telemetry.logs import configure_logging
 
@@ -119,8 +123,9 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         sidecar_outbound=sidecar_outbound, plaintext_peers=plaintext_peers, control_plane=control_plane,
         cert=env.client_cert_path, key=env.client_key_path, ca=env.ca_cert_path,
         mesh_file=find_mesh_file(config), handshake_log=handshake_log, otel_service_name=env.otel_service_name,
-        grace=grace)
-    asyncio.run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, options))
+        grace=grace, warm_timeout=warm_timeout)
+    # uvloop where installed (aivo_mesh.eventloop); the server's "serving on" line names the loop.
+    run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, options))
 
 
 def dns_options(template: str, server: str | None) -> DnsOptions:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import grpc
 
-from aivo_mesh.config.model import KeepaliveSpec
-from aivo_mesh.pki import Identity
+if TYPE_CHECKING:
+    from aivo_mesh.config.model import KeepaliveSpec
+    from aivo_mesh.pki import Identity
 
 
 def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:

@@ -25,32 +25,30 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Generator, Mapping, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from aivo_mesh.client.channel import channel_credentials, channel_options
 from aivo_mesh.client.config import MeshConfig
-from aivo_mesh.client.endpoints import DEFAULT_DRAIN_SECONDS, EndpointPool
-from aivo_mesh.client.invoke import method_info
-from aivo_mesh.client.methods import method_path
-from aivo_mesh.client.server_check import ServerCheck
-from aivo_mesh.client.target import Target
-from aivo_mesh.config.model import MeshSpec, ServiceSpec
-from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy, longest_timeout, route_policies, service_policy
-from aivo_mesh.discovery.snapshot import VERSION, SnapshotStore
 from aivo_mesh.errors import MeshError
-from aivo_mesh.pki import Identity, PeerPolicy, load_identity
 from aivo_mesh.policy.core import Clock, Layer, monotonic
 from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener
-from aivo_mesh.policy.stack import Routes
-from aivo_mesh.tls import warn_if_not_enforced
 
+# Importing this module loads grpc and the policy layers only: what a MeshClient needs besides (mesh.yaml's
+# model, the certificates' parser, the targets' channels and health checks, telemetry when it is on) is
+# imported when a client is made or a target first used, so that `from aivo_mesh import MeshClient` costs
+# little more than `import grpc` (benchmarks/bench_startup.py; tests/test_layering.py keeps it so).
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
+    from aivo_mesh.client.target import Target
+    from aivo_mesh.config.model import MeshSpec, ServiceSpec
+    from aivo_mesh.config.resolve import RoutePolicy, ServicePolicy
+    from aivo_mesh.discovery.snapshot import SnapshotStore
+    from aivo_mesh.pki import Identity, PeerPolicy
+    from aivo_mesh.policy.stack import Routes
     from aivo_mesh.telemetry.metrics import MeshMetrics
     from aivo_mesh.xds.policies import TargetConfig
 
@@ -103,7 +101,9 @@ class MeshClient:
         """`metrics`: where this client's Prometheus metrics go: a registry to expose them in
         (`prometheus_client.REGISTRY` for the one the service already serves; see
         MeshMetrics.exposed_in) or a MeshMetrics. None: no metrics (a listener may still record them)."""
-        from aivo_mesh.telemetry.metrics import MeshMetrics, MetricsListener  # not at import: it loads the server
+        from aivo_mesh.client.channel import channel_credentials
+        from aivo_mesh.pki import PeerPolicy, load_identity
+        from aivo_mesh.tls import warn_if_not_enforced
 
         self.config = config
         self.mesh: MeshSpec = config.mesh_spec()
@@ -126,8 +126,12 @@ class MeshClient:
         self.peer_policy = PeerPolicy.from_mesh(self.mesh)
         if not self.sidecar:
             warn_if_not_enforced("MeshClient")
-        self.metrics = MeshMetrics.resolve(metrics)
-        if self.metrics is not None:
+        self.metrics: MeshMetrics | None = None
+        if metrics is not None:  # prometheus_client only when metrics are on
+            from aivo_mesh.telemetry.metrics import MeshMetrics, MetricsListener
+
+            self.metrics = MeshMetrics.resolve(metrics)
+            assert self.metrics is not None
             listeners = (MetricsListener(self.metrics), *listeners)
         # No listeners: the NOOP one lets the stack skip its reporting entirely (hot path).
         self.listener: PolicyListener = Listeners(*listeners) if listeners else NOOP
@@ -166,6 +170,9 @@ class MeshClient:
         grpc.aio.AioRpcError: the server's own, or a LocalRpcError subclass (CircuitOpenError,
         OverloadedError, DeadlineExceededError) for what the client decided itself.
         """
+        from aivo_mesh.client.invoke import method_info
+        from aivo_mesh.client.methods import method_path
+
         target = self.target(service_name)
         path = method_path(target.grpc_service, method_name)
         info = method_info(path)
@@ -177,6 +184,27 @@ class MeshClient:
     async def wait_ready(self, service: str, timeout: float | None = None) -> None:
         """Wait until some endpoint of `service` is connected (bounded by connection_timeout)."""
         await self.target(service).wait_ready(timeout or self.config.connection_timeout)
+
+    async def warm(self, services: Iterable[str] | None = None, timeout: float | None = None) -> dict[str, list[str]]:
+        """Open and handshake the channels to `services` before the first call needs them (as Envoy warms
+        its clusters before its listeners serve), so that a first call costs what the next one does.
+
+        `services`: by default the peers mesh.yaml lets this client's service call (none for an identity
+        that is not a service). Each endpoint's channel connects and its server's certificate is checked
+        against the peer policy. Waits `timeout` (default: connection_timeout) at most, for all of them
+        together: a peer that is down does not hold the caller longer, and its channel keeps trying in
+        the background. Per service, its endpoints that are READY; call it on the client's event loop.
+        """
+        from aivo_mesh.config.resolve import callable_peers
+
+        if services is None:
+            own = self.config.service_name
+            services = callable_peers(self.mesh, own) if own in self.mesh.service_names else ()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.connection_timeout if timeout is None else timeout)
+        names = list(dict.fromkeys(services))
+        ready = await asyncio.gather(*(self.target(s).warm(deadline) for s in names))
+        return dict(zip(names, ready, strict=True))
 
     def bare_channel(self, service: str, endpoint: str | None = None) -> grpc.aio.Channel:
         """A channel straight to one endpoint, outside the policy stack: for probes (health checks,
@@ -249,6 +277,8 @@ class MeshClient:
         return changed
 
     def _control_plane_endpoints(self, service: str) -> Endpoints | None:
+        from aivo_mesh.discovery.snapshot import VERSION
+
         found = self._from_control_plane.get(service)
         if found is None or self.sidecar or service in self.config.endpoints:
             return None
@@ -307,6 +337,8 @@ class MeshClient:
 
     def _policies(self, service: str) -> tuple[ServicePolicy, Routes]:
         """`service`'s effective policy and routes in the current mesh (UnknownService if it has none)."""
+        from aivo_mesh.config.resolve import route_policies, service_policy
+
         self._spec(service)
         found = self._from_control_plane.get(service)
         if found is not None:
@@ -319,6 +351,9 @@ class MeshClient:
     def _drain_for(self, service: str) -> float:
         """How long a retired channel (discovery, rotation) stays open: unless told otherwise, until the
         longest call it may carry is over, so a 30 s stream is not cut by a 30 s drain."""
+        from aivo_mesh.client.endpoints import DEFAULT_DRAIN_SECONDS
+        from aivo_mesh.config.resolve import longest_timeout
+
         if self._drain is not None:
             return self._drain
         if service in self.mesh.service_names:
@@ -334,6 +369,11 @@ class MeshClient:
         return self.endpoints(service), dict(self._spec(service).endpoint_versions)
 
     def _new_target(self, service: str) -> Target:
+        from aivo_mesh.client.channel import channel_options
+        from aivo_mesh.client.endpoints import EndpointPool
+        from aivo_mesh.client.server_check import ServerCheck
+        from aivo_mesh.client.target import Target
+
         spec = self._spec(service)
         if self.metrics is not None:  # its breaker (closed) and ejection gauges from the first call
             self.metrics.declare_target(service)
@@ -362,6 +402,8 @@ class MeshClient:
                       options=options, credentials=self._credentials, rng=self._rng, split=not self.sidecar)
 
     def _default_routes(self, service: str) -> Routes:
+        from aivo_mesh.config.resolve import RoutePolicy, service_policy
+
         timeout = self.config.request_timeout
         retry = service_policy(self.mesh, service).retry  # of this mesh: a later one comes with an update
 
@@ -386,6 +428,9 @@ class MeshClient:
     def check_identity(self) -> bool:
         """Reload our certificate if its files changed; True when new channels were built.
         A half-written or bad rotation is skipped (logged) and the old identity stays in use."""
+        from aivo_mesh.client.channel import channel_credentials
+        from aivo_mesh.pki import Identity, load_identity
+
         paths = (self.config.client_cert_path, self.config.client_key_path, self.config.ca_cert_path)
         try:
             if Identity.signature_of(*paths) == self.identity.mtime_signature():

@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aivo_mesh.config.loader import load_mesh
-from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.errors import ConfigError, MeshError
-from aivo_mesh.pki import CertLayout
+
+if TYPE_CHECKING:  # mesh.yaml's model (pydantic) is loaded with the mesh, not with this module
+    from aivo_mesh.config.model import MeshSpec
+    from aivo_mesh.pki import CertLayout
 
 
 @dataclass
@@ -49,6 +51,8 @@ class MeshConfig:
 
     def mesh_spec(self) -> MeshSpec:
         if self.mesh is None:
+            from aivo_mesh.config.loader import load_mesh
+
             self.mesh = load_mesh(self.mesh_file)
         return self.mesh
 
@@ -75,6 +79,7 @@ class MeshConfig:
         Other keyword arguments are MeshConfig's (`request_timeout`, ...).
         """
         # Imported here: the runtime package is not needed by a client of a deployed mesh.
+        from aivo_mesh.config.loader import load_mesh
         from aivo_mesh.runtime.mesh import RuntimeInfo, mesh_for_clients, running_supervisor
         from aivo_mesh.runtime.state import resolve_state_dir
 

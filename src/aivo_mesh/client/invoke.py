@@ -15,7 +15,7 @@ thin callers of an Invoker; the Invoker knows its target only through `InvokeTar
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -176,6 +176,15 @@ class Invoker:
             path = raw.decode() if isinstance(raw, bytes) else str(raw)
             m = self._methods[raw] = (path, method_info(path), self._target.stack_for(path))
         return m
+
+    def prepare(self, paths: Sequence[str], endpoints: Sequence[str]) -> None:
+        """Build each method's stack, and the callables of its unary calls on `endpoints`, before its first
+        call (MeshClient.warm): then a first call costs what a later one does."""
+        for path in paths:
+            _, info, _ = self._method(path)
+            if info is not None and not (info.client_streaming or info.server_streaming):
+                for endpoint in endpoints:
+                    self._target.pool.multicallable(endpoint, UNARY, info)
 
     async def unary(self, method: Any, request: Any, timeout: float | None, metadata: Any,
                     credentials: grpc.CallCredentials | None, wait_for_ready: bool | None,

@@ -63,6 +63,15 @@ def method_path(grpc_service: str, method: str) -> str:
     return f"/{grpc_service}/{method}"
 
 
+def service_methods(grpc_service: str) -> list[str]:
+    """The paths of `grpc_service`'s methods in the loaded protobuf modules (none when none defines it)."""
+    try:
+        desc = descriptor_pool.Default().FindServiceByName(grpc_service)
+    except KeyError:
+        return []
+    return [f"/{grpc_service}/{m.name}" for m in desc.methods]
+
+
 @lru_cache(maxsize=1024)
 def lookup(path: str) -> MethodInfo:
     service, _, name = path.lstrip("/").partition("/")

@@ -25,13 +25,15 @@ import contextlib
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc._cython import cygrpc
 
-from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.policy.events import PolicyListener
+
+if TYPE_CHECKING:  # the certificate parser (cryptography) comes with the first connection to check
+    from aivo_mesh.pki.peer import PeerPolicy, PeerRefused
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +117,8 @@ class ServerCheck:
         return None
 
     def _check_sockets(self, endpoint: str) -> PeerRefused | None:
+        from aivo_mesh.pki.peer import PeerRefused, Rule
+
         for sid, pem in remote_certificates(endpoint).items():
             if sid in self._good_sockets:
                 continue

@@ -17,9 +17,9 @@ paths or a `meshctl` command's options do not load `cryptography`.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from aivo_mesh._lazy import lazy_getattr
 from aivo_mesh.pki.layout import CertLayout
 from aivo_mesh.pki.params import DEFAULT_KEY_TYPE, KEY_TYPES, LEAF_VALID_DAYS, MIN_RSA_BITS, ROOT_VALID_DAYS, KeyType
 
@@ -56,13 +56,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:  # also how `from aivo_mesh.pki import store` finds a submodule
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_getattr(__name__, _LAZY, globals())
 
 
 __all__ = [

@@ -5,26 +5,49 @@ states the layer order once); each layer lives in its own module with its frozen
 bind.py builds from mesh.yaml (the layer modules import nothing from config/).
 """
 
-from aivo_mesh.policy.backoff import DecorrelatedJitter, FullJitter, parse_pushback
-from aivo_mesh.policy.balancer import Balancer, BalancerLayer
-from aivo_mesh.policy.breaker import (
-    CLOSED,
-    HALF_OPEN,
-    OPEN,
-    STATE_GAUGE,
-    BreakerLayer,
-    BreakerParams,
-    CircuitBreaker,
-)
-from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
-from aivo_mesh.policy.classify import Classifier, Outcome, retryable_codes
-from aivo_mesh.policy.core import Call, Clock, Handler, Layer, Reply, build_stack, monotonic
-from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams, attempt_timeout, effective_timeout
-from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener, ServerCall, ServerCallObserver
-from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
-from aivo_mesh.policy.outlier import EndpointState, OutlierDetector, OutlierRule
-from aivo_mesh.policy.retry import Attempt, GiveUp, RetryLayer, RetryParams, RetryState, Sleep, next_step
-from aivo_mesh.policy.stack import CLIENT_ORDER, MethodParams, TargetPolicy, client_layers, layer_names
+from typing import TYPE_CHECKING
+
+from aivo_mesh._lazy import lazy_getattr
+
+if TYPE_CHECKING:
+    from aivo_mesh.policy.backoff import DecorrelatedJitter, FullJitter, parse_pushback
+    from aivo_mesh.policy.balancer import Balancer, BalancerLayer
+    from aivo_mesh.policy.breaker import (
+        CLOSED,
+        HALF_OPEN,
+        OPEN,
+        STATE_GAUGE,
+        BreakerLayer,
+        BreakerParams,
+        CircuitBreaker,
+    )
+    from aivo_mesh.policy.budget import RetryBudget, RetryBudgetParams
+    from aivo_mesh.policy.classify import Classifier, Outcome, retryable_codes
+    from aivo_mesh.policy.core import Call, Clock, Handler, Layer, Reply, build_stack, monotonic
+    from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams, attempt_timeout, effective_timeout
+    from aivo_mesh.policy.events import NOOP, Listeners, PolicyListener, ServerCall, ServerCallObserver
+    from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer, LimitParams
+    from aivo_mesh.policy.outlier import EndpointState, OutlierDetector, OutlierRule
+    from aivo_mesh.policy.retry import Attempt, GiveUp, RetryLayer, RetryParams, RetryState, Sleep, next_step
+    from aivo_mesh.policy.stack import CLIENT_ORDER, MethodParams, TargetPolicy, client_layers, layer_names
+
+# Each name is imported from its module on first use: `from aivo_mesh.policy.core import ...` (MeshClient's
+# module) then loads core.py alone, not every layer, nor stack.py, which reads mesh.yaml's model (pydantic).
+__getattr__ = lazy_getattr(__name__, {
+    **dict.fromkeys(("DecorrelatedJitter", "FullJitter", "parse_pushback"), "backoff"),
+    **dict.fromkeys(("Balancer", "BalancerLayer"), "balancer"),
+    **dict.fromkeys(("CLOSED", "HALF_OPEN", "OPEN", "STATE_GAUGE", "BreakerLayer", "BreakerParams",
+                     "CircuitBreaker"), "breaker"),
+    **dict.fromkeys(("RetryBudget", "RetryBudgetParams"), "budget"),
+    **dict.fromkeys(("Classifier", "Outcome", "retryable_codes"), "classify"),
+    **dict.fromkeys(("Call", "Clock", "Handler", "Layer", "Reply", "build_stack", "monotonic"), "core"),
+    **dict.fromkeys(("DeadlineLayer", "DeadlineParams", "attempt_timeout", "effective_timeout"), "deadline"),
+    **dict.fromkeys(("NOOP", "Listeners", "PolicyListener", "ServerCall", "ServerCallObserver"), "events"),
+    **dict.fromkeys(("ConcurrencyLimit", "LimitLayer", "LimitParams"), "limit"),
+    **dict.fromkeys(("EndpointState", "OutlierDetector", "OutlierRule"), "outlier"),
+    **dict.fromkeys(("Attempt", "GiveUp", "RetryLayer", "RetryParams", "RetryState", "Sleep", "next_step"), "retry"),
+    **dict.fromkeys(("CLIENT_ORDER", "MethodParams", "TargetPolicy", "client_layers", "layer_names"), "stack"),
+}, globals())
 
 __all__ = [
     "CLIENT_ORDER",

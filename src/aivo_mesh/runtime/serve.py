@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
+from collections.abc import Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +85,10 @@ class ServeOptions:
     handshake_log: bool = True
     otel_service_name: str | None = None  # this process's name in its spans (OTEL_SERVICE_NAME), when not the service's
     grace: float = 5.0  # seconds in-flight calls get to finish on shutdown
+    # Before serving, open and handshake the client's channels to the peers it may call, waiting this long
+    # at most (0: not at all), so its first calls do not pay for connecting (MeshClient.warm). Proxyless
+    # only: a sidecar warms its own clusters.
+    warm_timeout: float = 2.0
 
     def identity_files(self, certs: CertLayout, name: str) -> tuple[Path, Path, Path]:
         """The certificate, key and CA bundle the service serves and calls with: each override, else its
@@ -110,6 +116,7 @@ class ServiceProcess:
         self.certs = certs
         self.data_dir = data_dir
         self.node: ProxylessNode | None = None  # on a control plane (options.control_plane)
+        self.client: MeshClient | None = None  # the service's client to its peers, once started
         self._stack = AsyncExitStack()
 
     async def __aenter__(self) -> ServiceProcess:
@@ -151,6 +158,19 @@ class ServiceProcess:
                         "mesh.yaml's is in force", self.name, self.options.control_plane,
                         self.options.discovery_timeout, node.subscription.last_error or "no answer")
 
+    async def _warm(self, client: MeshClient, peers: Sequence[str]) -> None:
+        """The client's channels to `peers`, connected and their servers checked, within warm_timeout: a peer
+        that is down is logged, and its calls connect when they come."""
+        started = time.monotonic()
+        ready = await client.warm(peers, self.options.warm_timeout)
+        took = (time.monotonic() - started) * 1000
+        if cold := [p for p, endpoints in ready.items() if not endpoints]:
+            log.warning("%s: no connection to %s within %.1fs; serving without them (their first calls connect)",
+                        self.name, ", ".join(cold), self.options.warm_timeout)
+        warm = [p for p, endpoints in ready.items() if endpoints]
+        if warm:
+            log.info("%s: channels to %s ready in %.0f ms", self.name, ", ".join(warm), took)
+
     async def _start(self, stack: AsyncExitStack) -> None:
         mesh, name, opts = self.mesh, self.name, self.options
         spec = mesh.service(name)
@@ -182,6 +202,7 @@ class ServiceProcess:
             watch = build_discovery(mesh, opts.discovery, services=peers, dns=opts.dns, consul=consul_source)
         client = MeshClient(config, listeners=telemetry.listeners(), outer_layers=telemetry.client_layers(),
                             discovery=watch.store if watch is not None else None)
+        self.client = client
         stack.push_async_callback(client.close)
         app = APPS[name](server.grpc_server, ServiceContext(name=name, state_dir=self.data_dir, peers=client))
         stack.push_async_callback(app.close)
@@ -227,6 +248,10 @@ class ServiceProcess:
                 log.warning("%s: %s; until they arrive, calls to those peers use mesh.yaml's endpoints", name, exc)
         if opts.control_plane is not None:  # as discovery: its first configuration before the server serves
             await self._follow_control_plane(stack, client, server, cert, key, ca)
+        # As the discovery and the control plane: before SERVING. Behind a sidecar (or Linkerd's proxy) the
+        # proxy warms its own clusters, and its listener may come up after us: nothing for us to wait for.
+        if opts.warm_timeout > 0 and peers and not client.sidecar:
+            await self._warm(client, peers)
         try:
             bound = await server.start()
         except (RuntimeError, MeshError, OSError) as exc:  # taken since the check; grpc says only "Failed to bind"

@@ -37,6 +37,7 @@ from grpc_reflection.v1alpha import reflection
 from aivo_mesh.config.model import MeshSpec
 from aivo_mesh.config.resolve import FaultPolicy, ScopedRateLimit, fault_policies, inbound_rate_limits
 from aivo_mesh.errors import MeshError
+from aivo_mesh.eventloop import loop_name
 from aivo_mesh.pki import CertLayout, Identity
 from aivo_mesh.pki.peer import PeerPolicy
 from aivo_mesh.policy.bind import fault_rules
@@ -234,9 +235,9 @@ class MeshServer:
         self._status = health_pb2.HealthCheckResponse.SERVING
         if self.on_refused is not None and (capture := current_capture()) is not None:
             capture.subscribe(self.on_refused, port=int(bound))
-        log.info("%s serving on %s (%s)", self.service,
+        log.info("%s serving on %s (%s, %s loop)", self.service,
                  address if self.unix_socket is not None else f"{self.host}:{bound}",
-                 "plaintext" if self.insecure else "mTLS")
+                 "plaintext" if self.insecure else "mTLS", loop_name())
         return int(bound)
 
     async def stop(self, grace: float = 5.0) -> None:
