@@ -13,6 +13,7 @@ from binaries import optional
 
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import load_mesh
+from aivo_mesh.config.resolve import callable_peers
 from aivo_mesh.runtime.health import wait_serving
 from aivo_mesh.runtime.local import dump_mesh, ensure_certs, start_services, with_free_ports
 from aivo_mesh.runtime.state import StateDir
@@ -90,9 +91,10 @@ async def test_learner_to_auth_call_is_one_trace_and_metrics_pass_promtool(tmp_p
                                    check=False)
             assert check.returncode == 0, check.stdout + check.stderr
         clusters = json.loads(await asyncio.to_thread(_get, f"{learner_admin}/clusters"))["clusters"]
-        assert [c["service"] for c in clusters] == ["auth-svc"]
+        # One per peer mesh.yaml lets learner-svc call: it warmed them all before it served (only auth-svc runs).
+        assert [c["service"] for c in clusters] == list(callable_peers(mesh, "learner-svc"))
         # The real shape (meshctl status and docs/proxyless.md read these keys), not the test fake's.
-        (ep,) = clusters[0]["endpoints"]
+        (ep,) = next(c for c in clusters if c["service"] == "auth-svc")["endpoints"]
         assert {"endpoint", "healthy", "ejected", "ejected_until", "consecutive_failures", "connectivity"} <= set(ep)
         assert ep["healthy"] is True and ep["ejected"] is False and ep["connectivity"] == "READY", ep
     finally:

@@ -118,8 +118,9 @@ def test_golden_metrics_routes_edges_and_exit_codes_of_a_running_mesh(tmp_path: 
         auth = next(s for s in status["services"] if s["name"] == "auth-svc")
         assert auth["server"]["success_rate"] is not None and auth["server"]["success_rate"] < 1
         learner_row = next(s for s in status["services"] if s["name"] == "learner-svc")
-        assert [u["service"] for u in learner_row["upstreams"]] == ["auth-svc"]
-        assert learner_row["upstreams"][0]["breaker"] == "closed"
+        # learner-svc warmed its channel to each peer mesh.yaml lets it call before it served.
+        assert "auth-svc" in [u["service"] for u in learner_row["upstreams"]]
+        assert {u["breaker"] for u in learner_row["upstreams"]} == {"closed"}
 
         # The observer's own API: history points and a breaker reset through the caller's admin endpoint.
         with urllib.request.urlopen(f"http://{info.observer}/api/v1/history?service=auth-svc&window=60&step=10",

@@ -206,15 +206,21 @@ class MeshClient:
         ready = await asyncio.gather(*(self.target(s).warm(deadline) for s in names))
         return dict(zip(names, ready, strict=True))
 
-    def bare_channel(self, service: str, endpoint: str | None = None) -> grpc.aio.Channel:
+    def bare_channel(self, service: str, endpoint: str | None = None, *, reconnect: bool = False) -> grpc.aio.Channel:
         """A channel straight to one endpoint, outside the policy stack: for probes (health checks,
-        test tools) that must neither trip nor be refused by the breaker."""
+        test tools) that must neither trip nor be refused by the breaker. `reconnect`: if that channel is
+        in reconnect back-off (TRANSIENT_FAILURE, where every call fails at once until its timer runs out),
+        a new one, so a probe hears the peer as it is now (one that came up since answers)."""
         target = self.target(service)
         if endpoint is None:
             if not target.policy.balancer.endpoints:
                 raise MeshError(f"{service}: no endpoints (discovery lists none)")
             endpoint = target.policy.balancer.endpoints[0]
-        return target.pool.channel(endpoint)
+        channel = target.pool.channel(endpoint)
+        if reconnect and channel.get_state() == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+            target.pool.discard(endpoint)
+            channel = target.pool.channel(endpoint)
+        return channel
 
     def set_peer_policy(self, policy: PeerPolicy) -> None:
         """What servers' certificates must be from now on (a changed revocation list or pin set): every

@@ -22,8 +22,9 @@ SERVING = "SERVING"
 
 async def check(client: MeshClient, service: str, timeout: float = 1.0) -> str:
     """The service's overall health status name (SERVING, NOT_SERVING, ...) or UNREACHABLE.
-    Probes go around the policy stack: a service still starting must not open its breaker."""
-    channel = client.bare_channel(service)
+    Probes go around the policy stack: a service still starting must not open its breaker; and around a
+    channel left in reconnect back-off by earlier failed probes (a service that has come up answers now)."""
+    channel = client.bare_channel(service, reconnect=True)
     try:
         resp = await health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service=""), timeout=timeout)
