@@ -101,6 +101,19 @@ def test_window_uses_the_first_and_last_sample_of_each_service_inside_it() -> No
                                                           "p50_ms": None, "p95_ms": None, "p99_ms": None}
 
 
+def test_a_service_first_read_inside_the_window_counts_from_zero() -> None:
+    """Right after `meshctl up`: the first rounds could not read auth-svc (still starting); by its first read
+    it had answered calls already. Those are in the window, not in a baseline."""
+    samples = [_sample(0.0),  # auth-svc not readable yet
+               _sample(2.0, **{"auth-svc": _proc(50, 5, 0)}),
+               _sample(4.0, **{"auth-svc": _proc(50, 5, 0)})]
+    server = service_golden(window_deltas(samples, 0.0, 4.0), "auth-svc", "server")
+    assert (server["requests"], server["success_rate"]) == (50, 0.9)
+    # Read from the observer's first round on: its counts then are the baseline, as for any window.
+    seen = [_sample(0.0, **{"auth-svc": _proc(50, 5, 0)}), _sample(2.0, **{"auth-svc": _proc(50, 5, 0)})]
+    assert service_golden(window_deltas(seen, 0.0, 2.0), "auth-svc", "server")["requests"] == 0
+
+
 def test_routes_edges_and_history_from_captured_metrics() -> None:
     auth = parse_metrics((FIXTURES / "metrics_auth.txt").read_text())
     learner = parse_metrics((FIXTURES / "metrics_learner.txt").read_text())

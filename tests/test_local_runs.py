@@ -80,7 +80,8 @@ def test_traces_status_and_down_find_what_make_demo_ran(tmp_path: Path) -> None:
                    "--config", str(ROOT / "mesh.yaml"), cwd=tmp_path)
     assert demo.returncode == 0, demo.stdout + demo.stderr
     assert "meshctl traces shows more" in demo.stdout
-    traces = meshctl("traces", "--service", "learner-svc", "--last", "1", cwd=tmp_path)
+    # The last few, not the last one: the flow in flight when the demo stopped may have left part of a trace.
+    traces = meshctl("traces", "--service", "learner-svc", "--last", "5", cwd=tmp_path)
     assert traces.returncode == 0, traces.stderr
     assert "/aivo.learner.v1.LearnerService/GetProfile" in traces.stdout, traces.stdout
     status = meshctl("status", "--json", cwd=tmp_path)

@@ -94,9 +94,12 @@ def mesh_document(state: StateDir, window: float, sample: float) -> dict[str, An
 def _from_observer(info: RuntimeInfo, window: float) -> dict[str, Any] | None:
     if not info.observer:
         return None
-    url = f"http://{info.observer}/api/v1/mesh?{urllib.parse.urlencode({'window': f'{window:g}'})}"
+    # fresh=1: the observer takes a round now, so health, processes and the control plane's view are as
+    # they are (right after `meshctl up`, its last round may have been taken while the mesh started).
+    query = urllib.parse.urlencode({"window": f"{window:g}", "fresh": "1"})
+    url = f"http://{info.observer}/api/v1/mesh?{query}"
     try:
-        with urllib.request.urlopen(url, timeout=5) as resp:
+        with urllib.request.urlopen(url, timeout=15) as resp:
             doc = json.loads(resp.read())
     except (OSError, ValueError):
         return None  # starting, or stopped: sample directly

@@ -8,7 +8,7 @@ a proxyless service's admin `/clusters` (endpoints, breaker, retry budget), prob
 cumulative counters go into a ring of 15 minutes (telemetry/golden.py computes from it); health,
 processes and upstreams are the last round's.
 
-    GET  /api/v1/mesh?window=60                      the mesh document (aivo-mesh/mesh/v1)
+    GET  /api/v1/mesh?window=60[&fresh=1]            the mesh document (aivo-mesh/mesh/v1); fresh=1: sampled now
     GET  /api/v1/history?service=S[&route=R][&side=server]&window=900&step=10
     GET  /api/v1/traces?errors=1&limit=20[&trace_id=PREFIX]   recent traces, as `meshctl traces -o json`
     POST /api/v1/breakers/reset {"service": caller, "upstream": target}
@@ -168,6 +168,7 @@ class Observer:
         self.ring = SampleRing(span, interval)
         self.views: dict[str, ServiceView] = {name: ServiceView() for name in info.services}
         self.missed: dict[str, int] = {}  # health probes unanswered in a row, per service
+        self.last_began = 0.0  # when the last finished round began (what it read is at least that recent)
         self.control_plane: dict[str, Any] | None = None
         self.mode = f"observer sampling every {interval:g} s"
 
@@ -200,6 +201,7 @@ class Observer:
         """One round: every service read at once; the cumulative counts go into the ring."""
         from aivo_mesh.runtime.health import check
 
+        began = self.clock()
         records = {r.name: r for r in self.state.read_processes()}
         try:
             restarts: dict[str, int] = json.loads((self.state.root / "restarts.json").read_text())
@@ -237,6 +239,7 @@ class Observer:
                 upstreams=upstreams)
         taken = MeshSample(at=at, services=samples)
         self.ring.add(taken)
+        self.last_began = began
         return taken
 
     async def recheck(self, client: MeshClient) -> None:
@@ -438,13 +441,16 @@ class ObserverServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, self.observer.interval - (time.monotonic() - started)))
 
-    async def _fresh(self) -> None:
-        """A round now, if the last one is older than two intervals (a loaded machine, or rounds slowed by
-        services still starting): what the API answers is never much older than the interval says."""
-        if self.observer.clock() - self.observer.ring.samples()[-1].at <= 2 * self.observer.interval:
+    async def _fresh(self, now: bool = False) -> None:
+        """A round now if asked (`fresh=1`: `meshctl status` wants the mesh as it is), or if the last one is
+        older than two intervals (a loaded machine, or rounds slowed by services still starting): what the
+        API answers is never much older than the interval says."""
+        asked = self.observer.clock()
+        limit = 0.0 if now else 2 * self.observer.interval
+        if asked - self.observer.last_began <= limit:
             return
-        async with self._round:  # unless one is being taken: then its result is as fresh
-            if self.observer.clock() - self.observer.ring.samples()[-1].at > 2 * self.observer.interval:
+        async with self._round:  # a round that began after the request (while this one waited) will do
+            if self.observer.last_began < asked - limit:
                 await self.observer.sample(self.client)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -490,7 +496,7 @@ class ObserverServer:
     async def _mesh(self, request: Request) -> Response:
         if not len(self.observer.ring):  # no health nor counts yet: callers sample directly meanwhile
             raise HttpError(503, "the observer has not finished its first round yet")
-        await self._fresh()
+        await self._fresh(now=(_one(request, "fresh") or "0") not in ("0", "false", ""))
         await self.observer.recheck(self.client)
         return json_response(200, self.observer.document(_window(request, "window", DEFAULT_WINDOW,
                                                                  self.observer.ring.span)))

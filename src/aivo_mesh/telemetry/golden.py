@@ -211,13 +211,25 @@ class WindowDeltas:
 
 def window_deltas(samples: Sequence[MeshSample], start: float, end: float) -> WindowDeltas:
     """Per service, the deltas between its first and last sample with start <= at <= end (a service read
-    in fewer than two of them has none)."""
-    firsts: dict[str, tuple[float, ProcessSample]] = {}
+    in fewer than two of them has none). A service that was not readable in an earlier round and first read
+    inside the window came up meanwhile: its counts start from zero at that earlier round, so the calls it
+    answered before its first read (right after `meshctl up`) are in the window, not in a baseline."""
+    firsts: dict[str, tuple[float, ProcessSample | None]] = {}
     lasts: dict[str, tuple[float, ProcessSample]] = {}
+    absent: dict[str, float] = {}  # a service never read yet: the last round it was missing from
+    ever: set[str] = set()
+    names = {name for s in samples for name in s.services}
     for s in samples:
+        for name in names - ever:
+            if name not in s.services:
+                absent[name] = s.at
+        born = {name for name in s.services if name not in ever and name in absent}
+        ever |= set(s.services)
         if not start <= s.at <= end:
             continue
         for name, sample in s.services.items():
+            if name in born and name not in firsts:
+                firsts[name] = (max(start, absent[name]), None)  # from zero
             firsts.setdefault(name, (s.at, sample))
             lasts[name] = (s.at, sample)
     calls: dict[str, dict[CallKey, Calls]] = {}
@@ -228,9 +240,9 @@ def window_deltas(samples: Sequence[MeshSample], start: float, end: float) -> Wi
         if t1 <= t0:
             continue
         seconds[name] = t1 - t0
-        calls[name] = {k: delta(first.calls.get(k), c) for k, c in last.calls.items()}
-        limited[name] = last.rate_limited - first.rate_limited if last.rate_limited >= first.rate_limited \
-            else last.rate_limited
+        calls[name] = {k: delta(first.calls.get(k) if first else None, c) for k, c in last.calls.items()}
+        before = first.rate_limited if first else 0.0
+        limited[name] = last.rate_limited - before if last.rate_limited >= before else last.rate_limited
     return WindowDeltas(calls, limited, seconds)
 
 
