@@ -19,7 +19,6 @@ from typing import IO, TYPE_CHECKING, Any
 
 import grpc
 from binaries import require
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from aivo_mesh.runtime.supervisor import Supervisor, meshctl_argv
 
@@ -93,18 +92,11 @@ Method = Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], Awaitable[byt
 async def auth_app(methods: Mapping[str, Method], *, port: int = 0,
                    credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
     """A started gRPC server on 127.0.0.1:`port` (0: a free one) answering AuthService's `methods` (raw
-    bytes, by method name), with grpc.health.v1 reporting AuthService SERVING, as the health checks of
-    Envoy and MeshClient ask. Plaintext unless `credentials`. Returns the server and its port."""
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        AUTH_SERVICE, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}),))
-    checker = health.aio.HealthServicer()
-    await checker.set(AUTH_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    address = f"127.0.0.1:{port}"
-    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-    await server.start()
-    return server, bound
+    bytes, by method name), with grpc.health.v1 reporting AuthService SERVING: the conformance suite's app
+    (`aivo_mesh.conformance.planes.serve_app`). Plaintext unless `credentials`. The server and its port."""
+    from aivo_mesh.conformance.planes import serve_app
+
+    return await serve_app(methods, port, credentials)
 
 
 # -- Envoy ----------------------------------------------------------------------------------------------

@@ -307,18 +307,21 @@ async def until(condition: Callable[[], Awaitable[bool]], timeout: float, what: 
         raise RuntimeError(f"{what}: not within {timeout:g}s") from None
 
 
-async def serve_app(methods: Mapping[str, Callable[[bytes, Any], Awaitable[bytes]]], port: int) -> grpc.aio.Server:
-    """An app behind a sidecar: plaintext on 127.0.0.1:`port`, AuthService's `methods` as raw bytes, and
-    grpc.health.v1 SERVING, as the sidecars' health checks ask."""
+async def serve_app(methods: Mapping[str, Callable[[bytes, Any], Awaitable[bytes]]], port: int = 0,
+                    credentials: grpc.ServerCredentials | None = None) -> tuple[grpc.aio.Server, int]:
+    """auth-svc's app: AuthService's `methods` as raw bytes on 127.0.0.1:`port` (0: a free one), plaintext
+    unless `credentials` (behind a sidecar it is), and grpc.health.v1 reporting AuthService SERVING, as the
+    sidecars' and MeshClient's health checks ask. The started server and its port."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
         SERVICE, {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in methods.items()}),))
     checker = health.aio.HealthServicer()
     await checker.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    address = f"127.0.0.1:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
-    return server
+    return server, bound
 
 
 @contextlib.asynccontextmanager
@@ -370,7 +373,7 @@ async def world(plane: str, scenario: Scenario, base: Mapping[str, Any], certs: 
                 stops[name] = _stopper(server)
             else:
                 owner = mesh if other is None else other
-                app = await serve_app(script.methods(name), port=owner.service(CALLED).local_port)
+                app, _ = await serve_app(script.methods(name), port=owner.service(CALLED).local_port)
                 stops[name] = _stopper(app)
                 if other is not None:
                     admin = other.service(CALLED).sidecar.admin_port

@@ -441,17 +441,19 @@ class ObserverServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), max(0.0, self.observer.interval - (time.monotonic() - started)))
 
-    async def _fresh(self, now: bool = False) -> None:
+    async def _fresh(self, now: bool = False) -> bool:
         """A round now if asked (`fresh=1`: `meshctl status` wants the mesh as it is), or if the last one is
         older than two intervals (a loaded machine, or rounds slowed by services still starting): what the
-        API answers is never much older than the interval says."""
+        API answers is never much older than the interval says. True when the answer comes from a round
+        that began after the request."""
         asked = self.observer.clock()
         limit = 0.0 if now else 2 * self.observer.interval
         if asked - self.observer.last_began <= limit:
-            return
+            return False
         async with self._round:  # a round that began after the request (while this one waited) will do
             if self.observer.last_began < asked - limit:
                 await self.observer.sample(self.client)
+        return True
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -496,8 +498,8 @@ class ObserverServer:
     async def _mesh(self, request: Request) -> Response:
         if not len(self.observer.ring):  # no health nor counts yet: callers sample directly meanwhile
             raise HttpError(503, "the observer has not finished its first round yet")
-        await self._fresh(now=(_one(request, "fresh") or "0") not in ("0", "false", ""))
-        await self.observer.recheck(self.client)
+        if not await self._fresh(now=(_one(request, "fresh") or "0") not in ("0", "false", "")):
+            await self.observer.recheck(self.client)  # a round just taken probed every service already
         return json_response(200, self.observer.document(_window(request, "window", DEFAULT_WINDOW,
                                                                  self.observer.ring.span)))
 
