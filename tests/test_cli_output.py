@@ -247,3 +247,40 @@ def test_render_output_dir_dash_refuses_check_and_several_targets(capsys: pytest
     assert code == 2 and "--output-dir - writes to stdout" in err
     code, _, err = _run(capsys, "render", "all", "--config", MESH_FILE, "--output-dir", "-")
     assert code == 2 and "single target" in err
+
+
+@pytest.mark.parametrize("command", [("status",), ("edges",), ("routes", "auth-svc")])
+def test_watch_prints_one_document_per_refresh_until_interrupted(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """`--watch -o json`: a new document every `--refresh` seconds, until Ctrl-C (SIGINT), then the exit code
+    of the last one. No mesh runs from the state dir: each document says so, in the command's one schema."""
+    import signal
+    import subprocess
+
+    from helpers import checkout_env
+
+    from aivo_mesh.runtime.supervisor import meshctl_argv
+
+    proc = subprocess.Popen(
+        meshctl_argv(*command, "--watch", "--refresh", "0.5", "-o", "json", "--state-dir", str(tmp_path / "none")),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=checkout_env())
+    assert proc.stdout is not None
+    seen = 0
+    deadline = time.monotonic() + 60
+    text = ""
+    while seen < 3 and time.monotonic() < deadline:  # each document ends with a "}" alone on its line
+        line = proc.stdout.readline()
+        if not line:
+            break
+        text += line
+        seen += line == "}\n"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert seen == 3, text + out + err
+    assert proc.returncode == 0, err
+    decoder, pos, docs = json.JSONDecoder(), 0, []
+    while pos < len(text.rstrip()):
+        doc, pos = decoder.raw_decode(text, pos)
+        docs.append(doc)
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+    assert len(docs) == 3 and len({json.dumps(sorted(d)) for d in docs}) == 1  # one schema, every refresh
