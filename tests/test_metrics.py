@@ -15,7 +15,7 @@ from waiting import until
 
 from aivo_mesh.policy.core import LocalReason, monotonic
 from aivo_mesh.policy.events import ServerCall
-from aivo_mesh.server.interceptors import MeshServerInterceptor
+from aivo_mesh.server.interceptors import GuardedServer, MeshServerInterceptor
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 from aivo_mesh.telemetry.metrics import (
     DURATION_BUCKETS,
@@ -330,13 +330,18 @@ class Auth(auth_pb2_grpc.AuthServiceServicer):
         return auth_pb2.ValidateTokenResponse(valid=True, subject="Ada")
 
 
-async def test_server_observer_behind_a_real_grpc_server() -> None:
+@pytest.mark.parametrize("attach", ["registered", "interceptor"])
+async def test_server_observer_behind_a_real_grpc_server(attach: str) -> None:
+    """The guard in front of handlers as MeshServer attaches it (at registration: GuardedServer), and as
+    the first interceptor (what MeshServer does when given interceptors of the caller's own)."""
     metrics = MeshMetrics()
     guard = MeshServerInterceptor(None, service="auth-svc", require_tls=False,
                                   observers=[ServerMetricsObserver(metrics)])
-    server = grpc.aio.server(interceptors=[guard])
+    server = GuardedServer(guard, options=()) if attach == "registered" else grpc.aio.server(interceptors=[guard])
     auth = Auth()
     auth_pb2_grpc.add_AuthServiceServicer_to_server(auth, server)
+    if isinstance(server, GuardedServer):
+        server.guard_unknown_methods()
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -134,6 +134,63 @@ async def test_an_allowed_method_is_matched_exactly(auth_mesh, mesh_certs):
         await server.stop(0)
 
 
+class RecordingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """An interceptor of the service's own: notes each call its behaviour sees."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        inner = handler.unary_unary
+
+        async def behaviour(request, context):
+            self.seen.append(details.method)
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(behaviour, handler.request_deserializer,
+                                                   handler.response_serializer)
+
+
+async def test_interceptors_of_the_service_run_behind_the_guard(auth_mesh, mesh_certs):
+    """MeshServer(interceptors=...) keeps the guard first: a refused call never reaches them."""
+    recording = RecordingInterceptor()
+    server = MeshServer.for_service(auth_mesh, "auth-svc", mesh_certs, interceptors=[recording])
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(EchoAuth(), server.grpc_server)
+    await server.start()
+    try:
+        async with _client(auth_mesh, mesh_certs, "learner-svc") as client:
+            stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+            assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))).valid
+            with pytest.raises(grpc.aio.AioRpcError) as exc:
+                await stub.Authenticate(auth_pb2.AuthenticateRequest(learner_id="l", password="x" * 8))
+        assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # The client's health check, the allowed call; never the refused one.
+        assert [m for m in recording.seen if "AuthService" in m] == ["/aivo.auth.v1.AuthService/ValidateToken"]
+    finally:
+        await server.stop(0)
+
+
+async def test_each_method_is_guarded_once_not_per_call(auth_server, auth_mesh, mesh_certs):
+    """The guard wraps a method's handler once (grpc.aio would rebuild it per call behind an interceptor);
+    authorizer and faults are still read per call, so a changed allow-list applies to the next call."""
+    guard = auth_server.guard
+    async with _client(auth_mesh, mesh_certs, "learner-svc") as client:
+        stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+        for _ in range(3):
+            assert (await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))).valid
+        wrapped = {m for m, _ in guard._guarded}
+        assert "/aivo.auth.v1.AuthService/ValidateToken" in wrapped
+        assert len(guard._guarded) == len(wrapped)  # one wrapping per method, however many calls
+        text = (ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {auth_server.port}")
+        text = text.replace("- from: [learner-svc, analytics-svc]", "- from: [analytics-svc]", 1)
+        closed = parse_mesh(text, "mesh.yaml")
+        assert auth_server.update_authorizer(closed)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await stub.ValidateToken(auth_pb2.ValidateTokenRequest(token="x"))
+    assert exc.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 async def test_whole_service_allow_rule_admits_every_method(mesh_certs):
     """`methods: [pkg.Service]` (docs/config.md) is the prefix `/pkg.Service/`: learner-svc, allowed only
     ValidateToken by mesh.yaml, may call Authenticate under it."""

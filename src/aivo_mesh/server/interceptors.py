@@ -1,7 +1,10 @@
-"""Server adapter: one grpc.aio ServerInterceptor that guards and observes every handler.
+"""Server adapter: one guard that checks and observes every handler of a grpc.aio server.
 
-grpc.aio server interceptors get no ServicerContext, so we wrap the RpcMethodHandler's behaviour
-(the only place `auth_context()` is reachable) for the four arities. Per call it:
+The guard wraps each RpcMethodHandler's behaviour (the only place `auth_context()` is reachable) for
+the four arities, once per method. `GuardedServer` wraps handlers as they are registered, so a call
+pays for no interceptor: grpc.aio runs interceptors per call, as a coroutine each, and every wrapping
+again (about 10 us of Python per call). With interceptors of the user's own, the guard is the first
+interceptor instead (`MeshServerInterceptor`), so it still runs before theirs. Per call it:
 1. rejects any TLS version but 1.3 (belt and braces: aivo_mesh.tls already refuses 1.2 at the handshake);
 2. checks the client certificate against the mesh's peer policy (pki/peer.py), takes the caller's
    identity from it and checks the allow-list;
@@ -21,11 +24,12 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextvars import ContextVar
 from typing import Any
 
 import grpc
+from grpc.aio._server import Server as _AioServer  # grpc.aio.server() builds this class; no public name
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.policy.backoff import PUSHBACK_HEADER
@@ -103,6 +107,8 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.faults: FaultInjector | None = None
         # Told of every fault before it is applied (method, fault): MeshServer counts them.
         self.on_fault: Callable[[str, Fault], None] | None = None
+        # (method, id(handler)) -> (handler, its guarded handler): the wrapping is the same for every call.
+        self._guarded: dict[tuple[str, int], tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     def set_authorizer(self, authorizer: Authorizer) -> None:
         """Decide calls admitted from now on by `authorizer` (calls in flight were admitted already).
@@ -166,7 +172,82 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         method = handler_call_details.method
         if isinstance(method, bytes):
             method = method.decode()
-        return _wrap(handler, _Guard(self, method))
+        return self.guarded(method, handler)
+
+    def guarded(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        """`handler` behind this guard; made once per method and handler (checks and observers are read
+        per call, so a changed authorizer or fault set applies to the next call all the same)."""
+        key = (method, id(handler))
+        hit = self._guarded.get(key)
+        if hit is not None and hit[0] is handler:  # the same object, not one that reused a freed id
+            return hit[1]
+        wrapped = _wrap(handler, _Guard(self, method))
+        if len(self._guarded) < 4096:  # bounded: a generic handler may make a new handler per call
+            self._guarded[key] = (handler, wrapped)
+        return wrapped
+
+
+class _GuardedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """A generic handler whose handlers answer behind the guard."""
+
+    def __init__(self, inner: grpc.GenericRpcHandler, guard: MeshServerInterceptor) -> None:
+        self._inner = inner
+        self._guard = guard
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        handler = self._inner.service(handler_call_details)
+        if handler is None:
+            return None
+        return self._guard.guarded(handler_call_details.method, handler)
+
+
+class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Handlers of registered methods, by full method name, already guarded."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return self.handlers.get(handler_call_details.method)
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """The last handler: a method nobody registered, answered UNIMPLEMENTED where observers see it."""
+
+    def __init__(self, guard: MeshServerInterceptor) -> None:
+        self._guard = guard
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        return _unimplemented(self._guard) if self._guard.observers else None
+
+
+class GuardedServer(_AioServer):  # type: ignore[misc]
+    """A grpc.aio server whose every handler is registered behind `guard`: generated
+    `add_*Servicer_to_server` functions, reflection and health register through these two methods.
+    `guard_unknown_methods()` (before start) puts the guard in front of methods nobody registered.
+
+    Methods registered by name are served from one table in front of the generic handlers (the same
+    precedence grpc gives them), not registered with grpc core: grpc.aio keeps a pending request per
+    registered method and waits on all of them for every call, so each one a server registers (health
+    has two) costs every call of every method a little."""
+
+    def __init__(self, guard: MeshServerInterceptor, *, options: Sequence[tuple[str, object]]) -> None:
+        super().__init__(None, (), (), tuple(options), None, None)
+        self.guard = guard
+        self._table = _MethodTable()
+        super().add_generic_rpc_handlers([self._table])
+
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler]) -> None:
+        super().add_generic_rpc_handlers([_GuardedGenericHandler(h, self.guard) for h in generic_rpc_handlers])
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+        for name, handler in method_handlers.items():
+            method = f"/{service_name}/{name}"
+            self._table.handlers[method] = self.guard.guarded(method, handler)
+
+    def guard_unknown_methods(self) -> None:
+        super().add_generic_rpc_handlers([_UnknownMethods(self.guard)])
 
 
 class _Guard:

@@ -46,7 +46,7 @@ from aivo_mesh.policy.fault import Fault, FaultInjector
 from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, current_capture, peer_address
 from aivo_mesh.server.authz import Authorizer, Rule, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
-from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, MeshServerInterceptor
+from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, GuardedServer, MeshServerInterceptor
 from aivo_mesh.server.ratelimit import InboundRateLimits
 from aivo_mesh.tls import warn_if_not_enforced
 
@@ -123,17 +123,19 @@ class MeshServer:
         self._first_refusal = PeerOnce()
         if self.on_refused is not None:
             self.guard.on_denied = self._denied
-        self.grpc_server = grpc.aio.server(
-            interceptors=[self.guard, *interceptors],
-            options=[
-                ("grpc.max_connection_age_ms", max_connection_age_ms),
-                ("grpc.max_connection_age_grace_ms", max_connection_age_grace_ms),
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-                ("grpc.so_reuseport", 0),
-                *options,
-            ],
-        )
+        server_options = [
+            ("grpc.max_connection_age_ms", max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", max_connection_age_grace_ms),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.so_reuseport", 0),
+            *options,
+        ]
+        # The guard wraps handlers as they are registered (no interceptor per call); with interceptors of
+        # the caller's own it is the first interceptor, so it runs before theirs.
+        self.grpc_server: grpc.aio.Server = (
+            grpc.aio.server(interceptors=[self.guard, *interceptors], options=server_options) if interceptors
+            else GuardedServer(self.guard, options=server_options))
         self.health = HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         self._service_names: list[str] = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
@@ -228,6 +230,8 @@ class MeshServer:
         self.bound_port = int(bound)
         reflection.enable_server_reflection(
             [*self._service_names, reflection.SERVICE_NAME], self.grpc_server)
+        if isinstance(self.grpc_server, GuardedServer):
+            self.grpc_server.guard_unknown_methods()  # the last generic handler: after reflection's
         await self.grpc_server.start()
         self._started = True
         for name in ["", *self._service_names]:
