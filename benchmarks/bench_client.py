@@ -50,6 +50,7 @@ from typing import Any
 import grpc
 
 from aivo_mesh import run
+from aivo_mesh.benchfigures import ratio
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import load_mesh
 from aivo_mesh.config.resolve import route_policies
@@ -382,7 +383,20 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "cpu_ratio_quartiles": quartiles(cpu_ratios),
             "errors": sum(r["errors"] for r in reps),
         }
+        if (what := CLIENT_FIGURES.get(name)) is not None:
+            label, target = what
+            where = f"c={args.concurrency}, client and server on {args.loop}"
+            summary.setdefault("figures", []).extend([
+                ratio("client", f"{label} / raw grpc.aio, requests/s, {where}", ratios, target=target).to_dict(),
+                ratio("client", f"{label}: raw grpc.aio's CPU per request / its own, {where}", cpu_ratios).to_dict()])
     return summary
+
+
+# The cases `meshctl bench client` reports, and their targets (requests/s over raw's in the same round).
+CLIENT_FIGURES: dict[str, tuple[str, float | None]] = {
+    "mesh": ("the stub path (MeshClient.get_channel + stub)", 0.95),
+    "traced": ("the stub path, traced", 0.85),
+}
 
 
 def main() -> None:

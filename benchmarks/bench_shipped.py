@@ -35,6 +35,7 @@ from bench_client import SERVER, die_with_parent, quartiles, run_case, write_res
 from loadmeter import LoadMeter, quiet_rounds
 
 import aivo_mesh
+from aivo_mesh.benchfigures import ratio
 from aivo_mesh.eventloop import LoopChoice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,7 +176,19 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "p50_ms_median": statistics.median(rnd[case]["p50_ms"] for rnd in rounds),
             "errors": sum(rnd[case]["errors"] for rnd in rounds),
         }
+    where = f"c={args.concurrency}"
+    for case, label, target in (("shipped", "MeshClient + MeshServer as shipped", 1.05),
+                                ("asyncio", "MeshClient + MeshServer on asyncio's loop", None)):
+        summary.setdefault("figures", []).extend([
+            ratio("client", f"{label} / plain grpc.aio client and server, requests/s, {where}",
+                  [rnd[case]["rps"] / rnd["plain"]["rps"] for rnd in rounds], target=target).to_dict(),
+            ratio("client", f"{label}: plain grpc.aio's CPU per request / its own (client + server), {where}",
+                  [_cpu(rnd["plain"]) / _cpu(rnd[case]) for rnd in rounds]).to_dict()])
     return summary
+
+
+def _cpu(window: dict[str, Any]) -> float:
+    return float(window["cpu_us"]["client"] + window["cpu_us"]["server"])
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from aivo_mesh.cli import xds_cmd as _xds  # noqa: F401  isort: skip
 from aivo_mesh.cli import observe as _observe  # noqa: F401  isort: skip
 from aivo_mesh.cli import dashboard_cmd as _dashboard  # noqa: F401  isort: skip
 from aivo_mesh.cli import conformance_cmd as _conformance  # noqa: F401  isort: skip
+from aivo_mesh.cli import bench as _bench  # noqa: F401  isort: skip
 
 EXIT_USAGE = 2  # bad input (config, flags, certificates, a port in use, a bad state file): the user must act
 
