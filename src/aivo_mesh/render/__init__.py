@@ -56,11 +56,8 @@ def serialize(path: str, doc: Document, writer: YamlWriter | None = None) -> str
         return json.dumps(doc, indent=2, sort_keys=False) + "\n"
     if path.endswith((".yaml", ".yml")):
         writer = writer or YamlWriter(literal_blocks=True)
-        if isinstance(doc, list):  # a multi-document stream (Kubernetes manifests)
-            body = "---\n".join(writer.dump(d) for d in doc)
-        else:
-            body = writer.dump(doc)
-        return f"# {HEADER}\n{body}"
+        docs = doc if isinstance(doc, list) else [doc]  # a list: a multi-document stream (Kubernetes manifests)
+        return f"# {HEADER}\n" + "---\n".join(writer.dump(d) for d in docs)
     raise ValueError(f"{path}: cannot serialize {type(doc).__name__}")
 
 
@@ -69,4 +66,7 @@ def render_target(name: str, mesh: MeshSpec) -> dict[str, str]:
     with paused_gc():  # every file of a target, as data and as text: a large mesh makes a large heap
         docs = TARGETS[name].renderer()(mesh)
         writer = YamlWriter(literal_blocks=True)
-        return {p: serialize(p, docs[p], writer) for p in sorted(docs)}
+        files = {p: serialize(p, docs[p], writer) for p in sorted(docs)}
+        # Freed before the collector is back: its first pass walks every container made while it was off.
+        del docs
+    return files

@@ -40,11 +40,20 @@ QUOTE = "'"
 _STR_TAG = "tag:yaml.org,2002:str"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _RESOLVER = yaml.resolver.Resolver()
+
+
+def _resolves_to_str(s: str) -> bool:
+    """The tag PyYAML's serializer gives a plain scalar `s` is str's: it may be written plain."""
+    tag: str = _RESOLVER.resolve(yaml.ScalarNode, s, (True, False))  # type: ignore[no-untyped-call]
+    return tag == _STR_TAG
 _ONE_LINE = re.compile(r"[\x20-\x7e]*\Z")
 _LINES = re.compile(r"[\x20-\x7e\n]*\Z")
 # What keeps a one-line string from being written plain in block context (libyaml's analyze_scalar):
-# a document marker, an indicator first, `: ` or a final `:`, ` #`, a space first or last.
-_NOT_PLAIN = re.compile(r"---|\.\.\.|[#,\[\]{}&*!|>'\"%@`]|[?:-](?: |\Z)| |.*(?:: |:\Z| #| \Z)")
+# a document marker, an indicator or a space first; anywhere `: ` or ` #`; a final `:` or space.
+_NOT_PLAIN_START = re.compile(r"---|\.\.\.|[#,\[\]{}&*!|>'\"%@` ]|[?:-](?: |\Z)")
+# The first characters of the strings the resolver may read as something else ("yes", "1.0", "~"...).
+_IMPLICIT_FIRST = frozenset(c for c in yaml.resolver.Resolver.yaml_implicit_resolvers if c is not None)
+_WILDCARD = None in yaml.resolver.Resolver.yaml_implicit_resolvers
 
 
 class _Unsupported(Exception):
@@ -53,9 +62,9 @@ class _Unsupported(Exception):
 
 def _inline(s: str) -> str:
     """A one-line string of printable ASCII as a scalar: plain where libyaml writes it plain, else quoted."""
-    if s and not _NOT_PLAIN.match(s) and _RESOLVER.resolve(yaml.ScalarNode, s, (True, False)) == _STR_TAG:
-        return s
-    return "'" + s.replace("'", "''") + "'"
+    plain = (s and not _NOT_PLAIN_START.match(s) and ": " not in s and " #" not in s and s[-1] not in ": "
+             and not ((_WILDCARD or s[0] in _IMPLICIT_FIRST) and not _resolves_to_str(s)))
+    return s if plain else "'" + s.replace("'", "''") + "'"
 
 
 def _float(v: float) -> str:
@@ -67,7 +76,8 @@ def _float(v: float) -> str:
     text = repr(v).lower()
     if "." not in text and "e" in text:
         text = text.replace("e", ".0e", 1)
-    if _RESOLVER.resolve(yaml.ScalarNode, text, (True, False)) != _FLOAT_TAG:
+    tag: str = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
+    if tag != _FLOAT_TAG:
         raise _Unsupported(text)
     return text
 
@@ -88,12 +98,14 @@ class YamlWriter:
         self._keys: dict[str, str] = {}  # key -> "key:"
         self._pads = [""]
         self._seen: set[int] = set()
+        self.fallbacks = 0  # documents written by PyYAML (what tests and benchmarks watch)
 
     def dump(self, doc: Any) -> str:
         """The text of one document."""
         try:
             return self._document(doc)
         except _Unsupported:
+            self.fallbacks += 1
             if self._literal_blocks:
                 text: str = yaml.dump(doc, Dumper=_LiteralDumper, sort_keys=False, width=self._width)
             else:
@@ -119,18 +131,12 @@ class YamlWriter:
             raise _Unsupported(t.__name__)
         return "".join(out)
 
-    def _pad(self, indent: int) -> str:
+    def _pads_to(self, indent: int) -> list[str]:
+        """Indentation strings, at least up to `indent`."""
         pads = self._pads
         while len(pads) <= indent:
             pads.append(" " * len(pads))
-        return pads[indent]
-
-    def _container(self, v: dict[Any, Any] | list[Any]) -> None:
-        """PyYAML writes an object met twice in a document as an anchor and an alias."""
-        i = id(v)
-        if i in self._seen:
-            raise _Unsupported("alias")
-        self._seen.add(i)
+        return pads
 
     def _key(self, k: Any) -> str:
         """A simple key and its colon."""
@@ -156,11 +162,18 @@ class YamlWriter:
             return _float(v)
         raise _Unsupported(t.__name__)
 
+    # The two loops below are most of a target's serializing: what they look up is held in locals, and
+    # PyYAML's check for an object met twice (an alias) is one set lookup per container.
+
     def _mapping(self, d: dict[Any, Any], indent: int, first: str, out: list[str]) -> None:
         """A non-empty mapping at `indent`; `first`: what its first line starts with."""
-        keys, values, width = self._keys, self._values, self._width
-        pad = self._pad(indent)
+        keys, values, seen, pads = self._keys, self._values, self._seen, self._pads
         deeper = indent + 2
+        if len(pads) <= deeper:
+            self._pads_to(deeper)
+        pad = pads[indent]
+        room = self._width - indent  # a key and a string that fit are never folded
+        append = out.append
         pre = first
         for k, v in d.items():
             kt = keys.get(k) if type(k) is str else None
@@ -169,59 +182,64 @@ class YamlWriter:
             t = type(v)
             if t is str:
                 st = values.get(v)
-                # Folding starts only past `width`: a line that ends before it is written as is.
-                if st is not None and indent + len(kt) + len(st) <= width:
-                    out.append(f"{pre}{kt} {st}\n")
+                if st is not None and len(kt) + len(st) <= room:
+                    append(f"{pre}{kt} {st}\n")
                 else:
                     self._string(v, pre + kt, deeper, out)
             elif t is dict:
-                self._container(v)
+                if id(v) in seen:
+                    raise _Unsupported("alias")
+                seen.add(id(v))
                 if v:
-                    out.append(f"{pre}{kt}\n")
-                    self._mapping(v, deeper, self._pad(deeper), out)
+                    append(f"{pre}{kt}\n")
+                    self._mapping(v, deeper, pads[deeper], out)
                 else:
-                    out.append(f"{pre}{kt} {{}}\n")
+                    append(f"{pre}{kt} {{}}\n")
             elif t is list:
-                self._container(v)
+                if id(v) in seen:
+                    raise _Unsupported("alias")
+                seen.add(id(v))
                 if v:  # a sequence in a mapping is not indented (PyYAML's "indentless" sequence)
-                    out.append(f"{pre}{kt}\n")
+                    append(f"{pre}{kt}\n")
                     self._sequence(v, indent, pad, out)
                 else:
-                    out.append(f"{pre}{kt} []\n")
+                    append(f"{pre}{kt} []\n")
             elif t is int:
-                out.append(f"{pre}{kt} {v}\n")
+                append(f"{pre}{kt} {v}\n")
             else:
-                out.append(f"{pre}{kt} {self._scalar(v)}\n")
+                append(f"{pre}{kt} {self._scalar(v)}\n")
             pre = pad
 
     def _sequence(self, seq: list[Any], indent: int, first: str, out: list[str]) -> None:
         """A non-empty sequence whose dashes are at `indent`; `first`: what its first line starts with."""
-        values, width = self._values, self._width
-        pad = self._pad(indent)
+        values, seen, pads = self._values, self._seen, self._pads
         deeper = indent + 2
+        if len(pads) <= deeper:
+            self._pads_to(deeper)
+        pad = pads[indent]
+        room = self._width - indent - 1
+        append = out.append
         pre = first
         for v in seq:
             t = type(v)
             if t is str:
                 st = values.get(v)
-                if st is not None and indent + len(st) < width:
-                    out.append(f"{pre}- {st}\n")
+                if st is not None and len(st) <= room:
+                    append(f"{pre}- {st}\n")
                 else:
                     self._string(v, pre + "-", deeper, out)
-            elif t is dict:
-                self._container(v)
-                if v:
+            elif t is dict or t is list:
+                if id(v) in seen:
+                    raise _Unsupported("alias")
+                seen.add(id(v))
+                if not v:
+                    append(f"{pre}- {{}}\n" if t is dict else f"{pre}- []\n")
+                elif t is dict:
                     self._mapping(v, deeper, pre + "- ", out)
                 else:
-                    out.append(f"{pre}- {{}}\n")
-            elif t is list:
-                self._container(v)
-                if v:
                     self._sequence(v, deeper, pre + "- ", out)
-                else:
-                    out.append(f"{pre}- []\n")
             else:
-                out.append(f"{pre}- {self._scalar(v)}\n")
+                append(f"{pre}- {self._scalar(v)}\n")
             pre = pad
 
     def _string(self, s: str, line: str, indent: int, out: list[str]) -> None:
@@ -242,30 +260,29 @@ class YamlWriter:
             out.append(f"{line} {self._folded(s, text[0] == QUOTE, column, indent)}\n")
 
     def _folded(self, s: str, quoted: bool, column: int, indent: int) -> str:
-        """A one-line scalar starting at `column`, broken at single spaces past the width as libyaml's
-        write_plain_scalar / write_single_quoted_scalar break it."""
+        """A one-line scalar starting at `column`, broken as libyaml's write_plain_scalar and
+        write_single_quoted_scalar break it: at a single space (not a run of them; for a quoted one, not
+        first or last) met past the width, the line going on at `indent`."""
         width, n = self._width, len(s)
         parts = ["'"] if quoted else []
-        col = column + 1 if quoted else column
-        spaces = False
-        for i, ch in enumerate(s):
-            if ch == " ":
-                nxt = s[i + 1] if i + 1 < n else ""
-                if not spaces and col > width and nxt != " " and (not quoted or 0 < i < n - 1):
-                    parts.append("\n" + self._pad(indent))
-                    col = indent
-                else:
-                    parts.append(ch)
-                    col += 1
-                spaces = True
+        col = column + 1 if quoted else column  # the column of s[start]
+        start = 0
+        pos = s.find(" ")
+        while pos != -1:
+            written = s[start:pos]
+            if quoted:
+                written = written.replace("'", "''")
+            at = col + len(written)  # the column this space would be written at
+            if (at > width and s[pos - 1:pos] != " " and s[pos + 1:pos + 2] != " "
+                    and (not quoted or 0 < pos < n - 1)):
+                parts += (written, "\n", self._pads_to(indent)[indent])
+                col = indent
             else:
-                if quoted and ch == "'":
-                    parts.append("''")
-                    col += 2
-                else:
-                    parts.append(ch)
-                    col += 1
-                spaces = False
+                parts += (written, " ")
+                col = at + 1
+            start = pos + 1
+            pos = s.find(" ", start)
+        parts.append(s[start:].replace("'", "''") if quoted else s[start:])
         if quoted:
             parts.append("'")
         return "".join(parts)
@@ -278,7 +295,7 @@ class YamlWriter:
                 or s == "\n":
             raise _Unsupported("multi-line string")
         header = "|" + ("2" if s[0] in " \n" else "") + ("" if s.endswith("\n") else "-")
-        pad = self._pad(indent)
+        pad = self._pads_to(indent)[indent]
         body = s[:-1] if s.endswith("\n") else s
         out.append(f"{line} {header}\n")
         out.append("".join(f"{pad}{ln}\n" if ln else "\n" for ln in body.split("\n")))
