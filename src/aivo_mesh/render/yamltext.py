@@ -172,7 +172,7 @@ class YamlWriter:
         if len(pads) <= deeper:
             self._pads_to(deeper)
         pad = pads[indent]
-        room = self._width - indent  # a key and a string that fit are never folded
+        room = self._width - indent  # a key and a string that fit are never folded, nor one without spaces
         append = out.append
         pre = first
         for k, v in d.items():
@@ -182,7 +182,7 @@ class YamlWriter:
             t = type(v)
             if t is str:
                 st = values.get(v)
-                if st is not None and len(kt) + len(st) <= room:
+                if st is not None and (len(kt) + len(st) <= room or " " not in st):
                     append(f"{pre}{kt} {st}\n")
                 else:
                     self._string(v, pre + kt, deeper, out)
@@ -224,7 +224,7 @@ class YamlWriter:
             t = type(v)
             if t is str:
                 st = values.get(v)
-                if st is not None and len(st) <= room:
+                if st is not None and (len(st) <= room or " " not in st):
                     append(f"{pre}- {st}\n")
                 else:
                     self._string(v, pre + "-", deeper, out)
