@@ -36,16 +36,10 @@ def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
 
 _LiteralDumper.add_representer(str, _str)
 
-QUOTE = "'"
+_QUOTE = "'"
 _STR_TAG = "tag:yaml.org,2002:str"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _RESOLVER = yaml.resolver.Resolver()
-
-
-def _resolves_to_str(s: str) -> bool:
-    """The tag PyYAML's serializer gives a plain scalar `s` is str's: it may be written plain."""
-    tag: str = _RESOLVER.resolve(yaml.ScalarNode, s, (True, False))  # type: ignore[no-untyped-call]
-    return tag == _STR_TAG
 _ONE_LINE = re.compile(r"[\x20-\x7e]*\Z")
 _LINES = re.compile(r"[\x20-\x7e\n]*\Z")
 # What keeps a one-line string from being written plain in block context (libyaml's analyze_scalar):
@@ -56,14 +50,20 @@ _IMPLICIT_FIRST = frozenset(c for c in yaml.resolver.Resolver.yaml_implicit_reso
 _WILDCARD = None in yaml.resolver.Resolver.yaml_implicit_resolvers
 
 
+def _resolved(s: str) -> str:
+    """The tag PyYAML's serializer gives `s` written plain (str's, unless it reads as a number, "yes"...)."""
+    tag: str = _RESOLVER.resolve(yaml.ScalarNode, s, (True, False))  # type: ignore[no-untyped-call]
+    return tag
+
+
 class _Unsupported(Exception):
     """Data this writer does not take on: the document goes to PyYAML."""
 
 
 def _inline(s: str) -> str:
     """A one-line string of printable ASCII as a scalar: plain where libyaml writes it plain, else quoted."""
-    plain = (s and not _NOT_PLAIN_START.match(s) and ": " not in s and " #" not in s and s[-1] not in ": "
-             and not ((_WILDCARD or s[0] in _IMPLICIT_FIRST) and not _resolves_to_str(s)))
+    plain = (bool(s) and not _NOT_PLAIN_START.match(s) and ": " not in s and " #" not in s and s[-1] not in ": "
+             and not ((_WILDCARD or s[0] in _IMPLICIT_FIRST) and _resolved(s) != _STR_TAG))
     return s if plain else "'" + s.replace("'", "''") + "'"
 
 
@@ -76,8 +76,7 @@ def _float(v: float) -> str:
     text = repr(v).lower()
     if "." not in text and "e" in text:
         text = text.replace("e", ".0e", 1)
-    tag: str = _RESOLVER.resolve(yaml.ScalarNode, text, (True, False))  # type: ignore[no-untyped-call]
-    if tag != _FLOAT_TAG:
+    if _resolved(text) != _FLOAT_TAG:
         raise _Unsupported(text)
     return text
 
@@ -257,7 +256,7 @@ class YamlWriter:
         if column + len(text) <= self._width + 1 or " " not in text:
             out.append(f"{line} {text}\n")
         else:
-            out.append(f"{line} {self._folded(s, text[0] == QUOTE, column, indent)}\n")
+            out.append(f"{line} {self._folded(s, text[0] == _QUOTE, column, indent)}\n")
 
     def _folded(self, s: str, quoted: bool, column: int, indent: int) -> str:
         """A one-line scalar starting at `column`, broken as libyaml's write_plain_scalar and
