@@ -19,8 +19,8 @@ is reused):
                        checked), each published to a SnapshotCache; every sidecar with the profile `meshctl
                        up` gives it (its SDS folder, its sockets, spans to the collector), trusting a CA
                        bundle and one SPKI pin per identity; no discovery (mesh.yaml's addresses)
-    render envoy       render.render_target("envoy"): every sidecar's pod bootstrap and SDS files, as text
-    render prometheus  render.render_target("prometheus"): scrape config, rules and their tests, as text
+    render TARGET      render.render_target(TARGET), for every target (envoy, linkerd, consul, compose,
+                       prometheus, grafana): its files, as text
     proxyless          (a tree with xds/proxyless.py) the snapshots of every service's gRPC processes, which
                        the control plane cuts from the sidecars' snapshots after building them, published
 
@@ -28,21 +28,22 @@ Each case reports wall seconds and the process's CPU seconds (time.process_time)
 during it (cores busy with other processes, benchmarks/loadmeter.py): the machine is shared, and CPU time
 moves less than wall time when it is busy.
 
-At the largest size, also: the `meshctl render envoy` and `meshctl render prometheus` commands (a new
-Python process writing every file into an empty directory; wall time), and the peak RSS (VmHWM) of a
+At the largest size, also: the `meshctl render TARGET` command of every target (a new Python process
+writing every file into an empty directory; wall time), and the peak RSS (VmHWM) of a
 process that loads the mesh and builds and keeps every sidecar's snapshot (then the proxyless ones), as
 the control plane does.
 
-Prints medians over rounds, the median of per-round ratios (this tree / the baseline) and each case's
-cost per service at the largest size over the smallest (1.0: linear in services). Writes
-benchmarks/results/control_plane.json. No assertions (target: every snapshot of 1000 services in at most
-1 s).
+Prints medians and interquartile ranges over rounds, the median of per-round ratios (this tree / the
+baseline) and each case's cost per service at the largest size over the smallest (1.0: linear in
+services). Writes benchmarks/results/control_plane.json. No assertions (targets: every snapshot of 1000
+services in at most 1 s; so is every target's render).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import hashlib
 import json
 import os
@@ -66,8 +67,10 @@ from loadmeter import LoadMeter
 # measuring processes hold only what they measure.
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("load_mesh", "snapshot build", "render envoy", "render prometheus", "proxyless")
-COMMANDS = ("envoy", "prometheus")  # `meshctl render TARGET`, at the largest size
+# The render targets, as aivo_mesh.render.TARGETS names them (not imported here: the parent runs either tree).
+TARGETS = ("envoy", "linkerd", "consul", "compose", "prometheus", "grafana")
+CASES = ("load_mesh", "snapshot build", *(f"render {t}" for t in TARGETS), "proxyless")
+COMMANDS = TARGETS  # `meshctl render TARGET`, at the largest size
 WARMUP_SERVICES = 10
 CA_PEM = b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(bytes(range(256)) * 4) + b"-----END CERTIFICATE-----\n"
 
@@ -142,9 +145,15 @@ def _proxyless(build: Callable[[Any], Any]) -> Callable[[Any], Any] | None:
     return cut
 
 
+def _render(target: str, mesh: Any) -> dict[str, str]:
+    from aivo_mesh.render import render_target
+
+    files: dict[str, str] = render_target(target, mesh)
+    return files
+
+
 def child_timings(mesh_file: Path, warmup_file: Path, round_index: int) -> dict[str, dict[str, float]]:
     """{case: {wall_s, cpu_s, foreign_cores}} for one round."""
-    from aivo_mesh.render import render_target
     from aivo_mesh.xds.resources import _types
 
     _types()  # the Envoy message types, once per process (the control plane loads them at start)
@@ -152,9 +161,8 @@ def child_timings(mesh_file: Path, warmup_file: Path, round_index: int) -> dict[
 
     def setup(path: Path) -> Callable[[], Any]:
         load, build = _control_plane(path)
-        cases.update({"load_mesh": lambda _: load(), "snapshot build": build,
-                      "render envoy": lambda m: render_target("envoy", m),
-                      "render prometheus": lambda m: render_target("prometheus", m)})
+        cases.update({"load_mesh": lambda _: load(), "snapshot build": build})
+        cases.update({f"render {t}": functools.partial(_render, t) for t in TARGETS})
         if (cut := _proxyless(build)) is not None:
             cases["proxyless"] = cut
         return load
@@ -272,13 +280,18 @@ def summarize(sizes: list[int], trees: list[str], timings: dict[str, dict[int, l
     return out
 
 
+def _cell(case: dict[str, Any]) -> str:
+    cpu = case["cpu_s"]
+    return (f"{case['wall_s']['median']:7.3f} ({cpu['median']:6.3f}, {cpu['iqr'][0]:.3f}-{cpu['iqr'][1]:.3f}) "
+            f"[{case['foreign_cores_max']:.2f}]")
+
+
 def _print(summary: dict[str, Any], sizes: list[int], trees: list[str]) -> None:
     for n in sizes:
         s = summary["sizes"][str(n)]
-        print(f"\n{n} services: median wall s (cpu s) [most foreign load, cores]")
+        print(f"\n{n} services: median wall s (median cpu s, its IQR) [most foreign load, cores]")
         for case in CASES:
-            cells = [f"{s[t][case]['wall_s']['median']:8.3f} ({s[t][case]['cpu_s']['median']:7.3f}) "
-                     f"[{s[t][case]['foreign_cores_max']:.2f}]" if case in s[t] else f"{'-':>25}" for t in trees]
+            cells = [_cell(s[t][case]) if case in s[t] else f"{'-':>38}" for t in trees]
             ratio = ""
             if case in s.get("ratio this / baseline", {}):
                 r = s["ratio this / baseline"][case]
@@ -288,9 +301,10 @@ def _print(summary: dict[str, Any], sizes: list[int], trees: list[str]) -> None:
         print(f"\ncost per service, {max(sizes)} / {min(sizes)} services (1.0: linear)")
         for tree, ratios in summary["per_service_cost_largest_over_smallest"].items():
             print(f"  {tree}: " + ", ".join(f"{case} {r:.2f}" for case, r in ratios.items()))
-    print(f"\n{max(sizes)} services, commands (median wall s)")
+    print(f"\n{max(sizes)} services, commands (median wall s, IQR)")
     for tree, figures in summary["commands_at_largest_size"].items():
-        print(f"  {tree}: " + ", ".join(f"{k} {v if isinstance(v, float) else v['median']:.3f}"
+        print(f"  {tree}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
+                                          f"{k} {v['median']:.3f} ({v['iqr'][0]:.3f}-{v['iqr'][1]:.3f})"
                                           for k, v in figures.items()))
     print(f"\n{max(sizes)} services, peak RSS (MB)")
     for tree, rss in summary["peak_rss_mb_at_largest_size"].items():

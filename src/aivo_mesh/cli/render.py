@@ -19,11 +19,14 @@ REPO_ROOT_MARKER = "mesh.yaml"
 TARGET_NAMES = ("envoy", "linkerd", "consul", "compose", "prometheus", "grafana")
 
 
-def _write(path: Path, text: str) -> bool:
-    """Atomic write; returns True when the content changed."""
+def _write(path: Path, text: str, made: set[Path]) -> bool:
+    """Atomic write; returns True when the content changed. `made`: directories known to exist (a target
+    writes thousands of files into a few hundred directories; a failed mkdir costs a system call each)."""
     if path.exists() and path.read_text() == text:
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent not in made:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        made.add(path.parent)
     write_atomic(path, text, 0o644)
     return True
 
@@ -147,6 +150,7 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
         return
     drift: list[str] = []
     missing: list[str] = []
+    made: set[Path] = set()
     stale_shown: list[str] = []
     for name in names:
         out = Path(output_dir) if output_dir else base / TARGETS[name].output_dir
@@ -164,7 +168,7 @@ def render(target: str, config: str | None, output_dir: str | None, check: bool,
                     diff = difflib.unified_diff(current.splitlines(), text.splitlines(), str(path),
                                                 f"{path} (rendered)", lineterm="", n=1)
                     click.echo("\n".join(list(diff)[:40]), err=True)
-            elif _write(path, text):
+            elif _write(path, text, made):
                 click.echo(f"wrote {path}")
         others = [] if output_dir else [base / t.output_dir for n, t in TARGETS.items()
                                         if n != name and t.output_dir != TARGETS[name].output_dir]

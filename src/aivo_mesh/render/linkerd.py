@@ -44,8 +44,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from aivo_mesh.config.model import MeshSpec, RetrySpec, ServiceSpec, format_duration, known_methods
 from aivo_mesh.config.patterns import covers_any, is_prefix, method_name, service_name, service_prefix
 from aivo_mesh.config.ports import POD_INBOUND_PORT
@@ -53,6 +51,7 @@ from aivo_mesh.config.resolve import per_pattern, policy_for, route_policies, se
 from aivo_mesh.pki.layout import IMAGE_CERTS_DIR, CertLayout
 from aivo_mesh.policy.classify import retryable_codes
 from aivo_mesh.render import Document
+from aivo_mesh.render.yamltext import YamlWriter
 
 POD_GRPC_PORT = POD_INBOUND_PORT  # the Service port every mesh service is reached on in a cluster
 IMAGE = "aivo-mesh:latest"
@@ -276,8 +275,8 @@ def config_map(mesh: MeshSpec) -> dict[str, Any]:
     data = cluster_mesh(mesh).model_dump(mode="json", by_alias=True, exclude_unset=True)
     for svc in data["services"]:  # model_copy marks the updated keys as set; say so explicitly anyway
         svc["host"], svc["endpoints"] = "0.0.0.0", [f"{fqdn(mesh, svc['name'])}:{POD_GRPC_PORT}"]
-    text = "# mesh.yaml as seen inside the cluster (rendered by meshctl render linkerd)\n" + yaml.safe_dump(
-        data, sort_keys=False, width=120)
+    text = "# mesh.yaml as seen inside the cluster (rendered by meshctl render linkerd)\n" + YamlWriter(
+        literal_blocks=False).dump(data)
     return {"apiVersion": "v1", "kind": "ConfigMap",
             "metadata": _meta(mesh, CONFIG_MAP, {"app.kubernetes.io/part-of": mesh.mesh.name}),
             "data": {"mesh.yaml": text}}
