@@ -50,7 +50,7 @@ from typing import Any
 import grpc
 
 from aivo_mesh import run
-from aivo_mesh.benchfigures import ratio
+from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.client import MeshClient, MeshConfig
 from aivo_mesh.config import load_mesh
 from aivo_mesh.config.resolve import route_policies
@@ -387,8 +387,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             label, target = what
             where = f"c={args.concurrency}, client and server on {args.loop}"
             summary.setdefault("figures", []).extend([
-                ratio("client", f"{label} / raw grpc.aio, requests/s, {where}", ratios, target=target).to_dict(),
-                ratio("client", f"{label}: raw grpc.aio's CPU per request / its own, {where}", cpu_ratios).to_dict()])
+                from_rounds("client", f"{label} / raw grpc.aio, requests/s, {where}", ratios,
+                            target=target).to_dict(),
+                from_rounds("client", f"{label}: raw grpc.aio's CPU per request / its own, {where}",
+                            cpu_ratios).to_dict()])
     return summary
 
 

@@ -277,6 +277,20 @@ def summarize(sizes: list[int], trees: list[str], timings: dict[str, dict[int, l
                 a / b for a, b in zip(commands[trees[0]][t], commands[trees[1]][t], strict=True))
             for t in COMMANDS}
     out["peak_rss_mb_at_largest_size"] = memory
+    out["figures"] = _figures(int(large), timings[trees[0]][int(large)], commands[trees[0]])
+    return out
+
+
+def _figures(n: int, rounds: list[dict[str, Any]], commands: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """`meshctl bench scale`'s figures: this tree's CPU seconds per case at the largest size (the work; wall
+    time on a shared 2-core machine adds other processes' load), and each `meshctl render` command's wall."""
+    from aivo_mesh.benchfigures import from_rounds
+
+    out = [from_rounds("scale", f"{case}, {n} services, CPU", [r[case]["cpu_s"] for r in rounds], unit="s",
+                       target=None if case == "proxyless" else 1.0, higher_is_better=False).to_dict()
+           for case in CASES if all(case in r for r in rounds)]
+    out += [from_rounds("scale", f"meshctl render {t}, {n} services, wall (the command, writing its files)",
+                        commands[t], unit="s", higher_is_better=False).to_dict() for t in ("envoy", "prometheus")]
     return out
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from bench_client import SERVER, die_with_parent, write_results
 
 from aivo_mesh import MeshClient, MeshConfig, run  # before grpc (bench_client): it sets grpc's TLS settings
-from aivo_mesh.benchfigures import ratio
+from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.config import load_mesh
 from aivo_mesh.eventloop import loop_name
 from aivo_mesh.pki.issue import init_ca, issue_all
@@ -107,9 +107,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_quartiles": [statistics.quantiles(ratios, n=4)[0], statistics.quantiles(ratios, n=4)[2]],
         }
     summary["figures"] = [
-        ratio("startup", "first call of a warmed MeshClient / its steady p50",
+        from_rounds("startup", "first call of a warmed MeshClient / its steady p50",
               [x["ratio"] for x in rounds["warm"]], target=2.0, higher_is_better=False).to_dict(),
-        ratio("startup", "first call of a cold MeshClient / its steady p50", [x["ratio"] for x in rounds["cold"]],
+        from_rounds("startup", "first call of a cold MeshClient / its steady p50", [x["ratio"] for x in rounds["cold"]],
               higher_is_better=False).to_dict(),
     ]
     return summary

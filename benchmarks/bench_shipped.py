@@ -35,7 +35,7 @@ from bench_client import SERVER, die_with_parent, quartiles, run_case, write_res
 from loadmeter import LoadMeter, quiet_rounds
 
 import aivo_mesh
-from aivo_mesh.benchfigures import ratio
+from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.eventloop import LoopChoice
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,9 +180,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     for case, label, target in (("shipped", "MeshClient + MeshServer as shipped", 1.05),
                                 ("asyncio", "MeshClient + MeshServer on asyncio's loop", None)):
         summary.setdefault("figures", []).extend([
-            ratio("client", f"{label} / plain grpc.aio client and server, requests/s, {where}",
+            from_rounds("client", f"{label} / plain grpc.aio client and server, requests/s, {where}",
                   [rnd[case]["rps"] / rnd["plain"]["rps"] for rnd in rounds], target=target).to_dict(),
-            ratio("client", f"{label}: plain grpc.aio's CPU per request / its own (client + server), {where}",
+            from_rounds("client", f"{label}: plain grpc.aio's CPU per request / its own (client + server), {where}",
                   [_cpu(rnd["plain"]) / _cpu(rnd[case]) for rnd in rounds]).to_dict()])
     return summary
 

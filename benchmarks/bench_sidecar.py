@@ -36,7 +36,7 @@ from typing import Any, NamedTuple
 import grpc
 import yaml
 
-from aivo_mesh.benchfigures import ratio
+from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.config.ports import sidecar_ports
 from aivo_mesh.pki import CertLayout
@@ -285,12 +285,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         "rps_ratio_rendered_vs_minimal_c32": statistics.median(rps_ratios),
         "errors": sum(x["errors"] for v in results.values() for c in v.values() for x in c),
         "figures": [
-            ratio("sidecar", "latency the rendered sidecars add to a direct mTLS call, p50 at c=1", added, target=1.0,
-                  higher_is_better=False, unit="ms").to_dict(),
-            ratio("sidecar", "latency a minimal two-hop Envoy adds to a direct mTLS call, p50 at c=1", added_min,
-                  higher_is_better=False, unit="ms").to_dict(),
-            ratio("sidecar", "rendered sidecars / a minimal two-hop Envoy, requests/s, c=32", rps_ratios,
-                  target=0.95).to_dict(),
+            from_rounds("sidecar", "latency the rendered sidecars add to a direct mTLS call, p50 at c=1", added,
+                        target=1.0, higher_is_better=False, unit="ms").to_dict(),
+            from_rounds("sidecar", "latency a minimal two-hop Envoy adds to a direct mTLS call, p50 at c=1",
+                        added_min, higher_is_better=False, unit="ms").to_dict(),
+            from_rounds("sidecar", "rendered sidecars / a minimal two-hop Envoy, requests/s, c=32", rps_ratios,
+                        target=0.95).to_dict(),
         ],
     }
 

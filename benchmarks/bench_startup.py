@@ -29,7 +29,7 @@ from pathlib import Path
 
 from bench_client import write_results
 
-from aivo_mesh.benchfigures import ratio
+from aivo_mesh.benchfigures import from_rounds
 
 PROTOS = "from aivo_mesh.gen.aivo.auth.v1 import auth_pb2, auth_pb2_grpc"
 CASES = {
@@ -94,11 +94,11 @@ def main() -> None:
     print(f"client+protos / grpc+protos: median {statistics.median(with_protos):.2f} "
           f"(min {with_protos[0]:.2f}, max {with_protos[-1]:.2f})")
     summary["figures"] = [
-        ratio("startup", "import MeshClient, MeshConfig / import grpc (same round)",
+        from_rounds("startup", "import MeshClient, MeshConfig / import grpc (same round)",
               [rnd["client"] / rnd["grpc"] for rnd in rounds], target=1.6, higher_is_better=False).to_dict(),
-        ratio("startup", "import MeshClient + protos / import grpc + protos",
+        from_rounds("startup", "import MeshClient + protos / import grpc + protos",
               [rnd["client+protos"] / rnd["grpc+protos"] for rnd in rounds]).to_dict(),
-        ratio("startup", "meshctl --help", [rnd["meshctl --help"] / 1000 for rnd in rounds], target=0.3,
+        from_rounds("startup", "meshctl --help", [rnd["meshctl --help"] / 1000 for rnd in rounds], target=0.3,
               higher_is_better=False, unit="s").to_dict(),
     ]
     write_results("startup", json.loads(json.dumps(summary)))

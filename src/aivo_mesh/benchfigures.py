@@ -64,7 +64,7 @@ class Figure:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
-def ratio(benchmark: str, name: str, per_round: Sequence[float], *, target: float | None = None,
+def from_rounds(benchmark: str, name: str, per_round: Sequence[float], *, target: float | None = None,
           higher_is_better: bool = True, unit: str = "x") -> Figure:
     """A figure from per-round values: their median, with the interquartile range."""
     xs = sorted(per_round)
