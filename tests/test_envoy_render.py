@@ -365,13 +365,9 @@ def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None
     for cfg in pod.values():
         inbound = _hcm(_listener(cfg, "inbound_grpc"))
         assert [f["name"] for f in inbound["http_filters"]] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
-        # The inbound router's cluster stats would repeat the listener's own (every call goes to local_app),
-        # and its x-envoy-* headers reach no app; the outbound router keeps both (each peer's view, the
-        # calling app's upstream service time and overload signal).
-        router = inbound["http_filters"][-1]["typed_config"]
-        assert router["dynamic_stats"] is False and router["suppress_envoy_headers"] is True
-        outbound_router = _hcm(_listener(cfg, "outbound_grpc"))["http_filters"][-1]["typed_config"]
-        assert "dynamic_stats" not in outbound_router and "suppress_envoy_headers" not in outbound_router
+        # The inbound router's cluster stats would repeat the listener's own (every call goes to local_app).
+        assert inbound["http_filters"][-1]["typed_config"]["dynamic_stats"] is False
+        assert "dynamic_stats" not in _hcm(_listener(cfg, "outbound_grpc"))["http_filters"][-1]["typed_config"]
         # No filter matches on the caller: no x-forwarded-client-cert is set, and Envoy's default
         # (SANITIZE) strips one a caller sent.
         assert "forward_client_cert_details" not in inbound and "set_current_client_cert_details" not in inbound

@@ -441,19 +441,10 @@ def _keepalive_socket_options() -> list[dict[str, Any]]:
     ]
 
 
-def _router(*, inbound: bool = False) -> dict[str, Any]:
+def _router(*, dynamic_stats: bool = True) -> dict[str, Any]:
     cfg = _typed("envoy.extensions.filters.http.router.v3.Router")
-    if inbound:
-        # Two things the inbound router adds that nothing reads, at 8 k instructions a call each
-        # (docs/benchmarks.md). Its cluster stats: every inbound call goes to local_app, so that one
-        # cluster's per-code and timing stats (`upstream_rq_<code>`, `upstream_rq_time`) would repeat the
-        # listener's own `downstream_rq_<class>xx` and `downstream_rq_time`. Its x-envoy-* headers:
-        # `x-envoy-upstream-service-time` on the response is replaced by the caller's sidecar's own before
-        # any app sees it, `x-envoy-expected-rq-timeout-ms` to the app is read by nothing (the app has
-        # `grpc-timeout`), and local_app's breakers never trip, so no `x-envoy-overloaded`. The callers'
-        # sidecars keep both: there they are each peer's view and what the calling app sees.
+    if not dynamic_stats:
         cfg["dynamic_stats"] = False
-        cfg["suppress_envoy_headers"] = True
     return {"name": "envoy.filters.http.router", "typed_config": cfg}
 
 
@@ -839,7 +830,11 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
         filters.append({"name": FAULT_FILTER, "typed_config": _typed(FAULT_TYPE)})
         # Only the service's own methods: health checks and reflection are never faulted.
         per_filter[FAULT_FILTER] = _fault(faults[-1], only_under=service_prefix(svc.grpc_service))
-    filters.append(_router(inbound=True))
+    # Every inbound call goes to local_app, so the router's per-code and timing stats of that one cluster
+    # (`upstream_rq_<code>`, `upstream_rq_time`: what `dynamic_stats` adds) would repeat the listener's
+    # own `downstream_rq_<class>xx` and `downstream_rq_time`, at 8 k instructions a call (docs/benchmarks.md).
+    # The callers' sidecars keep theirs: there they are each peer's view.
+    filters.append(_router(dynamic_stats=False))
     if (shared := next((s.limit for s in limits if s.limit is not None and s.limit.scope is None), None)) is not None:
         per_filter[RATE_LIMIT_FILTER] = local_rate_limit(shared)
     route_config = {"name": "inbound", "virtual_hosts": [
