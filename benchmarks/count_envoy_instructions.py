@@ -4,8 +4,9 @@
                                                             [--hops HOP ...] [--ablate all | NAME ...]
 
 Wall-clock figures on the 2-vCPU VM move by +-10 % between runs (docs/benchmarks.md); instruction counts
-do not: `valgrind --tool=callgrind` counts the same for the same binary and inputs, whatever else the
-machine is doing. So this is the exact answer to "what do the mesh's features cost Envoy": for each of
+barely do: `valgrind --tool=callgrind` counts within about 1 % from run to run for the same binary and
+config (timer wake-ups and the order of events differ a little), whatever else the machine is doing.
+So this is the answer to "what do the mesh's features cost Envoy": for each of
 bench_sidecar.py's four Envoys (rendered and minimal; outbound and inbound hop) in turn, that one Envoy
 runs under callgrind and the rest natively; --warmup calls at concurrency 1, counters zeroed
 (`callgrind_control -z`), --calls calls, a dump; then the same time idle, subtracted (timers, health
@@ -15,8 +16,9 @@ Writes benchmarks/results/envoy_instructions.json. Needs valgrind; about four mi
 
 --ablate counts the rendered hop again once per named ablation (`ABLATIONS`; `all` for every one, about
 a minute each): the rendered bootstrap with one setting taken out, so the difference from the rendered
-count is what that setting costs per request. An ablation is a measurement, never a config to ship: most
-of them remove something the mesh needs (docs/benchmarks.md says what each one buys).
+count is what that setting costs per request (a difference under about 2.5 k is within the run-to-run
+spread). An ablation is a measurement, never a config to ship: most of them remove something the mesh
+needs (docs/benchmarks.md says what each one buys). `--hops` picks the unablated hops to count.
 """
 
 from __future__ import annotations
@@ -184,6 +186,15 @@ def _hcm_option(**fields: Any) -> Callable[[Config, str], None]:
     return ablate
 
 
+def _rbac_on_each_route(cfg: Config, side: str) -> None:
+    """The allow list on each route instead of once on the virtual host: the same policy for every call,
+    found by Envoy's per-filter config lookup one level sooner."""
+    for vhost in _hcm(cfg, side)["route_config"]["virtual_hosts"]:
+        if (rbac := vhost.get("typed_per_filter_config", {}).pop("envoy.filters.http.rbac", None)) is not None:
+            for route in vhost["routes"]:
+                route.setdefault("typed_per_filter_config", {})["envoy.filters.http.rbac"] = rbac
+
+
 class Ablation(NamedTuple):
     side: str  # "in" or "out": the rendered hop it is counted on
     removes: str
@@ -207,6 +218,8 @@ ABLATIONS: dict[str, Ablation] = {
     "in-buffer-limits": Ablation("in", "per_connection_buffer_limit_bytes", _no_buffer_limits),
     "in-keepalive": Ablation("in", "TCP keepalive socket options", _no_keepalive),
     "in-san-check": Ablation("in", "the SPIFFE trust-domain SAN matcher of the TLS context", _no_san_check),
+    "rbac-on-routes": Ablation("in", "nothing: the allow list on each route, not the virtual host",
+                               _rbac_on_each_route),
     "in-router-dynamic-stats": Ablation("in", "the router's dynamic stats (dynamic_stats: false)",
                                         _router_option(dynamic_stats=False)),
     "in-request-id": Ablation("in", "x-request-id generation (generate_request_id: false)",
@@ -239,9 +252,10 @@ ABLATIONS: dict[str, Ablation] = {
 }
 
 
-# Settings the minimal config has too (Envoy's defaults), turned off: not in the `*-everything` runs.
-DEFAULTS_OFF = ("in-router-dynamic-stats", "in-request-id", "in-envoy-headers", "out-router-dynamic-stats",
-                "out-request-id")
+# Not removals (Envoy defaults the minimal config has too, turned off; a cheaper form of the same
+# setting): not in the `*-everything` runs.
+DEFAULTS_OFF = ("rbac-on-routes", "in-router-dynamic-stats", "in-request-id", "in-envoy-headers",
+                "out-router-dynamic-stats", "out-request-id")
 
 
 def _everything(side: str) -> Ablation:

@@ -523,7 +523,7 @@ class MetricsSpec(_Strict):
     # Per-method gRPC stats (Envoy's grpc_stats filter) on each sidecar's inbound listener. Off by default:
     # the app behind the sidecar counts every call it serves per method and status (MeshServer's
     # grpc_requests_total, what meshctl status and the dashboards read), and the filter costs the inbound
-    # hop 22 k instructions per request, 8 % (docs/benchmarks.md).
+    # hop 21 k instructions per request, 8 % (docs/benchmarks.md).
     envoy_inbound_grpc_stats: StrictBool = False
     # The same on each sidecar's outbound listener. Off by default: the outbound cluster stats carry the
     # caller's view (gRPC status, retries, timeouts, ejections), and the filter costs about 20 us of Envoy

@@ -506,7 +506,7 @@ def _hcm(mesh: MeshSpec, profile: EnvoyProfile, service: str, stat_prefix: str,
         # The caller's SPIFFE ID, from its verified certificate, as `x-forwarded-client-cert` (whatever the
         # caller sent under that name is replaced): what per-caller policies (fault injection, rate limit
         # descriptors) match on, since only RBAC reads the connection's certificate itself. Only with those
-        # filters: setting it costs 8 k instructions a call (docs/benchmarks.md), and without it Envoy's
+        # filters: setting it costs 7 k instructions a call (docs/benchmarks.md), and without it Envoy's
         # default (SANITIZE) still strips any the caller sent. With the filters, not only when a policy
         # names callers: callers arrive in the route configuration, which reaches open connections, and
         # the header must be set there already.
@@ -832,7 +832,7 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
         per_filter[FAULT_FILTER] = _fault(faults[-1], only_under=service_prefix(svc.grpc_service))
     # Every inbound call goes to local_app, so the router's per-code and timing stats of that one cluster
     # (`upstream_rq_<code>`, `upstream_rq_time`: what `dynamic_stats` adds) would repeat the listener's
-    # own `downstream_rq_<class>xx` and `downstream_rq_time`, at 8 k instructions a call (docs/benchmarks.md).
+    # own `downstream_rq_<class>xx` and `downstream_rq_time`, at 9 k instructions a call (docs/benchmarks.md).
     # The callers' sidecars keep theirs: there they are each peer's view.
     filters.append(_router(dynamic_stats=False))
     if (shared := next((s.limit for s in limits if s.limit is not None and s.limit.scope is None), None)) is not None:
