@@ -295,13 +295,25 @@ def test_rbac_matches_the_proxyless_authorizer(mesh: MeshSpec, pod: dict[str, di
     assert _rbac_allows(auth, mesh.spiffe_id("event-collector-svc"), "/grpc.health.v1.Health/Check")
 
 
-def test_per_method_grpc_stats_are_taken_at_the_inbound_sidecar_unless_outbound_is_asked_for(
+def _with_metrics(mesh: MeshSpec, **update: bool) -> MeshSpec:
+    metrics = mesh.observability.metrics.model_copy(update=update)
+    return mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"metrics": metrics})})
+
+
+def test_per_method_grpc_stats_are_taken_only_where_asked_for(
         mesh: MeshSpec, pod: dict[str, dict[str, Any]], mesh_certs: CertLayout, tmp_path: Path) -> None:
+    # By default on neither side: the app's MeshServer counts each call per method and status already.
     for cfg in pod.values():
-        assert [f["name"] for f in _hcm(_listener(cfg, "outbound_grpc"))["http_filters"]] == [
-            "envoy.filters.http.router"]
-    metrics = mesh.observability.metrics.model_copy(update={"envoy_outbound_grpc_stats": True})
-    both = mesh.model_copy(update={"observability": mesh.observability.model_copy(update={"metrics": metrics})})
+        for listener in ("inbound_grpc", "outbound_grpc"):
+            assert "envoy.filters.http.grpc_stats" not in [
+                f["name"] for f in _hcm(_listener(cfg, listener))["http_filters"]]
+    inbound_only = _with_metrics(mesh, envoy_inbound_grpc_stats=True)
+    cfg = bootstrap(inbound_only, "learner-svc", EnvoyProfile.pod(inbound_only))
+    assert [f["name"] for f in _hcm(_listener(cfg, "inbound_grpc"))["http_filters"]] == [
+        "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
+    assert [f["name"] for f in _hcm(_listener(cfg, "outbound_grpc"))["http_filters"]] == [
+        "envoy.filters.http.router"]
+    both = _with_metrics(mesh, envoy_outbound_grpc_stats=True)
     outbound = _hcm(_listener(bootstrap(both, "learner-svc", EnvoyProfile.pod(both)), "outbound_grpc"))
     assert [f["name"] for f in outbound["http_filters"]] == [
         "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
@@ -317,8 +329,12 @@ def test_per_method_grpc_stats_are_taken_at_the_inbound_sidecar_unless_outbound_
 
 
 def test_per_method_stats_cover_the_methods_mesh_yaml_knows_and_nothing_else(
-        mesh: MeshSpec, pod: dict[str, dict[str, Any]]) -> None:
-    inbound = _hcm(_listener(pod["auth-svc"], "inbound_grpc"))["http_filters"][1]["typed_config"]
+        mesh: MeshSpec) -> None:
+    counted = _with_metrics(mesh, envoy_inbound_grpc_stats=True)
+    inbound = _hcm(_listener(bootstrap(counted, "auth-svc", EnvoyProfile.pod(counted)), "inbound_grpc"))[
+        "http_filters"][1]["typed_config"]
+    # Bounded stats: only the methods mesh.yaml knows get their own; no filter state nobody reads.
+    assert "stats_for_all_methods" not in inbound and "emit_filter_state" not in inbound
     assert inbound["individual_method_stats_allowlist"]["services"] == [
         {"name": "aivo.auth.v1.AuthService", "method_names": ["Authenticate", "ValidateToken"]},
         {"name": "grpc.health.v1.Health", "method_names": ["Check", "List", "Watch"]},
@@ -348,11 +364,13 @@ def test_open_methods_are_the_open_prefixes_methods() -> None:
 def test_http_filters_and_inbound_routes(pod: dict[str, dict[str, Any]]) -> None:
     for cfg in pod.values():
         inbound = _hcm(_listener(cfg, "inbound_grpc"))
-        assert [f["name"] for f in inbound["http_filters"]] == [
-            "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.router"]
-        stats = inbound["http_filters"][1]["typed_config"]
-        # Bounded stats: only the methods mesh.yaml knows get their own; no filter state nobody reads.
-        assert "stats_for_all_methods" not in stats and "emit_filter_state" not in stats
+        assert [f["name"] for f in inbound["http_filters"]] == ["envoy.filters.http.rbac", "envoy.filters.http.router"]
+        # The inbound router's cluster stats would repeat the listener's own (every call goes to local_app).
+        assert inbound["http_filters"][-1]["typed_config"]["dynamic_stats"] is False
+        assert "dynamic_stats" not in _hcm(_listener(cfg, "outbound_grpc"))["http_filters"][-1]["typed_config"]
+        # No filter matches on the caller: no x-forwarded-client-cert is set, and Envoy's default
+        # (SANITIZE) strips one a caller sent.
+        assert "forward_client_cert_details" not in inbound and "set_current_client_cert_details" not in inbound
         assert inbound["codec_type"] == "HTTP2"
         assert inbound["normalize_path"] is True
         assert inbound["http2_protocol_options"] == {"max_concurrent_streams": 1000,
@@ -622,9 +640,11 @@ def test_route_faults_are_route_overrides_limited_to_their_callers(tmp_path: Pat
     cfg = bootstrap(m, "front", EnvoyProfile.pod(m))
     inbound = _hcm(_listener(cfg, "inbound_grpc"))
     assert [f["name"] for f in inbound["http_filters"]] == [
-        "envoy.filters.http.rbac", "envoy.filters.http.grpc_stats", "envoy.filters.http.fault",
-        "envoy.filters.http.router"]
-    assert inbound["http_filters"][2]["typed_config"] == {"@type": FAULT_TYPE_URL}
+        "envoy.filters.http.rbac", "envoy.filters.http.fault", "envoy.filters.http.router"]
+    assert inbound["http_filters"][1]["typed_config"] == {"@type": FAULT_TYPE_URL}
+    # What the callers are matched on: the verified caller's URI SAN, whatever the caller itself sent.
+    assert inbound["forward_client_cert_details"] == "SANITIZE_SET"
+    assert inbound["set_current_client_cert_details"] == {"uri": True}
     base = inbound["route_config"]["virtual_hosts"][0]["typed_per_filter_config"]["envoy.filters.http.fault"]
     back, client = "spiffe://example.org/ns/default/sa/back", "spiffe://example.org/ns/default/sa/mesh-client"
     assert base["headers"] == [{"name": ":path", "string_match": {"prefix": "/demo.Front/"}},

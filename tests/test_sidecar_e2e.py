@@ -66,8 +66,14 @@ def _get(url: str) -> str:
 @pytest.fixture(scope="module")
 def sidecar_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StateDir, RuntimeInfo, MeshSpec]]:
     require("envoy")
-    state = StateDir(tmp_path_factory.mktemp("sidecar") / "mesh")
-    out = meshctl("up", "--state-dir", str(state.root), "--free-ports", "--timeout", "90")
+    root = tmp_path_factory.mktemp("sidecar")
+    state = StateDir(root / "mesh")
+    # mesh.yaml with the inbound sidecars' per-method gRPC stats on (off by default), which a test reads.
+    doc = yaml.safe_load((ROOT / "mesh.yaml").read_text())
+    doc["observability"]["metrics"]["envoy_inbound_grpc_stats"] = True
+    (root / "mesh.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    out = meshctl("up", "--config", str(root / "mesh.yaml"), "--state-dir", str(state.root), "--free-ports",
+                  "--timeout", "90")
     try:
         assert out.returncode == 0, out.stdout + out.stderr
         info = RuntimeInfo.read(state)

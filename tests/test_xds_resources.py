@@ -50,13 +50,14 @@ ADS = {"ads": {}, "resource_api_version": "V3"}
 
 
 def _variant() -> MeshSpec:
-    """Everything the renderer can put in a sidecar's resources: tracing, StatsD, outbound stats, a fault,
+    """Everything the renderer can put in a sidecar's resources: tracing, StatsD, per-method stats, a fault,
     rate limits (per caller, with an override, and a route's own), callers by `*` and by SPIFFE ID, a
     streaming prefix route, endpoints, a revocation."""
     data = copy.deepcopy(MESH_DATA)
     data["observability"]["tracing"]["enabled"] = True
     data["observability"]["statsd"]["enabled"] = True
     data["observability"]["metrics"]["envoy_outbound_grpc_stats"] = True
+    data["observability"]["metrics"]["envoy_inbound_grpc_stats"] = True
     data["services"][0]["fault"] = {"abort_status": "UNAVAILABLE", "abort_percent": 12.5, "delay": "100ms",
                                     "delay_percent": 50}
     data["services"][0]["rate_limit"] = {"requests_per_second": 50, "burst": 100, "per_caller": True,

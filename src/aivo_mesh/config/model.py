@@ -520,10 +520,14 @@ class TracingSpec(_Strict):
 class MetricsSpec(_Strict):
     enabled: StrictBool = True
     host: str = "127.0.0.1"
-    # Per-method gRPC stats (Envoy's grpc_stats filter) on each sidecar's outbound listener too. Off by
-    # default: every call is already counted per method by its server's inbound sidecar, the outbound
-    # cluster stats carry the caller's view (gRPC status, retries, timeouts, ejections), and the filter
-    # costs about 20 us of Envoy CPU per request on the 2-core development VM (docs/benchmarks.md).
+    # Per-method gRPC stats (Envoy's grpc_stats filter) on each sidecar's inbound listener. Off by default:
+    # the app behind the sidecar counts every call it serves per method and status (MeshServer's
+    # grpc_requests_total, what meshctl status and the dashboards read), and the filter costs the inbound
+    # hop 21 k instructions per request, 8 % (docs/benchmarks.md).
+    envoy_inbound_grpc_stats: StrictBool = False
+    # The same on each sidecar's outbound listener. Off by default: the outbound cluster stats carry the
+    # caller's view (gRPC status, retries, timeouts, ejections), and the filter costs about 20 us of Envoy
+    # CPU per request on the 2-core development VM (docs/benchmarks.md).
     envoy_outbound_grpc_stats: StrictBool = False
 
 

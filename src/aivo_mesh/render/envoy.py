@@ -441,9 +441,11 @@ def _keepalive_socket_options() -> list[dict[str, Any]]:
     ]
 
 
-def _router() -> dict[str, Any]:
-    return {"name": "envoy.filters.http.router",
-            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router")}
+def _router(*, dynamic_stats: bool = True) -> dict[str, Any]:
+    cfg = _typed("envoy.extensions.filters.http.router.v3.Router")
+    if not dynamic_stats:
+        cfg["dynamic_stats"] = False
+    return {"name": "envoy.filters.http.router", "typed_config": cfg}
 
 
 def stats_methods(services: Iterable[ServiceSpec]) -> dict[str, list[str]]:
@@ -500,10 +502,14 @@ def _hcm(mesh: MeshSpec, profile: EnvoyProfile, service: str, stat_prefix: str,
         # RBAC matches paths: normalise them first so `/grpc.health.v1.Health/../x` cannot pass as health.
         cfg["normalize_path"] = True
         cfg["merge_slashes"] = True
+    if inbound and any(f["name"] in CALLER_FILTERS for f in http_filters):
         # The caller's SPIFFE ID, from its verified certificate, as `x-forwarded-client-cert` (whatever the
         # caller sent under that name is replaced): what per-caller policies (fault injection, rate limit
-        # descriptors) match on, since only RBAC reads the connection's certificate itself. The app behind
-        # the sidecar reads its caller the same way.
+        # descriptors) match on, since only RBAC reads the connection's certificate itself. Only with those
+        # filters: setting it costs 7 k instructions a call (docs/benchmarks.md), and without it Envoy's
+        # default (SANITIZE) still strips any the caller sent. With the filters, not only when a policy
+        # names callers: callers arrive in the route configuration, which reaches open connections, and
+        # the header must be set there already.
         cfg["forward_client_cert_details"] = "SANITIZE_SET"
         cfg["set_current_client_cert_details"] = {"uri": True}
     if profile.otlp is not None:
@@ -702,6 +708,7 @@ def _fault(fp: FaultPolicy, *, only_under: str | None = None) -> dict[str, Any]:
 
 
 RATE_LIMIT_FILTER = "envoy.filters.http.local_ratelimit"
+CALLER_FILTERS = (FAULT_FILTER, RATE_LIMIT_FILTER)  # the inbound filters that match on the caller (XFCC)
 RATE_LIMIT_STATS = "inbound_rate_limit"  # <prefix>.http_local_rate_limit.rate_limited counts refusals
 
 
@@ -814,7 +821,8 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
     if limits:
         filters.append({"name": RATE_LIMIT_FILTER, "typed_config": _typed(
             "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit", stat_prefix=RATE_LIMIT_STATS)})
-    filters.append(_grpc_stats([svc], upstream=False))
+    if mesh.observability.metrics.envoy_inbound_grpc_stats:
+        filters.append(_grpc_stats([svc], upstream=False))
     per_filter = _rbac_per_route(mesh, svc)
     if any(fp.active for fp in faults):  # after RBAC: only authorized calls are faulted, as by MeshServer
         # The filter's own config is empty: the faults are the virtual host's and the routes' overrides, in
@@ -822,7 +830,11 @@ def _inbound_listener(mesh: MeshSpec, svc: ServiceSpec, profile: EnvoyProfile, p
         filters.append({"name": FAULT_FILTER, "typed_config": _typed(FAULT_TYPE)})
         # Only the service's own methods: health checks and reflection are never faulted.
         per_filter[FAULT_FILTER] = _fault(faults[-1], only_under=service_prefix(svc.grpc_service))
-    filters.append(_router())
+    # Every inbound call goes to local_app, so the router's per-code and timing stats of that one cluster
+    # (`upstream_rq_<code>`, `upstream_rq_time`: what `dynamic_stats` adds) would repeat the listener's
+    # own `downstream_rq_<class>xx` and `downstream_rq_time`, at 9 k instructions a call (docs/benchmarks.md).
+    # The callers' sidecars keep theirs: there they are each peer's view.
+    filters.append(_router(dynamic_stats=False))
     if (shared := next((s.limit for s in limits if s.limit is not None and s.limit.scope is None), None)) is not None:
         per_filter[RATE_LIMIT_FILTER] = local_rate_limit(shared)
     route_config = {"name": "inbound", "virtual_hosts": [
