@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_client import write_results
 from bench_sidecar import echo, first_answer, prepare, start_envoy, start_server, wait_live
 
+from aivo_mesh.benchfigures import Figure
 from aivo_mesh.render.envoy import INBOUND_LISTENER, LOCAL_APP_CLUSTER, OUTBOUND_LISTENER
 from aivo_mesh.runtime.mesh import envoy_binary
 
@@ -384,6 +385,13 @@ def main() -> None:
         print(f"{'without ' + name:24s} {n:>9,} instructions/request", flush=True)
     if ablations:
         summary["ablations"] = ablations
+    # One count per hop, exact for its run (the same config counts within about 1 % from run to run).
+    summary["figures"] = []
+    for side, hop in (("in", "inbound"), ("out", "outbound")):
+        if side in sides:
+            r = summary["ratio_rendered_vs_minimal"][side]
+            summary["figures"].append(Figure("sidecar", f"{hop} Envoy's instructions per request, rendered / minimal",
+                                             r, r, r, "x", 1.05, higher_is_better=False, spread="-").to_dict())
     print(json.dumps(summary, indent=2))
     write_results("envoy_instructions", summary)
 
