@@ -154,6 +154,11 @@ def docs_with_tables(text: str, history: Sequence[Run]) -> str:
     return text
 
 
+# The plot's x axis: the figure over its target, linear between these (a figure beyond is drawn at the
+# edge, with its value): near the target is where a run's spread decides.
+PLOT_RANGE = (0.6, 1.6)
+
+
 def plot_svg(history: Sequence[Run], runs: int = PLOT_RUNS) -> str:
     """The latest `runs` recorded values of every figure with a target, as a dot plot: one row per figure,
     the figure over its target on the x axis (1.0, the target line; right of it, met), each run a dot
@@ -163,41 +168,40 @@ def plot_svg(history: Sequence[Run], runs: int = PLOT_RUNS) -> str:
         for f in run.figures:
             if f.target is not None and f.score is not None:
                 series.setdefault((f.benchmark, f.name), []).append(f)
-    rows = [(key, figs[-runs:]) for key, figs in sorted(series.items(), key=lambda kv: BENCHMARKS.index(kv[0][0])
-                                                          if kv[0][0] in BENCHMARKS else len(BENCHMARKS))]
-    lo, hi = 0.5, 1.5
-    for _, figs in rows:
-        for f in figs:
-            a, b = sorted((f.scored(f.low), f.scored(f.high)))
-            lo, hi = min(lo, a * 0.95), max(hi, b * 1.05)
-    lo, hi = max(lo, 0.0), min(hi, 4.0)
-    label_w, plot_w, row_h, top = 430, 420, 26, 40
-    width, height = label_w + plot_w + 20, top + row_h * max(len(rows), 1) + 40
+    order = {b: i for i, b in enumerate(BENCHMARKS)}
+    rows = [(key, figs[-runs:]) for key, figs in sorted(series.items(), key=lambda kv: order.get(kv[0][0], 99))]
+    lo, hi = PLOT_RANGE
+    label_w, plot_w, row_h, top = 660, 400, 24, 44
+    width, height = label_w + plot_w + 40, top + row_h * max(len(rows), 1) + 36
 
     def x(score: float) -> float:
         return label_w + (min(max(score, lo), hi) - lo) / (hi - lo) * plot_w
 
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="11">',
            f'<rect width="{width}" height="{height}" fill="white"/>',
-           '<text x="10" y="20" font-size="14" font-weight="bold">Latest runs against their targets '
-           '(value / target; right of the line: met)</text>']
-    for tick in (t / 4 for t in range(int(lo * 4), int(hi * 4) + 1)):
-        if lo <= tick <= hi:
-            tx = x(tick)
-            colour = "#444" if tick == 1.0 else "#ddd"
-            out.append(f'<line x1="{tx:.1f}" y1="{top - 8}" x2="{tx:.1f}" y2="{height - 30}" stroke="{colour}"/>')
-            out.append(f'<text x="{tx:.1f}" y="{height - 14}" text-anchor="middle">{tick:.2f}</text>')
+           '<text x="10" y="20" font-size="13" font-weight="bold">The latest recorded runs, each figure over its '
+           'target (right of the line: met; newest darkest, bars: spread)</text>']
+    for i in range(round((hi - lo) * 10) + 1):
+        tick = lo + i / 10
+        tx = x(tick)
+        colour = "#333" if abs(tick - 1.0) < 1e-9 else "#e4e4e4"
+        out.append(f'<line x1="{tx:.1f}" y1="{top - 10}" x2="{tx:.1f}" y2="{height - 26}" stroke="{colour}"/>')
+        if i % 2 == 0:
+            out.append(f'<text x="{tx:.1f}" y="{height - 12}" text-anchor="middle">{tick:.1f}</text>')
     for i, ((benchmark, name), figs) in enumerate(rows):
         y = top + row_h * i + row_h / 2
-        label = html.escape(f"{benchmark}: {name}")
-        out.append(f'<text class="figure" x="10" y="{y + 4:.1f}">{label[:70]}</text>')
+        out.append(f'<text class="figure" x="10" y="{y + 4:.1f}">{html.escape(f"{benchmark}: {name}")}</text>')
         for j, f in enumerate(figs):
-            shade = int(200 - 200 * (j + 1) / len(figs))
-            colour = f"rgb({shade},{shade},{shade})" if f.met else f"rgb(220,{shade // 2},{shade // 2})"
+            shade = int(190 - 190 * (j + 1) / len(figs))
+            colour = f"rgb({shade},{shade},{shade})" if f.met else f"rgb(215,{shade // 3},{shade // 3})"
             a, b = sorted((f.scored(f.low), f.scored(f.high)))
+            score = f.score or 0.0
             out.append(f'<line x1="{x(a):.1f}" y1="{y:.1f}" x2="{x(b):.1f}" y2="{y:.1f}" stroke="{colour}" '
                        'stroke-width="2"/>')
-            out.append(f'<circle class="run" cx="{x(f.score or 0):.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
+            out.append(f'<circle class="run" cx="{x(score):.1f}" cy="{y:.1f}" r="4" fill="{colour}"/>')
+            if j == len(figs) - 1 and not lo <= score <= hi:  # off the axis: say where
+                out.append(f'<text x="{x(score) + (8 if score > hi else -8):.1f}" y="{y + 4:.1f}" '
+                           f'text-anchor="{"start" if score > hi else "end"}">{score:.1f}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
