@@ -50,6 +50,10 @@ class Outcome(enum.Enum):
     FAILURE = "failure"
     IGNORED = "ignored"
 
+    # Members are singletons: hash by identity. Enum's own __hash__ is a Python call (hash of the name),
+    # paid on every `outcome in RETRIED` of every call.
+    __hash__ = object.__hash__
+
 
 SUCCESS = Outcome.SUCCESS
 RETRYABLE = Outcome.RETRYABLE
@@ -119,7 +123,7 @@ class Classifier:
         if reply.local:
             return IGNORED
         outcome = self.table.get(reply.code) or self._unknown
-        if outcome in _COUNTED and reply.code == RATE_LIMITED_CODE and is_rate_limited(reply):
+        if reply.code == RATE_LIMITED_CODE and outcome in _COUNTED and is_rate_limited(reply):
             return TRANSIENT if outcome is RETRYABLE else SUCCESS
         return outcome
 
