@@ -90,7 +90,9 @@ def test_quick_runs_are_not_recorded_and_a_checkout_is_required(tmp_path: Path) 
     out = subprocess.run([*MESHCTL, "bench", "policy", "--report"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
     if out.returncode == 0:  # an editable install finds its own checkout from anywhere
-        assert (Path(__import__("aivo_mesh").__file__).resolve().parents[2] / "benchmarks").is_dir()
+        import aivo_mesh
+
+        assert (Path(str(aivo_mesh.__file__)).resolve().parents[2] / "benchmarks").is_dir()
     else:
         assert out.returncode == 2 and "no benchmarks/ folder" in out.stderr, out.stderr
 
