@@ -89,7 +89,7 @@ def test_quick_runs_are_not_recorded_and_a_checkout_is_required(tmp_path: Path) 
     assert out.returncode == 2 and "too short to record" in out.stderr
     out = subprocess.run([*MESHCTL, "bench", "policy", "--report"], capture_output=True, text=True, timeout=60,
                          cwd=tmp_path)
-    if out.returncode == 0:  # an editable install finds its own checkout from anywhere
+    if out.returncode in (0, 1):  # an editable install finds its own checkout from anywhere
         import aivo_mesh
 
         assert (Path(str(aivo_mesh.__file__)).resolve().parents[2] / "benchmarks").is_dir()
