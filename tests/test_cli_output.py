@@ -48,7 +48,7 @@ def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> dict[tuple[st
 DATA_COMMANDS = {("certs", "init"), ("certs", "issue"), ("certs", "verify"), ("certs", "inspect"),
                  ("certs", "rotate"), ("config", "validate"), ("config", "show"), ("status",), ("routes",),
                  ("edges",), ("traces",), ("consul", "services"), ("lint",), ("check",), ("apply",), ("config-dump",),
-                 ("conformance",)}
+                 ("conformance",), ("bench",)}
 
 
 def test_o_means_the_output_format_in_every_command_and_every_data_command_has_it() -> None:

@@ -94,14 +94,15 @@ def commit(root: Path) -> str:
 @click.argument("names", nargs=-1, metavar="[client|sidecar|policy|scale|startup]...",
                 type=click.Choice(BENCHMARK_NAMES))
 @click.option("--quick", is_flag=True, help="fewer rounds: a smoke run, its figures too noisy to record")
-@click.option("--report", is_flag=True, help="run nothing: print the figures of each benchmark's last run")
+@click.option("--report", "report_only", is_flag=True,
+              help="run nothing: print the figures of each benchmark's last run")
 @click.option("--record", is_flag=True,
               help="append the figures to benchmarks/results/history.jsonl and rewrite docs/benchmarks.md's "
                    "tables and plot (docs/benchmarks.svg) from it")
 @click.option("--checkout", type=click.Path(file_okay=False, exists=True), default=None,
               help="the source checkout whose benchmarks/ to run (default: the one around the current directory)")
 @output_option
-def bench(names: tuple[str, ...], quick: bool, report: bool, record: bool, checkout: str | None,
+def bench(names: tuple[str, ...], quick: bool, report_only: bool, record: bool, checkout: str | None,
           output: str) -> None:
     """Run the benchmarks named (default: all five), each against a baseline measured in the same run, and
     print their figures: the value (a median over rounds), its spread, the target and whether it is met.
@@ -130,7 +131,7 @@ def bench(names: tuple[str, ...], quick: bool, report: bool, record: bool, check
             if step.needs is not None and not _installed(step.needs):
                 skipped.append({"benchmark": name, "script": step.script, "reason": f"{step.needs} is not installed"})
                 continue
-            if not report:
+            if not report_only:
                 argv = [sys.executable, str(bench_dir / step.script), *step.args, *(step.quick if quick else ())]
                 click.echo(f"== {name}: {' '.join(argv[1:])}", err=True)
                 done = subprocess.run(argv, cwd=root, stdout=sys.stderr, stderr=sys.stderr)
