@@ -4,6 +4,8 @@
 #   make test   create .venv if needed, install dev dependencies, run the whole suite
 #   make conformance   only the conformance suite (one mesh.yaml policy, the same behaviour on every plane),
 #               printing each scenario's table of planes
+#   make bench  run the benchmarks against their same-run baselines and print each figure
+#               (BENCH=client|sidecar|policy|scale|startup, default all; BENCH_ARGS=--record, --quick)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -13,8 +15,10 @@ STATE  ?=
 ARGS   ?=
 DURATION ?= 10
 PLANE  ?= sidecar
+BENCH  ?=
+BENCH_ARGS ?=
 
-.PHONY: demo test conformance lint fmt protos render clean help
+.PHONY: demo test conformance bench lint fmt protos render clean help
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -48,6 +52,9 @@ test: $(VENV)/.stamp-dev
 
 conformance: $(VENV)/.stamp-dev
 	$(BIN)/python -m pytest -q -s tests/conformance
+
+bench: $(VENV)/.stamp-dev
+	$(BIN)/meshctl bench $(BENCH) $(BENCH_ARGS)
 
 # The tests are type-checked as strictly as src, except that a test or fixture may go unannotated:
 # its body is checked all the same (strict's check_untyped_defs).
