@@ -248,16 +248,23 @@ async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup:
     return out
 
 
-async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="aivo-bench-"))
-    # One state directory, as `meshctl up` keeps one: certificates (every identity, the control plane's
-    # too) and the mesh.yaml every process of the run reads, auth-svc and the control plane on free ports.
+def mesh_state(prefix: str) -> tuple[Path, StateDir]:
+    """A new temporary folder (removed by the caller) holding one state directory, as `meshctl up` keeps
+    one: the mesh CA and a certificate for every identity of the repository's mesh.yaml (the control
+    plane's too). The caller writes the mesh.yaml its processes read into it."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
     state = StateDir(tmp / "state")
     state.ensure()
-    certs = state.certs
     mesh = load_mesh(ROOT / "mesh.yaml")
-    init_ca(certs, mesh.mesh.trust_domain)
-    issue_all(certs, mesh)
+    init_ca(state.certs, mesh.mesh.trust_domain)
+    issue_all(state.certs, mesh)
+    return tmp, state
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    # auth-svc and the control plane on free ports, in the mesh.yaml every process of the run reads.
+    tmp, state = mesh_state("aivo-bench-")
+    certs = state.certs
     port, ads_port, cp_admin_port = free_ports(3)
     mesh_file = state.mesh_file
     cp_addresses = f"{{address: 127.0.0.1:{ads_port}, admin_address: 127.0.0.1:{cp_admin_port}}}"

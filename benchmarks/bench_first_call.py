@@ -24,20 +24,17 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_client import SERVER, die_with_parent, write_results
+from bench_client import SERVER, die_with_parent, mesh_state, write_results
 
 from aivo_mesh import MeshClient, MeshConfig, run  # before grpc (bench_client): it sets grpc's TLS settings
 from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.config import load_mesh
 from aivo_mesh.eventloop import loop_name
-from aivo_mesh.pki.issue import init_ca, issue_all
 from aivo_mesh.runtime.local import free_ports
-from aivo_mesh.runtime.state import StateDir
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +59,7 @@ async def first_and_steady(client: MeshClient, warm: bool, calls: int) -> tuple[
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    tmp = Path(tempfile.mkdtemp(prefix="aivo-first-"))
-    state = StateDir(tmp / "state")
-    state.ensure()
-    mesh = load_mesh(ROOT / "mesh.yaml")
-    init_ca(state.certs, mesh.mesh.trust_domain)
-    issue_all(state.certs, mesh)
+    tmp, state = mesh_state("aivo-first-")
     (port,) = free_ports(1)
     state.mesh_file.write_text((ROOT / "mesh.yaml").read_text().replace("port: 50051", f"port: {port}"))
     mesh = load_mesh(state.mesh_file)

@@ -27,11 +27,10 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench_client import SERVER, die_with_parent, quartiles, run_case, write_results
+from bench_client import SERVER, die_with_parent, mesh_state, quartiles, run_case, write_results
 from loadmeter import LoadMeter, quiet_rounds
 
 import aivo_mesh
@@ -109,17 +108,9 @@ async def client_window(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
-    from aivo_mesh.config import load_mesh
-    from aivo_mesh.pki.issue import init_ca, issue_all
     from aivo_mesh.runtime.local import free_ports
-    from aivo_mesh.runtime.state import StateDir
 
-    tmp = Path(tempfile.mkdtemp(prefix="aivo-shipped-"))
-    state = StateDir(tmp / "state")
-    state.ensure()
-    mesh = load_mesh(ROOT / "mesh.yaml")
-    init_ca(state.certs, mesh.mesh.trust_domain)
-    issue_all(state.certs, mesh)
+    tmp, state = mesh_state("aivo-shipped-")
     ports = dict(zip(CASES, free_ports(len(CASES)), strict=True))
     state.mesh_file.write_text((ROOT / "mesh.yaml").read_text())
     servers: dict[str, subprocess.Popen[str]] = {}

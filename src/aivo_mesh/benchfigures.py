@@ -48,11 +48,10 @@ class Figure:
     @property
     def score(self) -> float | None:
         """The figure over its target, oriented so that >= 1 meets it (the plot's axis)."""
-        if self.target is None or self.value <= 0:
-            return None
-        return self.value / self.target if self.higher_is_better else self.target / self.value
+        return None if self.target is None else self.scored(self.value)
 
     def scored(self, x: float) -> float:
+        """`x` (the value, or an end of its spread) over the target, oriented as `score`."""
         assert self.target is not None
         return x / self.target if self.higher_is_better else self.target / max(x, 1e-12)
 
@@ -144,13 +143,13 @@ def docs_with_tables(text: str, history: Sequence[Run]) -> str:
     ValueError if a benchmark's markers are missing."""
     for benchmark in BENCHMARKS:
         start, end = _marker(benchmark)
-        pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.S)
-        if not pattern.search(text):
+        m = re.search(re.escape(start) + r".*?" + re.escape(end), text, re.S)
+        if m is None:
             raise ValueError(f"no {start} ... {end} block: where should {benchmark}'s table go?")
         found = latest(history, benchmark)
         body = (markdown_table(*found, benchmark) if found
                 else f"No recorded run yet: `meshctl bench {benchmark} --record`.")
-        text = pattern.sub(lambda _m, b=body, s=start, e=end: f"{s}\n{b}\n{e}", text)  # type: ignore[misc]
+        text = f"{text[:m.start()]}{start}\n{body}\n{end}{text[m.end():]}"
     return text
 
 
@@ -166,7 +165,7 @@ def plot_svg(history: Sequence[Run], runs: int = PLOT_RUNS) -> str:
     series: dict[tuple[str, str], list[Figure]] = {}
     for run in history:
         for f in run.figures:
-            if f.target is not None and f.score is not None:
+            if f.target is not None:
                 series.setdefault((f.benchmark, f.name), []).append(f)
     order = {b: i for i, b in enumerate(BENCHMARKS)}
     rows = [(key, figs[-runs:]) for key, figs in sorted(series.items(), key=lambda kv: order.get(kv[0][0], 99))]

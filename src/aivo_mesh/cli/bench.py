@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING
 
 import click
 
+from aivo_mesh.benchfigures import BENCHMARKS
 from aivo_mesh.cli._output import emit, output_option
 from aivo_mesh.cli._root import cli
 
 if TYPE_CHECKING:
     from aivo_mesh.benchfigures import Figure, Run
 
-BENCHMARK_NAMES = ("client", "sidecar", "policy", "scale", "startup")  # benchfigures.BENCHMARKS, without importing it
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ def commit(root: Path) -> str:
 
 @cli.command(short_help="Run the benchmarks and print each figure against its same-run baseline.")
 @click.argument("names", nargs=-1, metavar="[client|sidecar|policy|scale|startup]...",
-                type=click.Choice(BENCHMARK_NAMES))
+                type=click.Choice(BENCHMARKS))
 @click.option("--quick", is_flag=True, help="fewer rounds: a smoke run, its figures too noisy to record")
 @click.option("--report", "report_only", is_flag=True,
               help="run nothing: print the figures of each benchmark's last run")
@@ -123,7 +123,7 @@ def bench(names: tuple[str, ...], quick: bool, report_only: bool, record: bool, 
         raise click.UsageError("--quick runs are too short to record: drop --quick or --record")
     root = find_checkout(checkout)
     bench_dir, results_dir = root / "benchmarks", root / "benchmarks" / "results"
-    chosen = names or BENCHMARK_NAMES
+    chosen = names or BENCHMARKS
     figures: list[Figure] = []
     skipped: list[dict[str, str]] = []
     for name in chosen:
