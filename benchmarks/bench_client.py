@@ -47,6 +47,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+# aivo_mesh before grpc, as in any mesh process: it sets what grpc core reads once, at import (aivo_mesh.tls).
+import aivo_mesh  # noqa: F401  # isort: skip
 import grpc
 
 from aivo_mesh import run

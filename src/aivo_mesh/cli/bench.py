@@ -37,7 +37,9 @@ class Step:
 STEPS: dict[str, tuple[Step, ...]] = {
     "client": (Step("bench_shipped.py", "shipped", quick=("--rounds", "3", "--max-reruns", "2")),
                Step("bench_client.py", "client", ("--loop", "uvloop", "--no-xds"),
-                    quick=("--reps", "3", "--max-reruns", "2", "--window", "1"))),
+                    quick=("--reps", "3", "--max-reruns", "2", "--window", "1")),
+               Step("count_python_instructions.py", "python_instructions", quick=("--calls", "300", "--warmup", "100"),
+                    needs="valgrind")),
     "sidecar": (Step("bench_sidecar.py", "sidecar", quick=("--reps", "3", "--max-reruns", "2"), needs="envoy"),
                 Step("count_envoy_instructions.py", "envoy_instructions", quick=("--calls", "100", "--warmup", "20"),
                      needs="valgrind")),

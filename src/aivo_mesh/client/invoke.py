@@ -79,7 +79,11 @@ def make_terminal(target: InvokeTarget) -> Handler:
 
     async def terminal(call: Call) -> Reply:
         t: Transport = call.transport
-        timeout = attempt_timeout(call, clock(), call.per_try_timeout)
+        # attempt_timeout(call, clock(), call.per_try_timeout), inline: this runs on every attempt.
+        per_try, deadline = call.per_try_timeout, call.deadline
+        timeout = None if deadline is None else deadline - clock()
+        if per_try is not None and (timeout is None or per_try < timeout):
+            timeout = per_try
         if timeout is not None and timeout <= 0:
             return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt",
                          local=LocalReason.DEADLINE)
@@ -92,10 +96,11 @@ def make_terminal(target: InvokeTarget) -> Handler:
             if timeout is not None and timeout <= 0:
                 return Reply("DEADLINE_EXCEEDED", details="deadline exceeded while connecting",
                              local=LocalReason.DEADLINE)
-        metadata: tuple[tuple[str, Any], ...] | None = (*t.metadata, *call.metadata)
-        if call.attempt > 1:
-            metadata = (*metadata, (ATTEMPT_HEADER, str(call.attempt)))  # type: ignore[misc]
-        metadata = metadata or None
+        metadata: tuple[tuple[str, Any], ...] | None = None
+        if t.metadata or call.metadata or call.attempt > 1:
+            metadata = (*t.metadata, *call.metadata)
+            if call.attempt > 1:
+                metadata = (*metadata, (ATTEMPT_HEADER, str(call.attempt)))
         if t.kind != UNARY:
             return _open_stream(call, t, pool, timeout, metadata)
         try:
@@ -196,9 +201,9 @@ class Invoker:
         path, info, stack = self._method(method)
         if codec is not None:
             info = codec
-        transport = Transport(UNARY, info, pairs(metadata), wait_for_ready, continuation, details, credentials,
-                              compression)
-        call = Call(self._target.service, path, request, timeout=timeout, transport=transport)
+        transport = Transport(UNARY, info, tuple(metadata) if metadata else (), wait_for_ready, continuation, details,
+                              credentials, compression)
+        call = Call(self._target.service, path, request, None, timeout, transport=transport)
         reply = await stack(call)
         if reply.ok:
             return reply.value, transport.answered

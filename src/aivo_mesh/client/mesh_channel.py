@@ -52,6 +52,29 @@ _NEW, _INLINE, _TASK, _DONE = range(4)
 _CANCELLED_DETAILS = "Locally cancelled by application!"  # grpc.aio's wording
 
 
+class Starter:
+    """Starts the calls that nobody awaited in the step that made them, in a Task each: one loop
+    callback per step for all the calls of that step, rather than one per call (most calls are
+    awaited at once, and the callback then finds nothing to do). One per channel, as a channel
+    belongs to one event loop."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending: list[MeshUnaryUnaryCall] = []
+
+    def add(self, call: MeshUnaryUnaryCall) -> None:
+        if not self._pending:
+            asyncio.get_running_loop().call_soon(self._start)
+        self._pending.append(call)
+
+    def _start(self) -> None:
+        pending, self._pending = self._pending, []
+        for call in pending:
+            if call._state == _NEW:
+                call._start_detached()
+
+
 class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     """A unary call through the policy stack, with grpc.aio's `UnaryUnaryCall` interface.
 
@@ -63,19 +86,25 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     has finished, as for any intercepted grpc.aio call.
     """
 
-    def __init__(self, invocation: Coroutine[Any, Any, tuple[Any, Any]], timeout: float | None) -> None:
+    # Defaults at class level: a call sets only what it uses (most calls are awaited at once, and
+    # succeed), so making one costs three attribute stores, not twelve.
+    _owner: asyncio.Task[Any] | None = None
+    _task: asyncio.Task[Any] | None = None
+    _value: Any = None
+    _answered: Any = None
+    _error: BaseException | None = None
+    _waiter: asyncio.Future[None] | None = None
+    _callbacks: list[Callable[[Any], None]] | None = None
+    _deadline: float | None = None
+    _cancel_requested = False
+
+    def __init__(self, invocation: Coroutine[Any, Any, tuple[Any, Any]], timeout: float | None,
+                 starter: Starter | None = None) -> None:
         self._invocation = invocation
         self._state = _NEW
-        self._owner: asyncio.Task[Any] | None = None
-        self._task: asyncio.Task[Any] | None = None
-        self._value: Any = None
-        self._answered: Any = None
-        self._error: BaseException | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[Any], None]] = []
-        self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._cancel_requested = False
-        asyncio.get_running_loop().call_soon(self._start_detached)
+        if timeout is not None:
+            self._deadline = time.monotonic() + timeout
+        (starter or Starter()).add(self)
 
     # -- running ---------------------------------------------------------------------------------
     def _start_detached(self) -> None:
@@ -93,18 +122,19 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
             task.exception()  # the caller reads it from the call: no "never retrieved" warning
 
     async def _run(self) -> Any:
+        """The call in a Task of its own (`__await__` runs it in the awaiting task instead)."""
         try:
             self._value, self._answered = await self._invocation
-        except asyncio.CancelledError as exc:
-            if self._cancel_requested and self._owner is not None:
-                self._owner.uncancel()  # our cancel(), not the owner's own: leave its count as it was
-            self._finish(exc)
-            raise
         except BaseException as exc:
-            self._finish(exc)
+            self._failed(exc)
             raise
         self._finish(None)
         return self._value
+
+    def _failed(self, exc: BaseException) -> None:
+        if isinstance(exc, asyncio.CancelledError) and self._cancel_requested and self._owner is not None:
+            self._owner.uncancel()  # our cancel(), not the owner's own: leave its count as it was
+        self._finish(exc)
 
     def _finish(self, error: BaseException | None) -> None:
         self._state = _DONE
@@ -112,9 +142,10 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
         self._owner = None
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
-        callbacks, self._callbacks = self._callbacks, []
-        for cb in callbacks:
-            self._callback(cb)
+        if self._callbacks:
+            callbacks, self._callbacks = self._callbacks, None
+            for cb in callbacks:
+                self._callback(cb)
 
     def _callback(self, cb: Callable[[Any], None]) -> None:
         """A failing callback is reported to the loop, as asyncio does for its own callbacks; it must
@@ -126,10 +157,16 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
                 {"message": f"exception in a done callback of {self!r}", "exception": exc})
 
     def __await__(self) -> Generator[Any, None, Any]:
-        if self._state == _NEW:  # the usual `await stub.M(req)`: run in the awaiting task
+        if self._state == _NEW:  # the usual `await stub.M(req)`: run in the awaiting task (as `_run`, inline)
             self._state = _INLINE
             self._owner = asyncio.current_task()
-            return (yield from self._run().__await__())
+            try:
+                self._value, self._answered = yield from self._invocation.__await__()
+            except BaseException as exc:
+                self._failed(exc)
+                raise
+            self._finish(None)
+            return self._value
         if self._state == _TASK:  # awaited directly, as grpc.aio does: cancelling the awaiter cancels the call
             assert self._task is not None
             return (yield from self._task.__await__())
@@ -181,6 +218,8 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._state == _DONE:
             self._callback(callback)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
         else:
             self._callbacks.append(callback)
 
@@ -233,18 +272,21 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 
 
 class _UnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
-    __slots__ = ("_codec", "_invoker", "_method")
+    __slots__ = ("_codec", "_invoker", "_method", "_starter")
 
-    def __init__(self, invoker: Invoker, method: str, codec: MethodInfo | None = None) -> None:
+    def __init__(self, invoker: Invoker, method: str, codec: MethodInfo | None = None,
+                 starter: Starter | None = None) -> None:
         self._invoker = invoker
         self._method = method
         self._codec = codec  # the caller's own (de)serializers, if not the message classes'
+        self._starter = starter or Starter()
 
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
                  compression: grpc.Compression | None = None) -> MeshUnaryUnaryCall:
         return MeshUnaryUnaryCall(self._invoker.unary(self._method, request, timeout, metadata, credentials,
-                                                      wait_for_ready, compression, codec=self._codec), timeout)
+                                                      wait_for_ready, compression, codec=self._codec), timeout,
+                                  self._starter)
 
 
 def _own_codec_only(method: str | bytes, request_serializer: Callable[..., Any] | None,
@@ -271,6 +313,7 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
         self._target = target
         self._front = front
         self._invoker = invoker
+        self._starter = Starter()
 
     def unary_unary(self, method: str, request_serializer: Callable[..., Any] | None = None,
                     response_deserializer: Callable[..., Any] | None = None,
@@ -281,7 +324,7 @@ class MeshChannel(grpc.aio.Channel):  # type: ignore[misc]
             return self._front.unary_unary(method, request_serializer, response_deserializer, _registered_method)
         # A caller's own (de)serializers (raw bytes) are used as given, as on a plain channel.
         codec = info.with_codec(request_serializer, response_deserializer)
-        return _UnaryUnaryMultiCallable(self._invoker, path, None if codec is info else codec)
+        return _UnaryUnaryMultiCallable(self._invoker, path, None if codec is info else codec, self._starter)
 
     def unary_stream(self, method: str, request_serializer: Callable[..., Any] | None = None,
                      response_deserializer: Callable[..., Any] | None = None,
