@@ -10,9 +10,10 @@ both processes of a case run under it; --warmup calls at --concurrency, counters
     plain     a grpc.aio client and server, both on asyncio's default loop (bench_shipped.py's baseline)
     shipped   MeshClient (get_channel + stub, full policy stack) and MeshServer on `aivo_mesh.run`'s loop
     raw       a grpc.aio client on that same loop, calling the same MeshServer: the client's baseline
-Counts are user-space instructions of every thread of the process (grpc core's included); the kernel's
-share (sockets, wake-ups) is not in them, nor are cache misses, so a ratio of counts is not a ratio of
-requests per second: it is what the mesh's Python costs, without the noise. Writes
+Counts are user-space instructions of every thread of the process (grpc core's included), and of its
+event loop thread alone (the one that runs all of the Python). The kernel's share (sockets, wake-ups)
+is not in them, nor are cache misses, so a ratio of counts is not a ratio of requests per second: it
+is what the mesh's Python costs, without the noise. Writes
 benchmarks/results/python_instructions.json. Needs valgrind; about three minutes.
 """
 
@@ -31,7 +32,6 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_client import ROOT, SERVER, die_with_parent, mesh_state, write_results
 from bench_shipped import PLAIN_SERVER
-from count_envoy_instructions import _instructions
 
 from aivo_mesh.benchfigures import Figure
 from aivo_mesh.runtime.local import free_ports
@@ -111,6 +111,25 @@ CASES = {
 }
 
 
+MAIN_THREAD = "01"
+
+
+def _by_thread(pid: int, out_dir: Path) -> dict[str, int]:
+    """Dump `pid`'s counters since the last zeroing; the instructions (Ir) of each thread in that dump
+    (`--separate-threads=yes` writes one file per thread: cg.<pid>.<dump>-<thread>)."""
+    before = set(out_dir.glob(f"cg.{pid}.*"))
+    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
+    counts = {}
+    for dump in set(out_dir.glob(f"cg.{pid}.*")) - before:
+        m = re.search(r"^(?:summary|totals):\s*(\d+)", dump.read_text(errors="replace"), re.M)
+        if m is None:
+            raise RuntimeError(f"no instruction total in {dump}")
+        counts[dump.name.rsplit("-", 1)[1]] = int(m.group(1))
+    if MAIN_THREAD not in counts:
+        raise RuntimeError(f"callgrind wrote no dump of process {pid}'s main thread in {out_dir}")
+    return counts
+
+
 def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, Any]:
     """Instructions per call of the client and the server of one case."""
     tmp, state = mesh_state("aivo-count-python-")
@@ -118,7 +137,7 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
     # takes tens of times longer. Every call still has a deadline, so the same code runs.
     state.mesh_file.write_text(re.sub(r"(timeout: )\d+m?s\b", r"\g<1>60s", (ROOT / "mesh.yaml").read_text()))
     port = free_ports(1)[0]
-    cg = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p")
+    cg = ("valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={tmp}/cg.%p")
     procs: list[subprocess.Popen[str]] = []
     try:
         server = subprocess.Popen(
@@ -147,17 +166,23 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
         if client.stdout.readline().strip() != "done":
             raise RuntimeError(f"the {case.client} client exited during the counted calls")
         elapsed = time.monotonic() - started
-        busy = {who: _instructions(pid, tmp) for who, pid in pids.items()}
+        busy = {who: _by_thread(pid, tmp) for who, pid in pids.items()}
         for pid in pids.values():
             subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
         time.sleep(elapsed)
-        idle = {who: _instructions(pid, tmp) for who, pid in pids.items()}
+        idle = {who: _by_thread(pid, tmp) for who, pid in pids.items()}
         client.stdin.write("exit\n")
         client.stdin.flush()
         client.wait(120)
-        per = {who: round((busy[who] - idle[who]) / calls) for who in pids}
-        return {**per, "total": per["client"] + per["server"], "busy": busy, "idle": idle, "calls": calls,
-                "seconds": round(elapsed, 1)}
+        def per_call(who: str, thread: str | None = None) -> int:
+            threads = [thread] if thread else busy[who]
+            return round(sum(busy[who].get(t, 0) - idle[who].get(t, 0) for t in threads) / calls)
+
+        per = {who: per_call(who) for who in pids}
+        # Thread 1 is the main thread: the one running the event loop, and with it all of the Python.
+        loop = {who: per_call(who, MAIN_THREAD) for who in pids}
+        return {**per, "total": per["client"] + per["server"], "event_loop_thread": loop, "busy": busy,
+                "idle": idle, "calls": calls, "seconds": round(elapsed, 1)}
     finally:
         for p in procs:
             if p.poll() is None:
@@ -179,8 +204,9 @@ def main() -> None:
     for name, case in CASES.items():
         cases[name] = {**case._asdict(), **count(case, args.calls, args.warmup, args.concurrency)}
         r = cases[name]
-        print(f"{name:8s} client {r['client']:>9,}  server {r['server']:>9,}  total {r['total']:>9,} "
-              "instructions/call", flush=True)
+        loop = r["event_loop_thread"]
+        print(f"{name:8s} client {r['client']:>9,} ({loop['client']:>9,} event loop)  server {r['server']:>9,} "
+              f"({loop['server']:>9,} event loop)  total {r['total']:>9,} instructions/call", flush=True)
     plain, shipped, raw = cases["plain"], cases["shipped"], cases["raw"]
     where = f"c={args.concurrency}"
     ratios = {
@@ -190,6 +216,8 @@ def main() -> None:
             plain["server"] / shipped["server"],
         f"raw grpc.aio client / MeshClient (same loop, same MeshServer), instructions per call, {where}":
             raw["client"] / shipped["client"],
+        f"plain grpc.aio server / MeshServer as shipped, the event loop thread's instructions per call, {where}":
+            plain["event_loop_thread"]["server"] / shipped["event_loop_thread"]["server"],
     }
     summary: dict[str, Any] = {"concurrency": args.concurrency, "cases": cases,
                                "ratios": {k: round(v, 3) for k, v in ratios.items()},
