@@ -288,14 +288,21 @@ def real_envoy() -> str:
         return envoy_binary()
 
 
-def _instructions(pid: int, out_dir: Path) -> int:
-    """Dump `pid`'s counters since the last zeroing and read the total instructions (Ir) of the dump."""
+def dump_counts(pid: int, out_dir: Path) -> dict[str, int]:
+    """Dump `pid`'s counters (callgrind, writing to `out_dir`/cg.<pid>...) since the last zeroing: the
+    instructions (Ir) in that dump, per thread under `--separate-threads=yes` (one file per thread,
+    cg.<pid>.<dump>-<thread>: keyed by thread, "01" the main one), else under the key "all"."""
+    before = set(out_dir.glob(f"cg.{pid}.*"))
     subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
-    dump = max(out_dir.glob(f"cg.{pid}*"), key=lambda p: p.stat().st_mtime_ns)
-    m = re.search(r"^(?:summary|totals):\s*(\d+)", dump.read_text(errors="replace"), re.M)
-    if m is None:
-        raise RuntimeError(f"no instruction total in {dump}")
-    return int(m.group(1))
+    counts = {}
+    for dump in set(out_dir.glob(f"cg.{pid}.*")) - before:
+        m = re.search(r"^(?:summary|totals):\s*(\d+)", dump.read_text(errors="replace"), re.M)
+        if m is None:
+            raise RuntimeError(f"no instruction total in {dump}")
+        counts[dump.name.rsplit("-", 1)[1] if "-" in dump.name else "all"] = int(m.group(1))
+    if not counts:
+        raise RuntimeError(f"callgrind wrote no dump of process {pid} in {out_dir}")
+    return counts
 
 
 async def count(hop: str, calls: int, warmup: int, ablation: Ablation | None = None) -> dict[str, Any]:
@@ -331,10 +338,10 @@ async def count(hop: str, calls: int, warmup: int, ablation: Ablation | None = N
             for _ in range(calls):
                 await call(b"x" * 100, timeout=30)
             elapsed = time.monotonic() - started
-            busy = _instructions(watched, tmp)
+            busy = sum(dump_counts(watched, tmp).values())
             subprocess.run(["callgrind_control", "-z", str(watched)], check=True, capture_output=True)
             await asyncio.sleep(elapsed)
-            idle = _instructions(watched, tmp)
+            idle = sum(dump_counts(watched, tmp).values())
         return {"instructions_per_request": round((busy - idle) / calls), "busy": busy, "idle": idle,
                 "calls": calls, "seconds": round(elapsed, 2)}
     finally:

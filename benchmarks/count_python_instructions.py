@@ -32,6 +32,7 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_client import ROOT, SERVER, die_with_parent, mesh_state, write_results
 from bench_shipped import PLAIN_SERVER
+from count_envoy_instructions import dump_counts
 
 from aivo_mesh.benchfigures import Figure
 from aivo_mesh.runtime.local import free_ports
@@ -114,22 +115,6 @@ CASES = {
 MAIN_THREAD = "01"
 
 
-def _by_thread(pid: int, out_dir: Path) -> dict[str, int]:
-    """Dump `pid`'s counters since the last zeroing; the instructions (Ir) of each thread in that dump
-    (`--separate-threads=yes` writes one file per thread: cg.<pid>.<dump>-<thread>)."""
-    before = set(out_dir.glob(f"cg.{pid}.*"))
-    subprocess.run(["callgrind_control", "-d", str(pid)], check=True, capture_output=True)
-    counts = {}
-    for dump in set(out_dir.glob(f"cg.{pid}.*")) - before:
-        m = re.search(r"^(?:summary|totals):\s*(\d+)", dump.read_text(errors="replace"), re.M)
-        if m is None:
-            raise RuntimeError(f"no instruction total in {dump}")
-        counts[dump.name.rsplit("-", 1)[1]] = int(m.group(1))
-    if MAIN_THREAD not in counts:
-        raise RuntimeError(f"callgrind wrote no dump of process {pid}'s main thread in {out_dir}")
-    return counts
-
-
 def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, Any]:
     """Instructions per call of the client and the server of one case."""
     tmp, state = mesh_state("aivo-count-python-")
@@ -166,14 +151,17 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
         if client.stdout.readline().strip() != "done":
             raise RuntimeError(f"the {case.client} client exited during the counted calls")
         elapsed = time.monotonic() - started
-        busy = {who: _by_thread(pid, tmp) for who, pid in pids.items()}
+        busy = {who: dump_counts(pid, tmp) for who, pid in pids.items()}
         for pid in pids.values():
             subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
         time.sleep(elapsed)
-        idle = {who: _by_thread(pid, tmp) for who, pid in pids.items()}
+        idle = {who: dump_counts(pid, tmp) for who, pid in pids.items()}
         client.stdin.write("exit\n")
         client.stdin.flush()
         client.wait(120)
+        if any(MAIN_THREAD not in counts for counts in busy.values()):
+            raise RuntimeError("callgrind wrote no dump of a main thread")
+
         def per_call(who: str, thread: str | None = None) -> int:
             threads = [thread] if thread else busy[who]
             return round(sum(busy[who].get(t, 0) - idle[who].get(t, 0) for t in threads) / calls)
