@@ -288,6 +288,21 @@ def real_envoy() -> str:
         return envoy_binary()
 
 
+def require_valgrind() -> None:
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        sys.exit("valgrind is not installed (apt-get install valgrind)")
+
+
+def callgrind(out_dir: Path, *, separate_threads: bool = False) -> tuple[str, ...]:
+    """The command that runs a program under callgrind, its dumps in `out_dir` (read by `dump_counts`)."""
+    return ("valgrind", "--tool=callgrind", *(("--separate-threads=yes",) if separate_threads else ()),
+            f"--callgrind-out-file={out_dir}/cg.%p")
+
+
+def zero_counts(pid: int) -> None:
+    subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+
+
 def dump_counts(pid: int, out_dir: Path) -> dict[str, int]:
     """Dump `pid`'s counters (callgrind, writing to `out_dir`/cg.<pid>...) since the last zeroing: the
     instructions (Ir) in that dump, per thread under `--separate-threads=yes` (one file per thread,
@@ -318,8 +333,7 @@ async def count(hop: str, calls: int, warmup: int, ablation: Ablation | None = N
         for label, (path, admin) in paths.envoys.items():
             if not label.startswith(case):
                 continue
-            wrapper = (("valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/cg.%p")
-                       if label == hop else ())
+            wrapper = callgrind(tmp) if label == hop else ()
             procs.append(start_envoy(envoy, path, wrapper=wrapper))
             if label == hop:
                 watched = procs[-1].pid
@@ -333,13 +347,13 @@ async def count(hop: str, calls: int, warmup: int, ablation: Ablation | None = N
                 # route's 5 s deadline. Warm-up is not counted, so such a call only needs to end.
                 with contextlib.suppress(grpc.aio.AioRpcError):
                     await call(b"x" * 100, timeout=30)
-            subprocess.run(["callgrind_control", "-z", str(watched)], check=True, capture_output=True)
+            zero_counts(watched)
             started = time.monotonic()
             for _ in range(calls):
                 await call(b"x" * 100, timeout=30)
             elapsed = time.monotonic() - started
             busy = sum(dump_counts(watched, tmp).values())
-            subprocess.run(["callgrind_control", "-z", str(watched)], check=True, capture_output=True)
+            zero_counts(watched)
             await asyncio.sleep(elapsed)
             idle = sum(dump_counts(watched, tmp).values())
         return {"instructions_per_request": round((busy - idle) / calls), "busy": busy, "idle": idle,
@@ -361,8 +375,7 @@ def main() -> None:
     ap.add_argument("--ablate", nargs="+", default=[], metavar="NAME",
                     help=f"`all` or any of: {', '.join(ABLATIONS)}")
     args = ap.parse_args()
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    require_valgrind()
     names = list(ABLATIONS) if args.ablate == ["all"] else args.ablate
     if unknown := set(names) - set(ABLATIONS):
         sys.exit(f"unknown ablation(s) {sorted(unknown)}: {', '.join(ABLATIONS)}")

@@ -32,7 +32,7 @@ from typing import Any, NamedTuple
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_client import ROOT, SERVER, die_with_parent, mesh_state, write_results
 from bench_shipped import PLAIN_SERVER
-from count_envoy_instructions import dump_counts
+from count_envoy_instructions import callgrind, dump_counts, require_valgrind, zero_counts
 
 from aivo_mesh.benchfigures import Figure
 from aivo_mesh.runtime.local import free_ports
@@ -122,7 +122,7 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
     # takes tens of times longer. Every call still has a deadline, so the same code runs.
     state.mesh_file.write_text(re.sub(r"(timeout: )\d+m?s\b", r"\g<1>60s", (ROOT / "mesh.yaml").read_text()))
     port = free_ports(1)[0]
-    cg = ("valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={tmp}/cg.%p")
+    cg = callgrind(tmp, separate_threads=True)
     procs: list[subprocess.Popen[str]] = []
     try:
         server = subprocess.Popen(
@@ -144,7 +144,7 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
             raise RuntimeError(f"the {case.client} client exited before warming up: {client.stderr.read()[-2000:]}")
         pids = {"client": client.pid, "server": server.pid}
         for pid in pids.values():
-            subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+            zero_counts(pid)
         started = time.monotonic()
         client.stdin.write("go\n")
         client.stdin.flush()
@@ -153,7 +153,7 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
         elapsed = time.monotonic() - started
         busy = {who: dump_counts(pid, tmp) for who, pid in pids.items()}
         for pid in pids.values():
-            subprocess.run(["callgrind_control", "-z", str(pid)], check=True, capture_output=True)
+            zero_counts(pid)
         time.sleep(elapsed)
         idle = {who: dump_counts(pid, tmp) for who, pid in pids.items()}
         client.stdin.write("exit\n")
@@ -186,8 +186,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--concurrency", type=int, default=32)
     args = ap.parse_args()
-    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
-        sys.exit("valgrind is not installed (apt-get install valgrind)")
+    require_valgrind()
     cases: dict[str, Any] = {}
     for name, case in CASES.items():
         cases[name] = {**case._asdict(), **count(case, args.calls, args.warmup, args.concurrency)}

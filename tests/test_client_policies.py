@@ -730,6 +730,20 @@ async def test_a_stub_call_made_but_not_awaited_starts_at_once_and_fires_its_cal
     assert (await call).valid
 
 
+async def test_calls_made_in_one_step_start_whether_or_not_they_are_awaited(servers, make_client):
+    # One loop callback starts every call of a step that nobody awaited; the one awaited at once runs in
+    # the awaiting task and is not started a second time.
+    plan = FaultPlan()
+    s = await servers(plan, "a")
+    client = make_client(_mesh(), [f"127.0.0.1:{s.bound_port}"])
+    stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+    calls = [stub.ValidateToken(_req()) for _ in range(3)]
+    assert (await calls[0]).valid
+    await until(lambda: plan.calls == 3, what="the two calls nobody awaited reached the server")
+    assert all([(await c).valid for c in calls[1:]])
+    assert plan.calls == 3
+
+
 async def test_cancelling_an_awaited_stub_call_stops_its_retries_and_leaves_the_caller_uncancelled(
         servers, make_client):
     plan, client = await _always_unavailable(servers, make_client)

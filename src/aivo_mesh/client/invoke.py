@@ -79,11 +79,7 @@ def make_terminal(target: InvokeTarget) -> Handler:
 
     async def terminal(call: Call) -> Reply:
         t: Transport = call.transport
-        # attempt_timeout(call, clock(), call.per_try_timeout), inline: this runs on every attempt.
-        per_try, deadline = call.per_try_timeout, call.deadline
-        timeout = None if deadline is None else deadline - clock()
-        if per_try is not None and (timeout is None or per_try < timeout):
-            timeout = per_try
+        timeout = attempt_timeout(call, clock(), call.per_try_timeout)
         if timeout is not None and timeout <= 0:
             return Reply("DEADLINE_EXCEEDED", details="deadline exceeded before the attempt",
                          local=LocalReason.DEADLINE)
@@ -201,8 +197,8 @@ class Invoker:
         path, info, stack = self._method(method)
         if codec is not None:
             info = codec
-        transport = Transport(UNARY, info, tuple(metadata) if metadata else (), wait_for_ready, continuation, details,
-                              credentials, compression)
+        transport = Transport(UNARY, info, pairs(metadata), wait_for_ready, continuation, details, credentials,
+                              compression)
         call = Call(self._target.service, path, request, None, timeout, transport=transport)
         reply = await stack(call)
         if reply.ok:

@@ -99,12 +99,12 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
     _cancel_requested = False
 
     def __init__(self, invocation: Coroutine[Any, Any, tuple[Any, Any]], timeout: float | None,
-                 starter: Starter | None = None) -> None:
+                 starter: Starter) -> None:
         self._invocation = invocation
         self._state = _NEW
         if timeout is not None:
             self._deadline = time.monotonic() + timeout
-        (starter or Starter()).add(self)
+        starter.add(self)
 
     # -- running ---------------------------------------------------------------------------------
     def _start_detached(self) -> None:
@@ -274,12 +274,11 @@ class MeshUnaryUnaryCall(grpc.aio.UnaryUnaryCall):  # type: ignore[misc]
 class _UnaryUnaryMultiCallable(grpc.aio.UnaryUnaryMultiCallable):  # type: ignore[misc]
     __slots__ = ("_codec", "_invoker", "_method", "_starter")
 
-    def __init__(self, invoker: Invoker, method: str, codec: MethodInfo | None = None,
-                 starter: Starter | None = None) -> None:
+    def __init__(self, invoker: Invoker, method: str, codec: MethodInfo | None, starter: Starter) -> None:
         self._invoker = invoker
         self._method = method
         self._codec = codec  # the caller's own (de)serializers, if not the message classes'
-        self._starter = starter or Starter()
+        self._starter = starter
 
     def __call__(self, request: Any, *, timeout: float | None = None, metadata: Any = None,
                  credentials: grpc.CallCredentials | None = None, wait_for_ready: bool | None = None,
