@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from binaries import needs, tool
@@ -231,3 +232,45 @@ def test_deploy_without_docker_runs_sidecars_and_prometheus_then_down(tmp_path):
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     assert "prometheus  stopped" in stopped.stdout
     assert not (state / "deploy.json").exists()
+
+
+def _script_module() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("test_mesh_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_local_legs_fail_on_a_loopback_listener_where_the_app_would_listen(tmp_path: Path) -> None:
+    import socket
+
+    from aivo_mesh.config import load_mesh
+    from aivo_mesh.runtime.local import free_ports
+
+    script = _script_module()
+    mesh = load_mesh(ROOT / "mesh.yaml")
+    port = free_ports(1)[0]
+    svc = mesh.service("auth-svc").model_copy(update={"local_port": port})
+    folder = tmp_path / "legs"
+    folder.mkdir(mode=0o700)
+    legs = []
+    for name in ("app.sock", "outbound.sock"):
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(folder / name))
+        os.chmod(folder / name, 0o600)
+        legs.append(sock)
+    ep = script.Endpoints("127.0.0.1:1", None, None, app=f"unix:{folder / 'app.sock'}",
+                          outbound=f"unix:{folder / 'outbound.sock'}")
+    try:
+        ok, detail = script.local_legs(mesh, svc, ep)
+        assert ok, detail  # private sockets and nothing on the TCP port
+        with socket.create_server(("127.0.0.1", port)):
+            ok, detail = script.local_legs(mesh, svc, ep)
+        assert not ok and f"app: 127.0.0.1:{port} accepts connections" in detail
+    finally:
+        for sock in legs:
+            sock.close()

@@ -298,7 +298,9 @@ def local_legs(mesh: MeshSpec, svc: ServiceSpec, ep: Endpoints) -> tuple[bool | 
     for leg, port in ports.items():
         with socket.socket() as s:
             s.settimeout(HTTP_TIMEOUT)
-            if s.connect_ex(("127.0.0.1", port)) == 0:
+            # A connect that succeeds to itself (the kernel picked `port` as the source port: TCP's
+            # simultaneous open) found no listener.
+            if s.connect_ex(("127.0.0.1", port)) == 0 and s.getsockname() != s.getpeername():
                 problems.append(f"{leg}: 127.0.0.1:{port} accepts connections")
     if problems:
         return False, "; ".join(problems)
