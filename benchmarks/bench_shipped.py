@@ -11,6 +11,8 @@ and each window its own client process, since a process runs one event loop. Cas
               the mesh as it ran before `meshctl serve` and `aivo_mesh.run` chose uvloop
     shipped   the same pair on `aivo_mesh.run`'s loop (uvloop where it is installed), as `meshctl serve`
               runs services (target: >= 1.05x plain)
+    plain-uv  the plain pair on that same loop: what the loop alone gives, so the most a mesh on it could
+              read if its own work cost nothing
 Every round runs every case once, starting from another case each round; a case's figure is the median
 over rounds of its requests/s over plain's in the same round (quartiles, min and max reported). Each
 window is metered (loadmeter.py: client and server CPU, foreign load); a round whose windows saw more
@@ -38,11 +40,12 @@ from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.eventloop import LoopChoice
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("plain", "asyncio", "shipped")
-LOOPS: dict[str, LoopChoice] = {"plain": "asyncio", "asyncio": "asyncio", "shipped": "auto"}
+CASES = ("plain", "asyncio", "shipped", "plain-uv")
+LOOPS: dict[str, LoopChoice] = {"plain": "asyncio", "asyncio": "asyncio", "shipped": "auto", "plain-uv": "auto"}
+PLAIN = ("plain", "plain-uv")  # the cases of a plain grpc.aio client and server
 
 PLAIN_SERVER = """
-import asyncio, sys
+import sys
 from pathlib import Path
 import grpc
 from aivo_mesh.pki import CertLayout
@@ -64,7 +67,8 @@ async def main():
     print("ready", flush=True)
     await server.wait_for_termination()
 
-asyncio.run(main())
+import aivo_mesh
+aivo_mesh.run(main(), loop=sys.argv[4])  # asyncio's loop: as asyncio.run(main())
 """
 
 
@@ -80,7 +84,7 @@ async def client_window(args: argparse.Namespace) -> dict[str, Any]:
     certs = CertLayout(Path(args.certs))
     req = auth_pb2.ValidateTokenRequest(token="x" * 100)
     client = None
-    if args.client == "plain":
+    if args.client in PLAIN:
         cert, key = certs.identity_paths("learner-svc")
         creds = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
         channel = grpc.aio.secure_channel(f"127.0.0.1:{args.port}", creds,
@@ -116,7 +120,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     servers: dict[str, subprocess.Popen[str]] = {}
     try:
         for case in CASES:
-            code = PLAIN_SERVER if case == "plain" else SERVER
+            code = PLAIN_SERVER if case in PLAIN else SERVER
             servers[case] = subprocess.Popen(
                 [sys.executable, "-c", code, str(state.mesh_file), str(state.certs.root), str(ports[case]),
                  LOOPS[case]], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
@@ -169,7 +173,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         }
     where = f"c={args.concurrency}"
     for case, label, target in (("shipped", "MeshClient + MeshServer as shipped", 1.05),
-                                ("asyncio", "MeshClient + MeshServer on asyncio's loop", None)):
+                                ("asyncio", "MeshClient + MeshServer on asyncio's loop", None),
+                                ("plain-uv", "plain grpc.aio client and server on the shipped loop", None)):
         summary.setdefault("figures", []).extend([
             from_rounds("client", f"{label} / plain grpc.aio client and server, requests/s, {where}",
                   [rnd[case]["rps"] / rnd["plain"]["rps"] for rnd in rounds], target=target).to_dict(),

@@ -13,15 +13,35 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
+
+from aivo_mesh.policy.core import SESSION_HEADER
 
 if TYPE_CHECKING:
     from aivo_mesh.client.methods import MethodInfo
 
 DEFAULT_DRAIN_SECONDS = 30.0
+
+
+class Session(NamedTuple):
+    """A channel's session metadata, as pairs to put in front of a call's own, and as the one
+    `grpc.aio.Metadata` a call without metadata of its own is given (never changed: grpc.aio copies
+    it into each call; building one from pairs on every call costs more than the rest of it)."""
+
+    pairs: tuple[tuple[str, str], ...]
+    metadata: grpc.aio.Metadata | None
+
+
+NO_SESSION = Session((), None)
+
+
+def new_session() -> Session:
+    pairs = ((SESSION_HEADER, secrets.token_urlsafe(16)),)  # 128 random bits
+    return Session(pairs, grpc.aio.Metadata(*pairs))
 
 
 class EndpointPool:
@@ -37,6 +57,9 @@ class EndpointPool:
         self._options = list(options)
         self.drain_seconds = drain_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
+        # Per channel, the metadata every call on it carries: an mTLS channel's session token (server.authz.
+        # VerifiedSessions; a new channel, a new secret), nothing on the plaintext hop to a local sidecar.
+        self._sessions: dict[str, Session] = {}
         self._callables: dict[tuple[Any, ...], Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.generation = 0
@@ -47,7 +70,17 @@ class EndpointPool:
         ch = self._channels.get(endpoint)
         if ch is None:
             ch = self._channels[endpoint] = open_channel(endpoint, self._credentials, self._options)
+            self._sessions[endpoint] = new_session() if self._credentials is not None else NO_SESSION
         return ch
+
+    def session(self, endpoint: str) -> Session:
+        """The metadata every call on `endpoint`'s channel carries (its session token; none on a plaintext
+        channel), the channel opened if it was not."""
+        s = self._sessions.get(endpoint)
+        if s is None:
+            self.channel(endpoint)
+            s = self._sessions[endpoint]
+        return s
 
     def multicallable(self, endpoint: str, kind: str, info: MethodInfo) -> Any:
         """`channel.unary_unary(path, ...)` etc., cached: building one per call would cost more than
@@ -69,6 +102,7 @@ class EndpointPool:
         gone = [e for e in self._channels if e not in keep]
         for e in gone:
             self.on_forget(e)
+            self._sessions.pop(e, None)
             self._retire(self._channels.pop(e))
         if gone:
             self._callables = {k: v for k, v in self._callables.items() if k[0] in keep}
@@ -76,7 +110,7 @@ class EndpointPool:
     def rebuild(self, credentials: grpc.ChannelCredentials | None) -> None:
         """New credentials (rotated client certificate): new channels for new calls, old ones drain."""
         self._credentials = credentials
-        old, self._channels, self._callables = self._channels, {}, {}
+        old, self._channels, self._callables, self._sessions = self._channels, {}, {}, {}
         self.generation += 1
         for endpoint, ch in old.items():
             self.on_forget(endpoint)
@@ -85,6 +119,7 @@ class EndpointPool:
     def discard(self, endpoint: str) -> None:
         """Close an endpoint's channel now (its server was refused); the next call opens a new one."""
         ch = self._channels.pop(endpoint, None)
+        self._sessions.pop(endpoint, None)
         self.on_forget(endpoint)
         if ch is None:
             return
@@ -107,7 +142,7 @@ class EndpointPool:
         task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
-        channels, self._channels, self._callables = list(self._channels.values()), {}, {}
+        channels, self._channels, self._callables, self._sessions = list(self._channels.values()), {}, {}, {}
         for t in list(self._retiring):
             t.cancel()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

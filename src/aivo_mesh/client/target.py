@@ -149,7 +149,7 @@ class Target:
         stub = health_pb2_grpc.HealthStub(self.pool.channel(endpoint))
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=self.grpc_service),
-                                    timeout=self.health_timeout)
+                                    timeout=self.health_timeout, metadata=self.pool.session(endpoint).metadata)
             healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             healthy = False
@@ -185,11 +185,13 @@ class Target:
                 return False
             # One health check on the new connection, its answer left to the health loop: the connection's
             # first stream (HTTP/2 settings and header tables, grpc's first call path) is then behind us
-            # (a warm first call: 1.8x the steady p50 without it, 1.2x with it; docs/benchmarks.md).
+            # (a warm first call: 1.8x the steady p50 without it, 1.2x with it; docs/benchmarks.md), and
+            # the server has checked this connection's certificate (its session).
             stub = health_pb2_grpc.HealthStub(self.pool.channel(endpoint))
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Check(health_pb2.HealthCheckRequest(service=self.grpc_service),
-                                 timeout=max(0.001, min(self.health_timeout, deadline - loop.time())))
+                                 timeout=max(0.001, min(self.health_timeout, deadline - loop.time())),
+                                 metadata=self.pool.session(endpoint).metadata)
             return True
 
         endpoints = list(self.policy.balancer.endpoints)

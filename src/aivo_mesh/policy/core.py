@@ -26,6 +26,10 @@ monotonic: Clock = time.monotonic
 # The metadata key that carries `Call.attempt` on the wire: the client sends it on retries only (its
 # absence means attempt 1), the server reads it for its observers. Here, grpc-free, for both sides.
 ATTEMPT_HEADER = "x-mesh-attempt"
+# The metadata key of a client connection's session token: a random secret a MeshClient makes per mTLS
+# channel and sends on every call, so the server can verify a connection's certificate once rather than
+# on every call (server.authz.VerifiedSessions says why that is safe). Never logged.
+SESSION_HEADER = "x-mesh-session"
 
 
 @dataclass(slots=True)

@@ -99,6 +99,48 @@ def peer_identity(auth_context: Mapping[str, list[bytes]], policy: PeerPolicy) -
     return policy.check_pem(b"".join((leaf[0], *rest)), "client")
 
 
+class VerifiedSessions:
+    """The identities of client connections whose certificate passed `policy`, so that a connection's
+    certificate is checked once, as Envoy and Linkerd check it at the handshake, not on every call.
+
+    grpc Python shows a handler its connection only as `auth_context()` (a dict of every TLS property,
+    PEMs included: about 4 us, plus the policy lookup, on every call), and names no connection. A
+    connection is named here by what a call can show cheaply, all three together:
+
+        the peer address (ip:port)   one live connection at a time; a later one may reuse it
+        the session token            a random secret (`SESSION_HEADER`) MeshClient makes per mTLS channel
+                                     and sends only on it, inside TLS
+        the peer's SANs              `peer_identities()`, from the certificate of this very connection
+
+    A later connection from the same address is a hit only if it sends the same secret and presents a
+    certificate with the same names: only the client process that made the token (or a server it sent
+    it to, on the same host and holding that identity's key) could. Any other call (no token, another
+    address, other names) is checked in full and only then remembered. Only admissions are kept: a
+    refused certificate is checked again on every call. An instance belongs to one peer policy; the
+    guard starts a new one when the policy changes (a revocation applies to the next call of every
+    connection)."""
+
+    MAX_SESSIONS = 4096  # connections churn (max_connection_age): the oldest entry goes first
+
+    __slots__ = ("_identities", "policy")
+
+    def __init__(self, policy: PeerPolicy) -> None:
+        self.policy = policy
+        self._identities: dict[tuple[str, str, tuple[bytes, ...]], str] = {}
+
+    def get(self, key: tuple[str, str, tuple[bytes, ...]]) -> str | None:
+        return self._identities.get(key)
+
+    def add(self, key: tuple[str, str, tuple[bytes, ...]], identity: str) -> None:
+        ids = self._identities
+        if len(ids) >= self.MAX_SESSIONS:
+            del ids[next(iter(ids))]
+        ids[key] = identity
+
+    def __len__(self) -> int:
+        return len(self._identities)
+
+
 def tls_version(auth_context: Mapping[str, list[bytes]]) -> str | None:
     v = auth_context.get("ssl_tls_version")
     return v[0].decode() if v else None

@@ -7,7 +7,8 @@ again (about 10 us of Python per call). With interceptors of the user's own, the
 interceptor instead (`MeshServerInterceptor`), so it still runs before theirs. Per call it:
 1. rejects any TLS version but 1.3 (belt and braces: aivo_mesh.tls already refuses 1.2 at the handshake);
 2. checks the client certificate against the mesh's peer policy (pki/peer.py), takes the caller's
-   identity from it and checks the allow-list;
+   identity from it and checks the allow-list; a connection verified before (its session token, address
+   and names: authz.VerifiedSessions) is not checked again, only its identity read back;
    then takes a token of the method's rate limit (server/ratelimit.py): after the allow-list, so a caller
    that is refused never spends one; an empty bucket refuses with RESOURCE_EXHAUSTED and a
    `grpc-retry-pushback-ms` trailer, the milliseconds until its next token;
@@ -33,11 +34,11 @@ from grpc.aio._server import Server as _AioServer  # grpc.aio.server() builds th
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.policy.backoff import PUSHBACK_HEADER
-from aivo_mesh.policy.core import ATTEMPT_HEADER, monotonic
+from aivo_mesh.policy.core import ATTEMPT_HEADER, SESSION_HEADER, monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import ServerCall, ServerCallObserver
 from aivo_mesh.policy.fault import ABORT_DETAILS, Fault, FaultInjector
-from aivo_mesh.server.authz import Authorizer, peer_identity, tls_version
+from aivo_mesh.server.authz import Authorizer, VerifiedSessions, peer_identity, tls_version
 from aivo_mesh.server.ratelimit import InboundRateLimits
 
 log = logging.getLogger(__name__)
@@ -62,9 +63,16 @@ class Denied(Exception):
         super().__init__(details)
 
 
-def _metadata(context: grpc.aio.ServicerContext) -> tuple[tuple[str, str], ...]:
-    md = context.invocation_metadata() or ()
-    return tuple((k, v) for k, v in md if isinstance(v, str))
+def _metadata(md: Sequence[tuple[str, Any]]) -> tuple[tuple[str, str], ...]:
+    """What observers see of a call's metadata: its text entries, without the session token (a secret)."""
+    return tuple((k, v) for k, v in md if isinstance(v, str) and k != SESSION_HEADER)
+
+
+def _session_token(md: Sequence[tuple[str, Any]]) -> str | None:
+    for k, v in md:
+        if k == SESSION_HEADER:
+            return v if isinstance(v, str) else None
+    return None
 
 
 def _final_code(context: grpc.aio.ServicerContext, error: BaseException | None) -> str:
@@ -98,8 +106,10 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._service = service or (authorizer.service if authorizer else "")
         self._require_tls = require_tls
         self.observers: list[ServerCallObserver] = list(observers)
-        # Replaced whole when mesh.yaml's certificates block changes (MeshServer.set_peer_policy).
+        # Replaced whole when mesh.yaml's certificates block changes (MeshServer.set_peer_policy); the
+        # connections verified under the old one are then verified again (`_sessions` follows it).
         self.peer_policy = peer_policy or PeerPolicy(authorizer.trust_domain if authorizer else "")
+        self._sessions = VerifiedSessions(self.peer_policy)
         self._reported: set[tuple[str, str]] = set()
         # Told of every refused call before it is aborted (MeshServer reports TLS-version refusals).
         self.on_denied: Callable[[grpc.aio.ServicerContext, Denied], None] | None = None
@@ -126,23 +136,15 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 "peer": context.peer(), "rule": str(exc.rule), "reason": exc.detail, "service": self._service})
         return Denied(grpc.StatusCode.UNAUTHENTICATED, f"client certificate refused: {exc}", refusal=str(exc.rule))
 
-    def _admit(self, method: str, context: grpc.aio.ServicerContext) -> str | None:
-        """Raise Denied unless this caller may call `method`; set the context variables."""
+    def _admit(self, method: str, context: grpc.aio.ServicerContext, md: Sequence[tuple[str, Any]]) -> str | None:
+        """Raise Denied unless this caller may call `method`; set the context variables. `md`: the call's
+        invocation metadata."""
         remaining = context.time_remaining()
         inbound_deadline.set(None if remaining is None else monotonic() + remaining)
         if not self._require_tls:
             current_caller.set(None)
             return None
-        auth = context.auth_context()
-        version = tls_version(auth)
-        if version != REQUIRED_TLS:
-            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
-                         f"mesh requires {REQUIRED_TLS}; connection negotiated {version or 'no TLS'}",
-                         refusal=str(Rule.TLS_VERSION))
-        try:
-            identity = peer_identity(auth, self.peer_policy)
-        except PeerRefused as exc:
-            raise self._refused(exc, context) from None
+        identity = self._caller(context, md)
         current_caller.set(identity)
         if self._authz is None:
             return identity
@@ -157,6 +159,32 @@ class MeshServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                          f"rate limited: {method} on {self._service} ({whose} is empty; next token in "
                          f"{limited.pushback_ms} ms)", trailers=((PUSHBACK_HEADER, str(limited.pushback_ms)),),
                          rate_limited=True)
+        return identity
+
+    def _caller(self, context: grpc.aio.ServicerContext, md: Sequence[tuple[str, Any]]) -> str | None:
+        """The caller's identity once its connection's TLS version and certificate passed; Denied if not.
+        A connection already verified under the current peer policy is not checked again."""
+        sessions = self._sessions
+        if sessions.policy is not self.peer_policy:
+            sessions = self._sessions = VerifiedSessions(self.peer_policy)
+        token = _session_token(md)
+        key = None
+        if token is not None:
+            key = (context.peer(), token, tuple(context.peer_identities() or ()))
+            if (identity := sessions.get(key)) is not None:
+                return identity
+        auth = context.auth_context()
+        version = tls_version(auth)
+        if version != REQUIRED_TLS:
+            raise Denied(grpc.StatusCode.UNAUTHENTICATED,
+                         f"mesh requires {REQUIRED_TLS}; connection negotiated {version or 'no TLS'}",
+                         refusal=str(Rule.TLS_VERSION))
+        try:
+            identity = peer_identity(auth, sessions.policy)
+        except PeerRefused as exc:
+            raise self._refused(exc, context) from None
+        if key is not None and identity is not None:
+            sessions.add(key, identity)
         return identity
 
     async def intercept_service(
@@ -263,8 +291,9 @@ class _Guard:
         icp = self.interceptor
         denied: Denied | None = None
         caller: str | None = None
+        md = context.invocation_metadata() or () if icp._require_tls or icp.observers else ()
         try:
-            caller = icp._admit(self.method, context)
+            caller = icp._admit(self.method, context, md)
         except Denied as d:
             denied = d
             if d.rate_limited:  # an admitted caller: who it is belongs in the rate-limited metric
@@ -277,12 +306,14 @@ class _Guard:
         if not icp.observers:
             if denied is not None:
                 await context.abort(denied.code, denied.details, denied.trailers)
-            if (fault := await self._delay(caller)) is not None and fault.abort is not None:
+            # (no coroutine for `_delay` without faults: this is every call's path)
+            if icp.faults is not None and (fault := await self._delay(caller)) is not None \
+                    and fault.abort is not None:
                 await context.abort(grpc.StatusCode[fault.abort], ABORT_DETAILS)
             return None
-        md = _metadata(context)
-        attempt = next((int(v) for k, v in md if k == ATTEMPT_HEADER and v.isdigit()), 1)
-        call = ServerCall(icp._service, self.method, caller, md, monotonic(), attempt,
+        seen = _metadata(md)
+        attempt = next((int(v) for k, v in seen if k == ATTEMPT_HEADER and v.isdigit()), 1)
+        call = ServerCall(icp._service, self.method, caller, seen, monotonic(), attempt,
                           denied.refusal if denied is not None else None,
                           rate_limited=denied is not None and denied.rate_limited)
         tokens = _start_all(icp.observers, call)
@@ -354,7 +385,8 @@ def _unimplemented(icp: MeshServerInterceptor) -> grpc.RpcMethodHandler:
         if icp._require_tls:
             with contextlib.suppress(PeerRefused):
                 caller = peer_identity(context.auth_context(), icp.peer_policy)
-        call = ServerCall(icp._service, UNKNOWN_METHOD, caller, _metadata(context), monotonic(), 1)
+        call = ServerCall(icp._service, UNKNOWN_METHOD, caller, _metadata(context.invocation_metadata() or ()),
+                          monotonic(), 1)
         _finish_all(icp.observers, _start_all(icp.observers, call), call, "UNIMPLEMENTED", None)
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not found!")
 
