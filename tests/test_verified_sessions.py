@@ -11,6 +11,7 @@ import grpc
 import pytest
 
 from aivo_mesh import MeshClient, MeshConfig, MeshServer
+from aivo_mesh.client.endpoints import NO_SESSION, EndpointPool
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.pki import CertLayout, load_identity
 from aivo_mesh.pki.peer import PeerPolicy
@@ -178,3 +179,20 @@ async def test_observers_never_see_the_session_token(auth_mesh, mesh_certs):
     assert [dict(c.metadata).get("x-request-tag") for c in mine] == ["seen", None]
     assert all(k != SESSION_HEADER for c in calls.seen for k, _ in c.metadata)
     assert all(c.caller == TRUST + "learner-svc" for c in calls.seen)
+
+
+async def test_each_mtls_channel_has_a_secret_of_its_own_and_a_plaintext_one_none(mesh_certs):
+    cert, key = mesh_certs.identity_paths("learner-svc")
+    creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
+    pool = EndpointPool("auth-svc", creds, [])
+    a, b = pool.session("127.0.0.1:1"), pool.session("127.0.0.1:2")
+    assert [k for k, _ in a.pairs] == [SESSION_HEADER] and a.pairs != b.pairs
+    assert pool.session("127.0.0.1:1") is a  # one per channel, for every call on it
+    assert tuple(a.metadata or ()) == a.pairs
+    assert len(a.pairs[0][1]) >= 22  # 128 random bits, base64url
+    pool.rebuild(creds)  # a rotated certificate: new channels, new secrets
+    assert pool.session("127.0.0.1:1").pairs != a.pairs
+    plain = EndpointPool("auth-svc", None, [])  # the plaintext hop to a local sidecar
+    assert plain.session("127.0.0.1:3") == NO_SESSION
+    await pool.close()
+    await plain.close()
