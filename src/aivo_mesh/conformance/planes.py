@@ -275,10 +275,13 @@ class _Stack:
         self.envoys: list[asyncio.subprocess.Process] = []
 
     async def envoy(self, config: Path, admin: int) -> None:
-        # One worker thread and no hot restart, so that several run side by side on one machine.
-        proc = await asyncio.create_subprocess_exec(
-            envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency", "1", "--log-level", "error",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+        # One worker thread and no hot restart, so that several run side by side on one machine. Its errors
+        # go to a file beside the config: a sidecar that does not start says why (a port taken meanwhile...).
+        log_path = config.with_suffix(".stderr.log")
+        with log_path.open("wb") as log_file:
+            proc = await asyncio.create_subprocess_exec(
+                envoy_binary(), "-c", str(config), "--disable-hot-restart", "--concurrency", "1",
+                "--log-level", "error", stdout=asyncio.subprocess.DEVNULL, stderr=log_file)
         self.envoys.append(proc)
 
         async def stop() -> None:
@@ -290,7 +293,8 @@ class _Stack:
 
         async def live() -> bool:
             if proc.returncode is not None:
-                raise RuntimeError(f"envoy -c {config} exited with {proc.returncode}")
+                said = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                raise RuntimeError(f"envoy -c {config} exited with {proc.returncode}: " + " | ".join(said))
             return await asyncio.to_thread(envoy_ready, f"127.0.0.1:{admin}")
 
         await until(live, 60, f"the Envoy of {config} is LIVE")
