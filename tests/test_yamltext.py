@@ -97,7 +97,7 @@ def test_tricky_strings_are_the_writers_own_and_come_out_as_pyyaml_writes_them(l
                                                                                 width: int) -> None:
     tricky = TRICKY if literal_blocks else [s for s in TRICKY if "\n" not in s]
     doc = {"top": tricky, "nested": [{"k": s, "deeper": {"k2": [s, [s]]}} for s in tricky],
-           "as keys": {s: s for s in tricky if s and len(s) < 128 and "\n" not in s},
+           "as keys": {s: s for s in tricky if s and len(s) < 123 and "\n" not in s},
            "numbers": [0, -1, 10**30, 1.5, -0.0, 1e17, 1e-7, math.inf, -math.inf, math.nan, True, False, None],
            "number keys": {1: "a", 2.5: "b", False: "c", None: "d"}, "empty": [{}, [], ""]}
     writer = YamlWriter(literal_blocks=literal_blocks, width=width)
@@ -108,6 +108,7 @@ def test_tricky_strings_are_the_writers_own_and_come_out_as_pyyaml_writes_them(l
 @pytest.mark.parametrize("doc", [
     {"a": "tab\there"}, {"a": "caf\u00e9"}, {"a": "\u2028"}, {"a": "bell\x07"}, {"a": "keep\n\n"}, {"a": "\n"},
     {"a": "space \nbreak"}, {"a": "ends in space\n "}, {"": 1}, {"k" * 128: 1}, {"multi\nline": 1},
+    {"k" * 123: 1}, {" ".join(["word"] * 25): None}, {int("1" * 123): 1},
     {"a": ("tuple",)}, "a bare scalar", 5, {"a": yaml}, {"a": b"bytes"},
 ])
 def test_what_the_writer_does_not_take_on_goes_to_pyyaml(doc: object) -> None:
@@ -121,6 +122,19 @@ def test_what_the_writer_does_not_take_on_goes_to_pyyaml(doc: object) -> None:
             continue
         assert writer.dump(doc) == want
         assert writer.fallbacks == 1
+
+
+@pytest.mark.parametrize("length", [121, 122, 123, 124, 127, 128])
+def test_long_keys_come_out_as_both_emitters_write_them(length: int) -> None:
+    # PyYAML's own emitter writes a key of 123 characters or more as a complex key ("? key"), counting
+    # its implicit "!!str" tag; libyaml's only from 128. Keys short of both are the writer's own.
+    for key in ("k" * length, ("w " * length)[:length - 1] + "x"):  # one word, and words to fold
+        assert len(key) == length
+        for literal_blocks in (True, False):
+            for width in (10, 120):
+                writer = YamlWriter(literal_blocks=literal_blocks, width=width)
+                assert writer.dump({key: None}) == pyyaml({key: None}, literal_blocks=literal_blocks, width=width)
+                assert writer.fallbacks == (length >= 123)
 
 
 def test_an_object_met_twice_is_written_as_pyyaml_writes_it_with_an_alias() -> None:

@@ -8,7 +8,7 @@ rules as PyYAML's own emitter.py for what it takes on), deciding each distinct s
 
 It takes on only what it can show is written the same way: printable ASCII scalars; a string with line
 breaks as a literal block (`|`, `|-`, `|2`...) where libyaml would write one; folding of long lines at
-the given width; keys shorter than 128 characters. Anything else (other characters, which PyYAML escapes,
+the given width; keys shorter than 123 characters. Anything else (other characters, which PyYAML escapes,
 a `|+` block, an empty or long key, a tuple, an object seen twice in a document, which PyYAML writes as
 an alias) makes the whole document go to PyYAML itself, with the same options.
 """
@@ -37,6 +37,7 @@ def _str(dumper: yaml.SafeDumper, data: str) -> yaml.ScalarNode:
 _LiteralDumper.add_representer(str, _str)
 
 _QUOTE = "'"
+_SIMPLE_KEY_MAX = 123  # a key this long or longer is written as a complex key ("? key") by one emitter
 _STR_TAG = "tag:yaml.org,2002:str"
 _FLOAT_TAG = "tag:yaml.org,2002:float"
 _RESOLVER = yaml.resolver.Resolver()
@@ -141,12 +142,16 @@ class YamlWriter:
         """A simple key and its colon."""
         t = type(k)
         if t is str:
-            # Empty: PyYAML's emitter and libyaml's disagree; 128 and more: neither writes a simple key.
-            if not k or len(k) >= 128 or not _ONE_LINE.match(k):
+            # Empty: PyYAML's emitter and libyaml's disagree. Long: libyaml writes a simple key up to 127
+            # characters, PyYAML's own emitter up to 122 (it counts the implicit tag, "!!str", too).
+            if not k or len(k) >= _SIMPLE_KEY_MAX or not _ONE_LINE.match(k):
                 raise _Unsupported("key")
             text = self._keys[k] = _inline(k) + ":"
             return text
-        return self._scalar(k) + ":"
+        text = self._scalar(k)
+        if len(text) >= _SIMPLE_KEY_MAX:  # an int key of 123 digits or more (PyYAML counts its "!!int" too)
+            raise _Unsupported("key")
+        return text + ":"
 
     def _scalar(self, v: Any) -> str:
         """A scalar other than a string."""
