@@ -15,7 +15,6 @@ from envoy.config.listener.v3 import listener_pb2
 
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.errors import MeshError
-from aivo_mesh.runtime import local
 from aivo_mesh.runtime import mesh as runtime_mesh
 from aivo_mesh.runtime.mesh import local_profile, plan, write_envoy_configs
 from aivo_mesh.runtime.sockets import (
@@ -194,24 +193,3 @@ def test_the_proxyless_plan_is_unchanged(tmp_path: Path, mesh: MeshSpec) -> None
         assert m.address == f"{svc.host}:{svc.port}"
         assert "--unix-socket" not in m.argv and "--insecure" not in m.argv
         assert (info.services[m.name].app, info.services[m.name].outbound) == (None, None)
-
-
-def test_free_ports_are_distinct_bindable_and_below_the_ephemeral_range(monkeypatch: pytest.MonkeyPatch,
-                                                                        tmp_path: Path) -> None:
-    # A port from the kernel's ephemeral range can be taken by any outgoing connection's source port
-    # between the moment it is chosen and the moment its server binds it.
-    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
-    if not ephemeral.exists():
-        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range on this system")
-    low = int(ephemeral.read_text().split()[0])
-    if low - local.UNRESERVED_LOW < 1000:
-        pytest.skip(f"the ephemeral range starts at {low}: no room below it")
-    ports = local.free_ports(50)
-    assert len(set(ports)) == 50
-    assert all(local.UNRESERVED_LOW <= p < low for p in ports)
-    for p in ports:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", p))
-    # A system that does not say (no /proc): the kernel picks, as before.
-    monkeypatch.setattr(local, "_EPHEMERAL_RANGE", tmp_path / "absent")
-    assert len(set(local.free_ports(5))) == 5

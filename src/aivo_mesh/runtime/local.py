@@ -7,10 +7,8 @@ Used by `meshctl demo` (and, with sidecars, by `meshctl up`). Ports come from me
 from __future__ import annotations
 
 import errno
-import random
 import socket
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
@@ -37,39 +35,13 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
-# Where free ports are drawn from: below the kernel's ephemeral range (Linux: 32768-60999), whose ports
-# any outgoing connection may take as its source port between the moment a port is chosen here and the
-# moment its server binds it (an Envoy then fails to start, or a probe connects to itself); and above
-# the ports services usually own. Without that range to read, the kernel picks (`bind(0)`).
-UNRESERVED_LOW = 20000
-_EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
-
-
-def _unreserved_ports() -> range | None:
-    try:
-        low = int(_EPHEMERAL_RANGE.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-    return range(UNRESERVED_LOW, low) if low - UNRESERVED_LOW >= 1000 else None
-
-
 def free_ports(n: int) -> list[int]:
-    """n distinct free loopback ports (all sockets held open until every port is chosen), outside the
-    ephemeral range where the kernel says what it is."""
-    pool = _unreserved_ports()
-    draw = random.Random()
-    socks: list[socket.socket] = []
-    misses = 0
+    """n distinct free loopback ports (all sockets held open until every port is chosen)."""
+    socks = []
     try:
-        while len(socks) < n:
+        for _ in range(n):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            try:
-                # bind() without SO_REUSEADDR fails on a port in use or in TIME_WAIT: both are skipped.
-                s.bind(("127.0.0.1", draw.choice(pool) if pool is not None and misses < 100 + n else 0))
-            except OSError:
-                s.close()
-                misses += 1
-                continue
+            s.bind(("127.0.0.1", 0))
             socks.append(s)
         return [int(s.getsockname()[1]) for s in socks]
     finally:
