@@ -43,7 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,17 @@ async def main():
 import aivo_mesh
 aivo_mesh.run(main(), loop=sys.argv[4] if len(sys.argv) > 4 else "asyncio")
 """
+
+
+def stop_all(procs: Iterable[subprocess.Popen[Any]], timeout: float) -> None:
+    """SIGTERM every process still running, then wait for each (up to `timeout` seconds apiece): a
+    benchmark's servers, Envoys or clients, in its `finally`."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        p.wait(timeout)
 
 
 def die_with_parent() -> None:

@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench_client import SERVER, die_with_parent, mesh_state, quartiles, run_case, write_results
+from bench_client import SERVER, die_with_parent, mesh_state, quartiles, run_case, stop_all, write_results
 from loadmeter import LoadMeter, quiet_rounds
 
 import aivo_mesh
@@ -151,9 +151,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         rounds, rerun = await quiet_rounds(args.rounds, list(CASES), one_round, max_foreign=args.max_foreign,
                                            max_reruns=args.max_reruns)
     finally:
-        for proc in servers.values():
-            proc.terminate()
-            proc.wait(10)
+        stop_all(servers.values(), 10)
         shutil.rmtree(tmp, ignore_errors=True)
     summary: dict[str, Any] = {"concurrency": args.concurrency, "window_s": args.window, "rounds": args.rounds,
                                "rounds_rerun": rerun, "max_foreign_cores": args.max_foreign, "cases": {}}

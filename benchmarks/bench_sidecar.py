@@ -48,7 +48,7 @@ from aivo_mesh.runtime.mesh import envoy_binary
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import die_with_parent, quartiles, run_case, write_results
+from bench_client import die_with_parent, quartiles, run_case, stop_all, write_results
 from loadmeter import LoadMeter, quiet_rounds
 
 METHOD = "/aivo.auth.v1.AuthService/ValidateToken"
@@ -259,10 +259,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for ch in channels.values():
             await ch.close()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+        stop_all(procs, 10)
     added = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["rendered"][1], results["direct"][1], strict=True)]
     added_min = [r["p50_ms"] - d["p50_ms"] for r, d in zip(results["minimal"][1], results["direct"][1], strict=True)]
     rps_ratios = [r["rps"] / m["rps"] for r, m in zip(results["rendered"][32], results["minimal"][32], strict=True)]

@@ -37,7 +37,7 @@ from aivo_mesh.runtime.local import free_ports, with_free_ports
 from aivo_mesh.runtime.mesh import envoy_binary
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import quartiles, run_case, write_results
+from bench_client import quartiles, run_case, stop_all, write_results
 from bench_sidecar import echo, first_answer, start_envoy, start_server, wait_live
 from loadmeter import LoadMeter, quiet_rounds
 
@@ -141,10 +141,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         for ch in channels.values():
             await ch.close()
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(10)
+        stop_all(procs, 10)
     d_p50 = [u["p50_ms"] - t["p50_ms"] for u, t in zip(results["uds"][1], results["tcp"][1], strict=True)]
     r_rps = [u["rps"] / t["rps"] for u, t in zip(results["uds"][32], results["tcp"][32], strict=True)]
 

@@ -41,7 +41,7 @@ import grpc
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import write_results
+from bench_client import stop_all, write_results
 from bench_sidecar import echo, first_answer, prepare, start_envoy, start_server, wait_live
 
 from aivo_mesh.benchfigures import Figure
@@ -359,10 +359,7 @@ async def count(hop: str, calls: int, warmup: int, ablation: Ablation | None = N
         return {"instructions_per_request": round((busy - idle) / calls), "busy": busy, "idle": idle,
                 "calls": calls, "seconds": round(elapsed, 2)}
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(30)
+        stop_all(procs, 30)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_client import ROOT, SERVER, die_with_parent, mesh_state, write_results
+from bench_client import ROOT, SERVER, die_with_parent, mesh_state, stop_all, write_results
 from bench_shipped import PLAIN_SERVER
 from count_envoy_instructions import callgrind, dump_counts, require_valgrind, zero_counts
 
@@ -172,11 +172,7 @@ def count(case: Case, calls: int, warmup: int, concurrency: int) -> dict[str, An
         return {**per, "total": per["client"] + per["server"], "event_loop_thread": loop, "busy": busy,
                 "idle": idle, "calls": calls, "seconds": round(elapsed, 1)}
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            p.wait(60)
+        stop_all(procs, 60)
         shutil.rmtree(tmp, ignore_errors=True)
 
 
