@@ -11,11 +11,11 @@ import grpc
 import pytest
 
 from aivo_mesh import MeshClient, MeshConfig, MeshServer
-from aivo_mesh.client.endpoints import NO_SESSION, EndpointPool
+from aivo_mesh.client.endpoints import USER_AGENT, EndpointPool, with_session
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.pki import CertLayout, load_identity
 from aivo_mesh.pki.peer import PeerPolicy
-from aivo_mesh.policy.core import SESSION_HEADER
+from aivo_mesh.policy.core import SESSION_AGENT
 from aivo_mesh.policy.events import ServerCall
 from aivo_mesh.runtime.local import free_port
 from aivo_mesh.server import current_caller
@@ -84,11 +84,13 @@ async def auth_server(auth_mesh: MeshSpec, mesh_certs: CertLayout) -> AsyncItera
     await server.stop(0.5)
 
 
-def _plain_channel(certs: CertLayout, identity: str, target: str) -> grpc.aio.Channel:
-    """A grpc.aio channel with `identity`'s certificate and nothing of the mesh: no session token."""
+def _plain_channel(certs: CertLayout, identity: str, target: str, token: str | None = None) -> grpc.aio.Channel:
+    """A grpc.aio channel with `identity`'s certificate and nothing of the mesh but, if given, `token` as its
+    session token (in its user agent, where MeshClient's channels carry theirs)."""
     cert, key = certs.identity_paths(identity)
     creds = grpc.ssl_channel_credentials(certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
-    return grpc.aio.secure_channel(target, creds, options=[("grpc.default_authority", "auth-svc")])
+    options: list[tuple[str, object]] = [("grpc.default_authority", "auth-svc")]
+    return grpc.aio.secure_channel(target, creds, options=options if token is None else with_session(options, token))
 
 
 async def test_a_mesh_clients_connection_is_checked_once_not_on_every_call(auth_server, auth_mesh, mesh_certs,
@@ -129,14 +131,14 @@ async def test_a_new_peer_policy_checks_a_verified_connection_again(auth_server,
 
 
 async def test_a_known_token_on_another_connection_is_checked_again(auth_server, mesh_certs, full_checks):
-    token = ((SESSION_HEADER, "a-token-the-server-has-verified-before"),)
+    token = "a-token-the-server-has-verified-before"
     target = f"127.0.0.1:{auth_server.bound_port}"
-    async with _plain_channel(mesh_certs, "learner-svc", target) as first, \
-            _plain_channel(mesh_certs, "learner-svc", target) as second:
+    async with _plain_channel(mesh_certs, "learner-svc", target, token) as first, \
+            _plain_channel(mesh_certs, "learner-svc", target, token) as second:
         for channel in (first, second):
             stub = auth_pb2_grpc.AuthServiceStub(channel)
             for _ in range(3):
-                assert (await stub.ValidateToken(REQ, metadata=token)).subject == TRUST + "learner-svc"
+                assert (await stub.ValidateToken(REQ)).subject == TRUST + "learner-svc"
     # The same secret from a second connection (another address) is a new session: one check each.
     assert full_checks == ["client", "client"]
     assert len(auth_server.guard._sessions) == 2
@@ -148,13 +150,13 @@ async def test_on_one_address_a_token_does_not_lend_its_identity_to_another_cert
     # another connection's secret: the certificate's names keep the sessions apart.
     sock = tmp_path / "auth.sock"
     server = await _serve(auth_mesh, mesh_certs, unix_socket=sock)
-    token = ((SESSION_HEADER, "one-secret-two-certificates"),)
+    token = "one-secret-two-certificates"
     try:
         seen = {}
         for identity in ("learner-svc", "mesh-client", "learner-svc"):
-            async with _plain_channel(mesh_certs, identity, f"unix:{sock}") as channel:
+            async with _plain_channel(mesh_certs, identity, f"unix:{sock}", token) as channel:
                 stub = auth_pb2_grpc.AuthServiceStub(channel)
-                replies = [await stub.ValidateToken(REQ, metadata=token) for _ in range(2)]
+                replies = [await stub.ValidateToken(REQ) for _ in range(2)]
             assert {r.subject for r in replies} == {TRUST + identity}
             seen[identity] = {r.reason for r in replies}
     finally:
@@ -177,22 +179,39 @@ async def test_observers_never_see_the_session_token(auth_mesh, mesh_certs):
         await server.stop(0.5)
     mine = [c for c in calls.seen if c.method.startswith("/aivo.auth.v1.")]  # not the client's health checks
     assert [dict(c.metadata).get("x-request-tag") for c in mine] == ["seen", None]
-    assert all(k != SESSION_HEADER for c in calls.seen for k, _ in c.metadata)
+    agents = {dict(c.metadata).get("user-agent") for c in calls.seen}
+    assert all(a and a.startswith("grpc-python") for a in agents), agents  # grpc's own products, kept
+    assert not any(SESSION_AGENT in v for c in calls.seen for _, v in c.metadata)
     assert all(c.caller == TRUST + "learner-svc" for c in calls.seen)
 
 
 async def test_each_mtls_channel_has_a_secret_of_its_own_and_a_plaintext_one_none(mesh_certs):
     cert, key = mesh_certs.identity_paths("learner-svc")
     creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
-    pool = EndpointPool("auth-svc", creds, [])
+    pool = EndpointPool("auth-svc", creds, [(USER_AGENT, "billing/2.1")])
     a, b = pool.session("127.0.0.1:1"), pool.session("127.0.0.1:2")
-    assert [k for k, _ in a.pairs] == [SESSION_HEADER] and a.pairs != b.pairs
+    assert a is not None and b is not None and a != b
     assert pool.session("127.0.0.1:1") is a  # one per channel, for every call on it
-    assert tuple(a.metadata or ()) == a.pairs
-    assert len(a.pairs[0][1]) >= 22  # 128 random bits, base64url
+    assert len(a) >= 22 and " " not in a  # 128 random bits, base64url: one user-agent product
     pool.rebuild(creds)  # a rotated certificate: new channels, new secrets
-    assert pool.session("127.0.0.1:1").pairs != a.pairs
+    assert pool.session("127.0.0.1:1") != a
     plain = EndpointPool("auth-svc", None, [])  # the plaintext hop to a local sidecar
-    assert plain.session("127.0.0.1:3") == NO_SESSION
+    assert plain.session("127.0.0.1:3") is None
     await pool.close()
     await plain.close()
+
+
+def test_the_session_token_goes_first_in_the_user_agent_and_a_callers_own_agent_stays():
+    options = with_session([("grpc.default_authority", "auth-svc"), (USER_AGENT, "billing/2.1")], "tok")
+    assert options == [("grpc.default_authority", "auth-svc"), (USER_AGENT, f"{SESSION_AGENT}/tok billing/2.1")]
+    assert with_session([], "tok") == [(USER_AGENT, f"{SESSION_AGENT}/tok")]
+
+
+async def test_a_caller_may_not_pass_the_session_token_as_metadata(auth_server, mesh_certs, full_checks):
+    # Only the channel's user agent names a session: a header of that name is an ordinary header.
+    target = f"127.0.0.1:{auth_server.bound_port}"
+    async with _plain_channel(mesh_certs, "learner-svc", target) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        for _ in range(3):
+            await stub.ValidateToken(REQ, metadata=((SESSION_AGENT, "x"),))
+    assert full_checks == ["client"] * 3

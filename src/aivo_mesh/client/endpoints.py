@@ -15,11 +15,11 @@ import asyncio
 import contextlib
 import secrets
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from aivo_mesh.policy.core import SESSION_HEADER
+from aivo_mesh.policy.core import SESSION_AGENT
 
 if TYPE_CHECKING:
     from aivo_mesh.client.methods import MethodInfo
@@ -27,21 +27,19 @@ if TYPE_CHECKING:
 DEFAULT_DRAIN_SECONDS = 30.0
 
 
-class Session(NamedTuple):
-    """A channel's session metadata, as pairs to put in front of a call's own, and as the one
-    `grpc.aio.Metadata` a call without metadata of its own is given (never changed: grpc.aio copies
-    it into each call; building one from pairs on every call costs more than the rest of it)."""
-
-    pairs: tuple[tuple[str, str], ...]
-    metadata: grpc.aio.Metadata | None
+USER_AGENT = "grpc.primary_user_agent"
 
 
-NO_SESSION = Session((), None)
+def new_session() -> str:
+    return secrets.token_urlsafe(16)  # 128 random bits
 
 
-def new_session() -> Session:
-    pairs = ((SESSION_HEADER, secrets.token_urlsafe(16)),)  # 128 random bits
-    return Session(pairs, grpc.aio.Metadata(*pairs))
+def with_session(options: Sequence[tuple[str, object]], token: str) -> list[tuple[str, object]]:
+    """`options` with the session token first in the channel's user agent (a caller's own user agent
+    kept after it): grpc sends it on every call of the channel, health checks included."""
+    own = [str(v) for k, v in options if k == USER_AGENT]
+    agent = " ".join((f"{SESSION_AGENT}/{token}", *own))
+    return [*(o for o in options if o[0] != USER_AGENT), (USER_AGENT, agent)]
 
 
 class EndpointPool:
@@ -57,9 +55,9 @@ class EndpointPool:
         self._options = list(options)
         self.drain_seconds = drain_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
-        # Per channel, the metadata every call on it carries: an mTLS channel's session token (server.authz.
-        # VerifiedSessions; a new channel, a new secret), nothing on the plaintext hop to a local sidecar.
-        self._sessions: dict[str, Session] = {}
+        # Per mTLS channel, its session token (server.authz.VerifiedSessions; a new channel, a new secret),
+        # sent in its user agent; none on the plaintext hop to a local sidecar.
+        self._sessions: dict[str, str] = {}
         self._callables: dict[tuple[Any, ...], Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.generation = 0
@@ -69,18 +67,18 @@ class EndpointPool:
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            ch = self._channels[endpoint] = open_channel(endpoint, self._credentials, self._options)
-            self._sessions[endpoint] = new_session() if self._credentials is not None else NO_SESSION
+            options = self._options
+            if self._credentials is not None:
+                token = self._sessions[endpoint] = new_session()
+                options = with_session(options, token)
+            ch = self._channels[endpoint] = open_channel(endpoint, self._credentials, options)
         return ch
 
-    def session(self, endpoint: str) -> Session:
-        """The metadata every call on `endpoint`'s channel carries (its session token; none on a plaintext
-        channel), the channel opened if it was not."""
-        s = self._sessions.get(endpoint)
-        if s is None:
-            self.channel(endpoint)
-            s = self._sessions[endpoint]
-        return s
+    def session(self, endpoint: str) -> str | None:
+        """The session token of `endpoint`'s channel (None on a plaintext channel), the channel opened if
+        it was not."""
+        self.channel(endpoint)
+        return self._sessions.get(endpoint)
 
     def multicallable(self, endpoint: str, kind: str, info: MethodInfo) -> Any:
         """`channel.unary_unary(path, ...)` etc., cached: building one per call would cost more than

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import grpc
 from grpc.aio import ClientCallDetails
 
-from aivo_mesh.client.endpoints import NO_SESSION, EndpointPool
+from aivo_mesh.client.endpoints import EndpointPool
 from aivo_mesh.client.errors import error_for
 from aivo_mesh.client.methods import MethodInfo, UnknownMethod, lookup
 from aivo_mesh.client.server_check import ServerCheck, refusal_details
@@ -92,13 +92,9 @@ def make_terminal(target: InvokeTarget) -> Handler:
             if timeout is not None and timeout <= 0:
                 return Reply("DEADLINE_EXCEEDED", details="deadline exceeded while connecting",
                              local=LocalReason.DEADLINE)
-        # The endpoint channel's session token first (the server's check of this connection's certificate
-        # holds for every call that carries it), then the caller's and the retry's. Not on a continuation:
-        # another channel's connection.
-        session = pool.session(call.endpoint) if call.endpoint is not None and t.info is not None else NO_SESSION
-        metadata: tuple[tuple[str, Any], ...] | grpc.aio.Metadata | None = session.metadata
+        metadata: tuple[tuple[str, Any], ...] | None = None
         if t.metadata or call.metadata or call.attempt > 1:
-            metadata = (*session.pairs, *t.metadata, *call.metadata)
+            metadata = (*t.metadata, *call.metadata)
             if call.attempt > 1:
                 metadata = (*metadata, (ATTEMPT_HEADER, str(call.attempt)))
         if t.kind != UNARY:

@@ -149,7 +149,7 @@ class Target:
         stub = health_pb2_grpc.HealthStub(self.pool.channel(endpoint))
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=self.grpc_service),
-                                    timeout=self.health_timeout, metadata=self.pool.session(endpoint).metadata)
+                                    timeout=self.health_timeout)
             healthy = resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.aio.AioRpcError:
             healthy = False
@@ -190,8 +190,7 @@ class Target:
             stub = health_pb2_grpc.HealthStub(self.pool.channel(endpoint))
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stub.Check(health_pb2.HealthCheckRequest(service=self.grpc_service),
-                                 timeout=max(0.001, min(self.health_timeout, deadline - loop.time())),
-                                 metadata=self.pool.session(endpoint).metadata)
+                                 timeout=max(0.001, min(self.health_timeout, deadline - loop.time())))
             return True
 
         endpoints = list(self.policy.balancer.endpoints)

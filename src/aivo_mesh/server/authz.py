@@ -108,8 +108,8 @@ class VerifiedSessions:
     connection is named here by what a call can show cheaply, all three together:
 
         the peer address (ip:port)   one live connection at a time; a later one may reuse it
-        the session token            a random secret (`SESSION_HEADER`) MeshClient makes per mTLS channel
-                                     and sends only on it, inside TLS
+        the session token            a random secret MeshClient makes per mTLS channel and sends only
+                                     on it, inside TLS, in the channel's user agent (`SESSION_AGENT`)
         the peer's SANs              `peer_identities()`, from the certificate of this very connection
 
     A later connection from the same address is a hit only if it sends the same secret and presents a

@@ -34,7 +34,7 @@ from grpc.aio._server import Server as _AioServer  # grpc.aio.server() builds th
 
 from aivo_mesh.pki.peer import PeerPolicy, PeerRefused, Rule
 from aivo_mesh.policy.backoff import PUSHBACK_HEADER
-from aivo_mesh.policy.core import ATTEMPT_HEADER, SESSION_HEADER, monotonic
+from aivo_mesh.policy.core import ATTEMPT_HEADER, SESSION_AGENT, monotonic
 from aivo_mesh.policy.deadline import inbound_deadline
 from aivo_mesh.policy.events import ServerCall, ServerCallObserver
 from aivo_mesh.policy.fault import ABORT_DETAILS, Fault, FaultInjector
@@ -63,15 +63,31 @@ class Denied(Exception):
         super().__init__(details)
 
 
+_SESSION_PREFIX = SESSION_AGENT + "/"
+
+
 def _metadata(md: Sequence[tuple[str, Any]]) -> tuple[tuple[str, str], ...]:
-    """What observers see of a call's metadata: its text entries, without the session token (a secret)."""
-    return tuple((k, v) for k, v in md if isinstance(v, str) and k != SESSION_HEADER)
+    """What observers see of a call's metadata: its text entries, the user agent without the session
+    token (a secret)."""
+    return tuple((k, _without_session(v) if k == "user-agent" else v) for k, v in md if isinstance(v, str))
+
+
+def _without_session(agent: str) -> str:
+    if not agent.startswith(_SESSION_PREFIX):
+        return agent
+    end = agent.find(" ")
+    return "" if end < 0 else agent[end + 1:]
 
 
 def _session_token(md: Sequence[tuple[str, Any]]) -> str | None:
+    """The session token of the caller's channel: the first product of its user agent (MeshClient's
+    endpoint channels put it there), or None."""
     for k, v in md:
-        if k == SESSION_HEADER:
-            return v if isinstance(v, str) else None
+        if k == "user-agent":
+            if not isinstance(v, str) or not v.startswith(_SESSION_PREFIX):
+                return None
+            end = v.find(" ")
+            return v[len(_SESSION_PREFIX):] if end < 0 else v[len(_SESSION_PREFIX):end]
     return None
 
 
