@@ -88,7 +88,9 @@ async def _observe(address: str, certs: CertLayout) -> dict[str, tuple[str, floa
 
 def _assert_the_scenario(seen: dict[str, tuple[str, float]]) -> None:
     assert seen["client.Authenticate"][0] == "OK"
-    assert seen["client.Authenticate"][1] >= DELAY  # delayed, then served
+    # Delayed, then served. Envoy's timers tick in whole milliseconds on its own clock: its 300 ms has
+    # been measured here as 299.3 ms, so the bound allows 5 ms (undelayed, the call takes ~2 ms).
+    assert seen["client.Authenticate"][1] >= DELAY - 0.005
     assert seen["client.ValidateToken"][0] == "NOT_FOUND: fault filter abort"  # aborted, not delayed (0 %)
     assert seen["client.health"][0] == "OK"
     assert seen["learner.ValidateToken"][0] == "OK"  # a caller the fault does not name
