@@ -3,6 +3,7 @@ over real mTLS on loopback TCP and on a Unix socket: what a session is bound to,
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from aivo_mesh.pki.peer import PeerPolicy
 from aivo_mesh.policy.core import SESSION_AGENT
 from aivo_mesh.policy.events import ServerCall
 from aivo_mesh.runtime.local import free_port
-from aivo_mesh.server import current_caller
+from aivo_mesh.server import current_caller, interceptors
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,3 +216,44 @@ async def test_a_caller_may_not_pass_the_session_token_as_metadata(auth_server, 
         for _ in range(3):
             await stub.ValidateToken(REQ, metadata=((SESSION_AGENT, "x"),))
     assert full_checks == ["client"] * 3
+
+
+class LookedUp(auth_pb2_grpc.AuthServiceServicer):
+    """Answers with whether the guard's metadata (from the handler lookup) is this call's own."""
+
+    async def ValidateToken(self, request: Any, context: Any) -> auth_pb2.ValidateTokenResponse:
+        looked = interceptors._looked_up.get()
+        own = looked is not None and looked[0] == "/aivo.auth.v1.AuthService/ValidateToken" \
+            and tuple(looked[1]) == tuple(context.invocation_metadata())
+        return auth_pb2.ValidateTokenResponse(valid=own, subject=dict(context.invocation_metadata()).get("x-tag", ""))
+
+
+class PassThrough(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    async def intercept_service(self, continuation: Any, details: Any) -> Any:
+        return await continuation(details)
+
+
+@pytest.mark.parametrize("interceptors_of_its_own", [False, True])
+async def test_the_guard_reads_each_calls_metadata_from_its_own_handler_lookup(auth_mesh, mesh_certs, full_checks,
+                                                                             interceptors_of_its_own):
+    # grpc.aio looks a call's handler up in the task that runs it; the guard relies on that to skip
+    # rebuilding the metadata. A grpc that looked handlers up elsewhere fails here (each reply says
+    # whether the handler's task held its own call's metadata), not silently.
+    calls = Calls()
+    server = MeshServer.for_service(auth_mesh, "auth-svc", mesh_certs, observers=[calls],
+                                    interceptors=[PassThrough()] if interceptors_of_its_own else ())
+    auth_pb2_grpc.add_AuthServiceServicer_to_server(LookedUp(), server.grpc_server)
+    server.add_service_name("aivo.auth.v1.AuthService")
+    await server.start()
+    try:
+        async with MeshClient(MeshConfig.for_identity("learner-svc", mesh_certs, auth_mesh)) as client:
+            stub = auth_pb2_grpc.AuthServiceStub(await client.get_channel("auth-svc"))
+            replies = await asyncio.gather(*(stub.ValidateToken(REQ, metadata=(("x-tag", str(i)),)) for i in range(40)))
+    finally:
+        await server.stop(0.5)
+    assert all(r.valid for r in replies)
+    assert sorted(r.subject for r in replies) == sorted(str(i) for i in range(40))
+    # 40 calls at once: every observer saw its own call's metadata, none another's.
+    mine = [c for c in calls.seen if c.method.startswith("/aivo.auth.v1.")]
+    assert sorted(dict(c.metadata)["x-tag"] for c in mine) == sorted(str(i) for i in range(40))
+    assert full_checks == ["client"]  # and the session held: one check of the one connection
