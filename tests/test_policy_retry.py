@@ -257,7 +257,7 @@ async def test_no_call_outlives_its_deadline_including_backoff(seed: int) -> Non
     sleep = FakeSleep(clock)
     up = Upstream(clock, "UNAVAILABLE", duration=0.07)
     retry = RetryLayer(params(max_retries=10, base=0.2, cap=0.6), rng=Random(seed), sleep=sleep, clock=clock)
-    deadline = DeadlineLayer(lambda _: DeadlineParams(route_timeout=1.0), inherited=lambda: None, clock=clock)
+    deadline = DeadlineLayer(DeadlineParams(route_timeout=1.0), inherited=lambda: None, clock=clock)
     c = Call(SVC, METHOD, None)
     start = clock()
     reply = await build_stack([deadline, retry], up)(c)

@@ -227,7 +227,7 @@ async def test_deadline_and_call_events() -> None:
 
 async def test_deadline_already_passed_is_local() -> None:
     clock = FakeClock()
-    layer = DeadlineLayer(lambda _: DeadlineParams(route_timeout=5.0), inherited=lambda: -1.0, clock=clock)
+    layer = DeadlineLayer(DeadlineParams(route_timeout=5.0), inherited=lambda: -1.0, clock=clock)
 
     async def never(call: Call) -> Reply:
         raise AssertionError("not called")

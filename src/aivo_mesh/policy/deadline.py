@@ -51,19 +51,20 @@ class DeadlineLayer:
 
     def __init__(
         self,
-        params_for: Callable[[Call], DeadlineParams],
+        params: DeadlineParams,
         inherited: Callable[[], float | None] | None = None,
         clock: Clock = monotonic,
         listener: PolicyListener | None = None,
     ) -> None:
-        self._params_for = params_for
+        self.params = params
         self._inherited = inherited or (lambda: inherited_timeout(clock))
         self._from_inbound = inherited is None  # the default: read `inbound_deadline` inline (hot path)
         self._clock = clock
         self._listener = listener
 
     def wrap(self, inner: Handler) -> Handler:
-        params_for, inherited, clock, listener = self._params_for, self._inherited, self._clock, self._listener
+        route_timeout, inherited, clock = self.params.route_timeout, self._inherited, self._clock
+        listener = self._listener
         from_inbound, inbound = self._from_inbound, inbound_deadline
 
         def handle(call: Call) -> Awaitable[Reply]:
@@ -75,7 +76,7 @@ class DeadlineLayer:
                 left = None if d is None else d - now
             else:
                 left = inherited()
-            timeout = effective_timeout(call.timeout, params_for(call).route_timeout, left)
+            timeout = effective_timeout(call.timeout, route_timeout, left)
             if timeout is not None:
                 if timeout <= 0:
                     return _passed()
@@ -93,7 +94,7 @@ class DeadlineLayer:
                 left = None if d is None else d - start
             else:
                 left = inherited()
-            timeout = effective_timeout(call.timeout, params_for(call).route_timeout, left)
+            timeout = effective_timeout(call.timeout, route_timeout, left)
             try:
                 if timeout is None:
                     reply = await inner(call)

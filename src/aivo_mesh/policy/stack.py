@@ -50,7 +50,7 @@ from aivo_mesh.policy.balancer import Balancer, BalancerLayer, Split
 from aivo_mesh.policy.breaker import BreakerLayer, CircuitBreaker
 from aivo_mesh.policy.budget import Budget, RetryBudget
 from aivo_mesh.policy.classify import Classifier
-from aivo_mesh.policy.core import Call, Clock, Handler, Layer, build_stack, monotonic
+from aivo_mesh.policy.core import Clock, Handler, Layer, build_stack, monotonic
 from aivo_mesh.policy.deadline import DeadlineLayer, DeadlineParams
 from aivo_mesh.policy.events import NOOP, PolicyListener
 from aivo_mesh.policy.limit import ConcurrencyLimit, LimitLayer
@@ -98,13 +98,8 @@ def client_layers(
     listener: PolicyListener = NOOP, inherited: Callable[[], float | None] | None = None,
 ) -> list[Layer]:
     """The layers of one method of one target service, in the order stated in this module's docstring."""
-    deadline = params.deadline
-
-    def deadline_for(_: Call) -> DeadlineParams:
-        return deadline
-
     return [
-        DeadlineLayer(deadline_for, inherited, clock, listener=None if listener is NOOP else listener),
+        DeadlineLayer(params.deadline, inherited, clock, listener=None if listener is NOOP else listener),
         LimitLayer(limit, clock=clock, listener=listener),
         BreakerLayer(breaker, params.classifier, listener),
         RetryLayer(params.retry, budget=budget, rng=rng, sleep=sleep, clock=clock, listener=listener),
