@@ -82,25 +82,22 @@ _SESSION_PREFIX = SESSION_AGENT + "/"
 def _metadata(md: Sequence[tuple[str, Any]]) -> tuple[tuple[str, str], ...]:
     """What observers see of a call's metadata: its text entries, the user agent without the session
     token (a secret)."""
-    return tuple((k, _without_session(v) if k == "user-agent" else v) for k, v in md if isinstance(v, str))
+    return tuple((k, _split_agent(v)[1] if k == "user-agent" else v) for k, v in md if isinstance(v, str))
 
 
-def _without_session(agent: str) -> str:
+def _split_agent(agent: str) -> tuple[str | None, str]:
+    """(the session token, the rest) of a user agent whose first product is the session (MeshClient's
+    endpoint channels put it there); (None, the user agent) of any other."""
     if not agent.startswith(_SESSION_PREFIX):
-        return agent
-    end = agent.find(" ")
-    return "" if end < 0 else agent[end + 1:]
+        return None, agent
+    token, _, rest = agent[len(_SESSION_PREFIX):].partition(" ")
+    return token, rest
 
 
 def _session_token(md: Sequence[tuple[str, Any]]) -> str | None:
-    """The session token of the caller's channel: the first product of its user agent (MeshClient's
-    endpoint channels put it there), or None."""
     for k, v in md:
         if k == "user-agent":
-            if not isinstance(v, str) or not v.startswith(_SESSION_PREFIX):
-                return None
-            end = v.find(" ")
-            return v[len(_SESSION_PREFIX):] if end < 0 else v[len(_SESSION_PREFIX):end]
+            return _split_agent(v)[0] if isinstance(v, str) else None
     return None
 
 
