@@ -12,6 +12,7 @@ import grpc
 import pytest
 
 from aivo_mesh import MeshClient, MeshConfig, MeshServer
+from aivo_mesh.client import endpoints
 from aivo_mesh.client.endpoints import USER_AGENT, EndpointPool, with_session
 from aivo_mesh.config import MeshSpec, parse_mesh
 from aivo_mesh.pki import CertLayout, load_identity
@@ -19,7 +20,8 @@ from aivo_mesh.pki.peer import PeerPolicy
 from aivo_mesh.policy.core import SESSION_AGENT
 from aivo_mesh.policy.events import ServerCall
 from aivo_mesh.runtime.local import free_port
-from aivo_mesh.server import current_caller, interceptors
+from aivo_mesh.server import current_caller
+from aivo_mesh.server import interceptors as interceptors_mod
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,18 +188,30 @@ async def test_observers_never_see_the_session_token(auth_mesh, mesh_certs):
     assert all(c.caller == TRUST + "learner-svc" for c in calls.seen)
 
 
-async def test_each_mtls_channel_has_a_secret_of_its_own_and_a_plaintext_one_none(mesh_certs):
+async def test_each_mtls_channel_has_a_secret_of_its_own_and_a_plaintext_one_none(mesh_certs, monkeypatch):
+    opened: list[tuple[str, str | None]] = []  # (endpoint, the session token of its channel's user agent)
+    real_open = endpoints.open_channel
+
+    def recording_open(target: str, credentials: Any, options: Any, interceptors: Any = ()) -> grpc.aio.Channel:
+        agent = dict(options).get(USER_AGENT)
+        opened.append((target, None if agent is None else interceptors_mod._split_agent(str(agent))[0]))
+        return real_open(target, credentials, options, interceptors)
+
+    monkeypatch.setattr(endpoints, "open_channel", recording_open)
     cert, key = mesh_certs.identity_paths("learner-svc")
     creds = grpc.ssl_channel_credentials(mesh_certs.ca_cert.read_bytes(), key.read_bytes(), cert.read_bytes())
     pool = EndpointPool("auth-svc", creds, [(USER_AGENT, "billing/2.1")])
-    a, b = pool.session("127.0.0.1:1"), pool.session("127.0.0.1:2")
-    assert a is not None and b is not None and a != b
-    assert pool.session("127.0.0.1:1") is a  # one per channel, for every call on it
-    assert len(a) >= 22 and " " not in a  # 128 random bits, base64url: one user-agent product
+    pool.channel("127.0.0.1:1"), pool.channel("127.0.0.2:2"), pool.channel("127.0.0.1:1")
+    assert [e for e, _ in opened] == ["127.0.0.1:1", "127.0.0.2:2"]  # one per channel, for every call on it
+    (_, a), (_, b) = opened
+    assert a and b and a != b
+    assert len(a) >= 22  # 128 random bits, base64url: one user-agent product
     pool.rebuild(creds)  # a rotated certificate: new channels, new secrets
-    assert pool.session("127.0.0.1:1") != a
+    pool.channel("127.0.0.1:1")
+    assert opened[-1][0] == "127.0.0.1:1" and opened[-1][1] not in (None, a, b)
     plain = EndpointPool("auth-svc", None, [])  # the plaintext hop to a local sidecar
-    assert plain.session("127.0.0.1:3") is None
+    plain.channel("127.0.0.1:3")
+    assert opened[-1] == ("127.0.0.1:3", None)
     await pool.close()
     await plain.close()
 
@@ -222,7 +236,7 @@ class LookedUp(auth_pb2_grpc.AuthServiceServicer):
     """Answers with whether the guard's metadata (from the handler lookup) is this call's own."""
 
     async def ValidateToken(self, request: Any, context: Any) -> auth_pb2.ValidateTokenResponse:
-        looked = interceptors._looked_up.get()
+        looked = interceptors_mod._looked_up.get()
         own = looked is not None and looked[0] == "/aivo.auth.v1.AuthService/ValidateToken" \
             and tuple(looked[1]) == tuple(context.invocation_metadata())
         return auth_pb2.ValidateTokenResponse(valid=own, subject=dict(context.invocation_metadata()).get("x-tag", ""))

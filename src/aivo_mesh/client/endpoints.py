@@ -55,9 +55,6 @@ class EndpointPool:
         self._options = list(options)
         self.drain_seconds = drain_seconds
         self._channels: dict[str, grpc.aio.Channel] = {}
-        # Per mTLS channel, its session token (server.authz.VerifiedSessions; a new channel, a new secret),
-        # sent in its user agent; none on the plaintext hop to a local sidecar.
-        self._sessions: dict[str, str] = {}
         self._callables: dict[tuple[Any, ...], Any] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self.generation = 0
@@ -67,18 +64,11 @@ class EndpointPool:
     def channel(self, endpoint: str) -> grpc.aio.Channel:
         ch = self._channels.get(endpoint)
         if ch is None:
-            options = self._options
-            if self._credentials is not None:
-                token = self._sessions[endpoint] = new_session()
-                options = with_session(options, token)
+            # An mTLS channel gets a session token of its own (server.authz.VerifiedSessions; a new channel,
+            # a new secret) in its user agent; the plaintext hop to a local sidecar none.
+            options = self._options if self._credentials is None else with_session(self._options, new_session())
             ch = self._channels[endpoint] = open_channel(endpoint, self._credentials, options)
         return ch
-
-    def session(self, endpoint: str) -> str | None:
-        """The session token of `endpoint`'s channel (None on a plaintext channel), the channel opened if
-        it was not."""
-        self.channel(endpoint)
-        return self._sessions.get(endpoint)
 
     def multicallable(self, endpoint: str, kind: str, info: MethodInfo) -> Any:
         """`channel.unary_unary(path, ...)` etc., cached: building one per call would cost more than
@@ -100,7 +90,6 @@ class EndpointPool:
         gone = [e for e in self._channels if e not in keep]
         for e in gone:
             self.on_forget(e)
-            self._sessions.pop(e, None)
             self._retire(self._channels.pop(e))
         if gone:
             self._callables = {k: v for k, v in self._callables.items() if k[0] in keep}
@@ -108,7 +97,7 @@ class EndpointPool:
     def rebuild(self, credentials: grpc.ChannelCredentials | None) -> None:
         """New credentials (rotated client certificate): new channels for new calls, old ones drain."""
         self._credentials = credentials
-        old, self._channels, self._callables, self._sessions = self._channels, {}, {}, {}
+        old, self._channels, self._callables = self._channels, {}, {}
         self.generation += 1
         for endpoint, ch in old.items():
             self.on_forget(endpoint)
@@ -117,7 +106,6 @@ class EndpointPool:
     def discard(self, endpoint: str) -> None:
         """Close an endpoint's channel now (its server was refused); the next call opens a new one."""
         ch = self._channels.pop(endpoint, None)
-        self._sessions.pop(endpoint, None)
         self.on_forget(endpoint)
         if ch is None:
             return
@@ -140,7 +128,7 @@ class EndpointPool:
         task.add_done_callback(self._retiring.discard)
 
     async def close(self) -> None:
-        channels, self._channels, self._callables, self._sessions = list(self._channels.values()), {}, {}, {}
+        channels, self._channels, self._callables = list(self._channels.values()), {}, {}
         for t in list(self._retiring):
             t.cancel()
         await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)
