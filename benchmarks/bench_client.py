@@ -87,7 +87,8 @@ async def main():
     await server.wait_for_termination()
 
 import aivo_mesh
-aivo_mesh.run(main(), loop=sys.argv[4] if len(sys.argv) > 4 else "asyncio")
+aivo_mesh.run(main(), loop=sys.argv[4] if len(sys.argv) > 4 else "asyncio",
+              scheduling=sys.argv[5] if len(sys.argv) > 5 else None)
 """
 
 
@@ -256,6 +257,8 @@ async def run_case(call: Callable[[], Awaitable[Any]], concurrency: int, warmup:
                            "errors": sum(errors.values()), "error_codes": errors}
     if w is not None:
         out["cpu_us"] = w.cpu_us_per(n)
+        out["kernel_us"] = w.kernel_us_per(n)
+        out["switches"] = w.switches_per(n)
         out["foreign_cores"] = w.foreign_cores
         out["steal_cores"] = w.steal_cores
     return out

@@ -7,16 +7,19 @@ call in flight, figures over the calls inside the window), but every case has it
 and each window its own client process, since a process runs one event loop. Cases:
     plain     a grpc.aio client and a grpc.aio server, mTLS, both on asyncio's default loop: what a user
               writes without the mesh (the baseline)
-    asyncio   MeshClient (get_channel + stub, full policy stack) and MeshServer, both on asyncio's loop:
-              the mesh as it ran before `meshctl serve` and `aivo_mesh.run` chose uvloop
-    shipped   the same pair on `aivo_mesh.run`'s loop (uvloop where it is installed), as `meshctl serve`
-              runs services (target: >= 1.05x plain)
-    plain-uv  the plain pair on that same loop: what the loop alone gives, so the most a mesh on it could
-              read if its own work cost nothing
+    asyncio   MeshClient (get_channel + stub, full policy stack) and MeshServer, both on asyncio's loop
+              under the default scheduling policy: the mesh as it ran before `aivo_mesh.run` chose uvloop
+              and SCHED_BATCH
+    shipped   the same pair as `aivo_mesh.run` runs it, as `meshctl serve` runs services: uvloop where it
+              is installed, and SCHED_BATCH where Linux has it (aivo_mesh.scheduling) (target: >= 1.05x plain)
+    plain-uv  the plain pair on that same loop: what the loop alone gives
+    plain-rt  the plain pair as `aivo_mesh.run` runs it (uvloop, SCHED_BATCH): what the runtime alone gives,
+              so the most a mesh run by it could read if its own work cost nothing
 Every round runs every case once, starting from another case each round; a case's figure is the median
 over rounds of its requests/s over plain's in the same round (quartiles, min and max reported). Each
-window is metered (loadmeter.py: client and server CPU, foreign load); a round whose windows saw more
-than --max-foreign cores of foreign load is rerun. Writes benchmarks/results/shipped.json.
+window is metered (loadmeter.py: client and server CPU, its kernel part and context switches, foreign
+load); a round whose windows saw more than --max-foreign cores of foreign load is rerun. Writes
+benchmarks/results/shipped.json.
 """
 
 from __future__ import annotations
@@ -38,11 +41,15 @@ from loadmeter import LoadMeter, quiet_rounds
 import aivo_mesh
 from aivo_mesh.benchfigures import from_rounds
 from aivo_mesh.eventloop import LoopChoice
+from aivo_mesh.scheduling import SchedulingChoice
 
 ROOT = Path(__file__).resolve().parents[1]
-CASES = ("plain", "asyncio", "shipped", "plain-uv")
-LOOPS: dict[str, LoopChoice] = {"plain": "asyncio", "asyncio": "asyncio", "shipped": "auto", "plain-uv": "auto"}
-PLAIN = ("plain", "plain-uv")  # the cases of a plain grpc.aio client and server
+CASES = ("plain", "asyncio", "shipped", "plain-uv", "plain-rt")
+LOOPS: dict[str, LoopChoice] = {"plain": "asyncio", "asyncio": "asyncio", "shipped": "auto", "plain-uv": "auto",
+                                "plain-rt": "auto"}
+SCHEDULING: dict[str, SchedulingChoice] = {"plain": "inherit", "asyncio": "inherit", "shipped": "auto",
+                                           "plain-uv": "inherit", "plain-rt": "auto"}
+PLAIN = ("plain", "plain-uv", "plain-rt")  # the cases of a plain grpc.aio client and server
 
 PLAIN_SERVER = """
 import sys
@@ -68,7 +75,8 @@ async def main():
     await server.wait_for_termination()
 
 import aivo_mesh
-aivo_mesh.run(main(), loop=sys.argv[4])  # asyncio's loop: as asyncio.run(main())
+# asyncio's loop, the policy it was started with: as asyncio.run(main())
+aivo_mesh.run(main(), loop=sys.argv[4], scheduling=sys.argv[5] if len(sys.argv) > 5 else "inherit")
 """
 
 
@@ -123,7 +131,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             code = PLAIN_SERVER if case in PLAIN else SERVER
             servers[case] = subprocess.Popen(
                 [sys.executable, "-c", code, str(state.mesh_file), str(state.certs.root), str(ports[case]),
-                 LOOPS[case]], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
+                 LOOPS[case], SCHEDULING[case]], preexec_fn=die_with_parent, stdout=subprocess.PIPE, text=True)
             out = servers[case].stdout
             assert out is not None
             out.readline()  # "ready"
@@ -166,23 +174,36 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             "rps_ratio_min": ratios[0], "rps_ratio_max": ratios[-1],
             "cpu_us_per_request": {p: statistics.median(rnd[case]["cpu_us"][p] for rnd in rounds)
                                    for p in ("client", "server")},
+            # Of that CPU, the kernel's, and the context switches of every thread: grpc core's sockets and
+            # wake-ups, the same under any Python (docs/benchmarks.md).
+            "kernel_us_per_request": {p: statistics.median(rnd[case]["kernel_us"][p] for rnd in rounds)
+                                      for p in ("client", "server")},
+            "switches_per_request": {p: statistics.median(rnd[case]["switches"][p] for rnd in rounds)
+                                     for p in ("client", "server")},
             "p50_ms_median": statistics.median(rnd[case]["p50_ms"] for rnd in rounds),
             "errors": sum(rnd[case]["errors"] for rnd in rounds),
         }
     where = f"c={args.concurrency}"
     for case, label, target in (("shipped", "MeshClient + MeshServer as shipped", 1.05),
                                 ("asyncio", "MeshClient + MeshServer on asyncio's loop", None),
-                                ("plain-uv", "plain grpc.aio client and server on the shipped loop", None)):
+                                ("plain-uv", "plain grpc.aio client and server on the shipped loop", None),
+                                ("plain-rt", "plain grpc.aio client and server on the shipped runtime "
+                                             "(loop and scheduling)", None)):
         summary.setdefault("figures", []).extend([
             from_rounds("client", f"{label} / plain grpc.aio client and server, requests/s, {where}",
                   [rnd[case]["rps"] / rnd["plain"]["rps"] for rnd in rounds], target=target).to_dict(),
             from_rounds("client", f"{label}: plain grpc.aio's CPU per request / its own (client + server), {where}",
                   [_cpu(rnd["plain"]) / _cpu(rnd[case]) for rnd in rounds]).to_dict()])
+    for case, label in (("plain", "plain grpc.aio client and server"),
+                        ("shipped", "MeshClient + MeshServer as shipped")):
+        summary["figures"].append(from_rounds(
+            "client", f"{label}: the kernel's share of CPU per request (client + server), {where}",
+            [_cpu(rnd[case], "kernel_us") / _cpu(rnd[case]) for rnd in rounds]).to_dict())
     return summary
 
 
-def _cpu(window: dict[str, Any]) -> float:
-    return float(window["cpu_us"]["client"] + window["cpu_us"]["server"])
+def _cpu(window: dict[str, Any], of: str = "cpu_us") -> float:
+    return float(window[of]["client"] + window[of]["server"])
 
 
 def main() -> None:
@@ -202,19 +223,21 @@ def main() -> None:
     ap.add_argument("--server-pid", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.client is not None:
-        print(json.dumps(aivo_mesh.run(client_window(args), loop=LOOPS[args.client])))
+        print(json.dumps(aivo_mesh.run(client_window(args), loop=LOOPS[args.client],
+                                       scheduling=SCHEDULING[args.client])))
         return
-    summary = aivo_mesh.run(bench(args), loop="asyncio")
+    summary = aivo_mesh.run(bench(args), loop="asyncio", scheduling="inherit")
     foreign = summary["foreign_cores"]
     print(f"\n{summary['rounds_rerun']} rounds rerun; foreign load per window: median {foreign['median']:.2f}, "
           f"max {foreign['max']:.2f} cores")
     print(f"{'case':8s} {'loop':8s} {'rps':>7s} {'ratio':>6s} {'IQR':>13s} {'min-max':>13s} {'client us':>9s} "
-          f"{'server us':>9s} {'p50 ms':>7s} {'errors':>6s}")
+          f"{'server us':>9s} {'kernel us':>9s} {'switches':>8s} {'p50 ms':>7s} {'errors':>6s}")
     for case, c in summary["cases"].items():
         lo, hi = c["rps_ratio_quartiles"]
-        cpu = c["cpu_us_per_request"]
+        cpu, kernel, switches = c["cpu_us_per_request"], c["kernel_us_per_request"], c["switches_per_request"]
         print(f"{case:8s} {c['loop']:8s} {c['rps_median']:7.0f} {c['rps_ratio_vs_plain']:6.3f} {lo:6.3f}-{hi:6.3f} "
               f"{c['rps_ratio_min']:6.3f}-{c['rps_ratio_max']:6.3f} {cpu['client']:9.0f} {cpu['server']:9.0f} "
+              f"{kernel['client'] + kernel['server']:9.0f} {switches['client'] + switches['server']:8.1f} "
               f"{c['p50_ms_median']:7.2f} {c['errors']:6d}")
     write_results("shipped", summary)
 

@@ -94,7 +94,7 @@ async def main():
     if client is not None:
         await client.close()
 
-aivo_mesh.run(main(), loop=loop)
+aivo_mesh.run(main(), loop=loop, scheduling=None if kind == "mesh" else "inherit")  # as each side would run
 """
 
 

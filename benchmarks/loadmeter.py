@@ -1,7 +1,10 @@
 """CPU accounting for one benchmark window: our processes' CPU and everybody else's.
 
 The benchmarks measure CPU µs per request per process from /proc/<pid>/stat (utime + stime, all
-threads) over the window, and rerun a window that saw more than 0.25 cores of foreign load. This is
+threads) over the window, and rerun a window that saw more than 0.25 cores of foreign load. Of that CPU,
+the kernel's part (stime: sockets, TLS records' syscalls, wake-ups) and the context switches of every
+thread (/proc/<pid>/task/*/status) are kept too: on grpc.aio they are much of a call's cost and the same
+for any Python on top, which a CPU figure alone does not show. This is
 that meter. Foreign load is what the machine spent on anything but the processes under test: other
 processes in this VM, plus steal (time the hypervisor gave our vCPUs to other tenants). On the
 development VM it stays under 0.1 cores while rounds still swing by ±10 %: most of the spread comes
@@ -47,15 +50,49 @@ def process_ticks(pid: int) -> int:
     return int(rest[11]) + int(rest[12])
 
 
+def kernel_ticks(pid: int) -> int:
+    """stime of every thread of `pid`, in clock ticks (0 once it has exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[12])
+    except OSError:
+        return 0
+
+
+def context_switches(pid: int) -> int:
+    """Voluntary + involuntary context switches of the threads `pid` has now (/proc/<pid>/status counts
+    its main thread's only); a thread that exited takes its count with it."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                total += sum(int(line.split()[1]) for line in f if "ctxt_switches:" in line)
+        except OSError:
+            continue
+    return total
+
+
 @dataclass(frozen=True, slots=True)
 class Window:
     seconds: float
     cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds per named process
     foreign_cores: float = 0.0  # average cores busy with anything else, steal included
     steal_cores: float = 0.0
+    kernel: dict[str, float] = field(default_factory=dict)  # of `cpu`, seconds in the kernel (stime)
+    switches: dict[str, int] = field(default_factory=dict)  # context switches per named process
 
     def cpu_us_per(self, requests: int) -> dict[str, float]:
         return {k: 1e6 * v / requests for k, v in self.cpu.items()} if requests else {}
+
+    def kernel_us_per(self, requests: int) -> dict[str, float]:
+        return {k: 1e6 * v / requests for k, v in self.kernel.items()} if requests else {}
+
+    def switches_per(self, requests: int) -> dict[str, float]:
+        return {k: v / requests for k, v in self.switches.items()} if requests else {}
 
 
 class LoadMeter:
@@ -64,8 +101,12 @@ class LoadMeter:
         self._t0 = 0.0
         self._busy0 = self._steal0 = 0
         self._proc0: dict[str, int] = {}
+        self._kernel0: dict[str, int] = {}
+        self._switches0: dict[str, int] = {}
 
     def start(self) -> None:
+        self._switches0 = {k: context_switches(p) for k, p in self.pids.items()}
+        self._kernel0 = {k: kernel_ticks(p) for k, p in self.pids.items()}
         self._proc0 = {k: process_ticks(p) for k, p in self.pids.items()}
         self._busy0, self._steal0 = _machine()
         self._t0 = time.monotonic()
@@ -74,9 +115,12 @@ class LoadMeter:
         seconds = time.monotonic() - self._t0
         busy, steal = _machine()
         ours = {k: (process_ticks(p) - self._proc0[k]) / TICK for k, p in self.pids.items()}
+        kernel = {k: (kernel_ticks(p) - self._kernel0[k]) / TICK for k, p in self.pids.items()}
+        switches = {k: max(0, context_switches(p) - self._switches0[k]) for k, p in self.pids.items()}
         busy_s, steal_s = (busy - self._busy0) / TICK, (steal - self._steal0) / TICK
         foreign = max(0.0, busy_s - sum(ours.values())) + steal_s
-        return Window(seconds, ours, foreign / seconds if seconds else 0.0, steal_s / seconds if seconds else 0.0)
+        return Window(seconds, ours, foreign / seconds if seconds else 0.0, steal_s / seconds if seconds else 0.0,
+                      kernel, switches)
 
 
 async def quiet_rounds(reps: int, names: Sequence[str],

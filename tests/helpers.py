@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -40,6 +42,18 @@ def checkout_env(unset: Iterable[str] = (), extra: Mapping[str, str] | None = No
     env = {k: v for k, v in os.environ.items() if k not in set(unset)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
     return {**env, **(extra or {})}
+
+
+@functools.cache
+def can_batch() -> bool:
+    """Whether a process here may take Linux's SCHED_BATCH (what `aivo_mesh.run` asks for): Linux, and no
+    seccomp profile or LSM refusing it. Probed in a child: a process's policy is process-wide."""
+    from aivo_mesh import scheduling
+
+    if not scheduling.supported():
+        return False
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
 
 
 def meshctl(*args: str, cwd: Path = ROOT, timeout: float = 120, unset: Iterable[str] = (),

@@ -18,6 +18,7 @@ from aivo_mesh.config.resolve import callable_peers
 from aivo_mesh.eventloop import LOOP_ENV, loop_name
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.local import free_port
+from aivo_mesh.scheduling import SCHEDULING_ENV, policy_name
 from aivo_mesh.services.protos import auth_pb2, auth_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,7 @@ async def test_serve_warms_the_channels_to_its_peers_before_it_serves(
         assert "learner-svc: channels to auth-svc ready" in "\n".join(messages)
         assert any("no connection to event-collector-svc within 1.0s" in m for m in messages), messages
         serving = [m for m in messages if m.startswith("learner-svc serving on")]
-        assert serving and serving[0].endswith(f"mTLS, {loop_name()} loop)"), serving
+        assert serving and serving[0].endswith(f"mTLS, {loop_name()} loop, {policy_name()} scheduling)"), serving
         # SERVING came after the warm-up, not before it
         assert messages.index(serving[0]) > next(i for i, m in enumerate(messages) if "no connection to" in m)
 
@@ -129,6 +130,7 @@ def test_run_uses_uvloop_when_installed_and_asyncio_when_asked(monkeypatch: pyte
         return loop_name()
 
     monkeypatch.delenv(LOOP_ENV, raising=False)
+    monkeypatch.setenv(SCHEDULING_ENV, "inherit")  # this process's policy stays as it is (test_scheduling.py)
     assert aivo_mesh.run(which()) == "uvloop"
     assert aivo_mesh.run(which(), loop="asyncio") == "asyncio"
     monkeypatch.setenv(LOOP_ENV, "asyncio")
@@ -142,6 +144,7 @@ def test_a_mesh_call_on_uvloop(mesh: MeshSpec, mesh_certs: CertLayout, monkeypat
     """MeshServer and MeshClient together on `aivo_mesh.run`'s loop: mTLS, the policy stack, a reply."""
     pytest.importorskip("uvloop")
     monkeypatch.delenv(LOOP_ENV, raising=False)
+    monkeypatch.setenv(SCHEDULING_ENV, "inherit")
 
     async def main() -> tuple[str, str]:
         server = MeshServer.for_service(mesh, "auth-svc", mesh_certs, port=0)

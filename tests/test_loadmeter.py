@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from loadmeter import TICK, LoadMeter, process_ticks, quiet_rounds
+from loadmeter import TICK, LoadMeter, context_switches, kernel_ticks, process_ticks, quiet_rounds
 
 pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
 
@@ -47,7 +47,34 @@ def test_a_burning_process_is_charged_its_cpu_within_the_window() -> None:
 def test_an_exited_process_reads_zero_ticks() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    assert process_ticks(child.pid) == 0
+    assert process_ticks(child.pid) == kernel_ticks(child.pid) == context_switches(child.pid) == 0
+
+
+def test_a_window_counts_the_kernels_part_and_every_threads_context_switches() -> None:
+    """A child whose second thread sleeps 300 times (a voluntary switch each) while the main thread waits
+    on it: the switches are counted for all threads, not only the main one (which /proc/<pid>/status
+    reports), and the kernel's time is part of the CPU time. The thread lives until the window ends (an
+    exited thread takes its count with it)."""
+    script = ("import sys, threading, time\n"
+              "def naps():\n    for _ in range(300): time.sleep(0.001)\n"
+              "    print('done', flush=True)\n    sys.stdin.readline()\n"
+              "sys.stdin.readline()\nt = threading.Thread(target=naps)\nt.start()\nt.join()\n")
+    child = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert child.stdin is not None and child.stdout is not None
+    try:
+        meter = LoadMeter({"napper": child.pid})
+        meter.start()
+        child.stdin.write("go\n")
+        child.stdin.flush()
+        assert child.stdout.readline() == "done\n"
+        window = meter.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert window.switches["napper"] >= 300, window
+    assert 0 <= window.kernel["napper"] <= window.cpu["napper"]
+    assert window.switches_per(300)["napper"] == window.switches["napper"] / 300
+    assert window.kernel_us_per(0) == window.switches_per(0) == {}
 
 
 def test_quiet_rounds_rerun_a_loaded_round_and_rotate_the_starting_case() -> None:

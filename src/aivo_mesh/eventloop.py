@@ -6,14 +6,15 @@
         async with MeshClient(config) as client:
             ...
 
-    aivo_mesh.run(main())          # asyncio.run(main()), on uvloop when it is installed
+    aivo_mesh.run(main())          # asyncio.run(main()), on uvloop when it is installed, and the
+                                   # process scheduled as a batch workload (aivo_mesh.scheduling)
 
 grpc.aio runs on uvloop, and on it a MeshClient/MeshServer pair does ~1.1x the calls per second of the
 same pair on asyncio's default loop on 2 cores (docs/benchmarks.md): grpc's completion queue and the
 mesh's policy stack are callbacks and tasks, and uvloop schedules both for less CPU. uvloop is a
 declared dependency on Linux and macOS (pyproject.toml); elsewhere (Windows, PyPy) `run` falls back to
 asyncio's loop. `meshctl serve` (and so every service `meshctl up` starts) runs on `run`, and says in
-its "serving on" log line which loop it got.
+its "serving on" log line which loop and which scheduling policy it got.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ import asyncio
 import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
+
+from aivo_mesh.scheduling import SchedulingChoice
+from aivo_mesh.scheduling import apply as apply_scheduling
+from aivo_mesh.scheduling import choice_from_env as scheduling_choice
 
 T = TypeVar("T")
 
@@ -50,15 +55,23 @@ def loop_name(loop: asyncio.AbstractEventLoop | None = None) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-def run(main: Coroutine[Any, Any, T], *, loop: LoopChoice | None = None, debug: bool | None = None) -> T:
+def run(main: Coroutine[Any, Any, T], *, loop: LoopChoice | None = None,
+        scheduling: SchedulingChoice | None = None, debug: bool | None = None) -> T:
     """Run `main` to completion on a new event loop, as `asyncio.run` does, and return its result.
 
     `loop`: "auto" (uvloop when it is installed, else asyncio's loop), "uvloop" (ImportError without
     it) or "asyncio". None: `$AIVO_MESH_EVENT_LOOP` if set, else "auto".
+    `scheduling` (aivo_mesh.scheduling): "auto" (SCHED_BATCH where Linux has it), "batch" (an error
+    without it) or "inherit" (as started). None: `$AIVO_MESH_SCHEDULING` if set, else "auto". Applied
+    before the loop starts, so every thread grpc starts later inherits it.
     """
     choice = loop or os.environ.get(LOOP_ENV) or "auto"
-    if choice not in ("auto", "uvloop", "asyncio"):
+    try:
+        if choice not in ("auto", "uvloop", "asyncio"):
+            raise ValueError(f"{LOOP_ENV}={choice!r}: expected auto, uvloop or asyncio")
+        apply_scheduling(scheduling_choice(scheduling))
+    except BaseException:
         main.close()  # never to run: no "was never awaited" warning on top of the error
-        raise ValueError(f"{LOOP_ENV}={choice!r}: expected auto, uvloop or asyncio")
+        raise
     with asyncio.Runner(debug=debug, loop_factory=loop_factory(choice)) as runner:  # type: ignore[arg-type]
         return runner.run(main)

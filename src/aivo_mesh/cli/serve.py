@@ -124,7 +124,8 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
         cert=env.client_cert_path, key=env.client_key_path, ca=env.ca_cert_path,
         mesh_file=find_mesh_file(config), handshake_log=handshake_log, otel_service_name=env.otel_service_name,
         grace=grace, warm_timeout=warm_timeout)
-    # uvloop where installed (aivo_mesh.eventloop); the server's "serving on" line names the loop.
+    # uvloop where installed (aivo_mesh.eventloop), SCHED_BATCH where Linux has it (aivo_mesh.scheduling);
+    # the server's "serving on" line names both.
     run(serve_service(mesh, service, CertLayout(Path(certs_dir)), data, options))
 
 

@@ -44,6 +44,7 @@ from aivo_mesh.policy.bind import fault_rules
 from aivo_mesh.policy.events import ServerCallObserver
 from aivo_mesh.policy.fault import Fault, FaultInjector
 from aivo_mesh.runtime.handshakes import Handshake, PeerOnce, RefusalListener, current_capture, peer_address
+from aivo_mesh.scheduling import policy_name
 from aivo_mesh.server.authz import Authorizer, Rule, tls_version
 from aivo_mesh.server.credentials import ReloadingServerCredentials
 from aivo_mesh.server.interceptors import REQUIRED_TLS, Denied, GuardedServer, MeshServerInterceptor
@@ -239,9 +240,9 @@ class MeshServer:
         self._status = health_pb2.HealthCheckResponse.SERVING
         if self.on_refused is not None and (capture := current_capture()) is not None:
             capture.subscribe(self.on_refused, port=int(bound))
-        log.info("%s serving on %s (%s, %s loop)", self.service,
+        log.info("%s serving on %s (%s, %s loop, %s scheduling)", self.service,
                  address if self.unix_socket is not None else f"{self.host}:{bound}",
-                 "plaintext" if self.insecure else "mTLS", loop_name())
+                 "plaintext" if self.insecure else "mTLS", loop_name(), policy_name())
         return int(bound)
 
     async def stop(self, grace: float = 5.0) -> None:
