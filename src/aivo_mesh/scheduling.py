@@ -10,12 +10,12 @@ socket pair per event); and grpc's EventEngine workers (sockets, TLS). Under Lin
 thread that wakes up preempts a running one that has had more CPU, so on a busy machine the loop thread
 was preempted about five times per call on a MeshServer, once per event the poller handed over, each a
 context switch both ways and the loop's caches refilled. Under SCHED_BATCH the kernel treats every
-thread as CPU-bound and a thread that wakes does not preempt the running one (sched(7): "for workloads
-that want a deterministic scheduling policy without interactivity causing extra preemptions between the
-workload's tasks"); it runs when a CPU is free or at the next scheduler tick, and the loop takes several
-events per turn. On 2 cores at c=32, a MeshClient/MeshServer pair then uses about a quarter less CPU per
-call and serves about a quarter more calls per second (docs/benchmarks.md has the figures). Idle
-latency does not change: a thread that wakes on an idle CPU runs at once under either policy.
+thread as CPU-bound and a thread that wakes does not preempt the running one (sched(7): the policy for
+workloads that want one "without interactivity causing extra preemptions"); it runs when a CPU is free
+or at the next scheduler tick, and the loop takes several events per turn. On 2 cores at c=32, a
+grpc.aio client and server then use about a fifth less CPU per call and serve about a quarter more calls
+per second, with or without the mesh (docs/benchmarks.md). Idle latency does not change: a thread that
+wakes on an idle CPU runs at once under either policy.
 
 What it costs: on a machine shared with interactive, latency-sensitive work, the mesh's threads give way
 to it on wake-ups (that is the policy). The nice value is kept, and so is any policy an operator chose
