@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -42,6 +43,13 @@ def checkout_env(unset: Iterable[str] = (), extra: Mapping[str, str] | None = No
     env = {k: v for k, v in os.environ.items() if k not in set(unset)}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])])
     return {**env, **(extra or {})}
+
+
+def interruptible() -> None:
+    """`preexec_fn` for a child a test will Ctrl-C (SIGINT): SIGINT at its default, as in a terminal's
+    foreground process. Run as a shell's background job (`make test &`), the tests inherit SIGINT
+    ignored, an ignored signal stays ignored across exec, and a Python child then never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @functools.cache

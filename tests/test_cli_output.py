@@ -256,13 +256,13 @@ def test_watch_prints_one_document_per_refresh_until_interrupted(tmp_path: Path,
     import signal
     import subprocess
 
-    from helpers import checkout_env
+    from helpers import checkout_env, interruptible
 
     from aivo_mesh.runtime.supervisor import meshctl_argv
 
     proc = subprocess.Popen(
         meshctl_argv(*command, "--watch", "--refresh", "0.5", "-o", "json", "--state-dir", str(tmp_path / "none")),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=checkout_env())
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=checkout_env(), preexec_fn=interruptible)
     assert proc.stdout is not None
     seen = 0
     deadline = time.monotonic() + 60

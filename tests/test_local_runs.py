@@ -11,7 +11,7 @@ from pathlib import Path
 
 import helpers
 import pytest
-from helpers import checkout_env
+from helpers import checkout_env, interruptible
 from waiting import until
 
 from aivo_mesh.runtime.state import DEFAULT_STATE_DIR, DEMO_STATE_DIR, STATE_DIR_ENV, StateDir, pid_alive
@@ -46,7 +46,7 @@ def test_ctrl_c_while_up_starts_stops_everything_it_started(tmp_path: Path) -> N
     state = StateDir(tmp_path / "mesh")
     up = subprocess.Popen(meshctl_argv("up", "--plane", "sidecar", "--free-ports", "--state-dir", str(state.root),
                                        "--timeout", "120"), cwd=ROOT, env=checkout_env([STATE_DIR_ENV]),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=interruptible)
     try:
         # Interrupt while it starts: its supervisor runs and has started at least its first child.
         asyncio.run(until(lambda: up.poll() is not None or (state.supervisor_pid() is not None
