@@ -44,7 +44,7 @@ class SchedulingError(OSError):
 
 
 def supported() -> bool:
-    """Whether this system has SCHED_BATCH and lets a process set it (Linux)."""
+    """Whether this system has SCHED_BATCH (Linux); whether it lets this process take it, only trying says."""
     return hasattr(os, "SCHED_BATCH") and hasattr(os, "sched_setscheduler") and os.path.isdir("/proc/self/task")
 
 
