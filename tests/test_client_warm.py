@@ -15,6 +15,7 @@ import aivo_mesh
 from aivo_mesh import MeshClient, MeshConfig, MeshServer
 from aivo_mesh.config import MeshSpec, load_mesh
 from aivo_mesh.config.resolve import callable_peers
+from aivo_mesh.errors import ConfigError
 from aivo_mesh.eventloop import LOOP_ENV, loop_name
 from aivo_mesh.pki import CertLayout
 from aivo_mesh.runtime.local import free_port
@@ -136,8 +137,10 @@ def test_run_uses_uvloop_when_installed_and_asyncio_when_asked(monkeypatch: pyte
     monkeypatch.setenv(LOOP_ENV, "asyncio")
     assert aivo_mesh.run(which()) == "asyncio"
     monkeypatch.setenv(LOOP_ENV, "trio")
-    with pytest.raises(ValueError, match="expected auto, uvloop or asyncio"):
+    with pytest.raises(ConfigError, match=f"environment: {LOOP_ENV}: 'trio': expected one of auto, uvloop, asyncio"):
         aivo_mesh.run(which())
+    with pytest.raises(ValueError, match="loop 'trio': expected one of auto, uvloop, asyncio"):
+        aivo_mesh.run(which(), loop="trio")  # type: ignore[arg-type]
 
 
 def test_a_mesh_call_on_uvloop(mesh: MeshSpec, mesh_certs: CertLayout, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -17,6 +17,7 @@ import pytest
 from helpers import can_batch
 
 from aivo_mesh import scheduling
+from aivo_mesh.errors import ConfigError
 from aivo_mesh.eventloop import run
 from aivo_mesh.scheduling import SCHEDULING_ENV, SchedulingError
 
@@ -115,7 +116,8 @@ def test_a_bad_choice_is_refused_before_anything_runs(monkeypatch: pytest.Monkey
         ran.append(True)
 
     monkeypatch.setenv(SCHEDULING_ENV, "fast")
-    with pytest.raises(ValueError, match=f"{SCHEDULING_ENV}='fast': expected one of auto, batch, inherit"):
+    with pytest.raises(ConfigError, match=f"environment: {SCHEDULING_ENV}: 'fast': expected one of auto, batch, "
+                                          "inherit"):
         run(main())
     monkeypatch.delenv(SCHEDULING_ENV)
     with pytest.raises(ValueError, match="scheduling 'fifo': expected one of auto, batch, inherit"):

@@ -54,6 +54,18 @@ def _error_lines(proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
 
 
+@pytest.mark.parametrize(("variable", "value", "expected"), [
+    ("AIVO_MESH_SCHEDULING", "fast", "auto, batch, inherit"),
+    ("AIVO_MESH_EVENT_LOOP", "trio", "auto, uvloop, asyncio"),
+])
+def test_a_bad_runtime_variable_starts_nothing(tmp_path: Path, mesh_certs: CertLayout, variable: str, value: str,
+                                               expected: str) -> None:
+    proc = serve(tmp_path, mesh_certs, env={variable: value})
+    assert proc.returncode == 2, proc.stderr
+    assert _error_lines(proc) == [f"error: environment: {variable}: {value!r}: expected one of {expected}"]
+    assert not (tmp_path / "data").exists()  # refused before anything was made
+
+
 def test_grpc_port_in_use(tmp_path: Path, mesh_certs: CertLayout, taken_port: int) -> None:
     proc = serve(tmp_path, mesh_certs, "--port", str(taken_port))
     assert proc.returncode == 2, proc.stderr

@@ -65,13 +65,30 @@ def run(main: Coroutine[Any, Any, T], *, loop: LoopChoice | None = None,
     without it) or "inherit" (as started). None: `$AIVO_MESH_SCHEDULING` if set, else "auto". Applied
     before the loop starts, so every thread grpc starts later inherits it.
     """
-    choice = loop or os.environ.get(LOOP_ENV) or "auto"
     try:
-        if choice not in ("auto", "uvloop", "asyncio"):
-            raise ValueError(f"{LOOP_ENV}={choice!r}: expected auto, uvloop or asyncio")
+        choice = loop_choice(loop)
         apply_scheduling(scheduling_choice(scheduling))
     except BaseException:
         main.close()  # never to run: no "was never awaited" warning on top of the error
         raise
-    with asyncio.Runner(debug=debug, loop_factory=loop_factory(choice)) as runner:  # type: ignore[arg-type]
+    with asyncio.Runner(debug=debug, loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
+
+
+LOOPS: tuple[str, ...] = ("auto", "uvloop", "asyncio")
+
+
+def loop_choice(loop: LoopChoice | None) -> LoopChoice:
+    """`loop`, else `$AIVO_MESH_EVENT_LOOP`, else "auto". A bad argument is a ValueError; a bad variable
+    a ConfigError naming it (meshctl: exit 2, no traceback)."""
+    if loop is not None:
+        if loop not in LOOPS:
+            raise ValueError(f"loop {loop!r}: expected one of {', '.join(LOOPS)}")
+        return loop
+    value = os.environ.get(LOOP_ENV) or "auto"
+    if value not in LOOPS:
+        from aivo_mesh.config.env import ENV_FILE
+        from aivo_mesh.errors import ConfigError
+
+        raise ConfigError.single(ENV_FILE, LOOP_ENV, f"{value!r}: expected one of {', '.join(LOOPS)}")
+    return value  # type: ignore[return-value]  # checked above

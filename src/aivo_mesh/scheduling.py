@@ -87,10 +87,16 @@ def apply(choice: SchedulingChoice = "auto") -> str:
 
 
 def choice_from_env(choice: SchedulingChoice | None) -> SchedulingChoice:
-    """`choice`, else `$AIVO_MESH_SCHEDULING`, else "auto"; a bad value is a ValueError naming the variable."""
+    """`choice`, else `$AIVO_MESH_SCHEDULING`, else "auto". A bad argument is a ValueError; a bad variable a
+    ConfigError naming it (meshctl: exit 2, no traceback)."""
     if choice is not None:
+        if choice not in CHOICES:
+            raise ValueError(f"scheduling {choice!r}: expected one of {', '.join(CHOICES)}")
         return choice
     value = os.environ.get(SCHEDULING_ENV) or "auto"
     if value not in CHOICES:
-        raise ValueError(f"{SCHEDULING_ENV}={value!r}: expected one of {', '.join(CHOICES)}")
+        from aivo_mesh.config.env import ENV_FILE
+        from aivo_mesh.errors import ConfigError
+
+        raise ConfigError.single(ENV_FILE, SCHEDULING_ENV, f"{value!r}: expected one of {', '.join(CHOICES)}")
     return value  # type: ignore[return-value]  # checked above

@@ -78,10 +78,16 @@ def serve(service: str, config: str | None, certs_dir: str, data_dir: str | None
     """Run one demo SERVICE (auth-svc, learner-svc, event-collector-svc, analytics-svc)."""
     from aivo_mesh.config.env import EnvSettings, apply_env
     from aivo_mesh.config.loader import find_mesh_file, load_mesh
+    from aivo_mesh.eventloop import loop_choice
     from aivo_mesh.pki import CertLayout
+    from aivo_mesh.scheduling import choice_from_env as scheduling_choice
 
     # The variables the platform deploys services with (SERVICE_NAME, GRPC_PORT, CA_CERT_PATH, ...).
     env = EnvSettings.from_environ()
+    # And the loop and scheduling policy `run` will take: a bad AIVO_MESH_EVENT_LOOP or AIVO_MESH_SCHEDULING is
+    # refused (exit 2) before anything starts.
+    loop_choice(None)
+    scheduling_choice(None)
     if env.service_name is not None and env.service_name != service:
         raise click.BadParameter(f"SERVICE_NAME={env.service_name} but asked to serve {service}",
                                  param_hint="SERVICE")
