@@ -20,10 +20,10 @@ its "serving on" log line which loop and which scheduling policy it got.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
+from aivo_mesh.envchoice import choose
 from aivo_mesh.scheduling import SchedulingChoice
 from aivo_mesh.scheduling import apply as apply_scheduling
 from aivo_mesh.scheduling import choice_from_env as scheduling_choice
@@ -79,16 +79,5 @@ LOOPS: tuple[str, ...] = ("auto", "uvloop", "asyncio")
 
 
 def loop_choice(loop: LoopChoice | None) -> LoopChoice:
-    """`loop`, else `$AIVO_MESH_EVENT_LOOP`, else "auto". A bad argument is a ValueError; a bad variable
-    a ConfigError naming it (meshctl: exit 2, no traceback)."""
-    if loop is not None:
-        if loop not in LOOPS:
-            raise ValueError(f"loop {loop!r}: expected one of {', '.join(LOOPS)}")
-        return loop
-    value = os.environ.get(LOOP_ENV) or "auto"
-    if value not in LOOPS:
-        from aivo_mesh.config.env import ENV_FILE
-        from aivo_mesh.errors import ConfigError
-
-        raise ConfigError.single(ENV_FILE, LOOP_ENV, f"{value!r}: expected one of {', '.join(LOOPS)}")
-    return value  # type: ignore[return-value]  # checked above
+    """`loop`, else `$AIVO_MESH_EVENT_LOOP`, else "auto" (a bad variable: ConfigError, aivo_mesh.envchoice)."""
+    return choose(loop, LOOP_ENV, LOOPS, "loop")  # type: ignore[return-value]  # one of LOOPS

@@ -29,6 +29,8 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+from aivo_mesh.envchoice import choose
+
 SchedulingChoice = Literal["auto", "batch", "inherit"]
 # Overrides `aivo_mesh.run`'s default for a whole process tree (`meshctl up` passes its environment on).
 SCHEDULING_ENV = "AIVO_MESH_SCHEDULING"
@@ -87,16 +89,5 @@ def apply(choice: SchedulingChoice = "auto") -> str:
 
 
 def choice_from_env(choice: SchedulingChoice | None) -> SchedulingChoice:
-    """`choice`, else `$AIVO_MESH_SCHEDULING`, else "auto". A bad argument is a ValueError; a bad variable a
-    ConfigError naming it (meshctl: exit 2, no traceback)."""
-    if choice is not None:
-        if choice not in CHOICES:
-            raise ValueError(f"scheduling {choice!r}: expected one of {', '.join(CHOICES)}")
-        return choice
-    value = os.environ.get(SCHEDULING_ENV) or "auto"
-    if value not in CHOICES:
-        from aivo_mesh.config.env import ENV_FILE
-        from aivo_mesh.errors import ConfigError
-
-        raise ConfigError.single(ENV_FILE, SCHEDULING_ENV, f"{value!r}: expected one of {', '.join(CHOICES)}")
-    return value  # type: ignore[return-value]  # checked above
+    """`choice`, else `$AIVO_MESH_SCHEDULING`, else "auto" (a bad variable: ConfigError, aivo_mesh.envchoice)."""
+    return choose(choice, SCHEDULING_ENV, CHOICES, "scheduling")  # type: ignore[return-value]  # one of CHOICES
