@@ -40,23 +40,20 @@ def _machine() -> tuple[int, int]:
     return user + nice + system + irq, steal
 
 
-def process_ticks(pid: int) -> int:
-    """utime + stime of every thread of `pid`, in clock ticks (0 once it has exited)."""
+def process_times(pid: int) -> tuple[int, int]:
+    """(utime + stime, stime) of every thread of `pid`, in clock ticks, from one read ((0, 0) once it
+    has exited)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
     except OSError:
-        return 0
-    return int(rest[11]) + int(rest[12])
+        return 0, 0
+    return int(rest[11]) + int(rest[12]), int(rest[12])
 
 
-def kernel_ticks(pid: int) -> int:
-    """stime of every thread of `pid`, in clock ticks (0 once it has exited)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[12])
-    except OSError:
-        return 0
+def process_ticks(pid: int) -> int:
+    """utime + stime of every thread of `pid`, in clock ticks (0 once it has exited)."""
+    return process_times(pid)[0]
 
 
 def context_switches(pid: int) -> int:
@@ -100,22 +97,21 @@ class LoadMeter:
         self.pids = dict(pids)
         self._t0 = 0.0
         self._busy0 = self._steal0 = 0
-        self._proc0: dict[str, int] = {}
-        self._kernel0: dict[str, int] = {}
+        self._times0: dict[str, tuple[int, int]] = {}
         self._switches0: dict[str, int] = {}
 
     def start(self) -> None:
         self._switches0 = {k: context_switches(p) for k, p in self.pids.items()}
-        self._kernel0 = {k: kernel_ticks(p) for k, p in self.pids.items()}
-        self._proc0 = {k: process_ticks(p) for k, p in self.pids.items()}
+        self._times0 = {k: process_times(p) for k, p in self.pids.items()}
         self._busy0, self._steal0 = _machine()
         self._t0 = time.monotonic()
 
     def stop(self) -> Window:
         seconds = time.monotonic() - self._t0
         busy, steal = _machine()
-        ours = {k: (process_ticks(p) - self._proc0[k]) / TICK for k, p in self.pids.items()}
-        kernel = {k: (kernel_ticks(p) - self._kernel0[k]) / TICK for k, p in self.pids.items()}
+        times = {k: process_times(p) for k, p in self.pids.items()}
+        ours = {k: (t[0] - self._times0[k][0]) / TICK for k, t in times.items()}
+        kernel = {k: (t[1] - self._times0[k][1]) / TICK for k, t in times.items()}
         switches = {k: max(0, context_switches(p) - self._switches0[k]) for k, p in self.pids.items()}
         busy_s, steal_s = (busy - self._busy0) / TICK, (steal - self._steal0) / TICK
         foreign = max(0.0, busy_s - sum(ours.values())) + steal_s

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from loadmeter import TICK, LoadMeter, context_switches, kernel_ticks, process_ticks, quiet_rounds
+from loadmeter import TICK, LoadMeter, context_switches, process_ticks, process_times, quiet_rounds
 
 pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="needs Linux /proc")
 
@@ -47,7 +47,8 @@ def test_a_burning_process_is_charged_its_cpu_within_the_window() -> None:
 def test_an_exited_process_reads_zero_ticks() -> None:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
-    assert process_ticks(child.pid) == kernel_ticks(child.pid) == context_switches(child.pid) == 0
+    assert process_ticks(child.pid) == context_switches(child.pid) == 0
+    assert process_times(child.pid) == (0, 0)
 
 
 def test_a_window_counts_the_kernels_part_and_every_threads_context_switches() -> None:

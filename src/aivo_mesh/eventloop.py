@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Coroutine
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 from aivo_mesh.envchoice import choose
 from aivo_mesh.scheduling import SchedulingChoice
@@ -31,6 +31,7 @@ from aivo_mesh.scheduling import choice_from_env as scheduling_choice
 T = TypeVar("T")
 
 LoopChoice = Literal["auto", "uvloop", "asyncio"]
+LOOPS: tuple[str, ...] = get_args(LoopChoice)
 # Overrides `run`'s default choice for a whole process tree (`meshctl up` passes its environment on).
 LOOP_ENV = "AIVO_MESH_EVENT_LOOP"
 
@@ -73,9 +74,6 @@ def run(main: Coroutine[Any, Any, T], *, loop: LoopChoice | None = None,
         raise
     with asyncio.Runner(debug=debug, loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
-
-
-LOOPS: tuple[str, ...] = ("auto", "uvloop", "asyncio")
 
 
 def loop_choice(loop: LoopChoice | None) -> LoopChoice:

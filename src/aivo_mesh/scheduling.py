@@ -27,14 +27,14 @@ inherit the policy of the thread that makes them, so `apply` runs before grpc st
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, get_args
 
 from aivo_mesh.envchoice import choose
 
 SchedulingChoice = Literal["auto", "batch", "inherit"]
 # Overrides `aivo_mesh.run`'s default for a whole process tree (`meshctl up` passes its environment on).
 SCHEDULING_ENV = "AIVO_MESH_SCHEDULING"
-CHOICES: tuple[str, ...] = ("auto", "batch", "inherit")
+CHOICES: tuple[str, ...] = get_args(SchedulingChoice)
 
 _NAMES = {getattr(os, attr): name for attr, name in (
     ("SCHED_OTHER", "normal"), ("SCHED_BATCH", "batch"), ("SCHED_IDLE", "idle"), ("SCHED_FIFO", "fifo"),
